@@ -1,0 +1,53 @@
+"""Compile-time configuration: the model's shape (converted once from the checkpoint's config) and the
+compile options. Both are frozen and baked into the artifact manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str  # key of the model registry: "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int = 0  # 0: full attention
+    rope_scaling: tuple[tuple[str, object], ...] = ()  # frozen items of the checkpoint's rope_scaling
+    source_dtype: str = "float32"
+
+    @property
+    def rope_scaling_dict(self) -> dict:
+        return dict(self.rope_scaling)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rope_scaling"] = self.rope_scaling_dict
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        d["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "cpu"
+    dtype: str = ""  # "" = the target's default (float32 on cpu, float16 on GPUs)
+    block_size: int = 16
+    shard_bytes: int = 1 << 30
+    extra: dict = field(default_factory=dict)

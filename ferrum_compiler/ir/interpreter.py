@@ -1,0 +1,80 @@
+"""Numpy reference interpreter: runs a Graph op by op. Every lowering is tested against it.
+
+Computes in float64 internally and casts each op's result to the value's dtype, so it is a
+reference for float32 artifacts. KV caches passed in ``inputs`` are updated in place, as the compiled
+model does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ferrum.schedules.linear import linear_ref
+from ferrum.schedules.paged_attention import attention_ref, kv_append_ref
+
+from .graph import Graph
+from .rope import rope_inv_freq
+
+
+def _np_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def rope_ref(x: np.ndarray, positions: np.ndarray, theta: float, scaling: dict) -> np.ndarray:
+    """Rotate-half RoPE on ``x[T, H, D]``."""
+    half = x.shape[-1] // 2
+    freqs = positions.astype(np.float64)[:, None] * rope_inv_freq(x.shape[-1], theta, scaling)[None, :]
+    cos, sin = np.cos(freqs)[:, None, :], np.sin(freqs)[:, None, :]
+    x1, x2 = x[..., :half].astype(np.float64), x[..., half:].astype(np.float64)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def rms_norm_ref(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return x64 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps) * w.astype(np.float64)
+
+
+def silu_mul_ref(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g = gate.astype(np.float64)
+    return g / (1.0 + np.exp(-g)) * up
+
+
+def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Execute ``graph``; returns its outputs by name."""
+    env: dict[str, np.ndarray] = {**params, **inputs}
+    missing = [n for n in list(graph.inputs) + list(graph.params) if n not in env]
+    if missing:
+        raise KeyError(f"missing inputs/params: {missing[:5]}")
+    for op in graph.ops:
+        a = [env[i] for i in op.inputs]
+        k = op.kind
+        if k == "embedding":
+            r = a[0][a[1]]
+        elif k == "rms_norm":
+            r = rms_norm_ref(a[0], a[1], op.attrs["eps"])
+        elif k == "linear":
+            r = linear_ref(a[0], a[1], a[2] if op.attrs["bias"] else None, out_dtype="float64")
+        elif k == "slice":
+            r = a[0][..., op.attrs["begin"]:op.attrs["end"]]
+        elif k == "reshape":
+            r = a[0].reshape((a[0].shape[0], *op.attrs["shape"][1:]))
+        elif k == "rope":
+            r = rope_ref(a[0], a[1], op.attrs["theta"], op.attrs["scaling"])
+        elif k == "paged_attention":
+            q, kk, v, cache, positions, query_start, block_tables, slot_mapping = a
+            kv_append_ref(cache, kk.astype(cache.dtype), v.astype(cache.dtype), slot_mapping)
+            r = attention_ref(q, cache, positions, query_start, block_tables, op.attrs["sliding_window"], op.attrs["scale"])
+        elif k == "silu_mul":
+            r = silu_mul_ref(a[0], a[1])
+        elif k == "add":
+            r = a[0].astype(np.float64) + a[1]
+        elif k == "take_rows":
+            r = a[0][a[1]]
+        else:
+            raise NotImplementedError(f"interpreter has no rule for op {k!r}")
+        env[op.output] = np.asarray(r).astype(_np_dtype(graph.values[op.output].dtype))
+    return {name: env[name] for name in graph.outputs}

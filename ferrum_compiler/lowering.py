@@ -1,0 +1,153 @@
+"""Lowering: IR Graph → Relax IRModule with one entry point, ``forward``.
+
+``forward(token_ids, positions, query_start, block_tables, slot_mapping, logits_index,
+kv_cache.0 … kv_cache.{L-1}, *params) -> logits[B, vocab]`` (float32). The argument order is the
+graph's input order then its parameter order; the manifest records both. KV caches are written in
+place (``call_tir_inplace``), so the runtime keeps ownership of them across calls.
+
+Ops with a hand-written schedule (paged attention; linear on CPU) become ``call_tir`` to our PrimFuncs;
+the rest become Relax ops that TVM legalizes (and dlight schedules on GPUs).
+"""
+
+from __future__ import annotations
+
+from ferrum.schedules import linear as linear_sched
+from ferrum.schedules import paged_attention as attn_sched
+
+from .ir import Graph
+from .ir.rope import rope_inv_freq
+
+ENTRY = "forward"
+
+
+def lower(graph: Graph, kernel_kind: str):
+    """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm import te
+
+    sym = {s: tirx.Var(s, "int64") for s in ("T", "B", "M", "NB")}
+
+    def shape_of(shape):
+        out = []
+        for d in shape:
+            if isinstance(d, int):
+                out.append(d)
+            elif d == "B+1":
+                out.append(sym["B"] + 1)
+            else:
+                out.append(sym[d])
+        return out
+
+    bb = relax.BlockBuilder()
+    kernels: dict[tuple, object] = {}
+
+    def kernel(key: tuple, make):
+        if key not in kernels:
+            kernels[key] = bb.add_func(make(), "_".join(str(k) for k in key).replace(".", "_"))
+        return kernels[key]
+
+    fn_args = []
+    for v in list(graph.inputs.values()) + list(graph.params.values()):
+        fn_args.append(relax.Var(v.name, relax.TensorType(shape_of(v.shape), v.dtype)))
+    env = {a.name: a for a in fn_args}
+
+    with bb.function(ENTRY, fn_args):
+        with bb.dataflow():
+            for op in graph.ops:
+                out = graph.values[op.output]
+                a = [env[i] for i in op.inputs]
+                k = op.kind
+                if k in ("embedding", "take_rows"):
+                    r = relax.op.take(a[0], a[1], axis=0)
+                elif k == "rms_norm":
+                    r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
+                elif k == "linear":
+                    r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                elif k == "slice":
+                    axis = len(out.shape) - 1
+                    r = relax.op.strided_slice(a[0], axes=[axis], begin=[op.attrs["begin"]], end=[op.attrs["end"]])
+                elif k == "reshape":
+                    r = relax.op.reshape(a[0], shape_of(op.attrs["shape"]))
+                elif k == "rope":
+                    inv = rope_inv_freq(out.shape[-1], op.attrs["theta"], op.attrs["scaling"]).astype("float32")
+                    r = bb.emit_te(_rope_te(te, tirx), a[0], a[1], relax.const(inv), primfunc_name_hint="rope")
+                elif k == "paged_attention":
+                    r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                elif k == "silu_mul":
+                    r = bb.emit_te(_silu_mul_te(te, tirx), a[0], a[1], primfunc_name_hint="silu_mul")
+                elif k == "add":
+                    r = relax.op.add(a[0], a[1])
+                else:
+                    raise NotImplementedError(f"no lowering for op {k!r}")
+                env[op.output] = bb.emit(r) if not isinstance(r, relax.Var) else r
+            result = bb.emit_output(env[graph.outputs[0]])
+        bb.emit_func_output(result)
+    mod = bb.get()
+    return tvm.relax.transform.DeadCodeElimination([ENTRY])(mod)
+
+
+def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out):
+    w = graph.value(op.inputs[1])
+    n, k = w.shape
+    has_bias = op.attrs["bias"]
+    if kernel_kind == "cpu":
+        gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
+                    lambda: linear_sched.make_linear_cpu(k, n, w.dtype, out.dtype, has_bias))
+        return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+    r = bb.emit(relax.op.matmul(a[0], relax.op.permute_dims(a[1]), out_dtype=out.dtype))
+    if has_bias:
+        r = relax.op.add(r, relax.op.astype(a[2], out.dtype))
+    return r
+
+
+def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out):
+    q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
+    cv = graph.value(op.inputs[3])
+    _, _, kv_heads, block_size, head_dim = cv.shape
+    heads = out.shape[1]
+    dtype = cv.dtype
+    append = kernel(("kv_append", kv_heads, head_dim, block_size, dtype, kernel_kind),
+                    lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind))
+    cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
+    window, scale = op.attrs["sliding_window"], op.attrs["scale"]
+    attend = kernel(("attention", heads, kv_heads, head_dim, block_size, dtype, kernel_kind, window, scale),
+                    lambda: attn_sched.make_attention(heads, kv_heads, head_dim, block_size, dtype, kernel_kind,
+                                                      sliding_window=window, scale=scale))
+    return relax.call_tir(attend, [q, cache, positions, query_start, block_tables], q.ty)
+
+
+def _rope_te(te, tirx):
+    def rope(x, positions, inv_freq):
+        half = x.shape[-1] // 2
+
+        def f(t, h, d):
+            freq = positions[t].astype("float32") * inv_freq[tirx.floormod(d, half)]
+            xf = x[t, h, d].astype("float32")
+            rot = tirx.if_then_else(d < half, -x[t, h, d + half], x[t, h, d - half]).astype("float32")
+            return (xf * tirx.cos(freq) + rot * tirx.sin(freq)).astype(x.dtype)
+
+        return te.compute(x.shape, f, name="rope")
+
+    return rope
+
+
+def _silu_mul_te(te, tirx):
+    def silu_mul(gate, up):
+        def f(*idx):
+            g = gate(*idx).astype("float32")
+            return (g / (1.0 + tirx.exp(-g)) * up(*idx).astype("float32")).astype(gate.dtype)
+
+        return te.compute(gate.shape, f, name="silu_mul")
+
+    return silu_mul
+
+
+def argument_specs(graph: Graph) -> list[dict]:
+    """The entry point's arguments in call order, as recorded in the manifest."""
+    specs = []
+    for role, table in (("input", graph.inputs), ("param", graph.params)):
+        for v in table.values():
+            specs.append({"name": v.name, "role": role, "shape": list(v.shape), "dtype": v.dtype})
+    return specs
+

@@ -1,0 +1,226 @@
+"""Paged attention over the runtime-owned KV cache (DESIGN §5): KV append and ragged causal attention.
+
+Cache layout, one tensor per layer: ``[num_blocks, 2, kv_heads, block_size, head_dim]`` (axis 1: 0 = K,
+1 = V). A sequence's token at position ``p`` lives in block ``block_tables[b, p // block_size]`` at offset
+``p % block_size``; block tables may list blocks in any order.
+
+The batch is flattened and ragged: sequence ``b`` owns query tokens ``query_start[b] : query_start[b+1]``
+and token ``t`` sits at absolute position ``positions[t]``. A query attends causally to every position
+``<= positions[t]`` of its own sequence (within ``sliding_window`` when set), so one kernel serves prefill,
+chunked prefill (queries that start mid-sequence) and decode. Keys of the current step must be appended
+(``kv_append``) before ``attention`` runs.
+
+Kernels are built per (heads, head_dim, block_size, dtype) with the token count, batch size and number
+of blocks symbolic. The numpy references at the bottom are the ground truth for tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+KERNEL_KINDS = ("cpu", "gpu")
+_GPU_THREADS = 64
+
+
+def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, kind: str):
+    """PrimFunc ``kv_append(cache, k[T,kvh,D], v[T,kvh,D], slot_mapping[T])``, in place on ``cache``.
+
+    A negative slot (padding) writes nothing.
+    """
+    from tvm.script import tirx as T
+
+    _check_kind(kind)
+    H, D, BS = kv_heads, head_dim, block_size
+
+    @T.macro
+    def append_one(cache, k, v, slot_mapping, t, h):
+        slot = slot_mapping[t]
+        if slot >= 0:
+            for d in T.serial(D):
+                cache[slot // BS, 0, h, slot % BS, d] = k[t, h, d]
+                cache[slot // BS, 1, h, slot % BS, d] = v[t, h, d]
+
+    if kind == "cpu":
+
+        @T.prim_func(private=True)
+        def kv_append(c_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            nb, ntok = T.int64(), T.int64()
+            cache = T.match_buffer(c_h, (nb, 2, H, BS, D), dtype)
+            k = T.match_buffer(k_h, (ntok, H, D), dtype)
+            v = T.match_buffer(v_h, (ntok, H, D), dtype)
+            slot_mapping = T.match_buffer(s_h, (ntok,), "int32")
+            for th in T.parallel(ntok * H):
+                append_one(cache, k, v, slot_mapping, th // H, th % H)
+
+        return kv_append
+
+    @T.prim_func(private=True)
+    def kv_append_gpu(c_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        nb, ntok = T.int64(), T.int64()
+        cache = T.match_buffer(c_h, (nb, 2, H, BS, D), dtype)
+        k = T.match_buffer(k_h, (ntok, H, D), dtype)
+        v = T.match_buffer(v_h, (ntok, H, D), dtype)
+        slot_mapping = T.match_buffer(s_h, (ntok,), "int32")
+        for bx in T.thread_binding((ntok * H + _GPU_THREADS - 1) // _GPU_THREADS, thread="blockIdx.x"):
+            for tx in T.thread_binding(_GPU_THREADS, thread="threadIdx.x"):
+                if bx * _GPU_THREADS + tx < ntok * H:
+                    append_one(
+                        cache, k, v, slot_mapping,
+                        (bx * _GPU_THREADS + tx) // H, (bx * _GPU_THREADS + tx) % H,
+                    )
+
+    return kv_append_gpu
+
+
+def make_attention(
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: str,
+    kind: str,
+    sliding_window: int = 0,
+    scale: float | None = None,
+):
+    """PrimFunc ``attention(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M], out[T,H,D])``.
+
+    One online-softmax pass per (token, head) in float32; GQA maps query head ``h`` to KV head
+    ``h // (num_heads // kv_heads)``.
+    """
+    from tvm.script import tirx as T
+
+    _check_kind(kind)
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    H, KVH, D, BS = num_heads, kv_heads, head_dim, block_size
+    group = num_heads // kv_heads
+    sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
+    window = int(sliding_window) if sliding_window > 0 else 1 << 30
+
+    @T.macro
+    def attend_one(q, cache, positions, query_start, block_tables, out, nbatch, t, h):
+        acc = T.alloc_buffer((D,), "float32", scope="local")
+        state = T.alloc_buffer((4,), "float32", scope="local")  # max, denominator, score, rescale
+        seq = T.alloc_buffer((1,), "int32", scope="local")
+        pos = positions[t]
+        seq[0] = 0
+        for b in T.serial(nbatch):
+            if T.Cast("int64", query_start[b + 1]) <= t:
+                seq[0] = T.Cast("int32", b) + 1
+        start = T.max(pos - window + 1, 0)
+        state[0] = T.float32(-3.0e38)
+        state[1] = T.float32(0)
+        for d in T.serial(D):
+            acc[d] = T.float32(0)
+        for j in T.serial(pos + 1 - start):
+            state[2] = T.float32(0)
+            for d in T.serial(D):
+                state[2] = state[2] + T.Cast("float32", q[t, h, d]) * T.Cast(
+                    "float32",
+                    cache[block_tables[seq[0], (start + j) // BS], 0, h // group, (start + j) % BS, d],
+                )
+            state[2] = state[2] * T.float32(sm_scale)
+            state[3] = T.exp(state[0] - T.max(state[0], state[2]))
+            state[0] = T.max(state[0], state[2])
+            state[2] = T.exp(state[2] - state[0])
+            state[1] = state[1] * state[3] + state[2]
+            for d in T.serial(D):
+                acc[d] = acc[d] * state[3] + state[2] * T.Cast(
+                    "float32",
+                    cache[block_tables[seq[0], (start + j) // BS], 1, h // group, (start + j) % BS, d],
+                )
+        for d in T.serial(D):
+            out[t, h, d] = T.Cast(dtype, acc[d] / state[1])
+
+    if kind == "cpu":
+
+        @T.prim_func(private=True)
+        def attention(
+            q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle
+        ):
+            T.func_attr({"tirx.noalias": True})
+            ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
+            q = T.match_buffer(q_h, (ntok, H, D), dtype)
+            cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), dtype)
+            positions = T.match_buffer(p_h, (ntok,), "int32")
+            query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
+            block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
+            out = T.match_buffer(o_h, (ntok, H, D), dtype)
+            for th in T.parallel(ntok * H):
+                attend_one(q, cache, positions, query_start, block_tables, out, nbatch, th // H, th % H)
+
+        return attention
+
+    @T.prim_func(private=True)
+    def attention_gpu(
+        q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (ntok, H, D), dtype)
+        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), dtype)
+        positions = T.match_buffer(p_h, (ntok,), "int32")
+        query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
+        block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
+        out = T.match_buffer(o_h, (ntok, H, D), dtype)
+        for bx in T.thread_binding((ntok * H + _GPU_THREADS - 1) // _GPU_THREADS, thread="blockIdx.x"):
+            for tx in T.thread_binding(_GPU_THREADS, thread="threadIdx.x"):
+                if bx * _GPU_THREADS + tx < ntok * H:
+                    attend_one(
+                        q, cache, positions, query_start, block_tables, out, nbatch,
+                        (bx * _GPU_THREADS + tx) // H, (bx * _GPU_THREADS + tx) % H,
+                    )
+
+    return attention_gpu
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; expected one of {KERNEL_KINDS}")
+
+
+# ----------------------------------------------------------------------------- numpy references
+
+
+def kv_append_ref(cache: np.ndarray, k: np.ndarray, v: np.ndarray, slot_mapping: np.ndarray) -> None:
+    """In place: ``cache[slot // bs, 0|1, :, slot % bs, :] = k|v[t]`` for every non-negative slot."""
+    block_size = cache.shape[3]
+    for t, slot in enumerate(slot_mapping):
+        if slot < 0:
+            continue
+        cache[slot // block_size, 0, :, slot % block_size, :] = k[t]
+        cache[slot // block_size, 1, :, slot % block_size, :] = v[t]
+
+
+def attention_ref(
+    q: np.ndarray,  # [T, H, D]
+    cache: np.ndarray,  # [NB, 2, KVH, BS, D]
+    positions: np.ndarray,  # [T]
+    query_start: np.ndarray,  # [B+1]
+    block_tables: np.ndarray,  # [B, M]
+    sliding_window: int = 0,
+    scale: float | None = None,
+) -> np.ndarray:
+    """Causal attention of every query token over its own sequence's paged keys, in float64."""
+    ntok, num_heads, head_dim = q.shape
+    kv_heads, block_size = cache.shape[2], cache.shape[3]
+    group = num_heads // kv_heads
+    sm_scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    out = np.zeros(q.shape, dtype=np.float64)
+    for b in range(len(query_start) - 1):
+        for t in range(query_start[b], query_start[b + 1]):
+            pos = int(positions[t])
+            start = max(pos - sliding_window + 1, 0) if sliding_window > 0 else 0
+            js = np.arange(start, pos + 1)
+            blocks = block_tables[b, js // block_size]
+            keys = cache[blocks, 0, :, js % block_size, :].astype(np.float64)  # [L, KVH, D]
+            vals = cache[blocks, 1, :, js % block_size, :].astype(np.float64)
+            for h in range(num_heads):
+                s = keys[:, h // group, :] @ q[t, h].astype(np.float64) * sm_scale
+                p = np.exp(s - s.max())
+                out[t, h] = (p / p.sum()) @ vals[:, h // group, :]
+    return out.astype(q.dtype)
