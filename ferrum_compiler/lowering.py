@@ -1,7 +1,7 @@
 """Lowering: IR Graph → Relax IRModule with one entry point, ``forward``.
 
 ``forward(token_ids, positions, query_start, block_tables, slot_mapping, logits_index,
-kv_cache.0 … kv_cache.{L-1}, *params) -> logits[B, vocab]`` (float32). The argument order is the
+kv_cache.0 … kv_cache.{layers-1}, *params) -> logits[L, vocab]`` (float32). The argument order is the
 graph's input order then its parameter order; the manifest records both. KV caches are written in
 place (``call_tir_inplace``), so the runtime keeps ownership of them across calls.
 
@@ -26,7 +26,7 @@ def lower(graph: Graph, kernel_kind: str):
     from tvm import relax, tirx
     from tvm import te
 
-    sym = {s: tirx.Var(s, "int64") for s in ("T", "B", "M", "NB")}
+    sym = {s: tirx.Var(s, "int64") for s in ("T", "B", "M", "NB", "L")}
 
     def shape_of(shape):
         out = []
@@ -59,7 +59,7 @@ def lower(graph: Graph, kernel_kind: str):
                 a = [env[i] for i in op.inputs]
                 k = op.kind
                 if k in ("embedding", "take_rows"):
-                    r = relax.op.take(a[0], a[1], axis=0)
+                    r = relax.op.take(a[0], a[1], axis=0, mode="clip")  # ids are validated by the runtime
                 elif k == "rms_norm":
                     r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
                 elif k == "linear":

@@ -46,7 +46,7 @@ def resolve(name: str) -> TargetSpec:
     if name == "cpu":
         from tvm.target import codegen
 
-        mcpu = codegen.llvm_get_system_cpu()
+        mcpu = str(codegen.llvm_get_system_cpu())
         features = host_cpu_features()
         if not codegen.llvm_is_valid_cpu(mcpu, "x86_64"):  # an LLVM too old for this CPU: stay portable
             mcpu = "x86-64-v4" if "avx512f" in features else "x86-64-v3" if "avx2" in features else "x86-64"

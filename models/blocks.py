@@ -25,7 +25,7 @@ def batch_inputs(b: GraphBuilder) -> dict[str, str]:
         "query_start": b.input("query_start", ("B+1",), "int32"),
         "block_tables": b.input("block_tables", ("B", "M"), "int32"),
         "slot_mapping": b.input("slot_mapping", ("T",), "int32"),
-        "logits_index": b.input("logits_index", ("B",), "int32"),
+        "logits_index": b.input("logits_index", ("L",), "int32"),  # rows to return logits for
     }
 
 
@@ -58,7 +58,8 @@ def gated_mlp(b: GraphBuilder, cfg: ModelConfig, prefix: str, x: str, dtype: str
 
 def decoder(cfg: ModelConfig, opts: DecoderOptions, dtype: str, block_size: int) -> Graph:
     """Embedding → N × (norm, attention, residual, norm, MLP, residual) → norm → lm_head on the rows
-    named by ``logits_index``. Returns float32 logits ``[B, vocab]``."""
+    named by ``logits_index``. Returns float32 logits ``[L, vocab]`` (L = B for generation, up to T
+    for prompt scoring)."""
     b = GraphBuilder()
     batch = batch_inputs(b)
     embed = b.param("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), dtype)

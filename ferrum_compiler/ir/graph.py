@@ -3,7 +3,7 @@
 A ``Graph`` has runtime inputs (the ragged batch of DESIGN §5 and the per-layer KV caches), parameters
 (weights, named after the checkpoint that fills them) and an ordered list of ops, each producing one
 value. Shapes mix ints and symbol names: ``"T"`` (tokens in the step), ``"B"`` (sequences), ``"M"``
-(max blocks per sequence), ``"NB"`` (KV blocks). Ops are checked when they are added, so a model that
+(max blocks per sequence), ``"NB"`` (KV blocks), ``"L"`` (rows to return logits for). Ops are checked when they are added, so a model that
 builds is well typed.
 
 Ops (attrs in brackets):

@@ -1,0 +1,145 @@
+"""``ferrum compile``: source → IR → passes → Relax/TIR → tvm.compile → artifact directory.
+
+Phases print progress. The artifact is assembled in a temporary sibling directory and moved into place
+only when complete, so a failed or interrupted compile never leaves (or clobbers) a half artifact.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ferrum.models.registry import family
+from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANIFEST, package_version, sha256_file
+
+from . import lowering
+from .config import DTYPES, CompileOptions
+from .frontend import Checkpoint, open_source
+from .ir import graph_to_json, op_histogram, print_graph
+from .passes import PIPELINE, run_passes
+from .targets import TargetSpec, resolve
+from .weights import write_weights
+
+
+class CompileError(RuntimeError):
+    """A compile that cannot proceed; one line naming the fix."""
+
+
+def compile_model(source: str, output: str | Path, options: CompileOptions = CompileOptions(),
+                  progress: Callable[[str], None] = print, dump_ir: bool = False) -> Path:
+    output = Path(output)
+    if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
+        raise CompileError(f"{output} exists and is not a ferrum artifact; choose another -o or remove it")
+    spec = resolve(options.target)
+    dtype = options.dtype or spec.default_dtype
+    if dtype not in DTYPES:
+        raise CompileError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if options.block_size not in (8, 16, 32, 64):
+        raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def phase(i: int, name: str, msg: str) -> float:
+        progress(f"[{i}/6] {msg}")
+        return time.perf_counter()
+
+    t = phase(1, "source", f"reading {source}")
+    ckpt = open_source(source, progress)
+    cfg = ckpt.config
+    progress(f"      {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
+             f"vocab {cfg.vocab_size}")
+    timings["source"] = time.perf_counter() - t
+
+    t = phase(2, "ir", "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
+    graph = family(cfg.arch).build(cfg, dtype, options.block_size)
+    graph = run_passes(graph)
+    timings["ir"] = time.perf_counter() - t
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        t = phase(3, "tvm", f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
+        _build_library(graph, spec, work / LIBRARY, dump_ir)
+        timings["tvm"] = time.perf_counter() - t
+
+        t = phase(4, "weights", f"writing weights as {dtype}")
+        index = write_weights(graph, ckpt, dtype, work / "weights", options.shard_bytes, lambda m: progress("      " + m))
+        timings["weights"] = time.perf_counter() - t
+
+        t = phase(5, "tokenizer", "writing tokenizer and IR")
+        tok_files = ckpt.write_tokenizer(work)
+        if "tokenizer.json" not in tok_files:
+            progress("      note: no tokenizer.json in the source; the artifact can run token ids only")
+        (work / IR_JSON).write_text(graph_to_json(graph))
+        (work / IR_TEXT).write_text(print_graph(graph))
+        timings["tokenizer"] = time.perf_counter() - t
+
+        phase(6, "manifest", "writing manifest")
+        manifest = _manifest(ckpt, spec, dtype, options, graph, index, tok_files, timings, time.perf_counter() - t_start)
+        manifest["files"] = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
+        (work / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    size = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+    progress(f"done: {output} ({size / 2**20:.1f} MiB) in {time.perf_counter() - t_start:.1f} s")
+    return output
+
+
+def _build_library(graph, spec: TargetSpec, path: Path, dump_ir: bool) -> None:
+    import tvm
+
+    from .gpu_build import prepare_cuda_build
+
+    mod = lowering.lower(graph, spec.kernel_kind)
+    if dump_ir:
+        path.with_suffix(".relax.py").write_text(mod.script())
+    target = tvm.target.Target(spec.tvm_target)
+    if spec.tvm_target["kind"] == "cuda":
+        prepare_cuda_build()
+    ex = tvm.compile(mod, target=target)
+    ex.export_library(str(path))
+
+
+def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOptions, graph, index: dict,
+              tok_files: list[str], timings: dict, total: float) -> dict:
+    cfg = ckpt.config
+    from ferrum_compiler import __version__
+
+    return {
+        "abi_version": ABI_VERSION,
+        "versions": {"ferrum": __version__, "tvm": package_version("apache-tvm"),
+                     "tvm_ffi": package_version("apache-tvm-ffi")},
+        "source": {"name": ckpt.name, "kind": ckpt.kind, **ckpt.details},
+        "target": {"name": spec.name, "tvm_target": spec.tvm_target, "kernel_kind": spec.kernel_kind,
+                   "device": spec.device, "cpu_features": list(spec.cpu_features)},
+        "model": {"family": cfg.arch, "config": cfg.to_dict(), "max_model_len": cfg.max_position_embeddings},
+        "dtype": dtype,
+        "quantization": {"method": "none",
+                         "note": "GGUF tensors dequantized at compile time" if ckpt.kind == "gguf" else ""},
+        "kv_cache": {"layout": "[num_blocks, 2, kv_heads, block_size, head_dim] per layer",
+                     "num_layers": cfg.num_layers, "block_size": options.block_size, "kv_heads": cfg.num_kv_heads,
+                     "head_dim": cfg.head_dim, "dtype": dtype},
+        "entry_points": {lowering.ENTRY: {"args": lowering.argument_specs(graph),
+                                          "returns": {"name": "logits", "shape": ["L", cfg.vocab_size],
+                                                      "dtype": "float32"}}},
+        "weights": {"dtype": dtype, "index": index},
+        "tokenizer": {"files": tok_files},
+        "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},
+        "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size},
+        "build": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "host": platform.node(), "seconds": round(total, 2),
+                  "phase_seconds": {k: round(v, 2) for k, v in timings.items()}},
+    }

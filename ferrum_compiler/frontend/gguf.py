@@ -1,0 +1,154 @@
+"""GGUF files (llama.cpp's format), read with the ``gguf`` package.
+
+Config comes from the ``{arch}.*`` metadata, the tokenizer and chat template from ``tokenizer.*``.
+Tensors are renamed to Hugging Face names and, in this version, dequantized to float32 at compile time
+(F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the other types ``gguf`` can dequantize). llama.cpp's converter
+permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
+match the rotate-half convention of our ``rope`` op, as the ``transformers`` GGUF loader does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ferrum.models.registry import family_for
+
+from ..config import ModelConfig
+from . import Checkpoint, SourceError
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's q/k row permutation: per head, rows (pairs interleaved) → (halves)."""
+    half = w.shape[0] // heads // 2
+    return w.reshape(heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class _Meta:
+    def __init__(self, reader):
+        self.reader = reader
+
+    def get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def need(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise SourceError(f"GGUF metadata has no {key!r}; the file is incomplete or not a decoder LLM")
+        return value
+
+
+def config_from_gguf(meta: _Meta, tensor_names: set[str]) -> ModelConfig:
+    arch = meta.need("general.architecture")
+    try:
+        family = family_for(arch, "gguf")
+    except ValueError as e:
+        raise SourceError(str(e)) from None
+    heads = int(meta.need(f"{arch}.attention.head_count"))
+    hidden = int(meta.need(f"{arch}.embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.need("tokenizer.ggml.tokens"))
+    scaling = ()
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling = (("factor", float(meta.need(f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
+    return ModelConfig(
+        arch=family,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(meta.need(f"{arch}.feed_forward_length")),
+        num_layers=int(meta.need(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
+        head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+        rms_norm_eps=float(meta.need(f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
+        max_position_embeddings=int(meta.get(f"{arch}.context_length") or 4096),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm=family == "qwen3",
+        sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0),
+        rope_scaling=scaling,
+        source_dtype="float32",
+    )
+
+
+def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise SourceError(f"{path} is not a readable GGUF file ({e.__class__.__name__}: {e})") from None
+    meta = _Meta(reader)
+    names = {t.name for t in reader.tensors}
+    config = config_from_gguf(meta, names)
+    arch = meta.need("general.architecture")
+    permuted = arch == "llama"  # only llama.cpp's Llama converter permutes q/k rows
+    qtypes: dict[str, int] = {}
+    for t in reader.tensors:
+        qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for t in reader.tensors:
+            hf = hf_name(t.name)
+            if hf is None:
+                continue  # e.g. rope_freqs: recomputed from metadata
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError:
+                raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
+                                  "dequantized; use a Q8_0/Q4_0/Q4_1/F16/F32 file") from None
+            w = np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+            if permuted and hf.endswith("q_proj.weight"):
+                w = _unpermute_rope_rows(w, config.num_heads)
+            elif permuted and hf.endswith("k_proj.weight"):
+                w = _unpermute_rope_rows(w, config.num_kv_heads)
+            yield hf, w
+
+    def write_tokenizer(dest: Path) -> list[str]:
+        from .gguf_tokenizer import build_tokenizer
+
+        tok, tok_config = build_tokenizer(meta)
+        tok.save(str(dest / "tokenizer.json"))
+        (dest / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+        gen = {k: v for k, v in {"bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+                                 "eos_token_id": meta.get("tokenizer.ggml.eos_token_id")}.items() if v is not None}
+        (dest / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+
+    return Checkpoint(name=name or str(path), kind="gguf", config=config, tensors=tensors,
+                      write_tokenizer=write_tokenizer,
+                      details={"file": str(path), "tensor_types": qtypes, "gguf_name": meta.get("general.name")})

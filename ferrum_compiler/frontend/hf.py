@@ -1,0 +1,106 @@
+"""Hugging Face checkpoints: a directory with ``config.json`` and ``*.safetensors`` (sharded or not).
+
+The HF config dict is converted once, here, into a frozen ``ModelConfig``; nothing downstream sees it.
+Tensors are memory-mapped and yielded one at a time, so a model is never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ferrum.models.registry import family_for
+from ferrum_runtime.safetensors_io import SafetensorsFile
+
+from ..config import ModelConfig
+from . import Checkpoint, SourceError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise SourceError(f"{where} has no 'architectures' entry; cannot tell which model this is")
+    try:
+        family = family_for(archs[0], "hf")
+    except ValueError as e:
+        raise SourceError(str(e)) from None
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise SourceError(f"{where}: quantized checkpoints ({method}) are not supported yet; use the fp16/bf16 original")
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = tuple(sorted(rope.items())) if kind != "default" else ()
+    window = 0
+    if family == "llama" and cfg.get("sliding_window"):  # Mistral
+        window = int(cfg["sliding_window"])
+    if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise SourceError(f"{where}: per-layer sliding windows (use_sliding_window) are not supported yet")
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    return ModelConfig(
+        arch=family,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+        qk_norm=family == "qwen3",
+        sliding_window=window,
+        rope_scaling=scaling,
+        source_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+    )
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in model_dir.iterdir())[:8]) or "nothing"
+        raise SourceError(f"{model_dir} has no *.safetensors weights (found: {found}); "
+                          "convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True)")
+    return files
+
+
+def open_hf_dir(model_dir: Path, name: str | None = None) -> Checkpoint:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise SourceError(f"{model_dir} has no config.json; pass a Hugging Face model directory, a .gguf file, "
+                          "a Hub repo id or an alias such as smollm2")
+    config = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    files = weight_files(model_dir)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SourceError(f"{model_dir} is missing weight shard(s) {', '.join(missing)} named in its index")
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for f in files:
+            yield from SafetensorsFile(f).items()
+
+    def write_tokenizer(dest: Path) -> list[str]:
+        written = []
+        for fname in TOKENIZER_FILES:
+            if (model_dir / fname).is_file():
+                shutil.copyfile(model_dir / fname, dest / fname)
+                written.append(fname)
+        return written
+
+    return Checkpoint(name=name or str(model_dir), kind="hf", config=config, tensors=tensors,
+                      write_tokenizer=write_tokenizer, details={"shards": [f.name for f in files]})

@@ -1,0 +1,1 @@
+"""ferrum's runtime: loads artifacts with TVM's runtime library only; never imports ferrum_compiler."""

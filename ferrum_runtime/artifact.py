@@ -1,0 +1,115 @@
+"""The artifact contract (DESIGN §4): manifest schema, ABI version, and the checks the runtime makes
+before it loads anything. Shared by the compiler's writer and the runtime's loader."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ABI_VERSION = 1
+MANIFEST = "ferrum.yaml"
+LIBRARY = "model.so"
+IR_JSON = "ir.json"
+IR_TEXT = "ir.txt"
+
+
+class ArtifactError(RuntimeError):
+    """The artifact cannot be used here; the message is one line that names the fix."""
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def host_cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path  # the artifact directory
+    data: dict
+
+    @property
+    def target(self) -> dict:
+        return self.data["target"]
+
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+    @property
+    def kv_cache(self) -> dict:
+        return self.data["kv_cache"]
+
+    @property
+    def entry(self) -> dict:
+        return self.data["entry_points"]["forward"]
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise ArtifactError(f"{path} is not a ferrum artifact (no {MANIFEST}); build one with `ferrum compile MODEL -o {path}`")
+    try:
+        data = yaml.safe_load(mf.read_text())
+    except yaml.YAMLError as e:
+        raise ArtifactError(f"{mf} is not valid YAML ({e.__class__.__name__}); recompile the artifact") from None
+    if not isinstance(data, dict) or "abi_version" not in data:
+        raise ArtifactError(f"{mf} has no abi_version; recompile the artifact with `ferrum compile`")
+    return Manifest(path, data)
+
+
+def check_compatible(m: Manifest, verify_hashes: bool = True) -> None:
+    """Refuse, in one line naming the fix, an artifact this runtime and host cannot run."""
+    d = m.data
+    fix = f"recompile it with this ferrum: `ferrum compile {d.get('source', {}).get('name', 'MODEL')} --target {m.target.get('name', 'cpu')} -o {m.path}`"
+    if d["abi_version"] != ABI_VERSION:
+        raise ArtifactError(f"artifact {m.path} has ABI version {d['abi_version']}, this runtime reads {ABI_VERSION}; {fix}")
+    tvm_now = package_version("apache-tvm")
+    if d["versions"]["tvm"] != tvm_now:
+        raise ArtifactError(f"artifact {m.path} was built with apache-tvm {d['versions']['tvm']}, this runtime has {tvm_now}; "
+                            f"install apache-tvm=={d['versions']['tvm']} or {fix}")
+    need = set(m.target.get("cpu_features") or ())
+    if need:
+        have = host_cpu_flags()
+        if have:
+            missing = sorted(need - have)
+            if missing:
+                raise ArtifactError(f"artifact {m.path} was built for a CPU with {', '.join(missing)}, which this CPU lacks; "
+                                    f"compile for this machine with `--target cpu` or a portable `--target cpu-x86-64-v3`")
+    if verify_hashes:
+        for rel, digest in d["files"].items():
+            f = m.path / rel
+            if not f.is_file():
+                raise ArtifactError(f"artifact {m.path} is missing {rel}; copy the whole directory or {fix}")
+            if sha256_file(f) != digest:
+                raise ArtifactError(f"artifact file {f} does not match its sha256 in {MANIFEST} (corrupt or edited); {fix}")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0", "false", "no")

@@ -1,0 +1,144 @@
+"""The compiled model behind the runtime ↔ model contract of DESIGN §5.
+
+``CompiledModel.load(artifact)`` checks the artifact, loads ``model.so`` into a Relax VM, uploads the
+weights and allocates the paged KV cache (one tensor per layer, ``[num_blocks, 2, kv_heads, block_size,
+head_dim]``). ``forward(batch)`` runs one flattened ragged step (prefill chunks and decode tokens mixed)
+and returns float32 logits for the rows ``batch.logits_index`` names (one per sequence when
+generating, every prompt row when scoring).
+
+Only TVM's runtime library is needed: importing this module sets ``TVM_USE_RUNTIME_LIB=1`` unless TVM
+is already loaded (as in a process that also compiles).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .artifact import LIBRARY, ArtifactError, Manifest, check_compatible, read_manifest
+from .safetensors_io import SafetensorsFile, np_dtype
+
+if "tvm" not in sys.modules:
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+
+
+@dataclass(frozen=True)
+class RaggedBatch:
+    """One step's flattened batch; all arrays int32."""
+
+    token_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    query_start: np.ndarray  # [B+1]
+    block_tables: np.ndarray  # [B, M]
+    slot_mapping: np.ndarray  # [T]; -1 = do not store
+    logits_index: np.ndarray  # [L]: rows of T to return logits for (B for generation, more for prompt scoring)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"token_ids": self.token_ids, "positions": self.positions, "query_start": self.query_start,
+                "block_tables": self.block_tables, "slot_mapping": self.slot_mapping, "logits_index": self.logits_index}
+
+
+class BatchError(ValueError):
+    """A batch the compiled model must not see (it would read out of bounds)."""
+
+
+class CompiledModel:
+    def __init__(self, manifest: Manifest, device: str, num_blocks: int):
+        import tvm
+        from tvm.runtime import vm as rvm
+
+        self.manifest = manifest
+        cfg = manifest.model["config"]
+        self.vocab_size = int(cfg["vocab_size"])
+        self.max_model_len = int(manifest.model["max_model_len"])
+        kv = manifest.kv_cache
+        self.block_size = int(kv["block_size"])
+        self.num_layers = int(kv["num_layers"])
+        self.num_blocks = num_blocks
+        self.device = tvm.device(device)
+        lib = tvm.runtime.load_module(str(manifest.path / LIBRARY))
+        self.vm = rvm.VirtualMachine(lib, self.device)
+        self._fn = self.vm["forward"]
+        args = manifest.entry["args"]
+        self._input_names = [a["name"] for a in args if a["role"] == "input" and not a["name"].startswith("kv_cache.")]
+        self.params = self._load_params([a["name"] for a in args if a["role"] == "param"])
+        cache_shape = (num_blocks, 2, int(kv["kv_heads"]), self.block_size, int(kv["head_dim"]))
+        self.kv_caches = [tvm.runtime.empty(cache_shape, kv["dtype"], self.device) for _ in range(self.num_layers)]
+        self._arg_order = [a["name"] for a in args]
+
+    @classmethod
+    def load(cls, artifact: str | Path, device: str = "cpu", num_blocks: int | None = None,
+             kv_cache_bytes: int = 256 << 20, verify_hashes: bool = True) -> "CompiledModel":
+        """Load an artifact; the KV cache gets ``num_blocks`` blocks, or as many as fit ``kv_cache_bytes``."""
+        manifest = read_manifest(artifact)
+        check_compatible(manifest, verify_hashes=verify_hashes)
+        if manifest.target["device"] != device and not (device == "cpu" and manifest.target["device"] == "cpu"):
+            raise ArtifactError(f"artifact {artifact} targets {manifest.target['name']} ({manifest.target['device']}), "
+                                f"not {device}; compile it with `--target` for this device")
+        if num_blocks is None:
+            kv = manifest.kv_cache
+            per_block = 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize
+            num_blocks = max(1, kv_cache_bytes // (per_block * kv["num_layers"]))
+        return cls(manifest, device, num_blocks)
+
+    def _load_params(self, names: list[str]) -> list:
+        import tvm
+
+        index = self.manifest.data["weights"]["index"]
+        files: dict[str, SafetensorsFile] = {}
+        out = []
+        for name in names:
+            fname = index[name]
+            if fname not in files:
+                files[fname] = SafetensorsFile(self.manifest.path / "weights" / fname)
+            out.append(tvm.runtime.tensor(np.ascontiguousarray(files[fname].get(name)), self.device))
+        return out
+
+    def check_batch(self, batch: RaggedBatch) -> None:
+        """Bounds the kernels rely on; a violation raises instead of reading out of bounds."""
+        t = len(batch.token_ids)
+        b = len(batch.query_start) - 1
+        if t == 0 or b <= 0 or len(batch.logits_index) == 0:
+            raise BatchError("empty batch")
+        if batch.positions.shape != (t,) or batch.slot_mapping.shape != (t,) or batch.query_start.shape != (b + 1,):
+            raise BatchError("positions/slot_mapping must have T entries and query_start B+1")
+        if batch.block_tables.ndim != 2 or batch.block_tables.shape[0] != b:
+            raise BatchError(f"block_tables must be [B, M]; got {batch.block_tables.shape} for B={b}")
+        if batch.token_ids.min() < 0 or batch.token_ids.max() >= self.vocab_size:
+            raise BatchError(f"token ids must lie in [0, {self.vocab_size})")
+        if batch.query_start[0] != 0 or batch.query_start[-1] != t or np.any(np.diff(batch.query_start) < 0):
+            raise BatchError("query_start must rise from 0 to T")
+        if batch.logits_index.min() < 0 or batch.logits_index.max() >= t:
+            raise BatchError("logits_index must point at rows of the batch")
+        if batch.positions.min() < 0 or batch.positions.max() >= batch.block_tables.shape[1] * self.block_size:
+            raise BatchError("a position lies beyond its sequence's block table")
+        if batch.block_tables.min() < 0 or batch.block_tables.max() >= self.num_blocks:
+            raise BatchError(f"block ids must lie in [0, {self.num_blocks})")
+        if batch.slot_mapping.max() >= self.num_blocks * self.block_size:
+            raise BatchError("slot_mapping points past the KV cache")
+
+    def forward(self, batch: RaggedBatch, check: bool = True) -> np.ndarray:
+        """Run one step; returns logits ``[L, vocab]`` float32 for the rows ``batch.logits_index`` names."""
+        import tvm
+
+        if check:
+            self.check_batch(batch)
+        arrays = batch.arrays
+        by_name = {n: tvm.runtime.tensor(np.ascontiguousarray(arrays[n], dtype=np.int32), self.device)
+                   for n in self._input_names}
+        args = []
+        caches = iter(self.kv_caches)
+        params = iter(self.params)
+        for name in self._arg_order:
+            if name in by_name:
+                args.append(by_name[name])
+            elif name.startswith("kv_cache."):
+                args.append(next(caches))
+            else:
+                args.append(next(params))
+        return self._fn(*args).numpy()
