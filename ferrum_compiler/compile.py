@@ -19,6 +19,7 @@ from typing import Callable
 import yaml
 
 from ferrum.models.registry import family
+from ferrum_runtime.errors import FerrumError
 from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANIFEST, package_version, sha256_file
 
 from . import lowering
@@ -30,7 +31,7 @@ from .targets import TargetSpec, resolve
 from .weights import write_weights
 
 
-class CompileError(RuntimeError):
+class CompileError(FerrumError):
     """A compile that cannot proceed; one line naming the fix."""
 
 
@@ -109,7 +110,8 @@ def _build_library(graph, spec: TargetSpec, path: Path, dump_ir: bool) -> None:
     target = tvm.target.Target(spec.tvm_target)
     if spec.tvm_target["kind"] == "cuda":
         prepare_cuda_build()
-    ex = tvm.compile(mod, target=target)
+    with target:  # nvcc's callback reads the arch from the current target
+        ex = tvm.compile(mod, target=target)
     ex.export_library(str(path))
 
 

@@ -15,9 +15,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ferrum_runtime.errors import FerrumError
 
-class GpuBuildError(RuntimeError):
-    pass
+
+class GpuBuildError(FerrumError):
+    """The CUDA toolchain needed to build a GPU artifact is missing."""
 
 
 def _cuda_home() -> Path | None:

@@ -49,8 +49,8 @@ def lower(graph: Graph, kernel_kind: str):
 
     fn_args = []
     for v in list(graph.inputs.values()) + list(graph.params.values()):
-        fn_args.append(relax.Var(v.name, relax.TensorType(shape_of(v.shape), v.dtype)))
-    env = {a.name: a for a in fn_args}
+        fn_args.append(relax.Var(_identifier(v.name), relax.TensorType(shape_of(v.shape), v.dtype)))
+    env = {v: a for v, a in zip(list(graph.inputs) + list(graph.params), fn_args)}
 
     with bb.function(ENTRY, fn_args):
         with bb.dataflow():
@@ -83,8 +83,15 @@ def lower(graph: Graph, kernel_kind: str):
                 env[op.output] = bb.emit(r) if not isinstance(r, relax.Var) else r
             result = bb.emit_output(env[graph.outputs[0]])
         bb.emit_func_output(result)
-    mod = bb.get()
-    return tvm.relax.transform.DeadCodeElimination([ENTRY])(mod)
+    mod = tvm.relax.transform.DeadCodeElimination([ENTRY])(bb.get())
+    if kernel_kind == "gpu":  # matmul(x, permute_dims(w)) -> one kernel reading w[N, K] in place
+        mod = tvm.relax.transform.FuseTransposeMatmul()(mod)
+    return mod
+
+
+def _identifier(name: str) -> str:
+    """Param names become C identifiers in generated device code."""
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out):

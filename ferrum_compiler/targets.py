@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ferrum_runtime.errors import FerrumError
+
+
+class TargetError(FerrumError):
+    """An unknown target name."""
+
 # x86 instruction-set flags (as /proc/cpuinfo spells them) that generated code may rely on
 X86_V3_FEATURES = ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2")
 X86_V4_FEATURES = X86_V3_FEATURES + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
@@ -59,4 +65,4 @@ def resolve(name: str) -> TargetSpec:
         return TargetSpec(name, {"kind": "cuda", "arch": CUDA_ARCHES[name]}, "gpu", "float16")
     if name == "metal":
         return TargetSpec(name, {"kind": "metal"}, "gpu", "float16")
-    raise ValueError(f"unknown target {name!r}; choose one of: {', '.join(TARGET_NAMES)}")
+    raise TargetError(f"unknown target {name!r}; choose one of: {', '.join(TARGET_NAMES)}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from .errors import FerrumError
 
 ABI_VERSION = 1
 MANIFEST = "ferrum.yaml"
@@ -18,7 +19,7 @@ IR_JSON = "ir.json"
 IR_TEXT = "ir.txt"
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(FerrumError):
     """The artifact cannot be used here; the message is one line that names the fix."""
 
 
@@ -110,6 +111,3 @@ def check_compatible(m: Manifest, verify_hashes: bool = True) -> None:
             if sha256_file(f) != digest:
                 raise ArtifactError(f"artifact file {f} does not match its sha256 in {MANIFEST} (corrupt or edited); {fix}")
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false", "no")

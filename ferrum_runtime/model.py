@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import FerrumError
 from .artifact import LIBRARY, ArtifactError, Manifest, check_compatible, read_manifest
 from .safetensors_io import SafetensorsFile, np_dtype
 
@@ -43,7 +44,7 @@ class RaggedBatch:
                 "block_tables": self.block_tables, "slot_mapping": self.slot_mapping, "logits_index": self.logits_index}
 
 
-class BatchError(ValueError):
+class BatchError(FerrumError):
     """A batch the compiled model must not see (it would read out of bounds)."""
 
 

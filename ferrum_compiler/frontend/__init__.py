@@ -12,10 +12,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from ferrum_runtime.errors import FerrumError
+
 from ..config import ModelConfig
 
 
-class SourceError(ValueError):
+class SourceError(FerrumError):
     """The model source cannot be read; the message says what is wrong and how to fix it."""
 
 

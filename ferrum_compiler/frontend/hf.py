@@ -17,6 +17,7 @@ from ferrum.models.registry import family_for
 from ferrum_runtime.safetensors_io import SafetensorsFile
 
 from ..config import ModelConfig
+from ..ir.rope import ROPE_SCALING_TYPES
 from . import Checkpoint, SourceError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
@@ -38,6 +39,8 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = tuple(sorted(rope.items())) if kind != "default" else ()
+    if kind not in ROPE_SCALING_TYPES:
+        raise SourceError(f"{where}: rope scaling {kind!r} is not supported yet; supported: {', '.join(ROPE_SCALING_TYPES)}")
     window = 0
     if family == "llama" and cfg.get("sliding_window"):  # Mistral
         window = int(cfg["sliding_window"])

@@ -1,0 +1,115 @@
+"""The ``ferrum`` console script: compile, inspect, run.
+
+Only ``compile`` imports the compiler (lazily, inside its handler); every other command runs on TVM's
+runtime library alone. Errors a user can fix print as one line naming the fix; a traceback is shown
+only with FERRUM_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .env import DEBUG
+from .errors import FerrumError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferrum", description="Compile LLMs ahead of time with TVM and run them.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a model into an artifact directory")
+    c.add_argument("model", help="HF directory, Hub repo id (Qwen/Qwen3-0.6B), .gguf file, or alias (smollm2)")
+    c.add_argument("--target", default="cpu",
+                   help="cpu (this machine), cpu-x86-64-v3, cpu-x86-64-v4, cuda-sm80/86/89/90, metal (default: cpu)")
+    c.add_argument("-o", "--output", help="artifact directory (default: artifacts/<model name>)")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                   help="weights and activations (default: float32 on cpu, float16 on GPUs)")
+    c.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
+    c.add_argument("--dump-ir", action="store_true", help="also write the Relax module next to model.so")
+
+    i = sub.add_parser("inspect", help="print an artifact's manifest and IR summary")
+    i.add_argument("artifact")
+    i.add_argument("--ir", action="store_true", help="print the whole IR, not only a summary")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    r = sub.add_parser("run", help="generate from a prompt, or chat in the terminal")
+    r.add_argument("artifact")
+    r.add_argument("--prompt", help="answer this one prompt and exit (default: interactive chat)")
+    r.add_argument("--max-tokens", type=int, default=256)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
+    return p
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .artifact import IR_JSON, IR_TEXT, read_manifest
+
+    m = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(m.data, indent=2))
+        return 0
+    d = m.data
+    cfg = m.model["config"]
+    n_params = sum(1 for a in m.entry["args"] if a["role"] == "param")
+    size = sum(p.stat().st_size for p in m.path.rglob("*") if p.is_file())
+    lines = [
+        f"artifact   {m.path}  ({size / 2**20:.1f} MiB, ABI {d['abi_version']}, ferrum {d['versions']['ferrum']}, "
+        f"tvm {d['versions']['tvm']}, tvm-ffi {d['versions']['tvm_ffi']})",
+        f"source     {d['source']['name']} ({d['source']['kind']})",
+        f"target     {m.target['name']}  {json.dumps(m.target['tvm_target'])}"
+        + (f"  needs CPU features: {' '.join(m.target['cpu_features'])}" if m.target.get("cpu_features") else ""),
+        f"model      {m.model['family']}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads "
+        f"{cfg['num_heads']}/{cfg['num_kv_heads']} x {cfg['head_dim']}, ffn {cfg['intermediate_size']}, vocab "
+        f"{cfg['vocab_size']}, max len {m.model['max_model_len']}",
+        f"dtype      {d['dtype']}   quantization: {d['quantization']['method']}"
+        + (f" ({d['quantization']['note']})" if d["quantization"].get("note") else ""),
+        f"kv cache   block {m.kv_cache['block_size']}, {m.kv_cache['layout']}, {m.kv_cache['dtype']}",
+        f"entry      forward({len(m.entry['args']) - n_params} inputs, {n_params} weights) -> logits "
+        f"{m.entry['returns']['shape']} {m.entry['returns']['dtype']}",
+        f"ir         " + ", ".join(f"{k} x{v}" for k, v in d["ir"]["ops"].items()) + f"  (passes: {', '.join(d['ir']['passes'])})",
+        f"built      {d['build']['time']} on {d['build']['host']} in {d['build']['seconds']} s",
+    ]
+    print("\n".join(lines))
+    if args.ir:
+        print((m.path / IR_TEXT).read_text())
+    elif (m.path / IR_JSON).is_file():
+        text = (m.path / IR_TEXT).read_text().splitlines()
+        print("\n".join(text[:40]) + (f"\n  ... ({len(text) - 40} more lines; --ir prints all)" if len(text) > 40 else ""))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .generate import run_cli
+
+    return run_cli(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compile":
+            from ferrum_compiler.cli import run_compile
+
+            return run_compile(args)
+        if args.command == "inspect":
+            return _inspect(args)
+        return _run(args)
+    except KeyboardInterrupt:
+        print("ferrum: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the top of the CLI: one line for the user, never a traceback
+        if DEBUG:
+            raise
+        if isinstance(e, FerrumError):
+            print(f"ferrum: error: {e}", file=sys.stderr)
+            return 2
+        print(f"ferrum: internal error: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(rerun with FERRUM_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
