@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .env import DEBUG
@@ -89,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "compile":  # serve and run with TVM's runtime library only
+        os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     try:
         if args.command == "compile":
             from ferrum_compiler.cli import run_compile

@@ -6,14 +6,12 @@ head_dim]``). ``forward(batch)`` runs one flattened ragged step (prefill chunks 
 and returns float32 logits for the rows ``batch.logits_index`` names (one per sequence when
 generating, every prompt row when scoring).
 
-Only TVM's runtime library is needed: importing this module sets ``TVM_USE_RUNTIME_LIB=1`` unless TVM
-is already loaded (as in a process that also compiles).
+Only TVM's runtime library is needed: the ``ferrum`` CLI sets ``TVM_USE_RUNTIME_LIB=1`` before TVM is
+first imported for every command but ``compile``.
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +20,6 @@ import numpy as np
 from .errors import FerrumError
 from .artifact import LIBRARY, ArtifactError, Manifest, check_compatible, read_manifest
 from .safetensors_io import SafetensorsFile, np_dtype
-
-if "tvm" not in sys.modules:
-    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
 
 @dataclass(frozen=True)

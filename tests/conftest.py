@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random HF models (built once per session with transformers), compiled
+artifacts cached per session in a temp dir (never reused across machines), and GPU skipping."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+# family name -> (transformers config class, model class, extra config)
+TINY_MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, num_key_value_heads=4)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=7, head_dim=16)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+
+
+def make_tiny_model(name: str, dest: Path, dtype: str = "float32") -> Path:
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, extra = TINY_MODELS[name]
+    torch.manual_seed(sum(name.encode()))
+    cfg = getattr(transformers, cfg_cls)(**{**TINY, **extra})
+    model = getattr(transformers, model_cls)(cfg).to(getattr(torch, dtype))
+    with torch.no_grad():  # random init is near-zero for norms/biases; make every weight matter
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif n.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """``tiny_model_dir(name)`` -> directory of a saved random model (cached for the session)."""
+    root = tmp_path_factory.mktemp("hf")
+    cache: dict[tuple, Path] = {}
+
+    def get(name: str, dtype: str = "float32") -> Path:
+        if (name, dtype) not in cache:
+            cache[(name, dtype)] = make_tiny_model(name, root / f"{name}-{dtype}", dtype)
+        return cache[(name, dtype)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """``compiled(source, target="cpu", **options)`` -> artifact path, compiled once per session."""
+    from ferrum_compiler.compile import compile_model
+    from ferrum_compiler.config import CompileOptions
+
+    root = tmp_path_factory.mktemp("artifacts")
+    cache: dict[tuple, Path] = {}
+
+    def get(source, target: str = "cpu", **options) -> Path:
+        key = (str(source), target, tuple(sorted(options.items())))
+        if key not in cache:
+            out = root / f"a{len(cache)}"
+            compile_model(str(source), out, CompileOptions(target=target, **options), progress=lambda m: None)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(compiled):
+    return compiled("smollm2")
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
