@@ -19,13 +19,13 @@ OPTIONAL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.
 def download(repo_id: str, progress: Callable[[str], None]) -> Path:
     """Fetch config, weights and tokenizer of ``repo_id``; returns the snapshot directory."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, GatedRepoError
+    from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
 
     def fetch(filename: str, required: bool = True) -> Path | None:
         progress(f"fetching {repo_id}/{filename}")
         try:
             return Path(hf_hub_download(repo_id, filename))
-        except EntryNotFoundError:
+        except RemoteEntryNotFoundError:
             if required:
                 raise SourceError(f"{repo_id} has no file {filename} on the Hugging Face Hub") from None
             return None

@@ -1,0 +1,90 @@
+"""Artifact contract: runtime-only loading, and the one-line refusals (ABI, TVM version, CPU
+features, hashes, bad batches)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from ferrum_runtime.artifact import ArtifactError
+from ferrum_runtime.model import BatchError, CompiledModel, RaggedBatch
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def artifact_copy(tiny_model_dir, compiled, tmp_path):
+    dst = tmp_path / "art"
+    shutil.copytree(compiled(tiny_model_dir("llama")), dst)
+    return dst
+
+
+def edit_manifest(path, fn):
+    data = yaml.safe_load((path / "ferrum.yaml").read_text())
+    fn(data)
+    (path / "ferrum.yaml").write_text(yaml.safe_dump(data))
+
+
+def test_runtime_needs_only_tvm_runtime_library(tiny_model_dir, compiled):
+    art = compiled(tiny_model_dir("qwen3"))
+    code = f"""
+import os, sys, numpy as np
+os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+from ferrum_runtime.model import CompiledModel, RaggedBatch
+m = CompiledModel.load({str(art)!r}, num_blocks=4)
+b = RaggedBatch(np.array([1, 2, 3], np.int32), np.arange(3, dtype=np.int32), np.array([0, 3], np.int32),
+                np.array([[2, 0]], np.int32), np.array([32, 33, 34], np.int32), np.array([2], np.int32))
+out = m.forward(b)
+assert out.shape == (1, 256) and np.isfinite(out).all()
+maps = open("/proc/self/maps").read()
+assert "libtvm_runtime.so" in maps and "libtvm_compiler" not in maps, "compiler library loaded"
+assert not any(k.startswith("ferrum_compiler") for k in sys.modules), "runtime imported the compiler"
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda d: d.update(abi_version=99), "ABI version 99"),
+    (lambda d: d["versions"].update(tvm="0.1.0"), "apache-tvm 0.1.0"),
+    (lambda d: d["target"].update(cpu_features=["avx2", "not_a_real_cpu_flag"]), "not_a_real_cpu_flag"),
+])
+def test_incompatible_artifacts_are_refused(artifact_copy, edit, fragment):
+    edit_manifest(artifact_copy, edit)
+    with pytest.raises(ArtifactError, match=fragment) as e:
+        CompiledModel.load(artifact_copy)
+    assert "\n" not in str(e.value) and "ferrum compile" in str(e.value) or "--target" in str(e.value)
+
+
+def test_tampered_file_is_refused(artifact_copy):
+    shard = next((artifact_copy / "weights").glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        CompiledModel.load(artifact_copy)
+
+
+def test_missing_file_is_refused(artifact_copy):
+    (artifact_copy / "model.so").unlink()
+    with pytest.raises(ArtifactError, match="missing model.so"):
+        CompiledModel.load(artifact_copy)
+
+
+def test_out_of_range_batches_are_rejected(tiny_model_dir, compiled):
+    m = CompiledModel.load(compiled(tiny_model_dir("llama")), num_blocks=4)
+    ok = dict(token_ids=np.array([1, 2], np.int32), positions=np.array([0, 1], np.int32),
+              query_start=np.array([0, 2], np.int32), block_tables=np.array([[1]], np.int32),
+              slot_mapping=np.array([16, 17], np.int32), logits_index=np.array([1], np.int32))
+    assert m.forward(RaggedBatch(**ok)).shape == (1, 256)
+    for field, bad, msg in [("token_ids", [1, 256], "token ids"), ("block_tables", [[4]], "block ids"),
+                            ("positions", [0, 16], "beyond"), ("logits_index", [2], "logits_index"),
+                            ("query_start", [0, 1], "query_start")]:
+        with pytest.raises(BatchError, match=msg):
+            m.forward(RaggedBatch(**{**ok, field: np.array(bad, np.int32)}))

