@@ -20,6 +20,7 @@ import yaml
 
 from ferrum.models.registry import family
 from ferrum_runtime.errors import FerrumError
+from ferrum_runtime.fatbin import embedded_cuda_code
 from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANIFEST, package_version, sha256_file
 
 from . import lowering
@@ -86,6 +87,11 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
 
         phase(6, "manifest", "writing manifest")
         manifest = _manifest(ckpt, spec, dtype, options, graph, index, tok_files, timings, time.perf_counter() - t_start)
+        if spec.tvm_target["kind"] == "cuda":
+            manifest["target"]["cuda_code"] = embedded_cuda_code(work / LIBRARY)
+            if not manifest["target"]["cuda_code"]["cubin"]:
+                raise CompileError("the CUDA library holds no compiled cubin (TVM fell back to source); "
+                                   "check that nvcc works: `nvcc --version`")
         manifest["files"] = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
         (work / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
         if output.exists():

@@ -61,7 +61,9 @@ def _inspect(args: argparse.Namespace) -> int:
         f"tvm {d['versions']['tvm']}, tvm-ffi {d['versions']['tvm_ffi']})",
         f"source     {d['source']['name']} ({d['source']['kind']})",
         f"target     {m.target['name']}  {json.dumps(m.target['tvm_target'])}"
-        + (f"  needs CPU features: {' '.join(m.target['cpu_features'])}" if m.target.get("cpu_features") else ""),
+        + (f"  needs CPU features: {' '.join(m.target['cpu_features'])}" if m.target.get("cpu_features") else "")
+        + (f"  cubin: {' '.join(m.target['cuda_code']['cubin'])}  ptx: {' '.join(m.target['cuda_code']['ptx']) or '-'}"
+           if m.target.get("cuda_code") else ""),
         f"model      {m.model['family']}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads "
         f"{cfg['num_heads']}/{cfg['num_kv_heads']} x {cfg['head_dim']}, ffn {cfg['intermediate_size']}, vocab "
         f"{cfg['vocab_size']}, max len {m.model['max_model_len']}",

@@ -56,7 +56,11 @@ class CompiledModel:
         self.block_size = int(kv["block_size"])
         self.num_layers = int(kv["num_layers"])
         self.num_blocks = num_blocks
+        if device == "cuda":
+            _load_cuda_runtime()
         self.device = tvm.device(device)
+        if not self.device.exist:
+            raise ArtifactError(f"no {device} device is visible to this process; run the artifact on a machine with one")
         lib = tvm.runtime.load_module(str(manifest.path / LIBRARY))
         self.vm = rvm.VirtualMachine(lib, self.device)
         self._fn = self.vm["forward"]
@@ -73,7 +77,7 @@ class CompiledModel:
         """Load an artifact; the KV cache gets ``num_blocks`` blocks, or as many as fit ``kv_cache_bytes``."""
         manifest = read_manifest(artifact)
         check_compatible(manifest, verify_hashes=verify_hashes)
-        if manifest.target["device"] != device and not (device == "cpu" and manifest.target["device"] == "cpu"):
+        if manifest.target["device"] != device:
             raise ArtifactError(f"artifact {artifact} targets {manifest.target['name']} ({manifest.target['device']}), "
                                 f"not {device}; compile it with `--target` for this device")
         if num_blocks is None:
@@ -138,3 +142,20 @@ class CompiledModel:
             else:
                 args.append(next(params))
         return self._fn(*args).numpy()
+
+
+def _load_cuda_runtime() -> None:
+    """TVM's CUDA runtime is a separate library; load it (needs the driver and libcudart.so.13)."""
+    from tvm.base import _LOADED_LIBS
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_GLOBAL",
+                                                           extra_lib_paths=[runtime_dir])
+    except (OSError, RuntimeError) as e:
+        raise ArtifactError(f"cannot load TVM's CUDA runtime ({str(e).splitlines()[0]}); install the NVIDIA driver "
+                            "and the CUDA 13 runtime (libcudart.so.13 on LD_LIBRARY_PATH)") from None
