@@ -37,7 +37,7 @@ def _has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
 
 
-def make_tiny_model(name: str, dest: Path, dtype: str = "float32") -> Path:
+def make_tiny_model(name: str, dest: Path, dtype: str = "float32", shard: str | None = None) -> Path:
     import torch
     import transformers
 
@@ -51,7 +51,7 @@ def make_tiny_model(name: str, dest: Path, dtype: str = "float32") -> Path:
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif n.endswith(".bias"):
                 p.copy_(0.2 * torch.randn_like(p))
-    model.save_pretrained(dest)
+    model.save_pretrained(dest, **({"max_shard_size": shard} if shard else {}))
     return dest
 
 
@@ -61,10 +61,11 @@ def tiny_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     cache: dict[tuple, Path] = {}
 
-    def get(name: str, dtype: str = "float32") -> Path:
-        if (name, dtype) not in cache:
-            cache[(name, dtype)] = make_tiny_model(name, root / f"{name}-{dtype}", dtype)
-        return cache[(name, dtype)]
+    def get(name: str, dtype: str = "float32", shard: str | None = None) -> Path:
+        key = (name, dtype, shard)
+        if key not in cache:
+            cache[key] = make_tiny_model(name, root / f"{name}-{dtype}-{shard}", dtype, shard)
+        return cache[key]
 
     return get
 

@@ -75,3 +75,17 @@ def test_prompt_rows_match_transformers(tiny_model_dir, compiled):
     ref = np.concatenate([hf_logits(str(model_dir), p) for p in prompts])
     assert out.shape == ref.shape
     assert np.abs(out - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_sharded_checkpoint(dtype, tiny_model_dir, compiled):
+    """A bf16/fp16 checkpoint in several shards compiles to float32 and matches transformers running
+    the same weights upcast to float32."""
+    model_dir = tiny_model_dir("qwen3", dtype=dtype, shard="40KB")
+    assert len(list(model_dir.glob("*.safetensors"))) > 1
+    model = CompiledModel.load(compiled(model_dir), num_blocks=8)
+    rng = np.random.default_rng(5)
+    prompt = list(rng.integers(0, 256, 21))
+    out = RaggedDriver(model, 1, 32, rng).step([prompt], all_rows=True)
+    ref = hf_logits(str(model_dir), prompt)
+    assert np.abs(out - ref).max() <= TOL

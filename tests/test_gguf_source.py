@@ -1,0 +1,98 @@
+"""GGUF sources beyond SmolLM2: a tiny random Llama / Qwen2 written to GGUF with the `gguf` package the
+way llama.cpp's converter does (q/k rows permuted for Llama), each tensor type in turn; the compiled
+artifact must match transformers loading the same GGUF."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ferrum_runtime.model import CompiledModel
+
+from .ragged import RaggedDriver
+
+pytestmark = pytest.mark.model
+
+VOCAB = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("a") + 26)] + ["ab", "abc", "ba"]
+HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
+
+
+def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k permutation (halves → interleaved pairs), the inverse of what we undo."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, arch: str, qtype_name: str, seed: int) -> None:
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(LAYERS)
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(VOCAB))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(VOCAB)
+    writer.add_token_types([3, 3, 3] + [1] * (len(VOCAB) - 3))
+    writer.add_token_merges(["a b", "ab c", "b a"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    def tensor(name, shape, scale=0.3, quantize=True, offset=0.0):
+        w = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+        if arch == "llama" and name.endswith("attn_q.weight"):
+            w = _permute_rows(w, HEADS)
+        elif arch == "llama" and name.endswith("attn_k.weight"):
+            w = _permute_rows(w, KV_HEADS)
+        if quantize and qtype not in (gguf.GGMLQuantizationType.F32,):
+            data = gguf.quants.quantize(w, qtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)  # element shape follows from the byte shape
+        else:
+            writer.add_tensor(name, w)
+
+    hd = HIDDEN // HEADS
+    tensor("token_embd.weight", (len(VOCAB), HIDDEN))
+    tensor("output_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
+    tensor("output.weight", (len(VOCAB), HIDDEN))
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        tensor(p + "attn_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
+        tensor(p + "ffn_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
+        tensor(p + "attn_q.weight", (HEADS * hd, HIDDEN))
+        tensor(p + "attn_k.weight", (KV_HEADS * hd, HIDDEN))
+        tensor(p + "attn_v.weight", (KV_HEADS * hd, HIDDEN))
+        tensor(p + "attn_output.weight", (HIDDEN, HEADS * hd))
+        if arch == "qwen2":
+            for n, rows in (("q", HEADS * hd), ("k", KV_HEADS * hd), ("v", KV_HEADS * hd)):
+                tensor(p + f"attn_{n}.bias", (rows,), 0.2, quantize=False)
+        tensor(p + "ffn_gate.weight", (FFN, HIDDEN))
+        tensor(p + "ffn_up.weight", (FFN, HIDDEN))
+        tensor(p + "ffn_down.weight", (HIDDEN, FFN))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"),
+                                        ("llama", "Q4_0"), ("qwen2", "Q4_1")])
+def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / f"tiny-{arch}-{qtype}.gguf"
+    write_gguf(path, arch, qtype, seed=len(qtype) + len(arch))
+    model = CompiledModel.load(compiled(path), num_blocks=8)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    rng = np.random.default_rng(1)
+    prompt = [int(t) for t in rng.integers(0, len(VOCAB), 19)]
+    ours = RaggedDriver(model, 1, 32, rng).step([prompt], all_rows=True)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].numpy()
+    assert np.abs(ours - ref).max() <= 1e-3
