@@ -89,3 +89,20 @@ def test_half_precision_sharded_checkpoint(dtype, tiny_model_dir, compiled):
     out = RaggedDriver(model, 1, 32, rng).step([prompt], all_rows=True)
     ref = hf_logits(str(model_dir), prompt)
     assert np.abs(out - ref).max() <= TOL
+
+
+@pytest.mark.parametrize("dtype,rel_tol", [("float16", 3e-3), ("bfloat16", 2e-2)])
+def test_cpu_half_precision_artifacts(dtype, rel_tol, tiny_model_dir, compiled):
+    """--dtype float16/bfloat16 on the CPU: weights, activations and KV cache in half precision, within
+    that precision of the float32 reference."""
+    model_dir = tiny_model_dir("llama")
+    model = CompiledModel.load(compiled(model_dir, dtype=dtype), num_blocks=8)
+    assert model.manifest.kv_cache["dtype"] == dtype
+    rng = np.random.default_rng(9)
+    prompt = list(rng.integers(0, 256, 25))
+    out = RaggedDriver(model, 1, 32, rng).step([prompt], all_rows=True)
+    ref = hf_logits(str(model_dir), prompt)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    print(f"{dtype}: relative error {err:.3g}")
+    assert err <= rel_tol, f"{dtype}: relative error {err:.3g}"
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
