@@ -14,6 +14,10 @@ from .ragged import RaggedDriver
 pytestmark = pytest.mark.model
 
 VOCAB = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("a") + 26)] + ["ab", "abc", "ba"]
+# a SentencePiece-style vocabulary: specials, byte fallback pieces, then pieces by falling score
+SPM_PIECES = ["\u2581", "\u2581t", "he", "\u2581the", "\u2581th", "in", "\u2581in", "er", "ing", "\u2581a", "th",
+              "\u2581thing", "ng", "\u2581s", "is", "\u2581is"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+SPM_VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 
 
@@ -22,7 +26,7 @@ def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, arch: str, qtype_name: str, seed: int) -> None:
+def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gpt2") -> None:
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -36,11 +40,16 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int) -> None:
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(len(VOCAB))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(VOCAB)
-    writer.add_token_types([3, 3, 3] + [1] * (len(VOCAB) - 3))
-    writer.add_token_merges(["a b", "ab c", "b a"])
+    vocab = VOCAB if tokenizer == "gpt2" else SPM_VOCAB
+    writer.add_vocab_size(len(vocab))
+    writer.add_tokenizer_model(tokenizer)
+    writer.add_token_list(vocab)
+    if tokenizer == "gpt2":
+        writer.add_token_types([3, 3, 3] + [1] * (len(VOCAB) - 3))
+        writer.add_token_merges(["a b", "ab c", "b a"])
+    else:
+        writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))
+        writer.add_token_scores([0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(SPM_PIECES))])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
 
@@ -57,9 +66,9 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int) -> None:
             writer.add_tensor(name, w)
 
     hd = HIDDEN // HEADS
-    tensor("token_embd.weight", (len(VOCAB), HIDDEN))
+    tensor("token_embd.weight", (len(vocab), HIDDEN))
     tensor("output_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
-    tensor("output.weight", (len(VOCAB), HIDDEN))
+    tensor("output.weight", (len(vocab), HIDDEN))
     for i in range(LAYERS):
         p = f"blk.{i}."
         tensor(p + "attn_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
@@ -96,3 +105,29 @@ def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].numpy()
     assert np.abs(ours - ref).max() <= 1e-3
+
+
+@pytest.mark.parametrize("text", ["the thing is", " leading space", "in  the\nthing", "ü€ byte fallback 😀", "",
+                                  "<s>the</s>", "thththe"])
+def test_sentencepiece_gguf_tokenizer_matches_transformers(text, tmp_path_factory):
+    """A `llama` (SentencePiece) GGUF: merges from scores, byte fallback, prefix space."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from ferrum_compiler.frontend import open_source
+    from ferrum_runtime.generate import TokenizerFiles
+
+    root = tmp_path_factory.getbasetemp() / "spm"
+    path = root / "spm.gguf"
+    if not path.exists():
+        root.mkdir(exist_ok=True)
+        write_gguf(path, "llama", "F32", 0, tokenizer="llama")
+        open_source(str(path)).write_tokenizer(root)
+    ours = Tokenizer.from_file(str(root / "tokenizer.json"))
+    ref = AutoTokenizer.from_pretrained(str(root), gguf_file=path.name)
+    expected = ref.encode(text, add_special_tokens=False)
+    assert ours.encode(text, add_special_tokens=False).ids == expected
+    # BOS: llama.cpp prepends it to SentencePiece prompts unless the file says otherwise; so do we
+    # (transformers' GGUF loader sets add_bos_token in its config but does not add it)
+    assert TokenizerFiles(root).encode(text) == [1] + expected
+    assert ours.decode(expected) == ref.decode(expected, skip_special_tokens=True)

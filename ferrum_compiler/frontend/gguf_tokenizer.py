@@ -1,10 +1,15 @@
 """Rebuild a ``tokenizers.Tokenizer`` (and a tokenizer_config) from a GGUF file's ``tokenizer.*`` metadata.
 
-Byte-level BPE files (``tokenizer.ggml.model == "gpt2"``) become a BPE model over the stored vocabulary
-and merges with a byte-level pre-tokenizer; the split regex follows ``tokenizer.ggml.pre`` where the
-vocabulary was trained with a known one, else the GPT-2 default. Tokens typed CONTROL become special
-added tokens and USER_DEFINED ones plain added tokens, so ``<|im_start|>`` or ``<think>`` stay whole.
-The result must encode exactly as the ``transformers`` GGUF loader does; tests compare the two.
+- ``gpt2`` (byte-level BPE: SmolLM2, Qwen, Llama 3): a BPE model over the stored vocabulary and merges
+  with a byte-level pre-tokenizer; the split regex follows ``tokenizer.ggml.pre`` where the vocabulary
+  was trained with a known one, else the GPT-2 default.
+- ``llama`` (SentencePiece: Llama 2, TinyLlama, Mistral): a BPE model with byte fallback whose merges
+  are derived from the token scores (best-scored merged token first), ``▁`` for spaces, a prefix space
+  on the first word unless ``add_space_prefix`` is false.
+
+Tokens typed CONTROL become special added tokens and USER_DEFINED ones plain added tokens, so
+``<|im_start|>`` or ``<think>`` stay whole. The result must encode exactly as the ``transformers`` GGUF
+loader does; tests compare the two.
 """
 
 from __future__ import annotations
@@ -40,28 +45,46 @@ def build_tokenizer(meta):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise SourceError(f"GGUF tokenizer type {kind!r} is not supported yet (supported: gpt2 byte-level BPE); "
-                          "compile the original Hugging Face checkpoint instead")
     tokens: list[str] = list(meta.need("tokenizer.ggml.tokens"))
     types = list(meta.get("tokenizer.ggml.token_type") or [])
-    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
-    spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        # tokens outside the byte alphabet (mislabelled specials) are respelled byte by byte
-        vocab[tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))] = i
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False))
-    split = SPLIT_PATTERNS.get(meta.get("tokenizer.ggml.pre") or "")
-    if split is None:
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if kind == "gpt2":
+        spelling = _byte_alphabet()
+        alphabet = set(spelling.values())
+        vocab = {}
+        for i, tok in enumerate(tokens):
+            # tokens outside the byte alphabet (mislabelled specials) are respelled byte by byte
+            vocab[tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))] = i
+        merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                  end_of_word_suffix="", fuse_unk=False))
+        split = SPLIT_PATTERNS.get(meta.get("tokenizer.ggml.pre") or "")
+        if split is None:
+            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            tk.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tk.decoder = decoders.ByteLevel()
+        usable = lambda t: set(t) <= alphabet  # noqa: E731
+    elif kind == "llama":
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        merges = meta.get("tokenizer.ggml.merges")
+        merges = ([tuple(m.split(" ", 1)) for m in merges] if merges
+                  else merges_from_scores(tokens, list(meta.need("tokenizer.ggml.scores"))))
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+        prefix = meta.get("tokenizer.ggml.add_space_prefix")
+        prefix = True if prefix is None else bool(prefix)
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                    split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        tk.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+        add_bos = True if add_bos is None else add_bos  # llama.cpp adds BOS unless the file says otherwise
+        usable = lambda t: True  # noqa: E731
     else:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tk.decoder = decoders.ByteLevel()
-    control = [t for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL and set(t) <= alphabet]
+        raise SourceError(f"GGUF tokenizer type {kind!r} is not supported (supported: gpt2, llama); "
+                          "compile the original Hugging Face checkpoint instead")
+    control = [t for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_CONTROL and usable(t)]
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     user = [t for t, ty in zip(tokens, types) if ty == TOKEN_TYPE_USER_DEFINED and t in vocab]
     if user:
@@ -77,8 +100,23 @@ def build_tokenizer(meta):
         "eos_token": token("eos_token_id"),
         "unk_token": token("unknown_token_id"),
         "pad_token": token("padding_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": bool(add_bos),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "chat_template": meta.get("tokenizer.chat_template"),
     }
     return tk, {k: v for k, v in config.items() if v is not None}
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens of the
+    vocabulary is a merge, ranked by the merged token's score (highest first), then by longer left,
+    then longer right piece, then by file order (merged token, then the pieces' ids)."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for order, (tok, score) in enumerate(zip(tokens, scores)):
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in ids and right in ids:
+                ranked.append((-score, -len(left), -len(right), order, ids[left], ids[right], left, right))
+    ranked.sort()
+    return [(r[6], r[7]) for r in ranked]
