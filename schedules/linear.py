@@ -25,16 +25,26 @@ def make_linear_cpu(in_features: int, out_features: int, dtype: str, out_dtype: 
     tasks = (N + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
 
     @T.macro
-    def row_dot(x, w, acc, i, n):
-        for ll in T.vectorized(L):
-            acc[ll] = T.float32(0)
-        for ko in T.serial(KV):
-            for ll in T.vectorized(L):
-                acc[ll] = acc[ll] + T.Cast("float32", x[i, ko * L + ll]) * T.Cast("float32", w[n, ko * L + ll])
-        for kt in T.serial(K - KV * L):
-            acc[0] = acc[0] + T.Cast("float32", x[i, KV * L + kt]) * T.Cast("float32", w[n, KV * L + kt])
-        for ll in T.serial(L - 1):
-            acc[0] = acc[0] + acc[ll + 1]
+    def rows(x, w, b, out, ntok):
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            for i in T.serial(ntok):
+                for r in T.serial(_ROWS_PER_TASK):
+                    if task * _ROWS_PER_TASK + r < N:
+                        for ll in T.vectorized(L):
+                            acc[ll] = T.float32(0)
+                        for ko in T.serial(KV):
+                            for ll in T.vectorized(L):
+                                acc[ll] = acc[ll] + T.Cast("float32", x[i, ko * L + ll]) * T.Cast(
+                                    "float32", w[task * _ROWS_PER_TASK + r, ko * L + ll])
+                        for kt in T.serial(K - KV * L):
+                            acc[0] = acc[0] + T.Cast("float32", x[i, KV * L + kt]) * T.Cast(
+                                "float32", w[task * _ROWS_PER_TASK + r, KV * L + kt])
+                        for ll in T.serial(L - 1):
+                            acc[0] = acc[0] + acc[ll + 1]
+                        if bias:
+                            acc[0] = acc[0] + T.Cast("float32", b[task * _ROWS_PER_TASK + r])
+                        out[i, task * _ROWS_PER_TASK + r] = T.Cast(out_dtype, acc[0])
 
     if bias:
 
@@ -42,17 +52,7 @@ def make_linear_cpu(in_features: int, out_features: int, dtype: str, out_dtype: 
         def linear_bias(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), dtype), o_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             ntok = T.int64()
-            x = T.match_buffer(x_h, (ntok, K), dtype)
-            out = T.match_buffer(o_h, (ntok, N), out_dtype)
-            for task in T.parallel(tasks):
-                acc = T.alloc_buffer((L,), "float32", scope="local")
-                for i in T.serial(ntok):
-                    for r in T.serial(_ROWS_PER_TASK):
-                        if task * _ROWS_PER_TASK + r < N:
-                            row_dot(x, w, acc, i, task * _ROWS_PER_TASK + r)
-                            out[i, task * _ROWS_PER_TASK + r] = T.Cast(
-                                out_dtype, acc[0] + T.Cast("float32", b[task * _ROWS_PER_TASK + r])
-                            )
+            rows(T.match_buffer(x_h, (ntok, K), dtype), w, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
 
         return linear_bias
 
@@ -60,15 +60,7 @@ def make_linear_cpu(in_features: int, out_features: int, dtype: str, out_dtype: 
     def linear(x_h: T.handle, w: T.Buffer((N, K), dtype), o_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         ntok = T.int64()
-        x = T.match_buffer(x_h, (ntok, K), dtype)
-        out = T.match_buffer(o_h, (ntok, N), out_dtype)
-        for task in T.parallel(tasks):
-            acc = T.alloc_buffer((L,), "float32", scope="local")
-            for i in T.serial(ntok):
-                for r in T.serial(_ROWS_PER_TASK):
-                    if task * _ROWS_PER_TASK + r < N:
-                        row_dot(x, w, acc, i, task * _ROWS_PER_TASK + r)
-                        out[i, task * _ROWS_PER_TASK + r] = T.Cast(out_dtype, acc[0])
+        rows(T.match_buffer(x_h, (ntok, K), dtype), w, None, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
 
     return linear
 

@@ -16,12 +16,12 @@ of blocks symbolic. The numpy references at the bottom are the ground truth for 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 KERNEL_KINDS = ("cpu", "gpu")
-_GPU_THREADS = 64
 
 
 def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, kind: str):
@@ -42,38 +42,22 @@ def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, ki
                 cache[slot // BS, 0, h, slot % BS, d] = k[t, h, d]
                 cache[slot // BS, 1, h, slot % BS, d] = v[t, h, d]
 
-    if kind == "cpu":
-
-        @T.prim_func(private=True)
-        def kv_append(c_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            nb, ntok = T.int64(), T.int64()
-            cache = T.match_buffer(c_h, (nb, 2, H, BS, D), dtype)
-            k = T.match_buffer(k_h, (ntok, H, D), dtype)
-            v = T.match_buffer(v_h, (ntok, H, D), dtype)
-            slot_mapping = T.match_buffer(s_h, (ntok,), "int32")
-            for th in T.parallel(ntok * H):
-                append_one(cache, k, v, slot_mapping, th // H, th % H)
-
-        return kv_append
+    outer, inner, C = _thread_loops(kind)
 
     @T.prim_func(private=True)
-    def kv_append_gpu(c_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    def kv_append(c_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
         nb, ntok = T.int64(), T.int64()
         cache = T.match_buffer(c_h, (nb, 2, H, BS, D), dtype)
         k = T.match_buffer(k_h, (ntok, H, D), dtype)
         v = T.match_buffer(v_h, (ntok, H, D), dtype)
         slot_mapping = T.match_buffer(s_h, (ntok,), "int32")
-        for bx in T.thread_binding((ntok * H + _GPU_THREADS - 1) // _GPU_THREADS, thread="blockIdx.x"):
-            for tx in T.thread_binding(_GPU_THREADS, thread="threadIdx.x"):
-                if bx * _GPU_THREADS + tx < ntok * H:
-                    append_one(
-                        cache, k, v, slot_mapping,
-                        (bx * _GPU_THREADS + tx) // H, (bx * _GPU_THREADS + tx) % H,
-                    )
+        for bx in outer((ntok * H + C - 1) // C):
+            for tx in inner(C):
+                if bx * C + tx < ntok * H:
+                    append_one(cache, k, v, slot_mapping, (bx * C + tx) // H, (bx * C + tx) % H)
 
-    return kv_append_gpu
+    return _mark(kv_append, kind)
 
 
 def make_attention(
@@ -136,30 +120,11 @@ def make_attention(
         for d in T.serial(D):
             out[t, h, d] = T.Cast(dtype, acc[d] / state[1])
 
-    if kind == "cpu":
-
-        @T.prim_func(private=True)
-        def attention(
-            q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle
-        ):
-            T.func_attr({"tirx.noalias": True})
-            ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
-            q = T.match_buffer(q_h, (ntok, H, D), dtype)
-            cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), dtype)
-            positions = T.match_buffer(p_h, (ntok,), "int32")
-            query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
-            block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
-            out = T.match_buffer(o_h, (ntok, H, D), dtype)
-            for th in T.parallel(ntok * H):
-                attend_one(q, cache, positions, query_start, block_tables, out, nbatch, th // H, th % H)
-
-        return attention
+    outer, inner, C = _thread_loops(kind)
 
     @T.prim_func(private=True)
-    def attention_gpu(
-        q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+    def attention(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
         ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (ntok, H, D), dtype)
         cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), dtype)
@@ -167,15 +132,29 @@ def make_attention(
         query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
         block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
         out = T.match_buffer(o_h, (ntok, H, D), dtype)
-        for bx in T.thread_binding((ntok * H + _GPU_THREADS - 1) // _GPU_THREADS, thread="blockIdx.x"):
-            for tx in T.thread_binding(_GPU_THREADS, thread="threadIdx.x"):
-                if bx * _GPU_THREADS + tx < ntok * H:
-                    attend_one(
-                        q, cache, positions, query_start, block_tables, out, nbatch,
-                        (bx * _GPU_THREADS + tx) // H, (bx * _GPU_THREADS + tx) % H,
-                    )
+        for bx in outer((ntok * H + C - 1) // C):
+            for tx in inner(C):
+                if bx * C + tx < ntok * H:
+                    attend_one(q, cache, positions, query_start, block_tables, out, nbatch,
+                               (bx * C + tx) // H, (bx * C + tx) % H)
 
-    return attention_gpu
+    return _mark(attention, kind)
+
+
+def _thread_loops(kind: str):
+    """``(outer, inner, chunk)``: the two loops over work items, written once for both kinds. On the CPU
+    every item is a parallel task (decode has few: batch x heads); on GPUs blocks of 64 threads."""
+    from tvm.script import tirx as T
+
+    if kind == "cpu":
+        return T.parallel, T.serial, 1
+    return (functools.partial(T.thread_binding, thread="blockIdx.x"),
+            functools.partial(T.thread_binding, thread="threadIdx.x"), 64)
+
+
+def _mark(func, kind: str):
+    """GPU kernels are already bound to threads: tell dlight to leave them alone."""
+    return func.with_attr("tirx.is_scheduled", True) if kind == "gpu" else func
 
 
 def _check_kind(kind: str) -> None:
