@@ -50,34 +50,36 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    def phase(i: int, name: str, msg: str) -> float:
+    def phase(i: int, msg: str) -> float:
         progress(f"[{i}/6] {msg}")
         return time.perf_counter()
 
-    t = phase(1, "source", f"reading {source}")
+    t = phase(1, f"reading {source}")
     ckpt = open_source(source, progress)
     cfg = ckpt.config
     progress(f"      {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
              f"vocab {cfg.vocab_size}")
     timings["source"] = time.perf_counter() - t
 
-    t = phase(2, "ir", "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
-    graph = family(cfg.arch).build(cfg, dtype, options.block_size)
-    graph = run_passes(graph)
-    timings["ir"] = time.perf_counter() - t
-
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    debug = work / "debug" if dump_ir else None
     try:
-        t = phase(3, "tvm", f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
-        _build_library(graph, spec, work / LIBRARY, dump_ir)
+        t = phase(2, "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
+        graph = family(cfg.arch).build(cfg, dtype, options.block_size)
+        graph = run_passes(graph, dump_dir=debug)
+        timings["ir"] = time.perf_counter() - t
+
+        t = phase(3, f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
+        _build_library(graph, spec, work / LIBRARY, debug)
         timings["tvm"] = time.perf_counter() - t
 
-        t = phase(4, "weights", f"writing weights as {dtype}")
-        index = write_weights(graph, ckpt, dtype, work / "weights", options.shard_bytes, lambda m: progress("      " + m))
+        t = phase(4, f"writing weights as {dtype}")
+        index, digests = write_weights(graph, ckpt, dtype, work / "weights", options.shard_bytes,
+                                       lambda m: progress("      " + m))
         timings["weights"] = time.perf_counter() - t
 
-        t = phase(5, "tokenizer", "writing tokenizer and IR")
+        t = phase(5, "writing tokenizer and IR")
         tok_files = ckpt.write_tokenizer(work)
         if "tokenizer.json" not in tok_files:
             progress("      note: no tokenizer.json in the source; the artifact can run token ids only")
@@ -85,14 +87,16 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         (work / IR_TEXT).write_text(print_graph(graph))
         timings["tokenizer"] = time.perf_counter() - t
 
-        phase(6, "manifest", "writing manifest")
+        phase(6, "writing manifest")
         manifest = _manifest(ckpt, spec, dtype, options, graph, index, tok_files, timings, time.perf_counter() - t_start)
         if spec.tvm_target["kind"] == "cuda":
             manifest["target"]["cuda_code"] = embedded_cuda_code(work / LIBRARY)
             if not manifest["target"]["cuda_code"]["cubin"]:
                 raise CompileError("the CUDA library holds no compiled cubin (TVM fell back to source); "
                                    "check that nvcc works: `nvcc --version`")
-        manifest["files"] = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
+        digests = {f"weights/{name}": d for name, d in digests.items()}  # hashed while written
+        manifest["files"] = {rel: digests.get(rel) or sha256_file(work / rel)
+                             for rel in sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())}
         (work / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
         if output.exists():
             shutil.rmtree(output)
@@ -105,14 +109,14 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     return output
 
 
-def _build_library(graph, spec: TargetSpec, path: Path, dump_ir: bool) -> None:
+def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> None:
     import tvm
 
     from .gpu_build import prepare_cuda_build
 
     mod = lowering.lower(graph, spec.kernel_kind)
-    if dump_ir:
-        path.with_suffix(".relax.py").write_text(mod.script())
+    if debug is not None:
+        (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
     if spec.tvm_target["kind"] == "cuda":
         prepare_cuda_build()

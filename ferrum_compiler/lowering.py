@@ -44,7 +44,7 @@ def lower(graph: Graph, kernel_kind: str):
 
     def kernel(key: tuple, make):
         if key not in kernels:
-            kernels[key] = bb.add_func(make(), "_".join(str(k) for k in key).replace(".", "_"))
+            kernels[key] = bb.add_func(make(), _identifier("_".join(str(k) for k in key)))
         return kernels[key]
 
     fn_args = []

@@ -23,8 +23,8 @@ _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", "lm_head.weight")
 
 
 def write_weights(graph: Graph, ckpt: Checkpoint, dtype: str, weights_dir: Path, shard_bytes: int,
-                  progress: Callable[[str], None]) -> dict[str, str]:
-    """Write all params of ``graph``; returns ``{param name: shard file name}``."""
+                  progress: Callable[[str], None]) -> tuple[dict[str, str], dict[str, str]]:
+    """Write all params of ``graph``; returns ``{param name: shard file}`` and ``{shard file: sha256}``."""
     weights_dir.mkdir(parents=True, exist_ok=True)
     wanted: dict[str, list[str]] = {}  # checkpoint tensor -> params that need it
     for p in graph.params:
@@ -35,6 +35,7 @@ def write_weights(graph: Graph, ckpt: Checkpoint, dtype: str, weights_dir: Path,
     shard: dict[str, np.ndarray] = {}
     shard_size = 0
     index: dict[str, str] = {}
+    digests: dict[str, str] = {}
     ignored: list[str] = []
     total = len(graph.params)
 
@@ -43,7 +44,7 @@ def write_weights(graph: Graph, ckpt: Checkpoint, dtype: str, weights_dir: Path,
         if not shard:
             return
         fname = f"params-{len(set(index.values())):05d}.safetensors"
-        write_safetensors(weights_dir / fname, shard)
+        digests[fname] = write_safetensors(weights_dir / fname, shard)
         index.update({name: fname for name in shard})
         progress(f"wrote weights/{fname} ({shard_size / 2**20:.0f} MiB, {len(index)}/{total} tensors)")
         shard, shard_size = {}, 0
@@ -75,4 +76,4 @@ def write_weights(graph: Graph, ckpt: Checkpoint, dtype: str, weights_dir: Path,
     unexpected = [n for n in ignored if not n.endswith(_IGNORABLE_SUFFIXES)]
     if unexpected:
         progress(f"note: ignored {len(unexpected)} checkpoint tensor(s) the model does not use, e.g. {unexpected[0]}")
-    return index
+    return index, digests

@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights and activations (default: float32 on cpu, float16 on GPUs)")
     c.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
-    c.add_argument("--dump-ir", action="store_true", help="also write the Relax module next to model.so")
+    c.add_argument("--dump-ir", action="store_true",
+                   help="also write the IR after every pass and the Relax module to <artifact>/debug/")
 
     i = sub.add_parser("inspect", help="print an artifact's manifest and IR summary")
     i.add_argument("artifact")

@@ -65,11 +65,14 @@ class CompiledModel:
         self.vm = rvm.VirtualMachine(lib, self.device)
         self._fn = self.vm["forward"]
         args = manifest.entry["args"]
-        self._input_names = [a["name"] for a in args if a["role"] == "input" and not a["name"].startswith("kv_cache.")]
-        self.params = self._load_params([a["name"] for a in args if a["role"] == "param"])
+        param_names = [a["name"] for a in args if a["role"] == "param"]
+        self.params = self._load_params(param_names)
         cache_shape = (num_blocks, 2, int(kv["kv_heads"]), self.block_size, int(kv["head_dim"]))
         self.kv_caches = [tvm.runtime.empty(cache_shape, kv["dtype"], self.device) for _ in range(self.num_layers)]
-        self._arg_order = [a["name"] for a in args]
+        # the call's argument list, resident tensors in place; batch inputs fill the open slots per step
+        resident = {**{f"kv_cache.{i}": c for i, c in enumerate(self.kv_caches)}, **dict(zip(param_names, self.params))}
+        self._args = [resident.get(a["name"]) for a in args]
+        self._slots = [(i, a["name"]) for i, a in enumerate(args) if a["name"] not in resident]
 
     @classmethod
     def load(cls, artifact: str | Path, device: str = "cpu", num_blocks: int | None = None,
@@ -129,18 +132,9 @@ class CompiledModel:
         if check:
             self.check_batch(batch)
         arrays = batch.arrays
-        by_name = {n: tvm.runtime.tensor(np.ascontiguousarray(arrays[n], dtype=np.int32), self.device)
-                   for n in self._input_names}
-        args = []
-        caches = iter(self.kv_caches)
-        params = iter(self.params)
-        for name in self._arg_order:
-            if name in by_name:
-                args.append(by_name[name])
-            elif name.startswith("kv_cache."):
-                args.append(next(caches))
-            else:
-                args.append(next(params))
+        args = list(self._args)
+        for i, name in self._slots:
+            args[i] = tvm.runtime.tensor(np.ascontiguousarray(arrays[name], dtype=np.int32), self.device)
         return self._fn(*args).numpy()
 
 

@@ -7,6 +7,7 @@ the compiler streams checkpoints through this and the runtime loads artifact wei
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -65,22 +66,24 @@ class SafetensorsFile:
             yield name, self.get(name)
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (any numpy dtype in the table, bfloat16 via ml_dtypes) to ``path``."""
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` (any numpy dtype in the table, bfloat16 via ml_dtypes) to ``path``; returns the
+    file's sha256, computed as it is written."""
     header: dict = {}
     offset = 0
     for name, arr in tensors.items():
-        dt = "bfloat16" if arr.dtype.name == "bfloat16" else arr.dtype.name
-        if dt not in _NP_TO_ST:
+        if arr.dtype.name not in _NP_TO_ST:
             raise ValueError(f"cannot store tensor {name!r} of dtype {arr.dtype}")
-        header[name] = {"dtype": _NP_TO_ST[dt], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {"dtype": _NP_TO_ST[arr.dtype.name], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     if metadata:
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+        data = (np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in tensors.values())
+        for chunk in (struct.pack("<Q", len(blob)), blob, *data):
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.hexdigest()

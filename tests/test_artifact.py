@@ -88,3 +88,28 @@ def test_out_of_range_batches_are_rejected(tiny_model_dir, compiled):
                             ("query_start", [0, 1], "query_start")]:
         with pytest.raises(BatchError, match=msg):
             m.forward(RaggedBatch(**{**ok, field: np.array(bad, np.int32)}))
+
+
+@pytest.mark.unit
+def test_safetensors_round_trip_and_hash(tmp_path):
+    import ml_dtypes
+    import safetensors.numpy
+
+    from ferrum_runtime.artifact import sha256_file
+    from ferrum_runtime.safetensors_io import SafetensorsFile, write_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
+               "c": np.arange(6, dtype=np.int32).reshape(2, 3), "s": np.array(2.5, np.float16)}
+    digest = write_safetensors(tmp_path / "t.safetensors", tensors)
+    assert digest == sha256_file(tmp_path / "t.safetensors")
+    back = SafetensorsFile(tmp_path / "t.safetensors")
+    for name, arr in tensors.items():
+        assert back.dtype(name) == arr.dtype.name and back.get(name).shape == arr.shape
+        np.testing.assert_array_equal(back.get(name), arr)
+    # the reference library reads what we write (bf16 aside: it has no numpy bfloat16)
+    plain = {k: v for k, v in tensors.items() if k != "b"}
+    write_safetensors(tmp_path / "p.safetensors", plain)
+    ref = safetensors.numpy.load_file(str(tmp_path / "p.safetensors"))
+    for name, arr in plain.items():
+        np.testing.assert_array_equal(ref[name], arr)

@@ -15,10 +15,12 @@ PIPELINE: list[tuple[str, Callable[[Graph], Graph]]] = [
 
 
 def run_passes(graph: Graph, dump_dir: Path | None = None) -> Graph:
-    """Apply PIPELINE; with ``dump_dir`` write the printed graph after every pass."""
-    for i, (name, fn) in enumerate(PIPELINE):
+    """Apply PIPELINE; with ``dump_dir`` write the printed graph before and after every pass."""
+    if dump_dir is not None:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        (dump_dir / "00-model.txt").write_text(print_graph(graph))
+    for i, (name, fn) in enumerate(PIPELINE, start=1):
         graph = fn(graph)
         if dump_dir is not None:
-            dump_dir.mkdir(parents=True, exist_ok=True)
             (dump_dir / f"{i:02d}-{name}.txt").write_text(print_graph(graph))
     return graph
