@@ -14,7 +14,7 @@ from __future__ import annotations
 from ferrum.schedules import linear as linear_sched
 from ferrum.schedules import paged_attention as attn_sched
 
-from .ir import Graph
+from .ir import Graph, static
 from .ir.rope import rope_inv_freq
 
 ENTRY = "forward"
@@ -70,7 +70,7 @@ def lower(graph: Graph, kernel_kind: str):
                 elif k == "reshape":
                     r = relax.op.reshape(a[0], shape_of(op.attrs["shape"]))
                 elif k == "rope":
-                    inv = rope_inv_freq(out.shape[-1], op.attrs["theta"], op.attrs["scaling"]).astype("float32")
+                    inv = rope_inv_freq(static(out.shape[-1]), op.attrs["theta"], op.attrs["scaling"]).astype("float32")
                     r = bb.emit_te(_rope_te(te, tirx), a[0], a[1], relax.const(inv), primfunc_name_hint="rope")
                 elif k == "paged_attention":
                     r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)

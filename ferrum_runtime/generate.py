@@ -63,9 +63,8 @@ class TokenizerFiles:
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         bos = self.config.get("bos_token")
-        if self.config.get("add_bos_token") and bos:
-            ids = [self.tokenizer.token_to_id(_token_text(bos))] + ids
-        return ids
+        bos_id = self.tokenizer.token_to_id(_token_text(bos)) if bos else None
+        return [bos_id] + ids if self.config.get("add_bos_token") and bos_id is not None else ids
 
 
 def _token_text(tok) -> str:

@@ -82,8 +82,9 @@ def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        data = (np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in tensors.values())
-        for chunk in (struct.pack("<Q", len(blob)), blob, *data):
+        chunks: list[bytes | memoryview] = [struct.pack("<Q", len(blob)), blob]
+        chunks += [np.ascontiguousarray(a).reshape(-1).view(np.uint8).data for a in tensors.values()]
+        for chunk in chunks:
             digest.update(chunk)
             f.write(chunk)
     return digest.hexdigest()

@@ -49,7 +49,8 @@ def make_linear_cpu(in_features: int, out_features: int, dtype: str, out_dtype: 
     if bias:
 
         @T.prim_func(private=True)
-        def linear_bias(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), dtype), o_h: T.handle):
+        def linear_bias(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), dtype),  # type: ignore[valid-type]
+                        o_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             ntok = T.int64()
             rows(T.match_buffer(x_h, (ntok, K), dtype), w, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
@@ -57,7 +58,7 @@ def make_linear_cpu(in_features: int, out_features: int, dtype: str, out_dtype: 
         return linear_bias
 
     @T.prim_func(private=True)
-    def linear(x_h: T.handle, w: T.Buffer((N, K), dtype), o_h: T.handle):
+    def linear(x_h: T.handle, w: T.Buffer((N, K), dtype), o_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tirx.noalias": True})
         ntok = T.int64()
         rows(T.match_buffer(x_h, (ntok, K), dtype), w, None, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)

@@ -81,7 +81,7 @@ def config_from_gguf(meta: _Meta, tensor_names: set[str]) -> ModelConfig:
     heads = int(meta.need(f"{arch}.attention.head_count"))
     hidden = int(meta.need(f"{arch}.embedding_length"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.need("tokenizer.ggml.tokens"))
-    scaling = ()
+    scaling: tuple = ()
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = (("factor", float(meta.need(f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
     return ModelConfig(

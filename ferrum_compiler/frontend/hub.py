@@ -42,6 +42,7 @@ def download(repo_id: str, progress: Callable[[str], None]) -> Path:
                 "compile DIR, or unset HF_HUB_OFFLINE if it is set") from None
 
     config = fetch("config.json")
+    assert config is not None  # required files raise instead
     index = fetch("model.safetensors.index.json", required=False)
     if index is not None:
         for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):

@@ -23,7 +23,7 @@ Ops (attrs in brackets):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 Dim = int | str
 Shape = tuple[Dim, ...]
@@ -88,6 +88,13 @@ def _require(cond: bool, msg: str) -> None:
         raise IRError(msg)
 
 
+def static(d: Dim) -> int:
+    """A dimension that must be known at compile time (features, heads), not a symbol."""
+    if not isinstance(d, int):
+        raise IRError(f"dimension {d!r} must be static here")
+    return d
+
+
 class GraphBuilder:
     """Builds a ``Graph`` op by op; each method checks its operands and returns the output name."""
 
@@ -110,7 +117,7 @@ class GraphBuilder:
         return self.graph
 
     # -- ops
-    def _emit(self, kind: str, inputs: list[str | None], shape: Shape, dtype: str, attrs: dict | None = None, hint: str = "") -> str:
+    def _emit(self, kind: str, inputs: Sequence[str | None], shape: Shape, dtype: str, attrs: dict | None = None, hint: str = "") -> str:
         self._counter += 1
         name = f"%{self._counter}" + (f".{hint}" if hint else "")
         value = Value(name, tuple(shape), dtype)
@@ -143,7 +150,7 @@ class GraphBuilder:
 
     def slice(self, x: str, begin: int, end: int) -> str:
         xv = self._v(x)
-        _require(0 <= begin < end <= xv.shape[-1], f"slice [{begin}:{end}] outside last axis {xv.shape[-1]}")
+        _require(0 <= begin < end <= static(xv.shape[-1]), f"slice [{begin}:{end}] outside last axis {xv.shape[-1]}")
         return self._emit("slice", [x], (*xv.shape[:-1], end - begin), xv.dtype, {"begin": begin, "end": end})
 
     def reshape(self, x: str, shape: Shape) -> str:
@@ -154,14 +161,14 @@ class GraphBuilder:
 
     def rope(self, x: str, positions: str, theta: float, scaling: dict | None = None) -> str:
         xv = self._v(x)
-        _require(len(xv.shape) == 3 and xv.shape[-1] % 2 == 0, f"rope wants x[T,H,D] with even D; got {xv.shape}")
+        _require(len(xv.shape) == 3 and static(xv.shape[-1]) % 2 == 0, f"rope wants x[T,H,D] with even D; got {xv.shape}")
         attrs = {"theta": float(theta), "scaling": dict(scaling or {})}
         return self._emit("rope", [x, positions], xv.shape, xv.dtype, attrs, hint="rope")
 
     def paged_attention(self, q: str, k: str, v: str, cache: str, batch: dict[str, str], scale: float, sliding_window: int = 0) -> str:
         qv, kv, cv = self._v(q), self._v(k), self._v(cache)
         _require(kv.shape == self._v(v).shape and kv.shape[-1] == qv.shape[-1], f"q/k/v shapes {qv.shape} {kv.shape}")
-        _require(qv.shape[1] % kv.shape[1] == 0, f"query heads {qv.shape[1]} not a multiple of kv heads {kv.shape[1]}")
+        _require(static(qv.shape[1]) % static(kv.shape[1]) == 0, f"query heads {qv.shape[1]} not a multiple of kv heads {kv.shape[1]}")
         _require(cv.shape[2] == kv.shape[1] and cv.shape[4] == kv.shape[2], f"cache {cv.shape} does not fit k {kv.shape}")
         ins = [q, k, v, cache, batch["positions"], batch["query_start"], batch["block_tables"], batch["slot_mapping"]]
         attrs = {"scale": float(scale), "sliding_window": int(sliding_window)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from ..ir import Graph, Op, Value
+from ..ir import Graph, Op, Value, static
 
 
 def _fused_name(names: list[str]) -> str:
@@ -40,7 +40,7 @@ def fuse_parallel_linears(graph: Graph) -> Graph:
             continue
         weights = [op.inputs[1] for op in ops]
         w_name = _fused_name(weights)
-        widths = [g.params[w].shape[0] for w in weights]
+        widths = [static(g.params[w].shape[0]) for w in weights]
         k = g.params[weights[0]].shape[1]
         g.params[w_name] = Value(w_name, (sum(widths), k), g.params[weights[0]].dtype)
         g.param_sources[w_name] = tuple(s for w in weights for s in g.param_sources.get(w, (w,)))
