@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ferrum_runtime.env import cache_dir
 from ferrum_runtime.errors import FerrumError
 
 
@@ -31,7 +32,7 @@ def _cuda_home() -> Path | None:
 
 
 def _stub_driver(runtime_cuda: Path) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ferrum" / "cuda-driver-stub"
+    cache = cache_dir() / "cuda-driver-stub"
     lib = cache / "libcuda.so.1"
     if lib.is_file():
         return lib

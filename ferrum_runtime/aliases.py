@@ -46,3 +46,16 @@ def resolve_alias(name: str) -> Alias | None:
 
 def alias_names() -> list[str]:
     return ["smollm2", *_TABLE]
+
+
+def cached_artifact_dir(name: str, target: str) -> Path:
+    """Where ``ferrum run ALIAS`` keeps the artifact it compiled: keyed by this machine's CPU features
+    and the ferrum and TVM versions, so a cache from another machine or version is never reused."""
+    import hashlib
+
+    from .artifact import host_cpu_flags, package_version
+    from .env import cache_dir
+
+    key = "|".join([name, target, package_version("ferrum"), package_version("apache-tvm"),
+                    " ".join(sorted(host_cpu_flags()))])
+    return cache_dir() / "artifacts" / f"{name.replace(':', '-')}-{target}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"

@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .env import DEBUG
+from .aliases import alias_names
 from .errors import FerrumError
 
 
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
     r = sub.add_parser("run", help="generate from a prompt, or chat in the terminal")
-    r.add_argument("artifact")
+    r.add_argument("artifact", help="an artifact directory, or an alias (smollm2) compiled once and cached")
     r.add_argument("--prompt", help="answer this one prompt and exit (default: interactive chat)")
     r.add_argument("--max-tokens", type=int, default=256)
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -86,9 +88,31 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .generate import run_cli
+    from .run import run_cli
 
+    if not (Path(args.artifact) / "ferrum.yaml").is_file():
+        args.artifact = str(_artifact_for_alias(args.artifact))
     return run_cli(args)
+
+
+def _artifact_for_alias(name: str) -> Path:
+    """An alias (``smollm2``) is compiled for this machine once, by ``ferrum compile`` in a child process
+    (this process stays on TVM's runtime library), and cached."""
+    import subprocess
+
+    from .aliases import cached_artifact_dir, resolve_alias
+
+    if resolve_alias(name) is None:
+        raise FerrumError(f"{name} is neither an artifact directory nor a model alias; build one with "
+                          f"`ferrum compile MODEL -o DIR`, or use an alias: {', '.join(alias_names())}")
+    path = cached_artifact_dir(name, "cpu")
+    if not (path / "ferrum.yaml").is_file():
+        print(f"compiling {name} for this machine once (cached in {path})", file=sys.stderr)
+        res = subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", name, "--target", "cpu", "-o",
+                              str(path)])
+        if res.returncode:
+            raise FerrumError(f"compiling {name} failed (see above)")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,7 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(text, tmp_path_factor
     from transformers import AutoTokenizer
 
     from ferrum_compiler.frontend import open_source
-    from ferrum_runtime.generate import TokenizerFiles
+    from ferrum_runtime.tokenizer import TokenizerFiles
 
     root = tmp_path_factory.getbasetemp() / "spm"
     path = root / "spm.gguf"

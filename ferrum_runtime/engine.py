@@ -1,0 +1,356 @@
+"""The engine: requests in, streamed deltas out, over one compiled model.
+
+``Engine.from_artifact(path)`` then ``async for delta in engine.generate(prompt, params)``, many
+requests at once. A background task runs engine steps while there is work; each step is the ordered
+list of actions in ``Engine.STEP`` (admit/abort → schedule → run the model → sample → postprocess),
+so a new batching mode is a new action, not an edit to a loop. The model call runs in a worker thread,
+so the event loop (and a server on it) stays responsive; requests and cancellations reach the step
+through a locked inbox and take effect at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import numpy as np
+
+from .detokenizer import IncrementalDetokenizer, StopChecker
+from .errors import FerrumError
+from .tokenizer import TokenizerFiles
+from .kv_cache import BlockManager
+from .model import CompiledModel, RaggedBatch
+from .sampler import SampleResult, SamplingParams, SequenceSampler, prompt_logprobs, sample
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+
+
+class RequestError(FerrumError):
+    """A request the engine cannot serve (too long, bad token ids, bad sampling parameters)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Server-time options: memory budget and batching limits."""
+
+    kv_cache_bytes: int = 512 << 20
+    num_blocks: int | None = None  # overrides kv_cache_bytes
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    device: str = "cpu"
+    verify_hashes: bool = True
+
+
+@dataclass
+class Delta:
+    """New output of one choice of one request since its previous delta."""
+
+    request_id: str
+    index: int  # choice index (n > 1)
+    text: str
+    token_ids: list[int]
+    logprobs: list[SampleResult] | None
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_logprobs: list | None = None  # with the first delta of choice 0, when asked for
+
+
+@dataclass(eq=False)
+class _Choice:
+    index: int
+    seq: Sequence
+    sampler: SequenceSampler
+    detok: IncrementalDetokenizer
+    stops: StopChecker
+    finished: bool = False
+    sent_prompt_logprobs: bool = False
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    choices: list[_Choice] = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+
+    def emit(self, delta: Delta) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+
+class Engine:
+    STEP = ("_take_inbox", "_schedule", "_run_model", "_sample", "_postprocess")
+
+    def __init__(self, model: CompiledModel, tokenizer: TokenizerFiles | None, config: EngineConfig = EngineConfig()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.blocks = BlockManager(model.num_blocks, model.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self.capacity = min(model.max_model_len, model.num_blocks * model.block_size)
+        self.eos_ids = tokenizer.eos_ids if tokenizer else set()
+        self._inbox: list[_Request] = []
+        self._aborts: list[str] = []
+        self._lock = threading.Lock()
+        self._requests: dict[str, _Request] = {}
+        self._by_seq: dict[Sequence, tuple[_Request, _Choice]] = {}
+        self._ids = itertools.count()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferrum-engine")
+        self._loop_task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0}
+
+    @classmethod
+    def from_artifact(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
+        model = CompiledModel.load(path, device=config.device, num_blocks=config.num_blocks,
+                                   kv_cache_bytes=config.kv_cache_bytes, verify_hashes=config.verify_hashes)
+        tokenizer = TokenizerFiles(Path(path)) if (Path(path) / "tokenizer.json").is_file() else None
+        return cls(model, tokenizer, config)
+
+    # ------------------------------------------------------------------ public API
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this artifact has no tokenizer; send token ids", param="prompt")
+            return self.tokenizer.encode(prompt)
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.model.vocab_size})",
+                               param="prompt")
+        return list(prompt)
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError for a request the engine must refuse (nothing reaches the model)."""
+        params.validate(self.model.vocab_size)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        if len(prompt_ids) + params.max_tokens > self.capacity:
+            raise RequestError(f"this model's context holds {self.capacity} tokens; the prompt has {len(prompt_ids)} "
+                               f"and max_tokens asks for {params.max_tokens} more", param="max_tokens" if
+                               len(prompt_ids) < self.capacity else "prompt", code="context_length_exceeded")
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
+                       request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Stream deltas until every choice has finished. Leaving the loop early aborts the request."""
+        prompt_ids = self.encode(prompt)
+        self.check(prompt_ids, params)
+        loop = asyncio.get_running_loop()
+        req = _Request(request_id or f"req-{next(self._ids)}", prompt_ids, params, asyncio.Queue(), loop)
+        first: Sequence | None = None
+        for i in range(params.n):
+            seq = Sequence(f"{req.request_id}/{i}", list(prompt_ids), needs_all_rows=params.prompt_logprobs is not None
+                           and i == 0, after=first)
+            first = first or seq
+            sampler = SequenceSampler(params, prompt_ids, self.model.vocab_size, sample_index=i)
+            detok = IncrementalDetokenizer(self.tokenizer.tokenizer) if self.tokenizer else None
+            req.choices.append(_Choice(i, seq, sampler, detok, StopChecker(list(params.stop))))  # type: ignore[arg-type]
+        with self._lock:
+            self._inbox.append(req)
+        self._kick(loop)
+        remaining = params.n
+        try:
+            while remaining:
+                delta = await req.queue.get()
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                yield delta
+        finally:
+            if remaining:
+                self.abort(req.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its KV blocks are freed at the start of the next step."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def stats(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_usage": self.blocks.usage, "num_blocks": self.blocks.num_blocks,
+                "prefix_queries": self.blocks.queries, "prefix_hits": self.blocks.hits,
+                "prefix_saved_tokens": self.blocks.saved_tokens, "preemptions": self.scheduler.num_preemptions,
+                **self.counters}
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ the loop
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._run())
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while True:
+                busy = await loop.run_in_executor(self._executor, self.step)
+                if not busy:
+                    break
+
+    def step(self) -> bool:
+        """One engine step; returns whether there is (still) work."""
+        state: dict = {}
+        for action in self.STEP:
+            getattr(self, action)(state)
+            if state.get("idle"):
+                return False
+        self.counters["steps"] += 1
+        return True
+
+    # ------------------------------------------------------------------ step actions
+    def _take_inbox(self, state: dict) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for req in inbox:
+            self._requests[req.request_id] = req
+            self.counters["prompt_tokens"] += len(req.prompt_ids)
+            for ch in req.choices:
+                self._by_seq[ch.seq] = (req, ch)
+                self.scheduler.add(ch.seq)
+        for rid in aborts:
+            aborted = self._requests.get(rid)
+            if aborted is None:
+                continue  # finished already
+            self.counters["aborted"] += 1
+            for ch in aborted.choices:
+                if not ch.finished:
+                    self._finish(aborted, ch, "abort")
+        state["idle"] = not self.scheduler.has_work
+
+    def _schedule(self, state: dict) -> None:
+        state["chunks"] = self.scheduler.schedule()
+        state["idle"] = not state["chunks"]
+
+    def _run_model(self, state: dict) -> None:
+        chunks: list[ScheduledChunk] = state["chunks"]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        starts = [0]
+        tables: list[list[int]] = []
+        row_owner: list[tuple[ScheduledChunk, str]] = []  # per logits row: its chunk, and "sample" | "prompt"
+        bs = self.model.block_size
+        for c in chunks:
+            seq = c.seq
+            tokens = seq.tokens
+            base = len(ids)
+            for p in range(c.start, c.start + c.length):
+                ids.append(tokens[p])
+                pos.append(p)
+                slots.append(seq.blocks[p // bs] * bs + p % bs)
+            starts.append(len(ids))
+            tables.append(seq.blocks)
+            if seq.needs_all_rows and c.start < len(seq.prompt_ids):
+                rows.extend(range(base, len(ids)))
+                row_owner.extend((c, "prompt") for _ in range(c.length))
+            elif c.samples:
+                rows.append(len(ids) - 1)
+                row_owner.append((c, "sample"))
+        if not rows:  # every chunk is a partial prefill: the call only fills the cache
+            rows = [0]
+        width = max(len(t) for t in tables)
+        table = np.zeros((len(tables), width), np.int32)
+        for i, t in enumerate(tables):
+            table[i, :len(t)] = t
+        batch = RaggedBatch(np.array(ids, np.int32), np.array(pos, np.int32), np.array(starts, np.int32), table,
+                            np.array(slots, np.int32), np.array(rows, np.int32))
+        state["logits"] = self.model.forward(batch, check=False)
+        state["row_owner"] = row_owner
+        self.counters["computed_tokens"] += len(ids)
+
+    def _sample(self, state: dict) -> None:
+        logits: np.ndarray = state["logits"]
+        to_sample: list[tuple[int, ScheduledChunk]] = []
+        prompt_rows: dict[ScheduledChunk, list[int]] = {}
+        for r, (c, kind) in enumerate(state["row_owner"]):
+            if kind == "prompt":
+                prompt_rows.setdefault(c, []).append(r)
+                if c.samples and len(prompt_rows[c]) == c.length:
+                    to_sample.append((r, c))
+            else:
+                to_sample.append((r, c))
+        for c, rs in prompt_rows.items():  # prompt logprobs of the tokens after each computed row
+            req, ch = self._by_seq[c.seq]
+            span = req.prompt_ids[c.start:c.start + c.length + 1]
+            got = prompt_logprobs(logits[rs], span, req.params.prompt_logprobs or 0)
+            req.prompt_logprobs.extend(got if c.start == 0 else got[1:])
+        wanted = [(r, c) for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens > 0]
+        results = sample(logits[[r for r, _ in wanted]], [self._by_seq[c.seq][1].sampler for _, c in wanted]) \
+            if wanted else []
+        state["sampled"] = {c.seq: res for (_, c), res in zip(wanted, results)}
+        state["scored"] = [c.seq for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens == 0]
+
+    def _postprocess(self, state: dict) -> None:
+        self.scheduler.commit(state["chunks"])
+        for seq in state["scored"]:  # max_tokens == 0: prompt scoring only
+            req, ch = self._by_seq[seq]
+            self._finish(req, ch, "length")
+        for seq, res in state["sampled"].items():
+            req, ch = self._by_seq[seq]
+            if ch.finished:
+                continue
+            self._append(req, ch, res)
+
+    # ------------------------------------------------------------------ helpers
+    def _append(self, req: _Request, ch: _Choice, res: SampleResult) -> None:
+        params = req.params
+        tok = res.token_id
+        self.counters["generation_tokens"] += 1
+        ch.seq.output_ids.append(tok)
+        ch.sampler.append(tok)
+        logprobs = [res] if params.logprobs is not None else None
+        if (tok in self.eos_ids and not params.ignore_eos) or tok in params.stop_token_ids:
+            self._finish(req, ch, "stop", self._drain(ch), [], None)  # the stop token itself is not output
+            return
+        safe, hit = ch.stops.feed(ch.detok.push(tok) if ch.detok else "")
+        if hit:
+            self._finish(req, ch, "stop", safe, [tok], logprobs)
+        elif len(ch.seq.output_ids) >= params.max_tokens:
+            self._finish(req, ch, "length", safe + self._drain(ch), [tok], logprobs)
+        else:
+            req.emit(self._delta(req, ch, safe, [tok], logprobs, None))
+
+    @staticmethod
+    def _drain(ch: _Choice) -> str:
+        """Text still held back (partial characters, possible stop-string starts) at the end."""
+        safe, hit = ch.stops.feed(ch.detok.flush() if ch.detok else "")
+        return safe if hit else safe + ch.stops.flush()
+
+    def _finish(self, req: _Request, ch: _Choice, reason: str, text: str = "", token_ids: list[int] | None = None,
+                logprobs: list | None = None) -> None:
+        ch.finished = True
+        self.scheduler.finish(ch.seq)
+        self._by_seq.pop(ch.seq, None)
+        req.emit(self._delta(req, ch, text, token_ids or [], logprobs, reason))
+        if all(c.finished for c in req.choices):
+            self._requests.pop(req.request_id, None)
+
+    def _delta(self, req: _Request, ch: _Choice, text: str, token_ids: list[int], logprobs, reason) -> Delta:
+        prompt_lp = None
+        if ch.index == 0 and req.prompt_logprobs and not ch.sent_prompt_logprobs:
+            prompt_lp, ch.sent_prompt_logprobs = req.prompt_logprobs, True
+        return Delta(req.request_id, ch.index, text, token_ids, logprobs, reason, len(req.prompt_ids),
+                     len(ch.seq.output_ids), prompt_lp)
+

@@ -1,0 +1,220 @@
+"""Per-request sampling: parameters, per-sequence state and the batched sampler (numpy, no TVM).
+
+Order of operations follows vLLM: logit_bias -> repetition penalty (prompt + output tokens) -> presence and
+frequency penalties (output tokens) -> greedy argmax when temperature is 0, else temperature -> top_k ->
+top_p -> min_p -> a draw with the sequence's own generator. Reported logprobs are of the raw model logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import FerrumError
+
+_GREEDY_EPS = 1e-5  # temperatures below this are greedy, as in vLLM (dividing by ~0 would overflow)
+MAX_LOGPROBS = 20  # the OpenAI API limit on top_logprobs
+
+
+class SamplingError(FerrumError):
+    """A sampling parameter is out of range; ``param`` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256  # 0 scores the prompt only
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 or -1 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None = off; k = the chosen token's logprob plus the k most likely
+    prompt_logprobs: int | None = None
+    n: int = 1
+
+    def validate(self, vocab_size: int) -> None:
+        def check(ok: bool, param: str, fix: str) -> None:
+            if not ok:
+                raise SamplingError(param, f"got {getattr(self, param)!r}; {fix}")
+
+        # `not (a <= x)` style comparisons also reject NaN
+        check(self.max_tokens >= 0, "max_tokens", "pass an integer >= 0 (0 scores the prompt only)")
+        check(self.temperature >= 0, "temperature", "pass a value >= 0 (0 = greedy)")
+        check(self.top_k >= -1, "top_k", "pass a positive integer, or 0 / -1 to turn top-k off")
+        check(0 < self.top_p <= 1, "top_p", "pass a value in (0, 1] (1 = off)")
+        check(0 <= self.min_p <= 1, "min_p", "pass a value in [0, 1] (0 = off)")
+        check(self.repetition_penalty > 0, "repetition_penalty", "pass a value > 0 (1 = off)")
+        check(-2 <= self.presence_penalty <= 2, "presence_penalty", "pass a value in [-2, 2] (0 = off)")
+        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "pass a value in [-2, 2] (0 = off)")
+        check(all(0 <= t < vocab_size for t, _ in self.logit_bias), "logit_bias",
+              f"token ids must be in [0, {vocab_size})")
+        check(all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias", "biases must be in [-100, 100]")
+        check(all(0 <= t < vocab_size for t in self.stop_token_ids), "stop_token_ids",
+              f"token ids must be in [0, {vocab_size})")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty")
+        check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+              f"pass an integer in [0, {MAX_LOGPROBS}] or leave it unset")
+        check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
+              f"pass an integer in [0, {MAX_LOGPROBS}] or leave it unset")
+        check(self.n >= 1, "n", "pass an integer >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprob: float  # of token_id under log_softmax(raw logits)
+    top_logprobs: list[tuple[int, float]]  # the params.logprobs most likely (id, logprob), best first
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+
+
+class SequenceSampler:
+    """Sampling state of one sequence: its generator and the token statistics the penalties need.
+
+    ``sample_index`` is the sequence's place among a request's ``n`` samples: with a seed, sample i draws
+    from ``seed + i`` so the n samples differ but each is reproducible (vLLM does the same).
+    """
+
+    def __init__(self, params: SamplingParams, prompt_token_ids: list[int], vocab_size: int, sample_index: int = 0):
+        params.validate(vocab_size)
+        self.params = params
+        self.vocab_size = vocab_size
+        self.output_ids: list[int] = []
+        seed = None if params.seed is None else (params.seed + sample_index) % 2**64
+        self.rng = np.random.default_rng(seed)
+        # dense per-vocab statistics, allocated only when a penalty needs them
+        self._seen: np.ndarray | None = None  # [V] bool: in prompt or output (repetition penalty)
+        self._counts: np.ndarray | None = None  # [V] int32: occurrences in the output (presence/frequency)
+        if params.repetition_penalty != 1.0:
+            self._seen = np.zeros(vocab_size, dtype=bool)
+            self._seen[np.asarray(prompt_token_ids, dtype=np.int64)] = True
+        if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            self._counts = np.zeros(vocab_size, dtype=np.int32)
+        self._bias: tuple[np.ndarray, np.ndarray] | None = None  # (ids, values) of logit_bias
+        if params.logit_bias:
+            ids, vals = zip(*params.logit_bias)
+            self._bias = np.asarray(ids, dtype=np.int64), np.asarray(vals, dtype=np.float64)
+
+    def append(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
+        if self._seen is not None:
+            self._seen[token_id] = True
+        if self._counts is not None:
+            self._counts[token_id] += 1
+
+    def adjust(self, row: np.ndarray) -> np.ndarray:
+        """Logits [V] after logit_bias and the penalties (a new float64 array; ``row`` is not modified)."""
+        p = self.params
+        x = np.array(row, dtype=np.float64)
+        if self._bias is not None:
+            np.add.at(x, self._bias[0], self._bias[1])  # add.at: a repeated id adds twice
+        if self._seen is not None:
+            s = x[self._seen]
+            x[self._seen] = np.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)
+        if self._counts is not None:
+            x -= p.frequency_penalty * self._counts + p.presence_penalty * (self._counts > 0)
+        return x
+
+
+def sample(logits: np.ndarray, seqs: list[SequenceSampler]) -> list[SampleResult]:
+    """One token for each sequence; ``logits`` [B, V] float32, row i belongs to ``seqs[i]``."""
+    assert logits.ndim == 2 and logits.shape[0] == len(seqs), (logits.shape, len(seqs))
+    assert all(s.vocab_size == logits.shape[1] for s in seqs), (logits.shape, [s.vocab_size for s in seqs])
+    B, V = logits.shape
+    x = np.stack([s.adjust(logits[i]) for i, s in enumerate(seqs)]) if B else np.zeros((0, V))  # [B, V] float64
+    tokens = np.argmax(x, axis=1)  # greedy rows keep this: ties go to the lowest id
+    rows = np.array([i for i, s in enumerate(seqs) if not s.params.greedy], dtype=np.int64)
+    if rows.size:
+        ps = [seqs[i].params for i in rows]
+        temps = np.array([p.temperature for p in ps])
+        probs = _filtered_probs(x[rows] / temps[:, None], np.array([p.top_k for p in ps]),
+                                np.array([p.top_p for p in ps]), np.array([p.min_p for p in ps]))
+        u = np.array([seqs[i].rng.random() for i in rows])  # one draw per sequence per step, from its own generator
+        cdf = np.cumsum(probs, axis=1)  # [b, V]
+        # inverse CDF: the first token whose cdf exceeds u * total always has p > 0; the clamp guards the
+        # rounding case u * total == total
+        pick = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)
+        last_nonzero = V - 1 - np.argmax(probs[:, ::-1] > 0, axis=1)
+        tokens[rows] = np.minimum(pick, last_nonzero)
+    raw = logits.astype(np.float64)
+    lse = _logsumexp(raw)  # [B]
+    out = []
+    for i, s in enumerate(seqs):
+        t = int(tokens[i])
+        k = s.params.logprobs or 0
+        out.append(SampleResult(t, float(raw[i, t] - lse[i]), _top(raw[i], lse[i], k)))
+    return out
+
+
+def prompt_logprobs(logits: np.ndarray, prompt_ids: list[int], k: int) -> list[PromptLogprob | None]:
+    """Logprob of each prompt token given the ones before it. ``logits`` [P, V] (P >= len(prompt_ids) - 1):
+    row i predicts token i + 1, so the first token has no entry (None)."""
+    assert logits.ndim == 2 and logits.shape[0] >= len(prompt_ids) - 1, (logits.shape, len(prompt_ids))
+    n = max(len(prompt_ids) - 1, 0)
+    raw = logits[:n].astype(np.float64)
+    lse = _logsumexp(raw)
+    out: list[PromptLogprob | None] = [None] if prompt_ids else []
+    for i in range(n):
+        t = prompt_ids[i + 1]
+        out.append(PromptLogprob(t, float(raw[i, t] - lse[i]), _top(raw[i], lse[i], k)))
+    return out
+
+
+def _filtered_probs(z: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
+    """Probabilities [b, V] (unnormalised, zeros where filtered) of temperature-scaled logits z [b, V]."""
+    b, V = z.shape
+    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    k = np.where((top_k > 0) & (top_k < V), top_k, V)
+    sort_rows = np.flatnonzero((k < V) | (top_p < 1))
+    if sort_rows.size:
+        order = np.argsort(-z[sort_rows], axis=1, kind="stable")  # [r, V] most likely first; ties: lowest id
+        sp = np.take_along_axis(probs[sort_rows], order, axis=1)
+        keep = np.arange(V)[None, :] < k[sort_rows, None]  # top_k
+        sp = np.where(keep, sp, 0.0)
+        sp /= sp.sum(axis=1, keepdims=True)  # top_p is taken over what top_k kept, as in vLLM and HF
+        mass_before = np.cumsum(sp, axis=1) - sp  # [r, V] probability of the more likely tokens
+        keep &= mass_before < top_p[sort_rows, None]  # smallest set reaching top_p; rank 0 always kept
+        mask = np.zeros_like(keep)
+        np.put_along_axis(mask, order, keep, axis=1)
+        probs[sort_rows] *= mask
+    # min_p compares with the most likely token, which every filter keeps, so renormalising cannot change it
+    probs = np.where(probs < (min_p * probs.sum(axis=1))[:, None], 0.0, probs)
+    return probs
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1)
+    return m + np.log(np.exp(x - m[..., None]).sum(axis=-1))
+
+
+def _top(raw: np.ndarray, lse: float, k: int) -> list[tuple[int, float]]:
+    """The k largest of raw [V] as (id, logprob), best first, ties to the lowest id; O(V) for small k."""
+    if k <= 0:
+        return []
+    k = min(k, raw.shape[0])
+    threshold = np.partition(raw, raw.shape[0] - k)[raw.shape[0] - k]
+    cand = np.flatnonzero(raw >= threshold)  # ascending ids, ties at the threshold included
+    cand = cand[np.argsort(-raw[cand], kind="stable")[:k]]
+    return [(int(t), float(raw[t] - lse)) for t in cand]

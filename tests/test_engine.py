@@ -1,0 +1,198 @@
+"""The engine on real compiled models: batching invariance, prefix reuse, oversubscription with
+preemption, cancellation, seeded sampling, n > 1, prompt logprobs, stop strings, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ferrum_runtime.engine import Engine, EngineConfig, RequestError
+from ferrum_runtime.model import CompiledModel
+from ferrum_runtime.sampler import SamplingError, SamplingParams
+from ferrum_runtime.tokenizer import TokenizerFiles
+
+from .conftest import log_softmax
+
+pytestmark = pytest.mark.e2e
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def make_engine(artifact, num_blocks=64, **cfg) -> Engine:
+    model = CompiledModel.load(artifact, num_blocks=num_blocks)
+    tok = TokenizerFiles(artifact) if (artifact / "tokenizer.json").is_file() else None
+    return Engine(model, tok, EngineConfig(**cfg))
+
+
+async def collect(engine: Engine, prompt, params: SamplingParams, request_id=None):
+    outs: dict[int, dict] = {}
+    async for d in engine.generate(prompt, params, request_id=request_id):
+        o = outs.setdefault(d.index, {"ids": [], "text": "", "finish": None, "prompt_logprobs": None, "logprobs": []})
+        o["ids"] += d.token_ids
+        o["text"] += d.text
+        o["finish"] = d.finish_reason or o["finish"]
+        o["prompt_logprobs"] = o["prompt_logprobs"] or d.prompt_logprobs
+        o["logprobs"] += d.logprobs or []
+    return [outs[i] for i in sorted(outs)]
+
+
+def run(engine, *jobs):
+    async def main():
+        try:
+            return await asyncio.gather(*(collect(engine, *j) for j in jobs))
+        finally:
+            await engine.close()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, compiled):
+    return compiled(tiny_model_dir("qwen3"))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(11)
+    return [[int(t) for t in rng.integers(0, 256, n)] for n in (3, 40, 17, 9, 60, 25, 1, 33)]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny, prompts):
+    return [run(make_engine(tiny), (p, GREEDY))[0][0]["ids"] for p in prompts]
+
+
+def test_concurrent_greedy_equals_alone(tiny, prompts, alone):
+    engine = make_engine(tiny, max_num_batched_tokens=64)
+    outs = run(engine, *[(p, GREEDY) for p in prompts])
+    assert [o[0]["ids"] for o in outs] == alone
+    assert all(o[0]["finish"] == "length" and len(o[0]["ids"]) == 12 for o in outs)
+    assert engine.stats()["steps"] < 8 * 12  # really batched
+
+
+def test_oversubscribed_cache_completes_with_identical_outputs(tiny, prompts, alone):
+    need = sum(-(-(len(p) + 12) // 16) for p in prompts)
+    engine = make_engine(tiny, num_blocks=need // 3, max_num_batched_tokens=128)
+    outs = run(engine, *[(p, GREEDY) for p in prompts])
+    assert [o[0]["ids"] for o in outs] == alone
+    assert engine.stats()["preemptions"] > 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_prefix_reuse_on_and_off(tiny):
+    rng = np.random.default_rng(2)
+    system = [int(t) for t in rng.integers(0, 256, 48)]
+    prompts = [system + [int(t) for t in rng.integers(0, 256, 5)] for _ in range(4)]
+    results = {}
+    for caching in (True, False):
+        engine = make_engine(tiny, enable_prefix_caching=caching, max_num_seqs=1)
+        results[caching] = ([o[0]["ids"] for o in run(engine, *[(p, GREEDY) for p in prompts])], engine.stats())
+    assert results[True][0] == results[False][0]
+    saved = results[False][1]["computed_tokens"] - results[True][1]["computed_tokens"]
+    assert saved == results[True][1]["prefix_saved_tokens"] == 3 * 48  # 3 full blocks of 16 reused 3 times
+
+
+def test_cancel_returns_every_block(tiny, prompts):
+    engine = make_engine(tiny)
+
+    async def main():
+        other = asyncio.create_task(collect(engine, prompts[1], GREEDY))
+        got = 0
+        async for _ in engine.generate(prompts[4], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)):
+            got += 1
+            if got == 3:
+                break  # leaving the stream aborts the request
+        await other
+        for _ in range(100):
+            if not engine.scheduler.has_work:
+                break
+            await asyncio.sleep(0.01)
+        await engine.close()
+
+    asyncio.run(main())
+    assert engine.stats()["aborted"] == 1
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    engine.blocks.check_invariants()
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny, prompts):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = run(make_engine(tiny), (prompts[2], params))[0][0]["ids"]
+    crowd = run(make_engine(tiny), *[(p, SamplingParams(max_tokens=10, temperature=1.0, seed=i)) for i, p in
+                                     enumerate(prompts[:2])], (prompts[2], params))
+    assert crowd[2][0]["ids"] == alone
+    other_seed = run(make_engine(tiny), (prompts[2], SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=99,
+                                                                    ignore_eos=True)))
+    assert other_seed[0][0]["ids"] != alone
+
+
+def test_n_samples_share_the_prompt_blocks(tiny):
+    prompt = list(range(70))
+    engine = make_engine(tiny)
+    outs = run(engine, (prompt, SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)))[0]
+    assert len(outs) == 3 and len({tuple(o["ids"]) for o in outs}) > 1
+    assert engine.stats()["prefix_saved_tokens"] == 2 * 64  # siblings reuse the 4 full blocks of the prompt
+    again = run(make_engine(tiny), (prompt, SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)))
+    assert [o["ids"] for o in again[0]] == [o["ids"] for o in outs]
+
+
+def test_prompt_logprobs_match_transformers(tiny, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompt = [int(t) for t in np.random.default_rng(4).integers(0, 256, 40)]
+    engine = make_engine(tiny, max_num_batched_tokens=16)  # the prompt is scored over three chunks
+    out = run(engine, (prompt, SamplingParams(max_tokens=0, prompt_logprobs=2)))[0][0]
+    assert out["finish"] == "length" and out["ids"] == []
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir("qwen3"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = log_softmax(hf(torch.tensor([prompt])).logits[0].numpy())
+    lps = out["prompt_logprobs"]
+    assert lps[0] is None and len(lps) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert lps[i].token_id == prompt[i]
+        assert abs(lps[i].logprob - ref[i - 1, prompt[i]]) < 1e-3
+        assert [t for t, _ in lps[i].top_logprobs] == list(np.argsort(-ref[i - 1])[:2])
+
+
+def test_logprobs_of_generated_tokens(tiny, prompts):
+    out = run(make_engine(tiny), (prompts[3], SamplingParams(max_tokens=4, temperature=0, logprobs=3, ignore_eos=True)))
+    lps = out[0][0]["logprobs"]
+    assert len(lps) == 4
+    for lp in lps:
+        assert lp.top_logprobs[0][0] == lp.token_id  # greedy: the chosen token is the most likely
+        assert len(lp.top_logprobs) == 3 and lp.logprob <= 0
+
+
+def test_refusals_reach_nothing(tiny):
+    engine = make_engine(tiny, num_blocks=4)  # 64 tokens of cache
+
+    async def attempt(prompt, params):
+        async for _ in engine.generate(prompt, params):
+            pass
+
+    with pytest.raises(RequestError, match="context holds 64") as e:
+        asyncio.run(attempt(list(range(60)), SamplingParams(max_tokens=10)))
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        asyncio.run(attempt([1, 256], GREEDY))
+    with pytest.raises(SamplingError) as e2:
+        asyncio.run(attempt([1, 2], SamplingParams(temperature=-1)))
+    assert e2.value.param == "temperature"
+    assert not engine.scheduler.has_work and engine.blocks.num_free == 4
+
+
+def test_stop_strings_on_smollm2(smollm2_artifact):
+    engine = make_engine(smollm2_artifact)
+    tok = engine.tokenizer
+    ids = tok.encode(tok.render_chat([{"role": "user", "content": "Count from 1 to 20, separated by commas."}]))
+    full = run(engine, (ids, SamplingParams(max_tokens=40, temperature=0)))[0][0]
+    text = full["text"]
+    assert "5" in text, text
+    stop = text[text.index("5"):text.index("5") + 3]  # a stop string that spans token boundaries
+    cut = run(make_engine(smollm2_artifact), (ids, SamplingParams(max_tokens=40, temperature=0, stop=(stop,))))[0][0]
+    assert cut["finish"] == "stop"
+    assert cut["text"] == text[:text.index(stop)]
+    assert stop not in cut["text"]
