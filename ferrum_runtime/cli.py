@@ -117,7 +117,9 @@ def _artifact_for_alias(name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "compile":  # serve and run with TVM's runtime library only
+    if args.command == "compile":  # needs TVM's compiler library, whatever the environment says
+        os.environ.pop("TVM_USE_RUNTIME_LIB", None)
+    else:  # serve and run with TVM's runtime library only
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     try:
         if args.command == "compile":

@@ -200,7 +200,7 @@ def _filtered_probs(z: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: 
         np.put_along_axis(mask, order, keep, axis=1)
         probs[sort_rows] *= mask
     # min_p compares with the most likely token, which every filter keeps, so renormalising cannot change it
-    probs = np.where(probs < (min_p * probs.sum(axis=1))[:, None], 0.0, probs)
+    probs = np.where(probs < (min_p * probs.max(axis=1))[:, None], 0.0, probs)
     return probs
 
 

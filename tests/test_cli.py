@@ -109,3 +109,35 @@ def test_refuses_to_overwrite_a_non_artifact(tiny_model_dir, tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     assert_one_line_error(ferrum("compile", tiny_model_dir("qwen2"), "-o", tmp_path), "not a ferrum artifact")
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_artifact):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ferrum_runtime.cli", "run", str(smollm2_artifact), "--max-tokens",
+                             "400"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdin.write("Write a very long story about a dragon.\n")
+        proc.stdin.flush()
+        assert proc.stdout.read(20)  # the answer is streaming
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "[stopped]" in err and "Traceback" not in err
+
+
+def test_run_alias_compiles_once_and_caches(tmp_path):
+    env = {"FERRUM_CACHE": str(tmp_path)}
+    first = ferrum("run", "smollm2", "--prompt", "Hi", "--max-tokens", "4", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "compiling smollm2 for this machine once" in first.stderr
+    second = ferrum("run", "smollm2", "--prompt", "Hi", "--max-tokens", "4", env=env)
+    assert second.returncode == 0 and "compiling" not in second.stderr
+    assert first.stdout == second.stdout  # greedy
+    assert_one_line_error(ferrum("run", "no-such-model", env=env), "neither an artifact", "smollm2")
