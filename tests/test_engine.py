@@ -196,3 +196,18 @@ def test_stop_strings_on_smollm2(smollm2_artifact):
     assert cut["finish"] == "stop"
     assert cut["text"] == text[:text.index(stop)]
     assert stop not in cut["text"]
+
+
+def test_stop_token_ids_and_eos(tiny, prompts, alone, smollm2_artifact):
+    third = alone[0][2]
+    out = run(make_engine(tiny), (prompts[0], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(third,))))
+    first_hit = alone[0].index(third)
+    assert out[0][0]["finish"] == "stop" and out[0][0]["ids"] == alone[0][:first_hit]  # the stop token is not output
+
+    engine = make_engine(smollm2_artifact)
+    ids = engine.tokenizer.encode(engine.tokenizer.render_chat([{"role": "user", "content": "Say hi."}]))
+    natural = run(engine, (ids, SamplingParams(max_tokens=64, temperature=0)))[0][0]
+    assert natural["finish"] == "stop" and len(natural["ids"]) < 64  # the model ends its turn with EOS
+    forced = run(make_engine(smollm2_artifact), (ids, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)))
+    assert forced[0][0]["finish"] == "length" and len(forced[0][0]["ids"]) == 64
+    assert forced[0][0]["ids"][:len(natural["ids"])] == natural["ids"]
