@@ -71,7 +71,7 @@ class _Choice:
     index: int
     seq: Sequence
     sampler: SequenceSampler
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: the artifact has no tokenizer (token ids only)
     stops: StopChecker
     finished: bool = False
     sent_prompt_logprobs: bool = False
@@ -156,7 +156,7 @@ class Engine:
             first = first or seq
             sampler = SequenceSampler(params, prompt_ids, self.model.vocab_size, sample_index=i)
             detok = IncrementalDetokenizer(self.tokenizer.tokenizer) if self.tokenizer else None
-            req.choices.append(_Choice(i, seq, sampler, detok, StopChecker(list(params.stop))))  # type: ignore[arg-type]
+            req.choices.append(_Choice(i, seq, sampler, detok, StopChecker(list(params.stop))))
         with self._lock:
             self._inbox.append(req)
         self._kick(loop)
