@@ -128,6 +128,6 @@ def test_sentencepiece_gguf_tokenizer_matches_transformers(text, tmp_path_factor
     expected = ref.encode(text, add_special_tokens=False)
     assert ours.encode(text, add_special_tokens=False).ids == expected
     # BOS: llama.cpp prepends it to SentencePiece prompts unless the file says otherwise; so do we
-    # (transformers' GGUF loader sets add_bos_token in its config but does not add it)
-    assert TokenizerFiles(root).encode(text) == [1] + expected
+    # (transformers' GGUF loader sets add_bos_token in its config but does not add it), once
+    assert TokenizerFiles(root).encode(text) == (expected if expected[:1] == [1] else [1] + expected)
     assert ours.decode(expected) == ref.decode(expected, skip_special_tokens=True)
