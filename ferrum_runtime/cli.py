@@ -33,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-ir", action="store_true",
                    help="also write the IR after every pass and the Relax module to <artifact>/debug/")
 
+    s = sub.add_parser("serve", help="serve an artifact over the OpenAI HTTP API")
+    s.add_argument("artifact", help="an artifact directory, or an alias (smollm2) compiled once and cached")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the artifact's folder name)")
+    s.add_argument("--kv-cache-memory", type=int, default=512, metavar="MIB", help="KV cache budget (default: 512)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once (default: 64)")
+    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default: 512)")
+    s.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix reuse off")
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default: 256)")
+    s.add_argument("--cors", action="store_true", help="send Access-Control-Allow-Origin: * (default: off)")
+
     i = sub.add_parser("inspect", help="print an artifact's manifest and IR summary")
     i.add_argument("artifact")
     i.add_argument("--ir", action="store_true", help="print the whole IR, not only a summary")
@@ -95,6 +108,27 @@ def _run(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .artifact import check_compatible, read_manifest
+    from .engine import EngineConfig
+    from .server import ServeConfig, Server
+
+    if not (Path(args.artifact) / "ferrum.yaml").is_file():
+        args.artifact = str(_artifact_for_alias(args.artifact))
+    check_compatible(read_manifest(args.artifact))  # refuse a bad artifact before the port opens
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    engine = EngineConfig(kv_cache_bytes=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          enable_prefix_caching=not args.no_prefix_caching, verify_hashes=False)
+    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+                         max_waiting=args.max_waiting, cors=args.cors, engine=engine)
+    print(f"ferrum: serving {args.artifact} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    Server(args.artifact, config).run()
+    return 0
+
+
 def _artifact_for_alias(name: str) -> Path:
     """An alias (``smollm2``) is compiled for this machine once, by ``ferrum compile`` in a child process
     (this process stays on TVM's runtime library), and cached."""
@@ -128,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_compile(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "serve":
+            return _serve(args)
         return _run(args)
     except KeyboardInterrupt:
         print("ferrum: interrupted", file=sys.stderr)

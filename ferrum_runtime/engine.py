@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class Delta:
     prompt_tokens: int
     completion_tokens: int
     prompt_logprobs: list | None = None  # with the first delta of choice 0, when asked for
+    queue_time: float | None = None  # seconds from submission to the first engine step, on the first delta
 
 
 @dataclass(eq=False)
@@ -86,6 +88,9 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     choices: list[_Choice] = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    sent_queue_time: bool = False
 
     def emit(self, delta: Delta) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
@@ -241,6 +246,11 @@ class Engine:
     def _schedule(self, state: dict) -> None:
         state["chunks"] = self.scheduler.schedule()
         state["idle"] = not state["chunks"]
+        now = time.monotonic()
+        for c in state["chunks"]:
+            req = self._by_seq[c.seq][0]
+            if req.scheduled_at is None:
+                req.scheduled_at = now
 
     def _run_model(self, state: dict) -> None:
         chunks: list[ScheduledChunk] = state["chunks"]
@@ -351,6 +361,9 @@ class Engine:
         prompt_lp = None
         if ch.index == 0 and req.prompt_logprobs and not ch.sent_prompt_logprobs:
             prompt_lp, ch.sent_prompt_logprobs = req.prompt_logprobs, True
+        queue_time = None
+        if not req.sent_queue_time and req.scheduled_at is not None:
+            queue_time, req.sent_queue_time = req.scheduled_at - req.arrival, True
         return Delta(req.request_id, ch.index, text, token_ids, logprobs, reason, len(req.prompt_ids),
-                     len(ch.seq.output_ids), prompt_lp)
+                     len(ch.seq.output_ids), prompt_lp, queue_time)
 

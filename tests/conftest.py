@@ -99,3 +99,23 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="session")
+def chat_artifact(tmp_path_factory, compiled):
+    """A tiny random Qwen3 with SmolLM2's real tokenizer and chat template: fast, and text works."""
+    import json
+
+    import torch
+    import transformers
+
+    from ferrum_compiler.frontend import open_source
+
+    dest = tmp_path_factory.mktemp("hf") / "tiny-chat"
+    torch.manual_seed(3)
+    cfg = transformers.Qwen3Config(**{**TINY, "vocab_size": 49152, "head_dim": 16})
+    transformers.Qwen3ForCausalLM(cfg).save_pretrained(dest)
+    open_source("smollm2").write_tokenizer(dest)
+    gen = json.loads((dest / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2
+    return compiled(dest)
