@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once (default: 64)")
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default: 512)")
     s.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix reuse off")
-    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default: 256)")
+    s.add_argument("--max-waiting", type=int, default=256,
+                   help="requests queued beyond --max-num-seqs before 429 + Retry-After (default: 256)")
     s.add_argument("--cors", action="store_true", help="send Access-Control-Allow-Origin: * (default: off)")
 
     i = sub.add_parser("inspect", help="print an artifact's manifest and IR summary")

@@ -182,7 +182,9 @@ class Engine:
             self._aborts.append(request_id)
 
     def stats(self) -> dict:
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        with self._lock:
+            arrived = sum(len(r.choices) for r in self._inbox)  # submitted, not yet seen by a step
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + arrived,
                 "kv_usage": self.blocks.usage, "num_blocks": self.blocks.num_blocks,
                 "prefix_queries": self.blocks.queries, "prefix_hits": self.blocks.hits,
                 "prefix_saved_tokens": self.blocks.saved_tokens, "preemptions": self.scheduler.num_preemptions,

@@ -827,6 +827,7 @@ def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: 
         "suffix": _nullable({"type": "string", "maxLength": 0, "description": "not supported: only \"\" or null"}),
     }
     unknown_ok = "Unknown fields are ignored. null means not given."
+    one = {"type": "integer", "nullable": True, "enum": [1, None]}
     return {
         "ChatCompletionRequest": {
             "type": "object", "required": ["model", "messages"], "properties": chat_props, "description": unknown_ok,
@@ -837,7 +838,7 @@ def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: 
             "description": unknown_ok,
             "allOf": [_requires("stream_options", "stream", True),
                       {"anyOf": [{"not": {"required": ["best_of"]}},
-                                 {"properties": {"best_of": {"enum": [1]}, "n": {"enum": [1]}}}]}]},
+                                 {"properties": {"best_of": one, "n": one}}]}]},  # best_of == n, conservatively
         "TokenizeRequest": {"type": "object", "description": "send prompt (text) or messages (rendered with the "
                             "chat template)", "oneOf": [
                                 {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},

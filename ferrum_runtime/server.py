@@ -36,7 +36,7 @@ class ServeConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     max_body_bytes: int = 8 << 20
-    max_waiting: int = 256  # queued requests beyond this get 429
+    max_waiting: int = 256  # requests queued beyond max_num_seqs; more get 429
     cors: bool = False
     engine: EngineConfig = EngineConfig()
 
@@ -50,6 +50,7 @@ class Server:
         self.model_name = config.served_model_name or self.artifact.name
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self._in_flight = 0  # admitted generation requests not yet answered
         self.metrics = Metrics(self)
         app = Sanic("ferrum", configure_logging=False)
         app.config.REQUEST_MAX_SIZE = config.max_body_bytes
@@ -66,7 +67,7 @@ class Server:
         app = self.app
 
         @app.before_server_start
-        async def load(app_, _loop):
+        async def load(app_):
             app_.add_task(self._load())
 
         @app.on_request
@@ -143,11 +144,17 @@ class Server:
 
         @app.post("/v1/chat/completions")
         async def chat(request):
-            return await self._chat(request)
+            try:
+                return await self._chat(request)
+            finally:
+                self._release(request)
 
         @app.post("/v1/completions")
         async def completions(request):
-            return await self._completions(request)
+            try:
+                return await self._completions(request)
+            finally:
+                self._release(request)
 
     async def _load(self) -> None:
         loop = asyncio.get_running_loop()
@@ -179,10 +186,20 @@ class Server:
             raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
                            type="not_found_error", param="model", code="model_not_found")
 
-    def _check_queue(self, engine: Engine) -> None:
-        if engine.stats()["waiting"] >= self.config.max_waiting:
+    def _admit(self, request, engine: Engine) -> None:
+        """Count a valid generation request in; refuse it when more than ``max_waiting`` would queue
+        behind the ``max_num_seqs`` that can run. Counted here, synchronously, so that a burst of
+        arrivals cannot all slip past before any reaches the engine."""
+        if self._in_flight >= engine.config.max_num_seqs + self.config.max_waiting:
             raise APIError(429, "the server is busy: too many queued requests; retry shortly",
                            type="rate_limit_exceeded", code="queue_full")
+        self._in_flight += 1
+        request.ctx.admitted = True
+
+    def _release(self, request) -> None:
+        if getattr(request.ctx, "admitted", False):
+            self._in_flight -= 1
+            request.ctx.admitted = False
 
     def _error_response(self, exc: BaseException):
         from sanic import response
@@ -219,7 +236,7 @@ class Server:
         ids = tok.encode(text)
         params = req.params_for(len(ids))
         engine.check(ids, params)
-        self._check_queue(engine)
+        self._admit(request, engine)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         deltas = self._generate(engine, [ids], params, rid)
         token_text = self._token_text(engine)
@@ -250,7 +267,7 @@ class Server:
         params = req.params_for(max(len(p) for p in prompts))
         for p in prompts:
             engine.check(p, params)
-        self._check_queue(engine)
+        self._admit(request, engine)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         token_text = self._token_text(engine)
         deltas = self._generate(engine, prompts, params, rid)

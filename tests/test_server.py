@@ -281,3 +281,22 @@ def test_sigterm_drains_in_flight_requests(chat_artifact):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_full_queue_gets_429_with_retry_after(chat_artifact):
+    proc, base = start_server(chat_artifact, "--max-num-seqs", "1", "--max-waiting", "1")
+    try:
+        async def main():
+            async with httpx.AsyncClient(timeout=120) as http:
+                async def one():
+                    return await http.post(f"{base}/v1/completions", json={
+                        "model": "tiny", "prompt": "x", "max_tokens": 400, "ignore_eos": True})
+                return await asyncio.gather(*(one() for _ in range(8)))
+
+        results = asyncio.run(main())
+        codes = sorted(r.status_code for r in results)
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+        busy = next(r for r in results if r.status_code == 429)
+        assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["type"] == "rate_limit_exceeded"
+    finally:
+        proc.kill()
