@@ -15,10 +15,12 @@ field as a dotted path (``messages[1].content[0].type``). The rules, field by fi
   rejected with code ``unsupported_parameter`` / ``unsupported_value`` rather than silently ignored.
 - Unknown fields are ignored, as vLLM does (clients add vendor fields freely).
 
-``max_tokens`` defaults: completions 16 (OpenAI's default). Chat: "as many as the context leaves",
-which depends on the rendered prompt, so ``ChatRequest.max_tokens`` is None and ``params.max_tokens``
-holds the largest value any prompt allows (``max_model_len - 1``) until ``req.params_for(prompt_tokens)``
-resolves it to ``max_model_len - prompt_tokens``. Always hand the engine ``params_for(...)``'s result.
+``max_tokens`` defaults depend on the prompt's length, known only after tokenizing, so a request keeps
+``max_tokens=None`` when none was sent and ``req.params_for(prompt_tokens)`` resolves it: chat, as many
+as the context leaves (``max_model_len - prompt_tokens``); completions, OpenAI's 16, capped by what the
+context leaves. A default never fails; an explicit max_tokens that does not fit beside the prompt is a
+400 ``context_length_exceeded``. Until resolved, ``params.max_tokens`` holds the largest value any prompt
+allows. Always hand the engine ``params_for(...)``'s result.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class ChatRequest:
     messages: list[dict]  # role, content (str; None only for an assistant turn with tool_calls), name,
     #                       tool_calls (function.arguments parsed to an object when it is JSON), tool_call_id,
     #                       reasoning_content
-    params: SamplingParams  # max_tokens: as asked, else max_model_len - 1 until params_for resolves it
+    params: SamplingParams  # max_tokens: as asked, else the most any prompt allows; use params_for
     stream: bool
     include_usage: bool
     logprobs: bool
@@ -93,27 +95,31 @@ class ChatRequest:
 class CompletionRequest:
     model: str
     prompts: list[str | list[int]]  # each yields n choices: choice index = prompt index * n + sample index
-    params: SamplingParams
+    params: SamplingParams  # max_tokens: as asked, else min(16, max_model_len - 1); use params_for
     stream: bool
     include_usage: bool
     echo: bool
     logprobs: int | None
+    max_tokens: int | None  # None: 16, or what the context leaves if less
     max_model_len: int
 
     def params_for(self, prompt_tokens: int) -> SamplingParams:
         """The engine's parameters for a prompt of ``prompt_tokens`` tokens (pass the longest prompt's)."""
-        return _fit(self.params, self.params.max_tokens, prompt_tokens, self.max_model_len, "prompt")
+        return _fit(self.params, self.max_tokens, prompt_tokens, self.max_model_len, "prompt",
+                    COMPLETION_DEFAULT_MAX_TOKENS)
 
 
-def _fit(params: SamplingParams, asked: int | None, prompt_tokens: int, max_model_len: int,
-         prompt_param: str) -> SamplingParams:
+def _fit(params: SamplingParams, asked: int | None, prompt_tokens: int, max_model_len: int, prompt_param: str,
+         default: int | None = None) -> SamplingParams:
+    """``params`` with max_tokens resolved for the prompt: ``asked``, else ``default`` (None: unbounded) capped
+    by what the context leaves."""
     room = max_model_len - prompt_tokens
     if asked is None:
         if room < 1:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens and this model's context holds "
                            f"{max_model_len}, leaving no room for a reply; shorten the prompt", param=prompt_param,
                            code="context_length_exceeded")
-        return replace(params, max_tokens=room)
+        return replace(params, max_tokens=room if default is None else min(default, room))
     if asked > room:
         raise APIError(400, f"this model's context holds {max_model_len} tokens; the prompt has {prompt_tokens} "
                        f"and max_tokens asks for {asked} more; lower max_tokens or shorten the prompt",
@@ -518,7 +524,7 @@ def parse_completion_request(body: object, *, vocab_size: int, max_model_len: in
     prompts = _prompts(f.require("prompt"), vocab_size)
     echo = f.boolean("echo", False)
     logprobs = f.opt_integer("logprobs", 0, MAX_COMPLETION_LOGPROBS)
-    max_tokens = f.integer("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, 0, max_model_len - 1)
+    max_tokens = f.opt_integer("max_tokens", 0, max_model_len - 1)
     _reject(f, "suffix", lambda v: isinstance(v, str), "must be a string", "invalid_type")
     _reject(f, "suffix", lambda v: v == "", "is not supported: ferrum has no fill-in-the-middle; remove it")
     sampling = _sampling(f, vocab_size)
@@ -529,10 +535,11 @@ def parse_completion_request(body: object, *, vocab_size: int, max_model_len: in
     stream, include_usage = _stream(f)
     f.string("user")
     _not_exposed(f)
-    params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+    most = min(COMPLETION_DEFAULT_MAX_TOKENS, max_model_len - 1)
+    params = SamplingParams(max_tokens=most if max_tokens is None else max_tokens, logprobs=logprobs,
                             prompt_logprobs=logprobs if echo else None, **sampling)
     return CompletionRequest(model, prompts, _validated(params, vocab_size), stream, include_usage, echo, logprobs,
-                             max_model_len)
+                             max_tokens, max_model_len)
 
 
 def _prompts(v: object, vocab_size: int) -> list[str | list[int]]:
@@ -597,7 +604,8 @@ def chat_chunk(id: str, created: int, model: str, index: int, delta: dict, finis
     {"content": text}; {} with the finish_reason."""
     return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": _reason(finish_reason)}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": _reason(finish_reason)}]}
 
 
 def chat_usage_chunk(id: str, created: int, model: str, usage: dict) -> dict[str, Any]:
@@ -740,8 +748,8 @@ def _sampling_schema(vocab_size: int | None) -> dict[str, Any]:
                                  "additionalProperties": _num(-100, 100),
                                  "x-key-pattern": "^[0-9]+$"}),
         "seed": _nullable(_int(*_SEED_RANGE)),
-        "stop": _nullable({"oneOf": [{"type": "string", "minLength": 1},
-                                     {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]}),
+        "stop": _nullable({"oneOf": [{"type": "string", "minLength": 1}, {
+            "type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}]}),
         "n": _nullable(_int(1, MAX_N, default=1)),
         "stream": _nullable({"type": "boolean", "default": False}),
         "stream_options": _nullable({"type": "object", "description": "only with stream: true", "properties": {
@@ -756,10 +764,14 @@ def _sampling_schema(vocab_size: int | None) -> dict[str, Any]:
     }
 
 
+def _absent(field: str) -> dict:
+    """JSON Schema for: ``field`` is left out or null."""
+    return {"properties": {field: {"type": "object", "nullable": True, "enum": [None]}}}
+
+
 def _requires(field: str, other: str, value: Any) -> dict:
-    """JSON Schema for: when ``field`` is present, ``other`` must be present and equal ``value``."""
-    return {"anyOf": [{"not": {"required": [field]}},
-                      {"required": [other], "properties": {other: {"enum": [value]}}}]}
+    """JSON Schema for: when ``field`` is given (not null), ``other`` must be present and equal ``value``."""
+    return {"anyOf": [_absent(field), {"required": [other], "properties": {other: {"enum": [value]}}}]}
 
 
 def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: list[str] | None) -> dict[str, Any]:
@@ -818,9 +830,12 @@ def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: 
         "model": model,
         "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
                              {"type": "array", "minItems": 1, "items": token},
-                             {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": token}}]},
+                             {"type": "array", "minItems": 1,
+                              "items": {"type": "array", "minItems": 1, "items": token}}]},
         **_sampling_schema(vocab_size),
-        "max_tokens": _nullable(_int(0, max_gen, default=COMPLETION_DEFAULT_MAX_TOKENS)),
+        "max_tokens": _nullable(_int(0, max_gen, default=COMPLETION_DEFAULT_MAX_TOKENS if max_gen is None else
+                                     min(COMPLETION_DEFAULT_MAX_TOKENS, max_gen),
+                                     description="default: 16, or what the context leaves if less")),
         "echo": _nullable({"type": "boolean", "default": False}),
         "logprobs": _nullable(_int(0, MAX_COMPLETION_LOGPROBS)),
         "best_of": _nullable(_int(1, MAX_N, description="must equal n")),
@@ -832,13 +847,12 @@ def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: 
         "ChatCompletionRequest": {
             "type": "object", "required": ["model", "messages"], "properties": chat_props, "description": unknown_ok,
             "allOf": [_requires("top_logprobs", "logprobs", True), _requires("stream_options", "stream", True),
-                      {"not": {"required": ["max_tokens", "max_completion_tokens"]}}]},
+                      {"anyOf": [_absent("max_tokens"), _absent("max_completion_tokens")]}]},
         "CompletionRequest": {
             "type": "object", "required": ["model", "prompt"], "properties": completion_props,
             "description": unknown_ok,
-            "allOf": [_requires("stream_options", "stream", True),
-                      {"anyOf": [{"not": {"required": ["best_of"]}},
-                                 {"properties": {"best_of": one, "n": one}}]}]},  # best_of == n, conservatively
+            "allOf": [_requires("stream_options", "stream", True),  # best_of == n, said conservatively:
+                      {"anyOf": [_absent("best_of"), {"properties": {"best_of": one, "n": one}}]}]},
         "TokenizeRequest": {"type": "object", "description": "send prompt (text) or messages (rendered with the "
                             "chat template)", "oneOf": [
                                 {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},

@@ -297,6 +297,7 @@ def test_completion_defaults_and_every_field():
         frequency_penalty=1.5, logit_bias=((9, 5.5),), seed=3, stop=("\n",), stop_token_ids=(0,), ignore_eos=True,
         logprobs=2, prompt_logprobs=2, n=2)
     assert (req.prompts, req.echo, req.logprobs, req.stream, req.include_usage) == (["a", "b"], True, 2, True, True)
+    assert req.max_tokens == 0 and req.params_for(L).max_tokens == 0
     assert parse(comp(logprobs=0)).params.prompt_logprobs is None  # prompt scoring only with echo
     assert parse(comp(echo=True)).params.prompt_logprobs is None  # echo alone: text only
 
@@ -332,9 +333,21 @@ def test_explicit_max_tokens_must_fit_the_prompt():
         req.params_for(L - 9)
     assert (info.value.param, info.value.code) == ("max_tokens", "context_length_exceeded")
     with pytest.raises(APIError) as info:
-        parse(comp()).params_for(L + 5)
+        parse(comp(max_tokens=5)).params_for(L + 5)
     assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
     assert parse(comp(max_tokens=0, echo=True)).params_for(L).max_tokens == 0  # scoring a full-context prompt
+
+
+def test_completion_default_max_tokens_is_16_or_what_the_context_leaves():
+    req = parse(comp())
+    assert req.max_tokens is None and req.params.max_tokens == 16
+    assert req.params_for(10).max_tokens == 16
+    assert req.params_for(L - 3).max_tokens == 3  # a default never fails for lack of room
+    with pytest.raises(APIError) as info:
+        req.params_for(L)
+    assert (info.value.param, info.value.code) == ("prompt", "context_length_exceeded")
+    small = parse_completion_request(comp(), vocab_size=V, max_model_len=8)
+    assert small.params.max_tokens == 7 and small.params_for(2).max_tokens == 6
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------
@@ -369,9 +382,8 @@ def test_chat_completion_matches_openai_types():
     from openai.types.chat import ChatCompletion
 
     lp = proto.chat_logprobs(SAMPLED, text_of)
-    body = proto.chat_completion("chatcmpl-1", 1700000000, "m",
-                                 [proto.chat_choice(0, "Hello world", "stop", lp), proto.chat_choice(1, "Hi", "length")],
-                                 proto.usage_dict(5, 3))
+    choices = [proto.chat_choice(0, "Hello world", "stop", lp), proto.chat_choice(1, "Hi", "length")]
+    body = proto.chat_completion("chatcmpl-1", 1700000000, "m", choices, proto.usage_dict(5, 3))
     parsed = ChatCompletion.model_validate(body)
     assert parsed.choices[0].message.content == "Hello world"
     assert parsed.usage is not None and parsed.usage.total_tokens == 8
@@ -462,7 +474,8 @@ ENDPOINTS = {("/v1/chat/completions", "post"), ("/v1/completions", "post"), ("/v
              ("/metrics", "get"), ("/tokenize", "post"), ("/detokenize", "post")}
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"vocab_size": V, "max_model_len": L, "models": ["m"]}])
+@pytest.mark.parametrize("kwargs", [{}, {"vocab_size": V, "max_model_len": L, "models": ["m"]},
+                                    {"vocab_size": 10, "max_model_len": 8}])
 def test_openapi_document(kwargs):
     doc = proto.openapi_document(**kwargs)
     assert doc["openapi"].startswith("3.0")
@@ -480,7 +493,8 @@ def test_openapi_document(kwargs):
     for s in (429, 503):
         assert "Retry-After" in doc["components"]["responses"][f"E{s}"]["headers"]
     if kwargs:
-        assert chat_props["max_tokens"]["maximum"] == L - 1
+        assert chat_props["max_tokens"]["maximum"] == kwargs["max_model_len"] - 1
+    if "models" in kwargs:
         assert chat_props["model"]["enum"] == ["m"]
     _check_refs(doc, doc)
     try:
@@ -510,7 +524,8 @@ def test_docs_list_every_request_field():
     """docs/openai-api.md has a row for every field the OpenAPI document declares (and the parser reads)."""
     text = (Path(__file__).resolve().parents[1] / "docs" / "openai-api.md").read_text()
     schemas = proto.openapi_document()["components"]["schemas"]
-    for section, schema in (("/v1/chat/completions", "ChatCompletionRequest"), ("/v1/completions", "CompletionRequest")):
+    for section, schema in (("/v1/chat/completions", "ChatCompletionRequest"),
+                            ("/v1/completions", "CompletionRequest")):
         body = text.split(f"## `POST {section}`")[1].split("\n## ")[0]
         documented = set(re.findall(r"^\| `([a-z_]+)`", body, flags=re.M))
         assert set(schemas[schema]["properties"]) <= documented, set(schemas[schema]["properties"]) - documented
