@@ -197,7 +197,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop_task is None or self._loop_task.done():
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
             self._wakeup = asyncio.Event()
             self._loop_task = loop.create_task(self._run())
         assert self._wakeup is not None
