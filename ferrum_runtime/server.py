@@ -252,9 +252,8 @@ class Server:
             if d.finish_reason:
                 finish[d.index] = d.finish_reason
                 usage[1] += d.completion_tokens
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-                    "finish_reason": _reason(finish[i]),
-                    "logprobs": proto.chat_logprobs(lps[i], token_text) if req.logprobs else None}
+        choices = [proto.chat_choice(i, "".join(texts[i]), _reason(finish[i]),
+                                     proto.chat_logprobs(lps[i], token_text) if req.logprobs else None)
                    for i in sorted(texts)]
         return _json(proto.chat_completion(rid, created, self.model_name, choices, proto.usage_dict(*usage)))
 
@@ -296,8 +295,7 @@ class Server:
             if req.logprobs is not None:
                 logprobs = proto.completion_logprobs(o["lps"], token_text, echo_prompt=prompt_ids if req.echo else None,
                                                      prompt_logprobs=o["prompt_lps"] if req.echo else None)
-            choices.append({"index": i, "text": echo_text + text, "finish_reason": _reason(o["finish"]),
-                            "logprobs": logprobs})
+            choices.append(proto.completion_choice(i, echo_text + text, _reason(o["finish"]), logprobs))
         return _json(proto.completion(rid, created, self.model_name, choices, proto.usage_dict(*usage)))
 
     @staticmethod
@@ -428,8 +426,10 @@ class Server:
         return resp
 
 
-def _reason(reason: str | None) -> str | None:
-    return None if reason is None else "stop" if reason in ("stop", "abort") else reason
+def _reason(reason):
+    """The engine's finish reasons in OpenAI's words ("abort" only reaches a client that is still there
+    when the server itself cancels, e.g. at shutdown)."""
+    return "stop" if reason == "abort" else reason
 
 
 def _json_body(request, object_only: bool = False):
