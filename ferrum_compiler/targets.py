@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ferrum_runtime.artifact import host_cpu_flags
 from ferrum_runtime.errors import FerrumError
 
 
@@ -36,15 +37,8 @@ TARGET_NAMES = ("cpu", "cpu-x86-64-v3", "cpu-x86-64-v4", *CUDA_ARCHES, "metal")
 
 def host_cpu_features() -> tuple[str, ...]:
     """The tracked x86 feature flags this machine has (empty on non-x86 or without /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return tuple(x for x in X86_TRACKED_FEATURES if x in flags)
-    except OSError:
-        pass
-    return ()
+    flags = host_cpu_flags()
+    return tuple(x for x in X86_TRACKED_FEATURES if x in flags)
 
 
 def resolve(name: str) -> TargetSpec:

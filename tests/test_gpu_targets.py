@@ -5,6 +5,7 @@ subprocess, as CI would. Running them needs a GPU (tests marked ``gpu``)."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,7 +16,7 @@ from .test_cli import ferrum
 
 pytestmark = pytest.mark.e2e
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not shutil.os.path.exists("/usr/local/cuda/bin/nvcc"),
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
                                 reason="nvcc not installed")
 
 

@@ -12,13 +12,13 @@ from typing import Callable
 
 from . import SourceError
 
-OPTIONAL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                  "chat_template.jinja")
 
 
 def download(repo_id: str, progress: Callable[[str], None]) -> Path:
     """Fetch config, weights and tokenizer of ``repo_id``; returns the snapshot directory."""
     from huggingface_hub import hf_hub_download
+
+    from .hf import TOKENIZER_FILES
     from huggingface_hub.errors import GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError
 
     def fetch(filename: str, required: bool = True) -> Path | None:
@@ -49,6 +49,6 @@ def download(repo_id: str, progress: Callable[[str], None]) -> Path:
             fetch(shard)
     else:
         fetch("model.safetensors")
-    for name in OPTIONAL_FILES:
+    for name in TOKENIZER_FILES:  # what the HF-directory frontend copies into the artifact
         fetch(name, required=False)
     return config.parent
