@@ -1,4 +1,4 @@
-"""The ``ferrum`` console script: compile, inspect, run.
+"""The ``ferrum`` console script: compile, inspect, run, serve.
 
 Only ``compile`` imports the compiler (lazily, inside its handler); every other command runs on TVM's
 runtime library alone. Errors a user can fix print as one line naming the fix; a traceback is shown
@@ -13,8 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-from .env import DEBUG
 from .aliases import alias_names
+from .env import DEBUG
 from .errors import FerrumError
 
 
