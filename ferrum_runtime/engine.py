@@ -305,6 +305,8 @@ class Engine:
                 to_sample.append((r, c))
         for c, rs in prompt_rows.items():  # prompt logprobs of the tokens after each computed row
             req, ch = self._by_seq[c.seq]
+            if len(req.prompt_logprobs) != (c.start + 1 if c.start else 0):
+                continue  # recomputed after a preemption: these positions are scored already
             span = req.prompt_ids[c.start:c.start + c.length + 1]
             got = prompt_logprobs(logits[rs], span, req.params.prompt_logprobs or 0)
             req.prompt_logprobs.extend(got if c.start == 0 else got[1:])

@@ -211,3 +211,20 @@ def test_stop_token_ids_and_eos(tiny, prompts, alone, smollm2_artifact):
     forced = run(make_engine(smollm2_artifact), (ids, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)))
     assert forced[0][0]["finish"] == "length" and len(forced[0][0]["ids"]) == 64
     assert forced[0][0]["ids"][:len(natural["ids"])] == natural["ids"]
+
+
+def test_prompt_logprobs_survive_preemption(tiny):
+    """A scoring request preempted after its prompt was scored, and recomputed, reports each prompt
+    position once, with the same values."""
+    rng = np.random.default_rng(8)
+    older = [int(t) for t in rng.integers(0, 256, 30)]
+    scored = [int(t) for t in rng.integers(0, 256, 40)]
+    params = SamplingParams(max_tokens=20, temperature=0, prompt_logprobs=1, ignore_eos=True)
+    ref = run(make_engine(tiny), (scored, params))[0][0]
+    engine = make_engine(tiny, num_blocks=6)  # 96 positions: both fit at first, not once both have grown
+    outs = run(engine, (older, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)), (scored, params))
+    assert engine.stats()["preemptions"] > 0
+    got = outs[1][0]["prompt_logprobs"]
+    assert len(got) == len(scored) and outs[1][0]["ids"] == ref["ids"]
+    assert [None if e is None else (e.token_id, round(e.logprob, 5)) for e in got] == \
+        [None if e is None else (e.token_id, round(e.logprob, 5)) for e in ref["prompt_logprobs"]]
