@@ -26,8 +26,9 @@ from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANI
 from . import lowering
 from .config import DTYPES, CompileOptions
 from .frontend import Checkpoint, open_source
-from .ir import graph_to_json, op_histogram, print_graph
+from .ir import IRError, graph_to_json, op_histogram, print_graph
 from .passes import PIPELINE, run_passes
+from .quant import QUANT_MODES, rtn_spec
 from .targets import TargetSpec, resolve
 from .weights import write_weights
 
@@ -45,6 +46,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     dtype = options.dtype or spec.default_dtype
     if dtype not in DTYPES:
         raise CompileError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if options.quant not in QUANT_MODES:
+        raise CompileError(f"unknown --quant {options.quant!r}; choose one of {', '.join(QUANT_MODES)}")
     if options.block_size not in (8, 16, 32, 64):
         raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
     t_start = time.perf_counter()
@@ -67,7 +70,15 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     try:
         t = phase(2, "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
         graph = family(cfg.arch).build(cfg, dtype, options.block_size)
-        graph = run_passes(graph, dump_dir=debug)
+        graph.quant = declared_quantization(graph, ckpt, options.quant)
+        try:
+            graph = run_passes(graph, dump_dir=debug)
+        except IRError as e:
+            raise CompileError(f"{e}; compile with --quant none to dequantize") from None
+        if graph.packing:
+            bits = sorted({graph.quant[w]["bits"] for w in graph.packing})
+            progress(f"      {len(graph.packing)} weights stay {'/'.join(map(str, bits))}-bit "
+                     f"({_quant_method(ckpt, options.quant)})")
         timings["ir"] = time.perf_counter() - t
 
         t = phase(3, f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
@@ -109,6 +120,30 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     return output
 
 
+def declared_quantization(graph, ckpt: Checkpoint, mode: str) -> dict[str, dict]:
+    """Which dense weights of ``graph`` become quantized, and how (before the passes run)."""
+    if mode == "none":
+        return {}
+    declared = {p: ckpt.quant[p] for p in graph.params if p in ckpt.quant}
+    if mode in ("q4", "q8"):
+        tables = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
+        for op in graph.ops:
+            w = op.inputs[1] if op.kind == "linear" else None
+            if w and w in graph.params and w not in tables and w not in declared:
+                spec = rtn_spec(mode, graph.params[w].shape[1])
+                if spec is not None:
+                    declared[w] = spec.to_dict()
+    return declared
+
+
+def _quant_method(ckpt: Checkpoint, mode: str) -> str:
+    if mode == "none":
+        return "none"
+    if mode in ("q4", "q8"):
+        return f"rtn-{mode}" + (f"+{ckpt.quant_method}" if ckpt.quant_method != "none" else "")
+    return ckpt.quant_method
+
+
 def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> None:
     import tvm
 
@@ -139,8 +174,14 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
                    "device": spec.device, "cpu_features": list(spec.cpu_features)},
         "model": {"family": cfg.arch, "config": cfg.to_dict(), "max_model_len": cfg.max_position_embeddings},
         "dtype": dtype,
-        "quantization": {"method": "none",
-                         "note": "GGUF tensors dequantized at compile time" if ckpt.kind == "gguf" else ""},
+        "quantization": {"method": _quant_method(ckpt, options.quant) if graph.packing else "none",
+                         "mode": options.quant,
+                         "note": "quantized source tensors dequantized at compile time"
+                         if ckpt.quant and not graph.packing else "",
+                         "weights": {w: graph.quant[w] for w in graph.packing},
+                         "dense_weights": sorted(p for p in graph.params
+                                                 if p not in {q for r in graph.packing.values() for q in r.values()}
+                                                 and len(graph.params[p].shape) == 2)},
         "kv_cache": {"layout": "[num_blocks, 2, kv_heads, block_size, head_dim] per layer",
                      "num_layers": cfg.num_layers, "block_size": options.block_size, "kv_heads": cfg.num_kv_heads,
                      "head_dim": cfg.head_dim, "dtype": dtype},
@@ -150,7 +191,8 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "weights": {"dtype": dtype, "index": index},
         "tokenizer": {"files": tok_files},
         "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},
-        "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size},
+        "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size,
+                            "quant": options.quant},
         "build": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "seconds": round(total, 2),
                   "phase_seconds": {k: round(v, 2) for k, v in timings.items()}},

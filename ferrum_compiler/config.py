@@ -49,5 +49,6 @@ class CompileOptions:
     target: str = "cpu"
     dtype: str = ""  # "" = the target's default (float32 on cpu, float16 on GPUs)
     block_size: int = 16
+    quant: str = "auto"  # auto: keep the source's quantization | none: dequantize | q4 | q8: RTN the linears
     shard_bytes: int = 1 << 30
     extra: dict = field(default_factory=dict)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ferrum.schedules import linear as linear_sched
 from ferrum.schedules import paged_attention as attn_sched
+from ferrum.schedules import quant_linear as quant_sched
 
 from .ir import Graph, static
 from .ir.rope import rope_inv_freq
@@ -64,6 +65,13 @@ def lower(graph: Graph, kernel_kind: str):
                     r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
                 elif k == "linear":
                     r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                elif k == "qlinear":
+                    r = _qlinear(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                elif k == "qembedding":
+                    fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
+                    r = bb.emit_te(quant_sched.qembedding_te(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
+                elif k == "take_cols":
+                    r = relax.op.take(a[0], a[1], axis=1, mode="clip")
                 elif k == "slice":
                     axis = len(out.shape) - 1
                     r = relax.op.strided_slice(a[0], axes=[axis], begin=[op.attrs["begin"]], end=[op.attrs["end"]])
@@ -106,6 +114,19 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out):
     if has_bias:
         r = relax.op.add(r, relax.op.astype(a[2], out.dtype))
     return r
+
+
+def _qlinear(bb, relax, kernel, kernel_kind, graph, op, a, out):
+    at = op.attrs
+    fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
+    k, n = at["in_features"], at["out_features"]
+    x_dtype = graph.value(op.inputs[0]).dtype
+    bias_dtype = graph.value(op.inputs[-1]).dtype if at["bias"] else None
+    if kernel_kind == "cpu":
+        gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
+                    lambda: quant_sched.make_qlinear_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype))
+        return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+    return bb.emit_te(quant_sched.qlinear_te(fmt, out.dtype, at["bias"]), *a, primfunc_name_hint="qlinear")
 
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out):

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="artifact directory (default: artifacts/<model name>)")
     c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                    help="weights and activations (default: float32 on cpu, float16 on GPUs)")
+    c.add_argument("--quant", choices=("auto", "none", "q4", "q8"), default="auto",
+                   help="weights: auto keeps the source's GPTQ/GGUF quantization packed (default), none "
+                        "dequantizes it, q4/q8 quantize the dense linears round-to-nearest (INT4 group 128 / INT8)")
     c.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
     c.add_argument("--dump-ir", action="store_true",
                    help="also write the IR after every pass and the Relax module to <artifact>/debug/")
@@ -84,8 +87,7 @@ def _inspect(args: argparse.Namespace) -> int:
         f"model      {m.model['family']}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads "
         f"{cfg['num_heads']}/{cfg['num_kv_heads']} x {cfg['head_dim']}, ffn {cfg['intermediate_size']}, vocab "
         f"{cfg['vocab_size']}, max len {m.model['max_model_len']}",
-        f"dtype      {d['dtype']}   quantization: {d['quantization']['method']}"
-        + (f" ({d['quantization']['note']})" if d["quantization"].get("note") else ""),
+        f"dtype      {d['dtype']}   quantization: {_quant_summary(d['quantization'])}",
         f"kv cache   block {m.kv_cache['block_size']}, {m.kv_cache['layout']}, {m.kv_cache['dtype']}",
         f"entry      forward({len(m.entry['args']) - n_params} inputs, {n_params} weights) -> logits "
         f"{m.entry['returns']['shape']} {m.entry['returns']['dtype']}",
@@ -148,6 +150,21 @@ def _artifact_for_alias(name: str) -> Path:
         if res.returncode:
             raise FerrumError(f"compiling {name} failed (see above)")
     return path
+
+
+def _quant_summary(q: dict) -> str:
+    """``gguf: 120 weights packed (4-bit g32 asym x119, 8-bit g32 sym x1), 0 dense linears``."""
+    weights = q.get("weights") or {}
+    if not weights:
+        return q["method"] + (f" ({q['note']})" if q.get("note") else "")
+    kinds: dict[str, int] = {}
+    for spec in weights.values():
+        key = (f"{spec['bits']}-bit g{spec['group_size']} {'sym' if spec['sym'] else 'asym'}"
+               + (" act-order" if spec.get("act_order") else ""))
+        kinds[key] = kinds.get(key, 0) + 1
+    dense = len(q.get("dense_weights") or [])
+    return (f"{q['method']}: {len(weights)} weights packed ("
+            + ", ".join(f"{k} x{v}" for k, v in kinds.items()) + f"), {dense} dense matrices")
 
 
 def main(argv: list[str] | None = None) -> int:

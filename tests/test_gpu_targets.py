@@ -21,11 +21,12 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target", [("qwen3", "cuda-sm90"), ("llama", "cuda-sm80"), ("qwen2", "cuda-sm86"),
-                                           ("mistral", "cuda-sm89")])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family,target,quant", [("qwen3", "cuda-sm90", "auto"), ("llama", "cuda-sm80", "auto"),
+                                                 ("qwen2", "cuda-sm86", "auto"), ("mistral", "cuda-sm89", "auto"),
+                                                 ("qwen3", "cuda-sm89", "q4")])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_model_dir, tmp_path):
     out = tmp_path / "art"
-    res = ferrum("compile", tiny_model_dir(family), "--target", target, "-o", out)
+    res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out)
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
     assert embedded_cuda_code(out / "model.so")["cubin"] == [arch]
@@ -34,14 +35,17 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, tiny_model_dir, 
     manifest = yaml.safe_load((out / "ferrum.yaml").read_text())
     assert manifest["target"]["cuda_code"]["cubin"] == [arch] and manifest["dtype"] == "float16"
     assert "cubin: " + arch in ferrum("inspect", out).stdout
+    if quant == "q4":  # dequantizing matmuls were compiled for the GPU too
+        assert manifest["quantization"]["method"] == "rtn-q4" and manifest["ir"]["ops"]["qlinear"] > 0
 
 
 def test_metal_artifact_holds_metal_source(tiny_model_dir, tmp_path):
     out = tmp_path / "art"
-    res = ferrum("compile", tiny_model_dir("llama-tied"), "--target", "metal", "-o", out)
+    res = ferrum("compile", tiny_model_dir("llama-tied"), "--target", "metal", "--quant", "q4", "-o", out)
     assert res.returncode == 0, res.stderr[-3000:]
     lib = (out / "model.so").read_bytes()
     assert b"kernel void" in lib and b"#include <metal_stdlib>" in lib
+    assert b"qlinear" in lib  # the INT4 dequantizing matmul kernels
 
 
 @pytest.mark.gpu

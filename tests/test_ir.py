@@ -9,7 +9,7 @@ import pytest
 from ferrum_compiler.config import ModelConfig
 from ferrum_compiler.ir import OP_KINDS, GraphBuilder, IRError, graph_from_json, graph_to_json, print_graph
 from ferrum_compiler.ir.interpreter import run_graph
-from ferrum_compiler.passes import fuse_parallel_linears
+from ferrum_compiler.passes import fuse_parallel_linears, quantize_linears
 
 CFG = ModelConfig(arch="qwen3", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64,
@@ -167,4 +167,56 @@ def test_every_op_kind_is_covered():
     covered = set()
     for g in _single_op_graphs().values():
         covered |= {op.kind for op in g.ops}
+    covered |= {op.kind for op in _quantized_graph()[0].ops}
     assert covered | {"paged_attention"} == set(OP_KINDS)
+
+
+def _quantized_graph():
+    """embedding + tied head over an int8 table, an act-order int4 linear, a symmetric int4 one with
+    bias; before and after quantize_linears, and the dense weights the packed ones decode to."""
+    from ferrum_compiler.quant import QuantSpec, quantize_rtn
+    from ferrum.schedules.quant_linear import QuantFormat
+
+    b = GraphBuilder()
+    e = b.param("e", (50, 64), "float32")
+    h = b.embedding(e, b.input("ids", ("T",), "int32"))
+    h = b.linear(h, b.param("w", (96, 64), "float32"))
+    h = b.linear(h, b.param("w2", (64, 96), "float32"), b.param("b2", (64,), "float32"))
+    dense = b.output(b.linear(h, e, out_dtype="float32"))
+    specs = {"e": QuantSpec(QuantFormat(8, 16, True)), "w": QuantSpec(QuantFormat(4, 32, False), act_order=True),
+             "w2": QuantSpec(QuantFormat(4, 32, True))}
+    dense.quant = {k: v.to_dict() for k, v in specs.items()}
+    quantized = quantize_linears(dense)
+    rng = np.random.default_rng(5)
+    dense_params, packed_params = {"b2": (0.3 * rng.standard_normal(64)).astype(np.float32)}, {}
+    for name, spec in specs.items():
+        qt = quantize_rtn(rng.standard_normal(dense.params[name].shape).astype(np.float32),
+                          QuantFormat(spec.fmt.bits, spec.fmt.group_size, spec.fmt.bits == 8))
+        if name == "w2":  # symmetric int4: the format GPTQ sym and GGUF Q4_0 use
+            qt.q = rng.integers(0, 16, qt.q.shape).astype(np.uint8)
+            qt.mins = None
+            qt.fmt = spec.fmt
+        if spec.act_order:
+            qt.perm = rng.permutation(qt.shape[1]).astype(np.int32)
+        dense_params[name] = qt.dequantize()
+        packed_params.update({quantized.packing[name][role]: t for role, t in qt.pack().items()})
+    packed_params["b2"] = dense_params["b2"]
+    return quantized, dense, packed_params, dense_params
+
+
+@pytest.mark.kernel
+def test_quantize_linears_pass_and_lowering():
+    """Before/after the pass on the interpreter, then the lowered CPU kernels against the interpreter."""
+    quantized, dense, packed, deq = _quantized_graph()
+    kinds = [op.kind for op in quantized.ops]
+    assert kinds == ["qembedding", "take_cols", "qlinear", "qlinear", "qlinear"]
+    assert set(quantized.params) == {"e.qweight", "e.scales", "w.qweight", "w.scales", "w.mins", "w.perm",
+                                     "w2.qweight", "w2.scales", "b2"}
+    ids = {"ids": np.array([3, 0, 49, 7, 7], np.int32)}
+    before = list(run_graph(dense, ids, deq).values())[0]
+    after = list(run_graph(quantized, ids, packed).values())[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6 * np.abs(before).max())  # float32 rounding
+    for n in (1, 5):  # GEMV and tile paths
+        sub = {"ids": ids["ids"][:n]}
+        ours, _ = run_lowered(quantized, sub, packed)
+        np.testing.assert_allclose(ours, before[:n], rtol=1e-4, atol=1e-4 * np.abs(before).max())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -26,9 +26,12 @@ class Checkpoint:
     name: str  # what the user typed, recorded in the manifest
     kind: str  # "hf" | "gguf"
     config: ModelConfig
-    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]  # (HF tensor name, array), one at a time
+    # (HF tensor name, array or ferrum_compiler.quant.QuantTensor), one at a time
+    tensors: Callable[[], Iterator[tuple[str, Any]]]
     write_tokenizer: Callable[[Path], list[str]]  # writes tokenizer files into the artifact; returns their names
     details: dict = field(default_factory=dict)
+    quant: dict[str, dict] = field(default_factory=dict)  # tensor yielded quantized -> QuantSpec.to_dict()
+    quant_method: str = "none"  # "gguf" | "gptq" | "none"
 
 
 def open_source(name: str, progress: Callable[[str], None] = lambda msg: None) -> Checkpoint:

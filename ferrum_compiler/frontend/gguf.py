@@ -1,8 +1,9 @@
 """GGUF files (llama.cpp's format), read with the ``gguf`` package.
 
 Config comes from the ``{arch}.*`` metadata, the tokenizer and chat template from ``tokenizer.*``.
-Tensors are renamed to Hugging Face names and, in this version, dequantized to float32 at compile time
-(F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the other types ``gguf`` can dequantize). llama.cpp's converter
+Tensors are renamed to Hugging Face names. Q4_0, Q4_1 and Q8_0 tensors are yielded as ``QuantTensor``s
+that keep their integers (packed for ferrum's INT4/INT8 kernels, or dequantized with ``--quant none``);
+the other types ``gguf`` can read (F32, F16, BF16, K-quants) are dequantized to float32. llama.cpp's converter
 permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
 match the rotate-half convention of our ``rope`` op, as the ``transformers`` GGUF loader does.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from ferrum.models.registry import family_for
 
 from ..config import ModelConfig
+from ..quant import GGUF_FORMATS, QuantSpec, from_gguf
 from . import Checkpoint, SourceError
 
 _LAYER_NAMES = {
@@ -121,11 +123,22 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
     for t in reader.tensors:
         qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    quant = {hf_name(t.name): QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict() for t in reader.tensors
+             if t.tensor_type.name in GGUF_FORMATS and hf_name(t.name) and len(t.shape) == 2}
+
+    def tensors() -> Iterator[tuple[str, object]]:
         for t in reader.tensors:
             hf = hf_name(t.name)
             if hf is None:
                 continue  # e.g. rope_freqs: recomputed from metadata
+            if hf in quant:
+                shape = (int(t.shape[1]), int(t.shape[0]))
+                qt = from_gguf(t.tensor_type.name, t.data, shape)
+                if permuted and hf.endswith(("q_proj.weight", "k_proj.weight")):
+                    heads = config.num_heads if hf.endswith("q_proj.weight") else config.num_kv_heads
+                    qt = qt.take_rows(_unpermute_rope_rows(np.arange(shape[0]), heads))
+                yield hf, qt
+                continue
             try:
                 w = gguf.quants.dequantize(t.data, t.tensor_type)
             except NotImplementedError:
@@ -150,5 +163,5 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
         return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
 
     return Checkpoint(name=name or str(path), kind="gguf", config=config, tensors=tensors,
-                      write_tokenizer=write_tokenizer,
+                      write_tokenizer=write_tokenizer, quant=quant, quant_method="gguf" if quant else "none",
                       details={"file": str(path), "tensor_types": qtypes, "gguf_name": meta.get("general.name")})

@@ -18,6 +18,14 @@ Ops (attrs in brackets):
 - ``silu_mul(gate[T,I], up[T,I]) -> [T,I]``
 - ``add(a, b) -> a``
 - ``take_rows(x[T,D], index[B]) -> [B,D]``
+- ``take_cols(x[T,K], perm[K]) -> [T,K]``  (act-order GPTQ: inputs in the kernel's column order)
+- ``qlinear(x[T,K], qweight, scales, mins?, bias[N]?) [bits, group_size, sym, in_features, out_features,
+  out_dtype] -> [T,N]``  (group-affine INT4/INT8 weights in the layout of ``schedules/quant_linear.py``)
+- ``qembedding(qweight, scales, mins?, ids[T]) [bits, group_size, sym] -> [T,D]``
+
+Quantization is declared per dense weight in ``Graph.quant`` (set by the compiler from the checkpoint or
+``--quant``) and applied by the ``quantize_linears`` pass, which replaces each such weight by its packed
+tensors and records them in ``Graph.packing``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ OP_KINDS = (
     "silu_mul",
     "add",
     "take_rows",
+    "take_cols",
+    "qlinear",
+    "qembedding",
 )
 
 
@@ -68,6 +79,10 @@ class Graph:
     outputs: tuple[str, ...] = ()
     # artifact param -> checkpoint tensors concatenated along axis 0 (absent: the param itself)
     param_sources: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # dense weight -> declared quantization (QuantSpec.to_dict()); read by the quantize_linears pass
+    quant: dict[str, dict] = field(default_factory=dict)
+    # quantized weight (a name in param_sources' sense) -> {"qweight"|"scales"|"mins"|"perm": param name}
+    packing: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def value(self, name: str) -> Value:
         for table in (self.inputs, self.params, self.values):

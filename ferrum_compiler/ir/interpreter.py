@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ferrum.schedules.linear import linear_ref
+from ferrum.schedules.quant_linear import QuantFormat, qembedding_ref, qlinear_ref
 from ferrum.schedules.paged_attention import attention_ref, kv_append_ref
 
 from .graph import Graph
@@ -74,6 +75,16 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
             r = a[0].astype(np.float64) + a[1]
         elif k == "take_rows":
             r = a[0][a[1]]
+        elif k == "take_cols":
+            r = a[0][:, a[1]]
+        elif k == "qlinear":
+            fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
+            mins = None if fmt.sym else a[3]
+            bias = a[-1] if op.attrs["bias"] else None
+            r = qlinear_ref(a[0], fmt, a[1], a[2], mins, bias, out_dtype="float64")
+        elif k == "qembedding":
+            fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
+            r = qembedding_ref(fmt, a[0], a[1], None if fmt.sym else a[2], a[-1])
         else:
             raise NotImplementedError(f"interpreter has no rule for op {k!r}")
         env[op.output] = np.asarray(r).astype(_np_dtype(graph.values[op.output].dtype))

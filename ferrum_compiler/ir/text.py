@@ -49,6 +49,8 @@ def graph_to_json(graph: Graph) -> str:
         "ops": [{"kind": op.kind, "inputs": list(op.inputs), "output": op.output, "attrs": op.attrs} for op in graph.ops],
         "outputs": list(graph.outputs),
         "param_sources": {k: list(v) for k, v in graph.param_sources.items()},
+        "quant": graph.quant,
+        "packing": graph.packing,
     })
 
 
@@ -65,6 +67,8 @@ def graph_from_json(text: str) -> Graph:
         ops=[Op(o["kind"], tuple(o["inputs"]), o["output"], o["attrs"]) for o in data["ops"]],
         outputs=tuple(data["outputs"]),
         param_sources={k: tuple(v) for k, v in data.get("param_sources", {}).items()},
+        quant=data.get("quant", {}),
+        packing=data.get("packing", {}),
     )
 
 

@@ -8,9 +8,11 @@ from typing import Callable
 
 from ..ir import Graph, print_graph
 from .fuse_parallel_linears import fuse_parallel_linears
+from .quantize_linears import quantize_linears
 
 PIPELINE: list[tuple[str, Callable[[Graph], Graph]]] = [
     ("fuse_parallel_linears", fuse_parallel_linears),  # q/k/v and gate/up share one matmul each
+    ("quantize_linears", quantize_linears),  # declared INT4/INT8 weights: packed params, fused dequant ops
 ]
 
 

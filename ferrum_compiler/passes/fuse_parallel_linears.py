@@ -31,11 +31,14 @@ def fuse_parallel_linears(graph: Graph) -> Graph:
     groups: dict[tuple, list[Op]] = {}
     for op in g.ops:
         if op.kind == "linear" and op.inputs[1] in g.params and len(g.consumers(op.inputs[1])) == 1:
-            key = (op.inputs[0], op.attrs["out_dtype"], op.attrs["bias"])
+            quant = g.quant.get(op.inputs[1])
+            if quant and quant.get("act_order"):
+                continue  # each act-order weight has its own column permutation
+            key = (op.inputs[0], op.attrs["out_dtype"], op.attrs["bias"], repr(quant))
             groups.setdefault(key, []).append(op)
     replace: dict[str, list[Op]] = {}  # output of the group's first op -> ops that take the group's place
     drop: set[str] = set()
-    for (x, out_dtype, has_bias), ops in groups.items():
+    for (x, out_dtype, has_bias, _), ops in groups.items():
         if len(ops) < 2:
             continue
         weights = [op.inputs[1] for op in ops]
@@ -44,6 +47,8 @@ def fuse_parallel_linears(graph: Graph) -> Graph:
         k = g.params[weights[0]].shape[1]
         g.params[w_name] = Value(w_name, (sum(widths), k), g.params[weights[0]].dtype)
         g.param_sources[w_name] = tuple(s for w in weights for s in g.param_sources.get(w, (w,)))
+        if weights[0] in g.quant:
+            g.quant[w_name] = g.quant[weights[0]]
         inputs = [x, w_name]
         if has_bias:
             biases = [op.inputs[2] for op in ops]
@@ -55,6 +60,7 @@ def fuse_parallel_linears(graph: Graph) -> Graph:
         for w in weights:
             del g.params[w]
             g.param_sources.pop(w, None)
+            g.quant.pop(w, None)
         fused_out = ops[0].output + ".fused"
         g.values[fused_out] = Value(fused_out, (g.value(x).shape[0], sum(widths)), out_dtype)
         new_ops = [Op("linear", tuple(inputs), fused_out, dict(ops[0].attrs))]

@@ -1,0 +1,63 @@
+"""Replace every weight declared in ``Graph.quant`` by its packed tensors and its ops by quantized ones.
+
+Before: ``y = linear(x, W[N,K])`` with ``graph.quant[W] = {bits: 4, group_size: 128, sym, act_order}``.
+After:  ``y = qlinear(take_cols(x, W.perm)?, W.qweight, W.scales, W.mins?)``; an ``embedding`` over a
+quantized table becomes ``qembedding``, so a tied lm_head and the embedding share one packed table.
+``graph.packing[W]`` names the packed params; ``graph.param_sources[W]`` still names the checkpoint
+tensors, which the weight writer quantizes (or converts) and packs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ferrum.schedules.quant_linear import QuantFormat
+
+from ..ir import Graph, IRError, Op, Value, static
+
+
+def quantize_linears(graph: Graph) -> Graph:
+    g = copy.deepcopy(graph)
+    params: dict[str, Value] = {}
+    for name, value in g.params.items():
+        if name not in g.quant:
+            params[name] = value
+            continue
+        spec = g.quant[name]
+        fmt = QuantFormat(spec["bits"], spec["group_size"], spec["sym"])
+        n, k = static(value.shape[0]), static(value.shape[1])
+        why = fmt.check(k)
+        if why:
+            raise IRError(f"{name}: {why}")
+        shapes = fmt.packed_shapes(n, k)
+        if spec.get("act_order"):
+            shapes["perm"] = ((k,), "int32")
+        g.packing[name] = {role: f"{name}.{role}" for role in shapes}
+        for role, (shape, dtype) in shapes.items():
+            params[f"{name}.{role}"] = Value(f"{name}.{role}", shape, dtype)
+    g.params = params
+    ops: list[Op] = []
+    for op in g.ops:
+        w = op.inputs[1] if op.kind == "linear" else op.inputs[0] if op.kind == "embedding" else None
+        if w not in g.packing:
+            ops.append(op)
+            continue
+        spec, packed = g.quant[w], g.packing[w]
+        fmt_attrs = {"bits": spec["bits"], "group_size": spec["group_size"], "sym": spec["sym"]}
+        tensors = [packed["qweight"], packed["scales"]] + ([packed["mins"]] if "mins" in packed else [])
+        if op.kind == "embedding":
+            if "perm" in packed:
+                raise IRError(f"{w}: an embedding table cannot have act-order columns")
+            ops.append(Op("qembedding", (*tensors, op.inputs[1]), op.output, fmt_attrs))
+            continue
+        x = op.inputs[0]
+        if "perm" in packed:
+            cols = op.output + ".cols"
+            g.values[cols] = Value(cols, g.value(x).shape, g.value(x).dtype)
+            ops.append(Op("take_cols", (x, packed["perm"]), cols))
+            x = cols
+        n, k = g.value(op.output).shape[1], g.value(op.inputs[0]).shape[1]
+        attrs = {**fmt_attrs, "in_features": k, "out_features": n, **op.attrs}
+        ops.append(Op("qlinear", (x, *tensors, *op.inputs[2:]), op.output, attrs))
+    g.ops = ops
+    return g

@@ -1,0 +1,217 @@
+"""Quantized weights at compile time: one canonical group-affine form for every source.
+
+GPTQ tensors (``qweight``/``qzeros``/``scales``/``g_idx``), GGUF Q4_0/Q4_1/Q8_0 blocks and round-to-nearest
+quantization of dense weights (``--quant q4|q8``) all become a ``QuantTensor``: integers ``q[N, K]``
+(one per weight, unpacked), per-group ``scales`` and (asymmetric) ``mins``, and for act-order GPTQ the
+column permutation that makes groups contiguous. ``pack()`` turns it into the kernel layout of
+``schedules/quant_linear.py``. Everything here is numpy only, so weights can be packed without TVM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ferrum.schedules.quant_linear import QuantFormat, pack_int4, unpack_int4
+
+from .frontend import SourceError
+
+QUANT_MODES = ("auto", "none", "q4", "q8")  # --quant: keep the source's / dequantize all / RTN linears
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The declared quantization of one weight: its kernel format and whether columns are permuted."""
+
+    fmt: QuantFormat
+    act_order: bool = False
+
+    def to_dict(self) -> dict:
+        return {**self.fmt.to_dict(), "act_order": self.act_order}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantSpec":
+        return cls(QuantFormat(int(d["bits"]), int(d["group_size"]), bool(d["sym"])), bool(d.get("act_order")))
+
+
+@dataclass
+class QuantTensor:
+    fmt: QuantFormat
+    q: np.ndarray  # [N, K] uint8 0..15 (int4) or int8 (int8), columns in kernel (group) order
+    scales: np.ndarray  # [N, K/G] float32, exactly representable in float16
+    mins: np.ndarray | None  # [N, K/G] float32 when asymmetric
+    perm: np.ndarray | None = None  # [K] int32: kernel column j reads input column perm[j]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.q.shape[0]), int(self.q.shape[1]))
+
+    def dequantize(self) -> np.ndarray:
+        """float32 ``W[N, K]`` in the checkpoint's column order."""
+        s = np.repeat(self.scales, self.fmt.group_size, axis=1)
+        q = self.q.astype(np.float32)
+        w = s * (q - self.fmt.zero_point) if self.fmt.sym else s * q + np.repeat(self.mins, self.fmt.group_size, axis=1)
+        if self.perm is not None:
+            out = np.empty_like(w)
+            out[:, self.perm] = w
+            return out
+        return w
+
+    def as_format(self, fmt: QuantFormat, name: str) -> "QuantTensor":
+        """The same weights in ``fmt``; only symmetric → asymmetric (``mins = -zp * scales``) converts."""
+        if fmt == self.fmt:
+            return self
+        if (fmt.bits, fmt.group_size) == (self.fmt.bits, self.fmt.group_size) and self.fmt.sym and not fmt.sym:
+            return QuantTensor(fmt, self.q, self.scales, -self.fmt.zero_point * self.scales, self.perm)
+        raise SourceError(f"{name}: the checkpoint stores {self.fmt.bits}-bit group {self.fmt.group_size} "
+                          f"{'symmetric' if self.fmt.sym else 'asymmetric'} weights, the model declared "
+                          f"{fmt.bits}-bit group {fmt.group_size} {'symmetric' if fmt.sym else 'asymmetric'}; "
+                          "its quantization_config does not match its tensors")
+
+    def take_rows(self, index: np.ndarray) -> "QuantTensor":
+        return QuantTensor(self.fmt, self.q[index], self.scales[index],
+                           None if self.mins is None else self.mins[index], self.perm)
+
+    def pack(self) -> dict[str, np.ndarray]:
+        """Kernel-layout tensors: ``qweight``, ``scales`` (float16), ``mins`` (asymmetric) and ``perm``."""
+        out = {"qweight": pack_int4(self.q) if self.fmt.bits == 4 else self.q.astype(np.int8),
+               "scales": self.scales.astype(np.float16)}
+        if not self.fmt.sym:
+            out["mins"] = self.mins.astype(np.float32)
+        if self.perm is not None:
+            out["perm"] = self.perm.astype(np.int32)
+        return out
+
+
+def concat_rows(parts: list[QuantTensor], names: tuple[str, ...]) -> QuantTensor:
+    """Stack fused linears (q/k/v, gate/up) along the output axis; they must share one format."""
+    first = parts[0]
+    for p, name in zip(parts, names):
+        if p.fmt != first.fmt or (p.perm is None) != (first.perm is None) or (
+                p.perm is not None and not np.array_equal(p.perm, first.perm)):
+            raise SourceError(f"cannot fuse {names[0]} and {name}: they are quantized differently "
+                              f"({first.fmt} vs {p.fmt}); compile with --quant none")
+    return QuantTensor(first.fmt, np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
+                       None if first.mins is None else np.concatenate([p.mins for p in parts]), first.perm)
+
+
+def quantize_rtn(w: np.ndarray, fmt: QuantFormat) -> QuantTensor:
+    """Round-to-nearest per group: int4 asymmetric (min/max), int8 symmetric (absmax)."""
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    g = w.reshape(n, k // fmt.group_size, fmt.group_size)
+    if fmt.bits == 8 and fmt.sym:
+        s = _f16(np.abs(g).max(axis=2) / 127.0)
+        q = np.clip(np.rint(g / s[..., None]), -127, 127).astype(np.int8)
+        return QuantTensor(fmt, q.reshape(n, k), s, None)
+    assert fmt.bits == 4 and not fmt.sym, "RTN makes asymmetric int4 or symmetric int8"
+    lo, hi = g.min(axis=2), g.max(axis=2)
+    s = _f16((hi - lo) / 15.0)
+    q = np.clip(np.rint((g - lo[..., None]) / s[..., None]), 0, 15).astype(np.uint8)
+    return QuantTensor(fmt, q.reshape(n, k), s, lo.astype(np.float32))
+
+
+def _f16(s: np.ndarray) -> np.ndarray:
+    s = s.astype(np.float16).astype(np.float32)
+    return np.where(s > 0, s, np.float32(1.0))  # all-equal groups: any scale reproduces them
+
+
+def rtn_spec(mode: str, k: int) -> QuantSpec | None:
+    """The format ``--quant q4|q8`` gives a linear with ``k`` input columns (None: stays dense)."""
+    if mode == "q4":
+        for g in (128, 64, 32):
+            if k % g == 0:
+                return QuantSpec(QuantFormat(4, g, sym=False))
+        return None
+    if mode == "q8":
+        return QuantSpec(QuantFormat(8, 32, sym=True)) if k % 32 == 0 else None
+    return None
+
+
+# ---------------------------------------------------------------- GGUF blocks
+
+GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True)}
+_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
+    """Raw GGUF blocks (``uint8 [rows, row_bytes]``) of a ``[N, K]`` tensor → QuantTensor."""
+    n, k = shape
+    blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // 32, _GGUF_BLOCK_BYTES[type_name])
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    fmt = GGUF_FORMATS[type_name]
+    if type_name == "Q8_0":
+        q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
+        return QuantTensor(fmt, q, d, None)
+    if type_name == "Q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        return QuantTensor(fmt, unpack_int4(blocks[..., 4:].reshape(n, k // 2)), d, m)
+    return QuantTensor(fmt, unpack_int4(blocks[..., 2:].reshape(n, k // 2)), d, None)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int
+    group_size: int  # -1: one group per output channel
+    desc_act: bool
+    sym: bool
+    v1_zeros: bool  # AutoGPTQ "gptq" format stores zero - 1
+
+    @classmethod
+    def from_hf(cls, qc: dict, where: str) -> "GPTQConfig":
+        bits = int(qc.get("bits", 4))
+        if bits not in (4, 8):
+            raise SourceError(f"{where}: GPTQ with {bits} bits is not supported; 4 and 8 are")
+        fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq")))
+        if fmt not in ("gptq", "gptq_v2"):
+            raise SourceError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+        return cls(bits, int(qc.get("group_size", 128)), bool(qc.get("desc_act", False)),
+                   bool(qc.get("sym", True)), fmt == "gptq")
+
+    def spec(self, k: int) -> QuantSpec:
+        g = k if self.group_size in (-1, 0) else self.group_size
+        return QuantSpec(QuantFormat(self.bits, g, self.sym), act_order=self.desc_act)
+
+
+def _unpack_int32(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """GPTQ packs ``32 / bits`` values per int32, lowest bits first, along ``axis``."""
+    per = 32 // bits
+    p = packed.astype(np.uint32)
+    shifts = (np.arange(per, dtype=np.uint32) * bits)
+    vals = (np.expand_dims(p, axis + 1) >> np.expand_dims(shifts, tuple(i for i in range(p.ndim + 1) if i != axis + 1))) & ((1 << bits) - 1)
+    shape = list(p.shape)
+    shape[axis] *= per
+    return vals.reshape(shape).astype(np.int32)
+
+
+def from_gptq(cfg: GPTQConfig, name: str, qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray,
+              g_idx: np.ndarray | None) -> QuantTensor:
+    """GPTQ tensors of one linear (``qweight [K/pack, N]``, ``qzeros [groups, N/pack]``, ``scales
+    [groups, N]``, ``g_idx [K]``) → QuantTensor."""
+    q = _unpack_int32(qweight, cfg.bits, axis=0).T  # [N, K]
+    n, k = q.shape
+    z = _unpack_int32(qzeros, cfg.bits, axis=1)[:, :n] + (1 if cfg.v1_zeros else 0)  # [groups, N]
+    s = scales.astype(np.float32)  # [groups, N]
+    groups = s.shape[0]
+    g = k // groups
+    spec = cfg.spec(k)
+    if spec.fmt.group_size != g:
+        raise SourceError(f"{name}: {groups} scale groups for {k} columns, but group_size is {cfg.group_size}")
+    perm = None
+    if g_idx is not None and not np.array_equal(g_idx, np.arange(k) // g):
+        perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+        if not np.array_equal(g_idx[perm], np.arange(k) // g):
+            raise SourceError(f"{name}: g_idx does not assign exactly {g} columns to each group; "
+                              "this act-order layout is not supported")
+        q = q[:, perm]
+    mid = 1 << (cfg.bits - 1)
+    fmt = QuantFormat(cfg.bits, g, sym=bool(np.all(z == mid)))
+    if fmt.sym:
+        qq = q.astype(np.uint8) if cfg.bits == 4 else (q - 128).astype(np.int8)
+        return QuantTensor(fmt, qq, s.T.copy(), None, perm)
+    if cfg.bits == 4:
+        return QuantTensor(fmt, q.astype(np.uint8), s.T.copy(), (-s * z).T.astype(np.float32), perm)
+    return QuantTensor(fmt, (q - 128).astype(np.int8), s.T.copy(), (s * (128 - z)).T.astype(np.float32), perm)

@@ -1,0 +1,312 @@
+"""Group-affine quantized linear (INT4 and INT8) with dequantization fused into the matmul, and the
+quantized embedding gather, with their numpy references.
+
+One family covers GPTQ (any group size, symmetric or with zeros, act-order) and GGUF Q4_0 / Q4_1 /
+Q8_0. A weight ``W[N, K]`` is stored per output row in groups of ``G`` input columns::
+
+    W[n, k] = scales[n, k // G] * (q[n, k] - zp)        symmetric: zp = 8 (int4) or 0 (int8)
+    W[n, k] = scales[n, k // G] * q[n, k] + mins[n, k // G]      asymmetric
+
+Kernel layout (what the artifact stores):
+- int4: ``qweight`` uint8 ``[N, K/2]``; in every block of 32 columns byte ``j`` holds ``q[j]`` in its low
+  nibble and ``q[j + 16]`` in its high nibble (GGUF's Q4 layout, so GGUF blocks repack by dropping
+  their scales). ``K`` and ``G`` are multiples of 32.
+- int8: ``qweight`` int8 ``[N, K]`` (signed). ``G`` is a multiple of 16.
+- ``scales`` float16 ``[N, K/G]``; ``mins`` float32 ``[N, K/G]`` when asymmetric (a GPTQ ``-scale * zero``
+  is exact in float32, not in float16).
+Act-order (GPTQ ``g_idx``) is handled outside the kernel: the columns are sorted by group at compile
+time and the activations gathered with the same permutation (IR op ``take_cols``).
+
+CPU kernel: per output row, each group's dot product with the raw integers is accumulated in 16
+float32 lanes, then scaled once per group: ``sum_g s_g * (x_g · q_g) + (m_g or -zp * s_g) * sum(x_g)``,
+with the per-group activation sums ``sum(x_g)`` computed once per token. Decode (few tokens) reads each
+packed weight once; prefill dequantizes a block of rows into a float32 tile once and reuses it for
+every token. GPU targets use the same math as one TE reduction that dlight schedules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_ROWS_PER_TASK = 16
+_LANES = 16
+_TILE_MIN_TOKENS = 4  # from this many tokens on, dequantize a row block once and reuse it
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """What a kernel needs to know about a quantized weight; recorded per linear in the manifest."""
+
+    bits: int  # 4 | 8
+    group_size: int
+    sym: bool
+
+    @property
+    def zero_point(self) -> int:
+        return 8 if self.bits == 4 else 0
+
+    def packed_shapes(self, n: int, k: int) -> dict[str, tuple[tuple[int, int], str]]:
+        """``{tensor: (shape, dtype)}`` of the kernel-layout tensors for a ``[n, k]`` weight."""
+        shapes = {"qweight": ((n, k // 2), "uint8") if self.bits == 4 else ((n, k), "int8"),
+                  "scales": ((n, k // self.group_size), "float16")}
+        if not self.sym:
+            shapes["mins"] = ((n, k // self.group_size), "float32")
+        return shapes
+
+    def check(self, k: int) -> str | None:
+        """Why a weight with ``k`` input columns cannot use this format (None when it can)."""
+        if self.bits not in (4, 8):
+            return f"{self.bits}-bit weights are not supported (4 or 8)"
+        unit = 32 if self.bits == 4 else 16
+        if self.group_size % unit or k % self.group_size:
+            return f"group size {self.group_size} must be a multiple of {unit} dividing in_features {k}"
+        return None
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+
+
+# ---------------------------------------------------------------- numpy references and packing
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """``q[N, K]`` values 0..15 → uint8 ``[N, K/2]`` in the 32-column block layout."""
+    n, k = q.shape
+    blocks = q.astype(np.uint8).reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    n, half = packed.shape
+    b = packed.reshape(n, half // 16, 1, 16)
+    return np.concatenate([b & 15, b >> 4], axis=2).reshape(n, half * 2)
+
+
+def dequantize_ref(fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> np.ndarray:
+    """Kernel-layout tensors → float64 ``W[N, K]``."""
+    q = unpack_int4(qweight) if fmt.bits == 4 else qweight
+    s = np.repeat(scales.astype(np.float64), fmt.group_size, axis=1)
+    if fmt.sym:
+        return s * (q.astype(np.float64) - fmt.zero_point)
+    return s * q + np.repeat(mins.astype(np.float64), fmt.group_size, axis=1)
+
+
+def qlinear_ref(x: np.ndarray, fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray, mins: np.ndarray | None,
+                bias: np.ndarray | None = None, out_dtype: str | None = None) -> np.ndarray:
+    out = x.astype(np.float64) @ dequantize_ref(fmt, qweight, scales, mins).T
+    if bias is not None:
+        out = out + bias.astype(np.float64)
+    return out.astype(out_dtype or x.dtype)
+
+
+def qembedding_ref(fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray, mins: np.ndarray | None,
+                   ids: np.ndarray) -> np.ndarray:
+    rows = [qweight[ids], scales[ids], None if mins is None else mins[ids]]
+    return dequantize_ref(fmt, rows[0], rows[1], rows[2])
+
+
+# ---------------------------------------------------------------- CPU kernel
+
+def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
+                     bias_dtype: str | None):
+    """PrimFunc ``qlinear(x[T,K], qweight, scales, [mins,] [bias[N],] out[T,N])``."""
+    from tvm.script import tirx as T
+
+    K, N, G, L = in_features, out_features, fmt.group_size, _LANES
+    assert fmt.check(K) is None, fmt.check(K)
+    KG = K // G
+    R = _ROWS_PER_TASK
+    tasks = (N + R - 1) // R
+    int4 = fmt.bits == 4
+    sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
+    chunks = G // 32 if int4 else G // L  # 16-lane steps per group (int4: two nibble halves each)
+    qshape, qdtype = fmt.packed_shapes(N, K)["qweight"]
+
+    @T.macro
+    def group_sums(x, xs, ntok):
+        for i in T.parallel(ntok):
+            for g in T.serial(KG):
+                xs[i, g] = T.float32(0)
+                for kk in T.serial(G):
+                    xs[i, g] = xs[i, g] + T.Cast("float32", x[i, g * G + kk])
+
+    @T.macro
+    def finish(acc, corr, b, out, i, n):
+        for ll in T.serial(L - 1):
+            acc[0] = acc[0] + acc[ll + 1]
+        acc[0] = acc[0] + corr[0]
+        if has_bias:
+            acc[0] = acc[0] + T.Cast("float32", b[n])
+        out[i, n] = T.Cast(out_dtype, acc[0])
+
+    @T.macro
+    def group_correction(corr, scales, mins, xs, i, n, g):
+        if sym:
+            corr[0] = corr[0] - T.Cast("float32", scales[n, g]) * T.float32(zp) * xs[i, g]
+        else:
+            corr[0] = corr[0] + mins[n, g] * xs[i, g]
+
+    @T.macro
+    def decode_rows(x, w, scales, mins, b, out, xs, ntok):
+        # each packed weight is read once per token; the integer dot product is scaled once per group
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            accg = T.alloc_buffer((L,), "float32", scope="local")
+            corr = T.alloc_buffer((1,), "float32", scope="local")
+            for i in T.serial(ntok):
+                for r in T.serial(R):
+                    if task * R + r < N:
+                        n = task * R + r
+                        corr[0] = T.float32(0)
+                        for ll in T.vectorized(L):
+                            acc[ll] = T.float32(0)
+                        for g in T.serial(KG):
+                            for ll in T.vectorized(L):
+                                accg[ll] = T.float32(0)
+                            for c in T.serial(chunks):
+                                if int4:
+                                    for ll in T.vectorized(L):
+                                        accg[ll] = accg[ll] + T.Cast("float32", x[i, g * G + c * 32 + ll]) * T.Cast(
+                                            "float32", T.bitwise_and(w[n, g * (G // 2) + c * 16 + ll], T.uint8(15))
+                                        ) + T.Cast("float32", x[i, g * G + c * 32 + 16 + ll]) * T.Cast(
+                                            "float32", T.shift_right(w[n, g * (G // 2) + c * 16 + ll], T.uint8(4)))
+                                else:
+                                    for ll in T.vectorized(L):
+                                        accg[ll] = accg[ll] + T.Cast("float32", x[i, g * G + c * L + ll]) * T.Cast(
+                                            "float32", w[n, g * G + c * L + ll])
+                            for ll in T.vectorized(L):
+                                acc[ll] = acc[ll] + accg[ll] * T.Cast("float32", scales[n, g])
+                            group_correction(corr, scales, mins, xs, i, n, g)
+                        finish(acc, corr, b, out, i, n)
+
+    @T.macro
+    def tile_rows(x, w, scales, mins, b, out, ntok):
+        # dequantize R rows once into a float32 tile, then one float dot product per token and row
+        for task in T.parallel(tasks):
+            tile = T.alloc_buffer((R, K), "float32")
+            acc = T.alloc_buffer((L,), "float32", scope="local")
+            zero = T.alloc_buffer((1,), "float32", scope="local")
+            for r in T.serial(R):
+                if task * R + r < N:
+                    n = task * R + r
+                    for g in T.serial(KG):
+                        for c in T.serial(chunks):
+                            if int4:
+                                for ll in T.vectorized(L):
+                                    tile[r, g * G + c * 32 + ll] = T.Cast("float32", T.bitwise_and(
+                                        w[n, g * (G // 2) + c * 16 + ll], T.uint8(15)))
+                                    tile[r, g * G + c * 32 + 16 + ll] = T.Cast("float32", T.shift_right(
+                                        w[n, g * (G // 2) + c * 16 + ll], T.uint8(4)))
+                            else:
+                                for ll in T.vectorized(L):
+                                    tile[r, g * G + c * L + ll] = T.Cast("float32", w[n, g * G + c * L + ll])
+                        if sym:
+                            for kk in T.vectorized(G):
+                                tile[r, g * G + kk] = (tile[r, g * G + kk] - T.float32(zp)) * T.Cast(
+                                    "float32", scales[n, g])
+                        else:
+                            for kk in T.vectorized(G):
+                                tile[r, g * G + kk] = tile[r, g * G + kk] * T.Cast("float32", scales[n, g]) + mins[n, g]
+            for i in T.serial(ntok):
+                for r in T.serial(R):
+                    if task * R + r < N:
+                        zero[0] = T.float32(0)
+                        for ll in T.vectorized(L):
+                            acc[ll] = T.float32(0)
+                        for ko in T.serial(K // L):
+                            for ll in T.vectorized(L):
+                                acc[ll] = acc[ll] + T.Cast("float32", x[i, ko * L + ll]) * tile[r, ko * L + ll]
+                        finish(acc, zero, b, out, i, task * R + r)
+
+    @T.macro
+    def body(x, w, scales, mins, b, out, ntok):
+        if ntok < _TILE_MIN_TOKENS:
+            xs = T.alloc_buffer((_TILE_MIN_TOKENS, KG), "float32")
+            group_sums(x, xs, ntok)
+            decode_rows(x, w, scales, mins, b, out, xs, ntok)
+        else:
+            tile_rows(x, w, scales, mins, b, out, ntok)
+
+    G2 = (N, KG)
+    if sym and not has_bias:
+        @T.prim_func(private=True)
+        def qlinear_s(x_h: T.handle, w: T.Buffer(qshape, qdtype), s: T.Buffer(G2, "float16"),  # type: ignore[valid-type]
+                      o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            ntok = T.int64()
+            body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, None, None, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+        return qlinear_s
+    if sym:
+        @T.prim_func(private=True)
+        def qlinear_sb(x_h: T.handle, w: T.Buffer(qshape, qdtype), s: T.Buffer(G2, "float16"),  # type: ignore[valid-type]
+                       b: T.Buffer((N,), bias_dtype), o_h: T.handle):  # type: ignore[valid-type]
+            T.func_attr({"tirx.noalias": True})
+            ntok = T.int64()
+            body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, None, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+        return qlinear_sb
+    if not has_bias:
+        @T.prim_func(private=True)
+        def qlinear_a(x_h: T.handle, w: T.Buffer(qshape, qdtype), s: T.Buffer(G2, "float16"),  # type: ignore[valid-type]
+                      m: T.Buffer(G2, "float32"), o_h: T.handle):  # type: ignore[valid-type]
+            T.func_attr({"tirx.noalias": True})
+            ntok = T.int64()
+            body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, None, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+        return qlinear_a
+
+    @T.prim_func(private=True)
+    def qlinear_ab(x_h: T.handle, w: T.Buffer(qshape, qdtype), s: T.Buffer(G2, "float16"),  # type: ignore[valid-type]
+                   m: T.Buffer(G2, "float32"), b: T.Buffer((N,), bias_dtype), o_h: T.handle):  # type: ignore[valid-type]
+        T.func_attr({"tirx.noalias": True})
+        ntok = T.int64()
+        body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+    return qlinear_ab
+
+
+# ---------------------------------------------------------------- TE forms (GPU kernels, embedding gather)
+
+def dequant_expr(fmt: QuantFormat, tirx, qweight, scales, mins, n, k):
+    """float32 ``W[n, k]`` as a TIR expression over the kernel-layout tensors."""
+    g = k // fmt.group_size
+    if fmt.bits == 4:
+        byte = qweight[n, (k // 32) * 16 + k % 16]
+        q = tirx.if_then_else(k % 32 < 16, byte & tirx.const(15, "uint8"), byte >> tirx.const(4, "uint8"))
+    else:
+        q = qweight[n, k]
+    qf, s = q.astype("float32"), scales[n, g].astype("float32")
+    if fmt.sym:
+        return (qf - tirx.const(float(fmt.zero_point), "float32")) * s
+    return qf * s + mins[n, g]
+
+
+def qlinear_te(fmt: QuantFormat, out_dtype: str, has_bias: bool):
+    """``f(x, qweight, scales, [mins,] [bias])`` → TE tensor ``[T, N]`` (for ``bb.emit_te``)."""
+    from tvm import te, tirx
+
+    def f(x, qweight, scales, *rest):
+        mins = rest[0] if not fmt.sym else None
+        bias = rest[-1] if has_bias else None
+        K, N = x.shape[1], qweight.shape[0]
+        k = te.reduce_axis((0, K), name="k")
+        mm = te.compute((x.shape[0], N), lambda t, n: te.sum(
+            x[t, k].astype("float32") * dequant_expr(fmt, tirx, qweight, scales, mins, n, k), axis=k), name="qmatmul")
+        if bias is None:
+            return te.compute(mm.shape, lambda t, n: mm[t, n].astype(out_dtype), name="qlinear")
+        return te.compute(mm.shape, lambda t, n: (mm[t, n] + bias[n].astype("float32")).astype(out_dtype),
+                          name="qlinear")
+
+    return f
+
+
+def qembedding_te(fmt: QuantFormat, out_dtype: str):
+    """``f(qweight, scales, [mins,] ids)`` → ``[T, D]`` rows of the dequantized table."""
+    from tvm import te, tirx
+
+    def f(qweight, scales, *rest):
+        mins = rest[0] if not fmt.sym else None
+        ids = rest[-1]
+        d = scales.shape[1] * fmt.group_size
+        return te.compute((ids.shape[0], d), lambda t, c: dequant_expr(
+            fmt, tirx, qweight, scales, mins, ids[t], c).astype(out_dtype), name="qembedding")
+
+    return f

@@ -1,0 +1,99 @@
+"""The INT4/INT8 group-affine kernels vs numpy, and every source format's conversion to it: GGUF blocks
+(made by the ``gguf`` package), round-to-nearest, GPTQ tensors (made by tests/gptq.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ferrum.schedules.quant_linear import QuantFormat, dequantize_ref, make_qlinear_cpu, pack_int4, qlinear_ref, unpack_int4
+from ferrum_compiler.quant import GPTQConfig, from_gguf, from_gptq, quantize_rtn
+
+from .gptq import gptq_pack
+
+FORMATS = [QuantFormat(4, 32, True), QuantFormat(4, 32, False), QuantFormat(4, 64, False), QuantFormat(4, 128, True),
+           QuantFormat(8, 16, True), QuantFormat(8, 32, True), QuantFormat(8, 64, False)]
+
+
+def _random_packed(rng, fmt: QuantFormat, n: int, k: int):
+    if fmt.bits == 4:
+        qw = pack_int4(rng.integers(0, 16, (n, k)))
+    else:
+        qw = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    s = (rng.random((n, k // fmt.group_size)) * 0.1 + 1e-3).astype(np.float16)
+    m = None if fmt.sym else rng.standard_normal((n, k // fmt.group_size)).astype(np.float32)
+    return qw, s, m
+
+
+@pytest.mark.kernel
+@settings(max_examples=30, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), groups=st.integers(1, 4), n=st.integers(1, 40), t=st.sampled_from([1, 2, 3, 4, 7]),
+       bias=st.booleans(), seed=st.integers(0, 10_000))
+def test_qlinear_cpu_matches_numpy(fmt, groups, n, t, bias, seed):
+    """Decode (t < 4: packed GEMV) and prefill (t >= 4: dequantized tile), odd row counts, bias."""
+    import tvm
+
+    k = fmt.group_size * groups
+    rng = np.random.default_rng(seed)
+    qw, s, m = _random_packed(rng, fmt, n, k)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    f = make_qlinear_cpu(k, n, fmt, "float32", "float32", "float32" if bias else None)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target={"kind": "llvm"})
+    out = tvm.runtime.tensor(np.zeros((t, n), np.float32))
+    lib(*[tvm.runtime.tensor(a) for a in [x, qw, s] + ([m] if m is not None else []) + ([b] if bias else [])], out)
+    ref = qlinear_ref(x, fmt, qw, s, m, b if bias else None, "float64")
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.unit
+def test_int4_packing_round_trips():
+    q = np.random.default_rng(0).integers(0, 16, (3, 96)).astype(np.uint8)
+    assert np.array_equal(unpack_int4(pack_int4(q)), q)
+    assert pack_int4(q)[0, 0] == q[0, 0] | (q[0, 16] << 4)  # GGUF's nibble order
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_dequantize_like_gguf(type_name):
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    w = np.random.default_rng(1).standard_normal((6, 128)).astype(np.float32)
+    data = gguf.quants.quantize(w, qtype)
+    qt = from_gguf(type_name, data, w.shape)
+    expect = gguf.quants.dequantize(data, qtype).reshape(w.shape)
+    np.testing.assert_allclose(qt.dequantize(), expect, rtol=0, atol=1e-6)
+    packed = qt.pack()
+    np.testing.assert_allclose(dequantize_ref(qt.fmt, packed["qweight"], packed["scales"], packed.get("mins")),
+                               expect, rtol=0, atol=1e-6)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", [QuantFormat(4, 128, False), QuantFormat(4, 32, False), QuantFormat(8, 32, True)])
+def test_rtn_error_is_within_half_a_step(fmt):
+    w = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)
+    qt = quantize_rtn(w, fmt)
+    step = np.repeat(qt.scales, fmt.group_size, axis=1)
+    assert np.all(np.abs(qt.dequantize() - w) <= 0.5 * step + 1e-6)
+    packed = qt.pack()
+    np.testing.assert_allclose(dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")),
+                               qt.dequantize(), atol=1e-6)
+
+
+@pytest.mark.unit
+@settings(max_examples=20, deadline=None)
+@given(bits=st.sampled_from([4, 8]), group=st.sampled_from([32, 64, -1]), desc_act=st.booleans(), sym=st.booleans(),
+       v1=st.booleans(), seed=st.integers(0, 1000))
+def test_gptq_tensors_convert_exactly(bits, group, desc_act, sym, v1, seed):
+    """GPTQ qweight/qzeros/scales/g_idx (act-order or not, v1 zero offset or v2) → the same weights."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((48, 128)).astype(np.float32)
+    cfg = GPTQConfig(bits, group, desc_act, sym, v1)
+    tensors, w_deq = gptq_pack(w, cfg, rng)
+    qt = from_gptq(cfg, "layer", tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"])
+    np.testing.assert_allclose(qt.dequantize(), w_deq, rtol=0, atol=1e-6)
+    assert (qt.perm is not None) == (desc_act and group != -1)  # one group: any order is the same
+    assert qt.fmt.sym == sym
