@@ -126,10 +126,12 @@ def declared_quantization(graph, ckpt: Checkpoint, mode: str) -> dict[str, dict]
         return {}
     declared = {p: ckpt.quant[p] for p in graph.params if p in ckpt.quant}
     if mode in ("q4", "q8"):
-        tables = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
+        # embedding tables and the lm_head stay dense (GPTQ leaves them too): they decide every token
+        keep = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
+        keep |= {op.inputs[1] for op in graph.ops if op.kind == "linear" and op.output in graph.outputs}
         for op in graph.ops:
             w = op.inputs[1] if op.kind == "linear" else None
-            if w and w in graph.params and w not in tables and w not in declared:
+            if w and w in graph.params and w not in keep and w not in declared:
                 spec = rtn_spec(mode, graph.params[w].shape[1])
                 if spec is not None:
                     declared[w] = spec.to_dict()

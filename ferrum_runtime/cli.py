@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights and activations (default: float32 on cpu, float16 on GPUs)")
     c.add_argument("--quant", choices=("auto", "none", "q4", "q8"), default="auto",
                    help="weights: auto keeps the source's GPTQ/GGUF quantization packed (default), none "
-                        "dequantizes it, q4/q8 quantize the dense linears round-to-nearest (INT4 group 128 / INT8)")
+                        "dequantizes it, q4/q8 quantize the dense linears round-to-nearest (INT4 group 128 / INT8 group 32; embeddings and lm_head stay dense)")
     c.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
     c.add_argument("--dump-ir", action="store_true",
                    help="also write the IR after every pass and the Relax module to <artifact>/debug/")

@@ -23,6 +23,13 @@ TINY_MODELS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
 }
 
+# widths that INT4 group sizes 32/64/128 divide (hidden 128, ffn 256), for the quantization tests
+_WIDE = dict(hidden_size=128, intermediate_size=256, head_dim=32)
+QUANT_MODELS = {
+    "llama-wide": ("LlamaConfig", "LlamaForCausalLM", _WIDE),
+    "qwen3-wide": ("Qwen3Config", "Qwen3ForCausalLM", dict(_WIDE, tie_word_embeddings=True)),
+}
+
 
 def pytest_collection_modifyitems(config, items):
     if _has_gpu():
@@ -41,7 +48,7 @@ def make_tiny_model(name: str, dest: Path, dtype: str = "float32", shard: str | 
     import torch
     import transformers
 
-    cfg_cls, model_cls, extra = TINY_MODELS[name]
+    cfg_cls, model_cls, extra = {**TINY_MODELS, **QUANT_MODELS}[name]
     torch.manual_seed(sum(name.encode()))
     cfg = getattr(transformers, cfg_cls)(**{**TINY, **extra})
     model = getattr(transformers, model_cls)(cfg).to(getattr(torch, dtype))

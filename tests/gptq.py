@@ -20,7 +20,7 @@ def _pack_int32(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
     out = np.zeros((v.shape[0], *v.shape[2:]), np.uint32)
     for j in range(per):
         out |= v[:, j] << np.uint32(j * bits)
-    return np.moveaxis(out, 0, axis).view(np.int32)
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis)).view(np.int32)  # save_file writes raw memory
 
 
 def gptq_pack(w: np.ndarray, cfg: GPTQConfig, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray]:

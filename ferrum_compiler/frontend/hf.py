@@ -2,6 +2,10 @@
 
 The HF config dict is converted once, here, into a frozen ``ModelConfig``; nothing downstream sees it.
 Tensors are memory-mapped and yielded one at a time, so a model is never held in memory twice.
+
+GPTQ checkpoints (``quantization_config.quant_method == "gptq"``) are detected here: each linear's
+``qweight``/``qzeros``/``scales``/``g_idx`` are gathered and yielded as one ``QuantTensor`` under the
+linear's dense name (``….q_proj.weight``), so models and passes never see GPTQ's layout.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ferrum_runtime.safetensors_io import SafetensorsFile
 
 from ..config import ModelConfig
 from ..ir.rope import ROPE_SCALING_TYPES
+from ..quant import GPTQConfig, from_gptq
 from . import Checkpoint, SourceError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
@@ -34,7 +39,9 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         raise SourceError(str(e)) from None
     if cfg.get("quantization_config"):
         method = cfg["quantization_config"].get("quant_method", "?")
-        raise SourceError(f"{where}: quantized checkpoints ({method}) are not supported yet; use the fp16/bf16 original")
+        if method != "gptq":
+            raise SourceError(f"{where}: {method} checkpoints are not supported; use a GPTQ or GGUF (Q4_0/Q4_1/Q8_0) "
+                              "version, or the fp16/bf16 original (optionally with --quant q4)")
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default"))
@@ -87,15 +94,43 @@ def open_hf_dir(model_dir: Path, name: str | None = None) -> Checkpoint:
     if not cfg_path.is_file():
         raise SourceError(f"{model_dir} has no config.json; pass a Hugging Face model directory, a .gguf file, "
                           "a Hub repo id or an alias such as smollm2")
-    config = config_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    raw = json.loads(cfg_path.read_text())
+    config = config_from_hf(raw, str(cfg_path))
     files = weight_files(model_dir)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise SourceError(f"{model_dir} is missing weight shard(s) {', '.join(missing)} named in its index")
-
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+    gptq = GPTQConfig.from_hf(raw["quantization_config"], str(cfg_path)) if raw.get("quantization_config") else None
+    quant: dict[str, dict] = {}
+    parts_of: dict[str, set[str]] = {}  # GPTQ linear prefix -> the tensor kinds it has
+    if gptq is not None:
         for f in files:
-            yield from SafetensorsFile(f).items()
+            st = SafetensorsFile(f)
+            for name in st.keys():
+                prefix, _, kind = name.rpartition(".")
+                if kind in _GPTQ_PARTS:
+                    parts_of.setdefault(prefix, set()).add(kind)
+                if kind == "qweight":
+                    quant[prefix + ".weight"] = gptq.spec(st.shape(name)[0] * 32 // gptq.bits).to_dict()
+        incomplete = [p for p, kinds in parts_of.items() if not {"qweight", "qzeros", "scales"} <= kinds]
+        if incomplete:
+            raise SourceError(f"{model_dir}: GPTQ linear {incomplete[0]} lacks "
+                              f"{', '.join(sorted({'qweight', 'qzeros', 'scales'} - parts_of[incomplete[0]]))}")
+
+    def tensors() -> Iterator[tuple[str, object]]:
+        pending: dict[str, dict[str, np.ndarray]] = {}
+        for f in files:
+            for name, arr in SafetensorsFile(f).items():
+                prefix, _, kind = name.rpartition(".")
+                if gptq is None or kind not in _GPTQ_PARTS or prefix not in parts_of:
+                    yield name, arr
+                    continue
+                got = pending.setdefault(prefix, {})
+                got[kind] = arr
+                if len(got) == len(parts_of[prefix]):
+                    del pending[prefix]
+                    yield prefix + ".weight", from_gptq(gptq, prefix, got["qweight"], got["qzeros"], got["scales"],
+                                                        got.get("g_idx"))
 
     def write_tokenizer(dest: Path) -> list[str]:
         written = []
@@ -105,5 +140,13 @@ def open_hf_dir(model_dir: Path, name: str | None = None) -> Checkpoint:
                 written.append(fname)
         return written
 
+    details: dict = {"shards": [f.name for f in files]}
+    if gptq is not None:
+        details["gptq"] = {"bits": gptq.bits, "group_size": gptq.group_size, "desc_act": gptq.desc_act,
+                           "sym": gptq.sym, "format": "gptq" if gptq.v1_zeros else "gptq_v2"}
     return Checkpoint(name=name or str(model_dir), kind="hf", config=config, tensors=tensors,
-                      write_tokenizer=write_tokenizer, details={"shards": [f.name for f in files]})
+                      write_tokenizer=write_tokenizer, details=details, quant=quant,
+                      quant_method="gptq" if gptq is not None else "none")
+
+
+_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
