@@ -124,14 +124,21 @@ def declared_quantization(graph, ckpt: Checkpoint, mode: str) -> dict[str, dict]
     """Which dense weights of ``graph`` become quantized, and how (before the passes run)."""
     if mode == "none":
         return {}
-    declared = {p: ckpt.quant[p] for p in graph.params if p in ckpt.quant}
+    declared = {}
+    for p in graph.params:  # quantized when every checkpoint tensor it is stacked from is, alike
+        specs = [ckpt.quant.get(s) for s in graph.param_sources.get(p, (p,))]
+        if specs[0] is not None and all(s == specs[0] for s in specs):
+            declared[p] = specs[0]
     if mode in ("q4", "q8"):
-        # embedding tables and the lm_head stay dense (GPTQ leaves them too): they decide every token
+        # embedding tables, the lm_head and MoE routers stay dense (GPTQ leaves them too)
         keep = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
         keep |= {op.inputs[1] for op in graph.ops if op.kind == "linear" and op.output in graph.outputs}
-        for op in graph.ops:
-            w = op.inputs[1] if op.kind == "linear" else None
-            if w and w in graph.params and w not in keep and w not in declared:
+        routers = {op.inputs[1] for op in graph.ops if op.kind == "moe"}  # MoE routers: they pick the experts
+        keep |= {op.inputs[1] for op in graph.ops if op.kind == "linear" and op.output in routers}
+        weights = [op.inputs[1] for op in graph.ops if op.kind == "linear"]
+        weights += [w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]]
+        for w in weights:
+            if w in graph.params and w not in keep and w not in declared:
                 spec = rtn_spec(mode, graph.params[w].shape[1])
                 if spec is not None:
                     declared[w] = spec.to_dict()

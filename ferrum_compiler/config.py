@@ -10,7 +10,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # key of the model registry: "llama" | "qwen2" | "qwen3"
+    arch: str  # key of the model registry: "llama" | "qwen2" | "qwen3" | "qwen3_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -27,6 +27,17 @@ class ModelConfig:
     sliding_window: int = 0  # 0: full attention
     rope_scaling: tuple[tuple[str, object], ...] = ()  # frozen items of the checkpoint's rope_scaling
     source_dtype: str = "float32"
+    # mixture of experts (Qwen3-MoE); num_experts == 0 means a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 and i not in mlp_only_layers
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (self.num_experts > 0 and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
 
     @property
     def rope_scaling_dict(self) -> dict:
@@ -35,12 +46,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["rope_scaling"] = self.rope_scaling_dict
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
         d["rope_scaling"] = tuple(sorted((d.get("rope_scaling") or {}).items()))
+        d["mlp_only_layers"] = tuple(d.get("mlp_only_layers") or ())
         return cls(**d)
 
 

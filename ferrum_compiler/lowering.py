@@ -12,6 +12,7 @@ the rest become Relax ops that TVM legalizes (and dlight schedules on GPUs).
 from __future__ import annotations
 
 from ferrum.schedules import linear as linear_sched
+from ferrum.schedules import moe as moe_sched
 from ferrum.schedules import paged_attention as attn_sched
 from ferrum.schedules import quant_linear as quant_sched
 
@@ -70,6 +71,8 @@ def lower(graph: Graph, kernel_kind: str):
                 elif k == "qembedding":
                     fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
                     r = bb.emit_te(quant_sched.qembedding_te(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
+                elif k == "moe":
+                    r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out)
                 elif k == "take_cols":
                     r = relax.op.take(a[0], a[1], axis=1, mode="clip")
                 elif k == "slice":
@@ -127,6 +130,51 @@ def _qlinear(bb, relax, kernel, kernel_kind, graph, op, a, out):
                     lambda: quant_sched.make_qlinear_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     return bb.emit_te(quant_sched.qlinear_te(fmt, out.dtype, at["bias"]), *a, primfunc_name_hint="qlinear")
+
+
+def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out):
+    """route → (CPU: dispatch by expert) → grouped gate_up → SiLU·up → grouped down → weighted combine."""
+    from tvm import te, tirx
+
+    at = op.attrs
+    E, k, inter = at["num_experts"], at["top_k"], at["intermediate"]
+    x, logits, rest = a[0], a[1], list(a[2:])
+    d = graph.value(op.inputs[0]).shape[1]
+    stacks = []
+    for key in ("gate_up_quant", "down_quant"):
+        q = at[key]
+        fmt = None if q is None else quant_sched.QuantFormat(q["bits"], q["group_size"], q["sym"])
+        n = 1 if fmt is None else 2 if fmt.sym else 3
+        stacks.append((fmt, rest[:n]))
+        rest = rest[n:]
+    ntok = x.ty.shape[0]
+    topk = kernel(("moe_topk", E, k, at["norm_topk_prob"], kernel_kind),
+                  lambda: moe_sched.make_moe_topk(E, k, at["norm_topk_prob"], kernel_kind))
+    routed = bb.emit(relax.call_tir(topk, [logits], [relax.TensorType([ntok, k], "float32"),
+                                                    relax.TensorType([ntok * k], "int32")]))
+    weights, ids = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
+    w_dtype = graph.value(op.inputs[2]).dtype
+
+    def grouped(inp, fmt, tensors, kk, nn, x_div):
+        if kernel_kind != "cpu":
+            return bb.emit_te(moe_sched.grouped_linear_te(nn, x_div, fmt), inp, *tensors, ids,
+                              primfunc_name_hint="grouped_linear")
+        gv = kernel(("grouped_linear", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype),
+                    lambda: moe_sched.make_grouped_linear_cpu(E, kk, nn, x_div, fmt, inp.ty.dtype, w_dtype))
+        return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order],
+                                      relax.TensorType([ntok * k, nn], "float32")))
+
+    if kernel_kind == "cpu":
+        dispatch = kernel(("moe_dispatch", E), lambda: moe_sched.make_moe_dispatch(E, "cpu"))
+        sorted_ = bb.emit(relax.call_tir(dispatch, [ids], [relax.TensorType([E + 1], "int32"),
+                                                          relax.TensorType([ntok * k], "int32")]))
+        offsets, order = bb.emit(relax.TupleGetItem(sorted_, 0)), bb.emit(relax.TupleGetItem(sorted_, 1))
+    h = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k)  # [S, 2I]
+    gate = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[inter]))
+    up = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[inter], end=[2 * inter]))
+    act = bb.emit_te(_silu_mul_te(te, tirx), gate, up, primfunc_name_hint="silu_mul")
+    y = grouped(act, stacks[1][0], stacks[1][1], inter, d, 1)  # [S, D]
+    return bb.emit_te(moe_sched.combine_te(k, out.dtype), weights, y, primfunc_name_hint="moe_combine")
 
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out):

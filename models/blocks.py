@@ -4,6 +4,7 @@ the layer stack. Parameter names follow Hugging Face checkpoints so the loader i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ferrum_compiler.config import ModelConfig
 from ferrum_compiler.ir import Graph, GraphBuilder
@@ -56,10 +57,14 @@ def gated_mlp(b: GraphBuilder, cfg: ModelConfig, prefix: str, x: str, dtype: str
     return b.linear(b.silu_mul(gate, up), b.param(f"{prefix}.down_proj.weight", (d, i), dtype))
 
 
-def decoder(cfg: ModelConfig, opts: DecoderOptions, dtype: str, block_size: int) -> Graph:
+# (builder, config, weight prefix, input, dtype, layer index) -> output; the default is gated_mlp
+MLP = Callable[[GraphBuilder, ModelConfig, str, str, str, int], str]
+
+
+def decoder(cfg: ModelConfig, opts: DecoderOptions, dtype: str, block_size: int, mlp: MLP | None = None) -> Graph:
     """Embedding → N × (norm, attention, residual, norm, MLP, residual) → norm → lm_head on the rows
     named by ``logits_index``. Returns float32 logits ``[L, vocab]`` (L = B for generation, up to T
-    for prompt scoring)."""
+    for prompt scoring). ``mlp`` replaces the gated MLP per layer (MoE families)."""
     b = GraphBuilder()
     batch = batch_inputs(b)
     embed = b.param("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), dtype)
@@ -70,7 +75,7 @@ def decoder(cfg: ModelConfig, opts: DecoderOptions, dtype: str, block_size: int)
         a = b.rms_norm(h, b.param(f"{p}.input_layernorm.weight", (cfg.hidden_size,), dtype), cfg.rms_norm_eps)
         h = b.add(h, attention(b, cfg, opts, f"{p}.self_attn", a, cache, batch, dtype))
         m = b.rms_norm(h, b.param(f"{p}.post_attention_layernorm.weight", (cfg.hidden_size,), dtype), cfg.rms_norm_eps)
-        h = b.add(h, gated_mlp(b, cfg, f"{p}.mlp", m, dtype))
+        h = b.add(h, mlp(b, cfg, f"{p}.mlp", m, dtype, li) if mlp else gated_mlp(b, cfg, f"{p}.mlp", m, dtype))
     last = b.take_rows(h, batch["logits_index"])
     last = b.rms_norm(last, b.param("model.norm.weight", (cfg.hidden_size,), dtype), cfg.rms_norm_eps)
     head = embed if cfg.tie_word_embeddings else b.param("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), dtype)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-FAMILIES = {"llama": "ferrum.models.llama", "qwen2": "ferrum.models.qwen2", "qwen3": "ferrum.models.qwen3"}
+FAMILIES = {"llama": "ferrum.models.llama", "qwen2": "ferrum.models.qwen2", "qwen3": "ferrum.models.qwen3",
+            "qwen3_moe": "ferrum.models.qwen3_moe"}
 
 
 def family(name: str) -> ModuleType:

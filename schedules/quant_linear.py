@@ -180,6 +180,8 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
                             group_correction(corr, scales, mins, xs, i, n, g)
                         finish(acc, corr, b, out, i, n)
 
+    load_row = row_loader(fmt, K)
+
     @T.macro
     def tile_rows(x, w, scales, mins, b, out, ntok):
         # dequantize R rows once into a float32 tile, then one float dot product per token and row
@@ -189,25 +191,7 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
             zero = T.alloc_buffer((1,), "float32", scope="local")
             for r in T.serial(R):
                 if task * R + r < N:
-                    n = task * R + r
-                    for g in T.serial(KG):
-                        for c in T.serial(chunks):
-                            if int4:
-                                for ll in T.vectorized(L):
-                                    tile[r, g * G + c * 32 + ll] = T.Cast("float32", T.bitwise_and(
-                                        w[n, g * (G // 2) + c * 16 + ll], T.uint8(15)))
-                                    tile[r, g * G + c * 32 + 16 + ll] = T.Cast("float32", T.shift_right(
-                                        w[n, g * (G // 2) + c * 16 + ll], T.uint8(4)))
-                            else:
-                                for ll in T.vectorized(L):
-                                    tile[r, g * G + c * L + ll] = T.Cast("float32", w[n, g * G + c * L + ll])
-                        if sym:
-                            for kk in T.vectorized(G):
-                                tile[r, g * G + kk] = (tile[r, g * G + kk] - T.float32(zp)) * T.Cast(
-                                    "float32", scales[n, g])
-                        else:
-                            for kk in T.vectorized(G):
-                                tile[r, g * G + kk] = tile[r, g * G + kk] * T.Cast("float32", scales[n, g]) + mins[n, g]
+                    load_row(tile, w, scales, mins, r, task * R + r)
             for i in T.serial(ntok):
                 for r in T.serial(R):
                     if task * R + r < N:
@@ -261,6 +245,45 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
         ntok = T.int64()
         body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
     return qlinear_ab
+
+
+def row_loader(fmt: QuantFormat | None, K: int):
+    """A TIR macro ``load(tile, w, scales, mins, r, n)``: ``tile[r, :K] = float32 W[n, :]``, dequantized
+    (``fmt``) or cast from a dense ``w[N, K]`` (``fmt`` None). Shared by the MoE expert kernels."""
+    from tvm.script import tirx as T
+
+    L = _LANES
+    if fmt is None:
+        @T.macro
+        def load_dense(tile, w, scales, mins, r, n):
+            for kk in T.vectorized(K):
+                tile[r, kk] = T.Cast("float32", w[n, kk])
+        return load_dense
+
+    G, KG, int4, sym, zp = fmt.group_size, K // fmt.group_size, fmt.bits == 4, fmt.sym, float(fmt.zero_point)
+    chunks = G // 32 if int4 else G // L
+
+    @T.macro
+    def load_quant(tile, w, scales, mins, r, n):
+        for g in T.serial(KG):
+            for c in T.serial(chunks):
+                if int4:
+                    for ll in T.vectorized(L):
+                        tile[r, g * G + c * 32 + ll] = T.Cast("float32", T.bitwise_and(
+                            w[n, g * (G // 2) + c * 16 + ll], T.uint8(15)))
+                        tile[r, g * G + c * 32 + 16 + ll] = T.Cast("float32", T.shift_right(
+                            w[n, g * (G // 2) + c * 16 + ll], T.uint8(4)))
+                else:
+                    for ll in T.vectorized(L):
+                        tile[r, g * G + c * L + ll] = T.Cast("float32", w[n, g * G + c * L + ll])
+            if sym:
+                for kk in T.vectorized(G):
+                    tile[r, g * G + kk] = (tile[r, g * G + kk] - T.float32(zp)) * T.Cast("float32", scales[n, g])
+            else:
+                for kk in T.vectorized(G):
+                    tile[r, g * G + kk] = tile[r, g * G + kk] * T.Cast("float32", scales[n, g]) + mins[n, g]
+
+    return load_quant
 
 
 # ---------------------------------------------------------------- TE forms (GPU kernels, embedding gather)

@@ -21,6 +21,10 @@ TINY_MODELS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=7, head_dim=16)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=1)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    # 8 experts, top-2 renormalised; layer 1 is a dense MLP (mlp_only_layers)
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, mlp_only_layers=[1])),
 }
 
 # widths that INT4 group sizes 32/64/128 divide (hidden 128, ffn 256), for the quantization tests
@@ -28,6 +32,9 @@ _WIDE = dict(hidden_size=128, intermediate_size=256, head_dim=32)
 QUANT_MODELS = {
     "llama-wide": ("LlamaConfig", "LlamaForCausalLM", _WIDE),
     "qwen3-wide": ("Qwen3Config", "Qwen3ForCausalLM", dict(_WIDE, tie_word_embeddings=True)),
+    "qwen3-moe-wide": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                       dict(_WIDE, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=3,
+                            norm_topk_prob=False, mlp_only_layers=[0])),
 }
 
 

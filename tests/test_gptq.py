@@ -24,6 +24,7 @@ CASES = {  # name -> (family, GPTQ config)
     "qwen3-g32-asym-v2": ("qwen3-wide", GPTQConfig(4, 32, False, False, False)),
     "llama-g64-asym-actorder": ("llama-wide", GPTQConfig(4, 64, True, False, True)),
     "qwen3-int8-perchannel": ("qwen3-wide", GPTQConfig(8, -1, False, True, True)),
+    "qwen3-moe-g32": ("qwen3-moe-wide", GPTQConfig(4, 32, False, True, True)),  # INT4 experts, dense router
 }
 
 

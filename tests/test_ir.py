@@ -118,6 +118,11 @@ def _single_op_graphs():
     b = GraphBuilder()
     b.output(b.take_rows(b.input("x", ("T", 16), "float32"), b.input("idx", ("L",), "int32")))
     graphs["take_rows"] = b.graph
+    b = GraphBuilder()
+    x, logits = b.input("x", ("T", 16), "float32"), b.input("logits", ("T", 4), "float32")
+    b.output(b.moe(x, logits, b.param("gate_up", (4 * 2 * 8, 16), "float32"), b.param("down", (4 * 16, 8), "float32"),
+                   top_k=2, norm_topk_prob=True))
+    graphs["moe"] = b.graph
     return graphs
 
 

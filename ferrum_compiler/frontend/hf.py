@@ -51,7 +51,19 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     window = 0
     if family == "llama" and cfg.get("sliding_window"):  # Mistral
         window = int(cfg["sliding_window"])
-    if family in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+    moe: dict = {}
+    if family == "qwen3_moe":
+        experts = cfg.get("num_experts", cfg.get("num_local_experts"))  # Hub configs / transformers 5
+        missing = [k for k, v in (("num_experts", experts), ("num_experts_per_tok", cfg.get("num_experts_per_tok")),
+                                  ("moe_intermediate_size", cfg.get("moe_intermediate_size"))) if v is None]
+        if missing:
+            raise SourceError(f"{where}: a Qwen3-MoE config needs {', '.join(missing)}")
+        moe = dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                   moe_intermediate_size=int(cfg["moe_intermediate_size"]),
+                   norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                   decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
+                   mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()))
+    if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
         raise SourceError(f"{where}: per-layer sliding windows (use_sliding_window) are not supported yet")
     heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
@@ -69,10 +81,11 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_window=window,
         rope_scaling=scaling,
         source_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+        **moe,
     )
 
 

@@ -22,6 +22,10 @@ Ops (attrs in brackets):
 - ``qlinear(x[T,K], qweight, scales, mins?, bias[N]?) [bits, group_size, sym, in_features, out_features,
   out_dtype] -> [T,N]``  (group-affine INT4/INT8 weights in the layout of ``schedules/quant_linear.py``)
 - ``qembedding(qweight, scales, mins?, ids[T]) [bits, group_size, sym] -> [T,D]``
+- ``moe(x[T,D], router_logits[T,E], gate_up[E*2I,D], down[E*D,I]) [num_experts, top_k, norm_topk_prob,
+  intermediate, gate_up_quant, down_quant] -> [T,D]``  (softmax top-k routing, SiLU-gated experts; each
+  expert's gate rows then up rows are stacked in ``gate_up``; after ``quantize_linears`` a quantized
+  expert stack is passed as its packed tensors and described by ``*_quant``)
 
 Quantization is declared per dense weight in ``Graph.quant`` (set by the compiler from the checkpoint or
 ``--quant``) and applied by the ``quantize_linears`` pass, which replaces each such weight by its packed
@@ -50,6 +54,7 @@ OP_KINDS = (
     "take_cols",
     "qlinear",
     "qembedding",
+    "moe",
 )
 
 
@@ -122,9 +127,12 @@ class GraphBuilder:
         self.graph.inputs[name] = Value(name, tuple(shape), dtype)
         return name
 
-    def param(self, name: str, shape: Shape, dtype: str) -> str:
+    def param(self, name: str, shape: Shape, dtype: str, sources: Sequence[str] = ()) -> str:
+        """``sources``: checkpoint tensors stacked along axis 0 to fill it (default: the tensor ``name``)."""
         _require(name not in self.graph.params, f"parameter {name!r} declared twice")
         self.graph.params[name] = Value(name, tuple(shape), dtype)
+        if sources:
+            self.graph.param_sources[name] = tuple(sources)
         return name
 
     def output(self, *names: str) -> Graph:
@@ -198,6 +206,18 @@ class GraphBuilder:
         av, bv = self._v(a), self._v(b)
         _require(av.shape == bv.shape, f"add shapes differ: {av.shape} vs {bv.shape}")
         return self._emit("add", [a, b], av.shape, av.dtype, hint="res")
+
+    def moe(self, x: str, router_logits: str, gate_up: str, down: str, top_k: int, norm_topk_prob: bool) -> str:
+        xv, lv, gv, dv = (self._v(n) for n in (x, router_logits, gate_up, down))
+        experts, d = static(lv.shape[1]), static(xv.shape[1])
+        _require(len(gv.shape) == 2 and gv.shape[1] == d and static(gv.shape[0]) % (2 * experts) == 0,
+                 f"moe gate_up {gv.shape} is not [E*2I, {d}] for E={experts}")
+        inter = static(gv.shape[0]) // (2 * experts)
+        _require(dv.shape == (experts * d, inter), f"moe down {dv.shape} is not [{experts * d}, {inter}]")
+        _require(0 < top_k <= experts, f"moe top_k {top_k} outside 1..{experts}")
+        attrs = {"num_experts": experts, "top_k": int(top_k), "norm_topk_prob": bool(norm_topk_prob),
+                 "intermediate": inter, "gate_up_quant": None, "down_quant": None}
+        return self._emit("moe", [x, router_logits, gate_up, down], xv.shape, xv.dtype, attrs, hint="moe")
 
     def take_rows(self, x: str, index: str) -> str:
         xv, iv = self._v(x), self._v(index)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from ferrum.schedules.linear import linear_ref
-from ferrum.schedules.quant_linear import QuantFormat, qembedding_ref, qlinear_ref
+from ferrum.schedules.moe import moe_ref
+from ferrum.schedules.quant_linear import QuantFormat, dequantize_ref, qembedding_ref, qlinear_ref
 from ferrum.schedules.paged_attention import attention_ref, kv_append_ref
 
 from .graph import Graph
@@ -85,6 +86,18 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
         elif k == "qembedding":
             fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
             r = qembedding_ref(fmt, a[0], a[1], None if fmt.sym else a[2], a[-1])
+        elif k == "moe":
+            rest, stacks = list(a[2:]), []
+            for key in ("gate_up_quant", "down_quant"):
+                q = op.attrs[key]
+                if q is None:
+                    stacks.append(rest.pop(0))
+                    continue
+                fmt = QuantFormat(q["bits"], q["group_size"], q["sym"])
+                n = 2 if fmt.sym else 3
+                t, rest = rest[:n], rest[n:]
+                stacks.append(dequantize_ref(fmt, t[0], t[1], None if fmt.sym else t[2]))
+            r = moe_ref(a[0], a[1], stacks[0], stacks[1], op.attrs["top_k"], op.attrs["norm_topk_prob"])
         else:
             raise NotImplementedError(f"interpreter has no rule for op {k!r}")
         env[op.output] = np.asarray(r).astype(_np_dtype(graph.values[op.output].dtype))

@@ -38,6 +38,9 @@ def quantize_linears(graph: Graph) -> Graph:
     g.params = params
     ops: list[Op] = []
     for op in g.ops:
+        if op.kind == "moe":
+            ops.append(_quantize_moe(g, op))
+            continue
         w = op.inputs[1] if op.kind == "linear" else op.inputs[0] if op.kind == "embedding" else None
         if w not in g.packing:
             ops.append(op)
@@ -61,3 +64,18 @@ def quantize_linears(graph: Graph) -> Graph:
         ops.append(Op("qlinear", (x, *tensors, *op.inputs[2:]), op.output, attrs))
     g.ops = ops
     return g
+
+
+def _quantize_moe(g: Graph, op: Op) -> Op:
+    """Expert stacks in ``graph.packing`` are passed as their packed tensors."""
+    inputs, attrs = list(op.inputs[:2]), dict(op.attrs)
+    for w, key in ((op.inputs[2], "gate_up_quant"), (op.inputs[3], "down_quant")):
+        if w not in g.packing:
+            inputs.append(w)
+            continue
+        packed = g.packing[w]
+        if "perm" in packed:
+            raise IRError(f"{w}: act-order (desc_act) experts are not supported")
+        inputs += [packed[r] for r in ("qweight", "scales", "mins") if r in packed]
+        attrs[key] = {k: g.quant[w][k] for k in ("bits", "group_size", "sym")}
+    return Op("moe", tuple(inputs), op.output, attrs)
