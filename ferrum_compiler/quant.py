@@ -51,7 +51,11 @@ class QuantTensor:
         """float32 ``W[N, K]`` in the checkpoint's column order."""
         s = np.repeat(self.scales, self.fmt.group_size, axis=1)
         q = self.q.astype(np.float32)
-        w = s * (q - self.fmt.zero_point) if self.fmt.sym else s * q + np.repeat(self.mins, self.fmt.group_size, axis=1)
+        if self.fmt.sym:
+            w = s * (q - self.fmt.zero_point)
+        else:
+            assert self.mins is not None, "asymmetric weights carry mins"
+            w = s * q + np.repeat(self.mins, self.fmt.group_size, axis=1)
         if self.perm is not None:
             out = np.empty_like(w)
             out[:, self.perm] = w
@@ -78,6 +82,7 @@ class QuantTensor:
         out = {"qweight": pack_int4(self.q) if self.fmt.bits == 4 else self.q.astype(np.int8),
                "scales": self.scales.astype(np.float16)}
         if not self.fmt.sym:
+            assert self.mins is not None, "asymmetric weights carry mins"
             out["mins"] = self.mins.astype(np.float32)
         if self.perm is not None:
             out["perm"] = self.perm.astype(np.int32)
@@ -88,8 +93,9 @@ def concat_rows(parts: list[QuantTensor], names: tuple[str, ...]) -> QuantTensor
     """Stack fused linears (q/k/v, gate/up) along the output axis; they must share one format."""
     first = parts[0]
     for p, name in zip(parts, names):
-        if p.fmt != first.fmt or (p.perm is None) != (first.perm is None) or (
-                p.perm is not None and not np.array_equal(p.perm, first.perm)):
+        same_perm = (p.perm is None and first.perm is None) or (
+            p.perm is not None and first.perm is not None and np.array_equal(p.perm, first.perm))
+        if p.fmt != first.fmt or not same_perm:
             raise SourceError(f"cannot fuse {names[0]} and {name}: they are quantized differently "
                               f"({first.fmt} vs {p.fmt}); compile with --quant none")
     return QuantTensor(first.fmt, np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),

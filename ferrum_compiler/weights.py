@@ -36,8 +36,9 @@ def logical_weights(graph: Graph) -> dict[str, tuple[str, ...]]:
 
 def _pack(graph: Graph, name: str, parts: list[Tensor], sources: tuple[str, ...]) -> dict[str, np.ndarray]:
     spec = QuantSpec.from_dict(graph.quant[name])
-    if all(isinstance(p, np.ndarray) for p in parts):
-        qt = quantize_rtn(np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0], spec.fmt)
+    dense = [p for p in parts if isinstance(p, np.ndarray)]
+    if len(dense) == len(parts):
+        qt = quantize_rtn(np.concatenate(dense, axis=0) if len(dense) > 1 else dense[0], spec.fmt)
     elif all(isinstance(p, QuantTensor) for p in parts):
         qparts = [p for p in parts if isinstance(p, QuantTensor)]
         qt = (concat_rows(qparts, sources) if len(qparts) > 1 else qparts[0]).as_format(spec.fmt, name)

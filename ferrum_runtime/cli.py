@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ferrum: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ferrum inspect ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # noqa: BLE001 - the top of the CLI: one line for the user, never a traceback
         if DEBUG:
             raise

@@ -156,7 +156,7 @@ def make_grouped_linear_cpu(num_experts: int, in_features: int, out_features: in
 
     if len(wspecs) == 1:
         @T.prim_func(private=True)
-        def grouped_linear_1(x_h: T.handle, w: T.Buffer(*wspecs[0]), off: T.Buffer((E + 1,), "int32"),  # type: ignore[misc]
+        def grouped_linear_1(x_h: T.handle, w: T.Buffer(*wspecs[0]), off: T.Buffer((E + 1,), "int32"),  # type: ignore[misc,valid-type]
                              o_h: T.handle, out_h: T.handle):
             T.func_attr({"tirx.noalias": True})
             nx, nslot = T.int64(), T.int64()
@@ -165,8 +165,8 @@ def make_grouped_linear_cpu(num_experts: int, in_features: int, out_features: in
         return grouped_linear_1
     if len(wspecs) == 2:
         @T.prim_func(private=True)
-        def grouped_linear_2(x_h: T.handle, w: T.Buffer(*wspecs[0]), s: T.Buffer(*wspecs[1]),  # type: ignore[misc]
-                             off: T.Buffer((E + 1,), "int32"), o_h: T.handle, out_h: T.handle):
+        def grouped_linear_2(x_h: T.handle, w: T.Buffer(*wspecs[0]), s: T.Buffer(*wspecs[1]),  # type: ignore[misc,valid-type]
+                             off: T.Buffer((E + 1,), "int32"), o_h: T.handle, out_h: T.handle):  # type: ignore[valid-type]
             T.func_attr({"tirx.noalias": True})
             nx, nslot = T.int64(), T.int64()
             body(T.match_buffer(x_h, (nx, K), x_dtype), w, s, None, off, T.match_buffer(o_h, (nslot,), "int32"),
@@ -174,8 +174,8 @@ def make_grouped_linear_cpu(num_experts: int, in_features: int, out_features: in
         return grouped_linear_2
 
     @T.prim_func(private=True)
-    def grouped_linear_3(x_h: T.handle, w: T.Buffer(*wspecs[0]), s: T.Buffer(*wspecs[1]),  # type: ignore[misc]
-                         m: T.Buffer(*wspecs[2]), off: T.Buffer((E + 1,), "int32"), o_h: T.handle,  # type: ignore[misc]
+    def grouped_linear_3(x_h: T.handle, w: T.Buffer(*wspecs[0]), s: T.Buffer(*wspecs[1]),  # type: ignore[misc,valid-type]
+                         m: T.Buffer(*wspecs[2]), off: T.Buffer((E + 1,), "int32"), o_h: T.handle,  # type: ignore[misc,valid-type]
                          out_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         nx, nslot = T.int64(), T.int64()

@@ -89,6 +89,7 @@ def dequantize_ref(fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray, mi
     s = np.repeat(scales.astype(np.float64), fmt.group_size, axis=1)
     if fmt.sym:
         return s * (q.astype(np.float64) - fmt.zero_point)
+    assert mins is not None, "asymmetric formats need mins"
     return s * q + np.repeat(mins.astype(np.float64), fmt.group_size, axis=1)
 
 

@@ -32,7 +32,7 @@ def test_compile_inspect_run_hf_directory(tiny_model_dir, tmp_path):
     res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cpu", "-o", out, "--dump-ir")
     assert res.returncode == 0, res.stderr
     dumps = sorted(p.name for p in (out / "debug").iterdir())
-    assert dumps == ["00-model.txt", "01-fuse_parallel_linears.txt", "relax.py"]
+    assert dumps == ["00-model.txt", "01-fuse_parallel_linears.txt", "02-quantize_linears.txt", "relax.py"]
     assert "q_proj+k_proj+v_proj" in (out / "debug" / "01-fuse_parallel_linears.txt").read_text()
     for phase in range(1, 7):
         assert f"[{phase}/6]" in res.stderr

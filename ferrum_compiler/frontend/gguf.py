@@ -123,8 +123,11 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
     for t in reader.tensors:
         qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
 
-    quant = {hf_name(t.name): QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict() for t in reader.tensors
-             if t.tensor_type.name in GGUF_FORMATS and hf_name(t.name) and len(t.shape) == 2}
+    quant: dict[str, dict] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
+            quant[name] = QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict()
 
     def tensors() -> Iterator[tuple[str, object]]:
         for t in reader.tensors:

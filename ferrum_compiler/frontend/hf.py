@@ -58,6 +58,7 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
                                   ("moe_intermediate_size", cfg.get("moe_intermediate_size"))) if v is None]
         if missing:
             raise SourceError(f"{where}: a Qwen3-MoE config needs {', '.join(missing)}")
+        assert experts is not None
         moe = dict(num_experts=int(experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
                    moe_intermediate_size=int(cfg["moe_intermediate_size"]),
                    norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),

@@ -59,8 +59,8 @@ def quantize_linears(graph: Graph) -> Graph:
             g.values[cols] = Value(cols, g.value(x).shape, g.value(x).dtype)
             ops.append(Op("take_cols", (x, packed["perm"]), cols))
             x = cols
-        n, k = g.value(op.output).shape[1], g.value(op.inputs[0]).shape[1]
-        attrs = {**fmt_attrs, "in_features": k, "out_features": n, **op.attrs}
+        attrs = {**fmt_attrs, "in_features": g.value(op.inputs[0]).shape[1],
+                 "out_features": g.value(op.output).shape[1], **op.attrs}
         ops.append(Op("qlinear", (x, *tensors, *op.inputs[2:]), op.output, attrs))
     g.ops = ops
     return g
