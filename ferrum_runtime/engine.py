@@ -28,6 +28,7 @@ from .kv_cache import BlockManager
 from .model import CompiledModel, RaggedBatch
 from .sampler import SampleResult, SamplingParams, SequenceSampler, prompt_logprobs, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from .structured import Constraint, ConstraintError, StructuredOutput
 
 
 class RequestError(FerrumError):
@@ -68,6 +69,15 @@ class Delta:
     queue_time: float | None = None  # seconds from submission to the first engine step, on the first delta
 
 
+@dataclass(frozen=True)
+class ThinkTokens:
+    """A reasoning model's tags as token ids: a constraint applies only after the reasoning block."""
+
+    start: int
+    end: int
+    opened: bool = False  # the prompt already opened the block: the answer starts inside it
+
+
 @dataclass(eq=False)
 class _Choice:
     index: int
@@ -77,6 +87,10 @@ class _Choice:
     stops: StopChecker
     finished: bool = False
     sent_prompt_logprobs: bool = False
+    matcher: object | None = None  # xgrammar GrammarMatcher of a constrained request
+    # "first": the first token may open a reasoning block instead; "thinking": inside it (unconstrained);
+    # "on": every token is constrained
+    gate: str = "on"
 
 
 @dataclass(eq=False)
@@ -84,6 +98,7 @@ class _Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    think: ThinkTokens | None
     queue: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     choices: list[_Choice] = field(default_factory=list)
@@ -117,6 +132,8 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._wakeup: asyncio.Event | None = None
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0}
+        self._structured: StructuredOutput | None = None
+        self._structured_lock = threading.Lock()
 
     @classmethod
     def from_artifact(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
@@ -147,13 +164,29 @@ class Engine:
                                f"and max_tokens asks for {params.max_tokens} more", param="max_tokens" if
                                len(prompt_ids) < self.capacity else "prompt", code="context_length_exceeded")
 
+    @property
+    def structured(self) -> StructuredOutput:
+        """The grammar engine over this artifact's vocabulary (built on first use: ~2 s)."""
+        with self._structured_lock:
+            if self._structured is None:
+                if self.tokenizer is None:
+                    raise ConstraintError("structured output needs the artifact's tokenizer", "response_format")
+                self._structured = StructuredOutput(self.tokenizer.tokenizer, self.model.vocab_size, self.eos_ids)
+            return self._structured
+
+    def compile_constraint(self, constraint: Constraint) -> None:
+        """Raise ConstraintError (naming the request field) if ``constraint`` cannot be compiled."""
+        self.structured.compile(constraint)
+
     async def generate(self, prompt: str | list[int], params: SamplingParams = SamplingParams(),
-                       request_id: str | None = None) -> AsyncIterator[Delta]:
-        """Stream deltas until every choice has finished. Leaving the loop early aborts the request."""
+                       request_id: str | None = None, constraint: Constraint | None = None,
+                       think: ThinkTokens | None = None) -> AsyncIterator[Delta]:
+        """Stream deltas until every choice has finished. Leaving the loop early aborts the request.
+        ``constraint`` masks every sampled token (after the reasoning block when ``think`` is given)."""
         prompt_ids = self.encode(prompt)
         self.check(prompt_ids, params)
         loop = asyncio.get_running_loop()
-        req = _Request(request_id or f"req-{next(self._ids)}", prompt_ids, params, asyncio.Queue(), loop)
+        req = _Request(request_id or f"req-{next(self._ids)}", prompt_ids, params, think, asyncio.Queue(), loop)
         first: Sequence | None = None
         for i in range(params.n):
             seq = Sequence(f"{req.request_id}/{i}", list(prompt_ids), needs_all_rows=params.prompt_logprobs is not None
@@ -161,7 +194,11 @@ class Engine:
             first = first or seq
             sampler = SequenceSampler(params, prompt_ids, self.model.vocab_size, sample_index=i)
             detok = IncrementalDetokenizer(self.tokenizer.tokenizer) if self.tokenizer else None
-            req.choices.append(_Choice(i, seq, sampler, detok, StopChecker(list(params.stop))))
+            ch = _Choice(i, seq, sampler, detok, StopChecker(list(params.stop)))
+            if constraint is not None:
+                ch.matcher = self.structured.matcher(constraint)
+                ch.gate = "on" if think is None else "thinking" if think.opened else "first"
+            req.choices.append(ch)
         with self._lock:
             self._inbox.append(req)
         self._kick(loop)
@@ -311,8 +348,9 @@ class Engine:
             got = prompt_logprobs(logits[rs], span, req.params.prompt_logprobs or 0)
             req.prompt_logprobs.extend(got if c.start == 0 else got[1:])
         wanted = [(r, c) for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens > 0]
-        results = sample(logits[[r for r, _ in wanted]], [self._by_seq[c.seq][1].sampler for _, c in wanted]) \
-            if wanted else []
+        rows = logits[[r for r, _ in wanted]]
+        self._mask(rows, [self._by_seq[c.seq] for _, c in wanted])
+        results = sample(rows, [self._by_seq[c.seq][1].sampler for _, c in wanted]) if wanted else []
         state["sampled"] = {c.seq: res for (_, c), res in zip(wanted, results)}
         state["scored"] = [c.seq for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens == 0]
 
@@ -327,10 +365,19 @@ class Engine:
                 continue
             self._append(req, ch, res)
 
+    def _mask(self, rows: np.ndarray, owners: list[tuple[_Request, _Choice]]) -> None:
+        """Constrained rows keep only the tokens their grammar allows next (plus an opening think tag)."""
+        picked = [(i, req, ch) for i, (req, ch) in enumerate(owners) if ch.matcher is not None and ch.gate != "thinking"]
+        if picked:
+            self.structured.apply(rows, [i for i, _, _ in picked], [ch.matcher for _, _, ch in picked],
+                                  [req.think.start if ch.gate == "first" and req.think else None for _, req, ch in picked])
+
     # ------------------------------------------------------------------ helpers
     def _append(self, req: _Request, ch: _Choice, res: SampleResult) -> None:
         params = req.params
         tok = res.token_id
+        if ch.matcher is not None:
+            self._advance_grammar(req, ch, tok)
         self.counters["generation_tokens"] += 1
         ch.seq.output_ids.append(tok)
         ch.sampler.append(tok)
@@ -345,6 +392,18 @@ class Engine:
             self._finish(req, ch, "length", safe + self._drain(ch), [tok], logprobs)
         else:
             req.emit(self._delta(req, ch, safe, [tok], logprobs, None))
+
+    @staticmethod
+    def _advance_grammar(req: _Request, ch: _Choice, tok: int) -> None:
+        if ch.gate == "first" and req.think is not None and tok == req.think.start:
+            ch.gate = "thinking"
+        elif ch.gate == "thinking":
+            if req.think is not None and tok == req.think.end:
+                ch.gate = "on"
+        else:
+            ch.gate = "on"
+            accepted = ch.matcher.accept_token(tok)  # type: ignore[attr-defined]
+            assert accepted or tok in req.params.stop_token_ids, f"token {tok} was masked out"
 
     @staticmethod
     def _drain(ch: _Choice) -> str:

@@ -11,8 +11,11 @@ field as a dotted path (``messages[1].content[0].type``). The rules, field by fi
   a float is not accepted where an integer is expected, NaN and infinities are rejected.
 - Ranges are OpenAI's documented ones; vLLM / llama.cpp extensions (top_k, min_p, repetition_penalty,
   ignore_eos, stop_token_ids, chat_template_kwargs, add_generation_prompt) are honoured.
-- OpenAI fields ferrum cannot honour (tools, response formats other than text, audio, ...) are
-  rejected with code ``unsupported_parameter`` / ``unsupported_value`` rather than silently ignored.
+- OpenAI fields ferrum cannot honour (audio, deprecated ``functions``, ...) are rejected with code
+  ``unsupported_parameter`` / ``unsupported_value`` rather than silently ignored.
+- Structured output (``response_format`` json_object / json_schema, the ``grammar`` and ``regex``
+  extensions) and ``tools`` are checked here (schemas with ``jsonschema``, names, tool_choice against the
+  declared tools); the server compiles the grammar before admitting the request.
 - Unknown fields are ignored, as vLLM does (clients add vendor fields freely).
 
 ``max_tokens`` defaults depend on the prompt's length, known only after tokenizing, so a request keeps
@@ -27,11 +30,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from .errors import FerrumError
 from .sampler import MAX_LOGPROBS, SamplingError, SamplingParams
+from .structured import Constraint, ConstraintError, check_schema
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
@@ -85,6 +90,10 @@ class ChatRequest:
     add_generation_prompt: bool
     max_tokens: int | None  # None: as many as the context leaves
     max_model_len: int
+    constraint: Constraint | None = None  # response_format json_object/json_schema, grammar, regex
+    tools: list[dict] | None = None  # [{"type": "function", "function": {name, description?, parameters}}]
+    tool_choice: str | dict = "auto"  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
 
     def params_for(self, prompt_tokens: int) -> SamplingParams:
         """The engine's parameters for a rendered prompt of ``prompt_tokens`` tokens (400 if it cannot fit)."""
@@ -102,6 +111,7 @@ class CompletionRequest:
     logprobs: int | None
     max_tokens: int | None  # None: 16, or what the context leaves if less
     max_model_len: int
+    constraint: Constraint | None = None  # grammar, regex, response_format (extensions)
 
     def params_for(self, prompt_tokens: int) -> SamplingParams:
         """The engine's parameters for a prompt of ``prompt_tokens`` tokens (pass the longest prompt's)."""
@@ -380,6 +390,11 @@ def parse_chat_request(body: object, *, vocab_size: int, max_model_len: int) -> 
     assert model is not None
     messages = _messages(f.require("messages"))
     _chat_unsupported(f)
+    tools, tool_choice, parallel = _tools(f)
+    constraint = _constraint(f)
+    if constraint is not None and tools and tool_choice != "none":
+        raise _invalid(constraint.param, f"`{constraint.param}` and `tools` cannot constrain the same answer; "
+                       "send one of them (or tool_choice \"none\")")
     logprobs = f.boolean("logprobs", False)
     top_logprobs = f.opt_integer("top_logprobs", 0, MAX_LOGPROBS)
     if top_logprobs is not None and not logprobs:
@@ -403,23 +418,137 @@ def parse_chat_request(body: object, *, vocab_size: int, max_model_len: int) -> 
     params = SamplingParams(max_tokens=max_model_len - 1 if limit is None else limit,
                             logprobs=(top_logprobs or 0) if logprobs else None, **_sampling(f, vocab_size))
     return ChatRequest(model, messages, _validated(params, vocab_size), stream, include_usage, logprobs,
-                       top_logprobs or 0, dict(kwargs), f.boolean("add_generation_prompt", True), limit, max_model_len)
+                       top_logprobs or 0, dict(kwargs), f.boolean("add_generation_prompt", True), limit, max_model_len,
+                       constraint, tools, tool_choice, parallel)
+
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _tools(f: _Object) -> tuple[list[dict] | None, str | dict, bool]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls``, checked (deprecated ``functions`` refused)."""
+    legacy = "is deprecated and not supported; send `tools` and `tool_choice` instead"
+    _reject(f, "functions", lambda v: v == [], legacy)
+    _reject(f, "function_call", lambda v: v == "none", legacy)
+    parallel = f.boolean("parallel_tool_calls", True)
+    raw = f.get("tools")
+    tools: list[dict] | None = None
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise _wrong_type("tools", "an array of tools", raw)
+        tools = [_tool(t, f"tools[{i}]") for i, t in enumerate(raw)]
+        names = [t["function"]["name"] for t in tools]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise _invalid("tools", f"`tools` declares the function {dup!r} twice; names must be unique")
+    choice: str | dict = "auto" if tools else "none"
+    rc = f.get("tool_choice")
+    if rc is not None:
+        if isinstance(rc, str):
+            if rc not in ("none", "auto", "required"):
+                raise _invalid("tool_choice", f"`tool_choice` {rc!r} is not one of none, auto, required, or "
+                               "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+            choice = rc
+        else:
+            c = _Object(rc, "tool_choice", "a string or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+            if c.string("type", required=True) != "function":
+                raise _invalid("tool_choice.type", "`tool_choice.type` must be \"function\"", "unsupported_value")
+            name = _Object(c.require("function"), "tool_choice.function").string("name", required=True)
+            if not tools or name not in {t["function"]["name"] for t in tools}:
+                raise _invalid("tool_choice.function.name", f"`tool_choice` names the function {name!r}, which "
+                               "`tools` does not declare")
+            choice = {"type": "function", "function": {"name": name}}
+        if choice in ("auto", "required") and not tools:
+            raise _invalid("tool_choice", f"`tool_choice` {choice!r} needs `tools`; declare at least one function")
+    return tools or None, choice, parallel
+
+
+def _tool(t: object, path: str) -> dict:
+    f = _Object(t, path, "a tool ({\"type\": \"function\", \"function\": {...}})")
+    kind = f.string("type", required=True)
+    if kind != "function":
+        raise _invalid(f.param("type"), f"`{f.param('type')}` {kind!r} is not supported; only \"function\" tools are",
+                       "unsupported_value")
+    fn = _Object(f.require("function"), f.param("function"))
+    name = fn.string("name", required=True)
+    assert name is not None
+    if not _TOOL_NAME.match(name):
+        raise _invalid(fn.param("name"), f"`{fn.param('name')}` {name!r} must be 1-64 letters, digits, _ or -")
+    out: dict[str, Any] = {"name": name}
+    desc = fn.string("description")
+    if desc is not None:
+        out["description"] = desc
+    params = fn.get("parameters")
+    if params is None:
+        params = {"type": "object", "properties": {}}
+    _schema(params, fn.param("parameters"))
+    out["parameters"] = params
+    strict = fn.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _wrong_type(fn.param("strict"), "a boolean", strict)
+    return {"type": "function", "function": out}
+
+
+def _schema(schema: object, param: str) -> None:
+    try:
+        check_schema(schema, param)
+    except ConstraintError as e:
+        raise _invalid(e.param, str(e)) from None
+
+
+def _constraint(f: _Object) -> Constraint | None:
+    """At most one of response_format (json_object / json_schema), ``grammar`` (EBNF/GBNF) and ``regex``."""
+    found: list[Constraint] = []
+    fmt = f.obj("response_format")
+    if fmt is not None:
+        r = _Object(fmt, "response_format")
+        kind = r.string("type", required=True)
+        if kind == "json_object":
+            found.append(Constraint("json_object", "", "response_format"))
+        elif kind == "json_schema":
+            js = _Object(r.require("json_schema"), "response_format.json_schema")
+            js.string("name", required=True)
+            js.string("description")
+            if js.get("strict") is not None and not isinstance(js.get("strict"), bool):
+                raise _wrong_type("response_format.json_schema.strict", "a boolean", js.get("strict"))
+            schema = js.require("schema")
+            _schema(schema, "response_format.json_schema.schema")
+            found.append(Constraint("json_schema", json.dumps(schema, sort_keys=True),
+                                    "response_format.json_schema.schema"))
+        elif kind != "text":
+            raise _invalid("response_format.type", f"`response_format.type` {kind!r} is not supported; use text, "
+                           "json_object or json_schema", "unsupported_value")
+    for key, kind in (("grammar", "grammar"), ("regex", "regex"), ("guided_grammar", "grammar"),
+                      ("guided_regex", "regex")):  # guided_*: vLLM's names
+        text = f.string(key)
+        if text is not None:
+            if not text.strip():
+                raise _invalid(key, f"`{key}` is empty")
+            found.append(Constraint(kind, text, key))
+    guided = f.get("guided_json")
+    if guided is not None:
+        if isinstance(guided, str):
+            try:
+                guided = json.loads(guided)
+            except ValueError:
+                raise _invalid("guided_json", "`guided_json` is a string but not JSON; send a JSON schema") from None
+        _schema(guided, "guided_json")
+        found.append(Constraint("json_schema", json.dumps(guided, sort_keys=True), "guided_json"))
+    choices = f.get("guided_choice")
+    if choices is not None:
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise _wrong_type("guided_choice", "a non-empty array of non-empty strings", choices)
+        found.append(Constraint("regex", "|".join(_regex_literal(c) for c in choices), "guided_choice"))
+    if len(found) > 1:
+        raise _invalid(found[1].param, f"`{found[0].param}` and `{found[1].param}` both constrain the output; send one")
+    return found[0] if found else None
+
+
+def _regex_literal(s: str) -> str:
+    return "".join("\\" + c if c in ".^$*+?()[]{}|\\/-" else c for c in s)
 
 
 def _chat_unsupported(f: _Object) -> None:
-    no_tools = "is not supported: ferrum has no tool calling yet; remove it"
-    _reject(f, "tools", lambda v: v == [], no_tools)
-    _reject(f, "tool_choice", lambda v: v == "none", no_tools + " (or send \"none\")")
-    _reject(f, "functions", lambda v: v == [], no_tools)
-    _reject(f, "function_call", lambda v: v == "none", no_tools + " (or send \"none\")")
-    _reject(f, "parallel_tool_calls", lambda v: isinstance(v, bool), "must be a boolean", "invalid_type")
-    fmt = f.obj("response_format")
-    if fmt is not None:
-        kind = _Object(fmt, "response_format").string("type", required=True)
-        if kind != "text":
-            raise _invalid("response_format.type", f"`response_format.type` {kind!r} is not supported: ferrum has no "
-                           f"structured output yet; send {{\"type\": \"text\"}} or leave response_format out",
-                           "unsupported_value")
     for key in ("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity", "moderation"):
         _reject(f, key, lambda v: False, "is not supported by ferrum; remove it")
     _reject(f, "modalities", lambda v: v == ["text"], "is not supported beyond [\"text\"]", "unsupported_value")
@@ -535,11 +664,12 @@ def parse_completion_request(body: object, *, vocab_size: int, max_model_len: in
     stream, include_usage = _stream(f)
     f.string("user")
     _not_exposed(f)
+    constraint = _constraint(f)
     most = min(COMPLETION_DEFAULT_MAX_TOKENS, max_model_len - 1)
     params = SamplingParams(max_tokens=most if max_tokens is None else max_tokens, logprobs=logprobs,
                             prompt_logprobs=logprobs if echo else None, **sampling)
     return CompletionRequest(model, prompts, _validated(params, vocab_size), stream, include_usage, echo, logprobs,
-                             max_tokens, max_model_len)
+                             max_tokens, max_model_len, constraint)
 
 
 def _prompts(v: object, vocab_size: int) -> list[str | list[int]]:
@@ -587,9 +717,23 @@ def _reason(finish_reason: str | None) -> str | None:
     return finish_reason
 
 
-def chat_choice(index: int, content: str, finish_reason: str, logprobs: dict | None = None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": content, "refusal": None},
-            "logprobs": logprobs, "finish_reason": _reason(finish_reason)}
+def chat_choice(index: int, content: str | None, finish_reason: str, logprobs: dict | None = None, *,
+                reasoning: str | None = None, tool_calls: list[dict] | None = None) -> dict[str, Any]:
+    """``tool_calls``: [{"id", "type": "function", "function": {"name", "arguments"}}]; content is None when
+    the answer is only calls; ``reasoning_content`` appears when the model reasoned."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": _reason(finish_reason)}
+
+
+def tool_call_deltas(index: int, call: dict) -> list[dict[str, Any]]:
+    """A completed call as OpenAI streams it: index, id, type and name first, then the arguments."""
+    return [{"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                             "function": {"name": call["function"]["name"], "arguments": ""}}]},
+            {"tool_calls": [{"index": index, "function": {"arguments": call["function"]["arguments"]}}]}]
 
 
 def chat_completion(id: str, created: int, model: str, choices: list[dict], usage: dict) -> dict[str, Any]:

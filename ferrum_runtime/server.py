@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from . import openai_protocol as proto
-from .engine import Delta, Engine, EngineConfig, RequestError
+from .chat_output import ChatOutput
+from .engine import Delta, Engine, EngineConfig, RequestError, ThinkTokens
 from .errors import FerrumError
 from .metrics import Metrics
 from .openai_protocol import APIError
 from .sampler import SamplingError
+from .structured import Constraint, ConstraintError, template_renders_tools, tool_format, tools_system_prompt
 
 log = logging.getLogger("ferrum.server")
 
@@ -232,30 +234,62 @@ class Server:
                                        max_model_len=engine.capacity)
         self._check_model(req.model)
         tok = self._tokenizer(engine)
-        text = tok.render_chat(req.messages, add_generation_prompt=req.add_generation_prompt, **req.chat_template_kwargs)
+        calling = bool(req.tools) and req.tool_choice != "none"
+        messages = req.messages
+        if calling and req.tools and not template_renders_tools(tok.chat_template):
+            messages = [{"role": "system", "content": tools_system_prompt(req.tools)}] + messages
+        text = tok.render_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools,
+                               **req.chat_template_kwargs)
         ids = tok.encode(text)
         params = req.params_for(len(ids))
         engine.check(ids, params)
+        fmt = tool_format(tok.chat_template)
+        constraint = Constraint.tools(fmt, req.tools or [], req.tool_choice, req.parallel_tool_calls) \
+            if calling else req.constraint
+        await self._compile(engine, constraint)
+        think = _think_tokens(tok, text)
         self._admit(request, engine)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        deltas = self._generate(engine, [ids], params, rid)
+        deltas = self._generate(engine, [ids], params, rid, constraint, think)
         token_text = self._token_text(engine)
+        names = frozenset(t["function"]["name"] for t in req.tools or [])
+
+        def output() -> ChatOutput:
+            return ChatOutput(reasoning=think is not None, opened=bool(think and think.opened),
+                              tool_format=fmt if calling else None, tool_names=names)
+
         if req.stream:
-            return await self._stream(request, self._chat_events(req, rid, created, deltas, len(ids), token_text))
-        texts: dict[int, list[str]] = {}
+            return await self._stream(request, self._chat_events(req, rid, created, deltas, len(ids), token_text,
+                                                                 output))
+        outs: dict[int, ChatOutput] = {}
         lps: dict[int, list] = {}
         finish: dict[int, str] = {}
         usage = [len(ids), 0]
         async for _, d in deltas:
-            texts.setdefault(d.index, []).append(d.text)
+            out = outs.setdefault(d.index, output())
+            out.feed(d.text)
             lps.setdefault(d.index, []).extend(d.logprobs or [])
             if d.finish_reason:
+                out.flush()
                 finish[d.index] = d.finish_reason
                 usage[1] += d.completion_tokens
-        choices = [proto.chat_choice(i, "".join(texts[i]), _reason(finish[i]),
-                                     proto.chat_logprobs(lps[i], token_text) if req.logprobs else None)
-                   for i in sorted(texts)]
+        choices = []
+        for i in sorted(outs):
+            content, reasoning, calls = outs[i].message()
+            choices.append(proto.chat_choice(i, content, _chat_reason(finish[i], calls),
+                                             proto.chat_logprobs(lps[i], token_text) if req.logprobs else None,
+                                             reasoning=reasoning, tool_calls=calls))
         return _json(proto.chat_completion(rid, created, self.model_name, choices, proto.usage_dict(*usage)))
+
+    async def _compile(self, engine: Engine, constraint: Constraint | None) -> None:
+        """Compile the request's grammar before admitting it (a bad one is a 400; the first one builds the
+        grammar engine's vocabulary tables, so it runs off the event loop)."""
+        if constraint is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, engine.compile_constraint, constraint)
+        except ConstraintError as e:
+            raise APIError(400, str(e), param=e.param) from None
 
     async def _completions(self, request):
         engine = self._ready()
@@ -266,10 +300,11 @@ class Server:
         params = req.params_for(max(len(p) for p in prompts))
         for p in prompts:
             engine.check(p, params)
+        await self._compile(engine, req.constraint)
         self._admit(request, engine)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         token_text = self._token_text(engine)
-        deltas = self._generate(engine, prompts, params, rid)
+        deltas = self._generate(engine, prompts, params, rid, req.constraint)
         n = params.n
         if req.stream:
             return await self._stream(request, self._completion_events(req, rid, created, deltas, prompts, n,
@@ -313,7 +348,9 @@ class Server:
 
         return text
 
-    async def _generate(self, engine: Engine, prompts: list[list[int]], params, rid: str) -> AsyncIterator[tuple[int, Delta]]:
+    async def _generate(self, engine: Engine, prompts: list[list[int]], params, rid: str,
+                        constraint: Constraint | None = None,
+                        think: ThinkTokens | None = None) -> AsyncIterator[tuple[int, Delta]]:
         """Deltas of every prompt's generation, merged as they come, tagged with the prompt's index."""
         labels = [self.model_name]
         t0 = time.monotonic()
@@ -322,7 +359,8 @@ class Server:
 
         async def pump(i: int, ids: list[int]):
             try:
-                async for d in engine.generate(ids, params, request_id=f"{rid}-{i}"):
+                async for d in engine.generate(ids, params, request_id=f"{rid}-{i}", constraint=constraint,
+                                               think=think):
                     await queue.put((i, d))
             finally:
                 await queue.put(done)
@@ -365,20 +403,26 @@ class Server:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.metrics.running.labels(*labels).dec()
 
-    async def _chat_events(self, req, rid: str, created: int, deltas, prompt_tokens: int, token_text):
-        """OpenAI's chat stream: per choice a role chunk, content chunks, one chunk with finish_reason;
-        then the usage chunk (``choices: []``) when asked for."""
-        started: set[int] = set()
+    async def _chat_events(self, req, rid: str, created: int, deltas, prompt_tokens: int, token_text, output):
+        """OpenAI's chat stream: per choice a role chunk, then reasoning_content / content / tool-call chunks,
+        one chunk with finish_reason; then the usage chunk (``choices: []``) when asked for."""
+        outs: dict[int, ChatOutput] = {}
         completion_tokens = 0
         async for _, d in deltas:
-            if d.index not in started:
-                started.add(d.index)
+            if d.index not in outs:
+                outs[d.index] = output()
                 yield proto.chat_chunk(rid, created, self.model_name, d.index, {"role": "assistant", "content": ""}, None)
-            if d.text or d.finish_reason:
-                logprobs = proto.chat_logprobs(d.logprobs, token_text) if req.logprobs and d.logprobs else None
-                yield proto.chat_chunk(rid, created, self.model_name, d.index, {"content": d.text} if d.text else {},
-                                       _reason(d.finish_reason), logprobs)
+            out = outs[d.index]
+            parts = out.feed(d.text) + (out.flush() if d.finish_reason else [])
+            logprobs = proto.chat_logprobs(d.logprobs, token_text) if req.logprobs and d.logprobs else None
+            if logprobs is not None and not parts:
+                parts = [{}]  # the tokens' logprobs even while their text is held back
+            for k, part in enumerate(parts):
+                yield proto.chat_chunk(rid, created, self.model_name, d.index, part, None,
+                                       logprobs if k == 0 else None)
             if d.finish_reason:
+                calls = out.message()[2]
+                yield proto.chat_chunk(rid, created, self.model_name, d.index, {}, _chat_reason(d.finish_reason, calls))
                 completion_tokens += d.completion_tokens
         if req.include_usage:
             yield proto.chat_usage_chunk(rid, created, self.model_name, proto.usage_dict(prompt_tokens, completion_tokens))
@@ -424,6 +468,23 @@ class Server:
         await resp.send("data: [DONE]\n\n")
         await resp.eof()
         return resp
+
+
+def _chat_reason(reason: str, calls: list | None) -> str:
+    """A chat answer that ended on its own after tool calls finishes with "tool_calls"."""
+    return "tool_calls" if calls and reason == "stop" else _reason(reason)
+
+
+def _think_tokens(tok, prompt: str) -> ThinkTokens | None:
+    """For a reasoning template (``<think>`` / ``</think>`` as single tokens): where the answer starts."""
+    template = tok.chat_template or ""
+    start, end = tok.tokenizer.token_to_id("<think>"), tok.tokenizer.token_to_id("</think>")
+    if "</think>" not in template or start is None or end is None:
+        return None
+    tail = prompt.rstrip()
+    if tail.endswith("</think>"):  # thinking switched off: the template closed an empty block
+        return None
+    return ThinkTokens(start, end, opened=tail.endswith("<think>"))
 
 
 def _reason(reason):

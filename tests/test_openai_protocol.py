@@ -29,6 +29,11 @@ def comp(**fields) -> dict:
     return {"model": "m", "prompt": "hi", **fields}
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                        "required": ["city"]}}}
+
+
 def parse(body):
     is_chat = isinstance(body, dict) and "messages" in body or body == {"model": "m"}
     return (parse_chat_request if is_chat else parse_completion_request)(body, vocab_size=V, max_model_len=L)
@@ -119,15 +124,40 @@ BAD = [
     ("stream_options-type", chat(stream=True, stream_options=[]), "stream_options", "invalid_type"),
     ("include_usage-type", chat(stream=True, stream_options={"include_usage": "yes"}),
      "stream_options.include_usage", "invalid_type"),
-    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "unsupported_parameter"),
-    ("tool_choice", chat(tool_choice="auto"), "tool_choice", "unsupported_parameter"),
+    ("tools-type", chat(tools={"type": "function"}), "tools", "invalid_type"),
+    ("tool-kind", chat(tools=[{"type": "retrieval"}]), "tools[0].type", "unsupported_value"),
+    ("tool-no-name", chat(tools=[{"type": "function", "function": {}}]), "tools[0].function.name",
+     "missing_required_parameter"),
+    ("tool-bad-name", chat(tools=[TOOL, {"type": "function", "function": {"name": "a b"}}]), "tools[1].function.name",
+     "invalid_value"),
+    ("tool-params-not-schema", chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}]),
+     "tools[0].function.parameters", "invalid_value"),
+    ("tool-params-unenforceable", chat(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"x": {"not": {"type": "string"}}}}}}]),
+     "tools[0].function.parameters", "invalid_value"),
+    ("tools-duplicate", chat(tools=[TOOL, TOOL]), "tools", "invalid_value"),
+    ("tool_choice-without-tools", chat(tool_choice="auto"), "tool_choice", "invalid_value"),
+    ("tool_choice-unknown", chat(tools=[TOOL], tool_choice="always"), "tool_choice", "invalid_value"),
+    ("tool_choice-undeclared", chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}),
+     "tool_choice.function.name", "invalid_value"),
+    ("tool_choice-type", chat(tools=[TOOL], tool_choice={"type": "custom", "function": {"name": "get_weather"}}),
+     "tool_choice.type", "unsupported_value"),
     ("functions", chat(functions=[{"name": "f"}]), "functions", "unsupported_parameter"),
     ("function_call", chat(function_call={"name": "f"}), "function_call", "unsupported_parameter"),
     ("parallel_tool_calls-type", chat(parallel_tool_calls="yes"), "parallel_tool_calls", "invalid_type"),
-    ("response_format-json", chat(response_format={"type": "json_object"}), "response_format.type",
-     "unsupported_value"),
-    ("response_format-schema", chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
-     "response_format.type", "unsupported_value"),
+    ("response_format-kind", chat(response_format={"type": "xml"}), "response_format.type", "unsupported_value"),
+    ("response_format-schema-missing", chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format.json_schema.schema", "missing_required_parameter"),
+    ("response_format-schema-invalid", chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "required": "a"}}}), "response_format.json_schema.schema",
+     "invalid_value"),
+    ("response_format-schema-unenforceable", chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}), "response_format.json_schema.schema",
+     "invalid_value"),
+    ("grammar-and-regex", chat(grammar="root ::= \"a\"", regex="a+"), "regex", "invalid_value"),
+    ("schema-and-tools", chat(tools=[TOOL], response_format={"type": "json_object"}), "response_format",
+     "invalid_value"),
+    ("regex-empty", comp(regex=" "), "regex", "invalid_value"),
     ("response_format-no-type", chat(response_format={}), "response_format.type", "missing_required_parameter"),
     ("response_format-string", chat(response_format="text"), "response_format", "invalid_type"),
     ("audio", chat(audio={"voice": "alloy", "format": "wav"}), "audio", "unsupported_parameter"),
@@ -253,11 +283,11 @@ def test_chat_numbers_and_limits():
 
 
 def test_accepted_but_ignored_or_harmless_values():
-    body = chat(tools=[], tool_choice="none", functions=[], function_call="none", parallel_tool_calls=True,
+    body = chat(tools=[], tool_choice="none", functions=[], parallel_tool_calls=True,
                 response_format={"type": "text"}, modalities=["text"], service_tier="auto", store=False,
                 metadata={"k": "v"}, user="u1", safety_identifier="s", prompt_cache_key="p",
                 stream=True, stream_options={"include_usage": False, "continuous_usage_stats": True},
-                guided_json={"type": "object"}, some_vendor_field=[1, 2])  # unknown fields: ignored
+                some_vendor_field=[1, 2])  # unknown fields: ignored
     req = parse(body)
     assert req.params == SamplingParams(max_tokens=L - 1)
     assert parse(chat(service_tier="default")).params == req.params
@@ -529,3 +559,25 @@ def test_docs_list_every_request_field():
         body = text.split(f"## `POST {section}`")[1].split("\n## ")[0]
         documented = set(re.findall(r"^\| `([a-z_]+)`", body, flags=re.M))
         assert set(schemas[schema]["properties"]) <= documented, set(schemas[schema]["properties"]) - documented
+
+
+def test_tools_and_structured_output_fields():
+    from ferrum_runtime.structured import Constraint
+
+    req = parse(chat(tools=[TOOL], parallel_tool_calls=False))
+    assert req.tools == [TOOL] and req.tool_choice == "auto" and req.parallel_tool_calls is False
+    req = parse(chat(tools=[{"type": "function", "function": {"name": "noop"}}], tool_choice="required"))
+    assert req.tools[0]["function"]["parameters"] == {"type": "object", "properties": {}}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert parse(chat(tools=[TOOL], tool_choice=named)).tool_choice == named
+    assert parse(chat(tools=[TOOL], tool_choice="none")).tool_choice == "none"
+    assert parse(chat(response_format={"type": "json_object"})).constraint == Constraint("json_object", "",
+                                                                                          "response_format")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    got = parse(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema,
+                                                                            "strict": True}})).constraint
+    assert got.kind == "json_schema" and json.loads(got.spec) == schema
+    assert parse(comp(grammar='root ::= "yes" | "no"')).constraint.kind == "grammar"
+    assert parse(chat(regex="[0-9]+")).constraint == Constraint("regex", "[0-9]+", "regex")
+    assert parse(chat(guided_json=json.dumps(schema))).constraint.param == "guided_json"
+    assert parse(chat(guided_choice=["a.b", "c"])).constraint.spec == "a\\.b|c"
