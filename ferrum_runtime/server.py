@@ -26,7 +26,8 @@ from .errors import FerrumError
 from .metrics import Metrics
 from .openai_protocol import APIError
 from .sampler import SamplingError
-from .structured import Constraint, ConstraintError, template_renders_tools, tool_format, tools_system_prompt
+from .structured import (Constraint, ConstraintError, template_renders_tools, tool_format, tool_messages_as_text,
+                         tools_system_prompt)
 
 log = logging.getLogger("ferrum.server")
 
@@ -236,8 +237,10 @@ class Server:
         tok = self._tokenizer(engine)
         calling = bool(req.tools) and req.tool_choice != "none"
         messages = req.messages
-        if calling and req.tools and not template_renders_tools(tok.chat_template):
-            messages = [{"role": "system", "content": tools_system_prompt(req.tools)}] + messages
+        if not template_renders_tools(tok.chat_template):  # the generic format, spelled out for the model
+            messages = tool_messages_as_text(messages)
+            if calling and req.tools:
+                messages = [{"role": "system", "content": tools_system_prompt(req.tools)}] + messages
         text = tok.render_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools,
                                **req.chat_template_kwargs)
         ids = tok.encode(text)

@@ -83,6 +83,27 @@ def tools_system_prompt(tools: list[dict]) -> str:
             '{"name": <function name>, "arguments": <arguments as a JSON object>}\n</tool_call>')
 
 
+def tool_messages_as_text(messages: list[dict]) -> list[dict]:
+    """For templates that know no tools: assistant tool calls become ``<tool_call>`` blocks in the content and
+    tool results user turns in ``<tool_response>`` tags, so any template can render the conversation."""
+    out = []
+    for m in messages:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            blocks = []
+            for call in m["tool_calls"]:
+                args = call["function"]["arguments"]
+                args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+                blocks.append('<tool_call>\n{"name": "%s", "arguments": %s}\n</tool_call>'
+                              % (call["function"]["name"], args_text))
+            text = "\n".join(([m["content"]] if m.get("content") else []) + blocks)
+            out.append({k: v for k, v in m.items() if k != "tool_calls"} | {"content": text})
+        elif m["role"] == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"})
+        else:
+            out.append(m)
+    return out
+
+
 def check_schema(schema: Any, param: str) -> None:
     """Refuse a JSON schema that is invalid, or uses a keyword the grammar engine would not enforce."""
     import jsonschema
