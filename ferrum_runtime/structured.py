@@ -150,6 +150,7 @@ class StructuredOutput:
         self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids))
         self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=2)  # fills a batch's masks on both cores
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # compiled on the server's thread, used on the engine's
@@ -197,16 +198,13 @@ class StructuredOutput:
         import torch
 
         xgr = self._xgr
-        assert logits.dtype == np.float32 and logits.flags.c_contiguous
-        mask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for i, m in enumerate(matchers):
-            m.fill_next_token_bitmask(mask, i)
-            tok = extra_allowed[i]
+        assert logits.dtype == np.float32 and logits.flags.c_contiguous and logits.shape[1] == self.vocab_size
+        mask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)  # all allowed
+        self._batch.batch_fill_next_token_bitmask(matchers, mask, indices=rows)
+        for r, tok in zip(rows, extra_allowed):
             if tok is not None:  # e.g. <think> as the first token of a reasoning model
-                mask[i, tok // 32] |= _bit(tok % 32)
-        sub = np.ascontiguousarray(logits[rows])
-        xgr.apply_token_bitmask_inplace(torch.from_numpy(sub), mask)
-        logits[rows] = sub
+                mask[r, tok // 32] |= _bit(tok % 32)
+        xgr.apply_token_bitmask_inplace(torch.from_numpy(logits), mask, indices=rows)
 
 
 def _bit(i: int) -> int:
