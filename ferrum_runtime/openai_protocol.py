@@ -918,6 +918,22 @@ def _requires(field: str, other: str, value: Any) -> dict:
     return {"anyOf": [_absent(field), {"required": [other], "properties": {other: {"enum": [value]}}}]}
 
 
+_RESPONSE_FORMAT = {"type": "object", "required": ["type"], "properties": {
+    "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+    "json_schema": {"type": "object", "required": ["name", "schema"], "properties": {
+        "name": {"type": "string"}, "description": {"type": "string"}, "schema": {"type": "object"},
+        "strict": {"type": "boolean"}}}}}
+_CONSTRAINT_EXTENSIONS = {
+    "grammar": _nullable({"type": "string", "description": "extension: EBNF/GBNF grammar the output follows"}),
+    "regex": _nullable({"type": "string", "description": "extension: regular expression the output matches"}),
+    "guided_json": _nullable({"oneOf": [{"type": "object"}, {"type": "string"}],
+                              "description": "extension (vLLM): a JSON schema, as an object or JSON text"}),
+    "guided_regex": _nullable({"type": "string", "description": "extension (vLLM)"}),
+    "guided_grammar": _nullable({"type": "string", "description": "extension (vLLM)"}),
+    "guided_choice": _nullable({"type": "array", "items": {"type": "string"}, "description": "extension (vLLM)"}),
+}
+
+
 def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: list[str] | None) -> dict[str, Any]:
     max_gen = None if max_model_len is None else max_model_len - 1
     model = {"type": "string", **({"enum": models} if models else {})}
@@ -953,13 +969,21 @@ def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: 
         "chat_template_kwargs": _nullable({"type": "object", "description": "extension (vLLM): template variables; "
                                            f"not {', '.join(sorted(RESERVED_TEMPLATE_KWARGS))}"}),
         "add_generation_prompt": _nullable({"type": "boolean", "default": True, "description": "extension (vLLM)"}),
-        "tools": _nullable({"type": "array", "maxItems": 0, "description": "not supported: only [] or null"}),
-        "tool_choice": _nullable({"type": "string", "enum": ["none"], "description": "not supported beyond none"}),
-        "functions": _nullable({"type": "array", "maxItems": 0, "description": "not supported: only [] or null"}),
-        "function_call": _nullable({"type": "string", "enum": ["none"]}),
-        "parallel_tool_calls": _nullable({"type": "boolean"}),
-        "response_format": _nullable({"type": "object", "required": ["type"],
-                                      "properties": {"type": {"type": "string", "enum": ["text"]}}}),
+        "tools": _nullable({"type": "array", "items": {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+                "parameters": {"type": "object", "description": "a JSON schema"}, "strict": {"type": "boolean"}}}}}}),
+        "tool_choice": _nullable({"oneOf": [
+            {"type": "string", "enum": ["none", "auto", "required"]},
+            {"type": "object", "required": ["type", "function"], "properties": {
+                "type": {"type": "string", "enum": ["function"]},
+                "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}]}),
+        "functions": _nullable({"type": "array", "maxItems": 0, "description": "deprecated: use tools"}),
+        "function_call": _nullable({"type": "string", "enum": ["none"], "description": "deprecated: use tool_choice"}),
+        "parallel_tool_calls": _nullable({"type": "boolean", "default": True}),
+        "response_format": _nullable(_RESPONSE_FORMAT),
+        **_CONSTRAINT_EXTENSIONS,
         "modalities": _nullable({"type": "array", "minItems": 1, "maxItems": 1,
                                  "items": {"type": "string", "enum": ["text"]}}),
         "service_tier": _nullable({"type": "string", "enum": ["auto", "default"]}),
@@ -984,6 +1008,8 @@ def _request_schemas(vocab_size: int | None, max_model_len: int | None, models: 
         "logprobs": _nullable(_int(0, MAX_COMPLETION_LOGPROBS)),
         "best_of": _nullable(_int(1, MAX_N, description="must equal n")),
         "suffix": _nullable({"type": "string", "maxLength": 0, "description": "not supported: only \"\" or null"}),
+        "response_format": _nullable({**_RESPONSE_FORMAT, "description": "extension: constrains the completion"}),
+        **_CONSTRAINT_EXTENSIONS,
     }
     unknown_ok = "Unknown fields are ignored. null means not given."
     one = {"type": "integer", "nullable": True, "enum": [1, None]}
