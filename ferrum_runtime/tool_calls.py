@@ -2,8 +2,10 @@
 
 Formats (``structured.tool_format``): ``qwen`` and ``generic`` wrap each call in ``<tool_call>…</tool_call>``
 holding ``{"name": …, "arguments": {…}}``; ``llama`` writes ``{"name": …, "parameters": {…}}`` objects
-(optionally after ``<|python_tag|>``). Text around calls stays content. Text that might be the start of a
-call is held back until it is decided, as stop strings are.
+(optionally after ``<|python_tag|>``). Text around calls stays content, except whitespace that only
+separates calls (or follows the last one). Text that might be the start of a call, and trailing
+whitespace, is held back until it is decided, as stop strings are; so any split of the stream into
+pieces gives the same content and calls as the whole.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class ToolCallParser:
         self.names = tool_names
         self._buf = ""
         self._in_call = False
+        self._ws = ""  # trailing whitespace of the content so far: dropped if a call follows
+        self._after_call = False
         self.calls: list[ToolCall] = []
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -52,7 +56,16 @@ class ToolCallParser:
         else:
             content, calls = self._tagged(final=True)
         rest, self._buf, self._in_call = self._buf, "", False
-        return content + rest, calls
+        tail = self._content([rest]) + ("" if self.calls else self._ws)
+        self._ws = ""
+        return content + tail, calls
+
+    def _content(self, pieces: list[str]) -> str:
+        """Content to emit now: held whitespace plus ``pieces``, minus (held again) trailing whitespace."""
+        text = self._ws + "".join(pieces)
+        body = text.rstrip()
+        self._ws = text[len(body):]
+        return body
 
     # -------------------------------------------------------------- <tool_call> blocks
     def _tagged(self, final: bool) -> tuple[str, list[ToolCall]]:
@@ -75,14 +88,29 @@ class ToolCallParser:
             if call is None:
                 content.append(block)  # not a well-formed call: the model's text, verbatim
             else:
+                self._emit_before_call(content)
                 calls.append(call)
-        return _strip_between_calls("".join(content), bool(self.calls) or bool(calls)), calls
+        return self._content(content), calls
+
+    def _emit_before_call(self, content: list[str]) -> None:
+        """A call follows ``content``: its trailing whitespace separates, it is not content."""
+        text = self._ws + "".join(content)
+        self._ws = ""
+        content[:] = [text.rstrip()]
 
     # -------------------------------------------------------------- Llama 3.x JSON objects
     def _llama(self, final: bool = False) -> tuple[str, list[ToolCall]]:
         content, calls = [], []
         decoder = json.JSONDecoder()
         while self._buf:
+            if self._after_call:  # Llama separates parallel calls with ";"
+                stripped = self._buf.lstrip()
+                if not stripped and not final:
+                    break
+                self._after_call = False
+                if stripped.startswith(";"):
+                    self._buf = stripped[1:]
+                    continue
             buf = self._buf
             i = buf.find(_LLAMA_OPEN)
             tag = buf.find(_PYTHON_TAG)
@@ -109,10 +137,11 @@ class ToolCallParser:
             if call is None:
                 content.append(buf[i:end])
             else:
+                self._emit_before_call(content)
                 calls.append(call)
-            rest = buf[end:]
-            self._buf = rest[1:] if rest.startswith(";") else rest  # Llama separates parallel calls with ";"
-        return _strip_between_calls("".join(content), bool(self.calls) or bool(calls)), calls
+            self._buf = buf[end:]
+            self._after_call = call is not None
+        return self._content(content), calls
 
     def _call(self, text: str, args_key: str) -> ToolCall | None:
         try:
@@ -127,11 +156,6 @@ class ToolCallParser:
         call = ToolCall(new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False))
         self.calls.append(call)
         return call
-
-
-def _strip_between_calls(content: str, have_calls: bool) -> str:
-    """Whitespace the format puts between and after calls is not content."""
-    return content if not have_calls or content.strip() else ""
 
 
 def _partial_suffix(text: str, tag: str) -> int:

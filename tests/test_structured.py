@@ -157,3 +157,22 @@ def test_uncompilable_constraints_raise_naming_the_field(engine, kind, spec, fra
     with pytest.raises(ConstraintError) as info:
         engine.compile_constraint(Constraint(kind, spec, fragment))
     assert info.value.param == fragment and "cannot be compiled" in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["qwen", "llama", "generic"])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_tool_calls_parse_and_validate_in_every_format(engine, fmt, choice):
+    """tool_choice required / named on random weights: the family's syntax, a declared function, valid
+    arguments; the parser of that format recovers the calls."""
+    from ferrum_runtime.tool_calls import parse_tool_calls
+
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["city", "days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": n, "parameters": params}} for n in ("get_weather", "get_time")]
+    c = Constraint.tools(fmt, tools, choice, parallel=False)
+    for text, finish in generate(engine, c, n=4, seed=7, max_tokens=120):
+        content, calls = parse_tool_calls(text, fmt, {"get_weather", "get_time"})
+        assert finish == "stop" and len(calls) == 1, text
+        assert isinstance(choice, str) or calls[0].name == "get_time"
+        jsonschema.validate(json.loads(calls[0].arguments), params)
