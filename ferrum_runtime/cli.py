@@ -62,6 +62,37 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
+
+    def ints(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if not values or any(v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+        return values
+
+    b = sub.add_parser("bench", help="llama-bench-style throughput of an artifact on this machine")
+    b.add_argument("artifact")
+    b.add_argument("-p", "--prompt-lens", type=ints, default=[128, 512, 2048], help="prefill sizes (default 128,512,2048)")
+    b.add_argument("-n", "--gen", type=int, default=128, help="decode steps per tg row (default 128)")
+    b.add_argument("-d", "--depths", type=ints, default=[0, 512], help="KV depths for tg rows (default 0,512)")
+    b.add_argument("-b", "--batches", type=ints, default=[1, 4, 16, 64], help="decode batch sizes (default 1,4,16,64)")
+    b.add_argument("-r", "--repetitions", type=int, default=3)
+    b.add_argument("--no-ttft", action="store_true", help="skip the engine time-to-first-token row")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    bs = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server (ferrum, llama.cpp, vLLM)")
+    bs.add_argument("url", help="base URL, e.g. http://127.0.0.1:8000")
+    bs.add_argument("--concurrency", default="1,4,16,32", help="comma-separated levels (default 1,4,16,32)")
+    bs.add_argument("--input-len", type=int, default=256, help="prompt tokens, about (default 256)")
+    bs.add_argument("--output-len", type=int, default=128, help="tokens asked per request (default 128)")
+    bs.add_argument("--num-prompts", type=int, help="requests per level (default max(8, 4 x concurrency))")
+    bs.add_argument("--model", help="model id (default: the server's first)")
+    bs.add_argument("--api-key")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--records", help="write one JSON line per request to this file")
+    bs.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 
 
@@ -182,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+
+            if not (Path(args.artifact) / "ferrum.yaml").is_file():
+                args.artifact = str(_artifact_for_alias(args.artifact))
+            return bench_main(args)
+        if args.command == "bench-serve":
+            from .bench_serve import main as bench_serve_main
+
+            return bench_serve_main(args)
         return _run(args)
     except KeyboardInterrupt:
         print("ferrum: interrupted", file=sys.stderr)
