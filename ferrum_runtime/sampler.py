@@ -78,7 +78,7 @@ class SamplingParams:
 @dataclass(frozen=True)
 class SampleResult:
     token_id: int
-    logprob: float  # of token_id under log_softmax(raw logits)
+    logprob: float  # of token_id under log_softmax(raw logits); NaN when the request did not ask for logprobs
     top_logprobs: list[tuple[int, float]]  # the params.logprobs most likely (id, logprob), best first
 
 
@@ -123,6 +123,11 @@ class SequenceSampler:
         if self._counts is not None:
             self._counts[token_id] += 1
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing to adjust: the token is the argmax of the raw logits (the fast path)."""
+        return self.params.greedy and self._bias is None and self._seen is None and self._counts is None
+
     def adjust(self, row: np.ndarray) -> np.ndarray:
         """Logits [V] after logit_bias and the penalties (a new float64 array; ``row`` is not modified)."""
         p = self.params
@@ -142,13 +147,20 @@ def sample(logits: np.ndarray, seqs: list[SequenceSampler]) -> list[SampleResult
     assert logits.ndim == 2 and logits.shape[0] == len(seqs), (logits.shape, len(seqs))
     assert all(s.vocab_size == logits.shape[1] for s in seqs), (logits.shape, [s.vocab_size for s in seqs])
     B, V = logits.shape
-    x = np.stack([s.adjust(logits[i]) for i, s in enumerate(seqs)]) if B else np.zeros((0, V))  # [B, V] float64
-    tokens = np.argmax(x, axis=1)  # greedy rows keep this: ties go to the lowest id
-    rows = np.array([i for i, s in enumerate(seqs) if not s.params.greedy], dtype=np.int64)
-    if rows.size:
+    tokens = np.zeros(B, dtype=np.int64)
+    fast = [i for i, s in enumerate(seqs) if s.plain_greedy]
+    if fast:  # float32 argmax: the same token as float64, ties to the lowest id; no copy of the row
+        tokens[fast] = np.argmax(logits[fast], axis=1)
+    general = [i for i, s in enumerate(seqs) if not s.plain_greedy]
+    x = np.stack([seqs[i].adjust(logits[i]) for i in general]) if general else np.zeros((0, V))  # float64
+    if general:
+        tokens[general] = np.argmax(x, axis=1)  # greedy rows keep this: ties go to the lowest id
+    sampled = [j for j, i in enumerate(general) if not seqs[i].params.greedy]  # rows of x
+    if sampled:
+        rows = np.array([general[j] for j in sampled], dtype=np.int64)
         ps = [seqs[i].params for i in rows]
         temps = np.array([p.temperature for p in ps])
-        probs = _filtered_probs(x[rows] / temps[:, None], np.array([p.top_k for p in ps]),
+        probs = _filtered_probs(x[sampled] / temps[:, None], np.array([p.top_k for p in ps]),
                                 np.array([p.top_p for p in ps]), np.array([p.min_p for p in ps]))
         u = np.array([seqs[i].rng.random() for i in rows])  # one draw per sequence per step, from its own generator
         cdf = np.cumsum(probs, axis=1)  # [b, V]
@@ -157,13 +169,15 @@ def sample(logits: np.ndarray, seqs: list[SequenceSampler]) -> list[SampleResult
         pick = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)
         last_nonzero = V - 1 - np.argmax(probs[:, ::-1] > 0, axis=1)
         tokens[rows] = np.minimum(pick, last_nonzero)
-    raw = logits.astype(np.float64)
-    lse = _logsumexp(raw)  # [B]
     out = []
     for i, s in enumerate(seqs):
         t = int(tokens[i])
-        k = s.params.logprobs or 0
-        out.append(SampleResult(t, float(raw[i, t] - lse[i]), _top(raw[i], lse[i], k)))
+        if s.params.logprobs is None:  # nobody reads it: skip the [V] float64 pass
+            out.append(SampleResult(t, float("nan"), []))
+            continue
+        raw = logits[i].astype(np.float64)
+        lse = float(_logsumexp(raw[None, :])[0])
+        out.append(SampleResult(t, float(raw[t] - lse), _top(raw, lse, s.params.logprobs)))
     return out
 
 

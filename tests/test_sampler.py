@@ -324,3 +324,18 @@ GOOD = [("max_tokens", 0), ("temperature", 0.0), ("top_k", -1), ("top_k", 0), ("
 @pytest.mark.parametrize("field,value", GOOD)
 def test_validate_accepts_boundaries(field, value):
     dataclasses.replace(SamplingParams(), **{field: value}).validate(vocab_size=100)
+
+
+@pytest.mark.unit
+def test_greedy_fast_path_picks_the_same_tokens_as_the_general_path():
+    """Plain greedy rows take a float32 argmax; a no-op logit_bias forces the float64 general path."""
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((64, 300)).astype(np.float32)
+    logits[3, [7, 9]] = logits[3].max() + 1  # an exact tie: both paths pick the lowest id
+    fast = [SequenceSampler(SamplingParams(temperature=0), [], 300) for _ in range(64)]
+    general = [SequenceSampler(SamplingParams(temperature=0, logit_bias=((0, 0.0),)), [], 300) for _ in range(64)]
+    assert all(s.plain_greedy for s in fast) and not any(s.plain_greedy for s in general)
+    a, b = sample(logits, fast), sample(logits, general)
+    assert [r.token_id for r in a] == [r.token_id for r in b] and a[3].token_id == 7
+    mixed = sample(logits[:2], [fast[0], SequenceSampler(SamplingParams(temperature=0, logprobs=2), [], 300)])
+    assert np.isnan(mixed[0].logprob) and mixed[1].logprob <= 0 and len(mixed[1].top_logprobs) == 2
