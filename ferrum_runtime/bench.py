@@ -136,30 +136,45 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
             runs.append(time.perf_counter() - t0)
         rows.append(_row(f"decode b{b}", b * steps, runs))
         progress(f"decode b{b}: {rows[-1].tok_per_s:.1f} tok/s")
+    breakdown = None
     if ttft:
-        rows.append(_ttft(artifact, prompt(128), repetitions))
+        row, breakdown = _engine_rows(artifact, prompt(128), repetitions, gen)
+        rows.append(row)
         progress(f"ttft: {rows[-1].ms:.1f} ms")
-    return {"artifact": str(artifact), "model": model.manifest.model["family"],
+    return {"engine_decode_b1": breakdown,"artifact": str(artifact), "model": model.manifest.model["family"],
             "quantization": model.manifest.data.get("quantization", {}).get("method", "none"),
             "target": model.manifest.target["name"], "threads": _threads(), "rows": [asdict(r) for r in rows]}
 
 
-def _ttft(artifact, prompt: list[int], repetitions: int) -> BenchRow:
+def _engine_rows(artifact, prompt: list[int], repetitions: int, gen: int) -> tuple[BenchRow, dict]:
+    """TTFT through the engine, and where the time of a batch-1 decode step goes (engine actions vs
+    the compiled model call)."""
     from .engine import Engine, EngineConfig
     from .sampler import SamplingParams
 
     engine = Engine.from_artifact(artifact, EngineConfig(num_blocks=64, enable_prefix_caching=False))
 
-    async def once() -> float:
+    async def once(max_tokens: int) -> float:
         t0 = time.perf_counter()
-        async for d in engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0)):
-            if d.token_ids:
-                return time.perf_counter() - t0
-        return time.perf_counter() - t0
+        first = None
+        async for d in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)):
+            if d.token_ids and first is None:
+                first = time.perf_counter() - t0
+        return first or time.perf_counter() - t0
 
-    asyncio.run(once())  # warm-up
-    runs = [asyncio.run(once()) for _ in range(repetitions)]
-    return _row("ttft", len(prompt), runs)
+    asyncio.run(once(1))  # warm-up
+    runs = [asyncio.run(once(1)) for _ in range(repetitions)]
+    before = dict(engine.seconds)
+    steps0 = engine.counters["steps"]
+    asyncio.run(once(gen + 1))
+    steps = engine.counters["steps"] - steps0 - 1  # the prefill step is not a decode step
+    spent = {k: engine.seconds[k] - before[k] for k in engine.seconds}
+    step_total = sum(v for k, v in spent.items() if k != "model_call")
+    breakdown = {"steps": steps, "ms_per_step": step_total / (steps + 1) * 1e3,
+                 "share": {"model_call": spent["model_call"] / step_total,
+                           "batch_build": (spent["_run_model"] - spent["model_call"]) / step_total,
+                           **{k.strip("_"): spent[k] / step_total for k in engine.STEP if k != "_run_model"}}}
+    return _row("ttft", len(prompt), runs), breakdown
 
 
 def _threads() -> int:
@@ -174,6 +189,10 @@ def format_table(result: dict) -> str:
     lines = [head, "", "| test | tokens | tok/s | ms/rep |", "|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['test']} | {r['tokens']} | {r['tok_per_s']:.2f} ± {r['tok_per_s_std']:.2f} | {r['ms']:.1f} |")
+    b = result.get("engine_decode_b1")
+    if b:
+        shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in b["share"].items())
+        lines += ["", f"engine, batch-1 decode: {b['ms_per_step']:.2f} ms/step over {b['steps']} steps: {shares}"]
     return "\n".join(lines)
 
 

