@@ -18,3 +18,19 @@ def cache_dir() -> Path:
     if os.environ.get("FERRUM_CACHE"):
         return Path(os.environ["FERRUM_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ferrum"
+
+
+def cpu_threads() -> int:
+    """FERRUM_NUM_THREADS, else every CPU this process may run on."""
+    if os.environ.get("FERRUM_NUM_THREADS"):
+        return max(1, int(os.environ["FERRUM_NUM_THREADS"]))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads() -> None:
+    """Give TVM's thread pool every CPU (its own default used one of two cores on 2-vCPU machines,
+    halving decode speed). Must run before the pool starts; an explicit TVM_NUM_THREADS wins."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(cpu_threads()))

@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import FerrumError
 from .artifact import LIBRARY, ArtifactError, Manifest, check_compatible, read_manifest
+from .env import configure_threads
 from .safetensors_io import SafetensorsFile, np_dtype
 
 
@@ -45,6 +46,7 @@ class BatchError(FerrumError):
 
 class CompiledModel:
     def __init__(self, manifest: Manifest, device: str, num_blocks: int):
+        configure_threads()
         import tvm
         from tvm.runtime import vm as rvm
 
