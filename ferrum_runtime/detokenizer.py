@@ -65,22 +65,31 @@ class StopChecker:
             return "", True
         text = self._held + delta
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        first = min(hits) if hits else len(text)
+        wait = self._partial_start(text, first)  # a stop string starting earlier may still complete
+        if wait is not None:
+            self._held = text[wait:]
+            return text[:wait], False
         if hits:
             self.stopped, self._held = True, ""
-            return text[:min(hits)], True
-        keep = self._partial_stop_len(text)
-        self._held = text[len(text) - keep:]
-        return text[:len(text) - keep], False
+            return text[:first], True
+        self._held = ""
+        return text, False
 
     def flush(self) -> str:
-        """Held text, for when generation ends without a stop string."""
+        """Held text, for when generation ends: cut at a complete stop string it holds, if any."""
         held, self._held = self._held, ""
+        hits = [i for i in (held.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return held[:min(hits)]
         return held
 
-    def _partial_stop_len(self, text: str) -> int:
-        """Length of the longest suffix of text that is a proper prefix of some stop string."""
-        for n in range(min(len(text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self.stop):
-                return n
-        return 0
+    def _partial_start(self, text: str, limit: int) -> int | None:
+        """The first position p < limit where text[p:] is a proper prefix of some stop string."""
+        longest = max((len(s) for s in self.stop), default=1)
+        for p in range(max(0, len(text) - longest + 1), limit):
+            tail = text[p:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self.stop):
+                return p
+        return None
