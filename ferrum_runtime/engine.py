@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,9 @@ from .model import CompiledModel, RaggedBatch
 from .sampler import SampleResult, SamplingParams, SequenceSampler, prompt_logprobs, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 from .structured import Constraint, ConstraintError, StructuredOutput
+
+
+log = logging.getLogger("ferrum")
 
 
 class RequestError(FerrumError):
@@ -408,8 +412,12 @@ class Engine:
                 ch.gate = "on"
         else:
             ch.gate = "on"
-            accepted = ch.matcher.accept_token(tok)  # type: ignore[attr-defined]
-            assert accepted or tok in req.params.stop_token_ids, f"token {tok} was masked out"
+            if not ch.matcher.accept_token(tok):  # type: ignore[attr-defined]
+                # unreachable while masks are applied (a user stop token the grammar forbids cannot be
+                # sampled); never take the engine down over it
+                log.warning("ferrum: %s: token %d does not continue its grammar; unconstraining it",
+                            req.request_id, tok)
+                ch.matcher = None
 
     @staticmethod
     def _drain(ch: _Choice) -> str:

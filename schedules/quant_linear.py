@@ -33,6 +33,7 @@ import numpy as np
 _ROWS_PER_TASK = 16
 _LANES = 16
 _TILE_MIN_TOKENS = 4  # from this many tokens on, dequantize a row block once and reuse it
+_TOKEN_BLOCK = 4  # tokens per register block of the tile path
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
     K, N, G, L = in_features, out_features, fmt.group_size, _LANES
     assert fmt.check(K) is None, fmt.check(K)
     KG = K // G
-    R = _ROWS_PER_TASK
+    R, TB = _ROWS_PER_TASK, _TOKEN_BLOCK
     tasks = (N + R - 1) // R
     int4 = fmt.bits == 4
     sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
@@ -185,24 +186,38 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
 
     @T.macro
     def tile_rows(x, w, scales, mins, b, out, ntok):
-        # dequantize R rows once into a float32 tile, then one float dot product per token and row
+        # dequantize R rows once into a float32 tile, transposed so the R outputs of a token sit in SIMD
+        # lanes; then a TB-token x R-row register block: per k, one tile vector and TB broadcast FMAs
         for task in T.parallel(tasks):
             tile = T.alloc_buffer((R, K), "float32")
-            acc = T.alloc_buffer((L,), "float32", scope="local")
-            zero = T.alloc_buffer((1,), "float32", scope="local")
+            tile_t = T.alloc_buffer((K, R), "float32")
+            acc = T.alloc_buffer((TB, R), "float32", scope="local")
             for r in T.serial(R):
                 if task * R + r < N:
                     load_row(tile, w, scales, mins, r, task * R + r)
-            for i in T.serial(ntok):
-                for r in T.serial(R):
-                    if task * R + r < N:
-                        zero[0] = T.float32(0)
-                        for ll in T.vectorized(L):
-                            acc[ll] = T.float32(0)
-                        for ko in T.serial(K // L):
-                            for ll in T.vectorized(L):
-                                acc[ll] = acc[ll] + T.Cast("float32", x[i, ko * L + ll]) * tile[r, ko * L + ll]
-                        finish(acc, zero, b, out, i, task * R + r)
+                else:
+                    for kk in T.serial(K):
+                        tile[r, kk] = T.float32(0)
+            for kk in T.serial(K):
+                for r in T.vectorized(R):
+                    tile_t[kk, r] = tile[r, kk]
+            for i0 in T.serial((ntok + TB - 1) // TB):
+                for tt in T.unroll(TB):
+                    for r in T.vectorized(R):
+                        acc[tt, r] = T.float32(0)
+                for kk in T.serial(K):
+                    for tt in T.unroll(TB):  # rows past the end recompute the last token; never stored
+                        for r in T.vectorized(R):
+                            acc[tt, r] = acc[tt, r] + T.Cast("float32", x[T.min(i0 * TB + tt, ntok - 1), kk]) * tile_t[kk, r]
+                for tt in T.serial(TB):
+                    if i0 * TB + tt < ntok:
+                        for r in T.serial(R):
+                            if task * R + r < N:
+                                if has_bias:
+                                    out[i0 * TB + tt, task * R + r] = T.Cast(
+                                        out_dtype, acc[tt, r] + T.Cast("float32", b[task * R + r]))
+                                else:
+                                    out[i0 * TB + tt, task * R + r] = T.Cast(out_dtype, acc[tt, r])
 
     @T.macro
     def body(x, w, scales, mins, b, out, ntok):
