@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import FerrumError
+
 _WORDS = ("time year people way day man thing woman life child world school state family student group country "
           "problem hand part place case week company system program question work government number night point "
           "home water room mother area money story fact month lot right study book eye job word business issue "
@@ -127,7 +129,13 @@ async def run_bench_serve(base: str, *, concurrency: list[int], input_len: int, 
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0)) as client:
         if model is None:
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            model = (await client.get(f"{base}/v1/models", headers=headers)).json()["data"][0]["id"]
+            try:
+                resp = await client.get(f"{base}/v1/models", headers=headers)
+                resp.raise_for_status()
+                model = resp.json()["data"][0]["id"]
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+                raise FerrumError(f"cannot list the models of {base} ({e.__class__.__name__}: {e}); is an OpenAI "
+                                  "server running there? (or pass --model)") from None
         words = max(1, round(input_len / await _words_per_token(client, base, model)))
         rng = random.Random(seed)
         results = []
