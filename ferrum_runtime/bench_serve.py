@@ -52,11 +52,9 @@ async def _words_per_token(client, base: str, model: str) -> float:
     sample = _prompt(random.Random(1), 200)
     try:
         r = await client.post(f"{base}/tokenize", json={"model": model, "prompt": sample})
-        if r.status_code == 200:
-            return len(r.json()["tokens"]) / 200
-    except Exception:  # noqa: BLE001 - any server without /tokenize: assume about one token per word
-        pass
-    return 1.0
+        return len(r.json()["tokens"]) / 200 if r.status_code == 200 else 1.0
+    except Exception:  # noqa: BLE001 - a server without /tokenize: assume about one token per word
+        return 1.0
 
 
 async def _one(client, base: str, model: str, prompt: str, output_len: int, concurrency: int, api_key: str | None) -> Record:
@@ -144,19 +142,18 @@ async def run_bench_serve(base: str, *, concurrency: list[int], input_len: int, 
             for c in concurrency:
                 n = num_prompts or max(8, 4 * c)
                 prompts = [_prompt(rng, words) for _ in range(n)]
-                sem = asyncio.Semaphore(c)
-                done = 0
+                done = [0]  # requests finished at this level, for the progress line
 
-                async def task(p: str) -> Record:
-                    nonlocal done
+                async def task(p: str, sem: asyncio.Semaphore, c: int, n: int, done: list[int]) -> Record:
                     async with sem:
                         rec = await _one(client, base, model, p, output_len, c, api_key)
-                    done += 1
-                    progress(f"concurrency {c}: {done}/{n} requests" + (f" (error: {rec.error})" if rec.error else ""))
+                    done[0] += 1
+                    progress(f"concurrency {c}: {done[0]}/{n} requests" + (f" (error: {rec.error})" if rec.error else ""))
                     return rec
 
+                sem = asyncio.Semaphore(c)
                 t0 = time.perf_counter()
-                records = await asyncio.gather(*[task(p) for p in prompts])
+                records = await asyncio.gather(*[task(p, sem, c, n, done) for p in prompts])
                 summary = summarize(list(records), time.perf_counter() - t0, c)
                 results.append(summary)
                 if sink:
@@ -173,11 +170,13 @@ def format_table(result: dict) -> str:
              f"output {result['output_len']} tokens", "",
              "| conc | reqs | errors | out tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p99 ms | E2E p50/p99 ms |",
              "|---|---|---|---|---|---|---|---|"]
+    def pct(r: dict, k: str, qs=(50, 90, 99)) -> str:
+        return "/".join(f"{r[k][f'p{q}']:.1f}" for q in qs)
+
     for r in result["results"]:
-        def t(k, qs=(50, 90, 99)):
-            return "/".join(f"{r[k][f'p{q}']:.1f}" for q in qs)
         lines.append(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['output_tok_per_s']:.1f} | "
-                     f"{t('ttft_ms')} | {t('tpot_ms')} | {t('itl_ms', (50, 99))} | {t('e2e_ms', (50, 99))} |")
+                     f"{pct(r, 'ttft_ms')} | {pct(r, 'tpot_ms')} | {pct(r, 'itl_ms', (50, 99))} | "
+                     f"{pct(r, 'e2e_ms', (50, 99))} |")
     return "\n".join(lines)
 
 

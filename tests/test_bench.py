@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 
 from .test_cli import ferrum
-from .test_server import start_server
+from .test_server import running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -28,8 +27,7 @@ def test_bench_json(chat_artifact):
 
 
 def test_bench_serve_json_and_records(chat_artifact, tmp_path):
-    proc, base = start_server(chat_artifact)
-    try:
+    with running_server(chat_artifact) as base:
         records = tmp_path / "records.jsonl"
         res = ferrum("bench-serve", base, "--concurrency", "1,2", "--input-len", "16", "--output-len", "6",
                      "--num-prompts", "3", "--records", records, "--json")
@@ -45,6 +43,5 @@ def test_bench_serve_json_and_records(chat_artifact, tmp_path):
         bad = ferrum("bench-serve", base.replace(base.rsplit(":", 1)[1], "9"), "--concurrency", "1",
                      "--num-prompts", "2", "--model", "tiny", "--json")  # nothing listens: errors, no crash
         assert bad.returncode == 0 and json.loads(bad.stdout)["results"][0]["errors"] == 2
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        down = ferrum("bench-serve", "http://127.0.0.1:9", "--concurrency", "1")  # nothing to list models from
+        assert down.returncode == 2 and "cannot list the models" in down.stderr

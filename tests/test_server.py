@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -43,15 +44,24 @@ def start_server(artifact, *extra) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("server did not become healthy")
 
 
+@contextlib.contextmanager
+def running_server(artifact, *extra):
+    """``start_server``, stopped with SIGTERM (graceful shutdown) on exit."""
+    proc, base = start_server(artifact, *extra)
+    try:
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+
+
 @pytest.fixture(scope="module")
 def server(chat_artifact):
-    proc, base = start_server(chat_artifact, "--api-key", KEY, "--max-num-seqs", "16", "--max-waiting", "64")
-    yield base
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    with running_server(chat_artifact, "--api-key", KEY, "--max-num-seqs", "16", "--max-waiting", "64") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ message) and a tiny Qwen3 with the real Qwen3 chat template whose weights follow
 
 from __future__ import annotations
 
+import itertools
 import json
-import signal
 from pathlib import Path
 
 import jsonschema
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 
-from .test_server import post, start_server
+from .test_server import post, running_server
 
 pytestmark = pytest.mark.e2e
 
@@ -33,26 +33,17 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age", "hobbies"], "additionalProperties": False}
 
 
-def _serve(artifact):
-    proc, base = start_server(artifact)
-    return proc, base
+def _served(artifact):
+    """(base URL, openai client) of a server on ``artifact``, for a module-scoped fixture."""
+    import openai
 
-
-def _stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    with running_server(artifact) as base:
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def smol(smollm2_artifact):
-    import openai
-
-    proc, base = _serve(smollm2_artifact)
-    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
-    _stop(proc)
+    yield from _served(smollm2_artifact)
 
 
 ASK = [{"role": "user", "content": "Describe a person called Ana who likes chess."}]
@@ -60,7 +51,7 @@ ASK = [{"role": "user", "content": "Describe a person called Ana who likes chess
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_answer_validates(smol, stream):
-    base, client = smol
+    _base, client = smol
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     if stream:
         text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
@@ -75,7 +66,7 @@ def test_json_schema_answer_validates(smol, stream):
 
 
 def test_json_object_and_parse_with_pydantic(smol):
-    base, client = smol
+    _base, client = smol
 
     class Person(BaseModel):
         name: str = Field(max_length=20)
@@ -96,7 +87,7 @@ def test_required_tool_call_streams_like_the_whole_answer(smol):
     same call as the non-streamed answer (greedy, so both runs decode the same tokens)."""
     base, client = smol
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    kw = dict(model="tiny", messages=ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120, temperature=0)
+    kw = {"model": "tiny", "messages": ask, "tools": [WEATHER, TIME], "tool_choice": "required", "max_tokens": 120, "temperature": 0}
     r = client.chat.completions.create(**kw)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
@@ -120,7 +111,7 @@ def test_required_tool_call_streams_like_the_whole_answer(smol):
 
 
 def test_named_tool_choice_and_tool_results_round_trip(smol):
-    base, client = smol
+    _base, client = smol
     ask = [{"role": "user", "content": "What time is it in Lima?"}]
     r = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER, TIME], max_tokens=80,
                                        tool_choice={"type": "function", "function": {"name": "get_time"}})
@@ -156,7 +147,7 @@ def test_bad_constraints_are_400_naming_the_field(smol, body, param):
 
 
 def test_completions_take_a_grammar(smol):
-    base, client = smol
+    _base, client = smol
     r = client.completions.create(model="tiny", prompt="Is the sky blue? Answer:", max_tokens=10,
                                   extra_body={"grammar": 'root ::= " yes" | " no"'})
     assert r.choices[0].text in (" yes", " no") and r.choices[0].finish_reason == "stop"
@@ -216,7 +207,7 @@ def thinker(tmp_path_factory, compiled):
             h = model.model.embed_tokens.weight[a]
             head[b] += strength * h / h.dot(h)
 
-        for a, b in zip(chain, chain[1:]):
+        for a, b in itertools.pairwise(chain):
             follow(a, b, 20.0)
         follow(tid("</think>"), tid("{"), 10.0)  # the best token once "\n\n" is masked by a JSON constraint
         follow(tid("{"), tid("}"), 20.0)
@@ -228,18 +219,14 @@ def thinker(tmp_path_factory, compiled):
 
 @pytest.fixture(scope="module")
 def think_client(thinker):
-    import openai
-
-    proc, base = _serve(thinker)
-    yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
-    _stop(proc)
+    yield from _served(thinker)
 
 
 Q = [{"role": "user", "content": "Capital of France?"}]
 
 
 def test_reasoning_goes_to_reasoning_content(think_client):
-    base, client = think_client
+    _base, client = think_client
     r = client.chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0)
     msg = r.choices[0].message
     assert msg.model_extra["reasoning_content"] == "Let"
@@ -254,7 +241,7 @@ def test_reasoning_goes_to_reasoning_content(think_client):
 
 
 def test_enable_thinking_false_answers_directly(think_client):
-    base, client = think_client
+    _base, client = think_client
     r = client.chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0,
                                        extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     msg = r.choices[0].message
@@ -264,7 +251,7 @@ def test_enable_thinking_false_answers_directly(think_client):
 def test_constraint_applies_after_the_thinking_block(think_client):
     """json_object: the reasoning is free ('Let' is not JSON), the answer after </think> is constrained
     ('\\n\\n' is masked, so the chain's second choice '{' and then '}' follow)."""
-    base, client = think_client
+    _base, client = think_client
     r = client.chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0,
                                        response_format={"type": "json_object"})
     msg = r.choices[0].message

@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 from ferrum_runtime.errors import FerrumError
 
 from ..config import ModelConfig
