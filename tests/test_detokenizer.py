@@ -167,7 +167,8 @@ def _check_stop_stream(deltas: list[str], stop: list[str]) -> tuple[str, bool]:
         if stopped:
             break
     if not stopped:
-        out += checker.flush()
+        out += checker.flush()  # may still find a stop string it held, waiting for a longer one
+        stopped = checker.stopped
     assert out == expected and stopped == bool(hits)
     return out, stopped
 
@@ -211,3 +212,16 @@ def test_no_stop_strings_pass_everything_through():
 def test_stop_checker_random(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     _check_stop_stream([text[a:b] for a, b in zip(bounds, bounds[1:])], stops)
+
+
+def test_an_earlier_starting_stop_string_is_awaited():
+    """'aba' starts before 'b': nothing is emitted until it is known whether 'aba' completes."""
+    checker = StopChecker(["b", "aba"])
+    assert checker.feed("ab") == ("", False)
+    assert checker.feed("a") == ("", True)  # 'aba' completed: cut before it
+    checker = StopChecker(["b", "aba"])
+    assert checker.feed("ab") == ("", False)
+    assert checker.feed("c") == ("a", True)  # 'aba' cannot complete: the cut is at 'b'
+    checker = StopChecker(["b", "aba"])
+    assert checker.feed("ab") == ("", False)
+    assert checker.flush() == "a" and checker.stopped  # the end: the held 'b' still stops
