@@ -72,4 +72,19 @@ def prepare_cuda_build() -> None:
             ctypes.CDLL(str(_stub_driver(runtime_cuda)), mode=ctypes.RTLD_GLOBAL)
         _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
                                                            extra_lib_paths=[runtime_dir])
-    import tvm.support.nvcc  # noqa: F401  (registers the nvcc compile callback)
+    import tvm.support.nvcc  # noqa: F401  (registers TVM's compile callback, which we then replace)
+    import tvm_ffi
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compile_cubin_and_ptx, override=True)
+
+
+def _compile_cubin_and_ptx(code: str) -> bytes:
+    """nvcc → a fatbin holding the cubin for the target's arch and its PTX, so a newer GPU can JIT the PTX
+    (TVM's own callback embeds the cubin only)."""
+    import tvm
+    from tvm.support.nvcc import compile_cuda
+
+    arch = str(tvm.target.Target.current().arch)  # "sm_90"
+    num = arch.removeprefix("sm_")
+    gencode = ["-gencode", f"arch=compute_{num},code=sm_{num}", "-gencode", f"arch=compute_{num},code=compute_{num}"]
+    return compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")

@@ -6,11 +6,11 @@ import struct
 from pathlib import Path
 
 _MAGIC = b"\x50\xed\x55\xba"  # 0xBA55ED50, little endian
-_KINDS = {1: "ptx", 2: "cubin"}
+_KINDS = {1: ("ptx", "compute_"), 2: ("cubin", "sm_")}  # entry kind -> (key, arch prefix)
 
 
 def embedded_cuda_code(library: str | Path) -> dict[str, list[str]]:
-    """``{"cubin": ["sm_90"], "ptx": [...]}`` over every fatbin in the file; empty lists if none."""
+    """``{"cubin": ["sm_90"], "ptx": ["compute_90"]}`` over every fatbin in the file; empty lists if none."""
     data = Path(library).read_bytes()
     found: dict[str, set[str]] = {"cubin": set(), "ptx": set()}
     start = data.find(_MAGIC)
@@ -21,7 +21,8 @@ def embedded_cuda_code(library: str | Path) -> dict[str, list[str]]:
             kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, off)
             arch = struct.unpack_from("<I", data, off + 28)[0]
             if kind in _KINDS and entry_header:
-                found[_KINDS[kind]].add(f"sm_{arch}")
+                key, prefix = _KINDS[kind]
+                found[key].add(f"{prefix}{arch}")
             if entry_header == 0:
                 break
             off += entry_header + size

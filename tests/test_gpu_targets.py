@@ -29,7 +29,8 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out)
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
-    assert embedded_cuda_code(out / "model.so")["cubin"] == [arch]
+    code = embedded_cuda_code(out / "model.so")
+    assert code["cubin"] == [arch] and code["ptx"] == ["compute_" + arch.removeprefix("sm_")]  # PTX for newer GPUs
     lib = (out / "model.so").read_bytes()
     assert b"__global__" not in lib and b"extern \"C\"" not in lib  # compiled, not embedded source
     manifest = yaml.safe_load((out / "ferrum.yaml").read_text())
