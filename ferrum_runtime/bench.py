@@ -138,7 +138,7 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
         progress(f"decode b{b}: {rows[-1].tok_per_s:.1f} tok/s")
     breakdown = None
     if ttft:
-        row, breakdown = _engine_rows(artifact, prompt(128), repetitions, gen)
+        row, breakdown = _engine_rows(model, artifact, prompt(128), repetitions, gen)
         rows.append(row)
         progress(f"ttft: {rows[-1].ms:.1f} ms")
     return {"engine_decode_b1": breakdown,"artifact": str(artifact), "model": model.manifest.model["family"],
@@ -146,13 +146,15 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
             "target": model.manifest.target["name"], "threads": _threads(), "rows": [asdict(r) for r in rows]}
 
 
-def _engine_rows(artifact, prompt: list[int], repetitions: int, gen: int) -> tuple[BenchRow, dict]:
+def _engine_rows(model: CompiledModel, artifact, prompt: list[int], repetitions: int,
+                 gen: int) -> tuple[BenchRow, dict]:
     """TTFT through the engine, and where the time of a batch-1 decode step goes (engine actions vs
-    the compiled model call)."""
+    the compiled model call). The engine runs on the model already loaded (its KV cache is scratch)."""
     from .engine import Engine, EngineConfig
     from .sampler import SamplingParams
+    from .tokenizer import TokenizerFiles
 
-    engine = Engine.from_artifact(artifact, EngineConfig(num_blocks=64, enable_prefix_caching=False))
+    engine = Engine(model, TokenizerFiles.of(Path(artifact)), EngineConfig(enable_prefix_caching=False))
 
     async def once(max_tokens: int) -> float:
         t0 = time.perf_counter()

@@ -116,7 +116,7 @@ class ReasoningParser:
         if self.state == "reasoning":
             i = text.find(self.end)
             if i < 0:
-                keep = _partial_suffix(text, self.end)
+                keep = partial_suffix(text, self.end)
                 self._held = text[len(text) - keep:]
                 return text[:len(text) - keep], ""
             reasoning, text = text[:i], text[i + len(self.end):]
@@ -139,7 +139,7 @@ def split_reasoning(text: str, start: str = "<think>", end: str = "</think>") ->
     return (r1 + r2 if parser.saw_reasoning else None), c1 + c2
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of tag."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-n:]):

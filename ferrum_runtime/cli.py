@@ -137,8 +137,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .run import run_cli
 
-    if not (Path(args.artifact) / "ferrum.yaml").is_file():
-        args.artifact = str(_artifact_for_alias(args.artifact))
+    args.artifact = str(_artifact_path(args.artifact))
     return run_cli(args)
 
 
@@ -149,8 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .engine import EngineConfig
     from .server import ServeConfig, Server
 
-    if not (Path(args.artifact) / "ferrum.yaml").is_file():
-        args.artifact = str(_artifact_for_alias(args.artifact))
+    args.artifact = str(_artifact_path(args.artifact))
     check_compatible(read_manifest(args.artifact))  # refuse a bad artifact before the port opens
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     engine = EngineConfig(kv_cache_bytes=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
@@ -163,9 +161,11 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _artifact_for_alias(name: str) -> Path:
-    """An alias (``smollm2``) is compiled for this machine once, by ``ferrum compile`` in a child process
-    (this process stays on TVM's runtime library), and cached."""
+def _artifact_path(name: str) -> Path:
+    """An artifact directory as given, or an alias (``smollm2``) compiled for this machine once, by
+    ``ferrum compile`` in a child process (this process stays on TVM's runtime library), and cached."""
+    if (Path(name) / "ferrum.yaml").is_file():
+        return Path(name)
     import subprocess
 
     from .aliases import cached_artifact_dir, resolve_alias
@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench import main as bench_main
 
-            if not (Path(args.artifact) / "ferrum.yaml").is_file():
-                args.artifact = str(_artifact_for_alias(args.artifact))
+            args.artifact = str(_artifact_path(args.artifact))
             return bench_main(args)
         if args.command == "bench-serve":
             from .bench_serve import main as bench_serve_main

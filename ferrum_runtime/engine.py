@@ -145,7 +145,7 @@ class Engine:
     def from_artifact(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
         model = CompiledModel.load(path, device=config.device, num_blocks=config.num_blocks,
                                    kv_cache_bytes=config.kv_cache_bytes, verify_hashes=config.verify_hashes)
-        tokenizer = TokenizerFiles(Path(path)) if (Path(path) / "tokenizer.json").is_file() else None
+        tokenizer = TokenizerFiles.of(Path(path))
         return cls(model, tokenizer, config)
 
     # ------------------------------------------------------------------ public API

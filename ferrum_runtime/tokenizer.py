@@ -34,6 +34,11 @@ class TokenizerFiles:
             template = named.get("default") or next(iter(named.values()), None)
         self.chat_template: str | None = template
 
+    @classmethod
+    def of(cls, artifact: Path) -> "TokenizerFiles | None":
+        """The artifact's tokenizer, or None when it has none (it then runs token ids only)."""
+        return cls(artifact) if (artifact / "tokenizer.json").is_file() else None
+
     @property
     def special_tokens(self) -> dict[str, str]:
         return {k: token_text(v) for k, v in self.config.items() if k.endswith("_token") and v}

@@ -14,6 +14,8 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from .chat_template import partial_suffix
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -74,7 +76,7 @@ class ToolCallParser:
             if not self._in_call:
                 i = self._buf.find(_TAG_OPEN)
                 if i < 0:
-                    keep = 0 if final else _partial_suffix(self._buf, _TAG_OPEN)
+                    keep = 0 if final else partial_suffix(self._buf, _TAG_OPEN)
                     content.append(self._buf[:len(self._buf) - keep])
                     self._buf = self._buf[len(self._buf) - keep:]
                     break
@@ -119,7 +121,7 @@ class ToolCallParser:
                 self._buf = buf[tag + len(_PYTHON_TAG):]
                 continue
             if i < 0:
-                keep = 0 if final else max(_partial_suffix(buf, _LLAMA_OPEN), _partial_suffix(buf, _PYTHON_TAG))
+                keep = 0 if final else max(partial_suffix(buf, _LLAMA_OPEN), partial_suffix(buf, _PYTHON_TAG))
                 content.append(buf[:len(buf) - keep])
                 self._buf = buf[len(buf) - keep:]
                 break
@@ -156,14 +158,6 @@ class ToolCallParser:
         call = ToolCall(new_call_id(), obj["name"], json.dumps(args, ensure_ascii=False))
         self.calls.append(call)
         return call
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
 
 
 def parse_tool_calls(text: str, fmt: str, tool_names: set[str]) -> tuple[str, list[ToolCall]]:

@@ -129,16 +129,24 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
         if name and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
             quant[name] = QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict()
 
+    def rope_heads(hf: str) -> int | None:
+        """Heads of a q/k projection whose rows llama.cpp permuted (None: leave the rows alone)."""
+        if permuted and hf.endswith("q_proj.weight"):
+            return config.num_heads
+        if permuted and hf.endswith("k_proj.weight"):
+            return config.num_kv_heads
+        return None
+
     def tensors() -> Iterator[tuple[str, object]]:
         for t in reader.tensors:
             hf = hf_name(t.name)
             if hf is None:
                 continue  # e.g. rope_freqs: recomputed from metadata
+            heads = rope_heads(hf)
             if hf in quant:
                 shape = (int(t.shape[1]), int(t.shape[0]))
                 qt = from_gguf(t.tensor_type.name, t.data, shape)
-                if permuted and hf.endswith(("q_proj.weight", "k_proj.weight")):
-                    heads = config.num_heads if hf.endswith("q_proj.weight") else config.num_kv_heads
+                if heads:
                     qt = qt.take_rows(_unpermute_rope_rows(np.arange(shape[0]), heads))
                 yield hf, qt
                 continue
@@ -148,10 +156,8 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
                 raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
                                   "dequantized; use a Q8_0/Q4_0/Q4_1/F16/F32 file") from None
             w = np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-            if permuted and hf.endswith("q_proj.weight"):
-                w = _unpermute_rope_rows(w, config.num_heads)
-            elif permuted and hf.endswith("k_proj.weight"):
-                w = _unpermute_rope_rows(w, config.num_kv_heads)
+            if heads:
+                w = _unpermute_rope_rows(w, heads)
             yield hf, w
 
     def write_tokenizer(dest: Path) -> list[str]:
