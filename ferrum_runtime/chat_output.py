@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .chat_template import ReasoningParser
+from .openai_protocol import tool_call_deltas
 from .tool_calls import ToolCall, ToolCallParser
 
 
@@ -37,8 +38,6 @@ class ChatOutput:
         return self._tools.feed(content)
 
     def _emit(self, reasoning: str, content: str, calls: list[ToolCall]) -> list[dict[str, Any]]:
-        from .openai_protocol import tool_call_deltas
-
         out: list[dict[str, Any]] = []
         if reasoning:
             self.reasoning.append(reasoning)
