@@ -70,7 +70,7 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     try:
         t = phase(2, "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
         graph = family(cfg.arch).build(cfg, dtype, options.block_size)
-        graph.quant = declared_quantization(graph, ckpt, options.quant)
+        graph.quant = kernel_layouts(graph, declared_quantization(graph, ckpt, options.quant), spec.int_dot_isa)
         try:
             graph = run_passes(graph, dump_dir=debug)
         except IRError as e:
@@ -145,6 +145,17 @@ def declared_quantization(graph, ckpt: Checkpoint, mode: str) -> dict[str, dict]
     return declared
 
 
+def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None) -> dict[str, dict]:
+    """With integer dot products on the CPU, INT4 linear weights take the "r16" row-interleaved layout of
+    ``make_qlinear_r16_cpu``; embedding tables (a tied lm_head shares its table) and MoE expert stacks keep
+    the row layout their gathers read."""
+    if int_dot_isa is None:
+        return declared
+    other_uses = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
+    other_uses |= {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
+    return {w: ({**q, "layout": "r16"} if q["bits"] == 4 and w not in other_uses else q) for w, q in declared.items()}
+
+
 def _quant_method(ckpt: Checkpoint, mode: str) -> str:
     if mode == "none":
         return "none"
@@ -158,7 +169,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> N
 
     from .gpu_build import prepare_cuda_build
 
-    mod = lowering.lower(graph, spec.kernel_kind)
+    mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

@@ -22,8 +22,9 @@ from .ir.rope import rope_inv_freq
 ENTRY = "forward"
 
 
-def lower(graph: Graph, kernel_kind: str):
-    """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants."""
+def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
+    """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants and
+    ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -67,7 +68,7 @@ def lower(graph: Graph, kernel_kind: str):
                 elif k == "linear":
                     r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out)
                 elif k == "qlinear":
-                    r = _qlinear(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                    r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out)
                 elif k == "qembedding":
                     fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
                     r = bb.emit_te(quant_sched.qembedding_te(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
@@ -119,12 +120,18 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out):
     return r
 
 
-def _qlinear(bb, relax, kernel, kernel_kind, graph, op, a, out):
+def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
     x_dtype = graph.value(op.inputs[0]).dtype
     bias_dtype = graph.value(op.inputs[-1]).dtype if at["bias"] else None
+    if at.get("layout", "rows") == "r16":
+        if kernel_kind != "cpu" or int_dot_isa is None:
+            raise ValueError("r16 weights need the CPU kernel with integer dot products")
+        gv = kernel(("qlinear_r16", k, n, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, int_dot_isa),
+                    lambda: quant_sched.make_qlinear_r16_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype, int_dot_isa))
+        return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
                     lambda: quant_sched.make_qlinear_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ferrum.schedules.quant_linear import QuantFormat, pack_int4, unpack_int4
+from ferrum.schedules.quant_linear import QuantFormat, interleave_r16, pack_int4, unpack_int4
 
 from .frontend import SourceError
 
@@ -26,13 +26,16 @@ class QuantSpec:
 
     fmt: QuantFormat
     act_order: bool = False
+    layout: str = "rows"  # kernel layout of the packed tensors (quant_linear.LAYOUTS), chosen per target
 
     def to_dict(self) -> dict:
-        return {**self.fmt.to_dict(), "act_order": self.act_order}
+        d = {**self.fmt.to_dict(), "act_order": self.act_order}
+        return d if self.layout == "rows" else {**d, "layout": self.layout}
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        return cls(QuantFormat(int(d["bits"]), int(d["group_size"]), bool(d["sym"])), bool(d.get("act_order")))
+        return cls(QuantFormat(int(d["bits"]), int(d["group_size"]), bool(d["sym"])), bool(d.get("act_order")),
+                   str(d.get("layout", "rows")))
 
 
 @dataclass
@@ -77,7 +80,7 @@ class QuantTensor:
         return QuantTensor(self.fmt, self.q[index], self.scales[index],
                            None if self.mins is None else self.mins[index], self.perm)
 
-    def pack(self) -> dict[str, np.ndarray]:
+    def pack(self, layout: str = "rows") -> dict[str, np.ndarray]:
         """Kernel-layout tensors: ``qweight``, ``scales`` (float16), ``mins`` (asymmetric) and ``perm``."""
         out = {"qweight": pack_int4(self.q) if self.fmt.bits == 4 else self.q.astype(np.int8),
                "scales": self.scales.astype(np.float16)}
@@ -86,7 +89,7 @@ class QuantTensor:
             out["mins"] = self.mins.astype(np.float32)
         if self.perm is not None:
             out["perm"] = self.perm.astype(np.int32)
-        return out
+        return interleave_r16(out) if layout == "r16" else out
 
 
 def concat_rows(parts: list[QuantTensor], names: tuple[str, ...]) -> QuantTensor:

@@ -27,6 +27,17 @@ class TargetSpec:
     notes: dict = field(default_factory=dict)
 
     @property
+    def int_dot_isa(self) -> str | None:
+        """The integer dot-product instructions the INT4 CPU kernel may use (``quant_linear.INT_DOT_ISAS``),
+        or None for the portable kernel. VNNI needs an LLVM CPU model that enables it (not a generic level)."""
+        if self.kernel_kind != "cpu":
+            return None
+        if "avx512_vnni" in self.cpu_features and "avx512bw" in self.cpu_features \
+                and not str(self.notes.get("mcpu", "")).startswith("x86-64"):
+            return "avx512_vnni"
+        return "avx2" if "avx2" in self.cpu_features else None
+
+    @property
     def device(self) -> str:
         return self.tvm_target["kind"] if self.kernel_kind == "gpu" else "cpu"
 

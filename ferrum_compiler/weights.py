@@ -47,7 +47,7 @@ def _pack(graph: Graph, name: str, parts: list[Tensor], sources: tuple[str, ...]
                           "compile with --quant none")
     if spec.act_order and qt.perm is None:
         qt.perm = np.arange(qt.shape[1], dtype=np.int32)
-    packed = qt.pack()
+    packed = qt.pack(spec.layout)
     return {param: packed[role] for role, param in graph.packing[name].items()}
 
 

@@ -27,7 +27,7 @@ def make_linear_cpu(in_features: int, out_features: int, dtype: str, out_dtype: 
     @T.macro
     def rows(x, w, b, out, ntok):
         for task in T.parallel(tasks):
-            acc = T.alloc_buffer((L,), "float32", scope="local")
+            acc = T.alloc_buffer((L,), "float32")
             for i in T.serial(ntok):
                 for r in T.serial(_ROWS_PER_TASK):
                     if task * _ROWS_PER_TASK + r < N:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import quant_linear
-from .paged_attention import _mark, _thread_loops
+from .paged_attention import _mark, _thread_loops, scratch_scope
 from .quant_linear import QuantFormat
 
 _ROWS_PER_TASK = 16
@@ -35,6 +35,7 @@ def make_moe_topk(num_experts: int, top_k: int, norm_topk_prob: bool, kind: str)
 
     E, K = num_experts, top_k
     outer, inner, C = _thread_loops(kind)
+    scratch = scratch_scope(kind)
 
     @T.prim_func(private=True, s_tir=True)
     def moe_topk(l_h: T.handle, w_h: T.handle, i_h: T.handle):
@@ -47,9 +48,9 @@ def make_moe_topk(num_experts: int, top_k: int, norm_topk_prob: bool, kind: str)
             for bx in outer((ntok + C - 1) // C):
                 for tx in inner(C):
                     if bx * C + tx < ntok:
-                        t = bx * C + tx
-                        st = T.alloc_buffer((3,), "float32", scope="local")  # max logit, softmax denominator, chosen sum
-                        best = T.alloc_buffer((2,), "int32", scope="local")  # best id so far, "already chosen" flag
+                        t: T.let[T.int64] = bx * C + tx
+                        st = T.alloc_buffer((3,), "float32", scope=scratch)  # max logit, softmax denominator, chosen sum
+                        best = T.alloc_buffer((2,), "int32", scope=scratch)  # best id so far, "already chosen" flag
                         st[0] = logits[t, 0]
                         for e in T.serial(E):
                             st[0] = T.max(st[0], logits[t, e])
@@ -131,16 +132,16 @@ def make_grouped_linear_cpu(num_experts: int, in_features: int, out_features: in
     @T.macro
     def body(x, w, scales, mins, offsets, order, out, nslot):
         for task in T.parallel(E * blocks):
-            e = task // blocks
-            n0 = (task % blocks) * R
+            e: T.let[T.int32] = task // blocks
+            n0: T.let[T.int32] = (task % blocks) * R
             if offsets[e + 1] > offsets[e]:  # experts nobody chose are never read
                 tile = T.alloc_buffer((R, K), "float32")
-                acc = T.alloc_buffer((L,), "float32", scope="local")
+                acc = T.alloc_buffer((L,), "float32")  # CPU: a stack slot (see scratch_scope)
                 for r in T.serial(R):
                     if n0 + r < N:
                         load_row(tile, w, scales, mins, r, e * N + n0 + r)
                 for p in T.serial(offsets[e + 1] - offsets[e]):
-                    slot = order[offsets[e] + p]
+                    slot: T.let[T.int32] = order[offsets[e] + p]
                     for r in T.serial(R):
                         if n0 + r < N:
                             for ll in T.vectorized(L):

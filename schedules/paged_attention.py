@@ -36,7 +36,7 @@ def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, ki
 
     @T.macro
     def append_one(cache, k, v, slot_mapping, t, h):
-        slot = slot_mapping[t]
+        slot: T.let[T.int32] = slot_mapping[t]
         if slot >= 0:
             for d in T.serial(D):
                 cache[slot // BS, 0, h, slot % BS, d] = k[t, h, d]
@@ -88,27 +88,28 @@ def make_attention(
     # CPU: the head dimension runs in SIMD lanes; GPU threads keep it serial
     vec = T.vectorized if kind == "cpu" else T.serial
     L = next(n for n in (16, 8, 4, 2, 1) if D % n == 0)
+    scratch = scratch_scope(kind)
 
     @T.macro
     def attend_one(q, cache, positions, query_start, block_tables, out, nbatch, t, h):
         # one KV block at a time: its scores first, then one rescale of the running sums per block
-        acc = T.alloc_buffer((D,), "float32", scope="local")
-        scores = T.alloc_buffer((BS,), "float32", scope="local")
-        lanes = T.alloc_buffer((L,), "float32", scope="local")
-        state = T.alloc_buffer((4,), "float32", scope="local")  # max, denominator, block max, rescale
-        seq = T.alloc_buffer((2,), "int32", scope="local")  # sequence, physical block
-        pos = positions[t]
+        acc = T.alloc_buffer((D,), "float32", scope=scratch)
+        scores = T.alloc_buffer((BS,), "float32", scope=scratch)
+        lanes = T.alloc_buffer((L,), "float32", scope=scratch)
+        state = T.alloc_buffer((4,), "float32", scope=scratch)  # max, denominator, block max, rescale
+        seq = T.alloc_buffer((2,), "int32", scope=scratch)  # sequence, physical block
+        pos: T.let[T.int32] = positions[t]
         seq[0] = 0
         for b in T.serial(nbatch):
             if T.Cast("int64", query_start[b + 1]) <= t:
                 seq[0] = T.Cast("int32", b) + 1
-        start = T.max(pos - window + 1, 0)
+        start: T.let[T.int32] = T.max(pos - window + 1, 0)
         state[0] = T.float32(-3.0e38)
         state[1] = T.float32(0)
         for d in vec(D):
             acc[d] = T.float32(0)
         for jb in T.serial(pos // BS - start // BS + 1):
-            blk = start // BS + jb
+            blk: T.let[T.int32] = start // BS + jb
             seq[1] = block_tables[seq[0], blk]
             state[2] = T.float32(-3.0e38)
             for i in T.serial(BS):
@@ -170,6 +171,13 @@ def _thread_loops(kind: str):
         return T.parallel, T.serial, 1
     return (functools.partial(T.thread_binding, thread="blockIdx.x"),
             functools.partial(T.thread_binding, thread="threadIdx.x"), 64)
+
+
+def scratch_scope(kind: str) -> str:
+    """Storage scope of a kernel's small per-thread scratch buffers. On GPUs "local" means registers; on
+    the CPU TVM 0.27 turns every "local" buffer into a workspace-pool call per use (per parallel task),
+    while a small "global" buffer becomes a stack slot that LLVM keeps in registers."""
+    return "global" if kind == "cpu" else "local"
 
 
 def _mark(func, kind: str):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 _ROWS_PER_TASK = 16
+R16 = 16  # rows interleaved per block in the "r16" layout (one 512-bit register of int32 row sums)
+LAYOUTS = ("rows", "r16")
 _LANES = 16
 _TILE_MIN_TOKENS = 4  # from this many tokens on, dequantize a row block once and reuse it
 _TOKEN_BLOCK = 4  # tokens per register block of the tile path
@@ -48,12 +50,19 @@ class QuantFormat:
     def zero_point(self) -> int:
         return 8 if self.bits == 4 else 0
 
-    def packed_shapes(self, n: int, k: int) -> dict[str, tuple[tuple[int, int], str]]:
+    def packed_shapes(self, n: int, k: int, layout: str = "rows") -> dict[str, tuple[tuple[int, int], str]]:
         """``{tensor: (shape, dtype)}`` of the kernel-layout tensors for a ``[n, k]`` weight."""
+        kg = k // self.group_size
+        if layout == "r16":  # see interleave_r16
+            nb = -(-n // R16)
+            shapes = {"qweight": ((nb, k * 8), "uint8"), "scales": ((nb, kg * R16), "float16")}
+            if not self.sym:
+                shapes["mins"] = ((nb, kg * R16), "float32")
+            return shapes
         shapes = {"qweight": ((n, k // 2), "uint8") if self.bits == 4 else ((n, k), "int8"),
-                  "scales": ((n, k // self.group_size), "float16")}
+                  "scales": ((n, kg), "float16")}
         if not self.sym:
-            shapes["mins"] = ((n, k // self.group_size), "float32")
+            shapes["mins"] = ((n, kg), "float32")
         return shapes
 
     def check(self, k: int) -> str | None:
@@ -82,6 +91,60 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     n, half = packed.shape
     b = packed.reshape(n, half // 16, 1, 16)
     return np.concatenate([b & 15, b >> 4], axis=2).reshape(n, half * 2)
+
+
+def interleave_r16(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Row-layout int4 tensors → the "r16" layout of the integer-dot CPU kernel (``make_qlinear_r16_cpu``).
+
+    Rows are taken 16 at a time (the last block zero-padded). For row block ``b``, 32-column block ``j`` and
+    chunk ``c`` (0..3), 64 consecutive bytes hold byte ``4c + i`` (i = 0..3) of row-layout block ``j`` for
+    each of the 16 rows in turn: their low nibbles are columns ``4c + i``, their high nibbles columns
+    ``16 + 4c + i``, so one 64-byte load gives every row's 4 weights for one 4-byte activation word.
+    ``scales``/``mins`` become ``[blocks, groups * 16]``: the 16 rows' values of a group side by side."""
+    qw = packed["qweight"]
+    n, half = qw.shape
+    nb, pad = -(-n // R16), -n % R16
+    out = {"qweight": np.pad(qw, ((0, pad), (0, 0))).reshape(nb, R16, half // 16, 4, 4)
+           .transpose(0, 2, 3, 1, 4).reshape(nb, half * 16)}
+    for role in ("scales", "mins"):
+        if role in packed:
+            t = np.pad(packed[role], ((0, pad), (0, 0)))
+            out[role] = t.reshape(nb, R16, -1).transpose(0, 2, 1).reshape(nb, -1)
+    return {**packed, **out}
+
+
+def deinterleave_r16(packed: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Inverse of ``interleave_r16`` for a weight with ``n`` rows."""
+    qw = packed["qweight"]
+    nb, k8 = qw.shape
+    out = {"qweight": qw.reshape(nb, k8 // 256, 4, R16, 4).transpose(0, 3, 1, 2, 4).reshape(nb * R16, k8 // 16)[:n]}
+    for role in ("scales", "mins"):
+        if role in packed:
+            t = packed[role]
+            out[role] = t.reshape(nb, -1, R16).transpose(0, 2, 1).reshape(nb * R16, -1)[:n]
+    return {**packed, **out}
+
+
+def quantize_activations_ref(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the r16 kernel multiplies: per token and group, ``x ≈ dx * q16`` with ``q16`` 16-bit
+    (``dx = max|x| / 32767``); returns ``(q16 [T, K] int32, dx [T, K/G] float32)``."""
+    t, k = x.shape
+    xg = x.astype(np.float32).reshape(t, k // group_size, group_size)
+    amax = np.abs(xg).max(axis=2)
+    dx = (amax / np.float32(32767)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(32767) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    q = np.round(xg * inv[:, :, None]).astype(np.int32)
+    return q.reshape(t, k), dx
+
+
+def activation_error_bound(x: np.ndarray, fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Worst-case ``|r16 kernel - exact|`` from rounding the activations to 16 bits: the kernel multiplies the
+    rounded activations by the raw integers and scales (the zero/min term uses exact sums), so per output
+    ``sum_g dx_g / 2 * |scale[n, g]| * sum_{k in g} q[n, k]`` (row-layout int4 tensors)."""
+    _, dx = quantize_activations_ref(x, fmt.group_size)
+    q = unpack_int4(qweight).astype(np.float64)
+    qs = q.reshape(q.shape[0], -1, fmt.group_size).sum(axis=2) * np.abs(scales.astype(np.float64))  # [N, K/G]
+    return (dx.astype(np.float64) / 2) @ qs.T
 
 
 def dequantize_ref(fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> np.ndarray:
@@ -153,13 +216,13 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
     def decode_rows(x, w, scales, mins, b, out, xs, ntok):
         # each packed weight is read once per token; the integer dot product is scaled once per group
         for task in T.parallel(tasks):
-            acc = T.alloc_buffer((L,), "float32", scope="local")
-            accg = T.alloc_buffer((L,), "float32", scope="local")
-            corr = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((L,), "float32")
+            accg = T.alloc_buffer((L,), "float32")
+            corr = T.alloc_buffer((1,), "float32")
             for i in T.serial(ntok):
                 for r in T.serial(R):
                     if task * R + r < N:
-                        n = task * R + r
+                        n: T.let[T.int32] = task * R + r
                         corr[0] = T.float32(0)
                         for ll in T.vectorized(L):
                             acc[ll] = T.float32(0)
@@ -191,7 +254,7 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
         for task in T.parallel(tasks):
             tile = T.alloc_buffer((R, K), "float32")
             tile_t = T.alloc_buffer((K, R), "float32")
-            acc = T.alloc_buffer((TB, R), "float32", scope="local")
+            acc = T.alloc_buffer((TB, R), "float32")
             for r in T.serial(R):
                 if task * R + r < N:
                     load_row(tile, w, scales, mins, r, task * R + r)
@@ -261,6 +324,192 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
         ntok = T.int64()
         body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
     return qlinear_ab
+
+
+INT_DOT_ISAS = ("avx512_vnni", "avx2")
+_R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
+_R16_PREFILL_TOKENS = 4
+
+
+def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
+                         bias_dtype: str | None, isa: str):
+    """PrimFunc ``qlinear(x[T,K], qweight, scales, [mins,] [bias[N],] out[T,N])`` for int4 weights in the
+    "r16" layout (``interleave_r16``), with integer dot products.
+
+    Each token's activations are rounded per weight group to 16 bits (``x ≈ dx * q16``, ``dx = max|x| /
+    32767``: a relative error of 1.5e-5 of the group's largest value; ``activation_error_bound``) and split
+    into a signed high byte and an unsigned low byte, 4 columns per 32-bit word. One 64-byte load gives 16
+    rows x 8 columns of nibbles; masked and shifted, each half feeds one u8 x s8 4-way dot product per byte
+    half (``vpdpbusd`` with AVX-512 VNNI; ``vpmaddubsw`` + ``vpmaddwd`` with AVX2), accumulating the 16
+    rows' integer sums in the 16 lanes of one register (no horizontal reduction). Per group
+    ``sum = 256 * high + low`` is exact in int32 and float32 (|sum| < 2^24 for 32 columns), then scaled by
+    ``scale * dx`` and corrected by ``(min or -zp * scale) * sum(x_g)``."""
+    from tvm.script import tirx as T
+
+    assert fmt.bits == 4 and isa in INT_DOT_ISAS, (fmt, isa)
+    K, N, G = in_features, out_features, fmt.group_size
+    assert fmt.check(K) is None, fmt.check(K)
+    KG, NB, BPG, W4 = K // G, -(-N // R16), G // 32, K // 4
+    sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
+    qshape = fmt.packed_shapes(N, K, "r16")
+    vnni = isa == "avx512_vnni"
+
+    # TVMScript 0.27 turns a plain ``name = expr`` in a kernel into a scratch buffer that costs a workspace
+    # call per parallel task; the helpers below build expressions instead, and scalars use ``T.let``
+    def lanes(buf, tt):
+        return buf[T.ramp(tt * R16, 1, R16)]
+
+    def nibbles(w, task, chunk, high):
+        v = w[task, T.ramp(chunk * 64, 1, 64)]
+        return T.shift_right(v, T.broadcast(T.uint8(4), 64)) if high else T.bitwise_and(v, T.broadcast(T.uint8(15), 64))
+
+    def word(buf, t, i):
+        return T.broadcast(buf[t, i], R16)
+
+    def dot4(acc, a_u8, b_s8):
+        """int32x16 ``acc`` + per lane the 4-way dot of unsigned bytes ``a_u8`` and signed bytes ``b_s8``."""
+        if vnni:
+            return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
+                                           T.reinterpret("int8x64", a_u8), T.reinterpret("int8x64", b_s8))
+        halves = []
+        for half in (T.vectorlow, T.vectorhigh):  # rows 0-7 and 8-15: two 256-bit halves
+            a = half("int8x32", T.reinterpret("int8x64", a_u8))
+            b = half("int8x32", T.reinterpret("int8x64", b_s8))
+            pairs = T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", a, b)  # no saturation: |pair| < 2^13
+            halves.append(T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
+                                                  T.broadcast(T.int16(1), 16)))
+        return acc + T.vectorcombine("int32x16", halves[0], halves[1])
+
+    def group_sum(hl, hh, ll, lh, tt):
+        """float32x16 ``256 * high + low`` of one group's integer row sums (exact)."""
+        return T.Cast("float32x16", T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16))
+                      + lanes(ll, tt) + lanes(lh, tt))
+
+    @T.macro
+    def prep_token(x, xh, xl, dx, sx, i):
+        for g in T.serial(KG):
+            st = T.alloc_buffer((2,), "float32")  # max |x|, 32767 / max |x|
+            words = T.alloc_buffer((2,), "uint32")
+            st[0] = T.float32(0)
+            sx[i, g] = T.float32(0)
+            for kk in T.serial(G):
+                st[0] = T.max(st[0], T.fabs(T.Cast("float32", x[i, g * G + kk])))
+                sx[i, g] = sx[i, g] + T.Cast("float32", x[i, g * G + kk])
+            dx[i, g] = st[0] / T.float32(32767)
+            st[1] = T.if_then_else(st[0] > T.float32(0), T.float32(32767) / st[0], T.float32(0))
+            for w4 in T.serial(G // 4):
+                words[0] = T.uint32(0)
+                words[1] = T.uint32(0)
+                for j in T.unroll(4):
+                    q: T.let[T.int32] = T.Cast("int32", T.round(T.Cast("float32", x[i, g * G + w4 * 4 + j]) * st[1]))
+                    words[0] = words[0] | T.shift_left(T.Cast("uint32", T.bitwise_and(T.shift_right(q, 8), 255)),
+                                                       T.uint32(8 * j))
+                    words[1] = words[1] | T.shift_left(T.Cast("uint32", T.bitwise_and(q, 255)), T.uint32(8 * j))
+                xh[i, g * (G // 4) + w4] = words[0]
+                xl[i, g * (G // 4) + w4] = words[1]
+
+    @T.macro
+    def rows(w, s, m, b, out, xh, xl, dx, sx, ntok, TB):
+        for task in T.parallel(NB):
+            # two accumulators per byte half and nibble half: four independent dot-product chains
+            hl = T.alloc_buffer((TB * R16,), "int32")
+            hh = T.alloc_buffer((TB * R16,), "int32")
+            ll = T.alloc_buffer((TB * R16,), "int32")
+            lh = T.alloc_buffer((TB * R16,), "int32")
+            acc = T.alloc_buffer((TB * R16,), "float32")
+            for i0 in T.serial((ntok + TB - 1) // TB):
+                for tt in T.unroll(TB):
+                    acc[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.float32(0), R16)
+                for g in T.serial(KG):
+                    for tt in T.unroll(TB):
+                        hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                        hh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                        ll[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                        lh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                    for bb in T.serial(BPG):
+                        for c in T.unroll(4):
+                            for tt in T.unroll(TB):
+                                t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
+                                wl: T.let[T.int32] = (g * BPG + bb) * 8 + c
+                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, (g * BPG + bb) * 4 + c, False),
+                                                                    word(xh, t, wl))
+                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, (g * BPG + bb) * 4 + c, True),
+                                                                    word(xh, t, wl + 4))
+                                ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
+                                                                    nibbles(w, task, (g * BPG + bb) * 4 + c, False))
+                                lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
+                                                                    nibbles(w, task, (g * BPG + bb) * 4 + c, True))
+                    for tt in T.unroll(TB):
+                        t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
+                        if sym:
+                            acc[T.ramp(tt * R16, 1, R16)] = lanes(acc, tt) + group_sum(hl, hh, ll, lh, tt) * (
+                                T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(dx[t, g], R16)
+                            ) - T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(
+                                sx[t, g] * T.float32(zp), R16)
+                        else:
+                            acc[T.ramp(tt * R16, 1, R16)] = lanes(acc, tt) + group_sum(hl, hh, ll, lh, tt) * (
+                                T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(dx[t, g], R16)
+                            ) + m[task, T.ramp(g * R16, 1, R16)] * T.broadcast(sx[t, g], R16)
+                for tt in T.serial(TB):
+                    if i0 * TB + tt < ntok:
+                        for r in T.serial(R16):
+                            if task * R16 + r < N:
+                                if has_bias:
+                                    out[i0 * TB + tt, task * R16 + r] = T.Cast(
+                                        out_dtype, acc[tt * R16 + r] + T.Cast("float32", b[task * R16 + r]))
+                                else:
+                                    out[i0 * TB + tt, task * R16 + r] = T.Cast(out_dtype, acc[tt * R16 + r])
+
+    @T.macro
+    def body(x, w, s, m, b, out, ntok):
+        xh = T.alloc_buffer((ntok, W4), "uint32")
+        xl = T.alloc_buffer((ntok, W4), "uint32")
+        dx = T.alloc_buffer((ntok, KG), "float32")
+        sx = T.alloc_buffer((ntok, KG), "float32")
+        if ntok < _TILE_MIN_TOKENS:
+            for i in T.serial(ntok):  # K values per token: not worth waking the thread pool
+                prep_token(x, xh, xl, dx, sx, i)
+            rows(w, s, m, b, out, xh, xl, dx, sx, ntok, _R16_DECODE_TOKENS)
+        else:
+            for i in T.parallel(ntok):
+                prep_token(x, xh, xl, dx, sx, i)
+            rows(w, s, m, b, out, xh, xl, dx, sx, ntok, _R16_PREFILL_TOKENS)
+
+    WS, SS = qshape["qweight"][0], qshape["scales"][0]
+    if sym and not has_bias:
+        @T.prim_func(private=True)
+        def qlinear_r16_s(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"), o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            ntok = T.int64()
+            body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, None, None, T.match_buffer(o_h, (ntok, N), out_dtype),
+                 ntok)
+        return qlinear_r16_s
+    if sym:
+        @T.prim_func(private=True)
+        def qlinear_r16_sb(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),
+                           b: T.Buffer((N,), bias_dtype), o_h: T.handle):  # type: ignore[valid-type]
+            T.func_attr({"tirx.noalias": True})
+            ntok = T.int64()
+            body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, None, b, T.match_buffer(o_h, (ntok, N), out_dtype),
+                 ntok)
+        return qlinear_r16_sb
+    if not has_bias:
+        @T.prim_func(private=True)
+        def qlinear_r16_a(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),
+                          m: T.Buffer(SS, "float32"), o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            ntok = T.int64()
+            body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, None, T.match_buffer(o_h, (ntok, N), out_dtype),
+                 ntok)
+        return qlinear_r16_a
+
+    @T.prim_func(private=True)
+    def qlinear_r16_ab(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),
+                       m: T.Buffer(SS, "float32"), b: T.Buffer((N,), bias_dtype), o_h: T.handle):  # type: ignore[valid-type]
+        T.func_attr({"tirx.noalias": True})
+        ntok = T.int64()
+        body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+    return qlinear_r16_ab
 
 
 def row_loader(fmt: QuantFormat | None, K: int):

@@ -8,7 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ferrum.schedules.quant_linear import QuantFormat, dequantize_ref, make_qlinear_cpu, pack_int4, qlinear_ref, unpack_int4
+from ferrum.schedules.quant_linear import (QuantFormat, activation_error_bound, deinterleave_r16, dequantize_ref,
+                                           interleave_r16, make_qlinear_cpu, make_qlinear_r16_cpu, pack_int4,
+                                           qlinear_ref, quantize_activations_ref, unpack_int4)
+from ferrum_runtime.artifact import host_cpu_flags
 from ferrum_compiler.quant import GPTQConfig, from_gguf, from_gptq, quantize_rtn
 
 from .gptq import gptq_pack
@@ -46,6 +49,64 @@ def test_qlinear_cpu_matches_numpy(fmt, groups, n, t, bias, seed):
     lib(*[tvm.runtime.tensor(a) for a in [x, qw, s] + ([m] if m is not None else []) + ([b] if bias else [])], out)
     ref = qlinear_ref(x, fmt, qw, s, m, b if bias else None, "float64")
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# (ISA, LLVM CPU that enables it, host flag that runs it)
+R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2")]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("isa,mcpu,flag", R16_ISAS, ids=[i[0] for i in R16_ISAS])
+@settings(max_examples=20, deadline=None)
+@given(fmt=st.sampled_from([f for f in FORMATS if f.bits == 4]), groups=st.integers(1, 3), n=st.integers(1, 40),
+       t=st.sampled_from([1, 2, 3, 4, 6, 9]), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
+       seed=st.integers(0, 10_000))
+def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, seed):
+    """The integer-dot INT4 kernel (both ISAs) vs the exact float64 product: within the proven bound of
+    rounding activations to 16 bits per group, plus float32 accumulation. Decode (t < 4) and prefill
+    (t >= 4, 4-token blocks with a ragged tail), rows that leave a partial 16-row block, bias, a zero
+    activation group, and activations of very different magnitudes."""
+    import tvm
+
+    if flag not in host_cpu_flags():
+        pytest.skip(f"this CPU has no {flag}")
+    k = fmt.group_size * groups
+    rng = np.random.default_rng(seed)
+    qw, s, m = _random_packed(rng, fmt, n, k)
+    packed = interleave_r16({"qweight": qw, "scales": s, **({"mins": m} if m is not None else {})})
+    b = rng.standard_normal(n).astype(np.float32)
+    x = (rng.standard_normal((t, k)) * scale).astype(np.float32)
+    x[0, :fmt.group_size] = 0  # amax = 0: the group contributes nothing and divides by nothing
+    f = make_qlinear_r16_cpu(k, n, fmt, "float32", "float32", "float32" if bias else None, isa)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                      target={"kind": "llvm", "mcpu": mcpu})
+    out = tvm.runtime.tensor(np.zeros((t, n), np.float32))
+    lib(*[tvm.runtime.tensor(a) for a in [x, packed["qweight"], packed["scales"]] + ([packed["mins"]] if m is not None else [])
+          + ([b] if bias else [])], out)
+    ref = qlinear_ref(x, fmt, qw, s, m, b if bias else None, "float64")
+    w = dequantize_ref(fmt, qw, s, m)
+    bound = activation_error_bound(x, fmt, qw, s) + 1e-5 * (np.abs(x) @ np.abs(w).T + (np.abs(b) if bias else 0)) + 1e-6
+    err = np.abs(out.numpy() - ref)
+    assert np.all(err <= bound), f"worst error {err.max():.3g}, bound there {bound.flat[np.argmax(err / bound)]:.3g}"
+
+
+@pytest.mark.unit
+def test_r16_layout_round_trips_and_quantized_activations_are_16_bit():
+    rng = np.random.default_rng(1)
+    for n in (1, 16, 37):
+        qw, s, m = _random_packed(rng, QuantFormat(4, 64, False), n, 128)
+        packed = {"qweight": qw, "scales": s, "mins": m}
+        r16 = interleave_r16(packed)
+        assert r16["qweight"].shape == (-(-n // 16), 128 * 8) and r16["scales"].shape == (-(-n // 16), 2 * 16)
+        back = deinterleave_r16(r16, n)
+        assert all(np.array_equal(back[key], packed[key]) for key in packed)
+    # one 64-byte chunk: row r's 4 bytes are bytes 4c..4c+3 of its row-layout 32-column block
+    qw = pack_int4(rng.integers(0, 16, (16, 32)))
+    chunk = interleave_r16({"qweight": qw, "scales": np.ones((16, 1), np.float16)})["qweight"][0, 64:128]
+    assert np.array_equal(chunk.reshape(16, 4), qw[:, 4:8])
+    x = rng.standard_normal((3, 64)).astype(np.float32) * 50
+    q, dx = quantize_activations_ref(x, 32)
+    assert np.abs(q).max() == 32767 and np.all(np.abs(x - q * np.repeat(dx, 32, axis=1)) <= np.repeat(dx, 32, axis=1) / 2 + 1e-6)
 
 
 @pytest.mark.unit

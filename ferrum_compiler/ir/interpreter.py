@@ -11,7 +11,7 @@ import numpy as np
 
 from ferrum.schedules.linear import linear_ref
 from ferrum.schedules.moe import moe_ref
-from ferrum.schedules.quant_linear import QuantFormat, dequantize_ref, qembedding_ref, qlinear_ref
+from ferrum.schedules.quant_linear import QuantFormat, deinterleave_r16, dequantize_ref, qembedding_ref, qlinear_ref
 from ferrum.schedules.paged_attention import attention_ref, kv_append_ref
 
 from .graph import Graph
@@ -80,9 +80,11 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
             r = a[0][:, a[1]]
         elif k == "qlinear":
             fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
-            mins = None if fmt.sym else a[3]
+            packed = {"qweight": a[1], "scales": a[2], **({} if fmt.sym else {"mins": a[3]})}
+            if op.attrs.get("layout", "rows") == "r16":
+                packed = deinterleave_r16(packed, op.attrs["out_features"])
             bias = a[-1] if op.attrs["bias"] else None
-            r = qlinear_ref(a[0], fmt, a[1], a[2], mins, bias, out_dtype="float64")
+            r = qlinear_ref(a[0], fmt, packed["qweight"], packed["scales"], packed.get("mins"), bias, out_dtype="float64")
         elif k == "qembedding":
             fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
             r = qembedding_ref(fmt, a[0], a[1], None if fmt.sym else a[2], a[-1])

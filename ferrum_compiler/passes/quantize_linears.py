@@ -1,6 +1,7 @@
 """Replace every weight declared in ``Graph.quant`` by its packed tensors and its ops by quantized ones.
 
-Before: ``y = linear(x, W[N,K])`` with ``graph.quant[W] = {bits: 4, group_size: 128, sym, act_order}``.
+Before: ``y = linear(x, W[N,K])`` with ``graph.quant[W] = {bits: 4, group_size: 128, sym, act_order, layout?}``
+(``layout``: the packed tensors' kernel layout, ``"rows"`` unless the compiler chose ``"r16"`` for the target).
 After:  ``y = qlinear(take_cols(x, W.perm)?, W.qweight, W.scales, W.mins?)``; an ``embedding`` over a
 quantized table becomes ``qembedding``, so a tied lm_head and the embedding share one packed table.
 ``graph.packing[W]`` names the packed params; ``graph.param_sources[W]`` still names the checkpoint
@@ -29,7 +30,7 @@ def quantize_linears(graph: Graph) -> Graph:
         why = fmt.check(k)
         if why:
             raise IRError(f"{name}: {why}")
-        shapes = fmt.packed_shapes(n, k)
+        shapes = fmt.packed_shapes(n, k, spec.get("layout", "rows"))
         if spec.get("act_order"):
             shapes["perm"] = ((k,), "int32")
         g.packing[name] = {role: f"{name}.{role}" for role in shapes}
@@ -47,10 +48,11 @@ def quantize_linears(graph: Graph) -> Graph:
             continue
         spec, packed = g.quant[w], g.packing[w]
         fmt_attrs = {"bits": spec["bits"], "group_size": spec["group_size"], "sym": spec["sym"]}
+        layout = spec.get("layout", "rows")
         tensors = [packed["qweight"], packed["scales"]] + ([packed["mins"]] if "mins" in packed else [])
         if op.kind == "embedding":
-            if "perm" in packed:
-                raise IRError(f"{w}: an embedding table cannot have act-order columns")
+            if "perm" in packed or layout != "rows":
+                raise IRError(f"{w}: an embedding table needs the row layout, without act-order columns")
             ops.append(Op("qembedding", (*tensors, op.inputs[1]), op.output, fmt_attrs))
             continue
         x = op.inputs[0]
@@ -59,7 +61,7 @@ def quantize_linears(graph: Graph) -> Graph:
             g.values[cols] = Value(cols, g.value(x).shape, g.value(x).dtype)
             ops.append(Op("take_cols", (x, packed["perm"]), cols))
             x = cols
-        attrs = {**fmt_attrs, "in_features": g.value(op.inputs[0]).shape[1],
+        attrs = {**fmt_attrs, "layout": layout, "in_features": g.value(op.inputs[0]).shape[1],
                  "out_features": g.value(op.output).shape[1], **op.attrs}
         ops.append(Op("qlinear", (x, *tensors, *op.inputs[2:]), op.output, attrs))
     g.ops = ops
@@ -74,8 +76,8 @@ def _quantize_moe(g: Graph, op: Op) -> Op:
             inputs.append(w)
             continue
         packed = g.packing[w]
-        if "perm" in packed:
-            raise IRError(f"{w}: act-order (desc_act) experts are not supported")
+        if "perm" in packed or g.quant[w].get("layout", "rows") != "rows":
+            raise IRError(f"{w}: MoE experts need the row layout, without act-order (desc_act) columns")
         inputs += [packed[r] for r in ("qweight", "scales", "mins") if r in packed]
         attrs[key] = {k: g.quant[w][k] for k in ("bits", "group_size", "sym")}
     return Op("moe", tuple(inputs), op.output, attrs)
