@@ -15,6 +15,7 @@ from ferrum.schedules import linear as linear_sched
 from ferrum.schedules import moe as moe_sched
 from ferrum.schedules import paged_attention as attn_sched
 from ferrum.schedules import quant_linear as quant_sched
+from ferrum.schedules.fast_math import exp_f32
 
 from .ir import Graph, static
 from .ir.rope import rope_inv_freq
@@ -87,7 +88,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
                 elif k == "paged_attention":
                     r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)
                 elif k == "silu_mul":
-                    r = bb.emit_te(_silu_mul_te(te, tirx), a[0], a[1], primfunc_name_hint="silu_mul")
+                    r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                 elif k == "add":
                     r = relax.op.add(a[0], a[1])
                 else:
@@ -179,7 +180,7 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out):
     h = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k)  # [S, 2I]
     gate = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[inter]))
     up = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[inter], end=[2 * inter]))
-    act = bb.emit_te(_silu_mul_te(te, tirx), gate, up, primfunc_name_hint="silu_mul")
+    act = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), gate, up, primfunc_name_hint="silu_mul")
     y = grouped(act, stacks[1][0], stacks[1][1], inter, d, 1)  # [S, D]
     return bb.emit_te(moe_sched.combine_te(k, out.dtype), weights, y, primfunc_name_hint="moe_combine")
 
@@ -215,11 +216,13 @@ def _rope_te(te, tirx):
     return rope
 
 
-def _silu_mul_te(te, tirx):
+def _silu_mul_te(te, tirx, kernel_kind: str):
+    exp = exp_f32 if kernel_kind == "cpu" else tirx.exp  # CPU: no scalar expf call per element
+
     def silu_mul(gate, up):
         def f(*idx):
             g = gate(*idx).astype("float32")
-            return (g / (1.0 + tirx.exp(-g)) * up(*idx).astype("float32")).astype(gate.dtype)
+            return (g / (1.0 + exp(-g)) * up(*idx).astype("float32")).astype(gate.dtype)
 
         return te.compute(gate.shape, f, name="silu_mul")
 

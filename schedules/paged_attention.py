@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from .fast_math import exp_f32
+
 KERNEL_KINDS = ("cpu", "gpu")
 
 
@@ -89,6 +91,7 @@ def make_attention(
     vec = T.vectorized if kind == "cpu" else T.serial
     L = next(n for n in (16, 8, 4, 2, 1) if D % n == 0)
     scratch = scratch_scope(kind)
+    exp = exp_f32 if kind == "cpu" else T.exp  # CPU: vector code, not one expf call per score
 
     @T.macro
     def attend_one(q, cache, positions, query_start, block_tables, out, nbatch, t, h):
@@ -127,15 +130,16 @@ def make_attention(
                     state[2] = T.max(state[2], scores[i])
                 else:
                     scores[i] = T.float32(-3.0e38)
-            state[3] = T.exp(state[0] - T.max(state[0], state[2]))
+            state[3] = exp(state[0] - T.max(state[0], state[2]))
             state[0] = T.max(state[0], state[2])
             state[1] = state[1] * state[3]
             for d in vec(D):
                 acc[d] = acc[d] * state[3]
+            for i in vec(BS):  # masked scores are -3e38: their weight is 0
+                scores[i] = exp(scores[i] - state[0])
             for i in T.serial(BS):
+                state[1] = state[1] + scores[i]
                 if blk * BS + i >= start and blk * BS + i <= pos:
-                    scores[i] = T.exp(scores[i] - state[0])
-                    state[1] = state[1] + scores[i]
                     for d in vec(D):
                         acc[d] = acc[d] + scores[i] * T.Cast("float32", cache[seq[1], 1, h // group, i, d])
         for d in T.serial(D):

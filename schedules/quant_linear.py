@@ -385,28 +385,41 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         return T.Cast("float32x16", T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16))
                       + lanes(ll, tt) + lanes(lh, tt))
 
+    def xf(x, i, k):
+        return T.Cast("float32", x[i, k])
+
+    def packed_bytes(x, i, g, w4, inv, high):
+        """The 4 high (signed) or low bytes of columns ``4 w4 .. 4 w4 + 3`` of group ``g``, as one word."""
+        word = T.uint32(0)
+        for j in range(4):
+            q = T.Cast("int32", T.round(xf(x, i, g * G + w4 * 4 + j) * inv))
+            byte = T.bitwise_and(T.shift_right(q, 8) if high else q, 255)
+            word = word | T.shift_left(T.Cast("uint32", byte), T.uint32(8 * j))
+        return word
+
     @T.macro
     def prep_token(x, xh, xl, dx, sx, i):
         for g in T.serial(KG):
-            st = T.alloc_buffer((2,), "float32")  # max |x|, 32767 / max |x|
-            words = T.alloc_buffer((2,), "uint32")
-            st[0] = T.float32(0)
-            sx[i, g] = T.float32(0)
-            for kk in T.serial(G):
-                st[0] = T.max(st[0], T.fabs(T.Cast("float32", x[i, g * G + kk])))
-                sx[i, g] = sx[i, g] + T.Cast("float32", x[i, g * G + kk])
+            part = T.alloc_buffer((2 * 16,), "float32")  # 16 lanes of max |x|, 16 lanes of sum x
+            st = T.alloc_buffer((3,), "float32")  # max |x|, sum x, 32767 / max |x|
+            for l in T.vectorized(16):
+                part[l] = T.fabs(xf(x, i, g * G + l))
+                part[16 + l] = xf(x, i, g * G + l)
+            for c in T.serial(G // 16 - 1):
+                for l in T.vectorized(16):
+                    part[l] = T.max(part[l], T.fabs(xf(x, i, g * G + (c + 1) * 16 + l)))
+                    part[16 + l] = part[16 + l] + xf(x, i, g * G + (c + 1) * 16 + l)
+            st[0] = part[0]
+            st[1] = part[16]
+            for l in T.serial(15):
+                st[0] = T.max(st[0], part[l + 1])
+                st[1] = st[1] + part[17 + l]
+            sx[i, g] = st[1]
             dx[i, g] = st[0] / T.float32(32767)
-            st[1] = T.if_then_else(st[0] > T.float32(0), T.float32(32767) / st[0], T.float32(0))
-            for w4 in T.serial(G // 4):
-                words[0] = T.uint32(0)
-                words[1] = T.uint32(0)
-                for j in T.unroll(4):
-                    q: T.let[T.int32] = T.Cast("int32", T.round(T.Cast("float32", x[i, g * G + w4 * 4 + j]) * st[1]))
-                    words[0] = words[0] | T.shift_left(T.Cast("uint32", T.bitwise_and(T.shift_right(q, 8), 255)),
-                                                       T.uint32(8 * j))
-                    words[1] = words[1] | T.shift_left(T.Cast("uint32", T.bitwise_and(q, 255)), T.uint32(8 * j))
-                xh[i, g * (G // 4) + w4] = words[0]
-                xl[i, g * (G // 4) + w4] = words[1]
+            st[2] = T.if_then_else(st[0] > T.float32(0), T.float32(32767) / st[0], T.float32(0))
+            for w4 in T.vectorized(G // 4):
+                xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[2], True)
+                xl[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[2], False)
 
     @T.macro
     def rows(w, s, m, b, out, xh, xl, dx, sx, ntok, TB):
