@@ -157,11 +157,14 @@ def make_attention(
         query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
         block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
         out = T.match_buffer(o_h, (ntok, H, D), dtype)
+        # tokens in the order 0, n-1, 1, n-2, ...: a causal prefill's long and short rows alternate, so the
+        # contiguous ranges of work items each CPU thread takes carry equal work
         for bx in outer((ntok * H + C - 1) // C):
             for tx in inner(C):
                 if bx * C + tx < ntok * H:
+                    j: T.let[T.int64] = (bx * C + tx) // H
                     attend_one(q, cache, positions, query_start, block_tables, out, nbatch,
-                               (bx * C + tx) // H, (bx * C + tx) % H)
+                               T.if_then_else(j % 2 == 0, j // 2, ntok - 1 - j // 2), (bx * C + tx) % H)
 
     return _mark(attention, kind)
 
