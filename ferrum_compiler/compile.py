@@ -58,7 +58,7 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         return time.perf_counter()
 
     t = phase(1, f"reading {source}")
-    ckpt = open_source(source, progress)
+    ckpt = open_source(source, progress, weights=options.weights)
     cfg = ckpt.config
     progress(f"      {cfg.arch}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
              f"vocab {cfg.vocab_size}")
@@ -85,10 +85,14 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         _build_library(graph, spec, work / LIBRARY, debug)
         timings["tvm"] = time.perf_counter() - t
 
-        t = phase(4, f"writing weights as {dtype}")
-        index, digests = write_weights(graph, ckpt, dtype, work / "weights", options.shard_bytes,
-                                       lambda m: progress("      " + m))
-        timings["weights"] = time.perf_counter() - t
+        if options.weights:
+            t = phase(4, f"writing weights as {dtype}")
+            index, digests = write_weights(graph, ckpt, dtype, work / "weights", options.shard_bytes,
+                                           lambda m: progress("      " + m))
+            timings["weights"] = time.perf_counter() - t
+        else:
+            phase(4, "weights: not written (--no-weights); add them with `ferrum pack-weights ARTIFACT MODEL`")
+            index, digests = {}, {}
 
         t = phase(5, "writing tokenizer and IR")
         tok_files = ckpt.write_tokenizer(work)
@@ -125,24 +129,31 @@ def declared_quantization(graph, ckpt: Checkpoint, mode: str) -> dict[str, dict]
     if mode == "none":
         return {}
     declared = {}
+    if ckpt.default_quant is not None and not ckpt.quant:  # a config-only GPTQ source: its linears as declared
+        declared = {w: ckpt.default_quant(graph.params[w].shape[1]) for w in _quantizable_linears(graph)}
     for p in graph.params:  # quantized when every checkpoint tensor it is stacked from is, alike
         specs = [ckpt.quant.get(s) for s in graph.param_sources.get(p, (p,))]
         if specs[0] is not None and all(s == specs[0] for s in specs):
             declared[p] = specs[0]
     if mode in ("q4", "q8"):
-        # embedding tables, the lm_head and MoE routers stay dense (GPTQ leaves them too)
-        keep = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
-        keep |= {op.inputs[1] for op in graph.ops if op.kind == "linear" and op.output in graph.outputs}
-        routers = {op.inputs[1] for op in graph.ops if op.kind == "moe"}  # MoE routers: they pick the experts
-        keep |= {op.inputs[1] for op in graph.ops if op.kind == "linear" and op.output in routers}
-        weights = [op.inputs[1] for op in graph.ops if op.kind == "linear"]
-        weights += [w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]]
-        for w in weights:
-            if w in graph.params and w not in keep and w not in declared:
+        for w in _quantizable_linears(graph):
+            if w not in declared:
                 spec = rtn_spec(mode, graph.params[w].shape[1])
                 if spec is not None:
                     declared[w] = spec.to_dict()
     return declared
+
+
+def _quantizable_linears(graph) -> list[str]:
+    """Linear and MoE expert weights that --quant q4/q8 quantizes and GPTQ checkpoints hold quantized; the
+    embedding tables, the lm_head and MoE routers (they pick the experts) stay dense."""
+    keep = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
+    keep |= {op.inputs[1] for op in graph.ops if op.kind == "linear" and op.output in graph.outputs}
+    routers = {op.inputs[1] for op in graph.ops if op.kind == "moe"}
+    keep |= {op.inputs[1] for op in graph.ops if op.kind == "linear" and op.output in routers}
+    weights = [op.inputs[1] for op in graph.ops if op.kind == "linear"]
+    weights += [w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]]
+    return [w for w in weights if w in graph.params and w not in keep]
 
 
 def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None) -> dict[str, dict]:
@@ -208,7 +219,7 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "entry_points": {lowering.ENTRY: {"args": lowering.argument_specs(graph),
                                           "returns": {"name": "logits", "shape": ["L", cfg.vocab_size],
                                                       "dtype": "float32"}}},
-        "weights": {"dtype": dtype, "index": index},
+        "weights": {"dtype": dtype, "index": index, **({} if options.weights else {"pending": True})},
         "tokenizer": {"files": tok_files},
         "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},
         "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size,

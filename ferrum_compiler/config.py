@@ -64,4 +64,5 @@ class CompileOptions:
     block_size: int = 16
     quant: str = "auto"  # auto: keep the source's quantization | none: dequantize | q4 | q8: RTN the linears
     shard_bytes: int = 1 << 30
+    weights: bool = True  # False: library, manifest, tokenizer and IR only (`ferrum pack-weights` adds them later)
     extra: dict = field(default_factory=dict)

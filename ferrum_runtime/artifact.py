@@ -95,6 +95,9 @@ def check_compatible(m: Manifest, verify_hashes: bool = True) -> None:
     if d["versions"]["tvm"] != tvm_now:
         raise ArtifactError(f"artifact {m.path} was built with apache-tvm {d['versions']['tvm']}, this runtime has {tvm_now}; "
                             f"install apache-tvm=={d['versions']['tvm']} or {fix}")
+    if d.get("weights", {}).get("pending"):
+        raise ArtifactError(f"artifact {m.path} was compiled with --no-weights and has none yet; add them with "
+                            f"`ferrum pack-weights {m.path} {d.get('source', {}).get('name', 'MODEL')}`")
     need = set(m.target.get("cpu_features") or ())
     if need:
         have = host_cpu_flags()

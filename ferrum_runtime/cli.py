@@ -1,7 +1,7 @@
-"""The ``ferrum`` console script: compile, inspect, run, serve.
+"""The ``ferrum`` console script: compile, pack-weights, inspect, run, serve, bench, bench-serve.
 
-Only ``compile`` imports the compiler (lazily, inside its handler); every other command runs on TVM's
-runtime library alone. Errors a user can fix print as one line naming the fix; a traceback is shown
+Only ``compile`` imports the compiler (lazily, inside its handler); ``pack-weights`` imports the
+compiler's numpy-only weight writer, not TVM; every other command runs on TVM's runtime library alone. Errors a user can fix print as one line naming the fix; a traceback is shown
 only with FERRUM_DEBUG=1.
 """
 
@@ -33,8 +33,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights: auto keeps the source's GPTQ/GGUF quantization packed (default), none "
                         "dequantizes it, q4/q8 quantize the dense linears round-to-nearest (INT4 group 128 / INT8 group 32; embeddings and lm_head stay dense)")
     c.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
+    c.add_argument("--no-weights", action="store_true",
+                   help="build the library, manifest, tokenizer and IR only (the model directory may hold just "
+                        "config.json and tokenizer files); add the weights later with `ferrum pack-weights`")
     c.add_argument("--dump-ir", action="store_true",
                    help="also write the IR after every pass and the Relax module to <artifact>/debug/")
+
+    pw = sub.add_parser("pack-weights", help="write the weights of an artifact compiled with --no-weights "
+                                             "(numpy and safetensors only: runs where TVM's compiler is absent)")
+    pw.add_argument("artifact", help="the artifact directory")
+    pw.add_argument("model", help="the HF directory, Hub repo id or .gguf file it was compiled from")
 
     s = sub.add_parser("serve", help="serve an artifact over the OpenAI HTTP API")
     s.add_argument("artifact", help="an artifact directory, or an alias (smollm2) compiled once and cached")
@@ -118,7 +126,8 @@ def _inspect(args: argparse.Namespace) -> int:
         f"model      {m.model['family']}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads "
         f"{cfg['num_heads']}/{cfg['num_kv_heads']} x {cfg['head_dim']}, ffn {cfg['intermediate_size']}, vocab "
         f"{cfg['vocab_size']}, max len {m.model['max_model_len']}",
-        f"dtype      {d['dtype']}   quantization: {_quant_summary(d['quantization'])}",
+        f"dtype      {d['dtype']}   quantization: {_quant_summary(d['quantization'])}"
+        + ("   weights: none yet (compiled with --no-weights; `ferrum pack-weights`)" if d["weights"].get("pending") else ""),
         f"kv cache   block {m.kv_cache['block_size']}, {m.kv_cache['layout']}, {m.kv_cache['dtype']}",
         f"entry      forward({len(m.entry['args']) - n_params} inputs, {n_params} weights) -> logits "
         f"{m.entry['returns']['shape']} {m.entry['returns']['dtype']}",
@@ -191,7 +200,7 @@ def _quant_summary(q: dict) -> str:
     kinds: dict[str, int] = {}
     for spec in weights.values():
         key = (f"{spec['bits']}-bit g{spec['group_size']} {'sym' if spec['sym'] else 'asym'}"
-               + (" act-order" if spec.get("act_order") else ""))
+               + (" act-order" if spec.get("act_order") else "") + (f" {spec['layout']}" if spec.get("layout") else ""))
         kinds[key] = kinds.get(key, 0) + 1
     dense = len(q.get("dense_weights") or [])
     return (f"{q['method']}: {len(weights)} weights packed ("
@@ -209,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             from ferrum_compiler.cli import run_compile
 
             return run_compile(args)
+        if args.command == "pack-weights":
+            from ferrum_compiler.pack import pack_weights
+
+            pack_weights(args.artifact, args.model, progress=lambda m: print(m, file=sys.stderr, flush=True))
+            return 0
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "serve":

@@ -30,9 +30,12 @@ class Checkpoint:
     details: dict = field(default_factory=dict)
     quant: dict[str, dict] = field(default_factory=dict)  # tensor yielded quantized -> QuantSpec.to_dict()
     quant_method: str = "none"  # "gguf" | "gptq" | "none"
+    # config-only source (no weight files): the spec of a quantized linear with k inputs (GPTQ), else None
+    default_quant: Callable[[int], dict] | None = None
 
 
-def open_source(name: str, progress: Callable[[str], None] = lambda msg: None) -> Checkpoint:
+def open_source(name: str, progress: Callable[[str], None] = lambda msg: None, weights: bool = True) -> Checkpoint:
+    """``weights=False``: a Hugging Face directory may hold config.json and tokenizer files only."""
     from ferrum_runtime.aliases import resolve_alias
 
     alias = resolve_alias(name)
@@ -47,14 +50,14 @@ def open_source(name: str, progress: Callable[[str], None] = lambda msg: None) -
     if path.is_dir():
         from .hf import open_hf_dir
 
-        return open_hf_dir(path, name=name)
+        return open_hf_dir(path, name=name, weights=weights)
     if path.exists():
         raise SourceError(f"{path} is neither a .gguf file nor a model directory")
     if target.count("/") == 1 and not target.startswith((".", "/", "~")):
         from .hf import open_hf_dir
         from .hub import download
 
-        return open_hf_dir(download(target, progress), name=name)
+        return open_hf_dir(download(target, progress), name=name, weights=weights)
     raise SourceError(f"no model named {name!r}: not an alias, a .gguf file, a directory with config.json, "
                       "or a Hub repo id like Qwen/Qwen3-0.6B")
 

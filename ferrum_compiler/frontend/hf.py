@@ -103,14 +103,14 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def open_hf_dir(model_dir: Path, name: str | None = None) -> Checkpoint:
+def open_hf_dir(model_dir: Path, name: str | None = None, weights: bool = True) -> Checkpoint:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise SourceError(f"{model_dir} has no config.json; pass a Hugging Face model directory, a .gguf file, "
                           "a Hub repo id or an alias such as smollm2")
     raw = json.loads(cfg_path.read_text())
     config = config_from_hf(raw, str(cfg_path))
-    files = weight_files(model_dir)
+    files = weight_files(model_dir) if weights or _has_weights(model_dir) else []
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise SourceError(f"{model_dir} is missing weight shard(s) {', '.join(missing)} named in its index")
@@ -158,9 +158,17 @@ def open_hf_dir(model_dir: Path, name: str | None = None) -> Checkpoint:
     if gptq is not None:
         details["gptq"] = {"bits": gptq.bits, "group_size": gptq.group_size, "desc_act": gptq.desc_act,
                            "sym": gptq.sym, "format": "gptq" if gptq.v1_zeros else "gptq_v2"}
+    default_quant = None
+    if gptq is not None and not files:  # config only: every quantizable linear is GPTQ, as the config says
+        def default_quant(k: int, gptq: GPTQConfig = gptq) -> dict:
+            return gptq.spec(k).to_dict()
     return Checkpoint(name=name or str(model_dir), kind="hf", config=config, tensors=tensors,
                       write_tokenizer=write_tokenizer, details=details, quant=quant,
-                      quant_method="gptq" if gptq is not None else "none")
+                      quant_method="gptq" if gptq is not None else "none", default_quant=default_quant)
+
+
+def _has_weights(model_dir: Path) -> bool:
+    return (model_dir / "model.safetensors.index.json").is_file() or any(model_dir.glob("*.safetensors"))
 
 
 _GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
