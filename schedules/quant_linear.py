@@ -491,7 +491,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     WS, SS = qshape["qweight"][0], qshape["scales"][0]
     if sym and not has_bias:
         @T.prim_func(private=True)
-        def qlinear_r16_s(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"), o_h: T.handle):
+        def qlinear_r16_s(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"), o_h: T.handle):  # type: ignore[valid-type]
             T.func_attr({"tirx.noalias": True})
             ntok = T.int64()
             body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, None, None, T.match_buffer(o_h, (ntok, N), out_dtype),
@@ -499,7 +499,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         return qlinear_r16_s
     if sym:
         @T.prim_func(private=True)
-        def qlinear_r16_sb(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),
+        def qlinear_r16_sb(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),  # type: ignore[valid-type]
                            b: T.Buffer((N,), bias_dtype), o_h: T.handle):  # type: ignore[valid-type]
             T.func_attr({"tirx.noalias": True})
             ntok = T.int64()
@@ -508,8 +508,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         return qlinear_r16_sb
     if not has_bias:
         @T.prim_func(private=True)
-        def qlinear_r16_a(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),
-                          m: T.Buffer(SS, "float32"), o_h: T.handle):
+        def qlinear_r16_a(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),  # type: ignore[valid-type]
+                          m: T.Buffer(SS, "float32"), o_h: T.handle):  # type: ignore[valid-type]
             T.func_attr({"tirx.noalias": True})
             ntok = T.int64()
             body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, None, T.match_buffer(o_h, (ntok, N), out_dtype),
@@ -517,7 +517,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         return qlinear_r16_a
 
     @T.prim_func(private=True)
-    def qlinear_r16_ab(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),
+    def qlinear_r16_ab(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),  # type: ignore[valid-type]
                        m: T.Buffer(SS, "float32"), b: T.Buffer((N,), bias_dtype), o_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tirx.noalias": True})
         ntok = T.int64()
