@@ -82,7 +82,7 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         timings["ir"] = time.perf_counter() - t
 
         t = phase(3, f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
-        _build_library(graph, spec, work / LIBRARY, debug)
+        gpu_check = _build_library(graph, spec, work / LIBRARY, debug)
         timings["tvm"] = time.perf_counter() - t
 
         if options.weights:
@@ -104,6 +104,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
 
         phase(6, "writing manifest")
         manifest = _manifest(ckpt, spec, dtype, options, graph, index, tok_files, timings, time.perf_counter() - t_start)
+        if gpu_check is not None:
+            manifest["target"]["gpu_code_verified"] = gpu_check
         if spec.tvm_target["kind"] == "cuda":
             manifest["target"]["cuda_code"] = embedded_cuda_code(work / LIBRARY)
             if not manifest["target"]["cuda_code"]["cubin"]:
@@ -175,10 +177,11 @@ def _quant_method(ckpt: Checkpoint, mode: str) -> str:
     return ckpt.quant_method
 
 
-def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> None:
+def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> dict | None:
+    """Compile and export the library; for GPU targets returns the GPU code verifier's report."""
     import tvm
 
-    from .gpu_build import prepare_cuda_build
+    from .gpu_build import GpuCodeVerifier, prepare_cuda_build
 
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa)
     if debug is not None:
@@ -186,9 +189,20 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> N
     target = tvm.target.Target(spec.tvm_target)
     if spec.tvm_target["kind"] == "cuda":
         prepare_cuda_build()
-    with target:  # nvcc's callback reads the arch from the current target
+    verifier = GpuCodeVerifier(spec.tvm_target["kind"]) if spec.kernel_kind == "gpu" else None
+    instruments = [verifier.instrument] if verifier else []
+    ctx = tvm.transform.PassContext.current()
+    # the target is current because TVM's nvcc callback reads the arch from it
+    with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=dict(ctx.config), instruments=instruments):
         ex = tvm.compile(mod, target=target)
     ex.export_library(str(path))
+    if verifier is None:
+        return None
+    report = verifier.report()
+    if report["failed"] or not report["kernels"]:
+        raise CompileError(f"{len(report['failed'])} of {report['kernels']} GPU kernels exceed {spec.name}'s limits "
+                           f"({', '.join(report['failed'][:5])}): a ferrum bug, please report it")
+    return report
 
 
 def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOptions, graph, index: dict,

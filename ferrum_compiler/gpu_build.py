@@ -88,3 +88,49 @@ def _compile_cubin_and_ptx(code: str) -> bytes:
     num = arch.removeprefix("sm_")
     gencode = ["-gencode", f"arch=compute_{num},code=sm_{num}", "-gencode", f"arch=compute_{num},code=compute_{num}"]
     return compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")
+
+
+# What every device kernel must respect, checked by TVM's GPU code verifier on the scheduled kernels
+# (before codegen). Static shared memory is 48 KiB per block on every CUDA arch (more needs the dynamic
+# opt-in, which these kernels do not use); Metal gives 32 KiB of threadgroup memory and 1024 threads.
+GPU_LIMITS = {
+    "cuda": {"max_threads_per_block": 1024, "max_thread_x": 1024, "max_thread_y": 1024, "max_thread_z": 64,
+             "max_shared_memory_per_block": 48 * 1024, "max_vector_bytes": 16},
+    "metal": {"max_threads_per_block": 1024, "max_thread_x": 1024, "max_thread_y": 1024, "max_thread_z": 1024,
+              "max_shared_memory_per_block": 32 * 1024, "max_vector_bytes": 16},
+}
+
+
+class GpuCodeVerifier:
+    """A pass instrument for ``tvm.compile``: right after the host/device split, every device kernel goes
+    through TVM's GPU code verifier with ``GPU_LIMITS`` for its target. ``report()`` gives the result."""
+
+    def __init__(self, kind: str):
+        import tvm
+
+        self.limits = GPU_LIMITS[kind]
+        self.checked: list[str] = []
+        self.failed: list[str] = []
+        verifier = self
+
+        @tvm.ir.instrument.pass_instrument
+        class _Instrument:
+            def run_after_pass(self, mod, info):
+                if info.name == "tirx.SplitHostDevice":
+                    verifier._check(mod)
+
+        self.instrument = _Instrument()
+
+    def _check(self, mod) -> None:
+        from tvm.s_tir.analysis import verify_gpu_code
+
+        for gv, func in mod.functions.items():
+            target = func.attrs.get("target") if func.attrs is not None else None
+            if target is None or target.kind.name not in GPU_LIMITS:
+                continue
+            self.checked.append(gv.name_hint)
+            if not verify_gpu_code(func, self.limits):
+                self.failed.append(gv.name_hint)
+
+    def report(self) -> dict:
+        return {"kernels": len(self.checked), "failed": sorted(self.failed), "limits": self.limits}

@@ -92,6 +92,10 @@ def check_compatible(m: Manifest, verify_hashes: bool = True) -> None:
     if d["abi_version"] != ABI_VERSION:
         raise ArtifactError(f"artifact {m.path} has ABI version {d['abi_version']}, this runtime reads {ABI_VERSION}; {fix}")
     tvm_now = package_version("apache-tvm")
+    if tvm_now == "unknown":  # a runtime-only TVM copied onto PYTHONPATH (pack-tvm-runtime.sh) has no metadata
+        import tvm
+
+        tvm_now = tvm.__version__
     if d["versions"]["tvm"] != tvm_now:
         raise ArtifactError(f"artifact {m.path} was built with apache-tvm {d['versions']['tvm']}, this runtime has {tvm_now}; "
                             f"install apache-tvm=={d['versions']['tvm']} or {fix}")

@@ -48,13 +48,15 @@ def _prompt(rng: random.Random, words: int) -> str:
 
 
 async def _words_per_token(client, base: str, model: str) -> float:
-    """Tokens per word of the random prompts, from the server's tokenizer when it has /tokenize."""
+    """Tokens per word of the random prompts, from the server's tokenizer when it has /tokenize (ferrum and
+    vLLM read ``prompt``, llama.cpp's llama-server ``content``); about one otherwise."""
     sample = _prompt(random.Random(1), 200)
     try:
-        r = await client.post(f"{base}/tokenize", json={"model": model, "prompt": sample})
-        return len(r.json()["tokens"]) / 200 if r.status_code == 200 else 1.0
+        r = await client.post(f"{base}/tokenize", json={"model": model, "prompt": sample, "content": sample})
+        tokens = len(r.json()["tokens"]) if r.status_code == 200 else 0
     except Exception:  # noqa: BLE001 - a server without /tokenize: assume about one token per word
-        return 1.0
+        tokens = 0
+    return tokens / 200 if tokens else 1.0
 
 
 async def _one(client, base: str, model: str, prompt: str, output_len: int, concurrency: int, api_key: str | None) -> Record:

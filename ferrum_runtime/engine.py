@@ -53,7 +53,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
-    device: str = "cpu"
+    device: str | None = None  # None: the device the artifact was compiled for
     verify_hashes: bool = True
 
 

@@ -77,11 +77,13 @@ class CompiledModel:
         self._slots = [(i, a["name"]) for i, a in enumerate(args) if a["name"] not in resident]
 
     @classmethod
-    def load(cls, artifact: str | Path, device: str = "cpu", num_blocks: int | None = None,
+    def load(cls, artifact: str | Path, device: str | None = None, num_blocks: int | None = None,
              kv_cache_bytes: int = 256 << 20, verify_hashes: bool = True) -> "CompiledModel":
-        """Load an artifact; the KV cache gets ``num_blocks`` blocks, or as many as fit ``kv_cache_bytes``."""
+        """Load an artifact on ``device`` (default: the one it was compiled for); the KV cache gets
+        ``num_blocks`` blocks, or as many as fit ``kv_cache_bytes``."""
         manifest = read_manifest(artifact)
         check_compatible(manifest, verify_hashes=verify_hashes)
+        device = device or manifest.target["device"]
         if manifest.target["device"] != device:
             raise ArtifactError(f"artifact {artifact} targets {manifest.target['name']} ({manifest.target['device']}), "
                                 f"not {device}; compile it with `--target` for this device")

@@ -123,10 +123,19 @@ def make_attention(
                         for ll in vec(L):
                             lanes[ll] = lanes[ll] + T.Cast("float32", q[t, h, d0 * L + ll]) * T.Cast(
                                 "float32", cache[seq[1], 0, h // group, i, d0 * L + ll])
-                    scores[i] = T.float32(0)
-                    for ll in T.serial(L):
-                        scores[i] = scores[i] + lanes[ll]
-                    scores[i] = scores[i] * T.float32(sm_scale)
+                    # halve the lanes (a 4-deep add tree for 16 lanes, not a 15-long dependent chain)
+                    if L >= 16:
+                        for ll in vec(8):
+                            lanes[ll] = lanes[ll] + lanes[ll + 8]
+                    if L >= 8:
+                        for ll in vec(4):
+                            lanes[ll] = lanes[ll] + lanes[ll + 4]
+                    if L >= 4:
+                        for ll in vec(2):
+                            lanes[ll] = lanes[ll] + lanes[ll + 2]
+                    if L >= 2:
+                        lanes[0] = lanes[0] + lanes[1]
+                    scores[i] = lanes[0] * T.float32(sm_scale)
                     state[2] = T.max(state[2], scores[i])
                 else:
                     scores[i] = T.float32(-3.0e38)

@@ -36,6 +36,8 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     manifest = yaml.safe_load((out / "ferrum.yaml").read_text())
     assert manifest["target"]["cuda_code"]["cubin"] == [arch] and manifest["dtype"] == "float16"
     assert "cubin: " + arch in ferrum("inspect", out).stdout
+    verified = manifest["target"]["gpu_code_verified"]  # every kernel within the arch's thread/shared limits
+    assert verified["kernels"] >= 8 and verified["failed"] == []
     if quant == "q4":  # dequantizing matmuls were compiled for the GPU too
         assert manifest["quantization"]["method"] == "rtn-q4" and manifest["ir"]["ops"]["qlinear"] > 0
 
@@ -47,6 +49,31 @@ def test_metal_artifact_holds_metal_source(tiny_model_dir, tmp_path):
     lib = (out / "model.so").read_bytes()
     assert b"kernel void" in lib and b"#include <metal_stdlib>" in lib
     assert b"qlinear" in lib  # the INT4 dequantizing matmul kernels
+    verified = yaml.safe_load((out / "ferrum.yaml").read_text())["target"]["gpu_code_verified"]
+    assert verified["kernels"] >= 8 and verified["failed"] == [] and verified["limits"]["max_shared_memory_per_block"] == 32768
+
+
+@pytest.mark.parametrize("threads,shared,ok", [(1024, 48 * 1024, True), (2048, 1024, False), (256, 64 * 1024, False)])
+def test_gpu_code_verifier_rejects_kernels_over_the_limits(threads, shared, ok):
+    """The check the compiler runs on every device kernel can fail: too many threads, too much shared memory."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from ferrum_compiler.gpu_build import GpuCodeVerifier
+
+    n = shared // 4
+
+    @T.prim_func(private=True)
+    def kernel(a: T.Buffer((n,), "float32")):
+        T.func_attr({"target": T.target({"kind": "cuda", "arch": "sm_80"})})
+        tx = T.launch_thread("threadIdx.x", threads)
+        buf = T.alloc_buffer((n,), "float32", scope="shared")
+        buf[tx % n] = a[tx % n]
+        a[tx % n] = buf[(tx + 1) % n]
+
+    verifier = GpuCodeVerifier("cuda")
+    verifier._check(tvm.IRModule({"kernel": kernel}))
+    assert verifier.report()["kernels"] == 1 and (verifier.report()["failed"] == []) == ok
 
 
 @pytest.mark.gpu

@@ -1,0 +1,292 @@
+"""Issue 9's GPU proof in one device call: parity with transformers and speed, for CUDA artifacts compiled
+on a machine without a GPU (`bench/gpu_proof.sh` prepares them here and runs this there).
+
+On the GPU machine (torch + transformers + CUDA, TVM's runtime library only, no internet) this script:
+1. writes random-weight checkpoints of real shapes with transformers' `save_pretrained` (Qwen3-0.6B and
+   Qwen3-4B configs; a GPTQ INT4 g128 copy of the 4B one with tests/gptq.py's writer);
+2. fills each `--no-weights` artifact with `ferrum pack-weights` (numpy + safetensors only);
+3. parity: a ragged batch (three prompts, chunked prefill, then decode steps) through ferrum on the GPU
+   against transformers on the GPU (float32 reference on the same weights); max |logit error|, KL;
+4. speed, in the same process and call: HBM read bandwidth (torch copy), ferrum prefill tok/s at 2048
+   tokens and decode tok/s at batch 1/4/16/32 (256-token prompts, 128 steps), transformers prefill and
+   decode at the same shapes, and batch-1 decode as a fraction of the bandwidth (weight bytes x tok/s / BW);
+5. writes gpu-proof.json and gpu-proof.md to --out.
+
+`--tiny --device cpu` runs the same steps on tiny configs on this CPU (a check of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, head_dim=128,
+             max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+             hidden_act="silu", attention_bias=False, torch_dtype="bfloat16")
+MODELS = {  # name -> (config, GPTQ?)
+    "qwen3-0.6b": (dict(QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                        num_attention_heads=16, num_key_value_heads=8), False),
+    "qwen3-4b": (dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                      num_attention_heads=32, num_key_value_heads=8), False),
+    "qwen3-4b-gptq": (dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                           num_attention_heads=32, num_key_value_heads=8), True),
+}
+TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=32, vocab_size=512)
+
+
+def configs(tiny: bool) -> dict[str, tuple[dict, bool]]:
+    return {name: (dict(cfg, **TINY) if tiny else cfg, gptq) for name, (cfg, gptq) in MODELS.items()}
+
+
+def gptq_config():
+    from ferrum_compiler.quant import GPTQConfig
+
+    return GPTQConfig(4, 128, False, True, True)  # INT4, group 128, no act-order, symmetric, v1 zeros
+
+
+def make_configs(dest: Path, tiny: bool) -> None:
+    """Config-only model directories for `ferrum compile --no-weights` (run where the compiler is)."""
+    from tests.gptq import quantization_config
+
+    for name, (cfg, gptq) in configs(tiny).items():
+        d = dest / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = dict(cfg, **({"quantization_config": quantization_config(gptq_config())} if gptq else {}))
+        (d / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def make_checkpoint(name: str, cfg: dict, gptq: bool, dest: Path, device: str) -> tuple[Path, Path]:
+    """(checkpoint to pack, dense checkpoint transformers runs as the reference)."""
+    import torch
+    import transformers
+
+    dense = dest / (name.removesuffix("-gptq") + "-dense")
+    if not (dense / "config.json").is_file():
+        torch.manual_seed(0)
+        conf = transformers.Qwen3Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+        with torch.device(device):
+            model = transformers.Qwen3ForCausalLM(conf).to(torch.bfloat16)
+        model.save_pretrained(dense)
+        del model
+    if not gptq:
+        return dense, dense
+    from tests.gptq import gptq_checkpoint
+
+    out = dest / name
+    if not (out / "config.json").is_file():
+        gptq_checkpoint(dense, out, gptq_config(), np.random.default_rng(0))
+    return out, out / "dequantized"
+
+
+def pack(artifact: Path, source: Path) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "pack-weights", str(artifact), str(source)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"pack-weights {artifact} failed:\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def parity(model, ref_dir: Path, device: str) -> dict:
+    """Ragged batch: prompts of 5, 37 and 100 tokens fed in chunks of up to 32, then 8 decode steps."""
+    import torch
+    import transformers
+
+    from tests.ragged import RaggedDriver
+
+    rng = np.random.default_rng(1)
+    prompts = [[int(t) for t in rng.integers(0, model.vocab_size, n)] for n in (5, 37, 100)]
+    drv = RaggedDriver(model, 3, 160, rng)
+    seqs: list[list[int]] = [[] for _ in prompts]
+    ours: list[tuple[list[int], np.ndarray]] = []
+    fed = [0, 0, 0]
+    for _ in range(4 + 8):
+        chunks = []
+        for i, p in enumerate(prompts):
+            if fed[i] < len(p):
+                chunk = p[fed[i]:fed[i] + 32]
+                fed[i] += len(chunk)
+            else:
+                chunk = [int(ours[-3 + i][1].argmax())]
+            seqs[i] += chunk
+            chunks.append(chunk)
+        out = drv.step(chunks)
+        ours += [(list(s), out[i]) for i, s in enumerate(seqs)]
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float32).to(device)
+    worst, kls = 0.0, []
+    with torch.no_grad():
+        for tokens, logits in ours[-9:]:  # the last three steps of each sequence
+            ref = ref_model(torch.tensor([tokens], device=device)).logits[0, -1].float().cpu().numpy()
+            worst = max(worst, float(np.abs(logits - ref).max()))
+            p, q = _log_softmax(ref), _log_softmax(logits.astype(np.float64))
+            kls.append(float(np.sum(np.exp(p) * (p - q))))
+    del ref_model
+    return {"max_abs_logit_error": worst, "mean_kl": float(np.mean(kls)), "checks": len(kls)}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def ferrum_speed(model, tiny: bool) -> dict:
+    """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
+    (every sequence decodes to the end, like ignore_eos). Median of 3 for prefill, one pass per batch."""
+    from ferrum_runtime.bench import _Seqs
+
+    rng = np.random.default_rng(2)
+    n_pp, n_prompt, n_gen = (64, 16, 8) if tiny else (2048, 256, 128)
+
+    def prompt(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(0, model.vocab_size, n)]
+
+    out: dict[str, float] = {}
+    _Seqs(model, 1, 32).step([prompt(16)])  # warm-up
+    runs = []
+    for _ in range(3):
+        seqs, p = _Seqs(model, 1, n_pp + 1), prompt(n_pp)
+        t0 = time.perf_counter()
+        seqs.step([p])
+        runs.append(time.perf_counter() - t0)
+    out[f"pp{n_pp}"] = n_pp / float(np.median(runs))
+    for b in (1, 4, 16, 32):
+        seqs = _Seqs(model, b, n_prompt + n_gen + 1)
+        for i in range(b):
+            seqs.step([prompt(n_prompt) if j == i else [] for j in range(b)])
+        toks = [1] * b
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            toks = [int(t) for t in seqs.step([[t] for t in toks]).argmax(axis=1)]
+        out[f"decode b{b}"] = b * n_gen / (time.perf_counter() - t0)
+    return out
+
+
+def transformers_speed(ref_dir: Path, device: str, tiny: bool) -> dict:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float16 if device == "cuda"
+                                                              else torch.float32).to(device)
+    out: dict[str, float] = {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n_pp = 64 if tiny else 2048
+    ids = torch.randint(0, model.config.vocab_size, (1, n_pp), device=device)
+    with torch.no_grad():
+        model(ids[:, :16])
+        sync()
+        t0 = time.perf_counter()
+        model(ids)
+        sync()
+        out[f"pp{n_pp}"] = n_pp / (time.perf_counter() - t0)
+        gen = 8 if tiny else 128
+        for b in (1, 4, 16, 32):  # decode only: generate(gen) minus generate(1), which is the prefill
+            prompt = torch.randint(0, model.config.vocab_size, (b, 256 if not tiny else 16), device=device)
+            took = {}
+            for n in (1, gen):
+                sync()
+                t0 = time.perf_counter()
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                sync()
+                took[n] = time.perf_counter() - t0
+            out[f"decode b{b}"] = b * (gen - 1) / max(took[gen] - took[1], 1e-9)
+    del model
+    return out
+
+
+def hbm_bandwidth(device: str) -> float:
+    """Bytes per second read+written by a large device copy (2 x size / time), best of 5."""
+    import torch
+
+    n = (2 << 30) if device == "cuda" else (256 << 20)
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n / best
+
+
+def weight_bytes(artifact: Path) -> int:
+    return sum(p.stat().st_size for p in (artifact / "weights").glob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--artifacts", default=str(ROOT / ".gpu"), help="folder with one --no-weights artifact per model")
+    ap.add_argument("--work", default="/tmp/gpu-proof", help="where checkpoints are written (tens of GB)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs (a check of this script on any machine)")
+    ap.add_argument("--make-configs", help="only write the config-only model folders here (compile side)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    args = ap.parse_args()
+    if args.make_configs:
+        make_configs(Path(args.make_configs), args.tiny)
+        return
+    from ferrum_runtime.model import CompiledModel
+
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": args.device, "models": {}}
+    if args.device == "cuda":
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name()
+    report["bandwidth_GBps"] = hbm_bandwidth(args.device) / 1e9
+    print(f"bandwidth {report['bandwidth_GBps']:.0f} GB/s", flush=True)
+    for name in args.models.split(","):
+        cfg, gptq = configs(args.tiny)[name]
+        artifact = Path(args.artifacts) / name
+        entry: dict = {}
+        t0 = time.perf_counter()
+        src, ref = make_checkpoint(name, cfg, gptq, work, args.device)
+        entry["checkpoint_s"] = time.perf_counter() - t0
+        entry["pack_s"] = pack(artifact, src)
+        model = CompiledModel.load(artifact, device=args.device, kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30))
+        entry["parity"] = parity(model, ref, args.device)
+        print(f"{name}: parity {entry['parity']}", flush=True)
+        entry["ferrum"] = ferrum_speed(model, args.tiny)
+        del model
+        entry["transformers"] = transformers_speed(ref, args.device, args.tiny)
+        entry["weight_bytes"] = weight_bytes(artifact)
+        entry["batch1_bandwidth_fraction"] = entry["weight_bytes"] * entry["ferrum"]["decode b1"] / (
+            report["bandwidth_GBps"] * 1e9)
+        report["models"][name] = entry
+        print(json.dumps(entry, indent=1), flush=True)
+        (out / "gpu-proof.json").write_text(json.dumps(report, indent=1))
+        if not args.tiny:
+            shutil.rmtree(artifact / "weights", ignore_errors=True)  # disk: tens of GB per model
+    lines = [f"# GPU proof on {report.get('gpu', args.device)}", "",
+             f"HBM copy bandwidth: {report['bandwidth_GBps']:.0f} GB/s (read + write, best of 5)", ""]
+    for name, e in report["models"].items():
+        lines += [f"## {name}", "",
+                  f"- parity vs transformers fp32: max |logit error| {e['parity']['max_abs_logit_error']:.3g}, "
+                  f"mean KL {e['parity']['mean_kl']:.3g} over {e['parity']['checks']} checks",
+                  f"- weights {e['weight_bytes'] / 2**30:.2f} GiB; batch-1 decode at "
+                  f"{100 * e.get('batch1_bandwidth_fraction', float('nan')):.0f}% of the copy bandwidth",
+                  "- ferrum: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in e["ferrum"].items()),
+                  "- transformers: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in e["transformers"].items()), ""]
+    (out / "gpu-proof.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 9's GPU proof (bench/gpu_proof.py) in one device call.
+#
+# Here, on the compile machine (nvcc, no GPU), once:
+#   bench/gpu_proof.sh prepare
+#     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ folders, compiles each for cuda-sm90 with
+#     `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few MiB each), packs the
+#     runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed) and the wheels the GPU
+#     host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB in all.
+# Then one device call, from the repository root, carrying .gpu:
+#   run(command="bash bench/gpu_proof.sh run", carry=[".gpu"], timeout_s=600)
+#     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
+#     `ferrum pack-weights`, measures parity and speed, and leaves gpu-proof.json, gpu-proof.md and the
+#     log in $OUT. Expected: parity max |logit error| of a few 1e-2 (float16 artifact vs float32
+#     reference), no errors, one tok/s table per model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+prepare)
+  python="${PYTHON:-.venv/bin/python}"
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  rm -rf .gpu && mkdir -p .gpu/configs .gpu/wheels
+  "$python" bench/gpu_proof.py --make-configs .gpu/configs --out .gpu
+  for m in qwen3-0.6b qwen3-4b qwen3-4b-gptq; do
+    "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 --no-weights -o ".gpu/$m"
+  done
+  rt=$(mktemp -d)
+  PYTHON="$python" ../shared/tools/pack-tvm-runtime.sh "$rt/tvm-runtime" 3.12 >/dev/null
+  tar czf .gpu/tvm-runtime.tar.gz -C "$rt" tvm-runtime && rm -rf "$rt"
+  # pure-Python packages ferrum's runtime imports that a torch/transformers image may lack
+  "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .gpu/wheels \
+    "pyyaml==6.0.2" "safetensors==0.5.3" "ml_dtypes==0.5.1"
+  du -sh .gpu
+  ;;
+run)
+  export PYTHONUNBUFFERED=1
+  out="${OUT:-/tmp/gpu-proof-out}"; mkdir -p "$out"
+  tar xzf .gpu/tvm-runtime.tar.gz -C /tmp
+  eval "$(/tmp/tvm-runtime/install.sh)"  # PYTHONPATH with the runtime-only tvm, TVM_USE_RUNTIME_LIB=1
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl 2>/dev/null || true
+  export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD"
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/nvidia-smi.txt"
+  python3 bench/gpu_proof.py --artifacts .gpu --out "$out" 2>&1 | tee "$out/gpu-proof.log"
+  ;;
+*)
+  echo "usage: bench/gpu_proof.sh prepare|run" >&2; exit 2
+  ;;
+esac
