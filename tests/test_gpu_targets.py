@@ -66,7 +66,8 @@ def test_gpu_code_verifier_rejects_kernels_over_the_limits(threads, shared, ok):
     @T.prim_func(private=True)
     def kernel(a: T.Buffer((n,), "float32")):
         T.func_attr({"target": T.target({"kind": "cuda", "arch": "sm_80"})})
-        tx = T.launch_thread("threadIdx.x", threads)
+        tx = T.env_thread("threadIdx.x")  # named like the kernels TVM lowers
+        T.launch_thread(tx, threads)
         buf = T.alloc_buffer((n,), "float32", scope="shared")
         buf[tx % n] = a[tx % n]
         a[tx % n] = buf[(tx + 1) % n]
