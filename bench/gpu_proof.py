@@ -190,6 +190,7 @@ def transformers_speed(ref_dir: Path, device: str, tiny: bool) -> dict:
         sync()
         out[f"pp{n_pp}"] = n_pp / (time.perf_counter() - t0)
         gen = 8 if tiny else 128
+        model.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
         for b in (1, 4, 16, 32):  # decode only: generate(gen) minus generate(1), which is the prefill
             prompt = torch.randint(0, model.config.vocab_size, (b, 256 if not tiny else 16), device=device)
             took = {}
@@ -199,7 +200,7 @@ def transformers_speed(ref_dir: Path, device: str, tiny: bool) -> dict:
                 model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
                 sync()
                 took[n] = time.perf_counter() - t0
-            out[f"decode b{b}"] = b * (gen - 1) / max(took[gen] - took[1], 1e-9)
+            out[f"decode b{b}"] = b * (gen - 1) / (took[gen] - took[1]) if took[gen] > took[1] else float("nan")
     del model
     return out
 

@@ -137,14 +137,13 @@ def quantize_activations_ref(x: np.ndarray, group_size: int) -> tuple[np.ndarray
     return q.reshape(t, k), dx
 
 
-def activation_error_bound(x: np.ndarray, fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Worst-case ``|r16 kernel - exact|`` from rounding the activations to 16 bits: the kernel multiplies the
-    rounded activations by the raw integers and scales (the zero/min term uses exact sums), so per output
-    ``sum_g dx_g / 2 * |scale[n, g]| * sum_{k in g} q[n, k]`` (row-layout int4 tensors)."""
+def activation_error_bound(x: np.ndarray, fmt: QuantFormat, w: np.ndarray) -> np.ndarray:
+    """Worst-case ``|r16 kernel - exact|`` from rounding the activations to 16 bits: the kernel computes
+    ``W x^`` with ``x^`` the rounded activations (``quantize_activations_ref``), so per output
+    ``sum_g dx_g / 2 * sum_{k in g} |W[n, k]|`` (``w`` the dequantized ``[N, K]`` weight)."""
     _, dx = quantize_activations_ref(x, fmt.group_size)
-    q = unpack_int4(qweight).astype(np.float64)
-    qs = q.reshape(q.shape[0], -1, fmt.group_size).sum(axis=2) * np.abs(scales.astype(np.float64))  # [N, K/G]
-    return (dx.astype(np.float64) / 2) @ qs.T
+    wg = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1, fmt.group_size).sum(axis=2)  # [N, K/G]
+    return (dx.astype(np.float64) / 2) @ wg.T
 
 
 def dequantize_ref(fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> np.ndarray:
@@ -343,7 +342,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     half (``vpdpbusd`` with AVX-512 VNNI; ``vpmaddubsw`` + ``vpmaddwd`` with AVX2), accumulating the 16
     rows' integer sums in the 16 lanes of one register (no horizontal reduction). Per group
     ``sum = 256 * high + low`` is exact in int32 and float32 (|sum| < 2^24 for 32 columns), then scaled by
-    ``scale * dx`` and corrected by ``(min or -zp * scale) * sum(x_g)``."""
+    ``scale * dx`` and corrected by ``(min or -zp * scale) * dx * sum(q16_g)``: the kernel computes ``W x^``
+    exactly but for float32 rounding, ``x^`` the rounded activations."""
     from tvm.script import tirx as T
 
     assert fmt.bits == 4 and isa in INT_DOT_ISAS, (fmt, isa)
@@ -400,26 +400,30 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     @T.macro
     def prep_token(x, xh, xl, dx, sx, i):
         for g in T.serial(KG):
-            part = T.alloc_buffer((2 * 16,), "float32")  # 16 lanes of max |x|, 16 lanes of sum x
-            st = T.alloc_buffer((3,), "float32")  # max |x|, sum x, 32767 / max |x|
+            part = T.alloc_buffer((16,), "float32")  # 16 lanes of max |x|, then of the sum of the 16-bit values
+            st = T.alloc_buffer((3,), "float32")  # max |x|, 32767 / max |x|, sum of the 16-bit values
             for l in T.vectorized(16):
                 part[l] = T.fabs(xf(x, i, g * G + l))
-                part[16 + l] = xf(x, i, g * G + l)
             for c in T.serial(G // 16 - 1):
                 for l in T.vectorized(16):
                     part[l] = T.max(part[l], T.fabs(xf(x, i, g * G + (c + 1) * 16 + l)))
-                    part[16 + l] = part[16 + l] + xf(x, i, g * G + (c + 1) * 16 + l)
             st[0] = part[0]
-            st[1] = part[16]
             for l in T.serial(15):
                 st[0] = T.max(st[0], part[l + 1])
-                st[1] = st[1] + part[17 + l]
-            sx[i, g] = st[1]
             dx[i, g] = st[0] / T.float32(32767)
-            st[2] = T.if_then_else(st[0] > T.float32(0), T.float32(32767) / st[0], T.float32(0))
+            st[1] = T.if_then_else(st[0] > T.float32(0), T.float32(32767) / st[0], T.float32(0))
+            for l in T.vectorized(16):  # integers below 2^24: exact in float32
+                part[l] = T.round(xf(x, i, g * G + l) * st[1])
+            for c in T.serial(G // 16 - 1):
+                for l in T.vectorized(16):
+                    part[l] = part[l] + T.round(xf(x, i, g * G + (c + 1) * 16 + l) * st[1])
+            st[2] = part[0]
+            for l in T.serial(15):
+                st[2] = st[2] + part[l + 1]
+            sx[i, g] = st[2] * dx[i, g]  # the zero/min term sees the same rounded activations
             for w4 in T.vectorized(G // 4):
-                xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[2], True)
-                xl[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[2], False)
+                xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], True)
+                xl[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], False)
 
     @T.macro
     def rows(w, s, m, b, out, xh, xl, dx, sx, ntok, TB):

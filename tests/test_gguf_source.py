@@ -104,7 +104,11 @@ def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
     ours = RaggedDriver(model, 1, 32, rng).step([prompt], all_rows=True)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0].numpy()
-    assert np.abs(ours - ref).max() <= 1e-3
+    # INT4 linears run the integer-dot CPU kernel, which rounds activations to 16 bits per group (1.5e-5 of
+    # the group's largest value; its per-linear bound is tested in test_quant_linear): through the model
+    # that moves logits by up to a few 1e-4 of their range. Float formats must agree to 1e-3.
+    tol = 1e-3 * max(1.0, float(np.abs(ref).max())) if qtype in ("Q4_0", "Q4_1") else 1e-3
+    assert np.abs(ours - ref).max() <= tol
 
 
 @pytest.mark.parametrize("text", ["the thing is", " leading space", "in  the\nthing", "ü€ byte fallback 😀", "",
