@@ -99,6 +99,7 @@ def make_attention(
         acc = T.alloc_buffer((D,), "float32", scope=scratch)
         scores = T.alloc_buffer((BS,), "float32", scope=scratch)
         lanes = T.alloc_buffer((L,), "float32", scope=scratch)
+        tree = T.alloc_buffer((16,), "float32", scope=scratch)  # the halving levels of one key's lanes
         state = T.alloc_buffer((4,), "float32", scope=scratch)  # max, denominator, block max, rescale
         seq = T.alloc_buffer((2,), "int32", scope=scratch)  # sequence, physical block
         pos: T.let[T.int32] = positions[t]
@@ -123,19 +124,28 @@ def make_attention(
                         for ll in vec(L):
                             lanes[ll] = lanes[ll] + T.Cast("float32", q[t, h, d0 * L + ll]) * T.Cast(
                                 "float32", cache[seq[1], 0, h // group, i, d0 * L + ll])
-                    # halve the lanes (a 4-deep add tree for 16 lanes, not a 15-long dependent chain)
+                    # halve the lanes into fresh buffers (a 4-deep add tree for 16 lanes, not a 15-long
+                    # dependent chain; whole-buffer writes let LLVM keep each level in a register)
                     if L >= 16:
                         for ll in vec(8):
-                            lanes[ll] = lanes[ll] + lanes[ll + 8]
+                            tree[ll] = lanes[ll] + lanes[ll + 8]
+                    if L == 8:
+                        for ll in vec(8):
+                            tree[ll] = lanes[ll]
                     if L >= 8:
                         for ll in vec(4):
-                            lanes[ll] = lanes[ll] + lanes[ll + 4]
+                            tree[8 + ll] = tree[ll] + tree[ll + 4]
+                    if L == 4:
+                        for ll in vec(4):
+                            tree[8 + ll] = lanes[ll]
                     if L >= 4:
                         for ll in vec(2):
-                            lanes[ll] = lanes[ll] + lanes[ll + 2]
-                    if L >= 2:
-                        lanes[0] = lanes[0] + lanes[1]
-                    scores[i] = lanes[0] * T.float32(sm_scale)
+                            tree[12 + ll] = tree[8 + ll] + tree[10 + ll]
+                        scores[i] = (tree[12] + tree[13]) * T.float32(sm_scale)
+                    if L == 2:
+                        scores[i] = (lanes[0] + lanes[1]) * T.float32(sm_scale)
+                    if L == 1:
+                        scores[i] = lanes[0] * T.float32(sm_scale)
                     state[2] = T.max(state[2], scores[i])
                 else:
                     scores[i] = T.float32(-3.0e38)
