@@ -189,7 +189,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> d
     target = tvm.target.Target(spec.tvm_target)
     if spec.tvm_target["kind"] == "cuda":
         prepare_cuda_build()
-    verifier = GpuCodeVerifier(spec.tvm_target["kind"]) if spec.kernel_kind == "gpu" else None
+    verifier = GpuCodeVerifier(spec.tvm_target["kind"], spec.tvm_target.get("arch")) if spec.kernel_kind == "gpu" else None
     instruments = [verifier.instrument] if verifier else []
     ctx = tvm.transform.PassContext.current()
     # the target is current because TVM's nvcc callback reads the arch from it

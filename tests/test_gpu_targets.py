@@ -53,9 +53,10 @@ def test_metal_artifact_holds_metal_source(tiny_model_dir, tmp_path):
     assert verified["kernels"] >= 8 and verified["failed"] == [] and verified["limits"]["max_shared_memory_per_block"] == 32768
 
 
-@pytest.mark.parametrize("threads,shared,ok", [(1024, 48 * 1024, True), (2048, 1024, False), (256, 64 * 1024, False)])
+@pytest.mark.parametrize("threads,shared,ok", [(1024, 160 * 1024, True), (2048, 1024, False), (256, 200 * 1024, False)])
 def test_gpu_code_verifier_rejects_kernels_over_the_limits(threads, shared, ok):
-    """The check the compiler runs on every device kernel can fail: too many threads, too much shared memory."""
+    """The check the compiler runs on every device kernel can fail: too many threads, more shared memory
+    than an A100 block may have."""
     import tvm
     from tvm.script import tirx as T
 
@@ -72,7 +73,7 @@ def test_gpu_code_verifier_rejects_kernels_over_the_limits(threads, shared, ok):
         buf[tx % n] = a[tx % n]
         a[tx % n] = buf[(tx + 1) % n]
 
-    verifier = GpuCodeVerifier("cuda")
+    verifier = GpuCodeVerifier("cuda", "sm_80")  # 163 KiB of shared memory per block
     verifier._check(tvm.IRModule({"kernel": kernel}))
     assert verifier.report()["kernels"] == 1 and (verifier.report()["failed"] == []) == ok
 
