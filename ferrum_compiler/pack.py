@@ -58,4 +58,3 @@ def pack_weights(artifact: str | Path, source: str, progress: Callable[[str], No
     size = sum((path / WEIGHTS_DIR / f).stat().st_size for f in digests)
     progress(f"done: {len(index)} tensors, {size / 2**20:.1f} MiB")
     return path
-

@@ -245,6 +245,7 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
                         finish(acc, corr, b, out, i, n)
 
     load_row = row_loader(fmt, K)
+    store = _block_store(N, R, has_bias, out_dtype)
 
     @T.macro
     def tile_rows(x, w, scales, mins, b, out, ntok):
@@ -271,15 +272,7 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
                     for tt in T.unroll(TB):  # rows past the end recompute the last token; never stored
                         for r in T.vectorized(R):
                             acc[tt, r] = acc[tt, r] + T.Cast("float32", x[T.min(i0 * TB + tt, ntok - 1), kk]) * tile_t[kk, r]
-                for tt in T.serial(TB):
-                    if i0 * TB + tt < ntok:
-                        for r in T.serial(R):
-                            if task * R + r < N:
-                                if has_bias:
-                                    out[i0 * TB + tt, task * R + r] = T.Cast(
-                                        out_dtype, acc[tt, r] + T.Cast("float32", b[task * R + r]))
-                                else:
-                                    out[i0 * TB + tt, task * R + r] = T.Cast(out_dtype, acc[tt, r])
+                store(acc, b, out, i0, task, ntok, TB)
 
     @T.macro
     def body(x, w, scales, mins, b, out, ntok):
@@ -353,6 +346,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
+    store = _block_store(N, R16, has_bias, out_dtype)
 
     # TVMScript 0.27 turns a plain ``name = expr`` in a kernel into a scratch buffer that costs a workspace
     # call per parallel task; the helpers below build expressions instead, and scalars use ``T.let``
@@ -433,10 +427,10 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             hh = T.alloc_buffer((TB * R16,), "int32")
             ll = T.alloc_buffer((TB * R16,), "int32")
             lh = T.alloc_buffer((TB * R16,), "int32")
-            acc = T.alloc_buffer((TB * R16,), "float32")
+            acc = T.alloc_buffer((TB, R16), "float32")
             for i0 in T.serial((ntok + TB - 1) // TB):
                 for tt in T.unroll(TB):
-                    acc[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.float32(0), R16)
+                    acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
                 for g in T.serial(KG):
                     for tt in T.unroll(TB):
                         hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
@@ -459,23 +453,15 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
                         if sym:
-                            acc[T.ramp(tt * R16, 1, R16)] = lanes(acc, tt) + group_sum(hl, hh, ll, lh, tt) * (
+                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] + group_sum(hl, hh, ll, lh, tt) * (
                                 T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(dx[t, g], R16)
                             ) - T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(
                                 sx[t, g] * T.float32(zp), R16)
                         else:
-                            acc[T.ramp(tt * R16, 1, R16)] = lanes(acc, tt) + group_sum(hl, hh, ll, lh, tt) * (
+                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] + group_sum(hl, hh, ll, lh, tt) * (
                                 T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(dx[t, g], R16)
                             ) + m[task, T.ramp(g * R16, 1, R16)] * T.broadcast(sx[t, g], R16)
-                for tt in T.serial(TB):
-                    if i0 * TB + tt < ntok:
-                        for r in T.serial(R16):
-                            if task * R16 + r < N:
-                                if has_bias:
-                                    out[i0 * TB + tt, task * R16 + r] = T.Cast(
-                                        out_dtype, acc[tt * R16 + r] + T.Cast("float32", b[task * R16 + r]))
-                                else:
-                                    out[i0 * TB + tt, task * R16 + r] = T.Cast(out_dtype, acc[tt * R16 + r])
+                store(acc, b, out, i0, task, ntok, TB)
 
     @T.macro
     def body(x, w, s, m, b, out, ntok):
@@ -527,6 +513,26 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         ntok = T.int64()
         body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
     return qlinear_r16_ab
+
+
+def _block_store(N: int, R: int, has_bias: bool, out_dtype: str):
+    """A TIR macro ``store(acc, b, out, i0, task, ntok, TB)``: ``out[i0*TB + tt, task*R + r] = acc[tt, r]``
+    (+ bias) for the block's tokens and rows that exist."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def store(acc, b, out, i0, task, ntok, TB):
+        for tt in T.serial(TB):
+            if i0 * TB + tt < ntok:
+                for r in T.serial(R):
+                    if task * R + r < N:
+                        if has_bias:
+                            out[i0 * TB + tt, task * R + r] = T.Cast(
+                                out_dtype, acc[tt, r] + T.Cast("float32", b[task * R + r]))
+                        else:
+                            out[i0 * TB + tt, task * R + r] = T.Cast(out_dtype, acc[tt, r])
+
+    return store
 
 
 def row_loader(fmt: QuantFormat | None, K: int):
