@@ -103,26 +103,11 @@ def parity(model, ref_dir: Path, device: str) -> dict:
     import torch
     import transformers
 
-    from tests.ragged import RaggedDriver
+    from tests.ragged import chunked_prefill_then_decode
 
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(0, model.vocab_size, n)] for n in (5, 37, 100)]
-    drv = RaggedDriver(model, 3, 160, rng)
-    seqs: list[list[int]] = [[] for _ in prompts]
-    ours: list[tuple[list[int], np.ndarray]] = []
-    fed = [0, 0, 0]
-    for _ in range(4 + 8):
-        chunks = []
-        for i, p in enumerate(prompts):
-            if fed[i] < len(p):
-                chunk = p[fed[i]:fed[i] + 32]
-                fed[i] += len(chunk)
-            else:
-                chunk = [int(ours[-3 + i][1].argmax())]
-            seqs[i] += chunk
-            chunks.append(chunk)
-        out = drv.step(chunks)
-        ours += [(list(s), out[i]) for i, s in enumerate(seqs)]
+    ours = chunked_prefill_then_decode(model, prompts, 160, rng, steps=4 + 8, chunk=32)
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float32).to(device)
     worst, kls = 0.0, []
     with torch.no_grad():

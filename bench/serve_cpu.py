@@ -93,8 +93,7 @@ def main() -> None:
                          "-c", str(slots * 512), "-np", str(slots), "--port", "8521"],
         "ferrum": [sys.executable, "-m", "ferrum_runtime.cli", "serve", artifact, "--port", "8522"],
     }
-    env_threads = {"FERRUM_NUM_THREADS": str(args.threads)}
-    os.environ.update(env_threads)
+    os.environ["FERRUM_NUM_THREADS"] = str(args.threads)  # the ferrum server's thread count, like llama-server's -t
     results = {}
     for name, cmd in servers.items():
         port = int(cmd[-1])

@@ -379,6 +379,16 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         return T.Cast("float32x16", T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16))
                       + lanes(ll, tt) + lanes(lh, tt))
 
+    def scales16(s, task, g):
+        """float32x16: the 16 rows' scales of group ``g``."""
+        return T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)])
+
+    def zero_term(s, m, task, g, sx_g):
+        """float32x16 per row: ``min * sum(x^_g)`` (asymmetric) or ``-zp * scale * sum(x^_g)``."""
+        if sym:
+            return -scales16(s, task, g) * T.broadcast(sx_g * T.float32(zp), R16)
+        return m[task, T.ramp(g * R16, 1, R16)] * T.broadcast(sx_g, R16)
+
     def xf(x, i, k):
         return T.Cast("float32", x[i, k])
 
@@ -441,26 +451,21 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                         for c in T.unroll(4):
                             for tt in T.unroll(TB):
                                 t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
-                                wl: T.let[T.int32] = (g * BPG + bb) * 8 + c
-                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, (g * BPG + bb) * 4 + c, False),
+                                ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
+                                wl: T.let[T.int32] = (g * BPG + bb) * 8 + c  # its activation word (low nibbles)
+                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
                                                                     word(xh, t, wl))
-                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, (g * BPG + bb) * 4 + c, True),
+                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
                                                                     word(xh, t, wl + 4))
                                 ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
-                                                                    nibbles(w, task, (g * BPG + bb) * 4 + c, False))
+                                                                    nibbles(w, task, ch, False))
                                 lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
-                                                                    nibbles(w, task, (g * BPG + bb) * 4 + c, True))
+                                                                    nibbles(w, task, ch, True))
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
-                        if sym:
-                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] + group_sum(hl, hh, ll, lh, tt) * (
-                                T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(dx[t, g], R16)
-                            ) - T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(
-                                sx[t, g] * T.float32(zp), R16)
-                        else:
-                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] + group_sum(hl, hh, ll, lh, tt) * (
-                                T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)]) * T.broadcast(dx[t, g], R16)
-                            ) + m[task, T.ramp(g * R16, 1, R16)] * T.broadcast(sx[t, g], R16)
+                        acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
+                            + group_sum(hl, hh, ll, lh, tt) * (scales16(s, task, g) * T.broadcast(dx[t, g], R16)) \
+                            + zero_term(s, m, task, g, sx[t, g])
                 store(acc, b, out, i0, task, ntok, TB)
 
     @T.macro

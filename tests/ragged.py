@@ -35,3 +35,28 @@ class RaggedDriver:
         batch = RaggedBatch(np.array(ids, np.int32), np.array(pos, np.int32), np.array(starts, np.int32),
                             self.tables[seqs], np.array(slots, np.int32), np.array(rows, np.int32))
         return self.model.forward(batch)
+
+
+def chunked_prefill_then_decode(model: CompiledModel, prompts: list[list[int]], max_len: int, rng: np.random.Generator,
+                                steps: int, chunk: int, first: int | None = None) -> list[tuple[list[int], np.ndarray]]:
+    """Every sequence is fed its prompt ``chunk`` tokens per step (``first`` in step one), then its own
+    greedy token, all in one ragged batch per step; returns ``[(tokens so far, logits of the last one)]``
+    for every sequence and step."""
+    drv = RaggedDriver(model, len(prompts), max_len, rng)
+    seqs: list[list[int]] = [[] for _ in prompts]
+    fed = [0] * len(prompts)
+    checks: list[tuple[list[int], np.ndarray]] = []
+    for step in range(steps):
+        size = first if step == 0 and first is not None else chunk
+        chunks = []
+        for i, p in enumerate(prompts):
+            if fed[i] < len(p):
+                piece = list(p[fed[i]:fed[i] + size])
+                fed[i] += len(piece)
+            else:
+                piece = [int(checks[-len(prompts) + i][1].argmax())]
+            seqs[i].extend(piece)
+            chunks.append(piece)
+        out = drv.step(chunks)
+        checks += [(list(s), out[i]) for i, s in enumerate(seqs)]
+    return checks

@@ -12,7 +12,7 @@ from ferrum_runtime.artifact import read_manifest
 from ferrum_runtime.model import CompiledModel
 
 from .gptq import gptq_checkpoint
-from .ragged import RaggedDriver
+from .ragged import chunked_prefill_then_decode
 from .test_model_parity import hf_logits
 
 pytestmark = pytest.mark.model
@@ -31,24 +31,7 @@ CASES = {  # name -> (family, GPTQ config)
 def _ragged_run(model, rng, vocab=256):
     """Prefill in chunks mixed with decode steps; returns [(tokens so far, our logits for the last one)]."""
     prompts = [list(rng.integers(0, vocab, n)) for n in (5, 17, 30)]
-    drv = RaggedDriver(model, 3, 48, rng)
-    seqs = [list(p[:3]) for p in prompts]
-    out = drv.step([p[:3] for p in prompts])
-    checks = [(list(s), out[i]) for i, s in enumerate(seqs)]
-    fed = [3, 3, 3]
-    for _ in range(8):
-        chunks = []
-        for i, p in enumerate(prompts):
-            if fed[i] < len(p):
-                chunk = p[fed[i]:fed[i] + 7]
-                fed[i] += len(chunk)
-            else:
-                chunk = [int(checks[-3 + i][1].argmax())]
-            seqs[i].extend(chunk)
-            chunks.append(chunk)
-        out = drv.step(chunks)
-        checks += [(list(s), out[i]) for i, s in enumerate(seqs)]
-    return checks
+    return chunked_prefill_then_decode(model, prompts, 48, rng, steps=9, chunk=7, first=3)
 
 
 @pytest.mark.parametrize("case", list(CASES))
