@@ -24,6 +24,7 @@ from ferrum_runtime.fatbin import embedded_cuda_code
 from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANIFEST, package_version, sha256_file
 
 from . import lowering
+from .cpu_schedule import cpu_pipeline
 from .config import DTYPES, CompileOptions
 from .frontend import Checkpoint, open_source
 from .ir import IRError, graph_to_json, op_histogram, print_graph
@@ -194,7 +195,8 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> d
     ctx = tvm.transform.PassContext.current()
     # the target is current because TVM's nvcc callback reads the arch from it
     with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=dict(ctx.config), instruments=instruments):
-        ex = tvm.compile(mod, target=target)
+        ex = tvm.compile(mod, target=target,
+                         relax_pipeline=cpu_pipeline(target) if spec.kernel_kind == "cpu" else "default")
     ex.export_library(str(path))
     if verifier is None:
         return None

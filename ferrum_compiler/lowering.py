@@ -47,14 +47,16 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
     kernels: dict[tuple, object] = {}
 
     def kernel(key: tuple, make):
-        if key not in kernels:
-            kernels[key] = bb.add_func(make(), _identifier("_".join(str(k) for k in key)))
+        if key not in kernels:  # hand-scheduled: the CPU pipeline's generic schedules leave it alone
+            kernels[key] = bb.add_func(make().with_attr("tirx.is_scheduled", True),
+                                       _identifier("_".join(str(k) for k in key)))
         return kernels[key]
 
     fn_args = []
     for v in list(graph.inputs.values()) + list(graph.params.values()):
         fn_args.append(relax.Var(_identifier(v.name), relax.TensorType(shape_of(v.shape), v.dtype)))
     env = {v: a for v, a in zip(list(graph.inputs) + list(graph.params), fn_args)}
+    slices: dict[str, tuple] = {}  # output of a last-axis slice of a 2-D value -> (its input, begin, end)
 
     with bb.function(ENTRY, fn_args):
         with bb.dataflow():
@@ -80,8 +82,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
                 elif k == "slice":
                     axis = len(out.shape) - 1
                     r = relax.op.strided_slice(a[0], axes=[axis], begin=[op.attrs["begin"]], end=[op.attrs["end"]])
+                    if axis == 1:
+                        slices[op.output] = (a[0], op.attrs["begin"], op.attrs["end"])
                 elif k == "reshape":
-                    r = relax.op.reshape(a[0], shape_of(op.attrs["shape"]))
+                    r = _reshape(bb, relax, shape_of, slices.get(op.inputs[0]), a[0], op.attrs["shape"])
                 elif k == "rope":
                     inv = rope_inv_freq(static(out.shape[-1]), op.attrs["theta"], op.attrs["scaling"]).astype("float32")
                     r = bb.emit_te(_rope_te(te, tirx), a[0], a[1], relax.const(inv), primfunc_name_hint="rope")
@@ -100,6 +104,22 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
     if kernel_kind == "gpu":  # matmul(x, permute_dims(w)) -> one kernel reading w[N, K] in place
         mod = tvm.relax.transform.FuseTransposeMatmul()(mod)
     return mod
+
+
+def _reshape(bb, relax, shape_of, sliced, x, shape):
+    """``reshape(slice(src, b, e), (T, h, d))`` of a fused q/k/v output becomes ``slice(reshape(src,
+    (T, N/d, d)), heads b/d..e/d)``: the reshape is a view and the slice can then fuse into its consumer
+    (RoPE) instead of copying columns into a new tensor."""
+    from tvm import tirx
+
+    if sliced is not None and len(shape) == 3 and isinstance(shape[2], int):
+        src, begin, end = sliced
+        d = shape[2]
+        width = src.ty.shape[1]
+        if isinstance(width, tirx.IntImm) and int(width) % d == 0 and begin % d == 0 and end % d == 0:
+            heads = bb.emit(relax.op.reshape(src, [src.ty.shape[0], int(width) // d, d]))
+            return relax.op.strided_slice(heads, axes=[1], begin=[begin // d], end=[end // d])
+    return relax.op.reshape(x, shape_of(shape))
 
 
 def _identifier(name: str) -> str:

@@ -11,6 +11,7 @@ connections and lets in-flight requests finish (Sanic's graceful shutdown).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -163,6 +164,7 @@ class Server:
         loop = asyncio.get_running_loop()
         try:
             self.engine = await loop.run_in_executor(None, Engine.from_artifact, self.artifact, self.config.engine)
+            gc.freeze()  # what loading built lives as long as the server: keep the collector off it
             log.info("ferrum: serving %s from %s", self.model_name, self.artifact)
         except FerrumError as e:
             self.load_error = str(e)

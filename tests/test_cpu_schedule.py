@@ -1,0 +1,40 @@
+"""The CPU build pipeline leaves no legalized op serial: norms, residual adds, RoPE, SiLU·mul and
+gathers get a parallel loop, and (without q/k norms in between) the q/k column slices of the fused q/k/v
+linear are read in place by RoPE instead of being copied first. Numerics are covered by the model parity tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from ferrum.models.registry import family
+from ferrum_compiler import lowering
+from ferrum_compiler.compile import declared_quantization, kernel_layouts
+from ferrum_compiler.cpu_schedule import cpu_pipeline
+from ferrum_compiler.frontend import open_source
+from ferrum_compiler.passes import run_passes
+from ferrum_compiler.targets import resolve
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "qwen3-moe"])
+def test_every_legalized_cpu_function_runs_in_parallel(name, tiny_model_dir):
+    import tvm
+
+    spec = resolve("cpu")
+    ckpt = open_source(str(tiny_model_dir(name)), weights=False)
+    graph = family(ckpt.config.arch).build(ckpt.config, "float32", 16)
+    graph.quant = kernel_layouts(graph, declared_quantization(graph, ckpt, "q4"), spec.int_dot_isa)
+    mod = lowering.lower(run_passes(graph), spec.kernel_kind, spec.int_dot_isa)
+    target = tvm.target.Target(spec.tvm_target)
+    with target:
+        built = cpu_pipeline(target)(mod)
+    funcs = {gv.name_hint: f for gv, f in built.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    ours = {n for n, f in funcs.items() if f.attrs and "tirx.is_scheduled" in f.attrs
+            and any(n.startswith(k) for k in ("qlinear", "attention", "kv_append", "moe", "grouped", "linear"))}
+    serial = [n for n, f in funcs.items() if n not in ours and not n.startswith("shape_func")
+              and "T.parallel" not in f.script()]
+    assert serial == []
+    ropes = [n for n in funcs if "rope" in n]
+    if name == "llama":  # no q/k norm between the slice and RoPE: RoPE reads its slice in place
+        assert ropes and all("strided_slice" in n for n in ropes), ropes
+    for kind in ("rms_norm", "silu_mul", "add"):
+        assert any(kind in n for n in funcs), (kind, sorted(funcs))
