@@ -19,6 +19,7 @@ from typing import Callable
 import yaml
 
 from ferrum.models.registry import family
+from ferrum.schedules.quant_linear import ACT_BITS
 from ferrum_runtime.errors import FerrumError
 from ferrum_runtime.fatbin import embedded_cuda_code
 from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANIFEST, package_version, sha256_file
@@ -71,7 +72,10 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     try:
         t = phase(2, "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
         graph = family(cfg.arch).build(cfg, dtype, options.block_size)
-        graph.quant = kernel_layouts(graph, declared_quantization(graph, ckpt, options.quant), spec.int_dot_isa)
+        if options.act_bits not in ACT_BITS:
+            raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
+        graph.quant = kernel_layouts(graph, declared_quantization(graph, ckpt, options.quant), spec.int_dot_isa,
+                                     options.act_bits)
         try:
             graph = run_passes(graph, dump_dir=debug)
         except IRError as e:
@@ -159,15 +163,16 @@ def _quantizable_linears(graph) -> list[str]:
     return [w for w in weights if w in graph.params and w not in keep]
 
 
-def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None) -> dict[str, dict]:
+def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, act_bits: int = 16) -> dict[str, dict]:
     """With integer dot products on the CPU, INT4 linear weights take the "r16" row-interleaved layout of
-    ``make_qlinear_r16_cpu``; embedding tables (a tied lm_head shares its table) and MoE expert stacks keep
-    the row layout their gathers read."""
+    ``make_qlinear_r16_cpu`` (activations rounded to ``act_bits``); embedding tables (a tied lm_head shares
+    its table) and MoE expert stacks keep the row layout their gathers read."""
     if int_dot_isa is None:
         return declared
     other_uses = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
     other_uses |= {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
-    return {w: ({**q, "layout": "r16"} if q["bits"] == 4 and w not in other_uses else q) for w, q in declared.items()}
+    return {w: ({**q, "layout": "r16", "act_bits": act_bits} if q["bits"] == 4 and w not in other_uses else q)
+            for w, q in declared.items()}
 
 
 def _quant_method(ckpt: Checkpoint, mode: str) -> str:

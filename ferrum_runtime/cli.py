@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights: auto keeps the source's GPTQ/GGUF quantization packed (default), none "
                         "dequantizes it, q4/q8 quantize the dense linears round-to-nearest (INT4 group 128 / INT8 group 32; embeddings and lm_head stay dense)")
     c.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
+    c.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
+                   help="CPU INT4 linears: round activations per weight group to 16 bits (within 1.5e-5 of the "
+                        "float result) or 8 bits (llama.cpp's Q8 activations: half the integer dot products, "
+                        "faster, less accurate) (default: 16)")
     c.add_argument("--no-weights", action="store_true",
                    help="build the library, manifest, tokenizer and IR only (the model directory may hold just "
                         "config.json and tokenizer files); add the weights later with `ferrum pack-weights`")
@@ -200,7 +204,8 @@ def _quant_summary(q: dict) -> str:
     kinds: dict[str, int] = {}
     for spec in weights.values():
         key = (f"{spec['bits']}-bit g{spec['group_size']} {'sym' if spec['sym'] else 'asym'}"
-               + (" act-order" if spec.get("act_order") else "") + (f" {spec['layout']}" if spec.get("layout") else ""))
+               + (" act-order" if spec.get("act_order") else "") + (f" {spec['layout']}" if spec.get("layout") else "")
+               + (f" int{spec['act_bits']}-activations" if spec.get("act_bits") else ""))
         kinds[key] = kinds.get(key, 0) + 1
     dense = len(q.get("dense_weights") or [])
     return (f"{q['method']}: {len(weights)} weights packed ("

@@ -125,23 +125,27 @@ def deinterleave_r16(packed: dict[str, np.ndarray], n: int) -> dict[str, np.ndar
     return {**packed, **out}
 
 
-def quantize_activations_ref(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """What the r16 kernel multiplies: per token and group, ``x ≈ dx * q16`` with ``q16`` 16-bit
-    (``dx = max|x| / 32767``); returns ``(q16 [T, K] int32, dx [T, K/G] float32)``."""
+ACT_BITS = (8, 16)  # the r16 kernel's activation precisions
+
+
+def quantize_activations_ref(x: np.ndarray, group_size: int, bits: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """What the r16 kernel multiplies: per token and group, ``x ≈ dx * q`` with ``q`` a ``bits``-bit
+    integer (``dx = max|x| / (2^(bits-1) - 1)``); returns ``(q [T, K] int32, dx [T, K/G] float32)``."""
     t, k = x.shape
+    qmax = np.float32(2 ** (bits - 1) - 1)
     xg = x.astype(np.float32).reshape(t, k // group_size, group_size)
     amax = np.abs(xg).max(axis=2)
-    dx = (amax / np.float32(32767)).astype(np.float32)
-    inv = np.where(amax > 0, np.float32(32767) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    dx = (amax / qmax).astype(np.float32)
+    inv = np.where(amax > 0, qmax / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.round(xg * inv[:, :, None]).astype(np.int32)
     return q.reshape(t, k), dx
 
 
-def activation_error_bound(x: np.ndarray, fmt: QuantFormat, w: np.ndarray) -> np.ndarray:
-    """Worst-case ``|r16 kernel - exact|`` from rounding the activations to 16 bits: the kernel computes
+def activation_error_bound(x: np.ndarray, fmt: QuantFormat, w: np.ndarray, bits: int = 16) -> np.ndarray:
+    """Worst-case ``|r16 kernel - exact|`` from rounding the activations to ``bits`` bits: the kernel computes
     ``W x^`` with ``x^`` the rounded activations (``quantize_activations_ref``), so per output
     ``sum_g dx_g / 2 * sum_{k in g} |W[n, k]|`` (``w`` the dequantized ``[N, K]`` weight)."""
-    _, dx = quantize_activations_ref(x, fmt.group_size)
+    _, dx = quantize_activations_ref(x, fmt.group_size, bits)
     wg = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1, fmt.group_size).sum(axis=2)  # [N, K/G]
     return (dx.astype(np.float64) / 2) @ wg.T
 
@@ -324,28 +328,32 @@ _R16_PREFILL_TOKENS = 4
 
 
 def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
-                         bias_dtype: str | None, isa: str):
+                         bias_dtype: str | None, isa: str, act_bits: int = 16):
     """PrimFunc ``qlinear(x[T,K], qweight, scales, [mins,] [bias[N],] out[T,N])`` for int4 weights in the
     "r16" layout (``interleave_r16``), with integer dot products.
 
-    Each token's activations are rounded per weight group to 16 bits (``x ≈ dx * q16``, ``dx = max|x| /
-    32767``: a relative error of 1.5e-5 of the group's largest value; ``activation_error_bound``) and split
-    into a signed high byte and an unsigned low byte, 4 columns per 32-bit word. One 64-byte load gives 16
-    rows x 8 columns of nibbles; masked and shifted, each half feeds one u8 x s8 4-way dot product per byte
-    half (``vpdpbusd`` with AVX-512 VNNI; ``vpmaddubsw`` + ``vpmaddwd`` with AVX2), accumulating the 16
-    rows' integer sums in the 16 lanes of one register (no horizontal reduction). Per group
-    ``sum = 256 * high + low`` is exact in int32 and float32 (|sum| < 2^24 for 32 columns), then scaled by
-    ``scale * dx`` and corrected by ``(min or -zp * scale) * dx * sum(q16_g)``: the kernel computes ``W x^``
-    exactly but for float32 rounding, ``x^`` the rounded activations."""
+    Each token's activations are rounded per weight group to ``act_bits`` bits (``x ≈ dx * q``, ``dx =
+    max|x| / (2^(act_bits-1) - 1)``: a relative error of 1.5e-5 (16 bits) or 3.9e-3 (8 bits, what
+    llama.cpp's Q8 activations give) of the group's largest value; ``activation_error_bound``). 16-bit
+    values are split into a signed high byte and an unsigned low byte, 8-bit ones are one signed byte; 4
+    columns per 32-bit word. One 64-byte load gives 16 rows x 8 columns of nibbles; masked and shifted, each
+    half feeds one u8 x s8 4-way dot product per activation byte (``vpdpbusd`` with AVX-512 VNNI;
+    ``vpmaddubsw`` + ``vpmaddwd`` with AVX2), accumulating the 16 rows' integer sums in the 16 lanes of one
+    register (no horizontal reduction): 8-bit activations halve the dot products. Per group ``sum = 256 *
+    high + low`` (or the one byte's sum) is exact in int32 and float32 (|sum| < 2^24 for 32 columns), then
+    scaled by ``scale * dx`` and corrected by ``(min or -zp * scale) * dx * sum(q_g)``: the kernel computes
+    ``W x^`` exactly but for float32 rounding, ``x^`` the rounded activations."""
     from tvm.script import tirx as T
 
-    assert fmt.bits == 4 and isa in INT_DOT_ISAS, (fmt, isa)
+    assert fmt.bits == 4 and isa in INT_DOT_ISAS and act_bits in ACT_BITS, (fmt, isa, act_bits)
     K, N, G = in_features, out_features, fmt.group_size
     assert fmt.check(K) is None, fmt.check(K)
     KG, NB, BPG, W4 = K // G, -(-N // R16), G // 32, K // 4
     sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
+    wide = act_bits == 16  # two activation bytes per value
+    qmax = float(2 ** (act_bits - 1) - 1)
     store = _block_store(N, R16, has_bias, out_dtype)
 
     # TVMScript 0.27 turns a plain ``name = expr`` in a kernel into a scratch buffer that costs a workspace
@@ -375,7 +383,10 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         return acc + T.vectorcombine("int32x16", halves[0], halves[1])
 
     def group_sum(hl, hh, ll, lh, tt):
-        """float32x16 ``256 * high + low`` of one group's integer row sums (exact)."""
+        """float32x16 ``256 * high + low`` (16-bit activations) or the one byte's sum of one group's integer
+        row sums (exact)."""
+        if not wide:
+            return T.Cast("float32x16", lanes(hl, tt) + lanes(hh, tt))
         return T.Cast("float32x16", T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16))
                       + lanes(ll, tt) + lanes(lh, tt))
 
@@ -393,7 +404,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         return T.Cast("float32", x[i, k])
 
     def packed_bytes(x, i, g, w4, inv, high):
-        """The 4 high (signed) or low bytes of columns ``4 w4 .. 4 w4 + 3`` of group ``g``, as one word."""
+        """The 4 high (signed) or low bytes of columns ``4 w4 .. 4 w4 + 3`` of group ``g``, as one word (an
+        8-bit value's low byte is the whole signed value)."""
         word = T.uint32(0)
         for j in range(4):
             q = T.Cast("int32", T.round(xf(x, i, g * G + w4 * 4 + j) * inv))
@@ -414,8 +426,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             st[0] = part[0]
             for l in T.serial(15):
                 st[0] = T.max(st[0], part[l + 1])
-            dx[i, g] = st[0] / T.float32(32767)
-            st[1] = T.if_then_else(st[0] > T.float32(0), T.float32(32767) / st[0], T.float32(0))
+            dx[i, g] = st[0] / T.float32(qmax)
+            st[1] = T.if_then_else(st[0] > T.float32(0), T.float32(qmax) / st[0], T.float32(0))
             for l in T.vectorized(16):  # integers below 2^24: exact in float32
                 part[l] = T.round(xf(x, i, g * G + l) * st[1])
             for c in T.serial(G // 16 - 1):
@@ -426,8 +438,11 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                 st[2] = st[2] + part[l + 1]
             sx[i, g] = st[2] * dx[i, g]  # the zero/min term sees the same rounded activations
             for w4 in T.vectorized(G // 4):
-                xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], True)
-                xl[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], False)
+                if wide:
+                    xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], True)
+                    xl[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], False)
+                else:
+                    xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], False)
 
     @T.macro
     def rows(w, s, m, b, out, xh, xl, dx, sx, ntok, TB):
@@ -445,8 +460,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                     for tt in T.unroll(TB):
                         hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
                         hh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
-                        ll[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
-                        lh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                        if wide:
+                            ll[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                            lh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
                     for bb in T.serial(BPG):
                         for c in T.unroll(4):
                             for tt in T.unroll(TB):
@@ -457,10 +473,11 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                     word(xh, t, wl))
                                 hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
                                                                     word(xh, t, wl + 4))
-                                ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
-                                                                    nibbles(w, task, ch, False))
-                                lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
-                                                                    nibbles(w, task, ch, True))
+                                if wide:
+                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
+                                                                        nibbles(w, task, ch, False))
+                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
+                                                                        nibbles(w, task, ch, True))
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
                         acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
@@ -471,7 +488,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     @T.macro
     def body(x, w, s, m, b, out, ntok):
         xh = T.alloc_buffer((ntok, W4), "uint32")
-        xl = T.alloc_buffer((ntok, W4), "uint32")
+        xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
         dx = T.alloc_buffer((ntok, KG), "float32")
         sx = T.alloc_buffer((ntok, KG), "float32")
         if ntok < _TILE_MIN_TOKENS:

@@ -60,10 +60,11 @@ R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2"
 @settings(max_examples=20, deadline=None)
 @given(fmt=st.sampled_from([f for f in FORMATS if f.bits == 4]), groups=st.integers(1, 3), n=st.integers(1, 40),
        t=st.sampled_from([1, 2, 3, 4, 6, 9]), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
-       seed=st.integers(0, 10_000))
-def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, seed):
+       act_bits=st.sampled_from([8, 16]), seed=st.integers(0, 10_000))
+def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, act_bits, seed):
     """The integer-dot INT4 kernel (both ISAs) vs the exact float64 product: within the proven bound of
-    rounding activations to 16 bits per group (the kernel computes W x^ exactly), plus float32 rounding. Decode (t < 4) and prefill
+    rounding activations to 8 or 16 bits per group (the kernel computes W x^ exactly), plus float32
+    rounding. Decode (t < 4) and prefill
     (t >= 4, 4-token blocks with a ragged tail), rows that leave a partial 16-row block, bias, a zero
     activation group, and activations of very different magnitudes."""
     import tvm
@@ -77,7 +78,7 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
     b = rng.standard_normal(n).astype(np.float32)
     x = (rng.standard_normal((t, k)) * scale).astype(np.float32)
     x[0, :fmt.group_size] = 0  # amax = 0: the group contributes nothing and divides by nothing
-    f = make_qlinear_r16_cpu(k, n, fmt, "float32", "float32", "float32" if bias else None, isa)
+    f = make_qlinear_r16_cpu(k, n, fmt, "float32", "float32", "float32" if bias else None, isa, act_bits)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                       target={"kind": "llvm", "mcpu": mcpu})
     out = tvm.runtime.tensor(np.zeros((t, n), np.float32))
@@ -85,13 +86,13 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
           + ([b] if bias else [])], out)
     ref = qlinear_ref(x, fmt, qw, s, m, b if bias else None, "float64")
     w = dequantize_ref(fmt, qw, s, m)
-    bound = activation_error_bound(x, fmt, w) + 1e-5 * (np.abs(x) @ np.abs(w).T + (np.abs(b) if bias else 0)) + 1e-6
+    bound = activation_error_bound(x, fmt, w, act_bits) + 1e-5 * (np.abs(x) @ np.abs(w).T + (np.abs(b) if bias else 0)) + 1e-6
     err = np.abs(out.numpy() - ref)
     assert np.all(err <= bound), f"worst error {err.max():.3g}, bound there {bound.flat[np.argmax(err / bound)]:.3g}"
 
 
 @pytest.mark.unit
-def test_r16_layout_round_trips_and_quantized_activations_are_16_bit():
+def test_r16_layout_round_trips_and_quantized_activations_are_8_or_16_bit():
     rng = np.random.default_rng(1)
     for n in (1, 16, 37):
         qw, s, m = _random_packed(rng, QuantFormat(4, 64, False), n, 128)
@@ -105,8 +106,10 @@ def test_r16_layout_round_trips_and_quantized_activations_are_16_bit():
     chunk = interleave_r16({"qweight": qw, "scales": np.ones((16, 1), np.float16)})["qweight"][0, 64:128]
     assert np.array_equal(chunk.reshape(16, 4), qw[:, 4:8])
     x = rng.standard_normal((3, 64)).astype(np.float32) * 50
-    q, dx = quantize_activations_ref(x, 32)
-    assert np.abs(q).max() == 32767 and np.all(np.abs(x - q * np.repeat(dx, 32, axis=1)) <= np.repeat(dx, 32, axis=1) / 2 + 1e-6)
+    for bits in (8, 16):
+        q, dx = quantize_activations_ref(x, 32, bits)
+        assert np.abs(q).max() == 2 ** (bits - 1) - 1
+        assert np.all(np.abs(x - q * np.repeat(dx, 32, axis=1)) <= np.repeat(dx, 32, axis=1) / 2 + 1e-6)
 
 
 @pytest.mark.unit

@@ -62,14 +62,18 @@ def test_tokenizer_matches_transformers_on_any_text(text, hf_tokenizer, our_toke
 
 
 @pytest.mark.model
-def test_compiled_smollm2_matches_transformers_gguf(smollm2_artifact, hf_tokenizer):
-    """Teacher-forced next-token distributions over every prompt position: mean KL <= 1e-3."""
+@pytest.mark.parametrize("act_bits,max_kl,min_top1", [(16, 1e-3, 0.98), (8, 1e-2, 0.95)])
+def test_compiled_smollm2_matches_transformers_gguf(act_bits, max_kl, min_top1, smollm2_artifact, compiled,
+                                                     hf_tokenizer):
+    """Teacher-forced next-token distributions over every prompt position vs transformers on the same
+    (dequantized) GGUF weights. With the default 16-bit activations in the INT4 kernel: mean KL <= 1e-3;
+    with 8-bit ones (--act-bits 8, llama.cpp's Q8 activations): mean KL <= 1e-2."""
     import torch
     from transformers import AutoModelForCausalLM
 
     p = Path(packaged_smollm2())
     hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
-    model = CompiledModel.load(smollm2_artifact, num_blocks=64)
+    model = CompiledModel.load(smollm2_artifact if act_bits == 16 else compiled("smollm2", act_bits=8), num_blocks=64)
     prompts = [hf_tokenizer.encode(t, add_special_tokens=False) for t in PROMPTS]
     drv = RaggedDriver(model, len(prompts), max(map(len, prompts)), np.random.default_rng(0))
     ours = drv.step(prompts, all_rows=True)
@@ -79,17 +83,20 @@ def test_compiled_smollm2_matches_transformers_gguf(smollm2_artifact, hf_tokeniz
     lp, lq = log_softmax(ref), log_softmax(ours)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
-    print(f"SmolLM2 parity: {len(kl)} positions, mean KL {kl.mean():.2e}, max KL {kl.max():.2e}, top-1 agreement {top1:.4f}")
-    assert kl.mean() <= 1e-3
-    assert top1 >= 0.98
+    print(f"SmolLM2 parity, {act_bits}-bit activations: {len(kl)} positions, mean KL {kl.mean():.2e}, "
+          f"max KL {kl.max():.2e}, top-1 agreement {top1:.4f}")
+    assert kl.mean() <= max_kl
+    assert top1 >= min_top1
 
 
 @pytest.mark.model
-def test_native_q4_q8_artifact_matches_dequantized_artifact(smollm2_artifact, compiled, our_tokenizer):
-    """The GGUF's Q4_1/Q8_0 tensors stay packed and run through the INT4/INT8 kernels; the same file
-    dequantized at compile time (--quant none) gives the same distributions: mean KL <= 1e-4."""
+def test_native_q4_q8_artifact_matches_dequantized_artifact(compiled, our_tokenizer):
+    """The GGUF's Q4_1/Q8_0 tensors stay packed and run through the INT4/INT8 kernels (16-bit
+    activations); the same file dequantized at compile time (--quant none) gives the same distributions:
+    mean KL <= 1e-4."""
     from ferrum_runtime.artifact import read_manifest
 
+    smollm2_artifact = compiled("smollm2")
     dense = compiled("smollm2", quant="none")
     q = read_manifest(smollm2_artifact).data["quantization"]
     assert q["method"] == "gguf" and len(q["weights"]) == 121 and q["dense_weights"] == []

@@ -61,6 +61,8 @@ def quantize_linears(graph: Graph) -> Graph:
             g.values[cols] = Value(cols, g.value(x).shape, g.value(x).dtype)
             ops.append(Op("take_cols", (x, packed["perm"]), cols))
             x = cols
+        if layout == "r16":
+            fmt_attrs["act_bits"] = spec.get("act_bits", 16)
         attrs = {**fmt_attrs, "layout": layout, "in_features": g.value(op.inputs[0]).shape[1],
                  "out_features": g.value(op.output).shape[1], **op.attrs}
         ops.append(Op("qlinear", (x, *tensors, *op.inputs[2:]), op.output, attrs))
