@@ -12,7 +12,8 @@ from .config import CompileOptions
 def run_compile(args: argparse.Namespace) -> int:
     output = args.output or f"artifacts/{_default_name(args.model)}"
     options = CompileOptions(target=args.target, dtype=args.dtype or "", block_size=args.block_size,
-                             quant=args.quant, weights=not args.no_weights, act_bits=args.act_bits)
+                             quant=args.quant, weights=not args.no_weights, act_bits=args.act_bits,
+                             kv_dtype=args.kv_dtype or "")
     compile_model(args.model, output, options, progress=lambda m: print(m, file=sys.stderr, flush=True),
                   dump_ir=args.dump_ir)
     return 0

@@ -28,7 +28,7 @@ from . import lowering
 from .cpu_schedule import cpu_pipeline
 from .config import DTYPES, CompileOptions
 from .frontend import Checkpoint, open_source
-from .ir import IRError, graph_to_json, op_histogram, print_graph
+from .ir import IRError, Value, graph_to_json, op_histogram, print_graph
 from .passes import PIPELINE, run_passes
 from .quant import QUANT_MODES, rtn_spec
 from .targets import TargetSpec, resolve
@@ -50,6 +50,9 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         raise CompileError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if options.quant not in QUANT_MODES:
         raise CompileError(f"unknown --quant {options.quant!r}; choose one of {', '.join(QUANT_MODES)}")
+    kv_dtype = options.kv_dtype or ("bfloat16" if dtype == "bfloat16" else "float16")
+    if kv_dtype not in DTYPES:
+        raise CompileError(f"unknown --kv-dtype {kv_dtype!r}; choose one of {', '.join(DTYPES)}")
     if options.block_size not in (8, 16, 32, 64):
         raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
     t_start = time.perf_counter()
@@ -71,7 +74,7 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     debug = work / "debug" if dump_ir else None
     try:
         t = phase(2, "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
-        graph = family(cfg.arch).build(cfg, dtype, options.block_size)
+        graph = with_kv_dtype(family(cfg.arch).build(cfg, dtype, options.block_size), kv_dtype)
         if options.act_bits not in ACT_BITS:
             raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
         graph.quant = kernel_layouts(graph, declared_quantization(graph, ckpt, options.quant), spec.int_dot_isa,
@@ -149,6 +152,14 @@ def declared_quantization(graph, ckpt: Checkpoint, mode: str) -> dict[str, dict]
                 if spec is not None:
                     declared[w] = spec.to_dict()
     return declared
+
+
+def with_kv_dtype(graph, kv_dtype: str):
+    """The KV cache inputs (``kv_cache.<layer>``) hold ``kv_dtype``; attention casts on write and read."""
+    for name, v in graph.inputs.items():
+        if name.startswith("kv_cache."):
+            graph.inputs[name] = Value(name, v.shape, kv_dtype)
+    return graph
 
 
 def _quantizable_linears(graph) -> list[str]:
@@ -236,7 +247,7 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
                                                  and len(graph.params[p].shape) == 2)},
         "kv_cache": {"layout": "[num_blocks, 2, kv_heads, block_size, head_dim] per layer",
                      "num_layers": cfg.num_layers, "block_size": options.block_size, "kv_heads": cfg.num_kv_heads,
-                     "head_dim": cfg.head_dim, "dtype": dtype},
+                     "head_dim": cfg.head_dim, "dtype": graph.inputs["kv_cache.0"].dtype},
         "entry_points": {lowering.ENTRY: {"args": lowering.argument_specs(graph),
                                           "returns": {"name": "logits", "shape": ["L", cfg.vocab_size],
                                                       "dtype": "float32"}}},
@@ -244,7 +255,8 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "tokenizer": {"files": tok_files},
         "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},
         "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size,
-                            "quant": options.quant},
+                            "quant": options.quant, "kv_dtype": graph.inputs["kv_cache.0"].dtype,
+                            "act_bits": options.act_bits},
         "build": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "seconds": round(total, 2),
                   "phase_seconds": {k: round(v, 2) for k, v in timings.items()}},

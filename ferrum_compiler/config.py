@@ -65,5 +65,6 @@ class CompileOptions:
     quant: str = "auto"  # auto: keep the source's quantization | none: dequantize | q4 | q8: RTN the linears
     shard_bytes: int = 1 << 30
     weights: bool = True  # False: library, manifest, tokenizer and IR only (`ferrum pack-weights` adds them later)
+    kv_dtype: str = ""  # "" = float16, or the model dtype where that is bfloat16
     act_bits: int = 16  # CPU INT4 integer-dot kernel: activations rounded to 16 or 8 (llama.cpp's Q8) bits per group
     extra: dict = field(default_factory=dict)

@@ -212,14 +212,14 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out):
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
     heads = out.shape[1]
-    dtype = cv.dtype
-    append = kernel(("kv_append", kv_heads, head_dim, block_size, dtype, kernel_kind),
-                    lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind))
+    dtype, cdtype = out.dtype, cv.dtype
+    append = kernel(("kv_append", kv_heads, head_dim, block_size, dtype, cdtype, kernel_kind),
+                    lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind, cdtype))
     cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
     window, scale = op.attrs["sliding_window"], op.attrs["scale"]
-    attend = kernel(("attention", heads, kv_heads, head_dim, block_size, dtype, kernel_kind, window, scale),
+    attend = kernel(("attention", heads, kv_heads, head_dim, block_size, dtype, cdtype, kernel_kind, window, scale),
                     lambda: attn_sched.make_attention(heads, kv_heads, head_dim, block_size, dtype, kernel_kind,
-                                                      sliding_window=window, scale=scale))
+                                                      sliding_window=window, scale=scale, cache_dtype=cdtype))
     return relax.call_tir(attend, [q, cache, positions, query_start, block_tables], q.ty)
 
 

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights: auto keeps the source's GPTQ/GGUF quantization packed (default), none "
                         "dequantizes it, q4/q8 quantize the dense linears round-to-nearest (INT4 group 128 / INT8 group 32; embeddings and lm_head stay dense)")
     c.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
+    c.add_argument("--kv-dtype", choices=("float16", "bfloat16", "float32"),
+                   help="KV cache element type (default: float16, or bfloat16 for bfloat16 models); float16 "
+                        "halves the bytes attention reads and doubles the tokens a cache holds")
     c.add_argument("--act-bits", type=int, choices=(8, 16), default=16,
                    help="CPU INT4 linears: round activations per weight group to 16 bits (within 1.5e-5 of the "
                         "float result) or 8 bits (llama.cpp's Q8 activations: half the integer dot products, "

@@ -26,23 +26,25 @@ from .fast_math import exp_f32
 KERNEL_KINDS = ("cpu", "gpu")
 
 
-def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, kind: str):
+def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, kind: str, cache_dtype: str = ""):
     """PrimFunc ``kv_append(cache, k[T,kvh,D], v[T,kvh,D], slot_mapping[T])``, in place on ``cache``.
 
+    ``k``/``v`` are ``dtype``, the cache ``cache_dtype`` (default: the same); values are cast on the way in.
     A negative slot (padding) writes nothing.
     """
     from tvm.script import tirx as T
 
     _check_kind(kind)
     H, D, BS = kv_heads, head_dim, block_size
+    cdtype = cache_dtype or dtype
 
     @T.macro
     def append_one(cache, k, v, slot_mapping, t, h):
         slot: T.let[T.int32] = slot_mapping[t]
         if slot >= 0:
             for d in T.serial(D):
-                cache[slot // BS, 0, h, slot % BS, d] = k[t, h, d]
-                cache[slot // BS, 1, h, slot % BS, d] = v[t, h, d]
+                cache[slot // BS, 0, h, slot % BS, d] = T.Cast(cdtype, k[t, h, d])
+                cache[slot // BS, 1, h, slot % BS, d] = T.Cast(cdtype, v[t, h, d])
 
     outer, inner, C = _thread_loops(kind)
 
@@ -50,7 +52,7 @@ def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, ki
     def kv_append(c_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         nb, ntok = T.int64(), T.int64()
-        cache = T.match_buffer(c_h, (nb, 2, H, BS, D), dtype)
+        cache = T.match_buffer(c_h, (nb, 2, H, BS, D), cdtype)
         k = T.match_buffer(k_h, (ntok, H, D), dtype)
         v = T.match_buffer(v_h, (ntok, H, D), dtype)
         slot_mapping = T.match_buffer(s_h, (ntok,), "int32")
@@ -71,11 +73,13 @@ def make_attention(
     kind: str,
     sliding_window: int = 0,
     scale: float | None = None,
+    cache_dtype: str = "",
 ):
     """PrimFunc ``attention(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M], out[T,H,D])``.
 
     One online-softmax pass per (token, head) in float32, a KV block at a time (one rescale per block);
-    GQA maps query head ``h`` to KV head ``h // (num_heads // kv_heads)``.
+    GQA maps query head ``h`` to KV head ``h // (num_heads // kv_heads)``. ``q``/``out`` are ``dtype``, the
+    cache ``cache_dtype`` (default: the same; a float16 cache halves the bytes decode reads).
     """
     from tvm.script import tirx as T
 
@@ -171,7 +175,7 @@ def make_attention(
         T.func_attr({"tirx.noalias": True})
         ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (ntok, H, D), dtype)
-        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), dtype)
+        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), cache_dtype or dtype)
         positions = T.match_buffer(p_h, (ntok,), "int32")
         query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
         block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")

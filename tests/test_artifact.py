@@ -113,3 +113,20 @@ def test_safetensors_round_trip_and_hash(tmp_path):
     ref = safetensors.numpy.load_file(str(tmp_path / "p.safetensors"))
     for name, arr in plain.items():
         np.testing.assert_array_equal(ref[name], arr)
+
+
+def test_float16_kv_cache_holds_twice_the_tokens_and_keeps_logits_close(tiny_model_dir, compiled):
+    """The default KV cache is float16 (--kv-dtype float32 keeps it exact): the same cache budget holds
+    twice the blocks, and logits move by the float16 rounding of K and V only."""
+    src = tiny_model_dir("llama")
+    half, full = compiled(src), compiled(src, kv_dtype="float32")
+    assert yaml.safe_load((half / "ferrum.yaml").read_text())["kv_cache"]["dtype"] == "float16"
+    assert yaml.safe_load((full / "ferrum.yaml").read_text())["kv_cache"]["dtype"] == "float32"
+    models = [CompiledModel.load(a, kv_cache_bytes=1 << 20) for a in (half, full)]
+    assert models[0].num_blocks == 2 * models[1].num_blocks
+    ids = np.random.default_rng(0).integers(0, 256, 40).astype(np.int32)
+    batch = RaggedBatch(ids, np.arange(40, dtype=np.int32), np.array([0, 40], np.int32),
+                        np.arange(3, dtype=np.int32)[None], np.arange(40, dtype=np.int32), np.arange(40, dtype=np.int32))
+    a, b = (m.forward(batch) for m in models)
+    err = np.abs(a - b).max()
+    assert 0 < err <= 2e-3 * np.abs(b).max(), err  # rounded (not exact), but only by float16's 2^-11
