@@ -5,9 +5,10 @@ Not a test, and it installs nothing. The peers are installed by hand, once:
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python   # llama.cpp built for this CPU (~5 min on 2 cores)
     pip install -e ".[test]"                                      # transformers + torch 2.13.0 CPU (ferrum's test deps)
 
-Then `python bench/compare_cpu.py` (options: --rounds N, --threads N, --ferrum ARTIFACT). Every engine
-reads the same GGUF (ferrum compiles it with its Q4_1/Q8_0 tensors kept packed; transformers dequantizes
-it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the same thread
+Then `python bench/compare_cpu.py` (options: --rounds N, --threads N, --ferrum ARTIFACT, --ferrum-act8
+ARTIFACT). Every engine reads the same GGUF (ferrum compiles it with its Q4_1/Q8_0 tensors kept packed,
+once with its default 16-bit activations in the INT4 kernel and once with --act-bits 8, llama.cpp's Q8
+activation numerics; transformers dequantizes it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the same thread
 count. Each measurement is a fresh process; engines alternate within each round and the median over
 rounds is reported, with ratios to llama.cpp from the same run. Rows:
 - pp512: prefill of one 512-token prompt, tok/s;
@@ -31,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "bench"
-ENGINES = ("ferrum", "llama.cpp", "transformers-bf16", "transformers-fp32")
+# ferrum twice: its default 16-bit activations in the INT4 kernel, and --act-bits 8 (llama.cpp's Q8 numerics)
+ENGINES = ("ferrum", "ferrum-act8", "llama.cpp", "transformers-bf16", "transformers-fp32")
 PP, TG, TG_PROMPT = 512, 128, 16
 
 
@@ -119,7 +121,7 @@ def measure_transformers(path: str, threads: int, dtype: str) -> dict:
 
 def child(engine: str, artifact: str, threads: int) -> None:
     path = gguf_path()
-    if engine == "ferrum":
+    if engine.startswith("ferrum"):
         res = measure_ferrum(artifact)
     elif engine == "llama.cpp":
         res = measure_llama_cpp(path, threads)
@@ -135,6 +137,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--ferrum", help="a compiled SmolLM2 artifact (default: compile one into a temp dir)")
+    ap.add_argument("--ferrum-act8", help="the same compiled with --act-bits 8 (default: compile one)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -147,17 +150,19 @@ def main() -> None:
         raise SystemExit("llama-cpp-python is not installed; see this script's docstring for the command") from None
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = args.ferrum or f"{tmp}/smollm2"
-        if not args.ferrum:
-            subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", "smollm2", "-o", artifact],
-                           check=True, capture_output=True)
+        artifacts = {"ferrum": args.ferrum or f"{tmp}/smollm2",
+                     "ferrum-act8": args.ferrum_act8 or f"{tmp}/smollm2-act8"}
+        for engine, flags in (("ferrum", []), ("ferrum-act8", ["--act-bits", "8"])):
+            if not getattr(args, engine.replace("-", "_")):
+                subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", "smollm2", "-o",
+                                artifacts[engine], *flags], check=True, capture_output=True)
         raw: dict[str, list[dict]] = {e: [] for e in ENGINES}
         logs = []
         for r in range(args.rounds):
             order = ENGINES if r % 2 == 0 else tuple(reversed(ENGINES))
             for engine in order:
-                cmd = [sys.executable, __file__, "--child", engine, "--artifact", artifact, "--threads",
-                       str(args.threads)]
+                cmd = [sys.executable, __file__, "--child", engine, "--artifact", artifacts.get(engine, ""),
+                       "--threads", str(args.threads)]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 logs.append({"round": r, "engine": engine, "rc": res.returncode, "stderr": res.stderr[-2000:]})
                 line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)

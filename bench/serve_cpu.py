@@ -9,7 +9,8 @@ at a time, so it has no parallel slots to compare with):
     cd llama_cpp_python-0.3.36/vendor/llama.cpp
     cmake -B build -DGGML_NATIVE=ON -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF && cmake --build build --target llama-server -j2
 
-Then `python bench/serve_cpu.py --llama-server PATH/build/bin/llama-server [--ferrum ARTIFACT]`. Each server
+Then `python bench/serve_cpu.py --llama-server PATH/build/bin/llama-server [--ferrum ARTIFACT] [--ferrum-act8
+ARTIFACT]` (ferrum as compiled by default and with --act-bits 8, llama.cpp's Q8 activation numerics). Each server
 runs alone with 2 threads; both read the same GGUF; the load is the same seeded prompts (about 256 tokens
 in, 128 out with ignore_eos) at each concurrency level. Writes docs/bench/<date>-serve-cpu.md with the
 raw per-request records and lscpu under raw/.
@@ -73,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-server", required=True, help="path to llama.cpp's llama-server binary")
     ap.add_argument("--ferrum", help="a compiled SmolLM2 artifact (default: compile one into a temp dir)")
+    ap.add_argument("--ferrum-act8", help="the same compiled with --act-bits 8 (default: compile one)")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -83,15 +85,21 @@ def main() -> None:
     gguf = str(packaged_smollm2())
     stamp = datetime.date.today().isoformat()
     (OUT / "raw").mkdir(parents=True, exist_ok=True)
-    artifact = args.ferrum
-    if artifact is None:
-        artifact = str(Path(tempfile.mkdtemp()) / "smollm2")
-        subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", "smollm2", "-o", artifact], check=True)
+    # ferrum with its default 16-bit activations in the INT4 kernel, and with --act-bits 8 (llama.cpp's Q8
+    # activation numerics, what llama-server computes)
+    artifacts = {"ferrum": args.ferrum, "ferrum-act8": args.ferrum_act8}
+    for name, flags in (("ferrum", []), ("ferrum-act8", ["--act-bits", "8"])):
+        if artifacts[name] is None:
+            artifacts[name] = str(Path(tempfile.mkdtemp()) / "smollm2")
+            subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", "smollm2", "-o", artifacts[name],
+                            *flags], check=True)
     slots = 16
-    servers = {
+    servers = {  # the peer between the two ferrum runs, so drift on a shared machine shows
+        "ferrum": [sys.executable, "-m", "ferrum_runtime.cli", "serve", artifacts["ferrum"], "--port", "8522"],
         "llama-server": [args.llama_server, "-m", gguf, "-t", str(args.threads), "-tb", str(args.threads),
                          "-c", str(slots * 512), "-np", str(slots), "--port", "8521"],
-        "ferrum": [sys.executable, "-m", "ferrum_runtime.cli", "serve", artifact, "--port", "8522"],
+        "ferrum-act8": [sys.executable, "-m", "ferrum_runtime.cli", "serve", artifacts["ferrum-act8"],
+                        "--port", "8523"],
     }
     os.environ["FERRUM_NUM_THREADS"] = str(args.threads)  # the ferrum server's thread count, like llama-server's -t
     results = {}
@@ -116,10 +124,11 @@ def main() -> None:
             lines.append(f"| {name} | {level['concurrency']} | {level['requests']} | {level['errors']} | "
                          f"{level['output_tok_per_s']:.1f} | {level['ttft_ms']['p50']:.0f} | "
                          f"{level['tpot_ms']['p50']:.1f} | {level['e2e_ms']['p50']:.0f} |")
-    lines += ["", "Ratios, ferrum / llama-server output tok/s at the same concurrency: "
-              + ", ".join(f"c{a['concurrency']} x{a['output_tok_per_s'] / b['output_tok_per_s']:.2f}"
-                          for a, b in zip(results["ferrum"]["results"], results["llama-server"]["results"])
-                          if b["output_tok_per_s"] > 0)]
+    for name in ("ferrum", "ferrum-act8"):
+        lines += ["", f"Ratios, {name} / llama-server output tok/s at the same concurrency: "
+                  + ", ".join(f"c{a['concurrency']} x{a['output_tok_per_s'] / b['output_tok_per_s']:.2f}"
+                              for a, b in zip(results[name]["results"], results["llama-server"]["results"])
+                              if b["output_tok_per_s"] > 0)]
     report = OUT / f"{stamp}-serve-cpu.md"
     report.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
