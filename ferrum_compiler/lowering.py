@@ -57,6 +57,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
         fn_args.append(relax.Var(_identifier(v.name), relax.TensorType(shape_of(v.shape), v.dtype)))
     env = {v: a for v, a in zip(list(graph.inputs) + list(graph.params), fn_args)}
     slices: dict[str, tuple] = {}  # output of a last-axis slice of a 2-D value -> (its input, begin, end)
+    rope_tables: dict[tuple, object] = {}  # (positions, head_dim, theta, scaling) -> [T, 2, head_dim / 2] cos|sin
 
     with bb.function(ENTRY, fn_args):
         with bb.dataflow():
@@ -87,8 +88,12 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
                 elif k == "reshape":
                     r = _reshape(bb, relax, shape_of, slices.get(op.inputs[0]), a[0], op.attrs["shape"])
                 elif k == "rope":
-                    inv = rope_inv_freq(static(out.shape[-1]), op.attrs["theta"], op.attrs["scaling"]).astype("float32")
-                    r = bb.emit_te(_rope_te(te, tirx), a[0], a[1], relax.const(inv), primfunc_name_hint="rope")
+                    key = (op.inputs[1], static(out.shape[-1]), op.attrs["theta"], repr(op.attrs["scaling"]))
+                    if key not in rope_tables:  # once per step, shared by every layer's q and k
+                        inv = rope_inv_freq(key[1], op.attrs["theta"], op.attrs["scaling"]).astype("float32")
+                        rope_tables[key] = bb.emit_te(_rope_table_te(te, tirx), a[1], relax.const(inv),
+                                                      primfunc_name_hint="rope_table")
+                    r = bb.emit_te(_rope_te(te, tirx), a[0], rope_tables[key], primfunc_name_hint="rope")
                 elif k == "paged_attention":
                     r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)
                 elif k == "silu_mul":
@@ -223,15 +228,28 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out):
     return relax.call_tir(attend, [q, cache, positions, query_start, block_tables], q.ty)
 
 
+def _rope_table_te(te, tirx):
+    """``[T, 2, D/2]``: cos (row 0) and sin (row 1) of ``positions[t] * inv_freq[j]``, computed once per step
+    instead of once per head and layer."""
+    def table(positions, inv_freq):
+        def f(t, c, j):
+            angle = positions[t].astype("float32") * inv_freq[j]
+            return tirx.if_then_else(c == 0, tirx.cos(angle), tirx.sin(angle))
+
+        return te.compute((positions.shape[0], 2, inv_freq.shape[0]), f, name="rope_table")
+
+    return table
+
+
 def _rope_te(te, tirx):
-    def rope(x, positions, inv_freq):
+    def rope(x, table):
         half = x.shape[-1] // 2
 
         def f(t, h, d):
-            freq = positions[t].astype("float32") * inv_freq[tirx.floormod(d, half)]
+            j = tirx.floormod(d, half)
             xf = x[t, h, d].astype("float32")
             rot = tirx.if_then_else(d < half, -x[t, h, d + half], x[t, h, d - half]).astype("float32")
-            return (xf * tirx.cos(freq) + rot * tirx.sin(freq)).astype(x.dtype)
+            return (xf * table[t, 0, j] + rot * table[t, 1, j]).astype(x.dtype)
 
         return te.compute(x.shape, f, name="rope")
 
