@@ -19,7 +19,7 @@ from typing import Callable
 import yaml
 
 from ferrum.models.registry import family
-from ferrum.schedules.quant_linear import ACT_BITS
+from ferrum.schedules.quant_linear import ACT_BITS, QuantFormat, r16_supports
 from ferrum_runtime.errors import FerrumError
 from ferrum_runtime.fatbin import embedded_cuda_code
 from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANIFEST, package_version, sha256_file
@@ -176,14 +176,21 @@ def _quantizable_linears(graph) -> list[str]:
 
 def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, act_bits: int = 16) -> dict[str, dict]:
     """With integer dot products on the CPU, INT4 linear weights take the "r16" row-interleaved layout of
-    ``make_qlinear_r16_cpu`` (activations rounded to ``act_bits``); embedding tables (a tied lm_head shares
-    its table) and MoE expert stacks keep the row layout their gathers read."""
+    ``make_qlinear_r16_cpu`` (activations rounded to ``act_bits``), and so do symmetric INT8 weights where
+    the kernel takes them (8-bit activations on AVX-512 VNNI), embedding tables included: the gather reads
+    that layout too, so a tied lm_head (SmolLM2's Q8_0 table) gets the integer-dot kernel. INT4 embedding
+    tables and MoE expert stacks keep the row layout their gathers read."""
     if int_dot_isa is None:
         return declared
-    other_uses = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
-    other_uses |= {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
-    return {w: ({**q, "layout": "r16", "act_bits": act_bits} if q["bits"] == 4 and w not in other_uses else q)
-            for w, q in declared.items()}
+    tables = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
+    experts = {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
+
+    def r16(w: str, q: dict) -> bool:
+        if w in experts or not r16_supports(QuantFormat(q["bits"], q["group_size"], q["sym"]), act_bits, int_dot_isa):
+            return False
+        return q["bits"] == 8 or w not in tables
+
+    return {w: ({**q, "layout": "r16", "act_bits": act_bits} if r16(w, q) else q) for w, q in declared.items()}
 
 
 def _quant_method(ckpt: Checkpoint, mode: str) -> str:

@@ -75,7 +75,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
                     r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out)
                 elif k == "qembedding":
                     fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
-                    r = bb.emit_te(quant_sched.qembedding_te(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
+                    make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
+                    r = bb.emit_te(make(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
                 elif k == "moe":
                     r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out)
                 elif k == "take_cols":

@@ -55,7 +55,7 @@ class QuantFormat:
         kg = k // self.group_size
         if layout == "r16":  # see interleave_r16
             nb = -(-n // R16)
-            shapes = {"qweight": ((nb, k * 8), "uint8"), "scales": ((nb, kg * R16), "float16")}
+            shapes = {"qweight": ((nb, k * R16 * self.bits // 8), "uint8"), "scales": ((nb, kg * R16), "float16")}
             if not self.sym:
                 shapes["mins"] = ((nb, kg * R16), "float32")
             return shapes
@@ -94,18 +94,26 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 
 
 def interleave_r16(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Row-layout int4 tensors → the "r16" layout of the integer-dot CPU kernel (``make_qlinear_r16_cpu``).
+    """Row-layout int4 (uint8 nibble pairs) or int8 tensors → the "r16" layout of the integer-dot CPU kernel
+    (``make_qlinear_r16_cpu``).
 
-    Rows are taken 16 at a time (the last block zero-padded). For row block ``b``, 32-column block ``j`` and
-    chunk ``c`` (0..3), 64 consecutive bytes hold byte ``4c + i`` (i = 0..3) of row-layout block ``j`` for
-    each of the 16 rows in turn: their low nibbles are columns ``4c + i``, their high nibbles columns
-    ``16 + 4c + i``, so one 64-byte load gives every row's 4 weights for one 4-byte activation word.
-    ``scales``/``mins`` become ``[blocks, groups * 16]``: the 16 rows' values of a group side by side."""
+    Rows are taken 16 at a time (the last block zero-padded). int4: for row block ``b``, 32-column block
+    ``j`` and chunk ``c`` (0..3), 64 consecutive bytes hold byte ``4c + i`` (i = 0..3) of row-layout block
+    ``j`` for each of the 16 rows in turn: their low nibbles are columns ``4c + i``, their high nibbles
+    columns ``16 + 4c + i``, so one 64-byte load gives every row's 4 weights for one 4-byte activation word.
+    int8: chunk ``c`` (0 .. K/4 - 1) holds columns ``4c .. 4c + 3`` of the 16 rows, each value stored
+    unsigned as ``q + 128``. ``scales``/``mins`` become ``[blocks, groups * 16]``: the 16 rows' values of a
+    group side by side."""
     qw = packed["qweight"]
-    n, half = qw.shape
+    n, width = qw.shape
     nb, pad = -(-n // R16), -n % R16
-    out = {"qweight": np.pad(qw, ((0, pad), (0, 0))).reshape(nb, R16, half // 16, 4, 4)
-           .transpose(0, 2, 3, 1, 4).reshape(nb, half * 16)}
+    if qw.dtype == np.int8:
+        u = (qw.astype(np.int16) + 128).astype(np.uint8)
+        out = {"qweight": np.pad(u, ((0, pad), (0, 0))).reshape(nb, R16, width // 4, 4)
+               .transpose(0, 2, 1, 3).reshape(nb, width * 16)}
+    else:
+        out = {"qweight": np.pad(qw, ((0, pad), (0, 0))).reshape(nb, R16, width // 16, 4, 4)
+               .transpose(0, 2, 3, 1, 4).reshape(nb, width * 16)}
     for role in ("scales", "mins"):
         if role in packed:
             t = np.pad(packed[role], ((0, pad), (0, 0)))
@@ -113,11 +121,16 @@ def interleave_r16(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**packed, **out}
 
 
-def deinterleave_r16(packed: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    """Inverse of ``interleave_r16`` for a weight with ``n`` rows."""
+def deinterleave_r16(packed: dict[str, np.ndarray], n: int, bits: int = 4) -> dict[str, np.ndarray]:
+    """Inverse of ``interleave_r16`` for a ``bits``-bit weight with ``n`` rows."""
     qw = packed["qweight"]
-    nb, k8 = qw.shape
-    out = {"qweight": qw.reshape(nb, k8 // 256, 4, R16, 4).transpose(0, 3, 1, 2, 4).reshape(nb * R16, k8 // 16)[:n]}
+    nb, width = qw.shape
+    if bits == 8:
+        q = qw.reshape(nb, width // 64, R16, 4).transpose(0, 2, 1, 3).reshape(nb * R16, width // 16)[:n]
+        out = {"qweight": (q.astype(np.int16) - 128).astype(np.int8)}
+    else:
+        out = {"qweight": qw.reshape(nb, width // 256, 4, R16, 4).transpose(0, 3, 1, 2, 4)
+               .reshape(nb * R16, width // 16)[:n]}
     for role in ("scales", "mins"):
         if role in packed:
             t = packed[role]
@@ -323,6 +336,14 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
 
 
 INT_DOT_ISAS = ("avx512_vnni", "avx2")
+
+
+def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
+    """Formats the r16 kernel takes: int4, and symmetric int8 (groups of 32 columns) with 8-bit activations
+    (16-bit ones would need an unsigned x unsigned byte product) on AVX-512 VNNI (AVX2's ``vpmaddubsw``
+    saturates a pair of 255 x 127 products)."""
+    return fmt.bits == 4 or (fmt.bits == 8 and fmt.sym and act_bits == 8 and fmt.group_size % 32 == 0
+                             and isa == "avx512_vnni")
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
 _R16_PREFILL_TOKENS = 4
 
@@ -345,11 +366,12 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     ``W x^`` exactly but for float32 rounding, ``x^`` the rounded activations."""
     from tvm.script import tirx as T
 
-    assert fmt.bits == 4 and isa in INT_DOT_ISAS and act_bits in ACT_BITS, (fmt, isa, act_bits)
+    assert isa in INT_DOT_ISAS and act_bits in ACT_BITS and r16_supports(fmt, act_bits, isa), (fmt, isa, act_bits)
     K, N, G = in_features, out_features, fmt.group_size
     assert fmt.check(K) is None, fmt.check(K)
     KG, NB, BPG, W4 = K // G, -(-N // R16), G // 32, K // 4
-    sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
+    eight = fmt.bits == 8  # one weight per byte, stored as q + 128
+    sym, zp, has_bias = fmt.sym, 128.0 if eight else float(fmt.zero_point), bias_dtype is not None
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
     wide = act_bits == 16  # two activation bytes per value
@@ -364,6 +386,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     def nibbles(w, task, chunk, high):
         v = w[task, T.ramp(chunk * 64, 1, 64)]
         return T.shift_right(v, T.broadcast(T.uint8(4), 64)) if high else T.bitwise_and(v, T.broadcast(T.uint8(15), 64))
+
+    def weight_bytes(w, task, chunk):
+        return w[task, T.ramp(chunk * 64, 1, 64)]
 
     def word(buf, t, i):
         return T.broadcast(buf[t, i], R16)
@@ -469,10 +494,16 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                 t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
                                 ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
                                 wl: T.let[T.int32] = (g * BPG + bb) * 8 + c  # its activation word (low nibbles)
-                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
-                                                                    word(xh, t, wl))
-                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
-                                                                    word(xh, t, wl + 4))
+                                if eight:  # chunks c and c + 4 of the block's 8: 4 columns each
+                                    hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), weight_bytes(w, task, wl),
+                                                                        word(xh, t, wl))
+                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), weight_bytes(w, task, wl + 4),
+                                                                        word(xh, t, wl + 4))
+                                else:
+                                    hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
+                                                                        word(xh, t, wl))
+                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
+                                                                        word(xh, t, wl + 4))
                                 if wide:
                                     ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
                                                                         nibbles(w, task, ch, False))
@@ -627,6 +658,28 @@ def qlinear_te(fmt: QuantFormat, out_dtype: str, has_bias: bool):
             return te.compute(mm.shape, lambda t, n: mm[t, n].astype(out_dtype), name="qlinear")
         return te.compute(mm.shape, lambda t, n: (mm[t, n] + bias[n].astype("float32")).astype(out_dtype),
                           name="qlinear")
+
+    return f
+
+
+def qembedding_r16_te(fmt: QuantFormat, out_dtype: str):
+    """``f(qweight, scales, ids)`` → ``[T, D]`` rows of a symmetric int8 table in the r16 layout
+    (``interleave_r16``): row ``n`` column ``c`` is byte ``(c // 4) * 64 + (n % 16) * 4 + c % 4`` of block
+    ``n // 16``, stored as ``q + 128``."""
+    from tvm import te
+
+    assert fmt.bits == 8 and fmt.sym, fmt
+
+    def f(qweight, scales, ids):
+        d = qweight.shape[1] // R16
+        G = fmt.group_size
+
+        def row(t, c):
+            n = ids[t]
+            q = qweight[n // R16, (c // 4) * 64 + (n % R16) * 4 + c % 4].astype("float32") - 128.0
+            return (q * scales[n // R16, (c // G) * R16 + n % R16].astype("float32")).astype(out_dtype)
+
+        return te.compute((ids.shape[0], d), row, name="qembedding")
 
     return f
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ferrum.schedules.quant_linear import (QuantFormat, activation_error_bound, deinterleave_r16, dequantize_ref,
+                                           r16_supports,
                                            interleave_r16, make_qlinear_cpu, make_qlinear_r16_cpu, pack_int4,
                                            qlinear_ref, quantize_activations_ref, unpack_int4)
 from ferrum_runtime.artifact import host_cpu_flags
@@ -58,11 +59,12 @@ R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2"
 @pytest.mark.kernel
 @pytest.mark.parametrize("isa,mcpu,flag", R16_ISAS, ids=[i[0] for i in R16_ISAS])
 @settings(max_examples=20, deadline=None)
-@given(fmt=st.sampled_from([f for f in FORMATS if f.bits == 4]), groups=st.integers(1, 3), n=st.integers(1, 40),
+@given(fmt=st.sampled_from([f for f in FORMATS if r16_supports(f, 8, "avx512_vnni")]), groups=st.integers(1, 3), n=st.integers(1, 40),
        t=st.sampled_from([1, 2, 3, 4, 6, 9]), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
        act_bits=st.sampled_from([8, 16]), seed=st.integers(0, 10_000))
 def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, act_bits, seed):
-    """The integer-dot INT4 kernel (both ISAs) vs the exact float64 product: within the proven bound of
+    """The integer-dot kernel (both ISAs; int4 weights, and symmetric int8 ones with 8-bit activations) vs the
+    exact float64 product: within the proven bound of
     rounding activations to 8 or 16 bits per group (the kernel computes W x^ exactly), plus float32
     rounding. Decode (t < 4) and prefill
     (t >= 4, 4-token blocks with a ragged tail), rows that leave a partial 16-row block, bias, a zero
@@ -71,6 +73,9 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
 
     if flag not in host_cpu_flags():
         pytest.skip(f"this CPU has no {flag}")
+    if not r16_supports(fmt, act_bits, isa):
+        assume(r16_supports(fmt, 8, isa))  # AVX2 takes no int8 weights
+        act_bits = 8  # int8 weights run with 8-bit activations only
     k = fmt.group_size * groups
     rng = np.random.default_rng(seed)
     qw, s, m = _random_packed(rng, fmt, n, k)
@@ -101,6 +106,12 @@ def test_r16_layout_round_trips_and_quantized_activations_are_8_or_16_bit():
         assert r16["qweight"].shape == (-(-n // 16), 128 * 8) and r16["scales"].shape == (-(-n // 16), 2 * 16)
         back = deinterleave_r16(r16, n)
         assert all(np.array_equal(back[key], packed[key]) for key in packed)
+        q8, s8, _ = _random_packed(rng, QuantFormat(8, 32, True), n, 64)
+        r16 = interleave_r16({"qweight": q8, "scales": s8})
+        assert r16["qweight"].shape == (-(-n // 16), 64 * 16) and r16["qweight"].dtype == np.uint8
+        u = (q8.astype(np.int16) + 128).astype(np.uint8)  # chunk c: columns 4c..4c+3 of the 16 rows in turn
+        assert np.array_equal(r16["qweight"][0, 64:68], u[0, 4:8]) and np.array_equal(r16["qweight"][0, 0:4], u[0, :4])
+        assert np.array_equal(deinterleave_r16(r16, n, bits=8)["qweight"], q8)
     # one 64-byte chunk: row r's 4 bytes are bytes 4c..4c+3 of its row-layout 32-column block
     qw = pack_int4(rng.integers(0, 16, (16, 32)))
     chunk = interleave_r16({"qweight": qw, "scales": np.ones((16, 1), np.float16)})["qweight"][0, 64:128]
@@ -161,3 +172,26 @@ def test_gptq_tensors_convert_exactly(bits, group, desc_act, sym, v1, seed):
     np.testing.assert_allclose(qt.dequantize(), w_deq, rtol=0, atol=1e-6)
     assert (qt.perm is not None) == (desc_act and group != -1)  # one group: any order is the same
     assert qt.fmt.sym == sym
+
+
+@pytest.mark.kernel
+def test_int8_table_in_r16_layout_gathers_the_same_rows():
+    """A tied INT8 table in the r16 layout (the lm_head's integer-dot layout) gathers exactly the rows of
+    the row-layout reference."""
+    import tvm
+    from tvm import te
+
+    from ferrum.schedules.quant_linear import qembedding_r16_te, qembedding_ref
+
+    fmt, n, k = QuantFormat(8, 32, True), 37, 96
+    qw, s, _ = _random_packed(np.random.default_rng(3), fmt, n, k)
+    r16 = interleave_r16({"qweight": qw, "scales": s})
+    ids = np.array([0, 36, 17, 16, 15, 36], np.int32)
+    w_t = te.placeholder(r16["qweight"].shape, "uint8", "w")
+    s_t = te.placeholder(r16["scales"].shape, "float16", "s")
+    i_t = te.placeholder(ids.shape, "int32", "ids")
+    out_t = qembedding_r16_te(fmt, "float32")(w_t, s_t, i_t)
+    lib = tvm.compile(te.create_prim_func([w_t, s_t, i_t, out_t]), target={"kind": "llvm"})
+    out = tvm.runtime.tensor(np.zeros((len(ids), k), np.float32))
+    lib(tvm.runtime.tensor(r16["qweight"]), tvm.runtime.tensor(r16["scales"]), tvm.runtime.tensor(ids), out)
+    np.testing.assert_array_equal(out.numpy(), qembedding_ref(fmt, qw, s, None, ids).astype(np.float32))

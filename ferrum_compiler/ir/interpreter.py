@@ -82,12 +82,16 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
             fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
             packed = {"qweight": a[1], "scales": a[2], **({} if fmt.sym else {"mins": a[3]})}
             if op.attrs.get("layout", "rows") == "r16":
-                packed = deinterleave_r16(packed, op.attrs["out_features"])
+                packed = deinterleave_r16(packed, op.attrs["out_features"], fmt.bits)
             bias = a[-1] if op.attrs["bias"] else None
             r = qlinear_ref(a[0], fmt, packed["qweight"], packed["scales"], packed.get("mins"), bias, out_dtype="float64")
         elif k == "qembedding":
             fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
-            r = qembedding_ref(fmt, a[0], a[1], None if fmt.sym else a[2], a[-1])
+            tables = a[:-1]
+            if op.attrs.get("layout", "rows") == "r16":  # int8: every row of the padded blocks
+                back = deinterleave_r16({"qweight": a[0], "scales": a[1]}, a[0].shape[0] * 16, fmt.bits)
+                tables = [back["qweight"], back["scales"]]
+            r = qembedding_ref(fmt, tables[0], tables[1], None if fmt.sym else tables[2], a[-1])
         elif k == "moe":
             rest, stacks = list(a[2:]), []
             for key in ("gate_up_quant", "down_quant"):

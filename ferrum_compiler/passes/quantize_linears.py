@@ -51,9 +51,11 @@ def quantize_linears(graph: Graph) -> Graph:
         layout = spec.get("layout", "rows")
         tensors = [packed["qweight"], packed["scales"]] + ([packed["mins"]] if "mins" in packed else [])
         if op.kind == "embedding":
-            if "perm" in packed or layout != "rows":
-                raise IRError(f"{w}: an embedding table needs the row layout, without act-order columns")
-            ops.append(Op("qembedding", (*tensors, op.inputs[1]), op.output, fmt_attrs))
+            if "perm" in packed or (layout != "rows" and spec["bits"] != 8):
+                raise IRError(f"{w}: an embedding table needs the row layout (or r16 for 8 bits), without "
+                              "act-order columns")
+            ops.append(Op("qembedding", (*tensors, op.inputs[1]), op.output,
+                          {**fmt_attrs, **({"layout": layout} if layout != "rows" else {})}))
             continue
         x = op.inputs[0]
         if "perm" in packed:
