@@ -156,6 +156,28 @@ def test_combined_filters_match_reference_distribution(temperature, top_k, top_p
     assert _chi2(counts, ref) < _CHI2_CRIT[int((ref > 0).sum()) - 1]
 
 
+@pytest.mark.parametrize("shape,temperature,top_k,top_p", [
+    ("peaked", 0.7, 0, 0.9), ("flat", 1.0, 0, 0.99), ("flat", 1.0, 3000, 0.999), ("ties", 1.0, 0, 0.5),
+    ("peaked", 0.8, 40, 0.95), ("flat", 0.5, 0, 1.0)])
+def test_filters_over_a_real_vocabulary_keep_the_full_sorts_tokens(shape, temperature, top_k, top_p):
+    """At a real vocabulary (49152) top-k/top-p sort only the likeliest candidates, growing them while the
+    nucleus runs past (flat logits at top_p 0.99 need most of the vocabulary); ties at the candidates' edge
+    go to the lowest id as in a full stable sort. Same kept tokens and probabilities as the reference."""
+    from ferrum_runtime.sampler import _filtered_probs
+
+    rng = np.random.default_rng(7)
+    row = rng.standard_normal(49152).astype(np.float32)
+    if shape == "peaked":
+        row[rng.choice(49152, 30, replace=False)] += 9
+    if shape == "ties":  # 3000 tokens share the top logit: the nucleus is the 1500 lowest ids among them
+        row[rng.choice(49152, 3000, replace=False)] = 5.0
+    ref = _reference_probs(row, temperature, top_k, top_p, 0.0)
+    z = row.astype(np.float64)[None] / temperature
+    got = _filtered_probs(z, np.array([top_k]), np.array([top_p]), np.array([0.0]))[0]
+    assert np.array_equal(got > 0, ref > 0)
+    np.testing.assert_allclose(got / got.sum(), ref, rtol=1e-9, atol=1e-15)
+
+
 # -- penalties and bias ----------------------------------------------------------------------------------------
 
 def test_penalties_match_hand_computed_logits():
