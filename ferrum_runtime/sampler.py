@@ -164,11 +164,11 @@ def sample(logits: np.ndarray, seqs: list[SequenceSampler]) -> list[SampleResult
                                 np.array([p.top_p for p in ps]), np.array([p.min_p for p in ps]))
         u = np.array([seqs[i].rng.random() for i in rows])  # one draw per sequence per step, from its own generator
         cdf = np.cumsum(probs, axis=1)  # [b, V]
-        # inverse CDF: the first token whose cdf exceeds u * total always has p > 0; the clamp guards the
-        # rounding case u * total == total
-        pick = (cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1)
-        last_nonzero = V - 1 - np.argmax(probs[:, ::-1] > 0, axis=1)
-        tokens[rows] = np.minimum(pick, last_nonzero)
+        for j, r in enumerate(rows):
+            # inverse CDF: the first token whose cdf exceeds u * total always has p > 0; the rounding case
+            # u * total == total falls past the end and takes the last token with p > 0
+            pick = min(int(np.searchsorted(cdf[j], u[j] * cdf[j, -1], side="right")), V - 1)
+            tokens[r] = pick if probs[j, pick] > 0 else int(np.flatnonzero(probs[j, :pick])[-1])
     out = []
     for i, s in enumerate(seqs):
         t = int(tokens[i])
@@ -201,13 +201,13 @@ _CANDIDATES = 1024  # top-k/top-p look at the most likely tokens first; more onl
 def _filtered_probs(z: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
     """Probabilities [b, V] (unnormalised, zeros where filtered) of temperature-scaled logits z [b, V]."""
     b, V = z.shape
-    probs = np.exp(z - z.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    probs = np.exp(z - z.max(axis=1, keepdims=True))  # the most likely token: 1
     k = np.where((top_k > 0) & (top_k < V), top_k, V)
     for r in np.flatnonzero((k < V) | (top_p < 1)):
         probs[r] *= _top_k_top_p_mask(z[r], probs[r], int(k[r]), float(top_p[r]))
-    # min_p compares with the most likely token, which every filter keeps, so renormalising cannot change it
-    probs = np.where(probs < (min_p * probs.max(axis=1))[:, None], 0.0, probs)
+    # min_p compares with the most likely token (1 here), which every filter keeps
+    if np.any(min_p > 0):
+        probs = np.where(probs < min_p[:, None], 0.0, probs)
     return probs
 
 
