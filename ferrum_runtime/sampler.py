@@ -124,9 +124,14 @@ class SequenceSampler:
             self._counts[token_id] += 1
 
     @property
+    def adjusts(self) -> bool:
+        """Whether logit_bias or a penalty changes the logits before sampling."""
+        return self._bias is not None or self._seen is not None or self._counts is not None
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing to adjust: the token is the argmax of the raw logits (the fast path)."""
-        return self.params.greedy and self._bias is None and self._seen is None and self._counts is None
+        return self.params.greedy and not self.adjusts
 
     def adjust(self, row: np.ndarray) -> np.ndarray:
         """Logits [V] after logit_bias and the penalties (a new float64 array; ``row`` is not modified)."""
@@ -152,23 +157,23 @@ def sample(logits: np.ndarray, seqs: list[SequenceSampler]) -> list[SampleResult
     if fast:  # float32 argmax: the same token as float64, ties to the lowest id; no copy of the row
         tokens[fast] = np.argmax(logits[fast], axis=1)
     general = [i for i, s in enumerate(seqs) if not s.plain_greedy]
-    x = np.stack([seqs[i].adjust(logits[i]) for i in general]) if general else np.zeros((0, V))  # float64
+    # rows with nothing to adjust stay float32 (exp and the filters in SIMD float32; sums in float64)
+    if all(not seqs[i].adjusts for i in general):
+        x = logits[general]
+    else:
+        x = np.stack([seqs[i].adjust(logits[i]) for i in general])  # float64
     if general:
         tokens[general] = np.argmax(x, axis=1)  # greedy rows keep this: ties go to the lowest id
     sampled = [j for j, i in enumerate(general) if not seqs[i].params.greedy]  # rows of x
     if sampled:
         rows = np.array([general[j] for j in sampled], dtype=np.int64)
         ps = [seqs[i].params for i in rows]
-        temps = np.array([p.temperature for p in ps])
+        temps = np.array([p.temperature for p in ps], dtype=x.dtype)
         probs = _filtered_probs(x[sampled] / temps[:, None], np.array([p.top_k for p in ps]),
                                 np.array([p.top_p for p in ps]), np.array([p.min_p for p in ps]))
         u = np.array([seqs[i].rng.random() for i in rows])  # one draw per sequence per step, from its own generator
-        cdf = np.cumsum(probs, axis=1)  # [b, V]
         for j, r in enumerate(rows):
-            # inverse CDF: the first token whose cdf exceeds u * total always has p > 0; the rounding case
-            # u * total == total falls past the end and takes the last token with p > 0
-            pick = min(int(np.searchsorted(cdf[j], u[j] * cdf[j, -1], side="right")), V - 1)
-            tokens[r] = pick if probs[j, pick] > 0 else int(np.flatnonzero(probs[j, :pick])[-1])
+            tokens[r] = _inverse_cdf(probs[j], u[j])
     out = []
     for i, s in enumerate(seqs):
         t = int(tokens[i])
@@ -224,8 +229,9 @@ def _top_k_top_p_mask(z: np.ndarray, probs: np.ndarray, k: int, top_p: float) ->
         order = cand[np.argsort(-z[cand], kind="stable")]  # most likely first; ties: lowest id (cand ascends)
         kk = min(k, order.size)
         sp = probs[order[:kk]]
-        total = sp.sum() if k < V else probs.sum()  # the top-k mass lies within the candidates
-        mass_before = (np.cumsum(sp) - sp) / total
+        # the top-k mass lies within the candidates
+        total = sp.sum(dtype=np.float64) if k < V else probs.sum(dtype=np.float64)
+        mass_before = (np.cumsum(sp, dtype=np.float64) - sp) / total
         keep = mass_before < top_p  # rank 0 always kept
         if keep[-1] and order.size < min(k, V):  # the nucleus may go on past the candidates
             m = min(V, 4 * m)
@@ -233,6 +239,24 @@ def _top_k_top_p_mask(z: np.ndarray, probs: np.ndarray, k: int, top_p: float) ->
         mask = np.zeros(V, dtype=bool)
         mask[order[:kk][keep]] = True
         return mask
+
+
+_CDF_BLOCK = 1024
+
+
+def _inverse_cdf(p: np.ndarray, u: float) -> int:
+    """The first token whose cumulative probability exceeds ``u * total`` (it always has p > 0; the rounding
+    case ``u * total == total`` takes the last token with p > 0). Sums blocks of 1024 in float64, then
+    accumulates one block, instead of a float64 cumulative sum over the whole vocabulary."""
+    V = p.shape[0]
+    padded = np.pad(p, (0, -V % _CDF_BLOCK)) if V % _CDF_BLOCK else p
+    block_cdf = np.cumsum(padded.reshape(-1, _CDF_BLOCK).sum(axis=1, dtype=np.float64))
+    target = u * block_cdf[-1]
+    b = min(int(np.searchsorted(block_cdf, target, side="right")), block_cdf.size - 1)
+    start = b * _CDF_BLOCK
+    cdf = np.cumsum(p[start:start + _CDF_BLOCK], dtype=np.float64) + (block_cdf[b - 1] if b else 0.0)
+    pick = min(start + int(np.searchsorted(cdf, target, side="right")), V - 1)
+    return pick if p[pick] > 0 else int(np.flatnonzero(p[:pick])[-1])
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

@@ -178,6 +178,25 @@ def test_filters_over_a_real_vocabulary_keep_the_full_sorts_tokens(shape, temper
     np.testing.assert_allclose(got / got.sum(), ref, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("vocab", [5, 1024, 1500, 49152])
+def test_inverse_cdf_by_blocks_picks_what_a_full_cumulative_sum_picks(vocab):
+    """The draw sums blocks of 1024 then accumulates one block; it lands on the token a float64 cumulative
+    sum over the whole row gives (sparse rows, u at both ends), and never on a zero-probability token."""
+    from ferrum_runtime.sampler import _inverse_cdf
+
+    rng = np.random.default_rng(vocab)
+    for _ in range(100):
+        p = rng.random(vocab) * (rng.random(vocab) < 0.3)
+        p[rng.integers(vocab)] += 1.0
+        for u in (0.0, float(rng.random()), 0.5, 1.0 - 2**-53):
+            c = np.cumsum(p)
+            ref = min(int(np.searchsorted(c, u * c[-1], side="right")), vocab - 1)
+            ref = ref if p[ref] > 0 else int(np.flatnonzero(p[:ref])[-1])
+            got = _inverse_cdf(p, u)
+            assert p[got] > 0
+            assert got == ref or abs(c[min(got, ref)] - u * c[-1]) < 1e-9  # a boundary within rounding
+
+
 # -- penalties and bias ----------------------------------------------------------------------------------------
 
 def test_penalties_match_hand_computed_logits():
