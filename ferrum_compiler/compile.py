@@ -53,6 +53,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     kv_dtype = options.kv_dtype or ("bfloat16" if dtype == "bfloat16" else "float16")
     if kv_dtype not in DTYPES:
         raise CompileError(f"unknown --kv-dtype {kv_dtype!r}; choose one of {', '.join(DTYPES)}")
+    if options.act_bits not in ACT_BITS:
+        raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
     if options.block_size not in (8, 16, 32, 64):
         raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
     t_start = time.perf_counter()
@@ -75,8 +77,6 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     try:
         t = phase(2, "building the IR and running passes: " + ", ".join(n for n, _ in PIPELINE))
         graph = with_kv_dtype(family(cfg.arch).build(cfg, dtype, options.block_size), kv_dtype)
-        if options.act_bits not in ACT_BITS:
-            raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
         graph.quant = kernel_layouts(graph, declared_quantization(graph, ckpt, options.quant), spec.int_dot_isa,
                                      options.act_bits)
         try:
@@ -233,6 +233,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> d
 def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOptions, graph, index: dict,
               tok_files: list[str], timings: dict, total: float) -> dict:
     cfg = ckpt.config
+    kv_dtype = graph.inputs["kv_cache.0"].dtype
     from ferrum_compiler import __version__
 
     return {
@@ -254,7 +255,7 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
                                                  and len(graph.params[p].shape) == 2)},
         "kv_cache": {"layout": "[num_blocks, 2, kv_heads, block_size, head_dim] per layer",
                      "num_layers": cfg.num_layers, "block_size": options.block_size, "kv_heads": cfg.num_kv_heads,
-                     "head_dim": cfg.head_dim, "dtype": graph.inputs["kv_cache.0"].dtype},
+                     "head_dim": cfg.head_dim, "dtype": kv_dtype},
         "entry_points": {lowering.ENTRY: {"args": lowering.argument_specs(graph),
                                           "returns": {"name": "logits", "shape": ["L", cfg.vocab_size],
                                                       "dtype": "float32"}}},
@@ -262,7 +263,7 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "tokenizer": {"files": tok_files},
         "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},
         "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size,
-                            "quant": options.quant, "kv_dtype": graph.inputs["kv_cache.0"].dtype,
+                            "quant": options.quant, "kv_dtype": kv_dtype,
                             "act_bits": options.act_bits},
         "build": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "seconds": round(total, 2),

@@ -344,14 +344,17 @@ def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
     saturates a pair of 255 x 127 products)."""
     return fmt.bits == 4 or (fmt.bits == 8 and fmt.sym and act_bits == 8 and fmt.group_size % 32 == 0
                              and isa == "avx512_vnni")
+
+
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
 _R16_PREFILL_TOKENS = 4
 
 
 def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
                          bias_dtype: str | None, isa: str, act_bits: int = 16):
-    """PrimFunc ``qlinear(x[T,K], qweight, scales, [mins,] [bias[N],] out[T,N])`` for int4 weights in the
-    "r16" layout (``interleave_r16``), with integer dot products.
+    """PrimFunc ``qlinear(x[T,K], qweight, scales, [mins,] [bias[N],] out[T,N])`` for int4 weights (and the
+    symmetric int8 ones ``r16_supports`` admits) in the "r16" layout (``interleave_r16``), with integer dot
+    products.
 
     Each token's activations are rounded per weight group to ``act_bits`` bits (``x ≈ dx * q``, ``dx =
     max|x| / (2^(act_bits-1) - 1)``: a relative error of 1.5e-5 (16 bits) or 3.9e-3 (8 bits, what
@@ -383,12 +386,12 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     def lanes(buf, tt):
         return buf[T.ramp(tt * R16, 1, R16)]
 
-    def nibbles(w, task, chunk, high):
-        v = w[task, T.ramp(chunk * 64, 1, 64)]
-        return T.shift_right(v, T.broadcast(T.uint8(4), 64)) if high else T.bitwise_and(v, T.broadcast(T.uint8(15), 64))
-
     def weight_bytes(w, task, chunk):
         return w[task, T.ramp(chunk * 64, 1, 64)]
+
+    def nibbles(w, task, chunk, high):
+        v = weight_bytes(w, task, chunk)
+        return T.shift_right(v, T.broadcast(T.uint8(4), 64)) if high else T.bitwise_and(v, T.broadcast(T.uint8(15), 64))
 
     def word(buf, t, i):
         return T.broadcast(buf[t, i], R16)
@@ -492,23 +495,23 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                         for c in T.unroll(4):
                             for tt in T.unroll(TB):
                                 t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
-                                ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
-                                wl: T.let[T.int32] = (g * BPG + bb) * 8 + c  # its activation word (low nibbles)
+                                wl: T.let[T.int32] = (g * BPG + bb) * 8 + c  # activation word (int4: low nibbles)
                                 if eight:  # chunks c and c + 4 of the block's 8: 4 columns each
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), weight_bytes(w, task, wl),
                                                                         word(xh, t, wl))
                                     hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), weight_bytes(w, task, wl + 4),
                                                                         word(xh, t, wl + 4))
                                 else:
+                                    ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
                                                                         word(xh, t, wl))
                                     hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
                                                                         word(xh, t, wl + 4))
-                                if wide:
-                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
-                                                                        nibbles(w, task, ch, False))
-                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
-                                                                        nibbles(w, task, ch, True))
+                                    if wide:  # 16-bit activations: int4 weights only
+                                        ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
+                                                                            nibbles(w, task, ch, False))
+                                        lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
+                                                                            nibbles(w, task, ch, True))
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
                         acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
