@@ -223,6 +223,19 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out):
                     lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind, cdtype))
     cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
     window, scale = op.attrs["sliding_window"], op.attrs["scale"]
+    if kernel_kind == "gpu":  # split-KV partials, then their merge
+        ntok, max_blocks = q.ty.shape[0], block_tables.ty.shape[1]
+        splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)
+        split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
+                       lambda: attn_sched.make_attention_gpu(heads, kv_heads, head_dim, block_size, dtype,
+                                                             sliding_window=window, scale=scale, cache_dtype=cdtype))
+        parts = bb.emit(relax.call_tir(split, [q, cache, positions, query_start, block_tables],
+                                       [relax.TensorType([ntok, heads, splits, head_dim], "float32"),
+                                        relax.TensorType([ntok, heads, splits, 2], "float32")]))
+        merge = kernel(("attention_merge", heads, head_dim, dtype),
+                       lambda: attn_sched.make_attention_merge_gpu(heads, head_dim, dtype))
+        return relax.call_tir(merge, [bb.emit(relax.TupleGetItem(parts, 0)), bb.emit(relax.TupleGetItem(parts, 1))],
+                              q.ty)
     attend = kernel(("attention", heads, kv_heads, head_dim, block_size, dtype, cdtype, kernel_kind, window, scale),
                     lambda: attn_sched.make_attention(heads, kv_heads, head_dim, block_size, dtype, kernel_kind,
                                                       sliding_window=window, scale=scale, cache_dtype=cdtype))

@@ -192,6 +192,241 @@ def make_attention(
     return _mark(attention, kind)
 
 
+# GPU attention: query tiles x KV heads x KV splits (flash-decoding), then a merge over the splits
+GPU_THREADS = 128
+GPU_KEY_TILE = 16  # keys staged in shared memory per step (divides the block size, or equals it)
+GPU_MAX_ROWS = 32  # query rows (tokens x grouped heads) per tile
+SPLIT_KEYS = 256  # fewest keys per split worth a split of its own
+
+
+def gpu_tile_tokens(num_heads: int, kv_heads: int, head_dim: int) -> int:
+    """Query tokens per tile: a tile holds every query head of one KV head for these tokens, so each K/V
+    element staged in shared memory serves ``tokens x group`` query rows (GQA-aware). At most 32 rows,
+    fewer for wide heads (the staged queries stay within 16 KiB of shared memory)."""
+    return max(1, min(GPU_MAX_ROWS, 4096 // head_dim) // (num_heads // kv_heads))
+
+
+def gpu_num_splits(ntok, max_blocks, block_size: int):
+    """Splits of each sequence's keys (a PrimExpr of the token count and the block-table width): enough
+    for a few decode sequences over long contexts to fill the GPU, one once the batch has >= 256 tokens."""
+    from tvm import tirx
+
+    by_keys = (max_blocks * block_size + SPLIT_KEYS - 1) // SPLIT_KEYS
+    return tirx.max(tirx.min(by_keys, 256 // tirx.max(ntok, 1)), 1)
+
+
+def make_attention_gpu(
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: str,
+    sliding_window: int = 0,
+    scale: float | None = None,
+    cache_dtype: str = "",
+):
+    """PrimFunc ``attention_split(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
+    part_acc[T,H,S,D] f32, part_ml[T,H,S,2] f32)``: unnormalised partial attention per KV split.
+
+    Grid: (query tiles, KV heads, splits S), 128 threads. A tile is up to ``gpu_tile_tokens`` consecutive
+    query tokens of one sequence with all ``group`` query heads of one KV head (tiles are numbered
+    sequence by sequence; the grid allocates ``ceil(T / tokens) + B`` and the excess exits). Split ``s``
+    covers key positions ``[s*C, (s+1)*C)``, ``C = ceil(M*block_size / S)`` rounded up to the key tile.
+    Per key tile: K and V are staged in shared memory (coalesced), each thread scores (row, key) pairs
+    from shared memory, one thread per row updates the online softmax, and each thread rescales and
+    accumulates its fixed ``rows*D/128`` output elements held in registers. Writes the running max and
+    sum (``part_ml``) and the unnormalised output of every row and split; an empty split writes max
+    ``-3e38``, sum 0. ``make_attention_merge_gpu`` combines the splits.
+    """
+    from tvm.script import tirx as T
+
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    H, KVH, D, BS, NT = num_heads, kv_heads, head_dim, block_size, GPU_THREADS
+    G = num_heads // kv_heads
+    QT = gpu_tile_tokens(num_heads, kv_heads, head_dim)
+    R = QT * G  # query rows per tile
+    KC = math.gcd(BS, GPU_KEY_TILE)
+    sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
+    window = int(sliding_window) if sliding_window > 0 else 1 << 30
+    ER, EK, EQ = -(-R * D // NT), -(-KC * D // NT), -(-R * KC // NT)  # per-thread elements of each tile
+    NEG = -3.0e38
+    cdtype = cache_dtype or dtype
+
+    @T.prim_func(private=True)
+    def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
+                        pa_h: T.handle, pm_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok, nb, nbatch, mb, ns = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (ntok, H, D), dtype)
+        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), cdtype)
+        positions = T.match_buffer(p_h, (ntok,), "int32")
+        query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
+        block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
+        part_acc = T.match_buffer(pa_h, (ntok, H, ns, D), "float32")
+        part_ml = T.match_buffer(pm_h, (ntok, H, ns, 2), "float32")
+        for tile in T.thread_binding((ntok + QT - 1) // QT + nbatch, thread="blockIdx.x"):
+            for kh in T.thread_binding(KVH, thread="blockIdx.y"):
+                for sp in T.thread_binding(ns, thread="blockIdx.z"):
+                    for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                        q_s = T.alloc_buffer((R, D), "float32", scope="shared")
+                        k_s = T.alloc_buffer((KC, D), "float32", scope="shared")
+                        v_s = T.alloc_buffer((KC, D), "float32", scope="shared")
+                        p_s = T.alloc_buffer((R, KC), "float32", scope="shared")  # scores
+                        w_s = T.alloc_buffer((R, KC), "float32", scope="shared")  # their softmax weights
+                        alpha = T.alloc_buffer((R,), "float32", scope="shared")  # each row's rescale
+                        # thread r < R keeps row r's running max and sum; a branch never writes shared
+                        # memory it then reads (TVM would want a barrier inside the branch)
+                        ml = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, scratch
+                        # sequence, first token, tokens (0: no such tile), first key, keys
+                        info = T.alloc_buffer((5,), "int32", scope="shared")
+                        acc = T.alloc_buffer((ER,), "float32", scope="local")
+                        scan = T.alloc_buffer((4,), "int32", scope="local")  # tiles before b, found, ...
+                        if tx == 0:
+                            # shared memory is never read in a condition (TVM's sync planner rejects it)
+                            scan[0] = 0
+                            scan[1] = 0
+                            info[2] = 0
+                            info[3] = 0
+                            info[4] = 0
+                            for b in T.serial(nbatch):
+                                n_b: T.let[T.int32] = (query_start[b + 1] - query_start[b] + QT - 1) // QT
+                                if scan[1] == 0:
+                                    if T.Cast("int32", tile) < scan[0] + n_b:
+                                        scan[1] = 1
+                                        scan[2] = query_start[b] + (T.Cast("int32", tile) - scan[0]) * QT
+                                        scan[3] = T.min(QT, query_start[b + 1] - scan[2])
+                                        info[0] = T.Cast("int32", b)
+                                        info[1] = scan[2]
+                                        info[2] = scan[3]
+                                    else:
+                                        scan[0] = scan[0] + n_b
+                            if scan[1] == 1:
+                                # keys this tile needs: from the first token's window start to the last
+                                # token's position, clipped to this split's range
+                                chunk: T.let[T.int32] = ((T.Cast("int32", mb) * BS + T.Cast("int32", ns) - 1)
+                                                         // T.Cast("int32", ns) + KC - 1) // KC * KC
+                                lo: T.let[T.int32] = T.max(T.max(positions[scan[2]] - window + 1, 0),
+                                                           T.Cast("int32", sp) * chunk)
+                                hi: T.let[T.int32] = T.min(positions[scan[2] + scan[3] - 1] + 1,
+                                                           (T.Cast("int32", sp) + 1) * chunk)
+                                info[3] = lo // KC * KC
+                                info[4] = T.max(hi - lo // KC * KC, 0)
+                        T.tvm_storage_sync("shared")
+                        # no early exit: TVM plans barriers outside conditions only, so an absent tile
+                        # (count 0) runs zero key tiles and writes nothing
+                        count: T.let[T.int32] = info[2]  # tokens in this tile; 0: no such tile
+                        seq: T.let[T.int32] = info[0]
+                        tok0: T.let[T.int32] = info[1]
+                        key0: T.let[T.int32] = info[3]
+                        nkeys: T.let[T.int32] = info[4]
+                        for e in T.serial(ER):
+                            if e * NT + tx < R * D:
+                                r: T.let[T.int32] = (e * NT + tx) // D
+                                d: T.let[T.int32] = (e * NT + tx) % D
+                                acc[e] = T.float32(0)
+                                if r // G < count:
+                                    q_s[r, d] = T.Cast("float32", q[tok0 + r // G, kh * G + r % G, d]) * T.float32(
+                                        sm_scale)
+                                else:
+                                    q_s[r, d] = T.float32(0)
+                        if tx < R:
+                            ml[0] = T.float32(NEG)
+                            ml[1] = T.float32(0)
+                        for kt in T.serial((nkeys + KC - 1) // KC):
+                            j0: T.let[T.int32] = key0 + kt * KC
+                            T.tvm_storage_sync("shared")  # the previous tile's readers are done
+                            for e in T.serial(EK):
+                                if e * NT + tx < KC * D:
+                                    jj: T.let[T.int32] = (e * NT + tx) // D
+                                    d: T.let[T.int32] = (e * NT + tx) % D
+                                    blk: T.let[T.int32] = block_tables[seq, (j0 + jj) // BS]
+                                    k_s[jj, d] = T.Cast("float32", cache[blk, 0, kh, (j0 + jj) % BS, d])
+                                    v_s[jj, d] = T.Cast("float32", cache[blk, 1, kh, (j0 + jj) % BS, d])
+                            T.tvm_storage_sync("shared")
+                            for e in T.serial(EQ):
+                                if e * NT + tx < R * KC:
+                                    r: T.let[T.int32] = (e * NT + tx) // KC
+                                    jj: T.let[T.int32] = (e * NT + tx) % KC
+                                    j: T.let[T.int32] = j0 + jj
+                                    pos: T.let[T.int32] = positions[tok0 + T.min(r // G, count - 1)]
+                                    if (r // G < count and j <= pos and j >= pos - window + 1
+                                            and j >= key0 and j < key0 + nkeys):
+                                        ml[2] = T.float32(0)  # the dot product, in a register
+                                        for d in T.serial(D):
+                                            ml[2] = ml[2] + q_s[r, d] * k_s[jj, d]
+                                        p_s[r, jj] = ml[2]
+                                    else:
+                                        p_s[r, jj] = T.float32(NEG)
+                            T.tvm_storage_sync("shared")
+                            if tx < R:
+                                ml[2] = ml[0]  # the old max
+                                for jj in T.serial(KC):
+                                    ml[0] = T.max(ml[0], p_s[tx, jj])
+                                alpha[tx] = T.exp(ml[2] - ml[0])
+                                ml[1] = ml[1] * T.exp(ml[2] - ml[0])
+                                for jj in T.serial(KC):
+                                    # a masked key (-3e38) weighs 0, also while the row has no key yet
+                                    w: T.let[T.float32] = T.if_then_else(p_s[tx, jj] > T.float32(-1.0e38),
+                                                                         T.exp(p_s[tx, jj] - ml[0]), T.float32(0))
+                                    w_s[tx, jj] = w
+                                    ml[1] = ml[1] + w
+                            T.tvm_storage_sync("shared")
+                            for e in T.serial(ER):
+                                if e * NT + tx < R * D:
+                                    r: T.let[T.int32] = (e * NT + tx) // D
+                                    d: T.let[T.int32] = (e * NT + tx) % D
+                                    acc[e] = acc[e] * alpha[r]
+                                    for jj in T.serial(KC):
+                                        acc[e] = acc[e] + w_s[r, jj] * v_s[jj, d]
+                        T.tvm_storage_sync("shared")
+                        for e in T.serial(ER):
+                            if e * NT + tx < R * D:
+                                r: T.let[T.int32] = (e * NT + tx) // D
+                                if r // G < count:
+                                    part_acc[tok0 + r // G, kh * G + r % G, sp, (e * NT + tx) % D] = acc[e]
+                        if tx < R:
+                            if tx // G < count:
+                                part_ml[tok0 + tx // G, kh * G + tx % G, sp, 0] = ml[0]
+                                part_ml[tok0 + tx // G, kh * G + tx % G, sp, 1] = ml[1]
+
+    return attention_split
+
+
+def make_attention_merge_gpu(num_heads: int, head_dim: int, dtype: str):
+    """PrimFunc ``attention_merge(part_acc[T,H,S,D], part_ml[T,H,S,2], out[T,H,D])``: one block per
+    (token, head), a thread per output element: ``sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s``."""
+    from tvm.script import tirx as T
+
+    H, D = num_heads, head_dim
+    NT = min(D, GPU_THREADS)
+
+    @T.prim_func(private=True)
+    def attention_merge(pa_h: T.handle, pm_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok, ns = T.int64(), T.int64()
+        part_acc = T.match_buffer(pa_h, (ntok, H, ns, D), "float32")
+        part_ml = T.match_buffer(pm_h, (ntok, H, ns, 2), "float32")
+        out = T.match_buffer(o_h, (ntok, H, D), dtype)
+        for th in T.thread_binding(ntok * H, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                st = T.alloc_buffer((3,), "float32", scope="local")  # max, denominator, numerator
+                st[0] = T.float32(-3.0e38)
+                for s in T.serial(ns):
+                    st[0] = T.max(st[0], part_ml[th // H, th % H, s, 0])
+                for d0 in T.serial((D + NT - 1) // NT):
+                    if d0 * NT + tx < D:
+                        st[1] = T.float32(0)
+                        st[2] = T.float32(0)
+                        for s in T.serial(ns):
+                            w: T.let[T.float32] = T.exp(part_ml[th // H, th % H, s, 0] - st[0])
+                            st[1] = st[1] + w * part_ml[th // H, th % H, s, 1]
+                            st[2] = st[2] + w * part_acc[th // H, th % H, s, d0 * NT + tx]
+                        out[th // H, th % H, d0 * NT + tx] = T.Cast(dtype, st[2] / st[1])
+
+    return attention_merge
+
+
 def _thread_loops(kind: str):
     """``(outer, inner, chunk)``: the two loops over work items, written once for both kinds. On the CPU
     every item is a parallel task (decode has few: batch x heads); on GPUs blocks of 64 threads."""

@@ -1,0 +1,97 @@
+"""GPU kernels of ``schedules/`` run on this CPU (their TIR lowered for OpenCL, run by PoCL:
+tests/gpu_emu.py) against the numpy references. float32 variants: PoCL has no half arithmetic; the
+float16 builds of the same kernels are compiled for every CUDA arch in tests/test_gpu_targets.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ferrum.schedules import paged_attention as pa
+
+from . import gpu_emu
+
+pytestmark = pytest.mark.kernel
+
+_built: dict = {}
+
+
+def _kernel(key, make):
+    if key not in _built:
+        _built[key] = make()
+    return _built[key]
+
+
+def _splits(ntok: int, max_blocks: int, block_size: int) -> int:
+    from tvm import tirx
+    from tvm.sym.analyzer import Analyzer
+
+    expr = pa.gpu_num_splits(tirx.const(ntok, "int64"), tirx.const(max_blocks, "int64"), block_size)
+    return int(Analyzer().simplify(expr).value)
+
+
+def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0, splits=None):
+    """Ragged batch (sequence b: ctx_lens[b] cached tokens, q_lens[b] new ones, shuffled blocks) through
+    the split kernel and the merge; returns (out, reference, partial max/sum)."""
+    batch = len(ctx_lens)
+    per_seq = max(-(-(c + q) // block_size) for c, q in zip(ctx_lens, q_lens))
+    num_blocks = per_seq * batch + 2
+    tables = rng.permutation(num_blocks)[: per_seq * batch].reshape(batch, per_seq).astype(np.int32)
+    cache = rng.standard_normal((num_blocks, 2, kv_heads, block_size, head_dim)).astype(np.float32)
+    positions = np.concatenate([np.arange(c, c + q) for c, q in zip(ctx_lens, q_lens)]).astype(np.int32)
+    query_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    ntok = int(query_start[-1])
+    q = rng.standard_normal((ntok, heads, head_dim)).astype(np.float32)
+    ref = pa.attention_ref(q, cache, positions, query_start, tables, sliding_window=window)
+    ns = splits or _splits(ntok, per_seq, block_size)
+    part_acc = np.full((ntok, heads, ns, head_dim), np.nan, np.float32)  # every element must be written
+    part_ml = np.full((ntok, heads, ns, 2), np.nan, np.float32)
+    split = _kernel(("split", heads, kv_heads, head_dim, block_size, window),
+                    lambda: pa.make_attention_gpu(heads, kv_heads, head_dim, block_size, "float32",
+                                                  sliding_window=window))
+    gpu_emu.run(split, q, cache, positions, query_start, tables, part_acc, part_ml)
+    out = np.zeros_like(q)
+    merge = _kernel(("merge", heads, head_dim), lambda: pa.make_attention_merge_gpu(heads, head_dim, "float32"))
+    gpu_emu.run(merge, part_acc, part_ml, out)
+    return out, ref, part_ml
+
+
+HEADS = st.sampled_from([(1, 1), (4, 2), (8, 2), (6, 1), (9, 3), (32, 8)])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), batch=st.integers(1, 4), heads=HEADS, head_dim=st.sampled_from([8, 32, 128]),
+       block_size=st.sampled_from([1, 4, 16, 32]), data=st.data())
+def test_split_attention_matches_reference(seed, batch, heads, head_dim, block_size, data):
+    rng = np.random.default_rng(seed)
+    ctx = data.draw(st.lists(st.integers(0, 300), min_size=batch, max_size=batch))
+    qlen = data.draw(st.lists(st.integers(1, 40), min_size=batch, max_size=batch))
+    out, ref, part_ml = run_attention(rng, ctx, qlen, heads[0], heads[1], head_dim, block_size)
+    assert not np.isnan(part_ml).any()
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ctx,qlen,splits", [
+    ([600, 10, 33], [1, 1, 1], None),  # decode over long contexts: several splits, GQA group 4
+    ([100, 513], [2, 1], 5),  # more splits than some sequences have keys: empty splits merge to nothing
+    ([0, 40], [70, 1], None),  # a prefill spanning several query tiles beside a decode
+])
+def test_decode_and_prefill_splits(ctx, qlen, splits):
+    out, ref, part_ml = run_attention(np.random.default_rng(1), ctx, qlen, 32, 8, 64, 16, splits=splits)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+    if splits == 5:  # sequence 0 (102 keys) leaves splits 1..4 of its tokens empty: max -3e38, sum 0
+        assert (part_ml[:2, :, 1:, 0] < -1e38).all() and (part_ml[:2, :, 1:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window(window):
+    out, ref, _ = run_attention(np.random.default_rng(window), [0, 20, 300], [12, 1, 30], 4, 2, 16, 4, window=window)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_split_count_follows_batch_and_context():
+    assert _splits(1, 256, 16) == 16  # one decode over 4096 keys: 16 splits of 256
+    assert _splits(16, 256, 16) == 16 and _splits(64, 256, 16) == 4
+    assert _splits(512, 256, 16) == 1 and _splits(1, 1, 16) == 1  # prefill-sized batches and short contexts
