@@ -145,7 +145,7 @@ def ferrum_speed(model, tiny: bool) -> dict:
         seqs.step([p])
         runs.append(time.perf_counter() - t0)
     out[f"pp{n_pp}"] = n_pp / float(np.median(runs))
-    for b in (1, 4, 16, 32):
+    def decode(b: int) -> float:
         seqs = _Seqs(model, b, n_prompt + n_gen + 1)
         for i in range(b):
             seqs.step([prompt(n_prompt) if j == i else [] for j in range(b)])
@@ -153,7 +153,16 @@ def ferrum_speed(model, tiny: bool) -> dict:
         t0 = time.perf_counter()
         for _ in range(n_gen):
             toks = [int(t) for t in seqs.step([[t] for t in toks]).argmax(axis=1)]
-        out[f"decode b{b}"] = b * n_gen / (time.perf_counter() - t0)
+        return b * n_gen / (time.perf_counter() - t0)
+
+    for b in (1, 4, 16, 32):
+        out[f"decode b{b}"] = decode(b)
+    if model.decode_max_tokens:  # the same batches through the general entry point (dlight matmuls)
+        limit, model.decode_max_tokens = model.decode_max_tokens, 0
+        for b in (1, 4, 8):
+            out[f"decode b{b} without GEMV entry"] = decode(b)
+        model.decode_max_tokens = limit
+        out["decode b8"] = decode(8)
     return out
 
 

@@ -193,6 +193,17 @@ def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, ac
     return {w: ({**q, "layout": "r16", "act_bits": act_bits} if r16(w, q) else q) for w, q in declared.items()}
 
 
+def _entry_points(graph, spec: TargetSpec, vocab_size: int) -> dict:
+    entry = {"args": lowering.argument_specs(graph),
+             "returns": {"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}}
+    out: dict[str, dict] = {lowering.ENTRY: entry}
+    if spec.kernel_kind == "gpu":  # same arguments and result, for batches of at most max_tokens tokens
+        out[lowering.DECODE_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS}
+    out[lowering.ARGMAX_ENTRY] = {"args": [{"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}],
+                                  "returns": {"name": "token_ids", "shape": ["L"], "dtype": "int32"}}
+    return out
+
+
 def _quant_method(ckpt: Checkpoint, mode: str) -> str:
     if mode == "none":
         return "none"
@@ -207,7 +218,8 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> d
 
     from .gpu_build import GpuCodeVerifier, prepare_cuda_build
 
-    mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa)
+    mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa,
+                         max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
@@ -256,9 +268,7 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "kv_cache": {"layout": "[num_blocks, 2, kv_heads, block_size, head_dim] per layer",
                      "num_layers": cfg.num_layers, "block_size": options.block_size, "kv_heads": cfg.num_kv_heads,
                      "head_dim": cfg.head_dim, "dtype": kv_dtype},
-        "entry_points": {lowering.ENTRY: {"args": lowering.argument_specs(graph),
-                                          "returns": {"name": "logits", "shape": ["L", cfg.vocab_size],
-                                                      "dtype": "float32"}}},
+        "entry_points": _entry_points(graph, spec, cfg.vocab_size),
         "weights": {"dtype": dtype, "index": index, **({} if options.weights else {"pending": True})},
         "tokenizer": {"files": tok_files},
         "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},

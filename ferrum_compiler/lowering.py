@@ -13,19 +13,25 @@ from __future__ import annotations
 
 from ferrum.schedules import linear as linear_sched
 from ferrum.schedules import moe as moe_sched
+from ferrum.schedules import norm as norm_sched
 from ferrum.schedules import paged_attention as attn_sched
 from ferrum.schedules import quant_linear as quant_sched
+from ferrum.schedules import sampling as sampling_sched
 from ferrum.schedules.fast_math import exp_f32
 
 from .ir import Graph, static
 from .ir.rope import rope_inv_freq
 
 ENTRY = "forward"
+DECODE_ENTRY = "decode"  # GPU only: the same model for batches of at most DECODE_MAX_TOKENS tokens
+DECODE_MAX_TOKENS = 8
+ARGMAX_ENTRY = "argmax"  # logits [L, vocab] float32 -> int32 [L]: greedy tokens computed where the logits are
 
 
-def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
-    """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants and
-    ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights)."""
+def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16):
+    """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
+    ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights) and
+    ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -52,61 +58,87 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None):
                                        _identifier("_".join(str(k) for k in key)))
         return kernels[key]
 
-    fn_args = []
-    for v in list(graph.inputs.values()) + list(graph.params.values()):
-        fn_args.append(relax.Var(_identifier(v.name), relax.TensorType(shape_of(v.shape), v.dtype)))
-    env = {v: a for v, a in zip(list(graph.inputs) + list(graph.params), fn_args)}
-    slices: dict[str, tuple] = {}  # output of a last-axis slice of a 2-D value -> (its input, begin, end)
-    rope_tables: dict[tuple, object] = {}  # (positions, head_dim, theta, scaling) -> [T, 2, head_dim / 2] cos|sin
+    # GPU targets get a second entry point for batches of few tokens (decode): its linears are our GEMV
+    # kernels, which stream each weight once; larger batches take dlight's tiled (tensor-core) matmuls
+    entries = [(ENTRY, False)] + ([(DECODE_ENTRY, True)] if kernel_kind == "gpu" else [])
+    for entry, gemv in entries:
+        sym.update({s: tirx.Var(s, "int64") for s in sym})  # each function binds its own shape variables
+        fn_args = []
+        for v in list(graph.inputs.values()) + list(graph.params.values()):
+            fn_args.append(relax.Var(_identifier(v.name), relax.TensorType(shape_of(v.shape), v.dtype)))
+        env = {v: a for v, a in zip(list(graph.inputs) + list(graph.params), fn_args)}
+        slices: dict[str, tuple] = {}  # output of a last-axis slice of a 2-D value -> (its input, begin, end)
+        rope_tables: dict[tuple, object] = {}  # (positions, head_dim, theta, scaling) -> [T, 2, head_dim / 2] cos|sin
+        adds: dict[str, tuple] = {}  # output of a 2-D residual add -> its two operands (GPU: fused into the norm)
 
-    with bb.function(ENTRY, fn_args):
-        with bb.dataflow():
-            for op in graph.ops:
-                out = graph.values[op.output]
-                a = [env[i] for i in op.inputs]
-                k = op.kind
-                if k in ("embedding", "take_rows"):
-                    r = relax.op.take(a[0], a[1], axis=0, mode="clip")  # ids are validated by the runtime
-                elif k == "rms_norm":
-                    r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
-                elif k == "linear":
-                    r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out)
-                elif k == "qlinear":
-                    r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out)
-                elif k == "qembedding":
-                    fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
-                    make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
-                    r = bb.emit_te(make(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
-                elif k == "moe":
-                    r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out)
-                elif k == "take_cols":
-                    r = relax.op.take(a[0], a[1], axis=1, mode="clip")
-                elif k == "slice":
-                    axis = len(out.shape) - 1
-                    r = relax.op.strided_slice(a[0], axes=[axis], begin=[op.attrs["begin"]], end=[op.attrs["end"]])
-                    if axis == 1:
-                        slices[op.output] = (a[0], op.attrs["begin"], op.attrs["end"])
-                elif k == "reshape":
-                    r = _reshape(bb, relax, shape_of, slices.get(op.inputs[0]), a[0], op.attrs["shape"])
-                elif k == "rope":
-                    key = (op.inputs[1], static(out.shape[-1]), op.attrs["theta"], repr(op.attrs["scaling"]))
-                    if key not in rope_tables:  # once per step, shared by every layer's q and k
-                        inv = rope_inv_freq(key[1], op.attrs["theta"], op.attrs["scaling"]).astype("float32")
-                        rope_tables[key] = bb.emit_te(_rope_table_te(te, tirx), a[1], relax.const(inv),
-                                                      primfunc_name_hint="rope_table")
-                    r = bb.emit_te(_rope_te(te, tirx), a[0], rope_tables[key], primfunc_name_hint="rope")
-                elif k == "paged_attention":
-                    r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)
-                elif k == "silu_mul":
-                    r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
-                elif k == "add":
-                    r = relax.op.add(a[0], a[1])
-                else:
-                    raise NotImplementedError(f"no lowering for op {k!r}")
-                env[op.output] = bb.emit(r) if not isinstance(r, relax.Var) else r
-            result = bb.emit_output(env[graph.outputs[0]])
-        bb.emit_func_output(result)
-    mod = tvm.relax.transform.DeadCodeElimination([ENTRY])(bb.get())
+        with bb.function(entry, fn_args):
+            with bb.dataflow():
+                for op in graph.ops:
+                    out = graph.values[op.output]
+                    a = [env[i] for i in op.inputs]
+                    k = op.kind
+                    if k in ("embedding", "take_rows"):
+                        r = relax.op.take(a[0], a[1], axis=0, mode="clip")  # ids are validated by the runtime
+                    elif k == "rms_norm" and kernel_kind == "gpu" and op.inputs[0] in adds:
+                        # the residual add and this norm in one kernel; later readers of the sum take the
+                        # fused kernel's copy, so the add itself becomes dead code
+                        x, res = adds[op.inputs[0]]
+                        d, dt, wdt = out.shape[-1], out.dtype, graph.value(op.inputs[1]).dtype
+                        fused = kernel(("add_rms_norm", d, dt, wdt, op.attrs["eps"]),
+                                       lambda: norm_sched.make_add_rms_norm_gpu(d, dt, wdt, op.attrs["eps"]))
+                        both = bb.emit(relax.call_tir(fused, [x, res, a[1]], [x.ty, x.ty]))
+                        env[op.inputs[0]] = bb.emit(relax.TupleGetItem(both, 0))
+                        r = relax.TupleGetItem(both, 1)
+                    elif k == "rms_norm":
+                        r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
+                    elif k == "linear":
+                        r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes)
+                    elif k == "qlinear":
+                        r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
+                                     max_lanes)
+                    elif k == "qembedding":
+                        fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
+                        make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
+                        r = bb.emit_te(make(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
+                    elif k == "moe":
+                        r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                    elif k == "take_cols":
+                        r = relax.op.take(a[0], a[1], axis=1, mode="clip")
+                    elif k == "slice":
+                        axis = len(out.shape) - 1
+                        r = relax.op.strided_slice(a[0], axes=[axis], begin=[op.attrs["begin"]], end=[op.attrs["end"]])
+                        if axis == 1:
+                            slices[op.output] = (a[0], op.attrs["begin"], op.attrs["end"])
+                    elif k == "reshape":
+                        r = _reshape(bb, relax, shape_of, slices.get(op.inputs[0]), a[0], op.attrs["shape"])
+                    elif k == "rope":
+                        key = (op.inputs[1], static(out.shape[-1]), op.attrs["theta"], repr(op.attrs["scaling"]))
+                        if key not in rope_tables:  # once per step, shared by every layer's q and k
+                            inv = rope_inv_freq(key[1], op.attrs["theta"], op.attrs["scaling"]).astype("float32")
+                            rope_tables[key] = bb.emit_te(_rope_table_te(te, tirx), a[1], relax.const(inv),
+                                                          primfunc_name_hint="rope_table")
+                        r = bb.emit_te(_rope_te(te, tirx), a[0], rope_tables[key], primfunc_name_hint="rope")
+                    elif k == "paged_attention":
+                        r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                    elif k == "silu_mul":
+                        r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
+                    elif k == "add":
+                        r = relax.op.add(a[0], a[1])
+                        if len(out.shape) == 2 and graph.value(op.inputs[0]).shape == graph.value(op.inputs[1]).shape:
+                            adds[op.output] = (a[0], a[1])
+                    else:
+                        raise NotImplementedError(f"no lowering for op {k!r}")
+                    env[op.output] = bb.emit(r) if not isinstance(r, relax.Var) else r
+                result = bb.emit_output(env[graph.outputs[0]])
+            bb.emit_func_output(result)
+
+    # greedy sampling on the device: a step of plain greedy rows copies back L ids instead of [L, vocab] logits
+    vocab = static(graph.values[graph.outputs[0]].shape[1])
+    pick = kernel(("argmax", vocab, kernel_kind), lambda: sampling_sched.make_argmax(vocab, kernel_kind))
+    logits = relax.Var("logits", relax.TensorType([tirx.Var("L", "int64"), vocab], "float32"))
+    with bb.function(ARGMAX_ENTRY, [logits]):
+        bb.emit_func_output(bb.emit(relax.call_tir(pick, [logits], relax.TensorType([logits.ty.shape[0]], "int32"))))
+    mod = tvm.relax.transform.DeadCodeElimination([e for e, _ in entries] + [ARGMAX_ENTRY])(bb.get())
     if kernel_kind == "gpu":  # matmul(x, permute_dims(w)) -> one kernel reading w[N, K] in place
         mod = tvm.relax.transform.FuseTransposeMatmul()(mod)
     return mod
@@ -133,10 +165,16 @@ def _identifier(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out):
+def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int):
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]
+    if gemv:
+        x_dtype, b_dtype = graph.value(op.inputs[0]).dtype, graph.value(op.inputs[2]).dtype if has_bias else None
+        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype),
+                    lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
+                                                      max_lanes=max_lanes))
+        return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
                     lambda: linear_sched.make_linear_cpu(k, n, w.dtype, out.dtype, has_bias))
@@ -147,7 +185,7 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out):
     return r
 
 
-def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out):
+def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: bool, max_lanes: int):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
@@ -160,6 +198,11 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out):
         gv = kernel(("qlinear_r16", k, n, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, int_dot_isa, bits),
                     lambda: quant_sched.make_qlinear_r16_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype, int_dot_isa,
                                                              bits))
+        return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+    if gemv:
+        gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
+                    lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype,
+                                                      max_lanes=max_lanes))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),

@@ -137,7 +137,9 @@ def _inspect(args: argparse.Namespace) -> int:
         + ("   weights: none yet (compiled with --no-weights; `ferrum pack-weights`)" if d["weights"].get("pending") else ""),
         f"kv cache   block {m.kv_cache['block_size']}, {m.kv_cache['layout']}, {m.kv_cache['dtype']}",
         f"entry      forward({len(m.entry['args']) - n_params} inputs, {n_params} weights) -> logits "
-        f"{m.entry['returns']['shape']} {m.entry['returns']['dtype']}",
+        f"{m.entry['returns']['shape']} {m.entry['returns']['dtype']}"
+        + (f"; decode(same) for batches of <= {d['entry_points']['decode']['max_tokens']} tokens (GEMV kernels)"
+           if "decode" in d["entry_points"] else ""),
         f"ir         " + ", ".join(f"{k} x{v}" for k, v in d["ir"]["ops"].items()) + f"  (passes: {', '.join(d['ir']['passes'])})",
         f"built      {d['build']['time']} on {d['build']['host']} in {d['build']['seconds']} s",
     ]

@@ -333,13 +333,30 @@ class Engine:
             table[i, :len(t)] = t
         batch = RaggedBatch(np.array(ids, np.int32), np.array(pos, np.int32), np.array(starts, np.int32), table,
                             np.array(slots, np.int32), np.array(rows, np.int32))
+        # every row a plain greedy sample (no logprobs, grammar, bias or penalty): the device picks the
+        # tokens and only their ids come back
+        greedy = bool(row_owner) and self.model.has_device_argmax and all(
+            kind == "sample" and self._plain_greedy(c) for c, kind in row_owner)
         t0 = time.perf_counter()
-        state["logits"] = self.model.forward(batch, check=False)
+        if greedy:
+            state["logits"], state["token_ids"] = None, self.model.forward_greedy(batch, check=False)
+        else:
+            state["logits"], state["token_ids"] = self.model.forward(batch, check=False), None
         self.seconds["model_call"] += time.perf_counter() - t0
         state["row_owner"] = row_owner
         self.counters["computed_tokens"] += len(ids)
 
+    def _plain_greedy(self, c: ScheduledChunk) -> bool:
+        req, ch = self._by_seq[c.seq]
+        return (ch.sampler.plain_greedy and req.params.logprobs is None and ch.matcher is None
+                and req.params.max_tokens > 0)
+
     def _sample(self, state: dict) -> None:
+        if state["token_ids"] is not None:  # greedy on the device: row r of the batch is row_owner[r]
+            state["sampled"] = {c.seq: SampleResult(int(t), float("nan"), [])
+                                for t, (c, _) in zip(state["token_ids"], state["row_owner"])}
+            state["scored"] = []
+            return
         logits: np.ndarray = state["logits"]
         to_sample: list[tuple[int, ScheduledChunk]] = []
         prompt_rows: dict[ScheduledChunk, list[int]] = {}

@@ -12,6 +12,7 @@ first imported for every command but ``compile``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,12 @@ class CompiledModel:
         lib = tvm.runtime.load_module(str(manifest.path / LIBRARY))
         self.vm = rvm.VirtualMachine(lib, self.device)
         self._fn = self.vm["forward"]
+        # GPU artifacts: a second entry point whose linears are GEMV kernels, for batches of few tokens
+        decode = manifest.data["entry_points"].get("decode")
+        self._decode_fn = self.vm["decode"] if decode else None
+        self.decode_max_tokens = decode_max_tokens(decode)
+        # greedy tokens where the logits are (artifacts from before it have none: the host takes the argmax)
+        self._argmax_fn = self.vm["argmax"] if "argmax" in manifest.data["entry_points"] else None
         args = manifest.entry["args"]
         param_names = [a["name"] for a in args if a["role"] == "param"]
         self.params = self._load_params(param_names)
@@ -131,6 +138,21 @@ class CompiledModel:
 
     def forward(self, batch: RaggedBatch, check: bool = True) -> np.ndarray:
         """Run one step; returns logits ``[L, vocab]`` float32 for the rows ``batch.logits_index`` names."""
+        return self._run(batch, check).numpy()
+
+    @property
+    def has_device_argmax(self) -> bool:
+        return self._argmax_fn is not None
+
+    def forward_greedy(self, batch: RaggedBatch, check: bool = True) -> np.ndarray:
+        """Run one step; returns the argmax token id (int32, ties to the lowest id) of each logits row,
+        computed on the device: only ``L`` ids are copied back. Needs ``has_device_argmax``."""
+        if self._argmax_fn is None:
+            raise ArtifactError("this artifact has no argmax entry point; recompile it with this ferrum")
+        return self._argmax_fn(self._run(batch, check)).numpy()
+
+    def _run(self, batch: RaggedBatch, check: bool):
+        """The step's logits, left on the device."""
         import tvm
 
         if check:
@@ -139,7 +161,22 @@ class CompiledModel:
         args = list(self._args)
         for i, name in self._slots:
             args[i] = tvm.runtime.tensor(np.ascontiguousarray(arrays[name], dtype=np.int32), self.device)
-        return self._fn(*args).numpy()
+        if self._decode_fn is not None and len(batch.token_ids) <= self.decode_max_tokens:
+            return self._decode_fn(*args)
+        return self._fn(*args)
+
+
+def decode_max_tokens(entry: dict | None) -> int:
+    """Largest batch (in tokens) the ``decode`` entry point takes: the artifact's ``max_tokens``, or
+    ``FERRUM_DECODE_MAX_TOKENS`` when set (0 turns the entry off, for measuring both); 0 without one."""
+    if not entry:
+        return 0
+    env = os.environ.get("FERRUM_DECODE_MAX_TOKENS", "")
+    if env:
+        if not env.isdigit():
+            raise ArtifactError(f"FERRUM_DECODE_MAX_TOKENS must be a token count, not {env!r}")
+        return int(env)
+    return int(entry.get("max_tokens", 0))
 
 
 def _load_cuda_runtime() -> None:

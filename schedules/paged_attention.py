@@ -338,26 +338,26 @@ def make_attention_gpu(
                             T.tvm_storage_sync("shared")  # the previous tile's readers are done
                             for e in T.serial(EK):
                                 if e * NT + tx < KC * D:
-                                    jj: T.let[T.int32] = (e * NT + tx) // D
-                                    d: T.let[T.int32] = (e * NT + tx) % D
-                                    blk: T.let[T.int32] = block_tables[seq, (j0 + jj) // BS]
-                                    k_s[jj, d] = T.Cast("float32", cache[blk, 0, kh, (j0 + jj) % BS, d])
-                                    v_s[jj, d] = T.Cast("float32", cache[blk, 1, kh, (j0 + jj) % BS, d])
+                                    jk: T.let[T.int32] = (e * NT + tx) // D
+                                    dk: T.let[T.int32] = (e * NT + tx) % D
+                                    blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
+                                    k_s[jk, dk] = T.Cast("float32", cache[blk, 0, kh, (j0 + jk) % BS, dk])
+                                    v_s[jk, dk] = T.Cast("float32", cache[blk, 1, kh, (j0 + jk) % BS, dk])
                             T.tvm_storage_sync("shared")
                             for e in T.serial(EQ):
                                 if e * NT + tx < R * KC:
-                                    r: T.let[T.int32] = (e * NT + tx) // KC
-                                    jj: T.let[T.int32] = (e * NT + tx) % KC
-                                    j: T.let[T.int32] = j0 + jj
-                                    pos: T.let[T.int32] = positions[tok0 + T.min(r // G, count - 1)]
-                                    if (r // G < count and j <= pos and j >= pos - window + 1
+                                    rs: T.let[T.int32] = (e * NT + tx) // KC
+                                    js: T.let[T.int32] = (e * NT + tx) % KC
+                                    j: T.let[T.int32] = j0 + js
+                                    pos: T.let[T.int32] = positions[tok0 + T.min(rs // G, count - 1)]
+                                    if (rs // G < count and j <= pos and j >= pos - window + 1
                                             and j >= key0 and j < key0 + nkeys):
                                         ml[2] = T.float32(0)  # the dot product, in a register
-                                        for d in T.serial(D):
-                                            ml[2] = ml[2] + q_s[r, d] * k_s[jj, d]
-                                        p_s[r, jj] = ml[2]
+                                        for dd in T.serial(D):
+                                            ml[2] = ml[2] + q_s[rs, dd] * k_s[js, dd]
+                                        p_s[rs, js] = ml[2]
                                     else:
-                                        p_s[r, jj] = T.float32(NEG)
+                                        p_s[rs, js] = T.float32(NEG)
                             T.tvm_storage_sync("shared")
                             if tx < R:
                                 ml[2] = ml[0]  # the old max
@@ -374,17 +374,17 @@ def make_attention_gpu(
                             T.tvm_storage_sync("shared")
                             for e in T.serial(ER):
                                 if e * NT + tx < R * D:
-                                    r: T.let[T.int32] = (e * NT + tx) // D
-                                    d: T.let[T.int32] = (e * NT + tx) % D
-                                    acc[e] = acc[e] * alpha[r]
-                                    for jj in T.serial(KC):
-                                        acc[e] = acc[e] + w_s[r, jj] * v_s[jj, d]
+                                    ra: T.let[T.int32] = (e * NT + tx) // D
+                                    da: T.let[T.int32] = (e * NT + tx) % D
+                                    acc[e] = acc[e] * alpha[ra]
+                                    for jv in T.serial(KC):
+                                        acc[e] = acc[e] + w_s[ra, jv] * v_s[jv, da]
                         T.tvm_storage_sync("shared")
                         for e in T.serial(ER):
                             if e * NT + tx < R * D:
-                                r: T.let[T.int32] = (e * NT + tx) // D
-                                if r // G < count:
-                                    part_acc[tok0 + r // G, kh * G + r % G, sp, (e * NT + tx) % D] = acc[e]
+                                ro: T.let[T.int32] = (e * NT + tx) // D
+                                if ro // G < count:
+                                    part_acc[tok0 + ro // G, kh * G + ro % G, sp, (e * NT + tx) % D] = acc[e]
                         if tx < R:
                             if tx // G < count:
                                 part_ml[tok0 + tx // G, kh * G + tx % G, sp, 0] = ml[0]

@@ -630,6 +630,141 @@ def row_loader(fmt: QuantFormat | None, K: int):
     return load_quant
 
 
+# ---------------------------------------------------------------- GPU GEMV (decode)
+
+GEMV_THREADS = 128
+GEMV_ROWS = 4  # output rows per block
+GEMV_TOKENS = 4  # tokens per pass over the block's rows
+
+
+def gemv_chunk(fmt: QuantFormat | None, w_dtype: str, k: int) -> int:
+    """Columns one thread loads per step: 16 bytes of weights (32 INT4 values, 16 INT8, 8 float16),
+    halved until they divide ``k`` (dense weights of odd widths)."""
+    if fmt is not None:
+        return 32 if fmt.bits == 4 else 16
+    c = 16 // np.dtype(w_dtype if w_dtype != "bfloat16" else "float16").itemsize
+    while k % c:
+        c //= 2
+    return c
+
+
+def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str, x_dtype: str,
+                  out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16):
+    """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
+
+    A block of 128 threads owns 4 output rows and walks them once per pass of up to 4 tokens: each thread
+    loads 16 contiguous weight bytes per row per step (consecutive threads, consecutive bytes: coalesced),
+    dequantizes them in registers (INT4: low nibbles are columns 0-15 of a 32-column block, high nibbles
+    16-31; the group's scale, and min or zero point) and accumulates 4 tokens x 4 rows of float32 partial
+    sums; a shared-memory tree sums the threads. Weights are read from memory once per pass, so batches
+    of up to 4 tokens stream them once. Any token count is correct (more passes). ``scale_dtype`` is
+    float16 in artifacts; the CPU emulation of GPU kernels in the tests, which has no half type, passes
+    float32. ``max_lanes`` caps the vector width of loads (Metal has vectors of up to 4 elements).
+    """
+    import tvm
+    from tvm.script import tirx as T
+
+    K, N, NT, RB, TT = in_features, out_features, GEMV_THREADS, GEMV_ROWS, GEMV_TOKENS
+    C = gemv_chunk(fmt, w_dtype, K)
+    if fmt is not None:
+        assert fmt.check(K) is None, fmt.check(K)
+    NC = K // C  # chunks per row
+    XV = min(C, max_lanes, 16 // np.dtype(x_dtype if x_dtype != "bfloat16" else "float16").itemsize)
+    J = TT * RB
+    quant = fmt is not None
+    int4 = fmt is not None and fmt.bits == 4
+    sym = fmt is not None and fmt.sym
+    G = fmt.group_size if fmt is not None else K
+    zp = float(fmt.zero_point) if fmt is not None else 0.0
+    has_bias = bias_dtype is not None
+    steps = NT.bit_length() - 1  # NT is a power of two
+    WV = min(16 if int4 else C, max_lanes)  # lanes of one weight load
+    wshape = (N, K // 2) if int4 else (N, K)
+    wdt = "uint8" if int4 else ("int8" if quant else w_dtype)
+
+    @T.macro
+    def body(x, w, scales, mins, bias, out, ntok):
+        for blk in T.thread_binding((N + RB - 1) // RB, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                red = T.alloc_buffer((NT, J), "float32", scope="shared")
+                acc = T.alloc_buffer((J,), "float32", scope="local")
+                wv = T.alloc_buffer((C,), "float32", scope="local")
+                xv = T.alloc_buffer((C,), x_dtype, scope="local")
+                raw = T.alloc_buffer((16 if int4 else C,), wdt, scope="local")
+                for p in T.serial((ntok + TT - 1) // TT):
+                    for j in T.unroll(J):
+                        acc[j] = T.float32(0)
+                    for c in T.serial((NC + NT - 1) // NT):
+                        if c * NT + tx < NC:
+                            ch: T.let[T.int32] = c * NT + tx
+                            for r in T.unroll(RB):
+                                if blk * RB + r < N:
+                                    n: T.let[T.int32] = blk * RB + r
+                                    if int4:
+                                        for i0 in T.unroll(16 // WV):
+                                            for i1 in T.vectorized(WV):
+                                                raw[i0 * WV + i1] = w[n, ch * 16 + i0 * WV + i1]
+                                        for i in T.unroll(16):
+                                            wv[i] = T.Cast("float32", T.bitwise_and(raw[i], T.uint8(15)))
+                                            wv[16 + i] = T.Cast("float32", T.shift_right(raw[i], T.uint8(4)))
+                                    else:
+                                        for i0 in T.unroll(C // WV):
+                                            for i1 in T.vectorized(WV):
+                                                raw[i0 * WV + i1] = w[n, ch * C + i0 * WV + i1]
+                                        for i in T.unroll(C):
+                                            wv[i] = T.Cast("float32", raw[i])
+                                    if quant:
+                                        scale: T.let[T.float32] = T.Cast("float32", scales[n, ch * C // G])
+                                        if sym:
+                                            for i in T.unroll(C):
+                                                wv[i] = (wv[i] - T.float32(zp)) * scale
+                                        else:
+                                            for i in T.unroll(C):
+                                                wv[i] = wv[i] * scale + mins[n, ch * C // G]
+                                    for t in T.unroll(TT):
+                                        if p * TT + t < ntok:
+                                            for i0 in T.unroll(C // XV):  # 16-byte vector loads
+                                                for i1 in T.vectorized(XV):
+                                                    xv[i0 * XV + i1] = x[p * TT + t, ch * C + i0 * XV + i1]
+                                            for i in T.unroll(C):
+                                                acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xv[i]) * wv[i]
+                    for j in T.unroll(J):
+                        red[tx, j] = acc[j]
+                    T.tvm_storage_sync("shared")
+                    for step in T.unroll(steps):  # halve the live threads: read into registers, then publish
+                        if tx < T.shift_right(NT, step + 1):
+                            for j in T.unroll(J):
+                                acc[j] = acc[j] + red[tx + T.shift_right(NT, step + 1), j]
+                        T.tvm_storage_sync("shared")
+                        if tx < T.shift_right(NT, step + 1):
+                            for j in T.unroll(J):
+                                red[tx, j] = acc[j]
+                        T.tvm_storage_sync("shared")
+                    if tx < J:
+                        if p * TT + tx // RB < ntok and blk * RB + tx % RB < N:
+                            if has_bias:
+                                out[p * TT + tx // RB, blk * RB + tx % RB] = T.Cast(
+                                    out_dtype, red[0, tx] + T.Cast("float32", bias[blk * RB + tx % RB]))
+                            else:
+                                out[p * TT + tx // RB, blk * RB + tx % RB] = T.Cast(out_dtype, red[0, tx])
+                    T.tvm_storage_sync("shared")  # the next pass overwrites red
+
+    KG = K // G
+    bdt = bias_dtype or "float32"
+
+    # one signature with every tensor; those this variant does not read are dropped below
+    @T.prim_func(private=True)
+    def gemv(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((N, KG), scale_dtype),  # type: ignore[valid-type]
+             m: T.Buffer((N, KG), "float32"), b: T.Buffer((N,), bdt), o_h: T.handle):  # type: ignore[valid-type]
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok = T.int64()
+        body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+
+    x_h, w, s, m, b, o_h = gemv.params
+    keep = [x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else []) + [o_h]
+    return tvm.tirx.PrimFunc(keep, gemv.body, gemv.ret_type, gemv.attrs)
+
+
 # ---------------------------------------------------------------- TE forms (GPU kernels, embedding gather)
 
 def dequant_expr(fmt: QuantFormat, tirx, qweight, scales, mins, n, k):

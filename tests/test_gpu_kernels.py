@@ -9,7 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ferrum.schedules import linear as lin
+from ferrum.schedules import norm
 from ferrum.schedules import paged_attention as pa
+from ferrum.schedules import quant_linear as ql
+from ferrum.schedules import sampling as sm
 
 from . import gpu_emu
 
@@ -95,3 +99,86 @@ def test_split_count_follows_batch_and_context():
     assert _splits(1, 256, 16) == 16  # one decode over 4096 keys: 16 splits of 256
     assert _splits(16, 256, 16) == 16 and _splits(64, 256, 16) == 4
     assert _splits(512, 256, 16) == 1 and _splits(1, 1, 16) == 1  # prefill-sized batches and short contexts
+
+
+# ---------------------------------------------------------------- GEMV (the decode entry point's linears)
+
+def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16):
+    x = rng.standard_normal((ntok, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    if fmt is None:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        tensors, ref = [w], lin.linear_ref(x, w, b)
+    else:
+        q = rng.integers(0, 16 if fmt.bits == 4 else 256, (n, k))
+        qweight = ql.pack_int4(q) if fmt.bits == 4 else (q - 128).astype(np.int8)
+        scales = (rng.random((n, k // fmt.group_size)) * 0.1).astype(np.float32)
+        mins = None if fmt.sym else (0.1 * rng.standard_normal((n, k // fmt.group_size))).astype(np.float32)
+        tensors = [qweight, scales] + ([] if mins is None else [mins])
+        ref = ql.qlinear_ref(x, fmt, qweight, scales, mins, b)
+    out = np.full((ntok, n), np.nan, np.float32)
+    func = _kernel(("gemv", k, n, fmt, bias, lanes), lambda: ql.make_gemv_gpu(
+        k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, scale_dtype="float32",
+        max_lanes=lanes))
+    gpu_emu.run(func, x, *tensors, *([b] if bias else []), out)
+    return out, ref
+
+
+FORMATS = st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 128, True),
+                           ql.QuantFormat(4, 64, False), ql.QuantFormat(8, 32, True), ql.QuantFormat(8, 16, False)])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), fmt=FORMATS, groups=st.integers(1, 40), n=st.integers(1, 23),
+       ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]))
+def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes):
+    """Any width (more chunks than threads, fewer, ragged), any row count (a partial last block of 4 rows),
+    any token count (partial passes of 4 tokens), 16-byte loads or Metal's 4-lane ones."""
+    k = groups * (fmt.group_size if fmt else 8) + (0 if fmt else seed % 3)  # dense: odd widths too
+    out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
+
+
+def test_gemv_chunk_is_16_bytes():
+    assert ql.gemv_chunk(ql.QuantFormat(4, 128, True), "", 4096) == 32
+    assert ql.gemv_chunk(None, "float16", 2560) == 8 and ql.gemv_chunk(None, "float16", 2562) == 2
+    assert ql.gemv_chunk(None, "float32", 7) == 1
+
+
+# ---------------------------------------------------------------- greedy sampling on the device
+
+@pytest.mark.parametrize("vocab", [1, 7, 256, 1000, 49152])
+def test_argmax_matches_numpy_with_ties_to_the_lowest_id(vocab):
+    import tvm
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((5, vocab)).astype(np.float32)
+    logits[0] = 1.0  # all tied: id 0
+    logits[1, vocab // 2:] = 9.0  # tied across threads and strides: the first of them
+    logits[2] = -3.0e38  # the most negative float32 still wins somewhere: id 0
+    logits[3, -1] = 50.0  # the last column
+    ref = sm.argmax_ref(logits)
+    out = np.full(5, -1, np.int32)
+    gpu_emu.run(_kernel(("argmax", vocab), lambda: sm.make_argmax(vocab, "gpu")), logits, out)
+    np.testing.assert_array_equal(out, ref)
+    cpu = tvm.compile(tvm.IRModule({"main": sm.make_argmax(vocab, "cpu").with_attr("global_symbol", "main")}),
+                      target="llvm")
+    got = tvm.runtime.tensor(np.full(5, -1, np.int32))
+    cpu(tvm.runtime.tensor(logits), got)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    assert ref[0] == 0 and ref[1] == vocab // 2 and ref[3] == vocab - 1
+
+
+# ---------------------------------------------------------------- residual add + RMSNorm
+
+@pytest.mark.parametrize("hidden,ntok", [(5, 2), (64, 3), (576, 5), (1000, 1), (2560, 2)])
+def test_add_rms_norm_matches_reference(hidden, ntok):
+    """Fewer columns than threads, more (several per thread), a ragged last round; both outputs."""
+    rng = np.random.default_rng(hidden)
+    x, r = (rng.standard_normal((ntok, hidden)).astype(np.float32) for _ in range(2))
+    w = rng.standard_normal(hidden).astype(np.float32)
+    h, y = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    gpu_emu.run(norm.make_add_rms_norm_gpu(hidden, "float32", "float32", 1e-6), x, r, w, h, y)
+    h_ref, y_ref = norm.add_rms_norm_ref(x, r, w, 1e-6)
+    np.testing.assert_array_equal(h, h_ref)
+    np.testing.assert_allclose(y, y_ref, atol=2e-6, rtol=1e-5)

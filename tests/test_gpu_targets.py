@@ -38,6 +38,11 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert "cubin: " + arch in ferrum("inspect", out).stdout
     verified = manifest["target"]["gpu_code_verified"]  # every kernel within the arch's thread/shared limits
     assert verified["kernels"] >= 8 and verified["failed"] == []
+    # the decode entry point: same arguments, GEMV kernels (compiled into the cubin too)
+    entries = manifest["entry_points"]
+    assert entries["decode"]["max_tokens"] == 8 and entries["decode"]["args"] == entries["forward"]["args"]
+    assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib
+    assert "decode(same) for batches of <= 8 tokens" in ferrum("inspect", out).stdout
     if quant == "q4":  # dequantizing matmuls were compiled for the GPU too
         assert manifest["quantization"]["method"] == "rtn-q4" and manifest["ir"]["ops"]["qlinear"] > 0
 
