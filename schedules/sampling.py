@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 GPU_THREADS = 256
+NEG_INF = float("-inf")
 
 
 def make_argmax(vocab: int, kind: str):
@@ -22,6 +23,9 @@ def make_argmax(vocab: int, kind: str):
 
     V = vocab
     if kind == "cpu":
+        L = 16  # SIMD lanes: lane l keeps the first maximum of columns l, l+16, ...
+        VL = V // L * L
+
         @T.prim_func(private=True)
         def argmax_cpu(l_h: T.handle, o_h: T.handle):
             T.func_attr({"tirx.noalias": True})
@@ -29,15 +33,25 @@ def make_argmax(vocab: int, kind: str):
             logits = T.match_buffer(l_h, (nrow, V), "float32")
             out = T.match_buffer(o_h, (nrow,), "int32")
             for r in T.parallel(nrow):
-                best = T.alloc_buffer((1,), "float32")
-                idx = T.alloc_buffer((1,), "int32")
-                best[0] = logits[r, 0]
-                idx[0] = 0
-                for v in T.serial(V - 1):
-                    if logits[r, v + 1] > best[0]:
-                        best[0] = logits[r, v + 1]
-                        idx[0] = T.Cast("int32", v + 1)
-                out[r] = idx[0]
+                best = T.alloc_buffer((L,), "float32")
+                idx = T.alloc_buffer((L,), "int32")
+                for ll in T.vectorized(L):
+                    best[ll] = T.float32(NEG_INF)
+                    idx[ll] = V
+                for c in T.serial(VL // L):
+                    for ll in T.vectorized(L):  # strictly greater: a lane keeps its first maximum
+                        idx[ll] = T.if_then_else(logits[r, c * L + ll] > best[ll], T.Cast("int32", c * L + ll),
+                                                 idx[ll])
+                        best[ll] = T.max(best[ll], logits[r, c * L + ll])
+                for v in T.serial(V - VL):  # the columns past the last full vector, in lane 0's place
+                    if logits[r, VL + v] > best[0] or (logits[r, VL + v] == best[0] and VL + v < idx[0]):
+                        best[0] = logits[r, VL + v]
+                        idx[0] = T.Cast("int32", VL + v)
+                for ll in T.serial(L - 1):  # lanes in order; equal values go to the lower id
+                    if best[ll + 1] > best[0] or (best[ll + 1] == best[0] and idx[ll + 1] < idx[0]):
+                        best[0] = best[ll + 1]
+                        idx[0] = idx[ll + 1]
+                out[r] = T.if_then_else(best[0] > T.float32(NEG_INF), idx[0], 0)  # all -inf: id 0, as numpy
 
         return argmax_cpu
 
@@ -56,8 +70,8 @@ def make_argmax(vocab: int, kind: str):
                 ids = T.alloc_buffer((NT,), "int32", scope="shared")
                 best = T.alloc_buffer((1,), "float32", scope="local")
                 idx = T.alloc_buffer((1,), "int32", scope="local")
-                best[0] = T.float32(-3.4e38)
-                idx[0] = V  # no column yet (a thread past the vocabulary never wins a comparison)
+                best[0] = T.float32(NEG_INF)
+                idx[0] = V  # no column yet: loses every tie, so a thread past the vocabulary never wins
                 for c in T.serial((V + NT - 1) // NT):
                     if c * NT + tx < V:
                         if logits[r, c * NT + tx] > best[0] or idx[0] == V:

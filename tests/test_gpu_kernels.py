@@ -152,21 +152,22 @@ def test_argmax_matches_numpy_with_ties_to_the_lowest_id(vocab):
     import tvm
 
     rng = np.random.default_rng(vocab)
-    logits = rng.standard_normal((5, vocab)).astype(np.float32)
+    logits = rng.standard_normal((6, vocab)).astype(np.float32)
     logits[0] = 1.0  # all tied: id 0
     logits[1, vocab // 2:] = 9.0  # tied across threads and strides: the first of them
     logits[2] = -3.0e38  # the most negative float32 still wins somewhere: id 0
     logits[3, -1] = 50.0  # the last column
+    logits[5] = -np.inf  # nothing to prefer: id 0, as numpy
     ref = sm.argmax_ref(logits)
-    out = np.full(5, -1, np.int32)
+    out = np.full(6, -1, np.int32)
     gpu_emu.run(_kernel(("argmax", vocab), lambda: sm.make_argmax(vocab, "gpu")), logits, out)
     np.testing.assert_array_equal(out, ref)
     cpu = tvm.compile(tvm.IRModule({"main": sm.make_argmax(vocab, "cpu").with_attr("global_symbol", "main")}),
                       target="llvm")
-    got = tvm.runtime.tensor(np.full(5, -1, np.int32))
+    got = tvm.runtime.tensor(np.full(6, -1, np.int32))
     cpu(tvm.runtime.tensor(logits), got)
     np.testing.assert_array_equal(got.numpy(), ref)
-    assert ref[0] == 0 and ref[1] == vocab // 2 and ref[3] == vocab - 1
+    assert ref[0] == 0 and ref[1] == vocab // 2 and ref[3] == vocab - 1 and ref[5] == 0
 
 
 # ---------------------------------------------------------------- residual add + RMSNorm
