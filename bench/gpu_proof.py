@@ -120,6 +120,36 @@ def parity(model, ref_dir: Path, device: str) -> dict:
     return {"max_abs_logit_error": worst, "mean_kl": float(np.mean(kls)), "checks": len(kls)}
 
 
+def device_picking(model) -> dict:
+    """Tokens picked on the device against the same step's logits: the argmax must equal numpy's; the
+    sampler (GPU artifacts) must pick the float64 reference's token except within float32 rounding of a
+    boundary (schedules/sampling.py)."""
+    from ferrum_runtime.bench import _Seqs
+    from schedules.sampling import kept_probs_ref, sample_ref
+
+    rng = np.random.default_rng(3)
+    rows = 16
+    seqs = _Seqs(model, rows, 64)
+    seqs.step([[int(t) for t in rng.integers(0, model.vocab_size, 8)] for _ in range(rows)])
+    feed = [[int(t)] for t in rng.integers(0, model.vocab_size, rows)]
+    lens = list(seqs.lens)
+    ids, logits = model.forward_picked(seqs.batch(feed), None, True)
+    out = {"argmax_rows": rows, "argmax_mismatches": int((ids != logits.argmax(axis=1)).sum())}
+    if model.has_device_sampler:
+        seqs.lens = lens  # the same step again, now sampled
+        params = np.stack([rng.uniform(0.5, 1.5, rows), rng.choice([0, 1, 20, 1000], rows),
+                           rng.choice([1.0, 0.9, 0.5], rows), rng.choice([0.0, 0.05], rows)], axis=1).astype(np.float32)
+        uniform = rng.random(rows).astype(np.float32)
+        ids, logits = model.forward_picked(seqs.batch(feed), (params, uniform), True)
+        ref = sample_ref(logits, params, uniform)
+        off = []
+        for r in np.flatnonzero(ids != ref):
+            cdf = np.cumsum(kept_probs_ref(logits[r], *params[r]))
+            off.append(abs(cdf[min(ids[r], ref[r])] / cdf[-1] - uniform[r]))
+        out.update(sampled_rows=rows, sampled_mismatches=len(off), mismatch_max_cdf_distance=max(off, default=0.0))
+    return out
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64) - x.max()
     return x - np.log(np.exp(x).sum())
@@ -151,8 +181,8 @@ def ferrum_speed(model, tiny: bool) -> dict:
             seqs.step([prompt(n_prompt) if j == i else [] for j in range(b)])
         toks = [1] * b
         t0 = time.perf_counter()
-        for _ in range(n_gen):
-            toks = [int(t) for t in seqs.step([[t] for t in toks]).argmax(axis=1)]
+        for _ in range(n_gen):  # greedy tokens picked on the device, as the engine does
+            toks = [int(t) for t in seqs.step([[t] for t in toks], greedy=True)]
         return b * n_gen / (time.perf_counter() - t0)
 
     for b in (1, 4, 16, 32):
@@ -258,6 +288,8 @@ def main() -> None:
         model = CompiledModel.load(artifact, device=args.device, kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30))
         entry["parity"] = parity(model, ref, args.device)
         print(f"{name}: parity {entry['parity']}", flush=True)
+        entry["device_picking"] = device_picking(model)
+        print(f"{name}: tokens picked on the device {entry['device_picking']}", flush=True)
         entry["ferrum"] = ferrum_speed(model, args.tiny)
         del model
         entry["transformers"] = transformers_speed(ref, args.device, args.tiny)
@@ -275,6 +307,7 @@ def main() -> None:
         lines += [f"## {name}", "",
                   f"- parity vs transformers fp32: max |logit error| {e['parity']['max_abs_logit_error']:.3g}, "
                   f"mean KL {e['parity']['mean_kl']:.3g} over {e['parity']['checks']} checks",
+                  f"- tokens picked on the device vs the same logits: {e['device_picking']}",
                   f"- weights {e['weight_bytes'] / 2**30:.2f} GiB; batch-1 decode at "
                   f"{100 * e.get('batch1_bandwidth_fraction', float('nan')):.0f}% of the copy bandwidth",
                   "- ferrum: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in e["ferrum"].items()),

@@ -199,8 +199,13 @@ def _entry_points(graph, spec: TargetSpec, vocab_size: int) -> dict:
     out: dict[str, dict] = {lowering.ENTRY: entry}
     if spec.kernel_kind == "gpu":  # same arguments and result, for batches of at most max_tokens tokens
         out[lowering.DECODE_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS}
-    out[lowering.ARGMAX_ENTRY] = {"args": [{"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}],
-                                  "returns": {"name": "token_ids", "shape": ["L"], "dtype": "int32"}}
+    logits = {"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}
+    ids = {"name": "token_ids", "shape": ["L"], "dtype": "int32"}
+    out[lowering.ARGMAX_ENTRY] = {"args": [logits], "returns": ids}
+    if spec.kernel_kind == "gpu":
+        out[lowering.SAMPLE_ENTRY] = {"args": [logits, {"name": "params", "shape": ["L", 4], "dtype": "float32"},
+                                               {"name": "uniform", "shape": ["L"], "dtype": "float32"}],
+                                      "returns": ids}
     return out
 
 

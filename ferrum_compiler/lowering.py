@@ -26,6 +26,7 @@ ENTRY = "forward"
 DECODE_ENTRY = "decode"  # GPU only: the same model for batches of at most DECODE_MAX_TOKENS tokens
 DECODE_MAX_TOKENS = 8
 ARGMAX_ENTRY = "argmax"  # logits [L, vocab] float32 -> int32 [L]: greedy tokens computed where the logits are
+SAMPLE_ENTRY = "sample"  # GPU only: (logits, params [L, 4], uniform [L]) -> int32 [L], sampled on the device
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16):
@@ -101,7 +102,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
                         r = bb.emit_te(make(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
                     elif k == "moe":
-                        r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                        r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes)
                     elif k == "take_cols":
                         r = relax.op.take(a[0], a[1], axis=1, mode="clip")
                     elif k == "slice":
@@ -138,7 +139,17 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     logits = relax.Var("logits", relax.TensorType([tirx.Var("L", "int64"), vocab], "float32"))
     with bb.function(ARGMAX_ENTRY, [logits]):
         bb.emit_func_output(bb.emit(relax.call_tir(pick, [logits], relax.TensorType([logits.ty.shape[0]], "int32"))))
-    mod = tvm.relax.transform.DeadCodeElimination([e for e, _ in entries] + [ARGMAX_ENTRY])(bb.get())
+    picks = [ARGMAX_ENTRY]
+    if kernel_kind == "gpu":  # temperature, top-k, top-p and min_p sampling too (schedules/sampling.py)
+        draw = kernel(("sample", vocab), lambda: sampling_sched.make_sample_gpu(vocab))
+        rows = tirx.Var("L", "int64")
+        args = [relax.Var("logits", relax.TensorType([rows, vocab], "float32")),
+                relax.Var("params", relax.TensorType([rows, 4], "float32")),
+                relax.Var("uniform", relax.TensorType([rows], "float32"))]
+        with bb.function(SAMPLE_ENTRY, args):
+            bb.emit_func_output(bb.emit(relax.call_tir(draw, args, relax.TensorType([rows], "int32"))))
+        picks.append(SAMPLE_ENTRY)
+    mod = tvm.relax.transform.DeadCodeElimination([e for e, _ in entries] + picks)(bb.get())
     if kernel_kind == "gpu":  # matmul(x, permute_dims(w)) -> one kernel reading w[N, K] in place
         mod = tvm.relax.transform.FuseTransposeMatmul()(mod)
     return mod
@@ -211,8 +222,10 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
     return bb.emit_te(quant_sched.qlinear_te(fmt, out.dtype, at["bias"]), *a, primfunc_name_hint="qlinear")
 
 
-def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out):
-    """route → (CPU: dispatch by expert) → grouped gate_up → SiLU·up → grouped down → weighted combine."""
+def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int):
+    """route → (CPU, GPU decode: dispatch by expert) → grouped gate_up → SiLU·up → grouped down → weighted
+    combine. The GPU decode entry point runs the experts as grouped GEMVs (only chosen experts are read);
+    GPU batches of more tokens gather each slot's expert rows in one dlight-scheduled reduction."""
     from tvm import te, tirx
 
     at = op.attrs
@@ -235,6 +248,12 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out):
     w_dtype = graph.value(op.inputs[2]).dtype
 
     def grouped(inp, fmt, tensors, kk, nn, x_div):
+        if gemv:
+            gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype),
+                        lambda: quant_sched.make_gemv_gpu(kk, nn, fmt, str(w_dtype), str(inp.ty.dtype), "float32", None,
+                                                          max_lanes=max_lanes, experts=E, x_div=x_div))
+            return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order],
+                                          relax.TensorType([ntok * k, nn], "float32")))
         if kernel_kind != "cpu":
             return bb.emit_te(moe_sched.grouped_linear_te(nn, x_div, fmt), inp, *tensors, ids,
                               primfunc_name_hint="grouped_linear")
@@ -243,8 +262,8 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out):
         return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order],
                                       relax.TensorType([ntok * k, nn], "float32")))
 
-    if kernel_kind == "cpu":
-        dispatch = kernel(("moe_dispatch", E), lambda: moe_sched.make_moe_dispatch(E, "cpu"))
+    if kernel_kind == "cpu" or gemv:
+        dispatch = kernel(("moe_dispatch", E, kernel_kind), lambda: moe_sched.make_moe_dispatch(E, kernel_kind))
         sorted_ = bb.emit(relax.call_tir(dispatch, [ids], [relax.TensorType([E + 1], "int32"),
                                                           relax.TensorType([ntok * k], "int32")]))
         offsets, order = bb.emit(relax.TupleGetItem(sorted_, 0)), bb.emit(relax.TupleGetItem(sorted_, 1))

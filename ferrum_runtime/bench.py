@@ -46,8 +46,16 @@ class _Seqs:
         self.tables = np.arange(per * count, dtype=np.int32).reshape(count, per)
         self.lens = [0] * count
 
-    def step(self, chunks: list[list[int]]) -> np.ndarray:
-        """Feed ``chunks[i]`` to sequence i (empty: not in this call); logits of each fed one's last token."""
+    def step(self, chunks: list[list[int]], greedy: bool = False) -> np.ndarray:
+        """Feed ``chunks[i]`` to sequence i (empty: not in this call); logits of each fed one's last token,
+        or with ``greedy`` its argmax token id, picked on the device as the engine picks greedy tokens."""
+        batch = self.batch(chunks)
+        if greedy:
+            return self.model.forward_picked(batch, None, False, check=False)[0]
+        return self.model.forward(batch, check=False)
+
+    def batch(self, chunks: list[list[int]]) -> RaggedBatch:
+        """The call that feeds ``chunks`` (as ``step``); the sequences count them as fed."""
         ids, pos, slots, starts, rows = [], [], [], [0], []
         bs = self.model.block_size
         fed = [i for i, c in enumerate(chunks) if c]
@@ -61,9 +69,8 @@ class _Seqs:
             starts.append(len(ids))
             rows.append(len(ids) - 1)
             self.lens[i] += len(chunk)
-        batch = RaggedBatch(np.array(ids, np.int32), np.array(pos, np.int32), np.array(starts, np.int32),
-                            self.tables[fed], np.array(slots, np.int32), np.array(rows, np.int32))
-        return self.model.forward(batch, check=False)
+        return RaggedBatch(np.array(ids, np.int32), np.array(pos, np.int32), np.array(starts, np.int32),
+                           self.tables[fed], np.array(slots, np.int32), np.array(rows, np.int32))
 
 
 def _row(test: str, tokens: int, runs: list[float]) -> BenchRow:
@@ -85,6 +92,7 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
         return [int(t) for t in rng.integers(0, vocab, n)]
 
     # warm-up: one call of each kind loads code and pages in the weights
+    on_device = model.has_device_argmax
     w = _Seqs(model, 1, 64)
     w.step([prompt(16)])
     w.step([[1]])
@@ -112,8 +120,8 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
                 last = seqs.step([p[a:a + ubatch]])
             tok = int(last[0].argmax())
             t0 = time.perf_counter()
-            for _ in range(gen):
-                tok = int(seqs.step([[tok]])[0].argmax())
+            for _ in range(gen):  # the token picked as the engine picks greedy ones
+                tok = int(seqs.step([[tok]], greedy=True)[0]) if on_device else int(seqs.step([[tok]])[0].argmax())
             runs.append(time.perf_counter() - t0)
         rows.append(_row(f"tg{gen}@d{d}", gen, runs))
         progress(f"tg{gen}@d{d}: {rows[-1].tok_per_s:.1f} tok/s")
@@ -132,7 +140,9 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
         for _ in range(repetitions):
             t0 = time.perf_counter()
             for _ in range(steps):
-                toks = [int(t) for t in seqs.step([[t] for t in toks]).argmax(axis=1)]
+                picked = seqs.step([[t] for t in toks], greedy=True) if on_device else seqs.step(
+                    [[t] for t in toks]).argmax(axis=1)
+                toks = [int(t) for t in picked]
             runs.append(time.perf_counter() - t0)
         rows.append(_row(f"decode b{b}", b * steps, runs))
         progress(f"decode b{b}: {rows[-1].tok_per_s:.1f} tok/s")

@@ -333,35 +333,56 @@ class Engine:
             table[i, :len(t)] = t
         batch = RaggedBatch(np.array(ids, np.int32), np.array(pos, np.int32), np.array(starts, np.int32), table,
                             np.array(slots, np.int32), np.array(rows, np.int32))
-        # every row a plain greedy sample (no logprobs, grammar, bias or penalty): the device picks the
-        # tokens and only their ids come back
-        greedy = bool(row_owner) and self.model.has_device_argmax and all(
-            kind == "sample" and self._plain_greedy(c) for c, kind in row_owner)
+        # rows whose request lets the device pick the token (no logprobs, grammar, bias or penalty): greedy
+        # ones by the artifact's argmax, sampled ones by its sampler (GPU artifacts); only their ids come
+        # back, and the logits too when another row needs them. Decided per request, never per step, so a
+        # request's tokens do not depend on what it is batched with.
+        picked = [r for r, (c, kind) in enumerate(row_owner) if kind == "sample" and self._picked_on_device(c)]
         t0 = time.perf_counter()
-        if greedy:
-            state["logits"], state["token_ids"] = None, self.model.forward_greedy(batch, check=False)
+        if picked:
+            sampling = self._device_sampling(row_owner, picked)
+            token_ids, state["logits"] = self.model.forward_picked(batch, sampling, len(picked) < len(row_owner),
+                                                                    check=False)
+            state["picked"] = {r: int(token_ids[r]) for r in picked}
         else:
-            state["logits"], state["token_ids"] = self.model.forward(batch, check=False), None
+            state["logits"], state["picked"] = self.model.forward(batch, check=False), {}
         self.seconds["model_call"] += time.perf_counter() - t0
         state["row_owner"] = row_owner
         self.counters["computed_tokens"] += len(ids)
 
-    def _plain_greedy(self, c: ScheduledChunk) -> bool:
+    def _picked_on_device(self, c: ScheduledChunk) -> bool:
         req, ch = self._by_seq[c.seq]
-        return (ch.sampler.plain_greedy and req.params.logprobs is None and ch.matcher is None
-                and req.params.max_tokens > 0)
+        params = req.params
+        if ch.sampler.adjusts or params.logprobs is not None or ch.matcher is not None or params.max_tokens == 0:
+            return False
+        return self.model.has_device_argmax if params.greedy else self.model.has_device_sampler
+
+    def _device_sampling(self, row_owner: list[tuple[ScheduledChunk, str]], picked: list[int]):
+        """None when every picked row is greedy (the argmax does); else ``(params [L, 4], uniform [L])`` for
+        the device sampler, one draw from each sampled sequence's generator as the host sampler takes."""
+        if all(self._by_seq[row_owner[r][0].seq][0].params.greedy for r in picked):
+            return None
+        params = np.zeros((len(row_owner), 4), np.float32)  # other rows: greedy, their result unused
+        params[:, 2] = 1.0
+        uniform = np.zeros(len(row_owner), np.float32)
+        for r in picked:
+            req, ch = self._by_seq[row_owner[r][0].seq]
+            p = req.params
+            if not p.greedy:
+                params[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
+                uniform[r] = ch.sampler.rng.random()
+        return params, uniform
 
     def _sample(self, state: dict) -> None:
-        if state["token_ids"] is not None:  # greedy on the device: row r of the batch is row_owner[r]
-            state["sampled"] = {c.seq: SampleResult(int(t), float("nan"), [])
-                                for t, (c, _) in zip(state["token_ids"], state["row_owner"])}
-            state["scored"] = []
-            return
+        picked: dict[int, int] = state["picked"]
         logits: np.ndarray = state["logits"]
         to_sample: list[tuple[int, ScheduledChunk]] = []
         prompt_rows: dict[ScheduledChunk, list[int]] = {}
+        state["sampled"] = {}
         for r, (c, kind) in enumerate(state["row_owner"]):
-            if kind == "prompt":
+            if r in picked:  # chosen on the device
+                state["sampled"][c.seq] = SampleResult(picked[r], float("nan"), [])
+            elif kind == "prompt":
                 prompt_rows.setdefault(c, []).append(r)
                 if c.samples and len(prompt_rows[c]) == c.length:
                     to_sample.append((r, c))
@@ -375,10 +396,11 @@ class Engine:
             got = prompt_logprobs(logits[rs], span, req.params.prompt_logprobs or 0)
             req.prompt_logprobs.extend(got if c.start == 0 else got[1:])
         wanted = [(r, c) for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens > 0]
-        rows = logits[[r for r, _ in wanted]]
-        self._mask(rows, [self._by_seq[c.seq] for _, c in wanted])
-        results = sample(rows, [self._by_seq[c.seq][1].sampler for _, c in wanted]) if wanted else []
-        state["sampled"] = {c.seq: res for (_, c), res in zip(wanted, results)}
+        if wanted:
+            rows = logits[[r for r, _ in wanted]]
+            self._mask(rows, [self._by_seq[c.seq] for _, c in wanted])
+            results = sample(rows, [self._by_seq[c.seq][1].sampler for _, c in wanted])
+            state["sampled"].update({c.seq: res for (_, c), res in zip(wanted, results)})
         state["scored"] = [c.seq for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens == 0]
 
     def _postprocess(self, state: dict) -> None:

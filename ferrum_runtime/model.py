@@ -71,8 +71,10 @@ class CompiledModel:
         decode = manifest.data["entry_points"].get("decode")
         self._decode_fn = self.vm["decode"] if decode else None
         self.decode_max_tokens = decode_max_tokens(decode)
-        # greedy tokens where the logits are (artifacts from before it have none: the host takes the argmax)
-        self._argmax_fn = self.vm["argmax"] if "argmax" in manifest.data["entry_points"] else None
+        # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
+        entries = manifest.data["entry_points"]
+        self._argmax_fn = self.vm["argmax"] if "argmax" in entries else None
+        self._sample_fn = self.vm["sample"] if "sample" in entries else None
         args = manifest.entry["args"]
         param_names = [a["name"] for a in args if a["role"] == "param"]
         self.params = self._load_params(param_names)
@@ -144,12 +146,27 @@ class CompiledModel:
     def has_device_argmax(self) -> bool:
         return self._argmax_fn is not None
 
-    def forward_greedy(self, batch: RaggedBatch, check: bool = True) -> np.ndarray:
-        """Run one step; returns the argmax token id (int32, ties to the lowest id) of each logits row,
-        computed on the device: only ``L`` ids are copied back. Needs ``has_device_argmax``."""
-        if self._argmax_fn is None:
-            raise ArtifactError("this artifact has no argmax entry point; recompile it with this ferrum")
-        return self._argmax_fn(self._run(batch, check)).numpy()
+    @property
+    def has_device_sampler(self) -> bool:
+        return self._sample_fn is not None
+
+    def forward_picked(self, batch: RaggedBatch, sampling: tuple[np.ndarray, np.ndarray] | None,
+                       with_logits: bool, check: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run one step and pick a token per logits row on the device: the argmax (int32, ties to the
+        lowest id) when ``sampling`` is None, else the artifact's sampler with ``(params [L, 4] float32:
+        temperature, top_k, top_p, min_p; uniform [L] float32)``. Returns the ids and, when
+        ``with_logits``, the logits too (else None): only ``L`` ids are copied back otherwise."""
+        import tvm
+
+        fn = self._argmax_fn if sampling is None else self._sample_fn
+        if fn is None:
+            raise ArtifactError("this artifact cannot pick tokens on its device; recompile it with this ferrum")
+        logits = self._run(batch, check)
+        if sampling is None:
+            ids = fn(logits)
+        else:
+            ids = fn(logits, tvm.runtime.tensor(sampling[0], self.device), tvm.runtime.tensor(sampling[1], self.device))
+        return ids.numpy(), logits.numpy() if with_logits else None
 
     def _run(self, batch: RaggedBatch, check: bool):
         """The step's logits, left on the device."""

@@ -14,8 +14,10 @@ Shapes (``T`` tokens, ``E`` experts, ``k`` experts per token, ``S = T * k`` slot
   decode step reads only the selected experts' weights, and a selected one is dequantized once into a
   float32 tile reused by every token routed to it (the grouped GEMM).
 - combine (TE): ``y[t] = sum_j weights[t, j] * down_out[t*k + j]``.
-GPU targets bind the routing loops to threads and compute the expert matmuls as one gathered TE
-reduction per slot (scheduled by dlight); the dispatch order is a CPU-side optimisation.
+GPU targets bind the routing loops to threads. Their decode entry point sorts the slots (one thread: a
+decode step has few) and runs each expert matmul as a grouped GEMV (``quant_linear.make_gemv_gpu`` with
+``experts``): a block per (4 rows, expert), so only chosen experts' weights are read. Their general entry
+point computes the expert matmuls as one gathered TE reduction per slot (scheduled by dlight).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ def make_moe_dispatch(num_experts: int, kind: str):
 
     E = num_experts
     outer, inner, _ = _thread_loops(kind)
+    scratch = scratch_scope(kind)
 
     @T.prim_func(private=True, s_tir=True)
     def moe_dispatch(i_h: T.handle, off_h: T.handle, ord_h: T.handle):
@@ -97,7 +100,7 @@ def make_moe_dispatch(num_experts: int, kind: str):
         with T.sblock("root"):  # a root block, as Relax's pattern analysis of single-input calls expects
             for bx in outer(1):
                 for tx in inner(1):
-                    cursor = T.alloc_buffer((E + 1,), "int32")
+                    cursor = T.alloc_buffer((E + 1,), "int32", scope=scratch)
                     for e in T.serial(E + 1):
                         offsets[e] = 0
                     for s in T.serial(nslot):

@@ -649,7 +649,8 @@ def gemv_chunk(fmt: QuantFormat | None, w_dtype: str, k: int) -> int:
 
 
 def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str, x_dtype: str,
-                  out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16):
+                  out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16,
+                  experts: int = 0, x_div: int = 1):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A block of 128 threads owns 4 output rows and walks them once per pass of up to 4 tokens: each thread
@@ -660,6 +661,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     of up to 4 tokens stream them once. Any token count is correct (more passes). ``scale_dtype`` is
     float16 in artifacts; the CPU emulation of GPU kernels in the tests, which has no half type, passes
     float32. ``max_lanes`` caps the vector width of loads (Metal has vectors of up to 4 elements).
+
+    With ``experts`` > 0 it is the MoE expert GEMV ``grouped_linear(x[?,K], w[E*N, ...], offsets[E+1],
+    order[S], out[S,N])`` of ``schedules/moe.py``: the grid gains an expert axis, block (rows, e) runs the
+    slots ``order[offsets[e]:offsets[e+1]]`` (token ``slot // x_div``) against expert ``e``'s rows, and an
+    expert no slot chose costs an empty block: its weights are never read.
     """
     import tvm
     from tvm.script import tirx as T
@@ -679,19 +685,33 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     has_bias = bias_dtype is not None
     steps = NT.bit_length() - 1  # NT is a power of two
     WV = min(16 if int4 else C, max_lanes)  # lanes of one weight load
-    wshape = (N, K // 2) if int4 else (N, K)
+    grouped = experts > 0
+    NW = max(experts, 1) * N  # weight rows
+    wshape = (NW, K // 2) if int4 else (NW, K)
     wdt = "uint8" if int4 else ("int8" if quant else w_dtype)
 
+    # token i of the block's list: its x row, its out row; and how many there are
+    def rows_of(offsets, ex, ntok):
+        return offsets[ex + 1] - offsets[ex] if grouped else ntok
+
+    def x_row(order, offsets, ex, i):
+        return order[offsets[ex] + i] // x_div if grouped else i
+
+    def out_row(order, offsets, ex, i):
+        return order[offsets[ex] + i] if grouped else i
+
     @T.macro
-    def body(x, w, scales, mins, bias, out, ntok):
+    def body(x, w, scales, mins, bias, offsets, order, out, ntok):
         for blk in T.thread_binding((N + RB - 1) // RB, thread="blockIdx.x"):
+          for ex in T.thread_binding(max(experts, 1), thread="blockIdx.y"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 red = T.alloc_buffer((NT, J), "float32", scope="shared")
                 acc = T.alloc_buffer((J,), "float32", scope="local")
                 wv = T.alloc_buffer((C,), "float32", scope="local")
                 xv = T.alloc_buffer((C,), x_dtype, scope="local")
                 raw = T.alloc_buffer((16 if int4 else C,), wdt, scope="local")
-                for p in T.serial((ntok + TT - 1) // TT):
+                count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
+                for p in T.serial((count + TT - 1) // TT):
                     for j in T.unroll(J):
                         acc[j] = T.float32(0)
                     for c in T.serial((NC + NT - 1) // NT):
@@ -699,7 +719,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                             ch: T.let[T.int32] = c * NT + tx
                             for r in T.unroll(RB):
                                 if blk * RB + r < N:
-                                    n: T.let[T.int32] = blk * RB + r
+                                    n: T.let[T.int32] = ex * N + blk * RB + r  # ex is 0 unless grouped
                                     if int4:
                                         for i0 in T.unroll(16 // WV):
                                             for i1 in T.vectorized(WV):
@@ -722,10 +742,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             for i in T.unroll(C):
                                                 wv[i] = wv[i] * scale + mins[n, ch * C // G]
                                     for t in T.unroll(TT):
-                                        if p * TT + t < ntok:
+                                        if p * TT + t < count:
+                                            xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
                                             for i0 in T.unroll(C // XV):  # 16-byte vector loads
                                                 for i1 in T.vectorized(XV):
-                                                    xv[i0 * XV + i1] = x[p * TT + t, ch * C + i0 * XV + i1]
+                                                    xv[i0 * XV + i1] = x[xr, ch * C + i0 * XV + i1]
                                             for i in T.unroll(C):
                                                 acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xv[i]) * wv[i]
                     for j in T.unroll(J):
@@ -741,28 +762,35 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                 red[tx, j] = acc[j]
                         T.tvm_storage_sync("shared")
                     if tx < J:
-                        if p * TT + tx // RB < ntok and blk * RB + tx % RB < N:
+                        if p * TT + tx // RB < count and blk * RB + tx % RB < N:
+                            orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx // RB))
                             if has_bias:
-                                out[p * TT + tx // RB, blk * RB + tx % RB] = T.Cast(
+                                out[orow, blk * RB + tx % RB] = T.Cast(
                                     out_dtype, red[0, tx] + T.Cast("float32", bias[blk * RB + tx % RB]))
                             else:
-                                out[p * TT + tx // RB, blk * RB + tx % RB] = T.Cast(out_dtype, red[0, tx])
+                                out[orow, blk * RB + tx % RB] = T.Cast(out_dtype, red[0, tx])
                     T.tvm_storage_sync("shared")  # the next pass overwrites red
 
     KG = K // G
     bdt = bias_dtype or "float32"
 
+    E1 = max(experts, 1)
+
     # one signature with every tensor; those this variant does not read are dropped below
     @T.prim_func(private=True)
-    def gemv(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((N, KG), scale_dtype),  # type: ignore[valid-type]
-             m: T.Buffer((N, KG), "float32"), b: T.Buffer((N,), bdt), o_h: T.handle):  # type: ignore[valid-type]
+    def gemv(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((NW, KG), scale_dtype),  # type: ignore[valid-type]
+             m: T.Buffer((NW, KG), "float32"), b: T.Buffer((N,), bdt), off: T.Buffer((E1 + 1,), "int32"),  # type: ignore[valid-type]
+             ord_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        ntok = T.int64()
-        body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+        nx, nrow = T.int64(), T.int64()
+        body(T.match_buffer(x_h, (nx, K), x_dtype), w, s, m, b, off, T.match_buffer(ord_h, (nrow,), "int32"),
+             T.match_buffer(o_h, (nrow, N), out_dtype), nrow)
 
-    x_h, w, s, m, b, o_h = gemv.params
-    keep = [x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else []) + [o_h]
-    return tvm.tirx.PrimFunc(keep, gemv.body, gemv.ret_type, gemv.attrs)
+    x_h, w, s, m, b, off, ord_h, o_h = gemv.params
+    keep = ([x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else [])
+            + ([off, ord_h] if grouped else []) + [o_h])
+    func = tvm.tirx.PrimFunc(keep, gemv.body, gemv.ret_type, gemv.attrs)
+    return func
 
 
 # ---------------------------------------------------------------- TE forms (GPU kernels, embedding gather)

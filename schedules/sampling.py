@@ -101,3 +101,218 @@ def make_argmax(vocab: int, kind: str):
 def argmax_ref(logits: np.ndarray) -> np.ndarray:
     """First index of each row's maximum, int32."""
     return np.argmax(logits, axis=1).astype(np.int32)
+
+
+def make_sample_gpu(vocab: int):
+    """PrimFunc ``sample(logits[L,V] f32, params[L,4] f32, uniform[L] f32, out[L] int32)``: one token per
+    row. ``params[r]`` = (temperature, top_k, top_p, min_p) as the host sampler takes them (temperature
+    below 1e-5: greedy; top_k 0 or >= V: off; top_p 1: off; min_p 0: off); ``uniform[r]`` in [0, 1) is the
+    row's draw from its sequence's generator.
+
+    A block of 256 threads per row; thread ``i`` owns the contiguous ids ``[i*C, (i+1)*C)``. Passes over
+    the row: the maximum (and its lowest id, the greedy answer); for top-k the k-th largest logit, found
+    by a binary search over the logits' order-preserving 32-bit keys (``count(key >= K) >= k``); for top-p
+    the smallest key ``K`` with ``mass(kept, key > K) < top_p * mass(kept)`` by the same search; then the
+    kept probabilities ``exp((x - max) / T)`` (min_p drops those below ``min_p``), their per-thread sums, a
+    prefix sum over threads, and the thread holding ``uniform * total`` walks its ids to the first whose
+    cumulative probability exceeds it. Float32 throughout, and tokens tied with the k-th logit are all
+    kept (the host sampler sums in float64 and keeps the lowest ids of such ties): the same distribution,
+    not always the same token as the host for the same draw.
+    """
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    V, NT = vocab, GPU_THREADS
+    C = -(-V // NT)
+    steps = NT.bit_length() - 1
+
+    def key_of(x):
+        """float32 -> its bits as an unsigned key in the same order (negatives flipped), as int64."""
+        bits = tirx.reinterpret("uint32", x)
+        return tirx.Cast("int64", tirx.if_then_else(x < tirx.const(0, "float32"), tirx.bitwise_not(bits),
+                                                    tirx.bitwise_or(bits, tirx.const(0x80000000, "uint32"))))
+
+    @T.macro
+    def block_sum(part, mine, tx):
+        # every thread ends with the block's total in mine[0]; part is NT shared floats
+        part[tx] = mine[0]
+        T.tvm_storage_sync("shared")
+        for step in T.unroll(steps):
+            if tx < T.shift_right(NT, step + 1):
+                mine[0] = mine[0] + part[tx + T.shift_right(NT, step + 1)]
+            T.tvm_storage_sync("shared")
+            if tx < T.shift_right(NT, step + 1):
+                part[tx] = mine[0]
+            T.tvm_storage_sync("shared")
+        mine[0] = part[0]
+        T.tvm_storage_sync("shared")
+
+    @T.prim_func(private=True)
+    def sample(l_h: T.handle, p_h: T.handle, u_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        nrow = T.int64()
+        logits = T.match_buffer(l_h, (nrow, V), "float32")
+        params = T.match_buffer(p_h, (nrow, 4), "float32")
+        uniform = T.match_buffer(u_h, (nrow,), "float32")
+        out = T.match_buffer(o_h, (nrow,), "int32")
+        for r in T.thread_binding(nrow, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                part = T.alloc_buffer((NT,), "float32", scope="shared")
+                part_id = T.alloc_buffer((NT,), "int32", scope="shared")
+                mine = T.alloc_buffer((1,), "float32", scope="local")
+                best = T.alloc_buffer((2,), "float32", scope="local")  # max, then the kept mass
+                idx = T.alloc_buffer((1,), "int32", scope="local")
+                bounds = T.alloc_buffer((4,), "int64", scope="local")  # search lo, hi; kept keys >= K_k, K_p
+                cum = T.alloc_buffer((1,), "float32", scope="local")
+                pick = T.alloc_buffer((1,), "int32", scope="local")
+                temp: T.let[T.float32] = params[r, 0]
+                top_k: T.let[T.int64] = T.Cast("int64", params[r, 1])
+                top_p: T.let[T.float32] = params[r, 2]
+                min_p: T.let[T.float32] = params[r, 3]
+                # 1. the maximum and its lowest id
+                best[0] = T.float32(NEG_INF)
+                idx[0] = V
+                for c in T.serial(C):
+                    if tx * C + c < V:
+                        if logits[r, tx * C + c] > best[0] or idx[0] == V:
+                            best[0] = logits[r, tx * C + c]
+                            idx[0] = T.Cast("int32", tx * C + c)
+                part[tx] = best[0]
+                part_id[tx] = idx[0]
+                T.tvm_storage_sync("shared")
+                for step in T.unroll(steps):
+                    if tx < T.shift_right(NT, step + 1):
+                        other: T.let[T.float32] = part[tx + T.shift_right(NT, step + 1)]
+                        other_id: T.let[T.int32] = part_id[tx + T.shift_right(NT, step + 1)]
+                        if other > best[0] or (other == best[0] and other_id < idx[0]):
+                            best[0] = other
+                            idx[0] = other_id
+                    T.tvm_storage_sync("shared")
+                    if tx < T.shift_right(NT, step + 1):
+                        part[tx] = best[0]
+                        part_id[tx] = idx[0]
+                    T.tvm_storage_sync("shared")
+                best[0] = part[0]
+                idx[0] = part_id[0]
+                T.tvm_storage_sync("shared")
+                greedy: T.let[T.bool] = temp < T.float32(1.0e-5)
+                # 2. top-k: the largest key K with count(key >= K) >= k (all keys when off or greedy)
+                bounds[0] = T.int64(0)
+                bounds[1] = T.int64(0xFFFFFFFF)
+                searching_k: T.let[T.bool] = not greedy and top_k > 0 and top_k < V
+                for _it in T.serial(32):
+                    mid: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
+                    mine[0] = T.float32(0)
+                    if searching_k:
+                        for c in T.serial(C):
+                            if tx * C + c < V:
+                                if key_of(logits[r, tx * C + c]) >= mid:
+                                    mine[0] = mine[0] + T.float32(1)
+                    block_sum(part, mine, tx)
+                    if searching_k:
+                        if T.Cast("int64", mine[0]) >= top_k:
+                            bounds[0] = mid
+                        else:
+                            bounds[1] = mid - 1
+                bounds[2] = bounds[0]
+                # 3. top-p: the smallest key K with mass(kept, key > K) < top_p * mass(kept)
+                mine[0] = T.float32(0)
+                if not greedy:
+                    for c in T.serial(C):
+                        if tx * C + c < V:
+                            if key_of(logits[r, tx * C + c]) >= bounds[2]:
+                                mine[0] = mine[0] + T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                block_sum(part, mine, tx)
+                best[1] = mine[0]
+                searching_p: T.let[T.bool] = not greedy and top_p < T.float32(1)
+                bounds[0] = T.int64(0)
+                bounds[1] = T.int64(0xFFFFFFFF)
+                for _it in T.serial(32):
+                    mid_p: T.let[T.int64] = (bounds[0] + bounds[1]) // 2
+                    mine[0] = T.float32(0)
+                    if searching_p:
+                        for c in T.serial(C):
+                            if tx * C + c < V:
+                                if key_of(logits[r, tx * C + c]) > mid_p and key_of(logits[r, tx * C + c]) >= bounds[2]:
+                                    mine[0] = mine[0] + T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                    block_sum(part, mine, tx)
+                    if searching_p:
+                        if mine[0] < top_p * best[1]:
+                            bounds[1] = mid_p
+                        else:
+                            bounds[0] = mid_p + 1
+                bounds[3] = T.if_then_else(searching_p, bounds[0], T.int64(0))
+                # 4. kept mass per thread, its prefix over threads, and the draw
+                mine[0] = T.float32(0)
+                if not greedy:
+                    for c in T.serial(C):
+                        if tx * C + c < V:
+                            if (key_of(logits[r, tx * C + c]) >= bounds[2]
+                                    and key_of(logits[r, tx * C + c]) >= bounds[3]):
+                                pr: T.let[T.float32] = T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                                if pr >= min_p:
+                                    mine[0] = mine[0] + pr
+                part[tx] = mine[0]
+                T.tvm_storage_sync("shared")
+                cum[0] = T.float32(0)
+                for i in T.serial(NT):
+                    if i < tx:
+                        cum[0] = cum[0] + part[i]
+                best[1] = T.float32(0)
+                for i in T.serial(NT):
+                    best[1] = best[1] + part[i]
+                T.tvm_storage_sync("shared")
+                target: T.let[T.float32] = uniform[r] * best[1]
+                # the thread whose range holds the target picks; ties at a range edge go to the later
+                # thread (the first id whose cumulative mass exceeds the target)
+                if not greedy and cum[0] <= target and (cum[0] + mine[0] > target or tx == NT - 1):
+                    pick[0] = -1
+                    for c in T.serial(C):
+                        if tx * C + c < V:
+                            if (key_of(logits[r, tx * C + c]) >= bounds[2]
+                                    and key_of(logits[r, tx * C + c]) >= bounds[3]):
+                                pw: T.let[T.float32] = T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                                if pw >= min_p:
+                                    cum[0] = cum[0] + pw
+                                    if pick[0] < 0 and cum[0] > target:
+                                        pick[0] = T.Cast("int32", tx * C + c)
+                                    idx[0] = T.Cast("int32", tx * C + c)  # the last kept id, for rounding
+                    if pick[0] >= 0:
+                        idx[0] = pick[0]
+                    out[r] = idx[0]
+                if greedy and tx == 0:
+                    out[r] = idx[0]
+
+    return sample
+
+
+def kept_probs_ref(x: np.ndarray, temperature: float, top_k: float, top_p: float, min_p: float) -> np.ndarray:
+    """float64 ``[V]``: ``exp((x - max) / temperature)`` where ``make_sample_gpu`` keeps the token, else 0:
+    top-k with ties at the k-th logit kept, the top-p prefix by logit, min_p."""
+    x = x.astype(np.float64)
+    keep = np.ones(x.shape, bool)
+    if 0 < top_k < len(x):
+        keep &= x >= np.sort(x)[::-1][int(top_k) - 1]
+    p = np.exp((x - x.max()) / temperature) * keep
+    if top_p < 1:
+        above = np.array([p[x > v].sum() for v in x])  # mass strictly more likely than each token
+        keep &= above < top_p * p.sum()
+    p = p * keep
+    p[p < min_p] = 0
+    return p
+
+
+def sample_ref(logits: np.ndarray, params: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """The token ``make_sample_gpu`` picks, in float64: the argmax for greedy rows; else the first id whose
+    cumulative kept probability (``kept_probs_ref``) exceeds ``uniform * total``."""
+    out = np.zeros(len(logits), np.int32)
+    for r, x in enumerate(logits):
+        temp, top_k, top_p, min_p = (float(v) for v in params[r])
+        if temp < 1e-5:
+            out[r] = int(np.argmax(x))
+            continue
+        p = kept_probs_ref(x, temp, top_k, top_p, min_p)
+        cdf = np.cumsum(p)
+        hit = np.flatnonzero(cdf > uniform[r] * cdf[-1])
+        out[r] = int(hit[0]) if hit.size else int(np.flatnonzero(p)[-1])
+    return out

@@ -74,7 +74,7 @@ def test_concurrent_greedy_equals_alone(tiny, prompts, alone):
 
 def counting(engine: Engine) -> dict:
     """Count the engine's model calls by kind: greedy ids from the device, or logits."""
-    calls = {"forward_greedy": 0, "forward": 0}
+    calls = {"forward_picked": 0, "forward": 0}
     for name in calls:
         method = getattr(engine.model, name)
 
@@ -87,14 +87,14 @@ def counting(engine: Engine) -> dict:
 
 
 def test_greedy_tokens_picked_on_the_device_equal_the_host_argmax(tiny, prompts, alone):
-    """Plain greedy steps take the artifact's argmax entry point (ids back, no logits); the same requests
-    with the host picking the argmax from the logits give the same tokens. A step with a logprobs row
-    needs the logits and takes the host path."""
+    """Plain greedy rows take the artifact's argmax entry point (ids back, no logits); the same requests
+    with the host picking the argmax from the logits give the same tokens. A logprobs row needs the logits:
+    its steps bring them back too, and its tokens are still the argmax."""
     engine = make_engine(tiny)
     calls = counting(engine)
     outs = run(engine, *[(p, GREEDY) for p in prompts[:4]])
     assert [o[0]["ids"] for o in outs] == alone[:4]
-    assert engine.model.has_device_argmax and calls["forward_greedy"] >= 11  # every decode step
+    assert engine.model.has_device_argmax and calls["forward_picked"] >= 11 and calls["forward"] == 0
     host = make_engine(tiny)
     host.model._argmax_fn = None
     assert [o[0]["ids"] for o in run(host, *[(p, GREEDY) for p in prompts[:4]])] == alone[:4]
@@ -103,7 +103,7 @@ def test_greedy_tokens_picked_on_the_device_equal_the_host_argmax(tiny, prompts,
     with_logprobs = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     outs = run(engine, (prompts[0], with_logprobs), (prompts[1], GREEDY))
     assert outs[0][0]["ids"] == alone[0] and outs[1][0]["ids"] == alone[1]
-    assert calls["forward_greedy"] == 0 and calls["forward"] >= 12
+    assert calls["forward_picked"] >= 11 and outs[0][0]["logprobs"] and len(outs[0][0]["logprobs"]) == 12
 
 
 def test_oversubscribed_cache_completes_with_identical_outputs(tiny, prompts, alone):

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ferrum.schedules import linear as lin
+from ferrum.schedules import moe
 from ferrum.schedules import norm
 from ferrum.schedules import paged_attention as pa
 from ferrum.schedules import quant_linear as ql
@@ -183,3 +184,77 @@ def test_add_rms_norm_matches_reference(hidden, ntok):
     h_ref, y_ref = norm.add_rms_norm_ref(x, r, w, 1e-6)
     np.testing.assert_array_equal(h, h_ref)
     np.testing.assert_allclose(y, y_ref, atol=2e-6, rtol=1e-5)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31))
+def test_device_sampler_picks_the_reference_token(seed):
+    """Greedy rows, plain temperature, top-k (1, small, >= V), top-p, min_p and their mixes, one draw each:
+    the kernel picks the token of the float64 reference, unless the draw falls within float32 rounding
+    of a boundary between two tokens' cumulative probabilities."""
+    vocab = 1000
+    rng = np.random.default_rng(seed)
+    rows = 12
+    logits = (rng.standard_normal((rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
+    params = np.stack([np.where(rng.random(rows) < 0.2, 0.0, rng.uniform(0.3, 2.0, rows)),  # temperature
+                       rng.choice([0, 1, 5, 50, 999, 1000, 5000], rows),  # top_k
+                       np.where(rng.random(rows) < 0.5, 1.0, rng.uniform(0.05, 0.99, rows)),  # top_p
+                       np.where(rng.random(rows) < 0.7, 0.0, rng.uniform(0.0, 0.3, rows))], axis=1).astype(np.float32)
+    uniform = rng.random(rows).astype(np.float32)
+    out = np.full(rows, -1, np.int32)
+    gpu_emu.run(_kernel(("sample", vocab), lambda: sm.make_sample_gpu(vocab)), logits, params, uniform, out)
+    ref = sm.sample_ref(logits, params, uniform)
+    for r in np.flatnonzero(out != ref):  # only a draw at a boundary may differ
+        cdf = np.cumsum(sm.kept_probs_ref(logits[r], *params[r]))
+        assert abs(cdf[min(out[r], ref[r])] / cdf[-1] - uniform[r]) < 1e-5, (r, out[r], ref[r], params[r])
+    assert (out >= 0).all() and (out < vocab).all()
+
+
+def test_sample_ref_semantics():
+    """The reference itself on hand-made rows: top-k 1 is the argmax, a tiny top-p keeps the argmax only,
+    greedy rows ignore the draw, and a uniform draw walks the kept tokens in id order."""
+    logits = np.log(np.array([[0.1, 0.2, 0.3, 0.4]] * 4, np.float32))
+    params = np.array([[1, 1, 1, 0], [1, 0, 0.01, 0], [0, 0, 1, 0], [1, 0, 1, 0]], np.float32)
+    assert list(sm.sample_ref(logits, params, np.array([0.99, 0.99, 0.99, 0.05], np.float32))) == [3, 3, 3, 0]
+    assert sm.sample_ref(logits[3:], params[3:], np.array([0.35], np.float32))[0] == 2  # 0.1 + 0.2 <= 0.35 < 0.6
+    two = np.array([[1, 2, 0.5, 0]], np.float32)  # top-2 = {2, 3}; top-p 0.5 of them keeps only 3 (4/7 > 0.5)
+    assert sm.sample_ref(logits[:1], two, np.array([0.0], np.float32))[0] == 3
+
+
+# ---------------------------------------------------------------- MoE experts on the decode entry point
+
+@pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 32, False)])
+@pytest.mark.parametrize("ntok,x_div", [(3, 2), (5, 1), (1, 2)])
+def test_grouped_gemv_after_gpu_dispatch(fmt, ntok, x_div):
+    """The GPU counting sort of the slots by expert, then the grouped GEMV: each slot gets its own expert's
+    rows applied to its token (x_div 2: gate_up over tokens; 1: down over slots); experts nobody chose
+    stay unread (their rows are NaN here)."""
+    num_experts, k, n, top_k = 8, 128, 20, 2
+    rng = np.random.default_rng(ntok)
+    slots = ntok * top_k
+    ids = rng.integers(1, num_experts, slots).astype(np.int32)  # expert 0 is never chosen
+    offsets, order = np.full(num_experts + 1, -1, np.int32), np.full(slots, -1, np.int32)
+    gpu_emu.run(_kernel(("dispatch", num_experts), lambda: moe.make_moe_dispatch(num_experts, "gpu")), ids,
+                offsets, order)
+    ref_offsets, ref_order = moe.dispatch_ref(ids, num_experts)
+    np.testing.assert_array_equal(offsets, ref_offsets)
+    np.testing.assert_array_equal(order, ref_order)
+    x = rng.standard_normal((ntok if x_div == top_k else slots, k)).astype(np.float32)
+    if fmt is None:
+        w = rng.standard_normal((num_experts * n, k)).astype(np.float32)
+        w[:n] = np.nan
+        tensors, dense = [w], w.astype(np.float64)
+    else:
+        q = rng.integers(0, 16 if fmt.bits == 4 else 256, (num_experts * n, k))
+        qweight = ql.pack_int4(q) if fmt.bits == 4 else (q - 128).astype(np.int8)
+        scales = (rng.random((num_experts * n, k // fmt.group_size)) * 0.1).astype(np.float32)
+        scales[:n] = np.nan
+        mins = None if fmt.sym else (0.1 * rng.standard_normal(scales.shape)).astype(np.float32)
+        tensors = [qweight, scales] + ([] if mins is None else [mins])
+        dense = ql.dequantize_ref(fmt, qweight, scales, mins)
+    out = np.full((slots, n), np.nan, np.float32)
+    func = _kernel(("grouped", fmt, x_div), lambda: ql.make_gemv_gpu(
+        k, n, fmt, "float32", "float32", "float32", None, scale_dtype="float32", experts=num_experts, x_div=x_div))
+    gpu_emu.run(func, x, *tensors, offsets, order, out)
+    ref = np.stack([x[s // x_div].astype(np.float64) @ dense[ids[s] * n:(ids[s] + 1) * n].T for s in range(slots)])
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)

@@ -23,7 +23,8 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 @needs_nvcc
 @pytest.mark.parametrize("family,target,quant", [("qwen3", "cuda-sm90", "auto"), ("llama", "cuda-sm80", "auto"),
                                                  ("qwen2", "cuda-sm86", "auto"), ("mistral", "cuda-sm89", "auto"),
-                                                 ("qwen3", "cuda-sm89", "q4"), ("qwen3-moe", "cuda-sm90", "q4")])
+                                                 ("qwen3", "cuda-sm89", "q4"), ("qwen3-moe", "cuda-sm90", "q4"),
+                                                 ("qwen3-moe", "cuda-sm80", "auto")])
 def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_model_dir, tmp_path):
     out = tmp_path / "art"
     res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out)
@@ -41,7 +42,11 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     # the decode entry point: same arguments, GEMV kernels (compiled into the cubin too)
     entries = manifest["entry_points"]
     assert entries["decode"]["max_tokens"] == 8 and entries["decode"]["args"] == entries["forward"]["args"]
-    assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib
+    assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib and b"add_rms_norm" in lib
+    # tokens picked on the device: greedy and sampled
+    assert entries["argmax"]["returns"]["dtype"] == "int32" and [a["name"] for a in entries["sample"]["args"]] == [
+        "logits", "params", "uniform"]
+    assert b"argmax" in lib and b"sample" in lib
     assert "decode(same) for batches of <= 8 tokens" in ferrum("inspect", out).stdout
     if quant == "q4":  # dequantizing matmuls were compiled for the GPU too
         assert manifest["quantization"]["method"] == "rtn-q4" and manifest["ir"]["ops"]["qlinear"] > 0
