@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .block_reduce import block_sum
+
 GPU_THREADS = 256
 
 
@@ -20,7 +22,7 @@ def make_add_rms_norm_gpu(hidden: int, dtype: str, weight_dtype: str, eps: float
     from tvm.script import tirx as T
 
     D, NT = hidden, min(GPU_THREADS, 1 << max(hidden - 1, 1).bit_length())
-    steps = NT.bit_length() - 1
+    row_sum = block_sum(NT, 1)
     E = -(-D // NT)  # columns per thread
 
     @T.prim_func(private=True)
@@ -34,7 +36,7 @@ def make_add_rms_norm_gpu(hidden: int, dtype: str, weight_dtype: str, eps: float
         y = T.match_buffer(y_h, (ntok, D), dtype)
         for t in T.thread_binding(ntok, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                part = T.alloc_buffer((NT,), "float32", scope="shared")
+                part = T.alloc_buffer((NT, 1), "float32", scope="shared")
                 vals = T.alloc_buffer((E,), "float32", scope="local")  # this thread's h, as stored
                 sq = T.alloc_buffer((1,), "float32", scope="local")
                 sq[0] = T.float32(0)
@@ -44,16 +46,8 @@ def make_add_rms_norm_gpu(hidden: int, dtype: str, weight_dtype: str, eps: float
                                                            + T.Cast("float32", r[t, e * NT + tx])))
                         h[t, e * NT + tx] = T.Cast(dtype, vals[e])
                         sq[0] = sq[0] + vals[e] * vals[e]
-                part[tx] = sq[0]
-                T.tvm_storage_sync("shared")
-                for step in T.unroll(steps):  # read the partner into a register, then publish
-                    if tx < T.shift_right(NT, step + 1):
-                        sq[0] = sq[0] + part[tx + T.shift_right(NT, step + 1)]
-                    T.tvm_storage_sync("shared")
-                    if tx < T.shift_right(NT, step + 1):
-                        part[tx] = sq[0]
-                    T.tvm_storage_sync("shared")
-                rstd: T.let[T.float32] = T.rsqrt(part[0] / T.float32(D) + T.float32(eps))
+                row_sum(part, sq, tx)
+                rstd: T.let[T.float32] = T.rsqrt(sq[0] / T.float32(D) + T.float32(eps))
                 for e in T.unroll(E):
                     if e * NT + tx < D:
                         y[t, e * NT + tx] = T.Cast(dtype, vals[e] * rstd * T.Cast("float32", w[e * NT + tx]))

@@ -320,7 +320,7 @@ def make_attention_gpu(
                         tok0: T.let[T.int32] = info[1]
                         key0: T.let[T.int32] = info[3]
                         nkeys: T.let[T.int32] = info[4]
-                        for e in T.serial(ER):
+                        for e in T.unroll(ER):  # unrolled: acc[e] stays in registers
                             if e * NT + tx < R * D:
                                 r: T.let[T.int32] = (e * NT + tx) // D
                                 d: T.let[T.int32] = (e * NT + tx) % D
@@ -336,7 +336,7 @@ def make_attention_gpu(
                         for kt in T.serial((nkeys + KC - 1) // KC):
                             j0: T.let[T.int32] = key0 + kt * KC
                             T.tvm_storage_sync("shared")  # the previous tile's readers are done
-                            for e in T.serial(EK):
+                            for e in T.unroll(EK):
                                 if e * NT + tx < KC * D:
                                     jk: T.let[T.int32] = (e * NT + tx) // D
                                     dk: T.let[T.int32] = (e * NT + tx) % D
@@ -344,7 +344,7 @@ def make_attention_gpu(
                                     k_s[jk, dk] = T.Cast("float32", cache[blk, 0, kh, (j0 + jk) % BS, dk])
                                     v_s[jk, dk] = T.Cast("float32", cache[blk, 1, kh, (j0 + jk) % BS, dk])
                             T.tvm_storage_sync("shared")
-                            for e in T.serial(EQ):
+                            for e in T.unroll(EQ):
                                 if e * NT + tx < R * KC:
                                     rs: T.let[T.int32] = (e * NT + tx) // KC
                                     js: T.let[T.int32] = (e * NT + tx) % KC
@@ -372,7 +372,7 @@ def make_attention_gpu(
                                     w_s[tx, jj] = w
                                     ml[1] = ml[1] + w
                             T.tvm_storage_sync("shared")
-                            for e in T.serial(ER):
+                            for e in T.unroll(ER):
                                 if e * NT + tx < R * D:
                                     ra: T.let[T.int32] = (e * NT + tx) // D
                                     da: T.let[T.int32] = (e * NT + tx) % D
@@ -380,7 +380,7 @@ def make_attention_gpu(
                                     for jv in T.serial(KC):
                                         acc[e] = acc[e] + w_s[ra, jv] * v_s[jv, da]
                         T.tvm_storage_sync("shared")
-                        for e in T.serial(ER):
+                        for e in T.unroll(ER):
                             if e * NT + tx < R * D:
                                 ro: T.let[T.int32] = (e * NT + tx) // D
                                 if ro // G < count:

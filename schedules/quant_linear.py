@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .block_reduce import block_sum
+
 _ROWS_PER_TASK = 16
 R16 = 16  # rows interleaved per block in the "r16" layout (one 512-bit register of int32 row sums)
 LAYOUTS = ("rows", "r16")
@@ -657,10 +659,10 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     loads 16 contiguous weight bytes per row per step (consecutive threads, consecutive bytes: coalesced),
     dequantizes them in registers (INT4: low nibbles are columns 0-15 of a 32-column block, high nibbles
     16-31; the group's scale, and min or zero point) and accumulates 4 tokens x 4 rows of float32 partial
-    sums; a shared-memory tree sums the threads. Weights are read from memory once per pass, so batches
-    of up to 4 tokens stream them once. Any token count is correct (more passes). ``scale_dtype`` is
-    float16 in artifacts; the CPU emulation of GPU kernels in the tests, which has no half type, passes
-    float32. ``max_lanes`` caps the vector width of loads (Metal has vectors of up to 4 elements).
+    sums; a shared-memory tree sums the threads (``block_reduce``). Weights are read from memory once per
+    pass, so batches of up to 4 tokens stream them once. Any token count is correct (more passes).
+    ``scale_dtype`` is float16 in artifacts; the CPU emulation of GPU kernels in the tests, which has no
+    half type, passes float32. ``max_lanes`` caps the vector width of loads (Metal: up to 4 elements).
 
     With ``experts`` > 0 it is the MoE expert GEMV ``grouped_linear(x[?,K], w[E*N, ...], offsets[E+1],
     order[S], out[S,N])`` of ``schedules/moe.py``: the grid gains an expert axis, block (rows, e) runs the
@@ -683,7 +685,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     G = fmt.group_size if fmt is not None else K
     zp = float(fmt.zero_point) if fmt is not None else 0.0
     has_bias = bias_dtype is not None
-    steps = NT.bit_length() - 1  # NT is a power of two
+    sums = block_sum(NT, J)
     WV = min(16 if int4 else C, max_lanes)  # lanes of one weight load
     grouped = experts > 0
     NW = max(experts, 1) * N  # weight rows
@@ -749,18 +751,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                     xv[i0 * XV + i1] = x[xr, ch * C + i0 * XV + i1]
                                             for i in T.unroll(C):
                                                 acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xv[i]) * wv[i]
-                    for j in T.unroll(J):
-                        red[tx, j] = acc[j]
-                    T.tvm_storage_sync("shared")
-                    for step in T.unroll(steps):  # halve the live threads: read into registers, then publish
-                        if tx < T.shift_right(NT, step + 1):
-                            for j in T.unroll(J):
-                                acc[j] = acc[j] + red[tx + T.shift_right(NT, step + 1), j]
-                        T.tvm_storage_sync("shared")
-                        if tx < T.shift_right(NT, step + 1):
-                            for j in T.unroll(J):
-                                red[tx, j] = acc[j]
-                        T.tvm_storage_sync("shared")
+                    sums(red, acc, tx)
                     if tx < J:
                         if p * TT + tx // RB < count and blk * RB + tx % RB < N:
                             orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx // RB))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import block_reduce
+from .block_reduce import block_argmax
+
 GPU_THREADS = 256
 NEG_INF = float("-inf")
 
@@ -56,7 +59,7 @@ def make_argmax(vocab: int, kind: str):
         return argmax_cpu
 
     NT = GPU_THREADS
-    steps = NT.bit_length() - 1
+    row_argmax = block_argmax(NT)
 
     @T.prim_func(private=True)
     def argmax_gpu(l_h: T.handle, o_h: T.handle):
@@ -77,21 +80,7 @@ def make_argmax(vocab: int, kind: str):
                         if logits[r, c * NT + tx] > best[0] or idx[0] == V:
                             best[0] = logits[r, c * NT + tx]
                             idx[0] = T.Cast("int32", c * NT + tx)
-                vals[tx] = best[0]
-                ids[tx] = idx[0]
-                T.tvm_storage_sync("shared")
-                for step in T.unroll(steps):  # read the partner into registers, then publish
-                    if tx < T.shift_right(NT, step + 1):
-                        other: T.let[T.float32] = vals[tx + T.shift_right(NT, step + 1)]
-                        other_id: T.let[T.int32] = ids[tx + T.shift_right(NT, step + 1)]
-                        if other > best[0] or (other == best[0] and other_id < idx[0]):
-                            best[0] = other
-                            idx[0] = other_id
-                    T.tvm_storage_sync("shared")
-                    if tx < T.shift_right(NT, step + 1):
-                        vals[tx] = best[0]
-                        ids[tx] = idx[0]
-                    T.tvm_storage_sync("shared")
+                row_argmax(vals, ids, best, idx, tx)
                 if tx == 0:
                     out[r] = idx[0]
 
@@ -124,28 +113,13 @@ def make_sample_gpu(vocab: int):
 
     V, NT = vocab, GPU_THREADS
     C = -(-V // NT)
-    steps = NT.bit_length() - 1
+    block_sum, row_argmax = block_reduce.block_sum(NT, 1), block_argmax(NT)
 
     def key_of(x):
         """float32 -> its bits as an unsigned key in the same order (negatives flipped), as int64."""
         bits = tirx.reinterpret("uint32", x)
         return tirx.Cast("int64", tirx.if_then_else(x < tirx.const(0, "float32"), tirx.bitwise_not(bits),
                                                     tirx.bitwise_or(bits, tirx.const(0x80000000, "uint32"))))
-
-    @T.macro
-    def block_sum(part, mine, tx):
-        # every thread ends with the block's total in mine[0]; part is NT shared floats
-        part[tx] = mine[0]
-        T.tvm_storage_sync("shared")
-        for step in T.unroll(steps):
-            if tx < T.shift_right(NT, step + 1):
-                mine[0] = mine[0] + part[tx + T.shift_right(NT, step + 1)]
-            T.tvm_storage_sync("shared")
-            if tx < T.shift_right(NT, step + 1):
-                part[tx] = mine[0]
-            T.tvm_storage_sync("shared")
-        mine[0] = part[0]
-        T.tvm_storage_sync("shared")
 
     @T.prim_func(private=True)
     def sample(l_h: T.handle, p_h: T.handle, u_h: T.handle, o_h: T.handle):
@@ -157,7 +131,8 @@ def make_sample_gpu(vocab: int):
         out = T.match_buffer(o_h, (nrow,), "int32")
         for r in T.thread_binding(nrow, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                part = T.alloc_buffer((NT,), "float32", scope="shared")
+                part = T.alloc_buffer((NT, 1), "float32", scope="shared")
+                part1 = T.alloc_buffer((NT,), "float32", scope="shared")
                 part_id = T.alloc_buffer((NT,), "int32", scope="shared")
                 mine = T.alloc_buffer((1,), "float32", scope="local")
                 best = T.alloc_buffer((2,), "float32", scope="local")  # max, then the kept mass
@@ -177,24 +152,7 @@ def make_sample_gpu(vocab: int):
                         if logits[r, tx * C + c] > best[0] or idx[0] == V:
                             best[0] = logits[r, tx * C + c]
                             idx[0] = T.Cast("int32", tx * C + c)
-                part[tx] = best[0]
-                part_id[tx] = idx[0]
-                T.tvm_storage_sync("shared")
-                for step in T.unroll(steps):
-                    if tx < T.shift_right(NT, step + 1):
-                        other: T.let[T.float32] = part[tx + T.shift_right(NT, step + 1)]
-                        other_id: T.let[T.int32] = part_id[tx + T.shift_right(NT, step + 1)]
-                        if other > best[0] or (other == best[0] and other_id < idx[0]):
-                            best[0] = other
-                            idx[0] = other_id
-                    T.tvm_storage_sync("shared")
-                    if tx < T.shift_right(NT, step + 1):
-                        part[tx] = best[0]
-                        part_id[tx] = idx[0]
-                    T.tvm_storage_sync("shared")
-                best[0] = part[0]
-                idx[0] = part_id[0]
-                T.tvm_storage_sync("shared")
+                row_argmax(part1, part_id, best, idx, tx)
                 greedy: T.let[T.bool] = temp < T.float32(1.0e-5)
                 # 2. top-k: the largest key K with count(key >= K) >= k (all keys when off or greedy)
                 bounds[0] = T.int64(0)
@@ -252,15 +210,15 @@ def make_sample_gpu(vocab: int):
                                 pr: T.let[T.float32] = T.exp((logits[r, tx * C + c] - best[0]) / temp)
                                 if pr >= min_p:
                                     mine[0] = mine[0] + pr
-                part[tx] = mine[0]
+                part1[tx] = mine[0]
                 T.tvm_storage_sync("shared")
                 cum[0] = T.float32(0)
                 for i in T.serial(NT):
                     if i < tx:
-                        cum[0] = cum[0] + part[i]
+                        cum[0] = cum[0] + part1[i]
                 best[1] = T.float32(0)
                 for i in T.serial(NT):
-                    best[1] = best[1] + part[i]
+                    best[1] = best[1] + part1[i]
                 T.tvm_storage_sync("shared")
                 target: T.let[T.float32] = uniform[r] * best[1]
                 # the thread whose range holds the target picks; ties at a range edge go to the later

@@ -1,0 +1,71 @@
+"""Block-wide reductions for GPU kernels, as TIR macros shared by the kernel families.
+
+Each halves the live threads per step through shared memory: a thread reads its partner's partial into
+registers, everyone waits, the survivors publish, everyone waits. A branch therefore only reads or only
+writes shared memory, which TVM's barrier planner requires (it will not put a barrier inside a branch).
+Warp shuffles would be faster on CUDA but have no OpenCL form, and the tests run these kernels on the
+CPU through OpenCL (tests/gpu_emu.py).
+"""
+
+from __future__ import annotations
+
+
+def block_sum(threads: int, width: int):
+    """Macro ``(part, mine, tx)``: ``part`` a shared ``[threads, width]`` float32 buffer, ``mine`` this
+    thread's ``[width]`` local partial sums. Afterwards every thread's ``mine`` and ``part[0, :]`` hold
+    the block's sums. ``threads`` is a power of two."""
+    from tvm.script import tirx as T
+
+    steps = threads.bit_length() - 1
+
+    @T.macro
+    def reduce(part, mine, tx):
+        for j in T.unroll(width):
+            part[tx, j] = mine[j]
+        T.tvm_storage_sync("shared")
+        for step in T.unroll(steps):
+            if tx < T.shift_right(threads, step + 1):
+                for j in T.unroll(width):
+                    mine[j] = mine[j] + part[tx + T.shift_right(threads, step + 1), j]
+            T.tvm_storage_sync("shared")
+            if tx < T.shift_right(threads, step + 1):
+                for j in T.unroll(width):
+                    part[tx, j] = mine[j]
+            T.tvm_storage_sync("shared")
+        for j in T.unroll(width):
+            mine[j] = part[0, j]
+        T.tvm_storage_sync("shared")  # part may be written again after this
+
+    return reduce
+
+
+def block_argmax(threads: int):
+    """Macro ``(vals, ids, best, idx, tx)``: ``vals``/``ids`` shared ``[threads]`` float32/int32 buffers,
+    ``best[0]``/``idx[0]`` this thread's maximum and its id (an id past every real one for a thread with
+    nothing). Afterwards every thread holds the block's maximum and, among equal ones, the lowest id."""
+    from tvm.script import tirx as T
+
+    steps = threads.bit_length() - 1
+
+    @T.macro
+    def reduce(vals, ids, best, idx, tx):
+        vals[tx] = best[0]
+        ids[tx] = idx[0]
+        T.tvm_storage_sync("shared")
+        for step in T.unroll(steps):
+            if tx < T.shift_right(threads, step + 1):
+                other: T.let[T.float32] = vals[tx + T.shift_right(threads, step + 1)]
+                other_id: T.let[T.int32] = ids[tx + T.shift_right(threads, step + 1)]
+                if other > best[0] or (other == best[0] and other_id < idx[0]):
+                    best[0] = other
+                    idx[0] = other_id
+            T.tvm_storage_sync("shared")
+            if tx < T.shift_right(threads, step + 1):
+                vals[tx] = best[0]
+                ids[tx] = idx[0]
+            T.tvm_storage_sync("shared")
+        best[0] = vals[0]
+        idx[0] = ids[0]
+        T.tvm_storage_sync("shared")
+
+    return reduce
