@@ -11,6 +11,9 @@ What this does not cover: PoCL has no ``half`` arithmetic, so tests build the fl
 (the dtype is a factory argument; index math, tiling and synchronisation are the same) and the float16 /
 bfloat16 variants are checked by compiling them for every CUDA arch (tests/test_gpu_targets.py); warp
 shuffles and tensor-core intrinsics have no OpenCL form, so kernels here reduce through shared memory.
+
+``gpu_module`` and ``run_relax`` do the same for a whole model: the CUDA pipeline's legalization and
+scheduling passes, then each Relax entry point interpreted call by call with every PrimFunc run here.
 """
 
 from __future__ import annotations
@@ -81,8 +84,14 @@ def build(func):
                 params = list(split[name].params)
                 dims = list(call.args[1 + len(params):])
                 tags = [str(t) for t in split[name].attrs["tirx.kernel_launch_params"]]
-                grid = [d for t, d in zip(tags, dims) if t.startswith("blockIdx")]
-                block = [d for t, d in zip(tags, dims) if t.startswith("threadIdx")]
+                unknown = [t for t in tags if not t.startswith(("blockIdx.", "threadIdx."))]
+                if unknown:
+                    raise NotImplementedError(f"kernel launch parameters {unknown}")
+                axis = {"x": 0, "y": 1, "z": 2}  # tags come in any order
+                grid = [tirx.const(1, "int64")] * 3
+                block = [tirx.const(1, "int64")] * 3
+                for t, d in zip(tags, dims):
+                    (grid if t.startswith("blockIdx") else block)[axis[t[-1]]] = d
                 launches.append((name, list(call.args[1:1 + len(params)]), params, grid, block))
         elif isinstance(node, tirx.DeclBuffer):
             lets.append((node.buffer, node.data))
@@ -98,8 +107,9 @@ def build(func):
     return source, host, lets, launches
 
 
-def run(func, *arrays: np.ndarray) -> None:
-    """Run ``func`` on ``arrays`` (its parameters in order, numpy, C-contiguous), writing outputs in place."""
+def run(func, *arrays) -> None:
+    """Run ``func`` on ``arrays`` (its parameters in order: numpy arrays, C-contiguous, or ints for scalar
+    parameters), writing outputs in place."""
     import tvm
     from tvm import tirx
 
@@ -111,6 +121,9 @@ def run(func, *arrays: np.ndarray) -> None:
     if len(host_params) != len(arrays):
         raise ValueError(f"kernel takes {len(host_params)} arguments, got {len(arrays)}")
     for p, arr in zip(host_params, arrays):
+        if isinstance(arr, (int, np.integer)):  # a scalar parameter (Relax passes symbolic shapes so)
+            values[p] = int(arr)
+            continue
         buf = p  # TVM 0.27: a buffer parameter is the buffer
         if np.dtype(str(buf.dtype)) != arr.dtype:
             raise TypeError(f"argument {buf.name}: expected {buf.dtype}, got {arr.dtype}")
@@ -138,7 +151,7 @@ def run(func, *arrays: np.ndarray) -> None:
             raise ValueError(f"cannot evaluate launch expression {expr}")
         return int(out.value)
 
-    for buf, arr in data:  # every dimension (``nbatch + 1`` too) must match once the variables are bound
+    for buf, arr in list(data):  # every dimension (``nbatch + 1`` too) must match once the variables are bound
         if [evaluate(d) for d in buf.shape] != list(arr.shape):
             raise ValueError(f"argument {buf.name}: expected shape {list(buf.shape)}, got {arr.shape}")
     for var, value in lets:
@@ -149,8 +162,9 @@ def run(func, *arrays: np.ndarray) -> None:
 
     queue = cl.CommandQueue(ctx)
     mf = cl.mem_flags
+    tensors = [a for a in arrays if isinstance(a, np.ndarray)]
     buffers = {id(a): cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=a if a.size else np.zeros(1, a.dtype))
-               for a in arrays}
+               for a in tensors}
     program = cl.Program(ctx, source).build()
     for name, args, params, grid, block in launches:
         cl_args = []
@@ -161,13 +175,86 @@ def run(func, *arrays: np.ndarray) -> None:
             else:
                 cl_args.append(np.dtype(str(param.ty)).type(evaluate(expr)))
         g = [evaluate(d) for d in grid]
-        b = [evaluate(d) for d in block] or [1]
-        g += [1] * (len(b) - len(g))
-        b += [1] * (len(g) - len(b))
+        b = [evaluate(d) for d in block]
         if min(g) <= 0:
             continue  # an empty grid is no launch on CUDA either
         getattr(program, name)(queue, tuple(gi * bi for gi, bi in zip(g, b)), tuple(b), *cl_args)
-    for a in arrays:
+    for a in tensors:
         if a.size:
             cl.enqueue_copy(queue, a, buffers[id(a)])
     queue.finish()
+
+
+def gpu_module(relax_mod, arch: str = "sm_80"):
+    """``relax_mod`` (from ``lowering.lower(graph, "gpu")``) after the CUDA pipeline's legalization and
+    scheduling passes (dlight included): Relax functions calling thread-bound PrimFuncs, as the CUDA build
+    compiles them, before memory planning."""
+    import tvm
+    from tvm.relax.backend.cuda import pipeline
+
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    with target:
+        passes = pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
+        return tvm.transform.Sequential(passes)(relax_mod)
+
+
+def run_relax(mod, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Interpret Relax function ``name`` of ``gpu_module(...)`` on numpy arrays, every ``call_tir`` run on
+    the CPU through ``run``; in-place calls write into the argument arrays as the device would. Returns
+    the function's outputs (a tuple result as a list)."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.sym.analyzer import Analyzer
+
+    func = mod[name]
+    analyzer = Analyzer()
+    env: dict = {}
+    for var, arr in zip(func.params, arrays):
+        env[var] = arr
+        for dim, n in zip(var.ty.shape, arr.shape):
+            if isinstance(dim, tirx.Var):
+                analyzer.bind(dim, tirx.const(n, "int64"))
+
+    def shape(ty) -> tuple[int, ...]:
+        return tuple(int(analyzer.simplify(d).value) for d in ty.shape)
+
+    def value(expr):
+        if isinstance(expr, relax.Var) and expr in env:
+            return env[expr]
+        if isinstance(expr, tirx.Var) and "int" in str(expr.ty):  # a symbolic shape passed as a scalar
+            return int(analyzer.simplify(expr).value)
+        if isinstance(expr, tvm.ir.expr.Constant):
+            return expr.value.numpy()
+        if isinstance(expr, relax.Tuple):
+            return [value(f) for f in expr.fields]
+        raise NotImplementedError(f"Relax expression {type(expr).__name__}")
+
+    call_tir, inplace = tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace")
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            expr = binding.value
+            if isinstance(expr, relax.Call) and expr.op in (call_tir, inplace):
+                prim = mod[expr.args[0]]
+                ins = [a if isinstance(a, int) else np.ascontiguousarray(a) for a in value(expr.args[1])]
+                out_ty = binding.var.ty
+                out_tys = list(out_ty.fields) if isinstance(out_ty, relax.TupleType) else [out_ty]
+                if expr.op == inplace:
+                    at = [int(i) for i in expr.attrs.inplace_indices]
+                    outs = [ins[i] for i in at]
+                    run(prim, *ins)
+                    for i, arr in zip(at, outs):  # the caller's array is the one written
+                        src = value(expr.args[1])[i]
+                        if src is not arr:
+                            src[...] = arr
+                else:
+                    outs = [np.zeros(shape(t), str(t.dtype)) for t in out_tys]
+                    # symbolic shape values the PrimFunc takes as scalars come after the outputs
+                    scalars = [int(analyzer.simplify(v).value) for v in expr.args[2].values] if len(expr.args) > 2 else []
+                    run(prim, *ins, *outs, *scalars)
+                env[binding.var] = outs if isinstance(out_ty, relax.TupleType) else outs[0]
+            elif isinstance(expr, relax.TupleGetItem):
+                env[binding.var] = value(expr.tuple_value)[expr.index]
+            else:
+                env[binding.var] = value(expr)
+    result = value(func.body.body)
+    return result if isinstance(result, list) else [result]
