@@ -16,6 +16,7 @@ from ferrum.schedules import moe as moe_sched
 from ferrum.schedules import norm as norm_sched
 from ferrum.schedules import paged_attention as attn_sched
 from ferrum.schedules import quant_linear as quant_sched
+from ferrum.schedules import rope as rope_sched
 from ferrum.schedules import sampling as sampling_sched
 from ferrum.schedules.fast_math import exp_f32
 
@@ -59,6 +60,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                        _identifier("_".join(str(k) for k in key)))
         return kernels[key]
 
+    producer = {op.output: op for op in graph.ops}
     # GPU targets get a second entry point for batches of few tokens (decode): its linears are our GEMV
     # kernels, which stream each weight once; larger batches take dlight's tiled (tensor-core) matmuls
     entries = [(ENTRY, False)] + ([(DECODE_ENTRY, True)] if kernel_kind == "gpu" else [])
@@ -118,7 +120,18 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                             inv = rope_inv_freq(key[1], op.attrs["theta"], op.attrs["scaling"]).astype("float32")
                             rope_tables[key] = bb.emit_te(_rope_table_te(te, tirx), a[1], relax.const(inv),
                                                           primfunc_name_hint="rope_table")
-                        r = bb.emit_te(_rope_te(te, tirx), a[0], rope_tables[key], primfunc_name_hint="rope")
+                        cut = _head_source(graph, producer, op.inputs[0]) if kernel_kind == "gpu" else None
+                        if cut is not None:  # slice, reshape, [q/k norm,] RoPE: one kernel from the projection
+                            src, first, heads, norm = cut
+                            d, width, dt = out.shape[-1], graph.value(src).shape[1], out.dtype
+                            eps = norm.attrs["eps"] if norm is not None else None
+                            wdt = graph.value(norm.inputs[1]).dtype if norm is not None else "float32"
+                            fused = kernel(("head_rope", width, first, heads, d, dt, eps, wdt),
+                                           lambda: rope_sched.make_head_rope_gpu(width, first, heads, d, dt, eps, wdt))
+                            ins = [env[src]] + ([env[norm.inputs[1]]] if norm is not None else []) + [rope_tables[key]]
+                            r = relax.call_tir(fused, ins, relax.TensorType([env[src].ty.shape[0], heads, d], dt))
+                        else:
+                            r = bb.emit_te(_rope_te(te, tirx), a[0], rope_tables[key], primfunc_name_hint="rope")
                     elif k == "paged_attention":
                         r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)
                     elif k == "silu_mul":
@@ -153,6 +166,25 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     if kernel_kind == "gpu":  # matmul(x, permute_dims(w)) -> one kernel reading w[N, K] in place
         mod = tvm.relax.transform.FuseTransposeMatmul()(mod)
     return mod
+
+
+def _head_source(graph: Graph, producer: dict, name: str):
+    """``(projection, first head, heads, norm op or None)`` when value ``name`` is attention heads cut from
+    a 2-D projection (``reshape(slice(projection))`` on head boundaries), optionally through a per-head
+    RMSNorm (Qwen3's q/k norm); else None."""
+    op, norm = producer.get(name), None
+    if op is not None and op.kind == "rms_norm" and len(graph.value(op.output).shape) == 3:
+        norm, op = op, producer.get(op.inputs[0])
+    if op is None or op.kind != "reshape" or len(graph.value(op.output).shape) != 3:
+        return None
+    cut = producer.get(op.inputs[0])
+    if cut is None or cut.kind != "slice" or len(graph.value(cut.inputs[0]).shape) != 2:
+        return None
+    d = graph.value(op.output).shape[2]
+    begin, end = cut.attrs["begin"], cut.attrs["end"]
+    if not isinstance(d, int) or begin % d or end % d:
+        return None
+    return cut.inputs[0], begin // d, (end - begin) // d, norm
 
 
 def _reshape(bb, relax, shape_of, sliced, x, shape):

@@ -67,12 +67,11 @@ class CompiledModel:
         lib = tvm.runtime.load_module(str(manifest.path / LIBRARY))
         self.vm = rvm.VirtualMachine(lib, self.device)
         self._fn = self.vm["forward"]
-        # GPU artifacts: a second entry point whose linears are GEMV kernels, for batches of few tokens
-        decode = manifest.data["entry_points"].get("decode")
-        self._decode_fn = self.vm["decode"] if decode else None
-        self.decode_max_tokens = decode_max_tokens(decode)
-        # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
         entries = manifest.data["entry_points"]
+        # GPU artifacts: a second entry point whose linears are GEMV kernels, for batches of few tokens
+        self._decode_fn = self.vm["decode"] if "decode" in entries else None
+        self.decode_max_tokens = decode_max_tokens(entries.get("decode"))
+        # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
         self._argmax_fn = self.vm["argmax"] if "argmax" in entries else None
         self._sample_fn = self.vm["sample"] if "sample" in entries else None
         args = manifest.entry["args"]

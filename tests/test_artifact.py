@@ -130,3 +130,18 @@ def test_float16_kv_cache_holds_twice_the_tokens_and_keeps_logits_close(tiny_mod
     a, b = (m.forward(batch) for m in models)
     err = np.abs(a - b).max()
     assert 0 < err <= 2e-3 * np.abs(b).max(), err  # rounded (not exact), but only by float16's 2^-11
+
+
+@pytest.mark.unit
+def test_decode_entry_limit_and_its_override(monkeypatch):
+    """GPU artifacts' ``decode`` entry takes batches up to its max_tokens; FERRUM_DECODE_MAX_TOKENS
+    overrides it (0: off, to measure both paths) and a bad value is a one-line error."""
+    from ferrum_runtime.model import decode_max_tokens
+
+    monkeypatch.delenv("FERRUM_DECODE_MAX_TOKENS", raising=False)
+    assert decode_max_tokens({"max_tokens": 8}) == 8 and decode_max_tokens(None) == 0
+    monkeypatch.setenv("FERRUM_DECODE_MAX_TOKENS", "0")
+    assert decode_max_tokens({"max_tokens": 8}) == 0 and decode_max_tokens(None) == 0
+    monkeypatch.setenv("FERRUM_DECODE_MAX_TOKENS", "eight")
+    with pytest.raises(ArtifactError, match="FERRUM_DECODE_MAX_TOKENS must be a token count"):
+        decode_max_tokens({"max_tokens": 8})

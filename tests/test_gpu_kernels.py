@@ -14,6 +14,7 @@ from ferrum.schedules import moe
 from ferrum.schedules import norm
 from ferrum.schedules import paged_attention as pa
 from ferrum.schedules import quant_linear as ql
+from ferrum.schedules import rope
 from ferrum.schedules import sampling as sm
 
 from . import gpu_emu
@@ -258,3 +259,24 @@ def test_grouped_gemv_after_gpu_dispatch(fmt, ntok, x_div):
     gpu_emu.run(func, x, *tensors, offsets, order, out)
     ref = np.stack([x[s // x_div].astype(np.float64) @ dense[ids[s] * n:(ids[s] + 1) * n].T for s in range(slots)])
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- heads out of the q/k/v projection + RoPE
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,norm", [(4, 2, 8, True), (4, 2, 8, False), (16, 8, 128, True),
+                                                          (6, 2, 80, False)])
+def test_head_rope_matches_reference(heads, kv_heads, head_dim, norm):
+    """q heads and k heads cut from the fused projection, q/k norm or not, a head size that is not a power
+    of two (more threads than columns)."""
+    rng = np.random.default_rng(head_dim)
+    width = (heads + 2 * kv_heads) * head_dim
+    src = rng.standard_normal((5, width)).astype(np.float32)
+    angles = rng.random((5, head_dim // 2)) * 10
+    table = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    w = rng.standard_normal(head_dim).astype(np.float32)
+    for first, count in ((0, heads), (heads, kv_heads)):
+        out = np.full((5, count, head_dim), np.nan, np.float32)
+        func = rope.make_head_rope_gpu(width, first, count, head_dim, "float32", 1e-6 if norm else None)
+        gpu_emu.run(func, src, *([w] if norm else []), table, out)
+        ref = rope.head_rope_ref(src, first, count, head_dim, table, w if norm else None, 1e-6)
+        np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)

@@ -19,12 +19,20 @@ from .test_ir import CFG, _single_op_graphs, batch, random_params
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture(scope="module")
-def decoder():
-    from ferrum.models import qwen3
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def decoder(request):
+    """Qwen3 (q/k norms, qkv bias) and Llama (neither), GQA 4/2: RoPE with and without the norm fused."""
+    import dataclasses
 
-    graph = fuse_parallel_linears(qwen3.build(CFG, "float32", 4))  # q/k norms, qkv bias, GQA 4/2
-    return graph, gpu_emu.gpu_module(lower(graph, "gpu"))
+    from ferrum.models.registry import family
+
+    cfg = CFG if request.param == "qwen3" else dataclasses.replace(CFG, arch="llama", qk_norm=False,
+                                                                     attention_bias=False)
+    graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
+    mod = gpu_emu.gpu_module(lower(graph, "gpu"))
+    fused = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("head_rope")]
+    assert len(fused) == 2  # q and k: slice, reshape, [norm,] RoPE in one kernel each
+    return graph, mod
 
 
 @pytest.mark.parametrize("entry", ["forward", "decode"])
@@ -40,7 +48,7 @@ def test_gpu_decoder_matches_interpreter(decoder, entry):
     for step in range(2):
         ref = list(run_graph(graph, {**inputs, **ref_caches}, params).values())[0]
         args = [inputs[n] if n in inputs else caches[n] for n in names] + [params[n] for n in graph.params]
-        logits = gpu_emu.run_relax(decoder[1], entry, *args)[0]
+        logits = gpu_emu.run_relax(mod, entry, *args)[0]
         np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
         for name in ref_caches:  # written in place, as the runtime-owned cache is on the device
             np.testing.assert_allclose(caches[name], ref_caches[name], atol=1e-5)
