@@ -113,7 +113,16 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         if axis == 1:
                             slices[op.output] = (a[0], op.attrs["begin"], op.attrs["end"])
                     elif k == "reshape":
-                        r = _reshape(bb, relax, shape_of, slices.get(op.inputs[0]), a[0], op.attrs["shape"])
+                        cut = _head_source(graph, producer, op.output) if kernel_kind == "gpu" else None
+                        if cut is not None and cut[3] is None:  # heads cut out of a projection: one kernel
+                            src, first, heads, _ = cut
+                            d, width, dt = out.shape[-1], graph.value(src).shape[1], out.dtype
+                            gv = kernel(("head_cut", width, first, heads, d, dt),
+                                        lambda: rope_sched.make_head_rope_gpu(width, first, heads, d, dt, None,
+                                                                              rotate=False))
+                            r = relax.call_tir(gv, [env[src]], relax.TensorType([env[src].ty.shape[0], heads, d], dt))
+                        else:
+                            r = _reshape(bb, relax, shape_of, slices.get(op.inputs[0]), a[0], op.attrs["shape"])
                     elif k == "rope":
                         key = (op.inputs[1], static(out.shape[-1]), op.attrs["theta"], repr(op.attrs["scaling"]))
                         if key not in rope_tables:  # once per step, shared by every layer's q and k

@@ -14,12 +14,13 @@ from .block_reduce import block_sum
 
 
 def make_head_rope_gpu(width: int, first_head: int, heads: int, head_dim: int, dtype: str, norm_eps: float | None,
-                       weight_dtype: str = "float32"):
-    """PrimFunc ``head_rope(src[T, width], [norm_w[D],] table[T, 2, D/2] f32, out[T, heads, D])``: head
+                       weight_dtype: str = "float32", rotate: bool = True):
+    """PrimFunc ``head_rope(src[T, width], [norm_w[D],] [table[T, 2, D/2] f32,] out[T, heads, D])``: head
     ``h`` is columns ``(first_head + h) * D ...`` of ``src``; with ``norm_eps`` it is RMS-normalised with
     ``norm_w`` (in float32, rounded to ``dtype`` as the unfused norm stores it), then rotated with the
     step's cos (``table[t, 0]``) and sin (``table[t, 1]``): ``out[d] = x[d] cos - x[d + D/2] sin`` for the
-    first half, ``x[d] cos + x[d - D/2] sin`` for the second, rounded to ``dtype``."""
+    first half, ``x[d] cos + x[d - D/2] sin`` for the second, rounded to ``dtype``. Without ``rotate`` (and
+    without a norm) it only cuts the heads out (the values, for the KV cache)."""
     from tvm.script import tirx as T
 
     D, half = head_dim, head_dim // 2
@@ -27,6 +28,7 @@ def make_head_rope_gpu(width: int, first_head: int, heads: int, head_dim: int, d
     sums = block_sum(NT, 1)
     has_norm = norm_eps is not None
     eps = float(norm_eps or 0.0)
+    assert rotate or not has_norm, "a norm without RoPE is not a pattern lowering produces"
 
     @T.prim_func(private=True)
     def head_rope(s_h: T.handle, w: T.Buffer((D,), weight_dtype), t_h: T.handle, o_h: T.handle):  # type: ignore[valid-type]
@@ -56,24 +58,30 @@ def make_head_rope_gpu(width: int, first_head: int, heads: int, head_dim: int, d
                     xs[tx] = v[0]
                 T.tvm_storage_sync("shared")
                 if tx < D:
-                    rot: T.let[T.float32] = T.if_then_else(tx < half, T.float32(0) - xs[T.min(tx + half, D - 1)],
-                                                           xs[T.max(tx - half, 0)])
-                    out[t, th % heads, tx] = T.Cast(dtype, v[0] * table[t, 0, tx % half] + rot * table[t, 1, tx % half])
+                    if rotate:
+                        rot: T.let[T.float32] = T.if_then_else(tx < half, T.float32(0) - xs[T.min(tx + half, D - 1)],
+                                                               xs[T.max(tx - half, 0)])
+                        out[t, th % heads, tx] = T.Cast(dtype, v[0] * table[t, 0, tx % half]
+                                                        + rot * table[t, 1, tx % half])
+                    else:
+                        out[t, th % heads, tx] = T.Cast(dtype, v[0])
 
-    if has_norm:
-        return head_rope
     import tvm
 
-    s_h, w, t_h, o_h = head_rope.params  # no norm: the weight is never read, and not a parameter
-    return tvm.tirx.PrimFunc([s_h, t_h, o_h], head_rope.body, head_rope.ret_type, head_rope.attrs)
+    s_h, w, t_h, o_h = head_rope.params  # the weight without a norm and the table without RoPE are unread
+    keep = [s_h] + ([w] if has_norm else []) + ([t_h] if rotate else []) + [o_h]
+    return tvm.tirx.PrimFunc(keep, head_rope.body, head_rope.ret_type, head_rope.attrs)
 
 
-def head_rope_ref(src: np.ndarray, first_head: int, heads: int, head_dim: int, table: np.ndarray,
+def head_rope_ref(src: np.ndarray, first_head: int, heads: int, head_dim: int, table: np.ndarray | None,
                   norm_w: np.ndarray | None = None, eps: float = 0.0) -> np.ndarray:
     """float64 ``[T, heads, D]``: the heads' columns of ``src``, RMS-normalised with ``norm_w`` when given
-    (rounded to ``src``'s dtype, as stored between the unfused ops), rotated with ``table``'s cos/sin."""
+    (rounded to ``src``'s dtype, as stored between the unfused ops), rotated with ``table``'s cos/sin when
+    given."""
     x = src[:, first_head * head_dim:(first_head + heads) * head_dim].reshape(len(src), heads, head_dim)
     x = x.astype(np.float64)
+    if table is None:
+        return x
     if norm_w is not None:
         x = (x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * norm_w).astype(src.dtype).astype(np.float64)
     cos, sin = table[:, 0, None, :].astype(np.float64), table[:, 1, None, :].astype(np.float64)

@@ -280,3 +280,8 @@ def test_head_rope_matches_reference(heads, kv_heads, head_dim, norm):
         gpu_emu.run(func, src, *([w] if norm else []), table, out)
         ref = rope.head_rope_ref(src, first, count, head_dim, table, w if norm else None, 1e-6)
         np.testing.assert_allclose(out, ref, atol=2e-6, rtol=1e-5)
+    if not norm:  # the values: cut out only
+        first = heads + kv_heads
+        out = np.full((5, kv_heads, head_dim), np.nan, np.float32)
+        gpu_emu.run(rope.make_head_rope_gpu(width, first, kv_heads, head_dim, "float32", None, rotate=False), src, out)
+        np.testing.assert_array_equal(out, rope.head_rope_ref(src, first, kv_heads, head_dim, None))
