@@ -30,41 +30,42 @@ def make_head_rope_gpu(width: int, first_head: int, heads: int, head_dim: int, d
     eps = float(norm_eps or 0.0)
     assert rotate or not has_norm, "a norm without RoPE is not a pattern lowering produces"
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, s_tir=True)
     def head_rope(s_h: T.handle, w: T.Buffer((D,), weight_dtype), t_h: T.handle, o_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         ntok = T.int64()
         src = T.match_buffer(s_h, (ntok, width), dtype)
         table = T.match_buffer(t_h, (ntok, 2, half), "float32")
         out = T.match_buffer(o_h, (ntok, heads, D), dtype)
-        for th in T.thread_binding(ntok * heads, thread="blockIdx.x"):
-            for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                part = T.alloc_buffer((NT, 1), "float32", scope="shared")
-                xs = T.alloc_buffer((D,), "float32", scope="shared")
-                v = T.alloc_buffer((1,), "float32", scope="local")
-                sq = T.alloc_buffer((1,), "float32", scope="local")
-                t: T.let[T.int64] = th // heads
-                col: T.let[T.int64] = (first_head + th % heads) * D
-                v[0] = T.float32(0)
-                if tx < D:
-                    v[0] = T.Cast("float32", src[t, col + tx])
-                if has_norm:
-                    sq[0] = v[0] * v[0]
-                    sums(part, sq, tx)
+        with T.sblock("root"):  # Relax's reshape-pattern check of one-input calls wants a block
+            for th in T.thread_binding(ntok * heads, thread="blockIdx.x"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    part = T.alloc_buffer((NT, 1), "float32", scope="shared")
+                    xs = T.alloc_buffer((D,), "float32", scope="shared")
+                    v = T.alloc_buffer((1,), "float32", scope="local")
+                    sq = T.alloc_buffer((1,), "float32", scope="local")
+                    t: T.let[T.int64] = th // heads
+                    col: T.let[T.int64] = (first_head + th % heads) * D
+                    v[0] = T.float32(0)
                     if tx < D:
-                        v[0] = T.Cast("float32", T.Cast(dtype, v[0] * T.rsqrt(sq[0] / T.float32(D) + T.float32(eps))
-                                                        * T.Cast("float32", w[tx])))
-                if tx < D:
-                    xs[tx] = v[0]
-                T.tvm_storage_sync("shared")
-                if tx < D:
-                    if rotate:
-                        rot: T.let[T.float32] = T.if_then_else(tx < half, T.float32(0) - xs[T.min(tx + half, D - 1)],
-                                                               xs[T.max(tx - half, 0)])
-                        out[t, th % heads, tx] = T.Cast(dtype, v[0] * table[t, 0, tx % half]
-                                                        + rot * table[t, 1, tx % half])
-                    else:
-                        out[t, th % heads, tx] = T.Cast(dtype, v[0])
+                        v[0] = T.Cast("float32", src[t, col + tx])
+                    if has_norm:
+                        sq[0] = v[0] * v[0]
+                        sums(part, sq, tx)
+                        if tx < D:
+                            v[0] = T.Cast("float32", T.Cast(dtype, v[0] * T.rsqrt(sq[0] / T.float32(D) + T.float32(eps))
+                                                            * T.Cast("float32", w[tx])))
+                    if tx < D:
+                        xs[tx] = v[0]
+                    T.tvm_storage_sync("shared")
+                    if tx < D:
+                        if rotate:
+                            rot: T.let[T.float32] = T.if_then_else(tx < half, T.float32(0) - xs[T.min(tx + half, D - 1)],
+                                                                   xs[T.max(tx - half, 0)])
+                            out[t, th % heads, tx] = T.Cast(dtype, v[0] * table[t, 0, tx % half]
+                                                            + rot * table[t, 1, tx % half])
+                        else:
+                            out[t, th % heads, tx] = T.Cast(dtype, v[0])
 
     import tvm
 

@@ -187,14 +187,16 @@ def run(func, *arrays) -> None:
 
 def gpu_module(relax_mod, arch: str = "sm_80"):
     """``relax_mod`` (from ``lowering.lower(graph, "gpu")``) after the CUDA pipeline's legalization and
-    scheduling passes (dlight included): Relax functions calling thread-bound PrimFuncs, as the CUDA build
-    compiles them, before memory planning."""
+    scheduling passes (dlight included) and its reshape rewrite: Relax functions calling thread-bound
+    PrimFuncs, as the CUDA build compiles them, before memory planning."""
     import tvm
     from tvm.relax.backend.cuda import pipeline
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     with target:
-        passes = pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
+        # and the dataflow rewrite that turns copy kernels it recognises as reshapes into views
+        passes = (pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
+                  + [tvm.relax.transform.RewriteDataflowReshape()])
         return tvm.transform.Sequential(passes)(relax_mod)
 
 
@@ -230,6 +232,7 @@ def run_relax(mod, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError(f"Relax expression {type(expr).__name__}")
 
     call_tir, inplace = tvm.ir.Op.get("relax.call_tir"), tvm.ir.Op.get("relax.call_tir_inplace")
+    reshape = tvm.ir.Op.get("relax.reshape")
     for block in func.body.blocks:
         for binding in block.bindings:
             expr = binding.value
@@ -252,6 +255,8 @@ def run_relax(mod, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
                     scalars = [int(analyzer.simplify(v).value) for v in expr.args[2].values] if len(expr.args) > 2 else []
                     run(prim, *ins, *outs, *scalars)
                 env[binding.var] = outs if isinstance(out_ty, relax.TupleType) else outs[0]
+            elif isinstance(expr, relax.Call) and expr.op == reshape:  # a view
+                env[binding.var] = value(expr.args[0]).reshape(shape(binding.var.ty))
             elif isinstance(expr, relax.TupleGetItem):
                 env[binding.var] = value(expr.tuple_value)[expr.index]
             else:
