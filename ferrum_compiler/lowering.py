@@ -114,13 +114,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                             slices[op.output] = (a[0], op.attrs["begin"], op.attrs["end"])
                     elif k == "reshape":
                         cut = _head_source(graph, producer, op.output) if kernel_kind == "gpu" else None
-                        if cut is not None and cut[3] is None:  # heads cut out of a projection: one kernel
-                            src, first, heads, _ = cut
-                            d, width, dt = out.shape[-1], graph.value(src).shape[1], out.dtype
-                            gv = kernel(("head_cut", width, first, heads, d, dt),
-                                        lambda: rope_sched.make_head_rope_gpu(width, first, heads, d, dt, None,
-                                                                              rotate=False))
-                            r = relax.call_tir(gv, [env[src]], relax.TensorType([env[src].ty.shape[0], heads, d], dt))
+                        if cut is not None and cut[3] is None:  # heads cut out of a projection: one copy
+                            r = _head_kernel(relax, kernel, graph, env, cut, out, None)
                         else:
                             r = _reshape(bb, relax, shape_of, slices.get(op.inputs[0]), a[0], op.attrs["shape"])
                     elif k == "rope":
@@ -131,14 +126,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                                           primfunc_name_hint="rope_table")
                         cut = _head_source(graph, producer, op.inputs[0]) if kernel_kind == "gpu" else None
                         if cut is not None:  # slice, reshape, [q/k norm,] RoPE: one kernel from the projection
-                            src, first, heads, norm = cut
-                            d, width, dt = out.shape[-1], graph.value(src).shape[1], out.dtype
-                            eps = norm.attrs["eps"] if norm is not None else None
-                            wdt = graph.value(norm.inputs[1]).dtype if norm is not None else "float32"
-                            fused = kernel(("head_rope", width, first, heads, d, dt, eps, wdt),
-                                           lambda: rope_sched.make_head_rope_gpu(width, first, heads, d, dt, eps, wdt))
-                            ins = [env[src]] + ([env[norm.inputs[1]]] if norm is not None else []) + [rope_tables[key]]
-                            r = relax.call_tir(fused, ins, relax.TensorType([env[src].ty.shape[0], heads, d], dt))
+                            r = _head_kernel(relax, kernel, graph, env, cut, out, rope_tables[key])
                         else:
                             r = bb.emit_te(_rope_te(te, tirx), a[0], rope_tables[key], primfunc_name_hint="rope")
                     elif k == "paged_attention":
@@ -194,6 +182,20 @@ def _head_source(graph: Graph, producer: dict, name: str):
     if not isinstance(d, int) or begin % d or end % d:
         return None
     return cut.inputs[0], begin // d, (end - begin) // d, norm
+
+
+def _head_kernel(relax, kernel, graph: Graph, env: dict, cut: tuple, out, table):
+    """``make_head_rope_gpu`` on heads ``_head_source`` found: rotated with ``table`` (after the norm the
+    cut passes through, if any), or only cut out when ``table`` is None."""
+    src, first, heads, norm = cut
+    d, width, dt = out.shape[-1], graph.value(src).shape[1], out.dtype
+    eps = norm.attrs["eps"] if norm is not None else None
+    wdt = graph.value(norm.inputs[1]).dtype if norm is not None else "float32"
+    rotate = table is not None
+    gv = kernel(("head_rope", width, first, heads, d, dt, eps, wdt, rotate),
+                lambda: rope_sched.make_head_rope_gpu(width, first, heads, d, dt, eps, wdt, rotate))
+    ins = [env[src]] + ([env[norm.inputs[1]]] if norm is not None else []) + ([table] if rotate else [])
+    return relax.call_tir(gv, ins, relax.TensorType([env[src].ty.shape[0], heads, d], dt))
 
 
 def _reshape(bb, relax, shape_of, sliced, x, shape):

@@ -34,3 +34,14 @@ def configure_threads() -> None:
     """Give TVM's thread pool every CPU (its own default used one of two cores on 2-vCPU machines,
     halving decode speed). Must run before the pool starts; an explicit TVM_NUM_THREADS wins."""
     os.environ.setdefault("TVM_NUM_THREADS", str(cpu_threads()))
+
+
+def decode_max_tokens(artifact_limit: int) -> int:
+    """FERRUM_DECODE_MAX_TOKENS, else the artifact's limit: the largest batch (in tokens) that a GPU
+    artifact's ``decode`` entry point takes (0 turns it off, for measuring both paths)."""
+    value = os.environ.get("FERRUM_DECODE_MAX_TOKENS", "")
+    if not value:
+        return artifact_limit
+    if not value.isdigit():
+        raise ValueError(f"FERRUM_DECODE_MAX_TOKENS must be a token count, not {value!r}")
+    return int(value)

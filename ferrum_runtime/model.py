@@ -12,7 +12,6 @@ first imported for every command but ``compile``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from .errors import FerrumError
 from .artifact import LIBRARY, ArtifactError, Manifest, check_compatible, read_manifest
+from . import env
 from .env import configure_threads
 from .safetensors_io import SafetensorsFile, np_dtype
 
@@ -187,12 +187,10 @@ def decode_max_tokens(entry: dict | None) -> int:
     ``FERRUM_DECODE_MAX_TOKENS`` when set (0 turns the entry off, for measuring both); 0 without one."""
     if not entry:
         return 0
-    env = os.environ.get("FERRUM_DECODE_MAX_TOKENS", "")
-    if env:
-        if not env.isdigit():
-            raise ArtifactError(f"FERRUM_DECODE_MAX_TOKENS must be a token count, not {env!r}")
-        return int(env)
-    return int(entry.get("max_tokens", 0))
+    try:
+        return env.decode_max_tokens(int(entry.get("max_tokens", 0)))
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def _load_cuda_runtime() -> None:

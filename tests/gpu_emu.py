@@ -18,33 +18,23 @@ scheduling passes, then each Relax entry point interpreted call by call with eve
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # the OpenCL target with CUDA's per-block limits, so a kernel that fits here fits an sm_80+ block
 TARGET = {"kind": "opencl", "max_shared_memory_per_block": 49152, "max_num_threads": 1024,
           "max_threads_per_block": 1024, "thread_warp_size": 1}
 
-_context = None
-
-
-def available() -> bool:
-    try:
-        _cl()
-    except Exception:  # noqa: BLE001 - no OpenCL platform: the caller skips
-        return False
-    return True
-
-
+@functools.cache
 def _cl():
-    global _context
+    """``(pyopencl, a context on the first OpenCL CPU device)``, made once."""
     import pyopencl as cl
 
-    if _context is None:
-        devices = [d for p in cl.get_platforms() for d in p.get_devices(cl.device_type.CPU)]
-        if not devices:
-            raise RuntimeError("no OpenCL CPU device (pip install pocl-binary-distribution)")
-        _context = cl.Context(devices[:1])
-    return cl, _context
+    devices = [d for p in cl.get_platforms() for d in p.get_devices(cl.device_type.CPU)]
+    if not devices:
+        raise RuntimeError("no OpenCL CPU device (pip install pocl-binary-distribution)")
+    return cl, cl.Context(devices[:1])
 
 
 def build(func):

@@ -30,8 +30,9 @@ def decoder(request):
                                                                      attention_bias=False)
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
     mod = gpu_emu.gpu_module(lower(graph, "gpu"))
-    fused = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("head_rope")]
-    assert len(fused) == 2  # q and k: slice, reshape, [norm,] RoPE in one kernel each
+    heads = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("head_rope")]
+    assert sum(n.endswith("True") for n in heads) == 2  # q and k: slice, reshape, [norm,] RoPE in one kernel each
+    assert sum(n.endswith("False") for n in heads) == 1  # v: cut out in one copy
     return graph, mod
 
 
