@@ -157,7 +157,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def ferrum_speed(model, tiny: bool) -> dict:
     """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
-    (every sequence decodes to the end, like ignore_eos). Median of 3 for prefill, one pass per batch."""
+    (every sequence decodes to the end, like ignore_eos; greedy tokens picked on the device). Median of 3
+    for prefill, one pass per batch. GPU artifacts: also b1/b4/b8 with the ``decode`` entry point off."""
     from ferrum_runtime.bench import _Seqs
 
     rng = np.random.default_rng(2)
@@ -175,6 +176,7 @@ def ferrum_speed(model, tiny: bool) -> dict:
         seqs.step([p])
         runs.append(time.perf_counter() - t0)
     out[f"pp{n_pp}"] = n_pp / float(np.median(runs))
+
     def decode(b: int) -> float:
         seqs = _Seqs(model, b, n_prompt + n_gen + 1)
         for i in range(b):
