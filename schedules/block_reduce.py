@@ -10,6 +10,12 @@ CPU through OpenCL (tests/gpu_emu.py).
 from __future__ import annotations
 
 
+def threads_for(n: int, limit: int = 1024) -> int:
+    """The power of two >= ``n`` (at least 2), capped at ``limit``: a block giving each of ``n`` columns
+    its own thread, in the shape these reductions need."""
+    return min(limit, 1 << max(n - 1, 1).bit_length())
+
+
 def block_sum(threads: int, width: int):
     """Macro ``(part, mine, tx)``: ``part`` a shared ``[threads, width]`` float32 buffer, ``mine`` this
     thread's ``[width]`` local partial sums. Afterwards every thread's ``mine`` and ``part[0, :]`` hold

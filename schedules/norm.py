@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .block_reduce import block_sum
+from .block_reduce import block_sum, threads_for
 
 GPU_THREADS = 256
 
@@ -21,7 +21,7 @@ def make_add_rms_norm_gpu(hidden: int, dtype: str, weight_dtype: str, eps: float
     float32 and a shared-memory tree adds the squares."""
     from tvm.script import tirx as T
 
-    D, NT = hidden, min(GPU_THREADS, 1 << max(hidden - 1, 1).bit_length())
+    D, NT = hidden, threads_for(hidden, GPU_THREADS)
     row_sum = block_sum(NT, 1)
     E = -(-D // NT)  # columns per thread
 

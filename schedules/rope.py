@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .block_reduce import block_sum
+from .block_reduce import block_sum, threads_for
 
 
 def make_head_rope_gpu(width: int, first_head: int, heads: int, head_dim: int, dtype: str, norm_eps: float | None,
@@ -24,7 +24,7 @@ def make_head_rope_gpu(width: int, first_head: int, heads: int, head_dim: int, d
     from tvm.script import tirx as T
 
     D, half = head_dim, head_dim // 2
-    NT = 1 << max(D - 1, 1).bit_length()  # a power of two >= D
+    NT = threads_for(D)
     sums = block_sum(NT, 1)
     has_norm = norm_eps is not None
     eps = float(norm_eps or 0.0)

@@ -121,6 +121,10 @@ def make_sample_gpu(vocab: int):
         return tirx.Cast("int64", tirx.if_then_else(x < tirx.const(0, "float32"), tirx.bitwise_not(bits),
                                                     tirx.bitwise_or(bits, tirx.const(0x80000000, "uint32"))))
 
+    def prob(x, top, temp):
+        """The unnormalised probability of logit ``x``: 1 for the row's maximum ``top``."""
+        return tirx.exp((x - top) / temp)
+
     @T.prim_func(private=True)
     def sample(l_h: T.handle, p_h: T.handle, u_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -137,7 +141,7 @@ def make_sample_gpu(vocab: int):
                 mine = T.alloc_buffer((1,), "float32", scope="local")
                 best = T.alloc_buffer((2,), "float32", scope="local")  # max, then the kept mass
                 idx = T.alloc_buffer((1,), "int32", scope="local")
-                bounds = T.alloc_buffer((4,), "int64", scope="local")  # search lo, hi; kept keys >= K_k, K_p
+                bounds = T.alloc_buffer((4,), "int64", scope="local")  # search lo, hi; top-k cut; kept from
                 cum = T.alloc_buffer((1,), "float32", scope="local")
                 pick = T.alloc_buffer((1,), "int32", scope="local")
                 temp: T.let[T.float32] = params[r, 0]
@@ -179,7 +183,7 @@ def make_sample_gpu(vocab: int):
                     for c in T.serial(C):
                         if tx * C + c < V:
                             if key_of(logits[r, tx * C + c]) >= bounds[2]:
-                                mine[0] = mine[0] + T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                                mine[0] = mine[0] + prob(logits[r, tx * C + c], best[0], temp)
                 block_sum(part, mine, tx)
                 best[1] = mine[0]
                 searching_p: T.let[T.bool] = not greedy and top_p < T.float32(1)
@@ -192,22 +196,22 @@ def make_sample_gpu(vocab: int):
                         for c in T.serial(C):
                             if tx * C + c < V:
                                 if key_of(logits[r, tx * C + c]) > mid_p and key_of(logits[r, tx * C + c]) >= bounds[2]:
-                                    mine[0] = mine[0] + T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                                    mine[0] = mine[0] + prob(logits[r, tx * C + c], best[0], temp)
                     block_sum(part, mine, tx)
                     if searching_p:
                         if mine[0] < top_p * best[1]:
                             bounds[1] = mid_p
                         else:
                             bounds[0] = mid_p + 1
-                bounds[3] = T.if_then_else(searching_p, bounds[0], T.int64(0))
+                # the kept keys: from the top-k cut, and from the top-p cut when there is one
+                bounds[3] = T.max(bounds[2], T.if_then_else(searching_p, bounds[0], T.int64(0)))
                 # 4. kept mass per thread, its prefix over threads, and the draw
                 mine[0] = T.float32(0)
                 if not greedy:
                     for c in T.serial(C):
                         if tx * C + c < V:
-                            if (key_of(logits[r, tx * C + c]) >= bounds[2]
-                                    and key_of(logits[r, tx * C + c]) >= bounds[3]):
-                                pr: T.let[T.float32] = T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                            if key_of(logits[r, tx * C + c]) >= bounds[3]:
+                                pr: T.let[T.float32] = prob(logits[r, tx * C + c], best[0], temp)
                                 if pr >= min_p:
                                     mine[0] = mine[0] + pr
                 part1[tx] = mine[0]
@@ -227,9 +231,8 @@ def make_sample_gpu(vocab: int):
                     pick[0] = -1
                     for c in T.serial(C):
                         if tx * C + c < V:
-                            if (key_of(logits[r, tx * C + c]) >= bounds[2]
-                                    and key_of(logits[r, tx * C + c]) >= bounds[3]):
-                                pw: T.let[T.float32] = T.exp((logits[r, tx * C + c] - best[0]) / temp)
+                            if key_of(logits[r, tx * C + c]) >= bounds[3]:
+                                pw: T.let[T.float32] = prob(logits[r, tx * C + c], best[0], temp)
                                 if pw >= min_p:
                                     cum[0] = cum[0] + pw
                                     if pick[0] < 0 and cum[0] > target:
