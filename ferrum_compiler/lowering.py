@@ -233,10 +233,11 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_l
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
                     lambda: linear_sched.make_linear_cpu(k, n, w.dtype, out.dtype, has_bias))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
-    r = bb.emit(relax.op.matmul(a[0], relax.op.permute_dims(a[1]), out_dtype=out.dtype))
+    # accumulated in float32 (as the GEMVs and torch do), cast in the matmul kernel's epilogue
+    r = bb.emit(relax.op.matmul(a[0], relax.op.permute_dims(a[1]), out_dtype="float32"))
     if has_bias:
-        r = relax.op.add(r, relax.op.astype(a[2], out.dtype))
-    return r
+        r = bb.emit(relax.op.add(r, relax.op.astype(a[2], "float32")))
+    return r if out.dtype == "float32" else relax.op.astype(r, out.dtype)
 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: bool, max_lanes: int):
@@ -254,8 +255,9 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
                                                              bits))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if gemv:
-        gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
-                    lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype,
+        s_dtype = graph.value(op.inputs[2]).dtype
+        gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype),
+                    lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
                                                       max_lanes=max_lanes))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
@@ -266,9 +268,9 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
 
 
 def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int):
-    """route → (CPU, GPU decode: dispatch by expert) → grouped gate_up → SiLU·up → grouped down → weighted
-    combine. The GPU decode entry point runs the experts as grouped GEMVs (only chosen experts are read);
-    GPU batches of more tokens gather each slot's expert rows in one dlight-scheduled reduction."""
+    """route → dispatch by expert → grouped gate_up → SiLU·up → grouped down → weighted combine. On GPUs the
+    decode entry point runs the experts as grouped GEMVs, the general one as tiled grouped GEMMs; either
+    way only chosen experts' weights are read."""
     from tvm import te, tirx
 
     at = op.attrs
@@ -291,25 +293,28 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lane
     w_dtype = graph.value(op.inputs[2]).dtype
 
     def grouped(inp, fmt, tensors, kk, nn, x_div):
+        s_dtype = str(tensors[1].ty.dtype) if fmt is not None else "float16"
+        out_ty = relax.TensorType([ntok * k, nn], "float32")
         if gemv:
-            gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype),
+            gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype),
                         lambda: quant_sched.make_gemv_gpu(kk, nn, fmt, str(w_dtype), str(inp.ty.dtype), "float32", None,
-                                                          max_lanes=max_lanes, experts=E, x_div=x_div))
-            return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order],
-                                          relax.TensorType([ntok * k, nn], "float32")))
+                                                          s_dtype, max_lanes=max_lanes, experts=E, x_div=x_div))
+            return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order], out_ty))
         if kernel_kind != "cpu":
-            return bb.emit_te(moe_sched.grouped_linear_te(nn, x_div, fmt), inp, *tensors, ids,
-                              primfunc_name_hint="grouped_linear")
+            gv = kernel(("grouped_gemm", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype),
+                        lambda: moe_sched.make_grouped_gemm_gpu(E, kk, nn, x_div, fmt, str(inp.ty.dtype), str(w_dtype),
+                                                                s_dtype))
+            return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, tiles, order], out_ty))
         gv = kernel(("grouped_linear", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype),
                     lambda: moe_sched.make_grouped_linear_cpu(E, kk, nn, x_div, fmt, inp.ty.dtype, w_dtype))
-        return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order],
-                                      relax.TensorType([ntok * k, nn], "float32")))
+        return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order], out_ty))
 
-    if kernel_kind == "cpu" or gemv:
-        dispatch = kernel(("moe_dispatch", E, kernel_kind), lambda: moe_sched.make_moe_dispatch(E, kernel_kind))
-        sorted_ = bb.emit(relax.call_tir(dispatch, [ids], [relax.TensorType([E + 1], "int32"),
-                                                          relax.TensorType([ntok * k], "int32")]))
-        offsets, order = bb.emit(relax.TupleGetItem(sorted_, 0)), bb.emit(relax.TupleGetItem(sorted_, 1))
+    dispatch = kernel(("moe_dispatch", E, kernel_kind), lambda: moe_sched.make_moe_dispatch(E, kernel_kind))
+    index = relax.TensorType([E + 1], "int32")
+    outs = [index] + ([index] if kernel_kind == "gpu" else []) + [relax.TensorType([ntok * k], "int32")]
+    sorted_ = bb.emit(relax.call_tir(dispatch, [ids], outs))
+    offsets, order = bb.emit(relax.TupleGetItem(sorted_, 0)), bb.emit(relax.TupleGetItem(sorted_, len(outs) - 1))
+    tiles = bb.emit(relax.TupleGetItem(sorted_, 1)) if kernel_kind == "gpu" else None
     h = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k)  # [S, 2I]
     gate = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[inter]))
     up = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[inter], end=[2 * inter]))

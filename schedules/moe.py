@@ -14,10 +14,11 @@ Shapes (``T`` tokens, ``E`` experts, ``k`` experts per token, ``S = T * k`` slot
   decode step reads only the selected experts' weights, and a selected one is dequantized once into a
   float32 tile reused by every token routed to it (the grouped GEMM).
 - combine (TE): ``y[t] = sum_j weights[t, j] * down_out[t*k + j]``.
-GPU targets bind the routing loops to threads. Their decode entry point sorts the slots (one thread: a
-decode step has few) and runs each expert matmul as a grouped GEMV (``quant_linear.make_gemv_gpu`` with
-``experts``): a block per (4 rows, expert), so only chosen experts' weights are read. Their general entry
-point computes the expert matmuls as one gathered TE reduction per slot (scheduled by dlight).
+GPU targets bind the routing loops to threads and sort the slots in one block (``make_moe_dispatch_gpu``,
+which also numbers each expert's ``GEMM_TILE_M``-slot tiles). Their decode entry point runs each expert
+matmul as a grouped GEMV (``quant_linear.make_gemv_gpu`` with ``experts``): a block per (4 rows, expert).
+Their general entry point runs it as a tiled grouped GEMM over the sorted slots (``make_grouped_gemm_gpu``):
+a block per (64-slot tile of one expert, 64 rows). Either way only chosen experts' weights are read.
 """
 
 from __future__ import annotations
@@ -83,12 +84,13 @@ def make_moe_topk(num_experts: int, top_k: int, norm_topk_prob: bool, kind: str)
 
 
 def make_moe_dispatch(num_experts: int, kind: str):
-    """Counting sort of slots by expert; serial (``S`` is small next to the expert GEMMs it orders)."""
+    """Counting sort of slots by expert: ``moe_dispatch(ids[S], offsets[E+1], order[S])``. On the CPU one
+    serial pass (``S`` is small next to the expert GEMMs it orders); on GPUs ``make_moe_dispatch_gpu``."""
     from tvm.script import tirx as T
 
+    if kind == "gpu":
+        return make_moe_dispatch_gpu(num_experts)
     E = num_experts
-    outer, inner, _ = _thread_loops(kind)
-    scratch = scratch_scope(kind)
 
     @T.prim_func(private=True, s_tir=True)
     def moe_dispatch(i_h: T.handle, off_h: T.handle, ord_h: T.handle):
@@ -98,22 +100,218 @@ def make_moe_dispatch(num_experts: int, kind: str):
         offsets = T.match_buffer(off_h, (E + 1,), "int32")
         order = T.match_buffer(ord_h, (nslot,), "int32")
         with T.sblock("root"):  # a root block, as Relax's pattern analysis of single-input calls expects
-            for bx in outer(1):
-                for tx in inner(1):
-                    cursor = T.alloc_buffer((E + 1,), "int32", scope=scratch)
-                    for e in T.serial(E + 1):
-                        offsets[e] = 0
-                    for s in T.serial(nslot):
-                        offsets[ids[s] + 1] = offsets[ids[s] + 1] + 1
-                    for e in T.serial(E):
-                        offsets[e + 1] = offsets[e + 1] + offsets[e]
-                    for e in T.serial(E + 1):
-                        cursor[e] = offsets[e]
-                    for s in T.serial(nslot):
-                        order[cursor[ids[s]]] = T.Cast("int32", s)
-                        cursor[ids[s]] = cursor[ids[s]] + 1
+            for _ in T.parallel(1):
+                cursor = T.alloc_buffer((E + 1,), "int32", scope="global")  # see scratch_scope
+                for e in T.serial(E + 1):
+                    offsets[e] = 0
+                for s in T.serial(nslot):
+                    offsets[ids[s] + 1] = offsets[ids[s] + 1] + 1
+                for e in T.serial(E):
+                    offsets[e + 1] = offsets[e + 1] + offsets[e]
+                for e in T.serial(E + 1):
+                    cursor[e] = offsets[e]
+                for s in T.serial(nslot):
+                    order[cursor[ids[s]]] = T.Cast("int32", s)
+                    cursor[ids[s]] = cursor[ids[s]] + 1
 
-    return _mark(moe_dispatch, kind)
+    return moe_dispatch
+
+
+GEMM_TILE_M = 64  # slots per tile of the GPU grouped GEMM; a tile never mixes experts
+GEMM_TILE_N = 64
+GEMM_TILE_K = 32
+_GEMM_THREADS = 256  # 16 x 16, each 4 slots x 4 outputs
+
+
+def make_moe_dispatch_gpu(num_experts: int):
+    """``moe_dispatch(ids[S], offsets[E+1], tiles[E+1], order[S])`` in one block: thread ``e`` owns expert
+    ``e``. The ids pass through shared memory a block-width chunk at a time; each expert's thread counts
+    its slots, thread 0 turns the counts into offsets and into ``tiles`` (the running number of
+    ``GEMM_TILE_M``-slot tiles, which the grouped GEMM's blocks look themselves up in), and a second pass
+    writes each expert's slots in slot order (the same order as ``dispatch_ref``)."""
+    from tvm.script import tirx as T
+
+    from .block_reduce import threads_for
+
+    E, TM = num_experts, GEMM_TILE_M
+    NT = threads_for(max(E, 256))
+    assert E <= NT, f"{E} experts: at most 1024"
+
+    @T.prim_func(private=True, s_tir=True)
+    def moe_dispatch(i_h: T.handle, off_h: T.handle, tile_h: T.handle, ord_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        nslot = T.int64()
+        ids = T.match_buffer(i_h, (nslot,), "int32")
+        offsets = T.match_buffer(off_h, (E + 1,), "int32")
+        tiles = T.match_buffer(tile_h, (E + 1,), "int32")
+        order = T.match_buffer(ord_h, (nslot,), "int32")
+        with T.sblock("root"):
+            for _bx in T.thread_binding(1, thread="blockIdx.x"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    chunk = T.alloc_buffer((NT,), "int32", scope="shared")
+                    counts = T.alloc_buffer((E,), "int32", scope="shared")
+                    starts = T.alloc_buffer((E,), "int32", scope="shared")
+                    mine = T.alloc_buffer((3,), "int32", scope="local")  # count, then cursor; an id; thread 0: sums
+                    mine[0] = 0
+                    for c in T.serial((nslot + NT - 1) // NT):
+                        chunk[tx] = T.if_then_else(c * NT + tx < nslot, ids[T.min(c * NT + tx, nslot - 1)], -1)
+                        T.tvm_storage_sync("shared")
+                        if tx < E:
+                            for i in T.serial(NT):
+                                mine[1] = chunk[i]  # (TVM's shared-access analysis refuses it in a condition)
+                                if mine[1] == T.Cast("int32", tx):
+                                    mine[0] = mine[0] + 1
+                        T.tvm_storage_sync("shared")
+                    if tx < E:
+                        counts[tx] = mine[0]
+                    T.tvm_storage_sync("shared")
+                    if tx == 0:
+                        mine[1] = 0
+                        mine[2] = 0
+                        offsets[0] = 0
+                        tiles[0] = 0
+                        for e in T.serial(E):
+                            starts[e] = mine[1]
+                            mine[0] = counts[e]
+                            mine[1] = mine[1] + mine[0]
+                            mine[2] = mine[2] + (mine[0] + TM - 1) // TM
+                            offsets[e + 1] = mine[1]
+                            tiles[e + 1] = mine[2]
+                    T.tvm_storage_sync("shared")
+                    if tx < E:
+                        mine[0] = starts[tx]
+                    for c in T.serial((nslot + NT - 1) // NT):
+                        chunk[tx] = T.if_then_else(c * NT + tx < nslot, ids[T.min(c * NT + tx, nslot - 1)], -1)
+                        T.tvm_storage_sync("shared")
+                        if tx < E:
+                            for i in T.serial(NT):
+                                mine[1] = chunk[i]
+                                if mine[1] == T.Cast("int32", tx):
+                                    order[mine[0]] = T.Cast("int32", c * NT + i)
+                                    mine[0] = mine[0] + 1
+                        T.tvm_storage_sync("shared")
+
+    return moe_dispatch
+
+
+def gemm_tiles(nslot, num_experts: int):
+    """Upper bound on the grouped GEMM's slot tiles (each expert's last tile may be partial): its grid."""
+    return (nslot + GEMM_TILE_M - 1) // GEMM_TILE_M + num_experts
+
+
+def make_grouped_gemm_gpu(num_experts: int, in_features: int, out_features: int, x_div: int,
+                          fmt: QuantFormat | None, x_dtype: str, w_dtype: str, scale_dtype: str = "float16"):
+    """PrimFunc ``grouped_gemm(x[?, K], w..., offsets[E+1], tiles[E+1], order[S], out[S, N])`` (float32
+    out; ``w...`` as in ``make_grouped_linear_cpu``; ``offsets``/``tiles``/``order`` from
+    ``make_moe_dispatch_gpu``): the expert matmuls of a batch too large for the grouped GEMV.
+
+    Each block computes a ``GEMM_TILE_M`` x ``GEMM_TILE_N`` tile of one expert: up to 64 of its slots
+    (gathered through ``order``; token ``slot // x_div``) against 64 of its rows, found by a binary search
+    of ``tiles``. Per step of 32 columns the block stages the slots' activations and the rows' weights,
+    dequantized once, in shared memory as float32, and each of 256 threads accumulates 4 x 4 outputs in
+    registers. Grid rows past the last tile (``gemm_tiles`` is a bound) skip the column loop. CUDA cores,
+    not tensor cores (left for a measured follow-up)."""
+    from tvm.script import tirx as T
+
+    E, K, N = num_experts, in_features, out_features
+    TM, TN, TK, NT = GEMM_TILE_M, GEMM_TILE_N, GEMM_TILE_K, _GEMM_THREADS
+    quant, int4 = fmt is not None, fmt is not None and fmt.bits == 4
+    sym = fmt is not None and fmt.sym
+    if fmt is not None:
+        assert fmt.check(K) is None and K % TK == 0, (fmt, K)
+        G, zp = fmt.group_size, float(fmt.zero_point)
+    else:
+        G, zp = K, 0.0
+    wshape = (E * N, K // 2) if int4 else (E * N, K)
+    wdt = "uint8" if int4 else ("int8" if quant else w_dtype)
+    KG = K // G
+    steps = (E - 1).bit_length() + 1  # binary search over E tile starts
+    PER = TM * TK // NT  # staged elements per thread per operand: 8
+
+    @T.macro
+    def body(x, w, scales, mins, offsets, tiles, order, out, nslot):
+        for bn in T.thread_binding((N + TN - 1) // TN, thread="blockIdx.x"):
+            for bm in T.thread_binding(gemm_tiles(nslot, E), thread="blockIdx.y"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    xs = T.alloc_buffer((TK, TM), "float32", scope="shared")
+                    ws = T.alloc_buffer((TK, TN), "float32", scope="shared")
+                    acc = T.alloc_buffer((16,), "float32", scope="local")
+                    a = T.alloc_buffer((4,), "float32", scope="local")
+                    b = T.alloc_buffer((4,), "float32", scope="local")
+                    wv = T.alloc_buffer((PER,), "float32", scope="local")
+                    span = T.alloc_buffer((2,), "int32", scope="local")  # binary search: lo, hi
+                    span[0] = 0
+                    span[1] = E
+                    for _it in T.serial(steps):
+                        if span[1] - span[0] > 1:
+                            if tiles[(span[0] + span[1]) // 2] <= T.Cast("int32", bm):
+                                span[0] = (span[0] + span[1]) // 2
+                            else:
+                                span[1] = (span[0] + span[1]) // 2
+                    e: T.let[T.int32] = span[0]
+                    live: T.let[T.bool] = T.Cast("int32", bm) < tiles[E]
+                    m0: T.let[T.int32] = (T.Cast("int32", bm) - tiles[e]) * TM  # first slot of the tile
+                    rows: T.let[T.int32] = T.if_then_else(live, T.min(offsets[e + 1] - offsets[e] - m0, TM), 0)
+                    # what this thread stages: slot/row tx // 4, columns (tx % 4) * 8 .. + 8
+                    sr: T.let[T.int32] = T.Cast("int32", tx) // 4
+                    sc: T.let[T.int32] = T.Cast("int32", tx) % 4 * PER
+                    tok: T.let[T.int32] = T.if_then_else(sr < rows, order[T.min(offsets[e] + m0 + sr, T.Cast("int32", nslot) - 1)] // x_div, 0)
+                    wn: T.let[T.int32] = e * N + T.min(T.Cast("int32", bn) * TN + sr, N - 1)
+                    for j in T.unroll(16):
+                        acc[j] = T.float32(0)
+                    for kb in T.serial(T.if_then_else(rows > 0, (K + TK - 1) // TK, 0)):
+                        for i in T.unroll(PER):
+                            xs[sc + i, sr] = T.if_then_else(sr < rows and kb * TK + sc + i < K, T.Cast(
+                                "float32", x[tok, T.min(kb * TK + sc + i, K - 1)]), T.float32(0))
+                        for i in T.unroll(PER):
+                            col: T.let[T.int32] = kb * TK + sc + i
+                            if int4:  # columns 0-15 of the 32-column block are low nibbles, 16-31 high
+                                wv[i] = T.Cast("float32", T.if_then_else(
+                                    sc < 16, T.bitwise_and(w[wn, kb * 16 + sc % 16 + i], T.uint8(15)),
+                                    T.shift_right(w[wn, kb * 16 + sc % 16 + i], T.uint8(4))))
+                            else:
+                                wv[i] = T.Cast("float32", w[wn, T.min(col, K - 1)])
+                            if quant and sym:
+                                wv[i] = (wv[i] - T.float32(zp)) * T.Cast("float32", scales[wn, col // G])
+                            elif quant:
+                                wv[i] = wv[i] * T.Cast("float32", scales[wn, col // G]) + mins[wn, col // G]
+                            elif K % TK != 0:
+                                wv[i] = T.if_then_else(col < K, wv[i], T.float32(0))
+                            ws[sc + i, sr] = wv[i]
+                        T.tvm_storage_sync("shared")
+                        for kk in T.serial(TK):
+                            for i in T.unroll(4):
+                                a[i] = xs[kk, tx // 16 * 4 + i]
+                            for i in T.unroll(4):
+                                b[i] = ws[kk, tx % 16 * 4 + i]
+                            for i in T.unroll(4):
+                                for j in T.unroll(4):
+                                    acc[i * 4 + j] = acc[i * 4 + j] + a[i] * b[j]
+                        T.tvm_storage_sync("shared")
+                    for i in T.unroll(4):
+                        if tx // 16 * 4 + i < rows:
+                            slot: T.let[T.int32] = order[offsets[e] + m0 + T.Cast("int32", tx) // 16 * 4 + i]
+                            for j in T.unroll(4):
+                                if bn * TN + tx % 16 * 4 + j < N:
+                                    out[slot, bn * TN + tx % 16 * 4 + j] = acc[i * 4 + j]
+
+    E1 = E + 1
+
+    # one signature with every tensor; those this variant does not read are dropped below
+    @T.prim_func(private=True)
+    def grouped_gemm(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((E * N, KG), scale_dtype),  # type: ignore[valid-type]
+                     m: T.Buffer((E * N, KG), "float32"), off: T.Buffer((E1,), "int32"),  # type: ignore[valid-type]
+                     til: T.Buffer((E1,), "int32"), ord_h: T.handle, o_h: T.handle):  # type: ignore[valid-type]
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        nx, nslot = T.int64(), T.int64()
+        body(T.match_buffer(x_h, (nx, K), x_dtype), w, s, m, off, til, T.match_buffer(ord_h, (nslot,), "int32"),
+             T.match_buffer(o_h, (nslot, N), "float32"), nslot)
+
+    import tvm
+
+    x_h, w, s, m, off, til, ord_h, o_h = grouped_gemm.params
+    keep = [x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + [off, til, ord_h, o_h]
+    return tvm.tirx.PrimFunc(keep, grouped_gemm.body, grouped_gemm.ret_type, grouped_gemm.attrs)
 
 
 def make_grouped_linear_cpu(num_experts: int, in_features: int, out_features: int, x_div: int,
@@ -186,30 +384,6 @@ def make_grouped_linear_cpu(num_experts: int, in_features: int, out_features: in
         body(T.match_buffer(x_h, (nx, K), x_dtype), w, s, m, off, T.match_buffer(o_h, (nslot,), "int32"),
              T.match_buffer(out_h, (nslot, N), "float32"), nslot)
     return grouped_linear_3
-
-
-def grouped_linear_te(out_features: int, x_div: int, fmt: QuantFormat | None):
-    """GPU form: ``f(x, w..., ids[S])`` → ``[S, N]``, each slot reading its own expert's rows."""
-    from tvm import te, tirx
-
-    N = out_features
-
-    def f(x, *rest):
-        ids, w = rest[-1], rest[:-1]
-        K = x.shape[1]
-        kk = te.reduce_axis((0, K), name="k")
-
-        def weight(s, n, c):
-            row = ids[s].astype("int64") * N + n
-            if fmt is None:
-                return w[0][row, c].astype("float32")
-            mins = w[2] if not fmt.sym else None
-            return quant_linear.dequant_expr(fmt, tirx, w[0], w[1], mins, row, c)
-
-        return te.compute((ids.shape[0], N), lambda s, n: te.sum(
-            x[s // x_div, kk].astype("float32") * weight(s, n, kk), axis=kk), name="grouped_linear")
-
-    return f
 
 
 def combine_te(top_k: int, out_dtype: str):

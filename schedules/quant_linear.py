@@ -801,16 +801,25 @@ def dequant_expr(fmt: QuantFormat, tirx, qweight, scales, mins, n, k):
 
 
 def qlinear_te(fmt: QuantFormat, out_dtype: str, has_bias: bool):
-    """``f(x, qweight, scales, [mins,] [bias])`` → TE tensor ``[T, N]`` (for ``bb.emit_te``)."""
+    """GPU form, for batches past the GEMV's: ``f(x, qweight, scales, [mins,] [bias])`` → TE tensor ``[T, N]``.
+
+    Two stages in one PrimFunc: the weight dequantized to ``x``'s dtype, then a float32-accumulated matmul.
+    That is the shape dlight's matmul rule recognises: it inlines the dequant into the loads of each weight
+    tile to shared memory and, for float16 on sm_70+, runs the tile products on tensor cores (wmma), so the
+    packed weight is read once per tile of 128 tokens and never written back dequantized. Folded into the
+    reduction instead, the rule would not match and each output would be its own dot product.
+    """
     from tvm import te, tirx
 
     def f(x, qweight, scales, *rest):
         mins = rest[0] if not fmt.sym else None
         bias = rest[-1] if has_bias else None
         K, N = x.shape[1], qweight.shape[0]
+        w = te.compute((N, K), lambda n, c: dequant_expr(fmt, tirx, qweight, scales, mins, n, c).astype(x.dtype),
+                       name="dequant")
         k = te.reduce_axis((0, K), name="k")
         mm = te.compute((x.shape[0], N), lambda t, n: te.sum(
-            x[t, k].astype("float32") * dequant_expr(fmt, tirx, qweight, scales, mins, n, k), axis=k), name="qmatmul")
+            x[t, k].astype("float32") * w[n, k].astype("float32"), axis=k), name="qmatmul")
         if bias is None:
             return te.compute(mm.shape, lambda t, n: mm[t, n].astype(out_dtype), name="qlinear")
         return te.compute(mm.shape, lambda t, n: (mm[t, n] + bias[n].astype("float32")).astype(out_dtype),

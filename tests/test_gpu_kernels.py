@@ -222,41 +222,76 @@ def test_sample_ref_semantics():
     assert sm.sample_ref(logits[:1], two, np.array([0.0], np.float32))[0] == 3
 
 
-# ---------------------------------------------------------------- MoE experts on the decode entry point
+# ---------------------------------------------------------------- MoE experts: dispatch, grouped GEMV and GEMM
 
-@pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 32, False)])
+def _dispatch(ids: np.ndarray, num_experts: int):
+    """The GPU counting sort, checked against ``dispatch_ref``; returns ``(offsets, tiles, order)``."""
+    offsets, tiles = np.full(num_experts + 1, -1, np.int32), np.full(num_experts + 1, -1, np.int32)
+    order = np.full(ids.size, -1, np.int32)
+    gpu_emu.run(_kernel(("dispatch", num_experts), lambda: moe.make_moe_dispatch(num_experts, "gpu")), ids,
+                offsets, tiles, order)
+    ref_offsets, ref_order = moe.dispatch_ref(ids, num_experts)
+    np.testing.assert_array_equal(offsets, ref_offsets)
+    np.testing.assert_array_equal(order, ref_order)
+    per_expert = -(-np.diff(ref_offsets) // moe.GEMM_TILE_M)
+    np.testing.assert_array_equal(tiles, np.concatenate([[0], np.cumsum(per_expert)]))
+    return offsets, tiles, order
+
+
+def _experts(rng, fmt, num_experts: int, n: int, k: int):
+    """Stacked expert weights (expert 0's rows NaN: it is never chosen, so never read) as kernel tensors,
+    and the float64 matrix they decode to."""
+    if fmt is None:
+        w = rng.standard_normal((num_experts * n, k)).astype(np.float32)
+        w[:n] = np.nan
+        return [w], w.astype(np.float64)
+    q = rng.integers(0, 16 if fmt.bits == 4 else 256, (num_experts * n, k))
+    qweight = ql.pack_int4(q) if fmt.bits == 4 else (q - 128).astype(np.int8)
+    scales = (rng.random((num_experts * n, k // fmt.group_size)) * 0.1).astype(np.float32)
+    scales[:n] = np.nan
+    mins = None if fmt.sym else (0.1 * rng.standard_normal(scales.shape)).astype(np.float32)
+    return [qweight, scales] + ([] if mins is None else [mins]), ql.dequantize_ref(fmt, qweight, scales, mins)
+
+
+EXPERT_FORMATS = [None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 32, False)]
+
+
+@pytest.mark.parametrize("fmt", EXPERT_FORMATS)
 @pytest.mark.parametrize("ntok,x_div", [(3, 2), (5, 1), (1, 2)])
 def test_grouped_gemv_after_gpu_dispatch(fmt, ntok, x_div):
     """The GPU counting sort of the slots by expert, then the grouped GEMV: each slot gets its own expert's
-    rows applied to its token (x_div 2: gate_up over tokens; 1: down over slots); experts nobody chose
-    stay unread (their rows are NaN here)."""
+    rows applied to its token (x_div 2: gate_up over tokens; 1: down over slots)."""
     num_experts, k, n, top_k = 8, 128, 20, 2
     rng = np.random.default_rng(ntok)
     slots = ntok * top_k
     ids = rng.integers(1, num_experts, slots).astype(np.int32)  # expert 0 is never chosen
-    offsets, order = np.full(num_experts + 1, -1, np.int32), np.full(slots, -1, np.int32)
-    gpu_emu.run(_kernel(("dispatch", num_experts), lambda: moe.make_moe_dispatch(num_experts, "gpu")), ids,
-                offsets, order)
-    ref_offsets, ref_order = moe.dispatch_ref(ids, num_experts)
-    np.testing.assert_array_equal(offsets, ref_offsets)
-    np.testing.assert_array_equal(order, ref_order)
+    offsets, _, order = _dispatch(ids, num_experts)
     x = rng.standard_normal((ntok if x_div == top_k else slots, k)).astype(np.float32)
-    if fmt is None:
-        w = rng.standard_normal((num_experts * n, k)).astype(np.float32)
-        w[:n] = np.nan
-        tensors, dense = [w], w.astype(np.float64)
-    else:
-        q = rng.integers(0, 16 if fmt.bits == 4 else 256, (num_experts * n, k))
-        qweight = ql.pack_int4(q) if fmt.bits == 4 else (q - 128).astype(np.int8)
-        scales = (rng.random((num_experts * n, k // fmt.group_size)) * 0.1).astype(np.float32)
-        scales[:n] = np.nan
-        mins = None if fmt.sym else (0.1 * rng.standard_normal(scales.shape)).astype(np.float32)
-        tensors = [qweight, scales] + ([] if mins is None else [mins])
-        dense = ql.dequantize_ref(fmt, qweight, scales, mins)
+    tensors, dense = _experts(rng, fmt, num_experts, n, k)
     out = np.full((slots, n), np.nan, np.float32)
     func = _kernel(("grouped", fmt, x_div), lambda: ql.make_gemv_gpu(
         k, n, fmt, "float32", "float32", "float32", None, scale_dtype="float32", experts=num_experts, x_div=x_div))
     gpu_emu.run(func, x, *tensors, offsets, order, out)
+    ref = np.stack([x[s // x_div].astype(np.float64) @ dense[ids[s] * n:(ids[s] + 1) * n].T for s in range(slots)])
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", EXPERT_FORMATS)
+@pytest.mark.parametrize("ntok,x_div,k,n", [(150, 2, 128, 70), (37, 1, 96, 64), (2, 2, 64, 130)])
+def test_grouped_gemm_after_gpu_dispatch(fmt, ntok, x_div, k, n):
+    """The prefill form: tiles of up to 64 slots of one expert x 64 rows. Experts with several tiles, a
+    partial last tile, columns past ``n`` and grid rows past the last tile (which must write nothing)."""
+    num_experts, top_k = 6, 2
+    rng = np.random.default_rng(ntok + k)
+    slots = ntok * top_k
+    ids = rng.choice(np.arange(1, num_experts), slots, p=[0.5, 0.2, 0.2, 0.05, 0.05]).astype(np.int32)
+    offsets, tiles, order = _dispatch(ids, num_experts)
+    x = rng.standard_normal((ntok if x_div == top_k else slots, k)).astype(np.float32)
+    tensors, dense = _experts(rng, fmt, num_experts, n, k)
+    out = np.full((slots, n), np.nan, np.float32)
+    func = _kernel(("grouped_gemm", fmt, x_div, k, n), lambda: moe.make_grouped_gemm_gpu(
+        num_experts, k, n, x_div, fmt, "float32", "float32", "float32"))
+    gpu_emu.run(func, x, *tensors, offsets, tiles, order, out)
     ref = np.stack([x[s // x_div].astype(np.float64) @ dense[ids[s] * n:(ids[s] + 1) * n].T for s in range(slots)])
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
 

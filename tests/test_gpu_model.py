@@ -66,8 +66,8 @@ def test_gpu_decoder_matches_interpreter(decoder, entry):
 
 @pytest.mark.parametrize("entry", ["forward", "decode"])
 def test_gpu_moe_matches_interpreter(entry):
-    """Router top-k, then the experts: one gathered reduction per slot (forward) or the GPU dispatch and
-    grouped GEMVs (decode)."""
+    """Router top-k, the GPU dispatch, then the experts: tiled grouped GEMMs (forward) or grouped GEMVs
+    (decode)."""
     graph = _single_op_graphs()["moe"]
     rng = np.random.default_rng(1)
     inputs = {n: rng.standard_normal([5 if d == "T" else d for d in v.shape]).astype(np.float32)
@@ -77,3 +77,94 @@ def test_gpu_moe_matches_interpreter(entry):
     mod = gpu_emu.gpu_module(lower(graph, "gpu"))
     out = gpu_emu.run_relax(mod, entry, *[inputs[n] for n in graph.inputs], *[params[n] for n in graph.params])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("entry,tokens", [("forward", 70), ("decode", 4)])
+def test_gpu_quantized_moe_matches_interpreter(entry, tokens):
+    """Asymmetric INT4 gate_up and symmetric INT8 down experts (8 experts, top-2): 70 tokens give 140 slots, so
+    experts get more than one 64-slot tile."""
+    import dataclasses
+
+    from ferrum_compiler.ir import GraphBuilder
+    from ferrum_compiler.passes.quantize_linears import quantize_linears
+    from ferrum_compiler.quant import quantize_rtn
+    from ferrum.schedules.quant_linear import QuantFormat
+
+    E, d, inter = 8, 64, 32
+    b = GraphBuilder()
+    x, logits = b.input("x", ("T", d), "float32"), b.input("logits", ("T", E), "float32")
+    b.output(b.moe(x, logits, b.param("gate_up", (E * 2 * inter, d), "float32"),
+                   b.param("down", (E * d, inter), "float32"), top_k=2, norm_topk_prob=True))
+    dense = b.graph
+    formats = {"gate_up": QuantFormat(4, 32, False), "down": QuantFormat(8, 32, True)}
+    dense.quant = {w: {"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "act_order": False}
+                   for w, f in formats.items()}
+    graph = quantize_linears(dense)
+    rng = np.random.default_rng(tokens)
+    deq, packed = {}, {}
+    for w, f in formats.items():
+        qt = quantize_rtn(rng.standard_normal(dense.params[w].shape).astype(np.float32), f)
+        deq[w] = qt.dequantize()
+        packed.update({graph.packing[w][role]: t.astype(np.float32) if t.dtype == np.float16 else t
+                       for role, t in qt.pack().items()})
+    for name, value in graph.params.items():  # float32 scales (exact: they were float16): PoCL has no half
+        if value.dtype == "float16":
+            graph.params[name] = dataclasses.replace(value, dtype="float32")
+    inputs = {"x": rng.standard_normal((tokens, d)).astype(np.float32),
+              "logits": rng.standard_normal((tokens, E)).astype(np.float32)}
+    ref = list(run_graph(dense, inputs, deq).values())[0]
+    mod = gpu_emu.gpu_module(lower(graph, "gpu"))
+    out = gpu_emu.run_relax(mod, entry, inputs["x"], inputs["logits"], *[packed[n] for n in graph.params])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("entry,tokens", [("forward", 11), ("decode", 3)])
+def test_gpu_quantized_linears_match_interpreter(entry, tokens):
+    """An int8 tied embedding/head, an asymmetric act-order int4 linear and a symmetric int4 one with bias:
+    ``forward`` runs each as the dequantizing matmul dlight schedules (the dequant inlined into its weight
+    tile loads), ``decode`` as our GEMV."""
+    from .test_ir import _quantized_graph
+
+    quantized, dense, packed, deq = _quantized_graph()
+    import dataclasses
+
+    for name, value in quantized.params.items():  # float32 scales (exact: they were float16): PoCL has no half
+        if value.dtype == "float16":
+            quantized.params[name] = dataclasses.replace(value, dtype="float32")
+            packed[name] = packed[name].astype(np.float32)
+    ids = np.random.default_rng(3).integers(0, 50, tokens).astype(np.int32)
+    ref = list(run_graph(dense, {"ids": ids}, deq).values())[0]
+    mod = gpu_emu.gpu_module(lower(quantized, "gpu"))
+    out = gpu_emu.run_relax(mod, entry, ids, *[packed[n] for n in quantized.params])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("quant", [None, {"bits": 4, "group_size": 128, "sym": True, "act_order": False},
+                                   {"bits": 4, "group_size": 128, "sym": False, "act_order": True},
+                                   {"bits": 8, "group_size": 128, "sym": True, "act_order": False}])
+def test_gpu_prefill_linears_use_tensor_cores(quant):
+    """float16 prefill linears at real sizes: dense and quantized alike are one kernel that multiplies on
+    tensor cores (wmma) into a float32 accumulator, with the weight's dequant inlined into its shared-memory
+    tile loads (no dequantized weight in global memory)."""
+    import tvm
+
+    from ferrum_compiler.ir import GraphBuilder
+    from ferrum_compiler.passes.quantize_linears import quantize_linears
+
+    b = GraphBuilder()
+    b.output(b.linear(b.input("x", ("T", 512), "float16"), b.param("w", (768, 512), "float16"),
+                      b.param("b", (768,), "float16")))
+    graph = b.graph
+    if quant:
+        graph.quant["w"] = quant
+        graph = quantize_linears(graph)
+    mod = gpu_emu.gpu_module(lower(graph, "gpu"), "sm_90")
+    forward = mod["forward"].script()
+    kernels = {gv.name_hint: f.script() for gv, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in forward}
+    matmuls = [s for s in kernels.values() if "T.tvm_mma_sync" in s]
+    assert len(matmuls) == 1, list(kernels)
+    script = matmuls[0]
+    assert 'scope="wmma.accumulator"' in script and '"float16", scope="wmma.accumulator"' not in script  # float32
+    if quant:
+        assert "dequant_reindex_shared" in script and not any("dequant" in n for n in kernels)
