@@ -3,7 +3,8 @@ on a machine without a GPU (`bench/gpu_proof.sh` prepares them here and runs thi
 
 On the GPU machine (torch + transformers + CUDA, TVM's runtime library only, no internet) this script:
 1. writes random-weight checkpoints of real shapes with transformers' `save_pretrained` (Qwen3-0.6B and
-   Qwen3-4B configs; a GPTQ INT4 g128 copy of the 4B one with tests/gptq.py's writer);
+   Qwen3-4B configs; a GPTQ INT4 g128 copy of the 4B one with tests/gptq.py's writer; two layers of
+   Qwen3-30B-A3B, last, for the MoE kernels);
 2. fills each `--no-weights` artifact with `ferrum pack-weights` (numpy + safetensors only);
 3. parity: a ragged batch (three prompts, chunked prefill, then decode steps) through ferrum on the GPU
    against transformers on the GPU (float32 reference on the same weights); max |logit error|, KL;
@@ -33,6 +34,10 @@ sys.path.insert(0, str(ROOT))
 QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, head_dim=128,
              max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
              hidden_act="silu", attention_bias=False, torch_dtype="bfloat16")
+QWEN3_MOE = dict(QWEN3, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=2048,
+                 intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                 norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_attention_heads=32,
+                 num_key_value_heads=4)
 MODELS = {  # name -> (config, GPTQ?)
     "qwen3-0.6b": (dict(QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                         num_attention_heads=16, num_key_value_heads=8), False),
@@ -40,13 +45,18 @@ MODELS = {  # name -> (config, GPTQ?)
                       num_attention_heads=32, num_key_value_heads=8), False),
     "qwen3-4b-gptq": (dict(QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                            num_attention_heads=32, num_key_value_heads=8), True),
+    # Qwen3-30B-A3B's layers (128 experts, top-8), two of them: the MoE kernels' parity (dispatch, grouped
+    # GEMM in prefill, grouped GEMV in decode) and their speed, in a few GB
+    "qwen3-moe-2l": (dict(QWEN3_MOE, num_hidden_layers=2), False),
 }
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, vocab_size=512)
+TINY_MOE = dict(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
 
 
 def configs(tiny: bool) -> dict[str, tuple[dict, bool]]:
-    return {name: (dict(cfg, **TINY) if tiny else cfg, gptq) for name, (cfg, gptq) in MODELS.items()}
+    return {name: (dict(cfg, **TINY, **(TINY_MOE if "num_experts" in cfg else {})) if tiny else cfg, gptq)
+            for name, (cfg, gptq) in MODELS.items()}
 
 
 def gptq_config():
@@ -74,9 +84,12 @@ def make_checkpoint(name: str, cfg: dict, gptq: bool, dest: Path, device: str) -
     dense = dest / (name.removesuffix("-gptq") + "-dense")
     if not (dense / "config.json").is_file():
         torch.manual_seed(0)
-        conf = transformers.Qwen3Config(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
+        moe = cfg["model_type"] == "qwen3_moe"
+        config_cls = transformers.Qwen3MoeConfig if moe else transformers.Qwen3Config
+        model_cls = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+        conf = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
         with torch.device(device):
-            model = transformers.Qwen3ForCausalLM(conf).to(torch.bfloat16)
+            model = model_cls(conf).to(torch.bfloat16)
         model.save_pretrained(dense)
         del model
     if not gptq:
@@ -296,8 +309,9 @@ def main() -> None:
         del model
         entry["transformers"] = transformers_speed(ref, args.device, args.tiny)
         entry["weight_bytes"] = weight_bytes(artifact)
-        entry["batch1_bandwidth_fraction"] = entry["weight_bytes"] * entry["ferrum"]["decode b1"] / (
-            report["bandwidth_GBps"] * 1e9)
+        if "num_experts" not in cfg:  # an MoE step reads only the chosen experts: no such fraction
+            entry["batch1_bandwidth_fraction"] = entry["weight_bytes"] * entry["ferrum"]["decode b1"] / (
+                report["bandwidth_GBps"] * 1e9)
         report["models"][name] = entry
         print(json.dumps(entry, indent=1), flush=True)
         (out / "gpu-proof.json").write_text(json.dumps(report, indent=1))
@@ -311,7 +325,9 @@ def main() -> None:
                   f"mean KL {e['parity']['mean_kl']:.3g} over {e['parity']['checks']} checks",
                   f"- tokens picked on the device vs the same logits: {e['device_picking']}",
                   f"- weights {e['weight_bytes'] / 2**30:.2f} GiB; batch-1 decode at "
-                  f"{100 * e.get('batch1_bandwidth_fraction', float('nan')):.0f}% of the copy bandwidth",
+                  f"{100 * e.get('batch1_bandwidth_fraction', float('nan')):.0f}% of the copy bandwidth"
+                  + (" (MoE: only chosen experts are read, so not comparable)" if "num_experts" in
+                     configs(args.tiny)[name][0] else ""),
                   "- ferrum: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in e["ferrum"].items()),
                   "- transformers: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in e["transformers"].items()), ""]
     (out / "gpu-proof.md").write_text("\n".join(lines))

@@ -3,10 +3,10 @@
 #
 # Here, on the compile machine (nvcc, no GPU), once:
 #   bench/gpu_proof.sh prepare
-#     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ folders, compiles each for cuda-sm90 with
-#     `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few MiB each), packs the
-#     runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed) and the wheels the GPU
-#     host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB in all.
+#     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ / 2-layer Qwen3-30B-A3B folders, compiles
+#     each for cuda-sm90 with `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few
+#     MiB each), packs the runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed)
+#     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB.
 # Then one device call, from the repository root, carrying .gpu:
 #   run(command="bash bench/gpu_proof.sh run", carry=[".gpu"], timeout_s=600)
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
@@ -24,7 +24,7 @@ prepare)
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   rm -rf .gpu && mkdir -p .gpu/configs .gpu/wheels
   "$python" bench/gpu_proof.py --make-configs .gpu/configs --out .gpu
-  for m in qwen3-0.6b qwen3-4b qwen3-4b-gptq; do
+  for m in qwen3-0.6b qwen3-4b qwen3-4b-gptq qwen3-moe-2l; do
     "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 --no-weights -o ".gpu/$m"
   done
   rt=$(mktemp -d)

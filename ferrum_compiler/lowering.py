@@ -94,11 +94,16 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         r = relax.TupleGetItem(both, 1)
                     elif k == "rms_norm":
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
-                    elif k == "linear":
-                        r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes)
-                    elif k == "qlinear":
-                        r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
-                                     max_lanes)
+                    elif k in ("linear", "qlinear"):
+                        gated = _gated_source(graph, producer, op.inputs[0]) if gemv else None
+                        if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
+                            a = [env[gated]] + a[1:]
+                        if k == "linear":
+                            r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
+                                        gated is not None)
+                        else:
+                            r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
+                                         max_lanes, gated is not None)
                     elif k == "qembedding":
                         fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
                         make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
@@ -130,7 +135,14 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         else:
                             r = bb.emit_te(_rope_te(te, tirx), a[0], rope_tables[key], primfunc_name_hint="rope")
                     elif k == "paged_attention":
-                        r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out)
+                        qkv = _qkv_source(graph, producer, op) if kernel_kind == "gpu" else None
+                        if qkv is not None:  # q/k/v heads, norms, RoPE and the KV append in one kernel
+                            rope_op = qkv[3]
+                            key = (rope_op.inputs[1], static(out.shape[-1]), rope_op.attrs["theta"],
+                                   repr(rope_op.attrs["scaling"]))
+                            a = _qkv_append(bb, relax, kernel, graph, env, op, a, qkv, rope_tables[key])
+                        r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out,
+                                             appended=qkv is not None)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add":
@@ -219,15 +231,32 @@ def _identifier(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int):
+def _gated_source(graph: Graph, producer: dict, name: str) -> str | None:
+    """The gate|up projection when value ``name`` is ``silu_mul(slice(p, 0, I), slice(p, I, 2I))`` of a 2-D
+    ``p`` with ``2I`` columns (the MLP after ``fuse_parallel_linears``); else None."""
+    op = producer.get(name)
+    if op is None or op.kind != "silu_mul":
+        return None
+    g, u = producer.get(op.inputs[0]), producer.get(op.inputs[1])
+    if g is None or u is None or g.kind != "slice" or u.kind != "slice" or g.inputs[0] != u.inputs[0]:
+        return None
+    src = graph.value(g.inputs[0])
+    i = g.attrs["end"]
+    if len(src.shape) != 2 or g.attrs["begin"] != 0 or u.attrs["begin"] != i or u.attrs["end"] != 2 * i \
+            or src.shape[1] != 2 * i:
+        return None
+    return g.inputs[0]
+
+
+def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int, gated: bool = False):
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]
     if gemv:
         x_dtype, b_dtype = graph.value(op.inputs[0]).dtype, graph.value(op.inputs[2]).dtype if has_bias else None
-        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype),
+        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated),
                     lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
-                                                      max_lanes=max_lanes))
+                                                      max_lanes=max_lanes, gated=gated))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
@@ -240,7 +269,8 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_l
     return r if out.dtype == "float32" else relax.op.astype(r, out.dtype)
 
 
-def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: bool, max_lanes: int):
+def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: bool, max_lanes: int,
+             gated: bool = False):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
@@ -256,9 +286,9 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if gemv:
         s_dtype = graph.value(op.inputs[2]).dtype
-        gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype),
+        gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype, gated),
                     lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
-                                                      max_lanes=max_lanes))
+                                                      max_lanes=max_lanes, gated=gated))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
@@ -292,18 +322,19 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lane
     weights, ids = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
     w_dtype = graph.value(op.inputs[2]).dtype
 
-    def grouped(inp, fmt, tensors, kk, nn, x_div):
+    def grouped(inp, fmt, tensors, kk, nn, x_div, gated=False):
         s_dtype = str(tensors[1].ty.dtype) if fmt is not None else "float16"
         out_ty = relax.TensorType([ntok * k, nn], "float32")
         if gemv:
-            gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype),
+            gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated),
                         lambda: quant_sched.make_gemv_gpu(kk, nn, fmt, str(w_dtype), str(inp.ty.dtype), "float32", None,
-                                                          s_dtype, max_lanes=max_lanes, experts=E, x_div=x_div))
+                                                          s_dtype, max_lanes=max_lanes, experts=E, x_div=x_div,
+                                                          gated=gated))
             return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order], out_ty))
         if kernel_kind != "cpu":
-            gv = kernel(("grouped_gemm", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype),
+            gv = kernel(("grouped_gemm", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated),
                         lambda: moe_sched.make_grouped_gemm_gpu(E, kk, nn, x_div, fmt, str(inp.ty.dtype), str(w_dtype),
-                                                                s_dtype))
+                                                                s_dtype, gated))
             return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, tiles, order], out_ty))
         gv = kernel(("grouped_linear", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype),
                     lambda: moe_sched.make_grouped_linear_cpu(E, kk, nn, x_div, fmt, inp.ty.dtype, w_dtype))
@@ -316,22 +347,73 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lane
     offsets, order = bb.emit(relax.TupleGetItem(sorted_, 0)), bb.emit(relax.TupleGetItem(sorted_, len(outs) - 1))
     tiles = bb.emit(relax.TupleGetItem(sorted_, 1)) if kernel_kind == "gpu" else None
     h = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k)  # [S, 2I]
-    gate = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[inter]))
-    up = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[inter], end=[2 * inter]))
-    act = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), gate, up, primfunc_name_hint="silu_mul")
-    y = grouped(act, stacks[1][0], stacks[1][1], inter, d, 1)  # [S, D]
+    if kernel_kind == "gpu":  # the down GEMV/GEMM applies SiLU·mul to the gate|up rows it reads
+        y = grouped(h, stacks[1][0], stacks[1][1], inter, d, 1, gated=True)  # [S, D]
+    else:
+        gate = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[inter]))
+        up = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[inter], end=[2 * inter]))
+        act = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), gate, up, primfunc_name_hint="silu_mul")
+        y = grouped(act, stacks[1][0], stacks[1][1], inter, d, 1)  # [S, D]
     return bb.emit_te(moe_sched.combine_te(k, out.dtype), weights, y, primfunc_name_hint="moe_combine")
 
 
-def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out):
+def _qkv_source(graph: Graph, producer: dict, op):
+    """For a ``paged_attention`` op: ``(projection, (q, k, v first heads), (q norm, k norm) or None, rope op)``
+    when its queries and keys are RoPE'd head cuts (through per-head RMSNorms alike, or neither) and its
+    values a plain head cut, all of one projection, with the op's head counts; else None."""
+    rq, rk = producer.get(op.inputs[0]), producer.get(op.inputs[1])
+    if rq is None or rk is None or rq.kind != "rope" or rk.kind != "rope":
+        return None
+    if rq.inputs[1] != rk.inputs[1] or rq.attrs != rk.attrs:
+        return None
+    cq, ck = _head_source(graph, producer, rq.inputs[0]), _head_source(graph, producer, rk.inputs[0])
+    cv = _head_source(graph, producer, op.inputs[2])
+    if cq is None or ck is None or cv is None or cv[3] is not None or not cq[0] == ck[0] == cv[0]:
+        return None
+    kv_heads = graph.value(op.inputs[3]).shape[2]
+    if cq[2] != graph.value(op.output).shape[1] or ck[2] != kv_heads or cv[2] != kv_heads:
+        return None
+    nq, nk = cq[3], ck[3]
+    if (nq is None) != (nk is None):
+        return None
+    if nq is not None and (nq.attrs["eps"] != nk.attrs["eps"]
+                           or graph.value(nq.inputs[1]).dtype != graph.value(nk.inputs[1]).dtype):
+        return None
+    return cq[0], (cq[1], ck[1], cv[1]), None if nq is None else (nq, nk), rq
+
+
+def _qkv_append(bb, relax, kernel, graph: Graph, env: dict, op, a, qkv, table):
+    """``rope.make_qkv_append_gpu`` for the attention ``op`` (heads from ``_qkv_source``): returns ``a``
+    with the queries and the appended cache in place of the q and cache arguments."""
+    src, firsts, norms, _ = qkv
+    cv = graph.value(op.inputs[3])
+    _, _, kv_heads, block_size, d = cv.shape
+    heads, dt = graph.value(op.output).shape[1], graph.value(op.output).dtype
+    width = graph.value(src).shape[1]
+    eps = norms[0].attrs["eps"] if norms else None
+    wdt = graph.value(norms[0].inputs[1]).dtype if norms else "float32"
+    gv = kernel(("qkv_append", width, *firsts, heads, kv_heads, d, block_size, dt, cv.dtype, eps, wdt),
+                lambda: rope_sched.make_qkv_append_gpu(width, firsts, heads, kv_heads, d, block_size, dt, cv.dtype,
+                                                       eps, wdt))
+    q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
+    ins = [cache, env[src]] + ([env[n.inputs[1]] for n in norms] if norms else []) + [table, slot_mapping]
+    q_ty = relax.TensorType([env[src].ty.shape[0], heads, d], dt)
+    both = bb.emit(relax.call_tir_inplace(gv, ins, [0, -1], [cache.ty, q_ty]))
+    return [bb.emit(relax.TupleGetItem(both, 1)), k, v, bb.emit(relax.TupleGetItem(both, 0)), positions,
+            query_start, block_tables, slot_mapping]
+
+
+def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False):
+    """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
     heads = out.shape[1]
     dtype, cdtype = out.dtype, cv.dtype
-    append = kernel(("kv_append", kv_heads, head_dim, block_size, dtype, cdtype, kernel_kind),
-                    lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind, cdtype))
-    cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
+    if not appended:
+        append = kernel(("kv_append", kv_heads, head_dim, block_size, dtype, cdtype, kernel_kind),
+                        lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind, cdtype))
+        cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
     window, scale = op.attrs["sliding_window"], op.attrs["scale"]
     if kernel_kind == "gpu":  # split-KV partials, then their merge
         ntok, max_blocks = q.ty.shape[0], block_tables.ty.shape[1]

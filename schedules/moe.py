@@ -200,7 +200,8 @@ def gemm_tiles(nslot, num_experts: int):
 
 
 def make_grouped_gemm_gpu(num_experts: int, in_features: int, out_features: int, x_div: int,
-                          fmt: QuantFormat | None, x_dtype: str, w_dtype: str, scale_dtype: str = "float16"):
+                          fmt: QuantFormat | None, x_dtype: str, w_dtype: str, scale_dtype: str = "float16",
+                          gated: bool = False):
     """PrimFunc ``grouped_gemm(x[?, K], w..., offsets[E+1], tiles[E+1], order[S], out[S, N])`` (float32
     out; ``w...`` as in ``make_grouped_linear_cpu``; ``offsets``/``tiles``/``order`` from
     ``make_moe_dispatch_gpu``): the expert matmuls of a batch too large for the grouped GEMV.
@@ -210,7 +211,8 @@ def make_grouped_gemm_gpu(num_experts: int, in_features: int, out_features: int,
     of ``tiles``. Per step of 32 columns the block stages the slots' activations and the rows' weights,
     dequantized once, in shared memory as float32, and each of 256 threads accumulates 4 x 4 outputs in
     registers. Grid rows past the last tile (``gemm_tiles`` is a bound) skip the column loop. CUDA cores,
-    not tensor cores (left for a measured follow-up)."""
+    not tensor cores (left for a measured follow-up). With ``gated``, ``x`` is the gate|up output
+    ``[?, 2K]`` and the input is ``silu(gate) * up``, as in ``make_gemv_gpu``."""
     from tvm.script import tirx as T
 
     E, K, N = num_experts, in_features, out_features
@@ -263,6 +265,10 @@ def make_grouped_gemm_gpu(num_experts: int, in_features: int, out_features: int,
                         for i in T.unroll(PER):
                             xs[sc + i, sr] = T.if_then_else(sr < rows and kb * TK + sc + i < K, T.Cast(
                                 "float32", x[tok, T.min(kb * TK + sc + i, K - 1)]), T.float32(0))
+                            if gated:  # SiLU(gate) * up, rounded to x's dtype as the unfused kernel stores it
+                                xs[sc + i, sr] = T.Cast("float32", T.Cast(x_dtype, xs[sc + i, sr] / (
+                                    T.float32(1) + T.exp(T.float32(0) - xs[sc + i, sr])) * T.Cast(
+                                    "float32", x[tok, K + T.min(kb * TK + sc + i, K - 1)])))
                         for i in T.unroll(PER):
                             col: T.let[T.int32] = kb * TK + sc + i
                             if int4:  # columns 0-15 of the 32-column block are low nibbles, 16-31 high
@@ -304,7 +310,7 @@ def make_grouped_gemm_gpu(num_experts: int, in_features: int, out_features: int,
                      til: T.Buffer((E1,), "int32"), ord_h: T.handle, o_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         nx, nslot = T.int64(), T.int64()
-        body(T.match_buffer(x_h, (nx, K), x_dtype), w, s, m, off, til, T.match_buffer(ord_h, (nslot,), "int32"),
+        body(T.match_buffer(x_h, (nx, 2 * K if gated else K), x_dtype), w, s, m, off, til, T.match_buffer(ord_h, (nslot,), "int32"),
              T.match_buffer(o_h, (nslot, N), "float32"), nslot)
 
     import tvm

@@ -652,7 +652,7 @@ def gemv_chunk(fmt: QuantFormat | None, w_dtype: str, k: int) -> int:
 
 def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str, x_dtype: str,
                   out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16,
-                  experts: int = 0, x_div: int = 1):
+                  experts: int = 0, x_div: int = 1, gated: bool = False):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A block of 128 threads owns 4 output rows and walks them once per pass of up to 4 tokens: each thread
@@ -668,6 +668,10 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     order[S], out[S,N])`` of ``schedules/moe.py``: the grid gains an expert axis, block (rows, e) runs the
     slots ``order[offsets[e]:offsets[e+1]]`` (token ``slot // x_div``) against expert ``e``'s rows, and an
     expert no slot chose costs an empty block: its weights are never read.
+
+    With ``gated`` the activations are SiLU-gated first, read from the gate|up projection: ``x[T, 2K]``
+    and the GEMV's input is ``silu(x[:, :K]) * x[:, K:]`` (float32, rounded to ``x_dtype`` as the separate
+    SiLU·mul kernel stores it), so that kernel and its round trip through memory go.
     """
     import tvm
     from tvm.script import tirx as T
@@ -711,6 +715,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 acc = T.alloc_buffer((J,), "float32", scope="local")
                 wv = T.alloc_buffer((C,), "float32", scope="local")
                 xv = T.alloc_buffer((C,), x_dtype, scope="local")
+                uv = T.alloc_buffer((C,), x_dtype, scope="local")  # gated: the up half
                 raw = T.alloc_buffer((16 if int4 else C,), wdt, scope="local")
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
                 for p in T.serial((count + TT - 1) // TT):
@@ -749,6 +754,14 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             for i0 in T.unroll(C // XV):  # 16-byte vector loads
                                                 for i1 in T.vectorized(XV):
                                                     xv[i0 * XV + i1] = x[xr, ch * C + i0 * XV + i1]
+                                            if gated:
+                                                for i0 in T.unroll(C // XV):
+                                                    for i1 in T.vectorized(XV):
+                                                        uv[i0 * XV + i1] = x[xr, K + ch * C + i0 * XV + i1]
+                                                for i in T.unroll(C):
+                                                    xv[i] = T.Cast(x_dtype, T.Cast("float32", xv[i]) / (
+                                                        T.float32(1) + T.exp(T.float32(0) - T.Cast("float32", xv[i])))
+                                                        * T.Cast("float32", uv[i]))
                                             for i in T.unroll(C):
                                                 acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xv[i]) * wv[i]
                     sums(red, acc, tx)
@@ -766,6 +779,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     bdt = bias_dtype or "float32"
 
     E1 = max(experts, 1)
+    XK = 2 * K if gated else K  # columns of x
 
     # one signature with every tensor; those this variant does not read are dropped below
     @T.prim_func(private=True)
@@ -774,7 +788,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
              ord_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         nx, nrow = T.int64(), T.int64()
-        body(T.match_buffer(x_h, (nx, K), x_dtype), w, s, m, b, off, T.match_buffer(ord_h, (nrow,), "int32"),
+        body(T.match_buffer(x_h, (nx, XK), x_dtype), w, s, m, b, off, T.match_buffer(ord_h, (nrow,), "int32"),
              T.match_buffer(o_h, (nrow, N), out_dtype), nrow)
 
     x_h, w, s, m, b, off, ord_h, o_h = gemv.params

@@ -231,14 +231,19 @@ def run_relax(mod, name: str, *arrays: np.ndarray) -> list[np.ndarray]:
                 ins = [a if isinstance(a, int) else np.ascontiguousarray(a) for a in value(expr.args[1])]
                 out_ty = binding.var.ty
                 out_tys = list(out_ty.fields) if isinstance(out_ty, relax.TupleType) else [out_ty]
-                if expr.op == inplace:
+                if expr.op == inplace:  # index -1: an output allocated fresh, passed after the inputs
                     at = [int(i) for i in expr.attrs.inplace_indices]
-                    outs = [ins[i] for i in at]
-                    run(prim, *ins)
-                    for i, arr in zip(at, outs):  # the caller's array is the one written
+                    fresh = [np.zeros(shape(t), str(t.dtype)) for i, t in zip(at, out_tys) if i < 0]
+                    run(prim, *ins, *fresh)
+                    outs, it = [], iter(fresh)
+                    for i in at:
+                        if i < 0:
+                            outs.append(next(it))
+                            continue
+                        outs.append(ins[i])
                         src = value(expr.args[1])[i]
-                        if src is not arr:
-                            src[...] = arr
+                        if src is not ins[i]:  # the caller's array is the one written
+                            src[...] = ins[i]
                 else:
                     outs = [np.zeros(shape(t), str(t.dtype)) for t in out_tys]
                     # symbolic shape values the PrimFunc takes as scalars come after the outputs

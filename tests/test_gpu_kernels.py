@@ -105,8 +105,9 @@ def test_split_count_follows_batch_and_context():
 
 # ---------------------------------------------------------------- GEMV (the decode entry point's linears)
 
-def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16):
-    x = rng.standard_normal((ntok, k)).astype(np.float32)
+def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False):
+    xin = rng.standard_normal((ntok, 2 * k if gated else k)).astype(np.float32)
+    x = xin[:, :k] / (1 + np.exp(-xin[:, :k])) * xin[:, k:] if gated else xin  # gated: SiLU(gate) * up
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     if fmt is None:
         w = rng.standard_normal((n, k)).astype(np.float32)
@@ -119,10 +120,10 @@ def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16):
         tensors = [qweight, scales] + ([] if mins is None else [mins])
         ref = ql.qlinear_ref(x, fmt, qweight, scales, mins, b)
     out = np.full((ntok, n), np.nan, np.float32)
-    func = _kernel(("gemv", k, n, fmt, bias, lanes), lambda: ql.make_gemv_gpu(
+    func = _kernel(("gemv", k, n, fmt, bias, lanes, gated), lambda: ql.make_gemv_gpu(
         k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, scale_dtype="float32",
-        max_lanes=lanes))
-    gpu_emu.run(func, x, *tensors, *([b] if bias else []), out)
+        max_lanes=lanes, gated=gated))
+    gpu_emu.run(func, xin, *tensors, *([b] if bias else []), out)
     return out, ref
 
 
@@ -132,12 +133,13 @@ FORMATS = st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), fmt=FORMATS, groups=st.integers(1, 40), n=st.integers(1, 23),
-       ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]))
-def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes):
+       ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]), gated=st.booleans())
+def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated):
     """Any width (more chunks than threads, fewer, ragged), any row count (a partial last block of 4 rows),
-    any token count (partial passes of 4 tokens), 16-byte loads or Metal's 4-lane ones."""
+    any token count (partial passes of 4 tokens), 16-byte loads or Metal's 4-lane ones; SiLU-gated input
+    read from a gate|up projection or plain."""
     k = groups * (fmt.group_size if fmt else 8) + (0 if fmt else seed % 3)  # dense: odd widths too
-    out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes)
+    out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes, gated)
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 
@@ -320,3 +322,31 @@ def test_head_rope_matches_reference(heads, kv_heads, head_dim, norm):
         out = np.full((5, kv_heads, head_dim), np.nan, np.float32)
         gpu_emu.run(rope.make_head_rope_gpu(width, first, kv_heads, head_dim, "float32", None, rotate=False), src, out)
         np.testing.assert_array_equal(out, rope.head_rope_ref(src, first, kv_heads, head_dim, None))
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,norm", [(4, 2, 8, 4, True), (6, 2, 80, 16, False),
+                                                                     (16, 8, 128, 16, True)])
+def test_qkv_append_matches_reference(heads, kv_heads, head_dim, block_size, norm):
+    """One launch from the projection to the attention's inputs: queries out, rotated keys and values into
+    the paged cache at their slots (a padding slot -1 writes nothing; other slots keep their contents)."""
+    rng = np.random.default_rng(head_dim + block_size)
+    ntok, width = 6, (heads + 2 * kv_heads) * head_dim
+    src = rng.standard_normal((ntok, width)).astype(np.float32)
+    angles = rng.random((ntok, head_dim // 2)) * 10
+    table = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    qw, kw = rng.standard_normal((2, head_dim)).astype(np.float32)
+    slots = rng.permutation(4 * block_size)[:ntok].astype(np.int32)
+    slots[2] = -1
+    cache = rng.standard_normal((4, 2, kv_heads, block_size, head_dim)).astype(np.float32)
+    q = np.full((ntok, heads, head_dim), np.nan, np.float32)
+    eps = 1e-6 if norm else None
+    func = rope.make_qkv_append_gpu(width, (0, heads, heads + kv_heads), heads, kv_heads, head_dim, block_size,
+                                    "float32", "float32", eps)
+    ref_cache = cache.copy()
+    gpu_emu.run(func, cache, src, *([qw, kw] if norm else []), table, slots, q)
+    np.testing.assert_allclose(q, rope.head_rope_ref(src, 0, heads, head_dim, table, qw if norm else None, 1e-6),
+                               atol=2e-6, rtol=1e-5)
+    k = rope.head_rope_ref(src, heads, kv_heads, head_dim, table, kw if norm else None, 1e-6)
+    v = rope.head_rope_ref(src, heads + kv_heads, kv_heads, head_dim, None)
+    pa.kv_append_ref(ref_cache, k, v, slots)
+    np.testing.assert_allclose(cache, ref_cache, atol=2e-6, rtol=1e-5)

@@ -30,9 +30,10 @@ def decoder(request):
                                                                      attention_bias=False)
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
     mod = gpu_emu.gpu_module(lower(graph, "gpu"))
-    heads = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("head_rope")]
-    assert sum(n.endswith("True") for n in heads) == 2  # q and k: slice, reshape, [norm,] RoPE in one kernel each
-    assert sum(n.endswith("False") for n in heads) == 1  # v: cut out in one copy
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    # q, k and v: slice, reshape, [norm,] RoPE and the KV append in one kernel per layer
+    assert [n.startswith("qkv_append") for n in names].count(True) == 1
+    assert not any(n.startswith(("head_rope", "kv_append")) for n in names)
     return graph, mod
 
 
