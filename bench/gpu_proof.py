@@ -171,7 +171,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def ferrum_speed(model, tiny: bool) -> dict:
     """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
     (every sequence decodes to the end, like ignore_eos; greedy tokens picked on the device). Median of 3
-    for prefill, one pass per batch. GPU artifacts: also b1/b4/b8 with the ``decode`` entry point off."""
+    for prefill, one pass per batch. GPU artifacts: also b1/b4/b8 with the ``decode`` entry point off and,
+    for CUDA (whose decode steps of up to 8 tokens run as CUDA graphs here), with graphs off."""
     from ferrum_runtime.bench import _Seqs
 
     rng = np.random.default_rng(2)
@@ -203,10 +204,15 @@ def ferrum_speed(model, tiny: bool) -> dict:
     for b in (1, 4, 16, 32):
         out[f"decode b{b}"] = decode(b)
     if model.decode_max_tokens:  # the same batches through the general entry point (dlight matmuls)
+        graph, model.cuda_graph = model.cuda_graph, False
         limit, model.decode_max_tokens = model.decode_max_tokens, 0
         for b in (1, 4, 8):
             out[f"decode b{b} without GEMV entry"] = decode(b)
         model.decode_max_tokens = limit
+        if graph:  # the decode entry point launched kernel by kernel
+            for b in (1, 4, 8):
+                out[f"decode b{b} without CUDA graphs"] = decode(b)
+        model.cuda_graph = graph
         out["decode b8"] = decode(8)
     return out
 
@@ -276,6 +282,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a check of this script on any machine)")
     ap.add_argument("--make-configs", help="only write the config-only model folders here (compile side)")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--no-cuda-graph", action="store_true", help="decode steps launched kernel by kernel")
     args = ap.parse_args()
     if args.make_configs:
         make_configs(Path(args.make_configs), args.tiny)
@@ -301,6 +308,9 @@ def main() -> None:
         entry["checkpoint_s"] = time.perf_counter() - t0
         entry["pack_s"] = pack(artifact, src)
         model = CompiledModel.load(artifact, device=args.device, kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30))
+        if "decode_graph" in model.manifest.data["entry_points"] and not args.no_cuda_graph:  # CUDA graphs
+            model.cuda_graph = True
+        entry["cuda_graph"] = model.cuda_graph
         entry["parity"] = parity(model, ref, args.device)
         print(f"{name}: parity {entry['parity']}", flush=True)
         entry["device_picking"] = device_picking(model)

@@ -12,10 +12,13 @@
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
 #     `ferrum pack-weights`, measures parity and speed, and leaves gpu-proof.json, gpu-proof.md and the
 #     log in $OUT. Expected: parity max |logit error| of a few 1e-2 (float16 artifact vs float32
-#     reference; the ragged batch runs prefill chunks through `forward` and decode steps through the
-#     GEMV `decode` entry point), tokens picked on the device equal to numpy's argmax of the same logits
-#     (0 mismatches) and sampled ones equal to the float64 reference except within ~1e-6 of a boundary,
-#     no errors, one tok/s table per model (decode b1/b4/b8 also with the `decode` entry point turned off).
+#     reference; the ragged batch runs prefill chunks through `forward` and decode steps through
+#     `decode_graph`, the GEMV `decode` entry point captured as CUDA graphs), tokens picked on the device
+#     equal to numpy's argmax of the same logits (0 mismatches) and sampled ones equal to the float64
+#     reference except within ~1e-6 of a boundary, no errors, one tok/s table per model (decode b1/b4/b8
+#     also with the `decode` entry point turned off, and with CUDA graphs off).
+#     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
+#     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -44,7 +47,7 @@ run)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl 2>/dev/null || true
   export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/nvidia-smi.txt"
-  python3 bench/gpu_proof.py --artifacts .gpu --out "$out" 2>&1 | tee "$out/gpu-proof.log"
+  python3 bench/gpu_proof.py --artifacts .gpu --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-proof.log"
   ;;
 *)
   echo "usage: bench/gpu_proof.sh prepare|run" >&2; exit 2

@@ -90,7 +90,7 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         timings["ir"] = time.perf_counter() - t
 
         t = phase(3, f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
-        gpu_check = _build_library(graph, spec, work / LIBRARY, debug)
+        gpu_check = _build_library(graph, spec, work / LIBRARY, debug, graph_max_blocks(spec, cfg, options))
         timings["tvm"] = time.perf_counter() - t
 
         if options.weights:
@@ -193,12 +193,23 @@ def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, ac
     return {w: ({**q, "layout": "r16", "act_bits": act_bits} if r16(w, q) else q) for w, q in declared.items()}
 
 
-def _entry_points(graph, spec: TargetSpec, vocab_size: int) -> dict:
+def graph_max_blocks(spec: TargetSpec, cfg, options: CompileOptions) -> int:
+    """Block-table columns ``decode_graph`` is planned for (CUDA; 0 elsewhere): a sequence of the model's
+    full length."""
+    if spec.tvm_target["kind"] != "cuda":
+        return 0
+    return -(-int(cfg.max_position_embeddings) // options.block_size)
+
+
+def _entry_points(graph, spec: TargetSpec, vocab_size: int, max_blocks: int = 0) -> dict:
     entry = {"args": lowering.argument_specs(graph),
              "returns": {"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}}
     out: dict[str, dict] = {lowering.ENTRY: entry}
     if spec.kernel_kind == "gpu":  # same arguments and result, for batches of at most max_tokens tokens
         out[lowering.DECODE_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS}
+    if max_blocks:  # the same again as CUDA graphs, for block tables of at most max_blocks columns
+        out[lowering.DECODE_GRAPH_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS,
+                                            "max_blocks": max_blocks}
     logits = {"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}
     ids = {"name": "token_ids", "shape": ["L"], "dtype": "int32"}
     out[lowering.ARGMAX_ENTRY] = {"args": [logits], "returns": ids}
@@ -217,14 +228,14 @@ def _quant_method(ckpt: Checkpoint, mode: str) -> str:
     return ckpt.quant_method
 
 
-def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> dict | None:
+def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_blocks: int = 0) -> dict | None:
     """Compile and export the library; for GPU targets returns the GPU code verifier's report."""
     import tvm
 
     from .gpu_build import GpuCodeVerifier, prepare_cuda_build
 
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa,
-                         max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16)
+                         max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16, graph_max_blocks=max_blocks)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
@@ -233,8 +244,11 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None) -> d
     verifier = GpuCodeVerifier(spec.tvm_target["kind"], spec.tvm_target.get("arch")) if spec.kernel_kind == "gpu" else None
     instruments = [verifier.instrument] if verifier else []
     ctx = tvm.transform.PassContext.current()
+    # RewriteCUDAGraph (in the CUDA pipeline) acts on decode_graph only: the other functions declare their
+    # step inputs as inputs, and without shape bounds their memory is not statically planned
+    config = {**dict(ctx.config), **({"relax.backend.use_cuda_graph": True} if max_blocks else {})}
     # the target is current because TVM's nvcc callback reads the arch from it
-    with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=dict(ctx.config), instruments=instruments):
+    with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=config, instruments=instruments):
         ex = tvm.compile(mod, target=target,
                          relax_pipeline=cpu_pipeline(target) if spec.kernel_kind == "cpu" else "default")
     ex.export_library(str(path))
@@ -273,7 +287,7 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "kv_cache": {"layout": "[num_blocks, 2, kv_heads, block_size, head_dim] per layer",
                      "num_layers": cfg.num_layers, "block_size": options.block_size, "kv_heads": cfg.num_kv_heads,
                      "head_dim": cfg.head_dim, "dtype": kv_dtype},
-        "entry_points": _entry_points(graph, spec, cfg.vocab_size),
+        "entry_points": _entry_points(graph, spec, cfg.vocab_size, graph_max_blocks(spec, cfg, options)),
         "weights": {"dtype": dtype, "index": index, **({} if options.weights else {"pending": True})},
         "tokenizer": {"files": tok_files},
         "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},

@@ -28,12 +28,18 @@ DECODE_ENTRY = "decode"  # GPU only: the same model for batches of at most DECOD
 DECODE_MAX_TOKENS = 8
 ARGMAX_ENTRY = "argmax"  # logits [L, vocab] float32 -> int32 [L]: greedy tokens computed where the logits are
 SAMPLE_ENTRY = "sample"  # GPU only: (logits, params [L, 4], uniform [L]) -> int32 [L], sampled on the device
+# CUDA only: ``decode`` again, run as CUDA graphs (captured once per shape, then replayed: one launch per
+# step instead of one per kernel). Every argument is declared fixed, so the runtime must pass the same
+# buffers for the same shapes (it keeps one set per shape bucket, filled in place each step).
+DECODE_GRAPH_ENTRY = "decode_graph"
 
 
-def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16):
+def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
+          graph_max_blocks: int = 0):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights) and
-    ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4)."""
+    ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4). ``graph_max_blocks`` > 0 (CUDA)
+    adds the ``decode_graph`` entry point for block tables of up to that many columns."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -64,6 +70,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     # GPU targets get a second entry point for batches of few tokens (decode): its linears are our GEMV
     # kernels, which stream each weight once; larger batches take dlight's tiled (tensor-core) matmuls
     entries = [(ENTRY, False)] + ([(DECODE_ENTRY, True)] if kernel_kind == "gpu" else [])
+    entries += [(DECODE_GRAPH_ENTRY, True)] if kernel_kind == "gpu" and graph_max_blocks > 0 else []
     for entry, gemv in entries:
         sym.update({s: tirx.Var(s, "int64") for s in sym})  # each function binds its own shape variables
         fn_args = []
@@ -74,7 +81,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         rope_tables: dict[tuple, object] = {}  # (positions, head_dim, theta, scaling) -> [T, 2, head_dim / 2] cos|sin
         adds: dict[str, tuple] = {}  # output of a 2-D residual add -> its two operands (GPU: fused into the norm)
 
-        with bb.function(entry, fn_args):
+        with bb.function(entry, fn_args, attrs=_graph_attrs(graph_max_blocks) if entry == DECODE_GRAPH_ENTRY else None):
             with bb.dataflow():
                 for op in graph.ops:
                     out = graph.values[op.output]
@@ -175,6 +182,17 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     if kernel_kind == "gpu":  # matmul(x, permute_dims(w)) -> one kernel reading w[N, K] in place
         mod = tvm.relax.transform.FuseTransposeMatmul()(mod)
     return mod
+
+
+def _graph_attrs(max_blocks: int) -> dict:
+    """``decode_graph``'s function attributes for TVM's ``RewriteCUDAGraph``: no argument is a per-call input
+    (``num_input`` 0: weights, KV caches and the step's input buffers are all the same objects call after
+    call), so every kernel whose operands are arguments or statically planned memory is captured, keyed by
+    the symbolic shapes; and upper bounds on those shapes, so memory planning makes every intermediate a
+    fixed allocation."""
+    bounds = {"T": DECODE_MAX_TOKENS, "B": DECODE_MAX_TOKENS, "L": DECODE_MAX_TOKENS, "M": max_blocks}
+    return {"num_input": 0,
+            "tir_var_upper_bound": bounds, "tir_non_negative_var": ["T", "B", "L", "M", "NB"]}
 
 
 def _head_source(graph: Graph, producer: dict, name: str):

@@ -45,3 +45,9 @@ def decode_max_tokens(artifact_limit: int) -> int:
     if not value.isdigit():
         raise ValueError(f"FERRUM_DECODE_MAX_TOKENS must be a token count, not {value!r}")
     return int(value)
+
+
+def cuda_graph() -> bool:
+    """FERRUM_CUDA_GRAPH=1: CUDA artifacts run decode steps through ``decode_graph`` (captured once per
+    shape, then replayed). Off by default until measured on a GPU."""
+    return _flag("FERRUM_CUDA_GRAPH")

@@ -13,6 +13,7 @@ first imported for every command but ``compile``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,13 @@ class CompiledModel:
         # GPU artifacts: a second entry point whose linears are GEMV kernels, for batches of few tokens
         self._decode_fn = self.vm["decode"] if "decode" in entries else None
         self.decode_max_tokens = decode_max_tokens(entries.get("decode"))
+        # CUDA artifacts: the decode entry point again, run as CUDA graphs (FERRUM_CUDA_GRAPH=1); its step
+        # inputs must be the same buffers for the same shapes, so they are staged in fixed device tensors
+        graph = entries.get("decode_graph")
+        self._graph_fn = self.vm["decode_graph"] if graph and device == "cuda" and env.cuda_graph() else None
+        self.graph_max_tokens = int(graph["max_tokens"]) if graph else 0
+        self.graph_max_blocks = int(graph["max_blocks"]) if graph else 0
+        self._staging: dict[str, Any] = {}
         # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
         self._argmax_fn = self.vm["argmax"] if "argmax" in entries else None
         self._sample_fn = self.vm["sample"] if "sample" in entries else None
@@ -173,13 +181,60 @@ class CompiledModel:
 
         if check:
             self.check_batch(batch)
+        ntok = len(batch.token_ids)
+        if self._graph_fn is not None and ntok <= self.decode_max_tokens and self._fits_graph(batch):
+            return self._graph_fn(*self._staged_args(batch))
         arrays = batch.arrays
         args = list(self._args)
         for i, name in self._slots:
             args[i] = tvm.runtime.tensor(np.ascontiguousarray(arrays[name], dtype=np.int32), self.device)
-        if self._decode_fn is not None and len(batch.token_ids) <= self.decode_max_tokens:
+        if self._decode_fn is not None and ntok <= self.decode_max_tokens:
             return self._decode_fn(*args)
         return self._fn(*args)
+
+    @property
+    def cuda_graph(self) -> bool:
+        """Whether decode steps run as CUDA graphs (``decode_graph``; FERRUM_CUDA_GRAPH=1 at load)."""
+        return self._graph_fn is not None
+
+    @cuda_graph.setter
+    def cuda_graph(self, on: bool) -> None:
+        if on and "decode_graph" not in self.manifest.data["entry_points"]:
+            raise ArtifactError("this artifact has no CUDA-graph entry point; compile it for a cuda-sm* target")
+        self._graph_fn = self.vm["decode_graph"] if on else None
+
+    def _fits_graph(self, batch: RaggedBatch) -> bool:
+        """Within the shapes ``decode_graph``'s memory was planned for."""
+        most = self.graph_max_tokens
+        return (len(batch.token_ids) <= most and len(batch.query_start) - 1 <= most
+                and len(batch.logits_index) <= most and batch.block_tables.shape[1] <= self.graph_max_blocks)
+
+    def _staged_args(self, batch: RaggedBatch) -> list:
+        """The step's inputs copied into fixed device tensors (allocated once, at the largest shapes; each
+        call passes views of them at offset 0, so a captured graph finds its inputs where it recorded
+        them), the block table widened with zeros to a power of two of columns (blocks past a sequence's
+        length are never read) so that few shapes, hence few graphs, occur."""
+        import tvm
+
+        m = batch.block_tables.shape[1]
+        width = min(1 << max(m - 1, 0).bit_length(), self.graph_max_blocks)
+        arrays = dict(batch.arrays)
+        if width > m:
+            tables = np.zeros((batch.block_tables.shape[0], width), np.int32)
+            tables[:, :m] = batch.block_tables
+            arrays["block_tables"] = tables
+        if not self._staging:
+            most = self.graph_max_tokens
+            sizes = {"token_ids": most, "positions": most, "slot_mapping": most, "logits_index": most,
+                     "query_start": most + 1, "block_tables": most * self.graph_max_blocks}
+            self._staging = {n: tvm.runtime.empty((k,), "int32", self.device) for n, k in sizes.items()}
+        args = list(self._args)
+        for i, name in self._slots:
+            host = np.ascontiguousarray(arrays[name], dtype=np.int32)
+            view = self._staging[name]._create_view(host.shape)
+            view.copyfrom(host)
+            args[i] = view
+        return args
 
 
 def decode_max_tokens(entry: dict | None) -> int:

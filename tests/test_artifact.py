@@ -145,3 +145,33 @@ def test_decode_entry_limit_and_its_override(monkeypatch):
     monkeypatch.setenv("FERRUM_DECODE_MAX_TOKENS", "eight")
     with pytest.raises(ArtifactError, match="FERRUM_DECODE_MAX_TOKENS must be a token count"):
         decode_max_tokens({"max_tokens": 8})
+
+
+def test_staged_step_inputs_give_the_direct_calls_logits(compiled, tiny_model_dir, monkeypatch):
+    """How CUDA artifacts feed ``decode_graph`` (the capture itself needs a GPU), on a CPU artifact: step
+    inputs copied into fixed tensors allocated once, block tables widened to a power of two of columns
+    (3 -> 4 here). A prompt-chunk step too large for the graph takes the normal call. Logits must equal
+    the normal call's at every step, prefill and decode."""
+    from .ragged import chunked_prefill_then_decode
+
+    monkeypatch.setenv("FERRUM_CUDA_GRAPH", "1")
+    art = compiled(tiny_model_dir("qwen3"))
+    plain, staged = (CompiledModel.load(art, kv_cache_bytes=1 << 20) for _ in range(2))
+    assert staged._graph_fn is None  # CPU artifacts have no decode_graph
+    widths = []
+
+    def graph_fn(*args):
+        widths.append(args[[n for _, n in staged._slots].index("block_tables")].shape[1])
+        return staged._fn(*args)
+
+    staged._graph_fn, staged.graph_max_tokens, staged.graph_max_blocks = graph_fn, 8, 8
+    staged.decode_max_tokens = 8
+    prompts = [[int(t) for t in np.random.default_rng(n).integers(0, 256, n)] for n in (5, 9, 14)]
+    runs = [chunked_prefill_then_decode(m, prompts, 40, np.random.default_rng(0), steps=8, chunk=3) for m in
+            (plain, staged)]
+    buffers = dict(staged._staging)
+    for (tokens_a, a), (tokens_b, b) in zip(*runs):
+        assert tokens_a == tokens_b
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert widths == [4] * 7  # all but the first step (3 x 3 = 9 tokens, past the graph's 8)
+    assert staged._staging == buffers and len(buffers) == 6  # allocated once

@@ -169,3 +169,38 @@ def test_gpu_prefill_linears_use_tensor_cores(quant):
     assert 'scope="wmma.accumulator"' in script and '"float16", scope="wmma.accumulator"' not in script  # float32
     if quant:
         assert "dequant_reindex_shared" in script and not any("dequant" in n for n in kernels)
+
+
+def test_decode_graph_is_captured_whole():
+    """``decode_graph`` through the CUDA pipeline's memory planning and ``RewriteCUDAGraph``: every kernel
+    of the step but the last (the lm_head GEMV, which writes the returned tensor) runs inside one captured
+    CUDA graph, keyed by the step's shapes; ``forward`` and ``decode`` capture nothing."""
+    import dataclasses
+    import re
+
+    import tvm
+    from tvm.relax.backend.cuda import pipeline
+
+    from ferrum.models.registry import family
+
+    cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=128, head_dim=16)
+    graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float16", 16))
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        passes = (pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
+                  + pipeline.dataflow_lower_passes(target)
+                  + [tvm.relax.transform.StaticPlanBlockMemory(), tvm.relax.transform.RewriteCUDAGraph()])
+        mod = tvm.transform.Sequential(passes)(lower(graph, "gpu", graph_max_blocks=64))
+    kernels = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+    def calls(name):
+        return [c for c in re.findall(r"\b(\w+)\(", mod[name].script()) if c in kernels]
+
+    main = mod["decode_graph"].script()
+    assert main.count("vm.builtin.cuda_graph.run_or_capture") == 1
+    assert "R.shape([T_1, NB, M, B, L])" in main  # one graph per distinct step shape
+    assert [c.startswith("gemv") for c in calls("decode_graph")] == [True]  # the lm_head alone runs outside
+    captured = calls("decode_graph_cuda_graph_capture")
+    assert len(captured) >= 2 * 9 and any(c.startswith("qkv_append") for c in captured)
+    for name in ("forward", "decode"):
+        assert "cuda_graph" not in mod[name].script()

@@ -48,6 +48,10 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
         "logits", "params", "uniform"]
     assert b"argmax" in lib and b"sample" in lib
     assert "decode(same) for batches of <= 8 tokens" in ferrum("inspect", out).stdout
+    # decode again as CUDA graphs: one capture per step shape, blocks planned for the model's full length
+    assert entries["decode_graph"]["args"] == entries["forward"]["args"] and entries["decode_graph"]["max_blocks"] == \
+        -(-manifest["model"]["max_model_len"] // manifest["kv_cache"]["block_size"])
+    assert b"vm.builtin.cuda_graph.run_or_capture" in lib
     if quant == "q4":  # dequantizing matmuls were compiled for the GPU too
         assert manifest["quantization"]["method"] == "rtn-q4" and manifest["ir"]["ops"]["qlinear"] > 0
 
