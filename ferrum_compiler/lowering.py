@@ -30,7 +30,7 @@ ARGMAX_ENTRY = "argmax"  # logits [L, vocab] float32 -> int32 [L]: greedy tokens
 SAMPLE_ENTRY = "sample"  # GPU only: (logits, params [L, 4], uniform [L]) -> int32 [L], sampled on the device
 # CUDA only: ``decode`` again, run as CUDA graphs (captured once per shape, then replayed: one launch per
 # step instead of one per kernel). Every argument is declared fixed, so the runtime must pass the same
-# buffers for the same shapes (it keeps one set per shape bucket, filled in place each step).
+# buffers for the same shapes (it stages the step's inputs in device tensors allocated once).
 DECODE_GRAPH_ENTRY = "decode_graph"
 
 
