@@ -232,13 +232,15 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     """Compile and export the library; for GPU targets returns the GPU code verifier's report."""
     import tvm
 
-    from .gpu_build import GpuCodeVerifier, prepare_cuda_build
+    from .gpu_build import GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics
 
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa,
                          max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16, graph_max_blocks=max_blocks)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
+    if spec.kernel_kind == "gpu":
+        preload_tensor_intrinsics()
     if spec.tvm_target["kind"] == "cuda":
         prepare_cuda_build()
     verifier = GpuCodeVerifier(spec.tvm_target["kind"], spec.tvm_target.get("arch")) if spec.kernel_kind == "gpu" else None
