@@ -57,12 +57,14 @@ def preload_tensor_intrinsics() -> None:
     one import ``inspect.stack`` returns them without looking anything up."""
     import inspect
     import sys
+    from types import FrameType
 
     if "tvm.s_tir.tensor_intrin" in sys.modules:
         return
 
     def frames(context: int = 1) -> list:
-        out, frame = [], sys._getframe(1)
+        out: list = []
+        frame: FrameType | None = sys._getframe(1)
         while frame is not None:
             out.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
                                          None, None))
