@@ -78,12 +78,14 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--stamp", default=datetime.date.today().isoformat(),
+                    help="prefix of the report and raw files (default: today's date; a second run that day needs another)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from ferrum_runtime.aliases import packaged_smollm2
 
     gguf = str(packaged_smollm2())
-    stamp = datetime.date.today().isoformat()
+    stamp = args.stamp
     (OUT / "raw").mkdir(parents=True, exist_ok=True)
     # ferrum with its default 16-bit activations in the INT4 kernel, and with --act-bits 8 (llama.cpp's Q8
     # activation numerics, what llama-server computes)
