@@ -16,19 +16,22 @@ from .block_reduce import block_sum, threads_for
 
 
 def _head_macro(D: int, dtype: str, eps: float | None):
-    """Macro ``(src, t, col, qw, kw, use_k, norm, rotate, table, part, xs, v, sq, tx)``: thread ``tx`` of a
-    block over one head (``D`` columns of ``src`` row ``t`` from ``col``) leaves its element in ``v[0]``,
-    RMS-normalised with ``kw`` if ``use_k`` else ``qw`` when ``norm`` (in float32, rounded to ``dtype`` as
-    the unfused norm stores it) and rotated with ``table`` row ``t`` when ``rotate``. ``norm`` and
-    ``rotate`` may differ between blocks: the block sum runs unconditionally (its barriers cannot sit in a
-    condition); with ``eps`` None there is no norm at all."""
+    """Macro ``(src, t, col, qw, kw, use_k, norm, rotate, table, v, tx)``: thread ``tx`` of a block over one
+    head (``D`` columns of ``src`` row ``t`` from ``col``) leaves its element in ``v[0]``, the caller's
+    local register, RMS-normalised with ``kw`` if ``use_k`` else ``qw`` when ``norm`` (in float32, rounded
+    to ``dtype`` as the unfused norm stores it) and rotated with ``table`` row ``t`` when ``rotate``. Its
+    shared scratch is its own. ``norm`` and ``rotate`` may differ between blocks: the block sum runs
+    unconditionally (its barriers cannot sit in a condition); with ``eps`` None there is no norm at all."""
     from tvm.script import tirx as T
 
     NT, half = threads_for(D), D // 2
     sums = block_sum(NT, 1)
 
     @T.macro
-    def head(src, t, col, qw, kw, use_k, norm, rotate, table, part, xs, v, sq, tx):
+    def head(src, t, col, qw, kw, use_k, norm, rotate, table, v, tx):
+        part = T.alloc_buffer((NT, 1), "float32", scope="shared")
+        xs = T.alloc_buffer((D,), "float32", scope="shared")
+        sq = T.alloc_buffer((1,), "float32", scope="local")
         v[0] = T.float32(0)
         if tx < D:
             v[0] = T.Cast("float32", src[t, col + tx])
@@ -74,12 +77,9 @@ def make_head_rope_gpu(width: int, first_head: int, heads: int, head_dim: int, d
         with T.sblock("root"):  # Relax's reshape-pattern check of one-input calls wants a block
             for th in T.thread_binding(ntok * heads, thread="blockIdx.x"):
                 for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                    part = T.alloc_buffer((NT, 1), "float32", scope="shared")
-                    xs = T.alloc_buffer((D,), "float32", scope="shared")
                     v = T.alloc_buffer((1,), "float32", scope="local")
-                    sq = T.alloc_buffer((1,), "float32", scope="local")
                     t: T.let[T.int64] = th // heads
-                    head(src, t, (first_head + th % heads) * D, w, w, False, True, rotate, table, part, xs, v, sq, tx)
+                    head(src, t, (first_head + th % heads) * D, w, w, False, True, rotate, table, v, tx)
                     if tx < D:
                         out[t, th % heads, tx] = T.Cast(dtype, v[0])
 
@@ -121,15 +121,12 @@ def make_qkv_append_gpu(width: int, firsts: tuple[int, int, int], heads: int, kv
         with T.sblock("root"):
             for th in T.thread_binding(ntok * A, thread="blockIdx.x"):
                 for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                    part = T.alloc_buffer((NT, 1), "float32", scope="shared")
-                    xs = T.alloc_buffer((D,), "float32", scope="shared")
                     v = T.alloc_buffer((1,), "float32", scope="local")
-                    sq = T.alloc_buffer((1,), "float32", scope="local")
                     t: T.let[T.int64] = th // A
                     hh: T.let[T.int64] = th % A  # queries, then keys, then values
                     col: T.let[T.int64] = T.if_then_else(hh < H, (qf + hh) * D, T.if_then_else(
                         hh < H + KV, (kf + hh - H) * D, (vf + hh - H - KV) * D))
-                    head(src, t, col, qw, kw, hh >= H, hh < H + KV, hh < H + KV, table, part, xs, v, sq, tx)
+                    head(src, t, col, qw, kw, hh >= H, hh < H + KV, hh < H + KV, table, v, tx)
                     slot: T.let[T.int32] = slot_mapping[t]
                     if tx < D:
                         if hh < H:
