@@ -48,11 +48,13 @@ class _Seqs:
 
     def step(self, chunks: list[list[int]], greedy: bool = False) -> np.ndarray:
         """Feed ``chunks[i]`` to sequence i (empty: not in this call); logits of each fed one's last token,
-        or with ``greedy`` its argmax token id, picked on the device as the engine picks greedy tokens."""
+        or with ``greedy`` its argmax token id, picked as the engine picks greedy tokens (on the device when
+        the artifact has an argmax entry point)."""
         batch = self.batch(chunks)
-        if greedy:
+        if greedy and self.model.has_device_argmax:
             return self.model.forward_picked(batch, None, False, check=False)[0]
-        return self.model.forward(batch, check=False)
+        logits = self.model.forward(batch, check=False)
+        return logits.argmax(axis=1) if greedy else logits
 
     def batch(self, chunks: list[list[int]]) -> RaggedBatch:
         """The call that feeds ``chunks`` (as ``step``); the sequences count them as fed."""
@@ -92,7 +94,6 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
         return [int(t) for t in rng.integers(0, vocab, n)]
 
     # warm-up: one call of each kind loads code and pages in the weights
-    on_device = model.has_device_argmax
     w = _Seqs(model, 1, 64)
     w.step([prompt(16)])
     w.step([[1]])
@@ -121,7 +122,7 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
             tok = int(last[0].argmax())
             t0 = time.perf_counter()
             for _ in range(gen):  # the token picked as the engine picks greedy ones
-                tok = int(seqs.step([[tok]], greedy=True)[0]) if on_device else int(seqs.step([[tok]])[0].argmax())
+                tok = int(seqs.step([[tok]], greedy=True)[0])
             runs.append(time.perf_counter() - t0)
         rows.append(_row(f"tg{gen}@d{d}", gen, runs))
         progress(f"tg{gen}@d{d}: {rows[-1].tok_per_s:.1f} tok/s")
@@ -140,9 +141,7 @@ def run_bench(artifact: str | Path, *, prompt_lens=(128, 512, 2048), gen: int = 
         for _ in range(repetitions):
             t0 = time.perf_counter()
             for _ in range(steps):
-                picked = seqs.step([[t] for t in toks], greedy=True) if on_device else seqs.step(
-                    [[t] for t in toks]).argmax(axis=1)
-                toks = [int(t) for t in picked]
+                toks = [int(t) for t in seqs.step([[t] for t in toks], greedy=True)]
             runs.append(time.perf_counter() - t0)
         rows.append(_row(f"decode b{b}", b * steps, runs))
         progress(f"decode b{b}: {rows[-1].tok_per_s:.1f} tok/s")
