@@ -234,14 +234,16 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
 
     from .gpu_build import GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics
 
+    cuda = spec.tvm_target["kind"] == "cuda"
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa,
-                         max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16, graph_max_blocks=max_blocks)
+                         max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16, graph_max_blocks=max_blocks,
+                         tensor_core_dtypes=("float16", "bfloat16") if cuda else ())
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
     if spec.kernel_kind == "gpu":
         preload_tensor_intrinsics()
-    if spec.tvm_target["kind"] == "cuda":
+    if cuda:
         prepare_cuda_build()
     verifier = GpuCodeVerifier(spec.tvm_target["kind"], spec.tvm_target.get("arch")) if spec.kernel_kind == "gpu" else None
     instruments = [verifier.instrument] if verifier else []

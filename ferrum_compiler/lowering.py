@@ -35,11 +35,13 @@ DECODE_GRAPH_ENTRY = "decode_graph"
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
-          graph_max_blocks: int = 0):
+          graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = ()):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights) and
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4). ``graph_max_blocks`` > 0 (CUDA)
-    adds the ``decode_graph`` entry point for block tables of up to that many columns."""
+    adds the ``decode_graph`` entry point for block tables of up to that many columns.
+    ``tensor_core_dtypes`` (CUDA: float16 and bfloat16; the test emulator adds float32): activation dtypes
+    whose ``forward`` attention runs on tensor cores (``make_prefill_attention_tc``)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -149,7 +151,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                    repr(rope_op.attrs["scaling"]))
                             a = _qkv_append(bb, relax, kernel, graph, env, op, a, qkv, rope_tables[key])
                         r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out,
-                                             appended=qkv is not None)
+                                             appended=qkv is not None,
+                                             tensor_cores=not gemv and out.dtype in tensor_core_dtypes)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add":
@@ -421,8 +424,11 @@ def _qkv_append(bb, relax, kernel, graph: Graph, env: dict, op, a, qkv, table):
             query_start, block_tables, slot_mapping]
 
 
-def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False):
-    """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention."""
+def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,
+                     tensor_cores: bool = False):
+    """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
+    the tensor-core kernel when ``tensor_cores`` and the head fits it, else split-KV partials and their
+    merge."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
@@ -433,6 +439,12 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
                         lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind, cdtype))
         cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
     window, scale = op.attrs["sliding_window"], op.attrs["scale"]
+    if kernel_kind == "gpu" and tensor_cores and attn_sched.tc_attention_fits(head_dim, dtype):
+        attend = kernel(("attention_tc", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
+                        lambda: attn_sched.make_prefill_attention_tc(heads, kv_heads, head_dim, block_size, dtype,
+                                                                     sliding_window=window, scale=scale,
+                                                                     cache_dtype=cdtype))
+        return relax.call_tir(attend, [q, cache, positions, query_start, block_tables], q.ty)
     if kernel_kind == "gpu":  # split-KV partials, then their merge
         ntok, max_blocks = q.ty.shape[0], block_tables.ty.shape[1]
         splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)

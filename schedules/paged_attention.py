@@ -199,6 +199,38 @@ GPU_MAX_ROWS = 32  # query rows (tokens x grouped heads) per tile
 SPLIT_KEYS = 256  # fewest keys per split worth a split of its own
 
 
+def _find_tile_macro(tokens: int):
+    """Macro ``(query_start, nbatch, tile, scan, info)`` for one thread: finds query tile ``tile`` when each
+    sequence's tokens are cut into tiles of ``tokens``, numbered sequence by sequence. Sets ``scan[1]`` 1
+    if it exists, ``scan[2]``/``scan[3]`` its first token and token count, and the shared ``info`` to
+    ``(sequence, first token, tokens, 0, 0)``: all zeros for a tile past the end. ``scan`` is the
+    caller's local int32[4]; shared memory is never read in a condition (TVM's sync planner rejects it)."""
+    from tvm.script import tirx as T
+
+    QT = tokens
+
+    @T.macro
+    def find_tile(query_start, nbatch, tile, scan, info):
+        scan[0] = 0  # tiles of the sequences before b
+        scan[1] = 0
+        for i in T.serial(5):
+            info[i] = 0
+        for b in T.serial(nbatch):
+            n_b: T.let[T.int32] = (query_start[b + 1] - query_start[b] + QT - 1) // QT
+            if scan[1] == 0:
+                if T.Cast("int32", tile) < scan[0] + n_b:
+                    scan[1] = 1
+                    scan[2] = query_start[b] + (T.Cast("int32", tile) - scan[0]) * QT
+                    scan[3] = T.min(QT, query_start[b + 1] - scan[2])
+                    info[0] = T.Cast("int32", b)
+                    info[1] = scan[2]
+                    info[2] = scan[3]
+                else:
+                    scan[0] = scan[0] + n_b
+
+    return find_tile
+
+
 def gpu_tile_tokens(num_heads: int, kv_heads: int, head_dim: int) -> int:
     """Query tokens per tile: a tile holds every query head of one KV head for these tokens, so each K/V
     element staged in shared memory serves ``tokens x group`` query rows (GQA-aware). At most 32 rows,
@@ -252,6 +284,7 @@ def make_attention_gpu(
     ER, EK, EQ = -(-R * D // NT), -(-KC * D // NT), -(-R * KC // NT)  # per-thread elements of each tile
     NEG = -3.0e38
     cdtype = cache_dtype or dtype
+    find_tile = _find_tile_macro(QT)
 
     @T.prim_func(private=True)
     def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
@@ -283,24 +316,7 @@ def make_attention_gpu(
                         acc = T.alloc_buffer((ER,), "float32", scope="local")
                         scan = T.alloc_buffer((4,), "int32", scope="local")  # tiles before b, found, ...
                         if tx == 0:
-                            # shared memory is never read in a condition (TVM's sync planner rejects it)
-                            scan[0] = 0
-                            scan[1] = 0
-                            info[2] = 0
-                            info[3] = 0
-                            info[4] = 0
-                            for b in T.serial(nbatch):
-                                n_b: T.let[T.int32] = (query_start[b + 1] - query_start[b] + QT - 1) // QT
-                                if scan[1] == 0:
-                                    if T.Cast("int32", tile) < scan[0] + n_b:
-                                        scan[1] = 1
-                                        scan[2] = query_start[b] + (T.Cast("int32", tile) - scan[0]) * QT
-                                        scan[3] = T.min(QT, query_start[b + 1] - scan[2])
-                                        info[0] = T.Cast("int32", b)
-                                        info[1] = scan[2]
-                                        info[2] = scan[3]
-                                    else:
-                                        scan[0] = scan[0] + n_b
+                            find_tile(query_start, nbatch, tile, scan, info)
                             if scan[1] == 1:
                                 # keys this tile needs: from the first token's window start to the last
                                 # token's position, clipped to this split's range
@@ -391,6 +407,238 @@ def make_attention_gpu(
                                 part_ml[tok0 + tx // G, kh * G + tx % G, sp, 1] = ml[1]
 
     return attention_split
+
+
+# Tensor-core prefill attention (CUDA): 4 warps, 64 query rows per block, 32 keys per step
+TC_WARPS = 4
+TC_KEYS = 32
+TC_SHARED_BYTES = 48 * 1024
+
+
+def tc_heads_per_tile(num_heads: int, kv_heads: int) -> int:
+    """Query heads of one KV head a tensor-core tile holds: the largest of 4, 2, 1 dividing the group."""
+    group = num_heads // kv_heads
+    return next(h for h in (4, 2, 1) if group % h == 0)
+
+
+def tc_shared_bytes(head_dim: int, dtype: str) -> int:
+    """Shared memory of ``make_prefill_attention_tc``'s block: queries, padded K and V tiles, f32 scores,
+    the softmax weights and the tile's bookkeeping."""
+    e = 2 if dtype in ("float16", "bfloat16") else 4
+    rows = 16 * TC_WARPS
+    return (rows * head_dim * e + 2 * TC_KEYS * (head_dim + 8) * e + rows * (TC_KEYS + 4) * 4
+            + rows * (TC_KEYS + 8) * e + 5 * 4)
+
+
+def tc_attention_fits(head_dim: int, dtype: str) -> bool:
+    """Whether ``make_prefill_attention_tc`` builds for this head size: a multiple of 16 whose tiles fit
+    48 KiB of shared memory (head_dim <= 128 in float16)."""
+    return head_dim % 16 == 0 and tc_shared_bytes(head_dim, dtype) <= TC_SHARED_BYTES
+
+
+def make_prefill_attention_tc(
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: str,
+    sliding_window: int = 0,
+    scale: float | None = None,
+    cache_dtype: str = "",
+):
+    """PrimFunc ``attention_tc(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
+    out[T,H,D])``: ragged causal attention with both products on tensor cores (wmma 16x16x16, float32
+    accumulators). For ``forward`` (prefill): a batch of decode tokens fills a tile with one row in 16.
+
+    Grid: (query tiles, KV heads x head groups), 4 warps. A tile is ``HG`` query heads of one KV head
+    (``tc_heads_per_tile``) over ``64 / HG`` consecutive tokens of one sequence; warp ``w`` owns 16 rows:
+    head ``w % HG`` of 16 tokens, so every K and V tile staged in shared memory serves all 64 rows
+    (GQA-aware). Tiles are numbered sequence by sequence as in ``make_attention_gpu``.
+
+    wmma fragments are opaque, so the running output cannot be rescaled per row as the online softmax
+    wants. Instead two passes over the keys: the first computes each row's max and softmax denominator
+    (S = Q K^T on tensor cores, the row statistics by one thread per row); the second recomputes S,
+    turns it into the final weights ``exp(s - max) / sum`` (rounded to ``dtype``) and accumulates
+    ``P V`` on tensor cores. Q K^T runs twice: 1.5x the products of one pass, still far fewer cycles
+    than CUDA cores. The output leaves through shared memory one 16x16 tile per warp at a time.
+
+    ``dtype`` float32 builds exist for the CPU emulator only (tests/gpu_emu.py); the GPU has no float32
+    wmma. ``head_dim`` must satisfy ``tc_attention_fits``.
+    """
+    from tvm.script import tirx as T
+
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    if not tc_attention_fits(head_dim, dtype):
+        raise ValueError(f"head_dim {head_dim} ({dtype}) does not fit the tensor-core attention tile")
+    H, KVH, D, BS = num_heads, kv_heads, head_dim, block_size
+    G = num_heads // kv_heads
+    HG = tc_heads_per_tile(num_heads, kv_heads)
+    NG = G // HG  # head groups per KV head
+    W, KT = TC_WARPS, TC_KEYS
+    NT, R = 32 * W, 16 * W  # threads, query rows
+    QT = 16 * (W // HG)  # tokens per tile
+    DF = D // 16
+    LK, LS, LP = D + 8, KT + 4, KT + 8  # padded row strides of the K/V, score and weight tiles
+    sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
+    window = int(sliding_window) if sliding_window > 0 else 1 << 30
+    NEG = -3.0e38
+    cdtype = cache_dtype or dtype
+    find_tile = _find_tile_macro(QT)
+
+    @T.macro
+    def scores(q_f, k_f, s_f, k_s, s_s, w):
+        """S = Q K^T of this warp's 16 rows and the staged keys, into its rows of ``s_s``."""
+        for jf in T.serial(KT // 16):
+            T.tvm_fill_fragment(s_f.data, 16, 16, 16, jf, T.float32(0))
+        for kk in T.serial(DF):
+            for jf in T.serial(KT // 16):
+                T.tvm_load_matrix_sync(k_f.data, 16, 16, 16, 0, k_s.access_ptr("r", offset=jf * 16 * LK + kk * 16),
+                                       LK, "col_major")
+                T.tvm_mma_sync(s_f.data, jf, q_f.data, kk, k_f.data, 0, s_f.data, jf)
+        for jf in T.serial(KT // 16):
+            T.tvm_store_matrix_sync(s_f.data, 16, 16, 16, jf, s_s.access_ptr("w", offset=w * 16 * LS + jf * 16),
+                                    LS, "row_major")
+
+    @T.macro
+    def stage(cache, block_tables, buf, kv, seq, kh, j0, end, tx):
+        """Keys (kv 0) or values (1) ``j0 .. j0+KT`` of sequence ``seq`` into ``buf``; zeros past ``end``
+        (a weight 0 times garbage could be NaN)."""
+        for e in T.serial((KT * D // 8 + NT - 1) // NT):  # 8 consecutive elements (16 bytes) per thread
+            if e * NT + tx < KT * D // 8:
+                jk: T.let[T.int32] = (e * NT + tx) // (D // 8)
+                dk: T.let[T.int32] = (e * NT + tx) % (D // 8) * 8
+                if j0 + jk < end:
+                    blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
+                    for v in T.vectorized(8):
+                        buf[jk * LK + dk + v] = T.Cast(dtype, cache[blk, kv, kh, (j0 + jk) % BS, dk + v])
+                else:
+                    for v in T.vectorized(8):
+                        buf[jk * LK + dk + v] = T.Cast(dtype, 0)
+
+    @T.prim_func(private=True)
+    def attention_tc(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (ntok, H, D), dtype)
+        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), cdtype)
+        positions = T.match_buffer(p_h, (ntok,), "int32")
+        query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
+        block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
+        out = T.match_buffer(o_h, (ntok, H, D), dtype)
+        for tile in T.thread_binding((ntok + QT - 1) // QT + nbatch, thread="blockIdx.x"):
+            for hy in T.thread_binding(KVH * NG, thread="blockIdx.y"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    q_s = T.alloc_buffer((R * D,), dtype, scope="shared")
+                    k_s = T.alloc_buffer((KT * LK,), dtype, scope="shared")
+                    v_s = T.alloc_buffer((KT * LK,), dtype, scope="shared")
+                    s_s = T.alloc_buffer((R * LS,), "float32", scope="shared")
+                    p_s = T.alloc_buffer((R * LP,), dtype, scope="shared")
+                    info = T.alloc_buffer((5,), "int32", scope="shared")  # as in make_attention_gpu
+                    q_f = T.alloc_buffer((DF * 256,), dtype, scope="wmma.matrix_a")
+                    p_f = T.alloc_buffer((KT // 16 * 256,), dtype, scope="wmma.matrix_a")
+                    k_f = T.alloc_buffer((256,), dtype, scope="wmma.matrix_b")
+                    v_f = T.alloc_buffer((256,), dtype, scope="wmma.matrix_b")
+                    s_f = T.alloc_buffer((KT // 16 * 256,), "float32", scope="wmma.accumulator")
+                    o_f = T.alloc_buffer((DF * 256,), "float32", scope="wmma.accumulator")
+                    ml = T.alloc_buffer((4,), "float32", scope="local")  # row max, sum, old max, score
+                    row = T.alloc_buffer((2,), "int32", scope="local")  # row's token in the tile, position
+                    scan = T.alloc_buffer((4,), "int32", scope="local")
+                    kh: T.let[T.int32] = T.Cast("int32", hy) // NG
+                    h0: T.let[T.int32] = kh * G + T.Cast("int32", hy) % NG * HG  # the tile's first head
+                    w: T.let[T.int32] = T.Cast("int32", tx) // 32
+                    if tx == 0:
+                        find_tile(query_start, nbatch, tile, scan, info)
+                        if scan[1] == 1:  # keys: the first token's window start to the last token
+                            lo: T.let[T.int32] = T.max(positions[scan[2]] - window + 1, 0)
+                            info[3] = lo
+                            info[4] = positions[scan[2] + scan[3] - 1] + 1 - lo
+                    T.tvm_storage_sync("shared")
+                    count: T.let[T.int32] = info[2]  # 0: no such tile (it runs no key tile, writes nothing)
+                    seq: T.let[T.int32] = info[0]
+                    tok0: T.let[T.int32] = info[1]
+                    key0: T.let[T.int32] = info[3]
+                    nkeys: T.let[T.int32] = info[4]
+                    # queries: row r = warp * 16 + i is head h0 + warp % HG of token warp // HG * 16 + i
+                    for e in T.serial(R * D // 8 // NT):  # 8 consecutive elements per thread
+                        r: T.let[T.int32] = (e * NT + tx) // (D // 8)
+                        dq: T.let[T.int32] = (e * NT + tx) % (D // 8) * 8
+                        t: T.let[T.int32] = (r // 16) // HG * 16 + r % 16
+                        if t < count:
+                            for v in T.vectorized(8):
+                                q_s[r * D + dq + v] = q[tok0 + t, h0 + (r // 16) % HG, dq + v]
+                        else:
+                            for v in T.vectorized(8):
+                                q_s[r * D + dq + v] = T.Cast(dtype, 0)
+                    if tx < R:  # thread r < 64 keeps row r's statistics
+                        row[0] = tx // 16 // HG * 16 + tx % 16
+                        row[1] = positions[tok0 + T.min(row[0], T.max(count, 1) - 1)]
+                        ml[0] = T.float32(NEG)
+                        ml[1] = T.float32(0)
+                    T.tvm_storage_sync("shared")
+                    for kk in T.serial(DF):
+                        T.tvm_load_matrix_sync(q_f.data, 16, 16, 16, kk, q_s.access_ptr("r", offset=w * 16 * D + kk * 16),
+                                               D, "row_major")
+                    for kt in T.serial((nkeys + KT - 1) // KT):  # pass 1: row max and denominator
+                        T.tvm_storage_sync("shared")
+                        stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+                        T.tvm_storage_sync("shared")
+                        scores(q_f, k_f, s_f, k_s, s_s, w)
+                        T.tvm_storage_sync("shared")
+                        if tx < R:
+                            ml[2] = ml[0]
+                            for jr in T.serial(KT):  # from column tx % KT on: no shared-memory bank conflicts
+                                jj: T.let[T.int32] = (jr + tx) % KT
+                                j: T.let[T.int32] = key0 + kt * KT + jj
+                                if row[0] < count and j <= row[1] and j >= row[1] - window + 1:
+                                    ml[0] = T.max(ml[0], s_s[tx * LS + jj] * T.float32(sm_scale))
+                            ml[1] = ml[1] * T.exp(ml[2] - ml[0])
+                            for jr in T.serial(KT):
+                                jj2: T.let[T.int32] = (jr + tx) % KT
+                                j2: T.let[T.int32] = key0 + kt * KT + jj2
+                                if row[0] < count and j2 <= row[1] and j2 >= row[1] - window + 1:
+                                    ml[1] = ml[1] + T.exp(s_s[tx * LS + jj2] * T.float32(sm_scale) - ml[0])
+                    for df in T.serial(DF):
+                        T.tvm_fill_fragment(o_f.data, 16, 16, 16, df, T.float32(0))
+                    for kt in T.serial((nkeys + KT - 1) // KT):  # pass 2: final weights, P V
+                        T.tvm_storage_sync("shared")
+                        stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+                        stage(cache, block_tables, v_s, 1, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+                        T.tvm_storage_sync("shared")
+                        scores(q_f, k_f, s_f, k_s, s_s, w)
+                        T.tvm_storage_sync("shared")
+                        if tx < R:
+                            for jr in T.serial(KT):
+                                jj3: T.let[T.int32] = (jr + tx) % KT
+                                j3: T.let[T.int32] = key0 + kt * KT + jj3
+                                if row[0] < count and j3 <= row[1] and j3 >= row[1] - window + 1:
+                                    p_s[tx * LP + jj3] = T.Cast(dtype, T.exp(s_s[tx * LS + jj3] * T.float32(sm_scale)
+                                                                           - ml[0]) / ml[1])
+                                else:
+                                    p_s[tx * LP + jj3] = T.Cast(dtype, 0)
+                        T.tvm_storage_sync("shared")
+                        for jf in T.serial(KT // 16):
+                            T.tvm_load_matrix_sync(p_f.data, 16, 16, 16, jf,
+                                                   p_s.access_ptr("r", offset=w * 16 * LP + jf * 16), LP, "row_major")
+                        for df in T.serial(DF):
+                            for jf in T.serial(KT // 16):
+                                T.tvm_load_matrix_sync(v_f.data, 16, 16, 16, 0,
+                                                       v_s.access_ptr("r", offset=jf * 16 * LK + df * 16), LK,
+                                                       "row_major")
+                                T.tvm_mma_sync(o_f.data, df, p_f.data, jf, v_f.data, 0, o_f.data, df)
+                    for df in T.serial(DF):  # out, one 16x16 tile per warp at a time through s_s
+                        T.tvm_storage_sync("shared")
+                        T.tvm_store_matrix_sync(o_f.data, 16, 16, 16, df, s_s.access_ptr("w", offset=w * 16 * LS),
+                                                LS, "row_major")
+                        T.tvm_storage_sync("shared")
+                        for e in T.serial(R * 16 // NT):
+                            ro: T.let[T.int32] = (e * NT + tx) // 16
+                            to: T.let[T.int32] = (ro // 16) // HG * 16 + ro % 16
+                            if to < count:
+                                out[tok0 + to, h0 + (ro // 16) % HG, df * 16 + (e * NT + tx) % 16] = T.Cast(
+                                    dtype, s_s[ro * LS + (e * NT + tx) % 16])
+
+    return attention_tc
 
 
 def make_attention_merge_gpu(num_heads: int, head_dim: int, dtype: str):

@@ -7,10 +7,18 @@ per work item. The host side is not compiled: the launches TVM's ``SplitHostDevi
 function (``call_ffi_kernel(name, args..., grid..., block...)``) are read and evaluated here with the
 shapes of the numpy arguments bound.
 
+Tensor cores (wmma) are emulated: a fragment becomes a private array holding the whole 16x16 tile in
+every thread, and each ``tvm_*_matrix_sync`` / ``tvm_mma_sync`` / ``tvm_fill_fragment`` call becomes a
+loop over it (an OpenCL helper, see ``_wmma_call``). Every thread of a warp then computes the warp's
+whole tile redundantly, and a store writes the same values from all of them; the result is what the warp
+computes together, as long as every thread of the warp makes the call with the same arguments (wmma's
+own rule). Only the 16x16x16 shape is emulated, in the fragments' own types (float32 in tests).
+
 What this does not cover: PoCL has no ``half`` arithmetic, so tests build the float32 variant of a kernel
-(the dtype is a factory argument; index math, tiling and synchronisation are the same) and the float16 /
-bfloat16 variants are checked by compiling them for every CUDA arch (tests/test_gpu_targets.py); warp
-shuffles and tensor-core intrinsics have no OpenCL form, so kernels here reduce through shared memory.
+(the dtype is a factory argument; index math, tiling and synchronisation are the same; wmma fragments of
+float32 exist only here) and the float16 / bfloat16 variants are checked by compiling them for every CUDA
+arch (tests/test_gpu_targets.py); warp shuffles have no OpenCL form, so kernels here reduce through
+shared memory.
 
 ``gpu_module`` and ``run_relax`` do the same for a whole model: the CUDA pipeline's legalization and
 scheduling passes, then each Relax entry point interpreted call by call with every PrimFunc run here.
@@ -37,6 +45,96 @@ def _cl():
     return cl, cl.Context(devices[:1])
 
 
+_CL_TYPES = {"float32": "float", "float64": "double", "int32": "int", "int8": "char", "uint8": "uchar"}
+_SPACES = {"shared": "__local", "global": "__global", "": "__global"}
+_wmma_helpers: dict[str, str] = {}  # OpenCL helper name -> its definition, for the build under way
+
+
+def _buffer(expr):
+    """The buffer of a wmma call's ``buffer_data(buf)`` or pointer argument (TVM 0.27: the buffer itself)."""
+    return expr.args[0] if hasattr(expr, "args") else expr
+
+
+def _scope(expr) -> str:
+    return str(_buffer(expr).scope())
+
+
+def _ctype(expr) -> str:
+    return _CL_TYPES[str(_buffer(expr).dtype)]
+
+
+def _frag_dims(var, m: int, n: int, k: int) -> tuple[int, int]:
+    """Rows and columns of one tile of the fragment ``var``: A is m x k, B k x n, the accumulator m x n.
+    Only the 16x16x16 shape is emulated (``tvm_mma_sync`` does not name its shape)."""
+    if (m, n, k) != (16, 16, 16):
+        raise NotImplementedError(f"wmma shape m{m}n{n}k{k}")
+    return {"wmma.matrix_a": (m, k), "wmma.matrix_b": (k, n), "wmma.accumulator": (m, n)}[_scope(var)]
+
+
+def _pointer(expr):
+    """``(buffer, element offset)`` of a ``tvm_access_ptr`` argument (``buf.access_ptr(...)``)."""
+    if expr.op.name == "tirx.tvm_access_ptr":
+        return expr.args[1], expr.args[2]
+    raise NotImplementedError(f"wmma pointer argument {expr}")
+
+
+def _wmma_call(call):
+    """The emulation of one wmma intrinsic call: a ``call_extern`` of an OpenCL helper (defined into
+    ``_wmma_helpers``) that loops over the fragment tile every thread holds whole."""
+    from tvm import tirx
+
+    name = call.op.name.split(".")[-1]
+    a = list(call.args)
+    i32 = lambda e: tirx.Cast("int32", e)  # noqa: E731
+    if name == "tvm_fill_fragment":
+        frag, m, n, k, index, value = a
+        rows, cols = _frag_dims(frag, int(m), int(n), int(k))
+        ft = _ctype(frag)
+        helper = f"ferrum_wmma_fill_{ft}"
+        _wmma_helpers[helper] = (f"void {helper}({ft}* f, int off, int size, {ft} v) {{\n"
+                                 f"  for (int i = 0; i < size; ++i) f[off + i] = v;\n}}\n")
+        return tirx.call_extern("void", helper, frag, i32(index * rows * cols), rows * cols, value)
+    if name in ("tvm_load_matrix_sync", "tvm_store_matrix_sync"):
+        frag, m, n, k, index, ptr, stride, layout = a
+        rows, cols = _frag_dims(frag, int(m), int(n), int(k))
+        data, offset = _pointer(ptr)
+        ft = _ctype(frag)
+        mt = _ctype(data)
+        space = _SPACES[_scope(data)]
+        col_major = int(str(layout.value) in ("col_major", "mem_col_major"))
+        load = name == "tvm_load_matrix_sync"
+        helper = f"ferrum_wmma_{'load' if load else 'store'}_{ft}_{mt}_{space.strip('_')}"
+        move = (f"f[off + i * cols + j] = ({ft})p[at]" if load else f"p[at] = ({mt})f[off + i * cols + j]")
+        _wmma_helpers[helper] = (
+            f"void {helper}({ft}* f, int off, int rows, int cols, {space} {mt}* p, int poff, int ld, int cm) {{\n"
+            f"  for (int i = 0; i < rows; ++i)\n    for (int j = 0; j < cols; ++j) {{\n"
+            f"      int at = poff + (cm ? j * ld + i : i * ld + j);\n      {move};\n    }}\n}}\n")
+        return tirx.call_extern("void", helper, frag, i32(index * rows * cols), rows, cols, data, i32(offset),
+                                i32(stride), col_major)
+    if name == "tvm_mma_sync":  # d[di] = a[ai] @ b[bi] + c[ci]; d and c may be one tile
+        d, di, fa, ai, fb, bi, c, ci = a
+        dt, at = _ctype(d), _ctype(fa)
+        helper = f"ferrum_wmma_mma_{at}_{dt}"
+        _wmma_helpers[helper] = (
+            f"void {helper}({dt}* d, int doff, {at}* a, int aoff, {at}* b, int boff, {dt}* c, int coff) {{\n"
+            f"  for (int i = 0; i < 16; ++i)\n    for (int j = 0; j < 16; ++j) {{\n"
+            f"      {dt} s = c[coff + i * 16 + j];\n"
+            f"      for (int l = 0; l < 16; ++l) s += ({dt})a[aoff + i * 16 + l] * ({dt})b[boff + l * 16 + j];\n"
+            f"      d[doff + i * 16 + j] = s;\n    }}\n}}\n")
+        return tirx.call_extern("void", helper, d, i32(di * 256), fa, i32(ai * 256), fb, i32(bi * 256), c,
+                                i32(ci * 256))
+    raise NotImplementedError(name)
+
+
+@functools.cache
+def _emulate_wmma() -> None:
+    """Lower the wmma intrinsics of OpenCL builds (ours only) to ``_wmma_call``'s helpers."""
+    from tvm.tirx.op import register_intrin_lowering
+
+    for op in ("tvm_fill_fragment", "tvm_load_matrix_sync", "tvm_store_matrix_sync", "tvm_mma_sync"):
+        register_intrin_lowering(f"tirx.{op}", "opencl", f=_wmma_call, level=99)
+
+
 def build(func):
     """``(source, host, lets, launches)``: the OpenCL source of ``func``'s kernels, the host function after
     ``SplitHostDevice``, its integer let-bindings and, per launch in host order, ``(kernel name, args, kernel
@@ -52,10 +150,12 @@ def build(func):
             if info.name.endswith("SplitHostDevice"):
                 snapshot["mod"] = mod
 
+    _emulate_wmma()
+    _wmma_helpers.clear()
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(instruments=[_Capture()]):
         lib = tvm.tirx.build(mod, target=tvm.target.Target(TARGET, host="llvm"))
-    source = lib.imports[0].inspect_source()
+    source = "".join(_wmma_helpers.values()) + lib.imports[0].inspect_source()
     split = snapshot["mod"]
     host = next(f for gv, f in split.functions.items() if "calling_conv" not in (f.attrs or {}))
     launches = []

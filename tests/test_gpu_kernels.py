@@ -38,9 +38,9 @@ def _splits(ntok: int, max_blocks: int, block_size: int) -> int:
     return int(Analyzer().simplify(expr).value)
 
 
-def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0, splits=None):
-    """Ragged batch (sequence b: ctx_lens[b] cached tokens, q_lens[b] new ones, shuffled blocks) through
-    the split kernel and the merge; returns (out, reference, partial max/sum)."""
+def _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0):
+    """Ragged batch (sequence b: ctx_lens[b] cached tokens, q_lens[b] new ones, shuffled blocks):
+    ``(q, cache, positions, query_start, block_tables, reference output)``."""
     batch = len(ctx_lens)
     per_seq = max(-(-(c + q) // block_size) for c, q in zip(ctx_lens, q_lens))
     num_blocks = per_seq * batch + 2
@@ -51,6 +51,14 @@ def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, 
     ntok = int(query_start[-1])
     q = rng.standard_normal((ntok, heads, head_dim)).astype(np.float32)
     ref = pa.attention_ref(q, cache, positions, query_start, tables, sliding_window=window)
+    return q, cache, positions, query_start, tables, ref
+
+
+def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0, splits=None):
+    """A ragged batch through the split kernel and the merge; returns (out, reference, partial max/sum)."""
+    q, cache, positions, query_start, tables, ref = _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads,
+                                                                      head_dim, block_size, window)
+    ntok, per_seq = q.shape[0], tables.shape[1]
     ns = splits or _splits(ntok, per_seq, block_size)
     part_acc = np.full((ntok, heads, ns, head_dim), np.nan, np.float32)  # every element must be written
     part_ml = np.full((ntok, heads, ns, 2), np.nan, np.float32)
@@ -95,6 +103,36 @@ def test_decode_and_prefill_splits(ctx, qlen, splits):
 def test_sliding_window(window):
     out, ref, _ = run_attention(np.random.default_rng(window), [0, 20, 300], [12, 1, 30], 4, 2, 16, 4, window=window)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ctx,qlen,heads,head_dim,block_size,window", [
+    ([0, 5], [20, 40], (4, 1), 32, 16, 0),  # 4 heads of a KV head per tile, 16 tokens: 2 + 3 tiles
+    ([0, 40, 3], [70, 1, 9], (8, 2), 16, 4, 0),  # key tiles across blocks; a decode token in its own tile
+    ([10, 100], [33, 4], (9, 3), 16, 16, 0),  # group 3: one head per tile, 64 tokens
+    ([0, 20, 300], [12, 1, 30], (4, 2), 16, 4, 5),  # group 2, sliding window
+])
+def test_tensor_core_attention_matches_reference(ctx, qlen, heads, head_dim, block_size, window):
+    """``make_prefill_attention_tc``: both products through wmma (emulated: tests/gpu_emu.py), two passes
+    over the keys; every output element written (NaN-filled before)."""
+    q, cache, positions, query_start, tables, ref = _ragged_attention(np.random.default_rng(len(ctx) + window), ctx,
+                                                                      qlen, *heads, head_dim, block_size, window)
+    attend = _kernel(("tc", *heads, head_dim, block_size, window),
+                     lambda: pa.make_prefill_attention_tc(*heads, head_dim, block_size, "float32",
+                                                          sliding_window=window))
+    out = np.full_like(q, np.nan)
+    gpu_emu.run(attend, q, cache, positions, query_start, tables, out)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_tensor_core_attention_tile_limits():
+    """The tile fits 48 KiB of shared memory up to head_dim 128 in float16; wider heads, or heads not a
+    multiple of 16, are refused (lowering keeps the split kernel for them)."""
+    assert pa.tc_attention_fits(128, "float16") and pa.tc_shared_bytes(128, "float16") <= 48 * 1024
+    assert pa.tc_attention_fits(64, "bfloat16") and pa.tc_attention_fits(32, "float32")
+    assert not pa.tc_attention_fits(256, "float16") and not pa.tc_attention_fits(72, "float16")
+    assert [pa.tc_heads_per_tile(h, 1) for h in (1, 2, 3, 4, 6, 8, 12)] == [1, 2, 1, 4, 2, 4, 4]
+    with pytest.raises(ValueError, match="does not fit"):
+        pa.make_prefill_attention_tc(8, 2, 256, 16, "float16")
 
 
 def test_split_count_follows_batch_and_context():

@@ -19,21 +19,27 @@ from .test_ir import CFG, _single_op_graphs, batch, random_params
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
+@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3-tc"])
 def decoder(request):
-    """Qwen3 (q/k norms, qkv bias) and Llama (neither), GQA 4/2: RoPE with and without the norm fused."""
+    """Qwen3 (q/k norms, qkv bias) and Llama (neither), GQA 4/2: RoPE with and without the norm fused.
+    ``qwen3-tc``: head_dim 16, built as CUDA builds float16 models, with ``forward``'s attention on tensor
+    cores (emulated)."""
     import dataclasses
 
     from ferrum.models.registry import family
 
-    cfg = CFG if request.param == "qwen3" else dataclasses.replace(CFG, arch="llama", qk_norm=False,
-                                                                     attention_bias=False)
+    cfg = CFG if request.param.startswith("qwen3") else dataclasses.replace(CFG, arch="llama", qk_norm=False,
+                                                                              attention_bias=False)
+    tc = request.param.endswith("-tc")
+    cfg = dataclasses.replace(cfg, head_dim=16) if tc else cfg
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
-    mod = gpu_emu.gpu_module(lower(graph, "gpu"))
+    mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else ()))
     names = [gv.name_hint for gv in mod.get_global_vars()]
     # q, k and v: slice, reshape, [norm,] RoPE and the KV append in one kernel per layer
     assert [n.startswith("qkv_append") for n in names].count(True) == 1
     assert not any(n.startswith(("head_rope", "kv_append")) for n in names)
+    forward, decode = mod["forward"].script(), mod["decode"].script()
+    assert ("attention_tc" in forward) == tc and "attention_split" in decode and "attention_tc" not in decode
     return graph, mod
 
 
@@ -44,7 +50,8 @@ def test_gpu_decoder_matches_interpreter(decoder, entry):
     rng = np.random.default_rng(2)
     params = random_params(graph, rng)
     inputs = batch(rng)
-    ref_caches = {f"kv_cache.{i}": np.zeros((12, 2, 2, 4, 8), np.float32) for i in range(2)}
+    cache_shape = [12 if d == "NB" else d for d in graph.inputs["kv_cache.0"].shape]
+    ref_caches = {f"kv_cache.{i}": np.zeros(cache_shape, np.float32) for i in range(2)}
     caches = {k: v.copy() for k, v in ref_caches.items()}
     names = list(graph.inputs)
     for step in range(2):

@@ -43,6 +43,7 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     entries = manifest["entry_points"]
     assert entries["decode"]["max_tokens"] == 8 and entries["decode"]["args"] == entries["forward"]["args"]
     assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib and b"add_rms_norm" in lib
+    assert b"attention_tc" in lib  # forward's attention on tensor cores (head_dim 16 and 32 fit its tile)
     # tokens picked on the device: greedy and sampled
     assert entries["argmax"]["returns"]["dtype"] == "int32" and [a["name"] for a in entries["sample"]["args"]] == [
         "logits", "params", "uniform"]
