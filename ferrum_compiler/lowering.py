@@ -118,7 +118,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
                         r = bb.emit_te(make(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
                     elif k == "moe":
-                        r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes)
+                        r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
+                                 mma_dtype=out.dtype if out.dtype in tensor_core_dtypes else "")
                     elif k == "take_cols":
                         r = relax.op.take(a[0], a[1], axis=1, mode="clip")
                     elif k == "slice":
@@ -318,10 +319,10 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
     return bb.emit_te(quant_sched.qlinear_te(fmt, out.dtype, at["bias"]), *a, primfunc_name_hint="qlinear")
 
 
-def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int):
+def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int, mma_dtype: str = ""):
     """route → dispatch by expert → grouped gate_up → SiLU·up → grouped down → weighted combine. On GPUs the
-    decode entry point runs the experts as grouped GEMVs, the general one as tiled grouped GEMMs; either
-    way only chosen experts' weights are read."""
+    decode entry point runs the experts as grouped GEMVs, the general one as tiled grouped GEMMs (on tensor
+    cores in ``mma_dtype`` when set); either way only chosen experts' weights are read."""
     from tvm import te, tirx
 
     at = op.attrs
@@ -353,9 +354,9 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lane
                                                           gated=gated))
             return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order], out_ty))
         if kernel_kind != "cpu":
-            gv = kernel(("grouped_gemm", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated),
+            gv = kernel(("grouped_gemm", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated, mma_dtype),
                         lambda: moe_sched.make_grouped_gemm_gpu(E, kk, nn, x_div, fmt, str(inp.ty.dtype), str(w_dtype),
-                                                                s_dtype, gated))
+                                                                s_dtype, gated, mma_dtype))
             return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, tiles, order], out_ty))
         gv = kernel(("grouped_linear", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype),
                     lambda: moe_sched.make_grouped_linear_cpu(E, kk, nn, x_div, fmt, inp.ty.dtype, w_dtype))

@@ -316,11 +316,13 @@ def test_grouped_gemv_after_gpu_dispatch(fmt, ntok, x_div):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tc", [False, True], ids=["cuda-cores", "tensor-cores"])
 @pytest.mark.parametrize("fmt", EXPERT_FORMATS)
 @pytest.mark.parametrize("ntok,x_div,k,n", [(150, 2, 128, 70), (37, 1, 96, 64), (2, 2, 64, 130)])
-def test_grouped_gemm_after_gpu_dispatch(fmt, ntok, x_div, k, n):
+def test_grouped_gemm_after_gpu_dispatch(fmt, ntok, x_div, k, n, tc):
     """The prefill form: tiles of up to 64 slots of one expert x 64 rows. Experts with several tiles, a
-    partial last tile, columns past ``n`` and grid rows past the last tile (which must write nothing)."""
+    partial last tile, columns past ``n`` and grid rows past the last tile (which must write nothing).
+    ``tc``: the products through wmma (emulated)."""
     num_experts, top_k = 6, 2
     rng = np.random.default_rng(ntok + k)
     slots = ntok * top_k
@@ -329,8 +331,8 @@ def test_grouped_gemm_after_gpu_dispatch(fmt, ntok, x_div, k, n):
     x = rng.standard_normal((ntok if x_div == top_k else slots, k)).astype(np.float32)
     tensors, dense = _experts(rng, fmt, num_experts, n, k)
     out = np.full((slots, n), np.nan, np.float32)
-    func = _kernel(("grouped_gemm", fmt, x_div, k, n), lambda: moe.make_grouped_gemm_gpu(
-        num_experts, k, n, x_div, fmt, "float32", "float32", "float32"))
+    func = _kernel(("grouped_gemm", fmt, x_div, k, n, tc), lambda: moe.make_grouped_gemm_gpu(
+        num_experts, k, n, x_div, fmt, "float32", "float32", "float32", mma_dtype="float32" if tc else ""))
     gpu_emu.run(func, x, *tensors, offsets, tiles, order, out)
     ref = np.stack([x[s // x_div].astype(np.float64) @ dense[ids[s] * n:(ids[s] + 1) * n].T for s in range(slots)])
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)

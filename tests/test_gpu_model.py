@@ -72,17 +72,19 @@ def test_gpu_decoder_matches_interpreter(decoder, entry):
                   "logits_index": np.array([0, 1], np.int32)}
 
 
-@pytest.mark.parametrize("entry", ["forward", "decode"])
-def test_gpu_moe_matches_interpreter(entry):
-    """Router top-k, the GPU dispatch, then the experts: tiled grouped GEMMs (forward) or grouped GEMVs
-    (decode)."""
+@pytest.mark.parametrize("entry,tc", [("forward", False), ("forward", True), ("decode", False)])
+def test_gpu_moe_matches_interpreter(entry, tc):
+    """Router top-k, the GPU dispatch, then the experts: tiled grouped GEMMs (forward; ``tc``: on tensor
+    cores, emulated) or grouped GEMVs (decode)."""
     graph = _single_op_graphs()["moe"]
     rng = np.random.default_rng(1)
     inputs = {n: rng.standard_normal([5 if d == "T" else d for d in v.shape]).astype(np.float32)
               for n, v in graph.inputs.items()}
     params = random_params(graph, rng)
     ref = list(run_graph(graph, inputs, params).values())[0]
-    mod = gpu_emu.gpu_module(lower(graph, "gpu"))
+    mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else ()))
+    gemms = [f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("grouped_gemm")]
+    assert len(gemms) == 2 and all(("T.tvm_mma_sync" in g) == tc for g in gemms)
     out = gpu_emu.run_relax(mod, entry, *[inputs[n] for n in graph.inputs], *[params[n] for n in graph.params])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
