@@ -201,12 +201,20 @@ def graph_max_blocks(spec: TargetSpec, cfg, options: CompileOptions) -> int:
     return -(-int(cfg.max_position_embeddings) // options.block_size)
 
 
+def tensor_core_dtypes(spec: TargetSpec) -> tuple[str, ...]:
+    """Activation dtypes whose attention and MoE experts run on our tensor-core kernels: CUDA's 16-bit
+    floats (sm_80+ has wmma for both)."""
+    return ("float16", "bfloat16") if spec.tvm_target["kind"] == "cuda" else ()
+
+
 def _entry_points(graph, spec: TargetSpec, vocab_size: int, max_blocks: int = 0) -> dict:
     entry = {"args": lowering.argument_specs(graph),
              "returns": {"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}}
     out: dict[str, dict] = {lowering.ENTRY: entry}
     if spec.kernel_kind == "gpu":  # same arguments and result, for batches of at most max_tokens tokens
         out[lowering.DECODE_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS}
+    if spec.kernel_kind == "gpu" and lowering.uses_tc_attention(graph, tensor_core_dtypes(spec)):
+        out[lowering.DECODE_WIDE_ENTRY] = {**entry, "decode_only": True}  # steps of one token per sequence
     if max_blocks:  # the same again as CUDA graphs, for block tables of at most max_blocks columns
         out[lowering.DECODE_GRAPH_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS,
                                             "max_blocks": max_blocks}
@@ -237,7 +245,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     cuda = spec.tvm_target["kind"] == "cuda"
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa,
                          max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16, graph_max_blocks=max_blocks,
-                         tensor_core_dtypes=("float16", "bfloat16") if cuda else ())
+                         tensor_core_dtypes=tensor_core_dtypes(spec))
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

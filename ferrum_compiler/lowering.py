@@ -32,6 +32,10 @@ SAMPLE_ENTRY = "sample"  # GPU only: (logits, params [L, 4], uniform [L]) -> int
 # step instead of one per kernel). Every argument is declared fixed, so the runtime must pass the same
 # buffers for the same shapes (it stages the step's inputs in device tensors allocated once).
 DECODE_GRAPH_ENTRY = "decode_graph"
+# CUDA, when ``forward``'s attention is the tensor-core kernel: ``forward`` with the split-KV attention, for
+# steps of only decode tokens (one per sequence) too many for ``decode``: the tensor-core kernel would give
+# each token a 16-token tile of its own and read its keys twice
+DECODE_WIDE_ENTRY = "decode_wide"
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
@@ -73,7 +77,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     # kernels, which stream each weight once; larger batches take dlight's tiled (tensor-core) matmuls
     entries = [(ENTRY, False)] + ([(DECODE_ENTRY, True)] if kernel_kind == "gpu" else [])
     entries += [(DECODE_GRAPH_ENTRY, True)] if kernel_kind == "gpu" and graph_max_blocks > 0 else []
+    entries += [(DECODE_WIDE_ENTRY, False)] if kernel_kind == "gpu" and uses_tc_attention(graph, tensor_core_dtypes) else []
     for entry, gemv in entries:
+        tc_attention = entry == ENTRY  # the tensor-core attention: forward only
         sym.update({s: tirx.Var(s, "int64") for s in sym})  # each function binds its own shape variables
         fn_args = []
         for v in list(graph.inputs.values()) + list(graph.params.values()):
@@ -153,7 +159,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                             a = _qkv_append(bb, relax, kernel, graph, env, op, a, qkv, rope_tables[key])
                         r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out,
                                              appended=qkv is not None,
-                                             tensor_cores=not gemv and out.dtype in tensor_core_dtypes)
+                                             tensor_cores=tc_attention and out.dtype in tensor_core_dtypes)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add":
@@ -423,6 +429,17 @@ def _qkv_append(bb, relax, kernel, graph: Graph, env: dict, op, a, qkv, table):
     both = bb.emit(relax.call_tir_inplace(gv, ins, [0, -1], [cache.ty, q_ty]))
     return [bb.emit(relax.TupleGetItem(both, 1)), k, v, bb.emit(relax.TupleGetItem(both, 0)), positions,
             query_start, block_tables, slot_mapping]
+
+
+def uses_tc_attention(graph: Graph, tensor_core_dtypes: tuple[str, ...]) -> bool:
+    """Whether ``forward``'s attention runs on tensor cores (``make_prefill_attention_tc``) for some layer:
+    an activation dtype in ``tensor_core_dtypes`` and a head size that fits its tile."""
+    for op in graph.ops:
+        if op.kind == "paged_attention":
+            out = graph.value(op.output)
+            if out.dtype in tensor_core_dtypes and attn_sched.tc_attention_fits(out.shape[2], out.dtype):
+                return True
+    return False
 
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,

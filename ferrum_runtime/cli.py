@@ -141,7 +141,9 @@ def _inspect(args: argparse.Namespace) -> int:
         + (f"; decode(same) for batches of <= {d['entry_points']['decode']['max_tokens']} tokens (GEMV kernels)"
            if "decode" in d["entry_points"] else "")
         + (f"; decode_graph(same, CUDA graphs, FERRUM_CUDA_GRAPH=1) for block tables of <= "
-           f"{d['entry_points']['decode_graph']['max_blocks']} blocks" if "decode_graph" in d["entry_points"] else ""),
+           f"{d['entry_points']['decode_graph']['max_blocks']} blocks" if "decode_graph" in d["entry_points"] else "")
+        + ("; decode_wide(same, split-KV attention) for larger steps of one token per sequence"
+           if "decode_wide" in d["entry_points"] else ""),
         f"ir         " + ", ".join(f"{k} x{v}" for k, v in d["ir"]["ops"].items()) + f"  (passes: {', '.join(d['ir']['passes'])})",
         f"built      {d['build']['time']} on {d['build']['host']} in {d['build']['seconds']} s",
     ]

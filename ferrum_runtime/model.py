@@ -78,6 +78,9 @@ class CompiledModel:
         self._graph_fn = self.vm["decode_graph"] if graph and device == "cuda" and env.cuda_graph() else None
         self.graph_max_tokens = int(graph["max_tokens"]) if graph else 0
         self.graph_max_blocks = int(graph["max_blocks"]) if graph else 0
+        # CUDA artifacts whose forward attention is on tensor cores: forward with the split-KV attention,
+        # for steps of only decode tokens that are too many for the decode entry point
+        self._wide_fn = self.vm["decode_wide"] if "decode_wide" in entries else None
         self._staging: dict[str, Any] = {}
         # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
         self._argmax_fn = self.vm["argmax"] if "argmax" in entries else None
@@ -190,6 +193,8 @@ class CompiledModel:
             args[i] = tvm.runtime.tensor(np.ascontiguousarray(arrays[name], dtype=np.int32), self.device)
         if self._decode_fn is not None and ntok <= self.decode_max_tokens:
             return self._decode_fn(*args)
+        if self._wide_fn is not None and ntok == len(batch.query_start) - 1:  # one token per sequence
+            return self._wide_fn(*args)
         return self._fn(*args)
 
     @property

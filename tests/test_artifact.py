@@ -175,3 +175,34 @@ def test_staged_step_inputs_give_the_direct_calls_logits(compiled, tiny_model_di
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     assert widths == [4] * 7  # all but the first step (3 x 3 = 9 tokens, past the graph's 8)
     assert staged._staging == buffers and len(buffers) == 6  # allocated once
+
+
+def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir):
+    """CUDA artifacts with the tensor-core attention in ``forward`` also have ``decode_wide`` (forward with
+    the split-KV attention): steps of one token per sequence, too many for ``decode``, take it; steps
+    with a prompt chunk take ``forward``. The routing, on a CPU artifact standing in both entry points
+    with its ``forward`` (the GPU functions themselves are checked in tests/test_gpu_model.py)."""
+    from .ragged import chunked_prefill_then_decode
+
+    art = compiled(tiny_model_dir("qwen3"))
+    plain, routed = (CompiledModel.load(art, kv_cache_bytes=1 << 20) for _ in range(2))
+    assert routed._wide_fn is None  # CPU artifacts have no decode_wide
+    calls = []
+    forward, slot = routed._fn, {n: i for i, n in routed._slots}
+
+    def entry(name):
+        def call(*args):
+            calls.append((name, args[slot["token_ids"]].shape[0], args[slot["query_start"]].shape[0] - 1))
+            return forward(*args)
+        return call
+
+    routed._fn, routed._wide_fn, routed._decode_fn, routed.decode_max_tokens = (
+        entry("forward"), entry("decode_wide"), entry("decode"), 8)
+    prompts = [[int(t) for t in np.random.default_rng(n).integers(0, 256, 4)] for n in range(10)]
+    runs = [chunked_prefill_then_decode(m, prompts, 24, np.random.default_rng(0), steps=4, chunk=2) for m in
+            (plain, routed)]
+    for (tokens_a, a), (tokens_b, b) in zip(*runs):
+        assert tokens_a == tokens_b
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    # two steps of 2-token prompt chunks (20 tokens), then two of one decode token for each of 10 sequences
+    assert calls == [("forward", 20, 10)] * 2 + [("decode_wide", 10, 10)] * 2

@@ -6,6 +6,8 @@ the numpy interpreter of the IR. float32 models: PoCL has no half type. Every en
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -19,18 +21,18 @@ from .test_ir import CFG, _single_op_graphs, batch, random_params
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3-tc"])
-def decoder(request):
+@functools.cache
+def _decoder(variant: str):
     """Qwen3 (q/k norms, qkv bias) and Llama (neither), GQA 4/2: RoPE with and without the norm fused.
-    ``qwen3-tc``: head_dim 16, built as CUDA builds float16 models, with ``forward``'s attention on tensor
-    cores (emulated)."""
+    ``qwen3-tc``: head_dim 16, built as CUDA builds float16 models: ``forward``'s attention on tensor
+    cores (emulated), and ``decode_wide``, forward with the split-KV attention."""
     import dataclasses
 
     from ferrum.models.registry import family
 
-    cfg = CFG if request.param.startswith("qwen3") else dataclasses.replace(CFG, arch="llama", qk_norm=False,
-                                                                              attention_bias=False)
-    tc = request.param.endswith("-tc")
+    cfg = CFG if variant.startswith("qwen3") else dataclasses.replace(CFG, arch="llama", qk_norm=False,
+                                                                        attention_bias=False)
+    tc = variant.endswith("-tc")
     cfg = dataclasses.replace(cfg, head_dim=16) if tc else cfg
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
     mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else ()))
@@ -38,15 +40,18 @@ def decoder(request):
     # q, k and v: slice, reshape, [norm,] RoPE and the KV append in one kernel per layer
     assert [n.startswith("qkv_append") for n in names].count(True) == 1
     assert not any(n.startswith(("head_rope", "kv_append")) for n in names)
-    forward, decode = mod["forward"].script(), mod["decode"].script()
-    assert ("attention_tc" in forward) == tc and "attention_split" in decode and "attention_tc" not in decode
+    assert ("attention_tc" in mod["forward"].script()) == tc and ("decode_wide" in names) == tc
+    for entry in ["decode"] + (["decode_wide"] if tc else []):
+        assert "attention_split" in mod[entry].script() and "attention_tc" not in mod[entry].script()
     return graph, mod
 
 
-@pytest.mark.parametrize("entry", ["forward", "decode"])
-def test_gpu_decoder_matches_interpreter(decoder, entry):
+@pytest.mark.parametrize("variant,entry", [("qwen3", "forward"), ("qwen3", "decode"), ("llama", "forward"),
+                                           ("llama", "decode"), ("qwen3-tc", "forward"), ("qwen3-tc", "decode"),
+                                           ("qwen3-tc", "decode_wide")])
+def test_gpu_decoder_matches_interpreter(variant, entry):
     """Two sequences of 5 and 3 tokens, then one decode step each; logits and both layers' KV caches."""
-    graph, mod = decoder
+    graph, mod = _decoder(variant)
     rng = np.random.default_rng(2)
     params = random_params(graph, rng)
     inputs = batch(rng)

@@ -44,6 +44,9 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert entries["decode"]["max_tokens"] == 8 and entries["decode"]["args"] == entries["forward"]["args"]
     assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib and b"add_rms_norm" in lib
     assert b"attention_tc" in lib  # forward's attention on tensor cores (head_dim 16 and 32 fit its tile)
+    # ... and forward with the split-KV attention for wide steps of one decode token per sequence
+    assert entries["decode_wide"] == {**entries["forward"], "decode_only": True}
+    assert "decode_wide(same, split-KV attention)" in ferrum("inspect", out).stdout
     # tokens picked on the device: greedy and sampled
     assert entries["argmax"]["returns"]["dtype"] == "int32" and [a["name"] for a in entries["sample"]["args"]] == [
         "logits", "params", "uniform"]
