@@ -214,6 +214,11 @@ def ferrum_speed(model, tiny: bool) -> dict:
                 out[f"decode b{b} without CUDA graphs"] = decode(b)
         model.cuda_graph = graph
         out["decode b8"] = decode(8)
+    if model.decode_wide:  # wide decode steps through forward's tensor-core attention instead
+        model.decode_wide = False
+        for b in (16, 32):
+            out[f"decode b{b} without decode_wide"] = decode(b)
+        model.decode_wide = True
     return out
 
 

@@ -208,6 +208,19 @@ class CompiledModel:
             raise ArtifactError("this artifact has no CUDA-graph entry point; compile it for a cuda-sm* target")
         self._graph_fn = self.vm["decode_graph"] if on else None
 
+    @property
+    def decode_wide(self) -> bool:
+        """Whether steps of one token per sequence too large for ``decode`` take ``decode_wide`` (forward
+        with the split-KV attention; CUDA artifacts with the tensor-core attention) instead of forward."""
+        return self._wide_fn is not None
+
+    @decode_wide.setter
+    def decode_wide(self, on: bool) -> None:
+        if on and "decode_wide" not in self.manifest.data["entry_points"]:
+            raise ArtifactError("this artifact has no decode_wide entry point (CUDA artifacts with tensor-core "
+                                "attention have one)")
+        self._wide_fn = self.vm["decode_wide"] if on else None
+
     def _fits_graph(self, batch: RaggedBatch) -> bool:
         """Within the shapes ``decode_graph``'s memory was planned for."""
         most = self.graph_max_tokens

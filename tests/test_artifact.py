@@ -186,7 +186,9 @@ def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir):
 
     art = compiled(tiny_model_dir("qwen3"))
     plain, routed = (CompiledModel.load(art, kv_cache_bytes=1 << 20) for _ in range(2))
-    assert routed._wide_fn is None  # CPU artifacts have no decode_wide
+    assert not routed.decode_wide  # CPU artifacts have no decode_wide
+    with pytest.raises(ArtifactError, match="no decode_wide entry point"):
+        routed.decode_wide = True
     calls = []
     forward, slot = routed._fn, {n: i for i, n in routed._slots}
 
