@@ -36,6 +36,7 @@ DECODE_GRAPH_ENTRY = "decode_graph"
 # steps of only decode tokens (one per sequence) too many for ``decode``: the tensor-core kernel would give
 # each token a 16-token tile of its own and read its keys twice
 DECODE_WIDE_ENTRY = "decode_wide"
+DLIGHT_TC_DTYPES = ("float16",)  # activation dtypes dlight's matmul schedule runs on tensor cores
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
@@ -113,12 +114,15 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         gated = _gated_source(graph, producer, op.inputs[0]) if gemv else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]
+                        x_dtype = graph.value(op.inputs[0]).dtype
+                        # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
+                        mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
                         if k == "linear":
                             r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
-                                        gated is not None)
+                                        gated is not None, mma)
                         else:
                             r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
-                                         max_lanes, gated is not None)
+                                         max_lanes, gated is not None, mma)
                     elif k == "qembedding":
                         fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
                         make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
@@ -276,7 +280,10 @@ def _gated_source(graph: Graph, producer: dict, name: str) -> str | None:
     return g.inputs[0]
 
 
-def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int, gated: bool = False):
+def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int, gated: bool = False,
+            mma_dtype: str = ""):
+    """A dense linear: our GEMV (``gemv``), the CPU kernel, our tiled GEMM on tensor cores (``mma_dtype``)
+    or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]
@@ -290,6 +297,8 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_l
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
                     lambda: linear_sched.make_linear_cpu(k, n, w.dtype, out.dtype, has_bias))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+    if mma_dtype:
+        return _tiled_gemm(relax, kernel, graph, op, a, out, None, w.dtype, mma_dtype)
     # accumulated in float32 (as the GEMVs and torch do), cast in the matmul kernel's epilogue
     r = bb.emit(relax.op.matmul(a[0], relax.op.permute_dims(a[1]), out_dtype="float32"))
     if has_bias:
@@ -297,8 +306,20 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_l
     return r if out.dtype == "float32" else relax.op.astype(r, out.dtype)
 
 
+def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: str):
+    """``quant_linear.make_tiled_gemm_gpu`` for a (q)linear: its arguments are the op's, in order."""
+    n, k = graph.value(op.output).shape[1], graph.value(op.inputs[0]).shape[1]
+    x_dtype = graph.value(op.inputs[0]).dtype
+    b_dtype = graph.value(op.inputs[-1]).dtype if op.attrs["bias"] else None
+    s_dtype = graph.value(op.inputs[2]).dtype if fmt is not None else "float16"
+    gv = kernel(("tiled_gemm", k, n, repr(fmt), x_dtype, w_dtype, out.dtype, b_dtype, s_dtype, mma_dtype),
+                lambda: quant_sched.make_tiled_gemm_gpu(k, n, fmt, x_dtype, w_dtype, out.dtype, b_dtype, s_dtype,
+                                                        mma_dtype=mma_dtype))
+    return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+
+
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: bool, max_lanes: int,
-             gated: bool = False):
+             gated: bool = False, mma_dtype: str = ""):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
@@ -322,6 +343,8 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
                     lambda: quant_sched.make_qlinear_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+    if mma_dtype:
+        return _tiled_gemm(relax, kernel, graph, op, a, out, fmt, "", mma_dtype)
     return bb.emit_te(quant_sched.qlinear_te(fmt, out.dtype, at["bias"]), *a, primfunc_name_hint="qlinear")
 
 

@@ -117,10 +117,7 @@ def make_moe_dispatch(num_experts: int, kind: str):
     return moe_dispatch
 
 
-GEMM_TILE_M = 64  # slots per tile of the GPU grouped GEMM; a tile never mixes experts
-GEMM_TILE_N = 64
-GEMM_TILE_K = 32
-_GEMM_THREADS = 256  # 16 x 16, each 4 slots x 4 outputs
+GEMM_TILE_M = quant_linear.GEMM_TILE_M  # slots per tile of the GPU grouped GEMM; a tile never mixes experts
 
 
 def make_moe_dispatch_gpu(num_experts: int):
@@ -204,165 +201,11 @@ def make_grouped_gemm_gpu(num_experts: int, in_features: int, out_features: int,
                           gated: bool = False, mma_dtype: str = ""):
     """PrimFunc ``grouped_gemm(x[?, K], w..., offsets[E+1], tiles[E+1], order[S], out[S, N])`` (float32
     out; ``w...`` as in ``make_grouped_linear_cpu``; ``offsets``/``tiles``/``order`` from
-    ``make_moe_dispatch_gpu``): the expert matmuls of a batch too large for the grouped GEMV.
-
-    Each block computes a ``GEMM_TILE_M`` x ``GEMM_TILE_N`` tile of one expert: up to 64 of its slots
-    (gathered through ``order``; token ``slot // x_div``) against 64 of its rows, found by a binary search
-    of ``tiles``. Per step of 32 columns the block stages the slots' activations and the rows' weights,
-    dequantized once, in shared memory as float32, and each of 256 threads accumulates 4 x 4 outputs in
-    registers. Grid rows past the last tile (``gemm_tiles`` is a bound) skip the column loop. With
-    ``gated``, ``x`` is the gate|up output ``[?, 2K]`` and the input is ``silu(gate) * up``, as in
-    ``make_gemv_gpu``.
-
-    With ``mma_dtype`` (CUDA: the model's float16 or bfloat16) the products run on tensor cores: the
-    staged tiles are rounded to it (the dequantized weight as ``qlinear_te`` rounds it; the down
-    projection's float32 input too) and each of the 8 warps multiplies a 16 x 32 piece of the output tile
-    with wmma 16x16x16 into float32 accumulators, which leave through shared memory. ``mma_dtype``
-    float32 exists for the CPU emulator only (tests/gpu_emu.py)."""
-    from tvm.script import tirx as T
-
-    E, K, N = num_experts, in_features, out_features
-    TM, TN, TK, NT = GEMM_TILE_M, GEMM_TILE_N, GEMM_TILE_K, _GEMM_THREADS
-    quant, int4 = fmt is not None, fmt is not None and fmt.bits == 4
-    sym = fmt is not None and fmt.sym
-    if fmt is not None:
-        assert fmt.check(K) is None and K % TK == 0, (fmt, K)
-        G, zp = fmt.group_size, float(fmt.zero_point)
-    else:
-        G, zp = K, 0.0
-    wshape = (E * N, K // 2) if int4 else (E * N, K)
-    wdt = "uint8" if int4 else ("int8" if quant else w_dtype)
-    KG = K // G
-    steps = (E - 1).bit_length() + 1  # binary search over E tile starts
-    PER = TM * TK // NT  # staged elements per thread per operand: 8
-    tc = bool(mma_dtype)
-    TKP, CLD = TK + 8, TN + 4  # padded row strides of the staged tiles and of the output tile (tensor cores)
-
-    @T.macro
-    def body(x, w, scales, mins, offsets, tiles, order, out, nslot):
-        for bn in T.thread_binding((N + TN - 1) // TN, thread="blockIdx.x"):
-            for bm in T.thread_binding(gemm_tiles(nslot, E), thread="blockIdx.y"):
-                for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                    if tc:  # slot/row-major tiles for wmma; the output tile through shared memory
-                        xs = T.alloc_buffer((TM * TKP,), mma_dtype, scope="shared")
-                        ws = T.alloc_buffer((TN * TKP,), mma_dtype, scope="shared")
-                        cs = T.alloc_buffer((TM * CLD,), "float32", scope="shared")
-                        fa = T.alloc_buffer((TK // 16 * 256,), mma_dtype, scope="wmma.matrix_a")
-                        fb = T.alloc_buffer((256,), mma_dtype, scope="wmma.matrix_b")
-                        fc = T.alloc_buffer((2 * 256,), "float32", scope="wmma.accumulator")
-                    else:  # column-major tiles: thread products read 4 consecutive slots / rows
-                        xs = T.alloc_buffer((TK, TM), "float32", scope="shared")
-                        ws = T.alloc_buffer((TK, TN), "float32", scope="shared")
-                        a = T.alloc_buffer((4,), "float32", scope="local")
-                        b = T.alloc_buffer((4,), "float32", scope="local")
-                    acc = T.alloc_buffer((16,), "float32", scope="local")
-                    xv = T.alloc_buffer((PER,), "float32", scope="local")
-                    wv = T.alloc_buffer((PER,), "float32", scope="local")
-                    span = T.alloc_buffer((2,), "int32", scope="local")  # binary search: lo, hi
-                    span[0] = 0
-                    span[1] = E
-                    for _it in T.serial(steps):
-                        if span[1] - span[0] > 1:
-                            if tiles[(span[0] + span[1]) // 2] <= T.Cast("int32", bm):
-                                span[0] = (span[0] + span[1]) // 2
-                            else:
-                                span[1] = (span[0] + span[1]) // 2
-                    e: T.let[T.int32] = span[0]
-                    live: T.let[T.bool] = T.Cast("int32", bm) < tiles[E]
-                    m0: T.let[T.int32] = (T.Cast("int32", bm) - tiles[e]) * TM  # first slot of the tile
-                    rows: T.let[T.int32] = T.if_then_else(live, T.min(offsets[e + 1] - offsets[e] - m0, TM), 0)
-                    # what this thread stages: slot/row tx // 4, columns (tx % 4) * 8 .. + 8
-                    sr: T.let[T.int32] = T.Cast("int32", tx) // 4
-                    sc: T.let[T.int32] = T.Cast("int32", tx) % 4 * PER
-                    tok: T.let[T.int32] = T.if_then_else(sr < rows, order[T.min(offsets[e] + m0 + sr, T.Cast("int32", nslot) - 1)] // x_div, 0)
-                    wn: T.let[T.int32] = e * N + T.min(T.Cast("int32", bn) * TN + sr, N - 1)
-                    for j in T.unroll(16):
-                        acc[j] = T.float32(0)
-                    if tc:
-                        for c in T.serial(2):
-                            T.tvm_fill_fragment(fc.data, 16, 16, 16, c, T.float32(0))
-                    for kb in T.serial(T.if_then_else(rows > 0, (K + TK - 1) // TK, 0)):
-                        for i in T.unroll(PER):
-                            xv[i] = T.if_then_else(sr < rows and kb * TK + sc + i < K, T.Cast(
-                                "float32", x[tok, T.min(kb * TK + sc + i, K - 1)]), T.float32(0))
-                            if gated:  # SiLU(gate) * up, rounded to x's dtype as the unfused kernel stores it
-                                xv[i] = T.Cast("float32", T.Cast(x_dtype, xv[i] / (
-                                    T.float32(1) + T.exp(T.float32(0) - xv[i])) * T.Cast(
-                                    "float32", x[tok, K + T.min(kb * TK + sc + i, K - 1)])))
-                            if tc:
-                                xs[sr * TKP + sc + i] = T.Cast(mma_dtype, xv[i])
-                            else:
-                                xs[sc + i, sr] = xv[i]
-                        for i in T.unroll(PER):
-                            col: T.let[T.int32] = kb * TK + sc + i
-                            if int4:  # columns 0-15 of the 32-column block are low nibbles, 16-31 high
-                                wv[i] = T.Cast("float32", T.if_then_else(
-                                    sc < 16, T.bitwise_and(w[wn, kb * 16 + sc % 16 + i], T.uint8(15)),
-                                    T.shift_right(w[wn, kb * 16 + sc % 16 + i], T.uint8(4))))
-                            else:
-                                wv[i] = T.Cast("float32", w[wn, T.min(col, K - 1)])
-                            if quant and sym:
-                                wv[i] = (wv[i] - T.float32(zp)) * T.Cast("float32", scales[wn, col // G])
-                            elif quant:
-                                wv[i] = wv[i] * T.Cast("float32", scales[wn, col // G]) + mins[wn, col // G]
-                            elif K % TK != 0:
-                                wv[i] = T.if_then_else(col < K, wv[i], T.float32(0))
-                            if tc:
-                                ws[sr * TKP + sc + i] = T.Cast(mma_dtype, wv[i])
-                            else:
-                                ws[sc + i, sr] = wv[i]
-                        T.tvm_storage_sync("shared")
-                        if tc:  # warp w: output rows (w // 2) * 16 .. + 16, columns (w % 2) * 32 .. + 32
-                            for kf in T.serial(TK // 16):
-                                T.tvm_load_matrix_sync(fa.data, 16, 16, 16, kf, xs.access_ptr(
-                                    "r", offset=tx // 64 * 16 * TKP + kf * 16), TKP, "row_major")
-                            for c in T.serial(2):
-                                for kf in T.serial(TK // 16):
-                                    T.tvm_load_matrix_sync(fb.data, 16, 16, 16, 0, ws.access_ptr(
-                                        "r", offset=(tx // 32 % 2 * 2 + c) * 16 * TKP + kf * 16), TKP, "col_major")
-                                    T.tvm_mma_sync(fc.data, c, fa.data, kf, fb.data, 0, fc.data, c)
-                        else:
-                            for kk in T.serial(TK):
-                                for i in T.unroll(4):
-                                    a[i] = xs[kk, tx // 16 * 4 + i]
-                                for i in T.unroll(4):
-                                    b[i] = ws[kk, tx % 16 * 4 + i]
-                                for i in T.unroll(4):
-                                    for j in T.unroll(4):
-                                        acc[i * 4 + j] = acc[i * 4 + j] + a[i] * b[j]
-                        T.tvm_storage_sync("shared")
-                    if tc:  # the accumulators to shared memory, then each thread's 4 x 4 outputs from there
-                        for c in T.serial(2):
-                            T.tvm_store_matrix_sync(fc.data, 16, 16, 16, c, cs.access_ptr(
-                                "w", offset=tx // 64 * 16 * CLD + (tx // 32 % 2 * 2 + c) * 16), CLD, "row_major")
-                        T.tvm_storage_sync("shared")
-                        for i in T.unroll(4):
-                            for j in T.unroll(4):
-                                acc[i * 4 + j] = cs[(tx // 16 * 4 + i) * CLD + tx % 16 * 4 + j]
-                    for i in T.unroll(4):
-                        if tx // 16 * 4 + i < rows:
-                            slot: T.let[T.int32] = order[offsets[e] + m0 + T.Cast("int32", tx) // 16 * 4 + i]
-                            for j in T.unroll(4):
-                                if bn * TN + tx % 16 * 4 + j < N:
-                                    out[slot, bn * TN + tx % 16 * 4 + j] = acc[i * 4 + j]
-
-    E1 = E + 1
-
-    # one signature with every tensor; those this variant does not read are dropped below
-    @T.prim_func(private=True)
-    def grouped_gemm(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((E * N, KG), scale_dtype),  # type: ignore[valid-type]
-                     m: T.Buffer((E * N, KG), "float32"), off: T.Buffer((E1,), "int32"),  # type: ignore[valid-type]
-                     til: T.Buffer((E1,), "int32"), ord_h: T.handle, o_h: T.handle):  # type: ignore[valid-type]
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        nx, nslot = T.int64(), T.int64()
-        body(T.match_buffer(x_h, (nx, 2 * K if gated else K), x_dtype), w, s, m, off, til, T.match_buffer(ord_h, (nslot,), "int32"),
-             T.match_buffer(o_h, (nslot, N), "float32"), nslot)
-
-    import tvm
-
-    x_h, w, s, m, off, til, ord_h, o_h = grouped_gemm.params
-    keep = [x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + [off, til, ord_h, o_h]
-    return tvm.tirx.PrimFunc(keep, grouped_gemm.body, grouped_gemm.ret_type, grouped_gemm.attrs)
+    ``make_moe_dispatch_gpu``): the expert matmuls of a batch too large for the grouped GEMV,
+    ``quant_linear.make_tiled_gemm_gpu`` with ``experts`` (on tensor cores with ``mma_dtype``)."""
+    return quant_linear.make_tiled_gemm_gpu(in_features, out_features, fmt, x_dtype, w_dtype, "float32",
+                                            scale_dtype=scale_dtype, mma_dtype=mma_dtype, experts=num_experts,
+                                            x_div=x_div, gated=gated)
 
 
 def make_grouped_linear_cpu(num_experts: int, in_features: int, out_features: int, x_div: int,

@@ -814,6 +814,213 @@ def dequant_expr(fmt: QuantFormat, tirx, qweight, scales, mins, n, k):
     return qf * s + mins[n, g]
 
 
+# tiled GEMM for GPUs (prefill linears where dlight does not use tensor cores; MoE experts, grouped)
+GEMM_TILE_M = 64  # tokens (slots) per tile; a grouped tile never mixes experts
+GEMM_TILE_N = 64
+GEMM_TILE_K = 32
+GEMM_THREADS = 256  # 16 x 16, each 4 slots x 4 outputs
+
+
+def make_tiled_gemm_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, x_dtype: str, w_dtype: str,
+                        out_dtype: str, bias_dtype: str | None = None, scale_dtype: str = "float16",
+                        mma_dtype: str = "", experts: int = 0, x_div: int = 1, gated: bool = False):
+    """PrimFunc ``tiled_gemm(x[T, K], w | (qweight, scales, [mins]), [bias[N],] out[T, N])``: a linear as a
+    tiled GEMM, for batches past the GEMV's where dlight's matmul schedule does not use tensor cores
+    (bfloat16).
+
+    Each block computes a ``GEMM_TILE_M`` x ``GEMM_TILE_N`` tile of the output: 64 tokens against 64 rows.
+    Per step of 32 columns the block stages the tokens' activations and the rows' weights, dequantized
+    once (INT4: low nibbles are columns 0-15 of a 32-column block, high nibbles 16-31), in shared memory,
+    and each of 256 threads accumulates 4 x 4 outputs in float32 registers, written with the bias and
+    cast to ``out_dtype``.
+
+    With ``mma_dtype`` (CUDA: float16 or bfloat16) the products run on tensor cores: the staged tiles are
+    rounded to it (the dequantized weight as ``qlinear_te`` rounds it) and each of the 8 warps multiplies
+    a 16 x 32 piece of the output tile with wmma 16x16x16 into float32 accumulators, which leave through
+    shared memory. ``mma_dtype`` float32 exists for the CPU emulator only (tests/gpu_emu.py).
+
+    With ``experts`` > 0 it is the MoE experts' grouped GEMM (``schedules/moe.py``), as ``make_gemv_gpu``
+    with ``experts`` is their GEMV: ``grouped_gemm(x[?, K], w[E*N, ...]..., offsets[E+1], tiles[E+1],
+    order[S], out[S, N])`` with ``offsets``/``tiles``/``order`` from ``moe.make_moe_dispatch_gpu``. A
+    block's tile is up to 64 slots of one expert (gathered through ``order``; token ``slot // x_div``),
+    found by a binary search of ``tiles``; grid rows past the last tile (``moe.gemm_tiles`` is a bound)
+    skip the column loop; experts no slot chose are never read. With ``gated``, ``x`` is the gate|up
+    output ``[?, 2K]`` and the input is ``silu(gate) * up``, as in ``make_gemv_gpu``.
+    """
+    from tvm.script import tirx as T
+
+    grouped = experts > 0
+    E, K, N = max(experts, 1), in_features, out_features
+    TM, TN, TK, NT = GEMM_TILE_M, GEMM_TILE_N, GEMM_TILE_K, GEMM_THREADS
+    has_bias = bias_dtype is not None
+    quant, int4 = fmt is not None, fmt is not None and fmt.bits == 4
+    sym = fmt is not None and fmt.sym
+    if fmt is not None:
+        assert fmt.check(K) is None and K % TK == 0, (fmt, K)
+        G, zp = fmt.group_size, float(fmt.zero_point)
+    else:
+        G, zp = K, 0.0
+    wshape = (E * N, K // 2) if int4 else (E * N, K)
+    wdt = "uint8" if int4 else ("int8" if quant else w_dtype)
+    KG = K // G
+    steps = (E - 1).bit_length() + 1  # binary search over E tile starts
+    PER = TM * TK // NT  # staged elements per thread per operand: 8
+    tc = bool(mma_dtype)
+    TKP, CLD = TK + 8, TN + 4  # padded row strides of the staged tiles and of the output tile (tensor cores)
+
+    @T.macro
+    def body(x, w, scales, mins, bias, offsets, tiles, order, out, nslot):
+        for bn in T.thread_binding((N + TN - 1) // TN, thread="blockIdx.x"):
+            for bm in T.thread_binding((nslot + TM - 1) // TM + (E if grouped else 0), thread="blockIdx.y"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    if tc:  # slot/row-major tiles for wmma; the output tile through shared memory
+                        xs = T.alloc_buffer((TM * TKP,), mma_dtype, scope="shared")
+                        ws = T.alloc_buffer((TN * TKP,), mma_dtype, scope="shared")
+                        cs = T.alloc_buffer((TM * CLD,), "float32", scope="shared")
+                        fa = T.alloc_buffer((TK // 16 * 256,), mma_dtype, scope="wmma.matrix_a")
+                        fb = T.alloc_buffer((256,), mma_dtype, scope="wmma.matrix_b")
+                        fc = T.alloc_buffer((2 * 256,), "float32", scope="wmma.accumulator")
+                    else:  # column-major tiles: thread products read 4 consecutive slots / rows
+                        xs = T.alloc_buffer((TK, TM), "float32", scope="shared")
+                        ws = T.alloc_buffer((TK, TN), "float32", scope="shared")
+                        a = T.alloc_buffer((4,), "float32", scope="local")
+                        b = T.alloc_buffer((4,), "float32", scope="local")
+                    acc = T.alloc_buffer((16,), "float32", scope="local")
+                    xv = T.alloc_buffer((PER,), "float32", scope="local")
+                    wv = T.alloc_buffer((PER,), "float32", scope="local")
+                    # what this thread stages: slot/row tx // 4, columns (tx % 4) * 8 .. + 8
+                    sr: T.let[T.int32] = T.Cast("int32", tx) // 4
+                    sc: T.let[T.int32] = T.Cast("int32", tx) % 4 * PER
+                    if grouped:  # the block's (expert, tile): a binary search of the tile numbers
+                        span = T.alloc_buffer((2,), "int32", scope="local")  # lo, hi
+                        span[0] = 0
+                        span[1] = E
+                        for _it in T.serial(steps):
+                            if span[1] - span[0] > 1:
+                                if tiles[(span[0] + span[1]) // 2] <= T.Cast("int32", bm):
+                                    span[0] = (span[0] + span[1]) // 2
+                                else:
+                                    span[1] = (span[0] + span[1]) // 2
+                        e: T.let[T.int32] = span[0]
+                        live: T.let[T.bool] = T.Cast("int32", bm) < tiles[E]
+                        m0: T.let[T.int32] = (T.Cast("int32", bm) - tiles[e]) * TM  # first slot of the tile
+                        rows: T.let[T.int32] = T.if_then_else(live, T.min(offsets[e + 1] - offsets[e] - m0, TM), 0)
+                        tok: T.let[T.int32] = T.if_then_else(
+                            sr < rows, order[T.min(offsets[e] + m0 + sr, T.Cast("int32", nslot) - 1)] // x_div, 0)
+                    else:  # tile bm: tokens bm * TM ..
+                        e: T.let[T.int32] = 0
+                        m0: T.let[T.int32] = T.Cast("int32", bm) * TM
+                        rows: T.let[T.int32] = T.min(T.Cast("int32", nslot) - m0, TM)
+                        tok: T.let[T.int32] = T.if_then_else(sr < rows, m0 + sr, 0)
+                    wn: T.let[T.int32] = e * N + T.min(T.Cast("int32", bn) * TN + sr, N - 1)
+                    for j in T.unroll(16):
+                        acc[j] = T.float32(0)
+                    if tc:
+                        for c in T.serial(2):
+                            T.tvm_fill_fragment(fc.data, 16, 16, 16, c, T.float32(0))
+                    for kb in T.serial(T.if_then_else(rows > 0, (K + TK - 1) // TK, 0)):
+                        for i in T.unroll(PER):
+                            xv[i] = T.if_then_else(sr < rows and kb * TK + sc + i < K, T.Cast(
+                                "float32", x[tok, T.min(kb * TK + sc + i, K - 1)]), T.float32(0))
+                            if gated:  # SiLU(gate) * up, rounded to x's dtype as the unfused kernel stores it
+                                xv[i] = T.Cast("float32", T.Cast(x_dtype, xv[i] / (
+                                    T.float32(1) + T.exp(T.float32(0) - xv[i])) * T.Cast(
+                                    "float32", x[tok, K + T.min(kb * TK + sc + i, K - 1)])))
+                            if tc:
+                                xs[sr * TKP + sc + i] = T.Cast(mma_dtype, xv[i])
+                            else:
+                                xs[sc + i, sr] = xv[i]
+                        for i in T.unroll(PER):
+                            col: T.let[T.int32] = kb * TK + sc + i
+                            if int4:  # columns 0-15 of the 32-column block are low nibbles, 16-31 high
+                                wv[i] = T.Cast("float32", T.if_then_else(
+                                    sc < 16, T.bitwise_and(w[wn, kb * 16 + sc % 16 + i], T.uint8(15)),
+                                    T.shift_right(w[wn, kb * 16 + sc % 16 + i], T.uint8(4))))
+                            else:
+                                wv[i] = T.Cast("float32", w[wn, T.min(col, K - 1)])
+                            if quant and sym:
+                                wv[i] = (wv[i] - T.float32(zp)) * T.Cast("float32", scales[wn, col // G])
+                            elif quant:
+                                wv[i] = wv[i] * T.Cast("float32", scales[wn, col // G]) + mins[wn, col // G]
+                            elif K % TK != 0:
+                                wv[i] = T.if_then_else(col < K, wv[i], T.float32(0))
+                            if tc:
+                                ws[sr * TKP + sc + i] = T.Cast(mma_dtype, wv[i])
+                            else:
+                                ws[sc + i, sr] = wv[i]
+                        T.tvm_storage_sync("shared")
+                        if tc:  # warp w: output rows (w // 2) * 16 .. + 16, columns (w % 2) * 32 .. + 32
+                            for kf in T.serial(TK // 16):
+                                T.tvm_load_matrix_sync(fa.data, 16, 16, 16, kf, xs.access_ptr(
+                                    "r", offset=tx // 64 * 16 * TKP + kf * 16), TKP, "row_major")
+                            for c in T.serial(2):
+                                for kf in T.serial(TK // 16):
+                                    T.tvm_load_matrix_sync(fb.data, 16, 16, 16, 0, ws.access_ptr(
+                                        "r", offset=(tx // 32 % 2 * 2 + c) * 16 * TKP + kf * 16), TKP, "col_major")
+                                    T.tvm_mma_sync(fc.data, c, fa.data, kf, fb.data, 0, fc.data, c)
+                        else:
+                            for kk in T.serial(TK):
+                                for i in T.unroll(4):
+                                    a[i] = xs[kk, tx // 16 * 4 + i]
+                                for i in T.unroll(4):
+                                    b[i] = ws[kk, tx % 16 * 4 + i]
+                                for i in T.unroll(4):
+                                    for j in T.unroll(4):
+                                        acc[i * 4 + j] = acc[i * 4 + j] + a[i] * b[j]
+                        T.tvm_storage_sync("shared")
+                    if tc:  # the accumulators to shared memory, then each thread's 4 x 4 outputs from there
+                        for c in T.serial(2):
+                            T.tvm_store_matrix_sync(fc.data, 16, 16, 16, c, cs.access_ptr(
+                                "w", offset=tx // 64 * 16 * CLD + (tx // 32 % 2 * 2 + c) * 16), CLD, "row_major")
+                        T.tvm_storage_sync("shared")
+                        for i in T.unroll(4):
+                            for j in T.unroll(4):
+                                acc[i * 4 + j] = cs[(tx // 16 * 4 + i) * CLD + tx % 16 * 4 + j]
+                    for i in T.unroll(4):
+                        if tx // 16 * 4 + i < rows:
+                            if grouped:
+                                slot: T.let[T.int32] = order[offsets[e] + m0 + T.Cast("int32", tx) // 16 * 4 + i]
+                            else:
+                                slot: T.let[T.int32] = m0 + T.Cast("int32", tx) // 16 * 4 + i
+                            for j in T.unroll(4):
+                                n: T.let[T.int32] = T.Cast("int32", bn) * TN + T.Cast("int32", tx) % 16 * 4 + j
+                                if n < N:
+                                    if has_bias:
+                                        out[slot, n] = T.Cast(out_dtype, acc[i * 4 + j] + T.Cast("float32", bias[n]))
+                                    else:
+                                        out[slot, n] = T.Cast(out_dtype, acc[i * 4 + j])
+
+    E1 = E + 1
+    XK = 2 * K if gated else K
+
+    # one signature with every tensor; those this variant does not read are dropped below
+    if grouped:
+        @T.prim_func(private=True)
+        def func(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((E * N, KG), scale_dtype),  # type: ignore[valid-type]
+                 m: T.Buffer((E * N, KG), "float32"), off: T.Buffer((E1,), "int32"),  # type: ignore[valid-type]
+                 til: T.Buffer((E1,), "int32"), ord_h: T.handle, o_h: T.handle):  # type: ignore[valid-type]
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            nx, nslot = T.int64(), T.int64()
+            body(T.match_buffer(x_h, (nx, XK), x_dtype), w, s, m, None, off, til,
+                 T.match_buffer(ord_h, (nslot,), "int32"), T.match_buffer(o_h, (nslot, N), out_dtype), nslot)
+    else:
+        @T.prim_func(private=True)
+        def func(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((N, KG), scale_dtype),  # type: ignore[valid-type]
+                 m: T.Buffer((N, KG), "float32"), b: T.Buffer((N,), bias_dtype or "float32"),  # type: ignore[valid-type]
+                 o_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            ntok = T.int64()
+            body(T.match_buffer(x_h, (ntok, XK), x_dtype), w, s, m, b, None, None, None,
+                 T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+
+    import tvm
+
+    params = list(func.params)
+    weights = params[:2] + ([params[2]] if quant else []) + ([params[3]] if quant and not sym else [])
+    rest = params[4:] if grouped else ([params[4]] if bias_dtype else []) + [params[5]]
+    return tvm.tirx.PrimFunc(weights + rest, func.body, func.ret_type, func.attrs)
+
+
 def qlinear_te(fmt: QuantFormat, out_dtype: str, has_bias: bool):
     """GPU form, for batches past the GEMV's: ``f(x, qweight, scales, [mins,] [bias])`` → TE tensor ``[T, N]``.
 

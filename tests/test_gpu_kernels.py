@@ -338,6 +338,32 @@ def test_grouped_gemm_after_gpu_dispatch(fmt, ntok, x_div, k, n, tc):
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tc", [False, True], ids=["cuda-cores", "tensor-cores"])
+@pytest.mark.parametrize("fmt,ntok,k,n,bias", [(None, 70, 96, 130, True), (ql.QuantFormat(4, 32, True), 64, 128, 64, False),
+                                               (ql.QuantFormat(8, 32, False), 5, 64, 70, True)])
+def test_tiled_gemm_matches_reference(fmt, ntok, k, n, bias, tc):
+    """The plain tiled GEMM (prefill linears where dlight has no tensor-core schedule: bfloat16): token
+    tiles of 64 (a partial one), rows past ``n``, the bias, dense and INT4/INT8 weights; ``tc``: wmma
+    (emulated)."""
+    rng = np.random.default_rng(ntok + k)
+    x = rng.standard_normal((ntok, k)).astype(np.float32)
+    tensors, dense = _experts(rng, fmt, 1, n, k)
+    if fmt is None:
+        tensors[0][:] = rng.standard_normal((n, k))  # _experts NaNs expert 0, the only one here
+        dense = tensors[0].astype(np.float64)
+    else:
+        tensors[1][:] = rng.random(tensors[1].shape) * 0.1
+        dense = ql.dequantize_ref(fmt, tensors[0], tensors[1], tensors[2] if len(tensors) > 2 else None)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    out = np.full((ntok, n), np.nan, np.float32)
+    func = _kernel(("tiled_gemm", fmt, k, n, bias, tc), lambda: ql.make_tiled_gemm_gpu(
+        k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, "float32",
+        mma_dtype="float32" if tc else ""))
+    gpu_emu.run(func, x, *tensors, *([b] if bias else []), out)
+    ref = x.astype(np.float64) @ dense.T + (b if bias else 0)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------- heads out of the q/k/v projection + RoPE
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,norm", [(4, 2, 8, True), (4, 2, 8, False), (16, 8, 128, True),

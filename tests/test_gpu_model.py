@@ -133,11 +133,12 @@ def test_gpu_quantized_moe_matches_interpreter(entry, tokens):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("entry,tokens", [("forward", 11), ("decode", 3)])
-def test_gpu_quantized_linears_match_interpreter(entry, tokens):
+@pytest.mark.parametrize("entry,tokens,tc", [("forward", 11, False), ("forward", 70, True), ("decode", 3, False)])
+def test_gpu_quantized_linears_match_interpreter(entry, tokens, tc):
     """An int8 tied embedding/head, an asymmetric act-order int4 linear and a symmetric int4 one with bias:
     ``forward`` runs each as the dequantizing matmul dlight schedules (the dequant inlined into its weight
-    tile loads), ``decode`` as our GEMV."""
+    tile loads) or, ``tc``, as our tiled tensor-core GEMM (bfloat16 builds; emulated), ``decode`` as our
+    GEMV."""
     from .test_ir import _quantized_graph
 
     quantized, dense, packed, deq = _quantized_graph()
@@ -149,31 +150,38 @@ def test_gpu_quantized_linears_match_interpreter(entry, tokens):
             packed[name] = packed[name].astype(np.float32)
     ids = np.random.default_rng(3).integers(0, 50, tokens).astype(np.int32)
     ref = list(run_graph(dense, {"ids": ids}, deq).values())[0]
-    mod = gpu_emu.gpu_module(lower(quantized, "gpu"))
+    mod = gpu_emu.gpu_module(lower(quantized, "gpu", tensor_core_dtypes=("float32",) if tc else ()))
+    gemms = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("tiled_gemm")]
+    assert len(gemms) == (3 if tc else 0), gemms  # two linears and the head
     out = gpu_emu.run_relax(mod, entry, ids, *[packed[n] for n in quantized.params])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("quant", [None, {"bits": 4, "group_size": 128, "sym": True, "act_order": False},
                                    {"bits": 4, "group_size": 128, "sym": False, "act_order": True},
                                    {"bits": 8, "group_size": 128, "sym": True, "act_order": False}])
-def test_gpu_prefill_linears_use_tensor_cores(quant):
-    """float16 prefill linears at real sizes: dense and quantized alike are one kernel that multiplies on
-    tensor cores (wmma) into a float32 accumulator, with the weight's dequant inlined into its shared-memory
-    tile loads (no dequantized weight in global memory)."""
+def test_gpu_prefill_linears_use_tensor_cores(quant, dtype):
+    """Prefill linears at real sizes, as CUDA builds lower them: dense and quantized alike are one kernel
+    that multiplies on tensor cores (wmma) into a float32 accumulator, the weight's dequant in its tile
+    loads (no dequantized weight in global memory). float16: dlight's schedule, the dequant inlined into
+    its shared-memory loads; bfloat16 (which dlight runs on CUDA cores): our tiled GEMM."""
     import tvm
 
+    from ferrum_compiler.compile import tensor_core_dtypes
     from ferrum_compiler.ir import GraphBuilder
     from ferrum_compiler.passes.quantize_linears import quantize_linears
+    from ferrum_compiler.targets import resolve
 
     b = GraphBuilder()
-    b.output(b.linear(b.input("x", ("T", 512), "float16"), b.param("w", (768, 512), "float16"),
-                      b.param("b", (768,), "float16")))
+    b.output(b.linear(b.input("x", ("T", 512), dtype), b.param("w", (768, 512), dtype),
+                      b.param("b", (768,), dtype)))
     graph = b.graph
     if quant:
         graph.quant["w"] = quant
         graph = quantize_linears(graph)
-    mod = gpu_emu.gpu_module(lower(graph, "gpu"), "sm_90")
+    mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=tensor_core_dtypes(resolve("cuda-sm90"))),
+                             "sm_90")
     forward = mod["forward"].script()
     kernels = {gv.name_hint: f.script() for gv, f in mod.functions.items()
                if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in forward}
@@ -181,7 +189,11 @@ def test_gpu_prefill_linears_use_tensor_cores(quant):
     assert len(matmuls) == 1, list(kernels)
     script = matmuls[0]
     assert 'scope="wmma.accumulator"' in script and '"float16", scope="wmma.accumulator"' not in script  # float32
-    if quant:
+    if dtype == "bfloat16":
+        # one GEMM kernel (beside act-order's gather of the activations' columns, a `take`)
+        assert [n for n in kernels if not n.startswith("take")] == [n for n in kernels if n.startswith("tiled_gemm")]
+        assert '"bfloat16", scope="wmma.matrix_a"' in script
+    elif quant:
         assert "dequant_reindex_shared" in script and not any("dequant" in n for n in kernels)
 
 
