@@ -12,6 +12,7 @@ On the GPU machine (torch + transformers + CUDA, TVM's runtime library only, no 
    tokens and decode tok/s at batch 1/4/16/32 (256-token prompts, 128 steps), transformers prefill and
    decode at the same shapes, and batch-1 decode as a fraction of the bandwidth (weight bytes x tok/s / BW);
 5. writes gpu-proof.json and gpu-proof.md to --out.
+The 0.6B model runs twice: float16 (the CUDA default) and bfloat16 (`qwen3-0.6b-bf16`, last).
 
 `--tiny --device cpu` runs the same steps on tiny configs on this CPU (a check of the script itself).
 """
@@ -49,6 +50,10 @@ MODELS = {  # name -> (config, GPTQ?)
     # GEMM in prefill, grouped GEMV in decode) and their speed, in a few GB
     "qwen3-moe-2l": (dict(QWEN3_MOE, num_hidden_layers=2), False),
 }
+# the 0.6B model again, compiled with --dtype bfloat16 (its prefill linears on our tiled tensor-core GEMM:
+# dlight has no bfloat16 tensor-core schedule), on the same checkpoint
+MODELS["qwen3-0.6b-bf16"] = MODELS["qwen3-0.6b"]
+DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's default (float16)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, vocab_size=512)
 TINY_MOE = dict(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
@@ -81,7 +86,7 @@ def make_checkpoint(name: str, cfg: dict, gptq: bool, dest: Path, device: str) -
     import torch
     import transformers
 
-    dense = dest / (name.removesuffix("-gptq") + "-dense")
+    dense = dest / (name.removesuffix("-gptq").removesuffix("-bf16") + "-dense")
     if not (dense / "config.json").is_file():
         torch.manual_seed(0)
         moe = cfg["model_type"] == "qwen3_moe"
@@ -286,11 +291,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a check of this script on any machine)")
     ap.add_argument("--make-configs", help="only write the config-only model folders here (compile side)")
+    ap.add_argument("--dtype-of", help="only print the compile dtype of this model (compile side)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode steps launched kernel by kernel")
     args = ap.parse_args()
     if args.make_configs:
         make_configs(Path(args.make_configs), args.tiny)
+        return
+    if args.dtype_of:
+        print(DTYPES.get(args.dtype_of, ""))
         return
     from ferrum_runtime.model import CompiledModel
 

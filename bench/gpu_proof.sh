@@ -3,7 +3,8 @@
 #
 # Here, on the compile machine (nvcc, no GPU), once:
 #   bench/gpu_proof.sh prepare
-#     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ / 2-layer Qwen3-30B-A3B folders, compiles
+#     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ / 2-layer Qwen3-30B-A3B folders (and the
+#     0.6B again, compiled --dtype bfloat16), compiles
 #     each for cuda-sm90 with `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few
 #     MiB each), packs the runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed)
 #     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB.
@@ -12,7 +13,7 @@
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
 #     `ferrum pack-weights`, measures parity and speed, and leaves gpu-proof.json, gpu-proof.md and the
 #     log in $OUT. Expected: parity max |logit error| of a few 1e-2 (float16 artifact vs float32
-#     reference; the ragged batch runs prefill chunks through `forward` and decode steps through
+#     reference; about 8x that for the bfloat16 one, whose mantissa is 3 bits shorter; the ragged batch runs prefill chunks through `forward` and decode steps through
 #     `decode_graph`, the GEMV `decode` entry point captured as CUDA graphs), tokens picked on the device
 #     equal to numpy's argmax of the same logits (0 mismatches) and sampled ones equal to the float64
 #     reference except within ~1e-6 of a boundary, no errors, one tok/s table per model (decode b1/b4/b8
@@ -28,8 +29,10 @@ prepare)
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   rm -rf .gpu && mkdir -p .gpu/configs .gpu/wheels
   "$python" bench/gpu_proof.py --make-configs .gpu/configs --out .gpu
-  for m in qwen3-0.6b qwen3-4b qwen3-4b-gptq qwen3-moe-2l; do
-    "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 --no-weights -o ".gpu/$m"
+  for m in qwen3-0.6b qwen3-4b qwen3-4b-gptq qwen3-moe-2l qwen3-0.6b-bf16; do
+    dtype=$("$python" bench/gpu_proof.py --dtype-of "$m" --out .gpu)  # empty: the target's default
+    "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 --no-weights -o ".gpu/$m" \
+      ${dtype:+--dtype "$dtype"}
   done
   rt=$(mktemp -d)
   PYTHON="$python" ../shared/tools/pack-tvm-runtime.sh "$rt/tvm-runtime" 3.12 >/dev/null
