@@ -220,10 +220,14 @@ def ferrum_speed(model, tiny: bool) -> dict:
         model.cuda_graph = graph
         out["decode b8"] = decode(8)
     if model.decode_wide:  # wide decode steps through forward's tensor-core attention instead
+        graph, model.cuda_graph = model.cuda_graph, False
+        if graph:  # decode_wide launched kernel by kernel
+            for b in (16, 32):
+                out[f"decode b{b} without CUDA graphs"] = decode(b)
         model.decode_wide = False
         for b in (16, 32):
             out[f"decode b{b} without decode_wide"] = decode(b)
-        model.decode_wide = True
+        model.decode_wide, model.cuda_graph = True, graph
     return out
 
 

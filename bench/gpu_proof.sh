@@ -17,8 +17,8 @@
 #     `decode_graph`, the GEMV `decode` entry point captured as CUDA graphs), tokens picked on the device
 #     equal to numpy's argmax of the same logits (0 mismatches) and sampled ones equal to the float64
 #     reference except within ~1e-6 of a boundary, no errors, one tok/s table per model (decode b1/b4/b8
-#     also with the `decode` entry point turned off, and with CUDA graphs off; b16/b32 also without
-#     `decode_wide`, i.e. through forward's tensor-core attention).
+#     also with the `decode` entry point turned off, and with CUDA graphs off; b16/b32 also with CUDA
+#     graphs off and without `decode_wide`, i.e. through forward's tensor-core attention).
 #     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
 #     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`).
 set -euo pipefail

@@ -215,6 +215,10 @@ def _entry_points(graph, spec: TargetSpec, vocab_size: int, max_blocks: int = 0)
         out[lowering.DECODE_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS}
     if spec.kernel_kind == "gpu" and lowering.uses_tc_attention(graph, tensor_core_dtypes(spec)):
         out[lowering.DECODE_WIDE_ENTRY] = {**entry, "decode_only": True}  # steps of one token per sequence
+        if max_blocks:  # ... and as CUDA graphs, for up to max_tokens of them
+            out[lowering.DECODE_WIDE_GRAPH_ENTRY] = {**entry, "decode_only": True,
+                                                     "max_tokens": lowering.WIDE_GRAPH_MAX_TOKENS,
+                                                     "max_blocks": max_blocks}
     if max_blocks:  # the same again as CUDA graphs, for block tables of at most max_blocks columns
         out[lowering.DECODE_GRAPH_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS,
                                             "max_blocks": max_blocks}

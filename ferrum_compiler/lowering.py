@@ -37,6 +37,10 @@ DECODE_GRAPH_ENTRY = "decode_graph"
 # each token a 16-token tile of its own and read its keys twice
 DECODE_WIDE_ENTRY = "decode_wide"
 DLIGHT_TC_DTYPES = ("float16",)  # activation dtypes dlight's matmul schedule runs on tensor cores
+# CUDA, beside decode_wide: ``decode_wide`` again as CUDA graphs, for steps of up to WIDE_GRAPH_MAX_TOKENS
+# decode tokens (``decode_graph``'s contract: fixed argument buffers)
+DECODE_WIDE_GRAPH_ENTRY = "decode_wide_graph"
+WIDE_GRAPH_MAX_TOKENS = 64
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
@@ -78,7 +82,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     # kernels, which stream each weight once; larger batches take dlight's tiled (tensor-core) matmuls
     entries = [(ENTRY, False)] + ([(DECODE_ENTRY, True)] if kernel_kind == "gpu" else [])
     entries += [(DECODE_GRAPH_ENTRY, True)] if kernel_kind == "gpu" and graph_max_blocks > 0 else []
-    entries += [(DECODE_WIDE_ENTRY, False)] if kernel_kind == "gpu" and uses_tc_attention(graph, tensor_core_dtypes) else []
+    wide = kernel_kind == "gpu" and uses_tc_attention(graph, tensor_core_dtypes)
+    entries += [(DECODE_WIDE_ENTRY, False)] if wide else []
+    entries += [(DECODE_WIDE_GRAPH_ENTRY, False)] if wide and graph_max_blocks > 0 else []
+    graph_tokens = {DECODE_GRAPH_ENTRY: DECODE_MAX_TOKENS, DECODE_WIDE_GRAPH_ENTRY: WIDE_GRAPH_MAX_TOKENS}
     for entry, gemv in entries:
         tc_attention = entry == ENTRY  # the tensor-core attention: forward only
         sym.update({s: tirx.Var(s, "int64") for s in sym})  # each function binds its own shape variables
@@ -90,7 +97,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         rope_tables: dict[tuple, object] = {}  # (positions, head_dim, theta, scaling) -> [T, 2, head_dim / 2] cos|sin
         adds: dict[str, tuple] = {}  # output of a 2-D residual add -> its two operands (GPU: fused into the norm)
 
-        with bb.function(entry, fn_args, attrs=_graph_attrs(graph_max_blocks) if entry == DECODE_GRAPH_ENTRY else None):
+        attrs = _graph_attrs(graph_tokens[entry], graph_max_blocks) if entry in graph_tokens else None
+        with bb.function(entry, fn_args, attrs=attrs):
             with bb.dataflow():
                 for op in graph.ops:
                     out = graph.values[op.output]
@@ -198,13 +206,13 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     return mod
 
 
-def _graph_attrs(max_blocks: int) -> dict:
-    """``decode_graph``'s function attributes for TVM's ``RewriteCUDAGraph``: no argument is a per-call input
-    (``num_input`` 0: weights, KV caches and the step's input buffers are all the same objects call after
-    call), so every kernel whose operands are arguments or statically planned memory is captured, keyed by
-    the symbolic shapes; and upper bounds on those shapes, so memory planning makes every intermediate a
-    fixed allocation."""
-    bounds = {"T": DECODE_MAX_TOKENS, "B": DECODE_MAX_TOKENS, "L": DECODE_MAX_TOKENS, "M": max_blocks}
+def _graph_attrs(max_tokens: int, max_blocks: int) -> dict:
+    """A CUDA-graph entry's function attributes for TVM's ``RewriteCUDAGraph``: no argument is a per-call
+    input (``num_input`` 0: weights, KV caches and the step's input buffers are all the same objects call
+    after call), so every kernel whose operands are arguments or statically planned memory is captured,
+    keyed by the symbolic shapes; and upper bounds on those shapes, so memory planning makes every
+    intermediate a fixed allocation."""
+    bounds = {"T": max_tokens, "B": max_tokens, "L": max_tokens, "M": max_blocks}
     return {"num_input": 0,
             "tir_var_upper_bound": bounds, "tir_non_negative_var": ["T", "B", "L", "M", "NB"]}
 

@@ -143,7 +143,10 @@ def _inspect(args: argparse.Namespace) -> int:
         + (f"; decode_graph(same, CUDA graphs, FERRUM_CUDA_GRAPH=1) for block tables of <= "
            f"{d['entry_points']['decode_graph']['max_blocks']} blocks" if "decode_graph" in d["entry_points"] else "")
         + ("; decode_wide(same, split-KV attention) for larger steps of one token per sequence"
-           if "decode_wide" in d["entry_points"] else ""),
+           if "decode_wide" in d["entry_points"] else "")
+        + (f"; decode_wide_graph(same, CUDA graphs) for up to "
+           f"{d['entry_points']['decode_wide_graph']['max_tokens']} of them"
+           if "decode_wide_graph" in d["entry_points"] else ""),
         f"ir         " + ", ".join(f"{k} x{v}" for k, v in d["ir"]["ops"].items()) + f"  (passes: {', '.join(d['ir']['passes'])})",
         f"built      {d['build']['time']} on {d['build']['host']} in {d['build']['seconds']} s",
     ]

@@ -74,10 +74,13 @@ class CompiledModel:
         self.decode_max_tokens = decode_max_tokens(entries.get("decode"))
         # CUDA artifacts: the decode entry point again, run as CUDA graphs (FERRUM_CUDA_GRAPH=1); its step
         # inputs must be the same buffers for the same shapes, so they are staged in fixed device tensors
-        graph = entries.get("decode_graph")
+        graph, wide_graph = entries.get("decode_graph"), entries.get("decode_wide_graph")
         self._graph_fn = self.vm["decode_graph"] if graph and device == "cuda" and env.cuda_graph() else None
         self.graph_max_tokens = int(graph["max_tokens"]) if graph else 0
         self.graph_max_blocks = int(graph["max_blocks"]) if graph else 0
+        # and decode_wide as CUDA graphs, for steps of up to wide_graph_max_tokens decode tokens
+        self._wide_graph_fn = self.vm["decode_wide_graph"] if wide_graph and self._graph_fn is not None else None
+        self.wide_graph_max_tokens = int(wide_graph["max_tokens"]) if wide_graph else 0
         # CUDA artifacts whose forward attention is on tensor cores: forward with the split-KV attention,
         # for steps of only decode tokens that are too many for the decode entry point
         self._wide_fn = self.vm["decode_wide"] if "decode_wide" in entries else None
@@ -185,28 +188,36 @@ class CompiledModel:
         if check:
             self.check_batch(batch)
         ntok = len(batch.token_ids)
-        if self._graph_fn is not None and ntok <= self.decode_max_tokens and self._fits_graph(batch):
+        small = ntok <= self.decode_max_tokens  # decode_max_tokens is 0 without a decode entry point
+        # one token per sequence, too many for decode: decode_wide (split-KV attention)
+        wide = not small and self._wide_fn is not None and ntok == len(batch.query_start) - 1
+        if self._graph_fn is not None and small and self._fits_graph(batch, self.graph_max_tokens):
             return self._graph_fn(*self._staged_args(batch))
+        if self._wide_graph_fn is not None and wide and self._fits_graph(batch, self.wide_graph_max_tokens):
+            return self._wide_graph_fn(*self._staged_args(batch))
         arrays = batch.arrays
         args = list(self._args)
         for i, name in self._slots:
             args[i] = tvm.runtime.tensor(np.ascontiguousarray(arrays[name], dtype=np.int32), self.device)
-        if self._decode_fn is not None and ntok <= self.decode_max_tokens:
+        if small and self._decode_fn is not None:
             return self._decode_fn(*args)
-        if self._wide_fn is not None and ntok == len(batch.query_start) - 1:  # one token per sequence
+        if wide and self._wide_fn is not None:
             return self._wide_fn(*args)
         return self._fn(*args)
 
     @property
     def cuda_graph(self) -> bool:
-        """Whether decode steps run as CUDA graphs (``decode_graph``; FERRUM_CUDA_GRAPH=1 at load)."""
+        """Whether decode steps run as CUDA graphs (``decode_graph``, and ``decode_wide_graph`` where the
+        artifact has it; FERRUM_CUDA_GRAPH=1 at load)."""
         return self._graph_fn is not None
 
     @cuda_graph.setter
     def cuda_graph(self, on: bool) -> None:
-        if on and "decode_graph" not in self.manifest.data["entry_points"]:
+        entries = self.manifest.data["entry_points"]
+        if on and "decode_graph" not in entries:
             raise ArtifactError("this artifact has no CUDA-graph entry point; compile it for a cuda-sm* target")
         self._graph_fn = self.vm["decode_graph"] if on else None
+        self._wide_graph_fn = self.vm["decode_wide_graph"] if on and "decode_wide_graph" in entries else None
 
     @property
     def decode_wide(self) -> bool:
@@ -221,9 +232,8 @@ class CompiledModel:
                                 "attention have one)")
         self._wide_fn = self.vm["decode_wide"] if on else None
 
-    def _fits_graph(self, batch: RaggedBatch) -> bool:
-        """Within the shapes ``decode_graph``'s memory was planned for."""
-        most = self.graph_max_tokens
+    def _fits_graph(self, batch: RaggedBatch, most: int) -> bool:
+        """Within the shapes a CUDA-graph entry's memory was planned for (``most`` tokens)."""
         return (len(batch.token_ids) <= most and len(batch.query_start) - 1 <= most
                 and len(batch.logits_index) <= most and batch.block_tables.shape[1] <= self.graph_max_blocks)
 
@@ -241,8 +251,8 @@ class CompiledModel:
             tables = np.zeros((batch.block_tables.shape[0], width), np.int32)
             tables[:, :m] = batch.block_tables
             arrays["block_tables"] = tables
-        if not self._staging:
-            most = self.graph_max_tokens
+        if not self._staging:  # one set for both graph entries, at the larger bound
+            most = max(self.graph_max_tokens, self.wide_graph_max_tokens)
             sizes = {"token_ids": most, "positions": most, "slot_mapping": most, "logits_index": most,
                      "query_start": most + 1, "block_tables": most * self.graph_max_blocks}
             self._staging = {n: tvm.runtime.empty((k,), "int32", self.device) for n, k in sizes.items()}

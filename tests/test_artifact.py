@@ -177,11 +177,13 @@ def test_staged_step_inputs_give_the_direct_calls_logits(compiled, tiny_model_di
     assert staged._staging == buffers and len(buffers) == 6  # allocated once
 
 
-def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir):
+@pytest.mark.parametrize("graphs", [False, True], ids=["direct", "cuda-graph"])
+def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir, graphs):
     """CUDA artifacts with the tensor-core attention in ``forward`` also have ``decode_wide`` (forward with
-    the split-KV attention): steps of one token per sequence, too many for ``decode``, take it; steps
-    with a prompt chunk take ``forward``. The routing, on a CPU artifact standing in both entry points
-    with its ``forward`` (the GPU functions themselves are checked in tests/test_gpu_model.py)."""
+    the split-KV attention): steps of one token per sequence, too many for ``decode``, take it (as CUDA
+    graphs, ``decode_wide_graph``, on staged inputs, when graphs are on); steps with a prompt chunk take
+    ``forward``. The routing, on a CPU artifact standing in the entry points with its ``forward`` (the
+    GPU functions themselves are checked in tests/test_gpu_model.py)."""
     from .ragged import chunked_prefill_then_decode
 
     art = compiled(tiny_model_dir("qwen3"))
@@ -200,6 +202,8 @@ def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir):
 
     routed._fn, routed._wide_fn, routed._decode_fn, routed.decode_max_tokens = (
         entry("forward"), entry("decode_wide"), entry("decode"), 8)
+    if graphs:
+        routed._wide_graph_fn, routed.wide_graph_max_tokens, routed.graph_max_blocks = entry("decode_wide_graph"), 64, 8
     prompts = [[int(t) for t in np.random.default_rng(n).integers(0, 256, 4)] for n in range(10)]
     runs = [chunked_prefill_then_decode(m, prompts, 24, np.random.default_rng(0), steps=4, chunk=2) for m in
             (plain, routed)]
@@ -207,4 +211,7 @@ def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir):
         assert tokens_a == tokens_b
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     # two steps of 2-token prompt chunks (20 tokens), then two of one decode token for each of 10 sequences
-    assert calls == [("forward", 20, 10)] * 2 + [("decode_wide", 10, 10)] * 2
+    wide = "decode_wide_graph" if graphs else "decode_wide"
+    assert calls == [("forward", 20, 10)] * 2 + [(wide, 10, 10)] * 2
+    if graphs:  # staged once, at the wide graph's 64 tokens
+        assert routed._staging["token_ids"].shape == (64,) and routed._staging["block_tables"].shape == (64 * 8,)

@@ -200,7 +200,8 @@ def test_gpu_prefill_linears_use_tensor_cores(quant, dtype):
 def test_decode_graph_is_captured_whole():
     """``decode_graph`` through the CUDA pipeline's memory planning and ``RewriteCUDAGraph``: every kernel
     of the step but the last (the lm_head GEMV, which writes the returned tensor) runs inside one captured
-    CUDA graph, keyed by the step's shapes; ``forward`` and ``decode`` capture nothing."""
+    CUDA graph, keyed by the step's shapes; likewise ``decode_wide_graph`` (whose last kernel is a dlight
+    matmul); ``forward``, ``decode`` and ``decode_wide`` capture nothing."""
     import dataclasses
     import re
 
@@ -216,7 +217,8 @@ def test_decode_graph_is_captured_whole():
         passes = (pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
                   + pipeline.dataflow_lower_passes(target)
                   + [tvm.relax.transform.StaticPlanBlockMemory(), tvm.relax.transform.RewriteCUDAGraph()])
-        mod = tvm.transform.Sequential(passes)(lower(graph, "gpu", graph_max_blocks=64))
+        mod = tvm.transform.Sequential(passes)(lower(graph, "gpu", graph_max_blocks=64,
+                                                     tensor_core_dtypes=("float16", "bfloat16")))
     kernels = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
     def calls(name):
@@ -228,5 +230,10 @@ def test_decode_graph_is_captured_whole():
     assert [c.startswith("gemv") for c in calls("decode_graph")] == [True]  # the lm_head alone runs outside
     captured = calls("decode_graph_cuda_graph_capture")
     assert len(captured) >= 2 * 9 and any(c.startswith("qkv_append") for c in captured)
-    for name in ("forward", "decode"):
+    wide = mod["decode_wide_graph"].script()
+    assert wide.count("vm.builtin.cuda_graph.run_or_capture") == 1 and "R.shape([T_1, NB, M, B, L])" in wide
+    assert len(calls("decode_wide_graph")) == 1
+    captured = calls("decode_wide_graph_cuda_graph_capture")
+    assert any(c.startswith("attention_split") for c in captured) and not any("attention_tc" in c for c in captured)
+    for name in ("forward", "decode", "decode_wide"):
         assert "cuda_graph" not in mod[name].script()

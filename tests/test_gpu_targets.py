@@ -46,7 +46,10 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert b"attention_tc" in lib  # forward's attention on tensor cores (head_dim 16 and 32 fit its tile)
     # ... and forward with the split-KV attention for wide steps of one decode token per sequence
     assert entries["decode_wide"] == {**entries["forward"], "decode_only": True}
-    assert "decode_wide(same, split-KV attention)" in ferrum("inspect", out).stdout
+    assert entries["decode_wide_graph"] == {**entries["decode_wide"], "max_tokens": 64,
+                                            "max_blocks": entries["decode_graph"]["max_blocks"]}
+    shown = ferrum("inspect", out).stdout
+    assert "decode_wide(same, split-KV attention)" in shown and "decode_wide_graph(same, CUDA graphs)" in shown
     # tokens picked on the device: greedy and sampled
     assert entries["argmax"]["returns"]["dtype"] == "int32" and [a["name"] for a in entries["sample"]["args"]] == [
         "logits", "params", "uniform"]
