@@ -202,8 +202,8 @@ def graph_max_blocks(spec: TargetSpec, cfg, options: CompileOptions) -> int:
 
 
 def tensor_core_dtypes(spec: TargetSpec) -> tuple[str, ...]:
-    """Activation dtypes whose attention and MoE experts run on our tensor-core kernels: CUDA's 16-bit
-    floats (sm_80+ has wmma for both)."""
+    """Activation dtypes whose prefill attention, MoE experts and (where dlight has no tensor-core schedule)
+    prefill linears run on our tensor-core kernels: CUDA's 16-bit floats (sm_80+ has wmma for both)."""
     return ("float16", "bfloat16") if spec.tvm_target["kind"] == "cuda" else ()
 
 

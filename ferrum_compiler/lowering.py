@@ -49,8 +49,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights) and
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4). ``graph_max_blocks`` > 0 (CUDA)
     adds the ``decode_graph`` entry point for block tables of up to that many columns.
-    ``tensor_core_dtypes`` (CUDA: float16 and bfloat16; the test emulator adds float32): activation dtypes
-    whose ``forward`` attention runs on tensor cores (``make_prefill_attention_tc``)."""
+    ``tensor_core_dtypes`` (CUDA: float16 and bfloat16; the test emulator uses float32): activation dtypes
+    whose ``forward`` attention (``make_prefill_attention_tc``; then ``decode_wide`` and, with graphs,
+    ``decode_wide_graph`` are added), MoE expert GEMMs and, where dlight has no tensor-core schedule,
+    prefill linears (``make_tiled_gemm_gpu``) run on our tensor-core kernels."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
