@@ -423,11 +423,11 @@ def tc_heads_per_tile(num_heads: int, kv_heads: int) -> int:
 
 def tc_shared_bytes(head_dim: int, dtype: str) -> int:
     """Shared memory of ``make_prefill_attention_tc``'s block: queries, padded K and V tiles, f32 scores,
-    the softmax weights and the tile's bookkeeping."""
+    the softmax weights, the row statistics' exchange and the tile's bookkeeping."""
     e = 2 if dtype in ("float16", "bfloat16") else 4
     rows = 16 * TC_WARPS
     return (rows * head_dim * e + 2 * TC_KEYS * (head_dim + 8) * e + rows * (TC_KEYS + 4) * 4
-            + rows * (TC_KEYS + 8) * e + 5 * 4)
+            + rows * (TC_KEYS + 8) * e + 32 * TC_WARPS * 4 + 5 * 4)
 
 
 def tc_attention_fits(head_dim: int, dtype: str) -> bool:
@@ -457,9 +457,9 @@ def make_prefill_attention_tc(
 
     wmma fragments are opaque, so the running output cannot be rescaled per row as the online softmax
     wants. Instead two passes over the keys: the first computes each row's max and softmax denominator
-    (S = Q K^T on tensor cores, the row statistics by one thread per row); the second recomputes S,
-    turns it into the final weights ``exp(s - max) / sum`` (rounded to ``dtype``) and accumulates
-    ``P V`` on tensor cores. Q K^T runs twice: 1.5x the products of one pass, still far fewer cycles
+    (S = Q K^T on tensor cores; two threads per row, 16 keys each, combined through shared memory); the
+    second recomputes S, turns it into the final weights ``exp(s - max) / sum`` (rounded to ``dtype``)
+    and accumulates ``P V`` on tensor cores. Q K^T runs twice: 1.5x the products of one pass, still far fewer cycles
     than CUDA cores. The output leaves through shared memory one 16x16 tile per warp at a time.
 
     ``dtype`` float32 builds exist for the CPU emulator only (tests/gpu_emu.py); the GPU has no float32
@@ -541,7 +541,10 @@ def make_prefill_attention_tc(
                     v_f = T.alloc_buffer((256,), dtype, scope="wmma.matrix_b")
                     s_f = T.alloc_buffer((KT // 16 * 256,), "float32", scope="wmma.accumulator")
                     o_f = T.alloc_buffer((DF * 256,), "float32", scope="wmma.accumulator")
-                    ml = T.alloc_buffer((4,), "float32", scope="local")  # row max, sum, old max, score
+                    # thread tx keeps row tx % 64's statistics (both its threads alike) and works on
+                    # half tx // 64 of each key tile; they combine their halves through part
+                    part = T.alloc_buffer((NT,), "float32", scope="shared")
+                    ml = T.alloc_buffer((4,), "float32", scope="local")  # row max, sum, old max, this half's
                     row = T.alloc_buffer((2,), "int32", scope="local")  # row's token in the tile, position
                     scan = T.alloc_buffer((4,), "int32", scope="local")
                     kh: T.let[T.int32] = T.Cast("int32", hy) // NG
@@ -570,11 +573,12 @@ def make_prefill_attention_tc(
                         else:
                             for v in T.vectorized(8):
                                 q_s[r * D + dq + v] = T.Cast(dtype, 0)
-                    if tx < R:  # thread r < 64 keeps row r's statistics
-                        row[0] = tx // 16 // HG * 16 + tx % 16
-                        row[1] = positions[tok0 + T.min(row[0], T.max(count, 1) - 1)]
-                        ml[0] = T.float32(NEG)
-                        ml[1] = T.float32(0)
+                    rr: T.let[T.int32] = T.Cast("int32", tx) % R  # this thread's row
+                    c0: T.let[T.int32] = T.Cast("int32", tx) // R * (KT // 2)  # and its half of the columns
+                    row[0] = rr // 16 // HG * 16 + rr % 16
+                    row[1] = positions[tok0 + T.min(row[0], T.max(count, 1) - 1)]
+                    ml[0] = T.float32(NEG)
+                    ml[1] = T.float32(0)
                     T.tvm_storage_sync("shared")
                     for kk in T.serial(DF):
                         T.tvm_load_matrix_sync(q_f.data, 16, 16, 16, kk, q_s.access_ptr("r", offset=w * 16 * D + kk * 16),
@@ -585,19 +589,26 @@ def make_prefill_attention_tc(
                         T.tvm_storage_sync("shared")
                         scores(q_f, k_f, s_f, k_s, s_s, w)
                         T.tvm_storage_sync("shared")
-                        if tx < R:
-                            ml[2] = ml[0]
-                            for jr in T.serial(KT):  # from column tx % KT on: no shared-memory bank conflicts
-                                jj: T.let[T.int32] = (jr + tx) % KT
-                                j: T.let[T.int32] = key0 + kt * KT + jj
-                                if row[0] < count and j <= row[1] and j >= row[1] - window + 1:
-                                    ml[0] = T.max(ml[0], s_s[tx * LS + jj] * T.float32(sm_scale))
-                            ml[1] = ml[1] * T.exp(ml[2] - ml[0])
-                            for jr in T.serial(KT):
-                                jj2: T.let[T.int32] = (jr + tx) % KT
-                                j2: T.let[T.int32] = key0 + kt * KT + jj2
-                                if row[0] < count and j2 <= row[1] and j2 >= row[1] - window + 1:
-                                    ml[1] = ml[1] + T.exp(s_s[tx * LS + jj2] * T.float32(sm_scale) - ml[0])
+                        ml[2] = ml[0]
+                        ml[3] = T.float32(NEG)
+                        for jr in T.serial(KT // 2):  # rotated by the row: no shared-memory bank conflicts
+                            jj: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
+                            j: T.let[T.int32] = key0 + kt * KT + jj
+                            if row[0] < count and j <= row[1] and j >= row[1] - window + 1:
+                                ml[3] = T.max(ml[3], s_s[rr * LS + jj] * T.float32(sm_scale))
+                        part[tx] = ml[3]
+                        T.tvm_storage_sync("shared")
+                        ml[0] = T.max(ml[0], T.max(part[rr], part[R + rr]))
+                        ml[3] = T.float32(0)
+                        for jr in T.serial(KT // 2):
+                            jj2: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
+                            j2: T.let[T.int32] = key0 + kt * KT + jj2
+                            if row[0] < count and j2 <= row[1] and j2 >= row[1] - window + 1:
+                                ml[3] = ml[3] + T.exp(s_s[rr * LS + jj2] * T.float32(sm_scale) - ml[0])
+                        T.tvm_storage_sync("shared")  # both maxima read
+                        part[tx] = ml[3]
+                        T.tvm_storage_sync("shared")
+                        ml[1] = ml[1] * T.exp(ml[2] - ml[0]) + part[rr] + part[R + rr]
                     for df in T.serial(DF):
                         T.tvm_fill_fragment(o_f.data, 16, 16, 16, df, T.float32(0))
                     for kt in T.serial((nkeys + KT - 1) // KT):  # pass 2: final weights, P V
@@ -607,15 +618,14 @@ def make_prefill_attention_tc(
                         T.tvm_storage_sync("shared")
                         scores(q_f, k_f, s_f, k_s, s_s, w)
                         T.tvm_storage_sync("shared")
-                        if tx < R:
-                            for jr in T.serial(KT):
-                                jj3: T.let[T.int32] = (jr + tx) % KT
-                                j3: T.let[T.int32] = key0 + kt * KT + jj3
-                                if row[0] < count and j3 <= row[1] and j3 >= row[1] - window + 1:
-                                    p_s[tx * LP + jj3] = T.Cast(dtype, T.exp(s_s[tx * LS + jj3] * T.float32(sm_scale)
-                                                                           - ml[0]) / ml[1])
-                                else:
-                                    p_s[tx * LP + jj3] = T.Cast(dtype, 0)
+                        for jr in T.serial(KT // 2):
+                            jj3: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
+                            j3: T.let[T.int32] = key0 + kt * KT + jj3
+                            if row[0] < count and j3 <= row[1] and j3 >= row[1] - window + 1:
+                                p_s[rr * LP + jj3] = T.Cast(dtype, T.exp(s_s[rr * LS + jj3] * T.float32(sm_scale)
+                                                                        - ml[0]) / ml[1])
+                            else:
+                                p_s[rr * LP + jj3] = T.Cast(dtype, 0)
                         T.tvm_storage_sync("shared")
                         for jf in T.serial(KT // 16):
                             T.tvm_load_matrix_sync(p_f.data, 16, 16, 16, jf,
