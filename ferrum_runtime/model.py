@@ -84,7 +84,8 @@ class CompiledModel:
         # CUDA artifacts whose forward attention is on tensor cores: forward with the split-KV attention,
         # for steps of only decode tokens that are too many for the decode entry point
         self._wide_fn = self.vm["decode_wide"] if "decode_wide" in entries else None
-        self._staging: dict[str, Any] = {}
+        self._staging: dict[str, Any] = {}  # the CUDA-graph entries' fixed input tensors
+        self._inputs: dict[str, Any] = {}  # the other entries' input tensors, grown as steps need
         # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
         self._argmax_fn = self.vm["argmax"] if "argmax" in entries else None
         self._sample_fn = self.vm["sample"] if "sample" in entries else None
@@ -183,8 +184,6 @@ class CompiledModel:
 
     def _run(self, batch: RaggedBatch, check: bool):
         """The step's logits, left on the device."""
-        import tvm
-
         if check:
             self.check_batch(batch)
         ntok = len(batch.token_ids)
@@ -195,10 +194,7 @@ class CompiledModel:
             return self._graph_fn(*self._staged_args(batch))
         if self._wide_graph_fn is not None and wide and self._fits_graph(batch, self.wide_graph_max_tokens):
             return self._wide_graph_fn(*self._staged_args(batch))
-        arrays = batch.arrays
-        args = list(self._args)
-        for i, name in self._slots:
-            args[i] = tvm.runtime.tensor(np.ascontiguousarray(arrays[name], dtype=np.int32), self.device)
+        args = self._copy_in(batch.arrays, self._inputs, grow=True)
         if small and self._decode_fn is not None:
             return self._decode_fn(*args)
         if wide and self._wide_fn is not None:
@@ -237,10 +233,28 @@ class CompiledModel:
         return (len(batch.token_ids) <= most and len(batch.query_start) - 1 <= most
                 and len(batch.logits_index) <= most and batch.block_tables.shape[1] <= self.graph_max_blocks)
 
+    def _copy_in(self, arrays: dict, buffers: dict, grow: bool) -> list:
+        """The call's arguments with the step's inputs copied into the device tensors ``buffers`` keeps
+        from step to step, passed as views at offset 0 of the step's shapes (TVM kernels refuse other
+        offsets). With ``grow`` a tensor too small (or missing) is replaced by one twice as large; the
+        CUDA-graph entries' tensors are allocated at their bounds and never replaced."""
+        import tvm
+
+        args = list(self._args)
+        for i, name in self._slots:
+            host = np.ascontiguousarray(arrays[name], dtype=np.int32)
+            buf = buffers.get(name)
+            if grow and (buf is None or buf.shape[0] < host.size):
+                size = max(host.size, 2 * (buf.shape[0] if buf is not None else 0), 64)
+                buffers[name] = tvm.runtime.empty((size,), "int32", self.device)
+            view = buffers[name]._create_view(host.shape)
+            view.copyfrom(host)
+            args[i] = view
+        return args
+
     def _staged_args(self, batch: RaggedBatch) -> list:
-        """The step's inputs copied into fixed device tensors (allocated once, at the largest shapes; each
-        call passes views of them at offset 0, so a captured graph finds its inputs where it recorded
-        them), the block table widened with zeros to a power of two of columns (blocks past a sequence's
+        """The step's inputs copied into fixed device tensors (allocated once, at the largest shapes, so a
+        captured graph finds its inputs where it recorded them), the block table widened with zeros to a power of two of columns (blocks past a sequence's
         length are never read) so that few shapes, hence few graphs, occur."""
         import tvm
 
@@ -256,13 +270,7 @@ class CompiledModel:
             sizes = {"token_ids": most, "positions": most, "slot_mapping": most, "logits_index": most,
                      "query_start": most + 1, "block_tables": most * self.graph_max_blocks}
             self._staging = {n: tvm.runtime.empty((k,), "int32", self.device) for n, k in sizes.items()}
-        args = list(self._args)
-        for i, name in self._slots:
-            host = np.ascontiguousarray(arrays[name], dtype=np.int32)
-            view = self._staging[name]._create_view(host.shape)
-            view.copyfrom(host)
-            args[i] = view
-        return args
+        return self._copy_in(arrays, self._staging, grow=False)
 
 
 def decode_max_tokens(entry: dict | None) -> int:

@@ -215,3 +215,27 @@ def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir, 
     assert calls == [("forward", 20, 10)] * 2 + [(wide, 10, 10)] * 2
     if graphs:  # staged once, at the wide graph's 64 tokens
         assert routed._staging["token_ids"].shape == (64,) and routed._staging["block_tables"].shape == (64 * 8,)
+
+
+def test_step_inputs_go_to_device_tensors_kept_between_steps(compiled, tiny_model_dir):
+    """A step copies its inputs into device tensors the model keeps (allocated once, replaced by one twice
+    as large only when a step needs more), and its logits equal those of a fresh model."""
+    from .ragged import RaggedDriver
+
+    art = compiled(tiny_model_dir("qwen3"))
+    kept, fresh = (CompiledModel.load(art, kv_cache_bytes=1 << 20) for _ in range(2))
+    prompt = [int(t) for t in np.random.default_rng(0).integers(0, 256, 100)]
+    drivers = [RaggedDriver(m, 1, 120, np.random.default_rng(1)) for m in (kept, fresh)]
+    sizes, tensors = [], []
+    for chunk in (prompt[:30], prompt[30:40], prompt[40:]):  # 30, 10 then 60 tokens
+        out = [d.step([chunk]) for d in drivers]
+        np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
+        sizes.append(kept._inputs["token_ids"].shape[0])
+        tensors.append(kept._inputs["token_ids"])
+        fresh._inputs.clear()  # the reference allocates anew every step
+    assert sizes == [64, 64, 64] and tensors[0] is tensors[1] is tensors[2]
+    long = [int(t) for t in np.random.default_rng(2).integers(0, 256, 100)]
+    drivers = [RaggedDriver(m, 1, 120, np.random.default_rng(3)) for m in (kept, fresh)]  # a new sequence
+    out = [d.step([long]) for d in drivers]  # 100 tokens: past 64
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
+    assert kept._inputs["token_ids"].shape == (128,) and kept._inputs["positions"].shape == (128,)
