@@ -14,11 +14,13 @@ whole tile redundantly, and a store writes the same values from all of them; the
 computes together, as long as every thread of the warp makes the call with the same arguments (wmma's
 own rule). Only the 16x16x16 shape is emulated, in the fragments' own types (float32 in tests).
 
-What this does not cover: PoCL has no ``half`` arithmetic, so tests build the float32 variant of a kernel
-(the dtype is a factory argument; index math, tiling and synchronisation are the same; wmma fragments of
-float32 exist only here) and the float16 / bfloat16 variants are checked by compiling them for every CUDA
-arch (tests/test_gpu_targets.py); warp shuffles have no OpenCL form, so kernels here reduce through
-shared memory.
+PoCL has no ``half`` arithmetic. Most tests build the float32 variant of a kernel (the dtype is a factory
+argument; index math, tiling and synchronisation are the same; wmma fragments of float32 exist only
+here). float16 kernels run too, with ``half`` defined as ``float``: their arrays are widened on the way in
+and rounded to half on the way out, so kernel outputs are rounded as on the device but nothing inside a
+kernel is. Dynamic shared memory (dlight's matmul tiles) is made static for that (``_static_shared``).
+bfloat16 variants are only compiled (tests/test_gpu_targets.py); warp shuffles have no OpenCL form, so
+kernels here reduce through shared memory.
 
 ``gpu_module`` and ``run_relax`` do the same for a whole model: the CUDA pipeline's legalization and
 scheduling passes, then each Relax entry point interpreted call by call with every PrimFunc run here.
@@ -27,6 +29,7 @@ scheduling passes, then each Relax entry point interpreted call by call with eve
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 
@@ -45,8 +48,13 @@ def _cl():
     return cl, cl.Context(devices[:1])
 
 
-_CL_TYPES = {"float32": "float", "float64": "double", "int32": "int", "int8": "char", "uint8": "uchar"}
-_SPACES = {"shared": "__local", "global": "__global", "": "__global"}
+# float16 kernels run with float storage and arithmetic (PoCL has no half): the arrays are widened on the
+# way in and rounded back on the way out (``run``); in between nothing is rounded to half
+_HALF_AS_FLOAT = "".join(f"#define half{n} float{n}\n#define convert_half{n} convert_float{n}\n"
+                         for n in ("", "2", "3", "4", "8", "16"))
+_FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)  # TVM's enable-or-#error block
+_CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int", "int8": "char", "uint8": "uchar"}
+_SPACES = {"shared": "__local", "shared.dyn": "__local", "global": "__global", "": "__global"}
 _wmma_helpers: dict[str, str] = {}  # OpenCL helper name -> its definition, for the build under way
 
 
@@ -135,6 +143,15 @@ def _emulate_wmma() -> None:
         register_intrin_lowering(f"tirx.{op}", "opencl", f=_wmma_call, level=99)
 
 
+def _static_shared(script: str):
+    """The PrimFunc of TVMScript ``script`` with its dynamic shared memory made static. TVM merges dynamic
+    shared buffers into one byte array addressed per element type, which float storage for half
+    (``_HALF_AS_FLOAT``) would misplace, and its OpenCL code declares that array without ``__local``."""
+    import tvm
+
+    return tvm.script.from_source(script.replace('"shared.dyn"', '"shared"'))
+
+
 def build(func):
     """``(source, host, lets, launches)``: the OpenCL source of ``func``'s kernels, the host function after
     ``SplitHostDevice``, its integer let-bindings and, per launch in host order, ``(kernel name, args, kernel
@@ -152,10 +169,13 @@ def build(func):
 
     _emulate_wmma()
     _wmma_helpers.clear()
+    script = func.script()
+    if '"shared.dyn"' in script:  # dlight's matmul tiles: one static __local array each (see _static_shared)
+        func = _static_shared(script)
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with tvm.transform.PassContext(instruments=[_Capture()]):
         lib = tvm.tirx.build(mod, target=tvm.target.Target(TARGET, host="llvm"))
-    source = "".join(_wmma_helpers.values()) + lib.imports[0].inspect_source()
+    source = _HALF_AS_FLOAT + "".join(_wmma_helpers.values()) + _FP16_PRAGMA.sub("", lib.imports[0].inspect_source())
     split = snapshot["mod"]
     host = next(f for gv, f in split.functions.items() if "calling_conv" not in (f.attrs or {}))
     launches = []
@@ -253,7 +273,10 @@ def run(func, *arrays) -> None:
     queue = cl.CommandQueue(ctx)
     mf = cl.mem_flags
     tensors = [a for a in arrays if isinstance(a, np.ndarray)]
-    buffers = {id(a): cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=a if a.size else np.zeros(1, a.dtype))
+    # what the device holds: float16 arrays as float32 (see _HALF_AS_FLOAT)
+    held = {id(a): a.astype(np.float32) if a.dtype == np.float16 else a for a in tensors}
+    buffers = {id(a): cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR,
+                                hostbuf=held[id(a)] if a.size else np.zeros(1, held[id(a)].dtype))
                for a in tensors}
     program = cl.Program(ctx, source).build()
     for name, args, params, grid, block in launches:
@@ -271,8 +294,11 @@ def run(func, *arrays) -> None:
         getattr(program, name)(queue, tuple(gi * bi for gi, bi in zip(g, b)), tuple(b), *cl_args)
     for a in tensors:
         if a.size:
-            cl.enqueue_copy(queue, a, buffers[id(a)])
+            cl.enqueue_copy(queue, held[id(a)], buffers[id(a)])
     queue.finish()
+    for a in tensors:
+        if a.dtype == np.float16 and a.size:
+            a[...] = held[id(a)]  # rounded to half, as the device would store it
 
 
 def gpu_module(relax_mod, arch: str = "sm_80"):
