@@ -465,6 +465,7 @@ def make_prefill_attention_tc(
     ``dtype`` float32 builds exist for the CPU emulator only (tests/gpu_emu.py); the GPU has no float32
     wmma. ``head_dim`` must satisfy ``tc_attention_fits``.
     """
+    from tvm import tirx
     from tvm.script import tirx as T
 
     if num_heads % kv_heads:
@@ -485,6 +486,8 @@ def make_prefill_attention_tc(
     NEG = -3.0e38
     cdtype = cache_dtype or dtype
     find_tile = _find_tile_macro(QT)
+    # bfloat16 zero as its bits: TVM's OpenCL bfloat16 code turns a cast or constant into invalid C
+    ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
 
     @T.macro
     def scores(q_f, k_f, s_f, k_s, s_s, w):
@@ -512,9 +515,9 @@ def make_prefill_attention_tc(
                     blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
                     for v in T.vectorized(8):
                         buf[jk * LK + dk + v] = T.Cast(dtype, cache[blk, kv, kh, (j0 + jk) % BS, dk + v])
-                else:
-                    for v in T.vectorized(8):
-                        buf[jk * LK + dk + v] = T.Cast(dtype, 0)
+                else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a vector constant
+                    for v in T.unroll(8):
+                        buf[jk * LK + dk + v] = ZERO
 
     @T.prim_func(private=True)
     def attention_tc(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle):
@@ -571,8 +574,8 @@ def make_prefill_attention_tc(
                             for v in T.vectorized(8):
                                 q_s[r * D + dq + v] = q[tok0 + t, h0 + (r // 16) % HG, dq + v]
                         else:
-                            for v in T.vectorized(8):
-                                q_s[r * D + dq + v] = T.Cast(dtype, 0)
+                            for v in T.unroll(8):
+                                q_s[r * D + dq + v] = ZERO
                     rr: T.let[T.int32] = T.Cast("int32", tx) % R  # this thread's row
                     c0: T.let[T.int32] = T.Cast("int32", tx) // R * (KT // 2)  # and its half of the columns
                     row[0] = rr // 16 // HG * 16 + rr % 16
@@ -625,7 +628,7 @@ def make_prefill_attention_tc(
                                 p_s[rr * LP + jj3] = T.Cast(dtype, T.exp(s_s[rr * LS + jj3] * T.float32(sm_scale)
                                                                         - ml[0]) / ml[1])
                             else:
-                                p_s[rr * LP + jj3] = T.Cast(dtype, 0)
+                                p_s[rr * LP + jj3] = ZERO
                         T.tvm_storage_sync("shared")
                         for jf in T.serial(KT // 16):
                             T.tvm_load_matrix_sync(p_f.data, 16, 16, 16, jf,

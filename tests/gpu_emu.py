@@ -19,8 +19,9 @@ argument; index math, tiling and synchronisation are the same; wmma fragments of
 here). float16 kernels run too, with ``half`` defined as ``float``: their arrays are widened on the way in
 and rounded to half on the way out, so kernel outputs are rounded as on the device but nothing inside a
 kernel is. Dynamic shared memory (dlight's matmul tiles) is made static for that (``_static_shared``).
-bfloat16 variants are only compiled (tests/test_gpu_targets.py); warp shuffles have no OpenCL form, so
-kernels here reduce through shared memory.
+bfloat16 kernels run exactly: TVM's OpenCL code keeps bfloat16 as its 16 bits (``ml_dtypes.bfloat16``
+arrays pass as they are) and computes in float. Warp shuffles have no OpenCL form, so kernels here
+reduce through shared memory.
 
 ``gpu_module`` and ``run_relax`` do the same for a whole model: the CUDA pipeline's legalization and
 scheduling passes, then each Relax entry point interpreted call by call with every PrimFunc run here.
@@ -53,7 +54,14 @@ def _cl():
 _HALF_AS_FLOAT = "".join(f"#define half{n} float{n}\n#define convert_half{n} convert_float{n}\n"
                          for n in ("", "2", "3", "4", "8", "16"))
 _FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)  # TVM's enable-or-#error block
-_CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int", "int8": "char", "uint8": "uchar"}
+# bfloat16 reaches OpenCL as its bits (TVM's BF16 legalization): uint16 buffers and fragments
+_CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int", "int8": "char", "uint8": "uchar",
+             "uint16": "ushort"}
+
+
+def _widen(ctype: str, value: str) -> str:
+    """OpenCL for ``value`` of type ``ctype`` as a float: ushort fragments hold bfloat16 bits."""
+    return f"as_float(((uint){value}) << 16)" if ctype == "ushort" else f"(float){value}"
 _SPACES = {"shared": "__local", "shared.dyn": "__local", "global": "__global", "": "__global"}
 _wmma_helpers: dict[str, str] = {}  # OpenCL helper name -> its definition, for the build under way
 
@@ -127,7 +135,7 @@ def _wmma_call(call):
             f"void {helper}({dt}* d, int doff, {at}* a, int aoff, {at}* b, int boff, {dt}* c, int coff) {{\n"
             f"  for (int i = 0; i < 16; ++i)\n    for (int j = 0; j < 16; ++j) {{\n"
             f"      {dt} s = c[coff + i * 16 + j];\n"
-            f"      for (int l = 0; l < 16; ++l) s += ({dt})a[aoff + i * 16 + l] * ({dt})b[boff + l * 16 + j];\n"
+            f"      for (int l = 0; l < 16; ++l) s += {_widen(at, 'a[aoff + i * 16 + l]')} * {_widen(at, 'b[boff + l * 16 + j]')};\n"
             f"      d[doff + i * 16 + j] = s;\n    }}\n}}\n")
         return tirx.call_extern("void", helper, d, i32(di * 256), fa, i32(ai * 256), fb, i32(bi * 256), c,
                                 i32(ci * 256))

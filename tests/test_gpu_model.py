@@ -79,36 +79,42 @@ def test_gpu_decoder_matches_interpreter(variant, entry):
                   "logits_index": np.array([0, 1], np.int32)}
 
 
-def test_float16_cuda_build_matches_interpreter():
-    """The float16 CUDA build itself, as `ferrum compile --target cuda-sm80` lowers it, run emulated
-    (tests/gpu_emu.py: half stored as float, tensor cores emulated): ``forward`` through dlight's
-    tensor-core matmul schedules and our tensor-core attention, ``decode_wide`` through dlight and the
-    split-KV attention. Against the IR interpreter in float32 on the same (float16) weights; every kernel
-    rounds its outputs to float16, hence the tolerance."""
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_cuda_build_matches_interpreter(dtype):
+    """The float16 / bfloat16 CUDA build itself, as `ferrum compile --target cuda-sm80 [--dtype bfloat16]`
+    lowers it, run emulated (tests/gpu_emu.py: half stored as float, bfloat16 as its bits, tensor cores
+    emulated). ``forward``: dlight's tensor-core matmul schedules (float16) or our tiled tensor-core GEMM
+    (bfloat16, which dlight has no tensor-core schedule for), and our tensor-core attention;
+    ``decode_wide``: the same linears and the split-KV attention. Against the IR interpreter in float32
+    on the same weights; every kernel rounds its outputs to the model's dtype, hence the tolerance."""
     import dataclasses
 
+    import ml_dtypes
     import tvm
 
     from ferrum.models.registry import family
 
     cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=128, intermediate_size=256, num_layers=1)
-    half, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in ("float16", "float32"))
-    mod = gpu_emu.gpu_module(lower(half, "gpu", tensor_core_dtypes=("float16", "bfloat16")), "sm_80")
+    model, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in (dtype, "float32"))
+    mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16")), "sm_80")
     tensor_core = [gv.name_hint for gv, f in mod.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc) and "T.tvm_mma_sync" in f.script()]
-    # q/k/v, o, gate|up and down: dlight matmuls; the lm_head (50 rows) is too narrow for its tensor cores
-    assert len([n for n in tensor_core if "matmul" in n]) == 4 and any("attention_tc" in n for n in tensor_core)
+    # q/k/v, o, gate|up and down; the float16 lm_head (50 rows) is too narrow for dlight's tensor cores
+    linears = [n for n in tensor_core if ("matmul" if dtype == "float16" else "tiled_gemm") in n]
+    assert len(linears) == (4 if dtype == "float16" else 5) and any("attention_tc" in n for n in tensor_core)
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(2)
-    params = {n: v.astype(np.float16) for n, v in random_params(single, rng).items()}
+    params = {n: v.astype(np_dtype) for n, v in random_params(single, rng).items()}
     inputs = batch(rng)
-    shape = [12 if d == "NB" else d for d in half.inputs["kv_cache.0"].shape]
+    shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]
     ref = list(run_graph(single, {**inputs, "kv_cache.0": np.zeros(shape, np.float32)},
                          {n: v.astype(np.float32) for n, v in params.items()}).values())[0]
+    tol = 5e-3 if dtype == "float16" else 3e-2  # bfloat16 has 3 fewer mantissa bits
     for entry in ("forward", "decode_wide"):
-        cache = np.zeros(shape, np.float16)
-        args = [inputs[n] if n in inputs else cache for n in half.inputs] + [params[n] for n in half.params]
+        cache = np.zeros(shape, np_dtype)
+        args = [inputs[n] if n in inputs else cache for n in model.inputs] + [params[n] for n in model.params]
         logits = gpu_emu.run_relax(mod, entry, *args)[0]
-        np.testing.assert_allclose(logits, ref, atol=5e-3 * np.abs(ref).max(), rtol=0)
+        np.testing.assert_allclose(logits, ref, atol=tol * np.abs(ref).max(), rtol=0)
 
 
 @pytest.mark.parametrize("entry,tc", [("forward", False), ("forward", True), ("decode", False)])
