@@ -83,32 +83,47 @@ def test_gpu_decoder_matches_interpreter(variant, entry):
 def test_16_bit_cuda_build_matches_interpreter(dtype):
     """The float16 / bfloat16 CUDA build itself, as `ferrum compile --target cuda-sm80 [--dtype bfloat16]`
     lowers it, run emulated (tests/gpu_emu.py: half stored as float, bfloat16 as its bits, tensor cores
-    emulated). ``forward``: dlight's tensor-core matmul schedules (float16) or our tiled tensor-core GEMM
-    (bfloat16, which dlight has no tensor-core schedule for), and our tensor-core attention;
-    ``decode_wide``: the same linears and the split-KV attention. Against the IR interpreter in float32
-    on the same weights; every kernel rounds its outputs to the model's dtype, hence the tolerance."""
+    emulated), with the MLP quantized (gate|up asymmetric INT4, down symmetric INT8, groups of 32).
+    ``forward``: dlight's tensor-core matmul schedules, dequantizing ones for the MLP (float16), or our
+    tiled tensor-core GEMM (bfloat16, which dlight has no tensor-core schedule for), and our tensor-core
+    attention; ``decode_wide``: the same linears and the split-KV attention. Against the IR interpreter
+    in float32 on the same (dequantized) weights; every kernel rounds its outputs to the model's dtype,
+    hence the tolerance."""
     import dataclasses
 
     import ml_dtypes
     import tvm
 
     from ferrum.models.registry import family
+    from ferrum.schedules.quant_linear import QuantFormat
+    from ferrum_compiler.passes.quantize_linears import quantize_linears
+    from ferrum_compiler.quant import quantize_rtn
 
     cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=128, intermediate_size=256, num_layers=1)
     model, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in (dtype, "float32"))
+    formats = {"model.layers.0.mlp.gate_proj+up_proj.weight": QuantFormat(4, 32, False),
+               "model.layers.0.mlp.down_proj.weight": QuantFormat(8, 32, True)}
+    model.quant = {w: {"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "act_order": False}
+                   for w, f in formats.items()}
+    model = quantize_linears(model)
     mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16")), "sm_80")
     tensor_core = [gv.name_hint for gv, f in mod.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc) and "T.tvm_mma_sync" in f.script()]
     # q/k/v, o, gate|up and down; the float16 lm_head (50 rows) is too narrow for dlight's tensor cores
-    linears = [n for n in tensor_core if ("matmul" if dtype == "float16" else "tiled_gemm") in n]
+    linears = [n for n in tensor_core if "attention" not in n]
     assert len(linears) == (4 if dtype == "float16" else 5) and any("attention_tc" in n for n in tensor_core)
+    assert all(n.startswith("tiled_gemm") for n in linears) == (dtype == "bfloat16")
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(2)
-    params = {n: v.astype(np_dtype) for n, v in random_params(single, rng).items()}
+    dense = {n: v.astype(np_dtype).astype(np.float32) for n, v in random_params(single, rng).items()}
+    params = {n: v.astype(np_dtype) for n, v in dense.items() if n in model.params}
+    for w, f in formats.items():
+        qt = quantize_rtn(dense[w], f)
+        dense[w] = qt.dequantize().astype(np.float32)
+        params.update({model.packing[w][role]: t for role, t in qt.pack().items()})
     inputs = batch(rng)
     shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]
-    ref = list(run_graph(single, {**inputs, "kv_cache.0": np.zeros(shape, np.float32)},
-                         {n: v.astype(np.float32) for n, v in params.items()}).values())[0]
+    ref = list(run_graph(single, {**inputs, "kv_cache.0": np.zeros(shape, np.float32)}, dense).values())[0]
     tol = 5e-3 if dtype == "float16" else 3e-2  # bfloat16 has 3 fewer mantissa bits
     for entry in ("forward", "decode_wide"):
         cache = np.zeros(shape, np_dtype)
