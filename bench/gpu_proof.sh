@@ -13,8 +13,9 @@
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
 #     `ferrum pack-weights`, measures parity and speed, and leaves gpu-proof.json, gpu-proof.md and the
 #     log in $OUT. Expected: parity max |logit error| of a few 1e-2 (float16 artifact vs float32
-#     reference; about 8x that for the bfloat16 one, whose mantissa is 3 bits shorter; the ragged batch runs prefill chunks through `forward` and decode steps through
-#     `decode_graph`, the GEMV `decode` entry point captured as CUDA graphs), tokens picked on the device
+#     reference; about 8x that for the bfloat16 one, whose mantissa is 3 bits shorter; the ragged batch
+#     runs prefill chunks through `forward` and decode steps through `decode_graph`, the GEMV `decode`
+#     entry point captured as CUDA graphs), tokens picked on the device
 #     equal to numpy's argmax of the same logits (0 mismatches) and sampled ones equal to the float64
 #     reference except within ~1e-6 of a boundary, no errors, one tok/s table per model (decode b1/b4/b8
 #     also with the `decode` entry point turned off, and with CUDA graphs off; b16/b32 also with CUDA

@@ -254,8 +254,9 @@ class CompiledModel:
 
     def _staged_args(self, batch: RaggedBatch) -> list:
         """The step's inputs copied into fixed device tensors (allocated once, at the largest shapes, so a
-        captured graph finds its inputs where it recorded them), the block table widened with zeros to a power of two of columns (blocks past a sequence's
-        length are never read) so that few shapes, hence few graphs, occur."""
+        captured graph finds its inputs where it recorded them), the block table widened with zeros to a
+        power of two of columns (blocks past a sequence's length are never read) so that few shapes, hence
+        few graphs, occur."""
         import tvm
 
         m = batch.block_tables.shape[1]

@@ -584,8 +584,8 @@ def make_prefill_attention_tc(
                     ml[1] = T.float32(0)
                     T.tvm_storage_sync("shared")
                     for kk in T.serial(DF):
-                        T.tvm_load_matrix_sync(q_f.data, 16, 16, 16, kk, q_s.access_ptr("r", offset=w * 16 * D + kk * 16),
-                                               D, "row_major")
+                        T.tvm_load_matrix_sync(q_f.data, 16, 16, 16, kk,
+                                               q_s.access_ptr("r", offset=w * 16 * D + kk * 16), D, "row_major")
                     for kt in T.serial((nkeys + KT - 1) // KT):  # pass 1: row max and denominator
                         T.tvm_storage_sync("shared")
                         stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)

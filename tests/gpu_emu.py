@@ -12,7 +12,7 @@ every thread, and each ``tvm_*_matrix_sync`` / ``tvm_mma_sync`` / ``tvm_fill_fra
 loop over it (an OpenCL helper, see ``_wmma_call``). Every thread of a warp then computes the warp's
 whole tile redundantly, and a store writes the same values from all of them; the result is what the warp
 computes together, as long as every thread of the warp makes the call with the same arguments (wmma's
-own rule). Only the 16x16x16 shape is emulated, in the fragments' own types (float32 in tests).
+own rule). Only the 16x16x16 shape is emulated; products are summed in the accumulator's type.
 
 PoCL has no ``half`` arithmetic. Most tests build the float32 variant of a kernel (the dtype is a factory
 argument; index math, tiling and synchronisation are the same; wmma fragments of float32 exist only
@@ -55,15 +55,17 @@ _HALF_AS_FLOAT = "".join(f"#define half{n} float{n}\n#define convert_half{n} con
                          for n in ("", "2", "3", "4", "8", "16"))
 _FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)  # TVM's enable-or-#error block
 # bfloat16 reaches OpenCL as its bits (TVM's BF16 legalization): uint16 buffers and fragments
-_CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int", "int8": "char", "uint8": "uchar",
-             "uint16": "ushort"}
+_CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int", "int8": "char",
+             "uint8": "uchar", "uint16": "ushort"}
+
+
+_SPACES = {"shared": "__local", "global": "__global", "": "__global"}
+_wmma_helpers: dict[str, str] = {}  # OpenCL helper name -> its definition, for the build under way
 
 
 def _widen(ctype: str, value: str) -> str:
     """OpenCL for ``value`` of type ``ctype`` as a float: ushort fragments hold bfloat16 bits."""
     return f"as_float(((uint){value}) << 16)" if ctype == "ushort" else f"(float){value}"
-_SPACES = {"shared": "__local", "shared.dyn": "__local", "global": "__global", "": "__global"}
-_wmma_helpers: dict[str, str] = {}  # OpenCL helper name -> its definition, for the build under way
 
 
 def _buffer(expr):
@@ -135,7 +137,8 @@ def _wmma_call(call):
             f"void {helper}({dt}* d, int doff, {at}* a, int aoff, {at}* b, int boff, {dt}* c, int coff) {{\n"
             f"  for (int i = 0; i < 16; ++i)\n    for (int j = 0; j < 16; ++j) {{\n"
             f"      {dt} s = c[coff + i * 16 + j];\n"
-            f"      for (int l = 0; l < 16; ++l) s += {_widen(at, 'a[aoff + i * 16 + l]')} * {_widen(at, 'b[boff + l * 16 + j]')};\n"
+            f"      for (int l = 0; l < 16; ++l)\n"
+            f"        s += {_widen(at, 'a[aoff + i * 16 + l]')} * {_widen(at, 'b[boff + l * 16 + j]')};\n"
             f"      d[doff + i * 16 + j] = s;\n    }}\n}}\n")
         return tirx.call_extern("void", helper, d, i32(di * 256), fa, i32(ai * 256), fb, i32(bi * 256), c,
                                 i32(ci * 256))

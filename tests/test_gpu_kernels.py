@@ -339,7 +339,8 @@ def test_grouped_gemm_after_gpu_dispatch(fmt, ntok, x_div, k, n, tc):
 
 
 @pytest.mark.parametrize("tc", [False, True], ids=["cuda-cores", "tensor-cores"])
-@pytest.mark.parametrize("fmt,ntok,k,n,bias", [(None, 70, 72, 130, True), (ql.QuantFormat(4, 32, True), 64, 128, 64, False),
+@pytest.mark.parametrize("fmt,ntok,k,n,bias", [(None, 70, 72, 130, True),
+                                               (ql.QuantFormat(4, 32, True), 64, 128, 64, False),
                                                (ql.QuantFormat(8, 32, False), 5, 64, 70, True)])
 def test_tiled_gemm_matches_reference(fmt, ntok, k, n, bias, tc):
     """The plain tiled GEMM (prefill linears where dlight has no tensor-core schedule: bfloat16): token
