@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,7 @@ def pack(artifact: Path, source: Path) -> float:
     res = subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "pack-weights", str(artifact), str(source)],
                          capture_output=True, text=True)
     if res.returncode != 0:
-        raise SystemExit(f"pack-weights {artifact} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"pack-weights {artifact} failed:\n{res.stderr[-3000:]}")
     return time.perf_counter() - t0
 
 
@@ -287,6 +288,34 @@ def weight_bytes(artifact: Path) -> int:
     return sum(p.stat().st_size for p in (artifact / "weights").glob("*.safetensors"))
 
 
+def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> None:
+    """One model's checkpoint, packing, parity, device picking and speeds, filled into ``entry`` as they
+    come (a failure keeps what was measured before it)."""
+    from ferrum_runtime.model import CompiledModel
+
+    cfg, gptq = configs(args.tiny)[name]
+    artifact = Path(args.artifacts) / name
+    t0 = time.perf_counter()
+    src, ref = make_checkpoint(name, cfg, gptq, work, args.device)
+    entry["checkpoint_s"] = time.perf_counter() - t0
+    entry["pack_s"] = pack(artifact, src)
+    model = CompiledModel.load(artifact, device=args.device, kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30))
+    if "decode_graph" in model.manifest.data["entry_points"] and not args.no_cuda_graph:  # CUDA graphs
+        model.cuda_graph = True
+    entry["cuda_graph"] = model.cuda_graph
+    entry["parity"] = parity(model, ref, args.device)
+    print(f"{name}: parity {entry['parity']}", flush=True)
+    entry["device_picking"] = device_picking(model)
+    print(f"{name}: tokens picked on the device {entry['device_picking']}", flush=True)
+    entry["ferrum"] = ferrum_speed(model, args.tiny)
+    del model
+    entry["transformers"] = transformers_speed(ref, args.device, args.tiny)
+    entry["weight_bytes"] = weight_bytes(artifact)
+    if "num_experts" not in cfg:  # an MoE step reads only the chosen experts: no such fraction
+        entry["batch1_bandwidth_fraction"] = entry["weight_bytes"] * entry["ferrum"]["decode b1"] / (
+            bandwidth_gbps * 1e9)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifacts", default=str(ROOT / ".gpu"), help="folder with one --no-weights artifact per model")
@@ -305,8 +334,6 @@ def main() -> None:
     if args.dtype_of:
         print(DTYPES.get(args.dtype_of, ""))
         return
-    from ferrum_runtime.model import CompiledModel
-
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -318,36 +345,24 @@ def main() -> None:
     report["bandwidth_GBps"] = hbm_bandwidth(args.device) / 1e9
     print(f"bandwidth {report['bandwidth_GBps']:.0f} GB/s", flush=True)
     for name in args.models.split(","):
-        cfg, gptq = configs(args.tiny)[name]
-        artifact = Path(args.artifacts) / name
         entry: dict = {}
-        t0 = time.perf_counter()
-        src, ref = make_checkpoint(name, cfg, gptq, work, args.device)
-        entry["checkpoint_s"] = time.perf_counter() - t0
-        entry["pack_s"] = pack(artifact, src)
-        model = CompiledModel.load(artifact, device=args.device, kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30))
-        if "decode_graph" in model.manifest.data["entry_points"] and not args.no_cuda_graph:  # CUDA graphs
-            model.cuda_graph = True
-        entry["cuda_graph"] = model.cuda_graph
-        entry["parity"] = parity(model, ref, args.device)
-        print(f"{name}: parity {entry['parity']}", flush=True)
-        entry["device_picking"] = device_picking(model)
-        print(f"{name}: tokens picked on the device {entry['device_picking']}", flush=True)
-        entry["ferrum"] = ferrum_speed(model, args.tiny)
-        del model
-        entry["transformers"] = transformers_speed(ref, args.device, args.tiny)
-        entry["weight_bytes"] = weight_bytes(artifact)
-        if "num_experts" not in cfg:  # an MoE step reads only the chosen experts: no such fraction
-            entry["batch1_bandwidth_fraction"] = entry["weight_bytes"] * entry["ferrum"]["decode b1"] / (
-                report["bandwidth_GBps"] * 1e9)
         report["models"][name] = entry
-        print(json.dumps(entry, indent=1), flush=True)
+        try:  # one model's failure is recorded, and the next one still runs: a device call is precious
+            prove(name, entry, args, work, report["bandwidth_GBps"])
+        except Exception:  # noqa: BLE001 - reported in the JSON and the log
+            entry["error"] = traceback.format_exc()
+            print(f"{name}: FAILED\n{entry['error']}", flush=True)
+        print(json.dumps({k: v for k, v in entry.items() if k != "error"}, indent=1), flush=True)
         (out / "gpu-proof.json").write_text(json.dumps(report, indent=1))
         if not args.tiny:
-            shutil.rmtree(artifact / "weights", ignore_errors=True)  # disk: tens of GB per model
+            shutil.rmtree(Path(args.artifacts) / name / "weights", ignore_errors=True)  # disk: tens of GB each
     lines = [f"# GPU proof on {report.get('gpu', args.device)}", "",
              f"HBM copy bandwidth: {report['bandwidth_GBps']:.0f} GB/s (read + write, best of 5)", ""]
     for name, e in report["models"].items():
+        if "error" in e:
+            lines += [f"## {name}", "", "FAILED (after: " + ", ".join(k for k in e if k != "error") + ")", "",
+                      "```", e["error"].strip(), "```", ""]
+            continue
         lines += [f"## {name}", "",
                   f"- parity vs transformers fp32: max |logit error| {e['parity']['max_abs_logit_error']:.3g}, "
                   f"mean KL {e['parity']['mean_kl']:.3g} over {e['parity']['checks']} checks",
