@@ -50,6 +50,10 @@ run)
   tar xzf .gpu/tvm-runtime.tar.gz -C /tmp
   eval "$(/tmp/tvm-runtime/install.sh)"  # PYTHONPATH with the runtime-only tvm, TVM_USE_RUNTIME_LIB=1
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl 2>/dev/null || true
+  for pair in yaml:PyYAML safetensors:safetensors ml_dtypes:ml_dtypes; do  # the image's own copy wins
+    mod=${pair%%:*}; dist=${pair##*:}
+    if python3 -c "import $mod" 2>/dev/null; then rm -rf "/tmp/site/$mod" "/tmp/site/_$mod" /tmp/site/"$dist"-*; fi
+  done
   export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/nvidia-smi.txt"
   python3 bench/gpu_proof.py --artifacts .gpu --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-proof.log"
