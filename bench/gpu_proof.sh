@@ -54,7 +54,11 @@ run)
     mod=${pair%%:*}; dist=${pair##*:}
     if python3 -c "import $mod" 2>/dev/null; then rm -rf "/tmp/site/$mod" "/tmp/site/_$mod" /tmp/site/"$dist"-*; fi
   done
-  export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD"
+  # the `ferrum` namespace (ferrum.models, ferrum.schedules) is a package-dir mapping of pyproject.toml; the
+  # GPU host runs from the source tree without installing it, so map it with links
+  mkdir -p /tmp/ferrum-src/ferrum && ln -sfn "$PWD/models" /tmp/ferrum-src/ferrum/models \
+    && ln -sfn "$PWD/schedules" /tmp/ferrum-src/ferrum/schedules
+  export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD:/tmp/ferrum-src"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/nvidia-smi.txt"
   python3 bench/gpu_proof.py --artifacts .gpu --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-proof.log"
   ;;
