@@ -255,8 +255,10 @@ def kept_probs_ref(x: np.ndarray, temperature: float, top_k: float, top_p: float
     if 0 < top_k < len(x):
         keep &= x >= np.sort(x)[::-1][int(top_k) - 1]
     p = np.exp((x - x.max()) / temperature) * keep
-    if top_p < 1:
-        above = np.array([p[x > v].sum() for v in x])  # mass strictly more likely than each token
+    if top_p < 1:  # the mass strictly more likely than each token: suffix sums over the ascending logits
+        order = np.argsort(x, kind="stable")
+        suffix = np.append(np.cumsum(p[order][::-1])[::-1], 0.0)
+        above = suffix[np.searchsorted(x[order], x, side="right")]
         keep &= above < top_p * p.sum()
     p = p * keep
     p[p < min_p] = 0
