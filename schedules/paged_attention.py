@@ -26,6 +26,17 @@ from .fast_math import exp_f32
 KERNEL_KINDS = ("cpu", "gpu")
 
 
+def _attention_params(num_heads: int, kv_heads: int, head_dim: int, sliding_window: int,
+                      scale: float | None) -> tuple[int, float, int]:
+    """``(group, softmax scale, window)`` of an attention kernel: the query heads per KV head (a
+    ``ValueError`` unless they divide), ``scale`` or ``1/sqrt(head_dim)``, and the sliding window in
+    positions (``1 << 30`` for none)."""
+    if num_heads % kv_heads:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
+    return num_heads // kv_heads, sm_scale, int(sliding_window) if sliding_window > 0 else 1 << 30
+
+
 def make_kv_append(kv_heads: int, head_dim: int, block_size: int, dtype: str, kind: str, cache_dtype: str = ""):
     """PrimFunc ``kv_append(cache, k[T,kvh,D], v[T,kvh,D], slot_mapping[T])``, in place on ``cache``.
 
@@ -84,12 +95,8 @@ def make_attention(
     from tvm.script import tirx as T
 
     _check_kind(kind)
-    if num_heads % kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    group, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
     H, KVH, D, BS = num_heads, kv_heads, head_dim, block_size
-    group = num_heads // kv_heads
-    sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
-    window = int(sliding_window) if sliding_window > 0 else 1 << 30
 
     # CPU: the head dimension runs in SIMD lanes; GPU threads keep it serial
     vec = T.vectorized if kind == "cpu" else T.serial
@@ -272,15 +279,11 @@ def make_attention_gpu(
     """
     from tvm.script import tirx as T
 
-    if num_heads % kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
     H, KVH, D, BS, NT = num_heads, kv_heads, head_dim, block_size, GPU_THREADS
-    G = num_heads // kv_heads
     QT = gpu_tile_tokens(num_heads, kv_heads, head_dim)
     R = QT * G  # query rows per tile
     KC = math.gcd(BS, GPU_KEY_TILE)
-    sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
-    window = int(sliding_window) if sliding_window > 0 else 1 << 30
     ER, EK, EQ = -(-R * D // NT), -(-KC * D // NT), -(-R * KC // NT)  # per-thread elements of each tile
     NEG = -3.0e38
     cdtype = cache_dtype or dtype
@@ -468,12 +471,10 @@ def make_prefill_attention_tc(
     from tvm import tirx
     from tvm.script import tirx as T
 
-    if num_heads % kv_heads:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+    G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
     if not tc_attention_fits(head_dim, dtype):
         raise ValueError(f"head_dim {head_dim} ({dtype}) does not fit the tensor-core attention tile")
     H, KVH, D, BS = num_heads, kv_heads, head_dim, block_size
-    G = num_heads // kv_heads
     HG = tc_heads_per_tile(num_heads, kv_heads)
     NG = G // HG  # head groups per KV head
     W, KT = TC_WARPS, TC_KEYS
@@ -481,8 +482,6 @@ def make_prefill_attention_tc(
     QT = 16 * (W // HG)  # tokens per tile
     DF = D // 16
     LK, LS, LP = D + 8, KT + 4, KT + 8  # padded row strides of the K/V, score and weight tiles
-    sm_scale = float(scale if scale is not None else 1.0 / math.sqrt(head_dim))
-    window = int(sliding_window) if sliding_window > 0 else 1 << 30
     NEG = -3.0e38
     cdtype = cache_dtype or dtype
     find_tile = _find_tile_macro(QT)
