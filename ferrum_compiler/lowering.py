@@ -173,7 +173,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                             a = _qkv_append(bb, relax, kernel, graph, env, op, a, qkv, rope_tables[key])
                         r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out,
                                              appended=qkv is not None,
-                                             tensor_cores=tc_attention and out.dtype in tensor_core_dtypes)
+                                             tensor_cores=tc_attention and out.dtype in tensor_core_dtypes,
+                                             decode=entry != ENTRY)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add":
@@ -476,10 +477,11 @@ def uses_tc_attention(graph: Graph, tensor_core_dtypes: tuple[str, ...]) -> bool
 
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,
-                     tensor_cores: bool = False):
+                     tensor_cores: bool = False, decode: bool = False):
     """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
     the tensor-core kernel when ``tensor_cores`` and the head fits it, else split-KV partials and their
-    merge."""
+    merge, with one query token per tile in the ``decode`` entry points (their tokens are mostly one per
+    sequence)."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
@@ -499,9 +501,12 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
     if kernel_kind == "gpu":  # split-KV partials, then their merge
         ntok, max_blocks = q.ty.shape[0], block_tables.ty.shape[1]
         splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)
-        split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
+        tile = 1 if decode else 0  # 0: the kernel's default
+        split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale,
+                        tile),
                        lambda: attn_sched.make_attention_gpu(heads, kv_heads, head_dim, block_size, dtype,
-                                                             sliding_window=window, scale=scale, cache_dtype=cdtype))
+                                                             sliding_window=window, scale=scale, cache_dtype=cdtype,
+                                                             tile_tokens=tile))
         parts = bb.emit(relax.call_tir(split, [q, cache, positions, query_start, block_tables],
                                        [relax.TensorType([ntok, heads, splits, head_dim], "float32"),
                                         relax.TensorType([ntok, heads, splits, 2], "float32")]))

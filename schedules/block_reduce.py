@@ -45,6 +45,44 @@ def block_sum(threads: int, width: int):
     return reduce
 
 
+def block_sum_columns(threads: int, width: int):
+    """Macro ``(part, mine, tx)`` for many sums at once (``width`` >= 2, dividing ``threads``): ``part`` a
+    shared float32 buffer of ``threads * (width + 1)`` (rows of ``width`` and a padding word that keeps the
+    column readers on distinct banks; flat, as TVM would compact a 2-D buffer's unread column away),
+    ``mine`` this thread's ``[width]`` local partials (clobbered). Afterwards ``part[:width]`` holds the
+    block's sums. Transposed rather than a tree: each of ``threads / width`` slices of ``width`` threads
+    sums its share of every column, then ``width`` threads sum the slices: 5 barriers instead of the
+    tree's ``2 log2(threads)``, and every thread adds ``width`` values instead of ``width`` per step."""
+    from tvm.script import tirx as T
+
+    assert width >= 2 and threads % width == 0, (threads, width)
+    S = threads // width  # slices
+    per = threads // S  # partial rows each slice sums
+    W = width + 1  # a row's stride
+
+    @T.macro
+    def reduce(part, mine, tx):
+        for j in T.unroll(width):
+            part[tx * W + j] = mine[j]
+        T.tvm_storage_sync("shared")
+        mine[0] = T.float32(0)
+        for i in T.unroll(per):
+            mine[0] = mine[0] + part[(tx // width * per + i) * W + tx % width]
+        T.tvm_storage_sync("shared")
+        part[tx // width * W + tx % width] = mine[0]
+        T.tvm_storage_sync("shared")
+        if tx < width:
+            mine[0] = T.float32(0)
+            for i in T.unroll(S):
+                mine[0] = mine[0] + part[i * W + tx]
+        T.tvm_storage_sync("shared")
+        if tx < width:
+            part[tx] = mine[0]
+        T.tvm_storage_sync("shared")
+
+    return reduce
+
+
 def block_argmax(threads: int):
     """Macro ``(vals, ids, best, idx, tx)``: ``vals``/``ids`` shared ``[threads]`` float32/int32 buffers,
     ``best[0]``/``idx[0]`` this thread's maximum and its id (an id past every real one for a thread with

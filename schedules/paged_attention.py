@@ -203,7 +203,7 @@ def make_attention(
 GPU_THREADS = 128
 GPU_KEY_TILE = 16  # keys staged in shared memory per step (divides the block size, or equals it)
 GPU_MAX_ROWS = 32  # query rows (tokens x grouped heads) per tile
-SPLIT_KEYS = 256  # fewest keys per split worth a split of its own
+SPLIT_KEYS = 64  # fewest keys per split worth a split of its own (4 key tiles)
 
 
 def _find_tile_macro(tokens: int):
@@ -263,13 +263,16 @@ def make_attention_gpu(
     sliding_window: int = 0,
     scale: float | None = None,
     cache_dtype: str = "",
+    tile_tokens: int = 0,
 ):
     """PrimFunc ``attention_split(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
     part_acc[T,H,S,D] f32, part_ml[T,H,S,2] f32)``: unnormalised partial attention per KV split.
 
     Grid: (query tiles, KV heads, splits S), 128 threads. A tile is up to ``gpu_tile_tokens`` consecutive
     query tokens of one sequence with all ``group`` query heads of one KV head (tiles are numbered
-    sequence by sequence; the grid allocates ``ceil(T / tokens) + B`` and the excess exits). Split ``s``
+    sequence by sequence; the grid allocates ``ceil(T / tokens) + B`` and the excess exits); ``tile_tokens``
+    overrides that count (the decode entry points: 1, so a decode token's tile is its ``group`` rows and
+    no thread works for rows that are not there). Split ``s``
     covers key positions ``[s*C, (s+1)*C)``, ``C = ceil(M*block_size / S)`` rounded up to the key tile.
     Per key tile: K and V are staged in shared memory (coalesced), each thread scores (row, key) pairs
     from shared memory, one thread per row updates the online softmax, and each thread rescales and
@@ -281,7 +284,7 @@ def make_attention_gpu(
 
     G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
     H, KVH, D, BS, NT = num_heads, kv_heads, head_dim, block_size, GPU_THREADS
-    QT = gpu_tile_tokens(num_heads, kv_heads, head_dim)
+    QT = tile_tokens or gpu_tile_tokens(num_heads, kv_heads, head_dim)
     R = QT * G  # query rows per tile
     KC = math.gcd(BS, GPU_KEY_TILE)
     ER, EK, EQ = -(-R * D // NT), -(-KC * D // NT), -(-R * KC // NT)  # per-thread elements of each tile
@@ -306,10 +309,13 @@ def make_attention_gpu(
                 for sp in T.thread_binding(ns, thread="blockIdx.z"):
                     for tx in T.thread_binding(NT, thread="threadIdx.x"):
                         q_s = T.alloc_buffer((R, D), "float32", scope="shared")
-                        k_s = T.alloc_buffer((KC, D), "float32", scope="shared")
+                        # rows padded by one word: the threads scoring neighbouring keys (and the threads
+                        # scanning neighbouring rows' scores) read different banks
+                        # (flat: TVM would compact a 2-D buffer's never-read padding column away)
+                        k_s = T.alloc_buffer((KC * (D + 1),), "float32", scope="shared")
                         v_s = T.alloc_buffer((KC, D), "float32", scope="shared")
-                        p_s = T.alloc_buffer((R, KC), "float32", scope="shared")  # scores
-                        w_s = T.alloc_buffer((R, KC), "float32", scope="shared")  # their softmax weights
+                        p_s = T.alloc_buffer((R * (KC + 1),), "float32", scope="shared")  # scores
+                        w_s = T.alloc_buffer((R * (KC + 1),), "float32", scope="shared")  # their softmax weights
                         alpha = T.alloc_buffer((R,), "float32", scope="shared")  # each row's rescale
                         # thread r < R keeps row r's running max and sum; a branch never writes shared
                         # memory it then reads (TVM would want a barrier inside the branch)
@@ -360,7 +366,7 @@ def make_attention_gpu(
                                     jk: T.let[T.int32] = (e * NT + tx) // D
                                     dk: T.let[T.int32] = (e * NT + tx) % D
                                     blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
-                                    k_s[jk, dk] = T.Cast("float32", cache[blk, 0, kh, (j0 + jk) % BS, dk])
+                                    k_s[jk * (D + 1) + dk] = T.Cast("float32", cache[blk, 0, kh, (j0 + jk) % BS, dk])
                                     v_s[jk, dk] = T.Cast("float32", cache[blk, 1, kh, (j0 + jk) % BS, dk])
                             T.tvm_storage_sync("shared")
                             for e in T.unroll(EQ):
@@ -373,22 +379,22 @@ def make_attention_gpu(
                                             and j >= key0 and j < key0 + nkeys):
                                         ml[2] = T.float32(0)  # the dot product, in a register
                                         for dd in T.serial(D):
-                                            ml[2] = ml[2] + q_s[rs, dd] * k_s[js, dd]
-                                        p_s[rs, js] = ml[2]
+                                            ml[2] = ml[2] + q_s[rs, dd] * k_s[js * (D + 1) + dd]
+                                        p_s[rs * (KC + 1) + js] = ml[2]
                                     else:
-                                        p_s[rs, js] = T.float32(NEG)
+                                        p_s[rs * (KC + 1) + js] = T.float32(NEG)
                             T.tvm_storage_sync("shared")
                             if tx < R:
                                 ml[2] = ml[0]  # the old max
                                 for jj in T.serial(KC):
-                                    ml[0] = T.max(ml[0], p_s[tx, jj])
+                                    ml[0] = T.max(ml[0], p_s[tx * (KC + 1) + jj])
                                 alpha[tx] = T.exp(ml[2] - ml[0])
                                 ml[1] = ml[1] * T.exp(ml[2] - ml[0])
                                 for jj in T.serial(KC):
                                     # a masked key (-3e38) weighs 0, also while the row has no key yet
-                                    w: T.let[T.float32] = T.if_then_else(p_s[tx, jj] > T.float32(-1.0e38),
-                                                                         T.exp(p_s[tx, jj] - ml[0]), T.float32(0))
-                                    w_s[tx, jj] = w
+                                    w: T.let[T.float32] = T.if_then_else(p_s[tx * (KC + 1) + jj] > T.float32(-1.0e38),
+                                                                         T.exp(p_s[tx * (KC + 1) + jj] - ml[0]), T.float32(0))
+                                    w_s[tx * (KC + 1) + jj] = w
                                     ml[1] = ml[1] + w
                             T.tvm_storage_sync("shared")
                             for e in T.unroll(ER):
@@ -397,7 +403,7 @@ def make_attention_gpu(
                                     da: T.let[T.int32] = (e * NT + tx) % D
                                     acc[e] = acc[e] * alpha[ra]
                                     for jv in T.serial(KC):
-                                        acc[e] = acc[e] + w_s[ra, jv] * v_s[jv, da]
+                                        acc[e] = acc[e] + w_s[ra * (KC + 1) + jv] * v_s[jv, da]
                         T.tvm_storage_sync("shared")
                         for e in T.unroll(ER):
                             if e * NT + tx < R * D:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .block_reduce import block_sum
+from .block_reduce import block_sum_columns
 
 _ROWS_PER_TASK = 16
 R16 = 16  # rows interleaved per block in the "r16" layout (one 512-bit register of int32 row sums)
@@ -659,8 +659,9 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     loads 16 contiguous weight bytes per row per step (consecutive threads, consecutive bytes: coalesced),
     dequantizes them in registers (INT4: low nibbles are columns 0-15 of a 32-column block, high nibbles
     16-31; the group's scale, and min or zero point) and accumulates 4 tokens x 4 rows of float32 partial
-    sums; a shared-memory tree sums the threads (``block_reduce``). Weights are read from memory once per
-    pass, so batches of up to 4 tokens stream them once. Any token count is correct (more passes).
+    sums (each token's activations loaded, and SiLU-gated, once per chunk for all 4 rows); the threads'
+    partials are summed in shared memory (``block_reduce.block_sum_columns``). Weights are read from memory
+    once per pass, so batches of up to 4 tokens stream them once. Any token count is correct (more passes).
     ``scale_dtype`` is float16 in artifacts; the CPU emulation of GPU kernels in the tests, which has no
     half type, passes float32. ``max_lanes`` caps the vector width of loads (Metal: up to 4 elements).
 
@@ -689,7 +690,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     G = fmt.group_size if fmt is not None else K
     zp = float(fmt.zero_point) if fmt is not None else 0.0
     has_bias = bias_dtype is not None
-    sums = block_sum(NT, J)
+    sums = block_sum_columns(NT, J)
     WV = min(16 if int4 else C, max_lanes)  # lanes of one weight load
     grouped = experts > 0
     NW = max(experts, 1) * N  # weight rows
@@ -711,10 +712,10 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
         for blk in T.thread_binding((N + RB - 1) // RB, thread="blockIdx.x"):
           for ex in T.thread_binding(max(experts, 1), thread="blockIdx.y"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                red = T.alloc_buffer((NT, J), "float32", scope="shared")
+                red = T.alloc_buffer((NT * (J + 1),), "float32", scope="shared")
                 acc = T.alloc_buffer((J,), "float32", scope="local")
                 wv = T.alloc_buffer((C,), "float32", scope="local")
-                xv = T.alloc_buffer((C,), x_dtype, scope="local")
+                xv = T.alloc_buffer((TT, C), x_dtype, scope="local")  # the chunk of each token of the pass
                 uv = T.alloc_buffer((C,), x_dtype, scope="local")  # gated: the up half
                 raw = T.alloc_buffer((16 if int4 else C,), wdt, scope="local")
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
@@ -724,6 +725,21 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                     for c in T.serial((NC + NT - 1) // NT):
                         if c * NT + tx < NC:
                             ch: T.let[T.int32] = c * NT + tx
+                            # the tokens' activations once per chunk (gated: SiLU-gated), for all rows
+                            for t in T.unroll(TT):
+                                if p * TT + t < count:
+                                    xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
+                                    for i0 in T.unroll(C // XV):  # 16-byte vector loads
+                                        for i1 in T.vectorized(XV):
+                                            xv[t, i0 * XV + i1] = x[xr, ch * C + i0 * XV + i1]
+                                    if gated:
+                                        for i0 in T.unroll(C // XV):
+                                            for i1 in T.vectorized(XV):
+                                                uv[i0 * XV + i1] = x[xr, K + ch * C + i0 * XV + i1]
+                                        for i in T.unroll(C):
+                                            xv[t, i] = T.Cast(x_dtype, T.Cast("float32", xv[t, i]) / (
+                                                T.float32(1) + T.exp(T.float32(0) - T.Cast("float32", xv[t, i])))
+                                                * T.Cast("float32", uv[i]))
                             for r in T.unroll(RB):
                                 if blk * RB + r < N:
                                     n: T.let[T.int32] = ex * N + blk * RB + r  # ex is 0 unless grouped
@@ -750,29 +766,17 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                 wv[i] = wv[i] * scale + mins[n, ch * C // G]
                                     for t in T.unroll(TT):
                                         if p * TT + t < count:
-                                            xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
-                                            for i0 in T.unroll(C // XV):  # 16-byte vector loads
-                                                for i1 in T.vectorized(XV):
-                                                    xv[i0 * XV + i1] = x[xr, ch * C + i0 * XV + i1]
-                                            if gated:
-                                                for i0 in T.unroll(C // XV):
-                                                    for i1 in T.vectorized(XV):
-                                                        uv[i0 * XV + i1] = x[xr, K + ch * C + i0 * XV + i1]
-                                                for i in T.unroll(C):
-                                                    xv[i] = T.Cast(x_dtype, T.Cast("float32", xv[i]) / (
-                                                        T.float32(1) + T.exp(T.float32(0) - T.Cast("float32", xv[i])))
-                                                        * T.Cast("float32", uv[i]))
                                             for i in T.unroll(C):
-                                                acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xv[i]) * wv[i]
+                                                acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xv[t, i]) * wv[i]
                     sums(red, acc, tx)
                     if tx < J:
                         if p * TT + tx // RB < count and blk * RB + tx % RB < N:
                             orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx // RB))
                             if has_bias:
                                 out[orow, blk * RB + tx % RB] = T.Cast(
-                                    out_dtype, red[0, tx] + T.Cast("float32", bias[blk * RB + tx % RB]))
+                                    out_dtype, red[tx] + T.Cast("float32", bias[blk * RB + tx % RB]))
                             else:
-                                out[orow, blk * RB + tx % RB] = T.Cast(out_dtype, red[0, tx])
+                                out[orow, blk * RB + tx % RB] = T.Cast(out_dtype, red[tx])
                     T.tvm_storage_sync("shared")  # the next pass overwrites red
 
     KG = K // G

@@ -13,14 +13,18 @@ from . import block_reduce
 from .block_reduce import block_argmax
 
 GPU_THREADS = 256
+ARGMAX_THREADS = 1024
+ARGMAX_UNROLL = 4
 NEG_INF = float("-inf")
 
 
 def make_argmax(vocab: int, kind: str):
     """PrimFunc ``argmax(logits[L, V] float32, out[L] int32)``.
 
-    GPU: a block per row; thread ``i`` scans columns ``i, i+256, ...`` keeping its first maximum, then a
-    shared-memory tree keeps the larger value (the lower id on a tie). CPU: rows in parallel, one scan each.
+    GPU: a block of 1024 threads per row; thread ``i`` scans columns ``i, i+1024, ...`` keeping its first
+    maximum, loading ``ARGMAX_UNROLL`` of them before comparing (independent loads in flight: one load at a
+    time left a 151936-column row at memory latency x 594, 0.22 ms on an H200), then a shared-memory tree
+    keeps the larger value (the lower id on a tie). CPU: rows in parallel, one scan each.
     """
     from tvm.script import tirx as T
 
@@ -58,7 +62,7 @@ def make_argmax(vocab: int, kind: str):
 
         return argmax_cpu
 
-    NT = GPU_THREADS
+    NT, U = ARGMAX_THREADS, ARGMAX_UNROLL
     row_argmax = block_argmax(NT)
 
     @T.prim_func(private=True)
@@ -73,13 +77,18 @@ def make_argmax(vocab: int, kind: str):
                 ids = T.alloc_buffer((NT,), "int32", scope="shared")
                 best = T.alloc_buffer((1,), "float32", scope="local")
                 idx = T.alloc_buffer((1,), "int32", scope="local")
+                seen = T.alloc_buffer((U,), "float32", scope="local")
                 best[0] = T.float32(NEG_INF)
                 idx[0] = V  # no column yet: loses every tie, so a thread past the vocabulary never wins
-                for c in T.serial((V + NT - 1) // NT):
-                    if c * NT + tx < V:
-                        if logits[r, c * NT + tx] > best[0] or idx[0] == V:
-                            best[0] = logits[r, c * NT + tx]
-                            idx[0] = T.Cast("int32", c * NT + tx)
+                for c in T.serial((V + NT * U - 1) // (NT * U)):
+                    for u in T.unroll(U):  # the loads first, then the comparisons, in column order
+                        if (c * U + u) * NT + tx < V:
+                            seen[u] = logits[r, (c * U + u) * NT + tx]
+                    for u in T.unroll(U):
+                        if (c * U + u) * NT + tx < V:
+                            if seen[u] > best[0] or idx[0] == V:
+                                best[0] = seen[u]
+                                idx[0] = T.Cast("int32", (c * U + u) * NT + tx)
                 row_argmax(vals, ids, best, idx, tx)
                 if tx == 0:
                     out[r] = idx[0]
