@@ -298,7 +298,9 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
     t0 = time.perf_counter()
     src, ref = make_checkpoint(name, cfg, gptq, work, args.device)
     entry["checkpoint_s"] = time.perf_counter() - t0
+    print(f"{name}: checkpoint {entry['checkpoint_s']:.0f} s", flush=True)
     entry["pack_s"] = pack(artifact, src)
+    print(f"{name}: pack-weights {entry['pack_s']:.0f} s", flush=True)
     model = CompiledModel.load(artifact, device=args.device, kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30))
     if "decode_graph" in model.manifest.data["entry_points"] and not args.no_cuda_graph:  # CUDA graphs
         model.cuda_graph = True
@@ -307,9 +309,13 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
     print(f"{name}: parity {entry['parity']}", flush=True)
     entry["device_picking"] = device_picking(model)
     print(f"{name}: tokens picked on the device {entry['device_picking']}", flush=True)
+    t0 = time.perf_counter()
     entry["ferrum"] = ferrum_speed(model, args.tiny)
+    print(f"{name}: ferrum {entry['ferrum']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     del model
+    t0 = time.perf_counter()
     entry["transformers"] = transformers_speed(ref, args.device, args.tiny)
+    print(f"{name}: transformers {entry['transformers']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     entry["weight_bytes"] = weight_bytes(artifact)
     if "num_experts" not in cfg:  # an MoE step reads only the chosen experts: no such fraction
         entry["batch1_bandwidth_fraction"] = entry["weight_bytes"] * entry["ferrum"]["decode b1"] / (

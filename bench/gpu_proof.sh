@@ -47,7 +47,7 @@ prepare)
     "pyyaml==6.0.2" "safetensors==0.5.3" "ml_dtypes==0.5.1"
   du -sh .gpu
   ;;
-run)
+run|profile)
   export PYTHONUNBUFFERED=1
   out="${OUT:-/tmp/gpu-proof-out}"; mkdir -p "$out"
   tar xzf .gpu/tvm-runtime.tar.gz -C /tmp
@@ -63,9 +63,10 @@ run)
     && ln -sfn "$PWD/schedules" /tmp/ferrum-src/ferrum/schedules
   export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD:/tmp/ferrum-src"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/nvidia-smi.txt"
-  python3 bench/gpu_proof.py --artifacts .gpu --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-proof.log"
+  script=$([ "$1" = run ] && echo proof || echo profile)
+  python3 "bench/gpu_$script.py" --artifacts .gpu --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-$script.log"
   ;;
 *)
-  echo "usage: bench/gpu_proof.sh prepare|run" >&2; exit 2
+  echo "usage: bench/gpu_proof.sh prepare|run|profile" >&2; exit 2
   ;;
 esac

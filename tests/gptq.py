@@ -6,6 +6,8 @@ them. The quantization is plain round-to-nearest; only the format matters here."
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +47,9 @@ def gptq_pack(w: np.ndarray, cfg: GPTQConfig, rng: np.random.Generator) -> tuple
             z = np.clip(np.rint(-lo / s), 0, maxq)
         scales[gi] = s.astype(np.float16).astype(np.float32)
         zeros[gi] = z
-    s_k, z_k = scales[g_idx].T, zeros[g_idx].T  # [N, K]
-    q = np.clip(np.rint(w / s_k + z_k), 0, maxq).astype(np.int64)
-    deq = (s_k * (q - z_k)).astype(np.float32)
+    s_k, z_k = scales[g_idx].T, zeros[g_idx].T.astype(np.float32)  # [N, K]; the zeros are small integers
+    q = np.clip(np.rint(w / s_k + z_k), 0, maxq)
+    deq = s_k * (q - z_k)
     stored_z = zeros - (1 if cfg.v1_zeros else 0)
     if cfg.v1_zeros:
         stored_z = stored_z & maxq  # AutoGPTQ v1 wraps zero - 1 into the bit field
@@ -74,13 +76,17 @@ def gptq_checkpoint(src: Path, dest: Path, cfg: GPTQConfig, rng: np.random.Gener
     for f in sorted(src.glob("*.safetensors")):
         tensors.update(load_file(f))
     out, deq = {}, {}
-    for name, t in tensors.items():
-        if name.endswith(".weight") and t.ndim == 2 and not any(s in name for s in skip):
-            packed, w = gptq_pack(t.astype(np.float32), cfg, rng)
+    linear = [n for n, t in tensors.items() if n.endswith(".weight") and t.ndim == 2 and not any(s in n for s in skip)]
+    # one generator per matrix, drawn in order: the same result for any thread count
+    rngs = dict(zip(linear, rng.spawn(len(linear))))
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # numpy releases the GIL: real-shape models in minutes
+        packed = pool.map(lambda n: gptq_pack(tensors[n].astype(np.float32), cfg, rngs[n]), linear)
+        for name, (tens, w) in zip(linear, packed):
             prefix = name[: -len(".weight")]
-            out.update({f"{prefix}.{k}": v for k, v in packed.items()})
+            out.update({f"{prefix}.{k}": v for k, v in tens.items()})
             deq[name] = w
-        else:
+    for name, t in tensors.items():
+        if name not in rngs:
             out[name] = t
             deq[name] = t
     save_file(out, str(dest / "model.safetensors"))
