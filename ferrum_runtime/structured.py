@@ -3,10 +3,12 @@ guaranteed by masking the logits at every step with xgrammar (the engine vLLM, S
 
 A request's ``Constraint`` is compiled once per artifact (cached by its text) into an xgrammar grammar
 over the artifact's vocabulary; each sequence gets its own matcher, which fills its row of a token
-bitmask before sampling and accepts the sampled token after. Two fixes over xgrammar's defaults (DESIGN
-§7): JSON never allows free whitespace (a weak model would emit it until max_tokens), and length-bounded
+bitmask before sampling and accepts the sampled token after. Three fixes over xgrammar's defaults (DESIGN
+§7): JSON never allows free whitespace (a weak model would emit it until max_tokens), length-bounded
 strings are escape-only like every other JSON string (xgrammar's rule admits raw control characters,
-which ``json.loads`` rejects).
+which ``json.loads`` rejects), and no negated character class admits the UTF-16 surrogates U+D800-DFFF
+(xgrammar matches their 3-byte encodings, which are not UTF-8: the text decodes to 3 replacement
+characters each, so a 3-character string could come out 5 characters long).
 
 Tool calls use xgrammar's structural tags in the model family's own syntax (``tool_format``): Qwen2.5/3
 ``<tool_call>{"name", "arguments"}</tool_call>`` blocks, Llama 3.x ``{"name", "parameters"}`` objects;
@@ -188,7 +190,7 @@ class StructuredOutput:
                     _XGR_MODEL[spec["format"]], tools=spec["tools"], tool_choice=spec["tool_choice"],
                     reasoning="disabled", max_whitespace_cnt=_MAX_WHITESPACE, parallel_tool_calls=spec["parallel"])
                 g = xgr.Grammar.from_structural_tag(tag)
-            return xgr.Grammar.from_ebnf(_escape_only_strings(str(g)))
+            return xgr.Grammar.from_ebnf(_no_surrogates(_escape_only_strings(str(g))))
         except Exception as e:  # noqa: BLE001 - xgrammar reports bad grammars/regexes as RuntimeError/ValueError
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise ConstraintError(f"`{c.param}` cannot be compiled into a grammar: {first}", c.param) from None
@@ -219,3 +221,16 @@ _JSON_STRING_CHARS = '[^\\0-\\x1f\\"\\\\\\r\\n]'
 
 def _escape_only_strings(ebnf: str) -> str:
     return ebnf.replace(_LOOSE_STRING_CHARS, _JSON_STRING_CHARS)
+
+
+# a double-quoted EBNF literal (left alone), or a negated character class
+_EBNF_LITERAL_OR_NEGATED_CLASS = re.compile(r'"(?:\\.|[^"\\])*"|\[\^((?:\\.|[^\]\\])*)\]')
+
+
+def _no_surrogates(ebnf: str) -> str:
+    """Every negated character class of ``ebnf`` also refuses U+D800-DFFF (code points that are not text)."""
+    def fix(m: re.Match) -> str:
+        return m.group(0) if m.group(1) is None else "[^" + m.group(1) + "\\uD800-\\uDFFF]"
+
+    return _EBNF_LITERAL_OR_NEGATED_CLASS.sub(fix, ebnf)
+

@@ -81,6 +81,32 @@ def test_random_model_under_a_schema_always_validates(engine, schema, seed):
         jsonschema.validate(json.loads(text), schema)
 
 
+@pytest.mark.parametrize("kind,spec", [
+    ("json_schema", json.dumps({"type": "object", "properties": {"s": {"type": "string", "maxLength": 3},
+                                                                 "[^t]": {"type": "string"}},
+                                "required": ["s", "[^t]"], "additionalProperties": False})),
+    ("regex", r'"[^"]{0,3}"'),
+])
+def test_strings_refuse_surrogate_bytes(engine, kind, spec):
+    """xgrammar's negated character classes match the 3-byte encodings of U+D800-DFFF, which are not UTF-8
+    (hypothesis found a random model writing ``)\u05a7`` + ED A0 80 into a 3-character string: 5 characters
+    once decoded). Our grammars refuse them; real characters of every length still pass, and a literal
+    that looks like a class (the key ``[^t]``) is left alone."""
+    import xgrammar as xgr
+
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo([])).compile_grammar(
+        engine.structured._grammar(Constraint(kind, spec, "s")))
+
+    def accepts(value: bytes) -> bool:
+        text = b'{"s": "' + value + b'", "[^t]": "' + value + b'"}' if kind == "json_schema" else b'"' + value + b'"'
+        return xgr.GrammarMatcher(compiled).accept_string(text)
+
+    for ok in ("abc", "\u00e9\u4e2d", "\U0001f600", "\ud7ff\ue000"):
+        assert accepts(ok.encode("utf-8")), ok
+    for lone in (b"\xed\xa0\x80", b"\xed\xbf\xbf", b"a\xed\xb0\x80"):
+        assert not accepts(lone), lone
+
+
 def test_refs_defs_and_nesting_validate(engine):
     schema = {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0,
                                                                          "maximum": 99},
