@@ -35,7 +35,8 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert b"__global__" not in lib and b"extern \"C\"" not in lib  # compiled, not embedded source
     manifest = yaml.safe_load((out / "ferrum.yaml").read_text())
     assert manifest["target"]["cuda_code"]["cubin"] == [arch] and manifest["dtype"] == "float16"
-    assert "cubin: " + arch in ferrum("inspect", out).stdout
+    shown = ferrum("inspect", out).stdout
+    assert "cubin: " + arch in shown
     verified = manifest["target"]["gpu_code_verified"]  # every kernel within the arch's thread/shared limits
     assert verified["kernels"] >= 8 and verified["failed"] == []
     # the decode entry point: same arguments, GEMV kernels (compiled into the cubin too)
@@ -47,13 +48,12 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert entries["decode_wide"] == {**entries["forward"], "decode_only": True}
     assert entries["decode_wide_graph"] == {**entries["decode_wide"], "max_tokens": 64,
                                             "max_blocks": entries["decode_graph"]["max_blocks"]}
-    shown = ferrum("inspect", out).stdout
     assert "decode_wide(same, split-KV attention)" in shown and "decode_wide_graph(same, CUDA graphs)" in shown
     # tokens picked on the device: greedy and sampled
     assert entries["argmax"]["returns"]["dtype"] == "int32" and [a["name"] for a in entries["sample"]["args"]] == [
         "logits", "params", "uniform"]
     assert b"argmax" in lib and b"sample" in lib
-    assert "decode(same) for batches of <= 8 tokens" in ferrum("inspect", out).stdout
+    assert "decode(same) for batches of <= 8 tokens" in shown
     # decode again as CUDA graphs: one capture per step shape, blocks planned for the model's full length
     assert entries["decode_graph"]["args"] == entries["forward"]["args"] and entries["decode_graph"]["max_blocks"] == \
         -(-manifest["model"]["max_model_len"] // manifest["kv_cache"]["block_size"])
