@@ -52,7 +52,8 @@ def block_sum_columns(threads: int, width: int):
     ``mine`` this thread's ``[width]`` local partials (clobbered). Afterwards ``part[:width]`` holds the
     block's sums. Transposed rather than a tree: each of ``threads / width`` slices of ``width`` threads
     sums its share of every column, then ``width`` threads sum the slices: 5 barriers instead of the
-    tree's ``2 log2(threads)``, and every thread adds ``width`` values instead of ``width`` per step."""
+    tree's ``2 log2(threads)``, and a thread adds ``width`` partials once instead of ``width`` at every
+    step of the tree."""
     from tvm.script import tirx as T
 
     assert width >= 2 and threads % width == 0, (threads, width)
