@@ -85,6 +85,20 @@ def main() -> None:
 
             res[f"decode b{b}"] = profile_steps(decode, 20)
             report(name, f"decode b{b}", res[f"decode b{b}"])
+            if model.has_device_sampler:  # the same steps, tokens drawn by the sampler (T 0.7, top-k 40, top-p 0.9)
+                params = np.tile(np.array([[0.7, 40, 0.9, 0.0]], np.float32), (b, 1))
+
+                def sampled() -> None:
+                    nonlocal toks
+                    ids, _ = model.forward_picked(seqs.batch(toks), (params, rng.random(b).astype(np.float32)),
+                                                  False, check=False)
+                    toks = [[int(t)] for t in ids]
+
+                try:
+                    res[f"decode b{b} sampled"] = profile_steps(sampled, 20)
+                    report(name, f"decode b{b} sampled", res[f"decode b{b} sampled"])
+                except Exception as e:  # noqa: BLE001 - the prefill profile still runs
+                    print(f"{name} decode b{b} sampled FAILED: {e!r}", flush=True)
         prompt = [int(t) for t in rng.integers(0, model.vocab_size, 2048)]
 
         def prefill() -> None:
