@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -108,8 +109,6 @@ def main() -> None:
         report(name, "pp2048", res["pp2048"])
         (out / "gpu-profile.json").write_text(json.dumps(result, indent=1))
         del model
-        import shutil
-
         shutil.rmtree(artifact / "weights", ignore_errors=True)
 
 

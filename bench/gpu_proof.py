@@ -198,14 +198,7 @@ def ferrum_speed(model, tiny: bool) -> dict:
     out[f"pp{n_pp}"] = n_pp / float(np.median(runs))
 
     def decode(b: int) -> float:
-        seqs = _Seqs(model, b, n_prompt + n_gen + 1)
-        for i in range(b):
-            seqs.step([prompt(n_prompt) if j == i else [] for j in range(b)])
-        toks = [1] * b
-        t0 = time.perf_counter()
-        for _ in range(n_gen):  # greedy tokens picked on the device, as the engine does
-            toks = [int(t) for t in seqs.step([[t] for t in toks], greedy=True)]
-        return b * n_gen / (time.perf_counter() - t0)
+        return decode_rate(model, b, n_prompt, n_gen, prompt)
 
     for b in (1, 4, 16, 32):
         out[f"decode b{b}"] = decode(b)
@@ -232,29 +225,43 @@ def ferrum_speed(model, tiny: bool) -> dict:
     return out
 
 
-def sampled_speed(model, tiny: bool) -> dict:
-    """Decode tok/s as ``ferrum_speed``'s, tokens drawn by the artifact's device sampler as chat requests
-    usually ask (temperature 0.7, top-p 0.9, and top-k 40 at 16 sequences)."""
-    return {"decode b1 sampled (T 0.7, top-p 0.9)": decode_sampled(model, 1, 0, 0.9, tiny),
-            "decode b16 sampled (T 0.7, top-k 40, top-p 0.9)": decode_sampled(model, 16, 40, 0.9, tiny)}
-
-
-def decode_sampled(model, b: int, top_k: int, top_p: float, tiny: bool) -> float:
+def decode_rate(model, b: int, n_prompt: int, n_gen: int, prompt, sampling: tuple[float, float] | None = None,
+                rng: np.random.Generator | None = None) -> float:
+    """Decode tok/s of ``b`` sequences, each prefilled with ``prompt(n_prompt)`` on its own, over ``n_gen``
+    steps (every sequence to the end, like ignore_eos). Tokens are greedy, picked on the device as the
+    engine picks them, or with ``sampling`` = (top_k, top_p) drawn by the artifact's device sampler at
+    temperature 0.7 with uniforms from ``rng``."""
     from ferrum_runtime.bench import _Seqs
 
-    rng = np.random.default_rng(4)
-    n_prompt, n_gen = (16, 8) if tiny else (256, 128)
     seqs = _Seqs(model, b, n_prompt + n_gen + 1)
     for i in range(b):
-        seqs.step([[int(t) for t in rng.integers(0, model.vocab_size, n_prompt)] if j == i else [] for j in range(b)])
-    params = np.tile(np.array([[0.7, top_k, top_p, 0.0]], np.float32), (b, 1))
+        seqs.step([prompt(n_prompt) if j == i else [] for j in range(b)])
+    params = None if sampling is None else np.tile(np.array([[0.7, *sampling, 0.0]], np.float32), (b, 1))
     toks = [1] * b
     t0 = time.perf_counter()
     for _ in range(n_gen):
-        ids, _ = model.forward_picked(seqs.batch([[t] for t in toks]), (params, rng.random(b).astype(np.float32)),
-                                      False, check=False)
+        if params is None:
+            ids = seqs.step([[t] for t in toks], greedy=True)
+        else:
+            assert rng is not None
+            ids, _ = model.forward_picked(seqs.batch([[t] for t in toks]), (params, rng.random(b).astype(np.float32)),
+                                          False, check=False)
         toks = [int(t) for t in ids]
     return b * n_gen / (time.perf_counter() - t0)
+
+
+def sampled_speed(model, tiny: bool) -> dict:
+    """Decode tok/s as ``ferrum_speed``'s, tokens drawn by the artifact's device sampler as chat requests
+    usually ask (temperature 0.7, top-p 0.9, and top-k 40 at 16 sequences)."""
+    rng = np.random.default_rng(4)
+    n_prompt, n_gen = (16, 8) if tiny else (256, 128)
+
+    def prompt(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(0, model.vocab_size, n)]
+
+    return {"decode b1 sampled (T 0.7, top-p 0.9)": decode_rate(model, 1, n_prompt, n_gen, prompt, (0, 0.9), rng),
+            "decode b16 sampled (T 0.7, top-k 40, top-p 0.9)": decode_rate(model, 16, n_prompt, n_gen, prompt,
+                                                                           (40, 0.9), rng)}
 
 
 def transformers_speed(ref_dir: Path, device: str, tiny: bool) -> dict:
