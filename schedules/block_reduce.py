@@ -45,20 +45,21 @@ def block_sum(threads: int, width: int):
     return reduce
 
 
-def block_sum_columns(threads: int, width: int):
-    """Macro ``(part, mine, tx)`` for many sums at once (``width`` >= 2, dividing ``threads``): ``part`` a
-    shared float32 buffer of ``threads * (width + 1)`` (rows of ``width`` and a padding word that keeps the
-    column readers on distinct banks; flat, as TVM would compact a 2-D buffer's unread column away),
-    ``mine`` this thread's ``[width]`` local partials (clobbered). Afterwards ``part[:width]`` holds the
-    block's sums. Transposed rather than a tree: each of ``threads / width`` slices of ``width`` threads
-    sums its share of every column, then ``width`` threads sum the slices: 5 barriers instead of the
-    tree's ``2 log2(threads)``, and a thread adds ``width`` partials once instead of ``width`` at every
-    step of the tree."""
+def block_sum_columns(threads: int, width: int, groups: int = 1):
+    """Macro ``(part, mine, tx)`` for many sums at once (``width`` >= 2): ``part`` a shared float32 buffer
+    of ``threads * (width + 1)`` (rows of ``width`` and a padding word that keeps the column readers on
+    distinct banks; flat, as TVM would compact a 2-D buffer's unread column away), ``mine`` this thread's
+    ``[width]`` local partials (clobbered). The block's threads form ``groups`` runs of ``threads /
+    groups`` consecutive threads (``width`` dividing that), each summed on its own: afterwards
+    ``part[g * (threads / groups) * (width + 1) + j]`` holds column ``j`` of group ``g``'s sum. Transposed
+    rather than a tree: each of a group's slices of ``width`` threads sums its share of every column, then
+    ``width`` threads sum the slices (skipped when a group is one slice): at most 5 barriers instead of a
+    tree's ``2 log2(threads)``, and a thread adds ``width`` partials once instead of at every step."""
     from tvm.script import tirx as T
 
-    assert width >= 2 and threads % width == 0, (threads, width)
-    S = threads // width  # slices
-    per = threads // S  # partial rows each slice sums
+    TG = threads // groups  # threads of a group
+    assert width >= 2 and threads % groups == 0 and TG % width == 0, (threads, width, groups)
+    S = TG // width  # slices of a group
     W = width + 1  # a row's stride
 
     @T.macro
@@ -67,19 +68,20 @@ def block_sum_columns(threads: int, width: int):
             part[tx * W + j] = mine[j]
         T.tvm_storage_sync("shared")
         mine[0] = T.float32(0)
-        for i in T.unroll(per):
-            mine[0] = mine[0] + part[(tx // width * per + i) * W + tx % width]
+        for i in T.unroll(width):  # slice (tx % TG) // width of the group: its rows, column tx % width
+            mine[0] = mine[0] + part[(tx // width * width + i) * W + tx % width]
         T.tvm_storage_sync("shared")
-        part[tx // width * W + tx % width] = mine[0]
+        part[(tx // TG * TG + tx % TG // width) * W + tx % width] = mine[0]
         T.tvm_storage_sync("shared")
-        if tx < width:
-            mine[0] = T.float32(0)
-            for i in T.unroll(S):
-                mine[0] = mine[0] + part[i * W + tx]
-        T.tvm_storage_sync("shared")
-        if tx < width:
-            part[tx] = mine[0]
-        T.tvm_storage_sync("shared")
+        if S > 1:
+            if tx % TG < width:
+                mine[0] = T.float32(0)
+                for i in T.unroll(S):
+                    mine[0] = mine[0] + part[(tx // TG * TG + i) * W + tx % TG]
+            T.tvm_storage_sync("shared")
+            if tx % TG < width:
+                part[tx // TG * TG * W + tx % TG] = mine[0]
+            T.tvm_storage_sync("shared")
 
     return reduce
 

@@ -634,9 +634,12 @@ def row_loader(fmt: QuantFormat | None, K: int):
 
 # ---------------------------------------------------------------- GPU GEMV (decode)
 
-GEMV_THREADS = 128
-GEMV_ROWS = 4  # output rows per block
+GEMV_THREADS = 128  # at most, per block
+GEMV_ROWS = 4  # output rows per thread
 GEMV_TOKENS = 4  # tokens per pass over the block's rows
+GEMV_UNROLL = 2  # chunks whose loads a thread issues before it uses the first
+GEMV_MIN_BLOCKS = 528  # a grid this large keeps 4 blocks on each SM of a 132-SM H100/H200
+_MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing an integer below 2**23 into the mantissa gives 2**23 + it
 
 
 def gemv_chunk(fmt: QuantFormat | None, w_dtype: str, k: int) -> int:
@@ -650,18 +653,48 @@ def gemv_chunk(fmt: QuantFormat | None, w_dtype: str, k: int) -> int:
     return c
 
 
+def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
+    """``(k_lanes, row_groups, unroll)`` of a GEMV block over ``rows`` weight rows of ``chunks`` 16-byte
+    chunks: ``k_lanes`` threads share a row (the most, 16 to 128, that leave at most 1/8 of the lanes idle
+    on the last step and take at least 2 steps), ``row_groups`` such teams per block (fewer when the grid
+    would otherwise be short of ``GEMV_MIN_BLOCKS``), each thread ``GEMV_ROWS`` rows and ``unroll`` chunks
+    in flight. Qwen3-4B: INT4 K=2560 (80 chunks) takes 16 lanes, 5 steps, none idle; float16 K=2560 (320)
+    takes 64; float16 K=9728 (1216) takes 128."""
+    def idle(kt: int) -> float:
+        steps = -(-chunks // kt)
+        return (steps * kt - chunks) / (steps * kt)
+
+    lanes = (128, 64, 32, 16)
+    fits = [kt for kt in lanes if idle(kt) <= 1 / 8 and (chunks > kt or kt == 16)]
+    kt = fits[0] if fits else min(lanes, key=lambda kt: (idle(kt), -kt))
+    rt = GEMV_THREADS // kt
+    while rt > 1 and -(-rows // (rt * GEMV_ROWS)) < GEMV_MIN_BLOCKS:
+        rt //= 2
+    return kt, rt, min(GEMV_UNROLL, -(-chunks // kt))
+
+
 def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str, x_dtype: str,
                   out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16,
-                  experts: int = 0, x_div: int = 1, gated: bool = False):
+                  experts: int = 0, x_div: int = 1, gated: bool = False,
+                  layout: tuple[int, int, int] | None = None):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
-    A block of 128 threads owns 4 output rows and walks them once per pass of up to 4 tokens: each thread
-    loads 16 contiguous weight bytes per row per step (consecutive threads, consecutive bytes: coalesced),
-    dequantizes them in registers (INT4: low nibbles are columns 0-15 of a 32-column block, high nibbles
-    16-31; the group's scale, and min or zero point) and accumulates 4 tokens x 4 rows of float32 partial
-    sums (each token's activations loaded, and SiLU-gated, once per chunk for all 4 rows); the threads'
-    partials are summed in shared memory (``block_reduce.block_sum_columns``). Weights are read from memory
-    once per pass, so batches of up to 4 tokens stream them once. Any token count is correct (more passes).
+    A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
+    consecutive threads shares 4 rows: lane ``l`` takes chunks ``l, l + k_lanes, ...`` of each (consecutive
+    lanes, consecutive bytes: coalesced), issuing the loads of ``unroll`` chunks x 4 rows before it uses
+    the first. A block holds ``row_groups`` teams (``layout``, chosen by ``gemv_layout`` from the shape).
+    Each thread accumulates 4 tokens x 4 rows of float32 partial sums, with each token's activations
+    loaded, and SiLU-gated, once per chunk for all 4 rows; the team's partials are summed in shared memory
+    (``block_reduce.block_sum_columns``). Weights are read once per pass of up to 4 tokens; any token
+    count is correct (more passes).
+
+    Quantized weights are loaded as 32-bit words and turned into floats without integer-to-float
+    conversions (slow on GPUs: a quarter of the FMA rate or less): a 4- or 8-bit field OR-ed into the
+    mantissa of 2**23 is that float plus the field, and one subtraction of 2**23 (plus the zero point, or
+    128 for the sign of an INT8) leaves the exact value. The group's scale multiplies a sum of 4 (INT8) or
+    8 (INT4) products instead of every weight; asymmetric formats add ``min * sum(x)`` the same way.
+    (INT4: low nibbles are columns 0-15 of a 32-column block, high nibbles 16-31.)
+
     ``scale_dtype`` is float16 in artifacts; the CPU emulation of GPU kernels in the tests, which has no
     half type, passes float32. ``max_lanes`` caps the vector width of loads (Metal: up to 4 elements).
 
@@ -677,25 +710,38 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     import tvm
     from tvm.script import tirx as T
 
-    K, N, NT, RB, TT = in_features, out_features, GEMV_THREADS, GEMV_ROWS, GEMV_TOKENS
+    K, N, RB, TT = in_features, out_features, GEMV_ROWS, GEMV_TOKENS
     C = gemv_chunk(fmt, w_dtype, K)
     if fmt is not None:
         assert fmt.check(K) is None, fmt.check(K)
     NC = K // C  # chunks per row
+    KT, RT, U = layout or gemv_layout(NC, N)
+    assert KT >= TT * RB and KT & (KT - 1) == 0 and U >= 1, (KT, RT, U)
+    NT, BR = KT * RT, RT * RB  # threads and rows of a block
+    STEPS = -(-NC // KT)  # chunks per lane
     XV = min(C, max_lanes, 16 // np.dtype(x_dtype if x_dtype != "bfloat16" else "float16").itemsize)
     J = TT * RB
     quant = fmt is not None
     int4 = fmt is not None and fmt.bits == 4
     sym = fmt is not None and fmt.sym
     G = fmt.group_size if fmt is not None else K
-    zp = float(fmt.zero_point) if fmt is not None else 0.0
     has_bias = bias_dtype is not None
-    sums = block_sum_columns(NT, J)
-    WV = min(16 if int4 else C, max_lanes)  # lanes of one weight load
+    sums = block_sum_columns(NT, J, RT)
     grouped = experts > 0
     NW = max(experts, 1) * N  # weight rows
     wshape = (NW, K // 2) if int4 else (NW, K)
     wdt = "uint8" if int4 else ("int8" if quant else w_dtype)
+    WV = min(C, max_lanes)  # lanes of one dense weight load
+    # quantized: a chunk is 4 words; a word holds columns ``word * 4 + run * 16 + b`` (INT4: runs 0 and 1,
+    # the low and the high nibbles of its 4 bytes; INT8: run 0) in bits ``8 b + 4 run``
+    RUNS = 2 if int4 else 1
+    VW = 4 * RUNS  # values per word
+    MASK = 15 if int4 else 255
+    FLIP = 0 if int4 else 128  # INT8: the byte of v is v + 128 after flipping its top bit
+    # the activations of a chunk, held per token: float32 for quantized weights (each is used 4 times per
+    # row), x_dtype for dense ones (16 fewer registers; widened per use)
+    XS = "float32" if quant else x_dtype
+    BIAS = float(2 ** 23 + FLIP + (fmt.zero_point if sym else 0)) if fmt is not None else 0.0
 
     # token i of the block's list: its x row, its out row; and how many there are
     def rows_of(offsets, ex, ntok):
@@ -707,76 +753,126 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     def out_row(order, offsets, ex, i):
         return order[offsets[ex] + i] if grouped else i
 
+    def x_loader(n: int):
+        """Macro ``(xs, up, x, xr, col, t, at)``: ``xs[t, at:at+n]`` = float32 of ``x[xr, col:col+n]``
+        (gated: SiLU(gate) * up, rounded to x_dtype)."""
+        v = min(XV, n)
+
+        @T.macro
+        def load(xs, up, x, xr, col, t, at):
+            for i0 in T.unroll(n // v):  # vector loads
+                for i1 in T.vectorized(v):
+                    up[i0 * v + i1] = x[xr, col + i0 * v + i1]
+            if gated:
+                for i0 in T.unroll(n // v):
+                    for i1 in T.vectorized(v):
+                        up[C + i0 * v + i1] = x[xr, K + col + i0 * v + i1]
+                for i in T.unroll(n):
+                    xs[t, at + i] = T.Cast(XS, T.Cast(x_dtype, T.Cast("float32", up[i]) / (
+                        T.float32(1) + T.exp(T.float32(0) - T.Cast("float32", up[i]))) * T.Cast("float32", up[C + i])))
+            else:
+                for i in T.unroll(n):
+                    xs[t, at + i] = T.Cast(XS, up[i])
+
+        return load
+
+    load_chunk, load_run = x_loader(C), x_loader(4)
+
     @T.macro
-    def body(x, w, scales, mins, bias, offsets, order, out, ntok):
-        for blk in T.thread_binding((N + RB - 1) // RB, thread="blockIdx.x"):
+    def body(x, w, wq, scales, mins, bias, offsets, order, out, ntok):
+        for blk in T.thread_binding((N + BR - 1) // BR, thread="blockIdx.x"):
           for ex in T.thread_binding(max(experts, 1), thread="blockIdx.y"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 red = T.alloc_buffer((NT * (J + 1),), "float32", scope="shared")
                 acc = T.alloc_buffer((J,), "float32", scope="local")
-                wv = T.alloc_buffer((C,), "float32", scope="local")
-                xv = T.alloc_buffer((TT, C), x_dtype, scope="local")  # the chunk of each token of the pass
-                uv = T.alloc_buffer((C,), x_dtype, scope="local")  # gated: the up half
-                raw = T.alloc_buffer((16 if int4 else C,), wdt, scope="local")
+                xs = T.alloc_buffer((TT, VW if quant else C), XS, scope="local")  # tokens' activations
+                up = T.alloc_buffer((2 * C,), x_dtype, scope="local")  # loaded x (gated: gate, up)
+                sx = T.alloc_buffer((TT,), "float32", scope="local")  # asymmetric: sum of a word's activations
+                wv = T.alloc_buffer((VW if quant else C,), "float32", scope="local")
+                dot = T.alloc_buffer((1,), "float32", scope="local")
+                raw = T.alloc_buffer((U, RB, 4), "uint32", scope="local")  # quantized: U chunks x RB rows
+                rawd = T.alloc_buffer((U, RB, C), wdt, scope="local")  # dense
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
+                row0: T.let[T.int32] = blk * BR + tx // KT * RB  # this team's first row
                 for p in T.serial((count + TT - 1) // TT):
                     for j in T.unroll(J):
                         acc[j] = T.float32(0)
-                    for c in T.serial((NC + NT - 1) // NT):
-                        if c * NT + tx < NC:
-                            ch: T.let[T.int32] = c * NT + tx
-                            # the tokens' activations once per chunk (gated: SiLU-gated), for all rows
-                            for t in T.unroll(TT):
-                                if p * TT + t < count:
-                                    xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
-                                    for i0 in T.unroll(C // XV):  # 16-byte vector loads
-                                        for i1 in T.vectorized(XV):
-                                            xv[t, i0 * XV + i1] = x[xr, ch * C + i0 * XV + i1]
-                                    if gated:
-                                        for i0 in T.unroll(C // XV):
-                                            for i1 in T.vectorized(XV):
-                                                uv[i0 * XV + i1] = x[xr, K + ch * C + i0 * XV + i1]
-                                        for i in T.unroll(C):
-                                            xv[t, i] = T.Cast(x_dtype, T.Cast("float32", xv[t, i]) / (
-                                                T.float32(1) + T.exp(T.float32(0) - T.Cast("float32", xv[t, i])))
-                                                * T.Cast("float32", uv[i]))
-                            for r in T.unroll(RB):
-                                if blk * RB + r < N:
-                                    n: T.let[T.int32] = ex * N + blk * RB + r  # ex is 0 unless grouped
-                                    if int4:
-                                        for i0 in T.unroll(16 // WV):
-                                            for i1 in T.vectorized(WV):
-                                                raw[i0 * WV + i1] = w[n, ch * 16 + i0 * WV + i1]
-                                        for i in T.unroll(16):
-                                            wv[i] = T.Cast("float32", T.bitwise_and(raw[i], T.uint8(15)))
-                                            wv[16 + i] = T.Cast("float32", T.shift_right(raw[i], T.uint8(4)))
-                                    else:
-                                        for i0 in T.unroll(C // WV):
-                                            for i1 in T.vectorized(WV):
-                                                raw[i0 * WV + i1] = w[n, ch * C + i0 * WV + i1]
-                                        for i in T.unroll(C):
-                                            wv[i] = T.Cast("float32", raw[i])
-                                    if quant:
-                                        scale: T.let[T.float32] = T.Cast("float32", scales[n, ch * C // G])
-                                        if sym:
-                                            for i in T.unroll(C):
-                                                wv[i] = (wv[i] - T.float32(zp)) * scale
+                    for s0 in T.serial((STEPS + U - 1) // U):
+                        # every load of U chunks x RB rows first, then the arithmetic
+                        for u in T.unroll(U):
+                            if (s0 * U + u) * KT + tx % KT < NC:
+                                for r in T.unroll(RB):
+                                    if row0 + r < N:
+                                        if quant:
+                                            for i in T.vectorized(4):
+                                                raw[u, r, i] = wq[ex * N + row0 + r,
+                                                                  ((s0 * U + u) * KT + tx % KT) * 4 + i]
                                         else:
-                                            for i in T.unroll(C):
-                                                wv[i] = wv[i] * scale + mins[n, ch * C // G]
+                                            for i0 in T.unroll(C // WV):
+                                                for i1 in T.vectorized(WV):
+                                                    rawd[u, r, i0 * WV + i1] = w[
+                                                        ex * N + row0 + r,
+                                                        ((s0 * U + u) * KT + tx % KT) * C + i0 * WV + i1]
+                        for u in T.unroll(U):
+                            if (s0 * U + u) * KT + tx % KT < NC:
+                                ch: T.let[T.int32] = (s0 * U + u) * KT + tx % KT
+                                if quant:
+                                    for wd in T.unroll(4):
+                                        for t in T.unroll(TT):
+                                            if p * TT + t < count:
+                                                xr: T.let[T.int32] = T.Cast(
+                                                    "int32", x_row(order, offsets, ex, p * TT + t))
+                                                for run in T.unroll(RUNS):
+                                                    load_run(xs, up, x, xr, ch * C + run * 16 + wd * 4, t, run * 4)
+                                                if not sym:
+                                                    sx[t] = T.float32(0)
+                                                    for i in T.unroll(VW):
+                                                        sx[t] = sx[t] + xs[t, i]
+                                        for r in T.unroll(RB):
+                                            if row0 + r < N:
+                                                for run in T.unroll(RUNS):
+                                                    for b in T.unroll(4):
+                                                        wv[run * 4 + b] = T.reinterpret("float32", T.bitwise_or(
+                                                            T.bitwise_xor(T.bitwise_and(T.shift_right(
+                                                                raw[u, r, wd], T.uint32(8 * b + 4 * run)),
+                                                                T.uint32(MASK)), T.uint32(FLIP)),
+                                                            T.uint32(_MAGIC))) - T.float32(BIAS)
+                                                scale: T.let[T.float32] = T.Cast(
+                                                    "float32", scales[ex * N + row0 + r, ch * C // G])
+                                                for t in T.unroll(TT):
+                                                    if p * TT + t < count:
+                                                        dot[0] = T.float32(0)
+                                                        for i in T.unroll(VW):
+                                                            dot[0] = dot[0] + xs[t, i] * wv[i]
+                                                        if sym:
+                                                            acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale
+                                                        else:
+                                                            acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale + sx[t] * \
+                                                                mins[ex * N + row0 + r, ch * C // G]
+                                else:
                                     for t in T.unroll(TT):
                                         if p * TT + t < count:
+                                            xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
+                                            load_chunk(xs, up, x, xr, ch * C, t, 0)
+                                    for r in T.unroll(RB):
+                                        if row0 + r < N:
                                             for i in T.unroll(C):
-                                                acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xv[t, i]) * wv[i]
+                                                wv[i] = T.Cast("float32", rawd[u, r, i])
+                                            for t in T.unroll(TT):
+                                                if p * TT + t < count:
+                                                    for i in T.unroll(C):
+                                                        acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xs[t, i]) * wv[i]
                     sums(red, acc, tx)
-                    if tx < J:
-                        if p * TT + tx // RB < count and blk * RB + tx % RB < N:
-                            orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx // RB))
+                    if tx % KT < J:
+                        if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
+                            orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx % KT // RB))
                             if has_bias:
-                                out[orow, blk * RB + tx % RB] = T.Cast(
-                                    out_dtype, red[tx] + T.Cast("float32", bias[blk * RB + tx % RB]))
+                                out[orow, row0 + tx % KT % RB] = T.Cast(
+                                    out_dtype, red[tx // KT * KT * (J + 1) + tx % KT]
+                                    + T.Cast("float32", bias[row0 + tx % KT % RB]))
                             else:
-                                out[orow, blk * RB + tx % RB] = T.Cast(out_dtype, red[tx])
+                                out[orow, row0 + tx % KT % RB] = T.Cast(
+                                    out_dtype, red[tx // KT * KT * (J + 1) + tx % KT])
                     T.tvm_storage_sync("shared")  # the next pass overwrites red
 
     KG = K // G
@@ -784,6 +880,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
 
     E1 = max(experts, 1)
     XK = 2 * K if gated else K  # columns of x
+    WORDS = K * (4 if int4 else 8) // 32 if quant else 1  # 32-bit words of a quantized row
 
     # one signature with every tensor; those this variant does not read are dropped below
     @T.prim_func(private=True)
@@ -792,8 +889,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
              ord_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         nx, nrow = T.int64(), T.int64()
-        body(T.match_buffer(x_h, (nx, XK), x_dtype), w, s, m, b, off, T.match_buffer(ord_h, (nrow,), "int32"),
-             T.match_buffer(o_h, (nrow, N), out_dtype), nrow)
+        xb = T.match_buffer(x_h, (nx, XK), x_dtype)
+        ordb = T.match_buffer(ord_h, (nrow,), "int32")
+        ob = T.match_buffer(o_h, (nrow, N), out_dtype)
+        wq = T.decl_buffer((NW, WORDS), "uint32", data=w.data)  # a quantized row's 16-byte chunks as words
+        body(xb, w, wq, s, m, b, off, ordb, ob, nrow)
 
     x_h, w, s, m, b, off, ord_h, o_h = gemv.params
     keep = ([x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else [])

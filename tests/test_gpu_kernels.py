@@ -147,7 +147,7 @@ def test_split_count_follows_batch_and_context():
 
 # ---------------------------------------------------------------- GEMV (the decode entry point's linears)
 
-def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False):
+def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False, layout=None):
     xin = rng.standard_normal((ntok, 2 * k if gated else k)).astype(np.float32)
     x = xin[:, :k] / (1 + np.exp(-xin[:, :k])) * xin[:, k:] if gated else xin  # gated: SiLU(gate) * up
     b = rng.standard_normal(n).astype(np.float32) if bias else None
@@ -162,9 +162,9 @@ def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False):
         tensors = [qweight, scales] + ([] if mins is None else [mins])
         ref = ql.qlinear_ref(x, fmt, qweight, scales, mins, b)
     out = np.full((ntok, n), np.nan, np.float32)
-    func = _kernel(("gemv", k, n, fmt, bias, lanes, gated), lambda: ql.make_gemv_gpu(
+    func = _kernel(("gemv", k, n, fmt, bias, lanes, gated, layout), lambda: ql.make_gemv_gpu(
         k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, scale_dtype="float32",
-        max_lanes=lanes, gated=gated))
+        max_lanes=lanes, gated=gated, layout=layout))
     gpu_emu.run(func, xin, *tensors, *([b] if bias else []), out)
     return out, ref
 
@@ -175,13 +175,15 @@ FORMATS = st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), fmt=FORMATS, groups=st.integers(1, 40), n=st.integers(1, 23),
-       ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]), gated=st.booleans())
-def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated):
-    """Any width (more chunks than threads, fewer, ragged), any row count (a partial last block of 4 rows),
-    any token count (partial passes of 4 tokens), 16-byte loads or Metal's 4-lane ones; SiLU-gated input
-    read from a gate|up projection or plain."""
+       ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]), gated=st.booleans(),
+       layout=st.sampled_from([None, (16, 8, 2), (32, 2, 3), (128, 1, 1), (64, 2, 4)]))
+def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, layout):
+    """Any width (more chunks than lanes, fewer, ragged), any row count (a partial last team of 4 rows, a
+    partial block of teams), any token count (partial passes of 4 tokens), 16-byte loads or Metal's 4-lane
+    ones; SiLU-gated input read from a gate|up projection or plain; the layout the shape picks, or teams
+    of 16 to 128 lanes with 1 to 4 chunks in flight."""
     k = groups * (fmt.group_size if fmt else 8) + (0 if fmt else seed % 3)  # dense: odd widths too
-    out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes, gated)
+    out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes, gated, layout)
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 
@@ -189,6 +191,18 @@ def test_gemv_chunk_is_16_bytes():
     assert ql.gemv_chunk(ql.QuantFormat(4, 128, True), "", 4096) == 32
     assert ql.gemv_chunk(None, "float16", 2560) == 8 and ql.gemv_chunk(None, "float16", 2562) == 2
     assert ql.gemv_chunk(None, "float32", 7) == 1
+
+
+@pytest.mark.parametrize("chunks,rows,layout", [
+    (80, 19456, (16, 8, 2)),  # Qwen3-4B INT4 gate/up: 16 lanes take 5 steps, none idle
+    (80, 6144, (16, 2, 2)),  # INT4 q/k/v: fewer teams per block so the grid keeps 768 blocks
+    (320, 19456, (64, 2, 2)),  # float16 gate/up: 64 lanes, 5 steps
+    (1216, 2560, (128, 1, 2)),  # float16 down: 10 steps, 5% idle on the last
+    (304, 2560, (64, 1, 2)),  # INT4 down: 128 lanes would idle 21%
+    (3, 10, (16, 1, 1)),  # tiny: one step, the fewest idle lanes
+])
+def test_gemv_layout_keeps_lanes_busy(chunks, rows, layout):
+    assert ql.gemv_layout(chunks, rows) == layout
 
 
 # ---------------------------------------------------------------- greedy sampling on the device
