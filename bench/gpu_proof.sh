@@ -28,6 +28,11 @@
 #   run(command="bash bench/gpu_proof.sh profile --models qwen3-4b", carry=[".gpu"])
 #     the same set-up, then bench/gpu_profile.py: device time per kernel of decode steps at 1 and 16
 #     sequences and a 2048-token prefill (torch's profiler), gpu-profile.json and .log in $OUT.
+#   run(command="bash bench/gpu_proof.sh kernels", carry=[".gpu"])
+#     the same set-up, then bench/gpu_kernels.py: each decode GEMV of Qwen3-4B (float16 and INT4) alone,
+#     in the layout gemv_layout picks and its alternatives, at 1 and 4 tokens: µs and GB/s of weights
+#     read, against the copy bandwidth; gpu-kernels.json and .log in $OUT. Expected well under a minute
+#     of GPU time after the set-up (~200 calls of 2-40 µs per variant, 76 variants).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -41,6 +46,7 @@ prepare)
     "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 --no-weights -o ".gpu/$m" \
       ${dtype:+--dtype "$dtype"}
   done
+  "$python" bench/gpu_kernels.py --prepare .gpu/kernels >/dev/null  # the GEMV variants, ~2 min, ~6 MiB
   rt=$(mktemp -d)
   PYTHON="$python" ../shared/tools/pack-tvm-runtime.sh "$rt/tvm-runtime" 3.12 >/dev/null
   tar czf .gpu/tvm-runtime.tar.gz -C "$rt" tvm-runtime && rm -rf "$rt"
@@ -50,7 +56,7 @@ prepare)
     "pyyaml==6.0.2" "safetensors==0.5.3" "ml_dtypes==0.5.1"
   du -sh .gpu
   ;;
-run|profile)
+run|profile|kernels)
   export PYTHONUNBUFFERED=1
   out="${OUT:-/tmp/gpu-proof-out}"; mkdir -p "$out"
   tar xzf .gpu/tvm-runtime.tar.gz -C /tmp
@@ -66,10 +72,14 @@ run|profile)
     && ln -sfn "$PWD/schedules" /tmp/ferrum-src/ferrum/schedules
   export PYTHONPATH="$PYTHONPATH:/tmp/site:$PWD:/tmp/ferrum-src"
   nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$out/nvidia-smi.txt"
-  script=$([ "$1" = run ] && echo proof || echo profile)
-  python3 "bench/gpu_$script.py" --artifacts .gpu --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-$script.log"
+  if [ "$1" = kernels ]; then
+    python3 bench/gpu_kernels.py --run .gpu/kernels --out "$out" 2>&1 | tee "$out/gpu-kernels.log"
+  else
+    script=$([ "$1" = run ] && echo proof || echo profile)
+    python3 "bench/gpu_$script.py" --artifacts .gpu --out "$out" "${@:2}" 2>&1 | tee "$out/gpu-$script.log"
+  fi
   ;;
 *)
-  echo "usage: bench/gpu_proof.sh prepare|run|profile" >&2; exit 2
+  echo "usage: bench/gpu_proof.sh prepare|run|profile|kernels" >&2; exit 2
   ;;
 esac
