@@ -1,8 +1,8 @@
 """Block-wide reductions for GPU kernels, as TIR macros shared by the kernel families.
 
-Each halves the live threads per step through shared memory: a thread reads its partner's partial into
-registers, everyone waits, the survivors publish, everyone waits. A branch therefore only reads or only
-writes shared memory, which TVM's barrier planner requires (it will not put a barrier inside a branch).
+They go through shared memory in rounds: threads read partials into registers, everyone waits, some
+publish, everyone waits. A branch therefore only reads or only writes shared memory, which TVM's barrier
+planner requires (it will not put a barrier inside a branch).
 Warp shuffles would be faster on CUDA but have no OpenCL form, and the tests run these kernels on the
 CPU through OpenCL (tests/gpu_emu.py).
 """
@@ -18,28 +18,35 @@ def threads_for(n: int, limit: int = 1024) -> int:
 
 def block_sum(threads: int, width: int):
     """Macro ``(part, mine, tx)``: ``part`` a shared ``[threads, width]`` float32 buffer, ``mine`` this
-    thread's ``[width]`` local partial sums. Afterwards every thread's ``mine`` and ``part[0, :]`` hold
-    the block's sums. ``threads`` is a power of two."""
+    thread's ``[width]`` local partial sums. Afterwards every thread's ``mine`` holds the block's sums.
+    ``threads`` is a power of two. Transposed rather than a tree: 32 threads each sum every 32nd partial
+    (consecutive threads, consecutive words: no bank conflicts), then every thread sums those 32: 4
+    barriers whatever ``threads`` is (a tree over 1024 threads takes 22)."""
     from tvm.script import tirx as T
 
-    steps = threads.bit_length() - 1
+    L = min(32, threads)  # the threads of the first round
+    R = threads // L  # partials each of them sums
+    assert threads == L * R and threads & (threads - 1) == 0, threads
 
     @T.macro
     def reduce(part, mine, tx):
         for j in T.unroll(width):
             part[tx, j] = mine[j]
         T.tvm_storage_sync("shared")
-        for step in T.unroll(steps):
-            if tx < T.shift_right(threads, step + 1):
-                for j in T.unroll(width):
-                    mine[j] = mine[j] + part[tx + T.shift_right(threads, step + 1), j]
-            T.tvm_storage_sync("shared")
-            if tx < T.shift_right(threads, step + 1):
-                for j in T.unroll(width):
-                    part[tx, j] = mine[j]
-            T.tvm_storage_sync("shared")
+        if tx < L:
+            for j in T.unroll(width):
+                mine[j] = T.float32(0)
+                for i in T.unroll(R):
+                    mine[j] = mine[j] + part[i * L + tx, j]
+        T.tvm_storage_sync("shared")
+        if tx < L:
+            for j in T.unroll(width):
+                part[tx, j] = mine[j]
+        T.tvm_storage_sync("shared")
         for j in T.unroll(width):
-            mine[j] = part[0, j]
+            mine[j] = T.float32(0)
+            for i in T.unroll(L):
+                mine[j] = mine[j] + part[i, j]
         T.tvm_storage_sync("shared")  # part may be written again after this
 
     return reduce

@@ -101,27 +101,37 @@ def argmax_ref(logits: np.ndarray) -> np.ndarray:
     return np.argmax(logits, axis=1).astype(np.int32)
 
 
+SAMPLE_THREADS = 1024
+SAMPLE_UNROLL = 4
+
+
 def make_sample_gpu(vocab: int):
     """PrimFunc ``sample(logits[L,V] f32, params[L,4] f32, uniform[L] f32, out[L] int32)``: one token per
     row. ``params[r]`` = (temperature, top_k, top_p, min_p) as the host sampler takes them (temperature
     below 1e-5: greedy; top_k 0 or >= V: off; top_p 1: off; min_p 0: off); ``uniform[r]`` in [0, 1) is the
     row's draw from its sequence's generator.
 
-    A block of 256 threads per row; thread ``i`` owns the contiguous ids ``[i*C, (i+1)*C)``. Passes over
-    the row: the maximum (and its lowest id, the greedy answer); for top-k the k-th largest logit, found
-    by a binary search over the logits' order-preserving 32-bit keys (``count(key >= K) >= k``); for top-p
-    the smallest key ``K`` with ``mass(kept, key > K) < top_p * mass(kept)`` by the same search; then the
-    kept probabilities ``exp((x - max) / T)`` (min_p drops those below ``min_p``), their per-thread sums, a
-    prefix sum over threads, and the thread holding ``uniform * total`` walks its ids to the first whose
-    cumulative probability exceeds it. Float32 throughout, and tokens tied with the k-th logit are all
-    kept (the host sampler sums in float64 and keeps the lowest ids of such ties): the same distribution,
-    not always the same token as the host for the same draw.
+    A block of 1024 threads per row. Passes over the row, each strided (thread ``i`` reads ids ``i, i +
+    1024, ...``: a warp reads 128 consecutive bytes) with 4 loads in flight: the maximum (and its lowest
+    id, the greedy answer); for top-k the k-th largest logit, found by a binary search over the logits'
+    order-preserving 32-bit keys (``count(key >= K) >= k``); for top-p the smallest key ``K`` with
+    ``mass(kept, key > K) < top_p * mass(kept)`` by the same search (the exponential only for ids above
+    the probe). A search that is off (and every pass of a greedy row) costs nothing. Then the draw, in id
+    order: thread ``i`` owns the contiguous ids ``[i*C, (i+1)*C)``, sums its kept probabilities ``exp((x
+    - max) / T)`` (min_p drops those below ``min_p``), a prefix sum over threads finds the thread holding
+    ``uniform * total`` (sums of runs of 32 threads, then within the run), and it walks its ids to the first whose cumulative probability exceeds it.
+    Float32 throughout, and tokens tied with the k-th logit are all kept (the host sampler sums in
+    float64 and keeps the lowest ids of such ties): the same distribution, not always the same token as
+    the host for the same draw.
     """
     from tvm import tirx
     from tvm.script import tirx as T
 
-    V, NT = vocab, GPU_THREADS
-    C = -(-V // NT)
+    V, NT, U = vocab, SAMPLE_THREADS, SAMPLE_UNROLL
+    C = -(-V // NT)  # contiguous ids per thread, for the draw
+    W = 32  # the prefix over threads: W runs of W threads
+    assert W * W == NT
+    S = -(-V // (NT * U))  # strided steps of U loads
     block_sum, row_argmax = block_reduce.block_sum(NT, 1), block_argmax(NT)
 
     def key_of(x):
@@ -133,6 +143,13 @@ def make_sample_gpu(vocab: int):
     def prob(x, top, temp):
         """The unnormalised probability of logit ``x``: 1 for the row's maximum ``top``."""
         return tirx.exp((x - top) / temp)
+
+    @T.macro
+    def load(seen, logits, r, c, tx):
+        """``seen[u]`` = logit ``(c * U + u) * NT + tx`` of row ``r`` for the ids inside the vocabulary."""
+        for u in T.unroll(U):
+            if (c * U + u) * NT + tx < V:
+                seen[u] = logits[r, (c * U + u) * NT + tx]
 
     @T.prim_func(private=True)
     def sample(l_h: T.handle, p_h: T.handle, u_h: T.handle, o_h: T.handle):
@@ -147,6 +164,7 @@ def make_sample_gpu(vocab: int):
                 part = T.alloc_buffer((NT, 1), "float32", scope="shared")
                 part1 = T.alloc_buffer((NT,), "float32", scope="shared")
                 part_id = T.alloc_buffer((NT,), "int32", scope="shared")
+                seen = T.alloc_buffer((U,), "float32", scope="local")
                 mine = T.alloc_buffer((1,), "float32", scope="local")
                 best = T.alloc_buffer((2,), "float32", scope="local")  # max, then the kept mass
                 idx = T.alloc_buffer((1,), "int32", scope="local")
@@ -157,64 +175,68 @@ def make_sample_gpu(vocab: int):
                 top_k: T.let[T.int64] = T.Cast("int64", params[r, 1])
                 top_p: T.let[T.float32] = params[r, 2]
                 min_p: T.let[T.float32] = params[r, 3]
-                # 1. the maximum and its lowest id
+                # 1. the maximum and its lowest id (a thread sees its ids in increasing order)
                 best[0] = T.float32(NEG_INF)
                 idx[0] = V
-                for c in T.serial(C):
-                    if tx * C + c < V:
-                        if logits[r, tx * C + c] > best[0] or idx[0] == V:
-                            best[0] = logits[r, tx * C + c]
-                            idx[0] = T.Cast("int32", tx * C + c)
+                for c in T.serial(S):
+                    load(seen, logits, r, c, tx)
+                    for u in T.unroll(U):
+                        if (c * U + u) * NT + tx < V:
+                            if seen[u] > best[0] or idx[0] == V:
+                                best[0] = seen[u]
+                                idx[0] = T.Cast("int32", (c * U + u) * NT + tx)
                 row_argmax(part1, part_id, best, idx, tx)
                 greedy: T.let[T.bool] = temp < T.float32(1.0e-5)
                 # 2. top-k: the largest key K with count(key >= K) >= k (all keys when off or greedy)
                 bounds[0] = T.int64(0)
                 bounds[1] = T.int64(0xFFFFFFFF)
                 searching_k: T.let[T.bool] = not greedy and top_k > 0 and top_k < V
-                for _it in T.serial(32):
+                for _it in T.serial(T.if_then_else(searching_k, 32, 0)):  # the same for every thread
                     mid: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
                     mine[0] = T.float32(0)
-                    if searching_k:
-                        for c in T.serial(C):
-                            if tx * C + c < V:
-                                if key_of(logits[r, tx * C + c]) >= mid:
+                    for c in T.serial(S):
+                        load(seen, logits, r, c, tx)
+                        for u in T.unroll(U):
+                            if (c * U + u) * NT + tx < V:
+                                if key_of(seen[u]) >= mid:
                                     mine[0] = mine[0] + T.float32(1)
                     block_sum(part, mine, tx)
-                    if searching_k:
-                        if T.Cast("int64", mine[0]) >= top_k:
-                            bounds[0] = mid
-                        else:
-                            bounds[1] = mid - 1
+                    if T.Cast("int64", mine[0]) >= top_k:
+                        bounds[0] = mid
+                    else:
+                        bounds[1] = mid - 1
                 bounds[2] = bounds[0]
                 # 3. top-p: the smallest key K with mass(kept, key > K) < top_p * mass(kept)
+                searching_p: T.let[T.bool] = not greedy and top_p < T.float32(1)
                 mine[0] = T.float32(0)
-                if not greedy:
-                    for c in T.serial(C):
-                        if tx * C + c < V:
-                            if key_of(logits[r, tx * C + c]) >= bounds[2]:
-                                mine[0] = mine[0] + prob(logits[r, tx * C + c], best[0], temp)
+                if searching_p:
+                    for c in T.serial(S):
+                        load(seen, logits, r, c, tx)
+                        for u in T.unroll(U):
+                            if (c * U + u) * NT + tx < V:
+                                if key_of(seen[u]) >= bounds[2]:
+                                    mine[0] = mine[0] + prob(seen[u], best[0], temp)
                 block_sum(part, mine, tx)
                 best[1] = mine[0]
-                searching_p: T.let[T.bool] = not greedy and top_p < T.float32(1)
                 bounds[0] = T.int64(0)
                 bounds[1] = T.int64(0xFFFFFFFF)
-                for _it in T.serial(32):
+                for _it in T.serial(T.if_then_else(searching_p, 32, 0)):
                     mid_p: T.let[T.int64] = (bounds[0] + bounds[1]) // 2
                     mine[0] = T.float32(0)
-                    if searching_p:
-                        for c in T.serial(C):
-                            if tx * C + c < V:
-                                if key_of(logits[r, tx * C + c]) > mid_p and key_of(logits[r, tx * C + c]) >= bounds[2]:
-                                    mine[0] = mine[0] + prob(logits[r, tx * C + c], best[0], temp)
+                    for c in T.serial(S):
+                        load(seen, logits, r, c, tx)
+                        for u in T.unroll(U):
+                            if (c * U + u) * NT + tx < V:
+                                if key_of(seen[u]) > mid_p and key_of(seen[u]) >= bounds[2]:
+                                    mine[0] = mine[0] + prob(seen[u], best[0], temp)
                     block_sum(part, mine, tx)
-                    if searching_p:
-                        if mine[0] < top_p * best[1]:
-                            bounds[1] = mid_p
-                        else:
-                            bounds[0] = mid_p + 1
+                    if mine[0] < top_p * best[1]:
+                        bounds[1] = mid_p
+                    else:
+                        bounds[0] = mid_p + 1
                 # the kept keys: from the top-k cut, and from the top-p cut when there is one
                 bounds[3] = T.max(bounds[2], T.if_then_else(searching_p, bounds[0], T.int64(0)))
-                # 4. kept mass per thread, its prefix over threads, and the draw
+                # 4. kept mass per thread's contiguous ids, its prefix over threads, and the draw
                 mine[0] = T.float32(0)
                 if not greedy:
                     for c in T.serial(C):
@@ -225,13 +247,21 @@ def make_sample_gpu(vocab: int):
                                     mine[0] = mine[0] + pr
                 part1[tx] = mine[0]
                 T.tvm_storage_sync("shared")
-                cum[0] = T.float32(0)
-                for i in T.serial(NT):
-                    if i < tx:
-                        cum[0] = cum[0] + part1[i]
+                if tx < W:  # the sums of the runs of W threads
+                    cum[0] = T.float32(0)
+                    for i in T.unroll(W):
+                        cum[0] = cum[0] + part1[tx * W + i]
+                    part[tx, 0] = cum[0]
+                T.tvm_storage_sync("shared")
+                cum[0] = T.float32(0)  # the mass before this thread's ids: earlier runs, then its run
                 best[1] = T.float32(0)
-                for i in T.serial(NT):
-                    best[1] = best[1] + part1[i]
+                for j in T.unroll(W):
+                    if j < tx // W:
+                        cum[0] = cum[0] + part[j, 0]
+                    best[1] = best[1] + part[j, 0]
+                for i in T.unroll(W):
+                    if i < tx % W:
+                        cum[0] = cum[0] + part1[tx // W * W + i]
                 T.tvm_storage_sync("shared")
                 target: T.let[T.float32] = uniform[r] * best[1]
                 # the thread whose range holds the target picks; ties at a range edge go to the later

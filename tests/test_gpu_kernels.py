@@ -246,12 +246,12 @@ def test_add_rms_norm_matches_reference(hidden, ntok):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31))
-def test_device_sampler_picks_the_reference_token(seed):
+@given(seed=st.integers(0, 2**31), vocab=st.sampled_from([1000, 5003]))
+def test_device_sampler_picks_the_reference_token(seed, vocab):
     """Greedy rows, plain temperature, top-k (1, small, >= V), top-p, min_p and their mixes, one draw each:
     the kernel picks the token of the float64 reference, unless the draw falls within float32 rounding
-    of a boundary between two tokens' cumulative probabilities."""
-    vocab = 1000
+    of a boundary between two tokens' cumulative probabilities. A vocabulary smaller than the block, and
+    one of several strided steps with a ragged last one."""
     rng = np.random.default_rng(seed)
     rows = 12
     logits = (rng.standard_normal((rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
@@ -261,7 +261,7 @@ def test_device_sampler_picks_the_reference_token(seed):
                        np.where(rng.random(rows) < 0.7, 0.0, rng.uniform(0.0, 0.3, rows))], axis=1).astype(np.float32)
     uniform = rng.random(rows).astype(np.float32)
     out = np.full(rows, -1, np.int32)
-    gpu_emu.run(_kernel(("sample", vocab), lambda: sm.make_sample_gpu(vocab)), logits, params, uniform, out)
+    gpu_emu.run(_kernel(("sample", vocab), lambda v=vocab: sm.make_sample_gpu(v)), logits, params, uniform, out)
     ref = sm.sample_ref(logits, params, uniform)
     for r in np.flatnonzero(out != ref):  # only a draw at a boundary may differ
         cdf = np.cumsum(sm.kept_probs_ref(logits[r], *params[r]))
