@@ -247,9 +247,10 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     from .gpu_build import GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics
 
     cuda = spec.tvm_target["kind"] == "cuda"
-    mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa,
-                         max_lanes=4 if spec.tvm_target["kind"] == "metal" else 16, graph_max_blocks=max_blocks,
-                         tensor_core_dtypes=tensor_core_dtypes(spec))
+    metal = spec.tvm_target["kind"] == "metal"
+    mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
+                         graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
+                         shared_bytes=24 * 1024 if metal else 40 * 1024)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

@@ -44,10 +44,11 @@ WIDE_GRAPH_MAX_TOKENS = 64
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
-          graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = ()):
+          graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
-    ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights) and
-    ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4). ``graph_max_blocks`` > 0 (CUDA)
+    ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
+    ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
+    memory a split-attention block may stage keys in (Metal has 32 KiB in all). ``graph_max_blocks`` > 0 (CUDA)
     adds the ``decode_graph`` entry point for block tables of up to that many columns.
     ``tensor_core_dtypes`` (CUDA: float16 and bfloat16; the test emulator uses float32): activation dtypes
     whose ``forward`` attention (``make_prefill_attention_tc``; then ``decode_wide`` and, with graphs,
@@ -174,7 +175,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out,
                                              appended=qkv is not None,
                                              tensor_cores=tc_attention and out.dtype in tensor_core_dtypes,
-                                             decode=entry != ENTRY)
+                                             decode=entry != ENTRY, max_lanes=max_lanes, shared_bytes=shared_bytes)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add":
@@ -477,7 +478,8 @@ def uses_tc_attention(graph: Graph, tensor_core_dtypes: tuple[str, ...]) -> bool
 
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,
-                     tensor_cores: bool = False, decode: bool = False):
+                     tensor_cores: bool = False, decode: bool = False, max_lanes: int = 16,
+                     shared_bytes: int = 40 * 1024):
     """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
     the tensor-core kernel when ``tensor_cores`` and the head fits it, else split-KV partials and their
     merge, with one query token per tile in the ``decode`` entry points (their tokens are mostly one per
@@ -503,10 +505,11 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
         splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)
         tile = 1 if decode else 0  # 0: the kernel's default
         split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale,
-                        tile),
+                        tile, max_lanes, shared_bytes),
                        lambda: attn_sched.make_attention_gpu(heads, kv_heads, head_dim, block_size, dtype,
                                                              sliding_window=window, scale=scale, cache_dtype=cdtype,
-                                                             tile_tokens=tile))
+                                                             tile_tokens=tile, max_lanes=max_lanes,
+                                                             shared_bytes=shared_bytes))
         parts = bb.emit(relax.call_tir(split, [q, cache, positions, query_start, block_tables],
                                        [relax.TensorType([ntok, heads, splits, head_dim], "float32"),
                                         relax.TensorType([ntok, heads, splits, 2], "float32")]))

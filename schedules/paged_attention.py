@@ -201,7 +201,6 @@ def make_attention(
 
 # GPU attention: query tiles x KV heads x KV splits (flash-decoding), then a merge over the splits
 GPU_THREADS = 128
-GPU_KEY_TILE = 16  # keys staged in shared memory per step (divides the block size, or equals it)
 GPU_MAX_ROWS = 32  # query rows (tokens x grouped heads) per tile
 SPLIT_KEYS = 64  # fewest keys per split worth a split of its own (4 key tiles)
 
@@ -238,6 +237,23 @@ def _find_tile_macro(tokens: int):
     return find_tile
 
 
+def _bytes(dtype: str) -> int:
+    return 2 if dtype in ("float16", "bfloat16") else 1 if dtype.startswith("float8") else 4
+
+
+def split_key_tile(rows: int, head_dim: int, stage_dtype: str, shared_bytes: int = 40 * 1024) -> int:
+    """Keys per step of ``make_attention_gpu`` for a tile of ``rows`` query rows: the most of 64, 32, 16
+    whose staged K and V (``stage_dtype``), queries, scores and weights fit ``shared_bytes`` (16 at
+    least). With 40 KiB (CUDA) a decode tile (4 rows, 16-bit K/V of 128 wide heads) takes 64 keys per
+    step, a whole split; a 32-row prefill tile 16."""
+    e = _bytes(stage_dtype)
+    for kc in (64, 32, 16):
+        need = rows * head_dim * 4 + kc * (2 * head_dim * e + 4) + 2 * rows * (kc + 1) * 4 + 8 * rows * kc
+        if need <= shared_bytes:
+            return kc
+    return 16
+
+
 def gpu_tile_tokens(num_heads: int, kv_heads: int, head_dim: int) -> int:
     """Query tokens per tile: a tile holds every query head of one KV head for these tokens, so each K/V
     element staged in shared memory serves ``tokens x group`` query rows (GQA-aware). At most 32 rows,
@@ -264,6 +280,8 @@ def make_attention_gpu(
     scale: float | None = None,
     cache_dtype: str = "",
     tile_tokens: int = 0,
+    max_lanes: int = 16,
+    shared_bytes: int = 40 * 1024,
 ):
     """PrimFunc ``attention_split(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
     part_acc[T,H,S,D] f32, part_ml[T,H,S,2] f32)``: unnormalised partial attention per KV split.
@@ -272,13 +290,17 @@ def make_attention_gpu(
     query tokens of one sequence with all ``group`` query heads of one KV head (tiles are numbered
     sequence by sequence; the grid allocates ``ceil(T / tokens) + B`` and the excess exits); ``tile_tokens``
     overrides that count (the decode entry points: 1, so a decode token's tile is its ``group`` rows and
-    no thread works for rows that are not there). Split ``s``
-    covers key positions ``[s*C, (s+1)*C)``, ``C = ceil(M*block_size / S)`` rounded up to the key tile.
-    Per key tile: K and V are staged in shared memory (coalesced), each thread scores (row, key) pairs
-    from shared memory, one thread per row updates the online softmax, and each thread rescales and
-    accumulates its fixed ``rows*D/128`` output elements held in registers. Writes the running max and
-    sum (``part_ml``) and the unnormalised output of every row and split; an empty split writes max
-    ``-3e38``, sum 0. ``make_attention_merge_gpu`` combines the splits.
+    no thread works for rows that are not there). Split ``s`` covers key positions ``[s*C, (s+1)*C)``,
+    ``C = ceil(M*block_size / S)`` rounded up to the key tile (``split_key_tile``: 64 keys for a decode
+    tile, a whole split, so one round of loads). Per key tile:
+    K and V are staged in shared memory in ``dtype`` (16-byte loads, coalesced; keys past the split are
+    zeros), each thread scores (row, key) pairs from shared memory (4 interleaved partial sums), the
+    threads of each row (``128 / rows``, at most a tile's keys) update its online softmax together, and
+    each thread rescales and accumulates its fixed ``rows*D/128`` output elements held in registers.
+    Writes the running max and sum (``part_ml``) and the unnormalised output of every row and split; an
+    empty split writes max ``-3e38``, sum 0. ``make_attention_merge_gpu`` combines the splits.
+    ``max_lanes`` caps the vector width of loads (Metal: up to 4 elements), ``shared_bytes`` the shared
+    memory the key tile is sized for (``split_key_tile``).
     """
     from tvm.script import tirx as T
 
@@ -286,10 +308,15 @@ def make_attention_gpu(
     H, KVH, D, BS, NT = num_heads, kv_heads, head_dim, block_size, GPU_THREADS
     QT = tile_tokens or gpu_tile_tokens(num_heads, kv_heads, head_dim)
     R = QT * G  # query rows per tile
-    KC = math.gcd(BS, GPU_KEY_TILE)
-    ER, EK, EQ = -(-R * D // NT), -(-KC * D // NT), -(-R * KC // NT)  # per-thread elements of each tile
-    NEG = -3.0e38
     cdtype = cache_dtype or dtype
+    SD = "float32" if dtype == "float32" else dtype  # K and V as staged in shared memory
+    PK = 4 // _bytes(SD)  # a K row's padding: one 4-byte bank
+    KC = split_key_tile(R, D, SD, shared_bytes)
+    VEC = math.gcd(min(16 // _bytes(cdtype), max_lanes), D)  # cache elements per (16-byte) load
+    LR = min(KC, 1 << (NT // R).bit_length() - 1)  # threads per row in the softmax
+    ER, EK, EQ = -(-R * D // NT), -(-KC * D // (NT * VEC)), -(-R * KC // NT)  # per-thread elements of each tile
+    DP = math.gcd(D, 4)
+    NEG = -3.0e38
     find_tile = _find_tile_macro(QT)
 
     @T.prim_func(private=True)
@@ -312,13 +339,19 @@ def make_attention_gpu(
                         # rows padded by one word: the threads scoring neighbouring keys (and the threads
                         # scanning neighbouring rows' scores) read different banks
                         # (flat: TVM would compact a 2-D buffer's never-read padding column away)
-                        k_s = T.alloc_buffer((KC * (D + 1),), "float32", scope="shared")
-                        v_s = T.alloc_buffer((KC, D), "float32", scope="shared")
+                        k_s = T.alloc_buffer((KC * (D + PK),), SD, scope="shared")
+                        v_s = T.alloc_buffer((KC, D), SD, scope="shared")
                         p_s = T.alloc_buffer((R * (KC + 1),), "float32", scope="shared")  # scores
                         w_s = T.alloc_buffer((R * (KC + 1),), "float32", scope="shared")  # their softmax weights
                         alpha = T.alloc_buffer((R,), "float32", scope="shared")  # each row's rescale
-                        # thread r < R keeps row r's running max and sum; a branch never writes shared
-                        # memory it then reads (TVM would want a barrier inside the branch)
+                        red_m = T.alloc_buffer((R * LR,), "float32", scope="shared")  # lanes' maxima
+                        red_s = T.alloc_buffer((R * LR,), "float32", scope="shared")  # lanes' weight sums
+                        sw = T.alloc_buffer((1,), "float32", scope="local")
+                        dots = T.alloc_buffer((DP,), "float32", scope="local")
+                        kv = T.alloc_buffer((2, VEC), cdtype, scope="local")  # one load of K and of V
+                        # the LR threads of row r (tx // LR) each keep its running max and the first its
+                        # sum; a branch never writes shared memory it then reads (TVM would want a barrier
+                        # inside the branch)
                         ml = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, scratch
                         # sequence, first token, tokens (0: no such tile), first key, keys
                         info = T.alloc_buffer((5,), "int32", scope="shared")
@@ -355,19 +388,27 @@ def make_attention_gpu(
                                         sm_scale)
                                 else:
                                     q_s[r, d] = T.float32(0)
-                        if tx < R:
-                            ml[0] = T.float32(NEG)
-                            ml[1] = T.float32(0)
+                        ml[0] = T.float32(NEG)
+                        ml[1] = T.float32(0)
                         for kt in T.serial((nkeys + KC - 1) // KC):
                             j0: T.let[T.int32] = key0 + kt * KC
                             T.tvm_storage_sync("shared")  # the previous tile's readers are done
-                            for e in T.unroll(EK):
-                                if e * NT + tx < KC * D:
-                                    jk: T.let[T.int32] = (e * NT + tx) // D
-                                    dk: T.let[T.int32] = (e * NT + tx) % D
-                                    blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
-                                    k_s[jk * (D + 1) + dk] = T.Cast("float32", cache[blk, 0, kh, (j0 + jk) % BS, dk])
-                                    v_s[jk, dk] = T.Cast("float32", cache[blk, 1, kh, (j0 + jk) % BS, dk])
+                            for e in T.unroll(EK):  # 16-byte loads; keys past the split's end are zeros
+                                if (e * NT + tx) * VEC < KC * D:
+                                    jk: T.let[T.int32] = (e * NT + tx) * VEC // D
+                                    dk: T.let[T.int32] = (e * NT + tx) * VEC % D
+                                    if j0 + jk < key0 + nkeys:
+                                        blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
+                                        for c in T.unroll(2):
+                                            for i in T.vectorized(VEC):
+                                                kv[c, i] = cache[blk, c, kh, (j0 + jk) % BS, dk + i]
+                                        for i in T.unroll(VEC):
+                                            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, kv[0, i])
+                                            v_s[jk, dk + i] = T.Cast(SD, kv[1, i])
+                                    else:
+                                        for i in T.unroll(VEC):
+                                            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, T.float32(0))
+                                            v_s[jk, dk + i] = T.Cast(SD, T.float32(0))
                             T.tvm_storage_sync("shared")
                             for e in T.unroll(EQ):
                                 if e * NT + tx < R * KC:
@@ -377,26 +418,50 @@ def make_attention_gpu(
                                     pos: T.let[T.int32] = positions[tok0 + T.min(rs // G, count - 1)]
                                     if (rs // G < count and j <= pos and j >= pos - window + 1
                                             and j >= key0 and j < key0 + nkeys):
-                                        ml[2] = T.float32(0)  # the dot product, in a register
-                                        for dd in T.serial(D):
-                                            ml[2] = ml[2] + q_s[rs, dd] * k_s[js * (D + 1) + dd]
+                                        # the dot product in DP interleaved partial sums (shorter chains)
+                                        for i in T.unroll(DP):
+                                            dots[i] = T.float32(0)
+                                        for d0 in T.serial(D // DP):
+                                            for i in T.unroll(DP):
+                                                dots[i] = dots[i] + q_s[rs, d0 * DP + i] * T.Cast(
+                                                    "float32", k_s[js * (D + PK) + d0 * DP + i])
+                                        ml[2] = T.float32(0)
+                                        for i in T.unroll(DP):
+                                            ml[2] = ml[2] + dots[i]
                                         p_s[rs * (KC + 1) + js] = ml[2]
                                     else:
                                         p_s[rs * (KC + 1) + js] = T.float32(NEG)
                             T.tvm_storage_sync("shared")
-                            if tx < R:
-                                ml[2] = ml[0]  # the old max
-                                for jj in T.serial(KC):
-                                    ml[0] = T.max(ml[0], p_s[tx * (KC + 1) + jj])
-                                alpha[tx] = T.exp(ml[2] - ml[0])
-                                ml[1] = ml[1] * T.exp(ml[2] - ml[0])
-                                for jj in T.serial(KC):
-                                    # a masked key (-3e38) weighs 0, also while the row has no key yet
-                                    w: T.let[T.float32] = T.if_then_else(p_s[tx * (KC + 1) + jj] > T.float32(-1.0e38),
-                                                                         T.exp(p_s[tx * (KC + 1) + jj] - ml[0]), T.float32(0))
-                                    w_s[tx * (KC + 1) + jj] = w
-                                    ml[1] = ml[1] + w
+                            # the online softmax, LR threads per row, each over keys lane, lane + LR, ...
+                            rw: T.let[T.int32] = tx // LR  # this thread's row (past the last: none)
+                            ln: T.let[T.int32] = tx % LR
+                            if rw < R:
+                                ml[2] = T.float32(NEG)
+                                for jj in T.unroll(KC // LR):
+                                    ml[2] = T.max(ml[2], p_s[rw * (KC + 1) + jj * LR + ln])
+                                red_m[tx] = ml[2]
                             T.tvm_storage_sync("shared")
+                            if rw < R:
+                                ml[2] = ml[0]  # the old max
+                                for i in T.unroll(LR):
+                                    ml[0] = T.max(ml[0], red_m[rw * LR + i])
+                                if ln == 0:
+                                    alpha[rw] = T.exp(ml[2] - ml[0])
+                                ml[2] = T.exp(ml[2] - ml[0])  # this row's rescale, for the sum
+                                sw[0] = T.float32(0)
+                                for jj in T.unroll(KC // LR):
+                                    # a masked key (-3e38) weighs 0, also while the row has no key yet
+                                    w: T.let[T.float32] = T.if_then_else(
+                                        p_s[rw * (KC + 1) + jj * LR + ln] > T.float32(-1.0e38),
+                                        T.exp(p_s[rw * (KC + 1) + jj * LR + ln] - ml[0]), T.float32(0))
+                                    w_s[rw * (KC + 1) + jj * LR + ln] = w
+                                    sw[0] = sw[0] + w
+                                red_s[tx] = sw[0]
+                            T.tvm_storage_sync("shared")
+                            if rw < R and ln == 0:
+                                ml[1] = ml[1] * ml[2]
+                                for i in T.unroll(LR):
+                                    ml[1] = ml[1] + red_s[rw * LR + i]
                             for e in T.unroll(ER):
                                 if e * NT + tx < R * D:
                                     ra: T.let[T.int32] = (e * NT + tx) // D
@@ -410,10 +475,10 @@ def make_attention_gpu(
                                 ro: T.let[T.int32] = (e * NT + tx) // D
                                 if ro // G < count:
                                     part_acc[tok0 + ro // G, kh * G + ro % G, sp, (e * NT + tx) % D] = acc[e]
-                        if tx < R:
-                            if tx // G < count:
-                                part_ml[tok0 + tx // G, kh * G + tx % G, sp, 0] = ml[0]
-                                part_ml[tok0 + tx // G, kh * G + tx % G, sp, 1] = ml[1]
+                        if tx // LR < R and tx % LR == 0:
+                            if tx // LR // G < count:
+                                part_ml[tok0 + tx // LR // G, kh * G + tx // LR % G, sp, 0] = ml[0]
+                                part_ml[tok0 + tx // LR // G, kh * G + tx // LR % G, sp, 1] = ml[1]
 
     return attention_split
 

@@ -139,6 +139,14 @@ def test_tensor_core_attention_tile_limits():
         pa.make_prefill_attention_tc(8, 2, 256, 16, "float16")
 
 
+def test_split_key_tile_follows_the_rows():
+    """A decode tile (one token's 4 grouped heads) stages a whole 64-key split at once; a 32-row prefill
+    tile stages 16 keys, its queries taking most of the shared memory."""
+    assert pa.split_key_tile(4, 128, "float16") == 64 and pa.split_key_tile(2, 128, "bfloat16") == 64
+    assert pa.split_key_tile(32, 128, "float16") == 16 and pa.split_key_tile(32, 64, "float16") == 32
+    assert pa.split_key_tile(4, 128, "float32") == 32  # the emulator's float32 builds: twice the bytes
+
+
 def test_split_count_follows_batch_and_context():
     assert _splits(1, 256, 16) == 64  # one decode over 4096 keys: 64 splits of 64
     assert _splits(16, 256, 16) == 16 and _splits(64, 256, 16) == 4 and _splits(1, 32, 16) == 8
