@@ -6,7 +6,9 @@ into one library each (a few MiB in all; ``bench/gpu_proof.sh prepare`` runs it)
 proof's set-up: ``bench/gpu_proof.sh kernels`` runs ``--run .gpu/kernels``, which times each variant at 1
 and 4 tokens with TVM's time evaluator on random weights, next to a torch copy of the same process, and
 writes gpu-kernels.json and a table (µs, GB/s of weight bytes read, % of the copy bandwidth). The best
-variant of each shape is what ``gemv_layout`` should pick; the table says where it does not.
+variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Then the
+token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k + top-p) over 1 and
+16 rows of Qwen3's 151936 logits.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ SHAPES = {"qkv": (2560, 6144, False), "o": (4096, 2560, False), "gate_up": (2560
           "down": (9728, 2560, True)}
 FORMATS = {"fp16": None, "int4": (4, 128, True)}
 TOKENS = (1, 4)
+VOCAB = 151936  # Qwen3's, for the token pickers
+# (temperature, top_k, top_p, min_p) of the sampler timings: the proof's sampled decode, then top-k too
+SAMPLING = {"greedy": (0.0, 0, 1.0, 0.0), "T0.7 p0.9": (0.7, 0, 0.9, 0.0), "T0.7 k40 p0.9": (0.7, 40, 0.9, 0.0),
+            "T1": (1.0, 0, 1.0, 0.0)}
 
 
 def variants(chunks: int, rows: int) -> list[tuple[int, int, int]]:
@@ -74,6 +80,14 @@ def prepare(dest: Path) -> None:
                 entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
                                 "layout": layout, "picked": i == 0})
                 print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
+    from ferrum.schedules import sampling
+
+    for name, make in (("argmax", lambda: sampling.make_argmax(VOCAB, "gpu")),
+                       ("sample", lambda: sampling.make_sample_gpu(VOCAB))):
+        with target:
+            lib = tvm.compile(tvm.IRModule({name: make().with_attr("global_symbol", name)}), target=target)
+        lib.export_library(str(dest / f"{name}.so"))
+        print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
     (dest / "kernels.json").write_text(json.dumps(entries, indent=1))
 
 
@@ -128,7 +142,10 @@ def run(src: Path, out: Path) -> None:
         except Exception as exc:  # one variant failing must not cost the others
             rows.append({**e, "error": repr(exc)})
             print(f"{e['name']}: FAILED {exc!r}", flush=True)
-    (out / "gpu-kernels.json").write_text(json.dumps({"copy_GBps": bw / 1e9, "rows": rows}, indent=1))
+    report: dict = {"copy_GBps": bw / 1e9, "rows": rows}
+    (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
+    report["pickers"] = pickers_time(src, dev, rng)
+    (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     best: dict[tuple, dict] = {}
     for r in rows:
         if "error" in r:
@@ -139,6 +156,34 @@ def run(src: Path, out: Path) -> None:
     print("\nbest per shape (* = the picked layout is the best)")
     for (fm, sh, t), r in best.items():
         print(f"{fm} {sh:8s} T={t}: {'-'.join(map(str, r['layout'])):10s} {r['GBps']:6.0f} GB/s {'*' if r['picked'] else ''}")
+
+
+def pickers_time(src: Path, dev, rng) -> list[dict]:
+    """Device time of the argmax and of the sampler over Qwen3-sized logits rows, 1 and 16 rows."""
+    import tvm
+
+    from bench.gpu_profile import profile_steps
+
+    out = []
+    for rows in (1, 16):
+        logits = tvm.runtime.tensor((rng.standard_normal((rows, VOCAB)) * 3).astype(np.float32), dev)
+        ids = tvm.runtime.empty((rows,), "int32", dev)
+        try:
+            argmax = tvm.runtime.load_module(str(src / "argmax.so"))["argmax"]
+            us = profile_steps(lambda: argmax(logits, ids), 20)["kernel_ms_per_step"] * 1e3
+            out.append({"kernel": "argmax", "rows": rows, "us": us})
+            print(f"argmax  rows={rows:2d}  {us:8.1f} us", flush=True)
+            sample = tvm.runtime.load_module(str(src / "sample.so"))["sample"]
+            for name, params in SAMPLING.items():
+                p = tvm.runtime.tensor(np.tile(np.array(params, np.float32), (rows, 1)), dev)
+                u = tvm.runtime.tensor(rng.random(rows).astype(np.float32), dev)
+                us = profile_steps(lambda p=p, u=u: sample(logits, p, u, ids), 20)["kernel_ms_per_step"] * 1e3
+                out.append({"kernel": "sample", "sampling": name, "rows": rows, "us": us})
+                print(f"sample  rows={rows:2d}  {name:14s} {us:8.1f} us", flush=True)
+        except Exception as exc:  # keep what ran
+            out.append({"rows": rows, "error": repr(exc)})
+            print(f"pickers rows={rows}: FAILED {exc!r}", flush=True)
+    return out
 
 
 def main() -> None:
