@@ -91,6 +91,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     graph_tokens = {DECODE_GRAPH_ENTRY: DECODE_MAX_TOKENS, DECODE_WIDE_GRAPH_ENTRY: WIDE_GRAPH_MAX_TOKENS}
     for entry, gemv in entries:
         tc_attention = entry == ENTRY  # the tensor-core attention: forward only
+        # decode_wide's dense linears: the tensor-core GEMM for few tokens (weights read once per 64)
+        wide_entry = entry in (DECODE_WIDE_ENTRY, DECODE_WIDE_GRAPH_ENTRY)
         sym.update({s: tirx.Var(s, "int64") for s in sym})  # each function binds its own shape variables
         fn_args = []
         for v in list(graph.inputs.values()) + list(graph.params.values()):
@@ -122,13 +124,16 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                     elif k == "rms_norm":
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
                     elif k in ("linear", "qlinear"):
-                        gated = _gated_source(graph, producer, op.inputs[0]) if gemv else None
+                        skinny = wide_entry and k == "linear" and _skinny_fits(graph, op, tensor_core_dtypes)
+                        gated = _gated_source(graph, producer, op.inputs[0]) if gemv or skinny else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]
                         x_dtype = graph.value(op.inputs[0]).dtype
                         # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
                         mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
-                        if k == "linear":
+                        if skinny:
+                            r = _skinny(relax, kernel, graph, op, a, out, gated is not None)
+                        elif k == "linear":
                             r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
                                         gated is not None, mma)
                         else:
@@ -290,6 +295,24 @@ def _gated_source(graph: Graph, producer: dict, name: str) -> str | None:
             or src.shape[1] != 2 * i:
         return None
     return g.inputs[0]
+
+
+def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
+    """Whether dense linear ``op`` can run on ``make_skinny_gemm_gpu``: activations and weight of one
+    tensor-core dtype, both dimensions multiples of 16."""
+    w, x = graph.value(op.inputs[1]), graph.value(op.inputs[0])
+    n, k = w.shape
+    return x.dtype in tensor_core_dtypes and w.dtype == x.dtype and n % 16 == 0 and k % 16 == 0
+
+
+def _skinny(relax, kernel, graph, op, a, out, gated: bool):
+    """A dense linear of ``decode_wide`` on ``quant_linear.make_skinny_gemm_gpu``."""
+    w = graph.value(op.inputs[1])
+    n, k = w.shape
+    b_dtype = graph.value(op.inputs[2]).dtype if op.attrs["bias"] else None
+    gv = kernel(("skinny", k, n, w.dtype, out.dtype, b_dtype, gated),
+                lambda: quant_sched.make_skinny_gemm_gpu(k, n, w.dtype, out.dtype, b_dtype, gated=gated))
+    return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int, gated: bool = False,

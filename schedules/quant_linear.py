@@ -902,6 +902,151 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     return func
 
 
+# ---------------------------------------------------------------- tensor-core GEMM for few tokens (decode_wide)
+
+SKINNY_WARPS = 4
+SKINNY_COLUMNS = 256  # columns of x staged per step (all warps together)
+SKINNY_MIN_BLOCKS = 264  # a grid this large keeps 2 blocks on each SM of a 132-SM H100/H200
+
+
+def skinny_layout(in_features: int, out_features: int) -> tuple[int, int]:
+    """``(row_fragments, k_splits)`` of a ``make_skinny_gemm_gpu`` block (their product is its 4 warps):
+    4 row fragments of 16 weight rows when that still gives ``SKINNY_MIN_BLOCKS`` blocks, else fewer,
+    the block's other warps splitting the columns (Qwen3-4B: gate|up 4 x 1, 304 blocks; q|k|v, o and
+    down 1 x 4: 384 and 160 blocks), as long as each split gets whole 16-column steps."""
+    frags = out_features // 16
+    rw = SKINNY_WARPS
+    while rw > 1 and -(-frags // rw) < SKINNY_MIN_BLOCKS:
+        rw //= 2
+    while rw < SKINNY_WARPS and in_features % (SKINNY_WARPS // rw * 16):
+        rw *= 2
+    return rw, SKINNY_WARPS // rw
+
+
+def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype: str,
+                         bias_dtype: str | None = None, gated: bool = False,
+                         layout: tuple[int, int] | None = None):
+    """PrimFunc ``skinny(x[T, K], w[N, K], [bias[N],] out[T, N])``: a dense linear for steps of a few
+    dozen tokens (``decode_wide``: one token per sequence, more than the GEMV's 8) on tensor cores,
+    reading each weight once per 64 tokens where a tiled GEMM's grid of 128-row tiles leaves most SMs idle.
+
+    ``x`` and ``w`` are both ``dtype`` (CUDA: float16 or bfloat16; float32 builds exist for the CPU
+    emulator only). Each warp owns 16 weight rows (a row fragment) and loads their 16 x 16 weight tiles
+    straight from memory into wmma fragments (a row-major ``W[n, k]`` is the column-major ``B[k, n]``),
+    all of a step's tiles before it multiplies (``SKINNY_COLUMNS / k_splits`` columns: 4 to 8 fragments
+    in flight per warp). The block's 4 warps are ``skinny_layout``'s row fragments x column splits. Per
+    step the block stages the tokens' activations for ``SKINNY_COLUMNS`` columns in shared memory (zeros
+    past the last token; ``gated``: ``silu(gate) * up`` of a gate|up output ``x[T, 2K]``, rounded to
+    ``dtype``); each warp multiplies 16 x 16 x 16 pieces into float32 accumulators, one per 16 tokens,
+    up to 64 tokens per pass (32 in float32 builds, for the shared memory) and more passes for more
+    tokens. The column splits' accumulators are summed through shared memory, with the bias, and cast.
+    ``K`` and ``N`` must be multiples of 16.
+    """
+    import tvm
+    from tvm.script import tirx as T
+
+    K, N = in_features, out_features
+    assert K % 16 == 0 and N % 16 == 0, (K, N)
+    RW, KW = layout or skinny_layout(K, N)
+    assert RW * KW == SKINNY_WARPS and K % (KW * 16) == 0, (RW, KW, K)
+    NT = 32 * SKINNY_WARPS
+    SC = SKINNY_COLUMNS
+    while K % SC:
+        SC //= 2
+    SC = max(SC, KW * 16)
+    KSW = SC // KW  # columns of a warp per step
+    FW = KSW // 16  # weight fragments of a warp per step
+    MFM = 4 if dtype in ("float16", "bfloat16") else 2  # 16-token fragments per pass
+    TP = 16 * MFM  # tokens per pass
+    XLD = SC + 8  # padded row stride of the staged activations
+    V = min(8, SC)  # activations per load
+    EX = -(-TP * SC // (NT * V))  # staging loads per thread
+    has_bias = bias_dtype is not None
+    XK = 2 * K if gated else K
+
+    @T.prim_func(private=True)
+    def skinny(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), bias_dtype or "float32"),  # type: ignore[valid-type]
+               o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok = T.int64()
+        x = T.match_buffer(x_h, (ntok, XK), dtype)
+        out = T.match_buffer(o_h, (ntok, N), out_dtype)
+        for blk in T.thread_binding((N // 16 + RW - 1) // RW, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                xs = T.alloc_buffer((TP * XLD,), dtype, scope="shared")
+                cs = T.alloc_buffer((SKINNY_WARPS * 256,), "float32", scope="shared")
+                fa = T.alloc_buffer((256,), dtype, scope="wmma.matrix_a")
+                fb = T.alloc_buffer((FW * 256,), dtype, scope="wmma.matrix_b")
+                fc = T.alloc_buffer((MFM * 256,), "float32", scope="wmma.accumulator")
+                xv = T.alloc_buffer((2, V), dtype, scope="local")
+                acc = T.alloc_buffer((1,), "float32", scope="local")
+                warp: T.let[T.int32] = T.Cast("int32", tx) // 32
+                n0: T.let[T.int32] = (T.Cast("int32", blk) * RW + warp // KW) * 16  # the warp's rows
+                for g in T.serial((T.Cast("int32", ntok) + TP - 1) // TP):
+                    t0: T.let[T.int32] = g * TP  # the pass's first token
+                    mf: T.let[T.int32] = T.min((T.Cast("int32", ntok) - t0 + 15) // 16, MFM)  # its fragments
+                    for f in T.unroll(MFM):
+                        T.tvm_fill_fragment(fc.data, 16, 16, 16, f, T.float32(0))
+                    for st in T.serial(K // SC):
+                        if n0 < N:  # the step's weight tiles first: their loads fly while x is staged
+                            for f in T.unroll(FW):
+                                T.tvm_load_matrix_sync(fb.data, 16, 16, 16, f, w.access_ptr(
+                                    "r", offset=n0 * K + st * SC + warp % KW * KSW + f * 16), K, "col_major")
+                        T.tvm_storage_sync("shared")  # the previous step's readers of xs are done
+                        for e in T.unroll(EX):
+                            if (e * NT + T.Cast("int32", tx)) * V < TP * SC:
+                                r: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) * V // SC
+                                c: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) * V % SC
+                                # rows past the last token: zeros (a clamped row's load, masked)
+                                tr: T.let[T.int32] = T.min(t0 + r, T.Cast("int32", ntok) - 1)
+                                live: T.let[T.bool] = t0 + r < T.Cast("int32", ntok)
+                                for i in T.vectorized(V):
+                                    xv[0, i] = x[tr, st * SC + c + i]
+                                if gated:
+                                    for i in T.vectorized(V):
+                                        xv[1, i] = x[tr, K + st * SC + c + i]
+                                    for i in T.unroll(V):
+                                        xs[r * XLD + c + i] = T.if_then_else(live, T.Cast(dtype, T.Cast(
+                                            "float32", xv[0, i]) / (T.float32(1) + T.exp(T.float32(0) - T.Cast(
+                                                "float32", xv[0, i]))) * T.Cast("float32", xv[1, i])),
+                                            T.Cast(dtype, T.float32(0)))
+                                else:
+                                    for i in T.unroll(V):
+                                        xs[r * XLD + c + i] = T.if_then_else(live, xv[0, i], T.Cast(dtype, T.float32(0)))
+                        T.tvm_storage_sync("shared")
+                        if n0 < N:
+                            for m in T.unroll(MFM):
+                                if m < mf:
+                                    for f in T.unroll(FW):
+                                        T.tvm_load_matrix_sync(fa.data, 16, 16, 16, 0, xs.access_ptr(
+                                            "r", offset=m * 16 * XLD + warp % KW * KSW + f * 16), XLD, "row_major")
+                                        T.tvm_mma_sync(fc.data, m, fa.data, 0, fb.data, f, fc.data, m)
+                    for m in T.unroll(MFM):  # per 16 tokens: the splits' sums, the bias, the cast
+                        if m < mf:  # (the barriers stay outside the condition, which every thread shares)
+                            T.tvm_store_matrix_sync(fc.data, 16, 16, 16, m, cs.access_ptr("w", offset=warp * 256),
+                                                    16, "row_major")
+                        T.tvm_storage_sync("shared")
+                        for e in T.unroll(RW * 256 // NT):
+                            # element (token ti, row rj) of row fragment q: 256 per fragment
+                            q: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // 256
+                            ti: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % 256 // 16
+                            rj: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % 16
+                            nq: T.let[T.int32] = (T.Cast("int32", blk) * RW + q) * 16 + rj
+                            if m < mf and t0 + m * 16 + ti < T.Cast("int32", ntok) and nq < N:
+                                acc[0] = T.float32(0)
+                                for kw in T.unroll(KW):
+                                    acc[0] = acc[0] + cs[(q * KW + kw) * 256 + ti * 16 + rj]
+                                if has_bias:
+                                    out[t0 + m * 16 + ti, nq] = T.Cast(out_dtype, acc[0] + T.Cast("float32", b[nq]))
+                                else:
+                                    out[t0 + m * 16 + ti, nq] = T.Cast(out_dtype, acc[0])
+                        T.tvm_storage_sync("shared")
+
+    x_h, w, b, o_h = skinny.params
+    return tvm.tirx.PrimFunc([x_h, w] + ([b] if has_bias else []) + [o_h], skinny.body, skinny.ret_type,
+                             skinny.attrs)
+
+
 # ---------------------------------------------------------------- TE forms (GPU kernels, embedding gather)
 
 def dequant_expr(fmt: QuantFormat, tirx, qweight, scales, mins, n, k):

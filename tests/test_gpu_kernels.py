@@ -213,6 +213,35 @@ def test_gemv_layout_keeps_lanes_busy(chunks, rows, layout):
     assert ql.gemv_layout(chunks, rows) == layout
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), groups=st.integers(1, 24), frags=st.integers(1, 9), ntok=st.integers(1, 75),
+       bias=st.booleans(), gated=st.booleans(), layout=st.sampled_from([None, (4, 1), (2, 2), (1, 4)]))
+def test_skinny_gemm_matches_reference(seed, groups, frags, ntok, bias, gated, layout):
+    """decode_wide's tensor-core GEMM (wmma emulated): widths of any number of 16-column steps (256, or
+    fewer when they do not divide it), any number of 16-row fragments (a partial block), tokens past one
+    pass of 32 (float32 builds; 64 in 16-bit ones) with a partial last fragment, the warps split by rows
+    or by columns; every output element written (NaN-filled before)."""
+    k, n = 16 * groups, 16 * frags
+    if layout is not None and k % (64 // layout[0]):
+        layout = None  # this split does not divide the width into 16-column pieces
+    rng = np.random.default_rng(seed)
+    xin = rng.standard_normal((ntok, 2 * k if gated else k)).astype(np.float32)
+    x = xin[:, :k] / (1 + np.exp(-xin[:, :k])) * xin[:, k:] if gated else xin
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    out = np.full((ntok, n), np.nan, np.float32)
+    func = _kernel(("skinny", k, n, bias, gated, layout), lambda: ql.make_skinny_gemm_gpu(
+        k, n, "float32", "float32", "float32" if bias else None, gated=gated, layout=layout))
+    gpu_emu.run(func, xin, w, *([b] if bias else []), out)
+    np.testing.assert_allclose(out, lin.linear_ref(x, w, b), atol=1e-4 * np.sqrt(k), rtol=1e-4)
+
+
+def test_skinny_layout_fills_the_gpu():
+    assert ql.skinny_layout(2560, 19456) == (4, 1)  # gate|up: 1216 row fragments, 304 blocks
+    assert ql.skinny_layout(2560, 6144) == (1, 4) and ql.skinny_layout(9728, 2560) == (1, 4)
+    assert ql.skinny_layout(48, 160) == (4, 1)  # 48 columns split 4 ways would leave 12 each
+
+
 # ---------------------------------------------------------------- greedy sampling on the device
 
 @pytest.mark.parametrize("vocab", [1, 7, 256, 1000, 49152])

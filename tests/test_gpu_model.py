@@ -45,6 +45,9 @@ def _decoder(variant: str):
     assert ("attention_tc" in mod["forward"].script()) == tc and ("decode_wide" in names) == tc
     for entry in ["decode"] + (["decode_wide"] if tc else []):
         assert "attention_split" in mod[entry].script() and "attention_tc" not in mod[entry].script()
+    if tc:  # decode_wide's linears: the tensor-core GEMM for few tokens, SiLU·mul read by the down one
+        wide = mod["decode_wide"].script()
+        assert "skinny" in wide and "matmul" not in wide and "silu_mul" not in wide
     return graph, mod
 
 
@@ -109,7 +112,9 @@ def test_16_bit_cuda_build_matches_interpreter(dtype):
     tensor_core = [gv.name_hint for gv, f in mod.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc) and "T.tvm_mma_sync" in f.script()]
     # q/k/v, o, gate|up and down; the float16 lm_head (50 rows) is too narrow for dlight's tensor cores
-    linears = [n for n in tensor_core if "attention" not in n]
+    linears = [n for n in tensor_core if "attention" not in n and not n.startswith("skinny")]
+    # decode_wide's dense q/k/v and o: the tensor-core GEMM for few tokens (the MLP is quantized here)
+    assert sum(n.startswith("skinny") for n in tensor_core) == 2
     assert len(linears) == (4 if dtype == "float16" else 5) and any("attention_tc" in n for n in tensor_core)
     assert all(n.startswith("tiled_gemm") for n in linears) == (dtype == "bfloat16")
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
@@ -253,8 +258,9 @@ def test_gpu_prefill_linears_use_tensor_cores(quant, dtype):
 def test_decode_graph_is_captured_whole():
     """``decode_graph`` through the CUDA pipeline's memory planning and ``RewriteCUDAGraph``: every kernel
     of the step but the last (the lm_head GEMV, which writes the returned tensor) runs inside one captured
-    CUDA graph, keyed by the step's shapes; likewise ``decode_wide_graph`` (whose last kernel is a dlight
-    matmul); ``forward``, ``decode`` and ``decode_wide`` capture nothing."""
+    CUDA graph, keyed by the step's shapes; likewise ``decode_wide_graph`` (whose last kernel is the
+    lm_head's matmul: dlight's, its 50 rows being no multiple of 16; the other linears are the tensor-core
+    GEMM for few tokens); ``forward``, ``decode`` and ``decode_wide`` capture nothing."""
     import dataclasses
     import re
 
@@ -288,5 +294,6 @@ def test_decode_graph_is_captured_whole():
     assert len(calls("decode_wide_graph")) == 1
     captured = calls("decode_wide_graph_cuda_graph_capture")
     assert any(c.startswith("attention_split") for c in captured) and not any("attention_tc" in c for c in captured)
+    assert sum(c.startswith("skinny") for c in captured) == 4 * cfg.num_layers  # q/k/v, o, gate|up, down
     for name in ("forward", "decode", "decode_wide"):
         assert "cuda_graph" not in mod[name].script()
