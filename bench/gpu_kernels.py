@@ -6,7 +6,8 @@ into one library each (a few MiB in all; ``bench/gpu_proof.sh prepare`` runs it)
 proof's set-up: ``bench/gpu_proof.sh kernels`` runs ``--run .gpu/kernels``, which times each variant at 1
 and 4 tokens with TVM's time evaluator on random weights, next to a torch copy of the same process, and
 writes gpu-kernels.json and a table (µs, GB/s of weight bytes read, % of the copy bandwidth). The best
-variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Then the
+variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Also
+``decode_wide``'s tensor-core GEMM for few tokens (float16) at 16, 32 and 64 tokens. Then the
 token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k + top-p) over 1 and
 16 rows of Qwen3's 151936 logits.
 """
@@ -29,6 +30,7 @@ SHAPES = {"qkv": (2560, 6144, False), "o": (4096, 2560, False), "gate_up": (2560
           "down": (9728, 2560, True)}
 FORMATS = {"fp16": None, "int4": (4, 128, True)}
 TOKENS = (1, 4)
+WIDE_TOKENS = (16, 32, 64)  # decode_wide's tensor-core GEMM ("skinny")
 VOCAB = 151936  # Qwen3's, for the token pickers
 # (temperature, top_k, top_p, min_p) of the sampler timings: the proof's sampled decode, then top-k too
 SAMPLING = {"greedy": (0.0, 0, 1.0, 0.0), "T0.7 p0.9": (0.7, 0, 0.9, 0.0), "T0.7 k40 p0.9": (0.7, 40, 0.9, 0.0),
@@ -80,6 +82,16 @@ def prepare(dest: Path) -> None:
                 entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
                                 "layout": layout, "picked": i == 0})
                 print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
+    for shape, (k, n, gated) in SHAPES.items():  # decode_wide's tensor-core GEMM, float16, its layout
+        name = f"fp16-{shape}-skinny"
+        func = ql.make_skinny_gemm_gpu(k, n, "float16", "float16", None, gated=gated)
+        with target:
+            lib = tvm.compile(tvm.IRModule({"gemv": func.with_attr("global_symbol", "gemv")}), target=target)
+        lib.export_library(str(dest / f"{name}.so"))
+        entries.append({"name": name, "format": "fp16", "shape": shape, "in": k, "out": n, "gated": gated,
+                        "layout": list(ql.skinny_layout(k, n)), "picked": False, "skinny": True})
+        print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
+
     from ferrum.schedules import sampling
 
     for name, make in (("argmax", lambda: sampling.make_argmax(VOCAB, "gpu")),
@@ -124,7 +136,7 @@ def run(src: Path, out: Path) -> None:
             loaded = (e["format"], e["shape"])
         try:
             f = tvm.runtime.load_module(str(src / f"{e['name']}.so"))["gemv"]
-            for ntok in TOKENS:
+            for ntok in (WIDE_TOKENS if e.get("skinny") else TOKENS):
                 x = tvm.runtime.tensor(rng.standard_normal((ntok, 2 * k if e["gated"] else k)).astype(np.float16), dev)
                 y = tvm.runtime.empty((ntok, n), "float16", dev)
                 turn = [0]
