@@ -7,7 +7,7 @@ proof's set-up: ``bench/gpu_proof.sh kernels`` runs ``--run .gpu/kernels``, whic
 and 4 tokens with TVM's time evaluator on random weights, next to a torch copy of the same process, and
 writes gpu-kernels.json and a table (µs, GB/s of weight bytes read, % of the copy bandwidth). The best
 variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Also
-``decode_wide``'s tensor-core GEMM for few tokens (float16) at 16, 32 and 64 tokens. Then the
+``decode_wide``'s tensor-core GEMM for few tokens (float16 and INT4) at 16, 32 and 64 tokens. Then the
 token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k + top-p) over 1 and
 16 rows of Qwen3's 151936 logits.
 """
@@ -82,15 +82,18 @@ def prepare(dest: Path) -> None:
                 entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
                                 "layout": layout, "picked": i == 0})
                 print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
-    for shape, (k, n, gated) in SHAPES.items():  # decode_wide's tensor-core GEMM, float16, its layout
-        name = f"fp16-{shape}-skinny"
-        func = ql.make_skinny_gemm_gpu(k, n, "float16", "float16", None, gated=gated)
-        with target:
-            lib = tvm.compile(tvm.IRModule({"gemv": func.with_attr("global_symbol", "gemv")}), target=target)
-        lib.export_library(str(dest / f"{name}.so"))
-        entries.append({"name": name, "format": "fp16", "shape": shape, "in": k, "out": n, "gated": gated,
-                        "layout": list(ql.skinny_layout(k, n)), "picked": False, "skinny": True})
-        print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
+    for fname, f in FORMATS.items():  # decode_wide's tensor-core GEMM, in its layout
+        fmt = None if f is None else ql.QuantFormat(*f)
+        for shape, (k, n, gated) in SHAPES.items():
+            name = f"{fname}-{shape}-skinny"
+            func = ql.make_skinny_gemm_gpu(k, n, "float16", "float16", None, gated=gated, fmt=fmt)
+            with target:
+                lib = tvm.compile(tvm.IRModule({"gemv": func.with_attr("global_symbol", "gemv")}), target=target)
+            lib.export_library(str(dest / f"{name}.so"))
+            unit = 32 if fmt else 16
+            entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
+                            "layout": list(ql.skinny_layout(k, n, unit)), "picked": False, "skinny": True})
+            print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
 
     from ferrum.schedules import sampling
 

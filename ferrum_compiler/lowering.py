@@ -124,7 +124,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                     elif k == "rms_norm":
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
                     elif k in ("linear", "qlinear"):
-                        skinny = wide_entry and k == "linear" and _skinny_fits(graph, op, tensor_core_dtypes)
+                        skinny = wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)
                         gated = _gated_source(graph, producer, op.inputs[0]) if gemv or skinny else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]
@@ -298,20 +298,33 @@ def _gated_source(graph: Graph, producer: dict, name: str) -> str | None:
 
 
 def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
-    """Whether dense linear ``op`` can run on ``make_skinny_gemm_gpu``: activations and weight of one
-    tensor-core dtype, both dimensions multiples of 16."""
-    w, x = graph.value(op.inputs[1]), graph.value(op.inputs[0])
+    """Whether linear ``op`` can run on ``make_skinny_gemm_gpu``: activations of a tensor-core dtype, a
+    dense weight of the same dtype or a quantized one in the row layout, both dimensions multiples of 16."""
+    x = graph.value(op.inputs[0])
+    if x.dtype not in tensor_core_dtypes:
+        return False
+    if op.kind == "qlinear":
+        at = op.attrs
+        return at.get("layout", "rows") == "rows" and at["out_features"] % 16 == 0 and at["in_features"] % 32 == 0
+    w = graph.value(op.inputs[1])
     n, k = w.shape
-    return x.dtype in tensor_core_dtypes and w.dtype == x.dtype and n % 16 == 0 and k % 16 == 0
+    return w.dtype == x.dtype and n % 16 == 0 and k % 16 == 0
 
 
 def _skinny(relax, kernel, graph, op, a, out, gated: bool):
-    """A dense linear of ``decode_wide`` on ``quant_linear.make_skinny_gemm_gpu``."""
-    w = graph.value(op.inputs[1])
-    n, k = w.shape
-    b_dtype = graph.value(op.inputs[2]).dtype if op.attrs["bias"] else None
-    gv = kernel(("skinny", k, n, w.dtype, out.dtype, b_dtype, gated),
-                lambda: quant_sched.make_skinny_gemm_gpu(k, n, w.dtype, out.dtype, b_dtype, gated=gated))
+    """A (q)linear of ``decode_wide`` on ``quant_linear.make_skinny_gemm_gpu``: its arguments are the op's."""
+    x_dtype = graph.value(op.inputs[0]).dtype
+    b_dtype = graph.value(op.inputs[-1]).dtype if op.attrs["bias"] else None
+    if op.kind == "qlinear":
+        at = op.attrs
+        fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
+        k, n, s_dtype = at["in_features"], at["out_features"], graph.value(op.inputs[2]).dtype
+    else:
+        fmt, s_dtype = None, "float16"
+        n, k = graph.value(op.inputs[1]).shape
+    gv = kernel(("skinny", k, n, repr(fmt), x_dtype, out.dtype, b_dtype, s_dtype, gated),
+                lambda: quant_sched.make_skinny_gemm_gpu(k, n, x_dtype, out.dtype, b_dtype, gated=gated, fmt=fmt,
+                                                         scale_dtype=s_dtype))
     return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 

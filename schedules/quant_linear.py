@@ -909,24 +909,26 @@ SKINNY_COLUMNS = 256  # columns of x staged per step (all warps together)
 SKINNY_MIN_BLOCKS = 264  # a grid this large keeps 2 blocks on each SM of a 132-SM H100/H200
 
 
-def skinny_layout(in_features: int, out_features: int) -> tuple[int, int]:
+def skinny_layout(in_features: int, out_features: int, unit: int = 16) -> tuple[int, int]:
     """``(row_fragments, k_splits)`` of a ``make_skinny_gemm_gpu`` block (their product is its 4 warps):
     4 row fragments of 16 weight rows when that still gives ``SKINNY_MIN_BLOCKS`` blocks, else fewer,
     the block's other warps splitting the columns (Qwen3-4B: gate|up 4 x 1, 304 blocks; q|k|v, o and
-    down 1 x 4: 384 and 160 blocks), as long as each split gets whole 16-column steps."""
+    down 1 x 4: 384 and 160 blocks), as long as each split gets whole steps of ``unit`` columns (16;
+    INT4 weights: 32, a packed block)."""
     frags = out_features // 16
     rw = SKINNY_WARPS
     while rw > 1 and -(-frags // rw) < SKINNY_MIN_BLOCKS:
         rw //= 2
-    while rw < SKINNY_WARPS and in_features % (SKINNY_WARPS // rw * 16):
+    while rw < SKINNY_WARPS and in_features % (SKINNY_WARPS // rw * unit):
         rw *= 2
     return rw, SKINNY_WARPS // rw
 
 
 def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype: str,
                          bias_dtype: str | None = None, gated: bool = False,
-                         layout: tuple[int, int] | None = None):
-    """PrimFunc ``skinny(x[T, K], w[N, K], [bias[N],] out[T, N])``: a dense linear for steps of a few
+                         layout: tuple[int, int] | None = None, fmt: QuantFormat | None = None,
+                         scale_dtype: str = "float16"):
+    """PrimFunc ``skinny(x[T, K], w | (qweight, scales, [mins]), [bias[N],] out[T, N])``: a linear for steps of a few
     dozen tokens (``decode_wide``: one token per sequence, more than the GEMV's 8) on tensor cores,
     reading each weight once per 64 tokens where a tiled GEMM's grid of 128-row tiles leaves most SMs idle.
 
@@ -941,38 +943,73 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
     up to 64 tokens per pass (32 in float32 builds, for the shared memory) and more passes for more
     tokens. The column splits' accumulators are summed through shared memory, with the bias, and cast.
     ``K`` and ``N`` must be multiples of 16.
+
+    With ``fmt`` (INT4 / INT8, the GEMV's row layout) each warp loads its rows' packed 16-byte chunks for
+    the step, as 32-bit words, once the barrier that opens the step has passed, and dequantizes them into
+    its own 16-row tile of shared memory (through the float mantissa, as ``make_gemv_gpu``; the group's scale
+    and min; rounded to ``dtype`` as ``qlinear_te`` rounds them), from which it loads the fragments.
+    Steps are 128 columns or fewer then, so both staged tiles fit the shared memory.
     """
     import tvm
     from tvm.script import tirx as T
 
     K, N = in_features, out_features
-    assert K % 16 == 0 and N % 16 == 0, (K, N)
-    RW, KW = layout or skinny_layout(K, N)
-    assert RW * KW == SKINNY_WARPS and K % (KW * 16) == 0, (RW, KW, K)
+    quant = fmt is not None
+    int4 = fmt is not None and fmt.bits == 4
+    sym = fmt is not None and fmt.sym
+    CC = gemv_chunk(fmt, dtype, K) if quant else 16  # columns of a packed 16-byte chunk
+    assert K % 16 == 0 and N % 16 == 0 and (fmt is None or fmt.check(K) is None), (K, N, fmt)
+    RW, KW = layout or skinny_layout(K, N, CC)
+    assert RW * KW == SKINNY_WARPS and K % (KW * CC) == 0, (RW, KW, K)
     NT = 32 * SKINNY_WARPS
-    SC = SKINNY_COLUMNS
-    while K % SC:
-        SC //= 2
-    SC = max(SC, KW * 16)
-    KSW = SC // KW  # columns of a warp per step
-    FW = KSW // 16  # weight fragments of a warp per step
     MFM = 4 if dtype in ("float16", "bfloat16") else 2  # 16-token fragments per pass
     TP = 16 * MFM  # tokens per pass
+    e = 2 if dtype in ("float16", "bfloat16") else 4
+
+    def shared(sc: int) -> int:  # staged activations (+ dequantized weights) + the accumulators' exchange
+        return TP * (sc + 8) * e + (SKINNY_WARPS * 16 * (sc // KW + 8) * e if quant else 0) + SKINNY_WARPS * 1024
+
+    SC = SKINNY_COLUMNS
+    while SC > KW * CC and (K % SC or shared(SC) > 46 * 1024):
+        SC //= 2
+    SC = max(SC, KW * CC)
+    assert K % SC == 0, (K, SC)
+    KSW = SC // KW  # columns of a warp per step
+    FW = KSW // 16  # weight fragments of a warp per step
     XLD = SC + 8  # padded row stride of the staged activations
+    WLD = KSW + 8  # ... and of a warp's dequantized weight tile
     V = min(8, SC)  # activations per load
     EX = -(-TP * SC // (NT * V))  # staging loads per thread
     has_bias = bias_dtype is not None
     XK = 2 * K if gated else K
+    # quantized: a warp's step is 16 rows x KSW / CC chunks of 4 words, LCH per lane; a word holds columns
+    # ``word * 4 + run * 16 + b`` of its chunk (INT4 runs 0, 1: low and high nibbles; INT8 run 0)
+    CPR = KSW // CC  # chunks per row per step
+    LCH = -(-16 * CPR // 32)
+    assert 16 * CPR % 32 == 0 or CPR == 1, CPR
+    G = fmt.group_size if fmt is not None else K
+    RUNS, MASK, FLIP = (2, 15, 0) if int4 else (1, 255, 128)
+    BIAS = float(2 ** 23 + FLIP + (fmt.zero_point if sym else 0)) if fmt is not None else 0.0
+    wshape = (N, K // 2) if int4 else (N, K)
+    wdt = "uint8" if int4 else ("int8" if quant else dtype)
+    BITS = fmt.bits if fmt is not None else 16
+    WORDS = K * BITS // 32 if quant else 1
+    KG = K // G
 
     @T.prim_func(private=True)
-    def skinny(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), bias_dtype or "float32"),  # type: ignore[valid-type]
+    def skinny(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((N, KG), scale_dtype),  # type: ignore[valid-type]
+               mn: T.Buffer((N, KG), "float32"), b: T.Buffer((N,), bias_dtype or "float32"),  # type: ignore[valid-type]
                o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         ntok = T.int64()
         x = T.match_buffer(x_h, (ntok, XK), dtype)
         out = T.match_buffer(o_h, (ntok, N), out_dtype)
+        wq = T.decl_buffer((N, WORDS), "uint32", data=w.data)  # quantized rows as 32-bit words
         for blk in T.thread_binding((N // 16 + RW - 1) // RW, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                ws = T.alloc_buffer((SKINNY_WARPS * 16 * WLD if quant else 1,), dtype, scope="shared")
+                raw = T.alloc_buffer((LCH, 4), "uint32", scope="local")
+                wv = T.alloc_buffer((4 * RUNS,), "float32", scope="local")
                 xs = T.alloc_buffer((TP * XLD,), dtype, scope="shared")
                 cs = T.alloc_buffer((SKINNY_WARPS * 256,), "float32", scope="shared")
                 fa = T.alloc_buffer((256,), dtype, scope="wmma.matrix_a")
@@ -988,11 +1025,33 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
                     for f in T.unroll(MFM):
                         T.tvm_fill_fragment(fc.data, 16, 16, 16, f, T.float32(0))
                     for st in T.serial(K // SC):
-                        if n0 < N:  # the step's weight tiles first: their loads fly while x is staged
+                        if n0 < N and not quant:  # the step's weight tiles first: they fly while x is staged
                             for f in T.unroll(FW):
                                 T.tvm_load_matrix_sync(fb.data, 16, 16, 16, f, w.access_ptr(
                                     "r", offset=n0 * K + st * SC + warp % KW * KSW + f * 16), K, "col_major")
-                        T.tvm_storage_sync("shared")  # the previous step's readers of xs are done
+                        T.tvm_storage_sync("shared")  # the previous step's readers of xs (and ws) are done
+                        if quant and n0 < N:  # this warp's rows' packed chunks, dequantized into its tile of ws
+                            # (lanes past the chunks, when a step has 16, repeat the first: same values)
+                            for i in T.unroll(LCH):
+                                cw: T.let[T.int32] = (i * 32 + T.Cast("int32", tx) % 32) % (16 * CPR)
+                                col: T.let[T.int32] = st * SC + warp % KW * KSW + cw % CPR * CC
+                                for qw in T.vectorized(4):
+                                    raw[i, qw] = wq[n0 + cw // CPR, col * BITS // 32 + qw]
+                                scale: T.let[T.float32] = T.Cast("float32", s[n0 + cw // CPR, col // G])
+                                for wd in T.unroll(4):
+                                    for run in T.unroll(RUNS):
+                                        for bb in T.unroll(4):
+                                            wv[run * 4 + bb] = T.reinterpret("float32", T.bitwise_or(
+                                                T.bitwise_xor(T.bitwise_and(T.shift_right(
+                                                    raw[i, wd], T.uint32(8 * bb + 4 * run)), T.uint32(MASK)),
+                                                    T.uint32(FLIP)), T.uint32(_MAGIC))) - T.float32(BIAS)
+                                            if sym:
+                                                ws[(warp * 16 + cw // CPR) * WLD + cw % CPR * CC + run * 16
+                                                   + wd * 4 + bb] = T.Cast(dtype, wv[run * 4 + bb] * scale)
+                                            else:
+                                                ws[(warp * 16 + cw // CPR) * WLD + cw % CPR * CC + run * 16
+                                                   + wd * 4 + bb] = T.Cast(dtype, wv[run * 4 + bb] * scale
+                                                                           + mn[n0 + cw // CPR, col // G])
                         for e in T.unroll(EX):
                             if (e * NT + T.Cast("int32", tx)) * V < TP * SC:
                                 r: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) * V // SC
@@ -1014,6 +1073,10 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
                                     for i in T.unroll(V):
                                         xs[r * XLD + c + i] = T.if_then_else(live, xv[0, i], T.Cast(dtype, T.float32(0)))
                         T.tvm_storage_sync("shared")
+                        if quant and n0 < N:
+                            for f in T.unroll(FW):
+                                T.tvm_load_matrix_sync(fb.data, 16, 16, 16, f, ws.access_ptr(
+                                    "r", offset=warp * 16 * WLD + f * 16), WLD, "col_major")
                         if n0 < N:
                             for m in T.unroll(MFM):
                                 if m < mf:
@@ -1042,9 +1105,9 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
                                     out[t0 + m * 16 + ti, nq] = T.Cast(out_dtype, acc[0])
                         T.tvm_storage_sync("shared")
 
-    x_h, w, b, o_h = skinny.params
-    return tvm.tirx.PrimFunc([x_h, w] + ([b] if has_bias else []) + [o_h], skinny.body, skinny.ret_type,
-                             skinny.attrs)
+    x_h, w, sc, mn, b, o_h = skinny.params
+    keep = [x_h, w] + ([sc] if quant else []) + ([mn] if quant and not sym else []) + ([b] if has_bias else [])
+    return tvm.tirx.PrimFunc(keep + [o_h], skinny.body, skinny.ret_type, skinny.attrs)
 
 
 # ---------------------------------------------------------------- TE forms (GPU kernels, embedding gather)

@@ -60,6 +60,7 @@ _CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32"
 
 
 _SPACES = {"shared": "__local", "global": "__global", "": "__global"}
+_PUN = re.compile(r"\(\*\((float|uint|int) \*\)\(&\((\w+)\)\)\)")
 _wmma_helpers: dict[str, str] = {}  # OpenCL helper name -> its definition, for the build under way
 
 
@@ -187,6 +188,10 @@ def build(func):
     with tvm.transform.PassContext(instruments=[_Capture()]):
         lib = tvm.tirx.build(mod, target=tvm.target.Target(TARGET, host="llvm"))
     source = _HALF_AS_FLOAT + "".join(_wmma_helpers.values()) + _FP16_PRAGMA.sub("", lib.imports[0].inspect_source())
+    # TVM writes a 32-bit reinterpret as a pointer pun, ``(*(float *)(&(v)))``: undefined behaviour in C
+    # (strict aliasing) that an optimiser may break; OpenCL's ``as_float`` is the same bits, defined (nvcc
+    # reads the pun as a register move)
+    source = _PUN.sub(lambda m: f"as_{m.group(1)}({m.group(2)})", source)
     split = snapshot["mod"]
     host = next(f for gv, f in split.functions.items() if "calling_conv" not in (f.attrs or {}))
     launches = []

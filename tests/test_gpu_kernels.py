@@ -155,20 +155,25 @@ def test_split_count_follows_batch_and_context():
 
 # ---------------------------------------------------------------- GEMV (the decode entry point's linears)
 
-def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False, layout=None):
+def _linear_case(rng, k, n, ntok, fmt, bias, gated):
+    """``(x as the kernel reads it, weight tensors, bias or None, reference output)`` of a random (q)linear:
+    ``gated``: x is a gate|up output ``[T, 2K]`` and the linear's input SiLU(gate) * up."""
     xin = rng.standard_normal((ntok, 2 * k if gated else k)).astype(np.float32)
-    x = xin[:, :k] / (1 + np.exp(-xin[:, :k])) * xin[:, k:] if gated else xin  # gated: SiLU(gate) * up
+    x = xin[:, :k] / (1 + np.exp(-xin[:, :k])) * xin[:, k:] if gated else xin
     b = rng.standard_normal(n).astype(np.float32) if bias else None
     if fmt is None:
         w = rng.standard_normal((n, k)).astype(np.float32)
-        tensors, ref = [w], lin.linear_ref(x, w, b)
-    else:
-        q = rng.integers(0, 16 if fmt.bits == 4 else 256, (n, k))
-        qweight = ql.pack_int4(q) if fmt.bits == 4 else (q - 128).astype(np.int8)
-        scales = (rng.random((n, k // fmt.group_size)) * 0.1).astype(np.float32)
-        mins = None if fmt.sym else (0.1 * rng.standard_normal((n, k // fmt.group_size))).astype(np.float32)
-        tensors = [qweight, scales] + ([] if mins is None else [mins])
-        ref = ql.qlinear_ref(x, fmt, qweight, scales, mins, b)
+        return xin, [w], b, lin.linear_ref(x, w, b)
+    q = rng.integers(0, 16 if fmt.bits == 4 else 256, (n, k))
+    qweight = ql.pack_int4(q) if fmt.bits == 4 else (q - 128).astype(np.int8)
+    scales = (rng.random((n, k // fmt.group_size)) * 0.1).astype(np.float32)
+    mins = None if fmt.sym else (0.1 * rng.standard_normal((n, k // fmt.group_size))).astype(np.float32)
+    tensors = [qweight, scales] + ([] if mins is None else [mins])
+    return xin, tensors, b, ql.qlinear_ref(x, fmt, qweight, scales, mins, b)
+
+
+def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False, layout=None):
+    xin, tensors, b, ref = _linear_case(rng, k, n, ntok, fmt, bias, gated)
     out = np.full((ntok, n), np.nan, np.float32)
     func = _kernel(("gemv", k, n, fmt, bias, lanes, gated, layout), lambda: ql.make_gemv_gpu(
         k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, scale_dtype="float32",
@@ -213,33 +218,34 @@ def test_gemv_layout_keeps_lanes_busy(chunks, rows, layout):
     assert ql.gemv_layout(chunks, rows) == layout
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31), groups=st.integers(1, 24), frags=st.integers(1, 9), ntok=st.integers(1, 75),
-       bias=st.booleans(), gated=st.booleans(), layout=st.sampled_from([None, (4, 1), (2, 2), (1, 4)]))
-def test_skinny_gemm_matches_reference(seed, groups, frags, ntok, bias, gated, layout):
-    """decode_wide's tensor-core GEMM (wmma emulated): widths of any number of 16-column steps (256, or
-    fewer when they do not divide it), any number of 16-row fragments (a partial block), tokens past one
-    pass of 32 (float32 builds; 64 in 16-bit ones) with a partial last fragment, the warps split by rows
-    or by columns; every output element written (NaN-filled before)."""
-    k, n = 16 * groups, 16 * frags
-    if layout is not None and k % (64 // layout[0]):
-        layout = None  # this split does not divide the width into 16-column pieces
-    rng = np.random.default_rng(seed)
-    xin = rng.standard_normal((ntok, 2 * k if gated else k)).astype(np.float32)
-    x = xin[:, :k] / (1 + np.exp(-xin[:, :k])) * xin[:, k:] if gated else xin
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    b = rng.standard_normal(n).astype(np.float32) if bias else None
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), fmt=FORMATS, groups=st.integers(1, 12), frags=st.integers(1, 9),
+       ntok=st.integers(1, 75), bias=st.booleans(), gated=st.booleans(),
+       layout=st.sampled_from([None, (4, 1), (2, 2), (1, 4)]))
+def test_skinny_gemm_matches_reference(seed, fmt, groups, frags, ntok, bias, gated, layout):
+    """decode_wide's tensor-core GEMM (wmma emulated), dense or dequantizing INT4/INT8 into shared memory:
+    widths of any number of steps (256 columns, fewer when they do not divide it or the staged tiles
+    would not fit), any number of 16-row fragments (a partial block), tokens past one pass of 32 (float32
+    builds; 64 in 16-bit ones) with a partial last fragment, the warps split by rows or by columns; every
+    output element written (NaN-filled before)."""
+    unit = ql.gemv_chunk(fmt, "float32", 16) if fmt else 16  # columns of a packed chunk
+    k, n = groups * max(fmt.group_size if fmt else 16, unit), 16 * frags
+    if layout is not None and k % (4 // layout[0] * unit):
+        layout = None  # this split does not divide the width into whole chunks
+    xin, tensors, b, ref = _linear_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, gated)
     out = np.full((ntok, n), np.nan, np.float32)
-    func = _kernel(("skinny", k, n, bias, gated, layout), lambda: ql.make_skinny_gemm_gpu(
-        k, n, "float32", "float32", "float32" if bias else None, gated=gated, layout=layout))
-    gpu_emu.run(func, xin, w, *([b] if bias else []), out)
-    np.testing.assert_allclose(out, lin.linear_ref(x, w, b), atol=1e-4 * np.sqrt(k), rtol=1e-4)
+    func = _kernel(("skinny", k, n, fmt, bias, gated, layout), lambda: ql.make_skinny_gemm_gpu(
+        k, n, "float32", "float32", "float32" if bias else None, gated=gated, layout=layout, fmt=fmt,
+        scale_dtype="float32"))
+    gpu_emu.run(func, xin, *tensors, *([b] if bias else []), out)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 
 def test_skinny_layout_fills_the_gpu():
     assert ql.skinny_layout(2560, 19456) == (4, 1)  # gate|up: 1216 row fragments, 304 blocks
     assert ql.skinny_layout(2560, 6144) == (1, 4) and ql.skinny_layout(9728, 2560) == (1, 4)
     assert ql.skinny_layout(48, 160) == (4, 1)  # 48 columns split 4 ways would leave 12 each
+    assert ql.skinny_layout(96, 160, 32) == (4, 1) and ql.skinny_layout(128, 160, 32) == (1, 4)  # INT4 blocks
 
 
 # ---------------------------------------------------------------- greedy sampling on the device

@@ -113,8 +113,8 @@ def test_16_bit_cuda_build_matches_interpreter(dtype):
                    if isinstance(f, tvm.tirx.PrimFunc) and "T.tvm_mma_sync" in f.script()]
     # q/k/v, o, gate|up and down; the float16 lm_head (50 rows) is too narrow for dlight's tensor cores
     linears = [n for n in tensor_core if "attention" not in n and not n.startswith("skinny")]
-    # decode_wide's dense q/k/v and o: the tensor-core GEMM for few tokens (the MLP is quantized here)
-    assert sum(n.startswith("skinny") for n in tensor_core) == 2
+    # decode_wide's linears: the tensor-core GEMM for few tokens, dense (q/k/v, o) and dequantizing (MLP)
+    assert sum(n.startswith("skinny") for n in tensor_core) == 4
     assert len(linears) == (4 if dtype == "float16" else 5) and any("attention_tc" in n for n in tensor_core)
     assert all(n.startswith("tiled_gemm") for n in linears) == (dtype == "bfloat16")
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
