@@ -170,7 +170,8 @@ def run(src: Path, out: Path) -> None:
             best[key] = r
     print("\nbest per shape (* = the picked layout is the best)")
     for (fm, sh, t), r in best.items():
-        print(f"{fm} {sh:8s} T={t}: {'-'.join(map(str, r['layout'])):10s} {r['GBps']:6.0f} GB/s {'*' if r['picked'] else ''}")
+        layout = "-".join(map(str, r["layout"]))
+        print(f"{fm} {sh:8s} T={t}: {layout:10s} {r['GBps']:6.0f} GB/s {'*' if r['picked'] else ''}")
 
 
 def pickers_time(src: Path, dev, rng) -> list[dict]:

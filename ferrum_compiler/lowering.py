@@ -48,8 +48,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
-    memory a split-attention block may stage keys in (Metal has 32 KiB in all). ``graph_max_blocks`` > 0 (CUDA)
-    adds the ``decode_graph`` entry point for block tables of up to that many columns.
+    memory a split-attention block may stage keys in (Metal has 32 KiB in all). ``graph_max_blocks`` > 0
+    (CUDA) adds the ``decode_graph`` entry point for block tables of up to that many columns.
     ``tensor_core_dtypes`` (CUDA: float16 and bfloat16; the test emulator uses float32): activation dtypes
     whose ``forward`` attention (``make_prefill_attention_tc``; then ``decode_wide`` and, with graphs,
     ``decode_wide_graph`` are added), MoE expert GEMMs and, where dlight has no tensor-core schedule,
@@ -91,7 +91,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     graph_tokens = {DECODE_GRAPH_ENTRY: DECODE_MAX_TOKENS, DECODE_WIDE_GRAPH_ENTRY: WIDE_GRAPH_MAX_TOKENS}
     for entry, gemv in entries:
         tc_attention = entry == ENTRY  # the tensor-core attention: forward only
-        # decode_wide's dense linears: the tensor-core GEMM for few tokens (weights read once per 64)
+        # decode_wide's linears: the tensor-core GEMM for few tokens (weights read once per 64)
         wide_entry = entry in (DECODE_WIDE_ENTRY, DECODE_WIDE_GRAPH_ENTRY)
         sym.update({s: tirx.Var(s, "int64") for s in sym})  # each function binds its own shape variables
         fn_args = []

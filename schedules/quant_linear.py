@@ -861,7 +861,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             for t in T.unroll(TT):
                                                 if p * TT + t < count:
                                                     for i in T.unroll(C):
-                                                        acc[t * RB + r] = acc[t * RB + r] + T.Cast("float32", xs[t, i]) * wv[i]
+                                                        acc[t * RB + r] = (acc[t * RB + r]
+                                                                           + T.Cast("float32", xs[t, i]) * wv[i])
                     sums(red, acc, tx)
                     if tx % KT < J:
                         if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
@@ -1071,7 +1072,8 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
                                             T.Cast(dtype, T.float32(0)))
                                 else:
                                     for i in T.unroll(V):
-                                        xs[r * XLD + c + i] = T.if_then_else(live, xv[0, i], T.Cast(dtype, T.float32(0)))
+                                        xs[r * XLD + c + i] = T.if_then_else(live, xv[0, i],
+                                                                             T.Cast(dtype, T.float32(0)))
                         T.tvm_storage_sync("shared")
                         if quant and n0 < N:
                             for f in T.unroll(FW):

@@ -118,9 +118,9 @@ def make_sample_gpu(vocab: int):
     ``mass(kept, key > K) < top_p * mass(kept)`` by the same search (the exponential only for ids above
     the probe). A search that is off (and every pass of a greedy row) costs nothing. Then the draw, in id
     order: thread ``i`` owns the contiguous ids ``[i*C, (i+1)*C)``, sums its kept probabilities ``exp((x
-    - max) / T)`` (min_p drops those below ``min_p``), a prefix sum over threads finds the thread holding
-    ``uniform * total`` (sums of runs of 32 threads, then within the run), and it walks its ids to the first whose cumulative probability exceeds it.
-    Float32 throughout, and tokens tied with the k-th logit are all kept (the host sampler sums in
+    - max) / T)`` (min_p drops those below ``min_p``), a prefix sum over threads (sums of runs of 32
+    threads, then within the run) finds the thread holding ``uniform * total``, and it walks its ids to
+    the first whose cumulative probability exceeds it. Float32 throughout, and tokens tied with the k-th logit are all kept (the host sampler sums in
     float64 and keeps the lowest ids of such ties): the same distribution, not always the same token as
     the host for the same draw.
     """
