@@ -1,10 +1,11 @@
-"""Decode GEMV kernels alone: read bandwidth of each Qwen3-4B linear, float16 and GPTQ INT4, for the
+"""Decode kernels alone: read bandwidth of each Qwen3-4B linear's GEMV, float16 and GPTQ INT4, for the
 layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, chunks in flight).
 
 Here (nvcc, no GPU): ``bench/gpu_kernels.py --prepare .gpu/kernels`` compiles every variant for sm_90
 into one library each (a few MiB in all; ``bench/gpu_proof.sh prepare`` runs it). On the device, after the
 proof's set-up: ``bench/gpu_proof.sh kernels`` runs ``--run .gpu/kernels``, which times each variant at 1
-and 4 tokens with TVM's time evaluator on random weights, next to a torch copy of the same process, and
+and 4 tokens (device time from torch's profiler, random weights rotated over copies so that no call finds
+them in L2), next to a torch copy of the same process, and
 writes gpu-kernels.json and a table (µs, GB/s of weight bytes read, % of the copy bandwidth). The best
 variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Also
 ``decode_wide``'s tensor-core GEMM for few tokens (float16 and INT4) at 16, 32 and 64 tokens. Then the
