@@ -241,6 +241,27 @@ def test_skinny_gemm_matches_reference(seed, fmt, groups, frags, ntok, bias, gat
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 128, True), ql.QuantFormat(8, 32, False)])
+def test_skinny_gemm_float16_build(fmt):
+    """The float16 build itself (64 tokens per pass, steps sized for 2-byte tiles), emulated with half
+    storage: 70 tokens are two passes, the second with one fragment's worth; gated, with a bias."""
+    k, n, ntok = 256, 48, 70
+    xin, tensors, b, _ = _linear_case(np.random.default_rng(7), k, n, ntok, fmt, True, True)
+    xin, b = xin.astype(np.float16), b.astype(np.float16)
+    tensors[0 if fmt is None else 1] = tensors[0 if fmt is None else 1].astype(np.float16)  # weight | scales
+    # the reference on the float16 inputs, SiLU(gate) * up rounded to float16 as the kernel stages it
+    g = xin[:, :k].astype(np.float64)
+    x = (g / (1 + np.exp(-g)) * xin[:, k:]).astype(np.float16).astype(np.float64)
+    w = tensors[0].astype(np.float64) if fmt is None else ql.dequantize_ref(
+        fmt, tensors[0], tensors[1].astype(np.float32), tensors[2] if len(tensors) > 2 else None)
+    ref = x @ w.T + b.astype(np.float64)
+    out = np.full((ntok, n), np.nan, np.float16)
+    func = _kernel(("skinny16", fmt), lambda: ql.make_skinny_gemm_gpu(k, n, "float16", "float16", "float16",
+                                                                     gated=True, fmt=fmt))
+    gpu_emu.run(func, xin, *tensors, b, out)
+    np.testing.assert_allclose(out.astype(np.float64), ref, atol=2e-3 * np.abs(ref).max(), rtol=2e-3)
+
+
 def test_skinny_layout_fills_the_gpu():
     assert ql.skinny_layout(2560, 19456) == (4, 1)  # gate|up: 1216 row fragments, 304 blocks
     assert ql.skinny_layout(2560, 6144) == (1, 4) and ql.skinny_layout(9728, 2560) == (1, 4)
