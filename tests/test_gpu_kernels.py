@@ -103,6 +103,23 @@ def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens):
         assert (part_ml[:2, :, 1:, 0] < -1e38).all() and (part_ml[:2, :, 1:, 1] == 0).all()
 
 
+def test_decode_attention_float16_build():
+    """The decode entry points' float16 kernel (K/V staged as float16 with a 2-element row padding, 64-key
+    tiles), emulated with half storage, over the float32 reference of the same float16 inputs."""
+    rng = np.random.default_rng(3)
+    q, cache, positions, query_start, tables, _ = _ragged_attention(rng, [300, 5, 64], [1, 1, 1], 32, 8, 128, 16)
+    q, cache = q.astype(np.float16), cache.astype(np.float16)
+    ref = pa.attention_ref(q.astype(np.float32), cache.astype(np.float32), positions, query_start, tables)
+    ns = _splits(q.shape[0], tables.shape[1], 16)
+    part_acc = np.full((q.shape[0], 32, ns, 128), np.nan, np.float32)
+    part_ml = np.full((q.shape[0], 32, ns, 2), np.nan, np.float32)
+    split = _kernel(("split16",), lambda: pa.make_attention_gpu(32, 8, 128, 16, "float16", tile_tokens=1))
+    gpu_emu.run(split, q, cache, positions, query_start, tables, part_acc, part_ml)
+    out = np.zeros_like(q)
+    gpu_emu.run(_kernel(("merge16",), lambda: pa.make_attention_merge_gpu(32, 128, "float16")), part_acc, part_ml, out)
+    np.testing.assert_allclose(out.astype(np.float32), ref, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("window", [1, 5, 16])
 def test_sliding_window(window):
     out, ref, _ = run_attention(np.random.default_rng(window), [0, 20, 300], [12, 1, 30], 4, 2, 16, 4, window=window)
@@ -198,6 +215,26 @@ def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, 
     k = groups * (fmt.group_size if fmt else 8) + (0 if fmt else seed % 3)  # dense: odd widths too
     out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes, gated, layout)
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 128, True)])
+def test_gemv_float16_build(fmt):
+    """The float16 build (activations held as float16 for dense weights, float16 scales), emulated with
+    half storage: 6 tokens are two passes; gated, with a bias."""
+    k, n, ntok = 512, 37, 6
+    xin, tensors, b, _ = _linear_case(np.random.default_rng(5), k, n, ntok, fmt, True, True)
+    xin, b = xin.astype(np.float16), b.astype(np.float16)
+    tensors[0 if fmt is None else 1] = tensors[0 if fmt is None else 1].astype(np.float16)
+    g = xin[:, :k].astype(np.float64)
+    x = (g / (1 + np.exp(-g)) * xin[:, k:]).astype(np.float16).astype(np.float64)
+    w = tensors[0].astype(np.float64) if fmt is None else ql.dequantize_ref(
+        fmt, tensors[0], tensors[1].astype(np.float32), None)
+    ref = x @ w.T + b.astype(np.float64)
+    out = np.full((ntok, n), np.nan, np.float16)
+    func = _kernel(("gemv16", fmt), lambda: ql.make_gemv_gpu(k, n, fmt, "float16", "float16", "float16", "float16",
+                                                             gated=True))
+    gpu_emu.run(func, xin, *tensors, b, out)
+    np.testing.assert_allclose(out.astype(np.float64), ref, atol=2e-3 * np.abs(ref).max(), rtol=2e-3)
 
 
 def test_gemv_chunk_is_16_bytes():
