@@ -49,9 +49,7 @@ def variants(chunks: int, rows: int) -> list[tuple[int, int, int]]:
         steps = -(-chunks // kt)
         if (steps * kt - chunks) > steps * kt // 4:
             continue
-        rt = ql.GEMV_THREADS // kt
-        while rt > 1 and -(-rows // (rt * ql.GEMV_ROWS)) < ql.GEMV_MIN_BLOCKS:
-            rt //= 2
+        rt = ql.gemv_row_groups(kt, rows)
         for u in (1, 2, 4):
             if u <= steps and (kt, rt, u) not in out:
                 out.append((kt, rt, u))
@@ -62,6 +60,7 @@ def prepare(dest: Path) -> None:
     import tvm
 
     from ferrum.schedules import quant_linear as ql
+    from ferrum.schedules import sampling
     from ferrum_compiler.gpu_build import prepare_cuda_build
 
     prepare_cuda_build()
@@ -69,41 +68,32 @@ def prepare(dest: Path) -> None:
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
     entries = []
     t0 = time.perf_counter()
+
+    def build(name: str, func, symbol: str = "gemv") -> None:
+        """``func`` compiled for sm_90 into ``dest/name.so``, its entry named ``symbol``."""
+        with target:
+            lib = tvm.compile(tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)}), target=target)
+        lib.export_library(str(dest / f"{name}.so"))
+        print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
+
     for fname, f in FORMATS.items():
         fmt = None if f is None else ql.QuantFormat(*f)
         for shape, (k, n, gated) in SHAPES.items():
             chunks = k // ql.gemv_chunk(fmt, "float16", k)
             for i, layout in enumerate(variants(chunks, n)):
                 name = f"{fname}-{shape}-{'-'.join(map(str, layout))}"
-                func = ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
-                                        gated=gated, layout=layout)
-                with target:
-                    lib = tvm.compile(tvm.IRModule({"gemv": func.with_attr("global_symbol", "gemv")}), target=target)
-                lib.export_library(str(dest / f"{name}.so"))
+                build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
+                                             gated=gated, layout=layout))
                 entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
                                 "layout": layout, "picked": i == 0})
-                print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
-    for fname, f in FORMATS.items():  # decode_wide's tensor-core GEMM, in its layout
-        fmt = None if f is None else ql.QuantFormat(*f)
-        for shape, (k, n, gated) in SHAPES.items():
-            name = f"{fname}-{shape}-skinny"
-            func = ql.make_skinny_gemm_gpu(k, n, "float16", "float16", None, gated=gated, fmt=fmt)
-            with target:
-                lib = tvm.compile(tvm.IRModule({"gemv": func.with_attr("global_symbol", "gemv")}), target=target)
-            lib.export_library(str(dest / f"{name}.so"))
-            unit = 32 if fmt else 16
-            entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
-                            "layout": list(ql.skinny_layout(k, n, unit)), "picked": False, "skinny": True})
-            print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
-
-    from ferrum.schedules import sampling
-
-    for name, make in (("argmax", lambda: sampling.make_argmax(VOCAB, "gpu")),
-                       ("sample", lambda: sampling.make_sample_gpu(VOCAB))):
-        with target:
-            lib = tvm.compile(tvm.IRModule({name: make().with_attr("global_symbol", name)}), target=target)
-        lib.export_library(str(dest / f"{name}.so"))
-        print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
+            # decode_wide's tensor-core GEMM, in its layout
+            build(f"{fname}-{shape}-skinny", ql.make_skinny_gemm_gpu(k, n, "float16", "float16", None, gated=gated,
+                                                                     fmt=fmt))
+            entries.append({"name": f"{fname}-{shape}-skinny", "format": fname, "shape": shape, "in": k, "out": n,
+                            "gated": gated, "layout": list(ql.skinny_layout(k, n, 32 if fmt else 16)),
+                            "picked": False, "skinny": True})
+    build("argmax", sampling.make_argmax(VOCAB, "gpu"), "argmax")
+    build("sample", sampling.make_sample_gpu(VOCAB), "sample")
     (dest / "kernels.json").write_text(json.dumps(entries, indent=1))
 
 

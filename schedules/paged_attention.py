@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 
+from . import dtype_bytes
 from .fast_math import exp_f32
 
 KERNEL_KINDS = ("cpu", "gpu")
@@ -237,16 +238,12 @@ def _find_tile_macro(tokens: int):
     return find_tile
 
 
-def _bytes(dtype: str) -> int:
-    return 2 if dtype in ("float16", "bfloat16") else 1 if dtype.startswith("float8") else 4
-
-
 def split_key_tile(rows: int, head_dim: int, stage_dtype: str, shared_bytes: int = 40 * 1024) -> int:
     """Keys per step of ``make_attention_gpu`` for a tile of ``rows`` query rows: the most of 64, 32, 16
     whose staged K and V (``stage_dtype``), queries, scores and weights fit ``shared_bytes`` (16 at
     least). With 40 KiB (CUDA) a decode tile (4 rows, 16-bit K/V of 128 wide heads) takes 64 keys per
     step, a whole split; a 32-row prefill tile 16."""
-    e = _bytes(stage_dtype)
+    e = dtype_bytes(stage_dtype)
     for kc in (64, 32, 16):
         need = rows * head_dim * 4 + kc * (2 * head_dim * e + 4) + 2 * rows * (kc + 1) * 4 + 8 * rows * kc
         if need <= shared_bytes:
@@ -310,9 +307,9 @@ def make_attention_gpu(
     R = QT * G  # query rows per tile
     cdtype = cache_dtype or dtype
     SD = "float32" if dtype == "float32" else dtype  # K and V as staged in shared memory
-    PK = 4 // _bytes(SD)  # a K row's padding: one 4-byte bank
+    PK = 4 // dtype_bytes(SD)  # a K row's padding: one 4-byte bank
     KC = split_key_tile(R, D, SD, shared_bytes)
-    VEC = math.gcd(min(16 // _bytes(cdtype), max_lanes), D)  # cache elements per (16-byte) load
+    VEC = math.gcd(min(16 // dtype_bytes(cdtype), max_lanes), D)  # cache elements per (16-byte) load
     LR = min(KC, 1 << (NT // R).bit_length() - 1)  # threads per row in the softmax
     ER, EK, EQ = -(-R * D // NT), -(-KC * D // (NT * VEC)), -(-R * KC // NT)  # per-thread elements of each tile
     DP = math.gcd(D, 4)
@@ -498,7 +495,7 @@ def tc_heads_per_tile(num_heads: int, kv_heads: int) -> int:
 def tc_shared_bytes(head_dim: int, dtype: str) -> int:
     """Shared memory of ``make_prefill_attention_tc``'s block: queries, padded K and V tiles, f32 scores,
     the softmax weights, the row statistics' exchange and the tile's bookkeeping."""
-    e = 2 if dtype in ("float16", "bfloat16") else 4
+    e = dtype_bytes(dtype)
     rows = 16 * TC_WARPS
     return (rows * head_dim * e + 2 * TC_KEYS * (head_dim + 8) * e + rows * (TC_KEYS + 4) * 4
             + rows * (TC_KEYS + 8) * e + 32 * TC_WARPS * 4 + 5 * 4)

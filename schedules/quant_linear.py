@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import dtype_bytes
 from .block_reduce import block_sum_columns
 
 _ROWS_PER_TASK = 16
@@ -642,12 +643,49 @@ GEMV_MIN_BLOCKS = 528  # a grid this large keeps 4 blocks on each SM of a 132-SM
 _MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing an integer below 2**23 into the mantissa gives 2**23 + it
 
 
+def word_decoder(fmt: QuantFormat):
+    """``(runs, decode)`` for quantized weights read as 32-bit words of 4 bytes: ``decode(word, run, b)``
+    is the float32 TIR value of byte ``b``'s field (INT4: its low nibble in run 0, its high one in run 1;
+    INT8: run 0, its sign restored), less the zero point in symmetric formats, made without an
+    integer-to-float conversion (slow on GPUs: a quarter of the FMA rate or less): the field OR-ed into
+    the mantissa of 2**23 is that float plus the field, and one subtraction of 2**23 (plus the zero point,
+    or 128 for an INT8's flipped sign bit) leaves the exact value."""
+    from tvm import tirx
+
+    runs, mask, flip = (2, 15, 0) if fmt.bits == 4 else (1, 255, 128)
+    bias = float(2 ** 23 + flip + (fmt.zero_point if fmt.sym else 0))
+
+    def decode(word, run, b):  # run, b: ints or the unrolled loops' variables
+        field = tirx.bitwise_xor(tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 8 * b + 4 * run)),
+                                                  tirx.const(mask, "uint32")), tirx.const(flip, "uint32"))
+        return (tirx.reinterpret("float32", tirx.bitwise_or(field, tirx.const(_MAGIC, "uint32")))
+                - tirx.const(bias, "float32"))
+
+    return runs, decode
+
+
+def _no_words(word, run, b):
+    """``word_decoder``'s place for dense weights, which have no words to decode."""
+    raise AssertionError("dense weights are not decoded")
+
+
+def silu_mul(gate, up, dtype: str):
+    """float32 TIR ``SiLU(gate) * up`` rounded to ``dtype`` (as the separate SiLU·mul kernel stores it),
+    for the kernels that read the gate|up projection instead."""
+    from tvm import tirx
+
+    g = tirx.Cast("float32", gate)
+    one = tirx.const(1, "float32")
+    return tirx.Cast("float32", tirx.Cast(dtype, g / (one + tirx.exp(tirx.const(0, "float32") - g))
+                                          * tirx.Cast("float32", up)))
+
+
 def gemv_chunk(fmt: QuantFormat | None, w_dtype: str, k: int) -> int:
     """Columns one thread loads per step: 16 bytes of weights (32 INT4 values, 16 INT8, 8 float16),
     halved until they divide ``k`` (dense weights of odd widths)."""
     if fmt is not None:
         return 32 if fmt.bits == 4 else 16
-    c = 16 // np.dtype(w_dtype if w_dtype != "bfloat16" else "float16").itemsize
+    c = 16 // dtype_bytes(w_dtype)
     while k % c:
         c //= 2
     return c
@@ -667,10 +705,16 @@ def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
     lanes = (128, 64, 32, 16)
     fits = [kt for kt in lanes if idle(kt) <= 1 / 8 and (chunks > kt or kt == 16)]
     kt = fits[0] if fits else min(lanes, key=lambda kt: (idle(kt), -kt))
-    rt = GEMV_THREADS // kt
+    return kt, gemv_row_groups(kt, rows), min(GEMV_UNROLL, -(-chunks // kt))
+
+
+def gemv_row_groups(k_lanes: int, rows: int) -> int:
+    """Teams of ``k_lanes`` threads per GEMV block: as many as fit ``GEMV_THREADS``, halved while the grid
+    over ``rows`` rows would be short of ``GEMV_MIN_BLOCKS`` blocks."""
+    rt = GEMV_THREADS // k_lanes
     while rt > 1 and -(-rows // (rt * GEMV_ROWS)) < GEMV_MIN_BLOCKS:
         rt //= 2
-    return kt, rt, min(GEMV_UNROLL, -(-chunks // kt))
+    return rt
 
 
 def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str, x_dtype: str,
@@ -689,10 +733,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     count is correct (more passes).
 
     Quantized weights are loaded as 32-bit words and turned into floats without integer-to-float
-    conversions (slow on GPUs: a quarter of the FMA rate or less): a 4- or 8-bit field OR-ed into the
-    mantissa of 2**23 is that float plus the field, and one subtraction of 2**23 (plus the zero point, or
-    128 for the sign of an INT8) leaves the exact value. The group's scale multiplies a sum of 4 (INT8) or
-    8 (INT4) products instead of every weight; asymmetric formats add ``min * sum(x)`` the same way.
+    conversions (``word_decoder``). The group's scale multiplies a sum of 4 (INT8) or 8 (INT4) products
+    instead of every weight; asymmetric formats add ``min * sum(x)`` the same way.
     (INT4: low nibbles are columns 0-15 of a 32-column block, high nibbles 16-31.)
 
     ``scale_dtype`` is float16 in artifacts; the CPU emulation of GPU kernels in the tests, which has no
@@ -719,7 +761,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     assert KT >= TT * RB and KT & (KT - 1) == 0 and U >= 1, (KT, RT, U)
     NT, BR = KT * RT, RT * RB  # threads and rows of a block
     STEPS = -(-NC // KT)  # chunks per lane
-    XV = min(C, max_lanes, 16 // np.dtype(x_dtype if x_dtype != "bfloat16" else "float16").itemsize)
+    XV = min(C, max_lanes, 16 // dtype_bytes(x_dtype))
     J = TT * RB
     quant = fmt is not None
     int4 = fmt is not None and fmt.bits == 4
@@ -733,15 +775,12 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     wdt = "uint8" if int4 else ("int8" if quant else w_dtype)
     WV = min(C, max_lanes)  # lanes of one dense weight load
     # quantized: a chunk is 4 words; a word holds columns ``word * 4 + run * 16 + b`` (INT4: runs 0 and 1,
-    # the low and the high nibbles of its 4 bytes; INT8: run 0) in bits ``8 b + 4 run``
-    RUNS = 2 if int4 else 1
+    # the low and the high nibbles of its 4 bytes; INT8: run 0)
+    RUNS, decode = word_decoder(fmt) if fmt is not None else (1, _no_words)
     VW = 4 * RUNS  # values per word
-    MASK = 15 if int4 else 255
-    FLIP = 0 if int4 else 128  # INT8: the byte of v is v + 128 after flipping its top bit
     # the activations of a chunk, held per token: float32 for quantized weights (each is used 4 times per
     # row), x_dtype for dense ones (16 fewer registers; widened per use)
     XS = "float32" if quant else x_dtype
-    BIAS = float(2 ** 23 + FLIP + (fmt.zero_point if sym else 0)) if fmt is not None else 0.0
 
     # token i of the block's list: its x row, its out row; and how many there are
     def rows_of(offsets, ex, ntok):
@@ -768,8 +807,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                     for i1 in T.vectorized(v):
                         up[C + i0 * v + i1] = x[xr, K + col + i0 * v + i1]
                 for i in T.unroll(n):
-                    xs[t, at + i] = T.Cast(XS, T.Cast(x_dtype, T.Cast("float32", up[i]) / (
-                        T.float32(1) + T.exp(T.float32(0) - T.Cast("float32", up[i]))) * T.Cast("float32", up[C + i])))
+                    xs[t, at + i] = T.Cast(XS, silu_mul(up[i], up[C + i], x_dtype))
             else:
                 for i in T.unroll(n):
                     xs[t, at + i] = T.Cast(XS, up[i])
@@ -832,11 +870,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             if row0 + r < N:
                                                 for run in T.unroll(RUNS):
                                                     for b in T.unroll(4):
-                                                        wv[run * 4 + b] = T.reinterpret("float32", T.bitwise_or(
-                                                            T.bitwise_xor(T.bitwise_and(T.shift_right(
-                                                                raw[u, r, wd], T.uint32(8 * b + 4 * run)),
-                                                                T.uint32(MASK)), T.uint32(FLIP)),
-                                                            T.uint32(_MAGIC))) - T.float32(BIAS)
+                                                        wv[run * 4 + b] = decode(raw[u, r, wd], run, b)
                                                 scale: T.let[T.float32] = T.Cast(
                                                     "float32", scales[ex * N + row0 + r, ch * C // G])
                                                 for t in T.unroll(TT):
@@ -947,7 +981,7 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
 
     With ``fmt`` (INT4 / INT8, the GEMV's row layout) each warp loads its rows' packed 16-byte chunks for
     the step, as 32-bit words, once the barrier that opens the step has passed, and dequantizes them into
-    its own 16-row tile of shared memory (through the float mantissa, as ``make_gemv_gpu``; the group's scale
+    its own 16-row tile of shared memory (``word_decoder``, as ``make_gemv_gpu``; the group's scale
     and min; rounded to ``dtype`` as ``qlinear_te`` rounds them), from which it loads the fragments.
     Steps are 128 columns or fewer then, so both staged tiles fit the shared memory.
     """
@@ -965,7 +999,7 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
     NT = 32 * SKINNY_WARPS
     MFM = 4 if dtype in ("float16", "bfloat16") else 2  # 16-token fragments per pass
     TP = 16 * MFM  # tokens per pass
-    e = 2 if dtype in ("float16", "bfloat16") else 4
+    e = dtype_bytes(dtype)
 
     def shared(sc: int) -> int:  # staged activations (+ dequantized weights) + the accumulators' exchange
         return TP * (sc + 8) * e + (SKINNY_WARPS * 16 * (sc // KW + 8) * e if quant else 0) + SKINNY_WARPS * 1024
@@ -989,8 +1023,7 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
     LCH = -(-16 * CPR // 32)
     assert 16 * CPR % 32 == 0 or CPR == 1, CPR
     G = fmt.group_size if fmt is not None else K
-    RUNS, MASK, FLIP = (2, 15, 0) if int4 else (1, 255, 128)
-    BIAS = float(2 ** 23 + FLIP + (fmt.zero_point if sym else 0)) if fmt is not None else 0.0
+    RUNS, decode = word_decoder(fmt) if fmt is not None else (1, _no_words)
     wshape = (N, K // 2) if int4 else (N, K)
     wdt = "uint8" if int4 else ("int8" if quant else dtype)
     BITS = fmt.bits if fmt is not None else 16
@@ -1042,10 +1075,7 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
                                 for wd in T.unroll(4):
                                     for run in T.unroll(RUNS):
                                         for bb in T.unroll(4):
-                                            wv[run * 4 + bb] = T.reinterpret("float32", T.bitwise_or(
-                                                T.bitwise_xor(T.bitwise_and(T.shift_right(
-                                                    raw[i, wd], T.uint32(8 * bb + 4 * run)), T.uint32(MASK)),
-                                                    T.uint32(FLIP)), T.uint32(_MAGIC))) - T.float32(BIAS)
+                                            wv[run * 4 + bb] = decode(raw[i, wd], run, bb)
                                             if sym:
                                                 ws[(warp * 16 + cw // CPR) * WLD + cw % CPR * CC + run * 16
                                                    + wd * 4 + bb] = T.Cast(dtype, wv[run * 4 + bb] * scale)
@@ -1066,9 +1096,8 @@ def make_skinny_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dt
                                     for i in T.vectorized(V):
                                         xv[1, i] = x[tr, K + st * SC + c + i]
                                     for i in T.unroll(V):
-                                        xs[r * XLD + c + i] = T.if_then_else(live, T.Cast(dtype, T.Cast(
-                                            "float32", xv[0, i]) / (T.float32(1) + T.exp(T.float32(0) - T.Cast(
-                                                "float32", xv[0, i]))) * T.Cast("float32", xv[1, i])),
+                                        xs[r * XLD + c + i] = T.if_then_else(
+                                            live, T.Cast(dtype, silu_mul(xv[0, i], xv[1, i], dtype)),
                                             T.Cast(dtype, T.float32(0)))
                                 else:
                                     for i in T.unroll(V):
@@ -1236,10 +1265,8 @@ def make_tiled_gemm_gpu(in_features: int, out_features: int, fmt: QuantFormat | 
                         for i in T.unroll(PER):
                             xv[i] = T.if_then_else(sr < rows and kb * TK + sc + i < K, T.Cast(
                                 "float32", x[tok, T.min(kb * TK + sc + i, K - 1)]), T.float32(0))
-                            if gated:  # SiLU(gate) * up, rounded to x's dtype as the unfused kernel stores it
-                                xv[i] = T.Cast("float32", T.Cast(x_dtype, xv[i] / (
-                                    T.float32(1) + T.exp(T.float32(0) - xv[i])) * T.Cast(
-                                    "float32", x[tok, K + T.min(kb * TK + sc + i, K - 1)])))
+                            if gated:
+                                xv[i] = silu_mul(xv[i], x[tok, K + T.min(kb * TK + sc + i, K - 1)], x_dtype)
                             if tc:
                                 xs[sr * TKP + sc + i] = T.Cast(mma_dtype, xv[i])
                             else:
