@@ -111,8 +111,10 @@ def run(src: Path, out: Path) -> None:
 
     from bench.gpu_profile import profile_steps
     from bench.gpu_proof import hbm_bandwidth
+    from ferrum_runtime.model import load_cuda_runtime
 
     entries = json.loads((src / "kernels.json").read_text())
+    load_cuda_runtime()  # the runtime-only TVM keeps its CUDA device API in a library of its own
     dev = tvm.cuda(0)
     bw = hbm_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)

@@ -44,7 +44,8 @@ WIDE_GRAPH_MAX_TOKENS = 64
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
-          graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024):
+          graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
+          skinny_gemm: bool = False):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -53,7 +54,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     ``tensor_core_dtypes`` (CUDA: float16 and bfloat16; the test emulator uses float32): activation dtypes
     whose ``forward`` attention (``make_prefill_attention_tc``; then ``decode_wide`` and, with graphs,
     ``decode_wide_graph`` are added), MoE expert GEMMs and, where dlight has no tensor-core schedule,
-    prefill linears (``make_tiled_gemm_gpu``) run on our tensor-core kernels."""
+    prefill linears (``make_tiled_gemm_gpu``) run on our tensor-core kernels. ``skinny_gemm`` puts
+    ``decode_wide``'s linears on ``make_skinny_gemm_gpu`` instead of dlight's matmuls: off, because on an
+    H200 (2026-11-26, Qwen3-4B float16) it read weights at 0.2-1.0 TB/s and 16/32 sequences decoded at
+    849/1427 tok/s against dlight's 1108/2104 (docs/bench/gpu-2026-11-26b.md)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -124,7 +128,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                     elif k == "rms_norm":
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
                     elif k in ("linear", "qlinear"):
-                        skinny = wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)
+                        skinny = skinny_gemm and wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)
                         gated = _gated_source(graph, producer, op.inputs[0]) if gemv or skinny else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]

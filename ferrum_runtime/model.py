@@ -61,7 +61,7 @@ class CompiledModel:
         self.num_layers = int(kv["num_layers"])
         self.num_blocks = num_blocks
         if device == "cuda":
-            _load_cuda_runtime()
+            load_cuda_runtime()
         self.device = tvm.device(device)
         if not self.device.exist:
             raise ArtifactError(f"no {device} device is visible to this process; run the artifact on a machine with one")
@@ -285,7 +285,7 @@ def decode_max_tokens(entry: dict | None) -> int:
         raise ArtifactError(str(e)) from None
 
 
-def _load_cuda_runtime() -> None:
+def load_cuda_runtime() -> None:
     """TVM's CUDA runtime is a separate library; load it (needs the driver and libcudart.so.13)."""
     from tvm.base import _LOADED_LIBS
 

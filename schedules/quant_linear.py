@@ -638,8 +638,9 @@ def row_loader(fmt: QuantFormat | None, K: int):
 GEMV_THREADS = 128  # at most, per block
 GEMV_ROWS = 4  # output rows per thread
 GEMV_TOKENS = 4  # tokens per pass over the block's rows
-GEMV_UNROLL = 2  # chunks whose loads a thread issues before it uses the first
+GEMV_UNROLL = 1  # chunks whose loads a thread issues before it uses the first (2 and 4: slower on an H200)
 GEMV_MIN_BLOCKS = 528  # a grid this large keeps 4 blocks on each SM of a 132-SM H100/H200
+GEMV_MAX_WARPS = 3072  # about one wave of resident warps on a 132-SM H100/H200; more lanes per row past it lost
 _MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing an integer below 2**23 into the mantissa gives 2**23 + it
 
 
@@ -693,18 +694,27 @@ def gemv_chunk(fmt: QuantFormat | None, w_dtype: str, k: int) -> int:
 
 def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
     """``(k_lanes, row_groups, unroll)`` of a GEMV block over ``rows`` weight rows of ``chunks`` 16-byte
-    chunks: ``k_lanes`` threads share a row (the most, 16 to 128, that leave at most 1/8 of the lanes idle
-    on the last step and take at least 2 steps), ``row_groups`` such teams per block (fewer when the grid
-    would otherwise be short of ``GEMV_MIN_BLOCKS``), each thread ``GEMV_ROWS`` rows and ``unroll`` chunks
-    in flight. Qwen3-4B: INT4 K=2560 (80 chunks) takes 16 lanes, 5 steps, none idle; float16 K=2560 (320)
-    takes 64; float16 K=9728 (1216) takes 128."""
+    chunks: ``k_lanes`` threads share a row, ``row_groups`` such teams per block (fewer when the grid would
+    otherwise be short of ``GEMV_MIN_BLOCKS``), each thread ``GEMV_ROWS`` rows and ``GEMV_UNROLL`` chunks
+    in flight. ``k_lanes`` is the most (16 to 128) that leave at most 1/4 of the lanes idle on the last
+    step, take at least 2 steps and keep the grid within ``GEMV_MAX_WARPS``; where none keeps it, the
+    fewest. The rule is the H200 sweep of bench/gpu_kernels.py (docs/bench/gpu-2026-11-26b.md), where it
+    picks the fastest layout of 7 of Qwen3-4B's 8 GEMVs (float16 gate|up: 1-4% from the best) and the
+    INT4 ones ran 1.2-2x faster than under the previous rule (most lanes with 1/8 idle, 2 chunks in
+    flight). Qwen3-4B: float16 q|k|v (320 chunks, 6144 rows) takes 64 lanes; o (512) and down (1216) 128;
+    INT4 o (128) 64, INT4 down (304) 128, INT4 gate|up (80, 19456 rows) 16."""
     def idle(kt: int) -> float:
         steps = -(-chunks // kt)
         return (steps * kt - chunks) / (steps * kt)
 
+    def warps(kt: int) -> int:
+        return -(-rows // GEMV_ROWS) * kt // 32
+
     lanes = (128, 64, 32, 16)
-    fits = [kt for kt in lanes if idle(kt) <= 1 / 8 and (chunks > kt or kt == 16)]
-    kt = fits[0] if fits else min(lanes, key=lambda kt: (idle(kt), -kt))
+    fits = [kt for kt in lanes if idle(kt) <= 1 / 4 and (chunks >= 2 * kt or kt == 16)]
+    if not fits:
+        fits = [min(lanes, key=lambda kt: (idle(kt), -kt))]
+    kt = next((kt for kt in fits if warps(kt) <= GEMV_MAX_WARPS), fits[-1])
     return kt, gemv_row_groups(kt, rows), min(GEMV_UNROLL, -(-chunks // kt))
 
 

@@ -243,12 +243,14 @@ def test_gemv_chunk_is_16_bytes():
     assert ql.gemv_chunk(None, "float32", 7) == 1
 
 
-@pytest.mark.parametrize("chunks,rows,layout", [
-    (80, 19456, (16, 8, 2)),  # Qwen3-4B INT4 gate/up: 16 lanes take 5 steps, none idle
-    (80, 6144, (16, 2, 2)),  # INT4 q/k/v: fewer teams per block so the grid keeps 768 blocks
-    (320, 19456, (64, 2, 2)),  # float16 gate/up: 64 lanes, 5 steps
-    (1216, 2560, (128, 1, 2)),  # float16 down: 10 steps, 5% idle on the last
-    (304, 2560, (64, 1, 2)),  # INT4 down: 128 lanes would idle 21%
+@pytest.mark.parametrize("chunks,rows,layout", [  # the fastest of the H200 sweep (docs/bench/gpu-2026-11-26b.md)
+    (80, 19456, (16, 8, 1)),  # Qwen3-4B INT4 gate/up: 32 lanes would make 4864 warps
+    (80, 6144, (32, 2, 1)),  # INT4 q/k/v: 64 lanes would idle 3/8; fewer teams per block keep 768 blocks
+    (128, 2560, (64, 1, 1)),  # INT4 o: 128 lanes would take one step
+    (304, 2560, (128, 1, 1)),  # INT4 down: 3 steps, 21% idle on the last
+    (320, 6144, (64, 2, 1)),  # float16 q/k/v: 128 lanes would make 6144 warps
+    (512, 2560, (128, 1, 1)),  # float16 o
+    (1216, 2560, (128, 1, 1)),  # float16 down: 10 steps, 5% idle on the last
     (3, 10, (16, 1, 1)),  # tiny: one step, the fewest idle lanes
 ])
 def test_gemv_layout_keeps_lanes_busy(chunks, rows, layout):
