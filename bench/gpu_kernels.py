@@ -9,8 +9,10 @@ them in L2), next to a torch copy of the same process, and
 writes gpu-kernels.json and a table (µs, GB/s of weight bytes read, % of the copy bandwidth). The best
 variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Also
 ``decode_wide``'s tensor-core GEMM for few tokens (float16 and INT4) at 16, 32 and 64 tokens. Then the
-token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k + top-p) over 1 and
-16 rows of Qwen3's 151936 logits.
+token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k, top-k + top-p, min_p)
+over 1 and 16 rows of Qwen3's 151936 logits, flat and peaked. Then one layer's decode attention (split
+kernel and merge) at 1 and 16 sequences of 384 and 2048 keys, for 64-, 32- and 16-key tiles and split
+counts from 1 to 64.
 """
 
 from __future__ import annotations
@@ -35,7 +37,18 @@ WIDE_TOKENS = (16, 32, 64)  # decode_wide's tensor-core GEMM ("skinny")
 VOCAB = 151936  # Qwen3's, for the token pickers
 # (temperature, top_k, top_p, min_p) of the sampler timings: the proof's sampled decode, then top-k too
 SAMPLING = {"greedy": (0.0, 0, 1.0, 0.0), "T0.7 p0.9": (0.7, 0, 0.9, 0.0), "T0.7 k40 p0.9": (0.7, 40, 0.9, 0.0),
-            "T1": (1.0, 0, 1.0, 0.0)}
+            "T0.7 k40": (0.7, 40, 1.0, 0.0), "T1 min_p0.05": (1.0, 0, 1.0, 0.05), "T1": (1.0, 0, 1.0, 0.0)}
+
+
+# Qwen3-4B's attention, for the decode attention's split sweep; shared bytes that give 64-, 32- and 16-key tiles
+ATTENTION = {"heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16}
+ATTENTION_SHARED = (40 * 1024, 24 * 1024, 12 * 1024)
+CONTEXTS = (384, 2048)  # keys per sequence: the proof's decode (256 + 128) and a long one
+
+
+def pa_rows() -> int:
+    """Query rows of a decode attention tile: one token's query heads per KV head."""
+    return ATTENTION["heads"] // ATTENTION["kv_heads"]
 
 
 def variants(chunks: int, rows: int) -> list[tuple[int, int, int]]:
@@ -59,6 +72,7 @@ def variants(chunks: int, rows: int) -> list[tuple[int, int, int]]:
 def prepare(dest: Path) -> None:
     import tvm
 
+    from ferrum.schedules import paged_attention as pa
     from ferrum.schedules import quant_linear as ql
     from ferrum.schedules import sampling
     from ferrum_compiler.gpu_build import prepare_cuda_build
@@ -92,6 +106,13 @@ def prepare(dest: Path) -> None:
             entries.append({"name": f"{fname}-{shape}-skinny", "format": fname, "shape": shape, "in": k, "out": n,
                             "gated": gated, "layout": list(ql.skinny_layout(k, n, 32 if fmt else 16)),
                             "picked": False, "skinny": True})
+    for sb in ATTENTION_SHARED:  # decode attention at 64-, 32- and 16-key tiles, and the merge
+        kc = pa.split_key_tile(pa_rows(), ATTENTION["head_dim"], "float16", sb)
+        build(f"attention-{kc}", pa.make_attention_gpu(ATTENTION["heads"], ATTENTION["kv_heads"], ATTENTION["head_dim"],
+                                                       ATTENTION["block_size"], "float16", tile_tokens=1,
+                                                       shared_bytes=sb), "attention")
+    build("attention-merge", pa.make_attention_merge_gpu(ATTENTION["heads"], ATTENTION["head_dim"], "float16"),
+          "merge")
     build("argmax", sampling.make_argmax(VOCAB, "gpu"), "argmax")
     build("sample", sampling.make_sample_gpu(VOCAB), "sample")
     (dest / "kernels.json").write_text(json.dumps(entries, indent=1))
@@ -154,6 +175,8 @@ def run(src: Path, out: Path) -> None:
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     report["pickers"] = pickers_time(src, dev, rng)
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
+    report["attention"] = attention_time(src, dev, rng)
+    (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     best: dict[tuple, dict] = {}
     for r in rows:
         if "error" in r:
@@ -168,30 +191,89 @@ def run(src: Path, out: Path) -> None:
 
 
 def pickers_time(src: Path, dev, rng) -> list[dict]:
-    """Device time of the argmax and of the sampler over Qwen3-sized logits rows, 1 and 16 rows."""
+    """Device time of the argmax and of the sampler over Qwen3-sized logits rows, 1 and 16 rows: flat ones
+    (random-weight models' kind, where a top-p nucleus holds much of the vocabulary and the sampler reads
+    the whole row in each search step) and peaked ones (a trained model's kind: few candidates, searched in
+    shared memory)."""
     import tvm
 
     from bench.gpu_profile import profile_steps
 
     out = []
-    for rows in (1, 16):
-        logits = tvm.runtime.tensor((rng.standard_normal((rows, VOCAB)) * 3).astype(np.float32), dev)
+    for rows, shape in ((1, "flat"), (16, "flat"), (1, "peaked"), (16, "peaked")):
+        x = rng.standard_normal((rows, VOCAB)).astype(np.float32) * 3
+        if shape == "peaked":  # a language model's: a bulk near 0, some tens of tokens 12-24 above it
+            x = x * (2.5 / 3)
+            for row in x:
+                row[rng.choice(VOCAB, 64, replace=False)] += rng.uniform(12, 24, 64).astype(np.float32)
+        logits = tvm.runtime.tensor(x, dev)
         ids = tvm.runtime.empty((rows,), "int32", dev)
         try:
             argmax = tvm.runtime.load_module(str(src / "argmax.so"))["argmax"]
             us = profile_steps(lambda: argmax(logits, ids), 20)["kernel_ms_per_step"] * 1e3
-            out.append({"kernel": "argmax", "rows": rows, "us": us})
-            print(f"argmax  rows={rows:2d}  {us:8.1f} us", flush=True)
+            out.append({"kernel": "argmax", "rows": rows, "logits": shape, "us": us})
+            print(f"argmax  rows={rows:2d} {shape:6s}  {us:8.1f} us", flush=True)
             sample = tvm.runtime.load_module(str(src / "sample.so"))["sample"]
             for name, params in SAMPLING.items():
                 p = tvm.runtime.tensor(np.tile(np.array(params, np.float32), (rows, 1)), dev)
                 u = tvm.runtime.tensor(rng.random(rows).astype(np.float32), dev)
                 us = profile_steps(lambda p=p, u=u: sample(logits, p, u, ids), 20)["kernel_ms_per_step"] * 1e3
-                out.append({"kernel": "sample", "sampling": name, "rows": rows, "us": us})
-                print(f"sample  rows={rows:2d}  {name:14s} {us:8.1f} us", flush=True)
+                out.append({"kernel": "sample", "sampling": name, "rows": rows, "logits": shape, "us": us})
+                print(f"sample  rows={rows:2d} {shape:6s}  {name:14s} {us:8.1f} us", flush=True)
         except Exception as exc:  # keep what ran
-            out.append({"rows": rows, "error": repr(exc)})
-            print(f"pickers rows={rows}: FAILED {exc!r}", flush=True)
+            out.append({"rows": rows, "logits": shape, "error": repr(exc)})
+            print(f"pickers rows={rows} {shape}: FAILED {exc!r}", flush=True)
+    return out
+
+
+def attention_time(src: Path, dev, rng) -> list[dict]:
+    """Device time of a decode step's attention for one layer (the split kernel and the merge) at 1 and 16
+    sequences of 384 and 2048 keys, for each key tile and split count; ``*`` marks the split count that
+    ``paged_attention.gpu_num_splits`` picks (with the block table as wide as the context)."""
+    import tvm
+
+    from bench.gpu_profile import profile_steps
+    from ferrum.schedules import paged_attention as pa
+
+    h, kvh, d, bs = (ATTENTION[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
+    out = []
+    try:
+        merge = tvm.runtime.load_module(str(src / "attention-merge.so"))["merge"]
+        kernels = {kc: tvm.runtime.load_module(str(src / f"attention-{kc}.so"))["attention"]
+                   for kc in sorted({pa.split_key_tile(pa_rows(), d, "float16", sb) for sb in ATTENTION_SHARED})}
+    except Exception as exc:  # noqa: BLE001 - keep what ran before
+        print(f"attention: FAILED to load {exc!r}", flush=True)
+        return [{"error": repr(exc)}]
+    for ctx in CONTEXTS:
+        for seqs in (1, 16):
+            m = ctx // bs
+            cache = tvm.runtime.tensor((rng.standard_normal((seqs * m, 2, kvh, bs, d)) * 0.5).astype(np.float16), dev)
+            q = tvm.runtime.tensor(rng.standard_normal((seqs, h, d)).astype(np.float16), dev)
+            positions = tvm.runtime.tensor(np.full(seqs, ctx - 1, np.int32), dev)
+            starts = tvm.runtime.tensor(np.arange(seqs + 1, dtype=np.int32), dev)
+            tables = tvm.runtime.tensor(np.arange(seqs * m, dtype=np.int32).reshape(seqs, m), dev)
+            y = tvm.runtime.empty((seqs, h, d), "float16", dev)
+            picked = min(-(-ctx // pa.SPLIT_KEYS), 256 // seqs)
+            for kc, split in kernels.items():
+                for ns in (1, 2, 4, 6, 8, 12, 16, 32, 64):
+                    if -(-ctx // ns) < kc // 2 or ns > ctx // bs:
+                        continue
+                    try:
+                        acc = tvm.runtime.empty((seqs, h, ns, d), "float32", dev)
+                        ml = tvm.runtime.empty((seqs, h, ns, 2), "float32", dev)
+
+                        def step(split=split, acc=acc, ml=ml):
+                            split(q, cache, positions, starts, tables, acc, ml)
+                            merge(acc, ml, y)
+
+                        us = profile_steps(step, 50)["kernel_ms_per_step"] * 1e3
+                        out.append({"keys": ctx, "seqs": seqs, "key_tile": kc, "splits": ns, "us": us,
+                                    "picked": kc == max(kernels) and ns == picked})
+                        print(f"attention keys={ctx:5d} seqs={seqs:2d} tile={kc:2d} splits={ns:2d} "
+                              f"{'*' if out[-1]['picked'] else ' '} {us:7.2f} us", flush=True)
+                    except Exception as exc:  # noqa: BLE001 - keep what ran
+                        out.append({"keys": ctx, "seqs": seqs, "key_tile": kc, "splits": ns, "error": repr(exc)})
+                        print(f"attention keys={ctx} seqs={seqs} tile={kc} splits={ns}: FAILED {exc!r}", flush=True)
     return out
 
 

@@ -205,7 +205,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         bb.emit_func_output(bb.emit(relax.call_tir(pick, [logits], relax.TensorType([logits.ty.shape[0]], "int32"))))
     picks = [ARGMAX_ENTRY]
     if kernel_kind == "gpu":  # temperature, top-k, top-p and min_p sampling too (schedules/sampling.py)
-        draw = kernel(("sample", vocab), lambda: sampling_sched.make_sample_gpu(vocab))
+        cands = sampling_sched.sample_candidates(shared_bytes)
+        draw = kernel(("sample", vocab, cands), lambda: sampling_sched.make_sample_gpu(vocab, cands))
         rows = tirx.Var("L", "int64")
         args = [relax.Var("logits", relax.TensorType([rows, vocab], "float32")),
                 relax.Var("params", relax.TensorType([rows, 4], "float32")),

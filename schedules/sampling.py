@@ -105,33 +105,56 @@ SAMPLE_THREADS = 1024
 SAMPLE_UNROLL = 4
 
 
-def make_sample_gpu(vocab: int):
+def sample_candidates(shared_bytes: int) -> int:
+    """How many (logit, id) candidates ``make_sample_gpu`` can copy into ``shared_bytes`` of shared memory
+    beside its three ``SAMPLE_THREADS``-word reduction buffers."""
+    return (shared_bytes - 12 * SAMPLE_THREADS) // 8
+
+
+SAMPLE_CANDIDATES = sample_candidates(40 * 1024)  # 3584: 28 KiB of them, 40 KiB in all
+
+
+def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
     """PrimFunc ``sample(logits[L,V] f32, params[L,4] f32, uniform[L] f32, out[L] int32)``: one token per
     row. ``params[r]`` = (temperature, top_k, top_p, min_p) as the host sampler takes them (temperature
     below 1e-5: greedy; top_k 0 or >= V: off; top_p 1: off; min_p 0: off); ``uniform[r]`` in [0, 1) is the
     row's draw from its sequence's generator.
 
-    A block of 1024 threads per row. Passes over the row, each strided (thread ``i`` reads ids ``i, i +
-    1024, ...``: a warp reads 128 consecutive bytes) with 4 loads in flight: the maximum (and its lowest
-    id, the greedy answer); for top-k the k-th largest logit, found by a binary search over the logits'
-    order-preserving 32-bit keys (``count(key >= K) >= k``); for top-p the smallest key ``K`` with
-    ``mass(kept, key > K) < top_p * mass(kept)`` by the same search (the exponential only for ids above
-    the probe). A search that is off (and every pass of a greedy row) costs nothing. Then the draw, in id
-    order: thread ``i`` owns the contiguous ids ``[i*C, (i+1)*C)``, sums its kept probabilities ``exp((x
-    - max) / T)`` (min_p drops those below ``min_p``), a prefix sum over threads (sums of runs of 32
-    threads, then within the run) finds the thread holding ``uniform * total``, and it walks its ids to
-    the first whose cumulative probability exceeds it. Float32 throughout, and tokens tied with the k-th logit are all kept (the host sampler sums in
-    float64 and keeps the lowest ids of such ties): the same distribution, not always the same token as
-    the host for the same draw.
+    A block of 1024 threads per row. Strided passes (thread ``i`` reads ids ``i, i + 1024, ...``: a warp
+    reads 128 consecutive bytes) with 4 loads in flight find the maximum and its lowest id (the greedy
+    answer). Then a floor under every key the filters can keep, known before any search:
+    - top-k (k <= 1024): the k-th largest of the threads' own maxima (k distinct logits reach it), by a
+      binary search over those 1024 values;
+    - else top-p: ``max + T (ln((1 - top_p) / V) - 1)``. Tokens below it each have probability under
+      ``(1 - top_p) / V`` of the maximum's, so all of them hold less than ``1 - top_p`` of the mass and the
+      top-p cut is above them;
+    - else min_p: ``max + T (ln(min_p) - 0.01)``.
+    The logits at or above the floor (their order-preserving 32-bit keys) are copied with their ids, in
+    id order, into shared memory when at most ``candidates`` are (a count over contiguous ranges, a
+    prefix over threads, a second pass that writes); the searches and the draw then read those instead
+    of the row. Without a floor, or with too many candidates, they read the row as before.
+    - top-k: the k-th largest logit, by a binary search over keys (``count(key >= K) >= k``) between the
+      floor and the maximum;
+    - top-p: the smallest key ``K`` with ``mass(kept, key > K) < top_p * mass(kept)``, by the same search
+      (the exponential only for ids above the probe); the kept mass of a top-p-only row is summed over the
+      whole row during the count;
+    - the draw, in id order: thread ``i`` owns a contiguous range of the source, sums its kept
+      probabilities ``exp((x - max) / T)`` (min_p drops those below ``min_p``), a prefix sum over threads
+      (sums of runs of 32 threads, then within the run) finds the thread holding ``uniform * total``, and
+      it walks its range to the first whose cumulative probability exceeds it.
+    A search that is off (and every pass of a greedy row) costs nothing. Float32 throughout, and tokens
+    tied with the k-th logit are all kept (the host sampler sums in float64 and keeps the lowest ids of
+    such ties): the same distribution, not always the same token as the host for the same draw.
     """
     from tvm import tirx
     from tvm.script import tirx as T
 
-    V, NT, U = vocab, SAMPLE_THREADS, SAMPLE_UNROLL
-    C = -(-V // NT)  # contiguous ids per thread, for the draw
+    V, NT, U, CAP = vocab, SAMPLE_THREADS, SAMPLE_UNROLL, candidates
+    assert CAP >= NT, "the threads' maxima are searched in the candidates' buffer"
+    C = -(-V // NT)  # contiguous ids per thread, for the count and the copy
     W = 32  # the prefix over threads: W runs of W threads
     assert W * W == NT
-    S = -(-V // (NT * U))  # strided steps of U loads
+    S = -(-V // (NT * U))  # strided steps of U loads over the row
     block_sum, row_argmax = block_reduce.block_sum(NT, 1), block_argmax(NT)
 
     def key_of(x):
@@ -145,11 +168,35 @@ def make_sample_gpu(vocab: int):
         return tirx.exp((x - top) / temp)
 
     @T.macro
-    def load(seen, logits, r, c, tx):
-        """``seen[u]`` = logit ``(c * U + u) * NT + tx`` of row ``r`` for the ids inside the vocabulary."""
+    def load(seen, logits, cand_val, use_cand, n, r, c, tx):
+        """``seen[u]`` = element ``(c * U + u) * NT + tx`` of the source (the candidates or row ``r``) for
+        the elements among its ``n``."""
         for u in T.unroll(U):
-            if (c * U + u) * NT + tx < V:
-                seen[u] = logits[r, (c * U + u) * NT + tx]
+            if (c * U + u) * NT + tx < n:
+                seen[u] = T.if_then_else(use_cand, cand_val[(c * U + u) * NT + tx], logits[r, (c * U + u) * NT + tx])
+
+    @T.macro
+    def prefix(part, part1, mine, cum, total, tx):
+        """``cum[0]``: the sum of ``mine[0]`` over the threads before ``tx`` (earlier runs of W threads,
+        then its own run); ``total[0]``: over all of them."""
+        part1[tx] = mine[0]
+        T.tvm_storage_sync("shared")
+        if tx < W:  # the sums of the runs of W threads
+            cum[0] = T.float32(0)
+            for i in T.unroll(W):
+                cum[0] = cum[0] + part1[tx * W + i]
+            part[tx, 0] = cum[0]
+        T.tvm_storage_sync("shared")
+        cum[0] = T.float32(0)
+        total[0] = T.float32(0)
+        for j in T.unroll(W):
+            if j < tx // W:
+                cum[0] = cum[0] + part[j, 0]
+            total[0] = total[0] + part[j, 0]
+        for i in T.unroll(W):
+            if i < tx % W:
+                cum[0] = cum[0] + part1[tx // W * W + i]
+        T.tvm_storage_sync("shared")
 
     @T.prim_func(private=True)
     def sample(l_h: T.handle, p_h: T.handle, u_h: T.handle, o_h: T.handle):
@@ -164,13 +211,18 @@ def make_sample_gpu(vocab: int):
                 part = T.alloc_buffer((NT, 1), "float32", scope="shared")
                 part1 = T.alloc_buffer((NT,), "float32", scope="shared")
                 part_id = T.alloc_buffer((NT,), "int32", scope="shared")
+                cand_val = T.alloc_buffer((CAP,), "float32", scope="shared")
+                cand_id = T.alloc_buffer((CAP,), "int32", scope="shared")
                 seen = T.alloc_buffer((U,), "float32", scope="local")
                 mine = T.alloc_buffer((1,), "float32", scope="local")
-                best = T.alloc_buffer((2,), "float32", scope="local")  # max, then the kept mass
+                full = T.alloc_buffer((1,), "float32", scope="local")  # a top-p-only row's kept mass
+                best = T.alloc_buffer((3,), "float32", scope="local")  # max, the kept mass, own max
+                total = T.alloc_buffer((1,), "float32", scope="local")  # prefix's sum over all threads
                 idx = T.alloc_buffer((1,), "int32", scope="local")
-                bounds = T.alloc_buffer((4,), "int64", scope="local")  # search lo, hi; top-k cut; kept from
+                bounds = T.alloc_buffer((5,), "int64", scope="local")  # search lo, hi; top-k cut; kept; floor
                 cum = T.alloc_buffer((1,), "float32", scope="local")
                 pick = T.alloc_buffer((1,), "int32", scope="local")
+                at = T.alloc_buffer((1,), "int32", scope="local")
                 temp: T.let[T.float32] = params[r, 0]
                 top_k: T.let[T.int64] = T.Cast("int64", params[r, 1])
                 top_p: T.let[T.float32] = params[r, 2]
@@ -179,25 +231,77 @@ def make_sample_gpu(vocab: int):
                 best[0] = T.float32(NEG_INF)
                 idx[0] = V
                 for c in T.serial(S):
-                    load(seen, logits, r, c, tx)
+                    load(seen, logits, cand_val, False, V, r, c, tx)
                     for u in T.unroll(U):
                         if (c * U + u) * NT + tx < V:
                             if seen[u] > best[0] or idx[0] == V:
                                 best[0] = seen[u]
                                 idx[0] = T.Cast("int32", (c * U + u) * NT + tx)
+                best[2] = best[0]
                 row_argmax(part1, part_id, best, idx, tx)
                 greedy: T.let[T.bool] = temp < T.float32(1.0e-5)
-                # 2. top-k: the largest key K with count(key >= K) >= k (all keys when off or greedy)
-                bounds[0] = T.int64(0)
-                bounds[1] = T.int64(0xFFFFFFFF)
                 searching_k: T.let[T.bool] = not greedy and top_k > 0 and top_k < V
-                for _it in T.serial(T.if_then_else(searching_k, 32, 0)):  # the same for every thread
+                searching_p: T.let[T.bool] = not greedy and top_p < T.float32(1)
+                top_key: T.let[T.int64] = key_of(best[0])
+                # 2. the floor: top-k's from the threads' maxima (their k-th largest key), else top-p's or
+                # min_p's from the maximum; 0 (none) for greedy rows and rows without a filter
+                floor_k: T.let[T.bool] = searching_k and top_k <= NT
+                cand_val[tx] = best[2]
+                T.tvm_storage_sync("shared")
+                bounds[0] = T.int64(0)
+                bounds[1] = top_key
+                for _it in T.serial(T.if_then_else(floor_k, 32, 0)):  # the same for every thread
+                    mid_f: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
+                    mine[0] = T.if_then_else(key_of(cand_val[tx]) >= mid_f, T.float32(1), T.float32(0))
+                    block_sum(part, mine, tx)
+                    if T.Cast("int64", mine[0]) >= top_k:
+                        bounds[0] = mid_f
+                    else:
+                        bounds[1] = mid_f - 1
+                bounds[4] = T.int64(0)
+                if floor_k:
+                    bounds[4] = bounds[0]
+                elif searching_p and not searching_k:
+                    bounds[4] = key_of(best[0] + temp * (T.log((T.float32(1) - top_p) / T.float32(V)) - T.float32(1)))
+                elif not greedy and not searching_k and not searching_p and min_p > T.float32(0):
+                    bounds[4] = key_of(best[0] + temp * (T.log(min_p) - T.float32(0.01)))
+                compacting: T.let[T.bool] = bounds[4] > T.int64(0)
+                # 3. count the candidates over contiguous ranges (and a top-p-only row's kept mass), copy
+                # them in id order when they fit
+                mine[0] = T.float32(0)
+                full[0] = T.float32(0)
+                if compacting:
+                    for c in T.serial(C):
+                        if tx * C + c < V:
+                            if key_of(logits[r, tx * C + c]) >= bounds[4]:
+                                mine[0] = mine[0] + T.float32(1)
+                            if searching_p and not searching_k:
+                                full[0] = full[0] + prob(logits[r, tx * C + c], best[0], temp)
+                prefix(part, part1, mine, cum, total, tx)
+                n_cand: T.let[T.int32] = T.Cast("int32", total[0])
+                use_cand: T.let[T.bool] = compacting and n_cand <= CAP
+                if use_cand:
+                    at[0] = T.Cast("int32", cum[0])
+                    for c in T.serial(C):
+                        if tx * C + c < V:
+                            if key_of(logits[r, tx * C + c]) >= bounds[4]:
+                                cand_val[at[0]] = logits[r, tx * C + c]
+                                cand_id[at[0]] = T.Cast("int32", tx * C + c)
+                                at[0] = at[0] + 1
+                block_sum(part, full, tx)  # its barriers also order the copy before the reads
+                n: T.let[T.int32] = T.if_then_else(use_cand, n_cand, V)
+                sn: T.let[T.int32] = (n + NT * U - 1) // (NT * U)  # strided steps over the source
+                cn: T.let[T.int32] = (n + NT - 1) // NT  # contiguous elements per thread
+                # 4. top-k: the largest key K with count(key >= K) >= k, from the floor up
+                bounds[0] = bounds[4]
+                bounds[1] = top_key
+                for _it in T.serial(T.if_then_else(searching_k, 32, 0)):
                     mid: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
                     mine[0] = T.float32(0)
-                    for c in T.serial(S):
-                        load(seen, logits, r, c, tx)
+                    for c in T.serial(sn):
+                        load(seen, logits, cand_val, use_cand, n, r, c, tx)
                         for u in T.unroll(U):
-                            if (c * U + u) * NT + tx < V:
+                            if (c * U + u) * NT + tx < n:
                                 if key_of(seen[u]) >= mid:
                                     mine[0] = mine[0] + T.float32(1)
                     block_sum(part, mine, tx)
@@ -205,28 +309,28 @@ def make_sample_gpu(vocab: int):
                         bounds[0] = mid
                     else:
                         bounds[1] = mid - 1
-                bounds[2] = bounds[0]
-                # 3. top-p: the smallest key K with mass(kept, key > K) < top_p * mass(kept)
-                searching_p: T.let[T.bool] = not greedy and top_p < T.float32(1)
+                bounds[2] = T.if_then_else(searching_k, bounds[0], T.int64(0))
+                # 5. top-p: the smallest key K with mass(kept, key > K) < top_p * mass(kept)
                 mine[0] = T.float32(0)
-                if searching_p:
-                    for c in T.serial(S):
-                        load(seen, logits, r, c, tx)
+                # (over the source, which holds every kept token, unless the floor is top-p's own)
+                if searching_p and (searching_k or not compacting):
+                    for c in T.serial(sn):
+                        load(seen, logits, cand_val, use_cand, n, r, c, tx)
                         for u in T.unroll(U):
-                            if (c * U + u) * NT + tx < V:
+                            if (c * U + u) * NT + tx < n:
                                 if key_of(seen[u]) >= bounds[2]:
                                     mine[0] = mine[0] + prob(seen[u], best[0], temp)
                 block_sum(part, mine, tx)
-                best[1] = mine[0]
-                bounds[0] = T.int64(0)
-                bounds[1] = T.int64(0xFFFFFFFF)
+                best[1] = T.if_then_else(compacting and not searching_k, full[0], mine[0])
+                bounds[0] = T.max(bounds[4], bounds[2])
+                bounds[1] = top_key
                 for _it in T.serial(T.if_then_else(searching_p, 32, 0)):
                     mid_p: T.let[T.int64] = (bounds[0] + bounds[1]) // 2
                     mine[0] = T.float32(0)
-                    for c in T.serial(S):
-                        load(seen, logits, r, c, tx)
+                    for c in T.serial(sn):
+                        load(seen, logits, cand_val, use_cand, n, r, c, tx)
                         for u in T.unroll(U):
-                            if (c * U + u) * NT + tx < V:
+                            if (c * U + u) * NT + tx < n:
                                 if key_of(seen[u]) > mid_p and key_of(seen[u]) >= bounds[2]:
                                     mine[0] = mine[0] + prob(seen[u], best[0], temp)
                     block_sum(part, mine, tx)
@@ -236,47 +340,35 @@ def make_sample_gpu(vocab: int):
                         bounds[0] = mid_p + 1
                 # the kept keys: from the top-k cut, and from the top-p cut when there is one
                 bounds[3] = T.max(bounds[2], T.if_then_else(searching_p, bounds[0], T.int64(0)))
-                # 4. kept mass per thread's contiguous ids, its prefix over threads, and the draw
+                # 6. kept mass per thread's contiguous range of the source, its prefix, and the draw
                 mine[0] = T.float32(0)
                 if not greedy:
-                    for c in T.serial(C):
-                        if tx * C + c < V:
-                            if key_of(logits[r, tx * C + c]) >= bounds[3]:
-                                pr: T.let[T.float32] = prob(logits[r, tx * C + c], best[0], temp)
+                    for c in T.serial(cn):
+                        if tx * cn + c < n:
+                            x: T.let[T.float32] = T.if_then_else(use_cand, cand_val[tx * cn + c], logits[r, tx * cn + c])
+                            if key_of(x) >= bounds[3]:
+                                pr: T.let[T.float32] = prob(x, best[0], temp)
                                 if pr >= min_p:
                                     mine[0] = mine[0] + pr
-                part1[tx] = mine[0]
-                T.tvm_storage_sync("shared")
-                if tx < W:  # the sums of the runs of W threads
-                    cum[0] = T.float32(0)
-                    for i in T.unroll(W):
-                        cum[0] = cum[0] + part1[tx * W + i]
-                    part[tx, 0] = cum[0]
-                T.tvm_storage_sync("shared")
-                cum[0] = T.float32(0)  # the mass before this thread's ids: earlier runs, then its run
-                best[1] = T.float32(0)
-                for j in T.unroll(W):
-                    if j < tx // W:
-                        cum[0] = cum[0] + part[j, 0]
-                    best[1] = best[1] + part[j, 0]
-                for i in T.unroll(W):
-                    if i < tx % W:
-                        cum[0] = cum[0] + part1[tx // W * W + i]
-                T.tvm_storage_sync("shared")
-                target: T.let[T.float32] = uniform[r] * best[1]
+                prefix(part, part1, mine, cum, total, tx)  # total: the kept mass; cum: before this thread
+                target: T.let[T.float32] = uniform[r] * total[0]
                 # the thread whose range holds the target picks; ties at a range edge go to the later
                 # thread (the first id whose cumulative mass exceeds the target)
                 if not greedy and cum[0] <= target and (cum[0] + mine[0] > target or tx == NT - 1):
                     pick[0] = -1
-                    for c in T.serial(C):
-                        if tx * C + c < V:
-                            if key_of(logits[r, tx * C + c]) >= bounds[3]:
-                                pw: T.let[T.float32] = prob(logits[r, tx * C + c], best[0], temp)
+                    for c in T.serial(cn):
+                        if tx * cn + c < n:
+                            xw: T.let[T.float32] = T.if_then_else(use_cand, cand_val[tx * cn + c],
+                                                                  logits[r, tx * cn + c])
+                            if key_of(xw) >= bounds[3]:
+                                pw: T.let[T.float32] = prob(xw, best[0], temp)
                                 if pw >= min_p:
                                     cum[0] = cum[0] + pw
+                                    got: T.let[T.int32] = T.if_then_else(use_cand, cand_id[tx * cn + c],
+                                                                         T.Cast("int32", tx * cn + c))
                                     if pick[0] < 0 and cum[0] > target:
-                                        pick[0] = T.Cast("int32", tx * C + c)
-                                    idx[0] = T.Cast("int32", tx * C + c)  # the last kept id, for rounding
+                                        pick[0] = got
+                                    idx[0] = got  # the last kept id, for rounding
                     if pick[0] >= 0:
                         idx[0] = pick[0]
                     out[r] = idx[0]

@@ -354,22 +354,55 @@ def test_device_sampler_picks_the_reference_token(seed, vocab):
     """Greedy rows, plain temperature, top-k (1, small, >= V), top-p, min_p and their mixes, one draw each:
     the kernel picks the token of the float64 reference, unless the draw falls within float32 rounding
     of a boundary between two tokens' cumulative probabilities. A vocabulary smaller than the block, and
-    one of several strided steps with a ragged last one."""
+    one of several strided steps with a ragged last one. Half the rows are peaked (40 tokens 5-15 above
+    the rest, as a trained model's are); with room for 1024 candidates, the 1000-token rows always search
+    the candidates in shared memory and the 5003-token ones do where few pass the floor, the row
+    otherwise."""
     rng = np.random.default_rng(seed)
     rows = 12
     logits = (rng.standard_normal((rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
+    for r in np.flatnonzero(rng.random(rows) < 0.5):
+        logits[r, rng.choice(vocab, 40, replace=False)] += rng.uniform(5, 15, 40).astype(np.float32)
     params = np.stack([np.where(rng.random(rows) < 0.2, 0.0, rng.uniform(0.3, 2.0, rows)),  # temperature
-                       rng.choice([0, 1, 5, 50, 999, 1000, 5000], rows),  # top_k
+                       rng.choice([0, 0, 1, 5, 50, 999, 1000, 5000], rows),  # top_k
                        np.where(rng.random(rows) < 0.5, 1.0, rng.uniform(0.05, 0.99, rows)),  # top_p
                        np.where(rng.random(rows) < 0.7, 0.0, rng.uniform(0.0, 0.3, rows))], axis=1).astype(np.float32)
     uniform = rng.random(rows).astype(np.float32)
     out = np.full(rows, -1, np.int32)
-    gpu_emu.run(_kernel(("sample", vocab), lambda v=vocab: sm.make_sample_gpu(v)), logits, params, uniform, out)
+    gpu_emu.run(_kernel(("sample", vocab, 1024), lambda v=vocab: sm.make_sample_gpu(v, 1024)), logits, params,
+                uniform, out)
     ref = sm.sample_ref(logits, params, uniform)
     for r in np.flatnonzero(out != ref):  # only a draw at a boundary may differ
         cdf = np.cumsum(sm.kept_probs_ref(logits[r], *params[r]))
         assert abs(cdf[min(out[r], ref[r])] / cdf[-1] - uniform[r]) < 1e-5, (r, out[r], ref[r], params[r])
     assert (out >= 0).all() and (out < vocab).all()
+
+
+def test_device_sampler_floor_keeps_the_nucleus():
+    """A hand-made peaked row (32 tokens 12-14 over a bulk near 0, the top 4 tied), searched among the
+    candidates in shared memory: top-p 0.5 (floor from the maximum), top-k 32 (the peak) and top-k 4 (the
+    tied maxima, then top-p), min_p 0.5% above a peak token's probability, top-k 40 + top-p at T=2; and
+    top-p 0.999, whose floor lets the whole row through (more than 1024 candidates: the row is searched).
+    12 draws across [0, 1) each pick the reference's token, but for a draw at a boundary."""
+    vocab = 5003
+    rng = np.random.default_rng(7)
+    base = (rng.standard_normal(vocab) * 0.5).astype(np.float32)
+    hot = rng.choice(vocab, 32, replace=False)
+    base[hot] = np.linspace(12, 14, 32, dtype=np.float32)
+    base[hot[:4]] = 14  # ties at the top
+    draws = np.linspace(0.01, 0.99, 12, dtype=np.float32)
+    cases = [(1.0, 0, 0.999, 0.0), (1.0, 0, 0.5, 0.0), (0.7, 32, 1.0, 0.0), (0.7, 4, 0.9, 0.0),
+             (1.0, 0, 1.0, float(np.exp(np.float32(12.5) - 14) * 1.005)), (2.0, 40, 0.95, 0.0)]
+    logits = np.tile(base, (len(draws), 1))
+    f = _kernel(("sample", vocab, 1024), lambda: sm.make_sample_gpu(vocab, 1024))
+    for case in cases:
+        params = np.tile(np.array(case, np.float32), (len(draws), 1))
+        out = np.full(len(draws), -1, np.int32)
+        gpu_emu.run(f, logits, params, draws, out)
+        ref = sm.sample_ref(logits, params, draws)
+        for r in np.flatnonzero(out != ref):
+            cdf = np.cumsum(sm.kept_probs_ref(logits[r], *params[r]))
+            assert abs(cdf[min(out[r], ref[r])] / cdf[-1] - draws[r]) < 1e-5, (case, r, out[r], ref[r])
 
 
 def test_sample_ref_semantics():
