@@ -650,22 +650,50 @@ def word_decoder(fmt: QuantFormat):
     INT8: run 0, its sign restored), less the zero point in symmetric formats, made without an
     integer-to-float conversion (slow on GPUs: a quarter of the FMA rate or less): the field OR-ed into
     the mantissa of 2**23 is that float plus the field, and one subtraction of 2**23 (plus the zero point,
-    or 128 for an INT8's flipped sign bit) leaves the exact value."""
+    or 128 for an INT8's flipped sign bit) leaves the exact value.
+
+    INT4 fields are not shifted down first: a nibble at bit ``o`` (at most 16; the word shifted right by
+    12 once for the three above) is masked in place, so ``2**23 + q * 2**o`` comes from one and-or, and
+    one fused multiply-add by ``2**-o`` less ``2**(23-o)`` plus the zero point leaves ``q - zero point``
+    exactly: an and-or and an FMA per weight where a shift, an and-or and a subtraction were. A LOP3 has
+    one immediate operand, so the and-or is one instruction only with 2**23's bits in a register:
+    ``decode(..., magic)`` takes them as a value the compiler cannot fold (``opaque_magic``)."""
     from tvm import tirx
 
     runs, mask, flip = (2, 15, 0) if fmt.bits == 4 else (1, 255, 128)
-    bias = float(2 ** 23 + flip + (fmt.zero_point if fmt.sym else 0))
+    zero = float(fmt.zero_point if fmt.sym else 0)
+    bias = float(2 ** 23 + flip + zero)
 
-    def decode(word, run, b):  # run, b: ints or the unrolled loops' variables
+    def decode_int8(word, run, b, magic=None):  # run, b: ints or the unrolled loops' variables
         field = tirx.bitwise_xor(tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 8 * b + 4 * run)),
                                                   tirx.const(mask, "uint32")), tirx.const(flip, "uint32"))
         return (tirx.reinterpret("float32", tirx.bitwise_or(field, tirx.const(_MAGIC, "uint32")))
                 - tirx.const(bias, "float32"))
 
-    return runs, decode
+    def decode_int4(word, run, b, magic=None):
+        o = tirx.Cast("uint32", 8 * b + 4 * run)
+        high = o > tirx.const(16, "uint32")
+        src = tirx.if_then_else(high, tirx.shift_right(word, tirx.const(12, "uint32")), word)
+        at = o - tirx.if_then_else(high, tirx.const(12, "uint32"), tirx.const(0, "uint32"))
+        f = tirx.reinterpret("float32", tirx.bitwise_or(
+            tirx.bitwise_and(src, tirx.shift_left(tirx.const(15, "uint32"), at)),
+            tirx.const(_MAGIC, "uint32") if magic is None else magic))
+        inv = tirx.reinterpret("float32", tirx.shift_left(tirx.const(127, "uint32") - at, tirx.const(23, "uint32")))
+        return f * inv - (tirx.const(2.0 ** 23, "float32") * inv + tirx.const(zero, "float32"))
+
+    return runs, decode_int4 if fmt.bits == 4 else decode_int8
 
 
-def _no_words(word, run, b):
+def opaque_magic(count):
+    """2**23's float32 bits as a value the CUDA compiler keeps in a register (OR-ed with ``count >> 30``
+    of an int32 token count, 0 for any real one), for ``word_decoder``'s ``magic``."""
+    from tvm import tirx
+
+    return tirx.bitwise_or(tirx.const(_MAGIC, "uint32"),
+                           tirx.Cast("uint32", tirx.shift_right(count, tirx.const(30, "int32"))))
+
+
+def _no_words(word, run, b, magic=None):
     """``word_decoder``'s place for dense weights, which have no words to decode."""
     raise AssertionError("dense weights are not decoded")
 
@@ -841,6 +869,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 raw = T.alloc_buffer((U, RB, 4), "uint32", scope="local")  # quantized: U chunks x RB rows
                 rawd = T.alloc_buffer((U, RB, C), wdt, scope="local")  # dense
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
+                magic: T.let[T.uint32] = opaque_magic(count)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB  # this team's first row
                 for p in T.serial((count + TT - 1) // TT):
                     for j in T.unroll(J):
@@ -880,7 +909,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             if row0 + r < N:
                                                 for run in T.unroll(RUNS):
                                                     for b in T.unroll(4):
-                                                        wv[run * 4 + b] = decode(raw[u, r, wd], run, b)
+                                                        wv[run * 4 + b] = decode(raw[u, r, wd], run, b, magic)
                                                 scale: T.let[T.float32] = T.Cast(
                                                     "float32", scales[ex * N + row0 + r, ch * C // G])
                                                 for t in T.unroll(TT):

@@ -168,12 +168,36 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
         return tirx.exp((x - top) / temp)
 
     @T.macro
-    def load(seen, logits, cand_val, use_cand, n, r, c, tx):
-        """``seen[u]`` = element ``(c * U + u) * NT + tx`` of the source (the candidates or row ``r``) for
-        the elements among its ``n``."""
+    def load(seen, src, from_cand, n, r, c, tx):
+        """``seen[u]`` = element ``(c * U + u) * NT + tx`` of the source (the candidates ``src`` when
+        ``from_cand``, a Python bool, else row ``r`` of ``src``) for the elements among its ``n``."""
         for u in T.unroll(U):
             if (c * U + u) * NT + tx < n:
-                seen[u] = T.if_then_else(use_cand, cand_val[(c * U + u) * NT + tx], logits[r, (c * U + u) * NT + tx])
+                if from_cand:
+                    seen[u] = src[(c * U + u) * NT + tx]
+                else:
+                    seen[u] = src[r, (c * U + u) * NT + tx]
+
+    @T.macro
+    def count_pass(mine, seen, src, from_cand, n, r, tx, at_least):
+        """``mine[0]`` += how many of this thread's strided elements of the source have a key >= ``at_least``."""
+        for c in T.serial((n + NT * U - 1) // (NT * U)):
+            load(seen, src, from_cand, n, r, c, tx)
+            for u in T.unroll(U):
+                if (c * U + u) * NT + tx < n:
+                    if key_of(seen[u]) >= at_least:
+                        mine[0] = mine[0] + T.float32(1)
+
+    @T.macro
+    def mass_pass(mine, seen, src, from_cand, n, r, tx, above, at_least, top, temp):
+        """``mine[0]`` += the probabilities of this thread's strided elements of the source with a key >
+        ``above`` and >= ``at_least``."""
+        for c in T.serial((n + NT * U - 1) // (NT * U)):
+            load(seen, src, from_cand, n, r, c, tx)
+            for u in T.unroll(U):
+                if (c * U + u) * NT + tx < n:
+                    if key_of(seen[u]) > above and key_of(seen[u]) >= at_least:
+                        mine[0] = mine[0] + prob(seen[u], top, temp)
 
     @T.macro
     def prefix(part, part1, mine, cum, total, tx):
@@ -231,7 +255,7 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 best[0] = T.float32(NEG_INF)
                 idx[0] = V
                 for c in T.serial(S):
-                    load(seen, logits, cand_val, False, V, r, c, tx)
+                    load(seen, logits, False, V, r, c, tx)
                     for u in T.unroll(U):
                         if (c * U + u) * NT + tx < V:
                             if seen[u] > best[0] or idx[0] == V:
@@ -290,7 +314,6 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                                 at[0] = at[0] + 1
                 block_sum(part, full, tx)  # its barriers also order the copy before the reads
                 n: T.let[T.int32] = T.if_then_else(use_cand, n_cand, V)
-                sn: T.let[T.int32] = (n + NT * U - 1) // (NT * U)  # strided steps over the source
                 cn: T.let[T.int32] = (n + NT - 1) // NT  # contiguous elements per thread
                 # 4. top-k: the largest key K with count(key >= K) >= k, from the floor up
                 bounds[0] = bounds[4]
@@ -298,12 +321,10 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 for _it in T.serial(T.if_then_else(searching_k, 32, 0)):
                     mid: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
                     mine[0] = T.float32(0)
-                    for c in T.serial(sn):
-                        load(seen, logits, cand_val, use_cand, n, r, c, tx)
-                        for u in T.unroll(U):
-                            if (c * U + u) * NT + tx < n:
-                                if key_of(seen[u]) >= mid:
-                                    mine[0] = mine[0] + T.float32(1)
+                    if use_cand:  # the same for every thread; one loop per source keeps 4 loads in flight
+                        count_pass(mine, seen, cand_val, True, n, r, tx, mid)
+                    else:
+                        count_pass(mine, seen, logits, False, V, r, tx, mid)
                     block_sum(part, mine, tx)
                     if T.Cast("int64", mine[0]) >= top_k:
                         bounds[0] = mid
@@ -314,12 +335,10 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 mine[0] = T.float32(0)
                 # (over the source, which holds every kept token, unless the floor is top-p's own)
                 if searching_p and (searching_k or not compacting):
-                    for c in T.serial(sn):
-                        load(seen, logits, cand_val, use_cand, n, r, c, tx)
-                        for u in T.unroll(U):
-                            if (c * U + u) * NT + tx < n:
-                                if key_of(seen[u]) >= bounds[2]:
-                                    mine[0] = mine[0] + prob(seen[u], best[0], temp)
+                    if use_cand:
+                        mass_pass(mine, seen, cand_val, True, n, r, tx, T.int64(-1), bounds[2], best[0], temp)
+                    else:
+                        mass_pass(mine, seen, logits, False, V, r, tx, T.int64(-1), bounds[2], best[0], temp)
                 block_sum(part, mine, tx)
                 best[1] = T.if_then_else(compacting and not searching_k, full[0], mine[0])
                 bounds[0] = T.max(bounds[4], bounds[2])
@@ -327,12 +346,10 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 for _it in T.serial(T.if_then_else(searching_p, 32, 0)):
                     mid_p: T.let[T.int64] = (bounds[0] + bounds[1]) // 2
                     mine[0] = T.float32(0)
-                    for c in T.serial(sn):
-                        load(seen, logits, cand_val, use_cand, n, r, c, tx)
-                        for u in T.unroll(U):
-                            if (c * U + u) * NT + tx < n:
-                                if key_of(seen[u]) > mid_p and key_of(seen[u]) >= bounds[2]:
-                                    mine[0] = mine[0] + prob(seen[u], best[0], temp)
+                    if use_cand:
+                        mass_pass(mine, seen, cand_val, True, n, r, tx, mid_p, bounds[2], best[0], temp)
+                    else:
+                        mass_pass(mine, seen, logits, False, V, r, tx, mid_p, bounds[2], best[0], temp)
                     block_sum(part, mine, tx)
                     if mine[0] < top_p * best[1]:
                         bounds[1] = mid_p

@@ -166,8 +166,8 @@ def test_split_key_tile_follows_the_rows():
 
 def test_split_count_follows_batch_and_context():
     assert _splits(1, 256, 16) == 64  # one decode over 4096 keys: 64 splits of 64
-    assert _splits(16, 256, 16) == 16 and _splits(64, 256, 16) == 4 and _splits(1, 32, 16) == 8
-    assert _splits(512, 256, 16) == 1 and _splits(1, 1, 16) == 1  # prefill-sized batches and short contexts
+    assert _splits(16, 256, 16) == 4 and _splits(4, 256, 16) == 16 and _splits(1, 32, 16) == 8
+    assert _splits(64, 256, 16) == 1 and _splits(1, 1, 16) == 1  # prefill-sized batches and short contexts
 
 
 # ---------------------------------------------------------------- GEMV (the decode entry point's linears)
