@@ -22,17 +22,19 @@
 #     also with the `decode` entry point turned off, and with CUDA graphs off; b16/b32 also with CUDA
 #     graphs off and without `decode_wide`, i.e. through forward's tensor-core attention).
 #     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
-#     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`). A model that
-#     fails is recorded (traceback in the JSON and report) and the next one runs. All five took about
-#     345 s of calls on the H200 (qwen3-4b,qwen3-4b-gptq 225 s; the other three 120 s).
+#     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`; `--no-peer` skips
+#     transformers' speed, about 60 s per model). A model that fails is recorded (traceback in the JSON
+#     and report) and the next one runs. All five took about 345 s of calls on the H200 (qwen3-4b,
+#     qwen3-4b-gptq 225-290 s; the other three 120 s); with --no-peer qwen3-4b took 100 s, its GPTQ 120 s.
 #   run(command="bash bench/gpu_proof.sh profile --models qwen3-4b", carry=[".gpu"])
 #     the same set-up, then bench/gpu_profile.py: device time per kernel of decode steps at 1 and 16
 #     sequences and a 2048-token prefill (torch's profiler), gpu-profile.json and .log in $OUT.
 #   run(command="bash bench/gpu_proof.sh kernels", carry=[".gpu"])
 #     the same set-up, then bench/gpu_kernels.py: each decode GEMV of Qwen3-4B (float16 and INT4) alone,
 #     in the layout gemv_layout picks and its alternatives, at 1 and 4 tokens: µs and GB/s of weights
-#     read, against the copy bandwidth; gpu-kernels.json and .log in $OUT. Expected well under a minute
-#     of GPU time after the set-up (~200 calls of 2-40 µs per variant, 76 variants).
+#     read, against the copy bandwidth; then the token pickers over flat and peaked logits rows and one
+#     layer's decode attention over key tiles and split counts; gpu-kernels.json and .log in $OUT. On
+#     the H200: 21-29 s of call after the machine's start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in

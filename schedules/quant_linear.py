@@ -726,7 +726,7 @@ def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
     otherwise be short of ``GEMV_MIN_BLOCKS``), each thread ``GEMV_ROWS`` rows and ``GEMV_UNROLL`` chunks
     in flight. ``k_lanes`` is the most (16 to 128) that leave at most 1/4 of the lanes idle on the last
     step, take at least 2 steps and keep the grid within ``GEMV_MAX_WARPS``; where none keeps it, the
-    fewest. The rule is the H200 sweep of bench/gpu_kernels.py (docs/bench/gpu-2026-11-26b.md), where it
+    fewest. The rule is the H200 sweep of bench/gpu_kernels.py (docs/bench/2026-11-26c-gpu-h200.md), where it
     picks the fastest layout of 7 of Qwen3-4B's 8 GEMVs (float16 gate|up: 1-4% from the best) and the
     INT4 ones ran 1.2-2x faster than under the previous rule (most lanes with 1/8 idle, 2 chunks in
     flight). Qwen3-4B: float16 q|k|v (320 chunks, 6144 rows) takes 64 lanes; o (512) and down (1216) 128;

@@ -68,6 +68,7 @@ def gptq_checkpoint(src: Path, dest: Path, cfg: GPTQConfig, rng: np.random.Gener
     """Copy an fp32 HF checkpoint into a GPTQ one: every 2-D linear weight not matching ``skip`` becomes
     qweight/qzeros/scales/g_idx. Writes ``dest/dequantized`` too: the same model with the weights the
     GPTQ tensors decode to, for transformers to run as the reference."""
+    import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensors' numpy loader needs
     from safetensors.numpy import load_file, save_file
 
     dest.mkdir(parents=True, exist_ok=True)

@@ -243,7 +243,7 @@ def test_gemv_chunk_is_16_bytes():
     assert ql.gemv_chunk(None, "float32", 7) == 1
 
 
-@pytest.mark.parametrize("chunks,rows,layout", [  # the fastest of the H200 sweep (docs/bench/gpu-2026-11-26b.md)
+@pytest.mark.parametrize("chunks,rows,layout", [  # the fastest of the H200 sweep (docs/bench/2026-11-26c-gpu-h200.md)
     (80, 19456, (16, 8, 1)),  # Qwen3-4B INT4 gate/up: 32 lanes would make 4864 warps
     (80, 6144, (32, 2, 1)),  # INT4 q/k/v: 64 lanes would idle 3/8; fewer teams per block keep 768 blocks
     (128, 2560, (64, 1, 1)),  # INT4 o: 128 lanes would take one step
