@@ -725,15 +725,18 @@ def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
     chunks: ``k_lanes`` threads share a row, ``row_groups`` such teams per block (fewer when the grid would
     otherwise be short of ``GEMV_MIN_BLOCKS``), each thread ``GEMV_ROWS`` rows and ``GEMV_UNROLL`` chunks
     in flight. ``k_lanes`` is the most (16 to 128) that leave at most 1/4 of the lanes idle on the last
-    step, take at least 2 steps and keep the grid within ``GEMV_MAX_WARPS``; where none keeps it, the
-    fewest. The rule is the H200 sweep of bench/gpu_kernels.py (docs/bench/2026-11-26c-gpu-h200.md), where it
-    picks the fastest layout of 7 of Qwen3-4B's 8 GEMVs (float16 gate|up: 1-4% from the best) and the
-    INT4 ones ran 1.2-2x faster than under the previous rule (most lanes with 1/8 idle, 2 chunks in
-    flight). Qwen3-4B: float16 q|k|v (320 chunks, 6144 rows) takes 64 lanes; o (512) and down (1216) 128;
-    INT4 o (128) 64, INT4 down (304) 128, INT4 gate|up (80, 19456 rows) 16."""
+    step, take at least 2 steps, and either keep the grid within ``GEMV_MAX_WARPS`` or take 4 steps or
+    more (enough to keep loads coming in a large grid); where none does, the fewest. The rule is the H200
+    sweep of bench/gpu_kernels.py (docs/bench/2026-11-26c-gpu-h200.md): it picks the fastest layout
+    measured for each of Qwen3-4B's 8 GEMVs at one token, and the INT4 ones ran 1.2-2x faster than under
+    the previous rule (most lanes with 1/8 idle, 2 chunks in flight). Qwen3-4B float16: q|k|v (320
+    chunks, 6144 rows) 64 lanes, o (512) and down (1216) 128, gate|up (320, 19456 rows) 64; INT4: q|k|v
+    (80) 32, o (128) 64, gate|up (80, 19456 rows) 16, down (304) 128."""
+    def steps(kt: int) -> int:
+        return -(-chunks // kt)
+
     def idle(kt: int) -> float:
-        steps = -(-chunks // kt)
-        return (steps * kt - chunks) / (steps * kt)
+        return (steps(kt) * kt - chunks) / (steps(kt) * kt)
 
     def warps(kt: int) -> int:
         return -(-rows // GEMV_ROWS) * kt // 32
@@ -742,8 +745,8 @@ def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
     fits = [kt for kt in lanes if idle(kt) <= 1 / 4 and (chunks >= 2 * kt or kt == 16)]
     if not fits:
         fits = [min(lanes, key=lambda kt: (idle(kt), -kt))]
-    kt = next((kt for kt in fits if warps(kt) <= GEMV_MAX_WARPS), fits[-1])
-    return kt, gemv_row_groups(kt, rows), min(GEMV_UNROLL, -(-chunks // kt))
+    kt = next((kt for kt in fits if warps(kt) <= GEMV_MAX_WARPS or steps(kt) >= 4), fits[-1])
+    return kt, gemv_row_groups(kt, rows), min(GEMV_UNROLL, steps(kt))
 
 
 def gemv_row_groups(k_lanes: int, rows: int) -> int:

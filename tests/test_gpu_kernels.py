@@ -244,7 +244,9 @@ def test_gemv_chunk_is_16_bytes():
 
 
 @pytest.mark.parametrize("chunks,rows,layout", [  # the fastest of the H200 sweep (docs/bench/2026-11-26c-gpu-h200.md)
-    (80, 19456, (16, 8, 1)),  # Qwen3-4B INT4 gate/up: 32 lanes would make 4864 warps
+    (80, 19456, (16, 8, 1)),  # Qwen3-4B INT4 gate/up: 32 lanes would make 4864 warps of 3 steps
+    (320, 19456, (64, 2, 1)),  # float16 gate/up: 9728 warps, but of 5 steps each
+    (320, 151936, (64, 2, 1)),  # the float16 lm_head alike
     (80, 6144, (32, 2, 1)),  # INT4 q/k/v: 64 lanes would idle 3/8; fewer teams per block keep 768 blocks
     (128, 2560, (64, 1, 1)),  # INT4 o: 128 lanes would take one step
     (304, 2560, (128, 1, 1)),  # INT4 down: 3 steps, 21% idle on the last
