@@ -1,5 +1,7 @@
 """Decode kernels alone: read bandwidth of each Qwen3-4B linear's GEMV, float16 and GPTQ INT4, for the
-layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, chunks in flight).
+layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, chunks in flight),
+and for INT4 the float16-pair math (``half_math``); each variant's output is checked against the picked
+layout's (max difference over the largest output, printed as ``diff``).
 
 Here (nvcc, no GPU): ``bench/gpu_kernels.py --prepare .gpu/kernels`` compiles every variant for sm_90
 into one library each (a few MiB in all; ``bench/gpu_proof.sh prepare`` runs it). On the device, after the
@@ -100,6 +102,12 @@ def prepare(dest: Path) -> None:
                                              gated=gated, layout=layout))
                 entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
                                 "layout": layout, "picked": i == 0})
+            if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout
+                layout = variants(chunks, n)[0]
+                build(f"{fname}-{shape}-h2", ql.make_gemv_gpu(k, n, fmt, "", "float16", "float16", None, gated=gated,
+                                                              layout=layout, half_math=True))
+                entries.append({"name": f"{fname}-{shape}-h2", "format": fname, "shape": shape, "in": k, "out": n,
+                                "gated": gated, "layout": layout, "picked": False, "half_math": True})
             # decode_wide's tensor-core GEMM, in its layout
             build(f"{fname}-{shape}-skinny", ql.make_skinny_gemm_gpu(k, n, "float16", "float16", None, gated=gated,
                                                                      fmt=fmt))
@@ -143,6 +151,8 @@ def run(src: Path, out: Path) -> None:
     copies: list[list] = []
     loaded, nbytes = None, 0
     rows = []
+    inputs: dict[tuple, object] = {}  # (format, shape, tokens): the activations every variant gets
+    picked_out: dict[tuple, np.ndarray] = {}  # ... and the picked layout's output for them
     for e in entries:
         k, n, fmt = e["in"], e["out"], FORMATS[e["format"]]
         if loaded != (e["format"], e["shape"]):
@@ -154,8 +164,18 @@ def run(src: Path, out: Path) -> None:
         try:
             f = tvm.runtime.load_module(str(src / f"{e['name']}.so"))["gemv"]
             for ntok in (WIDE_TOKENS if e.get("skinny") else TOKENS):
-                x = tvm.runtime.tensor(rng.standard_normal((ntok, 2 * k if e["gated"] else k)).astype(np.float16), dev)
+                key = (e["format"], e["shape"], ntok)
+                if key not in inputs:
+                    inputs[key] = tvm.runtime.tensor(
+                        rng.standard_normal((ntok, 2 * k if e["gated"] else k)).astype(np.float16), dev)
+                x = inputs[key]
                 y = tvm.runtime.empty((ntok, n), "float16", dev)
+                f(x, *copies[0], y)  # the output, against the picked layout's on the same input and weights
+                got = y.numpy().astype(np.float32)
+                if e["picked"]:
+                    picked_out[key] = got
+                ref = picked_out.get(key)
+                diff = None if ref is None else float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
                 turn = [0]
 
                 def call(f=f, x=x, y=y, turn=turn):
@@ -164,10 +184,11 @@ def run(src: Path, out: Path) -> None:
 
                 us = profile_steps(call, 3 * len(copies))["kernel_ms_per_step"] * 1e3
                 row = {**e, "tokens": ntok, "us": us, "GBps": nbytes / us / 1e3,
-                       "of_copy": nbytes / us / 1e3 / (bw / 1e9), "weight_bytes": nbytes}
+                       "of_copy": nbytes / us / 1e3 / (bw / 1e9), "weight_bytes": nbytes, "max_rel_diff": diff}
                 rows.append(row)
                 print(f"{e['name']:28s} {'*' if e['picked'] else ' '} T={ntok}  {us:8.2f} us  {row['GBps']:7.0f} GB/s "
-                      f"{100 * row['of_copy']:5.1f}% of copy", flush=True)
+                      f"{100 * row['of_copy']:5.1f}% of copy" + ("" if diff is None else f"  diff {diff:.1e}"),
+                      flush=True)
         except Exception as exc:  # one variant failing must not cost the others
             rows.append({**e, "error": repr(exc)})
             print(f"{e['name']}: FAILED {exc!r}", flush=True)

@@ -642,6 +642,7 @@ GEMV_UNROLL = 1  # chunks whose loads a thread issues before it uses the first (
 GEMV_MIN_BLOCKS = 528  # a grid this large keeps 4 blocks on each SM of a 132-SM H100/H200
 GEMV_MAX_WARPS = 3072  # about one wave of resident warps on a 132-SM H100/H200; more lanes per row past it lost
 _MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing an integer below 2**23 into the mantissa gives 2**23 + it
+_MAGIC_H2 = 0x64006400  # float16 bits of 1024 in both halves: the same for a pair, with integers below 1024
 
 
 def word_decoder(fmt: QuantFormat):
@@ -684,13 +685,31 @@ def word_decoder(fmt: QuantFormat):
     return runs, decode_int4 if fmt.bits == 4 else decode_int8
 
 
-def opaque_magic(count):
-    """2**23's float32 bits as a value the CUDA compiler keeps in a register (OR-ed with ``count >> 30``
-    of an int32 token count, 0 for any real one), for ``word_decoder``'s ``magic``."""
+def opaque_magic(count, bits: int = 0x4B000000):
+    """``bits`` (2**23's float32 bits; ``_MAGIC_H2`` for half pairs) as a value the CUDA compiler keeps in
+    a register (OR-ed with ``count >> 30`` of an int32 token count, 0 for any real one), for
+    ``word_decoder``'s ``magic``."""
     from tvm import tirx
 
-    return tirx.bitwise_or(tirx.const(_MAGIC, "uint32"),
+    return tirx.bitwise_or(tirx.const(bits, "uint32"),
                            tirx.Cast("uint32", tirx.shift_right(count, tirx.const(30, "int32"))))
+
+
+def half_pair(word, run, odd, magic):
+    """float16x2 TIR value of a symmetric INT4 word's bytes ``odd`` and ``2 + odd`` (lanes 0, 1), low
+    nibbles (``run`` 0) or high (1), less the zero point of 8 (``run``, ``odd``: the unrolled loops'
+    variables): masked in place in both halves and OR-ed into float16's 1024 (``magic``: ``_MAGIC_H2``'s
+    bits), then ``h - 1032`` or ``h / 16 - 72``, exact."""
+    from tvm import tirx
+
+    u32 = "uint32"
+    src = tirx.shift_right(word, tirx.Cast(u32, 8 * odd))
+    h = tirx.reinterpret("float16x2", tirx.bitwise_or(
+        tirx.bitwise_and(src, tirx.shift_left(tirx.const(0x000F000F, u32), tirx.Cast(u32, 4 * run))), magic))
+    low = run == 0
+    mul = tirx.if_then_else(low, tirx.const(1, "float16"), tirx.const(1 / 16, "float16"))
+    sub = tirx.if_then_else(low, tirx.const(1024 + 8, "float16"), tirx.const(64 + 8, "float16"))
+    return h * tirx.Broadcast(mul, 2) - tirx.Broadcast(sub, 2)
 
 
 def _no_words(word, run, b, magic=None):
@@ -761,7 +780,7 @@ def gemv_row_groups(k_lanes: int, rows: int) -> int:
 def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str, x_dtype: str,
                   out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16,
                   experts: int = 0, x_div: int = 1, gated: bool = False,
-                  layout: tuple[int, int, int] | None = None):
+                  layout: tuple[int, int, int] | None = None, half_math: bool = False):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -789,6 +808,16 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     With ``gated`` the activations are SiLU-gated first, read from the gate|up projection: ``x[T, 2K]``
     and the GEMV's input is ``silu(x[:, :K]) * x[:, K:]`` (float32, rounded to ``x_dtype`` as the separate
     SiLU·mul kernel stores it), so that kernel and its round trip through memory go.
+
+    ``half_math`` (symmetric INT4, float16 activations; an experiment, not used by the lowering yet):
+    a word's 8 weights become 4 float16 pairs and meet the activations in paired float16 multiply-adds
+    (``half2``), about 2 instructions per weight instead of 3.4. A word holds, in each 16-bit half, one
+    byte of 2 nibbles: masking both halves at once (``0x000F000F``, ``0x00F000F0``, and the same of the
+    word shifted by 8) and OR-ing in float16's bits of 1024 gives ``1024 + q`` or ``1024 + 16 q`` per lane,
+    exact; one paired subtraction (or multiply-add by 1/16) leaves ``q - zero point``. The 4 pairs' products
+    are summed in float16, then in float32 with the group's scale. Activations are held divided by 32
+    (the scale multiplied back), so a pair's sum of 4 products of at most 8 x 2047 stays within float16's
+    65504 whatever the activation.
     """
     import tvm
     from tvm.script import tirx as T
@@ -820,8 +849,13 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     RUNS, decode = word_decoder(fmt) if fmt is not None else (1, _no_words)
     VW = 4 * RUNS  # values per word
     # the activations of a chunk, held per token: float32 for quantized weights (each is used 4 times per
-    # row), x_dtype for dense ones (16 fewer registers; widened per use)
-    XS = "float32" if quant else x_dtype
+    # row), x_dtype for dense ones (16 fewer registers; widened per use); float16 pairs for half_math
+    assert not half_math or (int4 and sym and x_dtype == "float16"), "half_math: symmetric INT4, float16 x"
+    XS = "float16" if half_math else ("float32" if quant else x_dtype)
+    H_SHIFT = 1.0 / 32  # half_math's activations are held divided by this much
+    # half_math: value b (0-3) of a run sits at pair (b % 2), lane (b // 2): pairs are bytes (0, 2), (1, 3)
+    def slot(i):
+        return (i % 2) * 2 + i // 2 if half_math else i
 
     # token i of the block's list: its x row, its out row; and how many there are
     def rows_of(offsets, ex, ntok):
@@ -848,10 +882,16 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                     for i1 in T.vectorized(v):
                         up[C + i0 * v + i1] = x[xr, K + col + i0 * v + i1]
                 for i in T.unroll(n):
-                    xs[t, at + i] = T.Cast(XS, silu_mul(up[i], up[C + i], x_dtype))
+                    if half_math:
+                        xs[t, at + slot(i)] = T.Cast(XS, silu_mul(up[i], up[C + i], x_dtype) * T.float32(H_SHIFT))
+                    else:
+                        xs[t, at + i] = T.Cast(XS, silu_mul(up[i], up[C + i], x_dtype))
             else:
                 for i in T.unroll(n):
-                    xs[t, at + i] = T.Cast(XS, up[i])
+                    if half_math:
+                        xs[t, at + slot(i)] = up[i] * T.float16(H_SHIFT)
+                    else:
+                        xs[t, at + i] = T.Cast(XS, up[i])
 
         return load
 
@@ -869,10 +909,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 sx = T.alloc_buffer((TT,), "float32", scope="local")  # asymmetric: sum of a word's activations
                 wv = T.alloc_buffer((VW if quant else C,), "float32", scope="local")
                 dot = T.alloc_buffer((1,), "float32", scope="local")
+                hw = T.alloc_buffer((8,), "float16", scope="local")  # half_math: a word's 4 weight pairs
                 raw = T.alloc_buffer((U, RB, 4), "uint32", scope="local")  # quantized: U chunks x RB rows
                 rawd = T.alloc_buffer((U, RB, C), wdt, scope="local")  # dense
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
-                magic: T.let[T.uint32] = opaque_magic(count)
+                magic: T.let[T.uint32] = opaque_magic(count, _MAGIC_H2 if half_math else _MAGIC)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB  # this team's first row
                 for p in T.serial((count + TT - 1) // TT):
                     for j in T.unroll(J):
@@ -909,7 +950,24 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                     for i in T.unroll(VW):
                                                         sx[t] = sx[t] + xs[t, i]
                                         for r in T.unroll(RB):
-                                            if row0 + r < N:
+                                            if row0 + r < N and half_math:
+                                                for run in T.unroll(2):
+                                                    for odd in T.unroll(2):
+                                                        hw[T.Ramp((run * 2 + odd) * 2, 1, 2)] = half_pair(
+                                                            raw[u, r, wd], run, odd, magic)
+                                                hscale: T.let[T.float32] = T.Cast(
+                                                    "float32", scales[ex * N + row0 + r, ch * C // G]) * T.float32(
+                                                    1 / H_SHIFT)
+                                                for t in T.unroll(TT):
+                                                    if p * TT + t < count:
+                                                        pair = (hw[T.Ramp(0, 1, 2)] * xs[t, T.Ramp(0, 1, 2)]
+                                                                + hw[T.Ramp(2, 1, 2)] * xs[t, T.Ramp(2, 1, 2)]
+                                                                + hw[T.Ramp(4, 1, 2)] * xs[t, T.Ramp(4, 1, 2)]
+                                                                + hw[T.Ramp(6, 1, 2)] * xs[t, T.Ramp(6, 1, 2)])
+                                                        acc[t * RB + r] = acc[t * RB + r] + (
+                                                            T.Cast("float32", T.Shuffle([pair], [0]))
+                                                            + T.Cast("float32", T.Shuffle([pair], [1]))) * hscale
+                                            if row0 + r < N and not half_math:
                                                 for run in T.unroll(RUNS):
                                                     for b in T.unroll(4):
                                                         wv[run * 4 + b] = decode(raw[u, r, wd], run, b, magic)

@@ -237,6 +237,37 @@ def test_gemv_float16_build(fmt):
     np.testing.assert_allclose(out.astype(np.float64), ref, atol=2e-3 * np.abs(ref).max(), rtol=2e-3)
 
 
+def test_half_pair_decodes_nibbles():
+    """``half_math``'s decode (``quant_linear.half_pair``, built for the CPU, which has half arithmetic
+    where the emulator has none): for 1000 random words, bytes (0, 2) and (1, 3), low and high nibbles,
+    each lane is the nibble less the zero point of 8, exactly. The half_math GEMV itself is compiled for
+    every CUDA arch in bench/gpu_kernels.py's sweep, which checks its output against the float32 GEMV's."""
+    import tvm
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def pairs(w_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n = T.int64()
+        w = T.match_buffer(w_h, (n,), "uint32")
+        o = T.match_buffer(o_h, (n, 8), "float16")
+        for i in T.serial(n):
+            for run in T.unroll(2):
+                for odd in T.unroll(2):
+                    o[i, T.Ramp((run * 2 + odd) * 2, 1, 2)] = ql.half_pair(w[i], run, odd, T.uint32(0x64006400))
+
+    lib = tvm.compile(tvm.IRModule({"main": pairs.with_attr("global_symbol", "main")}), target="llvm")
+    w = np.random.default_rng(0).integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32)
+    got = tvm.runtime.tensor(np.zeros((1000, 8), np.float16))
+    lib["main"](tvm.runtime.tensor(w), got)
+
+    def nibble(b, run):
+        return ((w >> (8 * b + 4 * run)) & 15).astype(np.float16) - 8
+
+    want = np.stack([nibble(b, run) for run in (0, 1) for b in (0, 2, 1, 3)], axis=1)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 def test_gemv_chunk_is_16_bytes():
     assert ql.gemv_chunk(ql.QuantFormat(4, 128, True), "", 4096) == 32
     assert ql.gemv_chunk(None, "float16", 2560) == 8 and ql.gemv_chunk(None, "float16", 2562) == 2
