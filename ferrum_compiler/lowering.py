@@ -56,8 +56,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     ``decode_wide_graph`` are added), MoE expert GEMMs and, where dlight has no tensor-core schedule,
     prefill linears (``make_tiled_gemm_gpu``) run on our tensor-core kernels. ``skinny_gemm`` puts
     ``decode_wide``'s linears on ``make_skinny_gemm_gpu`` instead of dlight's matmuls: off, because on an
-    H200 (2026-11-26, Qwen3-4B float16) it read weights at 0.2-1.0 TB/s and 16/32 sequences decoded at
-    849/1427 tok/s against dlight's 1108/2104 (docs/bench/2026-11-26c-gpu-h200.md)."""
+    H200 (Qwen3-4B float16) it read weights at 0.1-1.0 TB/s and 16/32 sequences decoded at 849/1427 tok/s
+    against 1045/2005 on dlight's (docs/bench/2026-11-26c-gpu-h200.md)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
