@@ -811,13 +811,13 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
 
     ``half_math`` (symmetric INT4, float16 activations; an experiment, not used by the lowering yet):
     a word's 8 weights become 4 float16 pairs and meet the activations in paired float16 multiply-adds
-    (``half2``), about 2.5 instructions per weight at one token against 3.3 (SASS). A word holds, in each 16-bit half, one
-    byte of 2 nibbles: masking both halves at once (``0x000F000F``, ``0x00F000F0``, and the same of the
-    word shifted by 8) and OR-ing in float16's bits of 1024 gives ``1024 + q`` or ``1024 + 16 q`` per lane,
-    exact; one paired subtraction (or multiply-add by 1/16) leaves ``q - zero point``. The 4 pairs' products
-    are summed in float16, then in float32 with the group's scale. Activations are held divided by 32
-    (the scale multiplied back), so a pair's sum of 4 products of at most 8 x 2047 stays within float16's
-    65504 whatever the activation.
+    (``half2``), about 2.5 instructions per weight at one token against 3.3 (SASS). A word holds, in
+    each 16-bit half, one byte of 2 nibbles: masking both halves at once (``0x000F000F``, ``0x00F000F0``,
+    and the same of the word shifted by 8) and OR-ing in float16's bits of 1024 gives ``1024 + q`` or
+    ``1024 + 16 q`` per lane, exact; one paired subtraction (or multiply-add by 1/16) leaves ``q - zero
+    point``. The 4 pairs' products are summed in float16, then in float32 with the group's scale.
+    Activations are held divided by 32 (the scale multiplied back), so a pair's sum of 4 products of at
+    most 8 x 2047 stays within float16's 65504 whatever the activation.
     """
     import tvm
     from tvm.script import tirx as T

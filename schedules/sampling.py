@@ -362,7 +362,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 if not greedy:
                     for c in T.serial(cn):
                         if tx * cn + c < n:
-                            x: T.let[T.float32] = T.if_then_else(use_cand, cand_val[tx * cn + c], logits[r, tx * cn + c])
+                            x: T.let[T.float32] = T.if_then_else(use_cand, cand_val[tx * cn + c],
+                                                                 logits[r, tx * cn + c])
                             if key_of(x) >= bounds[3]:
                                 pr: T.let[T.float32] = prob(x, best[0], temp)
                                 if pr >= min_p:
