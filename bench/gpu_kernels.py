@@ -274,7 +274,7 @@ def attention_time(src: Path, dev, rng) -> list[dict]:
             starts = tvm.runtime.tensor(np.arange(seqs + 1, dtype=np.int32), dev)
             tables = tvm.runtime.tensor(np.arange(seqs * m, dtype=np.int32).reshape(seqs, m), dev)
             y = tvm.runtime.empty((seqs, h, d), "float16", dev)
-            picked = min(-(-ctx // pa.SPLIT_KEYS), 256 // seqs)
+            picked = pa.gpu_num_splits_of(seqs, m, bs)
             for kc, split in kernels.items():
                 for ns in (1, 2, 4, 6, 8, 12, 16, 32, 64):
                     if -(-ctx // ns) < kc // 2 or ns > ctx // bs:

@@ -269,6 +269,15 @@ def gpu_num_splits(ntok, max_blocks, block_size: int):
     return tirx.max(tirx.min(by_keys, 64 // tirx.max(ntok, 1)), 1)
 
 
+def gpu_num_splits_of(ntok: int, max_blocks: int, block_size: int) -> int:
+    """``gpu_num_splits`` for known sizes, as an int."""
+    from tvm import tirx
+    from tvm.sym.analyzer import Analyzer
+
+    expr = gpu_num_splits(tirx.const(ntok, "int64"), tirx.const(max_blocks, "int64"), block_size)
+    return int(Analyzer().simplify(expr).value)
+
+
 def make_attention_gpu(
     num_heads: int,
     kv_heads: int,

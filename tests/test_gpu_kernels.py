@@ -30,14 +30,6 @@ def _kernel(key, make):
     return _built[key]
 
 
-def _splits(ntok: int, max_blocks: int, block_size: int) -> int:
-    from tvm import tirx
-    from tvm.sym.analyzer import Analyzer
-
-    expr = pa.gpu_num_splits(tirx.const(ntok, "int64"), tirx.const(max_blocks, "int64"), block_size)
-    return int(Analyzer().simplify(expr).value)
-
-
 def _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0):
     """Ragged batch (sequence b: ctx_lens[b] cached tokens, q_lens[b] new ones, shuffled blocks):
     ``(q, cache, positions, query_start, block_tables, reference output)``."""
@@ -60,7 +52,7 @@ def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, 
     q, cache, positions, query_start, tables, ref = _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads,
                                                                       head_dim, block_size, window)
     ntok, per_seq = q.shape[0], tables.shape[1]
-    ns = splits or _splits(ntok, per_seq, block_size)
+    ns = splits or pa.gpu_num_splits_of(ntok, per_seq, block_size)
     part_acc = np.full((ntok, heads, ns, head_dim), np.nan, np.float32)  # every element must be written
     part_ml = np.full((ntok, heads, ns, 2), np.nan, np.float32)
     split = _kernel(("split", heads, kv_heads, head_dim, block_size, window, tile_tokens),
@@ -110,7 +102,7 @@ def test_decode_attention_float16_build():
     q, cache, positions, query_start, tables, _ = _ragged_attention(rng, [300, 5, 64], [1, 1, 1], 32, 8, 128, 16)
     q, cache = q.astype(np.float16), cache.astype(np.float16)
     ref = pa.attention_ref(q.astype(np.float32), cache.astype(np.float32), positions, query_start, tables)
-    ns = _splits(q.shape[0], tables.shape[1], 16)
+    ns = pa.gpu_num_splits_of(q.shape[0], tables.shape[1], 16)
     part_acc = np.full((q.shape[0], 32, ns, 128), np.nan, np.float32)
     part_ml = np.full((q.shape[0], 32, ns, 2), np.nan, np.float32)
     split = _kernel(("split16",), lambda: pa.make_attention_gpu(32, 8, 128, 16, "float16", tile_tokens=1))
@@ -165,9 +157,10 @@ def test_split_key_tile_follows_the_rows():
 
 
 def test_split_count_follows_batch_and_context():
-    assert _splits(1, 256, 16) == 64  # one decode over 4096 keys: 64 splits of 64
-    assert _splits(16, 256, 16) == 4 and _splits(4, 256, 16) == 16 and _splits(1, 32, 16) == 8
-    assert _splits(64, 256, 16) == 1 and _splits(1, 1, 16) == 1  # prefill-sized batches and short contexts
+    splits = pa.gpu_num_splits_of
+    assert splits(1, 256, 16) == 64  # one decode over 4096 keys: 64 splits of 64
+    assert splits(16, 256, 16) == 4 and splits(4, 256, 16) == 16 and splits(1, 32, 16) == 8
+    assert splits(64, 256, 16) == 1 and splits(1, 1, 16) == 1  # prefill-sized batches and short contexts
 
 
 # ---------------------------------------------------------------- GEMV (the decode entry point's linears)
