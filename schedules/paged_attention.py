@@ -265,17 +265,19 @@ def gpu_num_splits(ntok, max_blocks, block_size: int):
     against 84 at 16 (the cap was 256 // T), one sequence 14.4 us at 16 or 32 splits."""
     from tvm import tirx
 
-    by_keys = (max_blocks * block_size + SPLIT_KEYS - 1) // SPLIT_KEYS
-    return tirx.max(tirx.min(by_keys, 64 // tirx.max(ntok, 1)), 1)
+    return _num_splits(ntok, max_blocks, block_size, tirx.max, tirx.min)
 
 
 def gpu_num_splits_of(ntok: int, max_blocks: int, block_size: int) -> int:
-    """``gpu_num_splits`` for known sizes, as an int."""
-    from tvm import tirx
-    from tvm.sym.analyzer import Analyzer
+    """``gpu_num_splits`` for known sizes, as an int (no TVM: the device machine's bench runs with the
+    runtime-only library)."""
+    return _num_splits(ntok, max_blocks, block_size, max, min)
 
-    expr = gpu_num_splits(tirx.const(ntok, "int64"), tirx.const(max_blocks, "int64"), block_size)
-    return int(Analyzer().simplify(expr).value)
+
+def _num_splits(ntok, max_blocks, block_size: int, mx, mn):
+    """The split rule over PrimExprs (``mx``, ``mn``: tirx's max and min) or ints (the builtins)."""
+    by_keys = (max_blocks * block_size + SPLIT_KEYS - 1) // SPLIT_KEYS
+    return mx(mn(by_keys, 64 // mx(ntok, 1)), 1)
 
 
 def make_attention_gpu(

@@ -161,6 +161,12 @@ def test_split_count_follows_batch_and_context():
     assert splits(1, 256, 16) == 64  # one decode over 4096 keys: 64 splits of 64
     assert splits(16, 256, 16) == 4 and splits(4, 256, 16) == 16 and splits(1, 32, 16) == 8
     assert splits(64, 256, 16) == 1 and splits(1, 1, 16) == 1  # prefill-sized batches and short contexts
+    from tvm import tirx
+    from tvm.sym.analyzer import Analyzer
+
+    for ntok, m in [(1, 256), (3, 100), (16, 256), (64, 7), (0, 1), (200, 4096)]:  # the kernels' PrimExpr form
+        expr = pa.gpu_num_splits(tirx.const(ntok, "int64"), tirx.const(m, "int64"), 16)
+        assert int(Analyzer().simplify(expr).value) == splits(ntok, m, 16), (ntok, m)
 
 
 # ---------------------------------------------------------------- GEMV (the decode entry point's linears)
