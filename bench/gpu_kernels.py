@@ -1,7 +1,8 @@
 """Decode kernels alone: read bandwidth of each Qwen3-4B linear's GEMV, float16 and GPTQ INT4, for the
-layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, chunks in flight),
-and for INT4 the float16-pair math (``half_math``); each variant's output is checked against the picked
-layout's (max difference over the largest output, printed as ``diff``).
+layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, loads issued a
+step ahead, passes of one token instead of four), and for INT4 the float16-pair math (``half_math``); each
+variant's output is checked against the picked layout's (max difference over the largest output, printed
+as ``diff``).
 
 Here (nvcc, no GPU): ``bench/gpu_kernels.py --prepare .gpu/kernels`` compiles every variant for sm_90
 into one library each (a few MiB in all; ``bench/gpu_proof.sh prepare`` runs it). On the device, after the
@@ -9,8 +10,7 @@ proof's set-up: ``bench/gpu_proof.sh kernels`` runs ``--run .gpu/kernels``, whic
 and 4 tokens (device time from torch's profiler, random weights rotated over copies so that no call finds
 them in L2), next to a torch copy of the same process, and
 writes gpu-kernels.json and a table (µs, GB/s of weight bytes read, % of the copy bandwidth). The best
-variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Also
-``decode_wide``'s tensor-core GEMM for few tokens (float16 and INT4) at 16, 32 and 64 tokens. Then the
+variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Then the
 token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k, top-k + top-p, min_p)
 over 1 and 16 rows of Qwen3's 151936 logits, flat and peaked. Then one layer's decode attention (split
 kernel and merge) at 1 and 16 sequences of 384 and 2048 keys, for 64-, 32- and 16-key tiles and split
@@ -35,7 +35,6 @@ SHAPES = {"qkv": (2560, 6144, False), "o": (4096, 2560, False), "gate_up": (2560
           "down": (9728, 2560, True)}
 FORMATS = {"fp16": None, "int4": (4, 128, True)}
 TOKENS = (1, 4)
-WIDE_TOKENS = (16, 32, 64)  # decode_wide's tensor-core GEMM ("skinny")
 VOCAB = 151936  # Qwen3's, for the token pickers
 # (temperature, top_k, top_p, min_p) of the sampler timings: the proof's sampled decode, then top-k too
 SAMPLING = {"greedy": (0.0, 0, 1.0, 0.0), "T0.7 p0.9": (0.7, 0, 0.9, 0.0), "T0.7 k40 p0.9": (0.7, 40, 0.9, 0.0),
@@ -53,22 +52,28 @@ def pa_rows() -> int:
     return ATTENTION["heads"] // ATTENTION["kv_heads"]
 
 
-def variants(chunks: int, rows: int) -> list[tuple[int, int, int]]:
-    """The picked layout first, then each lane count that idles at most a quarter of its lanes, with 1, 2
-    and 4 chunks in flight (rows per block as ``gemv_layout`` would set them for that lane count)."""
+def variants(chunks: int, rows: int) -> list[tuple[tuple[int, int, int], dict]]:
+    """``(layout, make_gemv_gpu options)``: the picked layout first, then with the next step group's loads
+    issued ahead (``prefetch``), then passes of one token (``tokens=1``: a quarter of the accumulators, so
+    more blocks per SM) with and without, then at one token per pass each lane count that idles at most a
+    quarter of its lanes (rows per block as ``gemv_layout`` would set them for that lane count). More chunks
+    in flight per step (2, 4) and 4-token passes at other lane counts lost on the H200 runs of 2026-11-26."""
     from ferrum.schedules import quant_linear as ql
 
     picked = ql.gemv_layout(chunks, rows)
-    out = [picked]
+    out = [(picked, {}), (picked, {"prefetch": True}), (picked, {"tokens": 1}),
+           (picked, {"tokens": 1, "prefetch": True})]
     for kt in (16, 32, 64, 128):
         steps = -(-chunks // kt)
-        if (steps * kt - chunks) > steps * kt // 4:
+        if (steps * kt - chunks) > steps * kt // 4 or kt == picked[0]:
             continue
-        rt = ql.gemv_row_groups(kt, rows)
-        for u in (1, 2, 4):
-            if u <= steps and (kt, rt, u) not in out:
-                out.append((kt, rt, u))
+        out.append(((kt, ql.gemv_row_groups(kt, rows), 1), {"tokens": 1}))
     return out
+
+
+def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
+    return "-".join([fname, shape, *map(str, layout)] + (["t1"] if opts.get("tokens") == 1 else [])
+                    + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else []))
 
 
 def prepare(dest: Path) -> None:
@@ -96,24 +101,15 @@ def prepare(dest: Path) -> None:
         fmt = None if f is None else ql.QuantFormat(*f)
         for shape, (k, n, gated) in SHAPES.items():
             chunks = k // ql.gemv_chunk(fmt, "float16", k)
-            for i, layout in enumerate(variants(chunks, n)):
-                name = f"{fname}-{shape}-{'-'.join(map(str, layout))}"
-                build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
-                                             gated=gated, layout=layout))
-                entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
-                                "layout": layout, "picked": i == 0})
+            todo = variants(chunks, n)
             if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout
-                layout = variants(chunks, n)[0]
-                build(f"{fname}-{shape}-h2", ql.make_gemv_gpu(k, n, fmt, "", "float16", "float16", None, gated=gated,
-                                                              layout=layout, half_math=True))
-                entries.append({"name": f"{fname}-{shape}-h2", "format": fname, "shape": shape, "in": k, "out": n,
-                                "gated": gated, "layout": layout, "picked": False, "half_math": True})
-            # decode_wide's tensor-core GEMM, in its layout
-            build(f"{fname}-{shape}-skinny", ql.make_skinny_gemm_gpu(k, n, "float16", "float16", None, gated=gated,
-                                                                     fmt=fmt))
-            entries.append({"name": f"{fname}-{shape}-skinny", "format": fname, "shape": shape, "in": k, "out": n,
-                            "gated": gated, "layout": list(ql.skinny_layout(k, n, 32 if fmt else 16)),
-                            "picked": False, "skinny": True})
+                todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1})]
+            for i, (layout, opts) in enumerate(todo):
+                name = variant_name(fname, shape, layout, opts)
+                build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
+                                             gated=gated, layout=layout, **opts))
+                entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
+                                "layout": layout, "picked": i == 0, **opts})
     for sb in ATTENTION_SHARED:  # decode attention at 64-, 32- and 16-key tiles, and the merge
         kc = pa.split_key_tile(pa_rows(), ATTENTION["head_dim"], "float16", sb)
         build(f"attention-{kc}", pa.make_attention_gpu(ATTENTION["heads"], ATTENTION["kv_heads"], ATTENTION["head_dim"],
@@ -163,7 +159,7 @@ def run(src: Path, out: Path) -> None:
             loaded = (e["format"], e["shape"])
         try:
             f = tvm.runtime.load_module(str(src / f"{e['name']}.so"))["gemv"]
-            for ntok in (WIDE_TOKENS if e.get("skinny") else TOKENS):
+            for ntok in TOKENS:
                 key = (e["format"], e["shape"], ntok)
                 if key not in inputs:
                     inputs[key] = tvm.runtime.tensor(
@@ -207,8 +203,8 @@ def run(src: Path, out: Path) -> None:
             best[key] = r
     print("\nbest per shape (* = the picked layout is the best)")
     for (fm, sh, t), r in best.items():
-        layout = "-".join(map(str, r["layout"]))
-        print(f"{fm} {sh:8s} T={t}: {layout:10s} {r['GBps']:6.0f} GB/s {'*' if r['picked'] else ''}")
+        print(f"{fm} {sh:8s} T={t}: {r['name']:28s} {r['us']:7.2f} us {r['GBps']:6.0f} GB/s "
+              f"{'*' if r['picked'] else ''}")
 
 
 def pickers_time(src: Path, dev, rng) -> list[dict]:
@@ -260,8 +256,8 @@ def attention_time(src: Path, dev, rng) -> list[dict]:
     out = []
     try:
         merge = tvm.runtime.load_module(str(src / "attention-merge.so"))["merge"]
-        kernels = {kc: tvm.runtime.load_module(str(src / f"attention-{kc}.so"))["attention"]
-                   for kc in sorted({pa.split_key_tile(pa_rows(), d, "float16", sb) for sb in ATTENTION_SHARED})}
+        tiles = sorted({pa.split_key_tile(pa_rows(), d, "float16", sb) for sb in ATTENTION_SHARED}, reverse=True)
+        kernels = {str(kc): (kc, tvm.runtime.load_module(str(src / f"attention-{kc}.so"))["attention"]) for kc in tiles}
     except Exception as exc:  # noqa: BLE001 - keep what ran before
         print(f"attention: FAILED to load {exc!r}", flush=True)
         return [{"error": repr(exc)}]
@@ -275,7 +271,7 @@ def attention_time(src: Path, dev, rng) -> list[dict]:
             tables = tvm.runtime.tensor(np.arange(seqs * m, dtype=np.int32).reshape(seqs, m), dev)
             y = tvm.runtime.empty((seqs, h, d), "float16", dev)
             picked = pa.gpu_num_splits_of(seqs, m, bs)
-            for kc, split in kernels.items():
+            for name, (kc, split) in kernels.items():
                 for ns in (1, 2, 4, 6, 8, 12, 16, 32, 64):
                     if -(-ctx // ns) < kc // 2 or ns > ctx // bs:
                         continue
@@ -288,13 +284,13 @@ def attention_time(src: Path, dev, rng) -> list[dict]:
                             merge(acc, ml, y)
 
                         us = profile_steps(step, 50)["kernel_ms_per_step"] * 1e3
-                        out.append({"keys": ctx, "seqs": seqs, "key_tile": kc, "splits": ns, "us": us,
-                                    "picked": kc == max(kernels) and ns == picked})
-                        print(f"attention keys={ctx:5d} seqs={seqs:2d} tile={kc:2d} splits={ns:2d} "
+                        out.append({"keys": ctx, "seqs": seqs, "key_tile": name, "splits": ns, "us": us,
+                                    "picked": name == str(tiles[0]) and ns == picked})
+                        print(f"attention keys={ctx:5d} seqs={seqs:2d} tile={name:>2s} splits={ns:2d} "
                               f"{'*' if out[-1]['picked'] else ' '} {us:7.2f} us", flush=True)
                     except Exception as exc:  # noqa: BLE001 - keep what ran
-                        out.append({"keys": ctx, "seqs": seqs, "key_tile": kc, "splits": ns, "error": repr(exc)})
-                        print(f"attention keys={ctx} seqs={seqs} tile={kc} splits={ns}: FAILED {exc!r}", flush=True)
+                        out.append({"keys": ctx, "seqs": seqs, "key_tile": name, "splits": ns, "error": repr(exc)})
+                        print(f"attention keys={ctx} seqs={seqs} tile={name} splits={ns}: FAILED {exc!r}", flush=True)
     return out
 
 

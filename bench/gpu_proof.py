@@ -177,7 +177,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def ferrum_speed(model, tiny: bool) -> dict:
     """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
     (every sequence decodes to the end, like ignore_eos; greedy tokens picked on the device). Median of 3
-    for prefill, one pass per batch. GPU artifacts: also b1/b4/b8 with the ``decode`` entry point off and,
+    for prefill, one pass per batch. GPU artifacts: also b1 with the ``decode_one`` entry point off, b1/b4/b8
+    with the ``decode`` entry point off and,
     for CUDA (whose decode steps of up to 8 tokens run as CUDA graphs here), with graphs off."""
     from ferrum_runtime.bench import _Seqs
 
@@ -202,6 +203,10 @@ def ferrum_speed(model, tiny: bool) -> dict:
 
     for b in (1, 4, 16, 32):
         out[f"decode b{b}"] = decode(b)
+    if model.decode_one:  # one-token steps through decode (GEMVs in passes of 4 tokens) instead
+        model.decode_one = False
+        out["decode b1 without decode_one"] = decode(1)
+        model.decode_one = True
     if model.decode_max_tokens:  # the same batches through the general entry point (dlight matmuls)
         graph, model.cuda_graph = model.cuda_graph, False
         limit, model.decode_max_tokens = model.decode_max_tokens, 0

@@ -213,6 +213,7 @@ def _entry_points(graph, spec: TargetSpec, vocab_size: int, max_blocks: int = 0)
     out: dict[str, dict] = {lowering.ENTRY: entry}
     if spec.kernel_kind == "gpu":  # same arguments and result, for batches of at most max_tokens tokens
         out[lowering.DECODE_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS}
+        out[lowering.DECODE_ONE_ENTRY] = {**entry, "max_tokens": 1}  # ... and of one token
     if spec.kernel_kind == "gpu" and lowering.uses_tc_attention(graph, tensor_core_dtypes(spec)):
         out[lowering.DECODE_WIDE_ENTRY] = {**entry, "decode_only": True}  # steps of one token per sequence
         if max_blocks:  # ... and as CUDA graphs, for up to max_tokens of them
@@ -222,6 +223,7 @@ def _entry_points(graph, spec: TargetSpec, vocab_size: int, max_blocks: int = 0)
     if max_blocks:  # the same again as CUDA graphs, for block tables of at most max_blocks columns
         out[lowering.DECODE_GRAPH_ENTRY] = {**entry, "max_tokens": lowering.DECODE_MAX_TOKENS,
                                             "max_blocks": max_blocks}
+        out[lowering.DECODE_ONE_GRAPH_ENTRY] = {**entry, "max_tokens": 1, "max_blocks": max_blocks}
     logits = {"name": "logits", "shape": ["L", vocab_size], "dtype": "float32"}
     ids = {"name": "token_ids", "shape": ["L"], "dtype": "int32"}
     out[lowering.ARGMAX_ENTRY] = {"args": [logits], "returns": ids}

@@ -41,6 +41,12 @@ DLIGHT_TC_DTYPES = ("float16",)  # activation dtypes dlight's matmul schedule ru
 # decode tokens (``decode_graph``'s contract: fixed argument buffers)
 DECODE_WIDE_GRAPH_ENTRY = "decode_wide_graph"
 WIDE_GRAPH_MAX_TOKENS = 64
+# GPU: ``decode`` (and, with graphs, ``decode_graph``) again for steps of one token, their GEMVs in passes
+# of one token (``make_gemv_gpu(tokens=1)``): a quarter of the accumulators and activations in registers, so
+# more blocks per SM. On an H200 Qwen3-4B's GEMVs at one token took 54 us per layer (float16) and 34 (INT4)
+# against 59 and 46 in passes of four (bench/gpu_kernels.py, docs/bench/2026-11-26d-gpu-h200.md)
+DECODE_ONE_ENTRY = "decode_one"
+DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
@@ -87,12 +93,15 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     producer = {op.output: op for op in graph.ops}
     # GPU targets get a second entry point for batches of few tokens (decode): its linears are our GEMV
     # kernels, which stream each weight once; larger batches take dlight's tiled (tensor-core) matmuls
-    entries = [(ENTRY, False)] + ([(DECODE_ENTRY, True)] if kernel_kind == "gpu" else [])
-    entries += [(DECODE_GRAPH_ENTRY, True)] if kernel_kind == "gpu" and graph_max_blocks > 0 else []
+    # (entry, tokens per GEMV pass: 0 for no GEMVs)
+    gpu, graphs = kernel_kind == "gpu", kernel_kind == "gpu" and graph_max_blocks > 0
+    entries = [(ENTRY, 0)] + ([(DECODE_ENTRY, quant_sched.GEMV_TOKENS), (DECODE_ONE_ENTRY, 1)] if gpu else [])
+    entries += [(DECODE_GRAPH_ENTRY, quant_sched.GEMV_TOKENS), (DECODE_ONE_GRAPH_ENTRY, 1)] if graphs else []
     wide = kernel_kind == "gpu" and uses_tc_attention(graph, tensor_core_dtypes)
-    entries += [(DECODE_WIDE_ENTRY, False)] if wide else []
-    entries += [(DECODE_WIDE_GRAPH_ENTRY, False)] if wide and graph_max_blocks > 0 else []
-    graph_tokens = {DECODE_GRAPH_ENTRY: DECODE_MAX_TOKENS, DECODE_WIDE_GRAPH_ENTRY: WIDE_GRAPH_MAX_TOKENS}
+    entries += [(DECODE_WIDE_ENTRY, 0)] if wide else []
+    entries += [(DECODE_WIDE_GRAPH_ENTRY, 0)] if wide and graph_max_blocks > 0 else []
+    graph_tokens = {DECODE_GRAPH_ENTRY: DECODE_MAX_TOKENS, DECODE_WIDE_GRAPH_ENTRY: WIDE_GRAPH_MAX_TOKENS,
+                    DECODE_ONE_GRAPH_ENTRY: 1}
     for entry, gemv in entries:
         tc_attention = entry == ENTRY  # the tensor-core attention: forward only
         # decode_wide's linears: the tensor-core GEMM for few tokens (weights read once per 64)
@@ -333,18 +342,18 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
     return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 
-def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int, gated: bool = False,
+def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, gated: bool = False,
             mma_dtype: str = ""):
-    """A dense linear: our GEMV (``gemv``), the CPU kernel, our tiled GEMM on tensor cores (``mma_dtype``)
+    """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM on tensor cores (``mma_dtype``)
     or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]
     if gemv:
         x_dtype, b_dtype = graph.value(op.inputs[0]).dtype, graph.value(op.inputs[2]).dtype if has_bias else None
-        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated),
+        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv),
                     lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
-                                                      max_lanes=max_lanes, gated=gated))
+                                                      max_lanes=max_lanes, gated=gated, tokens=gemv))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
@@ -371,7 +380,7 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
     return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 
-def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: bool, max_lanes: int,
+def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
              gated: bool = False, mma_dtype: str = ""):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
@@ -388,9 +397,10 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if gemv:
         s_dtype = graph.value(op.inputs[2]).dtype
-        gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype, gated),
+        gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype, gated,
+                     gemv),
                     lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
-                                                      max_lanes=max_lanes, gated=gated))
+                                                      max_lanes=max_lanes, gated=gated, tokens=gemv))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
@@ -401,7 +411,7 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
     return bb.emit_te(quant_sched.qlinear_te(fmt, out.dtype, at["bias"]), *a, primfunc_name_hint="qlinear")
 
 
-def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: bool, max_lanes: int, mma_dtype: str = ""):
+def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, mma_dtype: str = ""):
     """route → dispatch by expert → grouped gate_up → SiLU·up → grouped down → weighted combine. On GPUs the
     decode entry point runs the experts as grouped GEMVs, the general one as tiled grouped GEMMs (on tensor
     cores in ``mma_dtype`` when set); either way only chosen experts' weights are read."""

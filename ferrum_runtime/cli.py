@@ -140,6 +140,7 @@ def _inspect(args: argparse.Namespace) -> int:
         f"{m.entry['returns']['shape']} {m.entry['returns']['dtype']}"
         + (f"; decode(same) for batches of <= {d['entry_points']['decode']['max_tokens']} tokens (GEMV kernels)"
            if "decode" in d["entry_points"] else "")
+        + ("; decode_one(same) for steps of one token" if "decode_one" in d["entry_points"] else "")
         + (f"; decode_graph(same, CUDA graphs, FERRUM_CUDA_GRAPH=1) for block tables of <= "
            f"{d['entry_points']['decode_graph']['max_blocks']} blocks" if "decode_graph" in d["entry_points"] else "")
         + ("; decode_wide(same, split-KV attention) for larger steps of one token per sequence"

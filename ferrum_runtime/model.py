@@ -72,6 +72,8 @@ class CompiledModel:
         # GPU artifacts: a second entry point whose linears are GEMV kernels, for batches of few tokens
         self._decode_fn = self.vm["decode"] if "decode" in entries else None
         self.decode_max_tokens = decode_max_tokens(entries.get("decode"))
+        # ... and again for steps of one token, its GEMVs in passes of one token (fewer registers)
+        self._one_fn = self.vm["decode_one"] if "decode_one" in entries else None
         # CUDA artifacts: the decode entry point again, run as CUDA graphs (FERRUM_CUDA_GRAPH=1); its step
         # inputs must be the same buffers for the same shapes, so they are staged in fixed device tensors
         graph, wide_graph = entries.get("decode_graph"), entries.get("decode_wide_graph")
@@ -80,6 +82,8 @@ class CompiledModel:
         self.graph_max_blocks = int(graph["max_blocks"]) if graph else 0
         # and decode_wide as CUDA graphs, for steps of up to wide_graph_max_tokens decode tokens
         self._wide_graph_fn = self.vm["decode_wide_graph"] if wide_graph and self._graph_fn is not None else None
+        self._one_graph_fn = (self.vm["decode_one_graph"] if "decode_one_graph" in entries and self._graph_fn is not None
+                              else None)
         self.wide_graph_max_tokens = int(wide_graph["max_tokens"]) if wide_graph else 0
         # CUDA artifacts whose forward attention is on tensor cores: forward with the split-KV attention,
         # for steps of only decode tokens that are too many for the decode entry point
@@ -190,11 +194,15 @@ class CompiledModel:
         small = ntok <= self.decode_max_tokens  # decode_max_tokens is 0 without a decode entry point
         # one token per sequence, too many for decode: decode_wide (split-KV attention)
         wide = not small and self._wide_fn is not None and ntok == len(batch.query_start) - 1
+        one = small and ntok == 1  # decode_one(_graph), where the artifact has it
         if self._graph_fn is not None and small and self._fits_graph(batch, self.graph_max_tokens):
-            return self._graph_fn(*self._staged_args(batch))
+            fn = self._one_graph_fn if one and self._one_graph_fn is not None else self._graph_fn
+            return fn(*self._staged_args(batch))
         if self._wide_graph_fn is not None and wide and self._fits_graph(batch, self.wide_graph_max_tokens):
             return self._wide_graph_fn(*self._staged_args(batch))
         args = self._copy_in(batch.arrays, self._inputs, grow=True)
+        if one and self._one_fn is not None:
+            return self._one_fn(*args)
         if small and self._decode_fn is not None:
             return self._decode_fn(*args)
         if wide and self._wide_fn is not None:
@@ -214,6 +222,24 @@ class CompiledModel:
             raise ArtifactError("this artifact has no CUDA-graph entry point; compile it for a cuda-sm* target")
         self._graph_fn = self.vm["decode_graph"] if on else None
         self._wide_graph_fn = self.vm["decode_wide_graph"] if on and "decode_wide_graph" in entries else None
+        self._one_graph_fn = (self.vm["decode_one_graph"] if on and self._one_fn is not None
+                              and "decode_one_graph" in entries else None)
+
+    @property
+    def decode_one(self) -> bool:
+        """Whether steps of one token take ``decode_one`` (``decode_one_graph`` with CUDA graphs): GEMVs in
+        passes of one token. Off: they take ``decode`` like the other small steps (for measuring both)."""
+        return self._one_fn is not None
+
+    @decode_one.setter
+    def decode_one(self, on: bool) -> None:
+        entries = self.manifest.data["entry_points"]
+        if on and "decode_one" not in entries:
+            raise ArtifactError("this artifact has no decode_one entry point; recompile it for a GPU target with "
+                                "this ferrum")
+        self._one_fn = self.vm["decode_one"] if on else None
+        self._one_graph_fn = (self.vm["decode_one_graph"] if on and self._graph_fn is not None
+                              and "decode_one_graph" in entries else None)
 
     @property
     def decode_wide(self) -> bool:

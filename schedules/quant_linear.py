@@ -768,6 +768,16 @@ def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
     return kt, gemv_row_groups(kt, rows), min(GEMV_UNROLL, steps(kt))
 
 
+def gemv_prefetch(quantized: bool, tokens: int, steps: int, warps: int) -> bool:
+    """Whether a GEMV issues the next step's loads before this step's arithmetic (``make_gemv_gpu``'s
+    ``prefetch``): dense weights in passes of one token over 4 steps or more, in a grid of fewer than
+    ``GEMV_MAX_WARPS`` warps (one wave: latency, not bandwidth, is what limits it). On an H200 it took
+    Qwen3-4B's float16 o and down projections at one token from 8.6 to 7.0 and 16.5 to 14.0 us; it cost
+    the larger grids, the INT4 ones (whose arithmetic already overlaps other warps' loads), and passes of 4
+    tokens (more registers: fewer blocks per SM) 2-60% (bench/gpu_kernels.py, 2026-11-26)."""
+    return not quantized and tokens == 1 and steps >= 4 and warps < GEMV_MAX_WARPS
+
+
 def gemv_row_groups(k_lanes: int, rows: int) -> int:
     """Teams of ``k_lanes`` threads per GEMV block: as many as fit ``GEMV_THREADS``, halved while the grid
     over ``rows`` rows would be short of ``GEMV_MIN_BLOCKS`` blocks."""
@@ -780,7 +790,8 @@ def gemv_row_groups(k_lanes: int, rows: int) -> int:
 def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str, x_dtype: str,
                   out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16,
                   experts: int = 0, x_div: int = 1, gated: bool = False,
-                  layout: tuple[int, int, int] | None = None, half_math: bool = False):
+                  layout: tuple[int, int, int] | None = None, half_math: bool = False,
+                  prefetch: bool | None = None, tokens: int = GEMV_TOKENS):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -789,8 +800,10 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     the first. A block holds ``row_groups`` teams (``layout``, chosen by ``gemv_layout`` from the shape).
     Each thread accumulates 4 tokens x 4 rows of float32 partial sums, with each token's activations
     loaded, and SiLU-gated, once per chunk for all 4 rows; the team's partials are summed in shared memory
-    (``block_reduce.block_sum_columns``). Weights are read once per pass of up to 4 tokens; any token
-    count is correct (more passes).
+    (``block_reduce.block_sum_columns``). Weights are read once per pass of up to ``tokens`` tokens (4;
+    the one-token entry points take 1: a quarter of the accumulators and activations held, so more blocks
+    fit an SM); any token count is correct (more passes). With ``prefetch`` (default: ``gemv_prefetch``)
+    the loads of a lane's next step group go out before this one's arithmetic, into a second register slot.
 
     Quantized weights are loaded as 32-bit words and turned into floats without integer-to-float
     conversions (``word_decoder``). The group's scale multiplies a sum of 4 (INT8) or 8 (INT4) products
@@ -822,7 +835,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     import tvm
     from tvm.script import tirx as T
 
-    K, N, RB, TT = in_features, out_features, GEMV_ROWS, GEMV_TOKENS
+    K, N, RB, TT = in_features, out_features, GEMV_ROWS, tokens
     C = gemv_chunk(fmt, w_dtype, K)
     if fmt is not None:
         assert fmt.check(K) is None, fmt.check(K)
@@ -831,6 +844,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     assert KT >= TT * RB and KT & (KT - 1) == 0 and U >= 1, (KT, RT, U)
     NT, BR = KT * RT, RT * RB  # threads and rows of a block
     STEPS = -(-NC // KT)  # chunks per lane
+    SG = -(-STEPS // U)  # step groups of U chunks per lane
+    if prefetch is None:
+        prefetch = gemv_prefetch(fmt is not None, TT, STEPS, -(-N // RB) * KT // 32)
+    PF = 2 if prefetch and SG > 1 else 1  # register slots of loads
+    LAG = PF - 1  # groups loaded ahead of the one in use
     XV = min(C, max_lanes, 16 // dtype_bytes(x_dtype))
     J = TT * RB
     quant = fmt is not None
@@ -910,93 +928,96 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 wv = T.alloc_buffer((VW if quant else C,), "float32", scope="local")
                 dot = T.alloc_buffer((1,), "float32", scope="local")
                 hw = T.alloc_buffer((8,), "float16", scope="local")  # half_math: a word's 4 weight pairs
-                raw = T.alloc_buffer((U, RB, 4), "uint32", scope="local")  # quantized: U chunks x RB rows
-                rawd = T.alloc_buffer((U, RB, C), wdt, scope="local")  # dense
+                raw = T.alloc_buffer((PF, U, RB, 4), "uint32", scope="local")  # quantized: slots x U chunks x RB rows
+                rawd = T.alloc_buffer((PF, U, RB, C), wdt, scope="local")  # dense
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
                 magic: T.let[T.uint32] = opaque_magic(count, _MAGIC_H2 if half_math else _MAGIC)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB  # this team's first row
                 for p in T.serial((count + TT - 1) // TT):
                     for j in T.unroll(J):
                         acc[j] = T.float32(0)
-                    for s0 in T.serial((STEPS + U - 1) // U):
-                        # every load of U chunks x RB rows first, then the arithmetic
-                        for u in T.unroll(U):
-                            if (s0 * U + u) * KT + tx % KT < NC:
-                                for r in T.unroll(RB):
-                                    if row0 + r < N:
-                                        if quant:
-                                            for i in T.vectorized(4):
-                                                raw[u, r, i] = wq[ex * N + row0 + r,
-                                                                  ((s0 * U + u) * KT + tx % KT) * 4 + i]
-                                        else:
-                                            for i0 in T.unroll(C // WV):
-                                                for i1 in T.vectorized(WV):
-                                                    rawd[u, r, i0 * WV + i1] = w[
-                                                        ex * N + row0 + r,
-                                                        ((s0 * U + u) * KT + tx % KT) * C + i0 * WV + i1]
-                        for u in T.unroll(U):
-                            if (s0 * U + u) * KT + tx % KT < NC:
-                                ch: T.let[T.int32] = (s0 * U + u) * KT + tx % KT
-                                if quant:
-                                    for wd in T.unroll(4):
-                                        for t in T.unroll(TT):
-                                            if p * TT + t < count:
-                                                xr: T.let[T.int32] = T.Cast(
-                                                    "int32", x_row(order, offsets, ex, p * TT + t))
-                                                for run in T.unroll(RUNS):
-                                                    load_run(xs, up, x, xr, ch * C + run * 16 + wd * 4, t, run * 4)
-                                                if not sym:
-                                                    sx[t] = T.float32(0)
-                                                    for i in T.unroll(VW):
-                                                        sx[t] = sx[t] + xs[t, i]
-                                        for r in T.unroll(RB):
-                                            if row0 + r < N and half_math:
-                                                for run in T.unroll(2):
-                                                    for odd in T.unroll(2):
-                                                        hw[T.Ramp((run * 2 + odd) * 2, 1, 2)] = half_pair(
-                                                            raw[u, r, wd], run, odd, magic)
-                                                hscale: T.let[T.float32] = T.Cast(
-                                                    "float32", scales[ex * N + row0 + r, ch * C // G]) * T.float32(
-                                                    1 / H_SHIFT)
-                                                for t in T.unroll(TT):
-                                                    if p * TT + t < count:
-                                                        pair = (hw[T.Ramp(0, 1, 2)] * xs[t, T.Ramp(0, 1, 2)]
-                                                                + hw[T.Ramp(2, 1, 2)] * xs[t, T.Ramp(2, 1, 2)]
-                                                                + hw[T.Ramp(4, 1, 2)] * xs[t, T.Ramp(4, 1, 2)]
-                                                                + hw[T.Ramp(6, 1, 2)] * xs[t, T.Ramp(6, 1, 2)])
-                                                        acc[t * RB + r] = acc[t * RB + r] + (
-                                                            T.Cast("float32", T.Shuffle([pair], [0]))
-                                                            + T.Cast("float32", T.Shuffle([pair], [1]))) * hscale
-                                            if row0 + r < N and not half_math:
-                                                for run in T.unroll(RUNS):
-                                                    for b in T.unroll(4):
-                                                        wv[run * 4 + b] = decode(raw[u, r, wd], run, b, magic)
-                                                scale: T.let[T.float32] = T.Cast(
-                                                    "float32", scales[ex * N + row0 + r, ch * C // G])
-                                                for t in T.unroll(TT):
-                                                    if p * TT + t < count:
-                                                        dot[0] = T.float32(0)
-                                                        for i in T.unroll(VW):
-                                                            dot[0] = dot[0] + xs[t, i] * wv[i]
-                                                        if sym:
-                                                            acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale
-                                                        else:
-                                                            acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale + sx[t] * \
-                                                                mins[ex * N + row0 + r, ch * C // G]
-                                else:
-                                    for t in T.unroll(TT):
-                                        if p * TT + t < count:
-                                            xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
-                                            load_chunk(xs, up, x, xr, ch * C, t, 0)
+                    # step group gl loaded into register slot h while group gl - LAG (slot h - LAG) is in use
+                    for g2 in T.serial((SG + LAG + PF - 1) // PF):
+                        for h in T.unroll(PF):
+                            gl: T.let[T.int32] = PF * g2 + h
+                            gu: T.let[T.int32] = PF * g2 + h - LAG
+                            for u in T.unroll(U):
+                                if (gl * U + u) * KT + tx % KT < NC:
                                     for r in T.unroll(RB):
                                         if row0 + r < N:
-                                            for i in T.unroll(C):
-                                                wv[i] = T.Cast("float32", rawd[u, r, i])
+                                            if quant:
+                                                for i in T.vectorized(4):
+                                                    raw[h, u, r, i] = wq[ex * N + row0 + r,
+                                                                      ((gl * U + u) * KT + tx % KT) * 4 + i]
+                                            else:
+                                                for i0 in T.unroll(C // WV):
+                                                    for i1 in T.vectorized(WV):
+                                                        rawd[h, u, r, i0 * WV + i1] = w[
+                                                            ex * N + row0 + r,
+                                                            ((gl * U + u) * KT + tx % KT) * C + i0 * WV + i1]
+                            for u in T.unroll(U):
+                                if gu >= 0 and (gu * U + u) * KT + tx % KT < NC:
+                                    ch: T.let[T.int32] = (gu * U + u) * KT + tx % KT
+                                    if quant:
+                                        for wd in T.unroll(4):
                                             for t in T.unroll(TT):
                                                 if p * TT + t < count:
-                                                    for i in T.unroll(C):
-                                                        acc[t * RB + r] = (acc[t * RB + r]
-                                                                           + T.Cast("float32", xs[t, i]) * wv[i])
+                                                    xr: T.let[T.int32] = T.Cast(
+                                                        "int32", x_row(order, offsets, ex, p * TT + t))
+                                                    for run in T.unroll(RUNS):
+                                                        load_run(xs, up, x, xr, ch * C + run * 16 + wd * 4, t, run * 4)
+                                                    if not sym:
+                                                        sx[t] = T.float32(0)
+                                                        for i in T.unroll(VW):
+                                                            sx[t] = sx[t] + xs[t, i]
+                                            for r in T.unroll(RB):
+                                                if row0 + r < N and half_math:
+                                                    for run in T.unroll(2):
+                                                        for odd in T.unroll(2):
+                                                            hw[T.Ramp((run * 2 + odd) * 2, 1, 2)] = half_pair(
+                                                                raw[(h + PF - LAG) % PF, u, r, wd], run, odd, magic)
+                                                    hscale: T.let[T.float32] = T.Cast(
+                                                        "float32", scales[ex * N + row0 + r, ch * C // G]) * T.float32(
+                                                        1 / H_SHIFT)
+                                                    for t in T.unroll(TT):
+                                                        if p * TT + t < count:
+                                                            pair = (hw[T.Ramp(0, 1, 2)] * xs[t, T.Ramp(0, 1, 2)]
+                                                                    + hw[T.Ramp(2, 1, 2)] * xs[t, T.Ramp(2, 1, 2)]
+                                                                    + hw[T.Ramp(4, 1, 2)] * xs[t, T.Ramp(4, 1, 2)]
+                                                                    + hw[T.Ramp(6, 1, 2)] * xs[t, T.Ramp(6, 1, 2)])
+                                                            acc[t * RB + r] = acc[t * RB + r] + (
+                                                                T.Cast("float32", T.Shuffle([pair], [0]))
+                                                                + T.Cast("float32", T.Shuffle([pair], [1]))) * hscale
+                                                if row0 + r < N and not half_math:
+                                                    for run in T.unroll(RUNS):
+                                                        for b in T.unroll(4):
+                                                            wv[run * 4 + b] = decode(raw[(h + PF - LAG) % PF, u, r, wd], run, b, magic)
+                                                    scale: T.let[T.float32] = T.Cast(
+                                                        "float32", scales[ex * N + row0 + r, ch * C // G])
+                                                    for t in T.unroll(TT):
+                                                        if p * TT + t < count:
+                                                            dot[0] = T.float32(0)
+                                                            for i in T.unroll(VW):
+                                                                dot[0] = dot[0] + xs[t, i] * wv[i]
+                                                            if sym:
+                                                                acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale
+                                                            else:
+                                                                acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale + sx[t] * \
+                                                                    mins[ex * N + row0 + r, ch * C // G]
+                                    else:
+                                        for t in T.unroll(TT):
+                                            if p * TT + t < count:
+                                                xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
+                                                load_chunk(xs, up, x, xr, ch * C, t, 0)
+                                        for r in T.unroll(RB):
+                                            if row0 + r < N:
+                                                for i in T.unroll(C):
+                                                    wv[i] = T.Cast("float32", rawd[(h + PF - LAG) % PF, u, r, i])
+                                                for t in T.unroll(TT):
+                                                    if p * TT + t < count:
+                                                        for i in T.unroll(C):
+                                                            acc[t * RB + r] = (acc[t * RB + r]
+                                                                               + T.Cast("float32", xs[t, i]) * wv[i])
                     sums(red, acc, tx)
                     if tx % KT < J:
                         if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:

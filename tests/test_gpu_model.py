@@ -44,7 +44,7 @@ def _decoder(variant: str):
     assert [n.startswith("qkv_append") for n in names].count(True) == 1
     assert not any(n.startswith(("head_rope", "kv_append")) for n in names)
     assert ("attention_tc" in mod["forward"].script()) == tc and ("decode_wide" in names) == tc
-    for entry in ["decode"] + (["decode_wide"] if tc else []):
+    for entry in ["decode", "decode_one"] + (["decode_wide"] if tc else []):
         assert "attention_split" in mod[entry].script() and "attention_tc" not in mod[entry].script()
     if tc:  # decode_wide's linears: the tensor-core GEMM for few tokens, SiLU·mul read by the down one
         wide = mod["decode_wide"].script()
@@ -53,10 +53,11 @@ def _decoder(variant: str):
 
 
 # qwen3-tc's forward (tensor-core attention, tiled GEMM) runs in test_16_bit_cuda_build_matches_interpreter
-@pytest.mark.parametrize("variant,entry", [("qwen3", "forward"), ("qwen3", "decode"), ("llama", "forward"),
-                                           ("llama", "decode"), ("qwen3-tc", "decode_wide")])
+@pytest.mark.parametrize("variant,entry", [("qwen3", "forward"), ("qwen3", "decode"), ("qwen3", "decode_one"),
+                                           ("llama", "forward"), ("llama", "decode"), ("qwen3-tc", "decode_wide")])
 def test_gpu_decoder_matches_interpreter(variant, entry):
-    """Two sequences of 5 and 3 tokens, then one decode step each; logits and both layers' KV caches."""
+    """Two sequences of 5 and 3 tokens, then one decode step each; logits and both layers' KV caches.
+    (``decode_one``, whose GEMVs take one token per pass, is for steps of one token; any count is right.)"""
     graph, mod = _decoder(variant)
     rng = np.random.default_rng(2)
     params = random_params(graph, rng)
@@ -296,5 +297,9 @@ def test_decode_graph_is_captured_whole():
     captured = calls("decode_wide_graph_cuda_graph_capture")
     assert any(c.startswith("attention_split") for c in captured) and not any("attention_tc" in c for c in captured)
     assert not any(c.startswith("skinny") for c in captured)  # dlight's matmuls (lower's skinny_gemm is off)
-    for name in ("forward", "decode", "decode_wide"):
+    one = mod["decode_one_graph"].script()  # decode_one's: the same capture, GEMVs in passes of one token
+    assert one.count("vm.builtin.cuda_graph.run_or_capture") == 1
+    small, single = calls("decode_graph_cuda_graph_capture"), calls("decode_one_graph_cuda_graph_capture")
+    assert len(calls("decode_one_graph")) == 1 and len(single) == len(small) and set(single) != set(small)
+    for name in ("forward", "decode", "decode_wide", "decode_one"):
         assert "cuda_graph" not in mod[name].script()

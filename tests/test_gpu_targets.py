@@ -42,6 +42,8 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     # the decode entry point: same arguments, GEMV kernels (compiled into the cubin too)
     entries = manifest["entry_points"]
     assert entries["decode"]["max_tokens"] == 8 and entries["decode"]["args"] == entries["forward"]["args"]
+    assert entries["decode_one"] == {**entries["forward"], "max_tokens": 1}  # GEMVs in passes of one token
+    assert entries["decode_one_graph"] == {**entries["decode_one"], "max_blocks": entries["decode_graph"]["max_blocks"]}
     assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib and b"add_rms_norm" in lib
     assert b"attention_tc" in lib  # forward's attention on tensor cores (head_dim 16 and 32 fit its tile)
     # ... and forward with the split-KV attention for wide steps of one decode token per sequence
