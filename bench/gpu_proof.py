@@ -177,9 +177,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def ferrum_speed(model, tiny: bool) -> dict:
     """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
     (every sequence decodes to the end, like ignore_eos; greedy tokens picked on the device). Median of 3
-    for prefill, one pass per batch. GPU artifacts: also b1 with the ``decode_one`` entry point off, b1/b4/b8
-    with the ``decode`` entry point off and,
-    for CUDA (whose decode steps of up to 8 tokens run as CUDA graphs here), with graphs off."""
+    for prefill, one pass per batch. GPU artifacts: also b1 with the ``decode_one`` entry point off, b16
+    through ``decode_wide`` instead of ``decode``, b1/b4/b8 with the ``decode`` entry point off and,
+    for CUDA (whose decode steps of up to 16 tokens run as CUDA graphs here), with graphs off."""
     from ferrum_runtime.bench import _Seqs
 
     rng = np.random.default_rng(2)
@@ -218,14 +218,16 @@ def ferrum_speed(model, tiny: bool) -> dict:
                 out[f"decode b{b} without CUDA graphs"] = decode(b)
         model.cuda_graph = graph
         out["decode b8"] = decode(8)
+        if model.decode_wide and limit >= 16:  # 16 tokens through decode_wide (dlight's matmuls) instead
+            model.decode_max_tokens = 8
+            out["decode b16 through decode_wide"] = decode(16)
+            model.decode_max_tokens = limit
     if model.decode_wide:  # wide decode steps through forward's tensor-core attention instead
         graph, model.cuda_graph = model.cuda_graph, False
         if graph:  # decode_wide launched kernel by kernel
-            for b in (16, 32):
-                out[f"decode b{b} without CUDA graphs"] = decode(b)
+            out["decode b32 without CUDA graphs"] = decode(32)
         model.decode_wide = False
-        for b in (16, 32):
-            out[f"decode b{b} without decode_wide"] = decode(b)
+        out["decode b32 without decode_wide"] = decode(32)
         model.decode_wide, model.cuda_graph = True, graph
     return out
 

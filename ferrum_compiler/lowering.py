@@ -25,7 +25,10 @@ from .ir.rope import rope_inv_freq
 
 ENTRY = "forward"
 DECODE_ENTRY = "decode"  # GPU only: the same model for batches of at most DECODE_MAX_TOKENS tokens
-DECODE_MAX_TOKENS = 8
+# 16: on an H200 Qwen3-4B decoded 16 sequences through decode's GEMVs (4 passes of 4 tokens, no CUDA graph)
+# at 1,199 tok/s float16 and 1,121 INT4 against 1,075 and 855 through decode_wide's dlight matmuls (graphed);
+# 32 sequences were 38% and 27% slower through the GEMVs (docs/bench/2026-11-26d-gpu-h200.md)
+DECODE_MAX_TOKENS = 16
 ARGMAX_ENTRY = "argmax"  # logits [L, vocab] float32 -> int32 [L]: greedy tokens computed where the logits are
 SAMPLE_ENTRY = "sample"  # GPU only: (logits, params [L, 4], uniform [L]) -> int32 [L], sampled on the device
 # CUDA only: ``decode`` again, run as CUDA graphs (captured once per shape, then replayed: one launch per
@@ -344,8 +347,8 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, gated: bool = False,
             mma_dtype: str = ""):
-    """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM on tensor cores (``mma_dtype``)
-    or a float32-accumulated matmul that dlight schedules."""
+    """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM
+    on tensor cores (``mma_dtype``) or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]

@@ -82,8 +82,8 @@ class CompiledModel:
         self.graph_max_blocks = int(graph["max_blocks"]) if graph else 0
         # and decode_wide as CUDA graphs, for steps of up to wide_graph_max_tokens decode tokens
         self._wide_graph_fn = self.vm["decode_wide_graph"] if wide_graph and self._graph_fn is not None else None
-        self._one_graph_fn = (self.vm["decode_one_graph"] if "decode_one_graph" in entries and self._graph_fn is not None
-                              else None)
+        one_graph = "decode_one_graph" in entries and self._graph_fn is not None
+        self._one_graph_fn = self.vm["decode_one_graph"] if one_graph else None
         self.wide_graph_max_tokens = int(wide_graph["max_tokens"]) if wide_graph else 0
         # CUDA artifacts whose forward attention is on tensor cores: forward with the split-KV attention,
         # for steps of only decode tokens that are too many for the decode entry point

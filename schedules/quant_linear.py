@@ -798,7 +798,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     consecutive threads shares 4 rows: lane ``l`` takes chunks ``l, l + k_lanes, ...`` of each (consecutive
     lanes, consecutive bytes: coalesced), issuing the loads of ``unroll`` chunks x 4 rows before it uses
     the first. A block holds ``row_groups`` teams (``layout``, chosen by ``gemv_layout`` from the shape).
-    Each thread accumulates 4 tokens x 4 rows of float32 partial sums, with each token's activations
+    Each thread accumulates ``tokens`` x 4 rows of float32 partial sums, with each token's activations
     loaded, and SiLU-gated, once per chunk for all 4 rows; the team's partials are summed in shared memory
     (``block_reduce.block_sum_columns``). Weights are read once per pass of up to ``tokens`` tokens (4;
     the one-token entry points take 1: a quarter of the accumulators and activations held, so more blocks
@@ -928,7 +928,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 wv = T.alloc_buffer((VW if quant else C,), "float32", scope="local")
                 dot = T.alloc_buffer((1,), "float32", scope="local")
                 hw = T.alloc_buffer((8,), "float16", scope="local")  # half_math: a word's 4 weight pairs
-                raw = T.alloc_buffer((PF, U, RB, 4), "uint32", scope="local")  # quantized: slots x U chunks x RB rows
+                raw = T.alloc_buffer((PF, U, RB, 4), "uint32", scope="local")  # quantized: slots x U chunks x rows
                 rawd = T.alloc_buffer((PF, U, RB, C), wdt, scope="local")  # dense
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
                 magic: T.let[T.uint32] = opaque_magic(count, _MAGIC_H2 if half_math else _MAGIC)
@@ -991,7 +991,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                 if row0 + r < N and not half_math:
                                                     for run in T.unroll(RUNS):
                                                         for b in T.unroll(4):
-                                                            wv[run * 4 + b] = decode(raw[(h + PF - LAG) % PF, u, r, wd], run, b, magic)
+                                                            wv[run * 4 + b] = decode(
+                                                                raw[(h + PF - LAG) % PF, u, r, wd], run, b, magic)
                                                     scale: T.let[T.float32] = T.Cast(
                                                         "float32", scales[ex * N + row0 + r, ch * C // G])
                                                     for t in T.unroll(TT):
@@ -1002,12 +1003,14 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                             if sym:
                                                                 acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale
                                                             else:
-                                                                acc[t * RB + r] = acc[t * RB + r] + dot[0] * scale + sx[t] * \
-                                                                    mins[ex * N + row0 + r, ch * C // G]
+                                                                acc[t * RB + r] = (
+                                                                    acc[t * RB + r] + dot[0] * scale + sx[t] *
+                                                                    mins[ex * N + row0 + r, ch * C // G])
                                     else:
                                         for t in T.unroll(TT):
                                             if p * TT + t < count:
-                                                xr: T.let[T.int32] = T.Cast("int32", x_row(order, offsets, ex, p * TT + t))
+                                                xr: T.let[T.int32] = T.Cast(
+                                                    "int32", x_row(order, offsets, ex, p * TT + t))
                                                 load_chunk(xs, up, x, xr, ch * C, t, 0)
                                         for r in T.unroll(RB):
                                             if row0 + r < N:

@@ -41,7 +41,7 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert verified["kernels"] >= 8 and verified["failed"] == []
     # the decode entry point: same arguments, GEMV kernels (compiled into the cubin too)
     entries = manifest["entry_points"]
-    assert entries["decode"]["max_tokens"] == 8 and entries["decode"]["args"] == entries["forward"]["args"]
+    assert entries["decode"]["max_tokens"] == 16 and entries["decode"]["args"] == entries["forward"]["args"]
     assert entries["decode_one"] == {**entries["forward"], "max_tokens": 1}  # GEMVs in passes of one token
     assert entries["decode_one_graph"] == {**entries["decode_one"], "max_blocks": entries["decode_graph"]["max_blocks"]}
     assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib and b"add_rms_norm" in lib
@@ -55,7 +55,7 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert entries["argmax"]["returns"]["dtype"] == "int32" and [a["name"] for a in entries["sample"]["args"]] == [
         "logits", "params", "uniform"]
     assert b"argmax" in lib and b"sample" in lib
-    assert "decode(same) for batches of <= 8 tokens" in shown
+    assert "decode(same) for batches of <= 16 tokens" in shown
     # decode again as CUDA graphs: one capture per step shape, blocks planned for the model's full length
     assert entries["decode_graph"]["args"] == entries["forward"]["args"] and entries["decode_graph"]["max_blocks"] == \
         -(-manifest["model"]["max_model_len"] // manifest["kv_cache"]["block_size"])
