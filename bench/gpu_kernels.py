@@ -1,6 +1,8 @@
 """Decode kernels alone: read bandwidth of each Qwen3-4B linear's GEMV, float16 and GPTQ INT4, for the
 layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, loads issued a
-step ahead, passes of one token instead of four), and for INT4 the float16-pair math (``half_math``); each
+step ahead, passes of one token instead of four, the RMSNorm folded into the prologue or the residual add
+into the epilogue, beside the add + RMSNorm kernel they replace), and for INT4 the float16-pair math
+(``half_math``); each
 variant's output is checked against the picked layout's (max difference over the largest output, printed
 as ``diff``).
 
@@ -52,7 +54,7 @@ def pa_rows() -> int:
     return ATTENTION["heads"] // ATTENTION["kv_heads"]
 
 
-def variants(chunks: int, rows: int) -> list[tuple[tuple[int, int, int], dict]]:
+def variants(chunks: int, rows: int, gated: bool = False) -> list[tuple[tuple[int, int, int], dict]]:
     """``(layout, make_gemv_gpu options)``: the picked layout first, then with the next step group's loads
     issued ahead (``prefetch``), then passes of one token (``tokens=1``: a quarter of the accumulators, so
     more blocks per SM) with and without, then at one token per pass each lane count that idles at most a
@@ -63,6 +65,10 @@ def variants(chunks: int, rows: int) -> list[tuple[tuple[int, int, int], dict]]:
     picked = ql.gemv_layout(chunks, rows)
     out = [(picked, {}), (picked, {"prefetch": True}), (picked, {"tokens": 1}),
            (picked, {"tokens": 1, "prefetch": True})]
+    # FERRUM_GEMV_NORMS's kernels: the input's RMSNorm in the prologue (the GEMVs that read a norm), or the
+    # residual added in the epilogue (those whose output is one), at 1 token per pass and 4
+    fold = {"norm_eps": 1e-6, "norm_dtype": "float16"} if gated is False and rows != 2560 else {"residual": True}
+    out += [(picked, dict(fold, tokens=1)), (picked, dict(fold))]
     for kt in (16, 32, 64, 128):
         steps = -(-chunks // kt)
         if (steps * kt - chunks) > steps * kt // 4 or kt == picked[0]:
@@ -73,15 +79,16 @@ def variants(chunks: int, rows: int) -> list[tuple[tuple[int, int, int], dict]]:
 
 def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
     return "-".join([fname, shape, *map(str, layout)] + (["t1"] if opts.get("tokens") == 1 else [])
-                    + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else []))
+                    + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else [])
+                    + (["norm"] if opts.get("norm_eps") else []) + (["res"] if opts.get("residual") else []))
 
 
 def prepare(dest: Path) -> None:
     import tvm
 
+    from ferrum.schedules import norm, sampling
     from ferrum.schedules import paged_attention as pa
     from ferrum.schedules import quant_linear as ql
-    from ferrum.schedules import sampling
     from ferrum_compiler.gpu_build import prepare_cuda_build
 
     prepare_cuda_build()
@@ -101,7 +108,7 @@ def prepare(dest: Path) -> None:
         fmt = None if f is None else ql.QuantFormat(*f)
         for shape, (k, n, gated) in SHAPES.items():
             chunks = k // ql.gemv_chunk(fmt, "float16", k)
-            todo = variants(chunks, n)
+            todo = variants(chunks, n, gated)
             if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout
                 todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1})]
             for i, (layout, opts) in enumerate(todo):
@@ -117,6 +124,7 @@ def prepare(dest: Path) -> None:
                                                        shared_bytes=sb), "attention")
     build("attention-merge", pa.make_attention_merge_gpu(ATTENTION["heads"], ATTENTION["head_dim"], "float16"),
           "merge")
+    build("add-rms-norm", norm.make_add_rms_norm_gpu(SHAPES["qkv"][0], "float16", "float16", 1e-6), "norm")
     build("argmax", sampling.make_argmax(VOCAB, "gpu"), "argmax")
     build("sample", sampling.make_sample_gpu(VOCAB), "sample")
     (dest / "kernels.json").write_text(json.dumps(entries, indent=1))
@@ -162,11 +170,15 @@ def run(src: Path, out: Path) -> None:
             for ntok in TOKENS:
                 key = (e["format"], e["shape"], ntok)
                 if key not in inputs:
-                    inputs[key] = tvm.runtime.tensor(
-                        rng.standard_normal((ntok, 2 * k if e["gated"] else k)).astype(np.float16), dev)
+                    xh = rng.standard_normal((ntok, 2 * k if e["gated"] else k))  # rows of unit RMS: the
+                    xh /= np.sqrt((xh ** 2).mean(axis=1, keepdims=True))  # folded norm leaves them as they are
+                    inputs[key] = tvm.runtime.tensor(xh.astype(np.float16), dev)
                 x = inputs[key]
                 y = tvm.runtime.empty((ntok, n), "float16", dev)
-                f(x, *copies[0], y)  # the output, against the picked layout's on the same input and weights
+                # the folded norm's weights (ones: the output stays comparable) and the residual (zeros)
+                pre = [tvm.runtime.tensor(np.ones(k, np.float16), dev)] if e.get("norm_eps") else []
+                post = [tvm.runtime.tensor(np.zeros((ntok, n), np.float16), dev)] if e.get("residual") else []
+                f(x, *pre, *copies[0], *post, y)  # the output, against the picked layout's on the same input
                 got = y.numpy().astype(np.float32)
                 if e["picked"]:
                     picked_out[key] = got
@@ -174,8 +186,8 @@ def run(src: Path, out: Path) -> None:
                 diff = None if ref is None else float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
                 turn = [0]
 
-                def call(f=f, x=x, y=y, turn=turn):
-                    f(x, *copies[turn[0] % len(copies)], y)
+                def call(f=f, x=x, y=y, turn=turn, pre=pre, post=post):
+                    f(x, *pre, *copies[turn[0] % len(copies)], *post, y)
                     turn[0] += 1
 
                 us = profile_steps(call, 3 * len(copies))["kernel_ms_per_step"] * 1e3
@@ -189,6 +201,8 @@ def run(src: Path, out: Path) -> None:
             rows.append({**e, "error": repr(exc)})
             print(f"{e['name']}: FAILED {exc!r}", flush=True)
     report: dict = {"copy_GBps": bw / 1e9, "rows": rows}
+    (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
+    report["norm"] = norm_time(src, dev, rng)
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     report["pickers"] = pickers_time(src, dev, rng)
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
@@ -205,6 +219,29 @@ def run(src: Path, out: Path) -> None:
     for (fm, sh, t), r in best.items():
         print(f"{fm} {sh:8s} T={t}: {r['name']:28s} {r['us']:7.2f} us {r['GBps']:6.0f} GB/s "
               f"{'*' if r['picked'] else ''}")
+
+
+def norm_time(src: Path, dev, rng) -> list[dict]:
+    """Device time of the residual add + RMSNorm kernel a Qwen3-4B decode layer runs twice (what
+    FERRUM_GEMV_NORMS folds into the GEMVs), at 1 and 4 tokens."""
+    import tvm
+
+    from bench.gpu_profile import profile_steps
+
+    d, out = SHAPES["qkv"][0], []
+    try:
+        f = tvm.runtime.load_module(str(src / "add-rms-norm.so"))["norm"]
+        w = tvm.runtime.tensor(np.ones(d, np.float16), dev)
+        for ntok in TOKENS:
+            x, r = (tvm.runtime.tensor(rng.standard_normal((ntok, d)).astype(np.float16), dev) for _ in range(2))
+            h, y = (tvm.runtime.empty((ntok, d), "float16", dev) for _ in range(2))
+            us = profile_steps(lambda: f(x, r, w, h, y), 50)["kernel_ms_per_step"] * 1e3
+            out.append({"kernel": "add_rms_norm", "tokens": ntok, "us": us})
+            print(f"add_rms_norm {d} T={ntok}  {us:8.2f} us", flush=True)
+    except Exception as exc:  # noqa: BLE001 - keep what ran
+        out.append({"kernel": "add_rms_norm", "error": repr(exc)})
+        print(f"add_rms_norm: FAILED {exc!r}", flush=True)
+    return out
 
 
 def pickers_time(src: Path, dev, rng) -> list[dict]:

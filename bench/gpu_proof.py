@@ -55,6 +55,11 @@ MODELS = {  # name -> (config, GPTQ?)
 # dlight has no bfloat16 tensor-core schedule), on the same checkpoint
 MODELS["qwen3-0.6b-bf16"] = MODELS["qwen3-0.6b"]
 DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's default (float16)
+# experiments: the same models compiled with FERRUM_GEMV_NORMS=1 (norms and residual adds folded into the
+# decode GEMVs); not in the default --models
+MODELS["qwen3-4b-norms"] = MODELS["qwen3-4b"]
+MODELS["qwen3-4b-gptq-norms"] = MODELS["qwen3-4b-gptq"]
+EXPERIMENTS = ("qwen3-4b-norms", "qwen3-4b-gptq-norms")
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, vocab_size=512)
 TINY_MOE = dict(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
@@ -87,6 +92,7 @@ def make_checkpoint(name: str, cfg: dict, gptq: bool, dest: Path, device: str) -
     import torch
     import transformers
 
+    name = name.removesuffix("-norms")  # the same checkpoint as the model it is an experiment on
     dense = dest / (name.removesuffix("-gptq").removesuffix("-bf16") + "-dense")
     if not (dense / "config.json").is_file():
         torch.manual_seed(0)
@@ -382,7 +388,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a check of this script on any machine)")
     ap.add_argument("--make-configs", help="only write the config-only model folders here (compile side)")
     ap.add_argument("--dtype-of", help="only print the compile dtype of this model (compile side)")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(m for m in MODELS if m not in EXPERIMENTS))
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode steps launched kernel by kernel")
     ap.add_argument("--no-peer", action="store_true",
                     help="skip transformers' speed (about a minute per model), e.g. on a rerun in the same session")

@@ -20,6 +20,7 @@ import yaml
 
 from ferrum.models.registry import family
 from ferrum.schedules.quant_linear import ACT_BITS, QuantFormat, r16_supports
+from ferrum_runtime import env
 from ferrum_runtime.errors import FerrumError
 from ferrum_runtime.fatbin import embedded_cuda_code
 from ferrum_runtime.artifact import ABI_VERSION, IR_JSON, IR_TEXT, LIBRARY, MANIFEST, package_version, sha256_file
@@ -252,7 +253,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     metal = spec.tvm_target["kind"] == "metal"
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
                          graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
-                         shared_bytes=24 * 1024 if metal else 40 * 1024)
+                         shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=env.gemv_norms())
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
@@ -312,7 +313,8 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "ir": {"ops": op_histogram(graph), "passes": [n for n, _ in PIPELINE]},
         "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size,
                             "quant": options.quant, "kv_dtype": kv_dtype,
-                            "act_bits": options.act_bits},
+                            "act_bits": options.act_bits,
+                            **({"gemv_norms": True} if env.gemv_norms() and spec.kernel_kind == "gpu" else {})},
         "build": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "seconds": round(total, 2),
                   "phase_seconds": {k: round(v, 2) for k, v in timings.items()}},

@@ -54,7 +54,7 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
-          skinny_gemm: bool = False):
+          skinny_gemm: bool = False, gemv_norms: bool = False):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -94,6 +94,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         return kernels[key]
 
     producer = {op.output: op for op in graph.ops}
+    consumers: dict[str, list] = {}
+    for op in graph.ops:
+        for i in op.inputs:
+            consumers.setdefault(i, []).append(op)
     # GPU targets get a second entry point for batches of few tokens (decode): its linears are our GEMV
     # kernels, which stream each weight once; larger batches take dlight's tiled (tensor-core) matmuls
     # (entry, tokens per GEMV pass: 0 for no GEMVs)
@@ -117,6 +121,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         slices: dict[str, tuple] = {}  # output of a last-axis slice of a 2-D value -> (its input, begin, end)
         rope_tables: dict[tuple, object] = {}  # (positions, head_dim, theta, scaling) -> [T, 2, head_dim / 2] cos|sin
         adds: dict[str, tuple] = {}  # output of a 2-D residual add -> its two operands (GPU: fused into the norm)
+        # gemv_norms: a norm's output -> (its input, weight, eps, weight dtype), for the GEMVs that read it to
+        # normalise their input themselves; a residual add's output -> the GEMV that added it in its epilogue
+        norms: dict[str, tuple] = {}
+        fused_adds: dict[str, object] = {}
 
         attrs = _graph_attrs(graph_tokens[entry], graph_max_blocks) if entry in graph_tokens else None
         with bb.function(entry, fn_args, attrs=attrs):
@@ -139,22 +147,33 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         r = relax.TupleGetItem(both, 1)
                     elif k == "rms_norm":
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
+                        if gemv and gemv_norms and _norm_feeds_gemvs(graph, consumers, op):  # unused: dead code
+                            norms[op.output] = (a[0], a[1], op.attrs["eps"], graph.value(op.inputs[1]).dtype)
                     elif k in ("linear", "qlinear"):
                         skinny = skinny_gemm and wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)
                         gated = _gated_source(graph, producer, op.inputs[0]) if gemv or skinny else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]
+                        norm = norms.get(op.inputs[0]) if gated is None else None
+                        if norm is not None:  # ... or normalises the residual stream it reads
+                            a = [norm[0]] + a[1:]
+                        res_add = _residual_add(graph, consumers, op, env) if gemv and gemv_norms else None
                         x_dtype = graph.value(op.inputs[0]).dtype
                         # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
                         mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
                         if skinny:
                             r = _skinny(relax, kernel, graph, op, a, out, gated is not None)
-                        elif k == "linear":
-                            r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
-                                        gated is not None, mma)
                         else:
-                            r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
-                                         max_lanes, gated is not None, mma)
+                            fuse = {"norm": norm and norm[1:], "residual": env[res_add[1]] if res_add else None}
+                            if k == "linear":
+                                r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
+                                            gated is not None, mma, **fuse)
+                            else:
+                                r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
+                                             max_lanes, gated is not None, mma, **fuse)
+                            if res_add:  # the add itself is this GEMV's output
+                                r = bb.emit(r)
+                                fused_adds[res_add[0].output] = r
                     elif k == "qembedding":
                         fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
                         make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
@@ -199,6 +218,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                              decode=entry != ENTRY, max_lanes=max_lanes, shared_bytes=shared_bytes)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
+                    elif k == "add" and op.output in fused_adds:
+                        r = fused_adds[op.output]
                     elif k == "add":
                         r = relax.op.add(a[0], a[1])
                         if len(out.shape) == 2 and graph.value(op.inputs[0]).shape == graph.value(op.inputs[1]).shape:
@@ -230,6 +251,46 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     if kernel_kind == "gpu":  # matmul(x, permute_dims(w)) -> one kernel reading w[N, K] in place
         mod = tvm.relax.transform.FuseTransposeMatmul()(mod)
     return mod
+
+
+def _norm_feeds_gemvs(graph: Graph, consumers: dict, op) -> bool:
+    """Whether a 2-D RMSNorm's readers are all linears a GEMV entry can fold it into (``gemv_norms``; not
+    CPU row-interleaved weights). Norms of a residual add left for ``add_rms_norm`` never get here."""
+    readers = consumers.get(op.output, [])
+    return (len(graph.value(op.output).shape) == 2 and bool(readers)
+            and all(c.kind in ("linear", "qlinear") and c.inputs[0] == op.output
+                    and c.attrs.get("layout", "rows") != "r16" for c in readers))
+
+
+def _residual_add(graph: Graph, consumers: dict, op, env: dict):
+    """``(add op, name of its other operand)`` when a (q)linear's only reader is a 2-D residual add of
+    the same shape and dtype whose other operand is already computed: the GEMV adds it in its epilogue."""
+    readers = consumers.get(op.output, [])
+    if len(readers) != 1 or readers[0].kind != "add":
+        return None
+    add = readers[0]
+    other = add.inputs[1] if add.inputs[0] == op.output else add.inputs[0]
+    mine, theirs = graph.value(op.output), graph.value(other)
+    if other == op.output or other not in env or mine.shape != theirs.shape or len(mine.shape) != 2 \
+            or mine.dtype != theirs.dtype or graph.value(add.output).dtype != mine.dtype:
+        return None
+    return add, other
+
+
+def _gemv_fusion(norm: tuple | None, residual) -> dict:
+    """``make_gemv_gpu``'s keyword arguments for a folded norm (``(weight, eps, weight dtype)``) and an
+    epilogue residual."""
+    out: dict = {}  # (its values go into the kernel's name)
+    if norm:
+        out.update(norm_eps=float(norm[1]), norm_dtype=str(norm[2]))
+    if residual is not None:
+        out["residual"] = True
+    return out
+
+
+def _gemv_args(a: list, norm: tuple | None, residual) -> list:
+    """A GEMV's call arguments: the input, the norm weight, the op's weights (and bias), the residual."""
+    return [a[0]] + ([norm[0]] if norm else []) + list(a[1:]) + ([residual] if residual is not None else [])
 
 
 def _graph_attrs(max_tokens: int, max_blocks: int) -> dict:
@@ -346,18 +407,20 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
 
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, gated: bool = False,
-            mma_dtype: str = ""):
+            mma_dtype: str = "", norm: tuple | None = None, residual=None):
     """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM
     on tensor cores (``mma_dtype``) or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]
+    assert gemv or (norm is None and residual is None), "a norm or residual folds into GEMVs only"
     if gemv:
         x_dtype, b_dtype = graph.value(op.inputs[0]).dtype, graph.value(op.inputs[2]).dtype if has_bias else None
-        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv),
+        fused = _gemv_fusion(norm, residual)
+        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv, *fused.values()),
                     lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
-                                                      max_lanes=max_lanes, gated=gated, tokens=gemv))
-        return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+                                                      max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
+        return relax.call_tir(gv, _gemv_args(a, norm, residual), relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
                     lambda: linear_sched.make_linear_cpu(k, n, w.dtype, out.dtype, has_bias))
@@ -384,12 +447,13 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
-             gated: bool = False, mma_dtype: str = ""):
+             gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
     x_dtype = graph.value(op.inputs[0]).dtype
     bias_dtype = graph.value(op.inputs[-1]).dtype if at["bias"] else None
+    assert gemv or (norm is None and residual is None), "a norm or residual folds into GEMVs only"
     if at.get("layout", "rows") == "r16":
         if kernel_kind != "cpu" or int_dot_isa is None:
             raise ValueError("r16 weights need the CPU kernel with integer dot products")
@@ -400,11 +464,12 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if gemv:
         s_dtype = graph.value(op.inputs[2]).dtype
+        fused = _gemv_fusion(norm, residual)
         gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype, gated,
-                     gemv),
+                     gemv, *fused.values()),
                     lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
-                                                      max_lanes=max_lanes, gated=gated, tokens=gemv))
-        return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+                                                      max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
+        return relax.call_tir(gv, _gemv_args(a, norm, residual), relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if kernel_kind == "cpu":
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
                     lambda: quant_sched.make_qlinear_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype))

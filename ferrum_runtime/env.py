@@ -51,3 +51,11 @@ def cuda_graph() -> bool:
     """FERRUM_CUDA_GRAPH=1: CUDA artifacts run decode steps through ``decode_graph`` (captured once per
     shape, then replayed). Off by default until measured on a GPU."""
     return _flag("FERRUM_CUDA_GRAPH")
+
+
+def gemv_norms() -> bool:
+    """FERRUM_GEMV_NORMS=1 at ``ferrum compile`` (GPU targets; an experiment, off until an H200 says it
+    pays): the decode entries' RMSNorms and residual adds folded into their GEMVs (``lowering.lower``'s
+    ``gemv_norms``), 7 launches per decoder layer instead of 9. Recorded in the manifest's
+    ``compile_options``."""
+    return _flag("FERRUM_GEMV_NORMS")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import dtype_bytes
-from .block_reduce import block_sum_columns
+from .block_reduce import block_sum, block_sum_columns
 
 _ROWS_PER_TASK = 16
 R16 = 16  # rows interleaved per block in the "r16" layout (one 512-bit register of int32 row sums)
@@ -791,7 +791,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                   out_dtype: str, bias_dtype: str | None, scale_dtype: str = "float16", max_lanes: int = 16,
                   experts: int = 0, x_div: int = 1, gated: bool = False,
                   layout: tuple[int, int, int] | None = None, half_math: bool = False,
-                  prefetch: bool | None = None, tokens: int = GEMV_TOKENS):
+                  prefetch: bool | None = None, tokens: int = GEMV_TOKENS, norm_eps: float | None = None,
+                  norm_dtype: str = "float32", residual: bool = False):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -821,6 +822,15 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     With ``gated`` the activations are SiLU-gated first, read from the gate|up projection: ``x[T, 2K]``
     and the GEMV's input is ``silu(x[:, :K]) * x[:, K:]`` (float32, rounded to ``x_dtype`` as the separate
     SiLU·mul kernel stores it), so that kernel and its round trip through memory go.
+
+    With ``norm_eps`` the input is a residual stream ``h[T, K]`` and the GEMV's input its RMSNorm,
+    ``h / sqrt(mean(h^2) + eps) * norm_w`` (``norm_w[K]`` in ``norm_dtype``, the product rounded to
+    ``x_dtype`` as the norm kernel stores it): each block sums its pass's squares itself (a strided read of
+    the rows and one ``block_sum``), so the norm kernel and its round trip through memory go. With
+    ``residual`` the result is ``r[T, N] + x W^T`` (``r`` in ``out_dtype``, added to the float32 sum before
+    the one rounding): the residual add of a decoder layer's o and down projections. Both: dense or
+    quantized weights, not the MoE expert GEMV, not ``gated`` with ``norm_eps``. (An experiment:
+    ``lower(gemv_norms=True)``.)
 
     ``half_math`` (symmetric INT4, float16 activations; an experiment, not used by the lowering yet):
     a word's 8 weights become 4 float16 pairs and meet the activations in paired float16 multiply-adds
@@ -870,6 +880,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     # row), x_dtype for dense ones (16 fewer registers; widened per use); float16 pairs for half_math
     assert not half_math or (int4 and sym and x_dtype == "float16"), "half_math: symmetric INT4, float16 x"
     XS = "float16" if half_math else ("float32" if quant else x_dtype)
+    normed = norm_eps is not None
+    assert not ((normed or residual) and grouped) and not (normed and gated), "norm/residual: plain GEMVs only"
+    NV = min(XV, 16 // dtype_bytes(x_dtype))  # x elements per load of the norm's sum of squares
+    NE = -(-K // (NT * NV))  # such loads per thread per token
+    norm_sum = block_sum(NT, TT)
     H_SHIFT = 1.0 / 32  # half_math's activations are held divided by this much
     # half_math: value b (0-3) of a run sits at pair (b % 2), lane (b // 2): pairs are bytes (0, 2), (1, 3)
     def slot(i):
@@ -886,16 +901,21 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
         return order[offsets[ex] + i] if grouped else i
 
     def x_loader(n: int):
-        """Macro ``(xs, up, x, xr, col, t, at)``: ``xs[t, at:at+n]`` = float32 of ``x[xr, col:col+n]``
-        (gated: SiLU(gate) * up, rounded to x_dtype)."""
+        """Macro ``(xs, up, x, xr, col, t, at, nw, rstd)``: ``xs[t, at:at+n]`` = float32 of ``x[xr,
+        col:col+n]`` (gated: SiLU(gate) * up, rounded to x_dtype; normed: times ``rstd[t]`` and the norm
+        weights ``nw``, rounded to x_dtype)."""
         v = min(XV, n)
 
         @T.macro
-        def load(xs, up, x, xr, col, t, at):
+        def load(xs, up, x, xr, col, t, at, nw, rstd):
             for i0 in T.unroll(n // v):  # vector loads
                 for i1 in T.vectorized(v):
                     up[i0 * v + i1] = x[xr, col + i0 * v + i1]
-            if gated:
+            if normed:  # the RMSNorm's output, rounded as the norm kernel stores it
+                for i in T.unroll(n):
+                    xs[t, at + i] = T.Cast(XS, T.Cast(x_dtype, T.Cast("float32", up[i]) * rstd[t]
+                                                      * T.Cast("float32", nw[col + i])))
+            elif gated:
                 for i0 in T.unroll(n // v):
                     for i1 in T.vectorized(v):
                         up[C + i0 * v + i1] = x[xr, K + col + i0 * v + i1]
@@ -916,7 +936,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     load_chunk, load_run = x_loader(C), x_loader(4)
 
     @T.macro
-    def body(x, w, wq, scales, mins, bias, offsets, order, out, ntok):
+    def body(x, nw, w, wq, scales, mins, bias, offsets, order, res, out, ntok):
         for blk in T.thread_binding((N + BR - 1) // BR, thread="blockIdx.x"):
           for ex in T.thread_binding(max(experts, 1), thread="blockIdx.y"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
@@ -930,12 +950,28 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 hw = T.alloc_buffer((8,), "float16", scope="local")  # half_math: a word's 4 weight pairs
                 raw = T.alloc_buffer((PF, U, RB, 4), "uint32", scope="local")  # quantized: slots x U chunks x rows
                 rawd = T.alloc_buffer((PF, U, RB, C), wdt, scope="local")  # dense
+                rstd = T.alloc_buffer((TT,), "float32", scope="local")  # normed: the pass's 1 / rms per token
+                nred = T.alloc_buffer((NT, TT), "float32", scope="shared")
+                nv = T.alloc_buffer((NV,), x_dtype, scope="local")
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
                 magic: T.let[T.uint32] = opaque_magic(count, _MAGIC_H2 if half_math else _MAGIC)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB  # this team's first row
                 for p in T.serial((count + TT - 1) // TT):
                     for j in T.unroll(J):
                         acc[j] = T.float32(0)
+                    if normed:  # each token's sum of squares over the whole row, by the whole block
+                        for t in T.unroll(TT):
+                            rstd[t] = T.float32(0)
+                            if p * TT + t < count:
+                                for e in T.serial(NE):
+                                    if (e * NT + tx) * NV < K:
+                                        for i in T.vectorized(NV):
+                                            nv[i] = x[p * TT + t, (e * NT + tx) * NV + i]
+                                        for i in T.unroll(NV):
+                                            rstd[t] = rstd[t] + T.Cast("float32", nv[i]) * T.Cast("float32", nv[i])
+                        norm_sum(nred, rstd, tx)
+                        for t in T.unroll(TT):
+                            rstd[t] = T.rsqrt(rstd[t] / T.float32(K) + T.float32(norm_eps or 0))
                     # step group gl loaded into register slot h while group gl - LAG (slot h - LAG) is in use
                     for g2 in T.serial((SG + LAG + PF - 1) // PF):
                         for h in T.unroll(PF):
@@ -965,7 +1001,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                     xr: T.let[T.int32] = T.Cast(
                                                         "int32", x_row(order, offsets, ex, p * TT + t))
                                                     for run in T.unroll(RUNS):
-                                                        load_run(xs, up, x, xr, ch * C + run * 16 + wd * 4, t, run * 4)
+                                                        load_run(xs, up, x, xr, ch * C + run * 16 + wd * 4, t, run * 4,
+                                                                 nw, rstd)
                                                     if not sym:
                                                         sx[t] = T.float32(0)
                                                         for i in T.unroll(VW):
@@ -1011,7 +1048,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             if p * TT + t < count:
                                                 xr: T.let[T.int32] = T.Cast(
                                                     "int32", x_row(order, offsets, ex, p * TT + t))
-                                                load_chunk(xs, up, x, xr, ch * C, t, 0)
+                                                load_chunk(xs, up, x, xr, ch * C, t, 0, nw, rstd)
                                         for r in T.unroll(RB):
                                             if row0 + r < N:
                                                 for i in T.unroll(C):
@@ -1025,13 +1062,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                     if tx % KT < J:
                         if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
                             orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx % KT // RB))
-                            if has_bias:
-                                out[orow, row0 + tx % KT % RB] = T.Cast(
-                                    out_dtype, red[tx // KT * KT * (J + 1) + tx % KT]
-                                    + T.Cast("float32", bias[row0 + tx % KT % RB]))
-                            else:
-                                out[orow, row0 + tx % KT % RB] = T.Cast(
-                                    out_dtype, red[tx // KT * KT * (J + 1) + tx % KT])
+                            ocol: T.let[T.int32] = row0 + tx % KT % RB
+                            out[orow, ocol] = T.Cast(out_dtype, red[tx // KT * KT * (J + 1) + tx % KT]
+                                                     + (T.Cast("float32", bias[ocol]) if has_bias else T.float32(0))
+                                                     + (T.Cast("float32", res[orow, ocol]) if residual
+                                                        else T.float32(0)))
                     T.tvm_storage_sync("shared")  # the next pass overwrites red
 
     KG = K // G
@@ -1043,20 +1078,22 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
 
     # one signature with every tensor; those this variant does not read are dropped below
     @T.prim_func(private=True)
-    def gemv(x_h: T.handle, w: T.Buffer(wshape, wdt), s: T.Buffer((NW, KG), scale_dtype),  # type: ignore[valid-type]
-             m: T.Buffer((NW, KG), "float32"), b: T.Buffer((N,), bdt), off: T.Buffer((E1 + 1,), "int32"),  # type: ignore[valid-type]
-             ord_h: T.handle, o_h: T.handle):
+    def gemv(x_h: T.handle, nw: T.Buffer((K,), norm_dtype), w: T.Buffer(wshape, wdt),  # type: ignore[valid-type]
+             s: T.Buffer((NW, KG), scale_dtype), m: T.Buffer((NW, KG), "float32"),  # type: ignore[valid-type]
+             b: T.Buffer((N,), bdt), off: T.Buffer((E1 + 1,), "int32"),  # type: ignore[valid-type]
+             ord_h: T.handle, r_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         nx, nrow = T.int64(), T.int64()
         xb = T.match_buffer(x_h, (nx, XK), x_dtype)
         ordb = T.match_buffer(ord_h, (nrow,), "int32")
+        rb = T.match_buffer(r_h, (nrow, N), out_dtype)
         ob = T.match_buffer(o_h, (nrow, N), out_dtype)
         wq = T.decl_buffer((NW, WORDS), "uint32", data=w.data)  # a quantized row's 16-byte chunks as words
-        body(xb, w, wq, s, m, b, off, ordb, ob, nrow)
+        body(xb, nw, w, wq, s, m, b, off, ordb, rb, ob, nrow)
 
-    x_h, w, s, m, b, off, ord_h, o_h = gemv.params
-    keep = ([x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else [])
-            + ([off, ord_h] if grouped else []) + [o_h])
+    x_h, nw, w, s, m, b, off, ord_h, r_h, o_h = gemv.params
+    keep = ([x_h] + ([nw] if normed else []) + [w] + ([s] if quant else []) + ([m] if quant and not sym else [])
+            + ([b] if has_bias else []) + ([off, ord_h] if grouped else []) + ([r_h] if residual else []) + [o_h])
     func = tvm.tirx.PrimFunc(keep, gemv.body, gemv.ret_type, gemv.attrs)
     return func
 

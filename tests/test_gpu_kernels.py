@@ -239,6 +239,31 @@ def test_gemv_float16_build(fmt):
     np.testing.assert_allclose(out.astype(np.float64), ref, atol=2e-3 * np.abs(ref).max(), rtol=2e-3)
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31),
+       fmt=st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 16, False)]), groups=st.integers(1, 12), n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]),
+       normed=st.booleans(), residual=st.booleans(), bias=st.booleans())
+def test_gemv_norm_prologue_and_residual_epilogue(seed, fmt, groups, n, ntok, tokens, normed, residual, bias):
+    """``make_gemv_gpu(norm_eps=..., residual=True)``: the input's RMSNorm computed by every block from the
+    residual stream (any width, partial passes), and the residual added to the output, against the norm,
+    the linear and the add done one after another in numpy."""
+    rng = np.random.default_rng(seed)
+    k = groups * (fmt.group_size if fmt else 8)
+    h, tensors, b, _ = _linear_case(rng, k, n, ntok, fmt, bias, False)
+    h = h * rng.uniform(0.1, 10)  # the norm takes any scale out
+    nw = rng.standard_normal(k).astype(np.float32)
+    r = rng.standard_normal((ntok, n)).astype(np.float32)
+    x = h / np.sqrt((h.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * nw if normed else h
+    ref = (lin.linear_ref(x, tensors[0], b) if fmt is None else ql.qlinear_ref(x, fmt, *tensors[:2], (
+        tensors[2] if len(tensors) > 2 else None), b)) + (r if residual else 0)
+    out = np.full((ntok, n), np.nan, np.float32)
+    func = _kernel(("gemv-norm", k, n, fmt, bias, tokens, normed, residual), lambda: ql.make_gemv_gpu(
+        k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, scale_dtype="float32",
+        tokens=tokens, norm_eps=1e-5 if normed else None, residual=residual))
+    gpu_emu.run(func, h, *([nw] if normed else []), *tensors, *([b] if bias else []), *([r] if residual else []), out)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k) * max(1, np.abs(ref).max() / 10), rtol=1e-4)
+
+
 def test_half_pair_decodes_nibbles():
     """``half_math``'s decode (``quant_linear.half_pair``, built for the CPU, which has half arithmetic
     where the emulator has none): for 1000 random words, bytes (0, 2) and (1, 3), low and high nibbles,

@@ -9,6 +9,7 @@ compiled for CUDA, half stored as float. Every entry point: ``forward`` (dlight 
 from __future__ import annotations
 
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -34,11 +35,13 @@ def _decoder(variant: str):
 
     cfg = CFG if variant.startswith("qwen3") else dataclasses.replace(CFG, arch="llama", qk_norm=False,
                                                                         attention_bias=False)
-    tc = variant.endswith("-tc")
+    tc, norms = variant.endswith("-tc"), variant.endswith("-norms")
     cfg = dataclasses.replace(cfg, head_dim=16) if tc else cfg
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
     # -tc: decode_wide's linears on the tensor-core GEMM for few tokens (off by default: slower on an H200)
-    mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else (), skinny_gemm=tc))
+    # -norms: the decode entries' norms and residual adds folded into their GEMVs (an experiment)
+    mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else (), skinny_gemm=tc,
+                                   gemv_norms=norms))
     names = [gv.name_hint for gv in mod.get_global_vars()]
     # q, k and v: slice, reshape, [norm,] RoPE and the KV append in one kernel per layer
     assert [n.startswith("qkv_append") for n in names].count(True) == 1
@@ -46,6 +49,10 @@ def _decoder(variant: str):
     assert ("attention_tc" in mod["forward"].script()) == tc and ("decode_wide" in names) == tc
     for entry in ["decode", "decode_one"] + (["decode_wide"] if tc else []):
         assert "attention_split" in mod[entry].script() and "attention_tc" not in mod[entry].script()
+    for entry in ["decode", "decode_one"]:  # -norms: no norm or add kernel left in the decode entries
+        calls = re.findall(r"R\.call_tir\((\w+)", mod[entry].script())
+        assert any(c.startswith("add_rms_norm") for c in calls) != norms and "R.add(" not in mod[entry].script()
+        assert sum(c.endswith("_True") for c in calls if c.startswith("gemv")) == (4 if norms else 0)  # o, down
     if tc:  # decode_wide's linears: the tensor-core GEMM for few tokens, SiLU·mul read by the down one
         wide = mod["decode_wide"].script()
         assert "skinny" in wide and "matmul" not in wide and "silu_mul" not in wide
@@ -54,7 +61,8 @@ def _decoder(variant: str):
 
 # qwen3-tc's forward (tensor-core attention, tiled GEMM) runs in test_16_bit_cuda_build_matches_interpreter
 @pytest.mark.parametrize("variant,entry", [("qwen3", "forward"), ("qwen3", "decode"), ("qwen3", "decode_one"),
-                                           ("llama", "forward"), ("llama", "decode"), ("qwen3-tc", "decode_wide")])
+                                           ("llama", "forward"), ("llama", "decode"), ("qwen3-tc", "decode_wide"),
+                                           ("qwen3-norms", "decode"), ("llama-norms", "decode_one")])
 def test_gpu_decoder_matches_interpreter(variant, entry):
     """Two sequences of 5 and 3 tokens, then one decode step each; logits and both layers' KV caches.
     (``decode_one``, whose GEMVs take one token per pass, is for steps of one token; any count is right.)"""
