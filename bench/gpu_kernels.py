@@ -1,10 +1,9 @@
 """Decode kernels alone: read bandwidth of each Qwen3-4B linear's GEMV, float16 and GPTQ INT4, for the
 layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, loads issued a
-step ahead, passes of one token instead of four, the RMSNorm folded into the prologue or the residual add
-into the epilogue, beside the add + RMSNorm kernel they replace), and for INT4 the float16-pair math
-(``half_math``); each
-variant's output is checked against the picked layout's (max difference over the largest output, printed
-as ``diff``).
+step ahead, passes of one token instead of four, 2 rows per thread instead of 4, the RMSNorm folded into
+the prologue or the residual add into the epilogue, beside the add + RMSNorm kernel they replace), and for
+INT4 the float16-pair math (``half_math``); each variant's output is checked against the picked layout's
+(max difference over the largest output, printed as ``diff``).
 
 Here (nvcc, no GPU): ``bench/gpu_kernels.py --prepare .gpu/kernels`` compiles every variant for sm_90
 into one library each (a few MiB in all; ``bench/gpu_proof.sh prepare`` runs it). On the device, after the
@@ -69,6 +68,7 @@ def variants(chunks: int, rows: int, gated: bool = False) -> list[tuple[tuple[in
     # residual added in the epilogue (those whose output is one), at 1 token per pass and 4
     fold = {"norm_eps": 1e-6, "norm_dtype": "float16"} if gated is False and rows != 2560 else {"residual": True}
     out += [(picked, dict(fold, tokens=1)), (picked, dict(fold))]
+    out.append((picked, {"tokens": 1, "rows_per_thread": 2}))  # twice the threads for the same rows
     for kt in (16, 32, 64, 128):
         steps = -(-chunks // kt)
         if (steps * kt - chunks) > steps * kt // 4 or kt == picked[0]:
@@ -80,7 +80,8 @@ def variants(chunks: int, rows: int, gated: bool = False) -> list[tuple[tuple[in
 def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
     return "-".join([fname, shape, *map(str, layout)] + (["t1"] if opts.get("tokens") == 1 else [])
                     + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else [])
-                    + (["norm"] if opts.get("norm_eps") else []) + (["res"] if opts.get("residual") else []))
+                    + (["norm"] if opts.get("norm_eps") else []) + (["res"] if opts.get("residual") else [])
+                    + ([f"r{opts['rows_per_thread']}"] if "rows_per_thread" in opts else []))
 
 
 def prepare(dest: Path) -> None:

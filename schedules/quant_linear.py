@@ -792,7 +792,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                   experts: int = 0, x_div: int = 1, gated: bool = False,
                   layout: tuple[int, int, int] | None = None, half_math: bool = False,
                   prefetch: bool | None = None, tokens: int = GEMV_TOKENS, norm_eps: float | None = None,
-                  norm_dtype: str = "float32", residual: bool = False):
+                  norm_dtype: str = "float32", residual: bool = False, rows_per_thread: int = GEMV_ROWS):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -830,7 +830,9 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     ``residual`` the result is ``r[T, N] + x W^T`` (``r`` in ``out_dtype``, added to the float32 sum before
     the one rounding): the residual add of a decoder layer's o and down projections. Both: dense or
     quantized weights, not the MoE expert GEMV, not ``gated`` with ``norm_eps``. (An experiment:
-    ``lower(gemv_norms=True)``.)
+    ``lower(gemv_norms=True)``.) ``rows_per_thread`` (4; 2 as an experiment in bench/gpu_kernels.py:
+    twice the threads for the same rows, for grids too small to hide a step's latency) is
+    the team's rows per pass.
 
     ``half_math`` (symmetric INT4, float16 activations; an experiment, not used by the lowering yet):
     a word's 8 weights become 4 float16 pairs and meet the activations in paired float16 multiply-adds
@@ -845,7 +847,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     import tvm
     from tvm.script import tirx as T
 
-    K, N, RB, TT = in_features, out_features, GEMV_ROWS, tokens
+    K, N, RB, TT = in_features, out_features, rows_per_thread, tokens
     C = gemv_chunk(fmt, w_dtype, K)
     if fmt is not None:
         assert fmt.check(K) is None, fmt.check(K)
