@@ -1,9 +1,10 @@
 """Decode kernels alone: read bandwidth of each Qwen3-4B linear's GEMV, float16 and GPTQ INT4, for the
 layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, loads issued a
 step ahead, passes of one token instead of four, 2 rows per thread instead of 4, the RMSNorm folded into
-the prologue or the residual add into the epilogue, beside the add + RMSNorm kernel they replace), and for
-INT4 the float16-pair math (``half_math``); each variant's output is checked against the picked layout's
-(max difference over the largest output, printed as ``diff``).
+the prologue or the residual add into the epilogue, beside the add + RMSNorm kernel they replace; the down
+GEMV without SiLU·mul inside, ``-plain``), and for INT4 the float16-pair math (``half_math``); each
+variant's output is checked against the picked layout's (max difference over the largest output, printed
+as ``diff``).
 
 Here (nvcc, no GPU): ``bench/gpu_kernels.py --prepare .gpu/kernels`` compiles every variant for sm_90
 into one library each (a few MiB in all; ``bench/gpu_proof.sh prepare`` runs it). On the device, after the
@@ -81,7 +82,8 @@ def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
     return "-".join([fname, shape, *map(str, layout)] + (["t1"] if opts.get("tokens") == 1 else [])
                     + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else [])
                     + (["norm"] if opts.get("norm_eps") else []) + (["res"] if opts.get("residual") else [])
-                    + ([f"r{opts['rows_per_thread']}"] if "rows_per_thread" in opts else []))
+                    + ([f"r{opts['rows_per_thread']}"] if "rows_per_thread" in opts else [])
+                    + (["plain"] if opts.get("gated") is False else []))
 
 
 def prepare(dest: Path) -> None:
@@ -112,11 +114,14 @@ def prepare(dest: Path) -> None:
             todo = variants(chunks, n, gated)
             if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout
                 todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1})]
+            if gated:  # the down GEMV reading SiLU·mul's output instead of computing it per block (at 4
+                todo.append((todo[0][0], {"gated": False}))  # tokens, 4x the exps of one, in every block)
             for i, (layout, opts) in enumerate(todo):
                 name = variant_name(fname, shape, layout, opts)
+                opts = {"gated": gated, **opts}
                 build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
-                                             gated=gated, layout=layout, **opts))
-                entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n, "gated": gated,
+                                             layout=layout, **opts))
+                entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n,
                                 "layout": layout, "picked": i == 0, **opts})
     for sb in ATTENTION_SHARED:  # decode attention at 64-, 32- and 16-key tiles, and the merge
         kc = pa.split_key_tile(pa_rows(), ATTENTION["head_dim"], "float16", sb)
@@ -156,7 +161,7 @@ def run(src: Path, out: Path) -> None:
     copies: list[list] = []
     loaded, nbytes = None, 0
     rows = []
-    inputs: dict[tuple, object] = {}  # (format, shape, tokens): the activations every variant gets
+    inputs: dict[tuple, object] = {}  # (format, shape, tokens, gated): the activations every variant gets
     picked_out: dict[tuple, np.ndarray] = {}  # ... and the picked layout's output for them
     for e in entries:
         k, n, fmt = e["in"], e["out"], FORMATS[e["format"]]
@@ -169,7 +174,7 @@ def run(src: Path, out: Path) -> None:
         try:
             f = tvm.runtime.load_module(str(src / f"{e['name']}.so"))["gemv"]
             for ntok in TOKENS:
-                key = (e["format"], e["shape"], ntok)
+                key = (e["format"], e["shape"], ntok, e["gated"])
                 if key not in inputs:
                     xh = rng.standard_normal((ntok, 2 * k if e["gated"] else k))  # rows of unit RMS: the
                     xh /= np.sqrt((xh ** 2).mean(axis=1, keepdims=True))  # folded norm leaves them as they are
@@ -211,7 +216,7 @@ def run(src: Path, out: Path) -> None:
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     best: dict[tuple, dict] = {}
     for r in rows:
-        if "error" in r:
+        if "error" in r or r["name"].endswith("-plain"):  # plain: less work (no SiLU·mul), not a candidate
             continue
         key = (r["format"], r["shape"], r["tokens"])
         if key not in best or r["us"] < best[key]["us"]:
