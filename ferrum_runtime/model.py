@@ -82,8 +82,7 @@ class CompiledModel:
         self.graph_max_blocks = int(graph["max_blocks"]) if graph else 0
         # and decode_wide as CUDA graphs, for steps of up to wide_graph_max_tokens decode tokens
         self._wide_graph_fn = self.vm["decode_wide_graph"] if wide_graph and self._graph_fn is not None else None
-        one_graph = "decode_one_graph" in entries and self._graph_fn is not None
-        self._one_graph_fn = self.vm["decode_one_graph"] if one_graph else None
+        self._one_graph_fn = self._one_graph()
         self.wide_graph_max_tokens = int(wide_graph["max_tokens"]) if wide_graph else 0
         # CUDA artifacts whose forward attention is on tensor cores: forward with the split-KV attention,
         # for steps of only decode tokens that are too many for the decode entry point
@@ -222,8 +221,7 @@ class CompiledModel:
             raise ArtifactError("this artifact has no CUDA-graph entry point; compile it for a cuda-sm* target")
         self._graph_fn = self.vm["decode_graph"] if on else None
         self._wide_graph_fn = self.vm["decode_wide_graph"] if on and "decode_wide_graph" in entries else None
-        self._one_graph_fn = (self.vm["decode_one_graph"] if on and self._one_fn is not None
-                              and "decode_one_graph" in entries else None)
+        self._one_graph_fn = self._one_graph()
 
     @property
     def decode_one(self) -> bool:
@@ -238,8 +236,12 @@ class CompiledModel:
             raise ArtifactError("this artifact has no decode_one entry point; recompile it for a GPU target with "
                                 "this ferrum")
         self._one_fn = self.vm["decode_one"] if on else None
-        self._one_graph_fn = (self.vm["decode_one_graph"] if on and self._graph_fn is not None
-                              and "decode_one_graph" in entries else None)
+        self._one_graph_fn = self._one_graph()
+
+    def _one_graph(self):
+        """``decode_one_graph`` when both ``decode_one`` and CUDA graphs are on and the artifact has it."""
+        on = self._one_fn is not None and self._graph_fn is not None
+        return self.vm["decode_one_graph"] if on and "decode_one_graph" in self.manifest.data["entry_points"] else None
 
     @property
     def decode_wide(self) -> bool:
