@@ -183,7 +183,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def ferrum_speed(model, tiny: bool) -> dict:
     """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
     (every sequence decodes to the end, like ignore_eos; greedy tokens picked on the device). Median of 3
-    for prefill, one pass per batch. GPU artifacts: also b1 with the ``decode_one`` entry point off, b16
+    for prefill, one pass per batch; b1 and b16 again as requests through the engine (``bench/engine_host.py``:
+    what serving adds). GPU artifacts: also b1 with the ``decode_one`` entry point off, b16
     through ``decode_wide`` instead of ``decode``, b1/b4/b8 with the ``decode`` entry point off and,
     for CUDA (whose decode steps of up to 16 tokens run as CUDA graphs here), with graphs off."""
     from ferrum_runtime.bench import _Seqs
@@ -209,6 +210,12 @@ def ferrum_speed(model, tiny: bool) -> dict:
 
     for b in (1, 4, 16, 32):
         out[f"decode b{b}"] = decode(b)
+    # the same decodes as requests through the engine (scheduling, batch building, detokenizing, deltas to
+    # an event loop): what serving adds to the model's own steps
+    from engine_host import measure  # bench/
+
+    for b in (1, 16):
+        out[f"engine decode b{b}"] = measure(model, b, n_prompt, n_gen, 0.0, rng)["decode_tok_s"]
     if model.decode_one:  # one-token steps through decode (GEMVs in passes of 4 tokens) instead
         model.decode_one = False
         out["decode b1 without decode_one"] = decode(1)

@@ -63,6 +63,8 @@ class StopChecker:
         """(text safe to emit now, whether a stop string was hit)."""
         if self.stopped:
             return "", True
+        if not self.stop:  # nothing to look for (most requests): every token's text goes out as it is
+            return delta, False
         text = self._held + delta
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         first = min(hits) if hits else len(text)

@@ -1,11 +1,12 @@
 """The engine: requests in, streamed deltas out, over one compiled model.
 
 ``Engine.from_artifact(path)`` then ``async for delta in engine.generate(prompt, params)``, many
-requests at once. A background task runs engine steps while there is work; each step is the ordered
-list of actions in ``Engine.STEP`` (admit/abort → schedule → run the model → sample → postprocess),
-so a new batching mode is a new action, not an edit to a loop. The model call runs in a worker thread,
-so the event loop (and a server on it) stays responsive; requests and cancellations reach the step
-through a locked inbox and take effect at the start of the next step.
+requests at once. A background task wakes a worker thread that runs engine steps back to back while
+there is work; each step is the ordered list of actions in ``Engine.STEP`` (admit/abort → schedule →
+run the model → sample → postprocess), so a new batching mode is a new action, not an edit to a loop.
+The event loop (and a server on it) stays responsive and is not a hop between steps; requests and
+cancellations reach the step through a locked inbox and take effect at the start of the next step, and
+a step's deltas reach their requests' queues in one callback per event loop (``_deliver``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class RequestError(FerrumError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+class StepFailed(RuntimeError):
+    """An engine step raised (the model call on a broken device, a bug): every request the engine held
+    ends with this instead of hanging; the engine goes on with new requests. Not a FerrumError: the
+    server answers it with a 500, not a 400."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,9 @@ class _Request:
     scheduled_at: float | None = None
     sent_queue_time: bool = False
 
-    def emit(self, delta: Delta) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+    def emit(self, delta: Delta, outbox: dict) -> None:
+        """Queue ``delta`` in the step's ``outbox`` (loop -> [(queue, delta)]), delivered when the step ends."""
+        outbox.setdefault(self.loop, []).append((self.queue, delta))
 
 
 class Engine:
@@ -134,6 +142,9 @@ class Engine:
         self._ids = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferrum-engine")
         self._loop_task: asyncio.Task | None = None
+        self._closing = False  # close(): the worker thread stops after its current step
+        # this step's deltas (or a failed step's error) by event loop, delivered when the step ends
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta | StepFailed]]] = {}
         self._wakeup: asyncio.Event | None = None
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0}
         # wall seconds per step action, and inside _run_model the compiled model call alone (ferrum bench)
@@ -212,6 +223,9 @@ class Engine:
         try:
             while remaining:
                 delta = await req.queue.get()
+                if isinstance(delta, StepFailed):
+                    remaining = 0  # its choices are finished already
+                    raise delta
                 if delta.finish_reason is not None:
                     remaining -= 1
                 yield delta
@@ -234,6 +248,7 @@ class Engine:
                 **self.counters}
 
     async def close(self) -> None:
+        self._closing = True
         if self._loop_task is not None:
             self._loop_task.cancel()
         self._executor.shutdown(wait=True)
@@ -252,22 +267,56 @@ class Engine:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while True:
-                busy = await loop.run_in_executor(self._executor, self.step)
-                if not busy:
-                    break
+            await loop.run_in_executor(self._executor, self._steps)
+
+    def _steps(self) -> None:
+        """Steps until there is no work (or the engine closes), in the worker thread: a step's Python
+        work is time the device waits, and a trip through the event loop between steps would add to it."""
+        while not self._closing:
+            try:
+                if not self.step():
+                    return
+            except Exception as exc:  # noqa: BLE001 - the requests get it, the engine goes on
+                log.exception("ferrum: an engine step failed; the requests it held end with an error")
+                self._fail_all(StepFailed(f"the engine step failed: {type(exc).__name__}: {exc}"))
+
+    def _fail_all(self, error: StepFailed) -> None:
+        """End every request taken in (their state may be half-updated by the failed step) with ``error``,
+        freeing their blocks."""
+        for req in list(self._requests.values()):
+            for ch in req.choices:
+                if not ch.finished:
+                    ch.finished = True
+                    self.scheduler.finish(ch.seq)
+                    self._by_seq.pop(ch.seq, None)
+            self._outbox.setdefault(req.loop, []).append((req.queue, error))
+        self._requests.clear()
+        self._deliver()
 
     def step(self) -> bool:
         """One engine step; returns whether there is (still) work."""
         state: dict = {}
-        for action in self.STEP:
-            t0 = time.perf_counter()
-            getattr(self, action)(state)
-            self.seconds[action] += time.perf_counter() - t0
-            if state.get("idle"):
-                return False
+        try:
+            for action in self.STEP:
+                t0 = time.perf_counter()
+                getattr(self, action)(state)
+                self.seconds[action] += time.perf_counter() - t0
+                if state.get("idle"):
+                    return False
+        finally:
+            self._deliver()
         self.counters["steps"] += 1
         return True
+
+    def _deliver(self) -> None:
+        """Hand the step's deltas to their requests' queues: one callback per event loop, not one per
+        delta (each wakes the loop through its self-pipe: ~10 us a call on a 2-core box)."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is waiting for these deltas any more
+                pass
 
     # ------------------------------------------------------------------ step actions
     def _take_inbox(self, state: dict) -> None:
@@ -311,12 +360,12 @@ class Engine:
         bs = self.model.block_size
         for c in chunks:
             seq = c.seq
-            tokens = seq.tokens
             base = len(ids)
-            for p in range(c.start, c.start + c.length):
-                ids.append(tokens[p])
-                pos.append(p)
-                slots.append(seq.blocks[p // bs] * bs + p % bs)
+            end = c.start + c.length
+            ids.extend(seq.tokens_between(c.start, end))
+            pos.extend(range(c.start, end))
+            blocks = seq.blocks
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(c.start, end))
             starts.append(len(ids))
             tables.append(seq.blocks)
             if seq.needs_all_rows and c.start < len(seq.prompt_ids):
@@ -440,7 +489,7 @@ class Engine:
         elif len(ch.seq.output_ids) >= params.max_tokens:
             self._finish(req, ch, "length", safe + self._drain(ch), [tok], logprobs)
         else:
-            req.emit(self._delta(req, ch, safe, [tok], logprobs, None))
+            req.emit(self._delta(req, ch, safe, [tok], logprobs, None), self._outbox)
 
     @staticmethod
     def _advance_grammar(req: _Request, ch: _Choice, tok: int) -> None:
@@ -469,7 +518,7 @@ class Engine:
         ch.finished = True
         self.scheduler.finish(ch.seq)
         self._by_seq.pop(ch.seq, None)
-        req.emit(self._delta(req, ch, text, token_ids or [], logprobs, reason))
+        req.emit(self._delta(req, ch, text, token_ids or [], logprobs, reason), self._outbox)
         if all(c.finished for c in req.choices):
             self._requests.pop(req.request_id, None)
 
@@ -483,3 +532,7 @@ class Engine:
         return Delta(req.request_id, ch.index, text, token_ids, logprobs, reason, len(req.prompt_ids),
                      len(ch.seq.output_ids), prompt_lp, queue_time)
 
+
+def _put_all(items: list[tuple[asyncio.Queue, Delta | StepFailed]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)

@@ -12,6 +12,7 @@ first imported for every command but ``compile``.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -89,6 +90,11 @@ class CompiledModel:
         self._wide_fn = self.vm["decode_wide"] if "decode_wide" in entries else None
         self._staging: dict[str, Any] = {}  # the CUDA-graph entries' fixed input tensors
         self._inputs: dict[str, Any] = {}  # the other entries' input tensors, grown as steps need
+        # views of those tensors at the shapes steps had, and the copy behind Tensor.copyfrom without its
+        # Python checks: a step's six inputs took ~100 us of a 2-core box's time through copyfrom and
+        # fresh views, ~10 us this way (bench/engine_host.py)
+        self._views: dict[tuple[int, str, tuple[int, ...]], tuple[Any, Any]] = {}
+        self._copy_bytes = tvm.get_global_func("runtime.TVMTensorCopyFromBytes")
         # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
         self._argmax_fn = self.vm["argmax"] if "argmax" in entries else None
         self._sample_fn = self.vm["sample"] if "sample" in entries else None
@@ -274,11 +280,23 @@ class CompiledModel:
             buf = buffers.get(name)
             if grow and (buf is None or buf.shape[0] < host.size):
                 size = max(host.size, 2 * (buf.shape[0] if buf is not None else 0), 64)
-                buffers[name] = tvm.runtime.empty((size,), "int32", self.device)
-            view = buffers[name]._create_view(host.shape)
-            view.copyfrom(host)
+                buf = buffers[name] = tvm.runtime.empty((size,), "int32", self.device)
+            view = self._view(buffers, name, buf, host.shape)
+            self._copy_bytes(view, ctypes.c_void_p(host.ctypes.data), host.nbytes)
             args[i] = view
         return args
+
+    def _view(self, buffers: dict, name: str, buf, shape: tuple[int, ...]):
+        """``buf`` (``buffers[name]``) viewed at ``shape``, made once per shape while ``buf`` lives."""
+        key = (id(buffers), name, shape)
+        hit = self._views.get(key)
+        if hit is not None and hit[0] is buf:
+            return hit[1]
+        if len(self._views) >= 1024:  # shapes vary with the batch; keep the recent ones only
+            self._views.clear()
+        view = buf._create_view(shape)
+        self._views[key] = (buf, view)
+        return view
 
     def _staged_args(self, batch: RaggedBatch) -> list:
         """The step's inputs copied into fixed device tensors (allocated once, at the largest shapes, so a

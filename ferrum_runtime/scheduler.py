@@ -51,6 +51,15 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def tokens_between(self, start: int, end: int) -> list[int]:
+        """``tokens[start:end]`` without building ``tokens`` (a step needs a token or a chunk of them)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
 
 @dataclass(frozen=True)
 class ScheduledChunk:
@@ -131,10 +140,10 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue
             seq.num_computed = c.start + c.length
-            tokens = seq.tokens
             while (len(seq.block_hashes) + 1) * bs <= seq.num_computed:
                 j = len(seq.block_hashes)
-                h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens[j * bs:(j + 1) * bs])
+                h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None,
+                               seq.tokens_between(j * bs, (j + 1) * bs))
                 self.blocks.register(seq.blocks[j], h)
                 seq.block_hashes.append(h)
 

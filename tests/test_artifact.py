@@ -239,3 +239,8 @@ def test_step_inputs_go_to_device_tensors_kept_between_steps(compiled, tiny_mode
     out = [d.step([long]) for d in drivers]  # 100 tokens: past 64
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
     assert kept._inputs["token_ids"].shape == (128,) and kept._inputs["positions"].shape == (128,)
+    fresh._inputs.clear()
+    out = [d.step([long[:10]]) for d in drivers]  # a shape the old tensors had views of: the new ones serve
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
+    views = [view for key, (buf, view) in kept._views.items() if key[1] == "token_ids" and buf is kept._inputs["token_ids"]]
+    assert sorted(v.shape for v in views) == [(10,), (100,)]

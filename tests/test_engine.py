@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ferrum_runtime.engine import Engine, EngineConfig, RequestError
+from ferrum_runtime.engine import Engine, EngineConfig, RequestError, StepFailed
 from ferrum_runtime.model import CompiledModel
 from ferrum_runtime.sampler import SamplingError, SamplingParams
 from ferrum_runtime.tokenizer import TokenizerFiles
@@ -148,6 +148,62 @@ def test_cancel_returns_every_block(tiny, prompts):
     asyncio.run(main())
     assert engine.stats()["aborted"] == 1
     assert engine.blocks.num_free == engine.blocks.num_blocks
+    engine.blocks.check_invariants()
+
+
+def test_close_ends_the_steps_of_a_running_request(tiny, prompts):
+    """Steps run back to back in the engine's thread while there is work; ``close()`` ends them after the
+    current step even while a request still has tokens to go, and returns."""
+    engine = make_engine(tiny)
+    budget = engine.capacity - len(prompts[1])
+
+    async def main():
+        got = []
+
+        async def consume():
+            async for d in engine.generate(prompts[1], SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True)):
+                got.extend(d.token_ids)
+
+        task = asyncio.create_task(consume())
+        while len(got) < 3:
+            await asyncio.sleep(0.001)
+        await engine.close()
+        steps = engine.counters["steps"]
+        await asyncio.sleep(0.05)
+        task.cancel()
+        return steps, len(got)
+
+    steps, got = asyncio.run(main())
+    assert 3 <= got <= steps < budget and engine.counters["steps"] == steps
+
+
+def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(tiny, prompts, alone):
+    """A step that raises (here the model call, as a lost device would) must not leave requests waiting
+    forever or take the engine down: the requests it held get ``StepFailed``, their blocks come back, and
+    the next request is served as if nothing happened."""
+    engine = make_engine(tiny)
+    forward, calls = engine.model._fn, [0]
+
+    def flaky(*args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("device lost")
+        return forward(*args)
+
+    engine.model._fn = flaky
+
+    async def main():
+        try:
+            failed = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts[:2]), return_exceptions=True)
+            after = await collect(engine, prompts[0], GREEDY)
+        finally:
+            await engine.close()
+        return failed, after
+
+    failed, after = asyncio.run(main())
+    assert [type(f) for f in failed] == [StepFailed, StepFailed] and "device lost" in str(failed[0])
+    assert after[0]["ids"] == alone[0] and calls[0] > 3
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.has_work
     engine.blocks.check_invariants()
 
 

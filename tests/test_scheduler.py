@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -132,6 +132,14 @@ def test_cancel_frees_blocks_at_once():
         assert s.status is SeqStatus.FINISHED
     assert blocks.num_free == 10
     blocks.check_invariants()
+
+
+@given(st.integers(0, 6), st.integers(0, 6), st.data())
+def test_tokens_between_is_the_slice_of_tokens(n_prompt, n_out, data):
+    seq = Sequence("r", list(range(100, 100 + n_prompt)), output_ids=list(range(200, 200 + n_out)))
+    start = data.draw(st.integers(0, n_prompt + n_out))
+    end = data.draw(st.integers(start, n_prompt + n_out))
+    assert seq.tokens_between(start, end) == seq.tokens[start:end]
 
 
 class SchedulerMachine(RuleBasedStateMachine):
