@@ -11,7 +11,12 @@ On the GPU machine (torch + transformers + CUDA, TVM's runtime library only, no 
 4. speed, in the same process and call: HBM read bandwidth (torch copy), ferrum prefill tok/s at 2048
    tokens and decode tok/s at batch 1/4/16/32 (256-token prompts, 128 steps), transformers prefill and
    decode at the same shapes, and batch-1 decode as a fraction of the bandwidth (weight bytes x tok/s / BW);
-5. writes gpu-proof.json and gpu-proof.md to --out.
+5. `ferrum serve` (a subprocess, as a user starts it; CUDA graphs as in step 4) on the two Qwen3-4B
+   models: one greedy completion over HTTP against the same prompt's tokens from step 4's process, then
+   `ferrum bench-serve` at concurrency 1 and 16 (256-token prompts, 128 tokens out); the artifacts get a
+   word-level tokenizer over the whole vocabulary first (`write_tokenizer`: the random checkpoints have
+   none), so prompts are text and every token is detokenized as a served model's are;
+6. writes gpu-proof.json and gpu-proof.md to --out.
 The 0.6B model runs twice: float16 (the CUDA default) and bfloat16 (`qwen3-0.6b-bf16`, last).
 
 `--tiny --device cpu` runs the same steps on tiny configs on this CPU (a check of the script itself).
@@ -20,7 +25,9 @@ The 0.6B model runs twice: float16 (the CUDA default) and bfloat16 (`qwen3-0.6b-
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +67,7 @@ DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's
 MODELS["qwen3-4b-norms"] = MODELS["qwen3-4b"]
 MODELS["qwen3-4b-gptq-norms"] = MODELS["qwen3-4b-gptq"]
 EXPERIMENTS = ("qwen3-4b-norms", "qwen3-4b-gptq-norms")
+SERVED = ("qwen3-4b", "qwen3-4b-gptq")  # also through `ferrum serve` (step 5)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, vocab_size=512)
 TINY_MOE = dict(moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2)
@@ -322,6 +330,107 @@ def transformers_speed(ref_dir: Path, device: str, tiny: bool) -> dict:
     return out
 
 
+def write_tokenizer(artifact: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary into ``artifact`` (unless it has one): bench-serve's
+    words first, then ``w<id>``, the last id ``[UNK]``; split on whitespace, decoded joined by spaces. The
+    artifact's manifest does not list it (it is added after compiling), and ``ferrum serve`` reads it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ferrum_runtime.bench_serve import _WORDS
+
+    if (artifact / "tokenizer.json").is_file():
+        return
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(_WORDS))}
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size - 1)})
+    vocab["[UNK]"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(artifact / "tokenizer.json"))
+
+
+def served_check_tokens(model, tiny: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy tokens) of one 256-token prompt (16 with --tiny) through ``model`` directly, as
+    the engine takes it: the prompt in one call, then one token per step, picked on the device."""
+    from ferrum_runtime.bench import _Seqs
+
+    n_prompt, n_gen = (16, 8) if tiny else (256, 32)
+    prompt = [int(t) for t in np.random.default_rng(5).integers(0, model.vocab_size, n_prompt)]
+    seqs = _Seqs(model, 1, n_prompt + n_gen + 1)
+    toks = [int(seqs.step([prompt], greedy=True)[0])]
+    while len(toks) < n_gen:
+        toks.append(int(seqs.step([[toks[-1]]], greedy=True)[0]))
+    return prompt, toks
+
+
+def serve_speed(artifact: Path, check: tuple[list[int], list[int]], args) -> dict:
+    """``ferrum serve ARTIFACT`` in a subprocess (CUDA graphs as the direct runs had them): the greedy
+    completion of ``check``'s prompt must be ``check``'s tokens (as text, through the artifact's
+    tokenizer), then ``ferrum bench-serve`` at concurrency 1 and 16. Its log goes to --out."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from tokenizers import Tokenizer
+
+    from ferrum_runtime.bench_serve import run_bench_serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, FERRUM_CUDA_GRAPH="0" if args.no_cuda_graph else "1")
+    log = open(Path(args.out) / f"serve-{artifact.name}.log", "w")
+    cmd = [sys.executable, "-m", "ferrum_runtime.cli", "serve", str(artifact), "--port", str(port),
+           "--kv-cache-memory", "64" if args.tiny else "4096"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    out: dict = {}
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ferrum serve exited with {proc.returncode} (log: {log.name})")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > 300:
+                raise RuntimeError("ferrum serve was not ready within 300 s")
+            time.sleep(0.5)
+        out["ready_s"] = time.perf_counter() - t0
+        prompt, want = check
+        body = json.dumps({"model": artifact.name, "prompt": prompt, "max_tokens": len(want), "temperature": 0, "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                got = json.load(r)["choices"][0]["text"]
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"POST /v1/completions: {e.code} {e.read().decode()[:400]}") from None
+        text = Tokenizer.from_file(str(artifact / "tokenizer.json")).decode(want)
+        out["greedy_tokens_equal_direct"] = got == text
+        if got != text:
+            out["greedy_mismatch"] = {"served": got[:400], "direct": text[:400]}
+        n_prompt, n_gen = (16, 8) if args.tiny else (256, 128)
+        result = asyncio.run(run_bench_serve(base, concurrency=[1, 16], input_len=n_prompt, output_len=n_gen,
+                                             num_prompts=None, records_path=str(Path(args.out) /
+                                                                                f"serve-{artifact.name}.jsonl")))
+        for r in result["results"]:
+            c = r["concurrency"]
+            out[f"c{c} output tok/s"] = r["output_tok_per_s"]
+            out[f"c{c} median TPOT ms"] = r["tpot_ms"]["p50"]
+            out[f"c{c} median TTFT ms"] = r["ttft_ms"]["p50"]
+            out[f"c{c} errors"] = r["errors"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return out
+
+
 def hbm_bandwidth(device: str) -> float:
     """Bytes per second read+written by a large device copy (2 x size / time), best of 5."""
     import torch
@@ -376,7 +485,18 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
         except Exception:  # noqa: BLE001 - reported in the JSON and the log
             entry["ferrum_sampled_error"] = traceback.format_exc()
             print(f"{name}: sampled decode FAILED\n{entry['ferrum_sampled_error']}", flush=True)
+    check = None
+    if name in SERVED and not args.no_serve:  # the tokens `ferrum serve` must give for the same prompt
+        write_tokenizer(artifact, model.vocab_size)
+        check = served_check_tokens(model, args.tiny)
     del model
+    if check is not None:  # its own try: a failure here keeps the transformers peer below
+        try:
+            entry["served"] = serve_speed(artifact, check, args)
+            print(f"{name}: ferrum serve {entry['served']}", flush=True)
+        except Exception:  # noqa: BLE001 - reported in the JSON and the log
+            entry["served_error"] = traceback.format_exc()
+            print(f"{name}: ferrum serve FAILED\n{entry['served_error']}", flush=True)
     t0 = time.perf_counter()
     entry["transformers"] = {} if args.no_peer else transformers_speed(ref, args.device, args.tiny)
     print(f"{name}: transformers {entry['transformers']} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -397,6 +517,7 @@ def main() -> None:
     ap.add_argument("--dtype-of", help="only print the compile dtype of this model (compile side)")
     ap.add_argument("--models", default=",".join(m for m in MODELS if m not in EXPERIMENTS))
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode steps launched kernel by kernel")
+    ap.add_argument("--no-serve", action="store_true", help="skip `ferrum serve` + bench-serve on " + ", ".join(SERVED))
     ap.add_argument("--no-peer", action="store_true",
                     help="skip transformers' speed (about a minute per model), e.g. on a rerun in the same session")
     args = ap.parse_args()
@@ -446,7 +567,13 @@ def main() -> None:
                   "- ferrum: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in
                                            {**e["ferrum"], **e.get("ferrum_sampled", {})}.items()),
                   "- transformers: " + (", ".join(f"{k} {v:.1f} tok/s" for k, v in e["transformers"].items())
-                                        or "not measured (--no-peer)"), ""]
+                                        or "not measured (--no-peer)")]
+        if "served" in e:
+            lines.append("- ferrum serve: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                         for k, v in e["served"].items()))
+        if "served_error" in e:
+            lines += ["- ferrum serve: FAILED", "", "```", e["served_error"].strip(), "```"]
+        lines.append("")
     (out / "gpu-proof.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -26,8 +26,12 @@
 #     default list; their checkpoints are the plain models', reused when those ran first in the call).
 #     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
 #     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`; `--no-peer` skips
-#     transformers' speed, about 60 s per model). A model that fails is recorded (traceback in the JSON
-#     and report) and the next one runs. All five took about 345 s of calls on the H200 (qwen3-4b,
+#     transformers' speed, about 60 s per model). After the direct runs, qwen3-4b and qwen3-4b-gptq are
+#     served with `ferrum serve` (a subprocess, CUDA graphs on, a word-level tokenizer over the vocabulary
+#     written into the artifact): one greedy completion over HTTP must equal the direct tokens of the same
+#     prompt (`greedy_tokens_equal_direct: true`), then `ferrum bench-serve` at concurrency 1 and 16 (about
+#     20-40 s per model; `--no-serve` skips it; server logs and request records in $OUT). A model that
+#     fails is recorded (traceback in the JSON and report) and the next one runs. All five took about 345 s of calls on the H200 (qwen3-4b,
 #     qwen3-4b-gptq 225-290 s; the other three 120 s); with --no-peer qwen3-4b took 100 s, its GPTQ 120 s.
 #   run(command="bash bench/gpu_proof.sh profile --models qwen3-4b", carry=[".gpu"])
 #     the same set-up, then bench/gpu_profile.py: device time per kernel of decode steps at 1 and 16
@@ -56,10 +60,12 @@ prepare)
   rt=$(mktemp -d)
   PYTHON="$python" ../shared/tools/pack-tvm-runtime.sh "$rt/tvm-runtime" 3.12 >/dev/null
   tar czf .gpu/tvm-runtime.tar.gz -C "$rt" tvm-runtime && rm -rf "$rt"
-  # pure-Python packages ferrum's runtime imports that a torch/transformers image may lack
+  # packages ferrum's runtime and `ferrum serve` import that a torch/transformers image may lack (sanic and
+  # its dependencies, prometheus-client, httpx for bench-serve; ~8 MiB), at the versions the tests ran
   "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .gpu/wheels \
-    "pyyaml==6.0.2" "safetensors==0.5.3" "ml_dtypes==0.5.1"
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d .gpu/wheels "pyyaml==6.0.2" "safetensors==0.5.3" "ml_dtypes==0.5.1" \
+    $("$python" -m pip freeze | grep -iE '^(sanic|sanic-routing|tracerite|html5tagger|aiofiles|httptools|uvloop|websockets|multidict|ujson|prometheus-client|prometheus_client|httpx|httpcore|h11|anyio|idna|certifi|sniffio|typing-extensions|typing_extensions)==')
   du -sh .gpu
   ;;
 run|profile|kernels)
@@ -68,9 +74,10 @@ run|profile|kernels)
   tar xzf .gpu/tvm-runtime.tar.gz -C /tmp
   eval "$(/tmp/tvm-runtime/install.sh)"  # PYTHONPATH with the runtime-only tvm, TVM_USE_RUNTIME_LIB=1
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl 2>/dev/null || true
-  for pair in yaml:PyYAML safetensors:safetensors ml_dtypes:ml_dtypes; do  # the image's own copy wins
-    mod=${pair%%:*}; dist=${pair##*:}
-    if python3 -c "import $mod" 2>/dev/null; then rm -rf "/tmp/site/$mod" "/tmp/site/_$mod" /tmp/site/"$dist"-*; fi
+  for path in /tmp/site/*; do  # the image's own copy of a module wins (torch and transformers ran with it)
+    name=$(basename "$path"); mod=${name%%.*}
+    case "$name" in *.dist-info|*.data|__pycache__|bin) continue ;; esac
+    if python3 -c "import $mod" 2>/dev/null; then rm -rf "$path"; fi
   done
   # the `ferrum` namespace (ferrum.models, ferrum.schedules) is a package-dir mapping of pyproject.toml; the
   # GPU host runs from the source tree without installing it, so map it with links
