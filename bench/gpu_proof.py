@@ -372,35 +372,22 @@ def serve_speed(artifact: Path, check: tuple[list[int], list[int]], args) -> dic
 
     from tokenizers import Tokenizer
 
-    from ferrum_runtime.bench_serve import run_bench_serve
+    from ferrum_runtime.bench_serve import run_bench_serve, server_process
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
     env = dict(os.environ, FERRUM_CUDA_GRAPH="0" if args.no_cuda_graph else "1")
-    log = open(Path(args.out) / f"serve-{artifact.name}.log", "w")
     cmd = [sys.executable, "-m", "ferrum_runtime.cli", "serve", str(artifact), "--port", str(port),
            "--kv-cache-memory", "64" if args.tiny else "4096"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     out: dict = {}
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ferrum serve exited with {proc.returncode} (log: {log.name})")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() - t0 > 300:
-                raise RuntimeError("ferrum serve was not ready within 300 s")
-            time.sleep(0.5)
+    t0 = time.perf_counter()
+    with server_process(cmd, base, Path(args.out) / f"serve-{artifact.name}.log", env=env):
         out["ready_s"] = time.perf_counter() - t0
         prompt, want = check
-        body = json.dumps({"model": artifact.name, "prompt": prompt, "max_tokens": len(want), "temperature": 0, "ignore_eos": True}).encode()
+        body = json.dumps({"model": artifact.name, "prompt": prompt, "max_tokens": len(want), "temperature": 0,
+                           "ignore_eos": True}).encode()
         req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
@@ -413,21 +400,13 @@ def serve_speed(artifact: Path, check: tuple[list[int], list[int]], args) -> dic
             out["greedy_mismatch"] = {"served": got[:400], "direct": text[:400]}
         n_prompt, n_gen = (16, 8) if args.tiny else (256, 128)
         result = asyncio.run(run_bench_serve(base, concurrency=[1, 16], input_len=n_prompt, output_len=n_gen,
-                                             num_prompts=None, records_path=str(Path(args.out) /
-                                                                                f"serve-{artifact.name}.jsonl")))
+                                             records_path=str(Path(args.out) / f"serve-{artifact.name}.jsonl")))
         for r in result["results"]:
             c = r["concurrency"]
             out[f"c{c} output tok/s"] = r["output_tok_per_s"]
             out[f"c{c} median TPOT ms"] = r["tpot_ms"]["p50"]
             out[f"c{c} median TTFT ms"] = r["ttft_ms"]["p50"]
             out[f"c{c} errors"] = r["errors"]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     return out
 
 

@@ -25,34 +25,18 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "bench"
+sys.path.insert(0, str(ROOT))
 
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit(f"{url} not ready after {timeout} s")
+from ferrum_runtime.bench_serve import server_process  # noqa: E402 - after the path set-up
 
 
 def run_server(name: str, cmd: list[str], port: int, args, stamp: str) -> dict:
     url = f"http://127.0.0.1:{port}"
-    log = open(OUT / "raw" / f"{stamp}-serve-{name}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(url, proc)
+    with server_process(cmd, url, OUT / "raw" / f"{stamp}-serve-{name}.log"):
         records = OUT / "raw" / f"{stamp}-serve-{name}.jsonl"
         res = subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "bench-serve", url, "--concurrency",
                               args.concurrency, "--input-len", "256", "--output-len", "128", "--num-prompts",
@@ -61,13 +45,6 @@ def run_server(name: str, cmd: list[str], port: int, args, stamp: str) -> dict:
         if res.returncode != 0:
             raise SystemExit(f"bench-serve against {name} failed: {res.stderr[-2000:]}")
         return json.loads(res.stdout)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def main() -> None:

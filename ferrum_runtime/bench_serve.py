@@ -12,6 +12,7 @@ counts as an error and adds nothing to throughput. Raw per-request records are w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -41,6 +42,39 @@ class Record:
     @property
     def tpot(self) -> float | None:
         return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.ok and self.output_tokens > 1 else None
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], url: str, log_path, env: dict | None = None, timeout: float = 300):
+    """Run the server ``cmd`` (output to ``log_path``) until the block ends, entered once ``url``'s
+    ``/v1/models`` answers 200 (ferrum answers 503 while loading); terminated (killed after 60 s) on exit.
+    For bench scripts that measure a server they start."""
+    import subprocess
+    import urllib.request
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            t0 = time.perf_counter()
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with {proc.returncode} before it was ready (log: {log_path})")
+                try:
+                    with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError(f"{url} was not ready after {timeout} s (log: {log_path})")
+                time.sleep(0.5)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def _prompt(rng: random.Random, words: int) -> str:
