@@ -176,6 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     args.artifact = str(_artifact_path(args.artifact))
     check_compatible(read_manifest(args.artifact))  # refuse a bad artifact before the port opens
+    check_listen(args.host, args.port)  # and a port it cannot have, before the model loads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     engine = EngineConfig(kv_cache_bytes=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
@@ -185,6 +186,33 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"ferrum: serving {args.artifact} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     Server(args.artifact, config).run()
     return 0
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise FerrumError naming the fix when the server could not listen on ``host:port`` (taken, not
+    allowed, not an address of this machine). Sanic would fail later with a bare OSError."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise FerrumError(f"--port {port} is not a TCP port; pass one in 1-65535 (default 8000)")
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError, OverflowError) as e:
+        raise FerrumError(f"cannot listen on {host}:{port} ({e}); pass --host 127.0.0.1 (this machine) or 0.0.0.0 "
+                          "(every interface)") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            fix = {errno.EADDRINUSE: f"port {port} is in use on {host} (another server?); stop it or pick another "
+                                     "--port",
+                   errno.EACCES: f"no permission to listen on port {port}; pick a --port above 1023",
+                   errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; pass --host 127.0.0.1 or "
+                                        "0.0.0.0"}.get(e.errno or 0, f"cannot listen on {host}:{port} ({e.strerror}); "
+                                                                     "pick another --host or --port")
+            raise FerrumError(fix) from None
 
 
 def _artifact_path(name: str) -> Path:

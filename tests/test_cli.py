@@ -80,6 +80,21 @@ def test_bad_input_is_one_line(args, fragments):
     assert_one_line_error(ferrum(*args), *fragments)
 
 
+def test_serve_names_the_fix_for_a_port_it_cannot_have(smollm2_artifact):
+    """Before the model loads: a port in use, a host that is not this machine's, a port out of range."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(ferrum("serve", smollm2_artifact, "--port", port, timeout=120),
+                              f"port {port} is in use", "--port")
+    assert_one_line_error(ferrum("serve", smollm2_artifact, "--host", "203.0.113.7", timeout=120),
+                          "not an address of this machine", "--host 127.0.0.1")
+    assert_one_line_error(ferrum("serve", smollm2_artifact, "--port", 70000, timeout=120), "1-65535")
+
+
 def test_unsupported_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
     assert_one_line_error(ferrum("compile", tmp_path, "-o", tmp_path / "out"), "GPT2LMHeadModel",
