@@ -27,8 +27,8 @@
 #     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
 #     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`; `--no-peer` skips
 #     transformers' speed, about 60 s per model). After the direct runs, qwen3-4b and qwen3-4b-gptq are
-#     served with `ferrum serve` (a subprocess, CUDA graphs on, a word-level tokenizer over the vocabulary
-#     written into the artifact): one greedy completion over HTTP must equal the direct tokens of the same
+#     served with `ferrum serve` (a subprocess, CUDA graphs on, the KV cache sized to the GPU as a user gets
+#     it, a word-level tokenizer over the vocabulary written into the artifact): one greedy completion over HTTP must equal the direct tokens of the same
 #     prompt (`greedy_tokens_equal_direct: true`), then `ferrum bench-serve` at concurrency 1 and 16 (about
 #     20-40 s per model; `--no-serve` skips it; server logs and request records in $OUT). A model that
 #     fails is recorded (traceback in the JSON and report) and the next one runs. All five took about 345 s of calls on the H200 (qwen3-4b,

@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: open)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the artifact's folder name)")
-    s.add_argument("--kv-cache-memory", type=int, default=512, metavar="MIB", help="KV cache budget (default: 512)")
+    s.add_argument("--kv-cache-memory", type=int, metavar="MIB",
+                   help="KV cache budget (default: on CUDA GPUs 90%% of the memory less the weights and 1 GiB; "
+                        "512 elsewhere)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once (default: 64)")
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default: 512)")
     s.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix reuse off")
@@ -178,7 +180,11 @@ def _serve(args: argparse.Namespace) -> int:
     check_compatible(read_manifest(args.artifact))  # refuse a bad artifact before the port opens
     check_listen(args.host, args.port)  # and a port it cannot have, before the model loads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    engine = EngineConfig(kv_cache_bytes=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
+    if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
+        raise FerrumError(f"--kv-cache-memory {args.kv_cache_memory}: pass a budget in MiB above 0, or leave it "
+                          "out to size the cache to the device")
+    kv_bytes = None if args.kv_cache_memory is None else args.kv_cache_memory << 20
+    engine = EngineConfig(kv_cache_bytes=kv_bytes, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=not args.no_prefix_caching, verify_hashes=False)
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,

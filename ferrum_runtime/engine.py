@@ -55,7 +55,7 @@ class StepFailed(RuntimeError):
 class EngineConfig:
     """Server-time options: memory budget and batching limits."""
 
-    kv_cache_bytes: int = 512 << 20
+    kv_cache_bytes: int | None = None  # None: sized to the device (model.auto_kv_cache_bytes)
     num_blocks: int | None = None  # overrides kv_cache_bytes
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512

@@ -43,12 +43,26 @@ class RaggedBatch:
                 "block_tables": self.block_tables, "slot_mapping": self.slot_mapping, "logits_index": self.logits_index}
 
 
+DEFAULT_KV_CACHE_BYTES = 512 << 20  # where the device does not report its free memory (CPUs, Metal)
+GPU_MEMORY_UTILIZATION = 0.9  # of a GPU's memory, for weights + KV cache + activations (vLLM's default)
+ACTIVATION_RESERVE = 1 << 30  # left out of that for the steps' activations and workspace
+
+
+def auto_kv_cache_bytes(total: int | None, available: int | None) -> int:
+    """KV cache bytes when none is asked for: on a device that reports its memory (CUDA), what is left of
+    90% of it with the weights (and whatever else holds memory) in, less 1 GiB for activations, at least
+    64 MiB; elsewhere 512 MiB."""
+    if not total or available is None:
+        return DEFAULT_KV_CACHE_BYTES
+    return max(int(GPU_MEMORY_UTILIZATION * total) - (total - available) - ACTIVATION_RESERVE, 64 << 20)
+
+
 class BatchError(FerrumError):
     """A batch the compiled model must not see (it would read out of bounds)."""
 
 
 class CompiledModel:
-    def __init__(self, manifest: Manifest, device: str, num_blocks: int):
+    def __init__(self, manifest: Manifest, device: str, num_blocks: int | None, kv_cache_bytes: int | None = None):
         configure_threads()
         import tvm
         from tvm.runtime import vm as rvm
@@ -60,7 +74,6 @@ class CompiledModel:
         kv = manifest.kv_cache
         self.block_size = int(kv["block_size"])
         self.num_layers = int(kv["num_layers"])
-        self.num_blocks = num_blocks
         if device == "cuda":
             load_cuda_runtime()
         self.device = tvm.device(device)
@@ -101,6 +114,12 @@ class CompiledModel:
         args = manifest.entry["args"]
         param_names = [a["name"] for a in args if a["role"] == "param"]
         self.params = self._load_params(param_names)
+        if num_blocks is None:  # as many blocks as kv_cache_bytes hold; None: sized to the device, weights in
+            if kv_cache_bytes is None:
+                kv_cache_bytes = auto_kv_cache_bytes(self.device.total_global_memory,
+                                                     self.device.available_global_memory)
+            num_blocks = max(1, kv_cache_bytes // self.kv_block_bytes)
+        self.num_blocks = num_blocks
         cache_shape = (num_blocks, 2, int(kv["kv_heads"]), self.block_size, int(kv["head_dim"]))
         self.kv_caches = [tvm.runtime.empty(cache_shape, kv["dtype"], self.device) for _ in range(self.num_layers)]
         # the call's argument list, resident tensors in place; batch inputs fill the open slots per step
@@ -108,22 +127,25 @@ class CompiledModel:
         self._args = [resident.get(a["name"]) for a in args]
         self._slots = [(i, a["name"]) for i, a in enumerate(args) if a["name"] not in resident]
 
+    @property
+    def kv_block_bytes(self) -> int:
+        """Bytes of one KV block over all layers."""
+        kv = self.manifest.kv_cache
+        return 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize * kv["num_layers"]
+
     @classmethod
     def load(cls, artifact: str | Path, device: str | None = None, num_blocks: int | None = None,
-             kv_cache_bytes: int = 256 << 20, verify_hashes: bool = True) -> "CompiledModel":
+             kv_cache_bytes: int | None = 256 << 20, verify_hashes: bool = True) -> "CompiledModel":
         """Load an artifact on ``device`` (default: the one it was compiled for); the KV cache gets
-        ``num_blocks`` blocks, or as many as fit ``kv_cache_bytes``."""
+        ``num_blocks`` blocks, or as many as fit ``kv_cache_bytes`` (None: ``auto_kv_cache_bytes`` once the
+        weights are on the device)."""
         manifest = read_manifest(artifact)
         check_compatible(manifest, verify_hashes=verify_hashes)
         device = device or manifest.target["device"]
         if manifest.target["device"] != device:
             raise ArtifactError(f"artifact {artifact} targets {manifest.target['name']} ({manifest.target['device']}), "
                                 f"not {device}; compile it with `--target` for this device")
-        if num_blocks is None:
-            kv = manifest.kv_cache
-            per_block = 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize
-            num_blocks = max(1, kv_cache_bytes // (per_block * kv["num_layers"]))
-        return cls(manifest, device, num_blocks)
+        return cls(manifest, device, num_blocks, kv_cache_bytes)
 
     def _load_params(self, names: list[str]) -> list:
         import tvm

@@ -166,6 +166,10 @@ class Server:
             self.engine = await loop.run_in_executor(None, Engine.from_artifact, self.artifact, self.config.engine)
             gc.freeze()  # what loading built lives as long as the server: keep the collector off it
             log.info("ferrum: serving %s from %s", self.model_name, self.artifact)
+            m = self.engine.model
+            log.info("ferrum: KV cache %.2f GiB: %d blocks of %d tokens, %d tokens in all (context %d)",
+                     m.num_blocks * m.kv_block_bytes / 2**30, m.num_blocks, m.block_size,
+                     m.num_blocks * m.block_size, self.engine.capacity)
         except FerrumError as e:
             self.load_error = str(e)
             log.error("ferrum: error: %s", e)

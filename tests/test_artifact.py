@@ -115,6 +115,21 @@ def test_safetensors_round_trip_and_hash(tmp_path):
         np.testing.assert_array_equal(ref[name], arr)
 
 
+def test_kv_cache_sized_to_the_device_when_no_budget_is_given(tiny_model_dir, compiled):
+    """No budget: on a device that reports its free memory (CUDA), 90% of it less what is in use and
+    1 GiB (vLLM's gpu_memory_utilization); elsewhere (this CPU: TVM reports no free memory) 512 MiB."""
+    from ferrum_runtime.model import DEFAULT_KV_CACHE_BYTES, auto_kv_cache_bytes
+
+    gib = 1 << 30
+    # an 80 GiB GPU with 8 GiB of weights in: 72 - 8 - 1 = 63 GiB
+    assert auto_kv_cache_bytes(80 * gib, 72 * gib) == 63 * gib
+    assert auto_kv_cache_bytes(80 * gib, 2 * gib) == 64 << 20  # nearly full: the floor
+    assert auto_kv_cache_bytes(80 * gib, None) == auto_kv_cache_bytes(None, None) == DEFAULT_KV_CACHE_BYTES
+    m = CompiledModel.load(compiled(tiny_model_dir("qwen3")), kv_cache_bytes=None)
+    assert m.num_blocks == DEFAULT_KV_CACHE_BYTES // m.kv_block_bytes
+    assert m.kv_caches[0].shape[0] == m.num_blocks
+
+
 def test_float16_kv_cache_holds_twice_the_tokens_and_keeps_logits_close(tiny_model_dir, compiled):
     """The default KV cache is float16 (--kv-dtype float32 keeps it exact): the same cache budget holds
     twice the blocks, and logits move by the float16 rounding of K and V only."""
