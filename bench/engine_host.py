@@ -113,8 +113,9 @@ def main() -> None:
         med = {k: statistics.median(r[k] for r in runs) for k in ("step_us", "kernels_us", "model_call_us",
                                                                    "host_us", "between_steps_us")}
         acts = {k: statistics.median(r["actions_us"][k] for r in runs) for k in runs[0]["actions_us"]}
-        print(f"b{b}: decode {statistics.median(r['decode_tok_s'] for r in runs):.1f} tok/s, step {med['step_us']:.0f} us = kernels {med['kernels_us']:.0f} + host {med['host_us']:.0f} "
-              f"(model call {med['model_call_us']:.0f}, between steps {med['between_steps_us']:.0f}; "
+        rate = statistics.median(r["decode_tok_s"] for r in runs)
+        print(f"b{b}: decode {rate:.1f} tok/s, step {med['step_us']:.0f} us = kernels {med['kernels_us']:.0f} + host "
+              f"{med['host_us']:.0f} (model call {med['model_call_us']:.0f}, between steps {med['between_steps_us']:.0f}; "
               + ", ".join(f"{k} {v:.0f}" for k, v in acts.items()) + ")", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"artifact": args.artifact, "prompt": args.prompt, "gen": args.gen,

@@ -58,7 +58,8 @@ def server_process(cmd: list[str], url: str, log_path, env: dict | None = None, 
             t0 = time.perf_counter()
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {proc.returncode} before it was ready (log: {log_path})")
+                    raise RuntimeError(f"the server exited with {proc.returncode} before it was ready "
+                                       f"(log: {log_path})")
                 try:
                     with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
                         if r.status == 200:

@@ -212,13 +212,13 @@ def check_listen(host: str, port: int) -> None:
         try:
             sock.bind(addr)
         except OSError as e:
-            fix = {errno.EADDRINUSE: f"port {port} is in use on {host} (another server?); stop it or pick another "
-                                     "--port",
-                   errno.EACCES: f"no permission to listen on port {port}; pick a --port above 1023",
-                   errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; pass --host 127.0.0.1 or "
-                                        "0.0.0.0"}.get(e.errno or 0, f"cannot listen on {host}:{port} ({e.strerror}); "
-                                                                     "pick another --host or --port")
-            raise FerrumError(fix) from None
+            fixes = {errno.EADDRINUSE: f"port {port} is in use on {host} (another server?); stop it or pick "
+                                       "another --port",
+                     errno.EACCES: f"no permission to listen on port {port}; pick a --port above 1023",
+                     errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; pass --host 127.0.0.1 or "
+                                          "0.0.0.0"}
+            other = f"cannot listen on {host}:{port} ({e.strerror}); pick another --host or --port"
+            raise FerrumError(fixes.get(e.errno or 0, other)) from None
 
 
 def _artifact_path(name: str) -> Path:

@@ -105,7 +105,7 @@ class CompiledModel:
         self._inputs: dict[str, Any] = {}  # the other entries' input tensors, grown as steps need
         # views of those tensors at the shapes steps had, and the copy behind Tensor.copyfrom without its
         # Python checks: a step's six inputs took ~100 us of a 2-core box's time through copyfrom and
-        # fresh views, ~10 us this way (bench/engine_host.py)
+        # fresh views, ~18 us this way
         self._views: dict[tuple[int, str, tuple[int, ...]], tuple[Any, Any]] = {}
         self._copy_bytes = tvm.get_global_func("runtime.TVMTensorCopyFromBytes")
         # tokens picked where the logits are: greedy (every artifact from this version on) and sampled (GPU)
@@ -131,7 +131,8 @@ class CompiledModel:
     def kv_block_bytes(self) -> int:
         """Bytes of one KV block over all layers."""
         kv = self.manifest.kv_cache
-        return 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize * kv["num_layers"]
+        per_layer = 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize
+        return per_layer * kv["num_layers"]
 
     @classmethod
     def load(cls, artifact: str | Path, device: str | None = None, num_blocks: int | None = None,

@@ -257,5 +257,6 @@ def test_step_inputs_go_to_device_tensors_kept_between_steps(compiled, tiny_mode
     fresh._inputs.clear()
     out = [d.step([long[:10]]) for d in drivers]  # a shape the old tensors had views of: the new ones serve
     np.testing.assert_allclose(out[0], out[1], rtol=1e-6, atol=1e-6)
-    views = [view for key, (buf, view) in kept._views.items() if key[1] == "token_ids" and buf is kept._inputs["token_ids"]]
+    views = [view for key, (buf, view) in kept._views.items()
+             if key[1] == "token_ids" and buf is kept._inputs["token_ids"]]
     assert sorted(v.shape for v in views) == [(10,), (100,)]

@@ -161,7 +161,8 @@ def test_close_ends_the_steps_of_a_running_request(tiny, prompts):
         got = []
 
         async def consume():
-            async for d in engine.generate(prompts[1], SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True)):
+            params = SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True)
+            async for d in engine.generate(prompts[1], params):
                 got.extend(d.token_ids)
 
         task = asyncio.create_task(consume())
