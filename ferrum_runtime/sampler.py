@@ -157,19 +157,22 @@ def sample(logits: np.ndarray, seqs: list[SequenceSampler]) -> list[SampleResult
     if fast:  # float32 argmax: the same token as float64, ties to the lowest id; no copy of the row
         tokens[fast] = np.argmax(logits[fast], axis=1)
     general = [i for i, s in enumerate(seqs) if not s.plain_greedy]
-    # rows with nothing to adjust stay float32 (exp and the filters in SIMD float32; sums in float64)
+    # rows with nothing to adjust stay float32 (exp and the filters in SIMD float32; sums in float64); every
+    # row general (all sampled, the API's default temperature 1): the logits as they are, no copy
     if all(not seqs[i].adjusts for i in general):
-        x = logits[general]
+        x = logits if len(general) == B else logits[general]
     else:
         x = np.stack([seqs[i].adjust(logits[i]) for i in general])  # float64
-    if general:
-        tokens[general] = np.argmax(x, axis=1)  # greedy rows keep this: ties go to the lowest id
+    greedy = [j for j, i in enumerate(general) if seqs[i].params.greedy]  # rows of x
+    if greedy:  # adjusted greedy rows: ties go to the lowest id
+        tokens[[general[j] for j in greedy]] = np.argmax(x[greedy], axis=1)
     sampled = [j for j, i in enumerate(general) if not seqs[i].params.greedy]  # rows of x
     if sampled:
         rows = np.array([general[j] for j in sampled], dtype=np.int64)
         ps = [seqs[i].params for i in rows]
         temps = np.array([p.temperature for p in ps], dtype=x.dtype)
-        probs = _filtered_probs(x[sampled] / temps[:, None], np.array([p.top_k for p in ps]),
+        mine = x if len(sampled) == x.shape[0] else x[sampled]
+        probs = _filtered_probs(mine / temps[:, None], np.array([p.top_k for p in ps]),
                                 np.array([p.top_p for p in ps]), np.array([p.min_p for p in ps]))
         u = np.array([seqs[i].rng.random() for i in rows])  # one draw per sequence per step, from its own generator
         for j, r in enumerate(rows):
@@ -206,13 +209,14 @@ _CANDIDATES = 1024  # top-k/top-p look at the most likely tokens first; more onl
 def _filtered_probs(z: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray) -> np.ndarray:
     """Probabilities [b, V] (unnormalised, zeros where filtered) of temperature-scaled logits z [b, V]."""
     b, V = z.shape
-    probs = np.exp(z - z.max(axis=1, keepdims=True))  # the most likely token: 1
+    probs = np.subtract(z, z.max(axis=1, keepdims=True))
+    np.exp(probs, out=probs)  # the most likely token: 1
     k = np.where((top_k > 0) & (top_k < V), top_k, V)
     for r in np.flatnonzero((k < V) | (top_p < 1)):
         probs[r] *= _top_k_top_p_mask(z[r], probs[r], int(k[r]), float(top_p[r]))
     # min_p compares with the most likely token (1 here), which every filter keeps
     if np.any(min_p > 0):
-        probs = np.where(probs < min_p[:, None], 0.0, probs)
+        probs[probs < min_p[:, None]] = 0.0
     return probs
 
 
