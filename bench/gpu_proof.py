@@ -188,14 +188,14 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
-def ferrum_speed(model, tiny: bool) -> dict:
+def ferrum_speed(model, tiny: bool, quick: bool = False) -> dict:
     """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
     (every sequence decodes to the end, like ignore_eos; greedy tokens picked on the device). Median of 3
     for prefill and batch 1, one pass for the other batches; b1 and b16 again as requests through the
     engine (``bench/engine_host.py``: what serving adds). GPU artifacts: also b1 with the ``decode_one``
     entry point off, b16 through ``decode_wide`` instead of ``decode``, b1/b4/b8 with the ``decode`` entry
     point off and, for CUDA (whose decode steps of up to 16 tokens run as CUDA graphs here), with graphs
-    off."""
+    off. ``quick`` (an A/B of an experiment): prefill and the four batches only."""
     from ferrum_runtime.bench import _Seqs
 
     rng = np.random.default_rng(2)
@@ -223,6 +223,8 @@ def ferrum_speed(model, tiny: bool) -> dict:
     out.update({f"decode b1 pass {i + 1}": r for i, r in enumerate(runs)})
     for b in (4, 16, 32):
         out[f"decode b{b}"] = decode(b)
+    if quick:
+        return out
     # the same decodes as requests through the engine (scheduling, batch building, detokenizing, deltas to
     # an event loop): what serving adds to the model's own steps
     from engine_host import measure  # bench/
@@ -463,9 +465,9 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
     entry["device_picking"] = device_picking(model)
     print(f"{name}: tokens picked on the device {entry['device_picking']}", flush=True)
     t0 = time.perf_counter()
-    entry["ferrum"] = ferrum_speed(model, args.tiny)
+    entry["ferrum"] = ferrum_speed(model, args.tiny, args.quick)
     print(f"{name}: ferrum {entry['ferrum']} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if model.has_device_sampler:  # its own try: a failure here keeps the transformers peer below
+    if model.has_device_sampler and not args.quick:  # its own try: a failure here keeps the transformers peer below
         try:
             entry["ferrum_sampled"] = sampled_speed(model, args.tiny)
             print(f"{name}: ferrum sampled {entry['ferrum_sampled']}", flush=True)
@@ -473,7 +475,7 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
             entry["ferrum_sampled_error"] = traceback.format_exc()
             print(f"{name}: sampled decode FAILED\n{entry['ferrum_sampled_error']}", flush=True)
     check = None
-    if name in SERVED and not args.no_serve:  # the tokens `ferrum serve` must give for the same prompt
+    if name in SERVED and not args.no_serve and not args.quick:  # the tokens `ferrum serve` must give for the same prompt
         write_tokenizer(artifact, model.vocab_size)
         check = served_check_tokens(model, args.tiny)
     del model
@@ -485,7 +487,7 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
             entry["served_error"] = traceback.format_exc()
             print(f"{name}: ferrum serve FAILED\n{entry['served_error']}", flush=True)
     t0 = time.perf_counter()
-    entry["transformers"] = {} if args.no_peer else transformers_speed(ref, args.device, args.tiny)
+    entry["transformers"] = {} if args.no_peer or args.quick else transformers_speed(ref, args.device, args.tiny)
     print(f"{name}: transformers {entry['transformers']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     entry["weight_bytes"] = weight_bytes(artifact)
     if "num_experts" not in cfg:  # an MoE step reads only the chosen experts: no such fraction
@@ -504,6 +506,9 @@ def main() -> None:
     ap.add_argument("--dtype-of", help="only print the compile dtype of this model (compile side)")
     ap.add_argument("--models", default=",".join(m for m in MODELS if m not in EXPERIMENTS))
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode steps launched kernel by kernel")
+    ap.add_argument("--quick", action="store_true",
+                    help="an experiment's A/B: parity, device picking, prefill and decode b1/b4/b16/b32 only (no "
+                         "variants, sampled decode, engine, serve or transformers)")
     ap.add_argument("--no-serve", action="store_true", help="skip `ferrum serve` + bench-serve on " + ", ".join(SERVED))
     ap.add_argument("--no-peer", action="store_true",
                     help="skip transformers' speed (about a minute per model), e.g. on a rerun in the same session")
@@ -554,7 +559,7 @@ def main() -> None:
                   "- ferrum: " + ", ".join(f"{k} {v:.1f} tok/s" for k, v in
                                            {**e["ferrum"], **e.get("ferrum_sampled", {})}.items()),
                   "- transformers: " + (", ".join(f"{k} {v:.1f} tok/s" for k, v in e["transformers"].items())
-                                        or "not measured (--no-peer)")]
+                                        or "not measured (--no-peer or --quick)")]
         if "served" in e:
             lines.append("- ferrum serve: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                          for k, v in e["served"].items()))

@@ -24,6 +24,9 @@
 #     `--models qwen3-4b-norms,qwen3-4b-gptq-norms` runs the same proof on the two 4B models compiled with
 #     FERRUM_GEMV_NORMS=1 (norms and residual adds folded into the decode GEMVs: an experiment, not in the
 #     default list; their checkpoints are the plain models', reused when those ran first in the call).
+#     For an A/B of an experiment, `--quick` keeps parity, device picking, prefill and decode b1 (median of
+#     3)/b4/b16/b32 and skips the variants, sampled decode, the engine, serve and transformers, e.g.
+#     `run --models qwen3-4b-gptq,qwen3-4b-gptq-norms --quick`.
 #     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
 #     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`; `--no-peer` skips
 #     transformers' speed, about 60 s per model). After the direct runs, qwen3-4b and qwen3-4b-gptq are
