@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="KV cache budget (default: on CUDA GPUs 90%% of the memory less the weights and 1 GiB; "
                         "512 elsewhere)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded at once (default: 64)")
-    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default: 512)")
+    s.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens per engine step (default: 2048 on GPUs, 512 on CPUs)")
     s.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix reuse off")
     s.add_argument("--max-waiting", type=int, default=256,
                    help="requests queued beyond --max-num-seqs before 429 + Retry-After (default: 256)")
@@ -180,6 +181,10 @@ def _serve(args: argparse.Namespace) -> int:
     check_compatible(read_manifest(args.artifact))  # refuse a bad artifact before the port opens
     check_listen(args.host, args.port)  # and a port it cannot have, before the model loads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    limits = (("--max-num-seqs", args.max_num_seqs), ("--max-num-batched-tokens", args.max_num_batched_tokens))
+    for flag, value in limits:
+        if value is not None and value <= 0:
+            raise FerrumError(f"{flag} {value}: pass a number above 0")
     if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
         raise FerrumError(f"--kv-cache-memory {args.kv_cache_memory}: pass a budget in MiB above 0, or leave it "
                           "out to size the cache to the device")

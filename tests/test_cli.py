@@ -94,6 +94,8 @@ def test_serve_names_the_fix_for_a_port_it_cannot_have(smollm2_artifact):
                           "not an address of this machine", "--host 127.0.0.1")
     assert_one_line_error(ferrum("serve", smollm2_artifact, "--port", 70000, timeout=120), "1-65535")
     assert_one_line_error(ferrum("serve", smollm2_artifact, "--kv-cache-memory", 0, timeout=120), "MiB above 0")
+    assert_one_line_error(ferrum("serve", smollm2_artifact, "--max-num-batched-tokens", -5, timeout=120),
+                          "--max-num-batched-tokens -5")
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
