@@ -57,6 +57,18 @@ def auto_kv_cache_bytes(total: int | None, available: int | None) -> int:
     return max(int(GPU_MEMORY_UTILIZATION * total) - (total - available) - ACTIVATION_RESERVE, 64 << 20)
 
 
+def kv_block_bytes(kv: dict) -> int:
+    """Bytes of one block of the KV cache (the manifest's ``kv_cache``) over all layers."""
+    return 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize * kv["num_layers"]
+
+
+def kv_blocks(kv_cache_bytes: int, kv: dict) -> int:
+    """Blocks that ``kv_cache_bytes`` hold, at least 1, and at most what keeps one layer's cache under 2^31
+    elements (index arithmetic may be int32): over a million tokens for Qwen3's heads."""
+    per_layer_block = 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"]
+    return max(1, min(kv_cache_bytes // kv_block_bytes(kv), (2**31 - 1) // per_layer_block))
+
+
 class BatchError(FerrumError):
     """A batch the compiled model must not see (it would read out of bounds)."""
 
@@ -118,7 +130,7 @@ class CompiledModel:
             if kv_cache_bytes is None:
                 kv_cache_bytes = auto_kv_cache_bytes(self.device.total_global_memory,
                                                      self.device.available_global_memory)
-            num_blocks = max(1, kv_cache_bytes // self.kv_block_bytes)
+            num_blocks = kv_blocks(kv_cache_bytes, kv)
         self.num_blocks = num_blocks
         cache_shape = (num_blocks, 2, int(kv["kv_heads"]), self.block_size, int(kv["head_dim"]))
         self.kv_caches = [tvm.runtime.empty(cache_shape, kv["dtype"], self.device) for _ in range(self.num_layers)]
@@ -130,9 +142,7 @@ class CompiledModel:
     @property
     def kv_block_bytes(self) -> int:
         """Bytes of one KV block over all layers."""
-        kv = self.manifest.kv_cache
-        per_layer = 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize
-        return per_layer * kv["num_layers"]
+        return kv_block_bytes(self.manifest.kv_cache)
 
     @classmethod
     def load(cls, artifact: str | Path, device: str | None = None, num_blocks: int | None = None,

@@ -118,7 +118,7 @@ def test_safetensors_round_trip_and_hash(tmp_path):
 def test_kv_cache_sized_to_the_device_when_no_budget_is_given(tiny_model_dir, compiled):
     """No budget: on a device that reports its free memory (CUDA), 90% of it less what is in use and
     1 GiB (vLLM's gpu_memory_utilization); elsewhere (this CPU: TVM reports no free memory) 512 MiB."""
-    from ferrum_runtime.model import DEFAULT_KV_CACHE_BYTES, auto_kv_cache_bytes
+    from ferrum_runtime.model import DEFAULT_KV_CACHE_BYTES, auto_kv_cache_bytes, kv_block_bytes, kv_blocks
 
     gib = 1 << 30
     # an 80 GiB GPU with 8 GiB of weights in: 72 - 8 - 1 = 63 GiB
@@ -128,6 +128,11 @@ def test_kv_cache_sized_to_the_device_when_no_budget_is_given(tiny_model_dir, co
     m = CompiledModel.load(compiled(tiny_model_dir("qwen3")), kv_cache_bytes=None)
     assert m.num_blocks == DEFAULT_KV_CACHE_BYTES // m.kv_block_bytes
     assert m.kv_caches[0].shape[0] == m.num_blocks
+    # however large the budget, one layer's cache stays under 2^31 elements (int32 index arithmetic):
+    # Qwen3-0.6B's heads on an H200 (~124 GiB would fit) get 65,535 blocks
+    qwen06 = {"kv_heads": 8, "block_size": 16, "head_dim": 128, "dtype": "float16", "num_layers": 28}
+    assert kv_blocks(124 << 30, qwen06) == 65535 and 65535 * 2 * 8 * 16 * 128 < 2**31
+    assert kv_blocks(8 << 30, qwen06) == (8 << 30) // kv_block_bytes(qwen06) and kv_blocks(1, qwen06) == 1
 
 
 def test_float16_kv_cache_holds_twice_the_tokens_and_keeps_logits_close(tiny_model_dir, compiled):
