@@ -355,24 +355,33 @@ def write_tokenizer(artifact: Path, vocab_size: int) -> None:
     tok.save(str(artifact / "tokenizer.json"))
 
 
-def served_check_tokens(model, tiny: bool) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy tokens) of one 256-token prompt (16 with --tiny) through ``model`` directly, as
-    the engine takes it: the prompt in one call, then one token per step, picked on the device."""
+def served_check_tokens(model, tiny: bool) -> tuple[list[int], list[int], list[float]]:
+    """(prompt ids, greedy tokens, each step's gap between its two largest logits) of one 256-token prompt
+    (16 with --tiny) through ``model`` directly, as the engine takes it: the prompt in one call, then one
+    token per step. Random weights give near ties: a served token that differs where the gap is ~0 is a
+    tie broken the other way by a different summation order, not a wrong token."""
     from ferrum_runtime.bench import _Seqs
 
     n_prompt, n_gen = (16, 8) if tiny else (256, 32)
     prompt = [int(t) for t in np.random.default_rng(5).integers(0, model.vocab_size, n_prompt)]
     seqs = _Seqs(model, 1, n_prompt + n_gen + 1)
-    toks = [int(seqs.step([prompt], greedy=True)[0])]
+    toks: list[int] = []
+    gaps: list[float] = []
+    chunk = prompt
     while len(toks) < n_gen:
-        toks.append(int(seqs.step([[toks[-1]]], greedy=True)[0]))
-    return prompt, toks
+        row = seqs.step([chunk])[0]
+        top2 = np.partition(row, -2)[-2:]
+        toks.append(int(np.argmax(row)))
+        gaps.append(float(top2[1] - top2[0]))
+        chunk = [toks[-1]]
+    return prompt, toks, gaps
 
 
-def serve_speed(artifact: Path, check: tuple[list[int], list[int]], args) -> dict:
+def serve_speed(artifact: Path, check: tuple[list[int], list[int], list[float]], args) -> dict:
     """``ferrum serve ARTIFACT`` in a subprocess (CUDA graphs as the direct runs had them): the greedy
-    completion of ``check``'s prompt must be ``check``'s tokens (as text, through the artifact's
-    tokenizer), then ``ferrum bench-serve`` at concurrency 1 and 16. Its log goes to --out."""
+    completion of ``check``'s prompt against ``check``'s tokens (the text mapped back to ids through the
+    artifact's word-level tokenizer; where they first differ, the direct logits' top-2 gap there), then
+    ``ferrum bench-serve`` at concurrency 1 and 16. Its log goes to --out."""
     import socket
     import urllib.error
     import urllib.request
@@ -395,7 +404,7 @@ def serve_speed(artifact: Path, check: tuple[list[int], list[int]], args) -> dic
         out["ready_s"] = time.perf_counter() - t0
         out["kv_cache"] = next((line.removeprefix("ferrum: ").strip() for line in log_path.read_text().splitlines()
                                 if line.startswith("ferrum: KV cache")), "not logged")
-        prompt, want = check
+        prompt, want, gaps = check
         body = json.dumps({"model": artifact.name, "prompt": prompt, "max_tokens": len(want), "temperature": 0,
                            "ignore_eos": True}).encode()
         req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
@@ -404,10 +413,12 @@ def serve_speed(artifact: Path, check: tuple[list[int], list[int]], args) -> dic
                 got = json.load(r)["choices"][0]["text"]
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"POST /v1/completions: {e.code} {e.read().decode()[:400]}") from None
-        text = Tokenizer.from_file(str(artifact / "tokenizer.json")).decode(want)
-        out["greedy_tokens_equal_direct"] = got == text
-        if got != text:
-            out["greedy_mismatch"] = {"served": got[:400], "direct": text[:400]}
+        served = Tokenizer.from_file(str(artifact / "tokenizer.json")).encode(got).ids
+        out["greedy_tokens_equal_direct"] = served == want
+        if served != want:
+            i = next((i for i, (a, b) in enumerate(zip(served, want)) if a != b), min(len(served), len(want)))
+            out["greedy_first_difference"] = {"step": i, "of": len(want), "served_tokens": len(served),
+                                              "direct_top2_gap": gaps[i] if i < len(gaps) else None}
         n_prompt, n_gen = (16, 8) if args.tiny else (256, 128)
         result = asyncio.run(run_bench_serve(base, concurrency=[1, 16], input_len=n_prompt, output_len=n_gen,
                                              records_path=str(Path(args.out) / f"serve-{artifact.name}.jsonl")))
@@ -475,7 +486,7 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
             entry["ferrum_sampled_error"] = traceback.format_exc()
             print(f"{name}: sampled decode FAILED\n{entry['ferrum_sampled_error']}", flush=True)
     check = None
-    if name in SERVED and not args.no_serve and not args.quick:  # the tokens `ferrum serve` must give for the same prompt
+    if name in SERVED and not args.no_serve and not args.quick:  # what `ferrum serve` must give for one prompt
         write_tokenizer(artifact, model.vocab_size)
         check = served_check_tokens(model, args.tiny)
     del model
