@@ -371,6 +371,8 @@ class Server:
                 async for d in engine.generate(ids, params, request_id=f"{rid}-{i}", constraint=constraint,
                                                think=think):
                     await queue.put((i, d))
+            except Exception as exc:  # noqa: BLE001 - a failed engine step: raised below, answered as a 500
+                await queue.put(exc)
             finally:
                 await queue.put(done)
 
@@ -386,6 +388,8 @@ class Server:
                 if item is done:
                     remaining -= 1
                     continue
+                if isinstance(item, Exception):
+                    raise item
                 i, d = item
                 now = time.monotonic()
                 if d.queue_time is not None:

@@ -208,6 +208,35 @@ def test_a_failed_step_ends_its_requests_with_an_error_and_the_engine_goes_on(ti
     engine.blocks.check_invariants()
 
 
+def test_a_failed_step_reaches_the_server_as_an_error(tiny, prompts):
+    """The server merges a request's streams in ``Server._generate``: an engine step that fails must come
+    out of it as the exception (answered 500, or an error event on a stream), not as a stream that just
+    stops with no finish reason."""
+    from ferrum_runtime.server import Server
+
+    engine = make_engine(tiny)
+    forward = engine.model._fn
+
+    def broken(*args):
+        raise RuntimeError("device lost")
+
+    server = Server(tiny)  # not started: only its stream merging runs
+
+    async def main():
+        got = []
+        try:
+            async for item in server._generate(engine, [prompts[0], prompts[1]], GREEDY, "cmpl-x"):
+                got.append(item)
+        finally:
+            engine.model._fn = forward
+            await engine.close()
+        return got
+
+    engine.model._fn = broken
+    with pytest.raises(StepFailed, match="device lost"):
+        asyncio.run(main())
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny, prompts):
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
     alone = run(make_engine(tiny), (prompts[2], params))[0][0]["ids"]
