@@ -147,7 +147,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         r = relax.TupleGetItem(both, 1)
                     elif k == "rms_norm":
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
-                        if gemv and gemv_norms and _norm_feeds_gemvs(graph, consumers, op):  # unused: dead code
+                        # folded into the GEMVs that read it: this norm is then never read, and the module's
+                        # dead-code elimination drops it
+                        if gemv and gemv_norms and _norm_feeds_gemvs(graph, consumers, op):
                             norms[op.output] = (a[0], a[1], op.attrs["eps"], graph.value(op.inputs[1]).dtype)
                     elif k in ("linear", "qlinear"):
                         skinny = skinny_gemm and wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)

@@ -118,8 +118,9 @@ class _Request:
     scheduled_at: float | None = None
     sent_queue_time: bool = False
 
-    def emit(self, delta: Delta, outbox: dict) -> None:
-        """Queue ``delta`` in the step's ``outbox`` (loop -> [(queue, delta)]), delivered when the step ends."""
+    def emit(self, delta: Delta | StepFailed, outbox: dict) -> None:
+        """Queue ``delta`` (or a failed step's error) in the step's ``outbox`` (loop -> [(queue, delta)]),
+        delivered when the step ends."""
         outbox.setdefault(self.loop, []).append((self.queue, delta))
 
 
@@ -287,10 +288,8 @@ class Engine:
         for req in list(self._requests.values()):
             for ch in req.choices:
                 if not ch.finished:
-                    ch.finished = True
-                    self.scheduler.finish(ch.seq)
-                    self._by_seq.pop(ch.seq, None)
-            self._outbox.setdefault(req.loop, []).append((req.queue, error))
+                    self._retire(ch)
+            req.emit(error, self._outbox)
         self._requests.clear()
         self._deliver()
 
@@ -516,12 +515,16 @@ class Engine:
 
     def _finish(self, req: _Request, ch: _Choice, reason: str, text: str = "", token_ids: list[int] | None = None,
                 logprobs: list | None = None) -> None:
-        ch.finished = True
-        self.scheduler.finish(ch.seq)
-        self._by_seq.pop(ch.seq, None)
+        self._retire(ch)
         req.emit(self._delta(req, ch, text, token_ids or [], logprobs, reason), self._outbox)
         if all(c.finished for c in req.choices):
             self._requests.pop(req.request_id, None)
+
+    def _retire(self, ch: _Choice) -> None:
+        """The choice is done: its sequence leaves the scheduler (blocks freed) and the engine's index."""
+        ch.finished = True
+        self.scheduler.finish(ch.seq)
+        self._by_seq.pop(ch.seq, None)
 
     def _delta(self, req: _Request, ch: _Choice, text: str, token_ids: list[int], logprobs, reason) -> Delta:
         prompt_lp = None

@@ -57,16 +57,20 @@ def auto_kv_cache_bytes(total: int | None, available: int | None) -> int:
     return max(int(GPU_MEMORY_UTILIZATION * total) - (total - available) - ACTIVATION_RESERVE, 64 << 20)
 
 
+def _kv_block_elements(kv: dict) -> int:
+    """Elements of one block of one layer's KV cache (the manifest's ``kv_cache``): keys and values."""
+    return 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"]
+
+
 def kv_block_bytes(kv: dict) -> int:
-    """Bytes of one block of the KV cache (the manifest's ``kv_cache``) over all layers."""
-    return 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"] * np_dtype(kv["dtype"]).itemsize * kv["num_layers"]
+    """Bytes of one block of the KV cache over all layers."""
+    return _kv_block_elements(kv) * np_dtype(kv["dtype"]).itemsize * kv["num_layers"]
 
 
 def kv_blocks(kv_cache_bytes: int, kv: dict) -> int:
     """Blocks that ``kv_cache_bytes`` hold, at least 1, and at most what keeps one layer's cache under 2^31
     elements (index arithmetic may be int32): over a million tokens for Qwen3's heads."""
-    per_layer_block = 2 * kv["kv_heads"] * kv["block_size"] * kv["head_dim"]
-    return max(1, min(kv_cache_bytes // kv_block_bytes(kv), (2**31 - 1) // per_layer_block))
+    return max(1, min(kv_cache_bytes // kv_block_bytes(kv), (2**31 - 1) // _kv_block_elements(kv)))
 
 
 class BatchError(FerrumError):
