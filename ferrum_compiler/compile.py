@@ -58,6 +58,9 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
     if options.block_size not in (8, 16, 32, 64):
         raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
+    if env.pdl() and not _programmatic_launch(spec):
+        raise CompileError(f"FERRUM_PDL=1 needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
+                           f"not {spec.name}; unset FERRUM_PDL")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -235,6 +238,14 @@ def _entry_points(graph, spec: TargetSpec, vocab_size: int, max_blocks: int = 0)
     return out
 
 
+def _programmatic_launch(spec: TargetSpec) -> bool:
+    """Whether the target's kernels can be programmatic dependent launches (``gpu_build.PDL_MIN_ARCH``)."""
+    from .gpu_build import PDL_MIN_ARCH
+
+    arch = str(spec.tvm_target.get("arch", "")) if spec.tvm_target["kind"] == "cuda" else ""
+    return arch.startswith("sm_") and int(arch[3:]) >= PDL_MIN_ARCH
+
+
 def _quant_method(ckpt: Checkpoint, mode: str) -> str:
     if mode == "none":
         return "none"
@@ -247,13 +258,15 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     """Compile and export the library; for GPU targets returns the GPU code verifier's report."""
     import tvm
 
-    from .gpu_build import GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics
+    from .gpu_build import (GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics,
+                            register_programmatic_launch_pipeline)
 
     cuda = spec.tvm_target["kind"] == "cuda"
     metal = spec.tvm_target["kind"] == "metal"
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
                          graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
-                         shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=env.gemv_norms())
+                         shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=env.gemv_norms(),
+                         pdl=cuda and env.pdl())
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
@@ -270,7 +283,8 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     # the target is current because TVM's nvcc callback reads the arch from it
     with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=config, instruments=instruments):
         ex = tvm.compile(mod, target=target,
-                         relax_pipeline=cpu_pipeline(target) if spec.kernel_kind == "cpu" else "default")
+                         relax_pipeline=cpu_pipeline(target) if spec.kernel_kind == "cpu" else "default",
+                         tir_pipeline=register_programmatic_launch_pipeline() if cuda and env.pdl() else "default")
     ex.export_library(str(path))
     if verifier is None:
         return None
@@ -314,7 +328,8 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size,
                             "quant": options.quant, "kv_dtype": kv_dtype,
                             "act_bits": options.act_bits,
-                            **({"gemv_norms": True} if env.gemv_norms() and spec.kernel_kind == "gpu" else {})},
+                            **({"gemv_norms": True} if env.gemv_norms() and spec.kernel_kind == "gpu" else {}),
+                            **({"pdl": True} if env.pdl() and spec.kernel_kind == "gpu" else {})},
         "build": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "seconds": round(total, 2),
                   "phase_seconds": {k: round(v, 2) for k, v in timings.items()}},

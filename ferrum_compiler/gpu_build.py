@@ -177,7 +177,8 @@ class GpuCodeVerifier:
 
         for gv, func in mod.functions.items():
             target = func.attrs.get("target") if func.attrs is not None else None
-            if target is None or target.kind.name not in ("cuda", "metal"):
+            # device kernels only: the host functions that launch them keep a GPU target with a host
+            if target is None or target.kind.name not in ("cuda", "metal") or target.host is not None:
                 continue
             self.checked.append(gv.name_hint)
             # the verifier needs constant launch extents: the grid may follow the batch (a scalar param),
@@ -192,3 +193,77 @@ class GpuCodeVerifier:
 
     def report(self) -> dict:
         return {"kernels": len(self.checked), "failed": sorted(self.failed), "limits": self.limits}
+
+
+# Programmatic dependent launch (sm_90+; FERRUM_PDL=1 at compile, an experiment). A kernel launched with
+# CUDA's programmatic-stream-serialization attribute may start while the kernel before it in the stream
+# still runs, once every block of that one has executed ``griddepcontrol.launch_dependents``; its own
+# ``griddepcontrol.wait`` then blocks until that kernel has finished and its writes are visible. Every
+# kernel here waits before its first instruction and then lets its successor launch: the stream's order
+# is kept (nothing is read or written before the wait), but the next kernel's launch and block dispatch
+# overlap this one's run instead of following its end. A decode step is ~300-400 short kernels, and the
+# H200 profile (docs/bench/2026-11-26d-gpu-h200.md) put ~0.37 ms of a 3.1 ms float16 step between them.
+PDL_TAG = "tirx.use_programtic_dependent_launch"  # TVM's spelling (runtime/metadata.h)
+PDL_PIPELINE = "ferrum-pdl"
+PDL_MIN_ARCH = 90
+
+
+def _griddepcontrol(action: str):
+    import tvm
+
+    return tvm.tirx.Evaluate(tvm.tirx.call_intrin("", "tirx.ptx.griddepcontrol", action, ""))
+
+
+def with_programmatic_launch(func):
+    """A CUDA device kernel (after the host/device split) launched with programmatic stream serialization:
+    ``wait`` (unless the kernel has its own) then ``launch_dependents`` first in its body, inside its thread
+    bindings, and the launch tag among its ``tirx.kernel_launch_params`` (before the dynamic shared memory
+    tag, which must stay last)."""
+    import tvm
+
+    params = [str(p) for p in func.attrs["tirx.kernel_launch_params"]]
+    if PDL_TAG in params:
+        return func
+    dyn = "tirx.use_dyn_shared_memory"
+    params = [p for p in params if p != dyn] + [PDL_TAG] + ([dyn] if dyn in params else [])
+
+    # a schedule that waits itself (``make_gemv_gpu(pdl=True)``: weight loads, which no kernel writes, first)
+    first = ["launch_dependents"] if 'griddepcontrol("wait"' in func.script() else ["wait", "launch_dependents"]
+
+    def prepend(stmt):
+        if isinstance(stmt, tvm.tirx.AttrStmt) and stmt.attr_key == "thread_extent":
+            return tvm.tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, prepend(stmt.body))
+        return tvm.tirx.SeqStmt([*(_griddepcontrol(a) for a in first), stmt])
+
+    return func.with_body(prepend(func.body)).with_attr("tirx.kernel_launch_params", params)
+
+
+def _programmatic_launch_pass():
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="ferrum.ProgrammaticLaunch")
+    def apply(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions.items():
+            target = func.attrs.get("target") if isinstance(func, tvm.tirx.PrimFunc) and func.attrs else None
+            if target is not None and target.kind.name == "cuda" and "tirx.kernel_launch_params" in func.attrs:
+                updates[gv] = with_programmatic_launch(func)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return apply
+
+
+def register_programmatic_launch_pipeline() -> str:
+    """Register (once) the TIR pipeline ``tvm.compile(tir_pipeline=PDL_PIPELINE)`` takes: TVM's default one
+    for GPUs, then every CUDA kernel made a programmatic launch (``with_programmatic_launch``)."""
+    import tvm
+    from tvm.tirx import compilation_pipeline
+
+    def factory():
+        base, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
+        return tvm.transform.Sequential([base, _programmatic_launch_pass()]), finalize_host, finalize_device
+
+    compilation_pipeline.register_tir_pipeline(PDL_PIPELINE, factory)
+    return PDL_PIPELINE

@@ -54,7 +54,7 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
-          skinny_gemm: bool = False, gemv_norms: bool = False):
+          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: bool = False):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -66,7 +66,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     prefill linears (``make_tiled_gemm_gpu``) run on our tensor-core kernels. ``skinny_gemm`` puts
     ``decode_wide``'s linears on ``make_skinny_gemm_gpu`` instead of dlight's matmuls: off, because on an
     H200 (Qwen3-4B float16) it read weights at 0.1-1.0 TB/s and 16/32 sequences decoded at 849/1427 tok/s
-    against 1045/2005 on dlight's (docs/bench/2026-11-26c-gpu-h200.md)."""
+    against 1045/2005 on dlight's (docs/bench/2026-11-26c-gpu-h200.md). ``pdl`` (CUDA sm_90, with
+    ``gpu_build.register_programmatic_launch_pipeline``): the GEMVs wait for the kernel before them after
+    their first weight loads (``make_gemv_gpu(pdl=True)``)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -169,10 +171,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                             fuse = {"norm": norm and norm[1:], "residual": env[res_add[1]] if res_add else None}
                             if k == "linear":
                                 r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
-                                            gated is not None, mma, **fuse)
+                                            gated is not None, mma, **fuse, pdl=pdl)
                             else:
                                 r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
-                                             max_lanes, gated is not None, mma, **fuse)
+                                             max_lanes, gated is not None, mma, **fuse, pdl=pdl)
                             if res_add:  # the add itself is this GEMV's output
                                 r = bb.emit(r)
                                 fused_adds[res_add[0].output] = r
@@ -279,15 +281,22 @@ def _residual_add(graph: Graph, consumers: dict, op, env: dict):
     return add, other
 
 
-def _gemv_fusion(norm: tuple | None, residual) -> dict:
-    """``make_gemv_gpu``'s keyword arguments for a folded norm (``(weight, eps, weight dtype)``) and an
-    epilogue residual."""
-    out: dict = {}  # (its values go into the kernel's name)
+def _gemv_fusion(norm: tuple | None, residual, pdl: bool = False) -> dict:
+    """``make_gemv_gpu``'s keyword arguments for a folded norm (``(weight, eps, weight dtype)``), an
+    epilogue residual and a wait after the first weight loads (``pdl``)."""
+    out: dict = {}
     if norm:
         out.update(norm_eps=float(norm[1]), norm_dtype=str(norm[2]))
     if residual is not None:
         out["residual"] = True
+    if pdl:
+        out["pdl"] = True
     return out
+
+
+def _named(kwargs: dict) -> list[str]:
+    """Keyword arguments as parts of a kernel's key and name."""
+    return [f"{k}-{v}" for k, v in kwargs.items()]
 
 
 def _gemv_args(a: list, norm: tuple | None, residual) -> list:
@@ -409,7 +418,7 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
 
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, gated: bool = False,
-            mma_dtype: str = "", norm: tuple | None = None, residual=None):
+            mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: bool = False):
     """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM
     on tensor cores (``mma_dtype``) or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
@@ -418,8 +427,8 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_la
     assert gemv or (norm is None and residual is None), "a norm or residual folds into GEMVs only"
     if gemv:
         x_dtype, b_dtype = graph.value(op.inputs[0]).dtype, graph.value(op.inputs[2]).dtype if has_bias else None
-        fused = _gemv_fusion(norm, residual)
-        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv, *fused.values()),
+        fused = _gemv_fusion(norm, residual, pdl)
+        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv, *_named(fused)),
                     lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
                                                       max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
         return relax.call_tir(gv, _gemv_args(a, norm, residual), relax.TensorType([a[0].ty.shape[0], n], out.dtype))
@@ -449,7 +458,7 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
-             gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None):
+             gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: bool = False):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
@@ -466,9 +475,9 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if gemv:
         s_dtype = graph.value(op.inputs[2]).dtype
-        fused = _gemv_fusion(norm, residual)
+        fused = _gemv_fusion(norm, residual, pdl)
         gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype, gated,
-                     gemv, *fused.values()),
+                     gemv, *_named(fused)),
                     lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
                                                       max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
         return relax.call_tir(gv, _gemv_args(a, norm, residual), relax.TensorType([a[0].ty.shape[0], n], out.dtype))

@@ -59,3 +59,10 @@ def gemv_norms() -> bool:
     ``gemv_norms``), 7 launches per decoder layer instead of 9. Recorded in the manifest's
     ``compile_options``."""
     return _flag("FERRUM_GEMV_NORMS")
+
+
+def pdl() -> bool:
+    """FERRUM_PDL=1 at ``ferrum compile`` (cuda-sm90; an experiment, off until an H200 says it pays): every
+    CUDA kernel launched as a programmatic dependent launch, so the next kernel's launch overlaps this
+    one's run (``gpu_build.with_programmatic_launch``). Recorded in the manifest's ``compile_options``."""
+    return _flag("FERRUM_PDL")

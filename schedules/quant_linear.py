@@ -792,7 +792,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                   experts: int = 0, x_div: int = 1, gated: bool = False,
                   layout: tuple[int, int, int] | None = None, half_math: bool = False,
                   prefetch: bool | None = None, tokens: int = GEMV_TOKENS, norm_eps: float | None = None,
-                  norm_dtype: str = "float32", residual: bool = False, rows_per_thread: int = GEMV_ROWS):
+                  norm_dtype: str = "float32", residual: bool = False, rows_per_thread: int = GEMV_ROWS,
+                  pdl: bool = False):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -833,6 +834,13 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     ``lower(gemv_norms=True)``.) ``rows_per_thread`` (4; 2 as an experiment in bench/gpu_kernels.py:
     twice the threads for the same rows, for grids too small to hide a step's latency) is
     the team's rows per pass.
+
+    ``pdl`` (CUDA sm_90, for kernels launched as programmatic dependent launches: ``FERRUM_PDL``, see
+    ``ferrum_compiler.gpu_build``): the kernel may start while the one before it still runs, and waits for
+    it (``griddepcontrol.wait``) after issuing its first step group's weight loads (two with
+    ``prefetch``), before its first read of the activations: weights are never written by a kernel, so a
+    small GEMV's loads, often all of them, overlap the kernels before it. Not with ``norm_eps`` (the norm
+    reads the activations first) nor ``experts`` (the expert lists are activations): those wait first.
 
     ``half_math`` (symmetric INT4, float16 activations; an experiment, not used by the lowering yet):
     a word's 8 weights become 4 float16 pairs and meet the activations in paired float16 multiply-adds
@@ -887,6 +895,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     NV = min(XV, 16 // dtype_bytes(x_dtype))  # x elements per load of the norm's sum of squares
     NE = -(-K // (NT * NV))  # such loads per thread per token
     norm_sum = block_sum(NT, TT)
+    early_wait = pdl and not normed and not grouped  # the wait after the first weight loads (``pdl``)
     H_SHIFT = 1.0 / 32  # half_math's activations are held divided by this much
     # half_math: value b (0-3) of a run sits at pair (b % 2), lane (b // 2): pairs are bytes (0, 2), (1, 3)
     def slot(i):
@@ -993,6 +1002,9 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                         rawd[h, u, r, i0 * WV + i1] = w[
                                                             ex * N + row0 + r,
                                                             ((gl * U + u) * KT + tx % KT) * C + i0 * WV + i1]
+                            if early_wait:  # every thread, once: the first pass's first use of a group
+                                if p == 0 and gl == LAG:
+                                    T.ptx.griddepcontrol.wait()
                             for u in T.unroll(U):
                                 if gu >= 0 and (gu * U + u) * KT + tx % KT < NC:
                                     ch: T.let[T.int32] = (gu * U + u) * KT + tx % KT

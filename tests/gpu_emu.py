@@ -146,13 +146,24 @@ def _wmma_call(call):
     raise NotImplementedError(name)
 
 
+def _no_grid_dependency(call):
+    """``griddepcontrol`` (programmatic dependent launch, CUDA sm_90) has nothing to wait for here: one
+    kernel runs at a time. A call of an empty helper keeps its place in the code."""
+    from tvm import tirx
+
+    _wmma_helpers["ferrum_griddepcontrol"] = "void ferrum_griddepcontrol(void) {}\n"
+    return tirx.call_extern("void", "ferrum_griddepcontrol")
+
+
 @functools.cache
 def _emulate_wmma() -> None:
-    """Lower the wmma intrinsics of OpenCL builds (ours only) to ``_wmma_call``'s helpers."""
+    """Lower the wmma intrinsics of OpenCL builds (ours only) to ``_wmma_call``'s helpers, and
+    ``griddepcontrol`` to nothing (``_no_grid_dependency``)."""
     from tvm.tirx.op import register_intrin_lowering
 
     for op in ("tvm_fill_fragment", "tvm_load_matrix_sync", "tvm_store_matrix_sync", "tvm_mma_sync"):
         register_intrin_lowering(f"tirx.{op}", "opencl", f=_wmma_call, level=99)
+    register_intrin_lowering("tirx.ptx.griddepcontrol", "opencl", f=_no_grid_dependency, level=99)
 
 
 def _static_shared(script: str):

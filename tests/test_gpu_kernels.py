@@ -188,12 +188,14 @@ def _linear_case(rng, k, n, ntok, fmt, bias, gated):
     return xin, tensors, b, ql.qlinear_ref(x, fmt, qweight, scales, mins, b)
 
 
-def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False, layout=None, prefetch=False, tokens=4, rows=4):
+def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False, layout=None, prefetch=False, tokens=4, rows=4,
+               pdl=False):
     xin, tensors, b, ref = _linear_case(rng, k, n, ntok, fmt, bias, gated)
     out = np.full((ntok, n), np.nan, np.float32)
-    func = _kernel(("gemv", k, n, fmt, bias, lanes, gated, layout, prefetch, tokens, rows), lambda: ql.make_gemv_gpu(
+    key = ("gemv", k, n, fmt, bias, lanes, gated, layout, prefetch, tokens, rows, pdl)
+    func = _kernel(key, lambda: ql.make_gemv_gpu(
         k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, scale_dtype="float32",
-        max_lanes=lanes, gated=gated, layout=layout, prefetch=prefetch, tokens=tokens, rows_per_thread=rows))
+        max_lanes=lanes, gated=gated, layout=layout, prefetch=prefetch, tokens=tokens, rows_per_thread=rows, pdl=pdl))
     gpu_emu.run(func, xin, *tensors, *([b] if bias else []), out)
     return out, ref
 
@@ -206,16 +208,18 @@ FORMATS = st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 
 @given(seed=st.integers(0, 2**31), fmt=FORMATS, groups=st.integers(1, 40), n=st.integers(1, 23),
        ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]), gated=st.booleans(),
        layout=st.sampled_from([None, (16, 8, 2), (32, 2, 3), (128, 1, 1), (64, 2, 4)]), prefetch=st.booleans(),
-       tokens=st.sampled_from([4, 1, 2]), rows=st.sampled_from([4, 2]))
-def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, layout, prefetch, tokens, rows):
+       tokens=st.sampled_from([4, 1, 2]), rows=st.sampled_from([4, 2]), pdl=st.booleans())
+def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, layout, prefetch, tokens, rows, pdl):
     """Any width (more chunks than lanes, fewer, ragged), any row count (a partial last team of 4 rows, a
     partial block of teams), any token count (partial passes of 4, 2 or 1 tokens), 16-byte loads or
     Metal's 4-lane ones; SiLU-gated input read from a gate|up projection or plain; the layout the shape
     picks, or teams of 16 to 128 lanes with 1 to 4 chunks in flight; the next step group's loads issued
-    ahead (an odd or even number of groups) or not; 4 or 2 rows per thread."""
+    ahead (an odd or even number of groups) or not; 4 or 2 rows per thread; with or without the wait for
+    the previous kernel after the first weight loads (``pdl``: a no-op here, its place in the loops is
+    what is tested)."""
     k = groups * (fmt.group_size if fmt else 8) + (0 if fmt else seed % 3)  # dense: odd widths too
     out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes, gated, layout, prefetch,
-                          tokens, rows)
+                          tokens, rows, pdl)
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 

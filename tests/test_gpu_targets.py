@@ -4,6 +4,7 @@ subprocess, as CI would. Running them needs a GPU (tests marked ``gpu``)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import yaml
 
 from ferrum_runtime.fatbin import embedded_cuda_code
 
-from .test_cli import ferrum
+from ferrum_compiler.gpu_build import PDL_TAG
+
+from .test_cli import assert_one_line_error, ferrum
 
 pytestmark = pytest.mark.e2e
 
@@ -21,12 +24,17 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target,quant", [("qwen3", "cuda-sm90", "auto"), ("llama", "cuda-sm80", "auto"),
-                                                 ("qwen2", "cuda-sm86", "auto"), ("mistral", "cuda-sm89", "q4"),
-                                                 ("qwen3-moe", "cuda-sm90", "q4")])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family,target,quant,pdl", [("qwen3", "cuda-sm90", "auto", False),
+                                                     ("llama", "cuda-sm80", "auto", False),
+                                                     ("qwen2", "cuda-sm86", "auto", False),
+                                                     ("mistral", "cuda-sm89", "q4", False),
+                                                     ("qwen3-moe", "cuda-sm90", "q4", True)])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, tiny_model_dir, tmp_path):
+    """... and, with FERRUM_PDL=1 (the MoE model: dense, INT4 and grouped GEMVs), every kernel is a
+    programmatic dependent launch that nvcc compiled."""
     out = tmp_path / "art"
-    res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out)
+    res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out,
+                 env={"FERRUM_PDL": "1" if pdl else ""})
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
     code = embedded_cuda_code(out / "model.so")
@@ -62,6 +70,64 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, tiny_mode
     assert b"vm.builtin.cuda_graph.run_or_capture" in lib
     if quant == "q4":  # dequantizing matmuls were compiled for the GPU too
         assert manifest["quantization"]["method"] == "rtn-q4" and manifest["ir"]["ops"]["qlinear"] > 0
+    # one launch tag per kernel (TVM's function table in the library), none without FERRUM_PDL
+    assert lib.count(PDL_TAG.encode()) == (verified["kernels"] if pdl else 0)
+    assert manifest["compile_options"].get("pdl", False) == pdl
+
+
+def test_pdl_needs_sm90(tiny_model_dir, tmp_path):
+    res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cuda-sm89", "-o", tmp_path / "art",
+                 env={"FERRUM_PDL": "1"})
+    assert_one_line_error(res, "FERRUM_PDL=1 needs --target cuda-sm90", "unset FERRUM_PDL")
+
+
+def test_programmatic_launch_pass():
+    """Every CUDA kernel of the module, after TVM's lowering: the launch tag (before the dynamic shared memory
+    one, which the runtime wants last), then ``wait`` and ``launch_dependents`` before anything else; a GEMV
+    built with ``pdl`` keeps its own wait, after its first weight loads, and gets no second one."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from ferrum.schedules import quant_linear as ql
+    from ferrum_compiler.gpu_build import register_programmatic_launch_pipeline
+    from tvm.tirx.compilation_pipeline import get_tir_pipeline
+
+    @T.prim_func(private=True)
+    def staged(a: T.Buffer((256,), "float32"), b: T.Buffer((256,), "float32")):
+        for bx in T.thread_binding(2, thread="blockIdx.x"):
+            for tx in T.thread_binding(128, thread="threadIdx.x"):
+                buf = T.alloc_buffer((128,), "float32", scope="shared.dyn")
+                buf[tx] = a[bx * 128 + tx]
+                T.tvm_storage_sync("shared.dyn")
+                b[bx * 128 + tx] = buf[127 - tx]
+
+    funcs = {"staged": staged,
+             "gemv_early": ql.make_gemv_gpu(512, 64, ql.QuantFormat(4, 128, True), "", "float16", "float16", None,
+                                            tokens=1, pdl=True),
+             "gemv": ql.make_gemv_gpu(512, 64, None, "float16", "float16", "float16", None, tokens=1)}
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name).with_attr("target", target)
+                        for name, f in funcs.items()})
+    lowered = get_tir_pipeline(register_programmatic_launch_pipeline())[0](mod)
+    kernels = {gv.name_hint: f for gv, f in lowered.functions.items()
+               if f.attrs is not None and "tirx.kernel_launch_params" in f.attrs}
+    assert sorted(kernels) == ["gemv_early_kernel", "gemv_kernel", "staged_kernel"]
+    for name, f in kernels.items():
+        tags = [str(t) for t in f.attrs["tirx.kernel_launch_params"]]
+        assert tags.count(PDL_TAG) == 1
+        assert tags[-1] == "tirx.use_dyn_shared_memory" if name == "staged_kernel" else tags[-1] == PDL_TAG
+        # the body's lines, without declarations: which come first
+        lines = [ln.strip() for ln in f.script().splitlines()[4:]
+                 if not re.search(r"decl_buffer|alloc_|launch_thread|T\.int64\(\)$", ln)]
+        first = {key: next((i for i, ln in enumerate(lines) if re.search(pattern, ln)), None) for key, pattern in (
+            ("wait", r'griddepcontrol\("wait"'), ("trigger", r'griddepcontrol\("launch_dependents"'),
+            ("access", r"\w\["), ("weights", r"wq\["), ("x", r"xb\["))}
+        assert sum('griddepcontrol("wait"' in ln for ln in lines) == 1
+        assert sum("griddepcontrol" in ln for ln in lines) == 2
+        if name == "gemv_early_kernel":  # weight loads, then the wait, then the activations
+            assert first["trigger"] < first["weights"] < first["wait"] < first["x"]
+        else:
+            assert first["wait"] < first["trigger"] < first["access"]
 
 
 def test_metal_artifact_holds_metal_source(tiny_model_dir, tmp_path):
