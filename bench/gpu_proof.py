@@ -62,11 +62,29 @@ MODELS = {  # name -> (config, GPTQ?)
 # dlight has no bfloat16 tensor-core schedule), on the same checkpoint
 MODELS["qwen3-0.6b-bf16"] = MODELS["qwen3-0.6b"]
 DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's default (float16)
-# experiments: the same models compiled with FERRUM_GEMV_NORMS=1 (norms and residual adds folded into the
-# decode GEMVs); not in the default --models
-MODELS["qwen3-4b-norms"] = MODELS["qwen3-4b"]
-MODELS["qwen3-4b-gptq-norms"] = MODELS["qwen3-4b-gptq"]
-EXPERIMENTS = ("qwen3-4b-norms", "qwen3-4b-gptq-norms")
+# experiments, not in the default --models: the same models compiled with FERRUM_GEMV_NORMS=1 (norms and
+# residual adds folded into the decode GEMVs: "-norms"), with FERRUM_PDL=1 (every kernel a programmatic
+# dependent launch, the GEMVs' first weight loads before their wait: "-pdl"), or both
+EXPERIMENT_FLAGS = {"-norms": "FERRUM_GEMV_NORMS", "-pdl": "FERRUM_PDL"}
+EXPERIMENTS = tuple(f"{base}{suffix}" for base in ("qwen3-4b", "qwen3-4b-gptq")
+                    for suffix in ("-norms", "-pdl", "-norms-pdl"))
+
+
+def experiment_base(name: str) -> str:
+    """The model an experiment is compiled from (its checkpoint is that model's)."""
+    for suffix in EXPERIMENT_FLAGS:
+        name = name.replace(suffix, "")
+    return name
+
+
+def experiment_env(name: str) -> dict[str, str]:
+    """The environment ``ferrum compile`` builds an experiment with."""
+    return {flag: "1" if suffix in name else "0" for suffix, flag in EXPERIMENT_FLAGS.items()}
+
+
+MODELS.update({name: MODELS[experiment_base(name)] for name in EXPERIMENTS})
+
+
 SERVED = ("qwen3-4b", "qwen3-4b-gptq")  # also through `ferrum serve` (step 5)
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=32, vocab_size=512)
@@ -100,7 +118,7 @@ def make_checkpoint(name: str, cfg: dict, gptq: bool, dest: Path, device: str) -
     import torch
     import transformers
 
-    name = name.removesuffix("-norms")  # the same checkpoint as the model it is an experiment on
+    name = experiment_base(name)  # the same checkpoint as the model it is an experiment on
     dense = dest / (name.removesuffix("-gptq").removesuffix("-bf16") + "-dense")
     if not (dense / "config.json").is_file():
         torch.manual_seed(0)
@@ -515,6 +533,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a check of this script on any machine)")
     ap.add_argument("--make-configs", help="only write the config-only model folders here (compile side)")
     ap.add_argument("--dtype-of", help="only print the compile dtype of this model (compile side)")
+    ap.add_argument("--env-of", help="only print the experiment flags this model is compiled with (compile side)")
+    ap.add_argument("--list-models", action="store_true", help="only print every model, experiments last")
     ap.add_argument("--models", default=",".join(m for m in MODELS if m not in EXPERIMENTS))
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode steps launched kernel by kernel")
     ap.add_argument("--quick", action="store_true",
@@ -529,6 +549,12 @@ def main() -> None:
         return
     if args.dtype_of:
         print(DTYPES.get(args.dtype_of, ""))
+        return
+    if args.env_of:
+        print(" ".join(f"{k}={v}" for k, v in experiment_env(args.env_of).items()))
+        return
+    if args.list_models:
+        print(" ".join(MODELS))
         return
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
 # Here, on the compile machine (nvcc, no GPU), once:
 #   bench/gpu_proof.sh prepare
 #     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ / 2-layer Qwen3-30B-A3B folders (and the
-#     0.6B again, compiled --dtype bfloat16; the two 4B ones again with FERRUM_GEMV_NORMS=1), compiles
+#     0.6B again, compiled --dtype bfloat16; the two 4B ones again as experiments: -norms with
+#     FERRUM_GEMV_NORMS=1, -pdl with FERRUM_PDL=1, -norms-pdl with both), compiles
 #     each for cuda-sm90 with `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few
 #     MiB each), packs the runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed)
 #     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB.
@@ -22,11 +23,15 @@
 #     also with the `decode` entry point turned off, and with CUDA graphs off; b16/b32 also with CUDA
 #     graphs off and without `decode_wide`, i.e. through forward's tensor-core attention).
 #     `--models qwen3-4b-norms,qwen3-4b-gptq-norms` runs the same proof on the two 4B models compiled with
-#     FERRUM_GEMV_NORMS=1 (norms and residual adds folded into the decode GEMVs: an experiment, not in the
-#     default list; their checkpoints are the plain models', reused when those ran first in the call).
+#     FERRUM_GEMV_NORMS=1 (norms and residual adds folded into the decode GEMVs), `-pdl` on them compiled
+#     with FERRUM_PDL=1 (every kernel a programmatic dependent launch, the GEMVs' first weight loads
+#     before their wait), `-norms-pdl` with both: experiments, not in the default list; their checkpoints
+#     are the plain models', reused when those ran first in the call.
 #     For an A/B of an experiment, `--quick` keeps parity, device picking, prefill and decode b1 (median of
 #     3)/b4/b16/b32 and skips the variants, sampled decode, the engine, serve and transformers, e.g.
-#     `run --models qwen3-4b-gptq,qwen3-4b-gptq-norms --quick`.
+#     `run --models qwen3-4b-gptq,qwen3-4b-gptq-pdl,qwen3-4b-gptq-norms,qwen3-4b-gptq-norms-pdl --quick`.
+#     A -pdl model whose launches fail (a driver without programmatic launches in graphs) is recorded as
+#     failed like any other and the next model runs.
 #     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
 #     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`; `--no-peer` skips
 #     transformers' speed, about 60 s per model). After the direct runs, qwen3-4b and qwen3-4b-gptq are
@@ -53,10 +58,10 @@ prepare)
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   rm -rf .gpu && mkdir -p .gpu/configs .gpu/wheels
   "$python" bench/gpu_proof.py --make-configs .gpu/configs --out .gpu
-  for m in qwen3-0.6b qwen3-4b qwen3-4b-gptq qwen3-moe-2l qwen3-0.6b-bf16 qwen3-4b-norms qwen3-4b-gptq-norms; do
+  for m in $("$python" bench/gpu_proof.py --list-models --out .gpu); do
     dtype=$("$python" bench/gpu_proof.py --dtype-of "$m" --out .gpu)  # empty: the target's default
-    norms=$([[ $m == *-norms ]] && echo 1 || echo 0)  # the experiment: norms folded into the decode GEMVs
-    FERRUM_GEMV_NORMS=$norms "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 \
+    flags=$("$python" bench/gpu_proof.py --env-of "$m" --out .gpu)  # an experiment's FERRUM_GEMV_NORMS/PDL
+    env $flags "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 \
       --no-weights -o ".gpu/$m" ${dtype:+--dtype "$dtype"}
   done
   "$python" bench/gpu_kernels.py --prepare .gpu/kernels >/dev/null  # the GEMV variants, ~2 min, ~6 MiB

@@ -68,7 +68,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     H200 (Qwen3-4B float16) it read weights at 0.1-1.0 TB/s and 16/32 sequences decoded at 849/1427 tok/s
     against 1045/2005 on dlight's (docs/bench/2026-11-26c-gpu-h200.md). ``pdl`` (CUDA sm_90, with
     ``gpu_build.register_programmatic_launch_pipeline``): the GEMVs wait for the kernel before them after
-    their first weight loads (``make_gemv_gpu(pdl=True)``)."""
+    their first weight loads (``make_gemv_gpu(pdl=True)``), the split attention after reading the step's
+    inputs (``make_attention_gpu(pdl=True)``)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -219,7 +220,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         r = _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out,
                                              appended=qkv is not None,
                                              tensor_cores=tc_attention and out.dtype in tensor_core_dtypes,
-                                             decode=entry != ENTRY, max_lanes=max_lanes, shared_bytes=shared_bytes)
+                                             decode=entry != ENTRY, max_lanes=max_lanes, shared_bytes=shared_bytes,
+                                             pdl=pdl)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add" and op.output in fused_adds:
@@ -609,11 +611,11 @@ def uses_tc_attention(graph: Graph, tensor_core_dtypes: tuple[str, ...]) -> bool
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,
                      tensor_cores: bool = False, decode: bool = False, max_lanes: int = 16,
-                     shared_bytes: int = 40 * 1024):
+                     shared_bytes: int = 40 * 1024, pdl: bool = False):
     """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
     the tensor-core kernel when ``tensor_cores`` and the head fits it, else split-KV partials and their
     merge, with one query token per tile in the ``decode`` entry points (their tokens are mostly one per
-    sequence)."""
+    sequence); ``pdl``: the split kernel waits for the kernel before it after reading the step's inputs."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
@@ -635,11 +637,11 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
         splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)
         tile = 1 if decode else 0  # 0: the kernel's default
         split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale,
-                        tile, max_lanes, shared_bytes),
+                        tile, max_lanes, shared_bytes, *(["pdl"] if pdl else [])),
                        lambda: attn_sched.make_attention_gpu(heads, kv_heads, head_dim, block_size, dtype,
                                                              sliding_window=window, scale=scale, cache_dtype=cdtype,
                                                              tile_tokens=tile, max_lanes=max_lanes,
-                                                             shared_bytes=shared_bytes))
+                                                             shared_bytes=shared_bytes, pdl=pdl))
         parts = bb.emit(relax.call_tir(split, [q, cache, positions, query_start, block_tables],
                                        [relax.TensorType([ntok, heads, splits, head_dim], "float32"),
                                         relax.TensorType([ntok, heads, splits, 2], "float32")]))

@@ -292,6 +292,7 @@ def make_attention_gpu(
     tile_tokens: int = 0,
     max_lanes: int = 16,
     shared_bytes: int = 40 * 1024,
+    pdl: bool = False,
 ):
     """PrimFunc ``attention_split(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
     part_acc[T,H,S,D] f32, part_ml[T,H,S,2] f32)``: unnormalised partial attention per KV split.
@@ -311,6 +312,12 @@ def make_attention_gpu(
     empty split writes max ``-3e38``, sum 0. ``make_attention_merge_gpu`` combines the splits.
     ``max_lanes`` caps the vector width of loads (Metal: up to 4 elements), ``shared_bytes`` the shared
     memory the key tile is sized for (``split_key_tile``).
+
+    The first key tile's block-table entries are read with the queries, before that tile's loop step
+    (one dependent round trip fewer: a decode split is one tile). With ``pdl`` (CUDA sm_90, a programmatic
+    dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits for the one before it only then:
+    the tile lookup, positions and block tables are the step's inputs, copied in before any kernel ran,
+    so only the queries and the cache need the wait.
     """
     from tvm.script import tirx as T
 
@@ -367,6 +374,7 @@ def make_attention_gpu(
                         info = T.alloc_buffer((5,), "int32", scope="shared")
                         acc = T.alloc_buffer((ER,), "float32", scope="local")
                         scan = T.alloc_buffer((4,), "int32", scope="local")  # tiles before b, found, ...
+                        bt0 = T.alloc_buffer((EK,), "int32", scope="local")  # the first key tile's blocks
                         if tx == 0:
                             find_tile(query_start, nbatch, tile, scan, info)
                             if scan[1] == 1:
@@ -388,6 +396,13 @@ def make_attention_gpu(
                         tok0: T.let[T.int32] = info[1]
                         key0: T.let[T.int32] = info[3]
                         nkeys: T.let[T.int32] = info[4]
+                        for e in T.unroll(EK):
+                            bt0[e] = 0
+                            if (e * NT + tx) * VEC < KC * D:
+                                if (e * NT + tx) * VEC // D < nkeys:
+                                    bt0[e] = block_tables[seq, (key0 + (e * NT + tx) * VEC // D) // BS]
+                        if pdl:  # everything above read the step's inputs only
+                            T.ptx.griddepcontrol.wait()
                         for e in T.unroll(ER):  # unrolled: acc[e] stays in registers
                             if e * NT + tx < R * D:
                                 r: T.let[T.int32] = (e * NT + tx) // D
@@ -408,7 +423,8 @@ def make_attention_gpu(
                                     jk: T.let[T.int32] = (e * NT + tx) * VEC // D
                                     dk: T.let[T.int32] = (e * NT + tx) * VEC % D
                                     if j0 + jk < key0 + nkeys:
-                                        blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
+                                        blk: T.let[T.int32] = T.if_then_else(
+                                            kt == 0, bt0[e], block_tables[seq, (j0 + jk) // BS])
                                         for c in T.unroll(2):
                                             for i in T.vectorized(VEC):
                                                 kv[c, i] = cache[blk, c, kh, (j0 + jk) % BS, dk + i]

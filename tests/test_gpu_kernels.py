@@ -47,7 +47,7 @@ def _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_si
 
 
 def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0, splits=None,
-                  tile_tokens=0):
+                  tile_tokens=0, pdl=False):
     """A ragged batch through the split kernel and the merge; returns (out, reference, partial max/sum)."""
     q, cache, positions, query_start, tables, ref = _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads,
                                                                       head_dim, block_size, window)
@@ -55,9 +55,9 @@ def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, 
     ns = splits or pa.gpu_num_splits_of(ntok, per_seq, block_size)
     part_acc = np.full((ntok, heads, ns, head_dim), np.nan, np.float32)  # every element must be written
     part_ml = np.full((ntok, heads, ns, 2), np.nan, np.float32)
-    split = _kernel(("split", heads, kv_heads, head_dim, block_size, window, tile_tokens),
+    split = _kernel(("split", heads, kv_heads, head_dim, block_size, window, tile_tokens, pdl),
                     lambda: pa.make_attention_gpu(heads, kv_heads, head_dim, block_size, "float32",
-                                                  sliding_window=window, tile_tokens=tile_tokens))
+                                                  sliding_window=window, tile_tokens=tile_tokens, pdl=pdl))
     gpu_emu.run(split, q, cache, positions, query_start, tables, part_acc, part_ml)
     out = np.zeros_like(q)
     merge = _kernel(("merge", heads, head_dim), lambda: pa.make_attention_merge_gpu(heads, head_dim, "float32"))
@@ -80,16 +80,18 @@ def test_split_attention_matches_reference(seed, batch, heads, head_dim, block_s
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("ctx,qlen,splits,tile_tokens", [
-    ([600, 10, 33], [1, 1, 1], None, 0),  # decode over long contexts: several splits, GQA group 4
-    ([100, 513], [2, 1], 5, 0),  # more splits than some sequences have keys: empty splits merge to nothing
-    ([0, 40], [70, 1], None, 0),  # a prefill spanning several query tiles beside a decode
-    ([600, 10, 33], [1, 1, 1], None, 1),  # the decode entry points' kernel: one token per tile
-    ([100, 5], [3, 4], 3, 1),  # ... also given a few tokens of one sequence (it takes up to 8)
+@pytest.mark.parametrize("ctx,qlen,splits,tile_tokens,pdl", [
+    ([600, 10, 33], [1, 1, 1], None, 0, False),  # decode over long contexts: several splits, GQA group 4
+    ([100, 513], [2, 1], 5, 0, False),  # more splits than some sequences have keys: empty splits merge to nothing
+    ([0, 40], [70, 1], None, 0, False),  # a prefill spanning several query tiles beside a decode
+    ([600, 10, 33], [1, 1, 1], None, 1, False),  # the decode entry points' kernel: one token per tile
+    ([100, 5], [3, 4], 3, 1, False),  # ... also given a few tokens of one sequence (it takes up to 8)
+    ([600, 10, 33], [1, 1, 1], None, 1, True),  # ... waiting for the previous kernel (a no-op here) late
+    ([0, 40], [70, 1], None, 0, True),
 ])
-def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens):
+def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens, pdl):
     out, ref, part_ml = run_attention(np.random.default_rng(1), ctx, qlen, 32, 8, 64, 16, splits=splits,
-                                      tile_tokens=tile_tokens)
+                                      tile_tokens=tile_tokens, pdl=pdl)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
     if splits == 5:  # sequence 0 (102 keys) leaves splits 1..4 of its tokens empty: max -3e38, sum 0
         assert (part_ml[:2, :, 1:, 0] < -1e38).all() and (part_ml[:2, :, 1:, 1] == 0).all()

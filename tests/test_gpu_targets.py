@@ -84,10 +84,12 @@ def test_pdl_needs_sm90(tiny_model_dir, tmp_path):
 def test_programmatic_launch_pass():
     """Every CUDA kernel of the module, after TVM's lowering: the launch tag (before the dynamic shared memory
     one, which the runtime wants last), then ``wait`` and ``launch_dependents`` before anything else; a GEMV
-    built with ``pdl`` keeps its own wait, after its first weight loads, and gets no second one."""
+    built with ``pdl`` keeps its own wait, after its first weight loads, and gets no second one; the split
+    attention built with ``pdl`` waits after reading the step's block tables."""
     import tvm
     from tvm.script import tirx as T
 
+    from ferrum.schedules import paged_attention as pa
     from ferrum.schedules import quant_linear as ql
     from ferrum_compiler.gpu_build import register_programmatic_launch_pipeline
     from tvm.tirx.compilation_pipeline import get_tir_pipeline
@@ -104,14 +106,15 @@ def test_programmatic_launch_pass():
     funcs = {"staged": staged,
              "gemv_early": ql.make_gemv_gpu(512, 64, ql.QuantFormat(4, 128, True), "", "float16", "float16", None,
                                             tokens=1, pdl=True),
-             "gemv": ql.make_gemv_gpu(512, 64, None, "float16", "float16", "float16", None, tokens=1)}
+             "gemv": ql.make_gemv_gpu(512, 64, None, "float16", "float16", "float16", None, tokens=1),
+             "attention": pa.make_attention_gpu(32, 8, 128, 16, "float16", tile_tokens=1, pdl=True)}
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name).with_attr("target", target)
                         for name, f in funcs.items()})
     lowered = get_tir_pipeline(register_programmatic_launch_pipeline())[0](mod)
     kernels = {gv.name_hint: f for gv, f in lowered.functions.items()
                if f.attrs is not None and "tirx.kernel_launch_params" in f.attrs}
-    assert sorted(kernels) == ["gemv_early_kernel", "gemv_kernel", "staged_kernel"]
+    assert sorted(kernels) == ["attention_kernel", "gemv_early_kernel", "gemv_kernel", "staged_kernel"]
     for name, f in kernels.items():
         tags = [str(t) for t in f.attrs["tirx.kernel_launch_params"]]
         assert tags.count(PDL_TAG) == 1
@@ -121,11 +124,14 @@ def test_programmatic_launch_pass():
                  if not re.search(r"decl_buffer|alloc_|launch_thread|T\.int64\(\)$", ln)]
         first = {key: next((i for i, ln in enumerate(lines) if re.search(pattern, ln)), None) for key, pattern in (
             ("wait", r'griddepcontrol\("wait"'), ("trigger", r'griddepcontrol\("launch_dependents"'),
-            ("access", r"\w\["), ("weights", r"wq\["), ("x", r"xb\["))}
+            ("access", r"\w\["), ("weights", r"wq\["), ("x", r"xb\["), ("tables", r"block_tables\["),
+            ("queries", r"\bq\["), ("cache", r"cache\["))}
         assert sum('griddepcontrol("wait"' in ln for ln in lines) == 1
         assert sum("griddepcontrol" in ln for ln in lines) == 2
         if name == "gemv_early_kernel":  # weight loads, then the wait, then the activations
             assert first["trigger"] < first["weights"] < first["wait"] < first["x"]
+        elif name == "attention_kernel":  # the step's block tables, then the wait, then queries and cache
+            assert first["trigger"] < first["tables"] < first["wait"] < min(first["queries"], first["cache"])
         else:
             assert first["wait"] < first["trigger"] < first["access"]
 
@@ -166,22 +172,37 @@ def test_gpu_code_verifier_rejects_kernels_over_the_limits(threads, shared, ok):
     assert verifier.report()["kernels"] == 1 and (verifier.report()["failed"] == []) == ok
 
 
-@pytest.mark.gpu
-def test_cuda_artifact_runs_on_gpu(tiny_model_dir, compiled):
-    """On a GPU machine: build for its arch, run a ragged step, compare with transformers (fp16 tolerance)."""
+def _compute_capability() -> int:
     import subprocess
 
+    return int(subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                              text=True).stdout.split()[0].replace(".", ""))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_artifact_runs_on_gpu(pdl, tiny_model_dir, compiled, tmp_path, monkeypatch):
+    """On a GPU machine: build for its arch, run a ragged step, compare with transformers (fp16 tolerance);
+    on sm_90 again with every kernel a programmatic dependent launch (FERRUM_PDL=1)."""
     import numpy as np
 
+    from ferrum_compiler.compile import compile_model
+    from ferrum_compiler.config import CompileOptions
     from ferrum_runtime.model import CompiledModel
 
     from .ragged import RaggedDriver
     from .test_model_parity import hf_logits
 
-    cap = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                         text=True).stdout.split()[0].replace(".", "")
+    cap = _compute_capability()
     model_dir = tiny_model_dir("qwen3")
-    model = CompiledModel.load(compiled(model_dir, target=f"cuda-sm{cap}"), device="cuda", num_blocks=16)
+    if pdl:
+        if cap < 90:
+            pytest.skip("programmatic dependent launch needs sm_90")
+        monkeypatch.setenv("FERRUM_PDL", "1")
+        art = compile_model(str(model_dir), tmp_path / "pdl", CompileOptions(target="cuda-sm90"), progress=print)
+    else:
+        art = compiled(model_dir, target=f"cuda-sm{cap}")
+    model = CompiledModel.load(art, device="cuda", num_blocks=16)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, 256, n)) for n in (5, 23)]
     out = RaggedDriver(model, 2, 32, rng).step(prompts)
