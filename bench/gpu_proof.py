@@ -603,8 +603,30 @@ def main() -> None:
         if "served_error" in e:
             lines += ["- ferrum serve: FAILED", "", "```", e["served_error"].strip(), "```"]
         lines.append("")
+    lines += experiment_lines(report["models"])
     (out / "gpu-proof.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def experiment_lines(models: dict) -> list[str]:
+    """Markdown: each experiment's tok/s against its base model's in the same call (both must have run),
+    and the batch-1 fraction of the copy bandwidth."""
+    lines: list[str] = []
+    for name, e in models.items():
+        base = models.get(experiment_base(name))
+        if name == experiment_base(name) or base is None or "error" in e or "error" in base:
+            continue
+        if not lines:
+            lines = ["## Experiments against their base (same call)", "",
+                     "| experiment | measure | base | experiment | ratio |", "|---|---|---|---|---|"]
+        for key, value in e.get("ferrum", {}).items():
+            if key in base.get("ferrum", {}) and base["ferrum"][key]:
+                lines.append(f"| {name} | {key} | {base['ferrum'][key]:.1f} | {value:.1f} | "
+                             f"{value / base['ferrum'][key]:.3f} |")
+        if "batch1_bandwidth_fraction" in e and "batch1_bandwidth_fraction" in base:
+            lines.append(f"| {name} | b1 / copy bandwidth | {100 * base['batch1_bandwidth_fraction']:.1f}% | "
+                         f"{100 * e['batch1_bandwidth_fraction']:.1f}% | |")
+    return lines + [""] if lines else []
 
 
 if __name__ == "__main__":

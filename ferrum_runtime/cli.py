@@ -154,6 +154,11 @@ def _inspect(args: argparse.Namespace) -> int:
         f"ir         " + ", ".join(f"{k} x{v}" for k, v in d["ir"]["ops"].items()) + f"  (passes: {', '.join(d['ir']['passes'])})",
         f"built      {d['build']['time']} on {d['build']['host']} in {d['build']['seconds']} s",
     ]
+    experiments = [name for name, flag in (("norms folded into the decode GEMVs (FERRUM_GEMV_NORMS)", "gemv_norms"),
+                                           ("programmatic dependent launches (FERRUM_PDL)", "pdl"))
+                   if d["compile_options"].get(flag)]
+    if experiments:
+        lines.append(f"experiments {'; '.join(experiments)}")
     print("\n".join(lines))
     if args.ir:
         print((m.path / IR_TEXT).read_text())

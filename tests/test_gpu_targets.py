@@ -73,6 +73,7 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, tiny
     # one launch tag per kernel (TVM's function table in the library), none without FERRUM_PDL
     assert lib.count(PDL_TAG.encode()) == (verified["kernels"] if pdl else 0)
     assert manifest["compile_options"].get("pdl", False) == pdl
+    assert ("programmatic dependent launches (FERRUM_PDL)" in shown) == pdl
 
 
 def test_pdl_needs_sm90(tiny_model_dir, tmp_path):
