@@ -206,14 +206,16 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
-def ferrum_speed(model, tiny: bool, quick: bool = False) -> dict:
+def ferrum_speed(model, tiny: bool, quick: bool = False, digests: dict | None = None) -> dict:
     """Prefill of one 2048-token prompt; decode at batch 1/4/16/32 after 256-token prompts, 128 steps each
     (every sequence decodes to the end, like ignore_eos; greedy tokens picked on the device). Median of 3
     for prefill and batch 1, one pass for the other batches; b1 and b16 again as requests through the
     engine (``bench/engine_host.py``: what serving adds). GPU artifacts: also b1 with the ``decode_one``
     entry point off, b16 through ``decode_wide`` instead of ``decode``, b1/b4/b8 with the ``decode`` entry
     point off and, for CUDA (whose decode steps of up to 16 tokens run as CUDA graphs here), with graphs
-    off. ``quick`` (an A/B of an experiment): prefill and the four batches only."""
+    off. ``quick`` (an A/B of an experiment): prefill and the four batches only. ``digests`` gets, per
+    decode measure, a digest of every token it decoded (the prompts are the same for every model: an
+    experiment that changes no arithmetic must decode its base model's tokens exactly)."""
     from ferrum_runtime.bench import _Seqs
 
     rng = np.random.default_rng(2)
@@ -232,15 +234,19 @@ def ferrum_speed(model, tiny: bool, quick: bool = False) -> dict:
         runs.append(time.perf_counter() - t0)
     out[f"pp{n_pp}"] = n_pp / float(np.median(runs))
 
-    def decode(b: int) -> float:
-        return decode_rate(model, b, n_prompt, n_gen, prompt)
+    def decode(b: int, key: str = "") -> float:
+        tokens: list[int] = []
+        rate = decode_rate(model, b, n_prompt, n_gen, prompt, tokens=tokens)
+        if digests is not None and key:
+            digests[key] = token_digest(tokens)
+        return rate
 
     # batch 1, the goal's figure (0.4 s a pass on an H200): the median of 3 passes, each kept
-    runs = [decode(1) for _ in range(3)]
+    runs = [decode(1, f"decode b1 pass {i + 1}") for i in range(3)]
     out["decode b1"] = float(np.median(runs))
     out.update({f"decode b1 pass {i + 1}": r for i, r in enumerate(runs)})
     for b in (4, 16, 32):
-        out[f"decode b{b}"] = decode(b)
+        out[f"decode b{b}"] = decode(b, f"decode b{b}")
     if quick:
         return out
     # the same decodes as requests through the engine (scheduling, batch building, detokenizing, deltas to
@@ -278,12 +284,18 @@ def ferrum_speed(model, tiny: bool, quick: bool = False) -> dict:
     return out
 
 
+def token_digest(tokens: list[int]) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.asarray(tokens, np.int64).tobytes()).hexdigest()[:12]
+
+
 def decode_rate(model, b: int, n_prompt: int, n_gen: int, prompt, sampling: tuple[float, float] | None = None,
-                rng: np.random.Generator | None = None) -> float:
+                rng: np.random.Generator | None = None, tokens: list[int] | None = None) -> float:
     """Decode tok/s of ``b`` sequences, each prefilled with ``prompt(n_prompt)`` on its own, over ``n_gen``
     steps (every sequence to the end, like ignore_eos). Tokens are greedy, picked on the device as the
     engine picks them, or with ``sampling`` = (top_k, top_p) drawn by the artifact's device sampler at
-    temperature 0.7 with uniforms from ``rng``."""
+    temperature 0.7 with uniforms from ``rng``. ``tokens`` gets every decoded token, step by step."""
     from ferrum_runtime.bench import _Seqs
 
     seqs = _Seqs(model, b, n_prompt + n_gen + 1)
@@ -300,6 +312,8 @@ def decode_rate(model, b: int, n_prompt: int, n_gen: int, prompt, sampling: tupl
             ids, _ = model.forward_picked(seqs.batch([[t] for t in toks]), (params, rng.random(b).astype(np.float32)),
                                           False, check=False)
         toks = [int(t) for t in ids]
+        if tokens is not None:
+            tokens.extend(toks)
     return b * n_gen / (time.perf_counter() - t0)
 
 
@@ -494,7 +508,8 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
     entry["device_picking"] = device_picking(model)
     print(f"{name}: tokens picked on the device {entry['device_picking']}", flush=True)
     t0 = time.perf_counter()
-    entry["ferrum"] = ferrum_speed(model, args.tiny, args.quick)
+    entry["ferrum_tokens"] = {}
+    entry["ferrum"] = ferrum_speed(model, args.tiny, args.quick, entry["ferrum_tokens"])
     print(f"{name}: ferrum {entry['ferrum']} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if model.has_device_sampler and not args.quick:  # its own try: a failure here keeps the transformers peer below
         try:
@@ -610,7 +625,9 @@ def main() -> None:
 
 def experiment_lines(models: dict) -> list[str]:
     """Markdown: each experiment's tok/s against its base model's in the same call (both must have run),
-    and the batch-1 fraction of the copy bandwidth."""
+    the batch-1 fraction of the copy bandwidth, and in how many decode runs it decoded exactly the base
+    model's tokens (all of them for an experiment that changes no arithmetic, as FERRUM_PDL: a race would
+    show here; folded norms round differently, so near-ties may flip)."""
     lines: list[str] = []
     for name, e in models.items():
         base = models.get(experiment_base(name))
@@ -623,6 +640,10 @@ def experiment_lines(models: dict) -> list[str]:
             if key in base.get("ferrum", {}) and base["ferrum"][key]:
                 lines.append(f"| {name} | {key} | {base['ferrum'][key]:.1f} | {value:.1f} | "
                              f"{value / base['ferrum'][key]:.3f} |")
+        tokens, base_tokens = e.get("ferrum_tokens", {}), base.get("ferrum_tokens", {})
+        same = [key for key in tokens if base_tokens.get(key) == tokens[key]]
+        if tokens and base_tokens:
+            lines.append(f"| {name} | decodes with its base's tokens | | | {len(same)} of {len(tokens)} |")
         if "batch1_bandwidth_fraction" in e and "batch1_bandwidth_fraction" in base:
             lines.append(f"| {name} | b1 / copy bandwidth | {100 * base['batch1_bandwidth_fraction']:.1f}% | "
                          f"{100 * e['batch1_bandwidth_fraction']:.1f}% | |")

@@ -30,8 +30,10 @@
 #     For an A/B of an experiment, `--quick` keeps parity, device picking, prefill and decode b1 (median of
 #     3)/b4/b16/b32 and skips the variants, sampled decode, the engine, serve and transformers, e.g.
 #     `run --models qwen3-4b-gptq,qwen3-4b-gptq-pdl,qwen3-4b-gptq-norms,qwen3-4b-gptq-norms-pdl --quick`.
-#     A -pdl model whose launches fail (a driver without programmatic launches in graphs) is recorded as
-#     failed like any other and the next model runs.
+#     gpu-proof.md then ends with each experiment against its base (tok/s ratios) and in how many decode
+#     runs it decoded exactly the base's tokens: a -pdl model must in all of them (its arithmetic is the
+#     base's; a race would show here and in parity). A -pdl model whose launches fail (a driver without
+#     programmatic launches in graphs) is recorded as failed like any other and the next model runs.
 #     If parity fails, rerun with `bash bench/gpu_proof.sh run --no-cuda-graph` to rule the graphs in
 #     or out (extra arguments after `run` go to gpu_proof.py, e.g. `--models qwen3-0.6b`; `--no-peer` skips
 #     transformers' speed, about 60 s per model). After the direct runs, qwen3-4b and qwen3-4b-gptq are
