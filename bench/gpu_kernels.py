@@ -58,7 +58,8 @@ def variants(chunks: int, rows: int, gated: bool = False) -> list[tuple[tuple[in
     """``(layout, make_gemv_gpu options)``: the picked layout first, then with the next step group's loads
     issued ahead (``prefetch``), then passes of one token (``tokens=1``: a quarter of the accumulators, so
     more blocks per SM) with and without, then at one token per pass each lane count that idles at most a
-    quarter of its lanes (rows per block as ``gemv_layout`` would set them for that lane count). More chunks
+    quarter of its lanes (rows per block as ``gemv_layout`` would set them for that lane count), and with 2
+    and 8 rows per thread instead of 4 (``-r2``, ``-r8``). More chunks
     in flight per step (2, 4) and 4-token passes at other lane counts lost on the H200 runs of 2026-11-26."""
     from ferrum.schedules import quant_linear as ql
 
@@ -70,6 +71,9 @@ def variants(chunks: int, rows: int, gated: bool = False) -> list[tuple[tuple[in
     fold = {"norm_eps": 1e-6, "norm_dtype": "float16"} if gated is False and rows != 2560 else {"residual": True}
     out += [(picked, dict(fold, tokens=1)), (picked, dict(fold))]
     out.append((picked, {"tokens": 1, "rows_per_thread": 2}))  # twice the threads for the same rows
+    # half the threads: each activation a lane loads (and, gated, SiLU-multiplies) serves 8 rows, not 4; INT4
+    # rows are 4 bits a weight, so at 4 rows a team loads as many bytes of activations as of weights
+    out.append((picked, {"tokens": 1, "rows_per_thread": 8}))
     for kt in (16, 32, 64, 128):
         steps = -(-chunks // kt)
         if (steps * kt - chunks) > steps * kt // 4 or kt == picked[0]:

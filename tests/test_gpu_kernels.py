@@ -225,6 +225,17 @@ def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, 
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 64, False)])
+@pytest.mark.parametrize("gated,tokens", [(False, 1), (True, 4)])
+def test_gemv_eight_rows_per_thread(fmt, gated, tokens):
+    """``rows_per_thread=8`` (bench/gpu_kernels.py's variant: half the activation loads per weight): a
+    partial last team, two passes of 4 tokens or five of one, loads a step ahead and the late wait."""
+    k = 32 * 24
+    out, ref = _gemv_case(np.random.default_rng(1), k, 37, 5, fmt, True, gated=gated, tokens=tokens, rows=8,
+                          layout=(32, 2, 2), prefetch=True, pdl=True)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 128, True)])
 def test_gemv_float16_build(fmt):
     """The float16 build (activations held as float16 for dense weights, float16 scales), emulated with
