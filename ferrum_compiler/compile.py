@@ -61,6 +61,9 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     if env.pdl() and not _programmatic_launch(spec):
         raise CompileError(f"FERRUM_PDL=1 needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
                            f"not {spec.name}; unset FERRUM_PDL")
+    # the experiments' flags, read once: what the library is built with is what the manifest records
+    experiments = {flag: True for flag, on in (("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"),
+                                               ("pdl", env.pdl())) if on}
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -94,7 +97,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         timings["ir"] = time.perf_counter() - t
 
         t = phase(3, f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
-        gpu_check = _build_library(graph, spec, work / LIBRARY, debug, graph_max_blocks(spec, cfg, options))
+        gpu_check = _build_library(graph, spec, work / LIBRARY, debug, graph_max_blocks(spec, cfg, options),
+                                   experiments)
         timings["tvm"] = time.perf_counter() - t
 
         if options.weights:
@@ -115,7 +119,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         timings["tokenizer"] = time.perf_counter() - t
 
         phase(6, "writing manifest")
-        manifest = _manifest(ckpt, spec, dtype, options, graph, index, tok_files, timings, time.perf_counter() - t_start)
+        manifest = _manifest(ckpt, spec, dtype, options, graph, index, tok_files, timings,
+                             time.perf_counter() - t_start, experiments)
         if gpu_check is not None:
             manifest["target"]["gpu_code_verified"] = gpu_check
         if spec.tvm_target["kind"] == "cuda":
@@ -254,19 +259,23 @@ def _quant_method(ckpt: Checkpoint, mode: str) -> str:
     return ckpt.quant_method
 
 
-def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_blocks: int = 0) -> dict | None:
-    """Compile and export the library; for GPU targets returns the GPU code verifier's report."""
+def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_blocks: int = 0,
+                   experiments: dict | None = None) -> dict | None:
+    """Compile and export the library; for GPU targets returns the GPU code verifier's report.
+    ``experiments``: ``{"gemv_norms": True}`` and/or ``{"pdl": True}`` (FERRUM_GEMV_NORMS, FERRUM_PDL)."""
     import tvm
 
     from .gpu_build import (GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics,
                             register_programmatic_launch_pipeline)
 
+    flags = experiments or {}
     cuda = spec.tvm_target["kind"] == "cuda"
     metal = spec.tvm_target["kind"] == "metal"
+    pdl = cuda and bool(flags.get("pdl"))
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
                          graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
-                         shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=env.gemv_norms(),
-                         pdl=cuda and env.pdl())
+                         shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=bool(flags.get("gemv_norms")),
+                         pdl=pdl)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)
@@ -284,7 +293,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=config, instruments=instruments):
         ex = tvm.compile(mod, target=target,
                          relax_pipeline=cpu_pipeline(target) if spec.kernel_kind == "cpu" else "default",
-                         tir_pipeline=register_programmatic_launch_pipeline() if cuda and env.pdl() else "default")
+                         tir_pipeline=register_programmatic_launch_pipeline() if pdl else "default")
     ex.export_library(str(path))
     if verifier is None:
         return None
@@ -296,7 +305,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
 
 
 def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOptions, graph, index: dict,
-              tok_files: list[str], timings: dict, total: float) -> dict:
+              tok_files: list[str], timings: dict, total: float, experiments: dict | None = None) -> dict:
     cfg = ckpt.config
     kv_dtype = graph.inputs["kv_cache.0"].dtype
     from ferrum_compiler import __version__
@@ -328,8 +337,7 @@ def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOp
         "compile_options": {"target": options.target, "dtype": dtype, "block_size": options.block_size,
                             "quant": options.quant, "kv_dtype": kv_dtype,
                             "act_bits": options.act_bits,
-                            **({"gemv_norms": True} if env.gemv_norms() and spec.kernel_kind == "gpu" else {}),
-                            **({"pdl": True} if env.pdl() and spec.kernel_kind == "gpu" else {})},
+                            **(experiments or {})},
         "build": {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "host": platform.node(), "seconds": round(total, 2),
                   "phase_seconds": {k: round(v, 2) for k, v in timings.items()}},
