@@ -625,9 +625,10 @@ def main() -> None:
 
 def experiment_lines(models: dict) -> list[str]:
     """Markdown: each experiment's tok/s against its base model's in the same call (both must have run),
-    the batch-1 fraction of the copy bandwidth, and in how many decode runs it decoded exactly the base
-    model's tokens (all of them for an experiment that changes no arithmetic, as FERRUM_PDL: a race would
-    show here; folded norms round differently, so near-ties may flip)."""
+    the batch-1 fraction of the copy bandwidth, and in how many decode runs it decoded exactly the tokens
+    of the model with its arithmetic (a -pdl model: the same model without FERRUM_PDL, which changes no
+    arithmetic, so all of them; a race would show here. Folded norms round differently from the base, so
+    there near-ties may flip)."""
     lines: list[str] = []
     for name, e in models.items():
         base = models.get(experiment_base(name))
@@ -640,10 +641,14 @@ def experiment_lines(models: dict) -> list[str]:
             if key in base.get("ferrum", {}) and base["ferrum"][key]:
                 lines.append(f"| {name} | {key} | {base['ferrum'][key]:.1f} | {value:.1f} | "
                              f"{value / base['ferrum'][key]:.3f} |")
-        tokens, base_tokens = e.get("ferrum_tokens", {}), base.get("ferrum_tokens", {})
-        same = [key for key in tokens if base_tokens.get(key) == tokens[key]]
-        if tokens and base_tokens:
-            lines.append(f"| {name} | decodes with its base's tokens | | | {len(same)} of {len(tokens)} |")
+        # its tokens against the model with the same arithmetic: -norms-pdl against -norms where that ran
+        stripped = name.replace("-pdl", "")
+        twin = stripped if stripped != name and models.get(stripped, {}).get("ferrum_tokens") else ""
+        tokens, twin_tokens = e.get("ferrum_tokens", {}), models.get(twin or experiment_base(name), base).get(
+            "ferrum_tokens", {})
+        same = [key for key in tokens if twin_tokens.get(key) == tokens[key]]
+        if tokens and twin_tokens:
+            lines.append(f"| {name} | decodes {twin or 'its base'}'s tokens | | | {len(same)} of {len(tokens)} |")
         if "batch1_bandwidth_fraction" in e and "batch1_bandwidth_fraction" in base:
             lines.append(f"| {name} | b1 / copy bandwidth | {100 * base['batch1_bandwidth_fraction']:.1f}% | "
                          f"{100 * e['batch1_bandwidth_fraction']:.1f}% | |")

@@ -201,8 +201,10 @@ class GpuCodeVerifier:
 # ``griddepcontrol.wait`` then blocks until that kernel has finished and its writes are visible. Every
 # kernel here waits before its first instruction and then lets its successor launch: the stream's order
 # is kept (nothing is read or written before the wait), but the next kernel's launch and block dispatch
-# overlap this one's run instead of following its end. A decode step is ~300-400 short kernels, and the
-# H200 profile (docs/bench/2026-11-26d-gpu-h200.md) put ~0.37 ms of a 3.1 ms float16 step between them.
+# overlap this one's run instead of following its end. Schedules built with ``pdl`` (the decode GEMVs,
+# the split attention) wait later, after reading only what no kernel writes (weights, the step's inputs),
+# and let their successor launch first thing. A decode step is ~300-400 short kernels, and the H200
+# profile (docs/bench/2026-11-26d-gpu-h200.md) put ~0.37 ms of a 3.1 ms float16 step between them.
 PDL_TAG = "tirx.use_programtic_dependent_launch"  # TVM's spelling (runtime/metadata.h)
 PDL_PIPELINE = "ferrum-pdl"
 PDL_MIN_ARCH = 90
@@ -216,9 +218,9 @@ def _griddepcontrol(action: str):
 
 def with_programmatic_launch(func):
     """A CUDA device kernel (after the host/device split) launched with programmatic stream serialization:
-    ``wait`` (unless the kernel has its own) then ``launch_dependents`` first in its body, inside its thread
-    bindings, and the launch tag among its ``tirx.kernel_launch_params`` (before the dynamic shared memory
-    tag, which must stay last)."""
+    ``wait`` (unless the kernel has its own) then ``launch_dependents`` first in its body (inside the thread
+    bindings that open it, if any), and the launch tag among its ``tirx.kernel_launch_params`` (before the
+    dynamic shared memory tag, which must stay last)."""
     import tvm
 
     params = [str(p) for p in func.attrs["tirx.kernel_launch_params"]]
