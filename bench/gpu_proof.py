@@ -140,6 +140,31 @@ def make_checkpoint(name: str, cfg: dict, gptq: bool, dest: Path, device: str) -
     return out, out / "dequantized"
 
 
+def reuse_weights(artifact: Path, packed: Path) -> bool:
+    """Give ``artifact`` the weights already packed into ``packed`` (hard links, no copy) when both were
+    compiled from the same IR (an experiment and its base: the IR fixes every tensor's packing), with
+    the manifest's weights entry and file digests as ``ferrum pack-weights`` would write them. False if
+    the IRs differ or ``packed`` has no weights (then pack)."""
+    import yaml
+
+    if not (packed / "weights").is_dir() or (artifact / "ir.json").read_bytes() != (packed / "ir.json").read_bytes():
+        return False
+    base = yaml.safe_load((packed / "ferrum.yaml").read_text())
+    if base["weights"].get("pending"):
+        return False
+    shutil.rmtree(artifact / "weights", ignore_errors=True)
+    (artifact / "weights").mkdir()
+    for f in (packed / "weights").iterdir():
+        os.link(f, artifact / "weights" / f.name)
+    data = yaml.safe_load((artifact / "ferrum.yaml").read_text())
+    data["weights"] = base["weights"]
+    files = {rel: d for rel, d in data["files"].items() if not rel.startswith("weights/")}
+    files.update({rel: d for rel, d in base["files"].items() if rel.startswith("weights/")})
+    data["files"] = dict(sorted(files.items()))
+    (artifact / "ferrum.yaml").write_text(yaml.safe_dump(data, sort_keys=False, width=120))
+    return True
+
+
 def pack(artifact: Path, source: Path) -> float:
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "pack-weights", str(artifact), str(source)],
@@ -147,6 +172,11 @@ def pack(artifact: Path, source: Path) -> float:
     if res.returncode != 0:
         raise RuntimeError(f"pack-weights {artifact} failed:\n{res.stderr[-3000:]}")
     return time.perf_counter() - t0
+
+
+# (reference checkpoint, tokens) -> transformers' last logits: an experiment feeds its base's sequences
+# (unless a near-tie flips a greedy token), so its reference costs no second load of the float32 model
+_REFERENCE_LOGITS: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
 
 def parity(model, ref_dir: Path, device: str) -> dict:
@@ -159,16 +189,23 @@ def parity(model, ref_dir: Path, device: str) -> dict:
     rng = np.random.default_rng(1)
     prompts = [[int(t) for t in rng.integers(0, model.vocab_size, n)] for n in (5, 37, 100)]
     ours = chunked_prefill_then_decode(model, prompts, 160, rng, steps=4 + 8, chunk=32)
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float32).to(device)
+    checked = ours[-9:]  # the last three steps of each sequence
+    todo = [tokens for tokens, _ in checked if (str(ref_dir), tuple(tokens)) not in _REFERENCE_LOGITS]
+    if todo:
+        ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float32).to(device)
+        with torch.no_grad():
+            for tokens in todo:
+                _REFERENCE_LOGITS[str(ref_dir), tuple(tokens)] = ref_model(
+                    torch.tensor([tokens], device=device)).logits[0, -1].float().cpu().numpy()
+        del ref_model
     worst, kls = 0.0, []
-    with torch.no_grad():
-        for tokens, logits in ours[-9:]:  # the last three steps of each sequence
-            ref = ref_model(torch.tensor([tokens], device=device)).logits[0, -1].float().cpu().numpy()
-            worst = max(worst, float(np.abs(logits - ref).max()))
-            p, q = _log_softmax(ref), _log_softmax(logits.astype(np.float64))
-            kls.append(float(np.sum(np.exp(p) * (p - q))))
-    del ref_model
-    return {"max_abs_logit_error": worst, "mean_kl": float(np.mean(kls)), "checks": len(kls)}
+    for tokens, logits in checked:
+        ref = _REFERENCE_LOGITS[str(ref_dir), tuple(tokens)]
+        worst = max(worst, float(np.abs(logits - ref).max()))
+        p, q = _log_softmax(ref), _log_softmax(logits.astype(np.float64))
+        kls.append(float(np.sum(np.exp(p) * (p - q))))
+    return {"max_abs_logit_error": worst, "mean_kl": float(np.mean(kls)), "checks": len(kls),
+            "reference_runs": len(todo)}
 
 
 def device_picking(model) -> dict:
@@ -497,8 +534,14 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
     src, ref = make_checkpoint(name, cfg, gptq, work, args.device)
     entry["checkpoint_s"] = time.perf_counter() - t0
     print(f"{name}: checkpoint {entry['checkpoint_s']:.0f} s", flush=True)
-    entry["pack_s"] = pack(artifact, src)
-    print(f"{name}: pack-weights {entry['pack_s']:.0f} s", flush=True)
+    base = Path(args.artifacts) / experiment_base(name)
+    t0 = time.perf_counter()
+    if base != artifact and reuse_weights(artifact, base):  # an experiment after its base: the same weights
+        entry["weights_from"] = base.name
+        print(f"{name}: weights of {base.name} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    else:
+        entry["pack_s"] = pack(artifact, src)
+        print(f"{name}: pack-weights {entry['pack_s']:.0f} s", flush=True)
     model = CompiledModel.load(artifact, device=args.device, kv_cache_bytes=(64 << 20) if args.tiny else (8 << 30))
     if "decode_graph" in model.manifest.data["entry_points"] and not args.no_cuda_graph:  # CUDA graphs
         model.cuda_graph = True
@@ -581,7 +624,8 @@ def main() -> None:
         report["gpu"] = torch.cuda.get_device_name()
     report["bandwidth_GBps"] = hbm_bandwidth(args.device) / 1e9
     print(f"bandwidth {report['bandwidth_GBps']:.0f} GB/s", flush=True)
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    for name in names:
         entry: dict = {}
         report["models"][name] = entry
         try:  # one model's failure is recorded, and the next one still runs: a device call is precious
@@ -591,8 +635,10 @@ def main() -> None:
             print(f"{name}: FAILED\n{entry['error']}", flush=True)
         print(json.dumps({k: v for k, v in entry.items() if k != "error"}, indent=1), flush=True)
         (out / "gpu-proof.json").write_text(json.dumps(report, indent=1))
-        if not args.tiny:
-            shutil.rmtree(Path(args.artifacts) / name / "weights", ignore_errors=True)  # disk: tens of GB each
+        # disk: tens of GB each; a base model's are kept while an experiment on it is still to run
+        later = [experiment_base(n) for n in names[names.index(name) + 1:]]
+        if not args.tiny and (name != experiment_base(name) or name not in later):
+            shutil.rmtree(Path(args.artifacts) / name / "weights", ignore_errors=True)
     lines = [f"# GPU proof on {report.get('gpu', args.device)}", "",
              f"HBM copy bandwidth: {report['bandwidth_GBps']:.0f} GB/s (read + write, best of 5)", ""]
     for name, e in report["models"].items():

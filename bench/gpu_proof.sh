@@ -26,7 +26,9 @@
 #     FERRUM_GEMV_NORMS=1 (norms and residual adds folded into the decode GEMVs), `-pdl` on them compiled
 #     with FERRUM_PDL=1 (every kernel a programmatic dependent launch, the GEMVs' first weight loads
 #     before their wait), `-norms-pdl` with both: experiments, not in the default list; their checkpoints
-#     are the plain models', reused when those ran first in the call.
+#     are the plain models', and when those ran first in the call so are their packed weights (hard
+#     links: the same IR packs the same tensors) and transformers' reference logits for the same tokens,
+#     so an experiment costs its load, parity run and timings only (the pack took 16-25 s per 4B model).
 #     For an A/B of an experiment, `--quick` keeps parity, device picking, prefill and decode b1 (median of
 #     3)/b4/b16/b32 and skips the variants, sampled decode, the engine, serve and transformers, e.g.
 #     `run --models qwen3-4b-gptq,qwen3-4b-gptq-pdl,qwen3-4b-gptq-norms,qwen3-4b-gptq-norms-pdl --quick`.
