@@ -8,7 +8,9 @@
 #     FERRUM_GEMV_NORMS=1, -pdl with FERRUM_PDL=1, -norms-pdl with both), compiles
 #     each for cuda-sm90 with `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few
 #     MiB each), packs the runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed)
-#     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB.
+#     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB
+#     (56 MiB on 2026-11-26); about 4 minutes on 2 cores, compiling $JOBS at a time (default: one per
+#     CPU; logs in .gpu/logs/).
 # Then one device call, from the repository root, carrying .gpu:
 #   run(command="bash bench/gpu_proof.sh run", carry=[".gpu"], timeout_s=600)
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
@@ -62,13 +64,26 @@ prepare)
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   rm -rf .gpu && mkdir -p .gpu/configs .gpu/wheels
   "$python" bench/gpu_proof.py --make-configs .gpu/configs --out .gpu
-  for m in $("$python" bench/gpu_proof.py --list-models --out .gpu); do
+  # the compiles, $JOBS at a time (default: one per CPU; each is one Python process and nvcc), each
+  # logged to .gpu/logs/; the GEMV variants (bench/gpu_kernels.py, ~2 min, ~5 MiB) as one more job
+  jobs=${JOBS:-$(nproc)} && mkdir -p .gpu/logs
+  models=$("$python" bench/gpu_proof.py --list-models --out .gpu)
+  for m in kernels $models; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+    if [ "$m" = kernels ]; then
+      "$python" bench/gpu_kernels.py --prepare .gpu/kernels > .gpu/logs/kernels.log 2>&1 &
+      continue
+    fi
     dtype=$("$python" bench/gpu_proof.py --dtype-of "$m" --out .gpu)  # empty: the target's default
     flags=$("$python" bench/gpu_proof.py --env-of "$m" --out .gpu)  # an experiment's FERRUM_GEMV_NORMS/PDL
     env $flags "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 \
-      --no-weights -o ".gpu/$m" ${dtype:+--dtype "$dtype"}
+      --no-weights -o ".gpu/$m" ${dtype:+--dtype "$dtype"} > ".gpu/logs/$m.log" 2>&1 &
   done
-  "$python" bench/gpu_kernels.py --prepare .gpu/kernels >/dev/null  # the GEMV variants, ~2 min, ~6 MiB
+  while [ -n "$(jobs -rp)" ]; do wait -n; done  # (set -e: a failed job stops here)
+  for m in $models; do
+    [ -f ".gpu/$m/ferrum.yaml" ] || { echo "compile of $m failed: .gpu/logs/$m.log" >&2; exit 1; }
+  done
+  [ -f .gpu/kernels/kernels.json ] || { echo "kernel variants failed: .gpu/logs/kernels.log" >&2; exit 1; }
   rt=$(mktemp -d)
   PYTHON="$python" ../shared/tools/pack-tvm-runtime.sh "$rt/tvm-runtime" 3.12 >/dev/null
   tar czf .gpu/tvm-runtime.tar.gz -C "$rt" tvm-runtime && rm -rf "$rt"
