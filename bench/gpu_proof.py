@@ -145,23 +145,22 @@ def reuse_weights(artifact: Path, packed: Path) -> bool:
     compiled from the same IR (an experiment and its base: the IR fixes every tensor's packing), with
     the manifest's weights entry and file digests as ``ferrum pack-weights`` would write them. False if
     the IRs differ or ``packed`` has no weights (then pack)."""
-    import yaml
+    from ferrum_compiler.pack import WEIGHTS_DIR, record_weights
+    from ferrum_runtime.artifact import IR_JSON, read_manifest
 
-    if not (packed / "weights").is_dir() or (artifact / "ir.json").read_bytes() != (packed / "ir.json").read_bytes():
+    if (not (packed / WEIGHTS_DIR).is_dir()
+            or (artifact / IR_JSON).read_bytes() != (packed / IR_JSON).read_bytes()):
         return False
-    base = yaml.safe_load((packed / "ferrum.yaml").read_text())
+    base = read_manifest(packed).data
     if base["weights"].get("pending"):
         return False
-    shutil.rmtree(artifact / "weights", ignore_errors=True)
-    (artifact / "weights").mkdir()
-    for f in (packed / "weights").iterdir():
-        os.link(f, artifact / "weights" / f.name)
-    data = yaml.safe_load((artifact / "ferrum.yaml").read_text())
-    data["weights"] = base["weights"]
-    files = {rel: d for rel, d in data["files"].items() if not rel.startswith("weights/")}
-    files.update({rel: d for rel, d in base["files"].items() if rel.startswith("weights/")})
-    data["files"] = dict(sorted(files.items()))
-    (artifact / "ferrum.yaml").write_text(yaml.safe_dump(data, sort_keys=False, width=120))
+    shutil.rmtree(artifact / WEIGHTS_DIR, ignore_errors=True)
+    (artifact / WEIGHTS_DIR).mkdir()
+    for f in (packed / WEIGHTS_DIR).iterdir():
+        os.link(f, artifact / WEIGHTS_DIR / f.name)
+    prefix = WEIGHTS_DIR + "/"
+    record_weights(artifact, read_manifest(artifact).data, base["weights"],
+                   {rel.removeprefix(prefix): d for rel, d in base["files"].items() if rel.startswith(prefix)})
     return True
 
 

@@ -29,6 +29,7 @@ from . import lowering
 from .cpu_schedule import cpu_pipeline
 from .config import DTYPES, CompileOptions
 from .frontend import Checkpoint, open_source
+from .gpu_build import supports_programmatic_launch
 from .ir import IRError, Value, graph_to_json, op_histogram, print_graph
 from .passes import PIPELINE, run_passes
 from .quant import QUANT_MODES, rtn_spec
@@ -58,7 +59,7 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
     if options.block_size not in (8, 16, 32, 64):
         raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
-    if env.pdl() and not _programmatic_launch(spec):
+    if env.pdl() and not supports_programmatic_launch(spec.tvm_target):
         raise CompileError(f"FERRUM_PDL=1 needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
                            f"not {spec.name}; unset FERRUM_PDL")
     # the experiments' flags, read once: what the library is built with is what the manifest records
@@ -241,14 +242,6 @@ def _entry_points(graph, spec: TargetSpec, vocab_size: int, max_blocks: int = 0)
                                                {"name": "uniform", "shape": ["L"], "dtype": "float32"}],
                                       "returns": ids}
     return out
-
-
-def _programmatic_launch(spec: TargetSpec) -> bool:
-    """Whether the target's kernels can be programmatic dependent launches (``gpu_build.PDL_MIN_ARCH``)."""
-    from .gpu_build import PDL_MIN_ARCH
-
-    arch = str(spec.tvm_target.get("arch", "")) if spec.tvm_target["kind"] == "cuda" else ""
-    return arch.startswith("sm_") and int(arch[3:]) >= PDL_MIN_ARCH
 
 
 def _quant_method(ckpt: Checkpoint, mode: str) -> str:

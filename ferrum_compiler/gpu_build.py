@@ -115,8 +115,7 @@ def _compile_cubin_and_ptx(code: str) -> bytes:
     import tvm
     from tvm.support.nvcc import compile_cuda
 
-    arch = str(tvm.target.Target.current().arch)  # "sm_90"
-    num = arch.removeprefix("sm_")
+    num = _sm(str(tvm.target.Target.current().arch))  # 90 for sm_90
     gencode = ["-gencode", f"arch=compute_{num},code=sm_{num}", "-gencode", f"arch=compute_{num},code=compute_{num}"]
     return compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")
 
@@ -208,6 +207,16 @@ class GpuCodeVerifier:
 PDL_TAG = "tirx.use_programtic_dependent_launch"  # TVM's spelling (runtime/metadata.h)
 PDL_PIPELINE = "ferrum-pdl"
 PDL_MIN_ARCH = 90
+
+
+def _sm(arch: str) -> int:
+    """90 for ``sm_90``."""
+    return int(arch.removeprefix("sm_"))
+
+
+def supports_programmatic_launch(tvm_target: dict) -> bool:
+    """Whether a target's kernels can be programmatic dependent launches: CUDA from sm_90 on."""
+    return tvm_target["kind"] == "cuda" and _sm(str(tvm_target["arch"])) >= PDL_MIN_ARCH
 
 
 def _griddepcontrol(action: str):

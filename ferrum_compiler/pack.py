@@ -47,14 +47,20 @@ def pack_weights(artifact: str | Path, source: str, progress: Callable[[str], No
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    data = manifest.data
-    data["weights"] = {"dtype": dtype, "index": index}
+    record_weights(path, manifest.data, {"dtype": dtype, "index": index}, digests)
+    size = sum((path / WEIGHTS_DIR / f).stat().st_size for f in digests)
+    progress(f"done: {len(index)} tensors, {size / 2**20:.1f} MiB")
+    return path
+
+
+def record_weights(path: Path, data: dict, weights: dict, digests: dict[str, str]) -> None:
+    """Rewrite the manifest (``data``) of the artifact at ``path`` with ``weights`` (its dtype and index)
+    and the sha256 of each file in its weights folder (``digests``, by file name) in place of the weights
+    it listed; atomically."""
+    data["weights"] = weights
     files = {rel: d for rel, d in data["files"].items() if not rel.startswith(WEIGHTS_DIR + "/")}
     files.update({f"{WEIGHTS_DIR}/{name}": d for name, d in digests.items()})
     data["files"] = dict(sorted(files.items()))
     tmp = path / f".{MANIFEST}.partial"
     tmp.write_text(yaml.safe_dump(data, sort_keys=False, width=120))
     os.replace(tmp, path / MANIFEST)
-    size = sum((path / WEIGHTS_DIR / f).stat().st_size for f in digests)
-    progress(f"done: {len(index)} tensors, {size / 2**20:.1f} MiB")
-    return path
