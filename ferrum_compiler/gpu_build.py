@@ -50,33 +50,15 @@ def _stub_driver(runtime_cuda: Path) -> Path:
 
 def preload_tensor_intrinsics() -> None:
     """Import ``tvm.s_tir.tensor_intrin`` (dlight's matmul rule imports it on first use) in seconds instead
-    of half a minute. Its hundreds of ``@T.prim_func`` definitions each call ``inspect.stack()``, which
-    looks up every frame's source file; the import machinery's ``<frozen importlib...>`` frames have none,
-    so each lookup scans all of ``sys.modules``. The parser only needs the frames themselves (it reads
-    enclosing scopes' locals, and its class check accepts a frame without source context), so during this
-    one import ``inspect.stack`` returns them without looking anything up."""
-    import inspect
+    of half a minute: its hundreds of ``@T.prim_func`` definitions are parsed with ``quick_frames``."""
     import sys
-    from types import FrameType
+
+    from .tvmscript import quick_frames
 
     if "tvm.s_tir.tensor_intrin" in sys.modules:
         return
-
-    def frames(context: int = 1) -> list:
-        out: list = []
-        frame: FrameType | None = sys._getframe(1)
-        while frame is not None:
-            out.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
-                                         None, None))
-            frame = frame.f_back
-        return out
-
-    full = inspect.stack
-    inspect.stack = frames  # type: ignore[assignment]
-    try:
+    with quick_frames():
         import tvm.s_tir.tensor_intrin  # noqa: F401
-    finally:
-        inspect.stack = full
 
 
 def prepare_cuda_build() -> None:

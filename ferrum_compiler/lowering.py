@@ -22,6 +22,7 @@ from ferrum.schedules.fast_math import exp_f32
 
 from .ir import Graph, static
 from .ir.rope import rope_inv_freq
+from .tvmscript import quick_frames
 
 ENTRY = "forward"
 DECODE_ENTRY = "decode"  # GPU only: the same model for batches of at most DECODE_MAX_TOKENS tokens
@@ -92,7 +93,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
 
     def kernel(key: tuple, make):
         if key not in kernels:  # hand-scheduled: the CPU pipeline's generic schedules leave it alone
-            kernels[key] = bb.add_func(make().with_attr("tirx.is_scheduled", True),
+            with quick_frames():  # the TVMScript parse, without its source lookups
+                func = make()
+            kernels[key] = bb.add_func(func.with_attr("tirx.is_scheduled", True),
                                        _identifier("_".join(str(k) for k in key)))
         return kernels[key]
 

@@ -38,6 +38,16 @@ QUANT_MODELS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _quick_tvmscript_parse():
+    """Kernels built in tests (straight from their factories too) parse without TVMScript's source lookups,
+    which scan every loaded module (torch, transformers) per frame: ``ferrum_compiler.tvmscript``."""
+    from ferrum_compiler.tvmscript import quick_frames
+
+    with quick_frames():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_gpu():
         return
