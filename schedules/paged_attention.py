@@ -315,9 +315,11 @@ def make_attention_gpu(
 
     The first key tile's block-table entries are read with the queries, before that tile's loop step
     (one dependent round trip fewer: a decode split is one tile). With ``pdl`` (CUDA sm_90, a programmatic
-    dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits for the one before it only then:
-    the tile lookup, positions and block tables are the step's inputs, copied in before any kernel ran,
-    so only the queries and the cache need the wait.
+    dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits for the one before it only after
+    staging the first key tile's keys and values at positions before the sequence's first token of this
+    step: the tile lookup, positions and block tables are the step's inputs, copied in before any kernel
+    ran, and those cache rows were written by earlier steps (the kernel before this one, ``qkv_append``,
+    writes this step's rows, which are staged after the wait, as are the queries).
     """
     from tvm.script import tirx as T
 
@@ -335,6 +337,17 @@ def make_attention_gpu(
     DP = math.gcd(D, 4)
     NEG = -3.0e38
     find_tile = _find_tile_macro(QT)
+
+    @T.macro
+    def stage_key(cache, kv, k_s, v_s, blk, kh, j, jk, dk):
+        """Key position ``j`` (block ``blk``), columns ``dk...`` into shared row ``jk``: one 16-byte load of K
+        and one of V."""
+        for c in T.unroll(2):
+            for i in T.vectorized(VEC):
+                kv[c, i] = cache[blk, c, kh, j % BS, dk + i]
+        for i in T.unroll(VEC):
+            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, kv[0, i])
+            v_s[jk, dk + i] = T.Cast(SD, kv[1, i])
 
     @T.prim_func(private=True)
     def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
@@ -370,13 +383,16 @@ def make_attention_gpu(
                         # sum; a branch never writes shared memory it then reads (TVM would want a barrier
                         # inside the branch)
                         ml = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, scratch
-                        # sequence, first token, tokens (0: no such tile), first key, keys
-                        info = T.alloc_buffer((5,), "int32", scope="shared")
+                        # sequence, first token, tokens (0: no such tile), first key, keys, and with pdl the
+                        # position of the sequence's first token of this step (the rows written this step)
+                        info = T.alloc_buffer((6,), "int32", scope="shared")
                         acc = T.alloc_buffer((ER,), "float32", scope="local")
                         scan = T.alloc_buffer((4,), "int32", scope="local")  # tiles before b, found, ...
                         bt0 = T.alloc_buffer((EK,), "int32", scope="local")  # the first key tile's blocks
                         if tx == 0:
                             find_tile(query_start, nbatch, tile, scan, info)
+                            if pdl:
+                                info[5] = 0
                             if scan[1] == 1:
                                 # keys this tile needs: from the first token's window start to the last
                                 # token's position, clipped to this split's range
@@ -388,6 +404,8 @@ def make_attention_gpu(
                                                            (T.Cast("int32", sp) + 1) * chunk)
                                 info[3] = lo // KC * KC
                                 info[4] = T.max(hi - lo // KC * KC, 0)
+                                if pdl:  # the sequence's first token: query_start[seq]
+                                    info[5] = positions[scan[2] - (T.Cast("int32", tile) - scan[0]) * QT]
                         T.tvm_storage_sync("shared")
                         # no early exit: TVM plans barriers outside conditions only, so an absent tile
                         # (count 0) runs zero key tiles and writes nothing
@@ -396,12 +414,20 @@ def make_attention_gpu(
                         tok0: T.let[T.int32] = info[1]
                         key0: T.let[T.int32] = info[3]
                         nkeys: T.let[T.int32] = info[4]
+                        fresh: T.let[T.int32] = info[5] if pdl else 0  # keys from here on: written this step
                         for e in T.unroll(EK):
                             bt0[e] = 0
                             if (e * NT + tx) * VEC < KC * D:
                                 if (e * NT + tx) * VEC // D < nkeys:
                                     bt0[e] = block_tables[seq, (key0 + (e * NT + tx) * VEC // D) // BS]
-                        if pdl:  # everything above read the step's inputs only
+                        if pdl:  # everything above read the step's inputs only; the first key tile's rows
+                            # written before this step are staged, then the wait
+                            for e in T.unroll(EK):
+                                if (e * NT + tx) * VEC < KC * D:
+                                    jp: T.let[T.int32] = (e * NT + tx) * VEC // D
+                                    if jp < nkeys and key0 + jp < fresh:
+                                        stage_key(cache, kv, k_s, v_s, bt0[e], kh, key0 + jp, jp,
+                                                  (e * NT + tx) * VEC % D)
                             T.ptx.griddepcontrol.wait()
                         for e in T.unroll(ER):  # unrolled: acc[e] stays in registers
                             if e * NT + tx < R * D:
@@ -425,12 +451,11 @@ def make_attention_gpu(
                                     if j0 + jk < key0 + nkeys:
                                         blk: T.let[T.int32] = T.if_then_else(
                                             kt == 0, bt0[e], block_tables[seq, (j0 + jk) // BS])
-                                        for c in T.unroll(2):
-                                            for i in T.vectorized(VEC):
-                                                kv[c, i] = cache[blk, c, kh, (j0 + jk) % BS, dk + i]
-                                        for i in T.unroll(VEC):
-                                            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, kv[0, i])
-                                            v_s[jk, dk + i] = T.Cast(SD, kv[1, i])
+                                        if pdl:  # the first tile's older rows were staged before the wait
+                                            if kt > 0 or j0 + jk >= fresh:
+                                                stage_key(cache, kv, k_s, v_s, blk, kh, j0 + jk, jk, dk)
+                                        else:
+                                            stage_key(cache, kv, k_s, v_s, blk, kh, j0 + jk, jk, dk)
                                     else:
                                         for i in T.unroll(VEC):
                                             k_s[jk * (D + PK) + dk + i] = T.Cast(SD, T.float32(0))

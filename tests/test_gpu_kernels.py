@@ -4,6 +4,8 @@ float16 builds of the same kernels are compiled for every CUDA arch in tests/tes
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -112,6 +114,53 @@ def test_decode_attention_float16_build():
     out = np.zeros_like(q)
     gpu_emu.run(_kernel(("merge16",), lambda: pa.make_attention_merge_gpu(32, 128, "float16")), part_acc, part_ml, out)
     np.testing.assert_allclose(out.astype(np.float32), ref, atol=2e-3, rtol=2e-3)
+
+
+def _reads_before_wait_from(func, name: str):
+    """``func`` with every load of buffer ``name`` written before its ``griddepcontrol.wait`` (a statement
+    of the kernel's top level: no loop holds both) reading a new last parameter of the same shape instead:
+    the memory as it may still be while the kernel before this one runs."""
+    import tvm
+
+    lines = func.script().splitlines()
+    wait = next(i for i, ln in enumerate(lines) if 'griddepcontrol("wait"' in ln)
+    early = [re.sub(rf"\b{name}\[", f"{name}_early[", ln) for ln in lines[:wait]]
+    assert early != lines[:wait], f"nothing reads {name} before the wait"
+    at = next(i for i, ln in enumerate(early) if ln.startswith("def "))
+    param = re.search(rf"\b{name}: T\.Buffer\(\(.*?\), \"\w+\"\)", early[at]).group(0)
+    early[at] = early[at].replace("):", f", {name}_early{param[len(name):]}):", 1)
+    return tvm.script.from_source("\n".join(early + lines[wait:]))
+
+
+@pytest.mark.parametrize("ctx,qlen,splits", [([600, 10, 33], [1, 1, 1], None), ([100, 5, 0], [3, 4, 2], 3)])
+def test_split_attention_reads_only_older_rows_before_its_wait(ctx, qlen, splits):
+    """``make_attention_gpu(pdl=True)`` stages cache rows before waiting for the kernel before it (which
+    writes this step's keys and values). Its loads before the wait are redirected to a second cache: with
+    the rows this step writes NaN there, the output is still the reference (no such row is read only
+    early), and with the older rows NaN in the cache proper instead, too (a split being one key tile here,
+    every older row is read early and not again)."""
+    heads, kv_heads, head_dim, block_size = 32, 8, 64, 16
+    q, cache, positions, query_start, tables, ref = _ragged_attention(np.random.default_rng(5), ctx, qlen, heads,
+                                                                      kv_heads, head_dim, block_size)
+    split = _reads_before_wait_from(_kernel(("split", heads, kv_heads, head_dim, block_size, 0, 1, True), lambda: (
+        pa.make_attention_gpu(heads, kv_heads, head_dim, block_size, "float32", tile_tokens=1, pdl=True))), "cache")
+    merge = _kernel(("merge", heads, head_dim), lambda: pa.make_attention_merge_gpu(heads, head_dim, "float32"))
+    new = np.zeros(cache.shape[0] * block_size, bool)  # cache rows (block * block_size + offset) written this step
+    for b, (c, n) in enumerate(zip(ctx, qlen)):
+        p = np.arange(c, c + n)
+        new[tables[b, p // block_size] * block_size + p % block_size] = True
+    rows = new.reshape(cache.shape[0], block_size)
+    ns = splits or pa.gpu_num_splits_of(q.shape[0], tables.shape[1], block_size)
+    for early_nan in (True, False):
+        nan_at = rows if early_nan else ~rows
+        poisoned = np.where(nan_at[:, None, None, :, None], np.float32(np.nan), cache)
+        early, late = (poisoned, cache) if early_nan else (cache, poisoned)
+        part_acc = np.full((q.shape[0], heads, ns, head_dim), np.nan, np.float32)
+        part_ml = np.full((q.shape[0], heads, ns, 2), np.nan, np.float32)
+        gpu_emu.run(split, q, late, positions, query_start, tables, part_acc, part_ml, early)
+        out = np.zeros_like(q)
+        gpu_emu.run(merge, part_acc, part_ml, out)
+        np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("window", [1, 5, 16])

@@ -86,7 +86,10 @@ def test_programmatic_launch_pass():
     """Every CUDA kernel of the module, after TVM's lowering: the launch tag (before the dynamic shared memory
     one, which the runtime wants last), then ``wait`` and ``launch_dependents`` before anything else; a GEMV
     built with ``pdl`` keeps its own wait, after its first weight loads, and gets no second one; the split
-    attention built with ``pdl`` waits after reading the step's block tables."""
+    attention built with ``pdl`` waits after reading the step's block tables and staging the cache rows of
+    earlier steps: every cache load before its wait is under a test against ``fresh``, the step's first
+    position of the sequence (that such loads read no row this step writes is run in
+    test_gpu_kernels.py::test_split_attention_reads_only_older_rows_before_its_wait)."""
     import tvm
     from tvm.script import tirx as T
 
@@ -131,8 +134,17 @@ def test_programmatic_launch_pass():
         assert sum("griddepcontrol" in ln for ln in lines) == 2
         if name == "gemv_early_kernel":  # weight loads, then the wait, then the activations
             assert first["trigger"] < first["weights"] < first["wait"] < first["x"]
-        elif name == "attention_kernel":  # the step's block tables, then the wait, then queries and cache
-            assert first["trigger"] < first["tables"] < first["wait"] < min(first["queries"], first["cache"])
+        elif name == "attention_kernel":  # the step's block tables and older cache rows, the wait, the queries
+            assert first["trigger"] < first["tables"] < first["cache"] < first["wait"] < first["queries"]
+            full = f.script().splitlines()
+            wait = next(i for i, ln in enumerate(full) if 'griddepcontrol("wait"' in ln)
+            for i in (i for i, ln in enumerate(full[:wait]) if "cache[" in ln):
+                indent, conditions = len(full[i]) - len(full[i].lstrip()), []
+                for ln in reversed(full[:i]):  # the enclosing statements' lines
+                    if len(ln) - len(ln.lstrip()) < indent:
+                        indent = len(ln) - len(ln.lstrip())
+                        conditions.append(ln.strip())
+                assert any(c.startswith("if ") and "fresh" in c for c in conditions), full[i]
         else:
             assert first["wait"] < first["trigger"] < first["access"]
 
