@@ -270,7 +270,7 @@ def ferrum_speed(model, tiny: bool, quick: bool = False, digests: dict | None = 
         runs.append(time.perf_counter() - t0)
     out[f"pp{n_pp}"] = n_pp / float(np.median(runs))
 
-    def decode(b: int, key: str = "") -> float:
+    def decode(b: int, key: str = "") -> float:  # key: digest the tokens under it (the quick measures)
         tokens: list[int] = []
         rate = decode_rate(model, b, n_prompt, n_gen, prompt, tokens=tokens)
         if digests is not None and key:
@@ -687,10 +687,10 @@ def experiment_lines(models: dict) -> list[str]:
                 lines.append(f"| {name} | {key} | {base['ferrum'][key]:.1f} | {value:.1f} | "
                              f"{value / base['ferrum'][key]:.3f} |")
         # its tokens against the model with the same arithmetic: -norms-pdl against -norms where that ran
-        stripped = name.replace("-pdl", "")
-        twin = stripped if stripped != name and models.get(stripped, {}).get("ferrum_tokens") else ""
-        tokens, twin_tokens = e.get("ferrum_tokens", {}), models.get(twin or experiment_base(name), base).get(
-            "ferrum_tokens", {})
+        twin = name.replace("-pdl", "")
+        if twin == name or not models.get(twin, {}).get("ferrum_tokens"):
+            twin = ""
+        tokens, twin_tokens = e.get("ferrum_tokens", {}), (models[twin] if twin else base).get("ferrum_tokens", {})
         same = [key for key in tokens if twin_tokens.get(key) == tokens[key]]
         if tokens and twin_tokens:
             lines.append(f"| {name} | decodes {twin or 'its base'}'s tokens | | | {len(same)} of {len(tokens)} |")
