@@ -140,16 +140,34 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 
 # ---------------------------------------------------------------- GGUF blocks
 
-GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True)}
-_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# GGUF type -> the kernel format its blocks become. K-quants (super-blocks of 256 weights with 6- or 8-bit
+# sub-block scales) keep their integers: Q4_K as 4-bit asymmetric groups of 32, Q5_K's 5-bit values as 8-bit
+# asymmetric groups of 32, Q6_K's 6-bit values as 8-bit symmetric groups of 16
+GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
+                "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True)}
+_GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),  # (weights, bytes) per block
+                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 
 
 def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
-    """Raw GGUF blocks (``uint8 [rows, row_bytes]``) of a ``[N, K]`` tensor → QuantTensor."""
+    """Raw GGUF blocks (``uint8 [rows, row_bytes]``) of a ``[N, K]`` tensor → QuantTensor.
+
+    Q4_0/Q4_1/Q8_0 convert exactly. A K-quant sub-block's scale is a float16 super-block scale times a
+    6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) integer; our kernels read float16 scales, so the product is rounded
+    to float16 (relative error at most 2**-11), which moves a weight by at most 2**-11 times its integer
+    (15, 31 or 32) quantization steps: 0.4-1.6% of one step. Mins are kept exactly (float32)."""
     n, k = shape
-    blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // 32, _GGUF_BLOCK_BYTES[type_name])
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    per, size = _GGUF_BLOCKS[type_name]
+    blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // per, size)
     fmt = GGUF_FORMATS[type_name]
+    if type_name in ("Q4_K", "Q5_K", "Q6_K"):
+        q, scales, mins = _k_quant(type_name, blocks)
+        scales16 = scales.astype(np.float16)
+        if not np.isfinite(scales16).all():
+            raise SourceError(f"{type_name} sub-block scales beyond float16's range; compile with --quant none")
+        return QuantTensor(fmt, q.reshape(n, k), scales16.astype(np.float32).reshape(n, -1),
+                           None if mins is None else mins.reshape(n, -1))
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     if type_name == "Q8_0":
         q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
         return QuantTensor(fmt, q, d, None)
@@ -157,6 +175,51 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         return QuantTensor(fmt, unpack_int4(blocks[..., 4:].reshape(n, k // 2)), d, m)
     return QuantTensor(fmt, unpack_int4(blocks[..., 2:].reshape(n, k // 2)), d, None)
+
+
+def _f16_at(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte ``at`` of each block, as float64."""
+    return blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float64)
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit scales and mins of Q4_K/Q5_K super-blocks from their 12 bytes (``[..., 12]``): bytes
+    0-3 hold scales 0-3 in their low 6 bits, 4-7 mins 0-3; their top 2 bits are bits 4-5 of scales 4-7 and
+    mins 4-7, whose low 4 bits are bytes 8-11's low (scales) and high (mins) nibbles."""
+    lo_s, lo_m, rest = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate([lo_s & 63, (rest & 15) | ((lo_s >> 6) << 4)], axis=-1)
+    mins = np.concatenate([lo_m & 63, (rest >> 4) | ((lo_m >> 6) << 4)], axis=-1)
+    return scales.astype(np.float64), mins.astype(np.float64)
+
+
+def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(q[..., 256], scales[..., groups] float64, mins[..., groups] float32 | None)`` of K-quant super-blocks
+    ``[..., bytes]``: weight ``i`` is ``scales[i // G] * q[i] + mins[i // G]``."""
+    lead = blocks.shape[:-1]
+    if type_name == "Q6_K":
+        # ql: 2 halves of 128 weights, each 64 bytes: weights 32j + l (j = 0..3, l = 0..31) take the low
+        # nibble of byte l (j = 0) or l + 32 (j = 1), the high nibble of the same (j = 2, 3), and bits 2j, 2j+1
+        # of qh byte l as bits 4-5; the 6-bit value less 32. 16 int8 scales (groups of 16), the float16 d last
+        ql = blocks[..., 0:128].reshape(*lead, 2, 2, 32)
+        qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
+        low = np.concatenate([ql & 15, ql >> 4], axis=-2)
+        high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        q = (low | (high << 4)).astype(np.int16).reshape(*lead, 256) - 32
+        scales = blocks[..., 192:208].copy().view(np.int8).astype(np.float64) * _f16_at(blocks, 208)[..., None]
+        # a negative scale is folded into the integers (-q fits int8 for q in [-32, 31])
+        q = np.where(np.repeat(scales < 0, 16, axis=-1), -q, q).astype(np.int8)
+        return q, np.abs(scales), None
+    # Q4_K / Q5_K: d, dmin (float16), 12 bytes of scales and mins, [Q5_K: 32 bytes of fifth bits], 128 bytes
+    # of nibbles: byte l of chunk c (32 bytes) holds weight 64c + l (low nibble) and 64c + 32 + l (high)
+    sc, mn = _k_scales_mins(blocks[..., 4:16])
+    nib = blocks[..., -128:].reshape(*lead, 4, 1, 32)
+    q = np.concatenate([nib & 15, nib >> 4], axis=-2).reshape(*lead, 8, 32)
+    if type_name == "Q5_K":  # bit g of qh byte l: bit 4 of weight 32g + l
+        qh = blocks[..., 16:48].reshape(*lead, 1, 32)
+        q = q | (((qh >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4)
+    scales = _f16_at(blocks, 0)[..., None] * sc
+    mins = (-_f16_at(blocks, 2)[..., None] * mn).astype(np.float32)  # exact: 11 x 6 significant bits
+    return q.reshape(*lead, 256).astype(np.uint8 if type_name == "Q4_K" else np.int8), scales, mins
 
 
 # ---------------------------------------------------------------- GPTQ

@@ -1,6 +1,7 @@
 """GGUF sources beyond SmolLM2: a tiny random Llama / Qwen2 written to GGUF with the `gguf` package the
 way llama.cpp's converter does (q/k rows permuted for Llama), each tensor type in turn; the compiled
-artifact must match transformers loading the same GGUF."""
+artifact must match transformers loading the same GGUF. K-quants (which the ``gguf`` package cannot make)
+are random blocks (tests/kquants.py), mixed per tensor as llama.cpp's Q4_K_M and Q5_K_M files mix them."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ SPM_PIECES = ["\u2581", "\u2581t", "he", "\u2581the", "\u2581th", "in", "\u2581i
               "\u2581thing", "ng", "\u2581s", "is", "\u2581is"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 SPM_VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
+# a K-quant file's types per tensor (K-quant rows are super-blocks of 256: hidden 256, FFN 512): mostly Q4_K,
+# Q6_K for the output and layer 0's v and down projections, Q5_K for layer 1's down projection
+K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
+         "blk.1.ffn_down.weight": "Q5_K"}
 
 
 def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -27,15 +32,24 @@ def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gpt2") -> None:
+    """``qtype_name``: one GGUF type for every matrix, ``K_MIX`` (Q4_K, with K_MIX's exceptions), or
+    ``K_MIX_F32``: the same file (same seed) with each K-quant matrix written as float32, at the values
+    ferrum's packed form of it holds (``from_gguf(...).dequantize()``: float16 sub-block scales)."""
     import gguf
 
+    from ferrum_compiler.quant import from_gguf
+
+    from .kquants import random_kquant
+
     rng = np.random.default_rng(seed)
-    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    mix = qtype_name in ("K_MIX", "K_MIX_F32")
+    qtype = getattr(gguf.GGMLQuantizationType, "Q4_K" if mix else qtype_name)
+    hidden, ffn = (256, 512) if mix else (HIDDEN, FFN)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
@@ -54,6 +68,14 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
     writer.add_eos_token_id(2)
 
     def tensor(name, shape, scale=0.3, quantize=True, offset=0.0):
+        if quantize and mix:  # random K-quant blocks, in the file's row order like any GGUF's
+            kind = K_MIX.get(name, "Q4_K")
+            blocks = random_kquant(rng, kind, *shape, scale / 2)  # as much gain per layer as at hidden 64
+            if qtype_name == "K_MIX_F32":
+                writer.add_tensor(name, from_gguf(kind, blocks, shape).dequantize())
+            else:
+                writer.add_tensor(name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            return
         w = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
         if arch == "llama" and name.endswith("attn_q.weight"):
             w = _permute_rows(w, HEADS)
@@ -65,24 +87,24 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
         else:
             writer.add_tensor(name, w)
 
-    hd = HIDDEN // HEADS
-    tensor("token_embd.weight", (len(vocab), HIDDEN))
-    tensor("output_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
-    tensor("output.weight", (len(vocab), HIDDEN))
+    hd = hidden // HEADS
+    tensor("token_embd.weight", (len(vocab), hidden))
+    tensor("output_norm.weight", (hidden,), 0.1, quantize=False, offset=1.0)
+    tensor("output.weight", (len(vocab), hidden))
     for i in range(LAYERS):
         p = f"blk.{i}."
-        tensor(p + "attn_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
-        tensor(p + "ffn_norm.weight", (HIDDEN,), 0.1, quantize=False, offset=1.0)
-        tensor(p + "attn_q.weight", (HEADS * hd, HIDDEN))
-        tensor(p + "attn_k.weight", (KV_HEADS * hd, HIDDEN))
-        tensor(p + "attn_v.weight", (KV_HEADS * hd, HIDDEN))
-        tensor(p + "attn_output.weight", (HIDDEN, HEADS * hd))
+        tensor(p + "attn_norm.weight", (hidden,), 0.1, quantize=False, offset=1.0)
+        tensor(p + "ffn_norm.weight", (hidden,), 0.1, quantize=False, offset=1.0)
+        tensor(p + "attn_q.weight", (HEADS * hd, hidden))
+        tensor(p + "attn_k.weight", (KV_HEADS * hd, hidden))
+        tensor(p + "attn_v.weight", (KV_HEADS * hd, hidden))
+        tensor(p + "attn_output.weight", (hidden, HEADS * hd))
         if arch == "qwen2":
             for n, rows in (("q", HEADS * hd), ("k", KV_HEADS * hd), ("v", KV_HEADS * hd)):
                 tensor(p + f"attn_{n}.bias", (rows,), 0.2, quantize=False)
-        tensor(p + "ffn_gate.weight", (FFN, HIDDEN))
-        tensor(p + "ffn_up.weight", (FFN, HIDDEN))
-        tensor(p + "ffn_down.weight", (HIDDEN, FFN))
+        tensor(p + "ffn_gate.weight", (ffn, hidden))
+        tensor(p + "ffn_up.weight", (ffn, hidden))
+        tensor(p + "ffn_down.weight", (hidden, ffn))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -109,6 +131,40 @@ def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
     # that moves logits by up to a few 1e-4 of their range. Float formats must agree to 1e-3.
     tol = 1e-3 * max(1.0, float(np.abs(ref).max())) if qtype in ("Q4_0", "Q4_1") else 1e-3
     assert np.abs(ours - ref).max() <= tol
+
+
+def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
+    """A Q4_K_M-like file (Q4_K, Q5_K and Q6_K matrices, a K-quant embedding) compiles with every matrix
+    kept packed (4-bit groups of 32, 8-bit groups of 32 and 16; q|k fused beside a Q6_K v), and runs as
+    transformers runs the same weights as the artifact holds them (float16 sub-block scales: a float32
+    twin of the file). Against the K-quant file itself, the scales' rounding (weights within 2.6e-4 of
+    their norm, test_quant_linear) moves these random logits by a few 1e-3 of their range."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "kmix.gguf"
+    write_gguf(path, "llama", "K_MIX", seed=5)
+    (tmp_path / "twin").mkdir()
+    write_gguf(tmp_path / "twin" / "kmix.gguf", "llama", "K_MIX_F32", seed=5)
+    art = compiled(path, kv_dtype="float32")
+    manifest = yaml.safe_load((art / "ferrum.yaml").read_text())
+    assert manifest["quantization"]["dense_weights"] == [] and manifest["quantization"]["method"] == "gguf"
+    assert manifest["source"]["name"] == str(path)  # not the last tensor's name (a loop variable shadowed it)
+    formats = {w: (f["bits"], f["group_size"], f["sym"]) for w, f in manifest["quantization"]["weights"].items()}
+    assert formats["lm_head.weight"] == (8, 16, True) and formats["model.embed_tokens.weight"] == (4, 32, False)
+    assert formats["model.layers.0.self_attn.q_proj+k_proj.weight"] == (4, 32, False)
+    assert formats["model.layers.0.self_attn.v_proj.weight"] == (8, 16, True)
+    assert formats["model.layers.1.self_attn.q_proj+k_proj+v_proj.weight"] == (4, 32, False)
+    assert formats["model.layers.1.mlp.down_proj.weight"] == (8, 32, False)
+    model = CompiledModel.load(art, num_blocks=8)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, len(VOCAB), 19)]
+    ours = RaggedDriver(model, 1, 32, np.random.default_rng(1)).step([prompt], all_rows=True)
+    for where, tol in ((tmp_path / "twin", 1e-3), (tmp_path, 1e-2)):
+        hf = AutoModelForCausalLM.from_pretrained(str(where), gguf_file="kmix.gguf", dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].numpy()
+        assert np.abs(ours - ref).max() <= tol * max(1.0, float(np.abs(ref).max())), where
 
 
 @pytest.mark.parametrize("text", ["the thing is", " leading space", "in  the\nthing", "ü€ byte fallback 😀", "",

@@ -147,6 +147,35 @@ def test_gguf_blocks_dequantize_like_gguf(type_name):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("type_name,fmt,most", [("Q4_K", QuantFormat(4, 32, False), 15),
+                                                ("Q5_K", QuantFormat(8, 32, False), 31),
+                                                ("Q6_K", QuantFormat(8, 16, True), 32)])
+def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
+    """K-quant super-blocks (random bytes: any are valid) become our group-affine form with the same
+    integers; a sub-block scale (float16 d times a 6/8-bit integer) is rounded to float16 for our kernels,
+    so each weight may move by at most 2**-11 of its scale times its integer (``most``: the largest), while
+    a wrong bit or nibble order would move weights by whole steps. Packing changes nothing further."""
+    import gguf
+
+    from .kquants import random_kquant
+
+    rng = np.random.default_rng(7)
+    n, k = 6, 512
+    data = random_kquant(rng, type_name, n, k, 0.3)
+    qt = from_gguf(type_name, data, (n, k))
+    assert qt.fmt == fmt and int(np.abs(qt.q.astype(np.int32)).max()) <= most
+    expect = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]).reshape(n, k).astype(np.float64)
+    got = qt.dequantize().astype(np.float64)
+    step = np.repeat(qt.scales.astype(np.float64), fmt.group_size, axis=1)
+    q = np.abs(qt.q.astype(np.float64) - fmt.zero_point * fmt.sym)
+    assert np.all(np.abs(got - expect) <= q * step * 2.0 ** -11 + 1e-6 * np.abs(expect) + 1e-12)
+    assert np.abs(expect).std() > 0.1  # weights around the scale asked for, not zeros
+    packed = qt.pack()
+    np.testing.assert_array_equal(dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")),
+                                  qt.dequantize().astype(np.float64))
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize("fmt", [QuantFormat(4, 128, False), QuantFormat(4, 32, False), QuantFormat(8, 32, True)])
 def test_rtn_error_is_within_half_a_step(fmt):
     w = np.random.default_rng(2).standard_normal((8, 256)).astype(np.float32)

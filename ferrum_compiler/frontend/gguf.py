@@ -1,9 +1,10 @@
 """GGUF files (llama.cpp's format), read with the ``gguf`` package.
 
 Config comes from the ``{arch}.*`` metadata, the tokenizer and chat template from ``tokenizer.*``.
-Tensors are renamed to Hugging Face names. Q4_0, Q4_1 and Q8_0 tensors are yielded as ``QuantTensor``s
-that keep their integers (packed for ferrum's INT4/INT8 kernels, or dequantized with ``--quant none``);
-the other types ``gguf`` can read (F32, F16, BF16, K-quants) are dequantized to float32. llama.cpp's converter
+Tensors are renamed to Hugging Face names. Q4_0, Q4_1, Q8_0 and the K-quants Q4_K, Q5_K and Q6_K are
+yielded as ``QuantTensor``s that keep their integers (packed for ferrum's INT4/INT8 kernels, or
+dequantized with ``--quant none``; ``quant.from_gguf`` says how each maps); the other types ``gguf`` can
+read (F32, F16, BF16, Q2_K, Q3_K, Q8_K, ...) are dequantized to float32. llama.cpp's converter
 permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
 match the rotate-half convention of our ``rope`` op, as the ``transformers`` GGUF loader does.
 """
@@ -125,9 +126,9 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
 
     quant: dict[str, dict] = {}
     for t in reader.tensors:
-        name = hf_name(t.name)
-        if name and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
-            quant[name] = QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict()
+        hf = hf_name(t.name)
+        if hf and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
+            quant[hf] = QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict()
 
     def rope_heads(hf: str) -> int | None:
         """Heads of a q/k projection whose rows llama.cpp permuted (None: leave the rows alone)."""
@@ -154,7 +155,7 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
                 w = gguf.quants.dequantize(t.data, t.tensor_type)
             except NotImplementedError:
                 raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
-                                  "dequantized; use a Q8_0/Q4_0/Q4_1/F16/F32 file") from None
+                                  "dequantized; use a Q4_K/Q5_K/Q6_K/Q8_0/Q4_0/Q4_1/F16/F32 file") from None
             w = np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
             if heads:
                 w = _unpermute_rope_rows(w, heads)
