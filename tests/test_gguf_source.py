@@ -112,7 +112,7 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"),
-                                        ("llama", "Q4_0"), ("qwen2", "Q4_1")])
+                                        ("llama", "Q4_0"), ("qwen2", "Q4_1"), ("qwen2", "Q5_1")])
 def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
     import torch
     from transformers import AutoModelForCausalLM

@@ -131,7 +131,7 @@ def test_int4_packing_round_trips():
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
 def test_gguf_blocks_dequantize_like_gguf(type_name):
     import gguf
 
