@@ -154,10 +154,10 @@ _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (3
 def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     """Raw GGUF blocks (``uint8 [rows, row_bytes]``) of a ``[N, K]`` tensor → QuantTensor.
 
-    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 convert exactly. A K-quant sub-block's scale is a float16 super-block scale times a
-    6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) integer; our kernels read float16 scales, so the product is rounded
-    to float16 (relative error at most 2**-11), which moves a weight by at most 2**-11 times its integer
-    (15, 31 or 32) quantization steps: 0.4-1.6% of one step. Mins are kept exactly (float32)."""
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 convert exactly. A K-quant sub-block's scale is a float16 super-block scale
+    times a 6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) integer; our kernels read float16 scales, so the product is
+    rounded to float16 (relative error at most 2**-11), which moves a weight by at most 2**-11 times its
+    integer (15, 31 or 32) quantization steps: 0.4-1.6% of one step. Mins are kept exactly (float32)."""
     n, k = shape
     per, size = _GGUF_BLOCKS[type_name]
     blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // per, size)
@@ -175,9 +175,10 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
         return QuantTensor(fmt, q, d, None)
     if type_name in ("Q5_0", "Q5_1"):  # d, [m,] 32 fifth bits (a little-endian word), 16 bytes of nibbles
         at = 2 if type_name == "Q5_0" else 4
-        high = blocks[..., at:at + 4].copy().view("<u4")  # [n, blocks, 1]: bit j is weight j's bit 4
+        # bit j of the little-endian word (bit j % 8 of its byte j // 8) is bit 4 of weight j
+        high = np.unpackbits(blocks[..., at:at + 4], axis=-1, bitorder="little")
         low = unpack_int4(blocks[..., at + 4:].reshape(n, k // 2)).reshape(n, k // 32, 32)
-        q = low.astype(np.int16) | (((high >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.int16)
+        q = low.astype(np.int16) | (high.astype(np.int16) << 4)
         if type_name == "Q5_0":
             return QuantTensor(fmt, (q - 16).astype(np.int8).reshape(n, k), d, None)
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)

@@ -1,8 +1,8 @@
 """GGUF files (llama.cpp's format), read with the ``gguf`` package.
 
 Config comes from the ``{arch}.*`` metadata, the tokenizer and chat template from ``tokenizer.*``.
-Tensors are renamed to Hugging Face names. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K and Q6_K are
-yielded as ``QuantTensor``s that keep their integers (packed for ferrum's INT4/INT8 kernels, or
+Tensors are renamed to Hugging Face names. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K and
+Q6_K are yielded as ``QuantTensor``s that keep their integers (packed for ferrum's INT4/INT8 kernels, or
 dequantized with ``--quant none``; ``quant.from_gguf`` says how each maps); the other types ``gguf`` can
 read (F32, F16, BF16, Q2_K, Q3_K, Q8_K, ...) are dequantized to float32. llama.cpp's converter
 permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
@@ -155,7 +155,8 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
                 w = gguf.quants.dequantize(t.data, t.tensor_type)
             except NotImplementedError:
                 raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
-                                  "dequantized; use a Q4_K/Q5_K/Q6_K/Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/F16/F32 file") from None
+                                  "dequantized; use a Q4_K/Q5_K/Q6_K/Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/F16/F32 file"
+                                  ) from None
             w = np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
             if heads:
                 w = _unpermute_rope_rows(w, heads)
