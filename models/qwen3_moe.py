@@ -8,7 +8,7 @@ from ferrum_compiler.ir import Graph, GraphBuilder
 from .blocks import DecoderOptions, decoder, gated_mlp
 
 HF_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
-GGUF_ARCHITECTURES: tuple[str, ...] = ()
+GGUF_ARCHITECTURES = ("qwen3moe",)
 
 
 def sparse_mlp(b: GraphBuilder, cfg: ModelConfig, prefix: str, x: str, dtype: str, layer: int) -> str:

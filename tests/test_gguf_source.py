@@ -20,6 +20,7 @@ SPM_PIECES = ["\u2581", "\u2581t", "he", "\u2581the", "\u2581th", "in", "\u2581i
               "\u2581thing", "ng", "\u2581s", "is", "\u2581is"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 SPM_VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
+EXPERTS, EXPERTS_USED, EXPERT_FFN = 4, 2, 32  # qwen3moe: every layer sparse
 # a K-quant file's types per tensor (K-quant rows are super-blocks of 256: hidden 256, FFN 512): mostly Q4_K,
 # Q6_K for the output and layer 0's v and down projections, Q5_K for layer 1's down projection
 K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
@@ -45,7 +46,7 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
     mix = qtype_name in ("K_MIX", "K_MIX_F32")
     qtype = getattr(gguf.GGMLQuantizationType, "Q4_K" if mix else qtype_name)
     hidden, ffn = (256, 512) if mix else (HIDDEN, FFN)
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), "llama" if arch == "llama-moe" else arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(hidden)
@@ -54,6 +55,10 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
+    if arch in ("qwen3moe", "llama-moe"):  # llama-moe: a Mixtral's metadata (its tensors are a Llama's here)
+        writer.add_expert_count(EXPERTS)
+        writer.add_expert_used_count(EXPERTS_USED)
+        writer.add_expert_feed_forward_length(EXPERT_FFN)
     vocab = VOCAB if tokenizer == "gpt2" else SPM_VOCAB
     writer.add_vocab_size(len(vocab))
     writer.add_tokenizer_model(tokenizer)
@@ -102,6 +107,14 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
         if arch == "qwen2":
             for n, rows in (("q", HEADS * hd), ("k", KV_HEADS * hd), ("v", KV_HEADS * hd)):
                 tensor(p + f"attn_{n}.bias", (rows,), 0.2, quantize=False)
+        if arch == "qwen3moe":  # qk-norm; a router (kept float32, as llama.cpp does) and stacked experts
+            tensor(p + "attn_q_norm.weight", (hd,), 0.1, quantize=False, offset=1.0)
+            tensor(p + "attn_k_norm.weight", (hd,), 0.1, quantize=False, offset=1.0)
+            tensor(p + "ffn_gate_inp.weight", (EXPERTS, hidden), 0.5, quantize=False)
+            tensor(p + "ffn_gate_exps.weight", (EXPERTS, EXPERT_FFN, hidden))
+            tensor(p + "ffn_up_exps.weight", (EXPERTS, EXPERT_FFN, hidden))
+            tensor(p + "ffn_down_exps.weight", (EXPERTS, hidden, EXPERT_FFN))
+            continue
         tensor(p + "ffn_gate.weight", (ffn, hidden))
         tensor(p + "ffn_up.weight", (ffn, hidden))
         tensor(p + "ffn_down.weight", (hidden, ffn))
@@ -112,15 +125,23 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("llama", "F16"), ("llama", "BF16"), ("llama", "Q8_0"),
-                                        ("llama", "Q4_0"), ("qwen2", "Q4_1"), ("qwen2", "Q5_1")])
+                                        ("llama", "Q4_0"), ("qwen2", "Q4_1"), ("qwen2", "Q5_1"),
+                                        ("qwen3moe", "F32"), ("qwen3moe", "Q4_1")])
 def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
+    """Each architecture and tensor type against transformers loading the same file. A MoE file (qwen3moe)
+    has its experts (3-D stacks) split expert by expert, packed when quantized; transformers is told
+    ``norm_topk_prob`` (the file has no key for it; llama.cpp's qwen3moe
+    graph renormalises the top-k router weights, and so does ours) and the experts' width (its GGUF loader
+    does not read ``expert_feed_forward_length``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = tmp_path / f"tiny-{arch}-{qtype}.gguf"
     write_gguf(path, arch, qtype, seed=len(qtype) + len(arch))
     model = CompiledModel.load(compiled(path, kv_dtype="float32"), num_blocks=8)  # the GGUF's numbers, unrounded
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    extra = {"norm_topk_prob": True, "moe_intermediate_size": EXPERT_FFN} if arch == "qwen3moe" else {}
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32,
+                                              **extra).eval()
     rng = np.random.default_rng(1)
     prompt = [int(t) for t in rng.integers(0, len(VOCAB), 19)]
     ours = RaggedDriver(model, 1, 32, rng).step([prompt], all_rows=True)
@@ -165,6 +186,14 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0].numpy()
         assert np.abs(ours - ref).max() <= tol * max(1.0, float(np.abs(ref).max())), where
+
+
+def test_mixtral_gguf_is_refused_in_one_line(tmp_path):
+    from .test_cli import assert_one_line_error, ferrum
+
+    path = tmp_path / "mixtral.gguf"
+    write_gguf(path, "llama-moe", "F32", seed=2)
+    assert_one_line_error(ferrum("compile", path, "-o", tmp_path / "out"), "'llama'", "Mixtral", "qwen3moe")
 
 
 @pytest.mark.parametrize("text", ["the thing is", " leading space", "in  the\nthing", "ü€ byte fallback 😀", "",

@@ -6,7 +6,9 @@ Q6_K are yielded as ``QuantTensor``s that keep their integers (packed for ferrum
 dequantized with ``--quant none``; ``quant.from_gguf`` says how each maps); the other types ``gguf`` can
 read (F32, F16, BF16, Q2_K, Q3_K, Q8_K, ...) are dequantized to float32. llama.cpp's converter
 permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
-match the rotate-half convention of our ``rope`` op, as the ``transformers`` GGUF loader does.
+match the rotate-half convention of our ``rope`` op, as the ``transformers`` GGUF loader does. A MoE file
+(``qwen3moe``) stacks each layer's experts in one 3-D tensor per projection (``ffn_{gate,up,down}_exps``);
+they are yielded expert by expert under the checkpoint names of Hugging Face's Qwen3-MoE.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",  # a MoE layer's router
 }
+# a MoE layer's expert stacks [experts, rows, columns] -> the projection each expert's slice is
+_EXPERT_STACKS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                  "ffn_down_exps.weight": "down_proj"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -52,6 +58,14 @@ def hf_name(gguf_name: str) -> str | None:
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
     return None
+
+
+def expert_names(gguf_name: str, experts: int) -> list[str] | None:
+    """Hugging Face names of the experts stacked in ``gguf_name`` (None: not an expert stack)."""
+    m = _BLOCK.match(gguf_name)
+    if m is None or m.group(2) not in _EXPERT_STACKS:
+        return None
+    return [f"model.layers.{m.group(1)}.mlp.experts.{e}.{_EXPERT_STACKS[m.group(2)]}.weight" for e in range(experts)]
 
 
 def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -87,11 +101,23 @@ def config_from_gguf(meta: _Meta, tensor_names: set[str]) -> ModelConfig:
     scaling: tuple = ()
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = (("factor", float(meta.need(f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
+    moe: dict = {}
+    if meta.get(f"{arch}.expert_count") and family != "qwen3_moe":
+        raise SourceError(f"mixture-of-experts {arch!r} GGUF files (Mixtral's) are not supported; qwen3moe ones are")
+    if meta.get(f"{arch}.expert_count"):
+        # llama.cpp's qwen3moe graph renormalises the top-k router weights (Qwen3-MoE's norm_topk_prob)
+        moe = {"num_experts": int(meta.need(f"{arch}.expert_count")),
+               "num_experts_per_tok": int(meta.need(f"{arch}.expert_used_count")),
+               "moe_intermediate_size": int(meta.need(f"{arch}.expert_feed_forward_length")),
+               "norm_topk_prob": True}
+    # a MoE file's dense FFN width (unused when every layer is sparse) may be missing
+    ffn = meta.get(f"{arch}.feed_forward_length") or moe.get("moe_intermediate_size") \
+        or meta.need(f"{arch}.feed_forward_length")
     return ModelConfig(
         arch=family,
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(meta.need(f"{arch}.feed_forward_length")),
+        intermediate_size=int(ffn),
         num_layers=int(meta.need(f"{arch}.block_count")),
         num_heads=heads,
         num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
@@ -101,10 +127,11 @@ def config_from_gguf(meta: _Meta, tensor_names: set[str]) -> ModelConfig:
         max_position_embeddings=int(meta.get(f"{arch}.context_length") or 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_window=int(meta.get(f"{arch}.attention.sliding_window") or 0),
         rope_scaling=scaling,
         source_dtype="float32",
+        **moe,
     )
 
 
@@ -126,9 +153,15 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
 
     quant: dict[str, dict] = {}
     for t in reader.tensors:
+        if t.tensor_type.name not in GGUF_FORMATS:
+            continue
+        spec = QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict()
         hf = hf_name(t.name)
-        if hf and t.tensor_type.name in GGUF_FORMATS and len(t.shape) == 2:
-            quant[hf] = QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict()
+        if hf and len(t.shape) == 2:
+            quant[hf] = spec
+        stacked = expert_names(t.name, config.num_experts) if len(t.shape) == 3 else None
+        for expert in stacked or []:
+            quant[expert] = spec
 
     def rope_heads(hf: str) -> int | None:
         """Heads of a q/k projection whose rows llama.cpp permuted (None: leave the rows alone)."""
@@ -140,6 +173,10 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
 
     def tensors() -> Iterator[tuple[str, object]]:
         for t in reader.tensors:
+            experts = expert_names(t.name, config.num_experts) if len(t.shape) == 3 else None
+            if experts:
+                yield from _experts(t, experts)
+                continue
             hf = hf_name(t.name)
             if hf is None:
                 continue  # e.g. rope_freqs: recomputed from metadata
@@ -151,16 +188,29 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
                     qt = qt.take_rows(_unpermute_rope_rows(np.arange(shape[0]), heads))
                 yield hf, qt
                 continue
-            try:
-                w = gguf.quants.dequantize(t.data, t.tensor_type)
-            except NotImplementedError:
-                raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
-                                  "dequantized; use a Q4_K/Q5_K/Q6_K/Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/F16/F32 file"
-                                  ) from None
-            w = np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+            w = np.asarray(_dequantize(t), dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
             if heads:
                 w = _unpermute_rope_rows(w, heads)
             yield hf, w
+
+    def _experts(t, names: list[str]) -> Iterator[tuple[str, object]]:
+        """Expert ``e`` of a stack ``[experts, rows, columns]`` (GGUF shape ``(columns, rows, experts)``)."""
+        cols, rows, count = (int(d) for d in t.shape)
+        if count != len(names):
+            raise SourceError(f"{path}: {t.name} stacks {count} experts, the metadata says {len(names)}")
+        data = np.asarray(t.data).reshape(count, rows, -1)
+        packed = t.tensor_type.name in GGUF_FORMATS and names[0] in quant
+        if not packed:
+            data = np.asarray(_dequantize(t), dtype=np.float32).reshape(count, rows, cols)
+        for i, name in enumerate(names):
+            yield name, from_gguf(t.tensor_type.name, data[i], (rows, cols)) if packed else data[i]
+
+    def _dequantize(t) -> np.ndarray:
+        try:
+            return gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
+                              "dequantized; use a Q4_K/Q5_K/Q6_K/Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/F16/F32 file") from None
 
     def write_tokenizer(dest: Path) -> list[str]:
         from .gguf_tokenizer import build_tokenizer
