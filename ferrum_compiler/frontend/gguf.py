@@ -200,14 +200,16 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
             raise SourceError(f"{path}: {t.name} stacks {count} experts, the metadata says {len(names)}")
         data = np.asarray(t.data).reshape(count, rows, -1)
         packed = t.tensor_type.name in GGUF_FORMATS and names[0] in quant
-        if not packed:
-            data = np.asarray(_dequantize(t), dtype=np.float32).reshape(count, rows, cols)
-        for i, name in enumerate(names):
-            yield name, from_gguf(t.tensor_type.name, data[i], (rows, cols)) if packed else data[i]
+        for i, name in enumerate(names):  # one expert at a time: a whole stack in float32 can be GBs
+            if packed:
+                yield name, from_gguf(t.tensor_type.name, data[i], (rows, cols))
+            else:
+                yield name, np.asarray(_dequantize(t, data[i]), dtype=np.float32).reshape(rows, cols)
 
-    def _dequantize(t) -> np.ndarray:
+    def _dequantize(t, data=None) -> np.ndarray:
+        """``t``'s data (or ``data``, a slice of it) in float32."""
         try:
-            return gguf.quants.dequantize(t.data, t.tensor_type)
+            return gguf.quants.dequantize(t.data if data is None else data, t.tensor_type)
         except NotImplementedError:
             raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be "
                               "dequantized; use a Q4_K/Q5_K/Q6_K/Q8_0/Q5_0/Q5_1/Q4_0/Q4_1/F16/F32 file") from None
