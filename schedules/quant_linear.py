@@ -144,11 +144,21 @@ def deinterleave_r16(packed: dict[str, np.ndarray], n: int, bits: int = 4) -> di
 ACT_BITS = (8, 16)  # the r16 kernel's activation precisions
 
 
-def quantize_activations_ref(x: np.ndarray, group_size: int, bits: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def act_qmax(fmt: QuantFormat, bits: int) -> int:
+    """The largest activation integer of the r16 kernel: ``2^(bits-1) - 1``, less 128 for 8-bit weights with
+    16-bit activations. Their weight bytes are the unsigned operand of the byte dot product, so both bytes
+    of an activation must be signed: ``high = (q + 128) >> 8`` and ``low = q - 256 * high``, with ``high``
+    at most 127 for ``|q| <= 32639``."""
+    return 2 ** (bits - 1) - 1 - (128 if fmt.bits == 8 and bits == 16 else 0)
+
+
+def quantize_activations_ref(x: np.ndarray, group_size: int, bits: int = 16,
+                             qmax: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """What the r16 kernel multiplies: per token and group, ``x ≈ dx * q`` with ``q`` a ``bits``-bit
-    integer (``dx = max|x| / (2^(bits-1) - 1)``); returns ``(q [T, K] int32, dx [T, K/G] float32)``."""
+    integer (``dx = max|x| / qmax``, ``qmax`` ``2^(bits-1) - 1`` unless given: ``act_qmax``); returns
+    ``(q [T, K] int32, dx [T, K/G] float32)``."""
     t, k = x.shape
-    qmax = np.float32(2 ** (bits - 1) - 1)
+    qmax = np.float32(2 ** (bits - 1) - 1 if qmax is None else qmax)
     xg = x.astype(np.float32).reshape(t, k // group_size, group_size)
     amax = np.abs(xg).max(axis=2)
     dx = (amax / qmax).astype(np.float32)
@@ -161,7 +171,7 @@ def activation_error_bound(x: np.ndarray, fmt: QuantFormat, w: np.ndarray, bits:
     """Worst-case ``|r16 kernel - exact|`` from rounding the activations to ``bits`` bits: the kernel computes
     ``W x^`` with ``x^`` the rounded activations (``quantize_activations_ref``), so per output
     ``sum_g dx_g / 2 * sum_{k in g} |W[n, k]|`` (``w`` the dequantized ``[N, K]`` weight)."""
-    _, dx = quantize_activations_ref(x, fmt.group_size, bits)
+    _, dx = quantize_activations_ref(x, fmt.group_size, bits, act_qmax(fmt, bits))
     wg = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1, fmt.group_size).sum(axis=2)  # [N, K/G]
     return (dx.astype(np.float64) / 2) @ wg.T
 
@@ -342,11 +352,11 @@ INT_DOT_ISAS = ("avx512_vnni", "avx2")
 
 
 def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
-    """Formats the r16 kernel takes: int4, and symmetric int8 (groups of 32 columns) with 8-bit activations
-    (16-bit ones would need an unsigned x unsigned byte product) on AVX-512 VNNI (AVX2's ``vpmaddubsw``
-    saturates a pair of 255 x 127 products)."""
-    return fmt.bits == 4 or (fmt.bits == 8 and fmt.sym and act_bits == 8 and fmt.group_size % 32 == 0
-                             and isa == "avx512_vnni")
+    """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16: every format takes both):
+    int4, and symmetric int8 (groups of 32 columns) on AVX-512 VNNI (AVX2's ``vpmaddubsw`` saturates a pair
+    of 255 x 127 products)."""
+    return act_bits in ACT_BITS and (fmt.bits == 4 or (fmt.bits == 8 and fmt.sym and fmt.group_size % 32 == 0
+                                                       and isa == "avx512_vnni"))
 
 
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
@@ -362,8 +372,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     Each token's activations are rounded per weight group to ``act_bits`` bits (``x ≈ dx * q``, ``dx =
     max|x| / (2^(act_bits-1) - 1)``: a relative error of 1.5e-5 (16 bits) or 3.9e-3 (8 bits, what
     llama.cpp's Q8 activations give) of the group's largest value; ``activation_error_bound``). 16-bit
-    values are split into a signed high byte and an unsigned low byte, 8-bit ones are one signed byte; 4
-    columns per 32-bit word. One 64-byte load gives 16 rows x 8 columns of nibbles; masked and shifted, each
+    values are split into a signed high byte and an unsigned low byte (int8 weights, which are the unsigned
+    operand: two signed bytes, ``act_qmax``), 8-bit ones are one signed byte; 4 columns per 32-bit word. One 64-byte load gives 16 rows x 8 columns of nibbles; masked and shifted, each
     half feeds one u8 x s8 4-way dot product per activation byte (``vpdpbusd`` with AVX-512 VNNI;
     ``vpmaddubsw`` + ``vpmaddwd`` with AVX2), accumulating the 16 rows' integer sums in the 16 lanes of one
     register (no horizontal reduction): 8-bit activations halve the dot products. Per group ``sum = 256 *
@@ -381,7 +391,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
     wide = act_bits == 16  # two activation bytes per value
-    qmax = float(2 ** (act_bits - 1) - 1)
+    qmax = float(act_qmax(fmt, act_bits))
     store = _block_store(N, R16, has_bias, out_dtype)
 
     # TVMScript 0.27 turns a plain ``name = expr`` in a kernel into a scratch buffer that costs a workspace
@@ -413,13 +423,14 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                   T.broadcast(T.int16(1), 16)))
         return acc + T.vectorcombine("int32x16", halves[0], halves[1])
 
-    def group_sum(hl, hh, ll, lh, tt):
+    def group_sum(hl, hh, ll, lh, tt, zsum=None):
         """float32x16 ``256 * high + low`` (16-bit activations) or the one byte's sum of one group's integer
-        row sums (exact)."""
+        row sums (exact), less the int32 ``zsum`` where given (int8 weights with 16-bit activations: the
+        zero point's term, taken in integers so that only the final sum is rounded to float32)."""
         if not wide:
             return T.Cast("float32x16", lanes(hl, tt) + lanes(hh, tt))
-        return T.Cast("float32x16", T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16))
-                      + lanes(ll, tt) + lanes(lh, tt))
+        total = T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16)) + lanes(ll, tt) + lanes(lh, tt)
+        return T.Cast("float32x16", total if zsum is None else total - T.broadcast(zsum, R16))
 
     def scales16(s, task, g):
         """float32x16: the 16 rows' scales of group ``g``."""
@@ -436,16 +447,21 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
 
     def packed_bytes(x, i, g, w4, inv, high):
         """The 4 high (signed) or low bytes of columns ``4 w4 .. 4 w4 + 3`` of group ``g``, as one word (an
-        8-bit value's low byte is the whole signed value)."""
+        8-bit value's low byte is the whole signed value; with int8 weights both bytes of a 16-bit value are
+        signed: ``high = (q + 128) >> 8``, ``low = q - 256 * high``)."""
         word = T.uint32(0)
         for j in range(4):
             q = T.Cast("int32", T.round(xf(x, i, g * G + w4 * 4 + j) * inv))
-            byte = T.bitwise_and(T.shift_right(q, 8) if high else q, 255)
+            if eight and wide:
+                hi = T.shift_right(q + 128, 8)
+                byte = T.bitwise_and(hi if high else q - T.shift_left(hi, 8), 255)
+            else:
+                byte = T.bitwise_and(T.shift_right(q, 8) if high else q, 255)
             word = word | T.shift_left(T.Cast("uint32", byte), T.uint32(8 * j))
         return word
 
     @T.macro
-    def prep_token(x, xh, xl, dx, sx, i):
+    def prep_token(x, xh, xl, dx, sx, sq, i):
         for g in T.serial(KG):
             part = T.alloc_buffer((16,), "float32")  # 16 lanes of max |x|, then of the sum of the 16-bit values
             st = T.alloc_buffer((3,), "float32")  # max |x|, 32767 / max |x|, sum of the 16-bit values
@@ -468,6 +484,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             for l in T.serial(15):
                 st[2] = st[2] + part[l + 1]
             sx[i, g] = st[2] * dx[i, g]  # the zero/min term sees the same rounded activations
+            sq[i, g] = T.Cast("int32", st[2])  # exact: below 2^24
             for w4 in T.vectorized(G // 4):
                 if wide:
                     xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], True)
@@ -476,7 +493,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                     xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], False)
 
     @T.macro
-    def rows(w, s, m, b, out, xh, xl, dx, sx, ntok, TB):
+    def rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, TB):
         for task in T.parallel(NB):
             # two accumulators per byte half and nibble half: four independent dot-product chains
             hl = T.alloc_buffer((TB * R16,), "int32")
@@ -504,22 +521,32 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                         word(xh, t, wl))
                                     hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), weight_bytes(w, task, wl + 4),
                                                                         word(xh, t, wl + 4))
+                                    if wide:  # the signed low bytes
+                                        ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), weight_bytes(w, task, wl),
+                                                                            word(xl, t, wl))
+                                        lh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                            lanes(lh, tt), weight_bytes(w, task, wl + 4), word(xl, t, wl + 4))
                                 else:
                                     ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
                                                                         word(xh, t, wl))
                                     hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
                                                                         word(xh, t, wl + 4))
-                                    if wide:  # 16-bit activations: int4 weights only
+                                    if wide:  # the unsigned low bytes against the nibbles
                                         ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
                                                                             nibbles(w, task, ch, False))
                                         lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
                                                                             nibbles(w, task, ch, True))
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
-                        acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
-                            + group_sum(hl, hh, ll, lh, tt) * (scales16(s, task, g) * T.broadcast(dx[t, g], R16)) \
-                            + zero_term(s, m, task, g, sx[t, g])
+                        if eight and wide:  # sum (q + 128) x^ - 128 sum x^ in int32: sum q x^
+                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
+                                + group_sum(hl, hh, ll, lh, tt, sq[t, g] * 128) \
+                                * (scales16(s, task, g) * T.broadcast(dx[t, g], R16))
+                        else:
+                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
+                                + group_sum(hl, hh, ll, lh, tt) * (scales16(s, task, g) * T.broadcast(dx[t, g], R16)) \
+                                + zero_term(s, m, task, g, sx[t, g])
                 store(acc, b, out, i0, task, ntok, TB)
 
     @T.macro
@@ -528,14 +555,15 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
         dx = T.alloc_buffer((ntok, KG), "float32")
         sx = T.alloc_buffer((ntok, KG), "float32")
+        sq = T.alloc_buffer((ntok, KG), "int32")  # sum of a group's integers x^
         if ntok < _TILE_MIN_TOKENS:
             for i in T.serial(ntok):  # K values per token: not worth waking the thread pool
-                prep_token(x, xh, xl, dx, sx, i)
-            rows(w, s, m, b, out, xh, xl, dx, sx, ntok, _R16_DECODE_TOKENS)
+                prep_token(x, xh, xl, dx, sx, sq, i)
+            rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, _R16_DECODE_TOKENS)
         else:
             for i in T.parallel(ntok):
-                prep_token(x, xh, xl, dx, sx, i)
-            rows(w, s, m, b, out, xh, xl, dx, sx, ntok, _R16_PREFILL_TOKENS)
+                prep_token(x, xh, xl, dx, sx, sq, i)
+            rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, _R16_PREFILL_TOKENS)
 
     WS, SS = qshape["qweight"][0], qshape["scales"][0]
     if sym and not has_bias:

@@ -63,7 +63,7 @@ R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2"
        t=st.sampled_from([1, 2, 3, 4, 6, 9]), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
        act_bits=st.sampled_from([8, 16]), seed=st.integers(0, 10_000))
 def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, act_bits, seed):
-    """The integer-dot kernel (both ISAs; int4 weights, and symmetric int8 ones with 8-bit activations) vs the
+    """The integer-dot kernel (both ISAs; int4 weights, and symmetric int8 ones on AVX-512 VNNI) vs the
     exact float64 product: within the proven bound of
     rounding activations to 8 or 16 bits per group (the kernel computes W x^ exactly), plus float32
     rounding. Decode (t < 4) and prefill
@@ -73,9 +73,7 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
 
     if flag not in host_cpu_flags():
         pytest.skip(f"this CPU has no {flag}")
-    if not r16_supports(fmt, act_bits, isa):
-        assume(r16_supports(fmt, 8, isa))  # AVX2 takes no int8 weights
-        act_bits = 8  # int8 weights run with 8-bit activations only
+    assume(r16_supports(fmt, act_bits, isa))  # AVX2 takes no int8 weights
     k = fmt.group_size * groups
     rng = np.random.default_rng(seed)
     qw, s, m = _random_packed(rng, fmt, n, k)
