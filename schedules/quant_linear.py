@@ -158,11 +158,11 @@ def quantize_activations_ref(x: np.ndarray, group_size: int, bits: int = 16,
     integer (``dx = max|x| / qmax``, ``qmax`` ``2^(bits-1) - 1`` unless given: ``act_qmax``); returns
     ``(q [T, K] int32, dx [T, K/G] float32)``."""
     t, k = x.shape
-    qmax = np.float32(2 ** (bits - 1) - 1 if qmax is None else qmax)
+    top = np.float32(2 ** (bits - 1) - 1 if qmax is None else qmax)
     xg = x.astype(np.float32).reshape(t, k // group_size, group_size)
     amax = np.abs(xg).max(axis=2)
-    dx = (amax / qmax).astype(np.float32)
-    inv = np.where(amax > 0, qmax / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    dx = (amax / top).astype(np.float32)
+    inv = np.where(amax > 0, top / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.round(xg * inv[:, :, None]).astype(np.int32)
     return q.reshape(t, k), dx
 
@@ -352,11 +352,13 @@ INT_DOT_ISAS = ("avx512_vnni", "avx2")
 
 
 def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
-    """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16: every format takes both):
-    int4, and symmetric int8 (groups of 32 columns) on AVX-512 VNNI (AVX2's ``vpmaddubsw`` saturates a pair
-    of 255 x 127 products)."""
-    return act_bits in ACT_BITS and (fmt.bits == 4 or (fmt.bits == 8 and fmt.sym and fmt.group_size % 32 == 0
-                                                       and isa == "avx512_vnni"))
+    """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16): int4, and symmetric int8
+    (groups of 32 columns) on AVX-512 VNNI (AVX2's ``vpmaddubsw`` saturates a pair of 255 x 127 products),
+    with 16-bit activations in groups of at most 256 columns (a group's byte sums stay within int32)."""
+    if act_bits not in ACT_BITS:
+        return False
+    return fmt.bits == 4 or (fmt.bits == 8 and fmt.sym and fmt.group_size % 32 == 0 and isa == "avx512_vnni"
+                             and (act_bits == 8 or fmt.group_size <= 256))
 
 
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
@@ -373,13 +375,14 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     max|x| / (2^(act_bits-1) - 1)``: a relative error of 1.5e-5 (16 bits) or 3.9e-3 (8 bits, what
     llama.cpp's Q8 activations give) of the group's largest value; ``activation_error_bound``). 16-bit
     values are split into a signed high byte and an unsigned low byte (int8 weights, which are the unsigned
-    operand: two signed bytes, ``act_qmax``), 8-bit ones are one signed byte; 4 columns per 32-bit word. One 64-byte load gives 16 rows x 8 columns of nibbles; masked and shifted, each
-    half feeds one u8 x s8 4-way dot product per activation byte (``vpdpbusd`` with AVX-512 VNNI;
+    operand: two signed bytes, ``act_qmax``), 8-bit ones are one signed byte; 4 columns per 32-bit word.
+    One 64-byte load gives 16 rows x 8 columns of nibbles; masked and shifted, each half feeds one u8 x s8 4-way dot product per activation byte (``vpdpbusd`` with AVX-512 VNNI;
     ``vpmaddubsw`` + ``vpmaddwd`` with AVX2), accumulating the 16 rows' integer sums in the 16 lanes of one
     register (no horizontal reduction): 8-bit activations halve the dot products. Per group ``sum = 256 *
-    high + low`` (or the one byte's sum) is exact in int32 and float32 (|sum| < 2^24 for 32 columns), then
-    scaled by ``scale * dx`` and corrected by ``(min or -zp * scale) * dx * sum(q_g)``: the kernel computes
-    ``W x^`` exactly but for float32 rounding, ``x^`` the rounded activations."""
+    high + low`` (or the one byte's sum) is exact in int32 and, for int4 weights, float32 (|sum| < 2^24 for
+    32 columns), then scaled by ``scale * dx`` and corrected by ``(min or -zp * scale) * dx * sum(q_g)``
+    (int8 weights with 16-bit activations: ``sum - 128 sum(q_g)`` in int32, then one rounding to float32):
+    the kernel computes ``W x^`` exactly but for float32 rounding, ``x^`` the rounded activations."""
     from tvm.script import tirx as T
 
     assert isa in INT_DOT_ISAS and act_bits in ACT_BITS and r16_supports(fmt, act_bits, isa), (fmt, isa, act_bits)
@@ -464,7 +467,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     def prep_token(x, xh, xl, dx, sx, sq, i):
         for g in T.serial(KG):
             part = T.alloc_buffer((16,), "float32")  # 16 lanes of max |x|, then of the sum of the 16-bit values
-            st = T.alloc_buffer((3,), "float32")  # max |x|, 32767 / max |x|, sum of the 16-bit values
+            st = T.alloc_buffer((3,), "float32")  # max |x|, qmax / max |x|, sum of the integers
             for l in T.vectorized(16):
                 part[l] = T.fabs(xf(x, i, g * G + l))
             for c in T.serial(G // 16 - 1):
