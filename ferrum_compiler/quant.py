@@ -169,7 +169,7 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
             raise SourceError(f"{type_name} sub-block scales beyond float16's range; compile with --quant none")
         return QuantTensor(fmt, q.reshape(n, k), scales16.astype(np.float32).reshape(n, -1),
                            None if mins is None else mins.reshape(n, -1))
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = _f16_at(blocks, 0).astype(np.float32)
     if type_name == "Q8_0":
         q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
         return QuantTensor(fmt, q, d, None)
@@ -181,16 +181,16 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
         q = low.astype(np.int16) | (high.astype(np.int16) << 4)
         if type_name == "Q5_0":
             return QuantTensor(fmt, (q - 16).astype(np.int8).reshape(n, k), d, None)
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = _f16_at(blocks, 2).astype(np.float32)
         return QuantTensor(fmt, q.astype(np.int8).reshape(n, k), d, m)
     if type_name == "Q4_1":
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        m = _f16_at(blocks, 2).astype(np.float32)
         return QuantTensor(fmt, unpack_int4(blocks[..., 4:].reshape(n, k // 2)), d, m)
     return QuantTensor(fmt, unpack_int4(blocks[..., 2:].reshape(n, k // 2)), d, None)
 
 
 def _f16_at(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The float16 at byte ``at`` of each block, as float64."""
+    """The float16 at byte ``at`` of each block, as float64 (exact)."""
     return blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float64)
 
 

@@ -102,11 +102,12 @@ def config_from_gguf(meta: _Meta, tensor_names: set[str]) -> ModelConfig:
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         scaling = (("factor", float(meta.need(f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
     moe: dict = {}
-    if meta.get(f"{arch}.expert_count") and family != "qwen3_moe":
+    experts = meta.get(f"{arch}.expert_count")
+    if experts and family != "qwen3_moe":
         raise SourceError(f"mixture-of-experts {arch!r} GGUF files (Mixtral's) are not supported; qwen3moe ones are")
-    if meta.get(f"{arch}.expert_count"):
+    if experts:
         # llama.cpp's qwen3moe graph renormalises the top-k router weights (Qwen3-MoE's norm_topk_prob)
-        moe = {"num_experts": int(meta.need(f"{arch}.expert_count")),
+        moe = {"num_experts": int(experts),
                "num_experts_per_tok": int(meta.need(f"{arch}.expert_used_count")),
                "moe_intermediate_size": int(meta.need(f"{arch}.expert_feed_forward_length")),
                "norm_topk_prob": True}
@@ -199,7 +200,7 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
         if count != len(names):
             raise SourceError(f"{path}: {t.name} stacks {count} experts, the metadata says {len(names)}")
         data = np.asarray(t.data).reshape(count, rows, -1)
-        packed = t.tensor_type.name in GGUF_FORMATS and names[0] in quant
+        packed = names[0] in quant  # declared above for the types GGUF_FORMATS keeps packed
         for i, name in enumerate(names):  # one expert at a time: a whole stack in float32 can be GBs
             if packed:
                 yield name, from_gguf(t.tensor_type.name, data[i], (rows, cols))
