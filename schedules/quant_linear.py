@@ -376,7 +376,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     llama.cpp's Q8 activations give) of the group's largest value; ``activation_error_bound``). 16-bit
     values are split into a signed high byte and an unsigned low byte (int8 weights, which are the unsigned
     operand: two signed bytes, ``act_qmax``), 8-bit ones are one signed byte; 4 columns per 32-bit word.
-    One 64-byte load gives 16 rows x 8 columns of nibbles; masked and shifted, each half feeds one u8 x s8 4-way dot product per activation byte (``vpdpbusd`` with AVX-512 VNNI;
+    One 64-byte load gives 16 rows x 8 columns of nibbles; masked and shifted, each half feeds one u8 x s8
+    4-way dot product per activation byte (``vpdpbusd`` with AVX-512 VNNI;
     ``vpmaddubsw`` + ``vpmaddwd`` with AVX2), accumulating the 16 rows' integer sums in the 16 lanes of one
     register (no horizontal reduction): 8-bit activations halve the dot products. Per group ``sum = 256 *
     high + low`` (or the one byte's sum) is exact in int32 and, for int4 weights, float32 (|sum| < 2^24 for
@@ -435,6 +436,15 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         total = T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16)) + lanes(ll, tt) + lanes(lh, tt)
         return T.Cast("float32x16", total if zsum is None else total - T.broadcast(zsum, R16))
 
+    def accumulate(acc_v, hl, hh, ll, lh, tt, s, m, task, g, dx_g, sx_g, sq_g):
+        """float32x16 ``acc_v`` (the 16 rows' outputs for token ``tt``) plus group ``g``'s integer row sums
+        scaled by ``scale * dx``, with the zero point's (or min's) term: taken off in int32 for int8 weights
+        with 16-bit activations (``sum (q + 128) x^ - 128 sum x^``), added in float32 otherwise."""
+        scale = scales16(s, task, g) * T.broadcast(dx_g, R16)
+        if eight and wide:
+            return acc_v + group_sum(hl, hh, ll, lh, tt, sq_g * 128) * scale
+        return acc_v + group_sum(hl, hh, ll, lh, tt) * scale + zero_term(s, m, task, g, sx_g)
+
     def scales16(s, task, g):
         """float32x16: the 16 rows' scales of group ``g``."""
         return T.Cast("float32x16", s[task, T.ramp(g * R16, 1, R16)])
@@ -487,7 +497,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             for l in T.serial(15):
                 st[2] = st[2] + part[l + 1]
             sx[i, g] = st[2] * dx[i, g]  # the zero/min term sees the same rounded activations
-            sq[i, g] = T.Cast("int32", st[2])  # exact: below 2^24
+            if eight and wide:
+                sq[i, g] = T.Cast("int32", st[2])  # exact: below 2^24
             for w4 in T.vectorized(G // 4):
                 if wide:
                     xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], True)
@@ -542,14 +553,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                             nibbles(w, task, ch, True))
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
-                        if eight and wide:  # sum (q + 128) x^ - 128 sum x^ in int32: sum q x^
-                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
-                                + group_sum(hl, hh, ll, lh, tt, sq[t, g] * 128) \
-                                * (scales16(s, task, g) * T.broadcast(dx[t, g], R16))
-                        else:
-                            acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] \
-                                + group_sum(hl, hh, ll, lh, tt) * (scales16(s, task, g) * T.broadcast(dx[t, g], R16)) \
-                                + zero_term(s, m, task, g, sx[t, g])
+                        acc[tt, T.ramp(0, 1, R16)] = accumulate(acc[tt, T.ramp(0, 1, R16)], hl, hh, ll, lh, tt, s,
+                                                                m, task, g, dx[t, g], sx[t, g], sq[t, g])
                 store(acc, b, out, i0, task, ntok, TB)
 
     @T.macro
@@ -558,7 +563,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
         dx = T.alloc_buffer((ntok, KG), "float32")
         sx = T.alloc_buffer((ntok, KG), "float32")
-        sq = T.alloc_buffer((ntok, KG), "int32")  # sum of a group's integers x^
+        sq = T.alloc_buffer((ntok, KG), "int32")  # sum of a group's integers x^ (int8 weights, 16-bit x)
         if ntok < _TILE_MIN_TOKENS:
             for i in T.serial(ntok):  # K values per token: not worth waking the thread pool
                 prep_token(x, xh, xl, dx, sx, sq, i)
