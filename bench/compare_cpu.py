@@ -6,25 +6,30 @@ Not a test, and it installs nothing. The peers are installed by hand, once:
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python   # llama.cpp built for this CPU (~5 min on 2 cores)
     pip install -e ".[test]"                                      # transformers + torch 2.13.0 CPU (ferrum's test deps)
 
+(Where a VM's CPUID advertises instructions it cannot run, the native build dies with SIGILL; name the ISA
+instead, e.g. ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+-DGGML_AVX512_VNNI=ON``.)
+
 Then `python bench/compare_cpu.py` (options: --rounds N, --threads N, --ferrum ARTIFACT, --ferrum-act8
-ARTIFACT, --gguf FILE, --engines a,b,..., --baseline ARTIFACT). Two extra engines: ``ferrum-dense``, the
-file compiled with ``--quant none`` (every matrix dequantized), and ``ferrum-baseline``, the artifact
-``--baseline`` names (e.g. the same file compiled by an older ferrum).
-A K-quant file of SmolLM2 comes from llama.cpp's quantizer through llama-cpp-python:
+ARTIFACT, --gguf FILE, --engines a,b,..., --baseline ARTIFACT). Every engine reads the same GGUF (ferrum
+compiles it with its quantized tensors kept packed, once with its default 16-bit activations in the
+integer-dot kernel and once with --act-bits 8, llama.cpp's Q8 activation numerics; transformers
+dequantizes it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the
+same thread count. Two extra engines: ``ferrum-dense``, the file compiled with ``--quant none`` (every
+matrix dequantized), and ``ferrum-baseline``, the artifact ``--baseline`` names (e.g. the same file
+compiled by an older ferrum). A K-quant file of SmolLM2 comes from llama.cpp's quantizer through
+llama-cpp-python:
 
     python -c "import llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = 15; \
       p.allow_requantize = True; l.llama_model_quantize(b'SRC.gguf', b'smollm2-q4_k_m.gguf', p)"
 
 (ftype 15: Q4_K_M, 17: Q5_K_M; from the packaged Q4_1 file, requantized: the speed, not the quality, is
-what this measures). Every engine reads the same GGUF (ferrum compiles it with its Q4_1/Q8_0 tensors kept packed,
-once with its default 16-bit activations in the INT4 kernel and once with --act-bits 8, llama.cpp's Q8
-activation numerics; transformers dequantizes it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the same thread
-count. Each measurement is a fresh process; engines alternate within each round and the median over
-rounds is reported, with ratios to llama.cpp from the same run. Rows:
+what this measures.) Each measurement is a fresh process; engines alternate within each round and the
+median over rounds is reported, with ratios to llama.cpp from the same run. Rows:
 - pp512: prefill of one 512-token prompt, tok/s;
 - tg128: 128 decode steps of one sequence right after a 16-token prompt, tok/s (fixed input tokens: speed
   does not depend on which token is fed, so no engine's sampler is timed).
-Writes docs/bench/<date>-compare-cpu.md and raw/<date>-compare-cpu.json (+ lscpu).
+Writes docs/bench/<date>-compare-cpu[-<GGUF stem>].md and raw/<date>-compare-cpu[-<GGUF stem>].json (+ lscpu).
 """
 
 from __future__ import annotations
