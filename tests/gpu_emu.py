@@ -357,9 +357,8 @@ def gpu_module(relax_mod, arch: str = "sm_80"):
     import tvm
     from tvm.relax.backend.cuda import pipeline
 
-    from ferrum_compiler.gpu_build import preload_tensor_intrinsics
-
-    preload_tensor_intrinsics()  # else dlight's first matmul imports them, about 25 s under pytest
+    # dlight imports TVM's tensor intrinsics when it first tensorizes; the test session parses them with
+    # ferrum_compiler.tvmscript.quick_frames (tests/conftest.py), so that import costs seconds, not 25 s
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     with target:
         # and the dataflow rewrite that turns copy kernels it recognises as reshapes into views
