@@ -474,7 +474,8 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         if kernel_kind != "cpu" or int_dot_isa is None:
             raise ValueError("r16 weights need the CPU kernel with integer dot products")
         bits = at.get("act_bits", 16)
-        gv = kernel(("qlinear_r16", k, n, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, int_dot_isa, bits),
+        gv = kernel(("qlinear_r16", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype,
+                     int_dot_isa, bits),
                     lambda: quant_sched.make_qlinear_r16_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype, int_dot_isa,
                                                              bits))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))

@@ -352,12 +352,13 @@ INT_DOT_ISAS = ("avx512_vnni", "avx2")
 
 
 def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
-    """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16): int4, and symmetric int8
-    (groups of 32 columns) on AVX-512 VNNI (AVX2's ``vpmaddubsw`` saturates a pair of 255 x 127 products),
-    with 16-bit activations in groups of at most 256 columns (a group's byte sums stay within int32)."""
+    """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16): int4, and int8 (symmetric
+    or with mins, any group of 16k columns) on AVX-512 VNNI (AVX2's ``vpmaddubsw`` saturates a pair of
+    255 x 127 products), with 16-bit activations in groups of at most 256 columns (a group's byte sums stay
+    within int32)."""
     if act_bits not in ACT_BITS:
         return False
-    return fmt.bits == 4 or (fmt.bits == 8 and fmt.sym and fmt.group_size % 32 == 0 and isa == "avx512_vnni"
+    return fmt.bits == 4 or (fmt.bits == 8 and fmt.group_size % 16 == 0 and isa == "avx512_vnni"
                              and (act_bits == 8 or fmt.group_size <= 256))
 
 
@@ -368,8 +369,7 @@ _R16_PREFILL_TOKENS = 4
 def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
                          bias_dtype: str | None, isa: str, act_bits: int = 16):
     """PrimFunc ``qlinear(x[T,K], qweight, scales, [mins,] [bias[N],] out[T,N])`` for int4 weights (and the
-    symmetric int8 ones ``r16_supports`` admits) in the "r16" layout (``interleave_r16``), with integer dot
-    products.
+    int8 ones ``r16_supports`` admits) in the "r16" layout (``interleave_r16``), with integer dot products.
 
     Each token's activations are rounded per weight group to ``act_bits`` bits (``x ≈ dx * q``, ``dx =
     max|x| / (2^(act_bits-1) - 1)``: a relative error of 1.5e-5 (16 bits) or 3.9e-3 (8 bits, what
@@ -382,16 +382,21 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     register (no horizontal reduction): 8-bit activations halve the dot products. Per group ``sum = 256 *
     high + low`` (or the one byte's sum) is exact in int32 and, for int4 weights, float32 (|sum| < 2^24 for
     32 columns), then scaled by ``scale * dx`` and corrected by ``(min or -zp * scale) * dx * sum(q_g)``
-    (int8 weights with 16-bit activations: ``sum - 128 sum(q_g)`` in int32, then one rounding to float32):
-    the kernel computes ``W x^`` exactly but for float32 rounding, ``x^`` the rounded activations."""
+    (int8 weights: their ``+ 128`` is taken off as ``sum - 128 sum(q_g)`` in int32 before the one rounding
+    to float32, and only a min is added after): the kernel computes ``W x^`` exactly but for float32
+    rounding, ``x^`` the rounded activations. An int8 group of 16 columns is 4 activation words, two
+    accumulator chains of 2 (32k columns: blocks of 8 words, chains of 4)."""
     from tvm.script import tirx as T
 
     assert isa in INT_DOT_ISAS and act_bits in ACT_BITS and r16_supports(fmt, act_bits, isa), (fmt, isa, act_bits)
     K, N, G = in_features, out_features, fmt.group_size
     assert fmt.check(K) is None, fmt.check(K)
-    KG, NB, BPG, W4 = K // G, -(-N // R16), G // 32, K // 4
     eight = fmt.bits == 8  # one weight per byte, stored as q + 128
-    sym, zp, has_bias = fmt.sym, 128.0 if eight else float(fmt.zero_point), bias_dtype is not None
+    # a block is S activation words (4 columns each), split between two accumulator chains of S / 2; int4:
+    # one 32-column block of nibbles (its low nibbles 16 columns, its high ones the next 16)
+    S = min(8, G // 4) if eight else 8
+    KG, NB, BPG, W4 = K // G, -(-N // R16), G // 4 // S, K // 4
+    sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
     wide = act_bits == 16  # two activation bytes per value
@@ -429,20 +434,22 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
 
     def group_sum(hl, hh, ll, lh, tt, zsum=None):
         """float32x16 ``256 * high + low`` (16-bit activations) or the one byte's sum of one group's integer
-        row sums (exact), less the int32 ``zsum`` where given (int8 weights with 16-bit activations: the
-        zero point's term, taken in integers so that only the final sum is rounded to float32)."""
-        if not wide:
-            return T.Cast("float32x16", lanes(hl, tt) + lanes(hh, tt))
-        total = T.shift_left(lanes(hl, tt) + lanes(hh, tt), T.broadcast(8, R16)) + lanes(ll, tt) + lanes(lh, tt)
+        row sums (exact), less the int32 ``zsum`` where given (int8 weights: the ``+ 128``'s term, taken in
+        integers so that only the final sum is rounded to float32)."""
+        total = lanes(hl, tt) + lanes(hh, tt)
+        if wide:
+            total = T.shift_left(total, T.broadcast(8, R16)) + lanes(ll, tt) + lanes(lh, tt)
         return T.Cast("float32x16", total if zsum is None else total - T.broadcast(zsum, R16))
 
     def accumulate(acc_v, hl, hh, ll, lh, tt, s, m, task, g, dx_g, sx_g, sq_g):
         """float32x16 ``acc_v`` (the 16 rows' outputs for token ``tt``) plus group ``g``'s integer row sums
-        scaled by ``scale * dx``, with the zero point's (or min's) term: taken off in int32 for int8 weights
-        with 16-bit activations (``sum (q + 128) x^ - 128 sum x^``), added in float32 otherwise."""
+        scaled by ``scale * dx``, with the zero point's (or min's) term: for int8 weights their ``+ 128`` is
+        taken off in int32 (``sum (q + 128) x^ - 128 sum x^``) and a min added in float32; for int4 both
+        terms are added in float32."""
         scale = scales16(s, task, g) * T.broadcast(dx_g, R16)
-        if eight and wide:
-            return acc_v + group_sum(hl, hh, ll, lh, tt, sq_g * 128) * scale
+        if eight:
+            exact = acc_v + group_sum(hl, hh, ll, lh, tt, sq_g * 128) * scale
+            return exact if sym else exact + zero_term(s, m, task, g, sx_g)
         return acc_v + group_sum(hl, hh, ll, lh, tt) * scale + zero_term(s, m, task, g, sx_g)
 
     def scales16(s, task, g):
@@ -497,7 +504,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             for l in T.serial(15):
                 st[2] = st[2] + part[l + 1]
             sx[i, g] = st[2] * dx[i, g]  # the zero/min term sees the same rounded activations
-            if eight and wide:
+            if eight:
                 sq[i, g] = T.Cast("int32", st[2])  # exact: below 2^24
             for w4 in T.vectorized(G // 4):
                 if wide:
@@ -526,20 +533,20 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                             ll[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
                             lh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
                     for bb in T.serial(BPG):
-                        for c in T.unroll(4):
+                        for c in T.unroll(S // 2):
                             for tt in T.unroll(TB):
                                 t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
-                                wl: T.let[T.int32] = (g * BPG + bb) * 8 + c  # activation word (int4: low nibbles)
-                                if eight:  # chunks c and c + 4 of the block's 8: 4 columns each
+                                wl: T.let[T.int32] = (g * BPG + bb) * S + c  # activation word (int4: low nibbles)
+                                if eight:  # chunks c and c + S / 2 of the block's S: 4 columns each
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), weight_bytes(w, task, wl),
                                                                         word(xh, t, wl))
-                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), weight_bytes(w, task, wl + 4),
-                                                                        word(xh, t, wl + 4))
+                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                        lanes(hh, tt), weight_bytes(w, task, wl + S // 2), word(xh, t, wl + S // 2))
                                     if wide:  # the signed low bytes
                                         ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), weight_bytes(w, task, wl),
                                                                             word(xl, t, wl))
                                         lh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                            lanes(lh, tt), weight_bytes(w, task, wl + 4), word(xl, t, wl + 4))
+                                            lanes(lh, tt), weight_bytes(w, task, wl + S // 2), word(xl, t, wl + S // 2))
                                 else:
                                     ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
@@ -563,7 +570,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
         dx = T.alloc_buffer((ntok, KG), "float32")
         sx = T.alloc_buffer((ntok, KG), "float32")
-        sq = T.alloc_buffer((ntok, KG), "int32")  # sum of a group's integers x^ (int8 weights, 16-bit x)
+        sq = T.alloc_buffer((ntok, KG), "int32")  # sum of a group's integers x^ (int8 weights)
         if ntok < _TILE_MIN_TOKENS:
             for i in T.serial(ntok):  # K values per token: not worth waking the thread pool
                 prep_token(x, xh, xl, dx, sx, sq, i)
@@ -1602,21 +1609,24 @@ def qlinear_te(fmt: QuantFormat, out_dtype: str, has_bias: bool):
 
 
 def qembedding_r16_te(fmt: QuantFormat, out_dtype: str):
-    """``f(qweight, scales, ids)`` → ``[T, D]`` rows of a symmetric int8 table in the r16 layout
+    """``f(qweight, scales, [mins,] ids)`` → ``[T, D]`` rows of an int8 table in the r16 layout
     (``interleave_r16``): row ``n`` column ``c`` is byte ``(c // 4) * 64 + (n % 16) * 4 + c % 4`` of block
     ``n // 16``, stored as ``q + 128``."""
     from tvm import te
 
-    assert fmt.bits == 8 and fmt.sym, fmt
+    assert fmt.bits == 8, fmt
 
-    def f(qweight, scales, ids):
+    def f(qweight, scales, *rest):
         d = qweight.shape[1] // R16
         G = fmt.group_size
+        mins, ids = (None, rest[0]) if fmt.sym else rest
 
         def row(t, c):
             n = ids[t]
             q = qweight[n // R16, (c // 4) * 64 + (n % R16) * 4 + c % 4].astype("float32") - 128.0
-            return (q * scales[n // R16, (c // G) * R16 + n % R16].astype("float32")).astype(out_dtype)
+            at = (n // R16, (c // G) * R16 + n % R16)
+            w = q * scales[at].astype("float32")
+            return (w if mins is None else w + mins[at]).astype(out_dtype)
 
         return te.compute((ids.shape[0], d), row, name="qembedding")
 

@@ -22,9 +22,9 @@ SPM_VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SP
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 EXPERTS, EXPERTS_USED, EXPERT_FFN = 4, 2, 32  # qwen3moe: every layer sparse
 # a K-quant file's types per tensor (K-quant rows are super-blocks of 256: hidden 256, FFN 512): mostly Q4_K,
-# Q6_K for the output and layer 0's v and down projections, Q5_K for layer 1's down projection
-K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
-         "blk.1.ffn_down.weight": "Q5_K"}
+# Q6_K for the output and layer 0's v projection, Q5_K for layer 1's down projection (the same shape and
+# group as layer 0's Q4_K one: two kernels that differ only in their bits)
+K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.1.ffn_down.weight": "Q5_K"}
 
 
 def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -180,6 +180,7 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     assert formats["model.layers.0.self_attn.v_proj.weight"] == (8, 16, True)
     assert formats["model.layers.1.self_attn.q_proj+k_proj+v_proj.weight"] == (4, 32, False)
     assert formats["model.layers.1.mlp.down_proj.weight"] == (8, 32, False)
+    assert formats["model.layers.0.mlp.down_proj.weight"] == (4, 32, False)
     model = CompiledModel.load(art, num_blocks=8)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, len(VOCAB), 19)]
     ours = RaggedDriver(model, 1, 32, np.random.default_rng(1)).step([prompt], all_rows=True)

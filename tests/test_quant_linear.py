@@ -18,7 +18,7 @@ from ferrum_compiler.quant import GPTQConfig, from_gguf, from_gptq, quantize_rtn
 from .gptq import gptq_pack
 
 FORMATS = [QuantFormat(4, 32, True), QuantFormat(4, 32, False), QuantFormat(4, 64, False), QuantFormat(4, 128, True),
-           QuantFormat(8, 16, True), QuantFormat(8, 32, True), QuantFormat(8, 64, False)]
+           QuantFormat(8, 16, True), QuantFormat(8, 32, True), QuantFormat(8, 32, False), QuantFormat(8, 64, False)]
 
 
 def _random_packed(rng, fmt: QuantFormat, n: int, k: int):
@@ -63,7 +63,7 @@ R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2"
        t=st.sampled_from([1, 2, 3, 4, 6, 9]), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
        act_bits=st.sampled_from([8, 16]), seed=st.integers(0, 10_000))
 def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, act_bits, seed):
-    """The integer-dot kernel (both ISAs; int4 weights, and symmetric int8 ones on AVX-512 VNNI) vs the
+    """The integer-dot kernel (both ISAs; int4 weights, and int8 ones on AVX-512 VNNI) vs the
     exact float64 product: within the proven bound of
     rounding activations to 8 or 16 bits per group (the kernel computes W x^ exactly), plus float32
     rounding. Decode (t < 4) and prefill
@@ -202,23 +202,28 @@ def test_gptq_tensors_convert_exactly(bits, group, desc_act, sym, v1, seed):
 
 
 @pytest.mark.kernel
-def test_int8_table_in_r16_layout_gathers_the_same_rows():
+@pytest.mark.parametrize("fmt", [QuantFormat(8, 32, True), QuantFormat(8, 16, True), QuantFormat(8, 32, False)],
+                         ids=["q8_0", "q6_k", "q5_1"])
+def test_int8_table_in_r16_layout_gathers_the_same_rows(fmt):
     """A tied INT8 table in the r16 layout (the lm_head's integer-dot layout) gathers exactly the rows of
-    the row-layout reference."""
+    the row-layout reference: symmetric, in groups of 16, with mins (one float32 rounding, as the
+    reference's)."""
     import tvm
     from tvm import te
 
     from ferrum.schedules.quant_linear import qembedding_r16_te, qembedding_ref
 
-    fmt, n, k = QuantFormat(8, 32, True), 37, 96
-    qw, s, _ = _random_packed(np.random.default_rng(3), fmt, n, k)
-    r16 = interleave_r16({"qweight": qw, "scales": s})
+    n, k = 37, 96
+    qw, s, m = _random_packed(np.random.default_rng(3), fmt, n, k)
+    r16 = interleave_r16({"qweight": qw, "scales": s, **({} if m is None else {"mins": m})})
     ids = np.array([0, 36, 17, 16, 15, 36], np.int32)
-    w_t = te.placeholder(r16["qweight"].shape, "uint8", "w")
-    s_t = te.placeholder(r16["scales"].shape, "float16", "s")
-    i_t = te.placeholder(ids.shape, "int32", "ids")
-    out_t = qembedding_r16_te(fmt, "float32")(w_t, s_t, i_t)
-    lib = tvm.compile(te.create_prim_func([w_t, s_t, i_t, out_t]), target={"kind": "llvm"})
+    tensors = [te.placeholder(r16["qweight"].shape, "uint8", "w"), te.placeholder(r16["scales"].shape, "float16", "s")]
+    if m is not None:
+        tensors.append(te.placeholder(r16["mins"].shape, "float32", "m"))
+    tensors.append(te.placeholder(ids.shape, "int32", "ids"))
+    out_t = qembedding_r16_te(fmt, "float32")(*tensors)
+    lib = tvm.compile(te.create_prim_func([*tensors, out_t]), target={"kind": "llvm"})
     out = tvm.runtime.tensor(np.zeros((len(ids), k), np.float32))
-    lib(tvm.runtime.tensor(r16["qweight"]), tvm.runtime.tensor(r16["scales"]), tvm.runtime.tensor(ids), out)
-    np.testing.assert_array_equal(out.numpy(), qembedding_ref(fmt, qw, s, None, ids).astype(np.float32))
+    args = [r16["qweight"], r16["scales"]] + ([] if m is None else [r16["mins"]]) + [ids]
+    lib(*[tvm.runtime.tensor(a) for a in args], out)
+    np.testing.assert_array_equal(out.numpy(), qembedding_ref(fmt, qw, s, m, ids).astype(np.float32))

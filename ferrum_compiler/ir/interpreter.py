@@ -89,8 +89,9 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
             fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
             tables = a[:-1]
             if op.attrs.get("layout", "rows") == "r16":  # int8: every row of the padded blocks
-                back = deinterleave_r16({"qweight": a[0], "scales": a[1]}, a[0].shape[0] * 16, fmt.bits)
-                tables = [back["qweight"], back["scales"]]
+                roles = ["qweight", "scales"] + ([] if fmt.sym else ["mins"])
+                back = deinterleave_r16(dict(zip(roles, a)), a[0].shape[0] * 16, fmt.bits)
+                tables = [back[role] for role in roles]
             r = qembedding_ref(fmt, tables[0], tables[1], None if fmt.sym else tables[2], a[-1])
         elif k == "moe":
             rest, stacks = list(a[2:]), []
