@@ -29,7 +29,8 @@ median over rounds is reported, with ratios to llama.cpp from the same run. Rows
 - pp512: prefill of one 512-token prompt, tok/s;
 - tg128: 128 decode steps of one sequence right after a 16-token prompt, tok/s (fixed input tokens: speed
   does not depend on which token is fed, so no engine's sampler is timed).
-Writes docs/bench/<date>-compare-cpu[-<GGUF stem>].md and raw/<date>-compare-cpu[-<GGUF stem>].json (+ lscpu).
+Writes docs/bench/<date>-compare-cpu[-<GGUF stem>].md and raw/<date>-compare-cpu[-<GGUF stem>].json (+ lscpu);
+an earlier record of the same day and file stays, and the new one is <date>b, <date>c, ...
 """
 
 from __future__ import annotations
@@ -212,12 +213,16 @@ def main() -> None:
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     base = med.get("llama.cpp")
     source = Path(GGUF).name if GGUF else "SmolLM2-135M-Instruct Q4_1 GGUF"
-    stem = f"{date}-compare-cpu" + (f"-{Path(GGUF).stem}" if GGUF else "")
+    suffix = f"-compare-cpu-{Path(GGUF).stem}" if GGUF else "-compare-cpu"
+    # a record of the same day and file is kept: this one becomes <date>b, c, ... as docs/bench/ names them
+    day = next(date + tag for tag in ["", *"bcdefghijklmnopqrstuvwxyz"]
+               if not (OUT / f"{date}{tag}{suffix}.md").exists())
+    stem = day + suffix
     command = " ".join(["python bench/compare_cpu.py", *sys.argv[1:]])
     lines = [f"# {date} ferrum vs llama.cpp vs transformers on cpu ({source})", "",
              f"`{command}` (see its docstring for how the peers are installed)", "",
              f"Machine: {model} ({simd}), {args.threads} threads; median of {args.rounds} alternating rounds, one "
-             f"process per measurement (raw/{stem}.json, raw/{date}-compare-lscpu.txt).", "",
+             f"process per measurement (raw/{stem}.json, raw/{day}-compare-lscpu.txt).", "",
              "| engine | pp512 (tok/s) | tg128 (tok/s) | pp512 vs llama.cpp | tg128 vs llama.cpp |", "|---|---|---|---|---|"]
     for e, m in med.items():
         ratio = (f"x{m['pp512'] / base['pp512']:.2f} | x{m['tg128'] / base['tg128']:.2f}" if base else "- | -")
@@ -225,7 +230,7 @@ def main() -> None:
     lines.append("")
     (OUT / f"{stem}.md").write_text("\n".join(lines))
     (OUT / "raw" / f"{stem}.json").write_text(json.dumps({"runs": raw, "logs": logs}, indent=1))
-    (OUT / "raw" / f"{date}-compare-lscpu.txt").write_text(lscpu)
+    (OUT / "raw" / f"{day}-compare-lscpu.txt").write_text(lscpu)
     print("\n".join(lines))
 
 
