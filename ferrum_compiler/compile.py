@@ -187,7 +187,7 @@ def _quantizable_linears(graph) -> list[str]:
 def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, act_bits: int = 16) -> dict[str, dict]:
     """With integer dot products on the CPU, INT4 linear weights take the "r16" row-interleaved layout of
     ``make_qlinear_r16_cpu`` (activations rounded to ``act_bits``), and so do INT8 weights where the kernel
-    takes them (AVX-512 VNNI: symmetric or with mins, groups of 16k), embedding tables included: the gather
+    takes them (``r16_supports``: symmetric or with mins, groups of 16k), embedding tables included: the gather
     reads that layout too, so a tied lm_head (SmolLM2's Q8_0 table) gets the integer-dot kernel. INT4
     embedding tables and MoE expert stacks keep the row layout their gathers read."""
     if int_dot_isa is None:

@@ -353,13 +353,11 @@ INT_DOT_ISAS = ("avx512_vnni", "avx2")
 
 def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
     """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16): int4, and int8 (symmetric
-    or with mins, any group of 16k columns) on AVX-512 VNNI (AVX2's ``vpmaddubsw`` saturates a pair of
-    255 x 127 products), with 16-bit activations in groups of at most 256 columns (a group's byte sums stay
-    within int32)."""
-    if act_bits not in ACT_BITS:
+    or with mins, any group of 16k columns), with 16-bit activations in groups of at most 256 columns (a
+    group's integer sums stay within int32). ``isa`` is either of ``INT_DOT_ISAS``."""
+    if act_bits not in ACT_BITS or isa not in INT_DOT_ISAS:
         return False
-    return fmt.bits == 4 or (fmt.bits == 8 and fmt.group_size % 16 == 0 and isa == "avx512_vnni"
-                             and (act_bits == 8 or fmt.group_size <= 256))
+    return fmt.bits == 4 or (fmt.bits == 8 and fmt.group_size % 16 == 0 and (act_bits == 8 or fmt.group_size <= 256))
 
 
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
@@ -385,7 +383,13 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     (int8 weights: their ``+ 128`` is taken off as ``sum - 128 sum(q_g)`` in int32 before the one rounding
     to float32, and only a min is added after): the kernel computes ``W x^`` exactly but for float32
     rounding, ``x^`` the rounded activations. An int8 group of 16 columns is 4 activation words, two
-    accumulator chains of 2 (32k columns: blocks of 8 words, chains of 4)."""
+    accumulator chains of 2 (32k columns: blocks of 8 words, chains of 4).
+
+    int8 weights on AVX2 (where ``vpmaddubsw`` would saturate a pair of 255 x 127 products) take 16-bit
+    products instead: each 16-byte quarter of a chunk (4 rows x 4 columns) is widened to signed 16 bits and
+    ``vpmaddwd`` multiplies it by the 4 columns' activations, whole (``act_qmax``, no byte split), leaving
+    each row's two pair sums side by side in 8 int32 lanes; a group's 32 lanes are added pairwise once at
+    its end. Exact in int32: a lane sums at most ``G / 2`` products of ``128 x 32639``."""
     from tvm.script import tirx as T
 
     assert isa in INT_DOT_ISAS and act_bits in ACT_BITS and r16_supports(fmt, act_bits, isa), (fmt, isa, act_bits)
@@ -399,7 +403,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
-    wide = act_bits == 16  # two activation bytes per value
+    madd = eight and not vnni  # AVX2 int8: 16-bit products (vpmaddwd), the activations whole
+    wide = act_bits == 16 and not madd  # two activation bytes per value
     qmax = float(act_qmax(fmt, act_bits))
     store = _block_store(N, R16, has_bias, out_dtype)
 
@@ -432,25 +437,31 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                   T.broadcast(T.int16(1), 16)))
         return acc + T.vectorcombine("int32x16", halves[0], halves[1])
 
-    def group_sum(hl, hh, ll, lh, tt, zsum=None):
-        """float32x16 ``256 * high + low`` (16-bit activations) or the one byte's sum of one group's integer
-        row sums (exact), less the int32 ``zsum`` where given (int8 weights: the ``+ 128``'s term, taken in
-        integers so that only the final sum is rounded to float32)."""
+    def group_sum(hl, hh, ll, lh, tt, sq_g):
+        """int32x16: one group's integer row sums (exact): ``256 * high + low`` (16-bit activations) or the
+        one byte's sum; for int8 weights less their ``+ 128``'s term ``128 sum(x^)``, taken in integers so
+        that only the final sum is rounded to float32. AVX2 int8: the 16 rows' pairs of lanes added."""
+        if madd:
+            return hl[T.ramp(tt * 2 * R16, 2, R16)] + hl[T.ramp(tt * 2 * R16 + 1, 2, R16)]
         total = lanes(hl, tt) + lanes(hh, tt)
         if wide:
             total = T.shift_left(total, T.broadcast(8, R16)) + lanes(ll, tt) + lanes(lh, tt)
-        return T.Cast("float32x16", total if zsum is None else total - T.broadcast(zsum, R16))
+        return total - T.broadcast(sq_g * 128, R16) if eight else total
 
-    def accumulate(acc_v, hl, hh, ll, lh, tt, s, m, task, g, dx_g, sx_g, sq_g):
-        """float32x16 ``acc_v`` (the 16 rows' outputs for token ``tt``) plus group ``g``'s integer row sums
-        scaled by ``scale * dx``, with the zero point's (or min's) term: for int8 weights their ``+ 128`` is
-        taken off in int32 (``sum (q + 128) x^ - 128 sum x^``) and a min added in float32; for int4 both
-        terms are added in float32."""
+    def accumulate(acc_v, isum, s, m, task, g, dx_g, sx_g):
+        """float32x16 ``acc_v`` (the 16 rows' outputs for one token) plus group ``g``'s integer row sums
+        ``isum`` scaled by ``scale * dx``, with the min's term (int8: the zero point's is in ``isum``) or,
+        for int4, the zero point's or min's term, in float32."""
         scale = scales16(s, task, g) * T.broadcast(dx_g, R16)
-        if eight:
-            exact = acc_v + group_sum(hl, hh, ll, lh, tt, sq_g * 128) * scale
-            return exact if sym else exact + zero_term(s, m, task, g, sx_g)
-        return acc_v + group_sum(hl, hh, ll, lh, tt) * scale + zero_term(s, m, task, g, sx_g)
+        total = acc_v + T.Cast("float32x16", isum) * scale
+        return total if eight and sym else total + zero_term(s, m, task, g, sx_g)
+
+    def madd16(acc8, w, task, chunk, r, xword):
+        """int32x8 ``acc8`` plus ``vpmaddwd`` of rows ``4r .. 4r + 3`` of weight chunk ``chunk`` (widened to
+        signed 16 bits: ``q + 128 - 128``) and the 4 columns' 16-bit activations ``xword`` (a uint64)."""
+        q = T.Cast("int16x16", w[task, T.ramp(chunk * 64 + r * 16, 1, 16)]) - T.broadcast(T.int16(128), 16)
+        xs = T.reinterpret("int16x16", T.broadcast(xword, 4))
+        return acc8 + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", q, xs)
 
     def scales16(s, task, g):
         """float32x16: the 16 rows' scales of group ``g``."""
@@ -480,6 +491,14 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             word = word | T.shift_left(T.Cast("uint32", byte), T.uint32(8 * j))
         return word
 
+    def packed_halves(x, i, g, w4, inv):
+        """Columns ``4 w4 .. 4 w4 + 3`` of group ``g`` rounded to 16-bit integers, as one 64-bit word."""
+        word = T.uint64(0)
+        for j in range(4):
+            q = T.Cast("int32", T.round(xf(x, i, g * G + w4 * 4 + j) * inv))
+            word = word | T.shift_left(T.Cast("uint64", T.bitwise_and(q, 65535)), T.uint64(16 * j))
+        return word
+
     @T.macro
     def prep_token(x, xh, xl, dx, sx, sq, i):
         for g in T.serial(KG):
@@ -507,7 +526,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             if eight:
                 sq[i, g] = T.Cast("int32", st[2])  # exact: below 2^24
             for w4 in T.vectorized(G // 4):
-                if wide:
+                if madd:
+                    xh[i, g * (G // 4) + w4] = packed_halves(x, i, g, w4, st[1])
+                elif wide:
                     xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], True)
                     xl[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], False)
                 else:
@@ -516,8 +537,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     @T.macro
     def rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, TB):
         for task in T.parallel(NB):
-            # two accumulators per byte half and nibble half: four independent dot-product chains
-            hl = T.alloc_buffer((TB * R16,), "int32")
+            # two accumulators per byte half and nibble half: four independent dot-product chains (AVX2 int8:
+            # hl holds each token's 16 rows x 2 lanes, four independent chains of 8 lanes)
+            hl = T.alloc_buffer((TB * R16 * (2 if madd else 1),), "int32")
             hh = T.alloc_buffer((TB * R16,), "int32")
             ll = T.alloc_buffer((TB * R16,), "int32")
             lh = T.alloc_buffer((TB * R16,), "int32")
@@ -527,8 +549,11 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                     acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
                 for g in T.serial(KG):
                     for tt in T.unroll(TB):
-                        hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
-                        hh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                        if madd:
+                            hl[T.ramp(tt * 2 * R16, 1, 2 * R16)] = T.broadcast(T.int32(0), 2 * R16)
+                        else:
+                            hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                            hh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
                         if wide:
                             ll[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
                             lh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
@@ -537,7 +562,13 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                             for tt in T.unroll(TB):
                                 t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
                                 wl: T.let[T.int32] = (g * BPG + bb) * S + c  # activation word (int4: low nibbles)
-                                if eight:  # chunks c and c + S / 2 of the block's S: 4 columns each
+                                if madd:  # both chunks, each a quarter (4 rows x 4 columns) at a time
+                                    for hw in T.unroll(2):
+                                        for r in T.unroll(4):
+                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
+                                                hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, wl + hw * (S // 2), r,
+                                                xh[t, wl + hw * (S // 2)])
+                                elif eight:  # chunks c and c + S / 2 of the block's S: 4 columns each
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), weight_bytes(w, task, wl),
                                                                         word(xh, t, wl))
                                     hh[T.ramp(tt * R16, 1, R16)] = dot4(
@@ -560,13 +591,14 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                             nibbles(w, task, ch, True))
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
-                        acc[tt, T.ramp(0, 1, R16)] = accumulate(acc[tt, T.ramp(0, 1, R16)], hl, hh, ll, lh, tt, s,
-                                                                m, task, g, dx[t, g], sx[t, g], sq[t, g])
+                        acc[tt, T.ramp(0, 1, R16)] = accumulate(acc[tt, T.ramp(0, 1, R16)],
+                                                                group_sum(hl, hh, ll, lh, tt, sq[t, g]), s, m, task, g,
+                                                                dx[t, g], sx[t, g])
                 store(acc, b, out, i0, task, ntok, TB)
 
     @T.macro
     def body(x, w, s, m, b, out, ntok):
-        xh = T.alloc_buffer((ntok, W4), "uint32")
+        xh = T.alloc_buffer((ntok, W4), "uint64" if madd else "uint32")
         xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
         dx = T.alloc_buffer((ntok, KG), "float32")
         sx = T.alloc_buffer((ntok, KG), "float32")

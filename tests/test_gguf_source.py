@@ -156,21 +156,28 @@ def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
     assert np.abs(ours - ref).max() <= tol
 
 
-def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
+@pytest.mark.parametrize("target", ["cpu", "cpu-x86-64-v3"])
+def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, target):
     """A Q4_K_M-like file (Q4_K, Q5_K and Q6_K matrices, a K-quant embedding) compiles with every matrix
     kept packed (4-bit groups of 32, 8-bit groups of 32 and 16; q|k fused beside a Q6_K v), and runs as
     transformers runs the same weights as the artifact holds them (float16 sub-block scales: a float32
     twin of the file). Against the K-quant file itself, the scales' rounding (weights within 2.6e-4 of
-    their norm, test_quant_linear) moves these random logits by a few 1e-3 of their range."""
+    their norm, test_quant_linear) moves these random logits by a few 1e-3 of their range. For this host
+    and for AVX2 (``cpu-x86-64-v3``: its own int8 products), every matrix on the integer-dot kernel where
+    the host has one."""
     import torch
     import yaml
     from transformers import AutoModelForCausalLM
 
+    from ferrum_runtime.artifact import host_cpu_flags
+
+    if target == "cpu-x86-64-v3" and "avx2" not in host_cpu_flags():
+        pytest.skip("this CPU has no AVX2")
     path = tmp_path / "kmix.gguf"
     write_gguf(path, "llama", "K_MIX", seed=5)
     (tmp_path / "twin").mkdir()
     write_gguf(tmp_path / "twin" / "kmix.gguf", "llama", "K_MIX_F32", seed=5)
-    art = compiled(path, kv_dtype="float32")
+    art = compiled(path, target, kv_dtype="float32")
     manifest = yaml.safe_load((art / "ferrum.yaml").read_text())
     assert manifest["quantization"]["dense_weights"] == [] and manifest["quantization"]["method"] == "gguf"
     assert manifest["source"]["name"] == str(path)  # not the last tensor's name (a loop variable shadowed it)
@@ -181,6 +188,9 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     assert formats["model.layers.1.self_attn.q_proj+k_proj+v_proj.weight"] == (4, 32, False)
     assert formats["model.layers.1.mlp.down_proj.weight"] == (8, 32, False)
     assert formats["model.layers.0.mlp.down_proj.weight"] == (4, 32, False)
+    if {"avx2", "avx512_vnni"} & set(host_cpu_flags()):  # every matrix but the INT4 table: the r16 layout
+        layouts = {w: f.get("layout") for w, f in manifest["quantization"]["weights"].items()}
+        assert {w for w, lay in layouts.items() if lay != "r16"} == {"model.embed_tokens.weight"}, layouts
     model = CompiledModel.load(art, num_blocks=8)
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, len(VOCAB), 19)]
     ours = RaggedDriver(model, 1, 32, np.random.default_rng(1)).step([prompt], all_rows=True)
