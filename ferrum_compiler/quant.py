@@ -141,28 +141,34 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # ---------------------------------------------------------------- GGUF blocks
 
 # GGUF type -> the kernel format its blocks become. 5-bit values are held in 8 bits (Q5_0 less its 16).
-# K-quants (super-blocks of 256 weights with 6- or 8-bit sub-block scales) keep their integers: Q4_K as 4-bit
-# asymmetric groups of 32, Q5_K as 8-bit asymmetric groups of 32, Q6_K's 6-bit values as 8-bit symmetric
-# groups of 16. (llama.cpp stores a matrix whose rows are not whole super-blocks as Q5_0, Q5_1 or Q8_0.)
+# K-quants (super-blocks of 256 weights with 4-, 6- or 8-bit sub-block scales) keep their integers: Q4_K as
+# 4-bit asymmetric groups of 32, Q5_K as 8-bit asymmetric groups of 32, Q6_K's 6-bit values as 8-bit
+# symmetric groups of 16, and Q2_K's and Q3_K's 2- and 3-bit values in 8 bits too (asymmetric and symmetric
+# groups of 16: our 4-bit kernels take groups of 32 only). (llama.cpp stores a matrix whose rows are not
+# whole super-blocks as Q5_0, Q5_1 or Q8_0.)
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
-                "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True)}
+                "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),
+                "Q2_K": QuantFormat(8, 16, False), "Q3_K": QuantFormat(8, 16, True)}
 _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
-                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}  # (weights, bytes) per block
+                "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+                "Q2_K": (256, 84), "Q3_K": (256, 110)}  # (weights, bytes) per block
+_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
 def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     """Raw GGUF blocks (``uint8 [rows, row_bytes]``) of a ``[N, K]`` tensor → QuantTensor.
 
     Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 convert exactly. A K-quant sub-block's scale is a float16 super-block scale
-    times a 6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) integer; our kernels read float16 scales, so the product is
-    rounded to float16 (relative error at most 2**-11), which moves a weight by at most 2**-11 times its
-    integer (15, 31 or 32) quantization steps: 0.4-1.6% of one step. Mins are kept exactly (float32)."""
+    times a 4-bit (Q2_K), 6-bit (Q3_K, Q4_K, Q5_K) or 8-bit (Q6_K) integer; our kernels read float16
+    scales, so the product is rounded to float16 (relative error at most 2**-11), which moves a weight by at
+    most 2**-11 times its integer (3, 4, 15, 31 or 32) quantization steps: 0.1-1.6% of one step. Mins are
+    kept exactly (float32)."""
     n, k = shape
     per, size = _GGUF_BLOCKS[type_name]
     blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // per, size)
     fmt = GGUF_FORMATS[type_name]
-    if type_name in ("Q4_K", "Q5_K", "Q6_K"):
+    if type_name in _K_QUANTS:
         q, scales, mins = _k_quant(type_name, blocks)
         scales16 = scales.astype(np.float16)
         if not np.isfinite(scales16).all():
@@ -208,6 +214,8 @@ def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """``(q[..., 256], scales[..., groups] float64, mins[..., groups] float32 | None)`` of K-quant super-blocks
     ``[..., bytes]``: weight ``i`` is ``scales[i // G] * q[i] + mins[i // G]``."""
     lead = blocks.shape[:-1]
+    if type_name in ("Q2_K", "Q3_K"):
+        return _low_bit_k_quant(type_name, blocks)
     if type_name == "Q6_K":
         # ql: 2 halves of 128 weights, each 64 bytes: weights 32j + l (j = 0..3, l = 0..31) take the low
         # nibble of byte l (j = 0) or l + 32 (j = 1), the high nibble of the same (j = 2, 3), and bits 2j, 2j+1
@@ -232,6 +240,37 @@ def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     scales = _f16_at(blocks, 0)[..., None] * sc
     mins = (-_f16_at(blocks, 2)[..., None] * mn).astype(np.float32)  # exact: 11 x 6 significant bits
     return q.reshape(*lead, 256).astype(np.uint8 if type_name == "Q4_K" else np.int8), scales, mins
+
+
+def _crumbs(packed: np.ndarray) -> np.ndarray:
+    """``[..., 256]`` 2-bit fields of Q2_K/Q3_K's 64 bytes (``[..., 64]``): 2 halves of 128 weights, each 32
+    bytes; weight ``32j + l`` of a half (j = 0..3) is bits ``2j, 2j + 1`` of its byte ``l``."""
+    halves = packed.reshape(*packed.shape[:-1], 2, 1, 32)
+    return ((halves >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(*packed.shape[:-1], 256)
+
+
+def _low_bit_k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``_k_quant`` of Q2_K and Q3_K super-blocks (16 groups of 16 weights)."""
+    lead = blocks.shape[:-1]
+    if type_name == "Q2_K":
+        # 16 bytes of (scale, min) nibbles, 64 bytes of 2-bit values, float16 d and dmin: d sc q - dmin m
+        sc, mn = blocks[..., 0:16] & 15, blocks[..., 0:16] >> 4
+        scales = _f16_at(blocks, 80)[..., None] * sc
+        mins = (-_f16_at(blocks, 82)[..., None] * mn).astype(np.float32)  # exact: 11 x 4 significant bits
+        return _crumbs(blocks[..., 16:80]).astype(np.int8), scales, mins
+    # Q3_K: 32 bytes of high bits (bit b of byte l: weight 32b + l), 64 bytes of 2-bit values, 12
+    # bytes of 6-bit scales, float16 d. The value is the 2 bits less 4 where its high bit is clear; a scale's
+    # low nibble is byte i (i < 8) or byte i - 8's high nibble, its bits 4-5 bits 2(i // 4) of byte 8 + i % 4
+    bit = np.unpackbits(blocks[..., 0:32].reshape(*lead, 1, 32), axis=-2, count=8, bitorder="little")
+    q = _crumbs(blocks[..., 32:96]).astype(np.int16) - 4 * (1 - bit.reshape(*lead, 256).astype(np.int16))
+    packed = blocks[..., 96:108]
+    low = np.concatenate([packed[..., 0:8] & 15, packed[..., 0:8] >> 4], axis=-1)
+    high = (packed[..., None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+    sc = (low | (high.reshape(*lead, 16) << 4)).astype(np.float64) - 32
+    scales = sc * _f16_at(blocks, 108)[..., None]
+    # a negative scale is folded into the integers, as for Q6_K
+    q = np.where(np.repeat(scales < 0, 16, axis=-1), -q, q).astype(np.int8)
+    return q, np.abs(scales), None
 
 
 # ---------------------------------------------------------------- GPTQ

@@ -1,7 +1,7 @@
 """GGUF K-quant tensors for tests. The ``gguf`` package reads (dequantizes) K-quants but cannot make them,
-so a tensor here is random bytes, which are valid Q4_K/Q5_K/Q6_K blocks whatever they hold, with each
+so a tensor here is random bytes, which are valid K-quant blocks whatever they hold, with each
 super-block's float16 scale (and min scale) set so that the weights come out around ``scale``: the
-integers and 6/8-bit sub-block scales stay random. ``gguf.quants.dequantize`` is the reference."""
+integers and 4/6/8-bit sub-block scales stay random. ``gguf.quants.dequantize`` is the reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 
 # type: (bytes per 256-weight super-block, offset of the float16 d, standard deviation of d's integer
 # product (sub-block scale x value) for uniform random bytes, offset of the min's integer over the scale's)
-KQUANTS = {"Q4_K": (144, 0, 218.0, 7.5), "Q5_K": (176, 0, 443.0, 15.5), "Q6_K": (210, 208, 1365.0, 0.0)}
+KQUANTS = {"Q4_K": (144, 0, 218.0, 7.5), "Q5_K": (176, 0, 443.0, 15.5), "Q6_K": (210, 208, 1365.0, 0.0),
+           "Q2_K": (84, 80, 11.3, 1.5), "Q3_K": (110, 108, 43.3, 0.0)}
 
 
 def random_kquant(rng: np.random.Generator, type_name: str, rows: int, cols: int, scale: float) -> np.ndarray:
@@ -19,6 +20,6 @@ def random_kquant(rng: np.random.Generator, type_name: str, rows: int, cols: int
     blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
     d = (scale / spread * rng.uniform(0.5, 1.5, (rows, cols // 256))).astype(np.float16)
     blocks[..., at:at + 2] = d[..., None].view(np.uint8)
-    if centre:  # Q4_K/Q5_K: weights are d * sc * q - dmin * m; a dmin that centres them near 0
-        blocks[..., 2:4] = (d * np.float16(centre))[..., None].view(np.uint8)
+    if centre:  # Q2_K/Q4_K/Q5_K: weights are d * sc * q - dmin * m; a dmin (after d) that centres them near 0
+        blocks[..., at + 2:at + 4] = (d * np.float16(centre))[..., None].view(np.uint8)
     return blocks.reshape(rows, -1)

@@ -23,8 +23,9 @@ HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 EXPERTS, EXPERTS_USED, EXPERT_FFN = 4, 2, 32  # qwen3moe: every layer sparse
 # a K-quant file's types per tensor (K-quant rows are super-blocks of 256: hidden 256, FFN 512): mostly Q4_K,
 # Q6_K for the output and layer 0's v projection, Q5_K for layer 1's down projection (the same shape and
-# group as layer 0's Q4_K one: two kernels that differ only in their bits)
-K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.1.ffn_down.weight": "Q5_K"}
+# group as layer 0's Q4_K one: two kernels that differ only in their bits), Q2_K and Q3_K for the o ones
+K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.1.ffn_down.weight": "Q5_K",
+         "blk.0.attn_output.weight": "Q2_K", "blk.1.attn_output.weight": "Q3_K"}
 
 
 def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -158,7 +159,7 @@ def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
 
 @pytest.mark.parametrize("target", ["cpu", "cpu-x86-64-v3"])
 def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, target):
-    """A Q4_K_M-like file (Q4_K, Q5_K and Q6_K matrices, a K-quant embedding) compiles with every matrix
+    """A Q4_K_M-like file (Q2_K to Q6_K matrices, a K-quant embedding) compiles with every matrix
     kept packed (4-bit groups of 32, 8-bit groups of 32 and 16; q|k fused beside a Q6_K v), and runs as
     transformers runs the same weights as the artifact holds them (float16 sub-block scales: a float32
     twin of the file). Against the K-quant file itself, the scales' rounding (weights within 2.6e-4 of
@@ -188,6 +189,8 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
     assert formats["model.layers.1.self_attn.q_proj+k_proj+v_proj.weight"] == (4, 32, False)
     assert formats["model.layers.1.mlp.down_proj.weight"] == (8, 32, False)
     assert formats["model.layers.0.mlp.down_proj.weight"] == (4, 32, False)
+    assert formats["model.layers.0.self_attn.o_proj.weight"] == (8, 16, False)  # Q2_K
+    assert formats["model.layers.1.self_attn.o_proj.weight"] == (8, 16, True)  # Q3_K
     if {"avx2", "avx512_vnni"} & set(host_cpu_flags()):  # every matrix but the INT4 table: the r16 layout
         layouts = {w: f.get("layout") for w, f in manifest["quantization"]["weights"].items()}
         assert {w for w, lay in layouts.items() if lay != "r16"} == {"model.embed_tokens.weight"}, layouts

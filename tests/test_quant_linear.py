@@ -146,10 +146,12 @@ def test_gguf_blocks_dequantize_like_gguf(type_name):
 @pytest.mark.unit
 @pytest.mark.parametrize("type_name,fmt,most", [("Q4_K", QuantFormat(4, 32, False), 15),
                                                 ("Q5_K", QuantFormat(8, 32, False), 31),
-                                                ("Q6_K", QuantFormat(8, 16, True), 32)])
+                                                ("Q6_K", QuantFormat(8, 16, True), 32),
+                                                ("Q2_K", QuantFormat(8, 16, False), 3),
+                                                ("Q3_K", QuantFormat(8, 16, True), 4)])
 def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
     """K-quant super-blocks (random bytes: any are valid) become our group-affine form with the same
-    integers; a sub-block scale (float16 d times a 6/8-bit integer) is rounded to float16 for our kernels,
+    integers; a sub-block scale (float16 d times a 4/6/8-bit integer) is rounded to float16 for our kernels,
     so each weight may move by at most 2**-11 of its scale times its integer (``most``: the largest), while
     a wrong bit or nibble order would move weights by whole steps. Packing changes nothing further."""
     import gguf
