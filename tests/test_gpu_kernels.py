@@ -275,10 +275,10 @@ def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, 
 
 
 @pytest.mark.parametrize("fmt", [ql.QuantFormat(4, 32, False), ql.QuantFormat(8, 32, False), ql.QuantFormat(8, 16, True),
-                                 ql.QuantFormat(8, 32, True)])
+                                 ql.QuantFormat(8, 32, True), ql.QuantFormat(8, 16, False)])
 def test_gemv_gguf_formats(fmt):
-    """The formats GGUF files arrive in (Q4_K/Q4_1; Q5_K/Q5_1; Q6_K; Q5_0/Q8_0): three super-blocks of 256
-    columns, a partial last team of rows, passes of one token and of four."""
+    """The formats GGUF files arrive in (Q4_K/Q4_1; Q5_K/Q5_1; Q6_K/Q3_K; Q5_0/Q8_0; Q2_K): three
+    super-blocks of 256 columns, a partial last team of rows, passes of one token and of four."""
     for tokens in (1, 4):
         out, ref = _gemv_case(np.random.default_rng(tokens), 768, 37, 5, fmt, False, tokens=tokens)
         np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(768), rtol=1e-4)
