@@ -145,25 +145,30 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # 4-bit asymmetric groups of 32, Q5_K as 8-bit asymmetric groups of 32, Q6_K's 6-bit values as 8-bit
 # symmetric groups of 16, and Q2_K's and Q3_K's 2- and 3-bit values in 8 bits too (asymmetric and symmetric
 # groups of 16: our 4-bit kernels take groups of 32 only). (llama.cpp stores a matrix whose rows are not
-# whole super-blocks as Q5_0, Q5_1 or Q8_0.)
+# whole super-blocks as Q5_0, Q5_1 or Q8_0.) IQ4_NL and IQ4_XS index a 16-entry table of 8-bit values
+# (``IQ4_VALUES``): those values become the integers, in 8-bit symmetric groups of 32.
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),
-                "Q2_K": QuantFormat(8, 16, False), "Q3_K": QuantFormat(8, 16, True)}
+                "Q2_K": QuantFormat(8, 16, False), "Q3_K": QuantFormat(8, 16, True),
+                "IQ4_NL": QuantFormat(8, 32, True), "IQ4_XS": QuantFormat(8, 32, True)}
 _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
                 "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-                "Q2_K": (256, 84), "Q3_K": (256, 110)}  # (weights, bytes) per block
-_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+                "Q2_K": (256, 84), "Q3_K": (256, 110),
+                "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}  # (weights, bytes) per block
+_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")  # sub-block scales: integer x float16 d
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 
 def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
     """Raw GGUF blocks (``uint8 [rows, row_bytes]``) of a ``[N, K]`` tensor → QuantTensor.
 
-    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 convert exactly. A K-quant sub-block's scale is a float16 super-block scale
-    times a 4-bit (Q2_K), 6-bit (Q3_K, Q4_K, Q5_K) or 8-bit (Q6_K) integer; our kernels read float16
-    scales, so the product is rounded to float16 (relative error at most 2**-11), which moves a weight by at
-    most 2**-11 times its integer (3, 4, 15, 31 or 32) quantization steps: 0.1-1.6% of one step. Mins are
-    kept exactly (float32)."""
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL convert exactly. A K-quant (or IQ4_XS) sub-block's scale is a float16
+    super-block scale times a 4-bit (Q2_K), 6-bit (Q3_K, Q4_K, Q5_K, IQ4_XS) or 8-bit (Q6_K) integer; our
+    kernels read float16 scales, so the product is rounded to float16 (relative error at most 2**-11), which
+    moves a weight by at most 2**-11 times its integer (3, 4, 15, 31, 32 or 127) quantization steps: 0.1-6%
+    of one step (IQ4_XS's steps are uneven; a weight moves by at most 2**-11 of itself). Mins are kept
+    exactly (float32)."""
     n, k = shape
     per, size = _GGUF_BLOCKS[type_name]
     blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // per, size)
@@ -176,6 +181,8 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
         return QuantTensor(fmt, q.reshape(n, k), scales16.astype(np.float32).reshape(n, -1),
                            None if mins is None else mins.reshape(n, -1))
     d = _f16_at(blocks, 0).astype(np.float32)
+    if type_name == "IQ4_NL":  # d, then 16 bytes of table indices in Q4_0's nibble order
+        return QuantTensor(fmt, IQ4_VALUES[unpack_int4(blocks[..., 2:].reshape(n, k // 2))], d, None)
     if type_name == "Q8_0":
         q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
         return QuantTensor(fmt, q, d, None)
@@ -216,6 +223,18 @@ def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     lead = blocks.shape[:-1]
     if type_name in ("Q2_K", "Q3_K"):
         return _low_bit_k_quant(type_name, blocks)
+    if type_name == "IQ4_XS":
+        # d, a 16-bit word of scales' high bit pairs (bits 2i, 2i + 1: scale i's bits 4-5), 4 bytes of their
+        # low nibbles (scale i: byte i // 2, low nibble for even i), then 8 sub-blocks of 32 weights as
+        # IQ4_NL's nibbles; a scale is its 6 bits less 32, folded into the values' signs where negative
+        hi = blocks[..., 2].astype(np.uint16) | (blocks[..., 3].astype(np.uint16) << 8)
+        high = (hi[..., None] >> (2 * np.arange(8, dtype=np.uint16))) & 3
+        low = np.stack([blocks[..., 4:8] & 15, blocks[..., 4:8] >> 4], axis=-1).reshape(*lead, 8)
+        sc = (low | (high << 4)).astype(np.float64) - 32
+        q = IQ4_VALUES[unpack_int4(blocks[..., 8:].reshape(-1, 128)).reshape(*lead, 256)].astype(np.int16)
+        scales = sc * _f16_at(blocks, 0)[..., None]
+        q = np.where(np.repeat(scales < 0, 32, axis=-1), -q, q).astype(np.int8)
+        return q, np.abs(scales), None
     if type_name == "Q6_K":
         # ql: 2 halves of 128 weights, each 64 bytes: weights 32j + l (j = 0..3, l = 0..31) take the low
         # nibble of byte l (j = 0) or l + 32 (j = 1), the high nibble of the same (j = 2, 3), and bits 2j, 2j+1

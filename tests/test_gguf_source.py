@@ -23,9 +23,11 @@ HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 EXPERTS, EXPERTS_USED, EXPERT_FFN = 4, 2, 32  # qwen3moe: every layer sparse
 # a K-quant file's types per tensor (K-quant rows are super-blocks of 256: hidden 256, FFN 512): mostly Q4_K,
 # Q6_K for the output and layer 0's v projection, Q5_K for layer 1's down projection (the same shape and
-# group as layer 0's Q4_K one: two kernels that differ only in their bits), Q2_K and Q3_K for the o ones
+# group as layer 0's Q4_K one: two kernels that differ only in their bits), Q2_K and Q3_K for the o ones,
+# IQ4_XS and IQ4_NL for layer 1's gate and up projections (the same format: fused)
 K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.1.ffn_down.weight": "Q5_K",
-         "blk.0.attn_output.weight": "Q2_K", "blk.1.attn_output.weight": "Q3_K"}
+         "blk.0.attn_output.weight": "Q2_K", "blk.1.attn_output.weight": "Q3_K",
+         "blk.1.ffn_gate.weight": "IQ4_XS", "blk.1.ffn_up.weight": "IQ4_NL"}
 
 
 def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -159,8 +161,9 @@ def test_gguf_artifact_matches_transformers(arch, qtype, tmp_path, compiled):
 
 @pytest.mark.parametrize("target", ["cpu", "cpu-x86-64-v3"])
 def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, target):
-    """A Q4_K_M-like file (Q2_K to Q6_K matrices, a K-quant embedding) compiles with every matrix
-    kept packed (4-bit groups of 32, 8-bit groups of 32 and 16; q|k fused beside a Q6_K v), and runs as
+    """A Q4_K_M-like file (Q2_K to Q6_K, IQ4_XS and IQ4_NL matrices, a K-quant embedding) compiles with
+    every matrix kept packed (4-bit groups of 32, 8-bit groups of 32 and 16; q|k fused beside a Q6_K v,
+    gate|up from two types), and runs as
     transformers runs the same weights as the artifact holds them (float16 sub-block scales: a float32
     twin of the file). Against the K-quant file itself, the scales' rounding (weights within 2.6e-4 of
     their norm, test_quant_linear) moves these random logits by a few 1e-3 of their range. For this host
@@ -191,6 +194,7 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
     assert formats["model.layers.0.mlp.down_proj.weight"] == (4, 32, False)
     assert formats["model.layers.0.self_attn.o_proj.weight"] == (8, 16, False)  # Q2_K
     assert formats["model.layers.1.self_attn.o_proj.weight"] == (8, 16, True)  # Q3_K
+    assert formats["model.layers.1.mlp.gate_proj+up_proj.weight"] == (8, 32, True)  # IQ4_XS beside IQ4_NL
     if {"avx2", "avx512_vnni"} & set(host_cpu_flags()):  # every matrix but the INT4 table: the r16 layout
         layouts = {w: f.get("layout") for w, f in manifest["quantization"]["weights"].items()}
         assert {w for w, lay in layouts.items() if lay != "r16"} == {"model.embed_tokens.weight"}, layouts

@@ -148,7 +148,9 @@ def test_gguf_blocks_dequantize_like_gguf(type_name):
                                                 ("Q5_K", QuantFormat(8, 32, False), 31),
                                                 ("Q6_K", QuantFormat(8, 16, True), 32),
                                                 ("Q2_K", QuantFormat(8, 16, False), 3),
-                                                ("Q3_K", QuantFormat(8, 16, True), 4)])
+                                                ("Q3_K", QuantFormat(8, 16, True), 4),
+                                                ("IQ4_XS", QuantFormat(8, 32, True), 127),
+                                                ("IQ4_NL", QuantFormat(8, 32, True), 127)])
 def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
     """K-quant super-blocks (random bytes: any are valid) become our group-affine form with the same
     integers; a sub-block scale (float16 d times a 4/6/8-bit integer) is rounded to float16 for our kernels,
