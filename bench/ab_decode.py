@@ -3,10 +3,11 @@ it): rounds alternate A and B, each round ``--steps`` greedy decode steps of ``-
 16-token prompt, so both see the same machine state. On a shared, noisy box this resolves differences of a
 few percent that separate `ferrum bench` processes do not.
 
-    python bench/ab_decode.py ARTIFACT_A ARTIFACT_B [--batch 1,16] [--rounds 12] [--steps 32]
+    python bench/ab_decode.py ARTIFACT_A ARTIFACT_B [--batch 1,16] [--rounds 12] [--steps 32] [--prefill 512]
 
 Not a test. Prints, per batch size, each artifact's minimum and median ms per step and the ratio A / B
-(above 1: B is faster), and the raw per-round times as JSON on the last line.
+(above 1: B is faster), and the raw per-round times as JSON on the last line. ``--prefill N`` adds a row
+for one N-token prompt (ms for the whole prompt, fed in one call).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> int:
     ap.add_argument("--batch", default="1,16", help="comma-separated decode batch sizes")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=0, help="also time one prompt of this many tokens")
     args = ap.parse_args()
     models = {name: CompiledModel.load(path) for name, path in (("A", args.a), ("B", args.b))}
     rng = np.random.default_rng(0)
@@ -40,21 +42,30 @@ def main() -> int:
     raw: dict[str, dict[str, list[float]]] = {}
     print(f"A = {args.a}\nB = {args.b}\n\n| batch | A min / median ms | B min / median ms | A / B (median) | A / B (min) |")
     print("|---|---|---|---|---|")
-    for batch in (int(b) for b in args.batch.split(",")):
+    cases = [("prefill", args.prefill)] if args.prefill else []
+    for kind, size in cases + [("decode", int(b)) for b in args.batch.split(",")]:
         times: dict[str, list[float]] = {"A": [], "B": []}
         for _ in range(args.rounds):
             for name, model in models.items():
-                seqs = _Seqs(model, batch, 16 + args.steps + 1)
-                seqs.step([[int(t) for t in rng.integers(0, vocab, 16)] for _ in range(batch)])
-                tokens = [[1]] * batch
+                if kind == "prefill":  # one prompt of `size` tokens in one call
+                    seqs = _Seqs(model, 1, size)
+                    prompt = [int(t) for t in rng.integers(0, vocab, size)]
+                    t0 = time.perf_counter()
+                    seqs.step([prompt])
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                    continue
+                seqs = _Seqs(model, size, 16 + args.steps + 1)
+                seqs.step([[int(t) for t in rng.integers(0, vocab, 16)] for _ in range(size)])
+                tokens = [[1]] * size
                 t0 = time.perf_counter()
                 for _ in range(args.steps):
                     tokens = [[int(t)] for t in seqs.step(tokens, greedy=True)]
                 times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
         a, b = times["A"], times["B"]
-        print(f"| {batch} | {min(a):.2f} / {statistics.median(a):.2f} | {min(b):.2f} / {statistics.median(b):.2f} "
+        label = f"prefill {size}" if kind == "prefill" else str(size)
+        print(f"| {label} | {min(a):.2f} / {statistics.median(a):.2f} | {min(b):.2f} / {statistics.median(b):.2f} "
               f"| x{statistics.median(a) / statistics.median(b):.3f} | x{min(a) / min(b):.3f} |", flush=True)
-        raw[str(batch)] = times
+        raw[label] = times
     print(json.dumps(raw))
     return 0
 

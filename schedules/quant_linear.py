@@ -362,6 +362,7 @@ def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
 
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
 _R16_PREFILL_TOKENS = 4
+_MADD_TILE_MIN_TOKENS = 128  # AVX2 int8 from this many tokens on: dequantized float tiles (make_qlinear_r16_cpu)
 
 
 def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
@@ -597,6 +598,30 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                 store(acc, b, out, i0, task, ntok, TB)
 
     @T.macro
+    def tile_rows(x, w, s, m, b, out, ntok):
+        # AVX2 int8 prefill: a 16-row block dequantized once into a float32 tile (one 16-lane vector per
+        # column: the block's bytes of a column lie 4 apart), then TB-token x 16-row float FMAs, as
+        # make_qlinear_cpu's tile path; exact float32 products, no rounded activations
+        for task in T.parallel(NB):
+            tile_t = T.alloc_buffer((K, R16), "float32")
+            acc = T.alloc_buffer((_TOKEN_BLOCK, R16), "float32")
+            for g in T.serial(KG):
+                for c in T.serial(G // 4):
+                    for i in T.unroll(4):
+                        v = (T.Cast("float32x16", w[task, T.ramp((g * (G // 4) + c) * 64 + i, 4, R16)])
+                             - T.broadcast(T.float32(128), R16)) * scales16(s, task, g)
+                        tile_t[g * G + c * 4 + i, T.ramp(0, 1, R16)] = (
+                            v if sym else v + m[task, T.ramp(g * R16, 1, R16)])
+            for i0 in T.serial((ntok + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK):
+                for tt in T.unroll(_TOKEN_BLOCK):
+                    acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
+                for kk in T.serial(K):
+                    for tt in T.unroll(_TOKEN_BLOCK):  # tokens past the end recompute the last; never stored
+                        acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] + T.broadcast(
+                            xf(x, T.min(i0 * _TOKEN_BLOCK + tt, ntok - 1), kk), R16) * tile_t[kk, T.ramp(0, 1, R16)]
+                store(acc, b, out, i0, task, ntok, _TOKEN_BLOCK)
+
+    @T.macro
     def body(x, w, s, m, b, out, ntok):
         xh = T.alloc_buffer((ntok, W4), "uint64" if madd else "uint32")
         xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
@@ -607,6 +632,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             for i in T.serial(ntok):  # K values per token: not worth waking the thread pool
                 prep_token(x, xh, xl, dx, sx, sq, i)
             rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, _R16_DECODE_TOKENS)
+        elif madd and ntok >= _MADD_TILE_MIN_TOKENS:
+            tile_rows(x, w, s, m, b, out, ntok)
         else:
             for i in T.parallel(ntok):
                 prep_token(x, xh, xl, dx, sx, sq, i)

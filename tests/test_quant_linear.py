@@ -93,6 +93,34 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
     assert np.all(err <= bound), f"worst error {err.max():.3g}, bound there {bound.flat[np.argmax(err / bound)]:.3g}"
 
 
+@pytest.mark.kernel
+@pytest.mark.parametrize("fmt", [QuantFormat(8, 32, False), QuantFormat(8, 16, True)], ids=["q5_1", "q6_k"])
+def test_avx2_int8_prefill_takes_float_tiles(fmt):
+    """From _MADD_TILE_MIN_TOKENS tokens on, AVX2 int8 weights are dequantized from the r16 layout into float
+    tiles (no rounded activations): float32 accuracy, bias, a ragged last token block and row block."""
+    import tvm
+
+    from ferrum.schedules.quant_linear import _MADD_TILE_MIN_TOKENS
+
+    if "avx2" not in host_cpu_flags():
+        pytest.skip("this CPU has no avx2")
+    rng = np.random.default_rng(4)
+    n, k, t = 37, 96, _MADD_TILE_MIN_TOKENS + 3
+    qw, s, m = _random_packed(rng, fmt, n, k)
+    packed = interleave_r16({"qweight": qw, "scales": s, **({"mins": m} if m is not None else {})})
+    b = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    f = make_qlinear_r16_cpu(k, n, fmt, "float32", "float32", "float32", "avx2", 16)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                      target={"kind": "llvm", "mcpu": "haswell"})
+    out = tvm.runtime.tensor(np.zeros((t, n), np.float32))
+    args = [x, packed["qweight"], packed["scales"]] + ([packed["mins"]] if m is not None else []) + [b]
+    lib(*[tvm.runtime.tensor(a) for a in args], out)
+    ref = qlinear_ref(x, fmt, qw, s, m, b, "float64")
+    w = dequantize_ref(fmt, qw, s, m)
+    assert np.all(np.abs(out.numpy() - ref) <= 1e-5 * (np.abs(x) @ np.abs(w).T + np.abs(b)) + 1e-6)
+
+
 @pytest.mark.unit
 def test_r16_layout_round_trips_and_quantized_activations_are_8_or_16_bit():
     rng = np.random.default_rng(1)
