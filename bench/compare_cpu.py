@@ -23,9 +23,10 @@ llama-cpp-python:
     python -c "import llama_cpp as l; p = l.llama_model_quantize_default_params(); p.ftype = 15; \
       p.allow_requantize = True; l.llama_model_quantize(b'SRC.gguf', b'smollm2-q4_k_m.gguf', p)"
 
-(ftype 15: Q4_K_M, 17: Q5_K_M; from the packaged Q4_1 file, requantized: the speed, not the quality, is
-what this measures.) Each measurement is a fresh process; engines alternate within each round and the
-median over rounds is reported, with ratios to llama.cpp from the same run. Rows:
+(ftype 15: Q4_K_M, 17: Q5_K_M, 10: Q2_K, 12: Q3_K_M, 30: IQ4_XS; from the packaged Q4_1 file, requantized:
+the speed, not the quality, is what this measures.) Each measurement is a fresh process; engines
+alternate within each round and the median over rounds is reported, with ratios to llama.cpp from the
+same run. Rows:
 - pp512: prefill of one 512-token prompt, tok/s;
 - tg128: 128 decode steps of one sequence right after a 16-token prompt, tok/s (fixed input tokens: speed
   does not depend on which token is fed, so no engine's sampler is timed).
