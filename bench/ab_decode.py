@@ -40,7 +40,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     vocab = min(m.vocab_size for m in models.values())
     raw: dict[str, dict[str, list[float]]] = {}
-    print(f"A = {args.a}\nB = {args.b}\n\n| batch | A min / median ms | B min / median ms | A / B (median) | A / B (min) |")
+    print(f"A = {args.a}\nB = {args.b}\n")
+    print("| batch | A min / median ms | B min / median ms | A / B (median) | A / B (min) |")
     print("|---|---|---|---|---|")
     cases = [("prefill", args.prefill)] if args.prefill else []
     for kind, size in cases + [("decode", int(b)) for b in args.batch.split(",")]:
