@@ -10,7 +10,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # key of the model registry: "llama" | "qwen2" | "qwen3" | "qwen3_moe"
+    arch: str  # key of the model registry: "llama" | "qwen2" | "qwen3" | "qwen3_moe" | "mixtral"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -27,7 +27,7 @@ class ModelConfig:
     sliding_window: int = 0  # 0: full attention
     rope_scaling: tuple[tuple[str, object], ...] = ()  # frozen items of the checkpoint's rope_scaling
     source_dtype: str = "float32"
-    # mixture of experts (Qwen3-MoE); num_experts == 0 means a dense model
+    # mixture of experts (Qwen3-MoE, Mixtral); num_experts == 0 means a dense model
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0

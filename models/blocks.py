@@ -57,6 +57,21 @@ def gated_mlp(b: GraphBuilder, cfg: ModelConfig, prefix: str, x: str, dtype: str
     return b.linear(b.silu_mul(gate, up), b.param(f"{prefix}.down_proj.weight", (d, i), dtype))
 
 
+def sparse_moe(b: GraphBuilder, cfg: ModelConfig, module: str, x: str, dtype: str, projections: tuple[str, str, str],
+               norm_topk_prob: bool) -> str:
+    """A router ``{module}.gate.weight`` and experts ``{module}.experts.{j}.{projection}.weight`` (the gate,
+    up and down projections' names in ``projections``), stacked along rows as the checkpoint's per-expert
+    tensors concatenated, into one ``moe`` op."""
+    e, i, d = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    gate, up, down = projections
+    logits = b.linear(x, b.param(f"{module}.gate.weight", (e, d), dtype), out_dtype="float32")
+    gate_up = b.param(f"{module}.experts.gate_up_proj", (e * 2 * i, d), dtype,
+                      sources=[f"{module}.experts.{j}.{n}.weight" for j in range(e) for n in (gate, up)])
+    stacked_down = b.param(f"{module}.experts.down_proj", (e * d, i), dtype,
+                           sources=[f"{module}.experts.{j}.{down}.weight" for j in range(e)])
+    return b.moe(x, logits, gate_up, stacked_down, cfg.num_experts_per_tok, norm_topk_prob)
+
+
 # (builder, config, weight prefix, input, dtype, layer index) -> output; the default is gated_mlp
 MLP = Callable[[GraphBuilder, ModelConfig, str, str, str, int], str]
 

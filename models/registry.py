@@ -7,7 +7,7 @@ import importlib
 from types import ModuleType
 
 FAMILIES = {"llama": "ferrum.models.llama", "qwen2": "ferrum.models.qwen2", "qwen3": "ferrum.models.qwen3",
-            "qwen3_moe": "ferrum.models.qwen3_moe"}
+            "qwen3_moe": "ferrum.models.qwen3_moe", "mixtral": "ferrum.models.mixtral"}
 
 
 def family(name: str) -> ModuleType:

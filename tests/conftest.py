@@ -25,6 +25,9 @@ TINY_MODELS = {
     "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
                        norm_topk_prob=True, mlp_only_layers=[1])),
+    # 4 experts of width 48, softmax over the top 2 router logits, every layer sparse
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=48, num_local_experts=4,
+                                                            num_experts_per_tok=2)),
 }
 
 # widths that INT4 group sizes 32/64/128 divide (hidden 128, ffn 256), for the quantization tests

@@ -35,7 +35,8 @@ def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gpt2") -> None:
+def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gpt2",
+               weights: dict[str, np.ndarray] | None = None) -> None:
     """``qtype_name``: one GGUF type for every matrix, ``K_MIX`` (Q4_K, with K_MIX's exceptions), or
     ``K_MIX_F32``: the same file (same seed) with each K-quant matrix written as float32, at the values
     ferrum's packed form of it holds (``from_gguf(...).dequantize()``: float16 sub-block scales)."""
@@ -49,7 +50,7 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
     mix = qtype_name in ("K_MIX", "K_MIX_F32")
     qtype = getattr(gguf.GGMLQuantizationType, "Q4_K" if mix else qtype_name)
     hidden, ffn = (256, 512) if mix else (HIDDEN, FFN)
-    writer = gguf.GGUFWriter(str(path), "llama" if arch == "llama-moe" else arch)
+    writer = gguf.GGUFWriter(str(path), {"llama-moe": "llama", "qwen2-moe": "qwen2"}.get(arch, arch))
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
     writer.add_embedding_length(hidden)
@@ -58,7 +59,7 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    if arch in ("qwen3moe", "llama-moe"):  # llama-moe: a Mixtral's metadata (its tensors are a Llama's here)
+    if arch in ("qwen3moe", "llama-moe", "qwen2-moe"):  # llama-moe: Mixtral; qwen2-moe: metadata only
         writer.add_expert_count(EXPERTS)
         writer.add_expert_used_count(EXPERTS_USED)
         writer.add_expert_feed_forward_length(EXPERT_FFN)
@@ -84,10 +85,11 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
             else:
                 writer.add_tensor(name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
             return
-        w = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
-        if arch == "llama" and name.endswith("attn_q.weight"):
+        w = weights[name] if weights is not None else (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+        assert w.shape == shape, (name, w.shape, shape)
+        if arch in ("llama", "llama-moe") and name.endswith("attn_q.weight"):
             w = _permute_rows(w, HEADS)
-        elif arch == "llama" and name.endswith("attn_k.weight"):
+        elif arch in ("llama", "llama-moe") and name.endswith("attn_k.weight"):
             w = _permute_rows(w, KV_HEADS)
         if quantize and qtype not in (gguf.GGMLQuantizationType.F32,):
             data = gguf.quants.quantize(w, qtype)
@@ -110,9 +112,10 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
         if arch == "qwen2":
             for n, rows in (("q", HEADS * hd), ("k", KV_HEADS * hd), ("v", KV_HEADS * hd)):
                 tensor(p + f"attn_{n}.bias", (rows,), 0.2, quantize=False)
-        if arch == "qwen3moe":  # qk-norm; a router (kept float32, as llama.cpp does) and stacked experts
-            tensor(p + "attn_q_norm.weight", (hd,), 0.1, quantize=False, offset=1.0)
-            tensor(p + "attn_k_norm.weight", (hd,), 0.1, quantize=False, offset=1.0)
+        if arch in ("qwen3moe", "llama-moe"):  # a router (kept float32, as llama.cpp does) and stacked experts
+            if arch == "qwen3moe":  # qk-norm
+                tensor(p + "attn_q_norm.weight", (hd,), 0.1, quantize=False, offset=1.0)
+                tensor(p + "attn_k_norm.weight", (hd,), 0.1, quantize=False, offset=1.0)
             tensor(p + "ffn_gate_inp.weight", (EXPERTS, hidden), 0.5, quantize=False)
             tensor(p + "ffn_gate_exps.weight", (EXPERTS, EXPERT_FFN, hidden))
             tensor(p + "ffn_up_exps.weight", (EXPERTS, EXPERT_FFN, hidden))
@@ -208,12 +211,72 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
         assert np.abs(ours - ref).max() <= tol * max(1.0, float(np.abs(ref).max())), where
 
 
-def test_mixtral_gguf_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_mixtral_gguf_matches_transformers(qtype, tmp_path, compiled):
+    """A Mixtral GGUF (a ``llama`` file with expert stacks) written from a transformers Mixtral the way
+    llama.cpp's converter writes one (q/k rows permuted, each projection's experts stacked in one 3-D
+    tensor, the router ``ffn_gate_inp``), against that model: transformers' GGUF loader does not read
+    Mixtral files. Q8_0: the experts and other matrices packed (the router stays float32), against the
+    same model holding the file's rounded weights."""
+    import shutil
+
+    import gguf
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(3)
+    cfg = MixtralConfig(vocab_size=len(VOCAB), hidden_size=HIDDEN, intermediate_size=EXPERT_FFN,
+                        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                        num_local_experts=EXPERTS, num_experts_per_tok=EXPERTS_USED, rms_norm_eps=1e-5,
+                        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    hf = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights as large as write_gguf's random ones: decisive routing, logits of a few units
+        for n, p in hf.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if n.endswith("norm.weight") else 0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf")  # the checkpoint names llama.cpp's converter reads
+    sd = load_file(tmp_path / "hf" / "model.safetensors")
+    weights = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+               "output.weight": sd["lm_head.weight"]}
+    for i in range(LAYERS):
+        hp, moe = f"model.layers.{i}.", f"model.layers.{i}.block_sparse_moe."
+        for gguf_name, hf_name in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                                   ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                                   ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj")):
+            weights[f"blk.{i}.{gguf_name}.weight"] = sd[hp + hf_name + ".weight"]
+        weights[f"blk.{i}.ffn_gate_inp.weight"] = sd[moe + "gate.weight"]
+        for stack, w in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            weights[f"blk.{i}.ffn_{stack}_exps.weight"] = np.stack(
+                [sd[f"{moe}experts.{e}.{w}.weight"] for e in range(EXPERTS)])
+    path = tmp_path / f"mixtral-{qtype}.gguf"
+    write_gguf(path, "llama-moe", qtype, seed=0, weights=weights)
+    if qtype != "F32":  # every matrix but the router rounded as write_gguf rounds it (rows in any order)
+        t = gguf.GGMLQuantizationType[qtype]
+        rounded = {n: w if n.endswith("norm.weight") or n.endswith("moe.gate.weight")
+                   else gguf.quants.dequantize(gguf.quants.quantize(w, t), t).astype(np.float32) for n, w in sd.items()}
+        (tmp_path / "rounded").mkdir()
+        shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "rounded")
+        save_file(rounded, tmp_path / "rounded" / "model.safetensors", metadata={"format": "pt"})
+        hf = MixtralForCausalLM.from_pretrained(tmp_path / "rounded", dtype=torch.float32).eval()
+    art = compiled(path, kv_dtype="float32")
+    model = CompiledModel.load(art, num_blocks=8)
+    assert model.manifest.model["family"] == "mixtral"
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, len(VOCAB), 19)]
+    ours = RaggedDriver(model, 1, 32, np.random.default_rng(1)).step([prompt], all_rows=True)
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0].numpy()
+    # Q8_0 matrices take the integer-dot kernel (activations rounded to 16 bits) on AVX-512 VNNI and AVX2
+    tol = (1e-4 if qtype == "F32" else 1e-3) * max(1.0, float(np.abs(ref).max()))
+    print(f"mixtral {qtype}: max |logit error| {np.abs(ours - ref).max():.2e}, tolerance {tol:.2e}")
+    assert np.abs(ours - ref).max() <= tol
+
+
+def test_moe_gguf_of_another_architecture_is_refused_in_one_line(tmp_path):
     from .test_cli import assert_one_line_error, ferrum
 
-    path = tmp_path / "mixtral.gguf"
-    write_gguf(path, "llama-moe", "F32", seed=2)
-    assert_one_line_error(ferrum("compile", path, "-o", tmp_path / "out"), "'llama'", "Mixtral", "qwen3moe")
+    path = tmp_path / "qwen2moe.gguf"
+    write_gguf(path, "qwen2-moe", "F32", seed=2)
+    assert_one_line_error(ferrum("compile", path, "-o", tmp_path / "out"), "'qwen2'", "Mixtral", "qwen3moe")
 
 
 @pytest.mark.parametrize("text", ["the thing is", " leading space", "in  the\nthing", "ü€ byte fallback 😀", "",

@@ -2,13 +2,14 @@
 
 Config comes from the ``{arch}.*`` metadata, the tokenizer and chat template from ``tokenizer.*``.
 Tensors are renamed to Hugging Face names. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS and the K-quants
-Q2_K, Q3_K, Q4_K, Q5_K and Q6_K are yielded as ``QuantTensor``s that keep their integers (packed for ferrum's INT4/INT8
-kernels, or dequantized with ``--quant none``; ``quant.from_gguf`` says how each maps); the other types
-``gguf`` can read (F32, F16, BF16, the other IQ types, ...) are dequantized to float32. llama.cpp's converter
-permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
+Q2_K, Q3_K, Q4_K, Q5_K and Q6_K are yielded as ``QuantTensor``s that keep their integers (packed for
+ferrum's INT4/INT8 kernels, or dequantized with ``--quant none``; ``quant.from_gguf`` says how each maps);
+the other types ``gguf`` can read (F32, F16, BF16, the other IQ types, ...) are dequantized to float32.
+llama.cpp's converter permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
 match the rotate-half convention of our ``rope`` op, as the ``transformers`` GGUF loader does. A MoE file
-(``qwen3moe``) stacks each layer's experts in one 3-D tensor per projection (``ffn_{gate,up,down}_exps``);
-they are yielded expert by expert under the checkpoint names of Hugging Face's Qwen3-MoE.
+(``qwen3moe``, or ``llama`` with experts: Mixtral) stacks each layer's experts in one 3-D tensor per
+projection (``ffn_{gate,up,down}_exps``); they are yielded expert by expert under the checkpoint names of
+Hugging Face's Qwen3-MoE or Mixtral.
 """
 
 from __future__ import annotations
@@ -41,31 +42,36 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
-    "ffn_gate_inp.weight": "mlp.gate.weight",  # a MoE layer's router
 }
-# a MoE layer's expert stacks [experts, rows, columns] -> the projection each expert's slice is
-_EXPERT_STACKS = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
-                  "ffn_down_exps.weight": "down_proj"}
+# a MoE family's checkpoint names: the module holding a layer's router (``ffn_gate_inp``) and experts, and
+# the projection each expert's slice of a stack [experts, rows, columns] is
+_MOE_NAMES = {"qwen3_moe": ("mlp", {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                                    "ffn_down_exps.weight": "down_proj"}),
+              "mixtral": ("block_sparse_moe", {"ffn_gate_exps.weight": "w1", "ffn_up_exps.weight": "w3",
+                                               "ffn_down_exps.weight": "w2"})}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, family: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    if m and m.group(2) == "ffn_gate_inp.weight" and family in _MOE_NAMES:  # a MoE layer's router
+        return f"model.layers.{m.group(1)}.{_MOE_NAMES[family][0]}.gate.weight"
     return None
 
 
-def expert_names(gguf_name: str, experts: int) -> list[str] | None:
+def expert_names(gguf_name: str, experts: int, family: str) -> list[str] | None:
     """Hugging Face names of the experts stacked in ``gguf_name`` (None: not an expert stack)."""
     m = _BLOCK.match(gguf_name)
-    if m is None or m.group(2) not in _EXPERT_STACKS:
+    if m is None or family not in _MOE_NAMES or m.group(2) not in _MOE_NAMES[family][1]:
         return None
-    return [f"model.layers.{m.group(1)}.mlp.experts.{e}.{_EXPERT_STACKS[m.group(2)]}.weight" for e in range(experts)]
+    module, projections = _MOE_NAMES[family]
+    return [f"model.layers.{m.group(1)}.{module}.experts.{e}.{projections[m.group(2)]}.weight" for e in range(experts)]
 
 
 def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -103,10 +109,14 @@ def config_from_gguf(meta: _Meta, tensor_names: set[str]) -> ModelConfig:
         scaling = (("factor", float(meta.need(f"{arch}.rope.scaling.factor"))), ("rope_type", "linear"))
     moe: dict = {}
     experts = meta.get(f"{arch}.expert_count")
-    if experts and family != "qwen3_moe":
-        raise SourceError(f"mixture-of-experts {arch!r} GGUF files (Mixtral's) are not supported; qwen3moe ones are")
+    if experts and family == "llama":  # Mixtral: a llama file with expert stacks
+        family = "mixtral"
+    elif experts and family != "qwen3_moe":
+        raise SourceError(f"mixture-of-experts {arch!r} GGUF files are not supported; llama (Mixtral) and "
+                          "qwen3moe ones are")
     if experts:
-        # llama.cpp's qwen3moe graph renormalises the top-k router weights (Qwen3-MoE's norm_topk_prob)
+        # llama.cpp's MoE graphs renormalise the top-k router weights (Qwen3-MoE's norm_topk_prob; Mixtral's
+        # softmax over the top k)
         moe = {"num_experts": int(experts),
                "num_experts_per_tok": int(meta.need(f"{arch}.expert_used_count")),
                "moe_intermediate_size": int(meta.need(f"{arch}.expert_feed_forward_length")),
@@ -157,10 +167,10 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
         if t.tensor_type.name not in GGUF_FORMATS:
             continue
         spec = QuantSpec(GGUF_FORMATS[t.tensor_type.name]).to_dict()
-        hf = hf_name(t.name)
+        hf = hf_name(t.name, config.arch)
         if hf and len(t.shape) == 2:
             quant[hf] = spec
-        stacked = expert_names(t.name, config.num_experts) if len(t.shape) == 3 else None
+        stacked = expert_names(t.name, config.num_experts, config.arch) if len(t.shape) == 3 else None
         for expert in stacked or []:
             quant[expert] = spec
 
@@ -174,11 +184,11 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
 
     def tensors() -> Iterator[tuple[str, object]]:
         for t in reader.tensors:
-            experts = expert_names(t.name, config.num_experts) if len(t.shape) == 3 else None
+            experts = expert_names(t.name, config.num_experts, config.arch) if len(t.shape) == 3 else None
             if experts:
                 yield from _experts(t, experts)
                 continue
-            hf = hf_name(t.name)
+            hf = hf_name(t.name, config.arch)
             if hf is None:
                 continue  # e.g. rope_freqs: recomputed from metadata
             heads = rope_heads(hf)

@@ -49,7 +49,7 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
     if kind not in ROPE_SCALING_TYPES:
         raise SourceError(f"{where}: rope scaling {kind!r} is not supported yet; supported: {', '.join(ROPE_SCALING_TYPES)}")
     window = 0
-    if family == "llama" and cfg.get("sliding_window"):  # Mistral
+    if family in ("llama", "mixtral") and cfg.get("sliding_window"):  # Mistral, Mixtral
         window = int(cfg["sliding_window"])
     moe: dict = {}
     if family == "qwen3_moe":
@@ -64,6 +64,12 @@ def config_from_hf(cfg: dict, where: str = "config.json") -> ModelConfig:
                    norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
                    decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1)),
                    mlp_only_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()))
+    if family == "mixtral":  # every layer sparse, experts intermediate_size wide, top-k renormalised
+        missing = [k for k in ("num_local_experts", "num_experts_per_tok") if cfg.get(k) is None]
+        if missing:
+            raise SourceError(f"{where}: a Mixtral config needs {', '.join(missing)}")
+        moe = dict(num_experts=int(cfg["num_local_experts"]), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                   moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True)
     if family in ("qwen2", "qwen3", "qwen3_moe") and cfg.get("use_sliding_window"):
         raise SourceError(f"{where}: per-layer sliding windows (use_sliding_window) are not supported yet")
     heads = int(cfg["num_attention_heads"])
