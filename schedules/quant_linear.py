@@ -362,7 +362,7 @@ def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
 
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
 _R16_PREFILL_TOKENS = 4
-_MADD_TILE_MIN_TOKENS = 128  # AVX2 int8 from this many tokens on: dequantized float tiles (make_qlinear_r16_cpu)
+_AVX2_TILE_MIN_TOKENS = 128  # AVX2 from this many tokens on: dequantized float tiles (make_qlinear_r16_cpu)
 
 
 def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
@@ -390,7 +390,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     products instead: each 16-byte quarter of a chunk (4 rows x 4 columns) is widened to signed 16 bits and
     ``vpmaddwd`` multiplies it by the 4 columns' activations, whole (``act_qmax``, no byte split), leaving
     each row's two pair sums side by side in 8 int32 lanes; a group's 32 lanes are added pairwise once at
-    its end. Exact in int32: a lane sums at most ``G / 2`` products of ``128 x 32639``."""
+    its end. Exact in int32: a lane sums at most ``G / 2`` products of ``128 x 32639``. On AVX2, from
+    ``_AVX2_TILE_MIN_TOKENS`` tokens on, a 16-row block is instead dequantized into a float32 tile and
+    multiplied with float FMAs (``tile_rows``), which beat AVX2's integer products at many tokens."""
     from tvm.script import tirx as T
 
     assert isa in INT_DOT_ISAS and act_bits in ACT_BITS and r16_supports(fmt, act_bits, isa), (fmt, isa, act_bits)
@@ -597,21 +599,34 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                 dx[t, g], sx[t, g])
                 store(acc, b, out, i0, task, ntok, TB)
 
+    def tile_column(w, s, m, task, col, raw):
+        """float32x16: column ``col`` of the 16 rows, from its integers ``raw`` (uint8x16; int8 stored
+        ``q + 128``), dequantized."""
+        g = col // G
+        v = (T.Cast("float32x16", raw) - T.broadcast(T.float32(128.0 if eight else zp if sym else 0.0), R16)
+             ) * scales16(s, task, g)
+        return v if sym else v + m[task, T.ramp(g * R16, 1, R16)]
+
     @T.macro
     def tile_rows(x, w, s, m, b, out, ntok):
-        # AVX2 int8 prefill: a 16-row block dequantized once into a float32 tile (one 16-lane vector per
-        # column: the block's bytes of a column lie 4 apart), then TB-token x 16-row float FMAs, as
-        # make_qlinear_cpu's tile path; exact float32 products, no rounded activations
+        # AVX2 prefill: a 16-row block dequantized once into a float32 tile (one 16-lane vector per column:
+        # the block's bytes of a column lie 4 apart; int4: the low or high nibbles of 16 bytes), then
+        # TB-token x 16-row float FMAs, as make_qlinear_cpu's tile path; exact float32 products, no rounded
+        # activations
         for task in T.parallel(NB):
             tile_t = T.alloc_buffer((K, R16), "float32")
             acc = T.alloc_buffer((_TOKEN_BLOCK, R16), "float32")
-            for g in T.serial(KG):
-                for c in T.serial(G // 4):
-                    for i in T.unroll(4):
-                        v = (T.Cast("float32x16", w[task, T.ramp((g * (G // 4) + c) * 64 + i, 4, R16)])
-                             - T.broadcast(T.float32(128), R16)) * scales16(s, task, g)
-                        tile_t[g * G + c * 4 + i, T.ramp(0, 1, R16)] = (
-                            v if sym else v + m[task, T.ramp(g * R16, 1, R16)])
+            for c in T.serial(K // 4 if eight else K // 8):  # 64-byte chunks: int8 4 columns, int4 8
+                for i in T.unroll(4):
+                    if eight:
+                        tile_t[c * 4 + i, T.ramp(0, 1, R16)] = tile_column(
+                            w, s, m, task, c * 4 + i, w[task, T.ramp(c * 64 + i, 4, R16)])
+                    else:  # chunk c % 4 of 32-column block c // 4: columns 4 (c % 4) + i and 16 more
+                        lo: T.let[T.int32] = c // 4 * 32 + c % 4 * 4 + i
+                        tile_t[lo, T.ramp(0, 1, R16)] = tile_column(w, s, m, task, lo, T.bitwise_and(
+                            w[task, T.ramp(c * 64 + i, 4, R16)], T.broadcast(T.uint8(15), R16)))
+                        tile_t[lo + 16, T.ramp(0, 1, R16)] = tile_column(w, s, m, task, lo + 16, T.shift_right(
+                            w[task, T.ramp(c * 64 + i, 4, R16)], T.broadcast(T.uint8(4), R16)))
             for i0 in T.serial((ntok + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK):
                 for tt in T.unroll(_TOKEN_BLOCK):
                     acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
@@ -632,7 +647,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             for i in T.serial(ntok):  # K values per token: not worth waking the thread pool
                 prep_token(x, xh, xl, dx, sx, sq, i)
             rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, _R16_DECODE_TOKENS)
-        elif madd and ntok >= _MADD_TILE_MIN_TOKENS:
+        elif not vnni and ntok >= _AVX2_TILE_MIN_TOKENS:
             tile_rows(x, w, s, m, b, out, ntok)
         else:
             for i in T.parallel(ntok):

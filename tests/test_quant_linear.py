@@ -94,18 +94,19 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("fmt", [QuantFormat(8, 32, False), QuantFormat(8, 16, True)], ids=["q5_1", "q6_k"])
-def test_avx2_int8_prefill_takes_float_tiles(fmt):
-    """From _MADD_TILE_MIN_TOKENS tokens on, AVX2 int8 weights are dequantized from the r16 layout into float
+@pytest.mark.parametrize("fmt", [QuantFormat(8, 32, False), QuantFormat(8, 16, True), QuantFormat(4, 32, True),
+                                 QuantFormat(4, 64, False)], ids=["q5_1", "q6_k", "q4_0", "int4-g64"])
+def test_avx2_prefill_takes_float_tiles(fmt):
+    """From _AVX2_TILE_MIN_TOKENS tokens on, AVX2 weights are dequantized from the r16 layout into float
     tiles (no rounded activations): float32 accuracy, bias, a ragged last token block and row block."""
     import tvm
 
-    from ferrum.schedules.quant_linear import _MADD_TILE_MIN_TOKENS
+    from ferrum.schedules.quant_linear import _AVX2_TILE_MIN_TOKENS
 
     if "avx2" not in host_cpu_flags():
         pytest.skip("this CPU has no avx2")
     rng = np.random.default_rng(4)
-    n, k, t = 37, 96, _MADD_TILE_MIN_TOKENS + 3
+    n, k, t = 37, 128, _AVX2_TILE_MIN_TOKENS + 3
     qw, s, m = _random_packed(rng, fmt, n, k)
     packed = interleave_r16({"qweight": qw, "scales": s, **({"mins": m} if m is not None else {})})
     b = rng.standard_normal(n).astype(np.float32)
