@@ -175,9 +175,14 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
     fmt = GGUF_FORMATS[type_name]
     if type_name in _K_QUANTS:
         q, scales, mins = _k_quant(type_name, blocks)
+        if mins is None:  # Q3_K, Q6_K, IQ4_XS: a negative scale is folded into its group's values, whose
+            # negations fit int8 (within [-32, 32] or IQ4_VALUES' [-127, 113])
+            q = np.where(np.repeat(scales < 0, fmt.group_size, axis=-1), -q.astype(np.int16), q)
+            scales = np.abs(scales)
         scales16 = scales.astype(np.float16)
         if not np.isfinite(scales16).all():
             raise SourceError(f"{type_name} sub-block scales beyond float16's range; compile with --quant none")
+        q = q.astype(np.uint8 if fmt.bits == 4 else np.int8)  # nibbles, or signed bytes
         return QuantTensor(fmt, q.reshape(n, k), scales16.astype(np.float32).reshape(n, -1),
                            None if mins is None else mins.reshape(n, -1))
     d = _f16_at(blocks, 0).astype(np.float32)
@@ -218,52 +223,52 @@ def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``(q[..., 256], scales[..., groups] float64, mins[..., groups] float32 | None)`` of K-quant super-blocks
-    ``[..., bytes]``: weight ``i`` is ``scales[i // G] * q[i] + mins[i // G]``."""
+    """``(q[..., 256] integers, scales[..., groups] float64, mins[..., groups] float32 | None)`` of K-quant (and
+    IQ4_XS) super-blocks ``[..., bytes]``: weight ``i`` is ``scales[i // G] * q[i] + mins[i // G]``; without
+    mins a scale may be negative (``from_gguf`` folds it into the values)."""
     lead = blocks.shape[:-1]
     if type_name in ("Q2_K", "Q3_K"):
         return _low_bit_k_quant(type_name, blocks)
     if type_name == "IQ4_XS":
         # d, a 16-bit word of scales' high bit pairs (bits 2i, 2i + 1: scale i's bits 4-5), 4 bytes of their
         # low nibbles (scale i: byte i // 2, low nibble for even i), then 8 sub-blocks of 32 weights as
-        # IQ4_NL's nibbles; a scale is its 6 bits less 32, folded into the values' signs where negative
+        # IQ4_NL's nibbles; a scale is its 6 bits less 32
         hi = blocks[..., 2].astype(np.uint16) | (blocks[..., 3].astype(np.uint16) << 8)
         high = (hi[..., None] >> (2 * np.arange(8, dtype=np.uint16))) & 3
         low = np.stack([blocks[..., 4:8] & 15, blocks[..., 4:8] >> 4], axis=-1).reshape(*lead, 8)
         sc = (low | (high << 4)).astype(np.float64) - 32
-        q = IQ4_VALUES[unpack_int4(blocks[..., 8:].reshape(-1, 128)).reshape(*lead, 256)].astype(np.int16)
-        scales = sc * _f16_at(blocks, 0)[..., None]
-        q = np.where(np.repeat(scales < 0, 32, axis=-1), -q, q).astype(np.int8)
-        return q, np.abs(scales), None
+        q = IQ4_VALUES[unpack_int4(blocks[..., 8:].reshape(-1, 128)).reshape(*lead, 256)]
+        return q, sc * _f16_at(blocks, 0)[..., None], None
     if type_name == "Q6_K":
         # ql: 2 halves of 128 weights, each 64 bytes: weights 32j + l (j = 0..3, l = 0..31) take the low
         # nibble of byte l (j = 0) or l + 32 (j = 1), the high nibble of the same (j = 2, 3), and bits 2j, 2j+1
         # of qh byte l as bits 4-5; the 6-bit value less 32. 16 int8 scales (groups of 16), the float16 d last
         ql = blocks[..., 0:128].reshape(*lead, 2, 2, 32)
-        qh = blocks[..., 128:192].reshape(*lead, 2, 1, 32)
-        low = np.concatenate([ql & 15, ql >> 4], axis=-2)
-        high = (qh >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
-        q = (low | (high << 4)).astype(np.int16).reshape(*lead, 256) - 32
-        scales = blocks[..., 192:208].copy().view(np.int8).astype(np.float64) * _f16_at(blocks, 208)[..., None]
-        # a negative scale is folded into the integers (-q fits int8 for q in [-32, 31])
-        q = np.where(np.repeat(scales < 0, 16, axis=-1), -q, q).astype(np.int8)
-        return q, np.abs(scales), None
+        low = np.concatenate([ql & 15, ql >> 4], axis=-2).reshape(*lead, 256)
+        q = (low | (_crumbs(blocks[..., 128:192]) << 4)).astype(np.int16) - 32
+        return q, blocks[..., 192:208].copy().view(np.int8).astype(np.float64) * _f16_at(blocks, 208)[..., None], None
     # Q4_K / Q5_K: d, dmin (float16), 12 bytes of scales and mins, [Q5_K: 32 bytes of fifth bits], 128 bytes
     # of nibbles: byte l of chunk c (32 bytes) holds weight 64c + l (low nibble) and 64c + 32 + l (high)
     sc, mn = _k_scales_mins(blocks[..., 4:16])
     nib = blocks[..., -128:].reshape(*lead, 4, 1, 32)
     q = np.concatenate([nib & 15, nib >> 4], axis=-2).reshape(*lead, 8, 32)
-    if type_name == "Q5_K":  # bit g of qh byte l: bit 4 of weight 32g + l
-        qh = blocks[..., 16:48].reshape(*lead, 1, 32)
-        q = q | (((qh >> np.arange(8, dtype=np.uint8)[:, None]) & 1) << 4)
+    if type_name == "Q5_K":  # fifth bits: bit g of byte l is weight 32g + l's
+        q = q | (_bit_planes(blocks[..., 16:48]).reshape(*lead, 8, 32) << 4)
     scales = _f16_at(blocks, 0)[..., None] * sc
     mins = (-_f16_at(blocks, 2)[..., None] * mn).astype(np.float32)  # exact: 11 x 6 significant bits
-    return q.reshape(*lead, 256).astype(np.uint8 if type_name == "Q4_K" else np.int8), scales, mins
+    return q.reshape(*lead, 256), scales, mins
+
+
+def _bit_planes(packed: np.ndarray) -> np.ndarray:
+    """``[..., 256]`` bits of 32 bytes (``[..., 32]``): weight ``32b + l`` is bit ``b`` of byte ``l`` (Q3_K's
+    high bits, Q5_K's fifth bits)."""
+    return np.unpackbits(packed[..., None, :], axis=-2, count=8, bitorder="little").reshape(*packed.shape[:-1], 256)
 
 
 def _crumbs(packed: np.ndarray) -> np.ndarray:
-    """``[..., 256]`` 2-bit fields of Q2_K/Q3_K's 64 bytes (``[..., 64]``): 2 halves of 128 weights, each 32
-    bytes; weight ``32j + l`` of a half (j = 0..3) is bits ``2j, 2j + 1`` of its byte ``l``."""
+    """``[..., 256]`` 2-bit fields of 64 bytes (``[..., 64]``; Q2_K's and Q3_K's values, Q6_K's high bits): 2
+    halves of 128 weights, each 32 bytes; weight ``32j + l`` of a half (j = 0..3) is bits ``2j, 2j + 1`` of
+    its byte ``l``."""
     halves = packed.reshape(*packed.shape[:-1], 2, 1, 32)
     return ((halves >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3).reshape(*packed.shape[:-1], 256)
 
@@ -276,20 +281,16 @@ def _low_bit_k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np
         sc, mn = blocks[..., 0:16] & 15, blocks[..., 0:16] >> 4
         scales = _f16_at(blocks, 80)[..., None] * sc
         mins = (-_f16_at(blocks, 82)[..., None] * mn).astype(np.float32)  # exact: 11 x 4 significant bits
-        return _crumbs(blocks[..., 16:80]).astype(np.int8), scales, mins
+        return _crumbs(blocks[..., 16:80]), scales, mins
     # Q3_K: 32 bytes of high bits (bit b of byte l: weight 32b + l), 64 bytes of 2-bit values, 12
     # bytes of 6-bit scales, float16 d. The value is the 2 bits less 4 where its high bit is clear; a scale's
     # low nibble is byte i (i < 8) or byte i - 8's high nibble, its bits 4-5 bits 2(i // 4) of byte 8 + i % 4
-    bit = np.unpackbits(blocks[..., 0:32].reshape(*lead, 1, 32), axis=-2, count=8, bitorder="little")
-    q = _crumbs(blocks[..., 32:96]).astype(np.int16) - 4 * (1 - bit.reshape(*lead, 256).astype(np.int16))
+    q = _crumbs(blocks[..., 32:96]).astype(np.int16) - 4 * (1 - _bit_planes(blocks[..., 0:32]).astype(np.int16))
     packed = blocks[..., 96:108]
     low = np.concatenate([packed[..., 0:8] & 15, packed[..., 0:8] >> 4], axis=-1)
     high = (packed[..., None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
     sc = (low | (high.reshape(*lead, 16) << 4)).astype(np.float64) - 32
-    scales = sc * _f16_at(blocks, 108)[..., None]
-    # a negative scale is folded into the integers, as for Q6_K
-    q = np.where(np.repeat(scales < 0, 16, axis=-1), -q, q).astype(np.int8)
-    return q, np.abs(scales), None
+    return q, sc * _f16_at(blocks, 108)[..., None], None
 
 
 # ---------------------------------------------------------------- GPTQ

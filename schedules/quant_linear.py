@@ -275,7 +275,7 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
                         finish(acc, corr, b, out, i, n)
 
     load_row = row_loader(fmt, K)
-    store = _block_store(N, R, has_bias, out_dtype)
+    tile_matmul = _tile_matmul(K, R, TB, _block_store(N, R, has_bias, out_dtype))
 
     @T.macro
     def tile_rows(x, w, scales, mins, b, out, ntok):
@@ -294,15 +294,7 @@ def make_qlinear_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dt
             for kk in T.serial(K):
                 for r in T.vectorized(R):
                     tile_t[kk, r] = tile[r, kk]
-            for i0 in T.serial((ntok + TB - 1) // TB):
-                for tt in T.unroll(TB):
-                    for r in T.vectorized(R):
-                        acc[tt, r] = T.float32(0)
-                for kk in T.serial(K):
-                    for tt in T.unroll(TB):  # rows past the end recompute the last token; never stored
-                        for r in T.vectorized(R):
-                            acc[tt, r] = acc[tt, r] + T.Cast("float32", x[T.min(i0 * TB + tt, ntok - 1), kk]) * tile_t[kk, r]
-                store(acc, b, out, i0, task, ntok, TB)
+            tile_matmul(x, tile_t, acc, b, out, task, ntok)
 
     @T.macro
     def body(x, w, scales, mins, b, out, ntok):
@@ -410,6 +402,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     wide = act_bits == 16 and not madd  # two activation bytes per value
     qmax = float(act_qmax(fmt, act_bits))
     store = _block_store(N, R16, has_bias, out_dtype)
+    tile_matmul = _tile_matmul(K, R16, _TOKEN_BLOCK, store)  # AVX2 prefill (tile_rows)
 
     # TVMScript 0.27 turns a plain ``name = expr`` in a kernel into a scratch buffer that costs a workspace
     # call per parallel task; the helpers below build expressions instead, and scalars use ``T.let``
@@ -627,14 +620,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                             w[task, T.ramp(c * 64 + i, 4, R16)], T.broadcast(T.uint8(15), R16)))
                         tile_t[lo + 16, T.ramp(0, 1, R16)] = tile_column(w, s, m, task, lo + 16, T.shift_right(
                             w[task, T.ramp(c * 64 + i, 4, R16)], T.broadcast(T.uint8(4), R16)))
-            for i0 in T.serial((ntok + _TOKEN_BLOCK - 1) // _TOKEN_BLOCK):
-                for tt in T.unroll(_TOKEN_BLOCK):
-                    acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
-                for kk in T.serial(K):
-                    for tt in T.unroll(_TOKEN_BLOCK):  # tokens past the end recompute the last; never stored
-                        acc[tt, T.ramp(0, 1, R16)] = acc[tt, T.ramp(0, 1, R16)] + T.broadcast(
-                            xf(x, T.min(i0 * _TOKEN_BLOCK + tt, ntok - 1), kk), R16) * tile_t[kk, T.ramp(0, 1, R16)]
-                store(acc, b, out, i0, task, ntok, _TOKEN_BLOCK)
+            tile_matmul(x, tile_t, acc, b, out, task, ntok)
 
     @T.macro
     def body(x, w, s, m, b, out, ntok):
@@ -709,6 +695,29 @@ def _block_store(N: int, R: int, has_bias: bool, out_dtype: str):
                             out[i0 * TB + tt, task * R + r] = T.Cast(out_dtype, acc[tt, r])
 
     return store
+
+
+def _tile_matmul(K: int, R: int, TB: int, store):
+    """A TIR macro ``matmul(x, tile_t, acc, b, out, task, ntok)``: every token of ``x[T, K]`` times a float32
+    tile ``tile_t[K, R]`` (row block ``task``, transposed so the R outputs of a token sit in SIMD lanes), in
+    TB-token x R-row register blocks (per k, one tile vector and TB broadcast FMAs), stored with ``store``
+    (``_block_store``)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def matmul(x, tile_t, acc, b, out, task, ntok):
+        for i0 in T.serial((ntok + TB - 1) // TB):
+            for tt in T.unroll(TB):
+                for r in T.vectorized(R):
+                    acc[tt, r] = T.float32(0)
+            for kk in T.serial(K):
+                for tt in T.unroll(TB):  # rows past the end recompute the last token; never stored
+                    for r in T.vectorized(R):
+                        acc[tt, r] = acc[tt, r] + T.Cast(
+                            "float32", x[T.min(i0 * TB + tt, ntok - 1), kk]) * tile_t[kk, r]
+            store(acc, b, out, i0, task, ntok, TB)
+
+    return matmul
 
 
 def row_loader(fmt: QuantFormat | None, K: int):
