@@ -4,12 +4,12 @@
 # Here, on the compile machine (nvcc, no GPU), once:
 #   bench/gpu_proof.sh prepare
 #     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ / 2-layer Qwen3-30B-A3B folders (and the
-#     0.6B again, compiled --dtype bfloat16; the two 4B ones again as experiments: -norms with
-#     FERRUM_GEMV_NORMS=1, -pdl with FERRUM_PDL=1, -norms-pdl with both), compiles
+#     0.6B again, compiled --dtype bfloat16; the two 4B ones again as experiments: -pdl, -pdl-late and
+#     -pdl-first with FERRUM_PDL=1, late and first), compiles
 #     each for cuda-sm90 with `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few
 #     MiB each), packs the runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed)
 #     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB
-#     (56 MiB on 2026-11-26); about 4 minutes on 2 cores, compiling $JOBS at a time (default: one per
+#     (56 MiB on 2026-11-27); about 4 minutes on 2 cores, compiling $JOBS at a time (default: one per
 #     CPU; logs in .gpu/logs/).
 # Then one device call, from the repository root, carrying .gpu:
 #   run(command="bash bench/gpu_proof.sh run", carry=[".gpu"], timeout_s=600)
@@ -24,17 +24,20 @@
 #     reference except within ~1e-6 of a boundary, no errors, one tok/s table per model (decode b1/b4/b8
 #     also with the `decode` entry point turned off, and with CUDA graphs off; b16/b32 also with CUDA
 #     graphs off and without `decode_wide`, i.e. through forward's tensor-core attention).
-#     `--models qwen3-4b-norms,qwen3-4b-gptq-norms` runs the same proof on the two 4B models compiled with
-#     FERRUM_GEMV_NORMS=1 (norms and residual adds folded into the decode GEMVs), `-pdl` on them compiled
-#     with FERRUM_PDL=1 (every kernel a programmatic dependent launch, the GEMVs' first weight loads
-#     before their wait), `-norms-pdl` with both: experiments, not in the default list; their checkpoints
+#     `--models qwen3-4b-pdl,qwen3-4b-gptq-pdl` runs the same proof on the two 4B models compiled with
+#     FERRUM_PDL=1 (every kernel a programmatic dependent launch, the GEMVs' first weight loads before
+#     their wait, the next kernel launched first thing), `-pdl-late` with FERRUM_PDL=late (the next kernel
+#     launched after that wait), `-pdl-first` with FERRUM_PDL=first (every kernel waits first; no early
+#     loads): experiments, not in the default list (FERRUM_PDL=1 failed parity on the H200 on 2026-11-27;
+#     the other two tell why; -norms, FERRUM_GEMV_NORMS=1, lost there and is no longer built); their checkpoints
 #     are the plain models', and when those ran first in the call so are their packed weights (hard
 #     links: the same IR packs the same tensors) and transformers' reference logits for the same tokens,
 #     so an experiment costs its load, parity run and timings only (the pack took 16-25 s per 4B model).
 #     For an A/B of an experiment, `--quick` keeps parity, device picking, prefill and decode b1 (median of
 #     3)/b4/b16/b32 and skips the variants, sampled decode, the engine, serve and transformers, e.g.
-#     `run --models qwen3-4b-gptq,qwen3-4b-gptq-pdl,qwen3-4b-gptq-norms,qwen3-4b-gptq-norms-pdl --quick`.
-#     gpu-proof.md then ends with each experiment against its base (tok/s ratios) and in how many decode
+#     `run --models qwen3-4b,qwen3-4b-pdl-first,qwen3-4b-pdl-late,qwen3-4b-pdl --quick` (about 90 s for a
+#     base and 30 s per experiment on the H200). gpu-proof.md then ends with each experiment against its
+#     base (parity passed or **FAILED**: limits 0.1 and 1e-3 in mean KL; tok/s ratios) and in how many decode
 #     runs it decoded exactly the base's tokens: a -pdl model must in all of them (its arithmetic is the
 #     base's; a race would show here and in parity). A -pdl model whose launches fail (a driver without
 #     programmatic launches in graphs) is recorded as failed like any other and the next model runs.
@@ -105,6 +108,13 @@ run|profile|kernels)
     name=$(basename "$path"); mod=${name%%.*}
     case "$name" in *.dist-info|*.data|__pycache__|bin) continue ;; esac
     if python3 -c "import $mod" 2>/dev/null; then rm -rf "$path"; fi
+  done
+  # and the metadata of each package so removed: on PYTHONPATH it comes before the image's own, and
+  # importlib.metadata would report its version (transformers refused the image's safetensors 0.8 as 0.5.3)
+  for info in /tmp/site/*.dist-info; do
+    [ -f "$info/RECORD" ] || continue
+    top=$(cut -d, -f1 "$info/RECORD" | cut -d/ -f1 | grep -v -e '\.dist-info$' -e '^\.\.$' -e '^__pycache__$' | head -1)
+    if [ -n "$top" ] && [ ! -e "/tmp/site/$top" ]; then rm -rf "$info"; fi
   done
   # the `ferrum` namespace (ferrum.models, ferrum.schedules) is a package-dir mapping of pyproject.toml; the
   # GPU host runs from the source tree without installing it, so map it with links

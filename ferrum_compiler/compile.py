@@ -59,12 +59,14 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
     if options.block_size not in (8, 16, 32, 64):
         raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
+    if env.pdl() and env.pdl() not in env.PDL_MODES:
+        raise CompileError(f"FERRUM_PDL={os.environ['FERRUM_PDL']} is not a mode; use 1, late or first, or unset it")
     if env.pdl() and not supports_programmatic_launch(spec.tvm_target):
-        raise CompileError(f"FERRUM_PDL=1 needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
+        raise CompileError(f"FERRUM_PDL needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
                            f"not {spec.name}; unset FERRUM_PDL")
     # the experiments' flags, read once: what the library is built with is what the manifest records
-    experiments = {flag: True for flag, on in (("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"),
-                                               ("pdl", env.pdl())) if on}
+    experiments: dict = {flag: value for flag, value in (("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"),
+                                                         ("pdl", env.pdl())) if value}
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -255,7 +257,8 @@ def _quant_method(ckpt: Checkpoint, mode: str) -> str:
 def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_blocks: int = 0,
                    experiments: dict | None = None) -> dict | None:
     """Compile and export the library; for GPU targets returns the GPU code verifier's report.
-    ``experiments``: ``{"gemv_norms": True}`` and/or ``{"pdl": True}`` (FERRUM_GEMV_NORMS, FERRUM_PDL)."""
+    ``experiments``: ``{"gemv_norms": True}`` and/or ``{"pdl": mode}`` (FERRUM_GEMV_NORMS, FERRUM_PDL's
+    ``env.PDL_MODES``)."""
     import tvm
 
     from .gpu_build import (GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics,
@@ -264,11 +267,14 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     flags = experiments or {}
     cuda = spec.tvm_target["kind"] == "cuda"
     metal = spec.tvm_target["kind"] == "metal"
-    pdl = cuda and bool(flags.get("pdl"))
+    pdl = str(flags.get("pdl") or "") if cuda else ""
+    # the schedules' early loads and where they let the next kernel launch; "first": none, the pass's
+    # wait-then-launch in every kernel
+    early = "" if pdl == "first" else pdl
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
                          graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
                          shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=bool(flags.get("gemv_norms")),
-                         pdl=pdl)
+                         pdl=early)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

@@ -176,7 +176,7 @@ class GpuCodeVerifier:
         return {"kernels": len(self.checked), "failed": sorted(self.failed), "limits": self.limits}
 
 
-# Programmatic dependent launch (sm_90+; FERRUM_PDL=1 at compile, an experiment). A kernel launched with
+# Programmatic dependent launch (sm_90+; FERRUM_PDL at compile, an experiment). A kernel launched with
 # CUDA's programmatic-stream-serialization attribute may start while the kernel before it in the stream
 # still runs, once every block of that one has executed ``griddepcontrol.launch_dependents``; its own
 # ``griddepcontrol.wait`` then blocks until that kernel has finished and its writes are visible. Every
@@ -184,8 +184,11 @@ class GpuCodeVerifier:
 # is kept (nothing is read or written before the wait), but the next kernel's launch and block dispatch
 # overlap this one's run instead of following its end. Schedules built with ``pdl`` (the decode GEMVs,
 # the split attention) wait later, after reading only what no kernel writes (weights, the step's inputs),
-# and let their successor launch first thing. A decode step is ~300-400 short kernels, and the H200
-# profile (docs/bench/2026-11-26d-gpu-h200.md) put ~0.37 ms of a 3.1 ms float16 step between them.
+# and let their successor launch first thing (FERRUM_PDL=1) or right after their wait (``late``); with
+# ``first`` they are built without the early reads and wait first like the rest. A decode step is ~300-400
+# short kernels, and the H200 profile (docs/bench/2026-11-26d-gpu-h200.md) put ~0.37 ms of a 3.1 ms float16
+# step between them. On an H200 on 2026-11-27 FERRUM_PDL=1 gave wrong logits (docs/bench/2026-11-27-gpu-h200.md):
+# ``late`` and ``first`` are there to find out why.
 PDL_TAG = "tirx.use_programtic_dependent_launch"  # TVM's spelling (runtime/metadata.h)
 PDL_PIPELINE = "ferrum-pdl"
 PDL_MIN_ARCH = 90
@@ -209,9 +212,9 @@ def _griddepcontrol(action: str):
 
 def with_programmatic_launch(func):
     """A CUDA device kernel (after the host/device split) launched with programmatic stream serialization:
-    ``wait`` (unless the kernel has its own) then ``launch_dependents`` first in its body (inside the thread
-    bindings that open it, if any), and the launch tag among its ``tirx.kernel_launch_params`` (before the
-    dynamic shared memory tag, which must stay last)."""
+    ``wait`` (unless the kernel has its own) then ``launch_dependents`` (unless it has its own) first in its
+    body (inside the thread bindings that open it, if any), and the launch tag among its
+    ``tirx.kernel_launch_params`` (before the dynamic shared memory tag, which must stay last)."""
     import tvm
 
     params = [str(p) for p in func.attrs["tirx.kernel_launch_params"]]
@@ -220,15 +223,18 @@ def with_programmatic_launch(func):
     dyn = "tirx.use_dyn_shared_memory"
     params = [p for p in params if p != dyn] + [PDL_TAG] + ([dyn] if dyn in params else [])
 
-    # a schedule that waits itself (``make_gemv_gpu(pdl=True)``: weight loads, which no kernel writes, first)
-    first = ["launch_dependents"] if 'griddepcontrol("wait"' in func.script() else ["wait", "launch_dependents"]
+    # a schedule that waits itself (``make_gemv_gpu(pdl=...)``: weight loads, which no kernel writes, first)
+    # and, in FERRUM_PDL's ``late`` mode, lets the next kernel launch itself, right after that wait
+    script = func.script()
+    first = ([] if 'griddepcontrol("launch_dependents"' in script else
+             ["launch_dependents"] if 'griddepcontrol("wait"' in script else ["wait", "launch_dependents"])
 
     def prepend(stmt):
         if isinstance(stmt, tvm.tirx.AttrStmt) and stmt.attr_key == "thread_extent":
             return tvm.tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, prepend(stmt.body))
         return tvm.tirx.SeqStmt([*(_griddepcontrol(a) for a in first), stmt])
 
-    return func.with_body(prepend(func.body)).with_attr("tirx.kernel_launch_params", params)
+    return func.with_body(prepend(func.body) if first else func.body).with_attr("tirx.kernel_launch_params", params)
 
 
 def _programmatic_launch_pass():

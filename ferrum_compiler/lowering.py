@@ -55,7 +55,7 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
-          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: bool = False):
+          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = ""):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -68,9 +68,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     ``decode_wide``'s linears on ``make_skinny_gemm_gpu`` instead of dlight's matmuls: off, because on an
     H200 (Qwen3-4B float16) it read weights at 0.1-1.0 TB/s and 16/32 sequences decoded at 849/1427 tok/s
     against 1045/2005 on dlight's (docs/bench/2026-11-26c-gpu-h200.md). ``pdl`` (CUDA sm_90, with
-    ``gpu_build.register_programmatic_launch_pipeline``): the GEMVs wait for the kernel before them after
-    their first weight loads (``make_gemv_gpu(pdl=True)``), the split attention after reading the step's
-    inputs (``make_attention_gpu(pdl=True)``)."""
+    ``gpu_build.register_programmatic_launch_pipeline``; FERRUM_PDL's ``early`` or ``late``, "" for none):
+    the GEMVs wait for the kernel before them after their first weight loads (``make_gemv_gpu(pdl=...)``),
+    the split attention after reading the step's inputs (``make_attention_gpu(pdl=...)``); ``late``: each
+    lets the next kernel launch only after that wait."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -286,16 +287,16 @@ def _residual_add(graph: Graph, consumers: dict, op, env: dict):
     return add, other
 
 
-def _gemv_fusion(norm: tuple | None, residual, pdl: bool = False) -> dict:
+def _gemv_fusion(norm: tuple | None, residual, pdl: str = "") -> dict:
     """``make_gemv_gpu``'s keyword arguments for a folded norm (``(weight, eps, weight dtype)``), an
-    epilogue residual and a wait after the first weight loads (``pdl``)."""
+    epilogue residual and a wait after the first weight loads (``pdl``: its mode)."""
     out: dict = {}
     if norm:
         out.update(norm_eps=float(norm[1]), norm_dtype=str(norm[2]))
     if residual is not None:
         out["residual"] = True
     if pdl:
-        out["pdl"] = True
+        out["pdl"] = pdl
     return out
 
 
@@ -423,7 +424,7 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
 
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, gated: bool = False,
-            mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: bool = False):
+            mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = ""):
     """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM
     on tensor cores (``mma_dtype``) or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
@@ -463,7 +464,7 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
-             gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: bool = False):
+             gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = ""):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
@@ -615,11 +616,12 @@ def uses_tc_attention(graph: Graph, tensor_core_dtypes: tuple[str, ...]) -> bool
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,
                      tensor_cores: bool = False, decode: bool = False, max_lanes: int = 16,
-                     shared_bytes: int = 40 * 1024, pdl: bool = False):
+                     shared_bytes: int = 40 * 1024, pdl: str = ""):
     """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
     the tensor-core kernel when ``tensor_cores`` and the head fits it, else split-KV partials and their
     merge, with one query token per tile in the ``decode`` entry points (their tokens are mostly one per
-    sequence); ``pdl``: the split kernel waits for the kernel before it after reading the step's inputs."""
+    sequence); ``pdl`` (a FERRUM_PDL mode): the split kernel waits for the kernel before it after reading the step's
+    inputs."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
@@ -641,7 +643,7 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
         splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)
         tile = 1 if decode else 0  # 0: the kernel's default
         split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale,
-                        tile, max_lanes, shared_bytes, *(["pdl"] if pdl else [])),
+                        tile, max_lanes, shared_bytes, *(["pdl", pdl] if pdl else [])),
                        lambda: attn_sched.make_attention_gpu(heads, kv_heads, head_dim, block_size, dtype,
                                                              sliding_window=window, scale=scale, cache_dtype=cdtype,
                                                              tile_tokens=tile, max_lanes=max_lanes,

@@ -144,7 +144,7 @@ def _inspect(args: argparse.Namespace) -> int:
         + (f"; decode(same) for batches of <= {d['entry_points']['decode']['max_tokens']} tokens (GEMV kernels)"
            if "decode" in d["entry_points"] else "")
         + ("; decode_one(same) for steps of one token" if "decode_one" in d["entry_points"] else "")
-        + (f"; decode_graph(same, CUDA graphs, FERRUM_CUDA_GRAPH=1) for block tables of <= "
+        + (f"; decode_graph(same, CUDA graphs; FERRUM_CUDA_GRAPH=0: off) for block tables of <= "
            f"{d['entry_points']['decode_graph']['max_blocks']} blocks" if "decode_graph" in d["entry_points"] else "")
         + ("; decode_wide(same, split-KV attention) for larger steps of one token per sequence"
            if "decode_wide" in d["entry_points"] else "")
@@ -154,9 +154,10 @@ def _inspect(args: argparse.Namespace) -> int:
         f"ir         " + ", ".join(f"{k} x{v}" for k, v in d["ir"]["ops"].items()) + f"  (passes: {', '.join(d['ir']['passes'])})",
         f"built      {d['build']['time']} on {d['build']['host']} in {d['build']['seconds']} s",
     ]
-    experiments = [name for name, flag in (("norms folded into the decode GEMVs (FERRUM_GEMV_NORMS)", "gemv_norms"),
-                                           ("programmatic dependent launches (FERRUM_PDL)", "pdl"))
-                   if d["compile_options"].get(flag)]
+    pdl = d["compile_options"].get("pdl")  # its mode (True: built before the modes, FERRUM_PDL=1's "early")
+    pdl_name = f"programmatic dependent launches (FERRUM_PDL, {'early' if pdl is True else pdl})"
+    experiments = [name for name, on in (("norms folded into the decode GEMVs (FERRUM_GEMV_NORMS)",
+                                          d["compile_options"].get("gemv_norms")), (pdl_name, pdl)) if on]
     if experiments:
         lines.append(f"experiments {'; '.join(experiments)}")
     print("\n".join(lines))

@@ -48,9 +48,11 @@ def decode_max_tokens(artifact_limit: int) -> int:
 
 
 def cuda_graph() -> bool:
-    """FERRUM_CUDA_GRAPH=1: CUDA artifacts run decode steps through ``decode_graph`` (captured once per
-    shape, then replayed). Off by default until measured on a GPU."""
-    return _flag("FERRUM_CUDA_GRAPH")
+    """CUDA artifacts run decode steps through ``decode_graph`` (captured once per shape, then replayed);
+    FERRUM_CUDA_GRAPH=0 turns that off. On by default since an H200 served both Qwen3-4B models with them
+    (the direct tokens over HTTP, no errors) and batch-1 decode gained 16% float16, 34% INT4
+    (docs/bench/2026-11-27-gpu-h200.md)."""
+    return os.environ.get("FERRUM_CUDA_GRAPH", "1") not in ("", "0", "false", "no")
 
 
 def gemv_norms() -> bool:
@@ -61,8 +63,22 @@ def gemv_norms() -> bool:
     return _flag("FERRUM_GEMV_NORMS")
 
 
-def pdl() -> bool:
-    """FERRUM_PDL=1 at ``ferrum compile`` (cuda-sm90; an experiment, off until an H200 says it pays): every
-    CUDA kernel launched as a programmatic dependent launch, so the next kernel's launch overlaps this
-    one's run (``gpu_build.with_programmatic_launch``). Recorded in the manifest's ``compile_options``."""
-    return _flag("FERRUM_PDL")
+PDL_MODES = ("early", "late", "first")
+
+
+def pdl() -> str:
+    """FERRUM_PDL at ``ferrum compile`` (cuda-sm90; an experiment, off by default): every CUDA kernel
+    launched as a programmatic dependent launch (``gpu_build.with_programmatic_launch``). The mode, "" when
+    unset or 0:
+
+    - ``1`` (``early``): the decode GEMVs issue their first weight loads and the split attention its first
+      key tile before they wait for the kernel before them, and let the next kernel launch first thing;
+    - ``late``: the same early loads, the next kernel let launch only after the wait;
+    - ``first``: every kernel waits first, then lets the next one launch (no early loads).
+
+    On an H200 on 2026-11-27 ``1`` failed parity (max logit error 6.5); ``late`` and ``first`` tell the
+    early loads from the launch itself apart. Recorded in the manifest's ``compile_options`` (``pdl``)."""
+    raw = os.environ.get("FERRUM_PDL", "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return ""
+    return "early" if raw in ("1", "true", "yes") else raw

@@ -104,7 +104,7 @@ class CompiledModel:
         self.decode_max_tokens = decode_max_tokens(entries.get("decode"))
         # ... and again for steps of one token, its GEMVs in passes of one token (fewer registers)
         self._one_fn = self.vm["decode_one"] if "decode_one" in entries else None
-        # CUDA artifacts: the decode entry point again, run as CUDA graphs (FERRUM_CUDA_GRAPH=1); its step
+        # CUDA artifacts: the decode entry point again, run as CUDA graphs (unless FERRUM_CUDA_GRAPH=0); its step
         # inputs must be the same buffers for the same shapes, so they are staged in fixed device tensors
         graph, wide_graph = entries.get("decode_graph"), entries.get("decode_wide_graph")
         self._graph_fn = self.vm["decode_graph"] if graph and device == "cuda" and env.cuda_graph() else None
@@ -254,7 +254,7 @@ class CompiledModel:
     @property
     def cuda_graph(self) -> bool:
         """Whether decode steps run as CUDA graphs (``decode_graph``, and ``decode_wide_graph`` where the
-        artifact has it; FERRUM_CUDA_GRAPH=1 at load)."""
+        artifact has it; on unless FERRUM_CUDA_GRAPH=0 at load)."""
         return self._graph_fn is not None
 
     @cuda_graph.setter

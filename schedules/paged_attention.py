@@ -292,7 +292,7 @@ def make_attention_gpu(
     tile_tokens: int = 0,
     max_lanes: int = 16,
     shared_bytes: int = 40 * 1024,
-    pdl: bool = False,
+    pdl: str = "",
 ):
     """PrimFunc ``attention_split(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
     part_acc[T,H,S,D] f32, part_ml[T,H,S,2] f32)``: unnormalised partial attention per KV split.
@@ -319,7 +319,9 @@ def make_attention_gpu(
     staging the first key tile's keys and values at positions before the sequence's first token of this
     step: the tile lookup, positions and block tables are the step's inputs, copied in before any kernel
     ran, and those cache rows were written by earlier steps (the kernel before this one, ``qkv_append``,
-    writes this step's rows, which are staged after the wait, as are the queries).
+    writes this step's rows, which are staged after the wait, as are the queries). ``pdl`` is FERRUM_PDL's
+    mode: ``early`` lets the next kernel launch first thing (the launch pass adds that), ``late`` right
+    after this kernel's wait.
     """
     from tvm.script import tirx as T
 
@@ -328,6 +330,8 @@ def make_attention_gpu(
     QT = tile_tokens or gpu_tile_tokens(num_heads, kv_heads, head_dim)
     R = QT * G  # query rows per tile
     cdtype = cache_dtype or dtype
+    early = bool(pdl)  # the early reads and the wait after them
+    late_trigger = pdl == "late"  # the next kernel let launch after that wait (FERRUM_PDL=late)
     SD = "float32" if dtype == "float32" else dtype  # K and V as staged in shared memory
     PK = 4 // dtype_bytes(SD)  # a K row's padding: one 4-byte bank
     KC = split_key_tile(R, D, SD, shared_bytes)
@@ -391,7 +395,7 @@ def make_attention_gpu(
                         bt0 = T.alloc_buffer((EK,), "int32", scope="local")  # the first key tile's blocks
                         if tx == 0:
                             find_tile(query_start, nbatch, tile, scan, info)
-                            if pdl:
+                            if early:
                                 info[5] = 0
                             if scan[1] == 1:
                                 # keys this tile needs: from the first token's window start to the last
@@ -404,7 +408,7 @@ def make_attention_gpu(
                                                            (T.Cast("int32", sp) + 1) * chunk)
                                 info[3] = lo // KC * KC
                                 info[4] = T.max(hi - lo // KC * KC, 0)
-                                if pdl:  # the sequence's first token: query_start[seq]
+                                if early:  # the sequence's first token: query_start[seq]
                                     info[5] = positions[scan[2] - (T.Cast("int32", tile) - scan[0]) * QT]
                         T.tvm_storage_sync("shared")
                         # no early exit: TVM plans barriers outside conditions only, so an absent tile
@@ -414,13 +418,13 @@ def make_attention_gpu(
                         tok0: T.let[T.int32] = info[1]
                         key0: T.let[T.int32] = info[3]
                         nkeys: T.let[T.int32] = info[4]
-                        fresh: T.let[T.int32] = info[5] if pdl else 0  # keys from here on: written this step
+                        fresh: T.let[T.int32] = info[5] if early else 0  # keys from here on: written this step
                         for e in T.unroll(EK):
                             bt0[e] = 0
                             if (e * NT + tx) * VEC < KC * D:
                                 if (e * NT + tx) * VEC // D < nkeys:
                                     bt0[e] = block_tables[seq, (key0 + (e * NT + tx) * VEC // D) // BS]
-                        if pdl:  # everything above read the step's inputs only; the first key tile's rows
+                        if early:  # everything above read the step's inputs only; the first key tile's rows
                             # written before this step are staged, then the wait
                             for e in T.unroll(EK):
                                 if (e * NT + tx) * VEC < KC * D:
@@ -429,6 +433,8 @@ def make_attention_gpu(
                                         stage_key(cache, kv, k_s, v_s, bt0[e], kh, key0 + jp, jp,
                                                   (e * NT + tx) * VEC % D)
                             T.ptx.griddepcontrol.wait()
+                            if late_trigger:
+                                T.ptx.griddepcontrol.launch_dependents()
                         for e in T.unroll(ER):  # unrolled: acc[e] stays in registers
                             if e * NT + tx < R * D:
                                 r: T.let[T.int32] = (e * NT + tx) // D
@@ -451,7 +457,7 @@ def make_attention_gpu(
                                     if j0 + jk < key0 + nkeys:
                                         blk: T.let[T.int32] = T.if_then_else(
                                             kt == 0, bt0[e], block_tables[seq, (j0 + jk) // BS])
-                                        if pdl:  # the first tile's older rows were staged before the wait
+                                        if early:  # the first tile's older rows were staged before the wait
                                             if kt > 0 or j0 + jk >= fresh:
                                                 stage_key(cache, kv, k_s, v_s, blk, kh, j0 + jk, jk, dk)
                                         else:

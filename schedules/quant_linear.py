@@ -919,7 +919,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                   layout: tuple[int, int, int] | None = None, half_math: bool = False,
                   prefetch: bool | None = None, tokens: int = GEMV_TOKENS, norm_eps: float | None = None,
                   norm_dtype: str = "float32", residual: bool = False, rows_per_thread: int = GEMV_ROWS,
-                  pdl: bool = False):
+                  pdl: str = ""):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -967,6 +967,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     ``prefetch``), before its first read of the activations: weights are never written by a kernel, so a
     small GEMV's loads, often all of them, overlap the kernels before it. Not with ``norm_eps`` (the norm
     reads the activations first) nor ``experts`` (the expert lists are activations): those wait first.
+    ``pdl`` is FERRUM_PDL's mode: ``early`` lets the next kernel launch first thing (the launch pass adds
+    that), ``late`` right after the wait.
 
     ``half_math`` (symmetric INT4, float16 activations; an experiment, not used by the lowering yet):
     a word's 8 weights become 4 float16 pairs and meet the activations in paired float16 multiply-adds
@@ -1021,7 +1023,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     NV = min(XV, 16 // dtype_bytes(x_dtype))  # x elements per load of the norm's sum of squares
     NE = -(-K // (NT * NV))  # such loads per thread per token
     norm_sum = block_sum(NT, TT)
-    early_wait = pdl and not normed and not grouped  # the wait after the first weight loads (``pdl``)
+    early_wait = bool(pdl) and not normed and not grouped  # the wait after the first weight loads (``pdl``)
+    late_trigger = pdl == "late"  # the next kernel let launch after that wait (FERRUM_PDL=late)
     H_SHIFT = 1.0 / 32  # half_math's activations are held divided by this much
     # half_math: value b (0-3) of a run sits at pair (b % 2), lane (b // 2): pairs are bytes (0, 2), (1, 3)
     def slot(i):
@@ -1131,6 +1134,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                             if early_wait:  # every thread, once: the first pass's first use of a group
                                 if p == 0 and gl == LAG:
                                     T.ptx.griddepcontrol.wait()
+                                    if late_trigger:
+                                        T.ptx.griddepcontrol.launch_dependents()
                             for u in T.unroll(U):
                                 if gu >= 0 and (gu * U + u) * KT + tx % KT < NC:
                                     ch: T.let[T.int32] = (gu * U + u) * KT + tx % KT

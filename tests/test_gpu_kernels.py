@@ -49,7 +49,7 @@ def _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_si
 
 
 def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0, splits=None,
-                  tile_tokens=0, pdl=False):
+                  tile_tokens=0, pdl=""):
     """A ragged batch through the split kernel and the merge; returns (out, reference, partial max/sum)."""
     q, cache, positions, query_start, tables, ref = _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads,
                                                                       head_dim, block_size, window)
@@ -83,13 +83,13 @@ def test_split_attention_matches_reference(seed, batch, heads, head_dim, block_s
 
 
 @pytest.mark.parametrize("ctx,qlen,splits,tile_tokens,pdl", [
-    ([600, 10, 33], [1, 1, 1], None, 0, False),  # decode over long contexts: several splits, GQA group 4
-    ([100, 513], [2, 1], 5, 0, False),  # more splits than some sequences have keys: empty splits merge to nothing
-    ([0, 40], [70, 1], None, 0, False),  # a prefill spanning several query tiles beside a decode
-    ([600, 10, 33], [1, 1, 1], None, 1, False),  # the decode entry points' kernel: one token per tile
-    ([100, 5], [3, 4], 3, 1, False),  # ... also given a few tokens of one sequence (it takes up to 8)
-    ([600, 10, 33], [1, 1, 1], None, 1, True),  # ... waiting for the previous kernel (a no-op here) late
-    ([0, 40], [70, 1], None, 0, True),
+    ([600, 10, 33], [1, 1, 1], None, 0, ""),  # decode over long contexts: several splits, GQA group 4
+    ([100, 513], [2, 1], 5, 0, ""),  # more splits than some sequences have keys: empty splits merge to nothing
+    ([0, 40], [70, 1], None, 0, ""),  # a prefill spanning several query tiles beside a decode
+    ([600, 10, 33], [1, 1, 1], None, 1, ""),  # the decode entry points' kernel: one token per tile
+    ([100, 5], [3, 4], 3, 1, ""),  # ... also given a few tokens of one sequence (it takes up to 8)
+    ([600, 10, 33], [1, 1, 1], None, 1, "early"),  # ... waiting for the previous kernel (a no-op here) late
+    ([0, 40], [70, 1], None, 0, "late"),  # ... and letting the next one launch after that wait
 ])
 def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens, pdl):
     out, ref, part_ml = run_attention(np.random.default_rng(1), ctx, qlen, 32, 8, 64, 16, splits=splits,
@@ -134,7 +134,7 @@ def _reads_before_wait_from(func, name: str):
 
 @pytest.mark.parametrize("ctx,qlen,splits", [([600, 10, 33], [1, 1, 1], None), ([100, 5, 0], [3, 4, 2], 3)])
 def test_split_attention_reads_only_older_rows_before_its_wait(ctx, qlen, splits):
-    """``make_attention_gpu(pdl=True)`` stages cache rows before waiting for the kernel before it (which
+    """``make_attention_gpu(pdl="early")`` stages cache rows before waiting for the kernel before it (which
     writes this step's keys and values). Its loads before the wait are redirected to a second cache: with
     the rows this step writes NaN there, the output is still the reference (no such row is read only
     early), and with the older rows NaN in the cache proper instead, too (a split being one key tile here,
@@ -142,8 +142,8 @@ def test_split_attention_reads_only_older_rows_before_its_wait(ctx, qlen, splits
     heads, kv_heads, head_dim, block_size = 32, 8, 64, 16
     q, cache, positions, query_start, tables, ref = _ragged_attention(np.random.default_rng(5), ctx, qlen, heads,
                                                                       kv_heads, head_dim, block_size)
-    split = _reads_before_wait_from(_kernel(("split", heads, kv_heads, head_dim, block_size, 0, 1, True), lambda: (
-        pa.make_attention_gpu(heads, kv_heads, head_dim, block_size, "float32", tile_tokens=1, pdl=True))), "cache")
+    split = _reads_before_wait_from(_kernel(("split", heads, kv_heads, head_dim, block_size, 0, 1, "early"), lambda: (
+        pa.make_attention_gpu(heads, kv_heads, head_dim, block_size, "float32", tile_tokens=1, pdl="early"))), "cache")
     merge = _kernel(("merge", heads, head_dim), lambda: pa.make_attention_merge_gpu(heads, head_dim, "float32"))
     new = np.zeros(cache.shape[0] * block_size, bool)  # cache rows (block * block_size + offset) written this step
     for b, (c, n) in enumerate(zip(ctx, qlen)):
@@ -240,7 +240,7 @@ def _linear_case(rng, k, n, ntok, fmt, bias, gated):
 
 
 def _gemv_case(rng, k, n, ntok, fmt, bias, lanes=16, gated=False, layout=None, prefetch=False, tokens=4, rows=4,
-               pdl=False):
+               pdl=""):
     xin, tensors, b, ref = _linear_case(rng, k, n, ntok, fmt, bias, gated)
     out = np.full((ntok, n), np.nan, np.float32)
     key = ("gemv", k, n, fmt, bias, lanes, gated, layout, prefetch, tokens, rows, pdl)
@@ -259,7 +259,7 @@ FORMATS = st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 
 @given(seed=st.integers(0, 2**31), fmt=FORMATS, groups=st.integers(1, 40), n=st.integers(1, 23),
        ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]), gated=st.booleans(),
        layout=st.sampled_from([None, (16, 8, 2), (32, 2, 3), (128, 1, 1), (64, 2, 4)]), prefetch=st.booleans(),
-       tokens=st.sampled_from([4, 1, 2]), rows=st.sampled_from([4, 2]), pdl=st.booleans())
+       tokens=st.sampled_from([4, 1, 2]), rows=st.sampled_from([4, 2]), pdl=st.sampled_from(["", "early", "late"]))
 def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, layout, prefetch, tokens, rows, pdl):
     """Any width (more chunks than lanes, fewer, ragged), any row count (a partial last team of 4 rows, a
     partial block of teams), any token count (partial passes of 4, 2 or 1 tokens), 16-byte loads or
@@ -291,7 +291,7 @@ def test_gemv_eight_rows_per_thread(fmt, gated, tokens):
     partial last team, two passes of 4 tokens or five of one, loads a step ahead and the late wait."""
     k = 32 * 24
     out, ref = _gemv_case(np.random.default_rng(1), k, 37, 5, fmt, True, gated=gated, tokens=tokens, rows=8,
-                          layout=(32, 2, 2), prefetch=True, pdl=True)
+                          layout=(32, 2, 2), prefetch=True, pdl="early")
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 

@@ -72,14 +72,20 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, tiny
         assert manifest["quantization"]["method"] == "rtn-q4" and manifest["ir"]["ops"]["qlinear"] > 0
     # one launch tag per kernel (TVM's function table in the library), none without FERRUM_PDL
     assert lib.count(PDL_TAG.encode()) == (verified["kernels"] if pdl else 0)
-    assert manifest["compile_options"].get("pdl", False) == pdl
-    assert ("programmatic dependent launches (FERRUM_PDL)" in shown) == pdl
+    assert manifest["compile_options"].get("pdl", "") == ("early" if pdl else "")  # FERRUM_PDL=1's mode
+    assert ("programmatic dependent launches (FERRUM_PDL, early)" in shown) == pdl
 
 
 def test_pdl_needs_sm90(tiny_model_dir, tmp_path):
     res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cuda-sm89", "-o", tmp_path / "art",
                  env={"FERRUM_PDL": "1"})
-    assert_one_line_error(res, "FERRUM_PDL=1 needs --target cuda-sm90", "unset FERRUM_PDL")
+    assert_one_line_error(res, "FERRUM_PDL needs --target cuda-sm90", "unset FERRUM_PDL")
+
+
+def test_pdl_mode_must_be_known(tiny_model_dir, tmp_path):
+    res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cuda-sm90", "-o", tmp_path / "art",
+                 env={"FERRUM_PDL": "eager"})
+    assert_one_line_error(res, "FERRUM_PDL=eager is not a mode", "use 1, late or first")
 
 
 def test_programmatic_launch_pass():
@@ -89,7 +95,8 @@ def test_programmatic_launch_pass():
     attention built with ``pdl`` waits after reading the step's block tables and staging the cache rows of
     earlier steps: every cache load before its wait is under a test against ``fresh``, the step's first
     position of the sequence (that such loads read no row this step writes is run in
-    test_gpu_kernels.py::test_split_attention_reads_only_older_rows_before_its_wait)."""
+    test_gpu_kernels.py::test_split_attention_reads_only_older_rows_before_its_wait). Built with FERRUM_PDL's
+    ``late`` mode, those two let the next kernel launch right after their wait instead of first thing."""
     import tvm
     from tvm.script import tirx as T
 
@@ -108,17 +115,20 @@ def test_programmatic_launch_pass():
                 b[bx * 128 + tx] = buf[127 - tx]
 
     funcs = {"staged": staged,
-             "gemv_early": ql.make_gemv_gpu(512, 64, ql.QuantFormat(4, 128, True), "", "float16", "float16", None,
-                                            tokens=1, pdl=True),
              "gemv": ql.make_gemv_gpu(512, 64, None, "float16", "float16", "float16", None, tokens=1),
-             "attention": pa.make_attention_gpu(32, 8, 128, 16, "float16", tile_tokens=1, pdl=True)}
+             **{f"{kind}_{mode}": make(mode) for mode in ("early", "late") for kind, make in (
+                 ("gemv", lambda mode: ql.make_gemv_gpu(512, 64, ql.QuantFormat(4, 128, True), "", "float16",
+                                                         "float16", None, tokens=1, pdl=mode)),
+                 ("attention", lambda mode: pa.make_attention_gpu(32, 8, 128, 16, "float16", tile_tokens=1,
+                                                                  pdl=mode)))}}
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name).with_attr("target", target)
                         for name, f in funcs.items()})
     lowered = get_tir_pipeline(register_programmatic_launch_pipeline())[0](mod)
     kernels = {gv.name_hint: f for gv, f in lowered.functions.items()
                if f.attrs is not None and "tirx.kernel_launch_params" in f.attrs}
-    assert sorted(kernels) == ["attention_kernel", "gemv_early_kernel", "gemv_kernel", "staged_kernel"]
+    assert sorted(kernels) == ["attention_early_kernel", "attention_late_kernel", "gemv_early_kernel",
+                               "gemv_kernel", "gemv_late_kernel", "staged_kernel"]
     for name, f in kernels.items():
         tags = [str(t) for t in f.attrs["tirx.kernel_launch_params"]]
         assert tags.count(PDL_TAG) == 1
@@ -132,10 +142,14 @@ def test_programmatic_launch_pass():
             ("queries", r"\bq\["), ("cache", r"cache\["))}
         assert sum('griddepcontrol("wait"' in ln for ln in lines) == 1
         assert sum("griddepcontrol" in ln for ln in lines) == 2
-        if name == "gemv_early_kernel":  # weight loads, then the wait, then the activations
-            assert first["trigger"] < first["weights"] < first["wait"] < first["x"]
-        elif name == "attention_kernel":  # the step's block tables and older cache rows, the wait, the queries
-            assert first["trigger"] < first["tables"] < first["cache"] < first["wait"] < first["queries"]
+        if name.endswith("_late_kernel"):  # the next kernel may launch right after the wait, not before it
+            assert first["trigger"] == first["wait"] + 1
+        if name in ("gemv_early_kernel", "gemv_late_kernel"):  # weight loads, the wait, the activations
+            assert first["weights"] < first["wait"] < first["x"]
+            assert first["trigger"] < first["weights"] if name == "gemv_early_kernel" else True
+        elif name.startswith("attention_"):  # the step's block tables and older cache rows, the wait, queries
+            assert first["tables"] < first["cache"] < first["wait"] < first["queries"]
+            assert first["trigger"] < first["tables"] if name == "attention_early_kernel" else True
             full = f.script().splitlines()
             wait = next(i for i, ln in enumerate(full) if 'griddepcontrol("wait"' in ln)
             for i in (i for i, ln in enumerate(full[:wait]) if "cache[" in ln):
@@ -193,10 +207,10 @@ def _compute_capability() -> int:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("pdl", ["", "1", "late", "first"])
 def test_cuda_artifact_runs_on_gpu(pdl, tiny_model_dir, compiled, tmp_path, monkeypatch):
     """On a GPU machine: build for its arch, run a ragged step, compare with transformers (fp16 tolerance);
-    on sm_90 again with every kernel a programmatic dependent launch (FERRUM_PDL=1)."""
+    on sm_90 again with every kernel a programmatic dependent launch, in each FERRUM_PDL mode."""
     import numpy as np
 
     from ferrum_compiler.compile import compile_model
@@ -211,7 +225,7 @@ def test_cuda_artifact_runs_on_gpu(pdl, tiny_model_dir, compiled, tmp_path, monk
     if pdl:
         if cap < 90:
             pytest.skip("programmatic dependent launch needs sm_90")
-        monkeypatch.setenv("FERRUM_PDL", "1")
+        monkeypatch.setenv("FERRUM_PDL", pdl)
         art = compile_model(str(model_dir), tmp_path / "pdl", CompileOptions(target="cuda-sm90"), progress=print)
     else:
         art = compiled(model_dir, target=f"cuda-sm{cap}")
