@@ -13,6 +13,7 @@ first imported for every command but ``compile``.
 from __future__ import annotations
 
 import ctypes
+import logging
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -24,6 +25,8 @@ from .artifact import LIBRARY, ArtifactError, Manifest, check_compatible, read_m
 from . import env
 from .env import configure_threads
 from .safetensors_io import SafetensorsFile, np_dtype
+
+log = logging.getLogger("ferrum")
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class CompiledModel:
         # for steps of only decode tokens that are too many for the decode entry point
         self._wide_fn = self.vm["decode_wide"] if "decode_wide" in entries else None
         self._staging: dict[str, Any] = {}  # the CUDA-graph entries' fixed input tensors
+        self._replayed: set[tuple] = set()  # (entry, input shapes) whose graph has run: captured
         self._inputs: dict[str, Any] = {}  # the other entries' input tensors, grown as steps need
         # views of those tensors at the shapes steps had, and the copy behind Tensor.copyfrom without its
         # Python checks: a step's six inputs took ~100 us of a 2-core box's time through copyfrom and
@@ -237,11 +241,15 @@ class CompiledModel:
         # one token per sequence, too many for decode: decode_wide (split-KV attention)
         wide = not small and self._wide_fn is not None and ntok == len(batch.query_start) - 1
         one = small and ntok == 1  # decode_one(_graph), where the artifact has it
+        graph = ""
         if self._graph_fn is not None and small and self._fits_graph(batch, self.graph_max_tokens):
-            fn = self._one_graph_fn if one and self._one_graph_fn is not None else self._graph_fn
-            return fn(*self._staged_args(batch))
-        if self._wide_graph_fn is not None and wide and self._fits_graph(batch, self.wide_graph_max_tokens):
-            return self._wide_graph_fn(*self._staged_args(batch))
+            graph = "decode_one_graph" if one and self._one_graph_fn is not None else "decode_graph"
+        elif self._wide_graph_fn is not None and wide and self._fits_graph(batch, self.wide_graph_max_tokens):
+            graph = "decode_wide_graph"
+        if graph:
+            logits = self._graph_call(graph, batch)
+            if logits is not None:
+                return logits
         args = self._copy_in(batch.arrays, self._inputs, grow=True)
         if one and self._one_fn is not None:
             return self._one_fn(*args)
@@ -334,6 +342,29 @@ class CompiledModel:
         view = buf._create_view(shape)
         self._views[key] = (buf, view)
         return view
+
+    def _graph_call(self, entry: str, batch: RaggedBatch):
+        """CUDA-graph entry point ``entry`` on the step's staged inputs. Its first call for a shape captures the
+        graph; if that fails (out of memory while capturing, a driver without graphs), decode steps run
+        without graphs from then on, with one warning, and None says: run this step directly. A step's
+        writes (its KV cache rows, its logits) are the same when run again. A graph that has run before
+        fails like any other call."""
+        fn = {"decode_graph": self._graph_fn, "decode_one_graph": self._one_graph_fn,
+              "decode_wide_graph": self._wide_graph_fn}[entry]
+        args = self._staged_args(batch)
+        key = (entry, *(tuple(a.shape) for a in args))
+        if key in self._replayed:
+            return fn(*args)
+        try:
+            logits = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the step runs again without graphs
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("ferrum: capturing a CUDA graph failed (%s); decode steps run without CUDA graphs "
+                        "from here on (FERRUM_CUDA_GRAPH=0 skips them)", first)
+            self.cuda_graph = False
+            return None
+        self._replayed.add(key)
+        return logits
 
     def _staged_args(self, batch: RaggedBatch) -> list:
         """The step's inputs copied into fixed device tensors (allocated once, at the largest shapes, so a

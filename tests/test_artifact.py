@@ -197,6 +197,54 @@ def test_staged_step_inputs_give_the_direct_calls_logits(compiled, tiny_model_di
     assert staged._staging == buffers and len(buffers) == 6  # allocated once
 
 
+def test_a_failed_graph_capture_falls_back_to_direct_calls(compiled, tiny_model_dir, caplog):
+    """CUDA graphs are on by default: when the first call of a shape (its capture) fails, that step runs
+    again without graphs (the direct call's logits), graphs stay off with one warning, and every later step
+    runs directly. A graph that has run before and then fails is an error like any other (not hidden)."""
+    import logging
+
+    from .ragged import chunked_prefill_then_decode
+
+    art = compiled(tiny_model_dir("qwen3"))
+    plain, staged = (CompiledModel.load(art, kv_cache_bytes=1 << 20) for _ in range(2))
+    calls = []
+
+    def failing_capture(*args):
+        calls.append(1)
+        raise RuntimeError("CUDA: out of memory\nwhile capturing the graph")
+
+    staged._graph_fn, staged.graph_max_tokens, staged.graph_max_blocks = failing_capture, 64, 8
+    staged.decode_max_tokens = 64
+    prompts = [[int(t) for t in np.random.default_rng(n).integers(0, 256, n)] for n in (5, 9)]
+    with caplog.at_level(logging.WARNING, logger="ferrum"):
+        runs = [chunked_prefill_then_decode(m, prompts, 40, np.random.default_rng(0), steps=6, chunk=3)
+                for m in (plain, staged)]
+    for (tokens_a, a), (tokens_b, b) in zip(*runs):
+        assert tokens_a == tokens_b
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1 and not staged.cuda_graph  # tried once, then off
+    warned = [r.getMessage() for r in caplog.records if "CUDA graph" in r.getMessage()]
+    assert warned == ["ferrum: capturing a CUDA graph failed (CUDA: out of memory); decode steps run without "
+                      "CUDA graphs from here on (FERRUM_CUDA_GRAPH=0 skips them)"]
+
+    replays = []
+
+    def breaks_on_replay(*args):  # captured and replayed once, then a failure
+        replays.append(1)
+        if len(replays) > 2:
+            raise RuntimeError("an illegal memory access was encountered")
+        return staged._fn(*args)
+
+    staged._graph_fn, staged.decode_max_tokens = breaks_on_replay, 64
+    batch = RaggedBatch(np.array([1, 2, 3], np.int32), np.arange(3, dtype=np.int32), np.array([0, 3], np.int32),
+                        np.array([[0]], np.int32), np.arange(3, dtype=np.int32), np.array([2], np.int32))
+    staged.forward(batch)
+    staged.forward(batch)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        staged.forward(batch)
+    assert staged.cuda_graph
+
+
 @pytest.mark.parametrize("graphs", [False, True], ids=["direct", "cuda-graph"])
 def test_steps_of_only_decode_tokens_take_decode_wide(compiled, tiny_model_dir, graphs):
     """CUDA artifacts with the tensor-core attention in ``forward`` also have ``decode_wide`` (forward with
