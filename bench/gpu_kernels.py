@@ -2,8 +2,9 @@
 layout ``quant_linear.gemv_layout`` picks and the alternatives around it (lanes per row, loads issued a
 step ahead, passes of one token instead of four, 2 rows per thread instead of 4, the RMSNorm folded into
 the prologue or the residual add into the epilogue, beside the add + RMSNorm kernel they replace; the down
-GEMV without SiLU·mul inside, ``-plain``), and for INT4 the float16-pair math (``half_math``); each
-variant's output is checked against the picked layout's (max difference over the largest output, printed
+GEMV without SiLU·mul inside, ``-plain``), and for INT4 the float16-pair math (``half_math``) and
+integer dot products on int8 activations (``-dp4a``: ``make_quantize_dp4a_gpu`` then
+``make_gemv_dp4a_gpu``, both in the time); each variant's output is checked against the picked layout's (max difference over the largest output, printed
 as ``diff``).
 
 Here (nvcc, no GPU): ``bench/gpu_kernels.py --prepare .gpu/kernels`` compiles every variant for sm_90
@@ -87,7 +88,7 @@ def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
                     + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else [])
                     + (["norm"] if opts.get("norm_eps") else []) + (["res"] if opts.get("residual") else [])
                     + ([f"r{opts['rows_per_thread']}"] if "rows_per_thread" in opts else [])
-                    + (["plain"] if opts.get("gated") is False else []))
+                    + (["plain"] if opts.get("gated") is False else []) + (["dp4a"] if opts.get("dp4a") else []))
 
 
 def prepare(dest: Path) -> None:
@@ -104,10 +105,13 @@ def prepare(dest: Path) -> None:
     entries = []
     t0 = time.perf_counter()
 
-    def build(name: str, func, symbol: str = "gemv") -> None:
-        """``func`` compiled for sm_90 into ``dest/name.so``, its entry named ``symbol``."""
+    def build(name: str, func, symbol: str = "gemv", more: dict | None = None) -> None:
+        """``func`` compiled for sm_90 into ``dest/name.so``, its entry named ``symbol`` (and ``more``:
+        other entries by name)."""
+        funcs = {symbol: func, **(more or {})}
         with target:
-            lib = tvm.compile(tvm.IRModule({symbol: func.with_attr("global_symbol", symbol)}), target=target)
+            lib = tvm.compile(tvm.IRModule({s: f.with_attr("global_symbol", s) for s, f in funcs.items()}),
+                              target=target)
         lib.export_library(str(dest / f"{name}.so"))
         print(f"{time.perf_counter() - t0:6.1f}s {name}", flush=True)
 
@@ -116,15 +120,21 @@ def prepare(dest: Path) -> None:
         for shape, (k, n, gated) in SHAPES.items():
             chunks = k // ql.gemv_chunk(fmt, "float16", k)
             todo = variants(chunks, n, gated)
-            if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout
-                todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1})]
+            if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout,
+                todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1}),
+                         (todo[0][0], {"dp4a": True, "tokens": 1}), (todo[0][0], {"dp4a": True})]  # and dp4a's
             if gated:  # the down GEMV reading SiLU·mul's output instead of computing it per block (at 4
                 todo.append((todo[0][0], {"gated": False}))  # tokens, 4x the exps of one, in every block)
             for i, (layout, opts) in enumerate(todo):
                 name = variant_name(fname, shape, layout, opts)
                 opts = {"gated": gated, **opts}
-                build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
-                                             layout=layout, **opts))
+                if opts.get("dp4a"):  # the activations' quantize kernel beside it, in the same library
+                    build(name, ql.make_gemv_dp4a_gpu(k, n, fmt, "float16", layout=layout,
+                                                      tokens=opts.get("tokens", ql.GEMV_TOKENS)),
+                          more={"quantize": ql.make_quantize_dp4a_gpu(k, "float16", gated)})
+                else:
+                    build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
+                                                 layout=layout, **opts))
                 entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n,
                                 "layout": layout, "picked": i == 0, **opts})
     for sb in ATTENTION_SHARED:  # decode attention at 64-, 32- and 16-key tiles, and the merge
@@ -176,7 +186,8 @@ def run(src: Path, out: Path) -> None:
             copies = [[tvm.runtime.tensor(w, dev) for w in host] for _ in range(max(1, -(-(256 << 20) // nbytes)))]
             loaded = (e["format"], e["shape"])
         try:
-            f = tvm.runtime.load_module(str(src / f"{e['name']}.so"))["gemv"]
+            lib = tvm.runtime.load_module(str(src / f"{e['name']}.so"))
+            gemv = lib["gemv"]
             for ntok in TOKENS:
                 key = (e["format"], e["shape"], ntok, e["gated"])
                 if key not in inputs:
@@ -185,6 +196,17 @@ def run(src: Path, out: Path) -> None:
                     inputs[key] = tvm.runtime.tensor(xh.astype(np.float16), dev)
                 x = inputs[key]
                 y = tvm.runtime.empty((ntok, n), "float16", dev)
+                f = gemv
+                if e.get("dp4a"):  # its activations quantized first, as a model would: both kernels timed
+                    bufs = [tvm.runtime.empty((ntok, k // 4), "int32", dev),
+                            tvm.runtime.empty((ntok, k // 32), "float32", dev),
+                            tvm.runtime.empty((ntok, k // 32), "int32", dev)]
+
+                    def quantized(x, *rest, quantize=lib["quantize"], gemv=gemv, bufs=bufs):
+                        quantize(x, *bufs)
+                        gemv(*bufs, *rest)
+
+                    f = quantized
                 # the folded norm's weights (ones: the output stays comparable) and the residual (zeros)
                 pre = [tvm.runtime.tensor(np.ones(k, np.float16), dev)] if e.get("norm_eps") else []
                 post = [tvm.runtime.tensor(np.zeros((ntok, n), np.float16), dev)] if e.get("residual") else []

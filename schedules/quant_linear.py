@@ -1243,6 +1243,163 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     return func
 
 
+# ---------------------------------------------------------------- INT4 GEMV on integer dot products (an experiment)
+
+DP4A_BLOCK = 32  # activations quantized per this many columns: one 16-byte chunk of INT4 weights
+
+
+def gemv_dp4a_ref(xq: np.ndarray, xs: np.ndarray, fmt: QuantFormat, qweight: np.ndarray,
+                  scales: np.ndarray) -> np.ndarray:
+    """What ``make_gemv_dp4a_gpu`` computes, float64 ``[T, N]``: the int8 activations ``xq [T, K]`` (scales
+    ``xs [T, K/32]``) against the symmetric INT4 weights, exactly: per 32 columns the integer dot product
+    ``sum((q - 8) * xq)``, times the activations' and the group's scales."""
+    q = unpack_int4(qweight).astype(np.int64) - fmt.zero_point  # [N, K]
+    t, k = xq.shape
+    blocks = k // DP4A_BLOCK
+    idot = np.einsum("tbc,nbc->tnb", xq.reshape(t, blocks, DP4A_BLOCK).astype(np.int64),
+                     q.reshape(-1, blocks, DP4A_BLOCK))  # [T, N, K/32]
+    ws = np.repeat(scales.astype(np.float64), fmt.group_size // DP4A_BLOCK, axis=1)  # [N, K/32]
+    return np.einsum("tnb,tb,nb->tn", idot.astype(np.float64), xs.astype(np.float64), ws)
+
+
+def make_quantize_dp4a_gpu(in_features: int, x_dtype: str, gated: bool = False):
+    """PrimFunc ``quantize(x[T, K], xq[T, K/4] int32, xs[T, K/32] float32, xsum[T, K/32] int32)``: the
+    activations as ``make_gemv_dp4a_gpu`` takes them. Per token and 32 columns ``xs = max|x| / 127`` and
+    ``q = round(x * 127 / max|x|)`` (0 where all are 0), four int8 to a word (column ``4j + b`` in byte
+    ``b`` of word ``j``), and ``xsum`` the sum of the 32 ``q`` (the INT4 zero point's term). With ``gated``
+    ``x`` is the gate|up projection ``[T, 2K]`` and the values ``SiLU(gate) * up`` rounded to ``x_dtype``.
+    One thread per 32 columns (``quantize_activations_ref(x, 32, 8)`` is its reference, but for rounding:
+    this one rounds halves away from zero)."""
+    from tvm.script import tirx as T
+
+    K, B = in_features, DP4A_BLOCK
+    assert K % B == 0, K
+    NB, NT = K // B, 128
+    XK = 2 * K if gated else K
+
+    @T.prim_func(private=True)
+    def quantize(x_h: T.handle, q_h: T.handle, s_h: T.handle, n_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok = T.int64()
+        x = T.match_buffer(x_h, (ntok, XK), x_dtype)
+        xq = T.match_buffer(q_h, (ntok, K // 4), "int32")
+        xs = T.match_buffer(s_h, (ntok, NB), "float32")
+        xsum = T.match_buffer(n_h, (ntok, NB), "int32")
+        for bx in T.thread_binding((NB + NT - 1) // NT, thread="blockIdx.x"):
+            for t in T.thread_binding(ntok, thread="blockIdx.y"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    v = T.alloc_buffer((B,), "float32", scope="local")
+                    m = T.alloc_buffer((2,), "float32", scope="local")  # max |x|, then 127 / it
+                    n = T.alloc_buffer((1,), "int32", scope="local")
+                    qb = T.alloc_buffer((B,), "int32", scope="local")
+                    blk: T.let[T.int32] = bx * NT + tx
+                    if blk < NB:
+                        m[0] = T.float32(0)
+                        for i in T.unroll(B):
+                            if gated:
+                                v[i] = silu_mul(x[t, blk * B + i], x[t, K + blk * B + i], x_dtype)
+                            else:
+                                v[i] = T.Cast("float32", x[t, blk * B + i])
+                            m[0] = T.max(m[0], T.fabs(v[i]))
+                        m[1] = T.if_then_else(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
+                        n[0] = 0
+                        for i in T.unroll(B):
+                            qb[i] = T.Cast("int32", T.round(v[i] * m[1]))
+                            n[0] = n[0] + qb[i]
+                        for j in T.unroll(B // 4):
+                            xq[t, blk * (B // 4) + j] = ((qb[4 * j] & 255) | ((qb[4 * j + 1] & 255) << 8)
+                                                         | ((qb[4 * j + 2] & 255) << 16) | (qb[4 * j + 3] << 24))
+                        xs[t, blk] = m[0] / T.float32(127)
+                        xsum[t, blk] = n[0]
+
+    return quantize
+
+
+def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, out_dtype: str,
+                       scale_dtype: str = "float16", layout: tuple[int, int, int] | None = None, tokens: int = 1):
+    """PrimFunc ``gemv(xq[T, K/4] int32, xs[T, K/32], xsum[T, K/32], qweight[N, K/2], scales[N, K/G],
+    out[T, N])``: symmetric INT4 weights (``make_gemv_gpu``'s layout and teams: ``layout`` as
+    ``gemv_layout`` picks it, 4 rows a thread, ``tokens`` per pass) against int8 activations
+    (``make_quantize_dp4a_gpu``) on integer dot products. A 16-byte chunk is 32 columns in 4 words: the
+    low nibbles of word ``w`` are columns ``4w..4w+3``, its high nibbles ``16+4w..``, so ``w & 0x0F0F0F0F``
+    and ``(w >> 4) & 0x0F0F0F0F`` meet the activation words ``c*8 + w`` and ``c*8 + 4 + w`` in one
+    ``__dp4a`` each (4 products and their sum per instruction; the unsigned 0-15 values are positive int8).
+    Per chunk and row: ``xs * (dot - 8 * xsum)`` times the group's scale, in float32. About 0.6
+    instructions per weight against ~3.3 for ``make_gemv_gpu``'s float path, whose INT4 GEMVs were issue-
+    bound at 26-51% of an H200's copy bandwidth (docs/bench/2026-11-27-gpu-h200.md). The activations'
+    rounding to 8 bits per 32 columns is llama.cpp's (its q8_1 blocks). An experiment: only
+    bench/gpu_kernels.py builds it. ``gemv_dp4a_ref`` is its reference."""
+    from tvm.script import tirx as T
+
+    assert fmt.bits == 4 and fmt.sym and fmt.group_size % DP4A_BLOCK == 0, fmt
+    K, N, G = in_features, out_features, fmt.group_size
+    NC = K // DP4A_BLOCK  # chunks of a row
+    KT, RT, _ = layout or gemv_layout(NC, N)
+    RB, TT = GEMV_ROWS, tokens
+    NT, BR, J = KT * RT, RT * GEMV_ROWS, tokens * GEMV_ROWS
+    SG = -(-NC // KT)  # steps of a lane over its row
+    sums = block_sum_columns(NT, J, RT)
+    lo_mask = T.uint32(0x0F0F0F0F)
+
+    @T.prim_func(private=True)
+    def gemv(q_h: T.handle, s_h: T.handle, n_h: T.handle, w: T.Buffer((N, K // 2), "uint8"),  # type: ignore[valid-type]
+             scales: T.Buffer((N, K // G), scale_dtype), o_h: T.handle):  # type: ignore[valid-type]
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok = T.int64()
+        xq = T.match_buffer(q_h, (ntok, K // 4), "int32")
+        xs = T.match_buffer(s_h, (ntok, NC), "float32")
+        xsum = T.match_buffer(n_h, (ntok, NC), "int32")
+        out = T.match_buffer(o_h, (ntok, N), out_dtype)
+        wq = T.decl_buffer((N, K // 8), "uint32", data=w.data)
+        for blk in T.thread_binding((N + BR - 1) // BR, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                red = T.alloc_buffer((NT * (J + 1),), "float32", scope="shared")
+                acc = T.alloc_buffer((J,), "float32", scope="local")
+                raw = T.alloc_buffer((RB, 4), "uint32", scope="local")
+                xw = T.alloc_buffer((TT, 8), "int32", scope="local")  # a chunk's 32 activations, per token
+                dot = T.alloc_buffer((1,), "int32", scope="local")
+                count: T.let[T.int32] = T.Cast("int32", ntok)
+                row0: T.let[T.int32] = blk * BR + tx // KT * RB
+                for p in T.serial((count + TT - 1) // TT):
+                    for j in T.unroll(J):
+                        acc[j] = T.float32(0)
+                    for g in T.serial(SG):
+                        ch: T.let[T.int32] = g * KT + tx % KT
+                        if ch < NC:
+                            for r in T.unroll(RB):
+                                if row0 + r < N:
+                                    for i in T.vectorized(4):
+                                        raw[r, i] = wq[row0 + r, ch * 4 + i]
+                            for t in T.unroll(TT):
+                                if p * TT + t < count:
+                                    for i in T.vectorized(8):
+                                        xw[t, i] = xq[p * TT + t, ch * 8 + i]
+                            for r in T.unroll(RB):
+                                if row0 + r < N:
+                                    scale: T.let[T.float32] = T.Cast("float32", scales[row0 + r, ch * DP4A_BLOCK // G])
+                                    for t in T.unroll(TT):
+                                        if p * TT + t < count:
+                                            dot[0] = 0
+                                            for i in T.unroll(4):
+                                                dot[0] = T.call_pure_extern(
+                                                    "int32", "__dp4a", T.reinterpret("int32", raw[r, i] & lo_mask),
+                                                    xw[t, i], dot[0])
+                                                dot[0] = T.call_pure_extern(
+                                                    "int32", "__dp4a",
+                                                    T.reinterpret("int32", (raw[r, i] >> T.uint32(4)) & lo_mask),
+                                                    xw[t, 4 + i], dot[0])
+                                            acc[t * RB + r] = acc[t * RB + r] + scale * xs[p * TT + t, ch] * T.Cast(
+                                                "float32", dot[0] - 8 * xsum[p * TT + t, ch])
+                    sums(red, acc, tx)
+                    if tx % KT < J:
+                        if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
+                            out[p * TT + tx % KT // RB, row0 + tx % KT % RB] = T.Cast(
+                                out_dtype, red[tx // KT * KT * (J + 1) + tx % KT])
+                    T.tvm_storage_sync("shared")  # the next pass overwrites red
+
+    return gemv
+
+
 # ---------------------------------------------------------------- tensor-core GEMM for few tokens (decode_wide)
 
 SKINNY_WARPS = 4

@@ -59,6 +59,9 @@ def _cl():
 _HALF_AS_FLOAT = "".join(f"#define half{n} float{n}\n#define convert_half{n} convert_float{n}\n"
                          for n in ("", "2", "3", "4", "8", "16"))
 _FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)  # TVM's enable-or-#error block
+# CUDA's ``__dp4a(a, b, c)`` (sm_61+): c plus the products of a's and b's four signed bytes, summed
+_DP4A = ("int ferrum_dp4a(int a, int b, int c) {\n  char4 x = as_char4(a), y = as_char4(b);\n"
+         "  return c + x.s0 * y.s0 + x.s1 * y.s1 + x.s2 * y.s2 + x.s3 * y.s3;\n}\n")
 # bfloat16 reaches OpenCL as its bits (TVM's BF16 legalization): uint16 buffers and fragments
 _CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int", "int8": "char",
              "uint8": "uchar", "uint16": "ushort"}
@@ -208,6 +211,8 @@ def build(func):
     # (strict aliasing) that an optimiser may break; OpenCL's ``as_float`` is the same bits, defined (nvcc
     # reads the pun as a register move)
     source = _PUN.sub(lambda m: f"as_{m.group(1)}({m.group(2)})", source)
+    if "__dp4a(" in source:  # OpenCL reserves names that begin with two underscores
+        source = _DP4A + source.replace("__dp4a(", "ferrum_dp4a(")
     split = snapshot["mod"]
     host = next(f for gv, f in split.functions.items() if "calling_conv" not in (f.attrs or {}))
     launches = []

@@ -707,3 +707,36 @@ def test_qkv_append_matches_reference(heads, kv_heads, head_dim, block_size, nor
     v = rope.head_rope_ref(src, heads + kv_heads, kv_heads, head_dim, None)
     pa.kv_append_ref(ref_cache, k, v, slots)
     np.testing.assert_allclose(cache, ref_cache, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated,tokens,ntok,layout", [(False, 1, 3, None), (True, 4, 5, (32, 2, 1)),
+                                                      (False, 1, 1, (16, 2, 1))])
+def test_gemv_dp4a_matches_reference(gated, tokens, ntok, layout):
+    """bench/gpu_kernels.py's integer-dot INT4 GEMV (an experiment): ``make_quantize_dp4a_gpu``'s int8
+    activations within one step of numpy's (``quantize_activations_ref``; halves round the other way), its
+    scales equal and its sums those of its own values; then ``make_gemv_dp4a_gpu`` on them equal to
+    ``gemv_dp4a_ref`` (integer dot products: only float32 rounding differs) and within the activations'
+    rounding of the float reference (``activation_error_bound``). 37 rows: a partial last team; several
+    passes of ``tokens``."""
+    rng = np.random.default_rng(7)
+    k, n, fmt = 768, 37, ql.QuantFormat(4, 128, True)
+    xin, (qweight, scales), _, ref = _linear_case(rng, k, n, ntok, fmt, False, gated)
+    x = xin[:, :k] / (1 + np.exp(-xin[:, :k])) * xin[:, k:] if gated else xin
+    quant = _kernel(("dp4a-quantize", k, gated), lambda: ql.make_quantize_dp4a_gpu(k, "float32", gated))
+    xq = np.zeros((ntok, k // 4), np.int32)
+    xs = np.full((ntok, k // ql.DP4A_BLOCK), np.nan, np.float32)
+    xsum = np.zeros((ntok, k // ql.DP4A_BLOCK), np.int32)
+    gpu_emu.run(quant, xin, xq, xs, xsum)
+    q = xq.view(np.int8).reshape(ntok, k).astype(np.int32)  # column 4j + b: byte b of word j
+    q_ref, dx_ref = ql.quantize_activations_ref(x, ql.DP4A_BLOCK, 8)
+    assert np.abs(q - q_ref).max() <= 1 and np.abs(q).max() == 127
+    np.testing.assert_allclose(xs, dx_ref, rtol=1e-6)
+    assert (xsum == q.reshape(ntok, -1, ql.DP4A_BLOCK).sum(axis=2)).all()
+    out = np.full((ntok, n), np.nan, np.float32)
+    gemv = _kernel(("dp4a", k, n, layout, tokens), lambda: ql.make_gemv_dp4a_gpu(
+        k, n, fmt, "float32", scale_dtype="float32", layout=layout, tokens=tokens))
+    gpu_emu.run(gemv, xq, xs, xsum, qweight, scales, out)
+    exact = ql.gemv_dp4a_ref(q, xs, fmt, qweight, scales)
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    bound = ql.activation_error_bound(x, fmt, ql.dequantize_ref(fmt, qweight, scales, None), bits=8)
+    assert (np.abs(out - ref) <= 1.01 * bound + 1e-4).all()
