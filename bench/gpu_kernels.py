@@ -4,7 +4,8 @@ step ahead, passes of one token instead of four, 2 rows per thread instead of 4,
 the prologue or the residual add into the epilogue, beside the add + RMSNorm kernel they replace; the down
 GEMV without SiLU·mul inside, ``-plain``), and for INT4 the float16-pair math (``half_math``) and
 integer dot products on int8 activations (``-dp4a``: ``make_quantize_dp4a_gpu`` then
-``make_gemv_dp4a_gpu``, both in the time); each variant's output is checked against the picked layout's (max difference over the largest output, printed
+``make_gemv_dp4a_gpu``, both in the time; ``-dp4aq``: its lanes quantizing the activations); each variant's
+output is checked against the picked layout's (max difference over the largest output, printed
 as ``diff``).
 
 Here (nvcc, no GPU): ``bench/gpu_kernels.py --prepare .gpu/kernels`` compiles every variant for sm_90
@@ -88,7 +89,8 @@ def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
                     + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else [])
                     + (["norm"] if opts.get("norm_eps") else []) + (["res"] if opts.get("residual") else [])
                     + ([f"r{opts['rows_per_thread']}"] if "rows_per_thread" in opts else [])
-                    + (["plain"] if opts.get("gated") is False else []) + (["dp4a"] if opts.get("dp4a") else []))
+                    + (["plain"] if opts.get("gated") is False else []) + (["dp4a"] if opts.get("dp4a") else [])
+                    + (["dp4aq"] if opts.get("dp4aq") else []))
 
 
 def prepare(dest: Path) -> None:
@@ -122,7 +124,8 @@ def prepare(dest: Path) -> None:
             todo = variants(chunks, n, gated)
             if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout,
                 todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1}),
-                         (todo[0][0], {"dp4a": True, "tokens": 1}), (todo[0][0], {"dp4a": True})]  # and dp4a's
+                         (todo[0][0], {"dp4a": True, "tokens": 1}), (todo[0][0], {"dp4a": True}),  # and dp4a's,
+                         (todo[0][0], {"dp4aq": True, "tokens": 1}), (todo[0][0], {"dp4aq": True})]  # in-lane too
             if gated:  # the down GEMV reading SiLU·mul's output instead of computing it per block (at 4
                 todo.append((todo[0][0], {"gated": False}))  # tokens, 4x the exps of one, in every block)
             for i, (layout, opts) in enumerate(todo):
@@ -132,6 +135,9 @@ def prepare(dest: Path) -> None:
                     build(name, ql.make_gemv_dp4a_gpu(k, n, fmt, "float16", layout=layout,
                                                       tokens=opts.get("tokens", ql.GEMV_TOKENS)),
                           more={"quantize": ql.make_quantize_dp4a_gpu(k, "float16", gated)})
+                elif opts.get("dp4aq"):  # ... or quantized by its lanes (the float GEMV's arguments)
+                    build(name, ql.make_gemv_dp4a_gpu(k, n, fmt, "float16", layout=layout, x_dtype="float16",
+                                                      gated=gated, tokens=opts.get("tokens", ql.GEMV_TOKENS)))
                 else:
                     build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
                                                  layout=layout, **opts))

@@ -8,9 +8,9 @@
 #     -pdl-first with FERRUM_PDL=1, late and first), compiles
 #     each for cuda-sm90 with `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few
 #     MiB each), packs the runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed)
-#     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. Under 64 MiB
-#     (56 MiB on 2026-11-27); about 4 minutes on 2 cores, compiling $JOBS at a time (default: one per
-#     CPU; logs in .gpu/logs/).
+#     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. 51 MiB on
+#     2026-11-27, plus 5 MiB of tracked files: at most 64 MiB in all travel. About 5 minutes on 2 cores,
+#     compiling $JOBS at a time (default: one per CPU; logs in .gpu/logs/).
 # Then one device call, from the repository root, carrying .gpu:
 #   run(command="bash bench/gpu_proof.sh run", carry=[".gpu"], timeout_s=600)
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
@@ -91,11 +91,13 @@ prepare)
   PYTHON="$python" ../shared/tools/pack-tvm-runtime.sh "$rt/tvm-runtime" 3.12 >/dev/null
   tar czf .gpu/tvm-runtime.tar.gz -C "$rt" tvm-runtime && rm -rf "$rt"
   # packages ferrum's runtime and `ferrum serve` import that a torch/transformers image may lack (sanic and
-  # its dependencies, prometheus-client, httpx for bench-serve; ~8 MiB), at the versions the tests ran
+  # its dependencies, prometheus-client, httpx for bench-serve; ~4 MiB), at the versions the tests ran; not
+  # ml_dtypes nor uvloop (9 MiB together): the device image has both, and the working tree that travels,
+  # .gpu/ included, must stay within 64 MiB (5 MiB of tracked files, ~51 MiB of .gpu/ on 2026-11-27)
   "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    --platform any -d .gpu/wheels "pyyaml==6.0.2" "safetensors==0.5.3" "ml_dtypes==0.5.1" \
-    $("$python" -m pip freeze | grep -iE '^(sanic|sanic-routing|tracerite|html5tagger|aiofiles|httptools|uvloop|websockets|multidict|ujson|prometheus-client|prometheus_client|httpx|httpcore|h11|anyio|idna|certifi|sniffio|typing-extensions|typing_extensions)==')
+    --platform any -d .gpu/wheels "pyyaml==6.0.2" "safetensors==0.5.3" \
+    $("$python" -m pip freeze | grep -iE '^(sanic|sanic-routing|tracerite|html5tagger|aiofiles|httptools|websockets|multidict|ujson|prometheus-client|prometheus_client|httpx|httpcore|h11|anyio|idna|certifi|sniffio|typing-extensions|typing_extensions)==')
   du -sh .gpu
   ;;
 run|profile|kernels)

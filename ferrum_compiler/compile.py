@@ -65,8 +65,9 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         raise CompileError(f"FERRUM_PDL needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
                            f"not {spec.name}; unset FERRUM_PDL")
     # the experiments' flags, read once: what the library is built with is what the manifest records
-    experiments: dict = {flag: value for flag, value in (("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"),
-                                                         ("pdl", env.pdl())) if value}
+    experiments: dict = {flag: value for flag, value in (
+        ("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"), ("pdl", env.pdl()),
+        ("gemv_dp4a", env.gemv_dp4a() and spec.tvm_target["kind"] == "cuda")) if value}
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -257,8 +258,8 @@ def _quant_method(ckpt: Checkpoint, mode: str) -> str:
 def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_blocks: int = 0,
                    experiments: dict | None = None) -> dict | None:
     """Compile and export the library; for GPU targets returns the GPU code verifier's report.
-    ``experiments``: ``{"gemv_norms": True}`` and/or ``{"pdl": mode}`` (FERRUM_GEMV_NORMS, FERRUM_PDL's
-    ``env.PDL_MODES``)."""
+    ``experiments``: ``{"gemv_norms": True}``, ``{"pdl": mode}``, ``{"gemv_dp4a": True}`` (FERRUM_GEMV_NORMS,
+    FERRUM_PDL's ``env.PDL_MODES``, FERRUM_GEMV_DP4A)."""
     import tvm
 
     from .gpu_build import (GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics,
@@ -274,7 +275,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
                          graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
                          shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=bool(flags.get("gemv_norms")),
-                         pdl=early)
+                         pdl=early, gemv_dp4a=cuda and bool(flags.get("gemv_dp4a")))
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

@@ -55,7 +55,7 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
-          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = ""):
+          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: bool = False):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -71,7 +71,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     ``gpu_build.register_programmatic_launch_pipeline``; FERRUM_PDL's ``early`` or ``late``, "" for none):
     the GEMVs wait for the kernel before them after their first weight loads (``make_gemv_gpu(pdl=...)``),
     the split attention after reading the step's inputs (``make_attention_gpu(pdl=...)``); ``late``: each
-    lets the next kernel launch only after that wait."""
+    lets the next kernel launch only after that wait. ``gemv_dp4a`` (CUDA; FERRUM_GEMV_DP4A): the decode
+    entries' symmetric INT4 GEMVs without bias or a folded norm or residual on integer dot products
+    (``make_gemv_dp4a_gpu``, activations rounded to int8 per 32 columns in its lanes)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -179,7 +181,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                             gated is not None, mma, **fuse, pdl=pdl)
                             else:
                                 r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
-                                             max_lanes, gated is not None, mma, **fuse, pdl=pdl)
+                                             max_lanes, gated is not None, mma, **fuse, pdl=pdl, dp4a=gemv_dp4a)
                             if res_add:  # the add itself is this GEMV's output
                                 r = bb.emit(r)
                                 fused_adds[res_add[0].output] = r
@@ -464,7 +466,8 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
-             gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = ""):
+             gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = "",
+             dp4a: bool = False):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
@@ -480,6 +483,13 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
                     lambda: quant_sched.make_qlinear_r16_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype, int_dot_isa,
                                                              bits))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+    if gemv and dp4a and fmt.bits == 4 and fmt.sym and fmt.group_size % quant_sched.DP4A_BLOCK == 0 and \
+            bias_dtype is None and norm is None and residual is None:  # FERRUM_GEMV_DP4A
+        s_dtype = graph.value(op.inputs[2]).dtype
+        gv = kernel(("qgemv_dp4a", k, n, fmt.group_size, x_dtype, out.dtype, s_dtype, gated, gemv),
+                    lambda: quant_sched.make_gemv_dp4a_gpu(k, n, fmt, out.dtype, s_dtype, tokens=gemv,
+                                                           x_dtype=x_dtype, gated=gated))
+        return relax.call_tir(gv, a[:3], relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if gemv:
         s_dtype = graph.value(op.inputs[2]).dtype
         fused = _gemv_fusion(norm, residual, pdl)

@@ -63,6 +63,14 @@ def gemv_norms() -> bool:
     return _flag("FERRUM_GEMV_NORMS")
 
 
+def gemv_dp4a() -> bool:
+    """FERRUM_GEMV_DP4A=1 at ``ferrum compile`` (CUDA targets; an experiment, off until a GPU says it pays):
+    the decode entries' symmetric INT4 GEMVs (no bias, groups of a multiple of 32) run on integer dot
+    products, each lane rounding the activations it reads to int8 per 32 columns
+    (``quant_linear.make_gemv_dp4a_gpu``). Recorded in the manifest's ``compile_options``."""
+    return _flag("FERRUM_GEMV_DP4A")
+
+
 PDL_MODES = ("early", "late", "first")
 
 

@@ -1316,9 +1316,11 @@ def make_quantize_dp4a_gpu(in_features: int, x_dtype: str, gated: bool = False):
 
 
 def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, out_dtype: str,
-                       scale_dtype: str = "float16", layout: tuple[int, int, int] | None = None, tokens: int = 1):
+                       scale_dtype: str = "float16", layout: tuple[int, int, int] | None = None, tokens: int = 1,
+                       x_dtype: str = "", gated: bool = False):
     """PrimFunc ``gemv(xq[T, K/4] int32, xs[T, K/32], xsum[T, K/32], qweight[N, K/2], scales[N, K/G],
-    out[T, N])``: symmetric INT4 weights (``make_gemv_gpu``'s layout and teams: ``layout`` as
+    out[T, N])``, or with ``x_dtype`` ``gemv(x[T, K], qweight, scales, out)`` quantizing the activations
+    itself: symmetric INT4 weights (``make_gemv_gpu``'s layout and teams: ``layout`` as
     ``gemv_layout`` picks it, 4 rows a thread, ``tokens`` per pass) against int8 activations
     (``make_quantize_dp4a_gpu``) on integer dot products. A 16-byte chunk is 32 columns in 4 words: the
     low nibbles of word ``w`` are columns ``4w..4w+3``, its high nibbles ``16+4w..``, so ``w & 0x0F0F0F0F``
@@ -1327,8 +1329,13 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
     Per chunk and row: ``xs * (dot - 8 * xsum)`` times the group's scale, in float32. About 0.6
     instructions per weight against ~3.3 for ``make_gemv_gpu``'s float path, whose INT4 GEMVs were issue-
     bound at 26-51% of an H200's copy bandwidth (docs/bench/2026-11-27-gpu-h200.md). The activations'
-    rounding to 8 bits per 32 columns is llama.cpp's (its q8_1 blocks). An experiment: only
-    bench/gpu_kernels.py builds it. ``gemv_dp4a_ref`` is its reference."""
+    rounding to 8 bits per 32 columns is llama.cpp's (its q8_1 blocks). With ``x_dtype`` each lane
+    quantizes the 32 activations of the chunk it is on, exactly as ``make_quantize_dp4a_gpu`` does (a
+    chunk is one activation block, so no lane needs another's values, and no extra kernel runs; with
+    ``gated`` from the gate|up projection ``[T, 2K]``, SiLU·mul first): about one more instruction per
+    weight, shared by the lane's 4 rows. An experiment: only bench/gpu_kernels.py builds it.
+    ``gemv_dp4a_ref`` is its reference."""
+    import tvm
     from tvm.script import tirx as T
 
     assert fmt.bits == 4 and fmt.sym and fmt.group_size % DP4A_BLOCK == 0, fmt
@@ -1340,16 +1347,49 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
     SG = -(-NC // KT)  # steps of a lane over its row
     sums = block_sum_columns(NT, J, RT)
     lo_mask = T.uint32(0x0F0F0F0F)
+    own = bool(x_dtype)  # the lanes quantize the activations themselves
+    XT = x_dtype or "float16"
+    XK = 2 * K if gated else K
+    B = DP4A_BLOCK
+
+    @T.macro
+    def quantize_chunk(x, row, ch, xv, v, m, xw, sxs, sxsum, t):
+        """Activations ``x[row, ch*32 : ch*32+32]`` as make_quantize_dp4a_gpu makes them, into token ``t``'s
+        words, scale and sum."""
+        for i0 in T.unroll(B // 8):
+            for i1 in T.vectorized(8):
+                xv[i0 * 8 + i1] = x[row, ch * B + i0 * 8 + i1]
+        if gated:
+            for i0 in T.unroll(B // 8):
+                for i1 in T.vectorized(8):
+                    xv[B + i0 * 8 + i1] = x[row, K + ch * B + i0 * 8 + i1]
+        m[0] = T.float32(0)
+        for i in T.unroll(B):
+            if gated:
+                v[i] = silu_mul(xv[i], xv[B + i], XT)
+            else:
+                v[i] = T.Cast("float32", xv[i])
+            m[0] = T.max(m[0], T.fabs(v[i]))
+        m[1] = T.if_then_else(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
+        sxsum[t] = 0
+        for j in T.unroll(B // 4):
+            xw[t, j] = 0
+            for b in T.unroll(4):
+                qv: T.let[T.int32] = T.Cast("int32", T.round(v[4 * j + b] * m[1]))
+                sxsum[t] = sxsum[t] + qv
+                xw[t, j] = xw[t, j] | ((qv & 255) << (8 * b))
+        sxs[t] = m[0] / T.float32(127)
 
     @T.prim_func(private=True)
     def gemv(q_h: T.handle, s_h: T.handle, n_h: T.handle, w: T.Buffer((N, K // 2), "uint8"),  # type: ignore[valid-type]
-             scales: T.Buffer((N, K // G), scale_dtype), o_h: T.handle):  # type: ignore[valid-type]
+             scales: T.Buffer((N, K // G), scale_dtype), o_h: T.handle, x_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         ntok = T.int64()
         xq = T.match_buffer(q_h, (ntok, K // 4), "int32")
         xs = T.match_buffer(s_h, (ntok, NC), "float32")
         xsum = T.match_buffer(n_h, (ntok, NC), "int32")
         out = T.match_buffer(o_h, (ntok, N), out_dtype)
+        x = T.match_buffer(x_h, (ntok, XK), XT)
         wq = T.decl_buffer((N, K // 8), "uint32", data=w.data)
         for blk in T.thread_binding((N + BR - 1) // BR, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
@@ -1357,6 +1397,11 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
                 acc = T.alloc_buffer((J,), "float32", scope="local")
                 raw = T.alloc_buffer((RB, 4), "uint32", scope="local")
                 xw = T.alloc_buffer((TT, 8), "int32", scope="local")  # a chunk's 32 activations, per token
+                sxs = T.alloc_buffer((TT,), "float32", scope="local")  # ... their scale
+                sxsum = T.alloc_buffer((TT,), "int32", scope="local")  # ... and sum
+                xv = T.alloc_buffer((2 * B,), XT, scope="local")  # own: the loaded activations (gated: and up)
+                v = T.alloc_buffer((B,), "float32", scope="local")
+                m = T.alloc_buffer((2,), "float32", scope="local")
                 dot = T.alloc_buffer((1,), "int32", scope="local")
                 count: T.let[T.int32] = T.Cast("int32", ntok)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB
@@ -1372,8 +1417,13 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
                                         raw[r, i] = wq[row0 + r, ch * 4 + i]
                             for t in T.unroll(TT):
                                 if p * TT + t < count:
-                                    for i in T.vectorized(8):
-                                        xw[t, i] = xq[p * TT + t, ch * 8 + i]
+                                    if own:
+                                        quantize_chunk(x, p * TT + t, ch, xv, v, m, xw, sxs, sxsum, t)
+                                    else:
+                                        for i in T.vectorized(8):
+                                            xw[t, i] = xq[p * TT + t, ch * 8 + i]
+                                        sxs[t] = xs[p * TT + t, ch]
+                                        sxsum[t] = xsum[p * TT + t, ch]
                             for r in T.unroll(RB):
                                 if row0 + r < N:
                                     scale: T.let[T.float32] = T.Cast("float32", scales[row0 + r, ch * DP4A_BLOCK // G])
@@ -1388,8 +1438,8 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
                                                     "int32", "__dp4a",
                                                     T.reinterpret("int32", (raw[r, i] >> T.uint32(4)) & lo_mask),
                                                     xw[t, 4 + i], dot[0])
-                                            acc[t * RB + r] = acc[t * RB + r] + scale * xs[p * TT + t, ch] * T.Cast(
-                                                "float32", dot[0] - 8 * xsum[p * TT + t, ch])
+                                            acc[t * RB + r] = acc[t * RB + r] + scale * sxs[t] * T.Cast(
+                                                "float32", dot[0] - 8 * sxsum[t])
                     sums(red, acc, tx)
                     if tx % KT < J:
                         if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
@@ -1397,7 +1447,9 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
                                 out_dtype, red[tx // KT * KT * (J + 1) + tx % KT])
                     T.tvm_storage_sync("shared")  # the next pass overwrites red
 
-    return gemv
+    q_h, s_h, n_h, w, sc, o_h, x_h = gemv.params
+    keep = ([x_h] if own else [q_h, s_h, n_h]) + [w, sc, o_h]
+    return tvm.tirx.PrimFunc(keep, gemv.body, gemv.ret_type, gemv.attrs)
 
 
 # ---------------------------------------------------------------- tensor-core GEMM for few tokens (decode_wide)

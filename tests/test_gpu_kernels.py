@@ -716,8 +716,9 @@ def test_gemv_dp4a_matches_reference(gated, tokens, ntok, layout):
     activations within one step of numpy's (``quantize_activations_ref``; halves round the other way), its
     scales equal and its sums those of its own values; then ``make_gemv_dp4a_gpu`` on them equal to
     ``gemv_dp4a_ref`` (integer dot products: only float32 rounding differs) and within the activations'
-    rounding of the float reference (``activation_error_bound``). 37 rows: a partial last team; several
-    passes of ``tokens``."""
+    rounding of the float reference (``activation_error_bound``); built to quantize the activations in its
+    lanes (``x_dtype``), equal to the same reference. 37 rows: a partial last team; several passes of
+    ``tokens``."""
     rng = np.random.default_rng(7)
     k, n, fmt = 768, 37, ql.QuantFormat(4, 128, True)
     xin, (qweight, scales), _, ref = _linear_case(rng, k, n, ntok, fmt, False, gated)
@@ -740,3 +741,9 @@ def test_gemv_dp4a_matches_reference(gated, tokens, ntok, layout):
     np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
     bound = ql.activation_error_bound(x, fmt, ql.dequantize_ref(fmt, qweight, scales, None), bits=8)
     assert (np.abs(out - ref) <= 1.01 * bound + 1e-4).all()
+    # the lanes quantizing the activations themselves: the same integers, so the same reference
+    own = _kernel(("dp4aq", k, n, layout, tokens, gated), lambda: ql.make_gemv_dp4a_gpu(
+        k, n, fmt, "float32", scale_dtype="float32", layout=layout, tokens=tokens, x_dtype="float32", gated=gated))
+    out = np.full((ntok, n), np.nan, np.float32)
+    gpu_emu.run(own, xin, qweight, scales, out)
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
