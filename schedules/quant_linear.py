@@ -1262,6 +1262,48 @@ def gemv_dp4a_ref(xq: np.ndarray, xs: np.ndarray, fmt: QuantFormat, qweight: np.
     return np.einsum("tnb,tb,nb->tn", idot.astype(np.float64), xs.astype(np.float64), ws)
 
 
+def _dp4a_quantizer(in_features: int, x_dtype: str, gated: bool):
+    """Macro ``(x, row, ch, xv, v, m, n, words, wrow, w0, scale, total, srow, s0)``: the 32 activations
+    ``x[row, 32 ch : 32 ch + 32]`` (``gated``: SiLU(gate) * up, from ``x[row, :K]`` and ``x[row, K:]``)
+    rounded to int8 as ``make_quantize_dp4a_gpu`` says, into ``words[wrow, w0 : w0 + 8]``,
+    ``scale[srow, s0]`` and ``total[srow, s0]``; ``xv`` (``2 * 32``, ``x_dtype``), ``v`` (32 float32),
+    ``m`` (2 float32) and ``n`` (2 int32) are the caller's local scratch. Shared by the quantize kernel
+    and the GEMV whose lanes quantize their own chunk."""
+    from tvm.script import tirx as T
+
+    K, B = in_features, DP4A_BLOCK
+
+    @T.macro
+    def quantize(x, row, ch, xv, v, m, n, words, wrow, w0, scale, total, srow, s0):
+        for i0 in T.unroll(B // 8):
+            for i1 in T.vectorized(8):
+                xv[i0 * 8 + i1] = x[row, ch * B + i0 * 8 + i1]
+        if gated:
+            for i0 in T.unroll(B // 8):
+                for i1 in T.vectorized(8):
+                    xv[B + i0 * 8 + i1] = x[row, K + ch * B + i0 * 8 + i1]
+        m[0] = T.float32(0)
+        for i in T.unroll(B):
+            if gated:
+                v[i] = silu_mul(xv[i], xv[B + i], x_dtype)
+            else:
+                v[i] = T.Cast("float32", xv[i])
+            m[0] = T.max(m[0], T.fabs(v[i]))
+        m[1] = T.if_then_else(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
+        n[0] = 0
+        for j in T.unroll(B // 4):  # column 4j + b in byte b of word j
+            n[1] = 0
+            for b in T.unroll(4):
+                qv: T.let[T.int32] = T.Cast("int32", T.round(v[4 * j + b] * m[1]))
+                n[0] = n[0] + qv
+                n[1] = n[1] | ((qv & 255) << (8 * b))
+            words[wrow, w0 + j] = n[1]
+        scale[srow, s0] = m[0] / T.float32(127)
+        total[srow, s0] = n[0]
+
+    return quantize
+
+
 def make_quantize_dp4a_gpu(in_features: int, x_dtype: str, gated: bool = False):
     """PrimFunc ``quantize(x[T, K], xq[T, K/4] int32, xs[T, K/32] float32, xsum[T, K/32] int32)``: the
     activations as ``make_gemv_dp4a_gpu`` takes them. Per token and 32 columns ``xs = max|x| / 127`` and
@@ -1276,6 +1318,7 @@ def make_quantize_dp4a_gpu(in_features: int, x_dtype: str, gated: bool = False):
     assert K % B == 0, K
     NB, NT = K // B, 128
     XK = 2 * K if gated else K
+    quantize_block = _dp4a_quantizer(K, x_dtype, gated)
 
     @T.prim_func(private=True)
     def quantize(x_h: T.handle, q_h: T.handle, s_h: T.handle, n_h: T.handle):
@@ -1288,29 +1331,13 @@ def make_quantize_dp4a_gpu(in_features: int, x_dtype: str, gated: bool = False):
         for bx in T.thread_binding((NB + NT - 1) // NT, thread="blockIdx.x"):
             for t in T.thread_binding(ntok, thread="blockIdx.y"):
                 for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    xv = T.alloc_buffer((2 * B,), x_dtype, scope="local")
                     v = T.alloc_buffer((B,), "float32", scope="local")
-                    m = T.alloc_buffer((2,), "float32", scope="local")  # max |x|, then 127 / it
-                    n = T.alloc_buffer((1,), "int32", scope="local")
-                    qb = T.alloc_buffer((B,), "int32", scope="local")
-                    blk: T.let[T.int32] = bx * NT + tx
-                    if blk < NB:
-                        m[0] = T.float32(0)
-                        for i in T.unroll(B):
-                            if gated:
-                                v[i] = silu_mul(x[t, blk * B + i], x[t, K + blk * B + i], x_dtype)
-                            else:
-                                v[i] = T.Cast("float32", x[t, blk * B + i])
-                            m[0] = T.max(m[0], T.fabs(v[i]))
-                        m[1] = T.if_then_else(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
-                        n[0] = 0
-                        for i in T.unroll(B):
-                            qb[i] = T.Cast("int32", T.round(v[i] * m[1]))
-                            n[0] = n[0] + qb[i]
-                        for j in T.unroll(B // 4):
-                            xq[t, blk * (B // 4) + j] = ((qb[4 * j] & 255) | ((qb[4 * j + 1] & 255) << 8)
-                                                         | ((qb[4 * j + 2] & 255) << 16) | (qb[4 * j + 3] << 24))
-                        xs[t, blk] = m[0] / T.float32(127)
-                        xsum[t, blk] = n[0]
+                    m = T.alloc_buffer((2,), "float32", scope="local")
+                    n = T.alloc_buffer((2,), "int32", scope="local")
+                    if bx * NT + tx < NB:
+                        quantize_block(x, t, bx * NT + tx, xv, v, m, n, xq, t, (bx * NT + tx) * (B // 4), xs, xsum,
+                                       t, bx * NT + tx)
 
     return quantize
 
@@ -1333,7 +1360,8 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
     quantizes the 32 activations of the chunk it is on, exactly as ``make_quantize_dp4a_gpu`` does (a
     chunk is one activation block, so no lane needs another's values, and no extra kernel runs; with
     ``gated`` from the gate|up projection ``[T, 2K]``, SiLU·mul first): about one more instruction per
-    weight, shared by the lane's 4 rows. An experiment: only bench/gpu_kernels.py builds it.
+    weight, shared by the lane's 4 rows. An experiment: bench/gpu_kernels.py times both forms, and
+    FERRUM_GEMV_DP4A=1 (``lower(gemv_dp4a=True)``) puts a model's decode INT4 GEMVs on the second.
     ``gemv_dp4a_ref`` is its reference."""
     import tvm
     from tvm.script import tirx as T
@@ -1352,33 +1380,7 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
     XK = 2 * K if gated else K
     B = DP4A_BLOCK
 
-    @T.macro
-    def quantize_chunk(x, row, ch, xv, v, m, xw, sxs, sxsum, t):
-        """Activations ``x[row, ch*32 : ch*32+32]`` as make_quantize_dp4a_gpu makes them, into token ``t``'s
-        words, scale and sum."""
-        for i0 in T.unroll(B // 8):
-            for i1 in T.vectorized(8):
-                xv[i0 * 8 + i1] = x[row, ch * B + i0 * 8 + i1]
-        if gated:
-            for i0 in T.unroll(B // 8):
-                for i1 in T.vectorized(8):
-                    xv[B + i0 * 8 + i1] = x[row, K + ch * B + i0 * 8 + i1]
-        m[0] = T.float32(0)
-        for i in T.unroll(B):
-            if gated:
-                v[i] = silu_mul(xv[i], xv[B + i], XT)
-            else:
-                v[i] = T.Cast("float32", xv[i])
-            m[0] = T.max(m[0], T.fabs(v[i]))
-        m[1] = T.if_then_else(m[0] > T.float32(0), T.float32(127) / m[0], T.float32(0))
-        sxsum[t] = 0
-        for j in T.unroll(B // 4):
-            xw[t, j] = 0
-            for b in T.unroll(4):
-                qv: T.let[T.int32] = T.Cast("int32", T.round(v[4 * j + b] * m[1]))
-                sxsum[t] = sxsum[t] + qv
-                xw[t, j] = xw[t, j] | ((qv & 255) << (8 * b))
-        sxs[t] = m[0] / T.float32(127)
+    quantize_chunk = _dp4a_quantizer(K, XT, gated)
 
     @T.prim_func(private=True)
     def gemv(q_h: T.handle, s_h: T.handle, n_h: T.handle, w: T.Buffer((N, K // 2), "uint8"),  # type: ignore[valid-type]
@@ -1397,11 +1399,12 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
                 acc = T.alloc_buffer((J,), "float32", scope="local")
                 raw = T.alloc_buffer((RB, 4), "uint32", scope="local")
                 xw = T.alloc_buffer((TT, 8), "int32", scope="local")  # a chunk's 32 activations, per token
-                sxs = T.alloc_buffer((TT,), "float32", scope="local")  # ... their scale
-                sxsum = T.alloc_buffer((TT,), "int32", scope="local")  # ... and sum
+                sxs = T.alloc_buffer((TT, 1), "float32", scope="local")  # ... their scale
+                sxsum = T.alloc_buffer((TT, 1), "int32", scope="local")  # ... and sum
                 xv = T.alloc_buffer((2 * B,), XT, scope="local")  # own: the loaded activations (gated: and up)
                 v = T.alloc_buffer((B,), "float32", scope="local")
                 m = T.alloc_buffer((2,), "float32", scope="local")
+                n = T.alloc_buffer((2,), "int32", scope="local")
                 dot = T.alloc_buffer((1,), "int32", scope="local")
                 count: T.let[T.int32] = T.Cast("int32", ntok)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB
@@ -1418,12 +1421,12 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
                             for t in T.unroll(TT):
                                 if p * TT + t < count:
                                     if own:
-                                        quantize_chunk(x, p * TT + t, ch, xv, v, m, xw, sxs, sxsum, t)
+                                        quantize_chunk(x, p * TT + t, ch, xv, v, m, n, xw, t, 0, sxs, sxsum, t, 0)
                                     else:
                                         for i in T.vectorized(8):
                                             xw[t, i] = xq[p * TT + t, ch * 8 + i]
-                                        sxs[t] = xs[p * TT + t, ch]
-                                        sxsum[t] = xsum[p * TT + t, ch]
+                                        sxs[t, 0] = xs[p * TT + t, ch]
+                                        sxsum[t, 0] = xsum[p * TT + t, ch]
                             for r in T.unroll(RB):
                                 if row0 + r < N:
                                     scale: T.let[T.float32] = T.Cast("float32", scales[row0 + r, ch * DP4A_BLOCK // G])
@@ -1438,8 +1441,8 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
                                                     "int32", "__dp4a",
                                                     T.reinterpret("int32", (raw[r, i] >> T.uint32(4)) & lo_mask),
                                                     xw[t, 4 + i], dot[0])
-                                            acc[t * RB + r] = acc[t * RB + r] + scale * sxs[t] * T.Cast(
-                                                "float32", dot[0] - 8 * sxsum[t])
+                                            acc[t * RB + r] = acc[t * RB + r] + scale * sxs[t, 0] * T.Cast(
+                                                "float32", dot[0] - 8 * sxsum[t, 0])
                     sums(red, acc, tx)
                     if tx % KT < J:
                         if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
