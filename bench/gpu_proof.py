@@ -101,8 +101,9 @@ def experiment_env(name: str) -> dict[str, str]:
 
 def without_pdl(name: str) -> str:
     """The model with an experiment's arithmetic: FERRUM_PDL changes none (``-norms-pdl`` -> ``-norms``)."""
-    for suffix in ("-pdl-late", "-pdl-first", "-pdl"):
-        name = name.replace(suffix, "")
+    for suffix, (flag, _) in EXPERIMENT_FLAGS.items():  # longest suffix first
+        if flag == "FERRUM_PDL":
+            name = name.replace(suffix, "")
     return name
 
 

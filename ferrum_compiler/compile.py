@@ -59,14 +59,15 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         raise CompileError(f"--act-bits {options.act_bits} is not supported; use 8 or 16")
     if options.block_size not in (8, 16, 32, 64):
         raise CompileError(f"--block-size {options.block_size} is not supported; use 8, 16, 32 or 64")
-    if env.pdl() and env.pdl() not in env.PDL_MODES:
+    # the experiments' flags, read once: what the library is built with is what the manifest records
+    pdl = env.pdl()
+    if pdl and pdl not in env.PDL_MODES:
         raise CompileError(f"FERRUM_PDL={os.environ['FERRUM_PDL']} is not a mode; use 1, late or first, or unset it")
-    if env.pdl() and not supports_programmatic_launch(spec.tvm_target):
+    if pdl and not supports_programmatic_launch(spec.tvm_target):
         raise CompileError(f"FERRUM_PDL needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
                            f"not {spec.name}; unset FERRUM_PDL")
-    # the experiments' flags, read once: what the library is built with is what the manifest records
     experiments: dict = {flag: value for flag, value in (
-        ("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"), ("pdl", env.pdl()),
+        ("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"), ("pdl", pdl),
         ("gemv_dp4a", env.gemv_dp4a() and spec.tvm_target["kind"] == "cuda")) if value}
     t_start = time.perf_counter()
     timings: dict[str, float] = {}

@@ -536,9 +536,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             # two accumulators per byte half and nibble half: four independent dot-product chains (AVX2 int8:
             # hl holds each token's 16 rows x 2 lanes, four independent chains of 8 lanes)
             hl = T.alloc_buffer((TB * R16 * (2 if madd else 1),), "int32")
-            hh = T.alloc_buffer((TB * R16,), "int32")
-            ll = T.alloc_buffer((TB * R16,), "int32")
-            lh = T.alloc_buffer((TB * R16,), "int32")
+            hh = T.alloc_buffer((1 if madd else TB * R16,), "int32")  # (a buffer a path never uses: one word)
+            ll = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
+            lh = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
             acc = T.alloc_buffer((TB, R16), "float32")
             for i0 in T.serial((ntok + TB - 1) // TB):
                 for tt in T.unroll(TB):

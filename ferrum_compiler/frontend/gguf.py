@@ -54,7 +54,7 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def hf_name(gguf_name: str, family: str = "llama") -> str | None:
+def hf_name(gguf_name: str, family: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.match(gguf_name)
