@@ -9,7 +9,11 @@ wall time, the time in the compiled model's functions (the "kernels": on a GPU, 
 do) and the rest ("host": the engine's actions, copying the step's inputs in and the picked tokens out,
 handing deltas over). The kernels' time is the peer measured in the same run.
 
-    python bench/engine_host.py ARTIFACT [--batches 1,16,32] [--prompt 256] [--gen 128] [--reps 3] [--json F]
+    python bench/engine_host.py ARTIFACT [--batches 1,16,32] [--prompt 256] [--gen 128] [--reps 3] [--json F] [--ab]
+
+``--ab`` runs each rep twice, paired: the engine as it is, and the same engine with a step's text work
+(detokenizing, deltas) before the next launch (``SERIAL_STEP``, a step as it was before 2026-11-27)
+instead of while that step computes. Only a GPU can tell them apart: on a CPU ``launch`` runs the step.
 
 Not a test. Prints one line per batch (median of --reps runs) and writes --json with every run.
 """
@@ -48,8 +52,12 @@ def time_kernels(model) -> list[float]:
     return spent
 
 
+# the engine's actions with a step's text work (detokenizing, deltas) before the next launch, not after it
+SERIAL_STEP = ("_take_inbox", "_collect", "_emit", "_schedule", "_launch")
+
+
 def measure(model, batch: int, prompt: int, gen: int, temperature: float, rng,
-            kernels: list[float] | None = None) -> dict:
+            kernels: list[float] | None = None, step: tuple[str, ...] | None = None) -> dict:
     """One run of ``batch`` requests through a fresh engine on ``model``: microseconds per step (all of
     the run's steps, prefill ones too), and decode tok/s once every request has its first token.
     ``kernels``: ``time_kernels(model)``'s list, for the time in the model's functions (else 0)."""
@@ -61,6 +69,8 @@ def measure(model, batch: int, prompt: int, gen: int, temperature: float, rng,
     # with the artifact's tokenizer when it has one: detokenizing each token is part of a step
     engine = Engine(model, TokenizerFiles.of(model.manifest.path),
                     EngineConfig(enable_prefix_caching=False, max_num_seqs=max(batch, 1)))
+    if step is not None:
+        engine.STEP = step  # type: ignore[misc]
     params = SamplingParams(max_tokens=gen, temperature=temperature, ignore_eos=True, seed=0)
     arrivals: list[tuple[float, int, int]] = []  # (when, tokens, request) of every delta
 
@@ -85,10 +95,11 @@ def measure(model, batch: int, prompt: int, gen: int, temperature: float, rng,
     steps = engine.counters["steps"] - steps0
     spent = {k: (engine.seconds[k] - before[k]) / steps * 1e6 for k in engine.seconds}
     step_us, kernels_us = wall / steps * 1e6, (kernels[0] - k0) / steps * 1e6
-    return {"batch": batch, "steps": steps, "decode_tok_s": decode_tok_s, "step_us": step_us, "kernels_us": kernels_us,
+    return {"batch": batch, "order": "serial" if step == SERIAL_STEP else "overlap", "steps": steps,
+            "decode_tok_s": decode_tok_s, "step_us": step_us, "kernels_us": kernels_us,
             "model_call_us": spent["model_call"], "host_us": step_us - kernels_us,
-            "actions_us": {k.strip("_"): v for k, v in spent.items() if k != "model_call"},
-            "between_steps_us": step_us - sum(v for k, v in spent.items() if k != "model_call")}
+            "model_wait_us": spent["model_wait"], "actions_us": {k.strip("_"): spent[k] for k in engine.STEP},
+            "between_steps_us": step_us - sum(spent[k] for k in engine.STEP)}
 
 
 def main() -> None:
@@ -100,6 +111,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--ab", action="store_true", help="also the text work before the launch, paired per rep")
     args = ap.parse_args()
     from ferrum_runtime.model import CompiledModel
 
@@ -107,16 +119,25 @@ def main() -> None:
     kernels = time_kernels(model)
     rng = np.random.default_rng(0)
     out = []
+    orders = [None, SERIAL_STEP] if args.ab else [None]
     for b in (int(x) for x in args.batches.split(",")):
-        runs = [measure(model, b, args.prompt, args.gen, args.temperature, rng, kernels) for _ in range(args.reps)]
+        runs = [measure(model, b, args.prompt, args.gen, args.temperature, rng, kernels, order)
+                for _ in range(args.reps) for order in orders]
         out.append({"batch": b, "runs": runs})
-        med = {k: statistics.median(r[k] for r in runs) for k in ("step_us", "kernels_us", "model_call_us",
-                                                                   "host_us", "between_steps_us")}
-        acts = {k: statistics.median(r["actions_us"][k] for r in runs) for k in runs[0]["actions_us"]}
-        rate = statistics.median(r["decode_tok_s"] for r in runs)
-        print(f"b{b}: decode {rate:.1f} tok/s, step {med['step_us']:.0f} us = kernels {med['kernels_us']:.0f} + host "
-              f"{med['host_us']:.0f} (model call {med['model_call_us']:.0f}, between steps {med['between_steps_us']:.0f}; "
-              + ", ".join(f"{k} {v:.0f}" for k, v in acts.items()) + ")", flush=True)
+        host = {}
+        for order in ("overlap", "serial") if args.ab else ("overlap",):
+            mine = [r for r in runs if r["order"] == order]
+            med = {k: statistics.median(r[k] for r in mine) for k in ("step_us", "kernels_us", "model_call_us",
+                                                                       "host_us", "between_steps_us")}
+            acts = {k: statistics.median(r["actions_us"][k] for r in mine) for k in mine[0]["actions_us"]}
+            rate = statistics.median(r["decode_tok_s"] for r in mine)
+            host[order] = med["host_us"]
+            print(f"b{b} {order}: decode {rate:.1f} tok/s, step {med['step_us']:.0f} us = kernels "
+                  f"{med['kernels_us']:.0f} + host {med['host_us']:.0f} (model call {med['model_call_us']:.0f}, "
+                  f"between steps {med['between_steps_us']:.0f}; " + ", ".join(f"{k} {v:.0f}" for k, v in acts.items())
+                  + ")", flush=True)
+        if args.ab:
+            print(f"b{b}: host time overlap / serial x{host['overlap'] / host['serial']:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"artifact": args.artifact, "prompt": args.prompt, "gen": args.gen,
                                          "temperature": args.temperature, "batches": out}, indent=1))

@@ -180,11 +180,13 @@ def _engine_rows(model: CompiledModel, artifact, prompt: list[int], repetitions:
     asyncio.run(once(gen + 1))
     steps = engine.counters["steps"] - steps0 - 1  # the prefill step is not a decode step
     spent = {k: engine.seconds[k] - before[k] for k in engine.seconds}
-    step_total = sum(v for k, v in spent.items() if k != "model_call")
+    step_total = sum(spent[k] for k in engine.STEP)
+    # the actions' own time: _launch less the model's launch (building the batch), _collect less the wait
+    own = {**spent, "_launch": spent["_launch"] - spent["model_launch"],
+           "_collect": spent["_collect"] - spent["model_wait"]}
     breakdown = {"steps": steps, "ms_per_step": step_total / (steps + 1) * 1e3,
                  "share": {"model_call": spent["model_call"] / step_total,
-                           "batch_build": (spent["_run_model"] - spent["model_call"]) / step_total,
-                           **{k.strip("_"): spent[k] / step_total for k in engine.STEP if k != "_run_model"}}}
+                           **{k.strip("_"): own[k] / step_total for k in engine.STEP}}}
     return _row("ttft", len(prompt), runs), breakdown
 
 

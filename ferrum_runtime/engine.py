@@ -2,11 +2,14 @@
 
 ``Engine.from_artifact(path)`` then ``async for delta in engine.generate(prompt, params)``, many
 requests at once. A background task wakes a worker thread that runs engine steps back to back while
-there is work; each step is the ordered list of actions in ``Engine.STEP`` (admit/abort → schedule →
-run the model → sample → postprocess), so a new batching mode is a new action, not an edit to a loop.
-The event loop (and a server on it) stays responsive and is not a hop between steps; requests and
-cancellations reach the step through a locked inbox and take effect at the start of the next step, and
-a step's deltas reach their requests' queues in one callback per event loop (``_deliver``).
+there is work; each step is the ordered list of actions in ``Engine.STEP`` (admit/abort → collect the
+step launched last time → schedule → launch the model → emit), so a new batching mode is a new action,
+not an edit to a loop. Launching returns as soon as the step is queued on the device, and the tokens come
+back at the start of the next engine step: the text work of a step's tokens (detokenizing, stop strings,
+deltas) runs while the device computes the next one. The event loop (and a server on it) stays
+responsive and is not a hop between steps; requests and cancellations reach the step through a locked
+inbox and take effect at the start of the next step, and a step's deltas reach their requests' queues in
+one callback per event loop (``_deliver``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .detokenizer import IncrementalDetokenizer, StopChecker
 from .errors import FerrumError
 from .tokenizer import TokenizerFiles
 from .kv_cache import BlockManager
-from .model import CompiledModel, RaggedBatch
+from .model import CompiledModel, RaggedBatch, StepOutput
 from .sampler import SampleResult, SamplingParams, SequenceSampler, prompt_logprobs, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 from .structured import Constraint, ConstraintError, StructuredOutput
@@ -102,6 +105,7 @@ class _Choice:
     # "first": the first token may open a reasoning block instead; "thinking": inside it (unconstrained);
     # "on": every token is constrained
     gate: str = "on"
+    ended: bool = False  # its last delta is queued (``finished`` comes first: at once, that one may wait for _emit)
 
 
 @dataclass(eq=False)
@@ -124,8 +128,21 @@ class _Request:
         outbox.setdefault(self.loop, []).append((self.queue, delta))
 
 
+_Row = tuple[ScheduledChunk, str, _Request, _Choice]  # a logits row's chunk, "sample" | "prompt", owner
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A step on the device: what ``_collect`` needs to take its tokens."""
+
+    chunks: list[ScheduledChunk]
+    rows: list[_Row]
+    picked: list[int]  # rows whose token the device picked
+    output: StepOutput
+
+
 class Engine:
-    STEP = ("_take_inbox", "_schedule", "_run_model", "_sample", "_postprocess")
+    STEP = ("_take_inbox", "_collect", "_schedule", "_launch", "_emit")
 
     def __init__(self, model: CompiledModel, tokenizer: TokenizerFiles | None, config: EngineConfig = EngineConfig()):
         self.model = model
@@ -149,8 +166,10 @@ class Engine:
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta | StepFailed]]] = {}
         self._wakeup: asyncio.Event | None = None
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0}
-        # wall seconds per step action, and inside _run_model the compiled model call alone (ferrum bench)
-        self.seconds: dict[str, float] = dict.fromkeys((*self.STEP, "model_call"), 0.0)
+        # wall seconds per step action, and within them the compiled model's: launching a step (on a CPU,
+        # running it) in _launch, waiting for its results in _collect, and both (ferrum bench)
+        self.seconds: dict[str, float] = dict.fromkeys((*self.STEP, "model_launch", "model_wait", "model_call"), 0.0)
+        self._launched: _Launched | None = None  # the step on the device, collected by the next engine step
         self._structured: StructuredOutput | None = None
         self._structured_lock = threading.Lock()
 
@@ -244,6 +263,7 @@ class Engine:
         with self._lock:
             arrived = sum(len(r.choices) for r in self._inbox)  # submitted, not yet seen by a step
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + arrived,
+                "in_flight": int(self._launched is not None),  # a launched step not collected yet
                 "kv_usage": self.blocks.usage, "num_blocks": self.blocks.num_blocks,
                 "prefix_queries": self.blocks.queries, "prefix_hits": self.blocks.hits,
                 "prefix_saved_tokens": self.blocks.saved_tokens, "preemptions": self.scheduler.num_preemptions,
@@ -284,7 +304,8 @@ class Engine:
 
     def _fail_all(self, error: StepFailed) -> None:
         """End every request taken in (their state may be half-updated by the failed step) with ``error``,
-        freeing their blocks."""
+        freeing their blocks; a step still on the device is dropped."""
+        self._launched = None
         for req in list(self._requests.values()):
             for ch in req.choices:
                 if not ch.finished:
@@ -294,7 +315,7 @@ class Engine:
         self._deliver()
 
     def step(self) -> bool:
-        """One engine step; returns whether there is (still) work."""
+        """One engine step; returns whether there is (still) work: a step on the device to collect."""
         state: dict = {}
         try:
             for action in self.STEP:
@@ -305,8 +326,7 @@ class Engine:
                     return False
         finally:
             self._deliver()
-        self.counters["steps"] += 1
-        return True
+        return self._launched is not None
 
     def _deliver(self) -> None:
         """Hand the step's deltas to their requests' queues: one callback per event loop, not one per
@@ -335,31 +355,56 @@ class Engine:
                 continue  # finished already
             self.counters["aborted"] += 1
             for ch in aborted.choices:
-                if not ch.finished:
+                if not ch.finished:  # its blocks are freed now, though the step on the device may still
+                    # write its next row into them: no later step is queued before that one is collected
                     self._finish(aborted, ch, "abort")
-        state["idle"] = not self.scheduler.has_work
+        state["idle"] = not self.scheduler.has_work and self._launched is None
+
+    def _collect(self, state: dict) -> None:
+        """The step launched last time: its tokens (picked on the device, or sampled here from its logits)
+        become the sequences' next tokens and the scheduler commits its KV rows. A token that ends its
+        choice by id (EOS, a stop token, max_tokens) retires it now, so the next step leaves it out; the
+        text of every token waits for ``_emit``. Rows of choices that ended meanwhile (an abort, a stop
+        string found by the last ``_emit``) are dropped."""
+        state["emit"] = []
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return
+        t0 = time.perf_counter()
+        ids, logits = launched.output.result()
+        self._model_seconds("model_wait", t0)
+        picked = {r: int(ids[r]) for r in launched.picked} if ids is not None else {}
+        sampled, scored = self._sample(launched.rows, picked, logits)
+        self.scheduler.commit(launched.chunks)
+        for req, ch in scored:  # max_tokens == 0: prompt scoring only
+            self._finish(req, ch, "length")
+        for req, ch, res in sampled:
+            state["emit"].append((req, ch, res, self._accept(req, ch, res)))
 
     def _schedule(self, state: dict) -> None:
         state["chunks"] = self.scheduler.schedule()
-        state["idle"] = not state["chunks"]
         now = time.monotonic()
         for c in state["chunks"]:
             req = self._by_seq[c.seq][0]
             if req.scheduled_at is None:
                 req.scheduled_at = now
 
-    def _run_model(self, state: dict) -> None:
+    def _launch(self, state: dict) -> None:
+        """Build the step's batch from the scheduled chunks and start it on the device."""
         chunks: list[ScheduledChunk] = state["chunks"]
+        if not chunks:
+            return
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
         rows: list[int] = []
         starts = [0]
         tables: list[list[int]] = []
-        row_owner: list[tuple[ScheduledChunk, str]] = []  # per logits row: its chunk, and "sample" | "prompt"
+        row_owner: list[_Row] = []  # per logits row: its chunk, "sample" | "prompt", request and choice
         bs = self.model.block_size
         for c in chunks:
             seq = c.seq
+            req, ch = self._by_seq[seq]
             base = len(ids)
             end = c.start + c.length
             ids.extend(seq.tokens_between(c.start, end))
@@ -370,10 +415,10 @@ class Engine:
             tables.append(seq.blocks)
             if seq.needs_all_rows and c.start < len(seq.prompt_ids):
                 rows.extend(range(base, len(ids)))
-                row_owner.extend((c, "prompt") for _ in range(c.length))
+                row_owner.extend((c, "prompt", req, ch) for _ in range(c.length))
             elif c.samples:
                 rows.append(len(ids) - 1)
-                row_owner.append((c, "sample"))
+                row_owner.append((c, "sample", req, ch))
         if not rows:  # every chunk is a partial prefill: the call only fills the cache
             rows = [0]
         width = max(len(t) for t in tables)
@@ -386,82 +431,85 @@ class Engine:
         # ones by the artifact's argmax, sampled ones by its sampler (GPU artifacts); only their ids come
         # back, and the logits too when another row needs them. Decided per request, never per step, so a
         # request's tokens do not depend on what it is batched with.
-        picked = [r for r, (c, kind) in enumerate(row_owner) if kind == "sample" and self._picked_on_device(c)]
+        picked = [r for r, (_, kind, req, ch) in enumerate(row_owner)
+                  if kind == "sample" and self._picked_on_device(req, ch)]
         t0 = time.perf_counter()
         if picked:
-            sampling = self._device_sampling(row_owner, picked)
-            token_ids, state["logits"] = self.model.forward_picked(batch, sampling, len(picked) < len(row_owner),
-                                                                    check=False)
-            state["picked"] = {r: int(token_ids[r]) for r in picked}
+            output = self.model.launch(batch, True, self._device_sampling(row_owner, picked),
+                                       len(picked) < len(row_owner), check=False)
         else:
-            state["logits"], state["picked"] = self.model.forward(batch, check=False), {}
-        self.seconds["model_call"] += time.perf_counter() - t0
-        state["row_owner"] = row_owner
+            output = self.model.launch(batch, False, check=False)
+        self._model_seconds("model_launch", t0)
+        self._launched = _Launched(chunks, row_owner, picked, output)
         self.counters["computed_tokens"] += len(ids)
+        self.counters["steps"] += 1
 
-    def _picked_on_device(self, c: ScheduledChunk) -> bool:
-        req, ch = self._by_seq[c.seq]
+    def _model_seconds(self, part: str, t0: float) -> None:
+        spent = time.perf_counter() - t0
+        self.seconds[part] += spent
+        self.seconds["model_call"] += spent
+
+    def _emit(self, state: dict) -> None:
+        """The collected tokens' text and deltas, while the step just launched computes."""
+        for req, ch, res, end in state.get("emit", ()):
+            self._emit_token(req, ch, res, end)
+
+    def _picked_on_device(self, req: _Request, ch: _Choice) -> bool:
         params = req.params
         if ch.sampler.adjusts or params.logprobs is not None or ch.matcher is not None or params.max_tokens == 0:
             return False
         return self.model.has_device_argmax if params.greedy else self.model.has_device_sampler
 
-    def _device_sampling(self, row_owner: list[tuple[ScheduledChunk, str]], picked: list[int]):
+    def _device_sampling(self, row_owner: list[_Row], picked: list[int]):
         """None when every picked row is greedy (the argmax does); else ``(params [L, 4], uniform [L])`` for
         the device sampler, one draw from each sampled sequence's generator as the host sampler takes."""
-        if all(self._by_seq[row_owner[r][0].seq][0].params.greedy for r in picked):
+        if all(row_owner[r][2].params.greedy for r in picked):
             return None
         params = np.zeros((len(row_owner), 4), np.float32)  # other rows: greedy, their result unused
         params[:, 2] = 1.0
         uniform = np.zeros(len(row_owner), np.float32)
         for r in picked:
-            req, ch = self._by_seq[row_owner[r][0].seq]
+            _, _, req, ch = row_owner[r]
             p = req.params
             if not p.greedy:
                 params[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
                 uniform[r] = ch.sampler.rng.random()
         return params, uniform
 
-    def _sample(self, state: dict) -> None:
-        picked: dict[int, int] = state["picked"]
-        logits: np.ndarray = state["logits"]
-        to_sample: list[tuple[int, ScheduledChunk]] = []
+    def _sample(self, row_owner: list[_Row], picked: dict[int, int], logits: np.ndarray | None):
+        """The step's next tokens ``[(request, choice, result)]``, picked on the device or sampled from the
+        logits, and the prompt-scoring choices (max_tokens 0) whose prompt is done; prompt logprobs are
+        added to their requests."""
+        to_sample: list[tuple[int, _Request, _Choice]] = []
         prompt_rows: dict[ScheduledChunk, list[int]] = {}
-        state["sampled"] = {}
-        for r, (c, kind) in enumerate(state["row_owner"]):
+        sampled: list[tuple[_Request, _Choice, SampleResult]] = []
+        for r, (c, kind, req, ch) in enumerate(row_owner):
+            if ch.finished:
+                continue  # ended while the step ran: its row is dropped
             if r in picked:  # chosen on the device
-                state["sampled"][c.seq] = SampleResult(picked[r], float("nan"), [])
+                sampled.append((req, ch, SampleResult(picked[r], float("nan"), [])))
             elif kind == "prompt":
                 prompt_rows.setdefault(c, []).append(r)
                 if c.samples and len(prompt_rows[c]) == c.length:
-                    to_sample.append((r, c))
+                    to_sample.append((r, req, ch))
             else:
-                to_sample.append((r, c))
+                to_sample.append((r, req, ch))
         for c, rs in prompt_rows.items():  # prompt logprobs of the tokens after each computed row
-            req, ch = self._by_seq[c.seq]
+            req = row_owner[rs[0]][2]
             if len(req.prompt_logprobs) != (c.start + 1 if c.start else 0):
                 continue  # recomputed after a preemption: these positions are scored already
             span = req.prompt_ids[c.start:c.start + c.length + 1]
+            assert logits is not None
             got = prompt_logprobs(logits[rs], span, req.params.prompt_logprobs or 0)
             req.prompt_logprobs.extend(got if c.start == 0 else got[1:])
-        wanted = [(r, c) for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens > 0]
+        wanted = [(r, req, ch) for r, req, ch in to_sample if req.params.max_tokens > 0]
         if wanted:
-            rows = logits[[r for r, _ in wanted]]
-            self._mask(rows, [self._by_seq[c.seq] for _, c in wanted])
-            results = sample(rows, [self._by_seq[c.seq][1].sampler for _, c in wanted])
-            state["sampled"].update({c.seq: res for (_, c), res in zip(wanted, results)})
-        state["scored"] = [c.seq for r, c in to_sample if self._by_seq[c.seq][0].params.max_tokens == 0]
-
-    def _postprocess(self, state: dict) -> None:
-        self.scheduler.commit(state["chunks"])
-        for seq in state["scored"]:  # max_tokens == 0: prompt scoring only
-            req, ch = self._by_seq[seq]
-            self._finish(req, ch, "length")
-        for seq, res in state["sampled"].items():
-            req, ch = self._by_seq[seq]
-            if ch.finished:
-                continue
-            self._append(req, ch, res)
+            assert logits is not None
+            rows = logits[[r for r, _, _ in wanted]]
+            self._mask(rows, [(req, ch) for _, req, ch in wanted])
+            results = sample(rows, [ch.sampler for _, _, ch in wanted])
+            sampled.extend((req, ch, res) for (_, req, ch), res in zip(wanted, results))
+        return sampled, [(req, ch) for _, req, ch in to_sample if req.params.max_tokens == 0]
 
     def _mask(self, rows: np.ndarray, owners: list[tuple[_Request, _Choice]]) -> None:
         """Constrained rows keep only the tokens their grammar allows next (plus an opening think tag)."""
@@ -471,7 +519,9 @@ class Engine:
                                   [req.think.start if ch.gate == "first" and req.think else None for _, req, ch in picked])
 
     # ------------------------------------------------------------------ helpers
-    def _append(self, req: _Request, ch: _Choice, res: SampleResult) -> None:
+    def _accept(self, req: _Request, ch: _Choice, res: SampleResult) -> str | None:
+        """Append a sampled token to its choice; "stop" (EOS or a stop token id: not output) or "length"
+        (max_tokens reached) retires the choice at once, else None."""
         params = req.params
         tok = res.token_id
         if ch.matcher is not None:
@@ -479,15 +529,30 @@ class Engine:
         self.counters["generation_tokens"] += 1
         ch.seq.output_ids.append(tok)
         ch.sampler.append(tok)
-        logprobs = [res] if params.logprobs is not None else None
+        end = None
         if (tok in self.eos_ids and not params.ignore_eos) or tok in params.stop_token_ids:
-            self._finish(req, ch, "stop", self._drain(ch), [], None)  # the stop token itself is not output
+            end = "stop"
+        elif len(ch.seq.output_ids) >= params.max_tokens:
+            end = "length"
+        if end is not None:
+            self._retire(ch)
+        return end
+
+    def _emit_token(self, req: _Request, ch: _Choice, res: SampleResult, end: str | None) -> None:
+        """A collected token's delta: its text, held back while it may start a stop string; a stop string it
+        completes ends the choice (its row in the step now running is dropped)."""
+        tok = res.token_id
+        logprobs = [res] if req.params.logprobs is not None else None
+        if end == "stop":  # the stop token itself is not output
+            self._end(req, ch, "stop", self._drain(ch), [], None)
             return
         safe, hit = ch.stops.feed(ch.detok.push(tok) if ch.detok else "")
         if hit:
-            self._finish(req, ch, "stop", safe, [tok], logprobs)
-        elif len(ch.seq.output_ids) >= params.max_tokens:
-            self._finish(req, ch, "length", safe + self._drain(ch), [tok], logprobs)
+            if not ch.finished:
+                self._retire(ch)
+            self._end(req, ch, "stop", safe, [tok], logprobs)
+        elif end == "length":
+            self._end(req, ch, "length", safe + self._drain(ch), [tok], logprobs)
         else:
             req.emit(self._delta(req, ch, safe, [tok], logprobs, None), self._outbox)
 
@@ -516,8 +581,14 @@ class Engine:
     def _finish(self, req: _Request, ch: _Choice, reason: str, text: str = "", token_ids: list[int] | None = None,
                 logprobs: list | None = None) -> None:
         self._retire(ch)
+        self._end(req, ch, reason, text, token_ids, logprobs)
+
+    def _end(self, req: _Request, ch: _Choice, reason: str, text: str, token_ids: list[int] | None,
+             logprobs: list | None) -> None:
+        """The retired choice's last delta; the request leaves the engine with its last choice's."""
+        ch.ended = True
         req.emit(self._delta(req, ch, text, token_ids or [], logprobs, reason), self._outbox)
-        if all(c.finished for c in req.choices):
+        if all(c.ended for c in req.choices):
             self._requests.pop(req.request_id, None)
 
     def _retire(self, ch: _Choice) -> None:

@@ -46,6 +46,18 @@ class RaggedBatch:
                 "block_tables": self.block_tables, "slot_mapping": self.slot_mapping, "logits_index": self.logits_index}
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """A launched step's picked ids and logits (either may be None), still on the device."""
+
+    ids: Any
+    logits: Any
+
+    def result(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The ids and logits on the host, once the step has run (a GPU step: this waits for it)."""
+        return (None if self.ids is None else self.ids.numpy(), None if self.logits is None else self.logits.numpy())
+
+
 DEFAULT_KV_CACHE_BYTES = 512 << 20  # where the device does not report its free memory (CPUs, Metal)
 GPU_MEMORY_UTILIZATION = 0.9  # of a GPU's memory, for weights + KV cache + activations (vLLM's default)
 ACTIVATION_RESERVE = 1 << 30  # left out of that for the steps' activations and workspace
@@ -204,7 +216,9 @@ class CompiledModel:
 
     def forward(self, batch: RaggedBatch, check: bool = True) -> np.ndarray:
         """Run one step; returns logits ``[L, vocab]`` float32 for the rows ``batch.logits_index`` names."""
-        return self._run(batch, check).numpy()
+        logits = self.launch(batch, pick=False, check=check).result()[1]
+        assert logits is not None
+        return logits
 
     @property
     def has_device_argmax(self) -> bool:
@@ -220,17 +234,27 @@ class CompiledModel:
         lowest id) when ``sampling`` is None, else the artifact's sampler with ``(params [L, 4] float32:
         temperature, top_k, top_p, min_p; uniform [L] float32)``. Returns the ids and, when
         ``with_logits``, the logits too (else None): only ``L`` ids are copied back otherwise."""
+        ids, logits = self.launch(batch, True, sampling, with_logits, check).result()
+        assert ids is not None
+        return ids, logits
+
+    def launch(self, batch: RaggedBatch, pick: bool, sampling: tuple[np.ndarray, np.ndarray] | None = None,
+               with_logits: bool = True, check: bool = True) -> "StepOutput":
+        """Start one step (``forward_picked`` when ``pick``, else ``forward``) and return at once with its
+        results on the device: on a GPU the kernels are queued, not finished, and ``result()`` waits for
+        them; on a CPU they have run. Call ``result()`` before the next launch: a CUDA-graph step's
+        logits live in the graph's own buffer, which the next replay overwrites."""
         import tvm
 
         fn = self._argmax_fn if sampling is None else self._sample_fn
+        if not pick:
+            return StepOutput(None, self._run(batch, check))
         if fn is None:
             raise ArtifactError("this artifact cannot pick tokens on its device; recompile it with this ferrum")
+        # uploaded first: a copy to the device waits for the kernels queued before it
+        extra = [] if sampling is None else [tvm.runtime.tensor(a, self.device) for a in sampling]
         logits = self._run(batch, check)
-        if sampling is None:
-            ids = fn(logits)
-        else:
-            ids = fn(logits, tvm.runtime.tensor(sampling[0], self.device), tvm.runtime.tensor(sampling[1], self.device))
-        return ids.numpy(), logits.numpy() if with_logits else None
+        return StepOutput(fn(logits, *extra), logits if with_logits else None)
 
     def _run(self, batch: RaggedBatch, check: bool):
         """The step's logits, left on the device."""

@@ -38,10 +38,23 @@ async def collect(engine: Engine, prompt, params: SamplingParams, request_id=Non
     return [outs[i] for i in sorted(outs)]
 
 
+async def settle(engine: Engine) -> None:
+    """Wait until the engine has no work left: no request, and no launched step to collect (the one
+    launched before a stop string ended its sequence)."""
+    for _ in range(500):
+        s = engine.stats()
+        if not (s["running"] or s["waiting"] or s["in_flight"]):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the engine did not settle: {engine.stats()}")
+
+
 def run(engine, *jobs):
     async def main():
         try:
-            return await asyncio.gather(*(collect(engine, *j) for j in jobs))
+            out = await asyncio.gather(*(collect(engine, *j) for j in jobs))
+            await settle(engine)
+            return out
         finally:
             await engine.close()
 
@@ -73,16 +86,15 @@ def test_concurrent_greedy_equals_alone(tiny, prompts, alone):
 
 
 def counting(engine: Engine) -> dict:
-    """Count the engine's model calls by kind: greedy ids from the device, or logits."""
+    """Count the engine's model calls by kind: ids picked on the device ("forward_picked"), or logits only."""
     calls = {"forward_picked": 0, "forward": 0}
-    for name in calls:
-        method = getattr(engine.model, name)
+    launch = engine.model.launch
 
-        def counted(*a, _method=method, _name=name, **k):
-            calls[_name] += 1
-            return _method(*a, **k)
+    def counted(batch, pick, *a, **k):
+        calls["forward_picked" if pick else "forward"] += 1
+        return launch(batch, pick, *a, **k)
 
-        setattr(engine.model, name, counted)
+    engine.model.launch = counted  # type: ignore[method-assign]
     return calls
 
 
@@ -128,8 +140,27 @@ def test_prefix_reuse_on_and_off(tiny):
     assert saved == results[True][1]["prefix_saved_tokens"] == 3 * 48  # 3 full blocks of 16 reused 3 times
 
 
+def after_the_end(engine: Engine) -> list:
+    """Deltas the engine makes for a choice after its last one (none may follow), collected as it runs."""
+    ended: set = set()
+    late: list = []
+    delta = engine._delta
+
+    def made(*a):
+        d = delta(*a)
+        if (d.request_id, d.index) in ended:
+            late.append(d)
+        if d.finish_reason is not None:
+            ended.add((d.request_id, d.index))
+        return d
+
+    engine._delta = made  # type: ignore[method-assign]
+    return late
+
+
 def test_cancel_returns_every_block(tiny, prompts):
     engine = make_engine(tiny)
+    late = after_the_end(engine)
 
     async def main():
         other = asyncio.create_task(collect(engine, prompts[1], GREEDY))
@@ -139,14 +170,12 @@ def test_cancel_returns_every_block(tiny, prompts):
             if got == 3:
                 break  # leaving the stream aborts the request
         await other
-        for _ in range(100):
-            if not engine.scheduler.has_work:
-                break
-            await asyncio.sleep(0.01)
+        await settle(engine)
         await engine.close()
 
     asyncio.run(main())
     assert engine.stats()["aborted"] == 1
+    assert not late  # the aborted request's row in the step running when the abort came is dropped
     assert engine.blocks.num_free == engine.blocks.num_blocks
     engine.blocks.check_invariants()
 
@@ -312,10 +341,40 @@ def test_stop_strings_on_smollm2(smollm2_artifact):
     text = full["text"]
     assert "5" in text, text
     stop = text[text.index("5"):text.index("5") + 3]  # a stop string that spans token boundaries
-    cut = run(make_engine(smollm2_artifact), (ids, SamplingParams(max_tokens=40, temperature=0, stop=(stop,))))[0][0]
+    engine = make_engine(smollm2_artifact)
+    late = after_the_end(engine)
+    cut = run(engine, (ids, SamplingParams(max_tokens=40, temperature=0, stop=(stop,))))[0][0]
     assert cut["finish"] == "stop"
     assert cut["text"] == text[:text.index(stop)]
     assert stop not in cut["text"]
+    # the stop string is found while the step after its token runs: that step's row is dropped (its token
+    # neither output nor counted) and the sequence's blocks are all free again
+    assert engine.counters["steps"] == len(cut["ids"]) + 1
+    assert engine.counters["generation_tokens"] == len(cut["ids"]) and not late
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    engine.blocks.check_invariants()
+
+
+def test_text_work_runs_while_the_next_step_computes(tiny, prompts, alone):
+    """Each decode step is launched with the previous step's token taken (the sequence is one longer) but
+    not yet turned into text and a delta: that work runs after the launch, while the device computes."""
+    engine = make_engine(tiny)
+    seen = []  # per launch: tokens taken, tokens in deltas so far
+    emitted = [0]
+    launch, delta = engine.model.launch, engine._delta
+
+    def launched(*a, **k):
+        seen.append((engine.counters["generation_tokens"], emitted[0]))
+        return launch(*a, **k)
+
+    def counted(req, ch, text, token_ids, *rest):
+        emitted[0] += len(token_ids)
+        return delta(req, ch, text, token_ids, *rest)
+
+    engine.model.launch, engine._delta = launched, counted  # type: ignore[method-assign]
+    out = run(engine, (prompts[0], GREEDY))[0][0]
+    assert out["ids"] == alone[0] and emitted[0] == 12
+    assert seen == [(0, 0)] + [(k, k - 1) for k in range(1, 12)]
 
 
 def test_stop_token_ids_and_eos(tiny, prompts, alone, smollm2_artifact):
