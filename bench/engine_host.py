@@ -11,9 +11,9 @@ handing deltas over). The kernels' time is the peer measured in the same run.
 
     python bench/engine_host.py ARTIFACT [--batches 1,16,32] [--prompt 256] [--gen 128] [--reps 3] [--json F] [--ab]
 
-``--ab`` runs each rep twice, paired: the engine as it is, and the same engine with a step's text work
-(detokenizing, deltas) before the next launch (``SERIAL_STEP``, a step as it was before 2026-11-27)
-instead of while that step computes. Only a GPU can tell them apart: on a CPU ``launch`` runs the step.
+``--ab`` runs each rep twice, paired: the engine with a step's text work (detokenizing, deltas) after the
+next launch (``Engine.OVERLAP_STEP``, a GPU's default) and before it (``SERIAL_STEP``, a CPU's, and every
+device's before 2026-11-27). Only a GPU can tell them apart: on a CPU ``launch`` runs the step.
 
 Not a test. Prints one line per batch (median of --reps runs) and writes --json with every run.
 """
@@ -52,10 +52,6 @@ def time_kernels(model) -> list[float]:
     return spent
 
 
-# the engine's actions with a step's text work (detokenizing, deltas) before the next launch, not after it
-SERIAL_STEP = ("_take_inbox", "_collect", "_emit", "_schedule", "_launch")
-
-
 def measure(model, batch: int, prompt: int, gen: int, temperature: float, rng,
             kernels: list[float] | None = None, step: tuple[str, ...] | None = None) -> dict:
     """One run of ``batch`` requests through a fresh engine on ``model``: microseconds per step (all of
@@ -70,7 +66,7 @@ def measure(model, batch: int, prompt: int, gen: int, temperature: float, rng,
     engine = Engine(model, TokenizerFiles.of(model.manifest.path),
                     EngineConfig(enable_prefix_caching=False, max_num_seqs=max(batch, 1)))
     if step is not None:
-        engine.STEP = step  # type: ignore[misc]
+        engine.STEP = step
     params = SamplingParams(max_tokens=gen, temperature=temperature, ignore_eos=True, seed=0)
     arrivals: list[tuple[float, int, int]] = []  # (when, tokens, request) of every delta
 
@@ -95,7 +91,7 @@ def measure(model, batch: int, prompt: int, gen: int, temperature: float, rng,
     steps = engine.counters["steps"] - steps0
     spent = {k: (engine.seconds[k] - before[k]) / steps * 1e6 for k in engine.seconds}
     step_us, kernels_us = wall / steps * 1e6, (kernels[0] - k0) / steps * 1e6
-    return {"batch": batch, "order": "serial" if step == SERIAL_STEP else "overlap", "steps": steps,
+    return {"batch": batch, "order": "serial" if engine.STEP == Engine.SERIAL_STEP else "overlap", "steps": steps,
             "decode_tok_s": decode_tok_s, "step_us": step_us, "kernels_us": kernels_us,
             "model_call_us": spent["model_call"], "host_us": step_us - kernels_us,
             "model_wait_us": spent["model_wait"], "actions_us": {k.strip("_"): spent[k] for k in engine.STEP},
@@ -119,13 +115,15 @@ def main() -> None:
     kernels = time_kernels(model)
     rng = np.random.default_rng(0)
     out = []
-    orders = [None, SERIAL_STEP] if args.ab else [None]
+    from ferrum_runtime.engine import Engine
+
+    orders = [Engine.OVERLAP_STEP, Engine.SERIAL_STEP] if args.ab else [None]
     for b in (int(x) for x in args.batches.split(",")):
         runs = [measure(model, b, args.prompt, args.gen, args.temperature, rng, kernels, order)
                 for _ in range(args.reps) for order in orders]
         out.append({"batch": b, "runs": runs})
         host = {}
-        for order in ("overlap", "serial") if args.ab else ("overlap",):
+        for order in sorted({r["order"] for r in runs}):
             mine = [r for r in runs if r["order"] == order]
             med = {k: statistics.median(r[k] for r in mine) for k in ("step_us", "kernels_us", "model_call_us",
                                                                        "host_us", "between_steps_us")}
@@ -137,7 +135,7 @@ def main() -> None:
                   f"between steps {med['between_steps_us']:.0f}; " + ", ".join(f"{k} {v:.0f}" for k, v in acts.items())
                   + ")", flush=True)
         if args.ab:
-            print(f"b{b}: host time overlap / serial x{host['overlap'] / host['serial']:.2f}", flush=True)
+            print(f"b{b}: host µs per step, overlap / serial x{host['overlap'] / host['serial']:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps({"artifact": args.artifact, "prompt": args.prompt, "gen": args.gen,
                                          "temperature": args.temperature, "batches": out}, indent=1))

@@ -321,13 +321,15 @@ def ferrum_speed(model, tiny: bool, quick: bool = False, digests: dict | None = 
         return out
     # the same decodes as requests through the engine (scheduling, batch building, detokenizing, deltas to
     # an event loop): what serving adds to the model's own steps
-    from engine_host import SERIAL_STEP, measure  # bench/
+    from engine_host import measure  # bench/
+    from ferrum_runtime.engine import Engine
 
     for b in (1, 16):
         out[f"engine decode b{b}"] = measure(model, b, n_prompt, n_gen, 0.0, rng)["decode_tok_s"]
-        # paired: the text work of a step's tokens before the next launch, as before 2026-11-27
+        # paired: the text work of a step's tokens before the next launch (a CPU's order; before 2026-11-27
+        # every device's) instead of while it computes
         out[f"engine decode b{b} text first"] = measure(model, b, n_prompt, n_gen, 0.0, rng,
-                                                        step=SERIAL_STEP)["decode_tok_s"]
+                                                        step=Engine.SERIAL_STEP)["decode_tok_s"]
     if model.decode_one:  # one-token steps through decode (GEMVs in passes of 4 tokens) instead
         model.decode_one = False
         out["decode b1 without decode_one"] = decode(1)

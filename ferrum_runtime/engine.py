@@ -4,12 +4,13 @@
 requests at once. A background task wakes a worker thread that runs engine steps back to back while
 there is work; each step is the ordered list of actions in ``Engine.STEP`` (admit/abort → collect the
 step launched last time → schedule → launch the model → emit), so a new batching mode is a new action,
-not an edit to a loop. Launching returns as soon as the step is queued on the device, and the tokens come
-back at the start of the next engine step: the text work of a step's tokens (detokenizing, stop strings,
-deltas) runs while the device computes the next one. The event loop (and a server on it) stays
-responsive and is not a hop between steps; requests and cancellations reach the step through a locked
-inbox and take effect at the start of the next step, and a step's deltas reach their requests' queues in
-one callback per event loop (``_deliver``).
+not an edit to a loop. Launching returns as soon as the step is queued on the device and its tokens are
+collected at the start of the next engine step; on a GPU the text work of a step's tokens (detokenizing,
+stop strings, deltas) runs after the next launch, while the device computes (``OVERLAP_STEP``), on a CPU
+before it (``SERIAL_STEP``). The event loop (and a server on it) stays responsive and is not a hop
+between steps; requests and cancellations reach the step through a locked inbox and take effect at the
+start of the next step, and a step's deltas reach their requests' queues in one callback per event loop
+(``_deliver``).
 """
 
 from __future__ import annotations
@@ -142,12 +143,18 @@ class _Launched:
 
 
 class Engine:
-    STEP = ("_take_inbox", "_collect", "_schedule", "_launch", "_emit")
+    # A step's actions in order. Where the device runs kernels beside the host (GPUs), a step is launched
+    # before the previous step's tokens become text and deltas, so that work runs while the device
+    # computes. On a CPU launching runs the step: the text work goes first, so that deltas do not wait
+    # for the next step.
+    OVERLAP_STEP = ("_take_inbox", "_collect", "_schedule", "_launch", "_emit")
+    SERIAL_STEP = ("_take_inbox", "_collect", "_emit", "_schedule", "_launch")
 
     def __init__(self, model: CompiledModel, tokenizer: TokenizerFiles | None, config: EngineConfig = EngineConfig()):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
+        self.STEP = self.SERIAL_STEP if model.device_type == "cpu" else self.OVERLAP_STEP
         self.blocks = BlockManager(model.num_blocks, model.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or batch_budget(model.manifest.target["device"])
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget), self.blocks)
@@ -168,7 +175,8 @@ class Engine:
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0}
         # wall seconds per step action, and within them the compiled model's: launching a step (on a CPU,
         # running it) in _launch, waiting for its results in _collect, and both (ferrum bench)
-        self.seconds: dict[str, float] = dict.fromkeys((*self.STEP, "model_launch", "model_wait", "model_call"), 0.0)
+        self.seconds: dict[str, float] = dict.fromkeys((*self.OVERLAP_STEP, "model_launch", "model_wait", "model_call"),
+                                                       0.0)
         self._launched: _Launched | None = None  # the step on the device, collected by the next engine step
         self._structured: StructuredOutput | None = None
         self._structured_lock = threading.Lock()
@@ -450,9 +458,10 @@ class Engine:
         self.seconds["model_call"] += spent
 
     def _emit(self, state: dict) -> None:
-        """The collected tokens' text and deltas, while the step just launched computes."""
+        """The collected tokens' text and deltas, handed to the event loops at once."""
         for req, ch, res, end in state.get("emit", ()):
             self._emit_token(req, ch, res, end)
+        self._deliver()
 
     def _picked_on_device(self, req: _Request, ch: _Choice) -> bool:
         params = req.params

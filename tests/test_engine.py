@@ -20,10 +20,18 @@ pytestmark = pytest.mark.e2e
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
-def make_engine(artifact, num_blocks=64, **cfg) -> Engine:
+def make_engine(artifact, num_blocks=64, step=None, **cfg) -> Engine:
+    """An engine on ``artifact``; ``step``: its actions' order ("overlap" as on a GPU; default: the
+    device's, "serial" on a CPU)."""
     model = CompiledModel.load(artifact, num_blocks=num_blocks)
     tok = TokenizerFiles(artifact) if (artifact / "tokenizer.json").is_file() else None
-    return Engine(model, tok, EngineConfig(**cfg))
+    engine = Engine(model, tok, EngineConfig(**cfg))
+    if step is not None:
+        engine.STEP = {"overlap": Engine.OVERLAP_STEP, "serial": Engine.SERIAL_STEP}[step]
+    return engine
+
+
+ORDERS = pytest.mark.parametrize("step", ["overlap", "serial"])
 
 
 async def collect(engine: Engine, prompt, params: SamplingParams, request_id=None):
@@ -158,8 +166,9 @@ def after_the_end(engine: Engine) -> list:
     return late
 
 
-def test_cancel_returns_every_block(tiny, prompts):
-    engine = make_engine(tiny)
+@ORDERS
+def test_cancel_returns_every_block(tiny, prompts, step):
+    engine = make_engine(tiny, step=step)
     late = after_the_end(engine)
 
     async def main():
@@ -333,7 +342,8 @@ def test_refusals_reach_nothing(tiny):
     assert not engine.scheduler.has_work and engine.blocks.num_free == 4
 
 
-def test_stop_strings_on_smollm2(smollm2_artifact):
+@ORDERS
+def test_stop_strings_on_smollm2(smollm2_artifact, step):
     engine = make_engine(smollm2_artifact)
     tok = engine.tokenizer
     ids = tok.encode(tok.render_chat([{"role": "user", "content": "Count from 1 to 20, separated by commas."}]))
@@ -341,30 +351,36 @@ def test_stop_strings_on_smollm2(smollm2_artifact):
     text = full["text"]
     assert "5" in text, text
     stop = text[text.index("5"):text.index("5") + 3]  # a stop string that spans token boundaries
-    engine = make_engine(smollm2_artifact)
+    engine = make_engine(smollm2_artifact, step=step)
     late = after_the_end(engine)
     cut = run(engine, (ids, SamplingParams(max_tokens=40, temperature=0, stop=(stop,))))[0][0]
     assert cut["finish"] == "stop"
     assert cut["text"] == text[:text.index(stop)]
     assert stop not in cut["text"]
-    # the stop string is found while the step after its token runs: that step's row is dropped (its token
-    # neither output nor counted) and the sequence's blocks are all free again
-    assert engine.counters["steps"] == len(cut["ids"]) + 1
+    # launching first, the stop string is found while the step after its token runs: that step's row is
+    # dropped (its token neither output nor counted); text first, no step is wasted. Blocks all free.
+    assert engine.counters["steps"] == len(cut["ids"]) + (step == "overlap")
     assert engine.counters["generation_tokens"] == len(cut["ids"]) and not late
     assert engine.blocks.num_free == engine.blocks.num_blocks
     engine.blocks.check_invariants()
 
 
-def test_text_work_runs_while_the_next_step_computes(tiny, prompts, alone):
-    """Each decode step is launched with the previous step's token taken (the sequence is one longer) but
-    not yet turned into text and a delta: that work runs after the launch, while the device computes."""
-    engine = make_engine(tiny)
+@pytest.mark.parametrize("step, behind", [("overlap", 1), ("serial", 0)])
+def test_text_work_runs_while_the_next_step_computes(tiny, prompts, alone, step, behind):
+    """Launching first (a GPU's order), each decode step is launched with the previous step's token taken
+    (the sequence is one longer) but not yet turned into text and a delta: that work runs after the
+    launch, while the device computes. Text first (a CPU's), every token taken is in a delta by then.
+    Either way every delta made is handed to the event loop before the next launch. The CPU engine takes
+    the CPU's order."""
+    engine = make_engine(tiny, step=step)
     seen = []  # per launch: tokens taken, tokens in deltas so far
     emitted = [0]
+    held = []  # per launch: deltas made but not handed over
     launch, delta = engine.model.launch, engine._delta
 
     def launched(*a, **k):
         seen.append((engine.counters["generation_tokens"], emitted[0]))
+        held.append(sum(len(items) for items in engine._outbox.values()))
         return launch(*a, **k)
 
     def counted(req, ch, text, token_ids, *rest):
@@ -374,7 +390,9 @@ def test_text_work_runs_while_the_next_step_computes(tiny, prompts, alone):
     engine.model.launch, engine._delta = launched, counted  # type: ignore[method-assign]
     out = run(engine, (prompts[0], GREEDY))[0][0]
     assert out["ids"] == alone[0] and emitted[0] == 12
-    assert seen == [(0, 0)] + [(k, k - 1) for k in range(1, 12)]
+    assert seen == [(0, 0)] + [(k, k - behind) for k in range(1, 12)]
+    assert held == [0] * 12
+    assert make_engine(tiny).STEP == Engine.SERIAL_STEP
 
 
 def test_stop_token_ids_and_eos(tiny, prompts, alone, smollm2_artifact):
