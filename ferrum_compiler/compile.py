@@ -29,7 +29,7 @@ from . import lowering
 from .cpu_schedule import cpu_pipeline
 from .config import DTYPES, CompileOptions
 from .frontend import Checkpoint, open_source
-from .gpu_build import supports_programmatic_launch
+from .gpu_build import supports_programmatic_launch, usage_summary
 from .ir import IRError, Value, graph_to_json, op_histogram, print_graph
 from .passes import PIPELINE, run_passes
 from .quant import QUANT_MODES, rtn_spec
@@ -102,8 +102,12 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         timings["ir"] = time.perf_counter() - t
 
         t = phase(3, f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
-        gpu_check = _build_library(graph, spec, work / LIBRARY, debug, graph_max_blocks(spec, cfg, options),
-                                   experiments)
+        gpu_check, usage = _build_library(graph, spec, work / LIBRARY, debug, graph_max_blocks(spec, cfg, options),
+                                          experiments)
+        local = {} if usage is None else usage_summary(usage)["local_memory"]
+        if local:  # slower on the GPU (a memory trip per access), not wrong
+            progress(f"      note: {len(local)} CUDA kernels use local memory (ptxas: register spills or arrays "
+                     "indexed at run time): " + ", ".join(f"{k} {v} B" for k, v in list(local.items())[:4]))
         timings["tvm"] = time.perf_counter() - t
 
         if options.weights:
@@ -128,6 +132,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
                              time.perf_counter() - t_start, experiments)
         if gpu_check is not None:
             manifest["target"]["gpu_code_verified"] = gpu_check
+        if usage is not None:
+            manifest["target"]["cuda_kernels"] = usage_summary(usage)
         if spec.tvm_target["kind"] == "cuda":
             manifest["target"]["cuda_code"] = embedded_cuda_code(work / LIBRARY)
             if not manifest["target"]["cuda_code"]["cubin"]:
@@ -257,13 +263,14 @@ def _quant_method(ckpt: Checkpoint, mode: str) -> str:
 
 
 def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_blocks: int = 0,
-                   experiments: dict | None = None) -> dict | None:
-    """Compile and export the library; for GPU targets returns the GPU code verifier's report.
+                   experiments: dict | None = None) -> tuple[dict | None, list[dict] | None]:
+    """Compile and export the library; returns, for GPU targets, the GPU code verifier's report and, for
+    CUDA, ptxas's usage of every kernel (``gpu_build.ptxas_usage``; else None for either).
     ``experiments``: ``{"gemv_norms": True}``, ``{"pdl": mode}``, ``{"gemv_dp4a": True}`` (FERRUM_GEMV_NORMS,
     FERRUM_PDL's ``env.PDL_MODES``, FERRUM_GEMV_DP4A)."""
     import tvm
 
-    from .gpu_build import (GpuCodeVerifier, prepare_cuda_build, preload_tensor_intrinsics,
+    from .gpu_build import (GpuCodeVerifier, kernel_usage, prepare_cuda_build, preload_tensor_intrinsics,
                             register_programmatic_launch_pipeline)
 
     flags = experiments or {}
@@ -291,18 +298,19 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     # step inputs as inputs, and without shape bounds their memory is not statically planned
     config = {**dict(ctx.config), **({"relax.backend.use_cuda_graph": True} if max_blocks else {})}
     # the target is current because TVM's nvcc callback reads the arch from it
-    with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=config, instruments=instruments):
+    with target, tvm.transform.PassContext(opt_level=ctx.opt_level, config=config, instruments=instruments), \
+            kernel_usage() as usage:
         ex = tvm.compile(mod, target=target,
                          relax_pipeline=cpu_pipeline(target) if spec.kernel_kind == "cpu" else "default",
                          tir_pipeline=register_programmatic_launch_pipeline() if pdl else "default")
     ex.export_library(str(path))
     if verifier is None:
-        return None
+        return None, None
     report = verifier.report()
     if report["failed"] or not report["kernels"]:
         raise CompileError(f"{len(report['failed'])} of {report['kernels']} GPU kernels exceed {spec.name}'s limits "
                            f"({', '.join(report['failed'][:5])}): a ferrum bug, please report it")
-    return report
+    return report, usage if cuda else None
 
 
 def _manifest(ckpt: Checkpoint, spec: TargetSpec, dtype: str, options: CompileOptions, graph, index: dict,

@@ -8,12 +8,15 @@ symbols TVM imports (never called while compiling). Then nvcc compiles the kerne
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from ferrum_runtime.env import cache_dir
 from ferrum_runtime.errors import FerrumError
@@ -93,13 +96,70 @@ def prepare_cuda_build() -> None:
 
 def _compile_cubin_and_ptx(code: str) -> bytes:
     """nvcc → a fatbin holding the cubin for the target's arch and its PTX, so a newer GPU can JIT the PTX
-    (TVM's own callback embeds the cubin only)."""
+    (TVM's own callback embeds the cubin only). The flags are those of TVM's nvcc path (half and bfloat16
+    operators, fast math, ptxas's register-usage level 10); ptxas's report of each kernel's registers,
+    shared memory, stack and spills goes to the ``kernel_usage()`` being recorded, if any."""
     import tvm
-    from tvm.support.nvcc import compile_cuda
 
     num = _sm(str(tvm.target.Target.current().arch))  # 90 for sm_90
-    gencode = ["-gencode", f"arch=compute_{num},code=sm_{num}", "-gencode", f"arch=compute_{num},code=compute_{num}"]
-    return compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")
+    home = _cuda_home()
+    no = [f"-U__CUDA_NO_{kind}_{what}__" for kind in ("HALF", "BFLOAT16", "BFLOAT162")
+          for what in ("OPERATORS", "CONVERSIONS")]
+    with tempfile.TemporaryDirectory(prefix="ferrum-nvcc-") as tmp:
+        src, out = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.fatbin"
+        src.write_text(code)
+        cmd = [str(home / "bin" / "nvcc") if home else "nvcc", "--fatbin", "-O3",
+               "-gencode", f"arch=compute_{num},code=sm_{num}", "-gencode", f"arch=compute_{num},code=compute_{num}",
+               *no, "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+               "--ptxas-options=-v,--register-usage-level=10,--warn-on-local-memory-usage", "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            raise GpuBuildError(f"nvcc failed on the generated CUDA code: {(proc.stdout + proc.stderr)[-3000:]}")
+        if _recording:
+            _recording[-1].extend(ptxas_usage(proc.stdout + proc.stderr))
+        return out.read_bytes()
+
+
+_recording: list[list[dict]] = []  # the open ``kernel_usage()`` lists, innermost last
+
+
+@contextlib.contextmanager
+def kernel_usage() -> Iterator[list[dict]]:
+    """Record ``ptxas_usage`` of every CUDA kernel compiled inside the block into the list it yields."""
+    usage: list[dict] = []
+    _recording.append(usage)
+    try:
+        yield usage
+    finally:
+        _recording.remove(usage)
+
+
+_PTXAS_LINE = re.compile(r"Compiling entry function '(?P<name>[^']+)' for 'sm_"
+                         r"|(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, "
+                         r"(?P<loads>\d+) bytes spill loads"
+                         r"|Used (?P<regs>\d+) registers(?:, used \d+ barriers)?(?:, (?P<smem>\d+) bytes smem)?")
+
+
+def ptxas_usage(log: str) -> list[dict]:
+    """Per kernel of a ``ptxas -v`` log, ``{name, registers, shared, stack, spill_stores, spill_loads}``
+    (bytes; a stack frame is local memory: spills, or arrays indexed at run time)."""
+    kernels: list[dict] = []
+    for m in _PTXAS_LINE.finditer(log):
+        if m["name"]:
+            kernels.append({"name": m["name"], "registers": 0, "shared": 0, "stack": 0, "spill_stores": 0,
+                            "spill_loads": 0})
+        elif kernels and m["stack"]:
+            kernels[-1].update(stack=int(m["stack"]), spill_stores=int(m["stores"]), spill_loads=int(m["loads"]))
+        elif kernels and m["regs"]:
+            kernels[-1].update(registers=int(m["regs"]), shared=int(m["smem"] or 0))
+    return kernels
+
+
+def usage_summary(usage: list[dict]) -> dict:
+    """The manifest's record of a CUDA library's kernels: how many, the most registers one uses, and the
+    kernels that use local memory (``{name: stack bytes}``: each access a trip to memory, if cached)."""
+    return {"kernels": len(usage), "max_registers": max((k["registers"] for k in usage), default=0),
+            "local_memory": {k["name"]: k["stack"] for k in usage if k["stack"] or k["spill_stores"]}}
 
 
 # What every device kernel must respect, checked on the scheduled kernels (before codegen). Shared memory:

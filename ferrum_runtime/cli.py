@@ -132,7 +132,8 @@ def _inspect(args: argparse.Namespace) -> int:
         f"target     {m.target['name']}  {json.dumps(m.target['tvm_target'])}"
         + (f"  needs CPU features: {' '.join(m.target['cpu_features'])}" if m.target.get("cpu_features") else "")
         + (f"  cubin: {' '.join(m.target['cuda_code']['cubin'])}  ptx: {' '.join(m.target['cuda_code']['ptx']) or '-'}"
-           if m.target.get("cuda_code") else ""),
+           if m.target.get("cuda_code") else "")
+        + (_kernels_summary(m.target["cuda_kernels"]) if m.target.get("cuda_kernels") else ""),
         f"model      {m.model['family']}: {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, heads "
         f"{cfg['num_heads']}/{cfg['num_kv_heads']} x {cfg['head_dim']}, ffn {cfg['intermediate_size']}, vocab "
         f"{cfg['vocab_size']}, max len {m.model['max_model_len']}",
@@ -254,6 +255,14 @@ def _artifact_path(name: str) -> Path:
         if res.returncode:
             raise FerrumError(f"compiling {name} failed (see above)")
     return path
+
+
+def _kernels_summary(k: dict) -> str:
+    """``  kernels: 31, <= 164 registers, no local memory`` (or the kernels that use it)."""
+    local = k["local_memory"]
+    return (f"  kernels: {k['kernels']}, <= {k['max_registers']} registers, "
+            + (f"local memory in {len(local)}: " + ", ".join(f"{n} {b} B" for n, b in local.items()) if local
+               else "no local memory"))
 
 
 def _quant_summary(q: dict) -> str:

@@ -13,7 +13,7 @@ import yaml
 
 from ferrum_runtime.fatbin import embedded_cuda_code
 
-from ferrum_compiler.gpu_build import PDL_TAG
+from ferrum_compiler.gpu_build import PDL_TAG, _compile_cubin_and_ptx, kernel_usage, usage_summary
 
 from .test_cli import assert_one_line_error, ferrum
 
@@ -47,6 +47,11 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, tiny
     assert "cubin: " + arch in shown
     verified = manifest["target"]["gpu_code_verified"]  # every kernel within the arch's thread/shared limits
     assert verified["kernels"] >= 8 and verified["failed"] == []
+    # ptxas's report of every kernel it compiled (some tiny shapes spill a word: not asserted away here)
+    kernels = manifest["target"]["cuda_kernels"]
+    assert kernels["kernels"] == verified["kernels"] and 16 <= kernels["max_registers"] <= 255
+    assert all(b > 0 for b in kernels["local_memory"].values())
+    assert f"kernels: {kernels['kernels']}, <= {kernels['max_registers']} registers, " in shown
     # the decode entry point: same arguments, GEMV kernels (compiled into the cubin too)
     entries = manifest["entry_points"]
     assert entries["decode"]["max_tokens"] == 16 and entries["decode"]["args"] == entries["forward"]["args"]
@@ -74,6 +79,36 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, tiny
     assert lib.count(PDL_TAG.encode()) == (verified["kernels"] if pdl else 0)
     assert manifest["compile_options"].get("pdl", "") == ("early" if pdl else "")  # FERRUM_PDL=1's mode
     assert ("programmatic dependent launches (FERRUM_PDL, early)" in shown) == pdl
+
+
+@needs_nvcc
+def test_ptxas_reports_each_kernels_registers_and_local_memory():
+    """The nvcc callback keeps ptxas's report per kernel: a kernel indexing a local array at run time is
+    in local memory (the manifest's ``cuda_kernels`` names it), a plain one is not."""
+    import tvm
+
+    code = """
+extern "C" __global__ void indexed(float* out, const float* x, int n) {
+  float a[256];
+  for (int i = 0; i < 256; ++i) a[i] = x[(i * n + threadIdx.x) % 1000];
+  out[threadIdx.x] = a[(n * threadIdx.x) % 256];
+}
+extern "C" __global__ void plain(float* out, const float* x) {
+  __shared__ float s[64];
+  s[threadIdx.x % 64] = x[threadIdx.x];
+  __syncthreads();
+  out[threadIdx.x] = s[(threadIdx.x + 1) % 64] * 2.0f;
+}
+"""
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), kernel_usage() as usage:
+        fatbin = _compile_cubin_and_ptx(code)
+    assert fatbin[:4] == b"\x50\xed\x55\xba"
+    by = {k["name"]: k for k in usage}
+    assert set(by) == {"indexed", "plain"}
+    assert by["indexed"]["stack"] >= 1024 and by["plain"]["stack"] == 0
+    assert by["plain"]["shared"] == 256 and by["plain"]["registers"] > 0 and by["indexed"]["registers"] > 0
+    assert usage_summary(usage) == {"kernels": 2, "max_registers": max(k["registers"] for k in usage),
+                                    "local_memory": {"indexed": by["indexed"]["stack"]}}
 
 
 def test_pdl_needs_sm90(tiny_model_dir, tmp_path):
