@@ -248,7 +248,9 @@ class GpuCodeVerifier:
 # ``first`` they are built without the early reads and wait first like the rest. A decode step is ~300-400
 # short kernels, and the H200 profile (docs/bench/2026-11-26d-gpu-h200.md) put ~0.37 ms of a 3.1 ms float16
 # step between them. On an H200 on 2026-11-27 FERRUM_PDL=1 gave wrong logits (docs/bench/2026-11-27-gpu-h200.md):
-# ``late`` and ``first`` are there to find out why.
+# the SASS, read later that day, showed ptxas issuing GEMVs' activation loads (read-only, so non-coherent)
+# before the wait; kernels here are no longer ``__restrict__``, which puts them after it (unmeasured on a GPU).
+# ``late`` and ``first`` stay as checks.
 PDL_TAG = "tirx.use_programtic_dependent_launch"  # TVM's spelling (runtime/metadata.h)
 PDL_PIPELINE = "ferrum-pdl"
 PDL_MIN_ARCH = 90
@@ -273,8 +275,9 @@ def _griddepcontrol(action: str):
 def with_programmatic_launch(func):
     """A CUDA device kernel (after the host/device split) launched with programmatic stream serialization:
     ``wait`` (unless the kernel has its own) then ``launch_dependents`` (unless it has its own) first in its
-    body (inside the thread bindings that open it, if any), and the launch tag among its
-    ``tirx.kernel_launch_params`` (before the dynamic shared memory tag, which must stay last)."""
+    body (inside the thread bindings that open it, if any), the launch tag among its
+    ``tirx.kernel_launch_params`` (before the dynamic shared memory tag, which must stay last), and its
+    pointers not ``__restrict__`` (``tirx.noalias`` off)."""
     import tvm
 
     params = [str(p) for p in func.attrs["tirx.kernel_launch_params"]]
@@ -294,7 +297,13 @@ def with_programmatic_launch(func):
             return tvm.tirx.AttrStmt(stmt.node, stmt.attr_key, stmt.value, prepend(stmt.body))
         return tvm.tirx.SeqStmt([*(_griddepcontrol(a) for a in first), stmt])
 
-    return func.with_body(prepend(func.body) if first else func.body).with_attr("tirx.kernel_launch_params", params)
+    # and no ``__restrict__`` on its pointers: nvcc loads what a restrict kernel only reads through the
+    # non-coherent path (ld.global.nc), which promises that the data stays unchanged while the kernel runs,
+    # and ptxas then moves such loads above ``griddepcontrol.wait`` (the SASS of Qwen3-4B's q|k|v GEMV,
+    # 2026-11-27: its activation load issued with the weights', before the wait): the wrong logits of
+    # FERRUM_PDL on the H200. Without it the activations are loaded after the wait.
+    return (func.with_body(prepend(func.body) if first else func.body)
+            .with_attr("tirx.kernel_launch_params", params).with_attr("tirx.noalias", False))
 
 
 def _programmatic_launch_pass():

@@ -198,6 +198,33 @@ def test_programmatic_launch_pass():
             assert first["wait"] < first["trigger"] < first["access"]
 
 
+@needs_nvcc
+def test_programmatic_launches_read_nothing_through_the_read_only_cache():
+    """A kernel built for programmatic launch has no ``__restrict__`` pointers, so nvcc loads nothing it
+    reads through the non-coherent path (``ld.global.nc``, which promises the data stays unchanged while
+    the kernel runs): ptxas moved such an activation load above ``griddepcontrol.wait`` (seen in the SASS
+    of Qwen3-4B's q|k|v GEMV, 2026-11-27), reading the previous kernel's output before it was written. The
+    same GEMV built without it keeps them."""
+    import tvm
+
+    from ferrum.schedules import quant_linear as ql
+    from ferrum_compiler.gpu_build import prepare_cuda_build, register_programmatic_launch_pipeline
+
+    prepare_cuda_build()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+
+    def source(pdl: str) -> str:
+        f = ql.make_gemv_gpu(512, 64, None, "float16", "float16", "float16", None, tokens=1, pdl=pdl)
+        with target:
+            lib = tvm.compile(tvm.IRModule({"gemv": f.with_attr("global_symbol", "gemv")}), target=target,
+                              tir_pipeline=register_programmatic_launch_pipeline() if pdl else "default")
+        return lib.mod.imports[0].inspect_source()
+
+    launched, plain = source("early"), source("")
+    assert "griddepcontrol.wait" in launched and "__restrict__" not in launched
+    assert "griddepcontrol" not in plain and "__restrict__" in plain
+
+
 def test_metal_artifact_holds_metal_source(tiny_model_dir, tmp_path):
     out = tmp_path / "art"
     res = ferrum("compile", tiny_model_dir("llama-tied"), "--target", "metal", "--quant", "q4", "-o", out)
