@@ -1,0 +1,105 @@
+"""What ptxas made of a CUDA artifact's kernels, read from their SASS here (cuobjdump; no GPU needed).
+
+    python bench/cuda_sass.py ARTIFACT               # per kernel: instructions, registers, stack bytes and,
+                                                     # for programmatic launches, the memory operations
+                                                     # issued before griddepcontrol.wait (ACQBULK)
+    python bench/cuda_sass.py ARTIFACT --sass NAME   # the SASS of the kernels whose name contains NAME
+
+A programmatic launch may start while the kernel before it still runs, so what it reads before its wait
+must be something no kernel writes (weights, the step's inputs): a GEMV built with ``pdl`` loads one
+step group of weight rows there (4 operations), the split attention its block tables and older cache
+rows. On 2026-11-27 this showed GEMVs loading their activations there too (``FERRUM_PDL``'s wrong logits).
+"Before" is in address order: in a loop (a GEMV with prefetch) an operation placed before the wait may
+run in a later iteration, after it; read such a kernel's SASS.
+
+cuobjdump comes with the CUDA toolkit, or ``pip install nvidia-cuda-cuobjdump`` (the binary lands in
+site-packages/nvidia/cu13/bin, where this looks too). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+_MEMORY = re.compile(r"\b(LDG|STG|ATOM|ATOMG|RED|LDGSTS)\b")
+
+
+def cuobjdump() -> str:
+    found = shutil.which("cuobjdump")
+    wheel = sorted(Path(sysconfig.get_paths()["purelib"]).glob("nvidia/*/bin/cuobjdump"))
+    if found or wheel:
+        return found or str(wheel[-1])
+    sys.exit("cuda_sass: cuobjdump not found; install the CUDA toolkit or `pip install nvidia-cuda-cuobjdump`")
+
+
+def kernels_sass(sass: str) -> dict[str, list[str]]:
+    """``{kernel: [instruction, ...]}`` from ``cuobjdump -sass`` output (the address comments dropped)."""
+    out = {}
+    for part in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, body = part.split("\n", 1)
+        out[name.strip()] = [re.sub(r"\s*/\*\s*0x[0-9a-f]+\s*\*/\s*$", "", ln).strip()
+                             for ln in body.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    return out
+
+
+def audit(instructions: list[str]) -> dict:
+    """Instruction count and, where the kernel waits (ACQBULK), its index and the memory operations before."""
+    wait = next((i for i, ins in enumerate(instructions) if "ACQBULK" in ins), None)
+    before = [ins for ins in instructions[:wait] if _MEMORY.search(ins)] if wait is not None else []
+    return {"instructions": len(instructions), "wait_at": wait, "memory_before_wait": before}
+
+
+def usage(text: str) -> dict[str, dict[str, int]]:
+    """``{kernel: {"REG": n, "STACK": n, ...}}`` from ``cuobjdump -res-usage``."""
+    out = {}
+    for name, fields in re.findall(r"Function (\S+?):\s*\n\s*(.+)", text):
+        out[name] = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", fields)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--sass", metavar="NAME", help="print the SASS of the kernels whose name contains NAME")
+    args = ap.parse_args()
+    from ferrum_runtime.fatbin import fatbins
+
+    tool = cuobjdump()
+    blobs = fatbins(args.artifact / "model.so")
+    if not blobs:
+        sys.exit(f"cuda_sass: {args.artifact}/model.so holds no fatbin (not a CUDA artifact?)")
+    with tempfile.TemporaryDirectory() as tmp:
+        sass, res = {}, {}
+        for i, blob in enumerate(blobs):
+            path = Path(tmp) / f"{i}.fatbin"
+            path.write_bytes(blob)
+            run = [tool, str(path)]
+            sass.update(kernels_sass(subprocess.run(run[:1] + ["-sass"] + run[1:], capture_output=True, text=True,
+                                                    check=True).stdout))
+            res.update(usage(subprocess.run(run[:1] + ["-res-usage"] + run[1:], capture_output=True, text=True,
+                                            check=True).stdout))
+    if args.sass:
+        for name, ins in sass.items():
+            if args.sass in name:
+                print(f"# {name}\n" + "\n".join(ins) + "\n")
+        return
+    print("| kernel | instructions | registers | stack B | wait at | memory ops before the wait |")
+    print("|---|---|---|---|---|---|")
+    for name, ins in sorted(sass.items()):
+        a, r = audit(ins), res.get(name, {})
+        wait = "-" if a["wait_at"] is None else str(a["wait_at"])
+        print(f"| {name} | {a['instructions']} | {r.get('REG', '?')} | {r.get('STACK', '?')} | {wait} | "
+              f"{len(a['memory_before_wait']) if a['wait_at'] is not None else '-'} |")
+
+
+if __name__ == "__main__":
+    main()
