@@ -4,6 +4,8 @@
                                                      # for programmatic launches, the memory operations
                                                      # issued before griddepcontrol.wait (ACQBULK)
     python bench/cuda_sass.py ARTIFACT --sass NAME   # the SASS of the kernels whose name contains NAME
+    python bench/cuda_sass.py LIB.so ...   --loops   # per kernel, its largest loop (a GEMV's main loop):
+                                                     # instructions, 16-byte loads and dp4a (IDP) in it
 
 A programmatic launch may start while the kernel before it still runs, so what it reads before its wait
 must be something no kernel writes (weights, the step's inputs): a GEMV built with ``pdl`` loads one
@@ -58,6 +60,20 @@ def audit(instructions: list[str]) -> dict:
     return {"instructions": len(instructions), "wait_at": wait, "memory_before_wait": before}
 
 
+def largest_loop(instructions: list[str]) -> list[str]:
+    """The instructions between a backward branch's target and the branch, for the longest such span."""
+    def addr(ins: str) -> int:
+        return int(ins[2:ins.index("*/")], 16)
+
+    best: list[str] = []
+    for ins in instructions:
+        m = re.search(r"BRA (0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr(ins):
+            body = [x for x in instructions if int(m.group(1), 16) <= addr(x) <= addr(ins)]
+            best = body if len(body) > len(best) else best
+    return best
+
+
 def usage(text: str) -> dict[str, dict[str, int]]:
     """``{kernel: {"REG": n, "STACK": n, ...}}`` from ``cuobjdump -res-usage``."""
     out = {}
@@ -68,15 +84,21 @@ def usage(text: str) -> dict[str, dict[str, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("artifact", type=Path)
+    ap.add_argument("artifact", type=Path, nargs="+", help="artifact directories or compiled libraries (.so)")
     ap.add_argument("--sass", metavar="NAME", help="print the SASS of the kernels whose name contains NAME")
+    ap.add_argument("--loops", action="store_true", help="each kernel's largest loop: instructions and loads")
     args = ap.parse_args()
+    for path in args.artifact:
+        report(path if path.suffix == ".so" else path / "model.so", args.sass, args.loops)
+
+
+def report(library: Path, sass_of: str | None, loops: bool) -> None:
     from ferrum_runtime.fatbin import fatbins
 
     tool = cuobjdump()
-    blobs = fatbins(args.artifact / "model.so")
+    blobs = fatbins(library)
     if not blobs:
-        sys.exit(f"cuda_sass: {args.artifact}/model.so holds no fatbin (not a CUDA artifact?)")
+        sys.exit(f"cuda_sass: {library} holds no fatbin (not a CUDA library?)")
     with tempfile.TemporaryDirectory() as tmp:
         sass, res = {}, {}
         for i, blob in enumerate(blobs):
@@ -87,10 +109,17 @@ def main() -> None:
                                                     check=True).stdout))
             res.update(usage(subprocess.run(run[:1] + ["-res-usage"] + run[1:], capture_output=True, text=True,
                                             check=True).stdout))
-    if args.sass:
+    if sass_of:
         for name, ins in sass.items():
-            if args.sass in name:
+            if sass_of in name:
                 print(f"# {name}\n" + "\n".join(ins) + "\n")
+        return
+    if loops:
+        for name, ins in sorted(sass.items()):
+            body = largest_loop(ins)
+            loads = sum("LDG.E.128" in x for x in body)
+            print(f"{library.name}: {name}: largest loop {len(body)} instructions, {loads} 16-byte loads, "
+                  f"{sum('IDP' in x for x in body)} dp4a")
         return
     print("| kernel | instructions | registers | stack B | wait at | memory ops before the wait |")
     print("|---|---|---|---|---|---|")

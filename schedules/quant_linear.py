@@ -1353,14 +1353,15 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
     low nibbles of word ``w`` are columns ``4w..4w+3``, its high nibbles ``16+4w..``, so ``w & 0x0F0F0F0F``
     and ``(w >> 4) & 0x0F0F0F0F`` meet the activation words ``c*8 + w`` and ``c*8 + 4 + w`` in one
     ``__dp4a`` each (4 products and their sum per instruction; the unsigned 0-15 values are positive int8).
-    Per chunk and row: ``xs * (dot - 8 * xsum)`` times the group's scale, in float32. About 0.6
-    instructions per weight against ~3.3 for ``make_gemv_gpu``'s float path, whose INT4 GEMVs were issue-
-    bound at 26-51% of an H200's copy bandwidth (docs/bench/2026-11-27-gpu-h200.md). The activations'
-    rounding to 8 bits per 32 columns is llama.cpp's (its q8_1 blocks). With ``x_dtype`` each lane
-    quantizes the 32 activations of the chunk it is on, exactly as ``make_quantize_dp4a_gpu`` does (a
-    chunk is one activation block, so no lane needs another's values, and no extra kernel runs; with
-    ``gated`` from the gate|up projection ``[T, 2K]``, SiLU·mul first): about one more instruction per
-    weight, shared by the lane's 4 rows. An experiment: bench/gpu_kernels.py times both forms, and
+    Per chunk and row: ``xs * (dot - 8 * xsum)`` times the group's scale, in float32. In SASS (sm_90, one
+    token) its main loop issues 1.8-2.1 instructions per weight against 4.4-4.6 for ``make_gemv_gpu``'s
+    float path (7.4 gated), whose INT4 GEMVs were issue-bound at 26-51% of an H200's copy bandwidth
+    (docs/bench/2026-11-27-gpu-h200.md, 2026-11-27c-pdl-sass.md). The activations' rounding to 8 bits per
+    32 columns is llama.cpp's (its q8_1 blocks). With ``x_dtype`` each lane quantizes the 32 activations of
+    the chunk it is on, exactly as ``make_quantize_dp4a_gpu`` does (a chunk is one activation block, so no
+    lane needs another's values, and no extra kernel runs; with ``gated`` from the gate|up projection
+    ``[T, 2K]``, SiLU·mul first): ~3.1 instructions per weight (5.9 gated), the quantizing shared by the
+    lane's 4 rows only. An experiment: bench/gpu_kernels.py times both forms, and
     FERRUM_GEMV_DP4A=1 (``lower(gemv_dp4a=True)``) puts a model's decode INT4 GEMVs on the second.
     ``gemv_dp4a_ref`` is its reference."""
     import tvm
