@@ -171,18 +171,29 @@ def test_staged_step_inputs_give_the_direct_calls_logits(compiled, tiny_model_di
     """How CUDA artifacts feed ``decode_graph`` (the capture itself needs a GPU), on a CPU artifact: step
     inputs copied into fixed tensors allocated once, block tables widened to a power of two of columns
     (3 -> 4 here). A prompt-chunk step too large for the graph takes the normal call. Logits must equal
-    the normal call's at every step, prefill and decode."""
+    the normal call's at every step, prefill and decode. An input with the bytes its tensor got last time
+    is not copied again: a decode step copies its token ids, positions and KV slots, and its query starts,
+    logits rows and block table only when they changed."""
     from .ragged import chunked_prefill_then_decode
 
     monkeypatch.setenv("FERRUM_CUDA_GRAPH", "1")
     art = compiled(tiny_model_dir("qwen3"))
     plain, staged = (CompiledModel.load(art, kv_cache_bytes=1 << 20) for _ in range(2))
     assert staged._graph_fn is None  # CPU artifacts have no decode_graph
-    widths = []
+    widths, copies, per_call = [], [0], []
+    copy = staged._copy_bytes
+
+    def counted(*args):
+        copies[0] += 1
+        return copy(*args)
 
     def graph_fn(*args):
         widths.append(args[[n for _, n in staged._slots].index("block_tables")].shape[1])
+        per_call.append(copies[0])
+        copies[0] = 0
         return staged._fn(*args)
+
+    staged._copy_bytes = counted
 
     staged._graph_fn, staged.graph_max_tokens, staged.graph_max_blocks = graph_fn, 8, 8
     staged.decode_max_tokens = 8
@@ -195,6 +206,9 @@ def test_staged_step_inputs_give_the_direct_calls_logits(compiled, tiny_model_di
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
     assert widths == [4] * 7  # all but the first step (3 x 3 = 9 tokens, past the graph's 8)
     assert staged._staging == buffers and len(buffers) == 6  # allocated once
+    # the first staged step fills all six (after the six of the direct first step); then fewer, decode steps
+    # of the same sequences 3
+    assert per_call[0] == 12 and max(per_call[1:]) <= 5 and per_call[-1] == 3, per_call
 
 
 def test_a_failed_graph_capture_falls_back_to_direct_calls(compiled, tiny_model_dir, caplog):
