@@ -66,9 +66,13 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     if pdl and not supports_programmatic_launch(spec.tvm_target):
         raise CompileError(f"FERRUM_PDL needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
                            f"not {spec.name}; unset FERRUM_PDL")
+    dp4a = env.gemv_dp4a()
+    if dp4a and dp4a not in env.DP4A_MODES:
+        raise CompileError(f"FERRUM_GEMV_DP4A={os.environ['FERRUM_GEMV_DP4A']} is not a mode; use 1 (lanes) or "
+                           "kernel, or unset it")
     experiments: dict = {flag: value for flag, value in (
         ("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"), ("pdl", pdl),
-        ("gemv_dp4a", env.gemv_dp4a() and spec.tvm_target["kind"] == "cuda")) if value}
+        ("gemv_dp4a", dp4a if spec.tvm_target["kind"] == "cuda" else "")) if value}
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -266,8 +270,8 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
                    experiments: dict | None = None) -> tuple[dict | None, list[dict] | None]:
     """Compile and export the library; returns, for GPU targets, the GPU code verifier's report and, for
     CUDA, ptxas's usage of every kernel (``gpu_build.ptxas_usage``; else None for either).
-    ``experiments``: ``{"gemv_norms": True}``, ``{"pdl": mode}``, ``{"gemv_dp4a": True}`` (FERRUM_GEMV_NORMS,
-    FERRUM_PDL's ``env.PDL_MODES``, FERRUM_GEMV_DP4A)."""
+    ``experiments``: ``{"gemv_norms": True}``, ``{"pdl": mode}``, ``{"gemv_dp4a": mode}`` (FERRUM_GEMV_NORMS,
+    FERRUM_PDL's ``env.PDL_MODES``, FERRUM_GEMV_DP4A's ``env.DP4A_MODES``)."""
     import tvm
 
     from .gpu_build import (GpuCodeVerifier, kernel_usage, prepare_cuda_build, preload_tensor_intrinsics,
@@ -283,7 +287,7 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
                          graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
                          shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=bool(flags.get("gemv_norms")),
-                         pdl=early, gemv_dp4a=cuda and bool(flags.get("gemv_dp4a")))
+                         pdl=early, gemv_dp4a=str(flags.get("gemv_dp4a") or "") if cuda else "")
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

@@ -55,7 +55,7 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
-          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: bool = False):
+          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: str = ""):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -71,9 +71,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     ``gpu_build.register_programmatic_launch_pipeline``; FERRUM_PDL's ``early`` or ``late``, "" for none):
     the GEMVs wait for the kernel before them after their first weight loads (``make_gemv_gpu(pdl=...)``),
     the split attention after reading the step's inputs (``make_attention_gpu(pdl=...)``); ``late``: each
-    lets the next kernel launch only after that wait. ``gemv_dp4a`` (CUDA; FERRUM_GEMV_DP4A): the decode
-    entries' symmetric INT4 GEMVs without bias or a folded norm or residual on integer dot products
-    (``make_gemv_dp4a_gpu``, activations rounded to int8 per 32 columns in its lanes)."""
+    lets the next kernel launch only after that wait. ``gemv_dp4a`` (CUDA; FERRUM_GEMV_DP4A's mode, "" for
+    none): the decode entries' symmetric INT4 GEMVs without bias or a folded norm or residual on integer
+    dot products (``make_gemv_dp4a_gpu``) over activations rounded to int8 per 32 columns: by its lanes
+    (``lanes``) or by a ``make_quantize_dp4a_gpu`` kernel before it (``kernel``)."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -467,7 +468,7 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
              gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = "",
-             dp4a: bool = False):
+             dp4a: str = ""):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
@@ -486,10 +487,21 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
     if gemv and dp4a and fmt.bits == 4 and fmt.sym and fmt.group_size % quant_sched.DP4A_BLOCK == 0 and \
             bias_dtype is None and norm is None and residual is None:  # FERRUM_GEMV_DP4A
         s_dtype = graph.value(op.inputs[2]).dtype
-        gv = kernel(("qgemv_dp4a", k, n, fmt.group_size, x_dtype, out.dtype, s_dtype, gated, gemv),
-                    lambda: quant_sched.make_gemv_dp4a_gpu(k, n, fmt, out.dtype, s_dtype, tokens=gemv,
-                                                           x_dtype=x_dtype, gated=gated))
-        return relax.call_tir(gv, a[:3], relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+        rows = a[0].ty.shape[0]
+        if dp4a == "lanes":
+            gv = kernel(("qgemv_dp4a", k, n, fmt.group_size, x_dtype, out.dtype, s_dtype, gated, gemv),
+                        lambda: quant_sched.make_gemv_dp4a_gpu(k, n, fmt, out.dtype, s_dtype, tokens=gemv,
+                                                               x_dtype=x_dtype, gated=gated))
+            return relax.call_tir(gv, a[:3], relax.TensorType([rows, n], out.dtype))
+        qv = kernel(("quantize_dp4a", k, x_dtype, gated), lambda: quant_sched.make_quantize_dp4a_gpu(k, x_dtype, gated))
+        blocks = k // quant_sched.DP4A_BLOCK
+        q = bb.emit(relax.call_tir(qv, a[:1], [relax.TensorType([rows, k // 4], "int32"),
+                                              relax.TensorType([rows, blocks], "float32"),
+                                              relax.TensorType([rows, blocks], "int32")]))
+        gv = kernel(("qgemv_dp4a_q", k, n, fmt.group_size, out.dtype, s_dtype, gemv),
+                    lambda: quant_sched.make_gemv_dp4a_gpu(k, n, fmt, out.dtype, s_dtype, tokens=gemv))
+        return relax.call_tir(gv, [*(bb.emit(relax.TupleGetItem(q, i)) for i in range(3)), a[1], a[2]],
+                              relax.TensorType([rows, n], out.dtype))
     if gemv:
         s_dtype = graph.value(op.inputs[2]).dtype
         fused = _gemv_fusion(norm, residual, pdl)

@@ -63,12 +63,21 @@ def gemv_norms() -> bool:
     return _flag("FERRUM_GEMV_NORMS")
 
 
-def gemv_dp4a() -> bool:
-    """FERRUM_GEMV_DP4A=1 at ``ferrum compile`` (CUDA targets; an experiment, off until a GPU says it pays):
+DP4A_MODES = ("lanes", "kernel")
+
+
+def gemv_dp4a() -> str:
+    """FERRUM_GEMV_DP4A at ``ferrum compile`` (CUDA targets; an experiment, off until a GPU says it pays):
     the decode entries' symmetric INT4 GEMVs (no bias, groups of a multiple of 32) run on integer dot
-    products, each lane rounding the activations it reads to int8 per 32 columns
-    (``quant_linear.make_gemv_dp4a_gpu``). Recorded in the manifest's ``compile_options``."""
-    return _flag("FERRUM_GEMV_DP4A")
+    products over activations rounded to int8 per 32 columns (``quant_linear.make_gemv_dp4a_gpu``). The
+    mode, "" when unset or 0: ``1`` (``lanes``) each lane rounds the activations it reads; ``kernel`` a
+    quantize kernel does, before each such GEMV (one launch more; in SASS ~4 instructions per weight byte
+    in the GEMV against ~6 in-lane: docs/bench/2026-11-27c-pdl-sass.md). Recorded in the manifest's
+    ``compile_options`` (``gemv_dp4a``)."""
+    raw = os.environ.get("FERRUM_GEMV_DP4A", "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return ""
+    return "lanes" if raw in ("1", "true", "yes") else raw
 
 
 PDL_MODES = ("early", "late", "first")
@@ -84,8 +93,10 @@ def pdl() -> str:
     - ``late``: the same early loads, the next kernel let launch only after the wait;
     - ``first``: every kernel waits first, then lets the next one launch (no early loads).
 
-    On an H200 on 2026-11-27 ``1`` failed parity (max logit error 6.5); ``late`` and ``first`` tell the
-    early loads from the launch itself apart. Recorded in the manifest's ``compile_options`` (``pdl``)."""
+    On an H200 on 2026-11-27 ``1`` failed parity (max logit error 6.5): ptxas had issued GEMVs' activation
+    loads before the wait (they were ``__restrict__``, so non-coherent); the launch pass now drops
+    ``__restrict__`` (docs/bench/2026-11-27c-pdl-sass.md). Recorded in the manifest's ``compile_options``
+    (``pdl``)."""
     raw = os.environ.get("FERRUM_PDL", "").strip().lower()
     if raw in ("", "0", "false", "no"):
         return ""

@@ -145,13 +145,15 @@ def test_16_bit_cuda_build_matches_interpreter(dtype):
     np.testing.assert_allclose(logits, ref, atol=tol * np.abs(ref).max(), rtol=0)
 
 
-@pytest.mark.parametrize("entry", ["decode", "decode_one"])
-def test_dp4a_decode_matches_interpreter(entry):
-    """FERRUM_GEMV_DP4A's build (``lower(gemv_dp4a=True)``), emulated: every linear symmetric INT4 in groups
+@pytest.mark.parametrize("entry,mode", [("decode", "lanes"), ("decode_one", "lanes"), ("decode", "kernel"),
+                                        ("decode_one", "kernel")])
+def test_dp4a_decode_matches_interpreter(entry, mode):
+    """FERRUM_GEMV_DP4A's builds (``lower(gemv_dp4a=mode)``), emulated: every linear symmetric INT4 in groups
     of 32; the decode entries' o, gate|up and down GEMVs (the down one reading gate|up, SiLU·mul inside) on
-    integer dot products over int8 activations, the q|k|v one (it has a bias) and the lm_head (float32)
-    on the float GEMV. Against the IR interpreter on the dequantized weights, within the activations'
-    rounding to 8 bits (per 32 columns, about 0.4% of their largest)."""
+    integer dot products over int8 activations, rounded by the GEMV's lanes (``lanes``) or by a quantize
+    kernel before each (``kernel``); the q|k|v one (it has a bias) and the lm_head (float32) on the float
+    GEMV. Against the IR interpreter on the dequantized weights, within the activations' rounding to 8 bits
+    (per 32 columns, about 0.4% of their largest)."""
     import dataclasses
 
     from ferrum.models.registry import family
@@ -166,10 +168,11 @@ def test_dp4a_decode_matches_interpreter(entry):
     fmt = QuantFormat(4, 32, True)
     model.quant = {w: {"bits": 4, "group_size": 32, "sym": True, "act_order": False} for w in linears}
     quantized = quantize_linears(model)
-    mod = gpu_emu.gpu_module(lower(quantized, "gpu", gemv_dp4a=True))
+    mod = gpu_emu.gpu_module(lower(quantized, "gpu", gemv_dp4a=mode))
     calls = re.findall(r"R\.call_tir\((\w+)", mod[entry].script())
     assert sum(c.startswith("qgemv_dp4a") for c in calls) == 3 and not any("dp4a" in c for c in re.findall(
         r"R\.call_tir\((\w+)", mod["forward"].script()))
+    assert sum(c.startswith("quantize_dp4a") for c in calls) == (3 if mode == "kernel" else 0)
     assert not any("dp4a" in gv.name_hint for gv in gpu_emu.gpu_module(lower(quantized, "gpu")).get_global_vars())
     rng = np.random.default_rng(4)
     dense = random_params(model, rng)
