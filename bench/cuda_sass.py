@@ -96,6 +96,8 @@ def report(library: Path, sass_of: str | None, loops: bool) -> None:
     from ferrum_runtime.fatbin import fatbins
 
     tool = cuobjdump()
+    if not library.is_file():
+        sys.exit(f"cuda_sass: no {library}; give an artifact directory or a compiled library")
     blobs = fatbins(library)
     if not blobs:
         sys.exit(f"cuda_sass: {library} holds no fatbin (not a CUDA library?)")

@@ -74,10 +74,7 @@ def gemv_dp4a() -> str:
     quantize kernel does, before each such GEMV (one launch more; in SASS ~4 instructions per weight byte
     in the GEMV against ~6 in-lane: docs/bench/2026-11-27c-pdl-sass.md). Recorded in the manifest's
     ``compile_options`` (``gemv_dp4a``)."""
-    raw = os.environ.get("FERRUM_GEMV_DP4A", "").strip().lower()
-    if raw in ("", "0", "false", "no"):
-        return ""
-    return "lanes" if raw in ("1", "true", "yes") else raw
+    return _mode("FERRUM_GEMV_DP4A", "lanes")
 
 
 PDL_MODES = ("early", "late", "first")
@@ -97,7 +94,13 @@ def pdl() -> str:
     loads before the wait (they were ``__restrict__``, so non-coherent); the launch pass now drops
     ``__restrict__`` (docs/bench/2026-11-27c-pdl-sass.md). Recorded in the manifest's ``compile_options``
     (``pdl``)."""
-    raw = os.environ.get("FERRUM_PDL", "").strip().lower()
+    return _mode("FERRUM_PDL", "early")
+
+
+def _mode(name: str, on: str) -> str:
+    """An experiment's mode from the environment variable ``name``: "" when unset or 0/false/no, ``on``
+    for 1/true/yes, else the value itself (lowercase; the caller checks it against its modes)."""
+    raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "0", "false", "no"):
         return ""
-    return "early" if raw in ("1", "true", "yes") else raw
+    return on if raw in ("1", "true", "yes") else raw
