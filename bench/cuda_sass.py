@@ -106,10 +106,9 @@ def report(library: Path, sass_of: str | None, loops: bool) -> None:
         for i, blob in enumerate(blobs):
             path = Path(tmp) / f"{i}.fatbin"
             path.write_bytes(blob)
-            run = [tool, str(path)]
-            sass.update(kernels_sass(subprocess.run(run[:1] + ["-sass"] + run[1:], capture_output=True, text=True,
+            sass.update(kernels_sass(subprocess.run([tool, "-sass", str(path)], capture_output=True, text=True,
                                                     check=True).stdout))
-            res.update(usage(subprocess.run(run[:1] + ["-res-usage"] + run[1:], capture_output=True, text=True,
+            res.update(usage(subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True,
                                             check=True).stdout))
     if sass_of:
         for name, ins in sass.items():

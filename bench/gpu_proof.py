@@ -685,8 +685,8 @@ def main() -> None:
             lines += [f"## {name}", "", "FAILED (after: " + ", ".join(k for k in e if k != "error") + ")", "",
                       "```", e["error"].strip(), "```", ""]
             continue
-        verdict = "passed" if e["parity"].get("passed") else (
-            f"**FAILED** (limits {PARITY_MAX_ABS} and {PARITY_MAX_KL}: its speeds below are not comparable)")
+        verdict = _passed(e) + ("" if e["parity"].get("passed") else
+                                f" (limits {PARITY_MAX_ABS} and {PARITY_MAX_KL}: its speeds below are not comparable)")
         lines += [f"## {name}", "",
                   f"- parity vs transformers fp32: max |logit error| {e['parity']['max_abs_logit_error']:.3g}, "
                   f"mean KL {e['parity']['mean_kl']:.3g} over {e['parity']['checks']} checks: {verdict}",

@@ -108,7 +108,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
         t = phase(3, f"lowering and compiling for {spec.name} ({json.dumps(spec.tvm_target)})")
         gpu_check, usage = _build_library(graph, spec, work / LIBRARY, debug, graph_max_blocks(spec, cfg, options),
                                           experiments)
-        local = {} if usage is None else usage_summary(usage)["local_memory"]
+        kernels = None if usage is None else usage_summary(usage)
+        local = kernels["local_memory"] if kernels else {}
         if local:  # slower on the GPU (a memory trip per access), not wrong
             progress(f"      note: {len(local)} CUDA kernels use local memory (ptxas: register spills or arrays "
                      "indexed at run time): " + ", ".join(f"{k} {v} B" for k, v in list(local.items())[:4]))
@@ -136,8 +137,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
                              time.perf_counter() - t_start, experiments)
         if gpu_check is not None:
             manifest["target"]["gpu_code_verified"] = gpu_check
-        if usage is not None:
-            manifest["target"]["cuda_kernels"] = usage_summary(usage)
+        if kernels is not None:
+            manifest["target"]["cuda_kernels"] = kernels
         if spec.tvm_target["kind"] == "cuda":
             manifest["target"]["cuda_code"] = embedded_cuda_code(work / LIBRARY)
             if not manifest["target"]["cuda_code"]["cubin"]:

@@ -642,8 +642,8 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
     """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
     the tensor-core kernel when ``tensor_cores`` and the head fits it, else split-KV partials and their
     merge, with one query token per tile in the ``decode`` entry points (their tokens are mostly one per
-    sequence); ``pdl`` (a FERRUM_PDL mode): the split kernel waits for the kernel before it after reading the step's
-    inputs."""
+    sequence); ``pdl`` (a FERRUM_PDL mode): the split kernel waits for the kernel before it after reading
+    the step's inputs."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape

@@ -154,9 +154,10 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.STEP = self.SERIAL_STEP if model.device_type == "cpu" else self.OVERLAP_STEP
+        device = model.manifest.target["device"]  # the one it runs on (CompiledModel.load refuses others)
+        self.STEP = self.SERIAL_STEP if device == "cpu" else self.OVERLAP_STEP
         self.blocks = BlockManager(model.num_blocks, model.block_size, config.enable_prefix_caching)
-        budget = config.max_num_batched_tokens or batch_budget(model.manifest.target["device"])
+        budget = config.max_num_batched_tokens or batch_budget(device)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget), self.blocks)
         self.capacity = min(model.max_model_len, model.num_blocks * model.block_size)
         self.eos_ids = tokenizer.eos_ids if tokenizer else set()

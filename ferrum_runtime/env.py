@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 
+_OFF = ("", "0", "false", "no")  # what turns a flag off
+
+
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false", "no")
+    return os.environ.get(name, "") not in _OFF
 
 
 DEBUG = _flag("FERRUM_DEBUG")  # show tracebacks instead of one-line errors
@@ -52,7 +55,7 @@ def cuda_graph() -> bool:
     FERRUM_CUDA_GRAPH=0 turns that off. On by default since an H200 served both Qwen3-4B models with them
     (the direct tokens over HTTP, no errors) and batch-1 decode gained 16% float16, 34% INT4
     (docs/bench/2026-11-27-gpu-h200.md)."""
-    return os.environ.get("FERRUM_CUDA_GRAPH", "1") not in ("", "0", "false", "no")
+    return os.environ.get("FERRUM_CUDA_GRAPH", "1") not in _OFF
 
 
 def gemv_norms() -> bool:
@@ -101,6 +104,6 @@ def _mode(name: str, on: str) -> str:
     """An experiment's mode from the environment variable ``name``: "" when unset or 0/false/no, ``on``
     for 1/true/yes, else the value itself (lowercase; the caller checks it against its modes)."""
     raw = os.environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no"):
+    if raw in _OFF:
         return ""
     return on if raw in ("1", "true", "yes") else raw

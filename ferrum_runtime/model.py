@@ -108,7 +108,6 @@ class CompiledModel:
         if device == "cuda":
             load_cuda_runtime()
         self.device = tvm.device(device)
-        self.device_type = device  # "cpu" | "cuda" | "metal"
         if not self.device.exist:
             raise ArtifactError(f"no {device} device is visible to this process; run the artifact on a machine with one")
         lib = tvm.runtime.load_module(str(manifest.path / LIBRARY))

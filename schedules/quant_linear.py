@@ -1362,8 +1362,9 @@ def make_gemv_dp4a_gpu(in_features: int, out_features: int, fmt: QuantFormat, ou
     the chunk it is on, exactly as ``make_quantize_dp4a_gpu`` does (a chunk is one activation block, so no
     lane needs another's values, and no extra kernel runs; with ``gated`` from the gate|up projection
     ``[T, 2K]``, SiLU·mul first): ~3.1 instructions per weight (5.9 gated), the quantizing shared by the
-    lane's 4 rows only. An experiment: bench/gpu_kernels.py times both forms, and
-    FERRUM_GEMV_DP4A=1 (``lower(gemv_dp4a=True)``) puts a model's decode INT4 GEMVs on the second.
+    lane's 4 rows only. An experiment: bench/gpu_kernels.py times both forms, and FERRUM_GEMV_DP4A
+    (``lower(gemv_dp4a=mode)``) puts a model's decode INT4 GEMVs on the first (``kernel``, after a
+    ``make_quantize_dp4a_gpu``) or the second (``1``, ``lanes``).
     ``gemv_dp4a_ref`` is its reference."""
     import tvm
     from tvm.script import tirx as T
