@@ -56,22 +56,25 @@ def pa_rows() -> int:
     return ATTENTION["heads"] // ATTENTION["kv_heads"]
 
 
-def variants(chunks: int, rows: int, gated: bool = False) -> list[tuple[tuple[int, int, int], dict]]:
+def variants(chunks: int, rows: int, gated: bool = False, parts: int = 1) -> list[tuple[tuple[int, int, int], dict]]:
     """``(layout, make_gemv_gpu options)``: the picked layout first, then with the next step group's loads
     issued ahead (``prefetch``), then passes of one token (``tokens=1``: a quarter of the accumulators, so
     more blocks per SM) with and without, then at one token per pass each lane count that idles at most a
     quarter of its lanes (rows per block as ``gemv_layout`` would set them for that lane count), and with 2
-    and 8 rows per thread instead of 4 (``-r2``, ``-r8``). More chunks
+    and 8 rows per thread instead of 4 (``-r2``, ``-r8``); FERRUM_GEMV_NORMS's forms (``parts``: the
+    partial sums of squares a deferred norm's reader adds). More chunks
     in flight per step (2, 4) and 4-token passes at other lane counts lost on the H200 runs of 2026-11-26."""
     from ferrum.schedules import quant_linear as ql
 
     picked = ql.gemv_layout(chunks, rows)
     out = [(picked, {}), (picked, {"prefetch": True}), (picked, {"tokens": 1}),
            (picked, {"tokens": 1, "prefetch": True})]
-    # FERRUM_GEMV_NORMS's kernels: the input's RMSNorm in the prologue (the GEMVs that read a norm), or the
-    # residual added in the epilogue (those whose output is one), at 1 token per pass and 4
-    fold = {"norm_eps": 1e-6, "norm_dtype": "float16"} if gated is False and rows != 2560 else {"residual": True}
-    out += [(picked, dict(fold, tokens=1)), (picked, dict(fold))]
+    # FERRUM_GEMV_NORMS's kernels, at 1 token per pass and 4: those that read a norm finish it (float32
+    # input, the partial sums of squares), those whose output is a residual add it and begin the next norm
+    reads = gated is False and rows != 2560
+    fold = {"norm_eps": 1e-6, "norm_parts": parts} if reads else {"residual": True, "norm_next": "float16"}
+    out += [(ql.gemv_norm_layout(chunks, rows, t) if reads else picked, dict(fold, tokens=t))
+            for t in (1, ql.GEMV_TOKENS)]
     out.append((picked, {"tokens": 1, "rows_per_thread": 2}))  # twice the threads for the same rows
     # half the threads: each activation a lane loads (and, gated, SiLU-multiplies) serves 8 rows, not 4; INT4
     # rows are 4 bits a weight, so at 4 rows a team loads as many bytes of activations as of weights
@@ -88,6 +91,7 @@ def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
     return "-".join([fname, shape, *map(str, layout)] + (["t1"] if opts.get("tokens") == 1 else [])
                     + (["pf"] if opts.get("prefetch") else []) + (["h2"] if opts.get("half_math") else [])
                     + (["norm"] if opts.get("norm_eps") else []) + (["res"] if opts.get("residual") else [])
+                    + (["nx"] if opts.get("norm_next") else [])
                     + ([f"r{opts['rows_per_thread']}"] if "rows_per_thread" in opts else [])
                     + (["plain"] if opts.get("gated") is False else []) + (["dp4a"] if opts.get("dp4a") else [])
                     + (["dp4aq"] if opts.get("dp4aq") else []))
@@ -121,7 +125,9 @@ def prepare(dest: Path) -> None:
         fmt = None if f is None else ql.QuantFormat(*f)
         for shape, (k, n, gated) in SHAPES.items():
             chunks = k // ql.gemv_chunk(fmt, "float16", k)
-            todo = variants(chunks, n, gated)
+            # a deferred norm's partial sums: one per block of the o GEMV that begins it
+            parts = ql.gemv_row_blocks(SHAPES["o"][0], SHAPES["o"][1], fmt, "" if fmt else "float16")
+            todo = variants(chunks, n, gated, parts)
             if fmt is not None and fmt.bits == 4 and fmt.sym:  # the float16-pair INT4 math, in the picked layout,
                 todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1}),
                          (todo[0][0], {"dp4a": True, "tokens": 1}), (todo[0][0], {"dp4a": True}),  # and dp4a's,
@@ -139,10 +145,13 @@ def prepare(dest: Path) -> None:
                     build(name, ql.make_gemv_dp4a_gpu(k, n, fmt, "float16", layout=layout, x_dtype="float16",
                                                       gated=gated, tokens=opts.get("tokens", ql.GEMV_TOKENS)))
                 else:
-                    build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", "float16", "float16", None,
+                    x_dtype = "float32" if opts.get("norm_eps") else "float16"  # a deferred norm's h * w
+                    build(name, ql.make_gemv_gpu(k, n, fmt, "" if fmt else "float16", x_dtype, "float16", None,
                                                  layout=layout, **opts))
                 entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n,
                                 "layout": layout, "picked": i == 0, **opts})
+                if opts.get("norm_next"):  # the partial sums of squares it writes per token
+                    entries[-1]["norm_blocks"] = ql.gemv_row_blocks(k, n, fmt, "" if fmt else "float16")
     for sb in ATTENTION_SHARED:  # decode attention at 64-, 32- and 16-key tiles, and the merge
         kc = pa.split_key_tile(pa_rows(), ATTENTION["head_dim"], "float16", sb)
         build(f"attention-{kc}", pa.make_attention_gpu(ATTENTION["heads"], ATTENTION["kv_heads"], ATTENTION["head_dim"],
@@ -197,10 +206,10 @@ def run(src: Path, out: Path) -> None:
             for ntok in TOKENS:
                 key = (e["format"], e["shape"], ntok, e["gated"])
                 if key not in inputs:
-                    xh = rng.standard_normal((ntok, 2 * k if e["gated"] else k))  # rows of unit RMS: the
-                    xh /= np.sqrt((xh ** 2).mean(axis=1, keepdims=True))  # folded norm leaves them as they are
+                    xh = rng.standard_normal((ntok, 2 * k if e["gated"] else k))
                     inputs[key] = tvm.runtime.tensor(xh.astype(np.float16), dev)
-                x = inputs[key]
+                    inputs[key + ("float32",)] = tvm.runtime.tensor(xh.astype(np.float16).astype(np.float32), dev)
+                x = inputs[key + ("float32",)] if e.get("norm_eps") else inputs[key]
                 y = tvm.runtime.empty((ntok, n), "float16", dev)
                 f = gemv
                 if e.get("dp4a"):  # its activations quantized first, as a model would: both kernels timed
@@ -213,10 +222,21 @@ def run(src: Path, out: Path) -> None:
                         gemv(*bufs, *rest)
 
                     f = quantized
-                # the folded norm's weights (ones: the output stays comparable) and the residual (zeros)
-                pre = [tvm.runtime.tensor(np.ones(k, np.float16), dev)] if e.get("norm_eps") else []
+                # a deferred norm's partial sums of squares (making its 1 / rms 1: the output stays comparable),
+                # the residual (zeros), the next norm's weights (ones) and what a GEMV that begins it writes
+                pre = []
+                if e.get("norm_eps"):
+                    ss = np.zeros((ntok, e["norm_parts"]), np.float32)
+                    ss[:, 0] = k * (1 - 1e-6)
+                    pre = [tvm.runtime.tensor(ss, dev)]
                 post = [tvm.runtime.tensor(np.zeros((ntok, n), np.float16), dev)] if e.get("residual") else []
-                f(x, *pre, *copies[0], *post, y)  # the output, against the picked layout's on the same input
+                extra = []
+                if e.get("norm_next"):
+                    blocks = e["norm_blocks"]
+                    post.append(tvm.runtime.tensor(np.ones(n, np.float16), dev))
+                    extra = [tvm.runtime.empty((ntok, n), "float32", dev),
+                             tvm.runtime.empty((ntok, blocks), "float32", dev)]
+                f(x, *pre, *copies[0], *post, y, *extra)  # the output, against the picked layout's on the same input
                 got = y.numpy().astype(np.float32)
                 if e["picked"]:
                     picked_out[key] = got
@@ -224,8 +244,8 @@ def run(src: Path, out: Path) -> None:
                 diff = None if ref is None else float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
                 turn = [0]
 
-                def call(f=f, x=x, y=y, turn=turn, pre=pre, post=post):
-                    f(x, *pre, *copies[turn[0] % len(copies)], *post, y)
+                def call(f=f, x=x, y=y, turn=turn, pre=pre, post=post, extra=extra):
+                    f(x, *pre, *copies[turn[0] % len(copies)], *post, y, *extra)
                     turn[0] += 1
 
                 us = profile_steps(call, 3 * len(copies))["kernel_ms_per_step"] * 1e3

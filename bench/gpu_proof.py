@@ -65,9 +65,10 @@ DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's
 # experiments, not in the default --models: the same models compiled with FERRUM_PDL (every kernel a
 # programmatic dependent launch): "-pdl" with FERRUM_PDL=1 (the GEMVs' first weight loads before their wait,
 # the next kernel launched first thing), "-pdl-late" (the same loads, the next kernel launched after the
-# wait), "-pdl-first" (every kernel waits first). "-norms" (FERRUM_GEMV_NORMS=1: norms and residual adds
-# folded into the decode GEMVs) lost on the H200 on 2026-11-27 (b1 x0.85-0.95, b4/b16 x0.5-0.8) and is no
-# longer prepared; add it to EXPERIMENTS to build it again.
+# wait), "-pdl-first" (every kernel waits first; no longer prepared: the wrong logits it was to explain were
+# traced in SASS, docs/bench/2026-11-27c-pdl-sass.md, and the 64 MiB a call carries had no room for it).
+# "-norms" (FERRUM_GEMV_NORMS=1: the decode entries' norms deferred into the GEMVs around them, residual adds
+# folded in; its first form, a norm in every reading block's prologue, lost on the H200 on 2026-11-27).
 # "-dp4a" (FERRUM_GEMV_DP4A=1, the GPTQ model only): its INT4 decode GEMVs on integer dot products over
 # activations rounded to int8 per 32 columns in the GEMV's lanes; "-dp4ak" (FERRUM_GEMV_DP4A=kernel) by a
 # quantize kernel before each GEMV (fewer instructions in the GEMV, a launch more).
@@ -75,7 +76,7 @@ EXPERIMENT_FLAGS = {"-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_
                     "-pdl-first": ("FERRUM_PDL", "first"), "-pdl": ("FERRUM_PDL", "1"),
                     "-dp4ak": ("FERRUM_GEMV_DP4A", "kernel"), "-dp4a": ("FERRUM_GEMV_DP4A", "1")}  # longest first
 EXPERIMENTS = tuple(f"{base}{suffix}" for base in ("qwen3-4b", "qwen3-4b-gptq")
-                    for suffix in ("-pdl", "-pdl-late", "-pdl-first")) + ("qwen3-4b-gptq-dp4a", "qwen3-4b-gptq-dp4ak")
+                    for suffix in ("-pdl", "-pdl-late", "-norms")) + ("qwen3-4b-gptq-dp4a", "qwen3-4b-gptq-dp4ak")
 PARITY_MAX_ABS, PARITY_MAX_KL = 0.1, 1e-3  # passed: 2-4e-2 and 1e-5 (float16/bfloat16 against float32)
 
 

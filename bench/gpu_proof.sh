@@ -4,8 +4,9 @@
 # Here, on the compile machine (nvcc, no GPU), once:
 #   bench/gpu_proof.sh prepare
 #     writes config-only Qwen3-0.6B / Qwen3-4B / Qwen3-4B-GPTQ / 2-layer Qwen3-30B-A3B folders (and the
-#     0.6B again, compiled --dtype bfloat16; the two 4B ones again as experiments: -pdl, -pdl-late and
-#     -pdl-first with FERRUM_PDL=1, late and first), compiles
+#     0.6B again, compiled --dtype bfloat16; the two 4B ones again as experiments: -pdl and -pdl-late
+#     with FERRUM_PDL=1 and late, -norms with FERRUM_GEMV_NORMS=1; the GPTQ one as -dp4a and -dp4ak with
+#     FERRUM_GEMV_DP4A=1 and kernel), compiles
 #     each for cuda-sm90 with `ferrum compile --no-weights` into .gpu/<model> (library, manifest, IR: a few
 #     MiB each), packs the runtime-only TVM (../shared/tools/pack-tvm-runtime.sh, ~11 MiB compressed)
 #     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. 51 MiB on
@@ -28,14 +29,15 @@
 #     FERRUM_PDL=1 (every kernel a programmatic dependent launch, the GEMVs' first weight loads before
 #     their wait, the next kernel launched first thing), `-pdl-late` with FERRUM_PDL=late (the next kernel
 #     launched after that wait), `-pdl-first` with FERRUM_PDL=first (every kernel waits first; no early
-#     loads): experiments, not in the default list (FERRUM_PDL=1 failed parity on the H200 on 2026-11-27;
-#     the other two tell why; -norms, FERRUM_GEMV_NORMS=1, lost there and is no longer built); their checkpoints
+#     loads; no longer prepared): experiments, not in the default list (FERRUM_PDL=1 failed parity on the
+#     H200 on 2026-11-27, since fixed: docs/bench/2026-11-27c-pdl-sass.md; -norms, FERRUM_GEMV_NORMS=1,
+#     defers each norm into the GEMVs around it, its first form lost there); their checkpoints
 #     are the plain models', and when those ran first in the call so are their packed weights (hard
 #     links: the same IR packs the same tensors) and transformers' reference logits for the same tokens,
 #     so an experiment costs its load, parity run and timings only (the pack took 16-25 s per 4B model).
 #     For an A/B of an experiment, `--quick` keeps parity, device picking, prefill and decode b1 (median of
 #     3)/b4/b16/b32 and skips the variants, sampled decode, the engine, serve and transformers, e.g.
-#     `run --models qwen3-4b,qwen3-4b-pdl-first,qwen3-4b-pdl-late,qwen3-4b-pdl --quick` (about 90 s for a
+#     `run --models qwen3-4b,qwen3-4b-norms,qwen3-4b-pdl-late,qwen3-4b-pdl --quick` (about 90 s for a
 #     base and 30 s per experiment on the H200). gpu-proof.md then ends with each experiment against its
 #     base (parity passed or **FAILED**: limits 0.1 and 1e-3 in mean KL; tok/s ratios) and in how many decode
 #     runs it decoded exactly the base's tokens: a -pdl model must in all of them (its arithmetic is the

@@ -131,8 +131,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         slices: dict[str, tuple] = {}  # output of a last-axis slice of a 2-D value -> (its input, begin, end)
         rope_tables: dict[tuple, object] = {}  # (positions, head_dim, theta, scaling) -> [T, 2, head_dim / 2] cos|sin
         adds: dict[str, tuple] = {}  # output of a 2-D residual add -> its two operands (GPU: fused into the norm)
-        # gemv_norms: a norm's output -> (its input, weight, eps, weight dtype), for the GEMVs that read it to
-        # normalise their input themselves; a residual add's output -> the GEMV that added it in its epilogue
+        # gemv_norms: a norm's output -> (xn, partial sums of squares, eps, their count) that the GEMV before
+        # it wrote, for the GEMVs that read it to finish the norm themselves; a residual add's output -> the
+        # GEMV that added it in its epilogue
         norms: dict[str, tuple] = {}
         fused_adds: dict[str, object] = {}
 
@@ -156,33 +157,40 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         env[op.inputs[0]] = bb.emit(relax.TupleGetItem(both, 0))
                         r = relax.TupleGetItem(both, 1)
                     elif k == "rms_norm":
+                        # deferred into the GEMVs around it (gemv_norms), this one is never read, and the
+                        # module's dead-code elimination drops it
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
-                        # folded into the GEMVs that read it: this norm is then never read, and the module's
-                        # dead-code elimination drops it
-                        if gemv and gemv_norms and _norm_feeds_gemvs(graph, consumers, op):
-                            norms[op.output] = (a[0], a[1], op.attrs["eps"], graph.value(op.inputs[1]).dtype)
                     elif k in ("linear", "qlinear"):
                         skinny = skinny_gemm and wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)
                         gated = _gated_source(graph, producer, op.inputs[0]) if gemv or skinny else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]
                         norm = norms.get(op.inputs[0]) if gated is None else None
-                        if norm is not None:  # ... or normalises the residual stream it reads
+                        if norm is not None:  # ... or finishes the norm the GEMV before it began
                             a = [norm[0]] + a[1:]
                         res_add = _residual_add(graph, consumers, op, env) if gemv and gemv_norms else None
+                        nxt = _deferred_norm(graph, consumers, res_add[0]) if res_add else None
                         x_dtype = graph.value(op.inputs[0]).dtype
                         # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
                         mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
                         if skinny:
                             r = _skinny(relax, kernel, graph, op, a, out, gated is not None)
                         else:
-                            fuse = {"norm": norm and norm[1:], "residual": env[res_add[1]] if res_add else None}
+                            fuse = {"norm": norm and norm[1:], "residual": env[res_add[1]] if res_add else None,
+                                    "norm_next": (env[nxt.inputs[1]], graph.value(nxt.inputs[1]).dtype)
+                                    if nxt else None}
                             if k == "linear":
                                 r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
                                             gated is not None, mma, **fuse, pdl=pdl)
                             else:
                                 r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
                                              max_lanes, gated is not None, mma, **fuse, pdl=pdl, dp4a=gemv_dp4a)
+                            if nxt:  # (h, h * the next norm's weight, partial sums of h^2)
+                                both = bb.emit(r)
+                                r = relax.TupleGetItem(both, 0)
+                                parts = int(both.ty.fields[2].shape[1])
+                                norms[nxt.output] = (bb.emit(relax.TupleGetItem(both, 1)),
+                                                     bb.emit(relax.TupleGetItem(both, 2)), nxt.attrs["eps"], parts)
                             if res_add:  # the add itself is this GEMV's output
                                 r = bb.emit(r)
                                 fused_adds[res_add[0].output] = r
@@ -266,13 +274,19 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     return mod
 
 
-def _norm_feeds_gemvs(graph: Graph, consumers: dict, op) -> bool:
-    """Whether a 2-D RMSNorm's readers are all linears a GEMV entry can fold it into (``gemv_norms``; not
-    CPU row-interleaved weights). Norms of a residual add left for ``add_rms_norm`` never get here."""
+def _deferred_norm(graph: Graph, consumers: dict, add):
+    """The RMSNorm of residual add ``add`` (folded into a GEMV's epilogue) that the GEMVs around it can
+    take over (``gemv_norms``): the add's only norm, 2-D, over the last axis, read only by linears
+    (not CPU row-interleaved weights) as their input; else None."""
+    norms = [c for c in consumers.get(add.output, []) if c.kind == "rms_norm"]
+    if len(norms) != 1 or norms[0].inputs[0] != add.output:
+        return None
+    op = norms[0]
     readers = consumers.get(op.output, [])
-    return (len(graph.value(op.output).shape) == 2 and bool(readers)
-            and all(c.kind in ("linear", "qlinear") and c.inputs[0] == op.output
-                    and c.attrs.get("layout", "rows") != "r16" for c in readers))
+    ok = (len(graph.value(op.output).shape) == 2 and bool(readers)
+          and all(c.kind in ("linear", "qlinear") and c.inputs[0] == op.output
+                  and c.attrs.get("layout", "rows") != "r16" for c in readers))
+    return op if ok else None
 
 
 def _residual_add(graph: Graph, consumers: dict, op, env: dict):
@@ -290,14 +304,17 @@ def _residual_add(graph: Graph, consumers: dict, op, env: dict):
     return add, other
 
 
-def _gemv_fusion(norm: tuple | None, residual, pdl: str = "") -> dict:
-    """``make_gemv_gpu``'s keyword arguments for a folded norm (``(weight, eps, weight dtype)``), an
-    epilogue residual and a wait after the first weight loads (``pdl``: its mode)."""
+def _gemv_fusion(norm: tuple | None, residual, pdl: str = "", norm_next: tuple | None = None) -> dict:
+    """``make_gemv_gpu``'s keyword arguments for a deferred norm it finishes (``(partial sums, eps, their
+    count)``) or begins (``norm_next``: ``(weight, weight dtype)``), an epilogue residual and a wait after
+    the first weight loads (``pdl``: its mode)."""
     out: dict = {}
     if norm:
-        out.update(norm_eps=float(norm[1]), norm_dtype=str(norm[2]))
+        out.update(norm_eps=float(norm[1]), norm_parts=int(norm[2]))
     if residual is not None:
         out["residual"] = True
+    if norm_next:
+        out["norm_next"] = str(norm_next[1])
     if pdl:
         out["pdl"] = pdl
     return out
@@ -308,9 +325,20 @@ def _named(kwargs: dict) -> list[str]:
     return [f"{k}-{v}" for k, v in kwargs.items()]
 
 
-def _gemv_args(a: list, norm: tuple | None, residual) -> list:
-    """A GEMV's call arguments: the input, the norm weight, the op's weights (and bias), the residual."""
-    return [a[0]] + ([norm[0]] if norm else []) + list(a[1:]) + ([residual] if residual is not None else [])
+def _gemv_args(a: list, norm: tuple | None, residual, norm_next: tuple | None) -> list:
+    """A GEMV's call arguments: the input, a deferred norm's partial sums, the op's weights (and bias), the
+    residual, the next norm's weight."""
+    return ([a[0]] + ([norm[0]] if norm else []) + list(a[1:]) + ([residual] if residual is not None else [])
+            + ([norm_next[0]] if norm_next else []))
+
+
+def _gemv_outputs(relax, rows, n: int, dtype: str, norm_next: tuple | None, parts: int):
+    """A GEMV's output type: ``[rows, n]``, and with ``norm_next`` the next norm's input less its 1 / rms
+    and the ``parts`` partial sums of squares per token (float32)."""
+    out = relax.TensorType([rows, n], dtype)
+    if not norm_next:
+        return out
+    return [out, relax.TensorType([rows, n], "float32"), relax.TensorType([rows, parts], "float32")]
 
 
 def _graph_attrs(max_tokens: int, max_blocks: int) -> dict:
@@ -427,20 +455,24 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
 
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, gated: bool = False,
-            mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = ""):
+            mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = "",
+            norm_next: tuple | None = None):
     """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM
     on tensor cores (``mma_dtype``) or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]
-    assert gemv or (norm is None and residual is None), "a norm or residual folds into GEMVs only"
+    assert gemv or (norm is None and residual is None and norm_next is None), "norms, residuals: GEMVs only"
     if gemv:
-        x_dtype, b_dtype = graph.value(op.inputs[0]).dtype, graph.value(op.inputs[2]).dtype if has_bias else None
-        fused = _gemv_fusion(norm, residual, pdl)
+        x_dtype = "float32" if norm else graph.value(op.inputs[0]).dtype  # a deferred norm's xn
+        b_dtype = graph.value(op.inputs[2]).dtype if has_bias else None
+        fused = _gemv_fusion(norm, residual, pdl, norm_next)
         gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv, *_named(fused)),
                     lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
                                                       max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
-        return relax.call_tir(gv, _gemv_args(a, norm, residual), relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+        parts = quant_sched.gemv_row_blocks(k, n, None, w.dtype) if norm_next else 0
+        return relax.call_tir(gv, _gemv_args(a, norm, residual, norm_next),
+                              _gemv_outputs(relax, a[0].ty.shape[0], n, out.dtype, norm_next, parts))
     if kernel_kind == "cpu":
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
                     lambda: linear_sched.make_linear_cpu(k, n, w.dtype, out.dtype, has_bias))
@@ -468,13 +500,13 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
              gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = "",
-             dp4a: str = ""):
+             dp4a: str = "", norm_next: tuple | None = None):
     at = op.attrs
     fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
     k, n = at["in_features"], at["out_features"]
-    x_dtype = graph.value(op.inputs[0]).dtype
+    x_dtype = "float32" if norm else graph.value(op.inputs[0]).dtype  # a deferred norm's xn
     bias_dtype = graph.value(op.inputs[-1]).dtype if at["bias"] else None
-    assert gemv or (norm is None and residual is None), "a norm or residual folds into GEMVs only"
+    assert gemv or (norm is None and residual is None and norm_next is None), "norms, residuals: GEMVs only"
     if at.get("layout", "rows") == "r16":
         if kernel_kind != "cpu" or int_dot_isa is None:
             raise ValueError("r16 weights need the CPU kernel with integer dot products")
@@ -485,7 +517,7 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
                                                              bits))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
     if gemv and dp4a and fmt.bits == 4 and fmt.sym and fmt.group_size % quant_sched.DP4A_BLOCK == 0 and \
-            bias_dtype is None and norm is None and residual is None:  # FERRUM_GEMV_DP4A
+            bias_dtype is None and norm is None and residual is None and norm_next is None:  # FERRUM_GEMV_DP4A
         s_dtype = graph.value(op.inputs[2]).dtype
         rows = a[0].ty.shape[0]
         if dp4a == "lanes":
@@ -504,12 +536,14 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
                               relax.TensorType([rows, n], out.dtype))
     if gemv:
         s_dtype = graph.value(op.inputs[2]).dtype
-        fused = _gemv_fusion(norm, residual, pdl)
+        fused = _gemv_fusion(norm, residual, pdl, norm_next)
         gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype, gated,
                      gemv, *_named(fused)),
                     lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
                                                       max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
-        return relax.call_tir(gv, _gemv_args(a, norm, residual), relax.TensorType([a[0].ty.shape[0], n], out.dtype))
+        parts = quant_sched.gemv_row_blocks(k, n, fmt, "") if norm_next else 0
+        return relax.call_tir(gv, _gemv_args(a, norm, residual, norm_next),
+                              _gemv_outputs(relax, a[0].ty.shape[0], n, out.dtype, norm_next, parts))
     if kernel_kind == "cpu":
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
                     lambda: quant_sched.make_qlinear_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype))

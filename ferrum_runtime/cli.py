@@ -159,7 +159,7 @@ def _inspect(args: argparse.Namespace) -> int:
     pdl_name = f"programmatic dependent launches (FERRUM_PDL, {'early' if pdl is True else pdl})"
     dp4a = d["compile_options"].get("gemv_dp4a")  # its mode (True: built before the modes, "lanes")
     dp4a_name = f"INT4 decode GEMVs on integer dot products (FERRUM_GEMV_DP4A, {'lanes' if dp4a is True else dp4a})"
-    experiments = [name for name, on in (("norms folded into the decode GEMVs (FERRUM_GEMV_NORMS)",
+    experiments = [name for name, on in (("norms deferred into the decode GEMVs (FERRUM_GEMV_NORMS)",
                                           d["compile_options"].get("gemv_norms")), (pdl_name, pdl),
                                          (dp4a_name, dp4a)) if on]
     if experiments:

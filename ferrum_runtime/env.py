@@ -60,9 +60,9 @@ def cuda_graph() -> bool:
 
 def gemv_norms() -> bool:
     """FERRUM_GEMV_NORMS=1 at ``ferrum compile`` (GPU targets; an experiment, off until an H200 says it
-    pays): the decode entries' RMSNorms and residual adds folded into their GEMVs (``lowering.lower``'s
-    ``gemv_norms``), 7 launches per decoder layer instead of 9. Recorded in the manifest's
-    ``compile_options``."""
+    pays): the decode entries' RMSNorms deferred into the GEMVs around them and their residual adds folded
+    in (``lowering.lower``'s ``gemv_norms``), 7 launches per decoder layer instead of 9. Recorded in the
+    manifest's ``compile_options``."""
     return _flag("FERRUM_GEMV_NORMS")
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import dtype_bytes
-from .block_reduce import block_sum, block_sum_columns
+from .block_reduce import block_sum_columns, threads_for
 
 _ROWS_PER_TASK = 16
 R16 = 16  # rows interleaved per block in the "r16" layout (one 512-bit register of int32 row sums)
@@ -894,6 +894,28 @@ def gemv_layout(chunks: int, rows: int) -> tuple[int, int, int]:
     return kt, gemv_row_groups(kt, rows), min(GEMV_UNROLL, steps(kt))
 
 
+def gemv_norm_layout(chunks: int, rows: int, tokens: int = 0, rows_per_thread: int = GEMV_ROWS
+                     ) -> tuple[int, int, int]:
+    """``gemv_layout``, for a GEMV that reads a deferred norm (``tokens`` > 0: its tokens per pass) with at
+    least as many lanes a team as its reduction has columns (``make_gemv_gpu(norm_eps=...)``: the dot
+    products and a sum of squares per token, padded to a power of two): Qwen3-4B INT4 gate|up in passes of
+    4 tokens, 32 lanes instead of 16."""
+    kt, rt, u = gemv_layout(chunks, rows)
+    need = threads_for(tokens * rows_per_thread + tokens) if tokens else 0
+    if kt >= need:
+        return kt, rt, u
+    return need, gemv_row_groups(need, rows), min(GEMV_UNROLL, -(-chunks // need))
+
+
+def gemv_row_blocks(in_features: int, out_features: int, fmt: QuantFormat | None, w_dtype: str,
+                    norm_tokens: int = 0) -> int:
+    """Blocks of ``make_gemv_gpu``'s grid over the rows, with its default layout (``norm_tokens``: that of
+    a GEMV reading a deferred norm): the partial sums of squares per token a GEMV with ``norm_next``
+    writes."""
+    kt, rt, _ = gemv_norm_layout(in_features // gemv_chunk(fmt, w_dtype, in_features), out_features, norm_tokens)
+    return -(-out_features // (rt * GEMV_ROWS))
+
+
 def gemv_prefetch(quantized: bool, tokens: int, steps: int, warps: int) -> bool:
     """Whether a GEMV issues the next step's loads before this step's arithmetic (``make_gemv_gpu``'s
     ``prefetch``): dense weights in passes of one token over 4 steps or more, in a grid of fewer than
@@ -918,8 +940,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                   experts: int = 0, x_div: int = 1, gated: bool = False,
                   layout: tuple[int, int, int] | None = None, half_math: bool = False,
                   prefetch: bool | None = None, tokens: int = GEMV_TOKENS, norm_eps: float | None = None,
-                  norm_dtype: str = "float32", residual: bool = False, rows_per_thread: int = GEMV_ROWS,
-                  pdl: str = ""):
+                  norm_parts: int = 0, norm_next: str | None = None, residual: bool = False,
+                  rows_per_thread: int = GEMV_ROWS, pdl: str = ""):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -950,14 +972,20 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     and the GEMV's input is ``silu(x[:, :K]) * x[:, K:]`` (float32, rounded to ``x_dtype`` as the separate
     SiLU·mul kernel stores it), so that kernel and its round trip through memory go.
 
-    With ``norm_eps`` the input is a residual stream ``h[T, K]`` and the GEMV's input its RMSNorm,
-    ``h / sqrt(mean(h^2) + eps) * norm_w`` (``norm_w[K]`` in ``norm_dtype``, the product rounded to
-    ``x_dtype`` as the norm kernel stores it): each block sums its pass's squares itself (a strided read of
-    the rows and one ``block_sum``), so the norm kernel and its round trip through memory go. With
-    ``residual`` the result is ``r[T, N] + x W^T`` (``r`` in ``out_dtype``, added to the float32 sum before
-    the one rounding): the residual add of a decoder layer's o and down projections. Both: dense or
-    quantized weights, not the MoE expert GEMV, not ``gated`` with ``norm_eps``. (An experiment:
-    ``lower(gemv_norms=True)``.) ``rows_per_thread`` (4; 2 as an experiment in bench/gpu_kernels.py:
+    A deferred RMSNorm (``lower(gemv_norms=True)``, an experiment): with ``norm_next`` (the next norm's
+    weight dtype) the GEMV also writes, from each output ``h`` as stored, ``xn = h * norm_w`` (float32
+    ``[T, N]``: the norm's output less its ``1 / rms``, which a float16 ``h * norm_w`` could overflow) and
+    per token one partial sum of ``h^2`` per block of the grid (float32 ``[T, gemv_row_blocks(...)]``,
+    summed in shared memory in the epilogue), reading ``norm_w[N]`` after its residual; with ``norm_eps``
+    it reads such an ``xn`` as its input plus those ``norm_parts`` partial sums (``ss[T, norm_parts]``),
+    and scales each float32 dot product by ``rsqrt(sum(ss) / K + eps)`` before the bias: ``norm(h) W^T =
+    rsqrt(mean(h^2) + eps) (h * norm_w) W^T``. The lanes of every team add the partials into one more
+    column of the reduction the dot products take anyway (``gemv_norm_layout``), so the norm kernel, its
+    block reduction and its round trip go without a reduction or barrier more in the reading GEMV, and
+    one barrier and a shared-memory sum in the writing one. With ``residual`` the result is ``r[T, N] + x
+    W^T`` (``r`` in ``out_dtype``, added to the float32 sum before the one rounding): the residual add of
+    a decoder layer's o and down projections. All three: dense or quantized weights, not the MoE expert
+    GEMV, not ``gated`` with ``norm_eps``. ``rows_per_thread`` (4; 2 as an experiment in bench/gpu_kernels.py:
     twice the threads for the same rows, for grids too small to hide a step's latency) is
     the team's rows per pass.
 
@@ -965,8 +993,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     ``ferrum_compiler.gpu_build``): the kernel may start while the one before it still runs, and waits for
     it (``griddepcontrol.wait``) after issuing its first step group's weight loads (two with
     ``prefetch``), before its first read of the activations: weights are never written by a kernel, so a
-    small GEMV's loads, often all of them, overlap the kernels before it. Not with ``norm_eps`` (the norm
-    reads the activations first) nor ``experts`` (the expert lists are activations): those wait first.
+    small GEMV's loads, often all of them, overlap the kernels before it. Not with ``experts`` (the expert
+    lists are activations): those wait first.
     ``pdl`` is FERRUM_PDL's mode: ``early`` lets the next kernel launch first thing (the launch pass adds
     that), ``late`` right after the wait.
 
@@ -988,7 +1016,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     if fmt is not None:
         assert fmt.check(K) is None, fmt.check(K)
     NC = K // C  # chunks per row
-    KT, RT, U = layout or gemv_layout(NC, N)
+    normed = norm_eps is not None
+    KT, RT, U = layout or gemv_norm_layout(NC, N, TT if normed else 0, RB)
     assert KT >= TT * RB and KT & (KT - 1) == 0 and U >= 1, (KT, RT, U)
     NT, BR = KT * RT, RT * RB  # threads and rows of a block
     STEPS = -(-NC // KT)  # chunks per lane
@@ -999,12 +1028,16 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     LAG = PF - 1  # groups loaded ahead of the one in use
     XV = min(C, max_lanes, 16 // dtype_bytes(x_dtype))
     J = TT * RB
+    # columns the team reduction sums: the J dot products, and (normed) each token's sum of squares, padded
+    # to a power of two (block_sum_columns' slices)
+    JW = threads_for(J + TT) if normed else J
+    assert KT % JW == 0, (KT, JW)
     quant = fmt is not None
     int4 = fmt is not None and fmt.bits == 4
     sym = fmt is not None and fmt.sym
     G = fmt.group_size if fmt is not None else K
     has_bias = bias_dtype is not None
-    sums = block_sum_columns(NT, J, RT)
+    sums = block_sum_columns(NT, JW, RT)
     grouped = experts > 0
     NW = max(experts, 1) * N  # weight rows
     wshape = (NW, K // 2) if int4 else (NW, K)
@@ -1018,12 +1051,12 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     # row), x_dtype for dense ones (16 fewer registers; widened per use); float16 pairs for half_math
     assert not half_math or (int4 and sym and x_dtype == "float16"), "half_math: symmetric INT4, float16 x"
     XS = "float16" if half_math else ("float32" if quant else x_dtype)
-    normed = norm_eps is not None
-    assert not ((normed or residual) and grouped) and not (normed and gated), "norm/residual: plain GEMVs only"
-    NV = min(XV, 16 // dtype_bytes(x_dtype))  # x elements per load of the norm's sum of squares
-    NE = -(-K // (NT * NV))  # such loads per thread per token
-    norm_sum = block_sum(NT, TT)
-    early_wait = bool(pdl) and not normed and not grouped  # the wait after the first weight loads (``pdl``)
+    producer = norm_next is not None
+    assert not ((normed or residual or producer) and grouped) and not (normed and gated), \
+        "norm/residual: plain GEMVs only"
+    assert not normed or norm_parts >= 1, "a deferred norm needs its partial sums of squares"
+    PO = -(-N // BR)  # producer: the partial sums of squares it writes per token, one per block
+    early_wait = bool(pdl) and not grouped  # the wait after the first weight loads (``pdl``)
     late_trigger = pdl == "late"  # the next kernel let launch after that wait (FERRUM_PDL=late)
     H_SHIFT = 1.0 / 32  # half_math's activations are held divided by this much
     # half_math: value b (0-3) of a run sits at pair (b % 2), lane (b // 2): pairs are bytes (0, 2), (1, 3)
@@ -1041,21 +1074,16 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
         return order[offsets[ex] + i] if grouped else i
 
     def x_loader(n: int):
-        """Macro ``(xs, up, x, xr, col, t, at, nw, rstd)``: ``xs[t, at:at+n]`` = float32 of ``x[xr,
-        col:col+n]`` (gated: SiLU(gate) * up, rounded to x_dtype; normed: times ``rstd[t]`` and the norm
-        weights ``nw``, rounded to x_dtype)."""
+        """Macro ``(xs, up, x, xr, col, t, at)``: ``xs[t, at:at+n]`` = float32 of ``x[xr, col:col+n]``
+        (gated: SiLU(gate) * up, rounded to x_dtype)."""
         v = min(XV, n)
 
         @T.macro
-        def load(xs, up, x, xr, col, t, at, nw, rstd):
+        def load(xs, up, x, xr, col, t, at):
             for i0 in T.unroll(n // v):  # vector loads
                 for i1 in T.vectorized(v):
                     up[i0 * v + i1] = x[xr, col + i0 * v + i1]
-            if normed:  # the RMSNorm's output, rounded as the norm kernel stores it
-                for i in T.unroll(n):
-                    xs[t, at + i] = T.Cast(XS, T.Cast(x_dtype, T.Cast("float32", up[i]) * rstd[t]
-                                                      * T.Cast("float32", nw[col + i])))
-            elif gated:
+            if gated:
                 for i0 in T.unroll(n // v):
                     for i1 in T.vectorized(v):
                         up[C + i0 * v + i1] = x[xr, K + col + i0 * v + i1]
@@ -1076,12 +1104,12 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     load_chunk, load_run = x_loader(C), x_loader(4)
 
     @T.macro
-    def body(x, nw, w, wq, scales, mins, bias, offsets, order, res, out, ntok):
+    def body(x, ssi, w, wq, scales, mins, bias, offsets, order, res, nwn, out, xno, sso, ntok):
         for blk in T.thread_binding((N + BR - 1) // BR, thread="blockIdx.x"):
           for ex in T.thread_binding(max(experts, 1), thread="blockIdx.y"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                red = T.alloc_buffer((NT * (J + 1),), "float32", scope="shared")
-                acc = T.alloc_buffer((J,), "float32", scope="local")
+                red = T.alloc_buffer((NT * (JW + 1),), "float32", scope="shared")
+                acc = T.alloc_buffer((JW,), "float32", scope="local")
                 xs = T.alloc_buffer((TT, VW if quant else C), XS, scope="local")  # tokens' activations
                 up = T.alloc_buffer((2 * C,), x_dtype, scope="local")  # loaded x (gated: gate, up)
                 sx = T.alloc_buffer((TT,), "float32", scope="local")  # asymmetric: sum of a word's activations
@@ -1090,28 +1118,13 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 hw = T.alloc_buffer((8,), "float16", scope="local")  # half_math: a word's 4 weight pairs
                 raw = T.alloc_buffer((PF, U, RB, 4), "uint32", scope="local")  # quantized: slots x U chunks x rows
                 rawd = T.alloc_buffer((PF, U, RB, C), wdt, scope="local")  # dense
-                rstd = T.alloc_buffer((TT,), "float32", scope="local")  # normed: the pass's 1 / rms per token
-                nred = T.alloc_buffer((NT, TT), "float32", scope="shared")
-                nv = T.alloc_buffer((NV,), x_dtype, scope="local")
+                sq = T.alloc_buffer((RT * J if producer else 1,), "float32", scope="shared")  # producer: squares of the outputs
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
                 magic: T.let[T.uint32] = opaque_magic(count, _MAGIC_H2 if half_math else _MAGIC)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB  # this team's first row
                 for p in T.serial((count + TT - 1) // TT):
-                    for j in T.unroll(J):
+                    for j in T.unroll(JW):
                         acc[j] = T.float32(0)
-                    if normed:  # each token's sum of squares over the whole row, by the whole block
-                        for t in T.unroll(TT):
-                            rstd[t] = T.float32(0)
-                            if p * TT + t < count:
-                                for e in T.serial(NE):
-                                    if (e * NT + tx) * NV < K:
-                                        for i in T.vectorized(NV):
-                                            nv[i] = x[p * TT + t, (e * NT + tx) * NV + i]
-                                        for i in T.unroll(NV):
-                                            rstd[t] = rstd[t] + T.Cast("float32", nv[i]) * T.Cast("float32", nv[i])
-                        norm_sum(nred, rstd, tx)
-                        for t in T.unroll(TT):
-                            rstd[t] = T.rsqrt(rstd[t] / T.float32(K) + T.float32(norm_eps or 0))
                     # step group gl loaded into register slot h while group gl - LAG (slot h - LAG) is in use
                     for g2 in T.serial((SG + LAG + PF - 1) // PF):
                         for h in T.unroll(PF):
@@ -1146,8 +1159,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                     xr: T.let[T.int32] = T.Cast(
                                                         "int32", x_row(order, offsets, ex, p * TT + t))
                                                     for run in T.unroll(RUNS):
-                                                        load_run(xs, up, x, xr, ch * C + run * 16 + wd * 4, t, run * 4,
-                                                                 nw, rstd)
+                                                        load_run(xs, up, x, xr, ch * C + run * 16 + wd * 4, t, run * 4)
                                                     if not sym:
                                                         sx[t] = T.float32(0)
                                                         for i in T.unroll(VW):
@@ -1193,7 +1205,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             if p * TT + t < count:
                                                 xr: T.let[T.int32] = T.Cast(
                                                     "int32", x_row(order, offsets, ex, p * TT + t))
-                                                load_chunk(xs, up, x, xr, ch * C, t, 0, nw, rstd)
+                                                load_chunk(xs, up, x, xr, ch * C, t, 0)
                                         for r in T.unroll(RB):
                                             if row0 + r < N:
                                                 for i in T.unroll(C):
@@ -1203,16 +1215,40 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                         for i in T.unroll(C):
                                                             acc[t * RB + r] = (acc[t * RB + r]
                                                                                + T.Cast("float32", xs[t, i]) * wv[i])
+                    if normed:  # each token's sum of squares: the producer's partials, split over the lanes
+                        for t in T.unroll(TT):
+                            if p * TT + t < count:
+                                for i in T.unroll(-(-norm_parts // KT)):
+                                    if i * KT + tx % KT < norm_parts:
+                                        acc[J + t] = acc[J + t] + ssi[p * TT + t, i * KT + tx % KT]
                     sums(red, acc, tx)
+                    if producer:  # rows past N (and tokens past the count) add nothing
+                        if tx % KT < J:
+                            sq[tx // KT * J + tx % KT] = T.float32(0)
                     if tx % KT < J:
                         if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
                             orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx % KT // RB))
                             ocol: T.let[T.int32] = row0 + tx % KT % RB
-                            out[orow, ocol] = T.Cast(out_dtype, red[tx // KT * KT * (J + 1) + tx % KT]
-                                                     + (T.Cast("float32", bias[ocol]) if has_bias else T.float32(0))
-                                                     + (T.Cast("float32", res[orow, ocol]) if residual
-                                                        else T.float32(0)))
-                    T.tvm_storage_sync("shared")  # the next pass overwrites red
+                            team: T.let[T.int32] = tx // KT * KT * (JW + 1)  # the team's sums in red
+                            rstd: T.let[T.float32] = T.rsqrt(red[team + J + tx % KT // RB] / T.float32(K)
+                                                             + T.float32(norm_eps or 0)) if normed else T.float32(1)
+                            hv: T.let[T.float32] = T.Cast("float32", T.Cast(  # the output as stored
+                                out_dtype, red[team + tx % KT] * rstd
+                                + (T.Cast("float32", bias[ocol]) if has_bias else T.float32(0))
+                                + (T.Cast("float32", res[orow, ocol]) if residual else T.float32(0))))
+                            out[orow, ocol] = T.Cast(out_dtype, hv)
+                            if producer:  # the next norm's input less its 1 / rms, and the square
+                                xno[orow, ocol] = hv * T.Cast("float32", nwn[ocol])
+                                sq[tx // KT * J + tx % KT] = hv * hv
+                    if producer:  # the block's partial sum of squares per token
+                        T.tvm_storage_sync("shared")
+                        if tx < TT:
+                            if p * TT + tx < count:
+                                dot[0] = T.float32(0)
+                                for i in T.unroll(BR):
+                                    dot[0] = dot[0] + sq[i // RB * J + tx * RB + i % RB]
+                                sso[out_row(order, offsets, ex, p * TT + tx), blk] = dot[0]
+                    T.tvm_storage_sync("shared")  # the next pass overwrites red (and sq)
 
     KG = K // G
     bdt = bias_dtype or "float32"
@@ -1221,24 +1257,36 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     XK = 2 * K if gated else K  # columns of x
     WORDS = K * (4 if int4 else 8) // 32 if quant else 1  # 32-bit words of a quantized row
 
-    # one signature with every tensor; those this variant does not read are dropped below
-    @T.prim_func(private=True)
-    def gemv(x_h: T.handle, nw: T.Buffer((K,), norm_dtype), w: T.Buffer(wshape, wdt),  # type: ignore[valid-type]
+    PI = max(norm_parts, 1)
+    ndt = norm_next or "float32"
+
+    # one signature with every tensor; those this variant does not read are dropped below. In a root block,
+    # which Relax's pattern analysis wants of a producer's 3 outputs (the CUDA code is the same)
+    @T.prim_func(private=True, s_tir=True)
+    def gemv(x_h: T.handle, ss_h: T.handle, w: T.Buffer(wshape, wdt),  # type: ignore[valid-type]
              s: T.Buffer((NW, KG), scale_dtype), m: T.Buffer((NW, KG), "float32"),  # type: ignore[valid-type]
              b: T.Buffer((N,), bdt), off: T.Buffer((E1 + 1,), "int32"),  # type: ignore[valid-type]
-             ord_h: T.handle, r_h: T.handle, o_h: T.handle):
+             ord_h: T.handle, r_h: T.handle, nw: T.Buffer((N,), ndt),  # type: ignore[valid-type]
+             o_h: T.handle, xo_h: T.handle, so_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         nx, nrow = T.int64(), T.int64()
         xb = T.match_buffer(x_h, (nx, XK), x_dtype)
+        ssb = T.match_buffer(ss_h, (nx, PI), "float32")
         ordb = T.match_buffer(ord_h, (nrow,), "int32")
         rb = T.match_buffer(r_h, (nrow, N), out_dtype)
         ob = T.match_buffer(o_h, (nrow, N), out_dtype)
+        xob = T.match_buffer(xo_h, (nrow, N), "float32")
+        sob = T.match_buffer(so_h, (nrow, PO), "float32")
         wq = T.decl_buffer((NW, WORDS), "uint32", data=w.data)  # a quantized row's 16-byte chunks as words
-        body(xb, nw, w, wq, s, m, b, off, ordb, rb, ob, nrow)
+        with T.sblock("root"):
+            T.reads()  # not inferred: the body's let-bound indices are not defined out here
+            T.writes()
+            body(xb, ssb, w, wq, s, m, b, off, ordb, rb, nw, ob, xob, sob, nrow)
 
-    x_h, nw, w, s, m, b, off, ord_h, r_h, o_h = gemv.params
-    keep = ([x_h] + ([nw] if normed else []) + [w] + ([s] if quant else []) + ([m] if quant and not sym else [])
-            + ([b] if has_bias else []) + ([off, ord_h] if grouped else []) + ([r_h] if residual else []) + [o_h])
+    x_h, ss_h, w, s, m, b, off, ord_h, r_h, nw, o_h, xo_h, so_h = gemv.params
+    keep = ([x_h] + ([ss_h] if normed else []) + [w] + ([s] if quant else []) + ([m] if quant and not sym else [])
+            + ([b] if has_bias else []) + ([off, ord_h] if grouped else []) + ([r_h] if residual else [])
+            + ([nw] if producer else []) + [o_h] + ([xo_h, so_h] if producer else []))
     func = tvm.tirx.PrimFunc(keep, gemv.body, gemv.ret_type, gemv.attrs)
     return func
 

@@ -315,29 +315,47 @@ def test_gemv_float16_build(fmt):
     np.testing.assert_allclose(out.astype(np.float64), ref, atol=2e-3 * np.abs(ref).max(), rtol=2e-3)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31),
-       fmt=st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 16, False)]), groups=st.integers(1, 12), n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]),
-       normed=st.booleans(), residual=st.booleans(), bias=st.booleans())
-def test_gemv_norm_prologue_and_residual_epilogue(seed, fmt, groups, n, ntok, tokens, normed, residual, bias):
-    """``make_gemv_gpu(norm_eps=..., residual=True)``: the input's RMSNorm computed by every block from the
-    residual stream (any width, partial passes), and the residual added to the output, against the norm,
-    the linear and the add done one after another in numpy."""
+       fmt=st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 16, False)]), groups=st.integers(1, 12),
+       n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]), parts=st.integers(0, 40),
+       begins=st.booleans(), residual=st.booleans(), bias=st.booleans(),
+       layout=st.sampled_from([None, (32, 2, 1), (64, 4, 1)]))
+def test_gemv_deferred_norm_and_residual_epilogue(seed, fmt, groups, n, ntok, tokens, parts, begins, residual, bias,
+                                                  layout):
+    """``make_gemv_gpu``'s deferred RMSNorm and residual, against numpy: with ``norm_eps`` (``parts`` > 0)
+    it reads ``xn`` and ``parts`` partial sums of squares (more or fewer than a team's lanes) and scales
+    each dot product by ``rsqrt(sum / K + eps)`` before the bias; with ``residual`` it adds ``r``; with
+    ``norm_next`` (``begins``) it also writes ``h * norm_w`` and, per token, each block's sum of ``h^2``
+    over exactly that block's rows (any width, partial passes, rows past N, blocks of 1 to 4 teams)."""
     rng = np.random.default_rng(seed)
     k = groups * (fmt.group_size if fmt else 8)
-    h, tensors, b, _ = _linear_case(rng, k, n, ntok, fmt, bias, False)
-    h = h * rng.uniform(0.1, 10)  # the norm takes any scale out
-    nw = rng.standard_normal(k).astype(np.float32)
+    x, tensors, b, _ = _linear_case(rng, k, n, ntok, fmt, bias, False)
+    ss = rng.uniform(0.1, 10, (ntok, max(parts, 1))).astype(np.float32)
+    nw = rng.standard_normal(n).astype(np.float32)
     r = rng.standard_normal((ntok, n)).astype(np.float32)
-    x = h / np.sqrt((h.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * nw if normed else h
-    ref = (lin.linear_ref(x, tensors[0], b) if fmt is None else ql.qlinear_ref(x, fmt, *tensors[:2], (
-        tensors[2] if len(tensors) > 2 else None), b)) + (r if residual else 0)
-    out = np.full((ntok, n), np.nan, np.float32)
-    func = _kernel(("gemv-norm", k, n, fmt, bias, tokens, normed, residual), lambda: ql.make_gemv_gpu(
+    lin_x = (lin.linear_ref(x, tensors[0], None) if fmt is None else
+             ql.qlinear_ref(x, fmt, *tensors[:2], tensors[2] if len(tensors) > 2 else None, None))
+    rstd = 1 / np.sqrt(ss.sum(axis=1, keepdims=True, dtype=np.float64) / k + 1e-5) if parts else 1
+    h = lin_x * rstd + (b if bias else 0) + (r if residual else 0)
+    kt, rt, _ = layout or ql.gemv_norm_layout(k // ql.gemv_chunk(fmt, "float32", k), n, tokens if parts else 0)
+    blocks = -(-n // (rt * ql.GEMV_ROWS))
+    assert layout or blocks == ql.gemv_row_blocks(k, n, fmt, "float32", tokens if parts else 0)
+    rows = np.arange(n) // (rt * ql.GEMV_ROWS)  # the block of each row
+    outs = [np.full((ntok, n), np.nan, np.float32)] + (
+        [np.full((ntok, n), np.nan, np.float32), np.full((ntok, blocks), np.nan, np.float32)] if begins else [])
+    func = _kernel(("gemv-norm", k, n, fmt, bias, tokens, parts, begins, residual, layout), lambda: ql.make_gemv_gpu(
         k, n, fmt, "float32", "float32", "float32", "float32" if bias else None, scale_dtype="float32",
-        tokens=tokens, norm_eps=1e-5 if normed else None, residual=residual))
-    gpu_emu.run(func, h, *([nw] if normed else []), *tensors, *([b] if bias else []), *([r] if residual else []), out)
-    np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k) * max(1, np.abs(ref).max() / 10), rtol=1e-4)
+        layout=layout, tokens=tokens, norm_eps=1e-5 if parts else None, norm_parts=parts, residual=residual,
+        norm_next="float32" if begins else None))
+    gpu_emu.run(func, x, *([ss] if parts else []), *tensors, *([b] if bias else []), *([r] if residual else []),
+                *([nw] if begins else []), *outs)
+    tol = dict(atol=1e-4 * np.sqrt(k) * max(1, np.abs(h).max() / 10), rtol=1e-4)
+    np.testing.assert_allclose(outs[0], h, **tol)
+    if begins:
+        np.testing.assert_allclose(outs[1], outs[0] * nw, rtol=1e-6, atol=1e-30)  # from h as stored
+        want = np.stack([(outs[0][:, rows == i].astype(np.float64) ** 2).sum(axis=1) for i in range(blocks)], axis=1)
+        np.testing.assert_allclose(outs[2], want, rtol=1e-5)
 
 
 def test_half_pair_decodes_nibbles():

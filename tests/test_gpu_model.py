@@ -39,7 +39,7 @@ def _decoder(variant: str):
     cfg = dataclasses.replace(cfg, head_dim=16) if tc else cfg
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
     # -tc: decode_wide's linears on the tensor-core GEMM for few tokens (off by default: slower on an H200)
-    # -norms: the decode entries' norms and residual adds folded into their GEMVs (an experiment)
+    # -norms: the decode entries' norms deferred into their GEMVs, residual adds folded in (an experiment)
     mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else (), skinny_gemm=tc,
                                    gemv_norms=norms))
     names = [gv.name_hint for gv in mod.get_global_vars()]
@@ -52,7 +52,11 @@ def _decoder(variant: str):
     for entry in ["decode", "decode_one"]:  # -norms: no norm or add kernel left in the decode entries
         calls = re.findall(r"R\.call_tir\((\w+)", mod[entry].script())
         assert any(c.startswith("add_rms_norm") for c in calls) != norms and "R.add(" not in mod[entry].script()
-        assert sum(c.endswith("_True") for c in calls if c.startswith("gemv")) == (4 if norms else 0)  # o, down
+        gemvs = [c for c in calls if c.startswith("gemv")]
+        assert sum("residual_True" in c for c in gemvs) == (4 if norms else 0)  # o, down
+        # every norm but the first (of the embeddings) and the last (of the logits rows): begun by the o or
+        # down GEMV before it, finished by the q|k|v or gate|up GEMV after it
+        assert sum("norm_next" in c for c in gemvs) == sum("norm_parts" in c for c in gemvs) == (3 if norms else 0)
     if tc:  # decode_wide's linears: the tensor-core GEMM for few tokens, SiLU·mul read by the down one
         wide = mod["decode_wide"].script()
         assert "skinny" in wide and "matmul" not in wide and "silu_mul" not in wide
