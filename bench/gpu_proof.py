@@ -568,7 +568,7 @@ def prove(name: str, entry: dict, args, work: Path, bandwidth_gbps: float) -> No
     come (a failure keeps what was measured before it)."""
     from ferrum_runtime.model import CompiledModel
 
-    cfg, gptq = configs(args.tiny)[name]
+    cfg, gptq = configs(args.tiny)[experiment_base(name)]  # an experiment's, combined ones too, is its base's
     artifact = Path(args.artifacts) / name
     t0 = time.perf_counter()
     src, ref = make_checkpoint(name, cfg, gptq, work, args.device)
@@ -632,6 +632,7 @@ def main() -> None:
     ap.add_argument("--make-configs", help="only write the config-only model folders here (compile side)")
     ap.add_argument("--dtype-of", help="only print the compile dtype of this model (compile side)")
     ap.add_argument("--env-of", help="only print the experiment flags this model is compiled with (compile side)")
+    ap.add_argument("--base-of", help="only print the model this one's config is (compile side; an error if none)")
     ap.add_argument("--list-models", action="store_true", help="only print every model, experiments last")
     ap.add_argument("--models", default=",".join(m for m in MODELS if m not in EXPERIMENTS))
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode steps launched kernel by kernel")
@@ -647,6 +648,12 @@ def main() -> None:
         return
     if args.dtype_of:
         print(DTYPES.get(args.dtype_of, ""))
+        return
+    if args.base_of:  # the config an experiment (or a combination of them) is compiled from
+        if experiment_base(args.base_of) not in MODELS:
+            sys.exit(f"gpu_proof: no model {args.base_of!r}: a model of {', '.join(MODELS)} with suffixes of "
+                     f"{', '.join(EXPERIMENT_FLAGS)}")
+        print(experiment_base(args.base_of))
         return
     if args.env_of:
         print(" ".join(f"{k}={v}" for k, v in experiment_env(args.env_of).items()))

@@ -12,6 +12,10 @@
 #     and the wheels the GPU host lacks into .gpu/, and lists .gpu/ in .git/info/exclude. 51 MiB on
 #     2026-11-27, plus 5 MiB of tracked files: at most 64 MiB in all travel. About 5 minutes on 2 cores,
 #     compiling $JOBS at a time (default: one per CPU; logs in .gpu/logs/).
+#   bench/gpu_proof.sh prepare --models qwen3-4b,qwen3-4b-norms-pdl,...
+#     the same for the named models only (any experiment suffixes of gpu_proof.py's EXPERIMENT_FLAGS,
+#     combined: -norms-pdl is FERRUM_GEMV_NORMS=1 and FERRUM_PDL=1), for an A/B whose artifacts would not
+#     all fit the 64 MiB with every default model beside them.
 # Then one device call, from the repository root, carrying .gpu:
 #   run(command="bash bench/gpu_proof.sh run", carry=[".gpu"], timeout_s=600)
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with
@@ -73,6 +77,10 @@ prepare)
   # logged to .gpu/logs/; the GEMV variants (bench/gpu_kernels.py, ~2 min, ~5 MiB) as one more job
   jobs=${JOBS:-$(nproc)} && mkdir -p .gpu/logs
   models=$("$python" bench/gpu_proof.py --list-models --out .gpu)
+  if [ "${2:-}" = --models ] && [ -n "${3:-}" ]; then models=${3//,/ }; fi
+  for m in $models; do  # a name gpu_proof.py cannot build is an error before any compile starts
+    "$python" bench/gpu_proof.py --base-of "$m" --out .gpu > /dev/null
+  done
   for m in kernels $models; do
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
     if [ "$m" = kernels ]; then
@@ -81,7 +89,8 @@ prepare)
     fi
     dtype=$("$python" bench/gpu_proof.py --dtype-of "$m" --out .gpu)  # empty: the target's default
     flags=$("$python" bench/gpu_proof.py --env-of "$m" --out .gpu)  # an experiment's FERRUM_GEMV_NORMS/PDL
-    env $flags "$python" -m ferrum_runtime.cli compile ".gpu/configs/$m" --target cuda-sm90 \
+    base=$("$python" bench/gpu_proof.py --base-of "$m" --out .gpu)  # an experiment's config is its base's
+    env $flags "$python" -m ferrum_runtime.cli compile ".gpu/configs/$base" --target cuda-sm90 \
       --no-weights -o ".gpu/$m" ${dtype:+--dtype "$dtype"} > ".gpu/logs/$m.log" 2>&1 &
   done
   while [ -n "$(jobs -rp)" ]; do wait -n; done  # (set -e: a failed job stops here)
