@@ -66,14 +66,17 @@ DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's
 # programmatic dependent launch): "-pdl" with FERRUM_PDL=1 (the GEMVs' first weight loads before their wait,
 # the next kernel launched first thing), "-pdl-late" (the same loads, the next kernel launched after the
 # wait), "-pdl-first" (every kernel waits first; no longer prepared: the wrong logits it was to explain were
-# traced in SASS, docs/bench/2026-11-27c-pdl-sass.md, and the 64 MiB a call carries had no room for it).
+# traced in SASS, docs/bench/2026-11-27c-pdl-sass.md, and the 64 MiB a call carries had no room for it),
+# "-pdl-deep" (FERRUM_PDL=deep: early, with up to 3 step groups of a one-token GEMV's weights loaded before
+# its wait; prepare it with `gpu_proof.sh prepare --models`).
 # "-norms" (FERRUM_GEMV_NORMS=1: the decode entries' norms deferred into the GEMVs around them, residual adds
 # folded in; its first form, a norm in every reading block's prologue, lost on the H200 on 2026-11-27).
 # "-dp4a" (FERRUM_GEMV_DP4A=1, the GPTQ model only): its INT4 decode GEMVs on integer dot products over
 # activations rounded to int8 per 32 columns in the GEMV's lanes; "-dp4ak" (FERRUM_GEMV_DP4A=kernel) by a
 # quantize kernel before each GEMV (fewer instructions in the GEMV, a launch more).
 EXPERIMENT_FLAGS = {"-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_PDL", "late"),
-                    "-pdl-first": ("FERRUM_PDL", "first"), "-pdl": ("FERRUM_PDL", "1"),
+                    "-pdl-first": ("FERRUM_PDL", "first"), "-pdl-deep": ("FERRUM_PDL", "deep"),
+                    "-pdl": ("FERRUM_PDL", "1"),
                     "-dp4ak": ("FERRUM_GEMV_DP4A", "kernel"), "-dp4a": ("FERRUM_GEMV_DP4A", "1")}  # longest first
 EXPERIMENTS = tuple(f"{base}{suffix}" for base in ("qwen3-4b", "qwen3-4b-gptq")
                     for suffix in ("-pdl", "-pdl-late", "-norms")) + ("qwen3-4b-gptq-dp4a", "qwen3-4b-gptq-dp4ak")

@@ -62,7 +62,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     # the experiments' flags, read once: what the library is built with is what the manifest records
     pdl = env.pdl()
     if pdl and pdl not in env.PDL_MODES:
-        raise CompileError(f"FERRUM_PDL={os.environ['FERRUM_PDL']} is not a mode; use 1, late or first, or unset it")
+        raise CompileError(f"FERRUM_PDL={os.environ['FERRUM_PDL']} is not a mode; use 1, late, first or deep, "
+                           "or unset it")
     if pdl and not supports_programmatic_launch(spec.tvm_target):
         raise CompileError(f"FERRUM_PDL needs --target cuda-sm90 (programmatic dependent launch is sm_90's), "
                            f"not {spec.name}; unset FERRUM_PDL")

@@ -80,7 +80,7 @@ def gemv_dp4a() -> str:
     return _mode("FERRUM_GEMV_DP4A", "lanes")
 
 
-PDL_MODES = ("early", "late", "first")
+PDL_MODES = ("early", "late", "first", "deep")
 
 
 def pdl() -> str:
@@ -91,7 +91,10 @@ def pdl() -> str:
     - ``1`` (``early``): the decode GEMVs issue their first weight loads and the split attention its first
       key tile before they wait for the kernel before them, and let the next kernel launch first thing;
     - ``late``: the same early loads, the next kernel let launch only after the wait;
-    - ``first``: every kernel waits first, then lets the next one launch (no early loads).
+    - ``first``: every kernel waits first, then lets the next one launch (no early loads);
+    - ``deep``: ``early``, with the one-token GEMVs (``decode_one``) issuing up to 3 step groups' weight
+      loads before their wait instead of 1-2 (``quant_linear.gemv_slots``): Qwen3-4B's INT4 q|k|v and
+      down GEMVs all their weights.
 
     On an H200 on 2026-11-27 ``1`` failed parity (max logit error 6.5): ptxas had issued GEMVs' activation
     loads before the wait (they were ``__restrict__``, so non-coherent); the launch pass now drops

@@ -767,6 +767,7 @@ GEMV_TOKENS = 4  # tokens per pass over the block's rows
 GEMV_UNROLL = 1  # chunks whose loads a thread issues before it uses the first (2 and 4: slower on an H200)
 GEMV_MIN_BLOCKS = 528  # a grid this large keeps 4 blocks on each SM of a 132-SM H100/H200
 GEMV_MAX_WARPS = 3072  # about one wave of resident warps on a 132-SM H100/H200; more lanes per row past it lost
+GEMV_DEEP_SLOTS = 3  # FERRUM_PDL=deep: step groups a one-token GEMV loads before its wait (48 registers at most)
 _MAGIC = 0x4B000000  # float32 bits of 2**23: OR-ing an integer below 2**23 into the mantissa gives 2**23 + it
 _MAGIC_H2 = 0x64006400  # float16 bits of 1024 in both halves: the same for a pair, with integers below 1024
 
@@ -916,6 +917,18 @@ def gemv_row_blocks(in_features: int, out_features: int, fmt: QuantFormat | None
     return -(-out_features // (rt * GEMV_ROWS))
 
 
+def gemv_slots(prefetch: bool, groups: int, tokens: int, warps: int, pdl: str = "") -> int:
+    """Register slots of a GEMV lane's weight loads: the step groups in flight before the first is used
+    (``make_gemv_gpu``). 2 with ``prefetch`` (the next group's loads issued before this one's arithmetic);
+    with ``pdl`` "deep" (FERRUM_PDL=deep), one token per pass and a grid of one wave (fewer than
+    ``GEMV_MAX_WARPS`` warps: a later wave starts after the wait anyway), up to ``GEMV_DEEP_SLOTS``: the
+    first groups' loads, often all of a small GEMV's (Qwen3-4B INT4 q|k|v and down: 3 groups, o: 2), go
+    out before the wait for the kernel before it, while that one still runs; at most ``groups``."""
+    if pdl == "deep" and tokens == 1 and warps < GEMV_MAX_WARPS:
+        return max(1, min(groups, GEMV_DEEP_SLOTS))
+    return 2 if prefetch and groups > 1 else 1
+
+
 def gemv_prefetch(quantized: bool, tokens: int, steps: int, warps: int) -> bool:
     """Whether a GEMV issues the next step's loads before this step's arithmetic (``make_gemv_gpu``'s
     ``prefetch``): dense weights in passes of one token over 4 steps or more, in a grid of fewer than
@@ -996,7 +1009,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     small GEMV's loads, often all of them, overlap the kernels before it. Not with ``experts`` (the expert
     lists are activations): those wait first.
     ``pdl`` is FERRUM_PDL's mode: ``early`` lets the next kernel launch first thing (the launch pass adds
-    that), ``late`` right after the wait.
+    that), ``late`` right after the wait; ``deep`` is ``early`` with up to 3 step groups' loads before the
+    wait at one token per pass (``gemv_slots``).
 
     ``half_math`` (symmetric INT4, float16 activations; an experiment, not used by the lowering yet):
     a word's 8 weights become 4 float16 pairs and meet the activations in paired float16 multiply-adds
@@ -1022,9 +1036,10 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     NT, BR = KT * RT, RT * RB  # threads and rows of a block
     STEPS = -(-NC // KT)  # chunks per lane
     SG = -(-STEPS // U)  # step groups of U chunks per lane
+    warps = -(-N // RB) * KT // 32
     if prefetch is None:
-        prefetch = gemv_prefetch(fmt is not None, TT, STEPS, -(-N // RB) * KT // 32)
-    PF = 2 if prefetch and SG > 1 else 1  # register slots of loads
+        prefetch = gemv_prefetch(fmt is not None, TT, STEPS, warps)
+    PF = gemv_slots(prefetch, SG, TT, warps, "" if experts else pdl)  # register slots (expert GEMVs wait first)
     LAG = PF - 1  # groups loaded ahead of the one in use
     XV = min(C, max_lanes, 16 // dtype_bytes(x_dtype))
     J = TT * RB
@@ -1118,7 +1133,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 hw = T.alloc_buffer((8,), "float16", scope="local")  # half_math: a word's 4 weight pairs
                 raw = T.alloc_buffer((PF, U, RB, 4), "uint32", scope="local")  # quantized: slots x U chunks x rows
                 rawd = T.alloc_buffer((PF, U, RB, C), wdt, scope="local")  # dense
-                sq = T.alloc_buffer((RT * J if producer else 1,), "float32", scope="shared")  # producer: squares of the outputs
+                # producer: the squares of the outputs
+                sq = T.alloc_buffer((RT * J if producer else 1,), "float32", scope="shared")
                 count: T.let[T.int32] = T.Cast("int32", rows_of(offsets, ex, ntok))
                 magic: T.let[T.uint32] = opaque_magic(count, _MAGIC_H2 if half_math else _MAGIC)
                 row0: T.let[T.int32] = blk * BR + tx // KT * RB  # this team's first row

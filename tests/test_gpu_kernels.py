@@ -259,7 +259,8 @@ FORMATS = st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 
 @given(seed=st.integers(0, 2**31), fmt=FORMATS, groups=st.integers(1, 40), n=st.integers(1, 23),
        ntok=st.integers(1, 11), bias=st.booleans(), lanes=st.sampled_from([16, 4]), gated=st.booleans(),
        layout=st.sampled_from([None, (16, 8, 2), (32, 2, 3), (128, 1, 1), (64, 2, 4)]), prefetch=st.booleans(),
-       tokens=st.sampled_from([4, 1, 2]), rows=st.sampled_from([4, 2]), pdl=st.sampled_from(["", "early", "late"]))
+       tokens=st.sampled_from([4, 1, 2]), rows=st.sampled_from([4, 2]),
+       pdl=st.sampled_from(["", "early", "late", "deep"]))
 def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, layout, prefetch, tokens, rows, pdl):
     """Any width (more chunks than lanes, fewer, ragged), any row count (a partial last team of 4 rows, a
     partial block of teams), any token count (partial passes of 4, 2 or 1 tokens), 16-byte loads or
@@ -267,10 +268,40 @@ def test_gemv_matches_reference(seed, fmt, groups, n, ntok, bias, lanes, gated, 
     picks, or teams of 16 to 128 lanes with 1 to 4 chunks in flight; the next step group's loads issued
     ahead (an odd or even number of groups) or not; 4 or 2 rows per thread; with or without the wait for
     the previous kernel after the first weight loads (``pdl``: a no-op here, its place in the loops is
-    what is tested)."""
+    what is tested; ``deep``: up to 3 groups loaded before it, at one token, in as many register slots)."""
     k = groups * (fmt.group_size if fmt else 8) + (0 if fmt else seed % 3)  # dense: odd widths too
     out, ref = _gemv_case(np.random.default_rng(seed), k, n, ntok, fmt, bias, lanes, gated, layout, prefetch,
                           tokens, rows, pdl)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
+
+
+def test_deep_pdl_loads_up_to_three_groups_before_the_wait():
+    """FERRUM_PDL=deep's register slots (``gemv_slots``): Qwen3-4B's one-token INT4 GEMVs load every step
+    group before their wait where there are at most 3 (q|k|v: 3, o: 2), 3 of gate|up's 5; a grid past one
+    wave (float16 gate|up, the lm_head), passes of 4 tokens and the other modes keep 1, or 2 with
+    prefetch."""
+    def slots(k, n, fmt, tokens=1, pdl="deep", prefetch=False):
+        chunks = k // ql.gemv_chunk(fmt, "float16", k)
+        kt, _, _ = ql.gemv_layout(chunks, n)
+        steps = -(-chunks // kt)
+        return ql.gemv_slots(prefetch, steps, tokens, -(-n // ql.GEMV_ROWS) * kt // 32, pdl)
+
+    int4 = ql.QuantFormat(4, 128, True)
+    assert [slots(2560, 6144, int4), slots(4096, 2560, int4), slots(2560, 19456, int4), slots(9728, 2560, int4)] \
+        == [3, 2, 3, 3]
+    assert slots(2560, 19456, None) == 1 and slots(2560, 151936, None) == 1
+    assert slots(2560, 6144, int4, tokens=4) == 1 and slots(2560, 6144, int4, pdl="early") == 1
+    assert slots(4096, 2560, None, pdl="early", prefetch=True) == 2 and slots(4096, 2560, None, prefetch=True) == 3
+
+
+@pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 16, False)])
+@pytest.mark.parametrize("steps", [2, 3, 5, 7])
+def test_deep_pdl_gemv_matches_reference(fmt, steps):
+    """FERRUM_PDL=deep's one-token GEMV: 2, 3, 5 or 7 step groups per lane through its 2-3 register slots
+    (every group loaded before the wait, or the slots reused round after round), three tokens."""
+    unit = ql.gemv_chunk(fmt, "float32", 1 << 12)
+    k = 16 * unit * steps - unit  # the last step one chunk short
+    out, ref = _gemv_case(np.random.default_rng(steps), k, 9, 3, fmt, True, layout=(16, 1, 1), tokens=1, pdl="deep")
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 
@@ -317,8 +348,8 @@ def test_gemv_float16_build(fmt):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31),
-       fmt=st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 16, False)]), groups=st.integers(1, 12),
-       n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]), parts=st.integers(0, 40),
+       fmt=st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 16, False)]),
+       groups=st.integers(1, 12), n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]), parts=st.integers(0, 40),
        begins=st.booleans(), residual=st.booleans(), bias=st.booleans(),
        layout=st.sampled_from([None, (32, 2, 1), (64, 4, 1)]))
 def test_gemv_deferred_norm_and_residual_epilogue(seed, fmt, groups, n, ntok, tokens, parts, begins, residual, bias,

@@ -120,7 +120,7 @@ def test_pdl_needs_sm90(tiny_model_dir, tmp_path):
 def test_pdl_mode_must_be_known(tiny_model_dir, tmp_path):
     res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cuda-sm90", "-o", tmp_path / "art",
                  env={"FERRUM_PDL": "eager"})
-    assert_one_line_error(res, "FERRUM_PDL=eager is not a mode", "use 1, late or first")
+    assert_one_line_error(res, "FERRUM_PDL=eager is not a mode", "use 1, late, first or deep")
 
 
 def test_programmatic_launch_pass():
@@ -269,7 +269,7 @@ def _compute_capability() -> int:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pdl", ["", "1", "late", "first"])
+@pytest.mark.parametrize("pdl", ["", "1", "late", "first", "deep"])
 def test_cuda_artifact_runs_on_gpu(pdl, tiny_model_dir, compiled, tmp_path, monkeypatch):
     """On a GPU machine: build for its arch, run a ragged step, compare with transformers (fp16 tolerance);
     on sm_90 again with every kernel a programmatic dependent launch, in each FERRUM_PDL mode."""
