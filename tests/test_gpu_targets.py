@@ -24,17 +24,18 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target,quant,pdl", [("qwen3", "cuda-sm90", "auto", False),
-                                                     ("llama", "cuda-sm80", "auto", False),
-                                                     ("qwen2", "cuda-sm86", "auto", False),
-                                                     ("mistral", "cuda-sm89", "q4", False),
-                                                     ("qwen3-moe", "cuda-sm90", "q4", True)])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family,target,quant,pdl,norms", [("qwen3", "cuda-sm90", "auto", False, False),
+                                                           ("llama", "cuda-sm80", "auto", False, False),
+                                                           ("qwen2", "cuda-sm86", "auto", False, True),
+                                                           ("mistral", "cuda-sm89", "q4", False, False),
+                                                           ("qwen3-moe", "cuda-sm90", "q4", True, False)])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, tiny_model_dir, tmp_path):
     """... and, with FERRUM_PDL=1 (the MoE model: dense, INT4 and grouped GEMVs), every kernel is a
-    programmatic dependent launch that nvcc compiled."""
+    programmatic dependent launch that nvcc compiled; with FERRUM_GEMV_NORMS=1 (Qwen2: q|k|v with a bias)
+    the GEMVs that begin and finish a deferred norm are compiled and verified too."""
     out = tmp_path / "art"
     res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out,
-                 env={"FERRUM_PDL": "1" if pdl else ""})
+                 env={"FERRUM_PDL": "1" if pdl else "", "FERRUM_GEMV_NORMS": "1" if norms else ""})
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
     code = embedded_cuda_code(out / "model.so")
@@ -79,6 +80,9 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, tiny
     assert lib.count(PDL_TAG.encode()) == (verified["kernels"] if pdl else 0)
     assert manifest["compile_options"].get("pdl", "") == ("early" if pdl else "")  # FERRUM_PDL=1's mode
     assert ("programmatic dependent launches (FERRUM_PDL, early)" in shown) == pdl
+    assert bool(manifest["compile_options"].get("gemv_norms")) == norms
+    assert ("norms deferred into the decode GEMVs (FERRUM_GEMV_NORMS)" in shown) == norms
+    assert (b"norm_next" in lib and b"norm_parts" in lib) == norms
 
 
 @needs_nvcc
