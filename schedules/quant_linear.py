@@ -1070,6 +1070,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     assert not ((normed or residual or producer) and grouped) and not (normed and gated), \
         "norm/residual: plain GEMVs only"
     assert not normed or norm_parts >= 1, "a deferred norm needs its partial sums of squares"
+    SV = 4 if norm_parts % 4 == 0 and max_lanes >= 4 else 1  # partial sums per (16-byte) load
     PO = -(-N // BR)  # producer: the partial sums of squares it writes per token, one per block
     early_wait = bool(pdl) and not grouped  # the wait after the first weight loads (``pdl``)
     late_trigger = pdl == "late"  # the next kernel let launch after that wait (FERRUM_PDL=late)
@@ -1130,6 +1131,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 sx = T.alloc_buffer((TT,), "float32", scope="local")  # asymmetric: sum of a word's activations
                 wv = T.alloc_buffer((VW if quant else C,), "float32", scope="local")
                 dot = T.alloc_buffer((1,), "float32", scope="local")
+                part = T.alloc_buffer((SV,), "float32", scope="local")  # normed: partial sums of squares
                 hw = T.alloc_buffer((8,), "float16", scope="local")  # half_math: a word's 4 weight pairs
                 raw = T.alloc_buffer((PF, U, RB, 4), "uint32", scope="local")  # quantized: slots x U chunks x rows
                 rawd = T.alloc_buffer((PF, U, RB, C), wdt, scope="local")  # dense
@@ -1234,9 +1236,12 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                     if normed:  # each token's sum of squares: the producer's partials, split over the lanes
                         for t in T.unroll(TT):
                             if p * TT + t < count:
-                                for i in T.unroll(-(-norm_parts // KT)):
-                                    if i * KT + tx % KT < norm_parts:
-                                        acc[J + t] = acc[J + t] + ssi[p * TT + t, i * KT + tx % KT]
+                                for i in T.unroll(-(-norm_parts // (KT * SV))):  # SV partials a load
+                                    if (i * KT + tx % KT) * SV < norm_parts:
+                                        for v in T.vectorized(SV):
+                                            part[v] = ssi[p * TT + t, (i * KT + tx % KT) * SV + v]
+                                        for v in T.unroll(SV):
+                                            acc[J + t] = acc[J + t] + part[v]
                     sums(red, acc, tx)
                     if producer:  # rows past N (and tokens past the count) add nothing
                         if tx % KT < J:

@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ferrum.schedules import linear as lin
@@ -352,6 +352,10 @@ def test_gemv_float16_build(fmt):
        groups=st.integers(1, 12), n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]), parts=st.integers(0, 40),
        begins=st.booleans(), residual=st.booleans(), bias=st.booleans(),
        layout=st.sampled_from([None, (32, 2, 1), (64, 4, 1)]))
+@example(seed=1, fmt=ql.QuantFormat(4, 32, True), groups=3, n=9, ntok=5, tokens=4, parts=36, begins=False,
+         residual=True, bias=True, layout=None)  # 16-byte loads of the partials, a lane's last one partial
+@example(seed=2, fmt=None, groups=5, n=13, ntok=3, tokens=1, parts=7, begins=True, residual=True, bias=False,
+         layout=(32, 2, 1))  # one partial a load
 def test_gemv_deferred_norm_and_residual_epilogue(seed, fmt, groups, n, ntok, tokens, parts, begins, residual, bias,
                                                   layout):
     """``make_gemv_gpu``'s deferred RMSNorm and residual, against numpy: with ``norm_eps`` (``parts`` > 0)
