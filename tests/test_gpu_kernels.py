@@ -349,8 +349,8 @@ def test_gemv_float16_build(fmt):
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31),
        fmt=st.sampled_from([None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 16, False)]),
-       groups=st.integers(1, 12), n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]), parts=st.integers(0, 40),
-       begins=st.booleans(), residual=st.booleans(), bias=st.booleans(),
+       groups=st.integers(1, 12), n=st.integers(1, 19), ntok=st.integers(1, 9), tokens=st.sampled_from([4, 1]),
+       parts=st.integers(0, 40), begins=st.booleans(), residual=st.booleans(), bias=st.booleans(),
        layout=st.sampled_from([None, (32, 2, 1), (64, 4, 1)]))
 @example(seed=1, fmt=ql.QuantFormat(4, 32, True), groups=3, n=9, ntok=5, tokens=4, parts=36, begins=False,
          residual=True, bias=True, layout=None)  # 16-byte loads of the partials, a lane's last one partial
