@@ -470,7 +470,8 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_la
         gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv, *_named(fused)),
                     lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
                                                       max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
-        parts = quant_sched.gemv_row_blocks(k, n, None, w.dtype) if norm_next else 0
+        # the partial sums it writes: one per block of its grid (laid out as a norm reader's when it is one)
+        parts = quant_sched.gemv_row_blocks(k, n, None, w.dtype, gemv if norm else 0) if norm_next else 0
         return relax.call_tir(gv, _gemv_args(a, norm, residual, norm_next),
                               _gemv_outputs(relax, a[0].ty.shape[0], n, out.dtype, norm_next, parts))
     if kernel_kind == "cpu":
@@ -541,7 +542,7 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
                      gemv, *_named(fused)),
                     lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
                                                       max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
-        parts = quant_sched.gemv_row_blocks(k, n, fmt, "") if norm_next else 0
+        parts = quant_sched.gemv_row_blocks(k, n, fmt, "", gemv if norm else 0) if norm_next else 0
         return relax.call_tir(gv, _gemv_args(a, norm, residual, norm_next),
                               _gemv_outputs(relax, a[0].ty.shape[0], n, out.dtype, norm_next, parts))
     if kernel_kind == "cpu":
