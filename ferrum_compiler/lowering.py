@@ -577,9 +577,10 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
     routed = bb.emit(relax.call_tir(topk, [logits], [relax.TensorType([ntok, k], "float32"),
                                                     relax.TensorType([ntok * k], "int32")]))
     weights, ids = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
-    w_dtype = graph.value(op.inputs[2]).dtype
 
     def grouped(inp, fmt, tensors, kk, nn, x_div, gated=False):
+        # each stack's own (one may stay dense where the other is quantized: a width its groups do not divide)
+        w_dtype = str(tensors[0].ty.dtype)
         s_dtype = str(tensors[1].ty.dtype) if fmt is not None else "float16"
         out_ty = relax.TensorType([ntok * k, nn], "float32")
         if gemv:

@@ -214,10 +214,11 @@ def test_gpu_moe_matches_interpreter(entry, tc):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("entry,tokens", [("forward", 70), ("decode", 4)])
-def test_gpu_quantized_moe_matches_interpreter(entry, tokens):
-    """Asymmetric INT4 gate_up and symmetric INT8 down experts (8 experts, top-2): 70 tokens give 140 slots, so
-    experts get more than one 64-slot tile."""
+def _quantized_moe(tokens: int, down, float32_scales: bool):
+    """``(quantized graph, its packed params, inputs, reference)`` of one MoE op (8 experts, top-2):
+    asymmetric INT4 gate_up experts, and ``down`` (a QuantFormat) or dense down experts (``None``: as a
+    compile leaves a stack whose width its groups do not divide); the reference is the dense graph on the
+    dequantized weights. ``float32_scales``: float16 scales widened (exact), for PoCL, which has no half."""
     import dataclasses
 
     from ferrum_compiler.ir import GraphBuilder
@@ -231,26 +232,49 @@ def test_gpu_quantized_moe_matches_interpreter(entry, tokens):
     b.output(b.moe(x, logits, b.param("gate_up", (E * 2 * inter, d), "float32"),
                    b.param("down", (E * d, inter), "float32"), top_k=2, norm_topk_prob=True))
     dense = b.graph
-    formats = {"gate_up": QuantFormat(4, 32, False), "down": QuantFormat(8, 32, True)}
+    formats = {"gate_up": QuantFormat(4, 32, False), **({"down": down} if down is not None else {})}
     dense.quant = {w: {"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "act_order": False}
                    for w, f in formats.items()}
     graph = quantize_linears(dense)
     rng = np.random.default_rng(tokens)
-    deq, packed = {}, {}
+    params = {w: rng.standard_normal(v.shape).astype(np.float32) for w, v in dense.params.items()}
+    deq, packed = dict(params), {}
     for w, f in formats.items():
-        qt = quantize_rtn(rng.standard_normal(dense.params[w].shape).astype(np.float32), f)
+        qt = quantize_rtn(params[w], f)
         deq[w] = qt.dequantize()
-        packed.update({graph.packing[w][role]: t.astype(np.float32) if t.dtype == np.float16 else t
+        packed.update({graph.packing[w][role]: t.astype(np.float32) if float32_scales and t.dtype == np.float16 else t
                        for role, t in qt.pack().items()})
-    for name, value in graph.params.items():  # float32 scales (exact: they were float16): PoCL has no half
-        if value.dtype == "float16":
-            graph.params[name] = dataclasses.replace(value, dtype="float32")
+    packed.update({w: params[w] for w in params if w not in formats})
+    if float32_scales:
+        for name, value in graph.params.items():
+            if value.dtype == "float16":
+                graph.params[name] = dataclasses.replace(value, dtype="float32")
     inputs = {"x": rng.standard_normal((tokens, d)).astype(np.float32),
               "logits": rng.standard_normal((tokens, E)).astype(np.float32)}
-    ref = list(run_graph(dense, inputs, deq).values())[0]
+    return graph, packed, inputs, list(run_graph(dense, inputs, deq).values())[0]
+
+
+@pytest.mark.parametrize("entry,tokens,down", [("forward", 70, "int8"), ("decode", 4, "int8"), ("forward", 9, None),
+                                               ("decode", 3, None)])
+def test_gpu_quantized_moe_matches_interpreter(entry, tokens, down):
+    """Asymmetric INT4 gate_up and symmetric INT8 down experts (8 experts, top-2): 70 tokens give 140 slots, so
+    experts get more than one 64-slot tile; or dense down experts beside the INT4 gate_up (each stack's kernel
+    takes its own weight dtype: a Mixtral compiled with --quant q4 failed when its down stack stayed dense)."""
+    from ferrum.schedules.quant_linear import QuantFormat
+
+    graph, packed, inputs, ref = _quantized_moe(tokens, QuantFormat(8, 32, True) if down else None, True)
     mod = gpu_emu.gpu_module(lower(graph, "gpu"))
     out = gpu_emu.run_relax(mod, entry, inputs["x"], inputs["logits"], *[packed[n] for n in graph.params])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_cpu_moe_with_a_dense_down_stack_matches_interpreter():
+    """The CPU lowering of the same MoE with INT4 gate_up and dense down experts, against the interpreter."""
+    from .test_ir import run_lowered
+
+    graph, packed, inputs, ref = _quantized_moe(5, None, False)
+    ours, _ = run_lowered(graph, inputs, packed)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("entry,tokens,tc", [("forward", 11, False), ("forward", 70, True), ("decode", 3, False)])
