@@ -913,7 +913,7 @@ def gemv_row_blocks(in_features: int, out_features: int, fmt: QuantFormat | None
     """Blocks of ``make_gemv_gpu``'s grid over the rows, with its default layout (``norm_tokens``: that of
     a GEMV reading a deferred norm): the partial sums of squares per token a GEMV with ``norm_next``
     writes."""
-    kt, rt, _ = gemv_norm_layout(in_features // gemv_chunk(fmt, w_dtype, in_features), out_features, norm_tokens)
+    _, rt, _ = gemv_norm_layout(in_features // gemv_chunk(fmt, w_dtype, in_features), out_features, norm_tokens)
     return -(-out_features // (rt * GEMV_ROWS))
 
 

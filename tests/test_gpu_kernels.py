@@ -373,7 +373,7 @@ def test_gemv_deferred_norm_and_residual_epilogue(seed, fmt, groups, n, ntok, to
              ql.qlinear_ref(x, fmt, *tensors[:2], tensors[2] if len(tensors) > 2 else None, None))
     rstd = 1 / np.sqrt(ss.sum(axis=1, keepdims=True, dtype=np.float64) / k + 1e-5) if parts else 1
     h = lin_x * rstd + (b if bias else 0) + (r if residual else 0)
-    kt, rt, _ = layout or ql.gemv_norm_layout(k // ql.gemv_chunk(fmt, "float32", k), n, tokens if parts else 0)
+    _, rt, _ = layout or ql.gemv_norm_layout(k // ql.gemv_chunk(fmt, "float32", k), n, tokens if parts else 0)
     blocks = -(-n // (rt * ql.GEMV_ROWS))
     assert layout or blocks == ql.gemv_row_blocks(k, n, fmt, "float32", tokens if parts else 0)
     rows = np.arange(n) // (rt * ql.GEMV_ROWS)  # the block of each row
