@@ -71,9 +71,16 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     if dp4a and dp4a not in env.DP4A_MODES:
         raise CompileError(f"FERRUM_GEMV_DP4A={os.environ['FERRUM_GEMV_DP4A']} is not a mode; use 1 (lanes) or "
                            "kernel, or unset it")
+    mma = env.mma_linear()
+    if mma and mma not in env.MMA_LINEAR_MODES:
+        raise CompileError(f"FERRUM_MMA_LINEAR={os.environ['FERRUM_MMA_LINEAR']} is not a mode; use 1 (wide) or "
+                           "decode, or unset it")
+    cuda = spec.tvm_target["kind"] == "cuda"
+    if mma == "decode" and env.gemv_norms() and cuda:
+        raise CompileError("FERRUM_MMA_LINEAR=decode and FERRUM_GEMV_NORMS=1 do not combine; unset one of them")
     experiments: dict = {flag: value for flag, value in (
         ("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"), ("pdl", pdl),
-        ("gemv_dp4a", dp4a if spec.tvm_target["kind"] == "cuda" else "")) if value}
+        ("gemv_dp4a", dp4a if cuda else ""), ("mma_linear", mma if cuda else "")) if value}
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -272,8 +279,9 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
                    experiments: dict | None = None) -> tuple[dict | None, list[dict] | None]:
     """Compile and export the library; returns, for GPU targets, the GPU code verifier's report and, for
     CUDA, ptxas's usage of every kernel (``gpu_build.ptxas_usage``; else None for either).
-    ``experiments``: ``{"gemv_norms": True}``, ``{"pdl": mode}``, ``{"gemv_dp4a": mode}`` (FERRUM_GEMV_NORMS,
-    FERRUM_PDL's ``env.PDL_MODES``, FERRUM_GEMV_DP4A's ``env.DP4A_MODES``)."""
+    ``experiments``: ``{"gemv_norms": True}``, ``{"pdl": mode}``, ``{"gemv_dp4a": mode}``, ``{"mma_linear":
+    mode}`` (FERRUM_GEMV_NORMS, FERRUM_PDL's ``env.PDL_MODES``, FERRUM_GEMV_DP4A's ``env.DP4A_MODES``,
+    FERRUM_MMA_LINEAR's ``env.MMA_LINEAR_MODES``)."""
     import tvm
 
     from .gpu_build import (GpuCodeVerifier, kernel_usage, prepare_cuda_build, preload_tensor_intrinsics,
@@ -289,7 +297,8 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     mod = lowering.lower(graph, spec.kernel_kind, spec.int_dot_isa, max_lanes=4 if metal else 16,
                          graph_max_blocks=max_blocks, tensor_core_dtypes=tensor_core_dtypes(spec),
                          shared_bytes=24 * 1024 if metal else 40 * 1024, gemv_norms=bool(flags.get("gemv_norms")),
-                         pdl=early, gemv_dp4a=str(flags.get("gemv_dp4a") or "") if cuda else "")
+                         pdl=early, gemv_dp4a=str(flags.get("gemv_dp4a") or "") if cuda else "",
+                         mma_linear=str(flags.get("mma_linear") or "") if cuda else "")
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

@@ -12,6 +12,7 @@ the rest become Relax ops that TVM legalizes (and dlight schedules on GPUs).
 from __future__ import annotations
 
 from ferrum.schedules import linear as linear_sched
+from ferrum.schedules import mma_linear as mma_sched
 from ferrum.schedules import moe as moe_sched
 from ferrum.schedules import norm as norm_sched
 from ferrum.schedules import paged_attention as attn_sched
@@ -55,7 +56,8 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
-          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: str = ""):
+          skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: str = "",
+          mma_linear: str = ""):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -74,7 +76,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     lets the next kernel launch only after that wait. ``gemv_dp4a`` (CUDA; FERRUM_GEMV_DP4A's mode, "" for
     none): the decode entries' symmetric INT4 GEMVs without bias or a folded norm or residual on integer
     dot products (``make_gemv_dp4a_gpu``) over activations rounded to int8 per 32 columns: by its lanes
-    (``lanes``) or by a ``make_quantize_dp4a_gpu`` kernel before it (``kernel``)."""
+    (``lanes``) or by a ``make_quantize_dp4a_gpu`` kernel before it (``kernel``). ``mma_linear`` (CUDA;
+    FERRUM_MMA_LINEAR's mode, "" for none): the dense float16/bfloat16 linears of ``decode_wide`` (``wide``),
+    or of ``decode_wide`` and ``decode`` (``decode``), on ``mma_linear.make_mma_linear_gpu`` (tensor-core
+    mma's streaming each weight once per 32 tokens) instead of dlight's matmuls or the GEMVs' passes of 4."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -119,6 +124,12 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     entries += [(DECODE_WIDE_GRAPH_ENTRY, 0)] if wide and graph_max_blocks > 0 else []
     graph_tokens = {DECODE_GRAPH_ENTRY: DECODE_MAX_TOKENS, DECODE_WIDE_GRAPH_ENTRY: WIDE_GRAPH_MAX_TOKENS,
                     DECODE_ONE_GRAPH_ENTRY: 1}
+    # FERRUM_MMA_LINEAR: the entries whose dense linears run on make_mma_linear_gpu (not beside deferred
+    # norms in decode: a norm the GEMV before began would have to be finished by an mma linear)
+    assert not (mma_linear == "decode" and gemv_norms), "FERRUM_MMA_LINEAR=decode with FERRUM_GEMV_NORMS"
+    mma_entries = {"wide": (DECODE_WIDE_ENTRY, DECODE_WIDE_GRAPH_ENTRY),
+                   "decode": (DECODE_WIDE_ENTRY, DECODE_WIDE_GRAPH_ENTRY, DECODE_ENTRY, DECODE_GRAPH_ENTRY)
+                   }.get(mma_linear, ()) if gpu else ()
     for entry, gemv in entries:
         tc_attention = entry == ENTRY  # the tensor-core attention: forward only
         # decode_wide's linears: the tensor-core GEMM for few tokens (weights read once per 64)
@@ -162,7 +173,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         r = relax.op.nn.rms_norm(a[0], a[1], axes=[-1], epsilon=op.attrs["eps"])
                     elif k in ("linear", "qlinear"):
                         skinny = skinny_gemm and wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)
-                        gated = _gated_source(graph, producer, op.inputs[0]) if gemv or skinny else None
+                        mma_op = entry in mma_entries and _mma_fits(graph, op)
+                        gated = _gated_source(graph, producer, op.inputs[0]) if (gemv or skinny) and not mma_op \
+                            else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]
                         norm = norms.get(op.inputs[0]) if gated is None else None
@@ -173,7 +186,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         x_dtype = graph.value(op.inputs[0]).dtype
                         # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
                         mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
-                        if skinny:
+                        if mma_op:
+                            r = _mma_linear(relax, kernel, graph, op, a, out)
+                        elif skinny:
                             r = _skinny(relax, kernel, graph, op, a, out, gated is not None)
                         else:
                             fuse = {"norm": norm and norm[1:], "residual": env[res_add[1]] if res_add else None,
@@ -435,6 +450,26 @@ def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
     w = graph.value(op.inputs[1])
     n, k = w.shape
     return w.dtype == x.dtype and n % 16 == 0 and k % 16 == 0
+
+
+def _mma_fits(graph: Graph, op) -> bool:
+    """Whether linear ``op`` can run on ``make_mma_linear_gpu``: a dense weight of its activations' dtype
+    (float16 or bfloat16), ``mma_linear_fits``' shape."""
+    if op.kind != "linear":
+        return False
+    x, w = graph.value(op.inputs[0]), graph.value(op.inputs[1])
+    n, k = w.shape
+    return w.dtype == x.dtype and mma_sched.mma_linear_fits(k, n, x.dtype)
+
+
+def _mma_linear(relax, kernel, graph, op, a, out):
+    """A dense linear on ``mma_linear.make_mma_linear_gpu``: its arguments are the op's."""
+    x_dtype = graph.value(op.inputs[0]).dtype
+    b_dtype = graph.value(op.inputs[2]).dtype if op.attrs["bias"] else None
+    n, k = graph.value(op.inputs[1]).shape
+    gv = kernel(("mma_linear", k, n, x_dtype, out.dtype, b_dtype),
+                lambda: mma_sched.make_mma_linear_gpu(k, n, x_dtype, out.dtype, b_dtype))
+    return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 
 def _skinny(relax, kernel, graph, op, a, out, gated: bool):

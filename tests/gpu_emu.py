@@ -154,6 +154,47 @@ def _wmma_call(call):
     raise NotImplementedError(name)
 
 
+# ``mma.sync.aligned.m16n8k16.row.col.f32`` (``T.ptx_legacy.mma``): the warp's 32 threads each hold a
+# piece of A (16 x 16, 8 values), B (16 x 8, 4) and the accumulator (16 x 8, 4), laid out as the PTX ISA's
+# "Matrix Fragments for mma.m16n8k16" says. Emulated through ``__local`` memory: each thread writes its
+# pieces of A and B to its warp's scratch rows, a barrier, each computes its 4 accumulator elements from
+# the whole tiles, a barrier. So every thread of the block must reach every mma the same number of times
+# (on the GPU only the warp's must): kernels built for this keep mma out of thread-dependent branches.
+MMA_THREADS = 1024  # threads of a block the scratch is sized for
+_MMA_SCRATCH = "ferrum_mma_x"
+
+
+def _mma_call(call):
+    """The emulation of one ``ptx_legacy.mma`` (m16n8k16, row.col, float32 accumulators): a helper call (a
+    macro that passes the kernel's ``__local`` scratch, see ``build``)."""
+    from tvm import tirx
+
+    shape, a_layout, b_layout, a_type, b_type, c_type, a, ao, b, bo, c, co, _saturate = call.args
+    if (shape.value, a_layout.value, b_layout.value, c_type.value) != ("m16n8k16", "row", "col", "fp32"):
+        raise NotImplementedError(f"mma {shape.value}.{a_layout.value}.{b_layout.value}.{c_type.value}")
+    at = {"fp16": "half", "bf16": "ushort"}[a_type.value]
+    helper = f"ferrum_mma_m16n8k16_{at}"
+    # A[row][k] sits in lane (row % 8) * 4 + (k % 8) / 2, slot k % 2 + 2 * (row / 8) + 4 * (k / 8);
+    # B[k][n] in lane n * 4 + (k % 8) / 2, slot 8 + k % 2 + 2 * (k / 8) (after A's 8 in a scratch row);
+    # accumulator element i of lane l is (row l / 4 + 8 * (i / 2), column 2 * (l % 4) + i % 2)
+    _wmma_helpers[helper] = (
+        f"void {helper}_x(float* c, int co, {at}* a, int ao, {at}* b, int bo, __local float* x) {{\n"
+        f"  int tid = get_local_id(0) + get_local_size(0) * (get_local_id(1) + get_local_size(1) * get_local_id(2));\n"
+        f"  int lane = tid % 32;\n  __local float* w = x + (tid - lane) * 12;\n"
+        f"  for (int i = 0; i < 8; ++i) w[lane * 12 + i] = {_widen(at, 'a[ao + i]')};\n"
+        f"  for (int i = 0; i < 4; ++i) w[lane * 12 + 8 + i] = {_widen(at, 'b[bo + i]')};\n"
+        f"  barrier(CLK_LOCAL_MEM_FENCE);\n  float r[4];\n"
+        f"  for (int i = 0; i < 4; ++i) {{\n"
+        f"    int row = lane / 4 + 8 * (i / 2), n = 2 * (lane % 4) + i % 2;\n    float s = c[co + i];\n"
+        f"    for (int k = 0; k < 16; ++k)\n"
+        f"      s += w[((row % 8) * 4 + (k % 8) / 2) * 12 + k % 2 + 2 * (row / 8) + 4 * (k / 8)]\n"
+        f"           * w[(n * 4 + (k % 8) / 2) * 12 + 8 + k % 2 + 2 * (k / 8)];\n"
+        f"    r[i] = s;\n  }}\n  barrier(CLK_LOCAL_MEM_FENCE);\n"
+        f"  for (int i = 0; i < 4; ++i) c[co + i] = r[i];\n}}\n"
+        f"#define {helper}(c, co, a, ao, b, bo) {helper}_x(c, co, a, ao, b, bo, {_MMA_SCRATCH})\n")
+    return tirx.call_extern("void", helper, c, co, a, ao, b, bo)
+
+
 def _no_grid_dependency(call):
     """``griddepcontrol`` (programmatic dependent launch, CUDA sm_90) has nothing to wait for here: one
     kernel runs at a time. A call of an empty helper keeps its place in the code."""
@@ -172,6 +213,7 @@ def _emulate_wmma() -> None:
     for op in ("tvm_fill_fragment", "tvm_load_matrix_sync", "tvm_store_matrix_sync", "tvm_mma_sync"):
         register_intrin_lowering(f"tirx.{op}", "opencl", f=_wmma_call, level=99)
     register_intrin_lowering("tirx.ptx.griddepcontrol", "opencl", f=_no_grid_dependency, level=99)
+    register_intrin_lowering("tirx.ptx_legacy.mma", "opencl", f=_mma_call, level=99)
 
 
 def _static_shared(script: str):
@@ -211,6 +253,9 @@ def build(func):
     # (strict aliasing) that an optimiser may break; OpenCL's ``as_float`` is the same bits, defined (nvcc
     # reads the pun as a register move)
     source = _PUN.sub(lambda m: f"as_{m.group(1)}({m.group(2)})", source)
+    if any(h.startswith("ferrum_mma_") for h in _wmma_helpers):  # every kernel declares the mma scratch
+        source = re.sub(r"(__kernel void\b[^{]*\{)", rf"\1\n  __local float {_MMA_SCRATCH}[{MMA_THREADS * 12}];",
+                        source)
     if "__dp4a(" in source:  # OpenCL reserves names that begin with two underscores
         source = _DP4A + source.replace("__dp4a(", "ferrum_dp4a(")
     split = snapshot["mod"]

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ferrum.schedules import linear as lin
+from ferrum.schedules import mma_linear as ml
 from ferrum.schedules import moe
 from ferrum.schedules import norm
 from ferrum.schedules import paged_attention as pa
@@ -495,6 +496,52 @@ def test_skinny_layout_fills_the_gpu():
     assert ql.skinny_layout(2560, 6144) == (1, 4) and ql.skinny_layout(9728, 2560) == (1, 4)
     assert ql.skinny_layout(48, 160) == (4, 1)  # 48 columns split 4 ways would leave 12 each
     assert ql.skinny_layout(96, 160, 32) == (4, 1) and ql.skinny_layout(128, 160, 32) == (1, 4)  # INT4 blocks
+
+
+# ---------------------------------------------------------------- many-token linears on mma.sync
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), dtype=st.sampled_from(["float16", "bfloat16"]), steps=st.integers(1, 6),
+       frags=st.integers(1, 6), ntok=st.integers(1, 75), bias=st.booleans(), rf=st.sampled_from([1, 2]),
+       ks=st.sampled_from([1, 2, 4]), n_frags=st.integers(1, 4), unroll=st.integers(1, 3))
+@example(seed=1, dtype="float16", steps=4, frags=4, ntok=37, bias=True, rf=2, ks=2, n_frags=4, unroll=2)
+@example(seed=2, dtype="bfloat16", steps=3, frags=3, ntok=16, bias=False, rf=1, ks=4, n_frags=2, unroll=3)
+def test_mma_linear_matches_reference(seed, dtype, steps, frags, ntok, bias, rf, ks, n_frags, unroll):
+    """The tensor-core linear for many-token decode steps (``mma.sync.m16n8k16`` emulated with the PTX ISA's
+    fragment layouts): weights loaded 8 columns a lane into both of a step's mma's, activations the same
+    columns; 1 or 2 row fragments a warp, warps splitting the columns, passes of 8-32 tokens with a partial
+    last one, steps loaded 1-3 at a time (one that does not divide the steps falls back to one that does);
+    every output written (NaN-filled before), each row's bias added once. Against float32 sums of the
+    exact products, rounded to the output dtype (float32 for float16 inputs, bfloat16 for bfloat16)."""
+    import ml_dtypes
+
+    rf = rf if frags % rf == 0 else 1
+    k, n = 32 * ks * steps, 16 * frags
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    out_dtype = "float32" if dtype == "float16" else dtype
+    rng = np.random.default_rng(seed)
+    x, w, b = (rng.standard_normal(shape).astype(np_dtype) for shape in ((ntok, k), (n, k), (n,)))
+    func = _kernel(("mma", k, n, dtype, bias, rf, ks, n_frags, unroll), lambda: ml.make_mma_linear_gpu(
+        k, n, dtype, out_dtype, dtype if bias else None, layout=(rf, ks), n_frags=n_frags, unroll=unroll))
+    out = np.full((ntok, n), np.nan, np.float32).astype(np_dtype if dtype == "bfloat16" else np.float32)
+    gpu_emu.run(func, x, w, *([b] if bias else []), out)
+    ref = ml.mma_linear_ref(x, w, b if bias else None)
+    if dtype == "bfloat16":  # one rounding of the float32 sum: half a unit in the last place, and the sum's own
+        np.testing.assert_allclose(out.astype(np.float32), ref, rtol=2 ** -8, atol=1e-4 * np.sqrt(k))
+    else:
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_mma_linear_layout_fills_the_gpu_within_shared_memory():
+    """Qwen3-4B's linears: 2 row fragments a warp where the grid still has ``MMA_MIN_WARPS`` warps, the
+    column split that reaches it, the warps' partial sums within 48 KiB."""
+    for (k, n), layout in {(2560, 6144): (1, 8), (4096, 2560): (1, 16), (2560, 19456): (2, 4),
+                           (9728, 2560): (1, 16), (2560, 151936): (2, 1), (64, 48): (1, 1)}.items():
+        assert ml.mma_linear_layout(k, n) == layout, (k, n)
+        assert ml.mma_shared_bytes(*layout) <= ml.MMA_SHARED
+    assert ml.mma_linear_fits(2560, 6144, "float16") and not ml.mma_linear_fits(2560, 6144, "float32")
+    assert not ml.mma_linear_fits(2560, 50, "bfloat16") and not ml.mma_linear_fits(48, 64, "float16")
 
 
 # ---------------------------------------------------------------- greedy sampling on the device

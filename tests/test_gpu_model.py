@@ -149,6 +149,51 @@ def test_16_bit_cuda_build_matches_interpreter(dtype):
     np.testing.assert_allclose(logits, ref, atol=tol * np.abs(ref).max(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype,entry", [("float16", "decode_wide"), ("float16", "decode"),
+                                         ("bfloat16", "decode_wide")])
+def test_mma_linear_build_matches_interpreter(dtype, entry):
+    """FERRUM_MMA_LINEAR=decode's build (``lower(mma_linear="decode")``) of a 16-bit model, emulated (half
+    stored as float, bfloat16 as its bits, mma's with the PTX fragment layouts): ``decode_wide``'s and
+    ``decode``'s dense linears (q|k|v, o, gate|up, down; the 50-row lm_head fits no mma tile and stays as
+    it was) on ``make_mma_linear_gpu``, SiLU·mul as its own kernel before the down one. A ragged step of 5
+    and 3 tokens, then one decode token each, against the IR interpreter in float32 on the same weights."""
+    import dataclasses
+
+    import ml_dtypes
+
+    from ferrum.models.registry import family
+
+    cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=128, intermediate_size=256, num_layers=1)
+    model, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in (dtype, "float32"))
+    mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16"), mma_linear="decode"),
+                             "sm_80")
+    for name in ("decode", "decode_wide"):
+        calls = re.findall(r"R\.call_tir\((\w+)", mod[name].script())
+        linears = [c for c in calls if c.startswith(("mma_linear", "gemv", "NT_matmul", "matmul", "tiled_gemm"))]
+        assert [c.startswith("mma_linear") for c in linears] == [True] * 4 + [False], calls
+        assert any("silu_mul" in c for c in calls), calls
+    assert "mma_linear" not in mod["forward"].script() and "mma_linear" not in mod["decode_one"].script()
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    rng = np.random.default_rng(3)
+    dense = {n: v.astype(np_dtype).astype(np.float32) for n, v in random_params(single, rng).items()}
+    params = {n: v.astype(np_dtype) for n, v in dense.items() if n in model.params}
+    inputs = batch(rng)
+    shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]
+    ref_cache, cache = np.zeros(shape, np.float32), np.zeros(shape, np_dtype)
+    tol = 5e-3 if dtype == "float16" else 3e-2  # bfloat16 has 3 fewer mantissa bits
+    for step in range(2):
+        ref = list(run_graph(single, {**inputs, "kv_cache.0": ref_cache}, dense).values())[0]
+        args = [inputs[n] if n in inputs else cache for n in model.inputs] + [params[n] for n in model.params]
+        logits = gpu_emu.run_relax(mod, entry, *args)[0]
+        np.testing.assert_allclose(logits, ref, atol=tol * np.abs(ref).max(), rtol=0)
+        pos = np.array([5, 3], np.int32)  # next: one decode token per sequence
+        tables = inputs["block_tables"]
+        inputs = {"token_ids": ref.argmax(axis=1).astype(np.int32), "positions": pos,
+                  "query_start": np.array([0, 1, 2], np.int32), "block_tables": tables,
+                  "slot_mapping": (tables[[0, 1], pos // 4] * 4 + pos % 4).astype(np.int32),
+                  "logits_index": np.array([0, 1], np.int32)}
+
+
 @pytest.mark.parametrize("entry,mode", [("decode", "lanes"), ("decode_one", "lanes"), ("decode", "kernel"),
                                         ("decode_one", "kernel")])
 def test_dp4a_decode_matches_interpreter(entry, mode):

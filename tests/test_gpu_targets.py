@@ -24,18 +24,23 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target,quant,pdl,norms", [("qwen3", "cuda-sm90", "auto", False, False),
-                                                           ("llama", "cuda-sm80", "auto", False, False),
-                                                           ("qwen2", "cuda-sm86", "auto", False, True),
-                                                           ("mistral", "cuda-sm89", "q4", False, False),
-                                                           ("qwen3-moe", "cuda-sm90", "q4", True, False)])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family,target,quant,pdl,norms,mma", [("qwen3", "cuda-sm90", "auto", False, False, ""),
+                                                               ("llama", "cuda-sm80", "auto", False, False, "decode"),
+                                                               ("qwen2", "cuda-sm86", "auto", False, True, ""),
+                                                               ("mistral", "cuda-sm89", "q4", False, False, ""),
+                                                               ("qwen3-moe", "cuda-sm90", "q4", True, False, ""),
+                                                               ("mixtral", "cuda-sm89", "q4", False, False, "")])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, tiny_model_dir, tmp_path):
     """... and, with FERRUM_PDL=1 (the MoE model: dense, INT4 and grouped GEMVs), every kernel is a
     programmatic dependent launch that nvcc compiled; with FERRUM_GEMV_NORMS=1 (Qwen2: q|k|v with a bias)
-    the GEMVs that begin and finish a deferred norm are compiled and verified too."""
+    the GEMVs that begin and finish a deferred norm are compiled and verified too; with
+    FERRUM_MMA_LINEAR=decode (Llama on sm_80, the oldest arch with the mma) the many-token linears on
+    tensor-core mma's. Every model file compiles for a CUDA arch here (Mixtral with --quant q4: its down
+    experts stay dense, 48 columns being no whole group)."""
     out = tmp_path / "art"
     res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out,
-                 env={"FERRUM_PDL": "1" if pdl else "", "FERRUM_GEMV_NORMS": "1" if norms else ""})
+                 env={"FERRUM_PDL": "1" if pdl else "", "FERRUM_GEMV_NORMS": "1" if norms else "",
+                      "FERRUM_MMA_LINEAR": mma})
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
     code = embedded_cuda_code(out / "model.so")
@@ -83,6 +88,8 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norm
     assert bool(manifest["compile_options"].get("gemv_norms")) == norms
     assert ("norms deferred into the decode GEMVs (FERRUM_GEMV_NORMS)" in shown) == norms
     assert (b"norm_next" in lib and b"norm_parts" in lib) == norms
+    assert manifest["compile_options"].get("mma_linear", "") == mma and (b"mma_linear" in lib) == bool(mma)
+    assert (f"tensor-core mma's (FERRUM_MMA_LINEAR, {mma})" in shown) == bool(mma)
 
 
 @needs_nvcc
@@ -119,6 +126,15 @@ def test_pdl_needs_sm90(tiny_model_dir, tmp_path):
     res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cuda-sm89", "-o", tmp_path / "art",
                  env={"FERRUM_PDL": "1"})
     assert_one_line_error(res, "FERRUM_PDL needs --target cuda-sm90", "unset FERRUM_PDL")
+
+
+def test_mma_linear_mode_must_be_known_and_not_beside_deferred_norms(tiny_model_dir, tmp_path):
+    res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cuda-sm90", "-o", tmp_path / "art",
+                 env={"FERRUM_MMA_LINEAR": "all"})
+    assert_one_line_error(res, "FERRUM_MMA_LINEAR=all is not a mode", "use 1 (wide) or decode")
+    res = ferrum("compile", tiny_model_dir("qwen3"), "--target", "cuda-sm90", "-o", tmp_path / "art",
+                 env={"FERRUM_MMA_LINEAR": "decode", "FERRUM_GEMV_NORMS": "1"})
+    assert_one_line_error(res, "FERRUM_MMA_LINEAR=decode and FERRUM_GEMV_NORMS=1 do not combine", "unset one")
 
 
 def test_pdl_mode_must_be_known(tiny_model_dir, tmp_path):
