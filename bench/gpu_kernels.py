@@ -18,7 +18,10 @@ variant of each shape is what ``gemv_layout`` should pick; the table says where 
 token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k, top-k + top-p, min_p)
 over 1 and 16 rows of Qwen3's 151936 logits, flat and peaked. Then one layer's decode attention (split
 kernel and merge) at 1 and 16 sequences of 384 and 2048 keys, for 64-, 32- and 16-key tiles and split
-counts from 1 to 64.
+counts from 1 to 64. First of all, the many-token linears on tensor-core mma's (``FERRUM_MMA_LINEAR``,
+``mma_linear.make_mma_linear_gpu``) at 16, 32 and 64 tokens, float16, in the picked layout and the ones
+around it (column splits, row fragments a warp, tokens a pass, steps loaded at a time), beside torch's
+``F.linear`` (cuBLAS) on the same weights and activations, each checked against a float32 product.
 """
 
 from __future__ import annotations
@@ -48,6 +51,22 @@ SAMPLING = {"greedy": (0.0, 0, 1.0, 0.0), "T0.7 p0.9": (0.7, 0, 0.9, 0.0), "T0.7
 # Qwen3-4B's attention, for the decode attention's split sweep; shared bytes that give 64-, 32- and 16-key tiles
 ATTENTION = {"heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16}
 ATTENTION_SHARED = (40 * 1024, 24 * 1024, 12 * 1024)
+MMA_TOKENS = (16, 32, 64)  # decode steps of many sequences: decode's largest, decode_wide's
+
+
+def mma_variants(k: int, n: int, fmt=None) -> list[tuple[tuple[int, int], int, int]]:
+    """``(layout, n_frags, unroll)`` of ``make_mma_linear_gpu``: the picked ones first (what the lowering
+    builds: 32 tokens a pass dense, 16 INT4; 2 steps at a time), then each changed alone: twice and half
+    the column splits, the other row-fragment count, the other tokens a pass, 1 and 4 steps loaded at a
+    time (those that build for the shape)."""
+    from ferrum.schedules import mma_linear as ml
+
+    (rf, ks), u = ml.mma_linear_layout(k, n, fmt), ml.MMA_UNROLL
+    nf, other = (ml.MMA_N_FRAGS, 2) if fmt is None else (2, ml.MMA_N_FRAGS)
+    todo = [((rf, ks), nf, u), ((rf, ks * 2), nf, u), ((rf, ks // 2), nf, u), ((3 - rf, ks), nf, u),
+            ((rf, ks), other, u), ((rf, ks), nf, 1), ((rf, ks), nf, 4)]
+    return [(lay, f, un) for lay, f, un in todo if 1 <= lay[1] <= ml.MMA_WARPS_MAX and n % (16 * lay[0]) == 0
+            and ml.mma_shared_bytes(lay[0], lay[1], f) <= ml.MMA_SHARED]
 CONTEXTS = (384, 2048)  # keys per sequence: the proof's decode (256 + 128) and a long one
 
 
@@ -100,6 +119,7 @@ def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
 def prepare(dest: Path) -> None:
     import tvm
 
+    from ferrum.schedules import mma_linear as ml
     from ferrum.schedules import norm, sampling
     from ferrum.schedules import paged_attention as pa
     from ferrum.schedules import quant_linear as ql
@@ -152,6 +172,17 @@ def prepare(dest: Path) -> None:
                                 "layout": layout, "picked": i == 0, **opts})
                 if opts.get("norm_next"):  # the partial sums of squares it writes per token
                     entries[-1]["norm_blocks"] = ql.gemv_row_blocks(k, n, fmt, "" if fmt else "float16")
+    mma_entries = []
+    for fname, f in FORMATS.items():
+        fmt = None if f is None else ql.QuantFormat(*f)
+        for shape, (k, n, _gated) in SHAPES.items():  # the down linear reads SiLU·mul's output on this path
+            for i, (layout, nf, u) in enumerate(mma_variants(k, n, fmt)):
+                name = f"mma-{fname}-{shape}-{layout[0]}x{layout[1]}-n{nf}-u{u}"
+                build(name, ml.make_mma_linear_gpu(k, n, "float16", "float16", layout=layout, n_frags=nf, unroll=u,
+                                                   fmt=fmt), "mma")
+                mma_entries.append({"name": name, "format": fname, "shape": shape, "in": k, "out": n,
+                                    "layout": layout, "n_frags": nf, "unroll": u, "picked": i == 0})
+    (dest / "mma.json").write_text(json.dumps(mma_entries, indent=1))
     for sb in ATTENTION_SHARED:  # decode attention at 64-, 32- and 16-key tiles, and the merge
         kc = pa.split_key_tile(pa_rows(), ATTENTION["head_dim"], "float16", sb)
         build(f"attention-{kc}", pa.make_attention_gpu(ATTENTION["heads"], ATTENTION["kv_heads"], ATTENTION["head_dim"],
@@ -187,6 +218,8 @@ def run(src: Path, out: Path) -> None:
     bw = hbm_bandwidth("cuda")
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
+    report: dict = {"copy_GBps": bw / 1e9, "mma": mma_time(src, dev, rng, bw)}
+    (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     copies: list[list] = []
     loaded, nbytes = None, 0
     rows = []
@@ -258,7 +291,7 @@ def run(src: Path, out: Path) -> None:
         except Exception as exc:  # one variant failing must not cost the others
             rows.append({**e, "error": repr(exc)})
             print(f"{e['name']}: FAILED {exc!r}", flush=True)
-    report: dict = {"copy_GBps": bw / 1e9, "rows": rows}
+    report["rows"] = rows
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     report["norm"] = norm_time(src, dev, rng)
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
@@ -277,6 +310,76 @@ def run(src: Path, out: Path) -> None:
     for (fm, sh, t), r in best.items():
         print(f"{fm} {sh:8s} T={t}: {r['name']:28s} {r['us']:7.2f} us {r['GBps']:6.0f} GB/s "
               f"{'*' if r['picked'] else ''}")
+
+
+def mma_time(src: Path, dev, rng, bw: float) -> list[dict]:
+    """Device time of each ``make_mma_linear_gpu`` variant and of torch's ``F.linear`` (cuBLAS, float16
+    weights: for the INT4 rows, what the same linear costs dense) at ``MMA_TOKENS`` tokens, the weights
+    rotated over 256 MiB of copies (both sides), each output against the float32 product of the
+    (dequantized) weights (``max_rel_diff``: over the largest output)."""
+    import torch
+    import tvm
+
+    from bench.gpu_profile import profile_steps
+
+    path = src / "mma.json"
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    rows: list[dict] = []
+    from ferrum.schedules import quant_linear as ql
+
+    for fname, shape in dict.fromkeys((e.get("format", "fp16"), e["shape"]) for e in entries):
+        group = [e for e in entries if (e.get("format", "fp16"), e["shape"]) == (fname, shape)]
+        k, n, f = group[0]["in"], group[0]["out"], FORMATS[fname]
+        try:
+            host = _weights(f, k, n, rng)
+            fmt = None if f is None else ql.QuantFormat(*f)
+            w = host[0] if fmt is None else ql.dequantize_ref(fmt, host[0], host[1].astype(np.float32), None).astype(
+                np.float16)  # the dense twin torch multiplies by
+            nbytes = sum(t.nbytes for t in host)
+            count = max(1, -(-(256 << 20) // nbytes))
+            copies = [[tvm.runtime.tensor(t, dev) for t in host] for _ in range(count)]
+            peer = [torch.from_numpy(w).cuda() for _ in range(max(1, -(-(256 << 20) // w.nbytes)))]
+        except Exception as exc:  # noqa: BLE001 - keep what ran
+            rows.append({"format": fname, "shape": shape, "error": repr(exc)})
+            print(f"mma {fname} {shape}: FAILED {exc!r}", flush=True)
+            continue
+        for ntok in MMA_TOKENS:
+            xh = rng.standard_normal((ntok, k)).astype(np.float16)
+            ref = xh.astype(np.float32) @ w.astype(np.float32).T
+            x, tx = tvm.runtime.tensor(xh, dev), torch.from_numpy(xh).cuda()
+            y = tvm.runtime.empty((ntok, n), "float16", dev)
+            for e in [{"name": f"torch-linear-{fname}", "format": fname, "shape": shape, "in": k, "out": n,
+                       "picked": False}] + group:
+                try:
+                    turn = [0]
+                    if e["name"].startswith("torch-linear"):
+                        got = torch.nn.functional.linear(tx, peer[0]).float().cpu().numpy()
+                        moved = w.nbytes
+
+                        def call(turn=turn, tx=tx, peer=peer):
+                            torch.nn.functional.linear(tx, peer[turn[0] % len(peer)])
+                            turn[0] += 1
+                    else:
+                        fn = tvm.runtime.load_module(str(src / f"{e['name']}.so"))["mma"]
+                        fn(x, *copies[0], y)
+                        got = y.numpy().astype(np.float32)
+                        moved = nbytes
+
+                        def call(fn=fn, x=x, y=y, turn=turn, copies=copies, count=count):
+                            fn(x, *copies[turn[0] % count], y)
+                            turn[0] += 1
+
+                    us = profile_steps(call, 3 * count)["kernel_ms_per_step"] * 1e3
+                    diff = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
+                    row = {**e, "tokens": ntok, "us": us, "GBps": moved / us / 1e3,
+                           "of_copy": moved / us / 1e3 / (bw / 1e9), "max_rel_diff": diff}
+                    rows.append(row)
+                    print(f"{e['name']:28s} {'*' if e['picked'] else ' '} T={ntok:2d}  {us:8.2f} us  "
+                          f"{row['GBps']:7.0f} GB/s {100 * row['of_copy']:5.1f}% of copy  diff {diff:.1e}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - one variant failing must not cost the others
+                    rows.append({**e, "tokens": ntok, "error": repr(exc)})
+                    print(f"{e['name']} T={ntok}: FAILED {exc!r}", flush=True)
+    return rows
 
 
 def norm_time(src: Path, dev, rng) -> list[dict]:

@@ -77,9 +77,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     none): the decode entries' symmetric INT4 GEMVs without bias or a folded norm or residual on integer
     dot products (``make_gemv_dp4a_gpu``) over activations rounded to int8 per 32 columns: by its lanes
     (``lanes``) or by a ``make_quantize_dp4a_gpu`` kernel before it (``kernel``). ``mma_linear`` (CUDA;
-    FERRUM_MMA_LINEAR's mode, "" for none): the dense float16/bfloat16 linears of ``decode_wide`` (``wide``),
-    or of ``decode_wide`` and ``decode`` (``decode``), on ``mma_linear.make_mma_linear_gpu`` (tensor-core
-    mma's streaming each weight once per 32 tokens) instead of dlight's matmuls or the GEMVs' passes of 4."""
+    FERRUM_MMA_LINEAR's mode, "" for none): the dense float16/bfloat16 and INT4 (float16 activations)
+    linears of ``decode_wide`` (``wide``), or of ``decode_wide`` and ``decode`` (``decode``), on
+    ``mma_linear.make_mma_linear_gpu`` (tensor-core mma's streaming each weight once per pass of 16 or 32
+    tokens) instead of dlight's matmuls or the GEMVs' passes of 4."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -187,7 +188,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
                         mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
                         if mma_op:
-                            r = _mma_linear(relax, kernel, graph, op, a, out)
+                            # passes of 16 tokens in decode's steps (at most 16) and INT4, of 32 dense in wider
+                            r = _mma_linear(relax, kernel, graph, op, a, out, 2 if gemv or k == "qlinear" else 4)
                         elif skinny:
                             r = _skinny(relax, kernel, graph, op, a, out, gated is not None)
                         else:
@@ -452,23 +454,38 @@ def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
     return w.dtype == x.dtype and n % 16 == 0 and k % 16 == 0
 
 
+def _mma_format(op):
+    """The QuantFormat of a qlinear op (None for a dense linear), for ``make_mma_linear_gpu``."""
+    at = op.attrs
+    return quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"]) if op.kind == "qlinear" else None
+
+
 def _mma_fits(graph: Graph, op) -> bool:
-    """Whether linear ``op`` can run on ``make_mma_linear_gpu``: a dense weight of its activations' dtype
-    (float16 or bfloat16), ``mma_linear_fits``' shape."""
-    if op.kind != "linear":
-        return False
-    x, w = graph.value(op.inputs[0]), graph.value(op.inputs[1])
+    """Whether (q)linear ``op`` can run on ``make_mma_linear_gpu``: a dense weight of its activations' dtype
+    (float16 or bfloat16) or INT4 in the row layout (float16 activations), ``mma_linear_fits``' shape."""
+    x = graph.value(op.inputs[0])
+    if op.kind == "qlinear":
+        at = op.attrs
+        return at.get("layout", "rows") == "rows" and mma_sched.mma_linear_fits(
+            at["in_features"], at["out_features"], x.dtype, _mma_format(op))
+    w = graph.value(op.inputs[1])
     n, k = w.shape
     return w.dtype == x.dtype and mma_sched.mma_linear_fits(k, n, x.dtype)
 
 
-def _mma_linear(relax, kernel, graph, op, a, out):
-    """A dense linear on ``mma_linear.make_mma_linear_gpu``: its arguments are the op's."""
+def _mma_linear(relax, kernel, graph, op, a, out, n_frags: int):
+    """A (q)linear on ``mma_linear.make_mma_linear_gpu``, ``n_frags`` 8-token fragments a pass: its arguments
+    are the op's."""
     x_dtype = graph.value(op.inputs[0]).dtype
-    b_dtype = graph.value(op.inputs[2]).dtype if op.attrs["bias"] else None
-    n, k = graph.value(op.inputs[1]).shape
-    gv = kernel(("mma_linear", k, n, x_dtype, out.dtype, b_dtype),
-                lambda: mma_sched.make_mma_linear_gpu(k, n, x_dtype, out.dtype, b_dtype))
+    b_dtype = graph.value(op.inputs[-1]).dtype if op.attrs["bias"] else None
+    fmt = _mma_format(op)
+    if fmt is not None:
+        k, n, s_dtype = op.attrs["in_features"], op.attrs["out_features"], graph.value(op.inputs[2]).dtype
+    else:
+        (n, k), s_dtype = graph.value(op.inputs[1]).shape, "float16"
+    gv = kernel(("mma_linear", k, n, repr(fmt), x_dtype, out.dtype, b_dtype, s_dtype, n_frags),
+                lambda: mma_sched.make_mma_linear_gpu(k, n, x_dtype, out.dtype, b_dtype, n_frags=n_frags, fmt=fmt,
+                                                      scale_dtype=s_dtype))
     return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 

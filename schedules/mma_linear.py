@@ -1,38 +1,49 @@
-"""Dense linear ``out[T, N] = x[T, K] @ w[N, K]^T (+ bias[N])`` for steps of a few dozen tokens on tensor
-cores (CUDA ``mma.sync.m16n8k16``), streaming each weight once per pass of up to 32 tokens; with its
-numpy reference.
+"""Linear ``out[T, N] = x[T, K] @ W[N, K]^T (+ bias[N])`` for steps of a few dozen tokens on tensor cores
+(CUDA ``mma.sync.m16n8k16``), streaming each weight once per pass of 16 or 32 tokens: dense float16 /
+bfloat16 weights, or INT4 ones (``quant_linear``'s row layout, any group of a multiple of 32, symmetric or
+with mins) under float16 activations; with its numpy reference.
 
 A batch of 16-64 decode tokens (``decode_wide``) multiplies every weight by few activations: the work is
 reading the weights, as for the GEMV, but a GEMV reads them once per 4 tokens and dlight's tiled matmuls,
 built for large M, read them at 0.6 TB/s on an H200 (docs/bench/2026-11-26b-gpu-h200.md). Here the weights
 are the mma's A operand (16 rows x 16 columns) and the tokens its B operand (16 columns x 8 tokens), so a
 warp streams its rows' weights straight from memory into registers, 16 bytes per lane per load, and
-multiplies each load by up to 32 tokens in 8 mma's; no shared memory, no barrier until the end.
+multiplies each load by up to 32 tokens; no shared memory, no barrier until the end.
 
 The trick that makes the loads wide: a dot product does not care in which order its columns are summed,
-so the 16 columns of one mma step need not be 16 consecutive columns, as long as the weights and the
+so the 16 columns of one mma need not be 16 consecutive columns, as long as the weights and the
 activations agree. Lane ``l`` of a warp (``g = l // 4``, ``c = l % 4``) holds in the mma's A operand the
-columns ``2c, 2c+1, 2c+8, 2c+9`` of rows ``g`` and ``g + 8``; here it loads 8 consecutive columns
-``32 s + 8 c .. +8`` of both rows (two 16-byte loads per 32-column step ``s``) and feeds the first 4 to
-step ``2s`` as those logical columns, the last 4 to step ``2s+1``. Its B operand (columns ``2c, 2c+1,
-2c+8, 2c+9`` of token ``g``) is then the same 8 consecutive columns of token ``g``'s activations: one
-16-byte load per 8 tokens.
+logical columns ``2c, 2c+1, 2c+8, 2c+9`` of rows ``g`` and ``g + 8``, and in its B operand the same
+columns of token ``g``. Here those are 4 consecutive physical columns of the lane's 16-byte load:
 
-Grid: one block per ``16 * row_frags`` output rows; its ``k_splits`` warps split the columns (each a
-contiguous range, ``K / k_splits``, a multiple of 32) and sum their float32 accumulators through shared
-memory at the end, adding the bias once. A warp loads ``unroll`` steps (weights and activations) before
-it multiplies the first. Tokens come in passes of ``8 * n_frags``; activations of tokens past the count
-are zeros (their products are discarded). ``mma_linear_layout`` picks ``(row_frags, k_splits)`` from
-the shape.
+- dense: a step of 32 columns; the lane loads columns ``8c .. 8c+8`` of both rows and feeds the first 4
+  to the step's first mma, the last 4 to its second; its activations are the same 8 columns of its token.
+- INT4: a step of 128 columns; the lane loads the 32-column block ``c`` (4 words) of both rows. Word
+  ``wd`` holds columns ``4 wd + b`` (low nibbles of its bytes ``b``) and ``4 wd + 16 + b`` (high). With
+  its two middle bytes swapped, the nibbles of bytes (0, 2) are 2 consecutive columns and those of (1, 3)
+  the next 2, so OR-ing a masked pair into float16's 1024 (``quant_linear.half_pair``'s decode) gives the
+  float16 pair of columns ``c0, c0+1`` and ``c0+2, c0+3`` (``c0 = 4 wd + 16 run``) exactly; one paired
+  multiply-add leaves ``q - zero point``, one more the weight (times the row's group scale, plus its
+  min). Mma ``j`` of the step takes word ``j // 2``, low (even ``j``) or high nibbles; its activations
+  are 4 consecutive columns of the lane's 32.
 
-float16 and bfloat16 (the mma's input types), float32 accumulators; ``K % 32 == 0`` and ``N % 16 == 0``
-(``mma_linear_fits``). Runs on sm_80 and newer. The CPU emulator of the tests (tests/gpu_emu.py) runs
-the mma with the PTX ISA's fragment layouts.
+Grid: one block per ``16 * row_frags`` output rows; its ``k_splits`` warps split the steps (``ceil(steps
+/ k_splits)`` each, the last warps' past the last step are zero weights and load nothing) and sum their
+float32 accumulators through shared memory at the end, adding the bias once. A warp loads ``unroll``
+steps (weights and activations) before it multiplies the first. Tokens come in passes of ``8 *
+n_frags``; every fragment's mma runs whether its tokens exist or not (an mma in a branch would hang the
+test emulator's barriers), an absent token's column of the products is never stored (mma columns do not
+mix). ``mma_linear_layout`` picks ``(row_frags, k_splits)`` from the shape.
+
+``K`` a multiple of the step, ``N`` of 16 (``mma_linear_fits``). Runs on sm_80 and newer. The CPU
+emulator of the tests (tests/gpu_emu.py) runs the mma with the PTX ISA's fragment layouts.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .quant_linear import _MAGIC_H2, QuantFormat, opaque_magic
 
 MMA_WARPS_MAX = 16  # warps of a block at most (512 threads)
 MMA_MIN_WARPS = 2048  # a grid of this many warps or more: about 16 resident warps on each of 132 SMs
@@ -41,20 +52,31 @@ MMA_UNROLL = 2  # 32-column steps loaded before the first is used
 MMA_SHARED = 48 * 1024  # a block's static shared memory
 
 
-def mma_linear_fits(in_features: int, out_features: int, dtype: str) -> bool:
-    """Whether ``make_mma_linear_gpu`` builds for this shape and activation dtype."""
+def mma_linear_fits(in_features: int, out_features: int, dtype: str, fmt: QuantFormat | None = None) -> bool:
+    """Whether ``make_mma_linear_gpu`` builds for this shape, activation dtype and weight format: float16
+    or bfloat16 dense weights; INT4 ones (groups of a multiple of 32) with float16 activations."""
+    if fmt is not None:
+        return (dtype == "float16" and fmt.bits == 4 and fmt.group_size % 32 == 0 and in_features % 128 == 0
+                and out_features % 16 == 0)
     return dtype in ("float16", "bfloat16") and in_features % 32 == 0 and out_features % 16 == 0
 
 
-def mma_linear_layout(in_features: int, out_features: int) -> tuple[int, int]:
+def mma_step(fmt: QuantFormat | None) -> int:
+    """Columns of one step of a warp: 32 (a lane's 8 float16 columns of each row), 128 INT4 (its 32)."""
+    return 32 if fmt is None else 128
+
+
+def mma_linear_layout(in_features: int, out_features: int, fmt: QuantFormat | None = None) -> tuple[int, int]:
     """``(row_frags, k_splits)``: 2 row fragments a warp (half the activation loads per weight) where
-    ``N`` allows, and the fewest k-splits (warps per block, at most ``MMA_WARPS_MAX``) whose grid has
-    ``MMA_MIN_WARPS`` warps, each over a column range of at least two 32-column steps."""
+    ``N`` allows, and the fewest k-splits (warps per block, a power of two up to ``MMA_WARPS_MAX``) whose
+    grid has ``MMA_MIN_WARPS`` warps, each over at least 2 steps on average (the last warps may have fewer:
+    Qwen3-4B's INT4 down linear has 76 steps of 128 columns, 16 warps take 5 each but the last)."""
+    steps = in_features // mma_step(fmt)
     for rf in (2, 1) if out_features % 32 == 0 else (1,):
         blocks = out_features // (16 * rf)
         ks = 1
         while (ks * 2 <= MMA_WARPS_MAX and blocks * ks < MMA_MIN_WARPS and mma_shared_bytes(rf, ks * 2) <= MMA_SHARED
-               and in_features % (32 * ks * 2) == 0 and in_features // (ks * 2) >= 64):
+               and steps >= 2 * ks * 2):
             ks *= 2
         if blocks * ks >= MMA_MIN_WARPS or rf == 1:
             return rf, ks
@@ -68,72 +90,158 @@ def mma_shared_bytes(row_frags: int, k_splits: int, n_frags: int = MMA_N_FRAGS) 
 
 def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dtype: str,
                         bias_dtype: str | None = None, layout: tuple[int, int] | None = None,
-                        n_frags: int = MMA_N_FRAGS, unroll: int = MMA_UNROLL):
-    """PrimFunc ``mma_linear(x[T, K], w[N, K], [bias[N],] out[T, N])`` (see the module docstring)."""
+                        n_frags: int | None = None, unroll: int | None = None, fmt: QuantFormat | None = None,
+                        scale_dtype: str = "float16"):
+    """PrimFunc ``mma_linear(x[T, K], w | (qweight, scales, [mins]), [bias[N],] out[T, N])`` (see the module
+    docstring; ``n_frags``: ``MMA_N_FRAGS`` dense, 2 INT4, whose steps hold 4 times the activations)."""
+    import tvm
     from tvm import tirx
     from tvm.script import tirx as T
 
     K, N = in_features, out_features
+    assert mma_linear_fits(K, N, dtype, fmt), (K, N, dtype, fmt)
+    quant = fmt is not None
+    RF, KS = layout or mma_linear_layout(K, N, fmt)
+    NF = n_frags or (2 if quant else MMA_N_FRAGS)  # 8-token fragments per pass
+    PT = 8 * NF  # tokens per pass
+    SC = mma_step(fmt)
+    CW = SC // 4  # a lane's columns of a step (16 bytes of each row)
+    J = SC // 16  # mma's (16 columns each) per step
+    assert N % (16 * RF) == 0 and K % SC == 0 and 1 <= NF <= 4 and KS >= 1, (N, K, RF, KS, NF)
+    assert mma_shared_bytes(RF, KS, NF) <= MMA_SHARED, (RF, KS, NF)
+    S_ALL = K // SC
+    STEPS = -(-S_ALL // KS)  # a warp's steps (the last warps' may end past the last column: zero weights)
+    U = max(1, min(unroll or MMA_UNROLL, STEPS))
+    GROUPS = -(-STEPS // U)  # of U steps, the last one's past STEPS absent too
+    NT = 32 * KS
     # bfloat16 zero as its bits: TVM's OpenCL bfloat16 code turns a cast or constant into invalid C
     ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
-    assert mma_linear_fits(K, N, dtype), (K, N, dtype)
-    RF, KS = layout or mma_linear_layout(K, N)
-    NF, PT = n_frags, 8 * n_frags  # 8-token fragments and tokens per pass
-    assert N % (16 * RF) == 0 and K % (32 * KS) == 0 and 1 <= NF <= 4, (N, K, RF, KS, NF)
-    assert mma_shared_bytes(RF, KS, NF) <= MMA_SHARED, (RF, KS, NF)
-    KW = K // KS  # columns of a warp
-    STEPS = KW // 32
-    U = max(1, min(unroll, STEPS))
-    while STEPS % U:
-        U -= 1
-    NT = 32 * KS
+    WZERO = tirx.const(0, "uint32") if quant else ZERO
     ab = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
     has_bias = bias_dtype is not None
+    sym = fmt is not None and fmt.sym
+    G = fmt.group_size if fmt is not None else K
     ACC = RF * NF * 4  # a lane's accumulators
     OUTS = 16 * RF * PT  # a block's outputs per pass
+    WL = 4 if quant else 8  # a row's 16 bytes: 4 words, 8 float16 values
+    ZP = float(fmt.zero_point if sym else 0) if fmt is not None else 0.0
+
+    def a_dense(wl, u, rf, j, i):
+        """Value ``i`` of mma ``j``'s A operand: (row g, 2 columns), (row g+8, 2), (row g, next 2), (row g+8,
+        next 2) of the lane's 8, the first 4 for mma 0, the last 4 for mma 1."""
+        return wl[((u * RF + rf) * 2 + i % 4 // 2) * WL + j * 4 + i // 4 * 2 + i % 2]
+
+    def b_offset(u, f, j):
+        """Where mma ``j``'s B operand (4 consecutive columns of the lane's token) starts in ``xl``: INT4 mma
+        ``j`` reads word ``j // 2``'s low (even ``j``) or high nibbles: columns ``4 (j // 2) + 16 (j % 2)``."""
+        return (u * NF + f) * CW + (j * 4 if not quant else j // 2 * 4 + j % 2 * 16)
+
+    def swap_middle_bytes(word):
+        """Bytes (0, 1, 2, 3) -> (0, 2, 1, 3): a nibble pair of bytes 0 and 2 is then columns ``c, c+1``."""
+        u32 = "uint32"
+        return tirx.bitwise_or(tirx.bitwise_or(
+            tirx.bitwise_and(word, tirx.const(0xFF0000FF, u32)),
+            tirx.shift_left(tirx.bitwise_and(word, tirx.const(0x0000FF00, u32)), tirx.const(8, u32))),
+            tirx.shift_right(tirx.bitwise_and(word, tirx.const(0x00FF0000, u32)), tirx.const(8, u32)))
+
+    def a_pair(word, run, odd, magic, scale2, min2):
+        """float16x2 of a byte-swapped word's bytes ``odd``, ``odd + 2`` (columns ``4 wd + 16 run + 2 odd``
+        and the next), low (``run`` 0) or high nibbles: masked in place into float16's 1024 (``magic``),
+        ``q - zero point`` exactly by one multiply-add, then times the group's scale (plus its min)."""
+        u32 = "uint32"
+        h = tirx.reinterpret("float16x2", tirx.bitwise_or(tirx.bitwise_and(
+            tirx.shift_right(word, tirx.Cast(u32, 8 * odd)),
+            tirx.shift_left(tirx.const(0x000F000F, u32), tirx.Cast(u32, 4 * run))), magic))
+        low = run == 0
+        mul = tirx.if_then_else(low, tirx.const(1, "float16"), tirx.const(1 / 16, "float16"))
+        sub = tirx.if_then_else(low, tirx.const(1024 + ZP, "float16"), tirx.const(64 + ZP, "float16"))
+        q = h * tirx.Broadcast(mul, 2) - tirx.Broadcast(sub, 2)
+        return q * scale2 if sym else q * scale2 + min2
 
     @T.macro
-    def body(x, w, bias, out, ntok):
+    def body(x, w, wq, scales, mins, bias, out, ntok):
         for blk in T.thread_binding(N // (16 * RF), thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                wl = T.alloc_buffer((U * RF * 2 * 8,), dtype, scope="local")  # (step, frag, row g / g+8, 8 columns)
-                xl = T.alloc_buffer((U * NF * 8,), dtype, scope="local")  # (step, token frag, 8 columns)
+                # (step, row fragment, row g / g+8, the lane's 16 bytes)
+                wl = T.alloc_buffer((U * RF * 2 * WL,), "uint32" if quant else dtype, scope="local")
+                xl = T.alloc_buffer((U * NF * CW,), dtype, scope="local")  # (step, token fragment, CW columns)
                 af = T.alloc_buffer((8,), dtype, scope="local")  # one mma's A operand
-                acc = T.alloc_buffer((ACC,), "float32", scope="local")  # (frag, token frag, 4)
+                sc2 = T.alloc_buffer((RF * 2 * 2,), "float16", scope="local")  # INT4: rows' scales (as pairs)
+                mn2 = T.alloc_buffer((RF * 2 * 2,), "float16", scope="local")  # ... and mins
+                acc = T.alloc_buffer((ACC,), "float32", scope="local")  # (row fragment, token fragment, 4)
                 red = T.alloc_buffer((KS * ACC * 32,), "float32", scope="shared")
                 sm = T.alloc_buffer((1,), "float32", scope="local")
                 lane: T.let[T.int32] = T.Cast("int32", tx) % 32
                 warp: T.let[T.int32] = T.Cast("int32", tx) // 32
                 g: T.let[T.int32] = lane // 4
                 c: T.let[T.int32] = lane % 4
+                magic: T.let[T.uint32] = opaque_magic(T.Cast("int32", ntok), _MAGIC_H2)
                 for p in T.serial((ntok + PT - 1) // PT):
                     for i in T.unroll(ACC):
                         acc[i] = T.float32(0)
-                    for sg in T.serial(STEPS // U):
+                    for sg in T.serial(GROUPS):
                         for u in T.unroll(U):
-                            col: T.let[T.int32] = warp * KW + (sg * U + u) * 32 + c * 8
+                            gs: T.let[T.int32] = warp * STEPS + sg * U + u  # the step of the row
+                            col: T.let[T.int32] = gs * SC + c * CW
+                            here: T.let[T.bool] = sg * U + u < STEPS and gs < S_ALL  # a step of this warp
                             for rf in T.unroll(RF):
                                 for h in T.unroll(2):
-                                    for v in T.vectorized(8):
-                                        wl[((u * RF + rf) * 2 + h) * 8 + v] = w[blk * 16 * RF + rf * 16 + h * 8 + g,
-                                                                                col + v]
+                                    if here:
+                                        if quant:
+                                            for v in T.vectorized(4):
+                                                wl[((u * RF + rf) * 2 + h) * WL + v] = wq[
+                                                    blk * 16 * RF + rf * 16 + h * 8 + g, col // 8 + v]
+                                        else:
+                                            for v in T.vectorized(8):
+                                                wl[((u * RF + rf) * 2 + h) * WL + v] = w[
+                                                    blk * 16 * RF + rf * 16 + h * 8 + g, col + v]
+                                    else:  # past the last step: zero weights (INT4: zero scales, below)
+                                        for v in T.unroll(WL):
+                                            wl[((u * RF + rf) * 2 + h) * WL + v] = WZERO
+                            # the lane's token of each fragment (an absent one's column of the products, whatever
+                            # the registers hold, is never stored: mma columns do not mix)
+                            # (past the last step, zeros: zero weights times stale registers could be NaN)
                             for f in T.unroll(NF):
                                 if p * PT + f * 8 + g < ntok:
-                                    for v in T.vectorized(8):
-                                        xl[(u * NF + f) * 8 + v] = x[p * PT + f * 8 + g, col + v]
-                                else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a vector constant
-                                    for v in T.unroll(8):
-                                        xl[(u * NF + f) * 8 + v] = ZERO
+                                    for v0 in T.unroll(CW // 8):
+                                        if here:
+                                            for v in T.vectorized(8):
+                                                xl[(u * NF + f) * CW + v0 * 8 + v] = x[p * PT + f * 8 + g,
+                                                                                        col + v0 * 8 + v]
+                                        else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a
+                                            for v in T.unroll(8):  # vector constant
+                                                xl[(u * NF + f) * CW + v0 * 8 + v] = ZERO
                         for u in T.unroll(U):
-                            for t in T.unroll(2):  # the step's first 4 columns, then its last 4
+                            if quant:  # the rows' group scales (and mins) of the lane's 32 columns, as pairs
+                                gq: T.let[T.int32] = warp * STEPS + sg * U + u
+                                hq: T.let[T.bool] = sg * U + u < STEPS and gq < S_ALL
+                                for r2 in T.unroll(RF * 2):
+                                    row: T.let[T.int32] = blk * 16 * RF + r2 // 2 * 16 + r2 % 2 * 8 + g
+                                    grp: T.let[T.int32] = T.min(gq * SC + c * CW, K - 1) // G
+                                    for v in T.unroll(2):
+                                        sc2[r2 * 2 + v] = T.if_then_else(hq, T.Cast("float16", scales[
+                                            row, grp]), T.float16(0))
+                                        if not sym:
+                                            mn2[r2 * 2 + v] = T.if_then_else(hq, T.Cast("float16", mins[
+                                                row, grp]), T.float16(0))
+                            for j in T.unroll(J):
                                 for rf in T.unroll(RF):
-                                    # A: (row g, 2 columns), (row g+8, 2), (row g, next 2), (row g+8, next 2)
-                                    for i in T.unroll(8):
-                                        af[i] = wl[((u * RF + rf) * 2 + i % 4 // 2) * 8 + t * 4 + i // 4 * 2 + i % 2]
+                                    if quant:  # mma j: word j // 2 of rows g and g+8, low or high nibbles
+                                        for h in T.unroll(2):
+                                            for odd in T.unroll(2):
+                                                af[T.Ramp(odd * 4 + h * 2, 1, 2)] = a_pair(
+                                                    swap_middle_bytes(wl[((u * RF + rf) * 2 + h) * WL + j // 2]),
+                                                    j % 2, odd, magic, sc2[T.Ramp((rf * 2 + h) * 2, 1, 2)],
+                                                    mn2[T.Ramp((rf * 2 + h) * 2, 1, 2)])
+                                    else:
+                                        for i in T.unroll(8):
+                                            af[i] = a_dense(wl, u, rf, j, i)
+                                    # every fragment, present tokens or not (an mma in a branch would hang
+                                    # the emulator's barriers); an absent token's column is never stored
                                     for f in T.unroll(NF):
                                         T.evaluate(T.ptx_legacy.mma(
                                             "m16n8k16", "row", "col", ab, ab, "fp32", af.data, 0, xl.data,
-                                            (u * NF + f) * 8 + t * 4, acc.data, (rf * NF + f) * 4, False,
+                                            b_offset(u, f, j), acc.data, (rf * NF + f) * 4, False,
                                             dtype="float32"))
                     # the warps' partial sums: (warp, accumulator, lane), then each output summed over warps
                     for i in T.unroll(ACC):
@@ -156,23 +264,25 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
                                     T.Cast("float32", bias[blk * 16 * RF + rw]) if has_bias else T.float32(0)))
                     T.tvm_storage_sync("shared")
 
-    if has_bias:
-        @T.prim_func(private=True)
-        def mma_linear_bias(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), bias_dtype),  # type: ignore[valid-type]
-                            o_h: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            ntok = T.int64()
-            body(T.match_buffer(x_h, (ntok, K), dtype), w, b, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+    wshape, wdt = ((N, K // 2), "uint8") if quant else ((N, K), dtype)
+    KG = K // G
+    bdt = bias_dtype or "float32"
 
-        return mma_linear_bias
-
+    # one signature with every tensor; those this variant does not read are dropped below
     @T.prim_func(private=True)
-    def mma_linear(x_h: T.handle, w: T.Buffer((N, K), dtype), o_h: T.handle):  # type: ignore[valid-type]
+    def mma_linear(x_h: T.handle, w: T.Buffer(wshape, wdt),  # type: ignore[valid-type]
+                   s: T.Buffer((N, KG), scale_dtype), m: T.Buffer((N, KG), "float32"),  # type: ignore[valid-type]
+                   b: T.Buffer((N,), bdt), o_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         ntok = T.int64()
-        body(T.match_buffer(x_h, (ntok, K), dtype), w, None, T.match_buffer(o_h, (ntok, N), out_dtype), ntok)
+        xb = T.match_buffer(x_h, (ntok, K), dtype)
+        ob = T.match_buffer(o_h, (ntok, N), out_dtype)
+        wq = T.decl_buffer((N, K // 8), "uint32", data=w.data)  # INT4: a row's 16-byte chunks as words
+        body(xb, w, wq, s, m, b, ob, ntok)
 
-    return mma_linear
+    x_h, w, s, m, b, o_h = mma_linear.params
+    keep = [x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else []) + [o_h]
+    return tvm.tirx.PrimFunc(keep, mma_linear.body, mma_linear.ret_type, mma_linear.attrs)
 
 
 def mma_linear_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:

@@ -62,6 +62,14 @@ _FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)  # TVM's ena
 # CUDA's ``__dp4a(a, b, c)`` (sm_61+): c plus the products of a's and b's four signed bytes, summed
 _DP4A = ("int ferrum_dp4a(int a, int b, int c) {\n  char4 x = as_char4(a), y = as_char4(b);\n"
          "  return c + x.s0 * y.s0 + x.s1 * y.s1 + x.s2 * y.s2 + x.s3 * y.s3;\n}\n")
+# a float16 pair made from a 32-bit word's bits (INT4 nibbles OR-ed into 1024's: make_mma_linear_gpu):
+# TVM writes ``(*(half2 *)(&(v)))``, which with half stored as float would read 8 bytes; each half's bits
+# become the float of the same value instead (normal and zero halves: the decodes make no others)
+_HALF2_PUN = re.compile(r"\(\*\(half2 \*\)\(&\((\w+)\)\)\)")
+_HALF2_BITS = ("float ferrum_half_bits(uint h) {\n  uint e = (h >> 10) & 31u;\n"
+               "  return as_float(((h & 0x8000u) << 16) | (e ? ((e + 112u) << 23) | ((h & 1023u) << 13) : 0u));\n}\n"
+               "float2 ferrum_half2_bits(uint v) {\n"
+               "  return (float2)(ferrum_half_bits(v & 0xFFFFu), ferrum_half_bits(v >> 16));\n}\n")
 # bfloat16 reaches OpenCL as its bits (TVM's BF16 legalization): uint16 buffers and fragments
 _CL_TYPES = {"float16": "half", "float32": "float", "float64": "double", "int32": "int", "int8": "char",
              "uint8": "uchar", "uint16": "ushort"}
@@ -256,6 +264,8 @@ def build(func):
     if any(h.startswith("ferrum_mma_") for h in _wmma_helpers):  # every kernel declares the mma scratch
         source = re.sub(r"(__kernel void\b[^{]*\{)", rf"\1\n  __local float {_MMA_SCRATCH}[{MMA_THREADS * 12}];",
                         source)
+    if "(*(half2 *)(&(" in source:  # a float16 pair from its bits: with half stored as float, a pun reads 8
+        source = _HALF2_BITS + _HALF2_PUN.sub(lambda m: f"ferrum_half2_bits({m.group(1)})", source)  # bytes
     if "__dp4a(" in source:  # OpenCL reserves names that begin with two underscores
         source = _DP4A + source.replace("__dp4a(", "ferrum_dp4a(")
     split = snapshot["mod"]

@@ -501,47 +501,75 @@ def test_skinny_layout_fills_the_gpu():
 # ---------------------------------------------------------------- many-token linears on mma.sync
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31), dtype=st.sampled_from(["float16", "bfloat16"]), steps=st.integers(1, 6),
-       frags=st.integers(1, 6), ntok=st.integers(1, 75), bias=st.booleans(), rf=st.sampled_from([1, 2]),
-       ks=st.sampled_from([1, 2, 4]), n_frags=st.integers(1, 4), unroll=st.integers(1, 3))
-@example(seed=1, dtype="float16", steps=4, frags=4, ntok=37, bias=True, rf=2, ks=2, n_frags=4, unroll=2)
-@example(seed=2, dtype="bfloat16", steps=3, frags=3, ntok=16, bias=False, rf=1, ks=4, n_frags=2, unroll=3)
-def test_mma_linear_matches_reference(seed, dtype, steps, frags, ntok, bias, rf, ks, n_frags, unroll):
+MMA_FORMATS = st.sampled_from([None, None, ql.QuantFormat(4, 32, True), ql.QuantFormat(4, 64, False),
+                               ql.QuantFormat(4, 128, True)])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), dtype=st.sampled_from(["float16", "bfloat16"]), fmt=MMA_FORMATS,
+       steps=st.integers(1, 9), frags=st.integers(1, 6), ntok=st.integers(1, 75), bias=st.booleans(),
+       rf=st.sampled_from([1, 2]), ks=st.sampled_from([1, 2, 4]), n_frags=st.integers(1, 4), unroll=st.integers(1, 3))
+@example(seed=1, dtype="float16", fmt=None, steps=8, frags=4, ntok=37, bias=True, rf=2, ks=2, n_frags=4, unroll=2)
+@example(seed=2, dtype="bfloat16", fmt=None, steps=5, frags=3, ntok=16, bias=False, rf=1, ks=4, n_frags=2, unroll=3)
+@example(seed=3, dtype="float16", fmt=ql.QuantFormat(4, 32, False), steps=5, frags=2, ntok=20, bias=True, rf=2,
+         ks=4, n_frags=2, unroll=2)
+@example(seed=4, dtype="float16", fmt=ql.QuantFormat(4, 128, True), steps=3, frags=3, ntok=9, bias=False, rf=1,
+         ks=2, n_frags=4, unroll=1)
+@example(seed=5, dtype="float16", fmt=ql.QuantFormat(4, 64, True), steps=5, frags=2, ntok=12, bias=False, rf=1,
+         ks=2, n_frags=2, unroll=2)  # 3 steps a warp, loaded 2 at a time: the 4th is the next warp's
+def test_mma_linear_matches_reference(seed, dtype, fmt, steps, frags, ntok, bias, rf, ks, n_frags, unroll):
     """The tensor-core linear for many-token decode steps (``mma.sync.m16n8k16`` emulated with the PTX ISA's
-    fragment layouts): weights loaded 8 columns a lane into both of a step's mma's, activations the same
-    columns; 1 or 2 row fragments a warp, warps splitting the columns, passes of 8-32 tokens with a partial
-    last one, steps loaded 1-3 at a time (one that does not divide the steps falls back to one that does);
-    every output written (NaN-filled before), each row's bias added once. Against float32 sums of the
-    exact products, rounded to the output dtype (float32 for float16 inputs, bfloat16 for bfloat16)."""
+    fragment layouts): dense weights loaded 8 columns a lane into both of a step's mma's, INT4 ones 32
+    columns a lane into 8 (nibble pairs decoded into float16 pairs, times the group's scale, plus its min
+    when asymmetric; groups of 32-128), the activations' same columns; 1 or 2 row fragments a warp,
+    1-4 warps splitting the steps, evenly or not (the last warps' past the end: zero weights), passes of
+    8-32 tokens with a partial last one, 1-3 steps loaded at a time; every output written (NaN-filled
+    before), each row's bias added once. Against float32 sums of the exact products (of the dequantized
+    weights), rounded to the output dtype (float32 for float16 inputs, bfloat16 for bfloat16). The
+    emulator computes in float what the GPU rounds to float16: the INT4 weights times their scales."""
     import ml_dtypes
 
+    if dtype == "bfloat16":
+        fmt = None  # INT4: float16 activations only
     rf = rf if frags % rf == 0 else 1
-    k, n = 32 * ks * steps, 16 * frags
+    k, n = ml.mma_step(fmt) * steps, 16 * frags
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     out_dtype = "float32" if dtype == "float16" else dtype
     rng = np.random.default_rng(seed)
     x, w, b = (rng.standard_normal(shape).astype(np_dtype) for shape in ((ntok, k), (n, k), (n,)))
-    func = _kernel(("mma", k, n, dtype, bias, rf, ks, n_frags, unroll), lambda: ml.make_mma_linear_gpu(
-        k, n, dtype, out_dtype, dtype if bias else None, layout=(rf, ks), n_frags=n_frags, unroll=unroll))
+    tensors, dense = [w], w
+    if fmt is not None:
+        q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+        scales = (rng.random((n, k // fmt.group_size)) * 0.1 + 0.01).astype(np.float16)
+        mins = None if fmt.sym else (rng.standard_normal((n, k // fmt.group_size)) * 0.1).astype(np.float32)
+        tensors = [ql.pack_int4(q), scales] + ([] if fmt.sym else [mins])
+        dense = ql.dequantize_ref(fmt, tensors[0], scales.astype(np.float32), mins)
+    func = _kernel(("mma", k, n, dtype, repr(fmt), bias, rf, ks, n_frags, unroll), lambda: ml.make_mma_linear_gpu(
+        k, n, dtype, out_dtype, dtype if bias else None, layout=(rf, ks), n_frags=n_frags, unroll=unroll, fmt=fmt))
     out = np.full((ntok, n), np.nan, np.float32).astype(np_dtype if dtype == "bfloat16" else np.float32)
-    gpu_emu.run(func, x, w, *([b] if bias else []), out)
-    ref = ml.mma_linear_ref(x, w, b if bias else None)
+    gpu_emu.run(func, x, *tensors, *([b] if bias else []), out)
+    ref = ml.mma_linear_ref(x, dense, b if bias else None)
     if dtype == "bfloat16":  # one rounding of the float32 sum: half a unit in the last place, and the sum's own
         np.testing.assert_allclose(out.astype(np.float32), ref, rtol=2 ** -8, atol=1e-4 * np.sqrt(k))
     else:
-        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(dense).max())
 
 
 def test_mma_linear_layout_fills_the_gpu_within_shared_memory():
     """Qwen3-4B's linears: 2 row fragments a warp where the grid still has ``MMA_MIN_WARPS`` warps, the
-    column split that reaches it, the warps' partial sums within 48 KiB."""
-    for (k, n), layout in {(2560, 6144): (1, 8), (4096, 2560): (1, 16), (2560, 19456): (2, 4),
-                           (9728, 2560): (1, 16), (2560, 151936): (2, 1), (64, 48): (1, 1)}.items():
-        assert ml.mma_linear_layout(k, n) == layout, (k, n)
+    column split that reaches it (INT4 down: 76 steps over 16 warps, unevenly), the warps' partial sums
+    within 48 KiB."""
+    int4 = ql.QuantFormat(4, 128, True)
+    for (k, n, fmt), layout in {(2560, 6144, None): (1, 8), (4096, 2560, None): (1, 16), (2560, 19456, None): (2, 4),
+                                (9728, 2560, None): (1, 16), (2560, 151936, None): (2, 1), (64, 48, None): (1, 1),
+                                (2560, 6144, int4): (1, 8), (9728, 2560, int4): (1, 16)}.items():
+        assert ml.mma_linear_layout(k, n, fmt) == layout, (k, n, fmt)
         assert ml.mma_shared_bytes(*layout) <= ml.MMA_SHARED
     assert ml.mma_linear_fits(2560, 6144, "float16") and not ml.mma_linear_fits(2560, 6144, "float32")
     assert not ml.mma_linear_fits(2560, 50, "bfloat16") and not ml.mma_linear_fits(48, 64, "float16")
+    assert ml.mma_linear_fits(2560, 6144, "float16", int4) and not ml.mma_linear_fits(2560, 6144, "bfloat16", int4)
+    assert not ml.mma_linear_fits(2560, 6144, "float16", ql.QuantFormat(8, 32, True))
+    assert not ml.mma_linear_fits(2592, 6144, "float16", int4)  # 128-column steps
 
 
 # ---------------------------------------------------------------- greedy sampling on the device

@@ -149,34 +149,51 @@ def test_16_bit_cuda_build_matches_interpreter(dtype):
     np.testing.assert_allclose(logits, ref, atol=tol * np.abs(ref).max(), rtol=0)
 
 
-@pytest.mark.parametrize("dtype,entry", [("float16", "decode_wide"), ("float16", "decode"),
-                                         ("bfloat16", "decode_wide")])
-def test_mma_linear_build_matches_interpreter(dtype, entry):
+@pytest.mark.parametrize("dtype,entry,int4", [("float16", "decode_wide", False), ("float16", "decode", False),
+                                              ("bfloat16", "decode_wide", False), ("float16", "decode_wide", True),
+                                              ("float16", "decode", True)])
+def test_mma_linear_build_matches_interpreter(dtype, entry, int4):
     """FERRUM_MMA_LINEAR=decode's build (``lower(mma_linear="decode")``) of a 16-bit model, emulated (half
     stored as float, bfloat16 as its bits, mma's with the PTX fragment layouts): ``decode_wide``'s and
-    ``decode``'s dense linears (q|k|v, o, gate|up, down; the 50-row lm_head fits no mma tile and stays as
-    it was) on ``make_mma_linear_gpu``, SiLU·mul as its own kernel before the down one. A ragged step of 5
-    and 3 tokens, then one decode token each, against the IR interpreter in float32 on the same weights."""
+    ``decode``'s linears (q|k|v, o, gate|up, down; the 50-row lm_head fits no mma tile and stays as it was)
+    on ``make_mma_linear_gpu``, SiLU·mul as its own kernel before the down one; ``int4``: the MLP's
+    weights INT4 (asymmetric, as RTN makes them: gate|up in groups of 32, down of 128). A ragged step of
+    5 and 3 tokens, then one decode token each, against the IR interpreter in float32 on the same
+    (dequantized) weights."""
     import dataclasses
 
     import ml_dtypes
 
     from ferrum.models.registry import family
+    from ferrum.schedules.quant_linear import QuantFormat
+    from ferrum_compiler.passes.quantize_linears import quantize_linears
+    from ferrum_compiler.quant import quantize_rtn
 
     cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=128, intermediate_size=256, num_layers=1)
     model, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in (dtype, "float32"))
+    formats = {"model.layers.0.mlp.gate_proj+up_proj.weight": QuantFormat(4, 32, False),
+               "model.layers.0.mlp.down_proj.weight": QuantFormat(4, 128, False)} if int4 else {}
+    if int4:
+        model.quant = {w: {"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "act_order": False}
+                       for w, f in formats.items()}
+        model = quantize_linears(model)
     mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16"), mma_linear="decode"),
                              "sm_80")
     for name in ("decode", "decode_wide"):
         calls = re.findall(r"R\.call_tir\((\w+)", mod[name].script())
         linears = [c for c in calls if c.startswith(("mma_linear", "gemv", "NT_matmul", "matmul", "tiled_gemm"))]
         assert [c.startswith("mma_linear") for c in linears] == [True] * 4 + [False], calls
-        assert any("silu_mul" in c for c in calls), calls
+        assert any("silu_mul" in c for c in calls) and sum("mma_linear" in c and "QuantFormat" in c for c in calls) \
+            == 2 * int4, calls
     assert "mma_linear" not in mod["forward"].script() and "mma_linear" not in mod["decode_one"].script()
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     rng = np.random.default_rng(3)
     dense = {n: v.astype(np_dtype).astype(np.float32) for n, v in random_params(single, rng).items()}
     params = {n: v.astype(np_dtype) for n, v in dense.items() if n in model.params}
+    for w, f in formats.items():
+        qt = quantize_rtn(dense[w], f)
+        dense[w] = qt.dequantize().astype(np.float32)
+        params.update({model.packing[w][role]: t for role, t in qt.pack().items()})
     inputs = batch(rng)
     shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]
     ref_cache, cache = np.zeros(shape, np.float32), np.zeros(shape, np_dtype)
