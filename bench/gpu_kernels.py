@@ -56,15 +56,16 @@ MMA_TOKENS = (16, 32, 64)  # decode steps of many sequences: decode's largest, d
 
 def mma_variants(k: int, n: int, fmt=None) -> list[tuple[tuple[int, int], int, int]]:
     """``(layout, n_frags, unroll)`` of ``make_mma_linear_gpu``: the picked ones first (what the lowering
-    builds: 32 tokens a pass dense, 16 INT4; 2 steps at a time), then each changed alone: twice and half
-    the column splits, the other row-fragment count, the other tokens a pass, 1 and 4 steps loaded at a
-    time (those that build for the shape)."""
+    builds: 32 tokens a pass dense, 16 INT4; ``mma_unroll``'s steps at a time), then each changed alone:
+    twice and half the column splits, the other row-fragment count, the other tokens a pass, 2 or 1 steps
+    loaded at a time (whichever is not the pick) and 4 (those that build for the shape)."""
     from ferrum.schedules import mma_linear as ml
 
-    (rf, ks), u = ml.mma_linear_layout(k, n, fmt), ml.MMA_UNROLL
+    rf, ks = ml.mma_linear_layout(k, n, fmt)
+    u = ml.mma_unroll(ks)
     nf, other = (ml.MMA_N_FRAGS, 2) if fmt is None else (2, ml.MMA_N_FRAGS)
-    todo = [((rf, ks), nf, u), ((rf, ks * 2), nf, u), ((rf, ks // 2), nf, u), ((3 - rf, ks), nf, u),
-            ((rf, ks), other, u), ((rf, ks), nf, 1), ((rf, ks), nf, 4)]
+    todo = [((rf, ks), nf, u), ((rf, ks * 2), nf, ml.mma_unroll(ks * 2)), ((rf, ks // 2), nf, ml.mma_unroll(ks // 2)),
+            ((3 - rf, ks), nf, u), ((rf, ks), other, u), ((rf, ks), nf, 3 - u), ((rf, ks), nf, 4)]
     return [(lay, f, un) for lay, f, un in todo if 1 <= lay[1] <= ml.MMA_WARPS_MAX and n % (16 * lay[0]) == 0
             and ml.mma_shared_bytes(lay[0], lay[1], f) <= ml.MMA_SHARED]
 CONTEXTS = (384, 2048)  # keys per sequence: the proof's decode (256 + 128) and a long one

@@ -83,6 +83,12 @@ def mma_linear_layout(in_features: int, out_features: int, fmt: QuantFormat | No
     raise AssertionError("unreachable")
 
 
+def mma_unroll(k_splits: int) -> int:
+    """Steps a warp loads before it multiplies the first, by default: ``MMA_UNROLL``, 1 in blocks of 16
+    warps (512 threads leave ptxas 128 registers a thread: Qwen3-4B's INT4 o linear spilled at 2)."""
+    return MMA_UNROLL if k_splits <= 8 else 1
+
+
 def mma_shared_bytes(row_frags: int, k_splits: int, n_frags: int = MMA_N_FRAGS) -> int:
     """Shared memory of a block: every lane's float32 accumulators, for the sum over its warps."""
     return k_splits * row_frags * n_frags * 4 * 32 * 4
@@ -93,7 +99,8 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
                         n_frags: int | None = None, unroll: int | None = None, fmt: QuantFormat | None = None,
                         scale_dtype: str = "float16"):
     """PrimFunc ``mma_linear(x[T, K], w | (qweight, scales, [mins]), [bias[N],] out[T, N])`` (see the module
-    docstring; ``n_frags``: ``MMA_N_FRAGS`` dense, 2 INT4, whose steps hold 4 times the activations)."""
+    docstring; ``n_frags``: ``MMA_N_FRAGS`` dense, 2 INT4, whose steps hold 4 times the activations;
+    ``unroll``: ``MMA_UNROLL``, 1 in blocks of 16 warps)."""
     import tvm
     from tvm import tirx
     from tvm.script import tirx as T
@@ -111,7 +118,7 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
     assert mma_shared_bytes(RF, KS, NF) <= MMA_SHARED, (RF, KS, NF)
     S_ALL = K // SC
     STEPS = -(-S_ALL // KS)  # a warp's steps (the last warps' may end past the last column: zero weights)
-    U = max(1, min(unroll or MMA_UNROLL, STEPS))
+    U = max(1, min(unroll or mma_unroll(KS), STEPS))
     GROUPS = -(-STEPS // U)  # of U steps, the last one's past STEPS absent too
     NT = 32 * KS
     # bfloat16 zero as its bits: TVM's OpenCL bfloat16 code turns a cast or constant into invalid C
@@ -165,7 +172,11 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
                 # (step, row fragment, row g / g+8, the lane's 16 bytes)
                 wl = T.alloc_buffer((U * RF * 2 * WL,), "uint32" if quant else dtype, scope="local")
                 xl = T.alloc_buffer((U * NF * CW,), dtype, scope="local")  # (step, token fragment, CW columns)
-                af = T.alloc_buffer((8,), dtype, scope="local")  # one mma's A operand
+                # one mma's A and B operands, each its own array passed at offset 0: TVM passes an operand as
+                # ``array + offset`` in the array's C type, which for an array it vectorizes (xl: uint4) would
+                # count in 16-byte units
+                af = T.alloc_buffer((8,), dtype, scope="local")
+                bf = T.alloc_buffer((4,), dtype, scope="local")
                 sc2 = T.alloc_buffer((RF * 2 * 2,), "float16", scope="local")  # INT4: rows' scales (as pairs)
                 mn2 = T.alloc_buffer((RF * 2 * 2,), "float16", scope="local")  # ... and mins
                 acc = T.alloc_buffer((ACC,), "float32", scope="local")  # (row fragment, token fragment, 4)
@@ -239,10 +250,11 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
                                     # every fragment, present tokens or not (an mma in a branch would hang
                                     # the emulator's barriers); an absent token's column is never stored
                                     for f in T.unroll(NF):
+                                        for i in T.unroll(4):
+                                            bf[i] = xl[b_offset(u, f, j) + i]
                                         T.evaluate(T.ptx_legacy.mma(
-                                            "m16n8k16", "row", "col", ab, ab, "fp32", af.data, 0, xl.data,
-                                            b_offset(u, f, j), acc.data, (rf * NF + f) * 4, False,
-                                            dtype="float32"))
+                                            "m16n8k16", "row", "col", ab, ab, "fp32", af.data, 0, bf.data, 0,
+                                            acc.data, (rf * NF + f) * 4, False, dtype="float32"))
                     # the warps' partial sums: (warp, accumulator, lane), then each output summed over warps
                     for i in T.unroll(ACC):
                         red[(warp * ACC + i) * 32 + lane] = acc[i]

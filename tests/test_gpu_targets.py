@@ -318,3 +318,32 @@ def test_cuda_artifact_runs_on_gpu(pdl, tiny_model_dir, compiled, tmp_path, monk
     out = RaggedDriver(model, 2, 32, rng).step(prompts)
     ref = np.stack([hf_logits(str(model_dir), p)[-1] for p in prompts])
     assert np.abs(out - ref).max() < 3e-2
+
+
+@needs_nvcc
+def test_mma_linear_operands_point_at_their_elements():
+    """``make_mma_linear_gpu``'s CUDA source (float16 dense and INT4, Qwen3-4B's q|k|v shape): TVM passes an
+    mma operand as ``(unsigned *)(array + offset)`` with the offset in elements of the array's C type, and
+    types a local array it vectorizes as ``uint4`` (16 bytes an element): an offset into such an array
+    read activations 8 times too far on (found in this kernel's SASS: mma's on never-loaded registers;
+    the emulator, whose OpenCL is typed otherwise, cannot see it). Every operand is an array of the
+    operand's own element type at a nonzero offset, or any array at offset 0."""
+    import tvm
+
+    from ferrum.schedules import mma_linear as ml
+    from ferrum.schedules.quant_linear import QuantFormat
+    from ferrum_compiler.gpu_build import prepare_cuda_build
+
+    prepare_cuda_build()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host="llvm")
+    for fmt in (None, QuantFormat(4, 128, True)):
+        func = ml.make_mma_linear_gpu(2560, 6144, "float16", "float16", fmt=fmt)
+        with target:
+            lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        code = lib.imports[0].inspect_source()
+        types = dict((name, ctype) for ctype, name in re.findall(r"alignas\(\d+\) (\w+) (\w+)\[\d+\];", code))
+        operands = re.findall(r'"[rf]"\(\(\((unsigned|float) \*\)\((\w+) \+ (\d+)\)\)', code)
+        assert len(operands) >= 64, len(operands)
+        for cast, name, offset in operands:
+            want = "float" if cast == "float" else "half"
+            assert offset == "0" or types[name] == want, (fmt, cast, name, offset, types[name])
