@@ -125,8 +125,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     entries += [(DECODE_WIDE_GRAPH_ENTRY, 0)] if wide and graph_max_blocks > 0 else []
     graph_tokens = {DECODE_GRAPH_ENTRY: DECODE_MAX_TOKENS, DECODE_WIDE_GRAPH_ENTRY: WIDE_GRAPH_MAX_TOKENS,
                     DECODE_ONE_GRAPH_ENTRY: 1}
-    # FERRUM_MMA_LINEAR: the entries whose dense linears run on make_mma_linear_gpu (not beside deferred
-    # norms in decode: a norm the GEMV before began would have to be finished by an mma linear)
+    # FERRUM_MMA_LINEAR: the entries whose (q)linears run on make_mma_linear_gpu where they fit (not beside
+    # deferred norms in decode: a norm the GEMV before began would have to be finished by an mma linear)
     assert not (mma_linear == "decode" and gemv_norms), "FERRUM_MMA_LINEAR=decode with FERRUM_GEMV_NORMS"
     mma_entries = {"wide": (DECODE_WIDE_ENTRY, DECODE_WIDE_GRAPH_ENTRY),
                    "decode": (DECODE_WIDE_ENTRY, DECODE_WIDE_GRAPH_ENTRY, DECODE_ENTRY, DECODE_GRAPH_ENTRY)

@@ -160,7 +160,7 @@ def _inspect(args: argparse.Namespace) -> int:
     dp4a = d["compile_options"].get("gemv_dp4a")  # its mode (True: built before the modes, "lanes")
     dp4a_name = f"INT4 decode GEMVs on integer dot products (FERRUM_GEMV_DP4A, {'lanes' if dp4a is True else dp4a})"
     mma = d["compile_options"].get("mma_linear")
-    mma_name = f"dense linears of many-token decode steps on tensor-core mma's (FERRUM_MMA_LINEAR, {mma})"
+    mma_name = f"the linears of many-token decode steps on tensor-core mma's (FERRUM_MMA_LINEAR, {mma})"
     experiments = [name for name, on in (("norms deferred into the decode GEMVs (FERRUM_GEMV_NORMS)",
                                           d["compile_options"].get("gemv_norms")), (pdl_name, pdl),
                                          (dp4a_name, dp4a), (mma_name, mma)) if on]

@@ -85,9 +85,10 @@ MMA_LINEAR_MODES = ("wide", "decode")
 
 def mma_linear() -> str:
     """FERRUM_MMA_LINEAR at ``ferrum compile`` (CUDA targets; an experiment, off until a GPU says it pays):
-    dense float16/bfloat16 linears of steps of many decode tokens on ``mma_linear.make_mma_linear_gpu``
-    (tensor-core mma's that stream each weight once per 32 tokens) instead of dlight's matmuls, which read
-    Qwen3-4B's weights at 0.6 TB/s at 16 tokens on an H200. The mode, "" when unset or 0: ``1`` (``wide``)
+    the float16/bfloat16 and INT4 (float16 activations) linears of steps of many decode tokens on
+    ``mma_linear.make_mma_linear_gpu`` (tensor-core mma's that stream each weight once per 16-32 tokens)
+    instead of dlight's matmuls, which read Qwen3-4B's weights at 0.6 TB/s at 16 tokens on an H200, or
+    the GEMVs' passes of 4. The mode, "" when unset or 0: ``1`` (``wide``)
     in ``decode_wide`` (steps of more than 16 decode tokens); ``decode`` in ``decode`` too (2-16 tokens,
     in place of the GEMVs' passes of 4; not with FERRUM_GEMV_NORMS). Recorded in the manifest's
     ``compile_options`` (``mma_linear``)."""
