@@ -24,6 +24,7 @@ columns of token ``g``. Here those are 4 consecutive physical columns of the lan
   the next 2, so OR-ing a masked pair into float16's 1024 (``quant_linear.half_pair``'s decode) gives the
   float16 pair of columns ``c0, c0+1`` and ``c0+2, c0+3`` (``c0 = 4 wd + 16 run``) exactly; one paired
   multiply-add leaves ``q - zero point``, one more the weight (times the row's group scale, plus its
+  min: both, and the product, in float16, as the mma's A operand is anyway; the GEMV keeps the float32
   min). Mma ``j`` of the step takes word ``j // 2``, low (even ``j``) or high nibbles; its activations
   are 4 consecutive columns of the lane's 32.
 
@@ -48,7 +49,7 @@ from .quant_linear import _MAGIC_H2, QuantFormat, opaque_magic
 MMA_WARPS_MAX = 16  # warps of a block at most (512 threads)
 MMA_MIN_WARPS = 2048  # a grid of this many warps or more: about 16 resident warps on each of 132 SMs
 MMA_N_FRAGS = 4  # 8-token fragments per pass: 32 tokens
-MMA_UNROLL = 2  # 32-column steps loaded before the first is used
+MMA_UNROLL = 2  # steps (32 columns, INT4 128) a warp loads before it multiplies the first
 MMA_SHARED = 48 * 1024  # a block's static shared memory
 
 

@@ -12,7 +12,9 @@ every thread, and each ``tvm_*_matrix_sync`` / ``tvm_mma_sync`` / ``tvm_fill_fra
 loop over it (an OpenCL helper, see ``_wmma_call``). Every thread of a warp then computes the warp's
 whole tile redundantly, and a store writes the same values from all of them; the result is what the warp
 computes together, as long as every thread of the warp makes the call with the same arguments (wmma's
-own rule). Only the 16x16x16 shape is emulated; products are summed in the accumulator's type.
+own rule). Only the 16x16x16 shape is emulated; products are summed in the accumulator's type. The
+register-operand ``mma.sync.m16n8k16`` (``T.ptx_legacy.mma``, whose fragments are spread over the warp's
+lanes as the PTX ISA lays them out) is emulated through ``__local`` memory and two barriers (``_mma_call``).
 
 PoCL has no ``half`` arithmetic. Most tests build the float32 variant of a kernel (the dtype is a factory
 argument; index math, tiling and synchronisation are the same; wmma fragments of float32 exist only
