@@ -505,7 +505,7 @@ MMA_FORMATS = st.sampled_from([None, None, ql.QuantFormat(4, 32, True), ql.Quant
                                ql.QuantFormat(4, 128, True)])
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), dtype=st.sampled_from(["float16", "bfloat16"]), fmt=MMA_FORMATS,
        steps=st.integers(1, 9), frags=st.integers(1, 6), ntok=st.integers(1, 75), bias=st.booleans(),
        rf=st.sampled_from([1, 2]), ks=st.sampled_from([1, 2, 4]), n_frags=st.integers(1, 4), unroll=st.integers(1, 3))
