@@ -64,6 +64,11 @@ _FP16_PRAGMA = re.compile(r"#ifdef cl_khr_fp16\n.*?#endif\n", re.S)  # TVM's ena
 # CUDA's ``__dp4a(a, b, c)`` (sm_61+): c plus the products of a's and b's four signed bytes, summed
 _DP4A = ("int ferrum_dp4a(int a, int b, int c) {\n  char4 x = as_char4(a), y = as_char4(b);\n"
          "  return c + x.s0 * y.s0 + x.s1 * y.s1 + x.s2 * y.s2 + x.s3 * y.s3;\n}\n")
+# CUDA's ``__byte_perm(x, y, s)``: byte i of the result is byte ``s``'s nibble i of the 8 bytes y:x (the
+# nibbles' sign-replicating bit, which nothing here uses, left out)
+_BYTE_PERM = ("uint ferrum_byte_perm(uint x, uint y, uint s) {\n  ulong v = ((ulong)y << 32) | x;\n  uint r = 0;\n"
+              "  for (int i = 0; i < 4; ++i) r |= (uint)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);\n"
+              "  return r;\n}\n")
 # a float16 pair made from a 32-bit word's bits (INT4 nibbles OR-ed into 1024's: make_mma_linear_gpu):
 # TVM writes ``(*(half2 *)(&(v)))``, which with half stored as float would read 8 bytes; each half's bits
 # become the float of the same value instead (normal and zero halves: the decodes make no others)
@@ -270,6 +275,8 @@ def build(func):
         source = _HALF2_BITS + _HALF2_PUN.sub(lambda m: f"ferrum_half2_bits({m.group(1)})", source)  # bytes
     if "__dp4a(" in source:  # OpenCL reserves names that begin with two underscores
         source = _DP4A + source.replace("__dp4a(", "ferrum_dp4a(")
+    if "__byte_perm(" in source:
+        source = _BYTE_PERM + source.replace("__byte_perm(", "ferrum_byte_perm(")
     split = snapshot["mod"]
     host = next(f for gv, f in split.functions.items() if "calling_conv" not in (f.attrs or {}))
     launches = []
