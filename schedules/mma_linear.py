@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quant_linear import _MAGIC_H2, QuantFormat, opaque_magic
+from .quant_linear import _MAGIC_H2, QuantFormat, half_pair, opaque_magic
 
 MMA_WARPS_MAX = 16  # warps of a block at most (512 threads)
 MMA_MIN_WARPS = 2048  # a grid of this many warps or more: about 16 resident warps on each of 132 SMs
@@ -153,16 +153,9 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
 
     def a_pair(word, run, odd, magic, scale2, min2):
         """float16x2 of a byte-swapped word's bytes ``odd``, ``odd + 2`` (columns ``4 wd + 16 run + 2 odd``
-        and the next), low (``run`` 0) or high nibbles: masked in place into float16's 1024 (``magic``),
-        ``q - zero point`` exactly by one multiply-add, then times the group's scale (plus its min)."""
-        u32 = "uint32"
-        h = tirx.reinterpret("float16x2", tirx.bitwise_or(tirx.bitwise_and(
-            tirx.shift_right(word, tirx.Cast(u32, 8 * odd)),
-            tirx.shift_left(tirx.const(0x000F000F, u32), tirx.Cast(u32, 4 * run))), magic))
-        low = run == 0
-        mul = tirx.if_then_else(low, tirx.const(1, "float16"), tirx.const(1 / 16, "float16"))
-        sub = tirx.if_then_else(low, tirx.const(1024 + ZP, "float16"), tirx.const(64 + ZP, "float16"))
-        q = h * tirx.Broadcast(mul, 2) - tirx.Broadcast(sub, 2)
+        and the next), low (``run`` 0) or high nibbles: ``q - zero point`` (``half_pair``), then times the
+        group's scale (plus its min)."""
+        q = half_pair(word, run, odd, magic, ZP)
         return q * scale2 if sym else q * scale2 + min2
 
     @T.macro

@@ -822,11 +822,12 @@ def opaque_magic(count, bits: int = _MAGIC):
                            tirx.Cast("uint32", tirx.shift_right(count, tirx.const(30, "int32"))))
 
 
-def half_pair(word, run, odd, magic):
-    """float16x2 TIR value of a symmetric INT4 word's bytes ``odd`` and ``2 + odd`` (lanes 0, 1), low
-    nibbles (``run`` 0) or high (1), less the zero point of 8 (``run``, ``odd``: the unrolled loops'
-    variables): masked in place in both halves and OR-ed into float16's 1024 (``magic``: ``_MAGIC_H2``'s
-    bits), then ``h - 1032`` or ``h / 16 - 72``, exact."""
+def half_pair(word, run, odd, magic, zero: float = 8):
+    """float16x2 TIR value of an INT4 word's bytes ``odd`` and ``2 + odd`` (lanes 0, 1), low nibbles
+    (``run`` 0) or high (1), less ``zero`` (8, a symmetric format's zero point; 0 for formats with mins)
+    (``run``, ``odd``: the unrolled loops' variables): masked in place in both halves and OR-ed into
+    float16's 1024 (``magic``: ``_MAGIC_H2``'s bits), then ``h - (1024 + zero)`` or ``h / 16 - (64 +
+    zero)``, exact."""
     from tvm import tirx
 
     u32 = "uint32"
@@ -835,7 +836,7 @@ def half_pair(word, run, odd, magic):
         tirx.bitwise_and(src, tirx.shift_left(tirx.const(0x000F000F, u32), tirx.Cast(u32, 4 * run))), magic))
     low = run == 0
     mul = tirx.if_then_else(low, tirx.const(1, "float16"), tirx.const(1 / 16, "float16"))
-    sub = tirx.if_then_else(low, tirx.const(1024 + 8, "float16"), tirx.const(64 + 8, "float16"))
+    sub = tirx.if_then_else(low, tirx.const(1024 + zero, "float16"), tirx.const(64 + zero, "float16"))
     return h * tirx.Broadcast(mul, 2) - tirx.Broadcast(sub, 2)
 
 
