@@ -96,6 +96,36 @@ def test_gpu_decoder_matches_interpreter(variant, entry):
                   "logits_index": np.array([0, 1], np.int32)}
 
 
+def _mlp_quantized_model(dtype: str, formats: dict, seed: int):
+    """A one-layer 16-bit Qwen3-like model (head_dim 32, widths 128 and 256) with the weights named in
+    ``formats`` quantized round-to-nearest as ``quantize_linears`` packs them: ``(model, its float32 twin,
+    params as the build takes them, the twin's weights (the quantized ones dequantized), the rng after
+    drawing them)``."""
+    import dataclasses
+
+    import ml_dtypes
+
+    from ferrum.models.registry import family
+    from ferrum_compiler.passes.quantize_linears import quantize_linears
+    from ferrum_compiler.quant import quantize_rtn
+
+    cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=128, intermediate_size=256, num_layers=1)
+    model, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in (dtype, "float32"))
+    if formats:
+        model.quant = {w: {"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "act_order": False}
+                       for w, f in formats.items()}
+        model = quantize_linears(model)
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    rng = np.random.default_rng(seed)
+    dense = {n: v.astype(np_dtype).astype(np.float32) for n, v in random_params(single, rng).items()}
+    params = {n: v.astype(np_dtype) for n, v in dense.items() if n in model.params}
+    for w, f in formats.items():
+        qt = quantize_rtn(dense[w], f)
+        dense[w] = qt.dequantize().astype(np.float32)
+        params.update({model.packing[w][role]: t for role, t in qt.pack().items()})
+    return model, single, params, dense, rng
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_16_bit_cuda_build_matches_interpreter(dtype):
     """The float16 / bfloat16 CUDA build itself, as `ferrum compile --target cuda-sm80 [--dtype bfloat16]`
@@ -105,23 +135,14 @@ def test_16_bit_cuda_build_matches_interpreter(dtype):
     tiled tensor-core GEMM (bfloat16, which dlight has no tensor-core schedule for), and our tensor-core
     attention. Against the IR interpreter in float32 on the same (dequantized) weights; every kernel
     rounds its outputs to the model's dtype, hence the tolerance."""
-    import dataclasses
-
     import ml_dtypes
     import tvm
 
-    from ferrum.models.registry import family
     from ferrum.schedules.quant_linear import QuantFormat
-    from ferrum_compiler.passes.quantize_linears import quantize_linears
-    from ferrum_compiler.quant import quantize_rtn
 
-    cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=128, intermediate_size=256, num_layers=1)
-    model, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in (dtype, "float32"))
     formats = {"model.layers.0.mlp.gate_proj+up_proj.weight": QuantFormat(4, 32, False),
                "model.layers.0.mlp.down_proj.weight": QuantFormat(8, 32, True)}
-    model.quant = {w: {"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "act_order": False}
-                   for w, f in formats.items()}
-    model = quantize_linears(model)
+    model, single, params, dense, rng = _mlp_quantized_model(dtype, formats, 2)
     mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16")), "sm_80")
     tensor_core = [gv.name_hint for gv, f in mod.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc) and "T.tvm_mma_sync" in f.script()]
@@ -132,13 +153,6 @@ def test_16_bit_cuda_build_matches_interpreter(dtype):
     assert len(linears) == (4 if dtype == "float16" else 5) and any("attention_tc" in n for n in tensor_core)
     assert all(n.startswith("tiled_gemm") for n in linears) == (dtype == "bfloat16")
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
-    rng = np.random.default_rng(2)
-    dense = {n: v.astype(np_dtype).astype(np.float32) for n, v in random_params(single, rng).items()}
-    params = {n: v.astype(np_dtype) for n, v in dense.items() if n in model.params}
-    for w, f in formats.items():
-        qt = quantize_rtn(dense[w], f)
-        dense[w] = qt.dequantize().astype(np.float32)
-        params.update({model.packing[w][role]: t for role, t in qt.pack().items()})
     inputs = batch(rng)
     shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]
     ref = list(run_graph(single, {**inputs, "kv_cache.0": np.zeros(shape, np.float32)}, dense).values())[0]
@@ -159,23 +173,13 @@ def test_mma_linear_build_matches_interpreter(dtype, entry, int4):
     weights INT4 (asymmetric, as RTN makes them: gate|up in groups of 32, down of 128). A ragged step of
     5 and 3 tokens, then one decode token each, against the IR interpreter in float32 on the same
     (dequantized) weights."""
-    import dataclasses
-
     import ml_dtypes
 
-    from ferrum.models.registry import family
     from ferrum.schedules.quant_linear import QuantFormat
-    from ferrum_compiler.passes.quantize_linears import quantize_linears
-    from ferrum_compiler.quant import quantize_rtn
 
-    cfg = dataclasses.replace(CFG, head_dim=32, hidden_size=128, intermediate_size=256, num_layers=1)
-    model, single = (fuse_parallel_linears(family(cfg.arch).build(cfg, dt, 4)) for dt in (dtype, "float32"))
     formats = {"model.layers.0.mlp.gate_proj+up_proj.weight": QuantFormat(4, 32, False),
                "model.layers.0.mlp.down_proj.weight": QuantFormat(4, 128, False)} if int4 else {}
-    if int4:
-        model.quant = {w: {"bits": f.bits, "group_size": f.group_size, "sym": f.sym, "act_order": False}
-                       for w, f in formats.items()}
-        model = quantize_linears(model)
+    model, single, params, dense, rng = _mlp_quantized_model(dtype, formats, 3)
     mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16"), mma_linear="decode"),
                              "sm_80")
     for name in ("decode", "decode_wide"):
@@ -186,13 +190,6 @@ def test_mma_linear_build_matches_interpreter(dtype, entry, int4):
             == 2 * int4, calls
     assert "mma_linear" not in mod["forward"].script() and "mma_linear" not in mod["decode_one"].script()
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
-    rng = np.random.default_rng(3)
-    dense = {n: v.astype(np_dtype).astype(np.float32) for n, v in random_params(single, rng).items()}
-    params = {n: v.astype(np_dtype) for n, v in dense.items() if n in model.params}
-    for w, f in formats.items():
-        qt = quantize_rtn(dense[w], f)
-        dense[w] = qt.dequantize().astype(np.float32)
-        params.update({model.packing[w][role]: t for role, t in qt.pack().items()})
     inputs = batch(rng)
     shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]
     ref_cache, cache = np.zeros(shape, np.float32), np.zeros(shape, np_dtype)
