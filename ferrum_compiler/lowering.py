@@ -212,7 +212,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                 r = bb.emit(r)
                                 fused_adds[res_add[0].output] = r
                     elif k == "qembedding":
-                        fmt = quant_sched.QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
+                        fmt = _quant_format(op.attrs)
                         make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
                         r = bb.emit_te(make(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
                     elif k == "moe":
@@ -454,10 +454,14 @@ def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
     return w.dtype == x.dtype and n % 16 == 0 and k % 16 == 0
 
 
+def _quant_format(attrs: dict):
+    """The QuantFormat of a quantized op's (or MoE stack's) attributes: bits, group size, symmetry."""
+    return quant_sched.QuantFormat(attrs["bits"], attrs["group_size"], attrs["sym"])
+
+
 def _mma_format(op):
     """The QuantFormat of a qlinear op (None for a dense linear), for ``make_mma_linear_gpu``."""
-    at = op.attrs
-    return quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"]) if op.kind == "qlinear" else None
+    return _quant_format(op.attrs) if op.kind == "qlinear" else None
 
 
 def _mma_fits(graph: Graph, op) -> bool:
@@ -495,7 +499,7 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
     b_dtype = graph.value(op.inputs[-1]).dtype if op.attrs["bias"] else None
     if op.kind == "qlinear":
         at = op.attrs
-        fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
+        fmt = _quant_format(at)
         k, n, s_dtype = at["in_features"], at["out_features"], graph.value(op.inputs[2]).dtype
     else:
         fmt, s_dtype = None, "float16"
@@ -555,7 +559,7 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
              gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = "",
              dp4a: str = "", norm_next: tuple | None = None):
     at = op.attrs
-    fmt = quant_sched.QuantFormat(at["bits"], at["group_size"], at["sym"])
+    fmt = _quant_format(at)
     k, n = at["in_features"], at["out_features"]
     x_dtype = "float32" if norm else graph.value(op.inputs[0]).dtype  # a deferred norm's xn
     bias_dtype = graph.value(op.inputs[-1]).dtype if at["bias"] else None
@@ -619,7 +623,7 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
     stacks = []
     for key in ("gate_up_quant", "down_quant"):
         q = at[key]
-        fmt = None if q is None else quant_sched.QuantFormat(q["bits"], q["group_size"], q["sym"])
+        fmt = None if q is None else _quant_format(q)
         n = 1 if fmt is None else 2 if fmt.sym else 3
         stacks.append((fmt, rest[:n]))
         rest = rest[n:]
