@@ -273,10 +273,9 @@ def build(func):
                         source)
     if "(*(half2 *)(&(" in source:  # a float16 pair from its bits: with half stored as float, a pun reads 8
         source = _HALF2_BITS + _HALF2_PUN.sub(lambda m: f"ferrum_half2_bits({m.group(1)})", source)  # bytes
-    if "__dp4a(" in source:  # OpenCL reserves names that begin with two underscores
-        source = _DP4A + source.replace("__dp4a(", "ferrum_dp4a(")
-    if "__byte_perm(" in source:
-        source = _BYTE_PERM + source.replace("__byte_perm(", "ferrum_byte_perm(")
+    for name, helper in (("__dp4a", _DP4A), ("__byte_perm", _BYTE_PERM)):  # CUDA intrinsics, defined here
+        if f"{name}(" in source:  # (OpenCL reserves names that begin with two underscores)
+            source = helper + source.replace(f"{name}(", f"ferrum_{name[2:]}(")
     split = snapshot["mod"]
     host = next(f for gv, f in split.functions.items() if "calling_conv" not in (f.attrs or {}))
     launches = []
