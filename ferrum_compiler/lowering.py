@@ -57,7 +57,7 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
           skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: str = "",
-          mma_linear: str = ""):
+          mma_linear: str = "", flash_attention: bool = False):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -80,7 +80,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     FERRUM_MMA_LINEAR's mode, "" for none): the dense float16/bfloat16 and INT4 (float16 activations)
     linears of ``decode_wide`` (``wide``), or of ``decode_wide`` and ``decode`` (``decode``), on
     ``mma_linear.make_mma_linear_gpu`` (tensor-core mma's streaming each weight once per pass of 16 or 32
-    tokens) instead of dlight's matmuls or the GEMVs' passes of 4."""
+    tokens) instead of dlight's matmuls or the GEMVs' passes of 4. ``flash_attention`` (CUDA;
+    FERRUM_FLASH_ATTENTION): ``forward``'s attention on ``make_prefill_attention_mma`` (one pass, online
+    softmax in registers) where the head fits it, instead of ``make_prefill_attention_tc``."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -253,7 +255,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                              appended=qkv is not None,
                                              tensor_cores=tc_attention and out.dtype in tensor_core_dtypes,
                                              decode=entry != ENTRY, max_lanes=max_lanes, shared_bytes=shared_bytes,
-                                             pdl=pdl)
+                                             pdl=pdl, flash=flash_attention)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add" and op.output in fused_adds:
@@ -730,12 +732,12 @@ def uses_tc_attention(graph: Graph, tensor_core_dtypes: tuple[str, ...]) -> bool
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,
                      tensor_cores: bool = False, decode: bool = False, max_lanes: int = 16,
-                     shared_bytes: int = 40 * 1024, pdl: str = ""):
+                     shared_bytes: int = 40 * 1024, pdl: str = "", flash: bool = False):
     """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
-    the tensor-core kernel when ``tensor_cores`` and the head fits it, else split-KV partials and their
-    merge, with one query token per tile in the ``decode`` entry points (their tokens are mostly one per
-    sequence); ``pdl`` (a FERRUM_PDL mode): the split kernel waits for the kernel before it after reading
-    the step's inputs."""
+    the tensor-core kernel when ``tensor_cores`` and the head fits it (``flash``: the one-pass mma.sync
+    kernel where the head fits that), else split-KV partials and their merge, with one query token per tile
+    in the ``decode`` entry points (their tokens are mostly one per sequence); ``pdl`` (a FERRUM_PDL mode):
+    the split kernel waits for the kernel before it after reading the step's inputs."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
@@ -746,6 +748,12 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
                         lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind, cdtype))
         cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
     window, scale = op.attrs["sliding_window"], op.attrs["scale"]
+    if kernel_kind == "gpu" and tensor_cores and flash and attn_sched.fa_attention_fits(head_dim, dtype):
+        attend = kernel(("attention_fa", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
+                        lambda: attn_sched.make_prefill_attention_mma(heads, kv_heads, head_dim, block_size, dtype,
+                                                                      sliding_window=window, scale=scale,
+                                                                      cache_dtype=cdtype))
+        return relax.call_tir(attend, [q, cache, positions, query_start, block_tables], q.ty)
     if kernel_kind == "gpu" and tensor_cores and attn_sched.tc_attention_fits(head_dim, dtype):
         attend = kernel(("attention_tc", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
                         lambda: attn_sched.make_prefill_attention_tc(heads, kv_heads, head_dim, block_size, dtype,

@@ -163,7 +163,9 @@ def _inspect(args: argparse.Namespace) -> int:
     mma_name = f"the linears of many-token decode steps on tensor-core mma's (FERRUM_MMA_LINEAR, {mma})"
     experiments = [name for name, on in (("norms deferred into the decode GEMVs (FERRUM_GEMV_NORMS)",
                                           d["compile_options"].get("gemv_norms")), (pdl_name, pdl),
-                                         (dp4a_name, dp4a), (mma_name, mma)) if on]
+                                         (dp4a_name, dp4a), (mma_name, mma),
+                                         ("forward's attention in one pass on mma.sync (FERRUM_FLASH_ATTENTION)",
+                                          d["compile_options"].get("flash_attention"))) if on]
     if experiments:
         lines.append(f"experiments {'; '.join(experiments)}")
     print("\n".join(lines))

@@ -95,6 +95,16 @@ def mma_linear() -> str:
     return _mode("FERRUM_MMA_LINEAR", "wide")
 
 
+def flash_attention() -> bool:
+    """FERRUM_FLASH_ATTENTION=1 at ``ferrum compile`` (CUDA targets; an experiment, off until a GPU says it
+    pays): ``forward``'s attention on ``paged_attention.make_prefill_attention_mma`` (one pass over the keys,
+    the scores and the online softmax in registers, ``mma.sync``) instead of the two-pass wmma kernel, which
+    took 36 of Qwen3-4B's 107 ms at a 2048-token prefill on an H200 (docs/bench/2026-11-26b-gpu-h200.md),
+    where the head fits it (float16 or bfloat16, head_dim 32, 64 or 128). Recorded in the manifest's
+    ``compile_options`` (``flash_attention``)."""
+    return _flag("FERRUM_FLASH_ATTENTION")
+
+
 PDL_MODES = ("early", "late", "first", "deep")
 
 

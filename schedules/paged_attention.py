@@ -238,6 +238,61 @@ def _find_tile_macro(tokens: int):
     return find_tile
 
 
+def _tile_keys_macro(tokens: int, window: int, align: int = 1):
+    """Macro ``(query_start, positions, nbatch, tile, scan, info)`` for one thread: ``_find_tile_macro``'s
+    tile, then the keys its tokens attend, from its first token's window start (down to a multiple of
+    ``align``) to its last token: the first in ``info[3]``, how many in ``info[4]``, and its first token's
+    position in ``info[5]`` (``info``: shared int32[6])."""
+    from tvm.script import tirx as T
+
+    find_tile = _find_tile_macro(tokens)
+
+    @T.macro
+    def tile_keys(query_start, positions, nbatch, tile, scan, info):
+        find_tile(query_start, nbatch, tile, scan, info)
+        if scan[1] == 1:
+            lo: T.let[T.int32] = T.max(positions[scan[2]] - window + 1, 0) // align * align
+            info[3] = lo
+            info[4] = positions[scan[2] + scan[3] - 1] + 1 - lo
+            info[5] = positions[scan[2]]
+
+    return tile_keys
+
+
+def _tiled_attention_func(heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: str, cache_dtype: str,
+                          tile_tokens: int, head_blocks: int, threads: int, tile_keys, body):
+    """PrimFunc ``(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M], out[T,H,D])`` of the
+    tensor-core attentions: a grid of (query tiles of ``tile_tokens``, one per sequence more for the ragged
+    ends) x ``head_blocks``, ``threads`` threads a block. Thread 0 finds the block's tile and keys (macro
+    ``tile_keys``: ``_tile_keys_macro``'s) into shared ``info``, then every thread runs macro ``body(q,
+    cache, positions, block_tables, out, info, hy, tx)``."""
+    from tvm.script import tirx as T
+
+    H, KVH, D, BS, QT = heads, kv_heads, head_dim, block_size, tile_tokens
+
+    @T.prim_func(private=True)
+    def attention(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (ntok, H, D), dtype)
+        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), cache_dtype)
+        positions = T.match_buffer(p_h, (ntok,), "int32")
+        query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
+        block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
+        out = T.match_buffer(o_h, (ntok, H, D), dtype)
+        for tile in T.thread_binding((ntok + QT - 1) // QT + nbatch, thread="blockIdx.x"):
+            for hy in T.thread_binding(head_blocks, thread="blockIdx.y"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    info = T.alloc_buffer((6,), "int32", scope="shared")
+                    scan = T.alloc_buffer((4,), "int32", scope="local")
+                    if tx == 0:
+                        tile_keys(query_start, positions, nbatch, tile, scan, info)
+                    T.tvm_storage_sync("shared")
+                    body(q, cache, positions, block_tables, out, info, hy, tx)
+
+    return attention
+
+
 def split_key_tile(rows: int, head_dim: int, stage_dtype: str, shared_bytes: int = 40 * 1024) -> int:
     """Keys per step of ``make_attention_gpu`` for a tile of ``rows`` query rows: the most of 64, 32, 16
     whose staged K and V (``stage_dtype``), queries, scores and weights fit ``shared_bytes`` (16 at
@@ -558,7 +613,7 @@ def tc_shared_bytes(head_dim: int, dtype: str) -> int:
     e = dtype_bytes(dtype)
     rows = 16 * TC_WARPS
     return (rows * head_dim * e + 2 * TC_KEYS * (head_dim + 8) * e + rows * (TC_KEYS + 4) * 4
-            + rows * (TC_KEYS + 8) * e + 32 * TC_WARPS * 4 + 5 * 4)
+            + rows * (TC_KEYS + 8) * e + 32 * TC_WARPS * 4 + 6 * 4)
 
 
 def tc_attention_fits(head_dim: int, dtype: str) -> bool:
@@ -612,7 +667,7 @@ def make_prefill_attention_tc(
     LK, LS, LP = D + 8, KT + 4, KT + 8  # padded row strides of the K/V, score and weight tiles
     NEG = -3.0e38
     cdtype = cache_dtype or dtype
-    find_tile = _find_tile_macro(QT)
+    tile_keys = _tile_keys_macro(QT, window)
     # bfloat16 zero as its bits: TVM's OpenCL bfloat16 code turns a cast or constant into invalid C
     ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
 
@@ -646,139 +701,367 @@ def make_prefill_attention_tc(
                     for v in T.unroll(8):
                         buf[jk * LK + dk + v] = ZERO
 
-    @T.prim_func(private=True)
-    def attention_tc(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        ntok, nb, nbatch, mb = T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (ntok, H, D), dtype)
-        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), cdtype)
-        positions = T.match_buffer(p_h, (ntok,), "int32")
-        query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
-        block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
-        out = T.match_buffer(o_h, (ntok, H, D), dtype)
-        for tile in T.thread_binding((ntok + QT - 1) // QT + nbatch, thread="blockIdx.x"):
-            for hy in T.thread_binding(KVH * NG, thread="blockIdx.y"):
-                for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                    q_s = T.alloc_buffer((R * D,), dtype, scope="shared")
-                    k_s = T.alloc_buffer((KT * LK,), dtype, scope="shared")
-                    v_s = T.alloc_buffer((KT * LK,), dtype, scope="shared")
-                    s_s = T.alloc_buffer((R * LS,), "float32", scope="shared")
-                    p_s = T.alloc_buffer((R * LP,), dtype, scope="shared")
-                    info = T.alloc_buffer((5,), "int32", scope="shared")  # as in make_attention_gpu
-                    q_f = T.alloc_buffer((DF * 256,), dtype, scope="wmma.matrix_a")
-                    p_f = T.alloc_buffer((KT // 16 * 256,), dtype, scope="wmma.matrix_a")
-                    k_f = T.alloc_buffer((256,), dtype, scope="wmma.matrix_b")
-                    v_f = T.alloc_buffer((256,), dtype, scope="wmma.matrix_b")
-                    s_f = T.alloc_buffer((KT // 16 * 256,), "float32", scope="wmma.accumulator")
-                    o_f = T.alloc_buffer((DF * 256,), "float32", scope="wmma.accumulator")
-                    # thread tx keeps row tx % 64's statistics (both its threads alike) and works on
-                    # half tx // 64 of each key tile; they combine their halves through part
-                    part = T.alloc_buffer((NT,), "float32", scope="shared")
-                    ml = T.alloc_buffer((4,), "float32", scope="local")  # row max, sum, old max, this half's
-                    row = T.alloc_buffer((2,), "int32", scope="local")  # row's token in the tile, position
-                    scan = T.alloc_buffer((4,), "int32", scope="local")
-                    kh: T.let[T.int32] = T.Cast("int32", hy) // NG
-                    h0: T.let[T.int32] = kh * G + T.Cast("int32", hy) % NG * HG  # the tile's first head
-                    w: T.let[T.int32] = T.Cast("int32", tx) // 32
-                    if tx == 0:
-                        find_tile(query_start, nbatch, tile, scan, info)
-                        if scan[1] == 1:  # keys: the first token's window start to the last token
-                            lo: T.let[T.int32] = T.max(positions[scan[2]] - window + 1, 0)
-                            info[3] = lo
-                            info[4] = positions[scan[2] + scan[3] - 1] + 1 - lo
-                    T.tvm_storage_sync("shared")
-                    count: T.let[T.int32] = info[2]  # 0: no such tile (it runs no key tile, writes nothing)
-                    seq: T.let[T.int32] = info[0]
-                    tok0: T.let[T.int32] = info[1]
-                    key0: T.let[T.int32] = info[3]
-                    nkeys: T.let[T.int32] = info[4]
-                    # queries: row r = warp * 16 + i is head h0 + warp % HG of token warp // HG * 16 + i
-                    for e in T.serial(R * D // 8 // NT):  # 8 consecutive elements per thread
-                        r: T.let[T.int32] = (e * NT + tx) // (D // 8)
-                        dq: T.let[T.int32] = (e * NT + tx) % (D // 8) * 8
-                        t: T.let[T.int32] = (r // 16) // HG * 16 + r % 16
-                        if t < count:
-                            for v in T.vectorized(8):
-                                q_s[r * D + dq + v] = q[tok0 + t, h0 + (r // 16) % HG, dq + v]
-                        else:
-                            for v in T.unroll(8):
-                                q_s[r * D + dq + v] = ZERO
-                    rr: T.let[T.int32] = T.Cast("int32", tx) % R  # this thread's row
-                    c0: T.let[T.int32] = T.Cast("int32", tx) // R * (KT // 2)  # and its half of the columns
-                    row[0] = rr // 16 // HG * 16 + rr % 16
-                    row[1] = positions[tok0 + T.min(row[0], T.max(count, 1) - 1)]
-                    ml[0] = T.float32(NEG)
-                    ml[1] = T.float32(0)
-                    T.tvm_storage_sync("shared")
-                    for kk in T.serial(DF):
-                        T.tvm_load_matrix_sync(q_f.data, 16, 16, 16, kk,
-                                               q_s.access_ptr("r", offset=w * 16 * D + kk * 16), D, "row_major")
-                    for kt in T.serial((nkeys + KT - 1) // KT):  # pass 1: row max and denominator
-                        T.tvm_storage_sync("shared")
-                        stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
-                        T.tvm_storage_sync("shared")
-                        scores(q_f, k_f, s_f, k_s, s_s, w)
-                        T.tvm_storage_sync("shared")
-                        ml[2] = ml[0]
-                        ml[3] = T.float32(NEG)
-                        for jr in T.serial(KT // 2):  # rotated by the row: no shared-memory bank conflicts
-                            jj: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
-                            j: T.let[T.int32] = key0 + kt * KT + jj
-                            if row[0] < count and j <= row[1] and j >= row[1] - window + 1:
-                                ml[3] = T.max(ml[3], s_s[rr * LS + jj] * T.float32(sm_scale))
-                        part[tx] = ml[3]
-                        T.tvm_storage_sync("shared")
-                        ml[0] = T.max(ml[0], T.max(part[rr], part[R + rr]))
-                        ml[3] = T.float32(0)
-                        for jr in T.serial(KT // 2):
-                            jj2: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
-                            j2: T.let[T.int32] = key0 + kt * KT + jj2
-                            if row[0] < count and j2 <= row[1] and j2 >= row[1] - window + 1:
-                                ml[3] = ml[3] + T.exp(s_s[rr * LS + jj2] * T.float32(sm_scale) - ml[0])
-                        T.tvm_storage_sync("shared")  # both maxima read
-                        part[tx] = ml[3]
-                        T.tvm_storage_sync("shared")
-                        ml[1] = ml[1] * T.exp(ml[2] - ml[0]) + part[rr] + part[R + rr]
-                    for df in T.serial(DF):
-                        T.tvm_fill_fragment(o_f.data, 16, 16, 16, df, T.float32(0))
-                    for kt in T.serial((nkeys + KT - 1) // KT):  # pass 2: final weights, P V
-                        T.tvm_storage_sync("shared")
-                        stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
-                        stage(cache, block_tables, v_s, 1, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
-                        T.tvm_storage_sync("shared")
-                        scores(q_f, k_f, s_f, k_s, s_s, w)
-                        T.tvm_storage_sync("shared")
-                        for jr in T.serial(KT // 2):
-                            jj3: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
-                            j3: T.let[T.int32] = key0 + kt * KT + jj3
-                            if row[0] < count and j3 <= row[1] and j3 >= row[1] - window + 1:
-                                p_s[rr * LP + jj3] = T.Cast(dtype, T.exp(s_s[rr * LS + jj3] * T.float32(sm_scale)
-                                                                        - ml[0]) / ml[1])
-                            else:
-                                p_s[rr * LP + jj3] = ZERO
-                        T.tvm_storage_sync("shared")
-                        for jf in T.serial(KT // 16):
-                            T.tvm_load_matrix_sync(p_f.data, 16, 16, 16, jf,
-                                                   p_s.access_ptr("r", offset=w * 16 * LP + jf * 16), LP, "row_major")
-                        for df in T.serial(DF):
-                            for jf in T.serial(KT // 16):
-                                T.tvm_load_matrix_sync(v_f.data, 16, 16, 16, 0,
-                                                       v_s.access_ptr("r", offset=jf * 16 * LK + df * 16), LK,
-                                                       "row_major")
-                                T.tvm_mma_sync(o_f.data, df, p_f.data, jf, v_f.data, 0, o_f.data, df)
-                    for df in T.serial(DF):  # out, one 16x16 tile per warp at a time through s_s
-                        T.tvm_storage_sync("shared")
-                        T.tvm_store_matrix_sync(o_f.data, 16, 16, 16, df, s_s.access_ptr("w", offset=w * 16 * LS),
-                                                LS, "row_major")
-                        T.tvm_storage_sync("shared")
-                        for e in T.serial(R * 16 // NT):
-                            ro: T.let[T.int32] = (e * NT + tx) // 16
-                            to: T.let[T.int32] = (ro // 16) // HG * 16 + ro % 16
-                            if to < count:
-                                out[tok0 + to, h0 + (ro // 16) % HG, df * 16 + (e * NT + tx) % 16] = T.Cast(
-                                    dtype, s_s[ro * LS + (e * NT + tx) % 16])
+    @T.macro
+    def body(q, cache, positions, block_tables, out, info, hy, tx):
+        q_s = T.alloc_buffer((R * D,), dtype, scope="shared")
+        k_s = T.alloc_buffer((KT * LK,), dtype, scope="shared")
+        v_s = T.alloc_buffer((KT * LK,), dtype, scope="shared")
+        s_s = T.alloc_buffer((R * LS,), "float32", scope="shared")
+        p_s = T.alloc_buffer((R * LP,), dtype, scope="shared")
+        q_f = T.alloc_buffer((DF * 256,), dtype, scope="wmma.matrix_a")
+        p_f = T.alloc_buffer((KT // 16 * 256,), dtype, scope="wmma.matrix_a")
+        k_f = T.alloc_buffer((256,), dtype, scope="wmma.matrix_b")
+        v_f = T.alloc_buffer((256,), dtype, scope="wmma.matrix_b")
+        s_f = T.alloc_buffer((KT // 16 * 256,), "float32", scope="wmma.accumulator")
+        o_f = T.alloc_buffer((DF * 256,), "float32", scope="wmma.accumulator")
+        # thread tx keeps row tx % 64's statistics (both its threads alike) and works on
+        # half tx // 64 of each key tile; they combine their halves through part
+        part = T.alloc_buffer((NT,), "float32", scope="shared")
+        ml = T.alloc_buffer((4,), "float32", scope="local")  # row max, sum, old max, this half's
+        row = T.alloc_buffer((2,), "int32", scope="local")  # row's token in the tile, position
+        kh: T.let[T.int32] = T.Cast("int32", hy) // NG
+        h0: T.let[T.int32] = kh * G + T.Cast("int32", hy) % NG * HG  # the tile's first head
+        w: T.let[T.int32] = T.Cast("int32", tx) // 32
+        count: T.let[T.int32] = info[2]  # 0: no such tile (it runs no key tile, writes nothing)
+        seq: T.let[T.int32] = info[0]
+        tok0: T.let[T.int32] = info[1]
+        key0: T.let[T.int32] = info[3]
+        nkeys: T.let[T.int32] = info[4]
+        # queries: row r = warp * 16 + i is head h0 + warp % HG of token warp // HG * 16 + i
+        for e in T.serial(R * D // 8 // NT):  # 8 consecutive elements per thread
+            r: T.let[T.int32] = (e * NT + tx) // (D // 8)
+            dq: T.let[T.int32] = (e * NT + tx) % (D // 8) * 8
+            t: T.let[T.int32] = (r // 16) // HG * 16 + r % 16
+            if t < count:
+                for v in T.vectorized(8):
+                    q_s[r * D + dq + v] = q[tok0 + t, h0 + (r // 16) % HG, dq + v]
+            else:
+                for v in T.unroll(8):
+                    q_s[r * D + dq + v] = ZERO
+        rr: T.let[T.int32] = T.Cast("int32", tx) % R  # this thread's row
+        c0: T.let[T.int32] = T.Cast("int32", tx) // R * (KT // 2)  # and its half of the columns
+        row[0] = rr // 16 // HG * 16 + rr % 16
+        row[1] = positions[tok0 + T.min(row[0], T.max(count, 1) - 1)]
+        ml[0] = T.float32(NEG)
+        ml[1] = T.float32(0)
+        T.tvm_storage_sync("shared")
+        for kk in T.serial(DF):
+            T.tvm_load_matrix_sync(q_f.data, 16, 16, 16, kk,
+                                   q_s.access_ptr("r", offset=w * 16 * D + kk * 16), D, "row_major")
+        for kt in T.serial((nkeys + KT - 1) // KT):  # pass 1: row max and denominator
+            T.tvm_storage_sync("shared")
+            stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+            T.tvm_storage_sync("shared")
+            scores(q_f, k_f, s_f, k_s, s_s, w)
+            T.tvm_storage_sync("shared")
+            ml[2] = ml[0]
+            ml[3] = T.float32(NEG)
+            for jr in T.serial(KT // 2):  # rotated by the row: no shared-memory bank conflicts
+                jj: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
+                j: T.let[T.int32] = key0 + kt * KT + jj
+                if row[0] < count and j <= row[1] and j >= row[1] - window + 1:
+                    ml[3] = T.max(ml[3], s_s[rr * LS + jj] * T.float32(sm_scale))
+            part[tx] = ml[3]
+            T.tvm_storage_sync("shared")
+            ml[0] = T.max(ml[0], T.max(part[rr], part[R + rr]))
+            ml[3] = T.float32(0)
+            for jr in T.serial(KT // 2):
+                jj2: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
+                j2: T.let[T.int32] = key0 + kt * KT + jj2
+                if row[0] < count and j2 <= row[1] and j2 >= row[1] - window + 1:
+                    ml[3] = ml[3] + T.exp(s_s[rr * LS + jj2] * T.float32(sm_scale) - ml[0])
+            T.tvm_storage_sync("shared")  # both maxima read
+            part[tx] = ml[3]
+            T.tvm_storage_sync("shared")
+            ml[1] = ml[1] * T.exp(ml[2] - ml[0]) + part[rr] + part[R + rr]
+        for df in T.serial(DF):
+            T.tvm_fill_fragment(o_f.data, 16, 16, 16, df, T.float32(0))
+        for kt in T.serial((nkeys + KT - 1) // KT):  # pass 2: final weights, P V
+            T.tvm_storage_sync("shared")
+            stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+            stage(cache, block_tables, v_s, 1, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+            T.tvm_storage_sync("shared")
+            scores(q_f, k_f, s_f, k_s, s_s, w)
+            T.tvm_storage_sync("shared")
+            for jr in T.serial(KT // 2):
+                jj3: T.let[T.int32] = c0 + (jr + rr) % (KT // 2)
+                j3: T.let[T.int32] = key0 + kt * KT + jj3
+                if row[0] < count and j3 <= row[1] and j3 >= row[1] - window + 1:
+                    p_s[rr * LP + jj3] = T.Cast(dtype, T.exp(s_s[rr * LS + jj3] * T.float32(sm_scale)
+                                                            - ml[0]) / ml[1])
+                else:
+                    p_s[rr * LP + jj3] = ZERO
+            T.tvm_storage_sync("shared")
+            for jf in T.serial(KT // 16):
+                T.tvm_load_matrix_sync(p_f.data, 16, 16, 16, jf,
+                                       p_s.access_ptr("r", offset=w * 16 * LP + jf * 16), LP, "row_major")
+            for df in T.serial(DF):
+                for jf in T.serial(KT // 16):
+                    T.tvm_load_matrix_sync(v_f.data, 16, 16, 16, 0,
+                                           v_s.access_ptr("r", offset=jf * 16 * LK + df * 16), LK,
+                                           "row_major")
+                    T.tvm_mma_sync(o_f.data, df, p_f.data, jf, v_f.data, 0, o_f.data, df)
+        for df in T.serial(DF):  # out, one 16x16 tile per warp at a time through s_s
+            T.tvm_storage_sync("shared")
+            T.tvm_store_matrix_sync(o_f.data, 16, 16, 16, df, s_s.access_ptr("w", offset=w * 16 * LS),
+                                    LS, "row_major")
+            T.tvm_storage_sync("shared")
+            for e in T.serial(R * 16 // NT):
+                ro: T.let[T.int32] = (e * NT + tx) // 16
+                to: T.let[T.int32] = (ro // 16) // HG * 16 + ro % 16
+                if to < count:
+                    out[tok0 + to, h0 + (ro // 16) % HG, df * 16 + (e * NT + tx) % 16] = T.Cast(
+                        dtype, s_s[ro * LS + (e * NT + tx) % 16])
 
-    return attention_tc
+    return _tiled_attention_func(H, KVH, D, BS, dtype, cdtype, QT, KVH * NG, NT, tile_keys, body)
+
+
+# Single-pass prefill attention on mma.sync (CUDA sm_80+): 4 warps, 64 query rows, 64 keys per step
+FA_WARPS = 4
+FA_KEYS = 64
+FA_SHARED_BYTES = 48 * 1024
+
+
+def _fa_strides(head_dim: int) -> tuple[int, int]:
+    """Row strides (elements) of ``make_prefill_attention_mma``'s staged K tile ``[key][d]`` and transposed V
+    tile ``[d][key]``: 16-byte aligned and 64 bytes more than a multiple of 128, so the two rows a quarter
+    warp's 16-byte fragment loads touch (64 bytes each) cover the 32 banks once."""
+    return head_dim + (32 - head_dim) % 64, FA_KEYS + (32 - FA_KEYS) % 64
+
+
+def fa_shared_bytes(head_dim: int) -> int:
+    """Shared memory of ``make_prefill_attention_mma``'s block: the staged K and V^T tiles (16-bit) and the
+    tile's bookkeeping."""
+    lk, lv = _fa_strides(head_dim)
+    return 2 * (FA_KEYS * lk + head_dim * lv) + 6 * 4
+
+
+def fa_attention_fits(head_dim: int, dtype: str) -> bool:
+    """Whether ``make_prefill_attention_mma`` builds: float16 or bfloat16, and a head size of 32, 64 or 128 (a
+    multiple of the 32-column step whose 16-byte chunks split the block's threads evenly, within 48 KiB of
+    shared memory)."""
+    return (dtype in ("float16", "bfloat16") and head_dim in (32, 64, 128)
+            and fa_shared_bytes(head_dim) <= FA_SHARED_BYTES)
+
+
+def make_prefill_attention_mma(
+    num_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: str,
+    sliding_window: int = 0,
+    scale: float | None = None,
+    cache_dtype: str = "",
+):
+    """PrimFunc ``attention_fa(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
+    out[T,H,D])``, as ``make_prefill_attention_tc`` computes, in one pass over the keys with the scores,
+    softmax and output in registers (flash attention's online softmax): ``mma.sync.m16n8k16`` with float32
+    accumulators for ``S = Q K^T`` and ``O += P V``.
+
+    Tiles as ``make_prefill_attention_tc``'s: ``HG`` query heads of one KV head over ``64 / HG`` tokens of
+    one sequence, warp ``w`` 16 rows (head ``w % HG``), each staged K and V tile serving all 64 rows. Per
+    step of 64 keys the block stages K as ``[key][d]`` and V transposed, ``[d][key]``, then two barriers
+    and nothing else shared: a warp's 16x64 scores are 8 accumulator fragments, each row's running max
+    and sum are kept by the 4 lanes that hold it (the max combined over them with two shuffles per step,
+    the sum once at the end), the weights become the A operand of ``P V`` in place.
+
+    Lane ``l`` (``g = l // 4``, ``c = l % 4``) holds rows ``g`` and ``g + 8``. As in
+    ``mma_linear.make_mma_linear_gpu``, a sum's terms may come in any order as long as both operands agree,
+    so every lane's 4 logical columns of an mma are 4 consecutive physical ones and its operands load 16
+    bytes at a time:
+
+    - ``S``: the reduction runs over ``d``; a step of 32 columns gives lane ``c`` the columns ``8c .. 8c+8``
+      of its queries (kept in registers for the whole kernel) and of the key of its B column ``g``.
+    - ``P V``: the reduction runs over keys. Column ``2c + e`` of score fragment ``i = 4 jj + 2 q + h`` is
+      key ``32 jj + 8 c + 4 q + 2 h + e``, which the K load of that fragment arranges, so the lane's
+      weights for ``P V``'s k-step ``2 jj + q`` are its own keys ``32 jj + 8c + 4q .. +4``, and one 16-byte
+      load from row ``d`` of V^T feeds two k-steps.
+
+    Absent keys (past the tile, outside the window, after a row's position) score ``-3e38`` and weigh 0,
+    masked only in the steps that hold any (the diagonal, a window's start); absent tokens' rows are
+    computed and never stored. Steps are staged with plain loads between the two barriers (no cp.async
+    pipeline: the other resident block's warps cover the wait). ``dtype`` float16 or bfloat16
+    (``fa_attention_fits``). For Qwen3-4B's heads on sm_90 ptxas gives 255 registers, no spills, 44 KiB of
+    shared memory: 2 blocks per SM; the loop issues about 630 instructions per step and warp, 128 of them
+    mma's (docs/bench/2026-11-27f-flash-attention.md).
+    """
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
+    if not fa_attention_fits(head_dim, dtype):
+        raise ValueError(f"head_dim {head_dim} ({dtype}) does not fit the mma attention tile")
+    H, KVH, D, BS = num_heads, kv_heads, head_dim, block_size
+    HG = tc_heads_per_tile(num_heads, kv_heads)
+    NG = G // HG  # head groups per KV head
+    W, KT = FA_WARPS, FA_KEYS
+    NT = 32 * W
+    QT = 16 * (W // HG)  # tokens per tile
+    DS, NS, NO = D // 32, KT // 8, D // 8  # 32-column steps of d, score fragments, output fragments
+    EK = KT * D // 8 // NT  # keys a thread stages into the K tile
+    LK, LV = _fa_strides(D)
+    NEG = -3.0e38  # an absent key's score
+    FLOOR = -1.0e30  # a row's running max before any key: the weight of an absent key, 2^(NEG scale - FLOOR), is 0
+    scale2 = sm_scale * 1.4426950408889634  # scores in base 2: exp(x s) = 2^(x s log2 e)
+    cdtype = cache_dtype or dtype
+    ab = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    tile_keys = _tile_keys_macro(QT, window, KT)  # key steps start at a multiple of KT
+    ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
+
+    def key_of(i, c, e):
+        """Key (within the step) of column ``2c + e`` of score fragment ``i`` (see the docstring)."""
+        return i // 4 * 32 + c * 8 + i // 2 % 2 * 4 + i % 2 * 2 + e
+
+    @T.macro
+    def stage(cache, block_tables, k_s, v_s, vl, kl, seq, kh, j0, end, tx):
+        """Keys ``j0 .. j0+KT`` of sequence ``seq`` into ``k_s`` ([key][d]: 16 bytes of ``EK`` consecutive keys
+        per thread) and their values into ``v_s`` ([d][key]: 8 keys x 8 columns per thread, transposed in
+        registers). A key past ``end`` reads key ``end - 1``: finite, where its weight 0 times garbage could be
+        NaN. Steps start at a multiple of KT, so a thread's keys share one block-table entry when the block
+        size is a multiple of their count."""
+        jk: T.let[T.int32] = T.Cast("int32", tx) // (D // 8) * EK
+        dk: T.let[T.int32] = T.Cast("int32", tx) % (D // 8) * 8
+        for e in T.unroll(EK):
+            jc: T.let[T.int32] = T.min(j0 + jk + e, end - 1)
+            for v in T.vectorized(8):
+                k_s[(jk + e) * LK + dk + v] = T.Cast(dtype, cache[block_tables[
+                    seq, (T.min(j0 + jk, end - 1) if BS % EK == 0 else jc) // BS], 0, kh, jc % BS, dk + v])
+        if tx < D:  # V: keys a8 .. a8+8 x columns b8 .. b8+8
+            a8: T.let[T.int32] = T.Cast("int32", tx) % 8 * 8
+            b8: T.let[T.int32] = T.Cast("int32", tx) // 8 * 8
+            for r in T.unroll(8):
+                jv: T.let[T.int32] = T.min(j0 + a8 + r, end - 1)
+                for v in T.vectorized(8):
+                    vl[r * 8 + v] = T.Cast(dtype, cache[block_tables[
+                        seq, (T.min(j0 + a8, end - 1) if BS % 8 == 0 else jv) // BS], 1, kh, jv % BS, b8 + v])
+            for r in T.unroll(8):  # (a gather in a vector store is invalid CUDA from TVM: one by one)
+                for v in T.unroll(8):
+                    kl[v] = vl[v * 8 + r]
+                for v in T.vectorized(8):
+                    v_s[(b8 + r) * LV + a8 + v] = kl[v]
+
+    @T.macro
+    def body(q, cache, positions, block_tables, out, info, hy, tx):
+        k_s = T.alloc_buffer((KT * LK,), dtype, scope="shared")
+        v_s = T.alloc_buffer((D * LV,), dtype, scope="shared")
+        ql = T.alloc_buffer((DS * 2 * 8,), dtype, scope="local")  # (d step, row g / g+8, 8 columns)
+        kl = T.alloc_buffer((8,), dtype, scope="local")  # one 16-byte K or V^T load
+        vl = T.alloc_buffer((64,), dtype, scope="local")  # staging: 8 keys x 8 columns of V
+        # each mma's operands in arrays of their own, passed at offset 0 (TVM counts an operand's
+        # offset in its array's C type, which for a vector-loaded array is 16 bytes wide)
+        a0 = T.alloc_buffer((8,), dtype, scope="local")
+        a1 = T.alloc_buffer((8,), dtype, scope="local")
+        bf = T.alloc_buffer((4,), dtype, scope="local")
+        sacc = T.alloc_buffer((NS * 4,), "float32", scope="local")  # (score fragment, 4)
+        oacc = T.alloc_buffer((NO * 4,), "float32", scope="local")  # (output fragment, 4)
+        ml = T.alloc_buffer((6,), "float32", scope="local")  # rows g, g+8: max, sum; step max
+        # rows g, g+8: token in the tile, first key, keys (0 for an absent token): j - first < keys
+        row = T.alloc_buffer((6,), "int32", scope="local")
+        kh: T.let[T.int32] = T.Cast("int32", hy) // NG
+        w: T.let[T.int32] = T.Cast("int32", tx) // 32
+        g: T.let[T.int32] = T.Cast("int32", tx) % 32 // 4
+        c: T.let[T.int32] = T.Cast("int32", tx) % 4
+        head: T.let[T.int32] = kh * G + T.Cast("int32", hy) % NG * HG + w % HG  # the warp's head
+        count: T.let[T.int32] = info[2]  # 0: no such tile (it runs no key step, writes nothing)
+        seq: T.let[T.int32] = info[0]
+        tok0: T.let[T.int32] = info[1]
+        key0: T.let[T.int32] = info[3]
+        nkeys: T.let[T.int32] = info[4]
+        first: T.let[T.int32] = info[5]
+        for h in T.unroll(2):  # the lane's rows: token w // HG * 16 + g + 8h of the tile
+            row[h * 3] = w // HG * 16 + g + h * 8
+            row[h * 3 + 1] = positions[tok0 + T.min(row[h * 3], T.max(count, 1) - 1)] - window + 1
+            row[h * 3 + 2] = T.Select(row[h * 3] < count, window, 0)
+            ml[h * 2] = T.float32(FLOOR)
+            ml[h * 2 + 1] = T.float32(0)
+            for s in T.unroll(DS):
+                if row[h * 3] < count:
+                    for v in T.vectorized(8):
+                        ql[(s * 2 + h) * 8 + v] = q[tok0 + row[h * 3], head, s * 32 + c * 8 + v]
+                else:
+                    for v in T.unroll(8):
+                        ql[(s * 2 + h) * 8 + v] = ZERO
+        for i in T.unroll(NO * 4):
+            oacc[i] = T.float32(0)
+        for kt in T.serial((nkeys + KT - 1) // KT):
+            j0: T.let[T.int32] = key0 + kt * KT
+            T.tvm_storage_sync("shared")  # every warp done with the previous step's tiles
+            stage(cache, block_tables, k_s, v_s, vl, kl, seq, kh, j0, key0 + nkeys, tx)
+            T.tvm_storage_sync("shared")
+            for i in T.unroll(NS * 4):
+                sacc[i] = T.float32(0)
+            for s in T.unroll(DS):  # S = Q K^T, 32 columns of d at a time
+                for i in T.unroll(8):  # A: the lane's 4 columns (u = i // 4) of rows g, g+8
+                    a0[i] = ql[(s * 2 + i // 2 % 2) * 8 + i // 4 * 2 + i % 2]
+                    a1[i] = ql[(s * 2 + i // 2 % 2) * 8 + 4 + i // 4 * 2 + i % 2]
+                for i in T.unroll(NS):  # B column g of score fragment i: key key_of(i, g // 2, g % 2)
+                    for v in T.vectorized(8):
+                        kl[v] = k_s[key_of(i, g // 2, g % 2) * LK + s * 32 + c * 8 + v]
+                    for v in T.unroll(4):
+                        bf[v] = kl[v]
+                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a0.data, 0,
+                                                bf.data, 0, sacc.data, i * 4, False, dtype="float32"))
+                    for v in T.unroll(4):
+                        bf[v] = kl[4 + v]
+                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a1.data, 0,
+                                                bf.data, 0, sacc.data, i * 4, False, dtype="float32"))
+            # absent keys, where the step holds any: past the first token or before the last one's window
+            if j0 + KT - 1 > first or j0 <= key0 + nkeys - 1 - window:
+                for h in T.unroll(2):
+                    for i in T.unroll(NS):
+                        for e in T.unroll(2):
+                            j: T.let[T.int32] = j0 + key_of(i, c, e)
+                            sacc[i * 4 + h * 2 + e] = T.Select(  # (one unsigned compare, no branch)
+                                T.Cast("uint32", j - row[h * 3 + 1]) < T.Cast("uint32", row[h * 3 + 2]),
+                                sacc[i * 4 + h * 2 + e], T.float32(NEG))
+            for h in T.unroll(2):  # online softmax of row g + 8h
+                ml[4] = T.float32(NEG)
+                for i in T.unroll(NS):
+                    for e in T.unroll(2):
+                        ml[4] = T.max(ml[4], sacc[i * 4 + h * 2 + e])
+                ml[4] = T.max(ml[4], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), ml[4], 1, 32, 32))
+                ml[4] = T.max(ml[4], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), ml[4], 2, 32, 32))
+                ml[4] = ml[4] * T.float32(scale2)  # (the scale is positive: the max of the scaled)
+                ml[5] = T.exp2(ml[h * 2] - T.max(ml[h * 2], ml[4]))  # the old terms' factor
+                ml[h * 2] = T.max(ml[h * 2], ml[4])
+                ml[h * 2 + 1] = ml[h * 2 + 1] * ml[5]
+                for i in T.unroll(NO):
+                    for e in T.unroll(2):
+                        oacc[i * 4 + h * 2 + e] = oacc[i * 4 + h * 2 + e] * ml[5]
+                for i in T.unroll(NS):
+                    for e in T.unroll(2):
+                        sacc[i * 4 + h * 2 + e] = T.exp2(sacc[i * 4 + h * 2 + e] * T.float32(scale2)
+                                                         - ml[h * 2])
+                        ml[h * 2 + 1] = ml[h * 2 + 1] + sacc[i * 4 + h * 2 + e]
+            for jj in T.unroll(KT // 32):  # O += P V, 32 keys at a time
+                for i in T.unroll(8):  # A of k-step 2 jj + u: score fragments 4 jj + 2u, +1
+                    a0[i] = T.Cast(dtype, sacc[(jj * 4 + i // 4) * 4 + i // 2 % 2 * 2 + i % 2])
+                    a1[i] = T.Cast(dtype, sacc[(jj * 4 + 2 + i // 4) * 4 + i // 2 % 2 * 2 + i % 2])
+                for i in T.unroll(NO):  # B column g of output fragment i: row 8i + g of V^T
+                    for v in T.vectorized(8):
+                        kl[v] = v_s[(i * 8 + g) * LV + jj * 32 + c * 8 + v]
+                    for v in T.unroll(4):
+                        bf[v] = kl[v]
+                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a0.data, 0,
+                                                bf.data, 0, oacc.data, i * 4, False, dtype="float32"))
+                    for v in T.unroll(4):
+                        bf[v] = kl[4 + v]
+                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", a1.data, 0,
+                                                bf.data, 0, oacc.data, i * 4, False, dtype="float32"))
+        for h in T.unroll(2):  # each row's sum over its 4 lanes, then out = O / sum
+            ml[h * 2 + 1] = ml[h * 2 + 1] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF),
+                                                                   ml[h * 2 + 1], 1, 32, 32)
+            ml[h * 2 + 1] = ml[h * 2 + 1] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF),
+                                                                   ml[h * 2 + 1], 2, 32, 32)
+            ml[h * 2 + 1] = T.float32(1) / ml[h * 2 + 1]
+            if row[h * 3] < count:
+                for i in T.unroll(NO):
+                    for e in T.unroll(2):
+                        out[tok0 + row[h * 3], head, i * 8 + c * 2 + e] = T.Cast(
+                            dtype, oacc[i * 4 + h * 2 + e] * ml[h * 2 + 1])
+
+    return _tiled_attention_func(H, KVH, D, BS, dtype, cdtype, QT, KVH * NG, NT, tile_keys, body)
 
 
 def make_attention_merge_gpu(num_heads: int, head_dim: int, dtype: str):

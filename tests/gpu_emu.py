@@ -22,8 +22,9 @@ here). float16 kernels run too, with ``half`` defined as ``float``: their arrays
 and rounded to half on the way out, so kernel outputs are rounded as on the device but nothing inside a
 kernel is. Dynamic shared memory (dlight's matmul tiles) is made static for that (``_static_shared``).
 bfloat16 kernels run exactly: TVM's OpenCL code keeps bfloat16 as its 16 bits (``ml_dtypes.bfloat16``
-arrays pass as they are) and computes in float. Warp shuffles have no OpenCL form, so kernels here
-reduce through shared memory.
+arrays pass as they are) and computes in float. Warp shuffles have no OpenCL form: kernels mostly
+reduce through shared memory, and ``tvm_warp_shuffle_xor`` (float32, whole warps) is emulated as the mma is,
+through ``__local`` memory and two barriers (``_shuffle_xor_call``).
 
 ``gpu_module`` and ``run_relax`` do the same for a whole model: the CUDA pipeline's legalization and
 scheduling passes, then each Relax entry point interpreted call by call with every PrimFunc run here.
@@ -210,6 +211,25 @@ def _mma_call(call):
     return tirx.call_extern("void", helper, c, co, a, ao, b, bo)
 
 
+def _shuffle_xor_call(call):
+    """The emulation of ``tvm_warp_shuffle_xor(mask, value, lane_mask, width, warp_size)`` (a full warp,
+    a float32 value): through the ``__local`` scratch of ``_mma_call`` and two barriers, so, as for mma,
+    every thread of the block must reach it."""
+    from tvm import tirx
+
+    _mask, value, lane_mask, width, warp_size = call.args
+    if str(call.ty) != "float32" or width.value != 32 or warp_size.value != 32:
+        raise NotImplementedError(f"warp shuffle of {call.ty} over {width} lanes")
+    helper = "ferrum_shfl_xor_f32"
+    _wmma_helpers[helper] = (
+        f"float {helper}_x(float v, int m, __local float* x) {{\n"
+        f"  int tid = get_local_id(0) + get_local_size(0) * (get_local_id(1) + get_local_size(1) * get_local_id(2));\n"
+        f"  x[tid] = v;\n  barrier(CLK_LOCAL_MEM_FENCE);\n  float r = x[tid ^ m];\n"
+        f"  barrier(CLK_LOCAL_MEM_FENCE);\n  return r;\n}}\n"
+        f"#define {helper}(v, m) {helper}_x(v, m, {_MMA_SCRATCH})\n")
+    return tirx.call_extern("float32", helper, value, lane_mask)
+
+
 def _no_grid_dependency(call):
     """``griddepcontrol`` (programmatic dependent launch, CUDA sm_90) has nothing to wait for here: one
     kernel runs at a time. A call of an empty helper keeps its place in the code."""
@@ -229,6 +249,7 @@ def _emulate_wmma() -> None:
         register_intrin_lowering(f"tirx.{op}", "opencl", f=_wmma_call, level=99)
     register_intrin_lowering("tirx.ptx.griddepcontrol", "opencl", f=_no_grid_dependency, level=99)
     register_intrin_lowering("tirx.ptx_legacy.mma", "opencl", f=_mma_call, level=99)
+    register_intrin_lowering("tirx.tvm_warp_shuffle_xor", "opencl", f=_shuffle_xor_call, level=99)
 
 
 def _static_shared(script: str):
@@ -268,7 +289,7 @@ def build(func):
     # (strict aliasing) that an optimiser may break; OpenCL's ``as_float`` is the same bits, defined (nvcc
     # reads the pun as a register move)
     source = _PUN.sub(lambda m: f"as_{m.group(1)}({m.group(2)})", source)
-    if any(h.startswith("ferrum_mma_") for h in _wmma_helpers):  # every kernel declares the mma scratch
+    if any(_MMA_SCRATCH in h for h in _wmma_helpers.values()):  # every kernel declares the mma scratch
         source = re.sub(r"(__kernel void\b[^{]*\{)", rf"\1\n  __local float {_MMA_SCRATCH}[{MMA_THREADS * 12}];",
                         source)
     if "(*(half2 *)(&(" in source:  # a float16 pair from its bits: with half stored as float, a pun reads 8

@@ -200,6 +200,47 @@ def test_tensor_core_attention_tile_limits():
         pa.make_prefill_attention_tc(8, 2, 256, 16, "float16")
 
 
+@pytest.mark.parametrize("ctx,qlen,heads,head_dim,block_size,window,dtype", [
+    ([0, 5], [20, 40], (4, 1), 32, 16, 0, "float16"),  # 4 heads of a KV head per tile, 16 tokens: 2 + 3 tiles
+    ([0, 40, 3], [70, 1, 9], (8, 2), 64, 4, 0, "bfloat16"),  # blocks of 4: a block-table read per V row
+    ([10, 100], [33, 4], (9, 3), 32, 1, 0, "float16"),  # group 3: one head per tile, 64 tokens; blocks of 1
+    ([0, 20, 300], [12, 1, 30], (4, 2), 32, 4, 5, "float16"),  # sliding window: keys from a multiple of 64
+    # a step wholly before the first token but partly before the last one's window (keys 64-127 of tile 1)
+    ([150], [90], (2, 2), 64, 16, 70, "bfloat16"),
+])
+def test_mma_attention_matches_reference(ctx, qlen, heads, head_dim, block_size, window, dtype):
+    """``make_prefill_attention_mma`` (FERRUM_FLASH_ATTENTION): one pass over the keys with ``mma.sync``
+    (emulated with the PTX fragment layouts: tests/gpu_emu.py) and the online softmax in registers, warp
+    shuffles between a row's 4 lanes. 16-bit inputs (half computed as float here, bfloat16 exactly); the
+    reference is float64 on the same rounded inputs, so the tolerance covers the weights' and outputs'
+    rounding to 16 bits. Every output element written (NaN-filled before)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(len(ctx) + window + head_dim)
+    q, cache, positions, query_start, tables, _ = _ragged_attention(rng, ctx, qlen, *heads, head_dim, block_size,
+                                                                    window)
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    q, cache = q.astype(np_dtype), cache.astype(np_dtype)
+    ref = pa.attention_ref(q.astype(np.float32), cache.astype(np.float32), positions, query_start, tables,
+                           sliding_window=window)
+    attend = _kernel(("fa", *heads, head_dim, block_size, window, dtype),
+                     lambda: pa.make_prefill_attention_mma(*heads, head_dim, block_size, dtype, sliding_window=window))
+    out = np.full(q.shape, np.nan, np_dtype)
+    gpu_emu.run(attend, q, cache, positions, query_start, tables, out)
+    np.testing.assert_allclose(out.astype(np.float32), ref, atol=2e-3 if dtype == "float16" else 2e-2, rtol=0)
+
+
+def test_mma_attention_tile_limits():
+    """16-bit heads of 32, 64 or 128 columns (whose 16-byte chunks split the block's threads evenly and whose
+    K and V^T tiles fit 48 KiB); others keep the wmma kernel."""
+    assert pa.fa_attention_fits(128, "float16") and pa.fa_shared_bytes(128) <= 48 * 1024
+    assert pa.fa_attention_fits(64, "bfloat16") and pa.fa_attention_fits(32, "float16")
+    assert not any(pa.fa_attention_fits(d, "float16") for d in (16, 96, 80, 256))
+    assert not pa.fa_attention_fits(64, "float32")
+    with pytest.raises(ValueError, match="does not fit"):
+        pa.make_prefill_attention_mma(8, 2, 96, 16, "float16")
+
+
 def test_split_key_tile_follows_the_rows():
     """A decode tile (one token's 4 grouped heads) stages a whole 64-key split at once; a 32-row prefill
     tile stages 16 keys, its queries taking most of the shared memory."""

@@ -24,23 +24,26 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target,quant,pdl,norms,mma", [
-    ("qwen3", "cuda-sm90", "auto", False, False, ""), ("llama-wide", "cuda-sm80", "q4", False, False, "decode"),
-    ("qwen2", "cuda-sm86", "auto", False, True, ""), ("qwen3-moe", "cuda-sm90", "q4", True, False, ""),
-    ("mixtral", "cuda-sm89", "q4", False, False, "")])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family,target,quant,pdl,norms,mma,flash", [
+    ("qwen3", "cuda-sm90", "auto", False, False, "", True),
+    ("llama-wide", "cuda-sm80", "q4", False, False, "decode", False),
+    ("qwen2", "cuda-sm86", "auto", False, True, "", False), ("qwen3-moe", "cuda-sm90", "q4", True, False, "", False),
+    ("mixtral", "cuda-sm89", "q4", False, False, "", False)])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, flash, tiny_model_dir,
+                                                tmp_path):
     """... and, with FERRUM_PDL=1 (the MoE model: dense, INT4 and grouped GEMVs), every kernel is a
     programmatic dependent launch that nvcc compiled; with FERRUM_GEMV_NORMS=1 (Qwen2: q|k|v with a bias)
     the GEMVs that begin and finish a deferred norm are compiled and verified too; with
     FERRUM_MMA_LINEAR=decode (Llama on sm_80, the oldest arch with the mma; widths INT4's 128-column steps
-    divide) the many-token linears on tensor-core mma's, INT4 and the dense lm_head. Every model file
+    divide) the many-token linears on tensor-core mma's, INT4 and the dense lm_head; with
+    FERRUM_FLASH_ATTENTION=1 (Qwen3, head_dim 32) forward's one-pass mma attention. Every model file
     compiles for a CUDA arch here (Mixtral with --quant q4: its down experts stay dense, 48 columns being
     no whole group; Mistral, llama.py's with a sliding window, was sm_89's before Mixtral took its place
     for CI time: the window's GPU kernels run in tests/test_gpu_kernels.py)."""
     out = tmp_path / "art"
     res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out,
                  env={"FERRUM_PDL": "1" if pdl else "", "FERRUM_GEMV_NORMS": "1" if norms else "",
-                      "FERRUM_MMA_LINEAR": mma})
+                      "FERRUM_MMA_LINEAR": mma, "FERRUM_FLASH_ATTENTION": "1" if flash else ""})
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
     code = embedded_cuda_code(out / "model.so")
@@ -64,7 +67,10 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norm
     assert entries["decode_one"] == {**entries["forward"], "max_tokens": 1}  # GEMVs in passes of one token
     assert entries["decode_one_graph"] == {**entries["decode_one"], "max_blocks": entries["decode_graph"]["max_blocks"]}
     assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib and b"add_rms_norm" in lib
-    assert b"attention_tc" in lib  # forward's attention on tensor cores (head_dim 16 and 32 fit its tile)
+    # forward's attention on tensor cores (head_dim 16 and 32 fit the wmma tile, 32 the flash one)
+    assert (b"attention_tc" in lib, b"attention_fa" in lib) == (not flash, flash)
+    assert bool(manifest["compile_options"].get("flash_attention")) == flash
+    assert ("forward's attention in one pass on mma.sync (FERRUM_FLASH_ATTENTION)" in shown) == flash
     # ... and forward with the split-KV attention for wide steps of one decode token per sequence
     assert entries["decode_wide"] == {**entries["forward"], "decode_only": True}
     assert entries["decode_wide_graph"] == {**entries["decode_wide"], "max_tokens": 64,
@@ -322,23 +328,26 @@ def test_cuda_artifact_runs_on_gpu(pdl, tiny_model_dir, compiled, tmp_path, monk
 
 
 @needs_nvcc
-def test_mma_linear_operands_point_at_their_elements():
-    """``make_mma_linear_gpu``'s CUDA source (float16 dense and INT4, Qwen3-4B's q|k|v shape): TVM passes an
-    mma operand as ``(unsigned *)(array + offset)`` with the offset in elements of the array's C type, and
-    types a local array it vectorizes as ``uint4`` (16 bytes an element): an offset into such an array
-    read activations 8 times too far on (found in this kernel's SASS: mma's on never-loaded registers;
-    the emulator, whose OpenCL is typed otherwise, cannot see it). Every operand is an array of the
-    operand's own element type at a nonzero offset, or any array at offset 0."""
+def test_mma_operands_point_at_their_elements():
+    """The CUDA source of ``make_mma_linear_gpu`` (float16 dense and INT4, Qwen3-4B's q|k|v shape) and of
+    ``make_prefill_attention_mma`` (Qwen3-4B's heads): TVM passes an mma operand as ``(unsigned *)(array +
+    offset)`` with the offset in elements of the array's C type, and types a local array it vectorizes as
+    ``uint4`` (16 bytes an element): an offset into such an array read activations 8 times too far on (found
+    in the mma linear's SASS: mma's on never-loaded registers; the emulator, whose OpenCL is typed
+    otherwise, cannot see it). Every operand is an array of the operand's own element type at a nonzero
+    offset, or any array at offset 0."""
     import tvm
 
     from ferrum.schedules import mma_linear as ml
+    from ferrum.schedules import paged_attention as pa
     from ferrum.schedules.quant_linear import QuantFormat
     from ferrum_compiler.gpu_build import prepare_cuda_build
 
     prepare_cuda_build()
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host="llvm")
-    for fmt in (None, QuantFormat(4, 128, True)):
-        func = ml.make_mma_linear_gpu(2560, 6144, "float16", "float16", fmt=fmt)
+    for fmt in (None, QuantFormat(4, 128, True), "attention"):
+        func = pa.make_prefill_attention_mma(32, 8, 128, 16, "float16") if fmt == "attention" else \
+            ml.make_mma_linear_gpu(2560, 6144, "float16", "float16", fmt=fmt)
         with target:
             lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
         code = lib.imports[0].inspect_source()
