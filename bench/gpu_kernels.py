@@ -21,7 +21,10 @@ kernel and merge) at 1 and 16 sequences of 384 and 2048 keys, for 64-, 32- and 1
 counts from 1 to 64. First of all, the many-token linears on tensor-core mma's (``FERRUM_MMA_LINEAR``,
 ``mma_linear.make_mma_linear_gpu``) at 16, 32 and 64 tokens, float16, in the picked layout and the ones
 around it (column splits, row fragments a warp, tokens a pass, steps loaded at a time), beside torch's
-``F.linear`` (cuBLAS) on the same weights and activations, each checked against a float32 product.
+``F.linear`` (cuBLAS) on the same weights and activations, each checked against a float32 product. Second,
+one layer's prefill attention (Qwen3-4B's heads; 1 x 2048, 4 x 512 and 16 x 128 prompt tokens): the
+two-pass wmma kernel ``forward`` runs today, the one-pass ``mma.sync`` one (``FERRUM_FLASH_ATTENTION``) and
+torch's ``scaled_dot_product_attention`` on the same tensors, each checked against torch's output.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ SAMPLING = {"greedy": (0.0, 0, 1.0, 0.0), "T0.7 p0.9": (0.7, 0, 0.9, 0.0), "T0.7
 ATTENTION = {"heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16}
 ATTENTION_SHARED = (40 * 1024, 24 * 1024, 12 * 1024)
 MMA_TOKENS = (16, 32, 64)  # decode steps of many sequences: decode's largest, decode_wide's
+PREFILL = ((1, 2048), (4, 512), (16, 128))  # (sequences, prompt tokens each) of a prefill step's attention
 
 
 def mma_variants(k: int, n: int, fmt=None) -> list[tuple[tuple[int, int], int, int]]:
@@ -189,6 +193,9 @@ def prepare(dest: Path) -> None:
         build(f"attention-{kc}", pa.make_attention_gpu(ATTENTION["heads"], ATTENTION["kv_heads"], ATTENTION["head_dim"],
                                                        ATTENTION["block_size"], "float16", tile_tokens=1,
                                                        shared_bytes=sb), "attention")
+    h, kvh, d, bs = (ATTENTION[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
+    build("prefill-tc", pa.make_prefill_attention_tc(h, kvh, d, bs, "float16"), "attention")
+    build("prefill-fa", pa.make_prefill_attention_mma(h, kvh, d, bs, "float16"), "attention")
     build("attention-merge", pa.make_attention_merge_gpu(ATTENTION["heads"], ATTENTION["head_dim"], "float16"),
           "merge")
     build("add-rms-norm", norm.make_add_rms_norm_gpu(SHAPES["qkv"][0], "float16", "float16", 1e-6), "norm")
@@ -220,6 +227,7 @@ def run(src: Path, out: Path) -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
     report: dict = {"copy_GBps": bw / 1e9, "mma": mma_time(src, dev, rng, bw)}
+    report["prefill_attention"] = prefill_attention_time(src, dev, rng)
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     copies: list[list] = []
     loaded, nbytes = None, 0
@@ -383,6 +391,72 @@ def mma_time(src: Path, dev, rng, bw: float) -> list[dict]:
                 except Exception as exc:  # noqa: BLE001 - one variant failing must not cost the others
                     rows.append({**e, "tokens": ntok, "error": repr(exc)})
                     print(f"{e['name']} T={ntok}: FAILED {exc!r}", flush=True)
+    return rows
+
+
+def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
+    """Device time of one layer's prefill attention (Qwen3-4B's heads, float16; ``PREFILL``'s fresh prompts,
+    each token attending causally to its own prompt) for the two-pass wmma kernel ``forward`` runs
+    (``prefill-tc``), FERRUM_FLASH_ATTENTION's one-pass ``mma.sync`` kernel (``prefill-fa``) and torch's
+    causal ``scaled_dot_product_attention`` (``torch-sdpa``, the KV heads repeated for it beforehand) on the
+    same queries, keys and values; TFLOP/s of the causal products (4 x heads x head size x the keys each
+    query attends); each output against torch's (``max_rel_diff``: over its largest)."""
+    import torch
+    import tvm
+
+    from bench.gpu_profile import profile_steps
+
+    h, kvh, d, bs = (ATTENTION[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
+    rows: list[dict] = []
+    try:
+        kernels = {name: tvm.runtime.load_module(str(src / f"{name}.so"))["attention"]
+                   for name in ("prefill-tc", "prefill-fa")}
+    except Exception as exc:  # noqa: BLE001 - keep what ran before
+        print(f"prefill attention: FAILED to load {exc!r}", flush=True)
+        return [{"error": repr(exc)}]
+    for seqs, plen in PREFILL:
+        try:
+            ntok, m = seqs * plen, -(-plen // bs)
+            qh = rng.standard_normal((ntok, h, d)).astype(np.float16)
+            kv = rng.standard_normal((2, seqs, m * bs, kvh, d)).astype(np.float16)  # padded to whole blocks
+            # sequence s's position p: block s * m + p // bs, slot p % bs
+            cache = kv.reshape(2, seqs, m, bs, kvh, d).transpose(1, 2, 0, 4, 3, 5).reshape(seqs * m, 2, kvh, bs, d)
+            args = [tvm.runtime.tensor(a, dev) for a in (
+                qh, np.ascontiguousarray(cache), np.tile(np.arange(plen, dtype=np.int32), seqs),
+                np.arange(seqs + 1, dtype=np.int32) * plen, np.arange(seqs * m, dtype=np.int32).reshape(seqs, m))]
+            y = tvm.runtime.empty((ntok, h, d), "float16", dev)
+            tq = torch.from_numpy(qh).cuda().view(seqs, plen, h, d).transpose(1, 2)
+            tk, tv = (torch.from_numpy(np.ascontiguousarray(kv[i, :, :plen])).cuda().transpose(1, 2)
+                      .repeat_interleave(h // kvh, dim=1) for i in (0, 1))
+            ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+            ref_np = ref.transpose(1, 2).reshape(ntok, h, d).float().cpu().numpy()
+        except Exception as exc:  # noqa: BLE001 - keep what ran
+            rows.append({"seqs": seqs, "tokens": plen, "error": repr(exc)})
+            print(f"prefill attention {seqs}x{plen}: FAILED {exc!r}", flush=True)
+            continue
+        flops = 4 * h * d * seqs * plen * (plen + 1) / 2
+        for name in ("torch-sdpa", "prefill-tc", "prefill-fa"):
+            try:
+                if name == "torch-sdpa":
+                    def call(tq=tq, tk=tk, tv=tv):
+                        torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+
+                    got = ref_np
+                else:
+                    def call(fn=kernels[name], args=args, y=y):
+                        fn(*args, y)
+
+                    call()
+                    got = y.numpy().astype(np.float32)
+                us = profile_steps(call, 20)["kernel_ms_per_step"] * 1e3
+                diff = float(np.abs(got - ref_np).max() / max(np.abs(ref_np).max(), 1e-6))
+                rows.append({"kernel": name, "seqs": seqs, "tokens": plen, "us": us, "TFLOPs": flops / us / 1e6,
+                             "max_rel_diff": diff})
+                print(f"prefill attention {seqs:2d}x{plen:4d} {name:10s} {us:9.1f} us {flops / us / 1e6:6.1f} TFLOP/s "
+                      f"diff {diff:.1e}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - one kernel failing must not cost the others
+                rows.append({"kernel": name, "seqs": seqs, "tokens": plen, "error": repr(exc)})
+                print(f"prefill attention {seqs}x{plen} {name}: FAILED {exc!r}", flush=True)
     return rows
 
 

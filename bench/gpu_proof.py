@@ -77,7 +77,9 @@ DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's
 # "-mma" (FERRUM_MMA_LINEAR=1): decode_wide's float16 and INT4 linears (steps of 17-64 decode tokens) on
 # tensor-core mma's that stream each weight once per 16-32 tokens instead of dlight's matmuls; "-mmad"
 # (FERRUM_MMA_LINEAR=decode) decode's too (2-16 tokens, instead of the GEMVs' passes of 4).
-EXPERIMENT_FLAGS = {"-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_PDL", "late"),
+# "-fa" (FERRUM_FLASH_ATTENTION=1): forward's attention (prefill) in one pass on mma.sync instead of the
+# two-pass wmma kernel (bench/gpu_kernels.py times both alone first).
+EXPERIMENT_FLAGS = {"-fa": ("FERRUM_FLASH_ATTENTION", "1"), "-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_PDL", "late"),
                     "-pdl-first": ("FERRUM_PDL", "first"), "-pdl-deep": ("FERRUM_PDL", "deep"),
                     "-pdl": ("FERRUM_PDL", "1"),
                     "-dp4ak": ("FERRUM_GEMV_DP4A", "kernel"), "-dp4a": ("FERRUM_GEMV_DP4A", "1"),
@@ -85,7 +87,8 @@ EXPERIMENT_FLAGS = {"-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_
 EXPERIMENTS = tuple(f"{base}{suffix}" for base in ("qwen3-4b", "qwen3-4b-gptq")
                     for suffix in ("-pdl", "-pdl-late", "-norms")) + ("qwen3-4b-gptq-dp4a", "qwen3-4b-gptq-dp4ak",
                                                                      "qwen3-4b-mma", "qwen3-4b-mmad",
-                                                                     "qwen3-4b-gptq-mma", "qwen3-4b-gptq-mmad")
+                                                                     "qwen3-4b-gptq-mma", "qwen3-4b-gptq-mmad",
+                                                                     "qwen3-4b-fa", "qwen3-4b-gptq-fa")
 PARITY_MAX_ABS, PARITY_MAX_KL = 0.1, 1e-3  # passed: 2-4e-2 and 1e-5 (float16/bfloat16 against float32)
 
 

@@ -126,16 +126,16 @@ def _mlp_quantized_model(dtype: str, formats: dict, seed: int):
     return model, single, params, dense, rng
 
 
-@pytest.mark.parametrize("dtype,flash", [("float16", False), ("bfloat16", False), ("float16", True)])
+@pytest.mark.parametrize("dtype,flash", [("float16", True), ("bfloat16", False)])
 def test_16_bit_cuda_build_matches_interpreter(dtype, flash):
-    """The float16 / bfloat16 CUDA build itself, as `ferrum compile --target cuda-sm80 [--dtype bfloat16]`
-    lowers it, run emulated (tests/gpu_emu.py: half stored as float, bfloat16 as its bits, tensor cores
-    emulated), with the MLP quantized (gate|up asymmetric INT4, down symmetric INT8, groups of 32).
-    ``forward``: dlight's tensor-core matmul schedules, dequantizing ones for the MLP (float16), or our
-    tiled tensor-core GEMM (bfloat16, which dlight has no tensor-core schedule for), and our tensor-core
-    attention (``flash``: FERRUM_FLASH_ATTENTION's one-pass mma.sync attention). Against the IR interpreter
-    in float32 on the same (dequantized) weights; every kernel rounds its outputs to the model's dtype,
-    hence the tolerance."""
+    """The float16 / bfloat16 CUDA build itself, as `[FERRUM_FLASH_ATTENTION=1] ferrum compile --target
+    cuda-sm80 [--dtype bfloat16]` lowers it, run emulated (tests/gpu_emu.py: half stored as float, bfloat16
+    as its bits, tensor cores emulated), with the MLP quantized (gate|up asymmetric INT4, down symmetric
+    INT8, groups of 32). ``forward``: dlight's tensor-core matmul schedules, dequantizing ones for the MLP
+    (float16), or our tiled tensor-core GEMM (bfloat16, which dlight has no tensor-core schedule for), and
+    our tensor-core attention (``flash``: the one-pass mma.sync one; else the wmma one, which also runs in
+    tests/test_gpu_kernels.py). Against the IR interpreter in float32 on the same (dequantized) weights;
+    every kernel rounds its outputs to the model's dtype, hence the tolerance."""
     import ml_dtypes
     import tvm
 
