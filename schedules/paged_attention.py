@@ -992,7 +992,7 @@ def make_prefill_attention_mma(
             for i in T.unroll(NS * 4):
                 sacc[i] = T.float32(0)
             for s in T.unroll(DS):  # S = Q K^T, 32 columns of d at a time
-                for i in T.unroll(8):  # A: the lane's 4 columns (u = i // 4) of rows g, g+8
+                for i in T.unroll(8):  # A of the two mma's: the lane's columns 0-3 and 4-7 of rows g, g+8
                     a0[i] = ql[(s * 2 + i // 2 % 2) * 8 + i // 4 * 2 + i % 2]
                     a1[i] = ql[(s * 2 + i // 2 % 2) * 8 + 4 + i // 4 * 2 + i % 2]
                 for i in T.unroll(NS):  # B column g of score fragment i: key key_of(i, g // 2, g % 2)
