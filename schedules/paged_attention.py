@@ -263,7 +263,9 @@ def _tiled_attention_func(heads: int, kv_heads: int, head_dim: int, block_size: 
                           tile_tokens: int, head_blocks: int, threads: int, tile_keys, body):
     """PrimFunc ``(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M], out[T,H,D])`` of the
     tensor-core attentions: a grid of (query tiles of ``tile_tokens``, one per sequence more for the ragged
-    ends) x ``head_blocks``, ``threads`` threads a block. Thread 0 finds the block's tile and keys (macro
+    ends) x ``head_blocks``, ``threads`` threads a block. Block ``x`` takes tile ``tiles - 1 - x``: the
+    last tiles of a sequence, which attend to the most keys, start first and the short ones fill the tail
+    (a causal prompt's work grows with its position). Thread 0 finds the block's tile and keys (macro
     ``tile_keys``: ``_tile_keys_macro``'s) into shared ``info``, then every thread runs macro ``body(q,
     cache, positions, block_tables, out, info, hy, tx)``."""
     from tvm.script import tirx as T
@@ -286,7 +288,8 @@ def _tiled_attention_func(heads: int, kv_heads: int, head_dim: int, block_size: 
                     info = T.alloc_buffer((6,), "int32", scope="shared")
                     scan = T.alloc_buffer((4,), "int32", scope="local")
                     if tx == 0:
-                        tile_keys(query_start, positions, nbatch, tile, scan, info)
+                        tile_keys(query_start, positions, nbatch, (ntok + QT - 1) // QT + nbatch - 1 - tile, scan,
+                                  info)
                     T.tvm_storage_sync("shared")
                     body(q, cache, positions, block_tables, out, info, hy, tx)
 
