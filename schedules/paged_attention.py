@@ -259,6 +259,23 @@ def _tile_keys_macro(tokens: int, window: int, align: int = 1):
     return tile_keys
 
 
+def _cast_load_macro(dtype: str, cache_dtype: str):
+    """Macro ``(dst, d0, cache, blk, kv, kh, slot, c0)``: ``dst[d0 .. d0+8]`` = the cache's ``[blk, kv, kh,
+    slot, c0 .. c0+8]`` as ``dtype``, in loads of at most 16 bytes (the GPU verifier's widest vector: a
+    float32 cache takes two)."""
+    from tvm.script import tirx as T
+
+    CV = min(8, 16 // dtype_bytes(cache_dtype))
+
+    @T.macro
+    def cast_load(dst, d0, cache, blk, kv, kh, slot, c0):
+        for v0 in T.unroll(8 // CV):
+            for v in T.vectorized(CV):
+                dst[d0 + v0 * CV + v] = T.Cast(dtype, cache[blk, kv, kh, slot, c0 + v0 * CV + v])
+
+    return cast_load
+
+
 def _tiled_attention_func(heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: str, cache_dtype: str,
                           tile_tokens: int, head_blocks: int, threads: int, tile_keys, body):
     """PrimFunc ``(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M], out[T,H,D])`` of the
@@ -671,6 +688,7 @@ def make_prefill_attention_tc(
     NEG = -3.0e38
     cdtype = cache_dtype or dtype
     tile_keys = _tile_keys_macro(QT, window)
+    cast_load = _cast_load_macro(dtype, cdtype)
     # bfloat16 zero as its bits: TVM's OpenCL bfloat16 code turns a cast or constant into invalid C
     ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
 
@@ -697,9 +715,7 @@ def make_prefill_attention_tc(
                 jk: T.let[T.int32] = (e * NT + tx) // (D // 8)
                 dk: T.let[T.int32] = (e * NT + tx) % (D // 8) * 8
                 if j0 + jk < end:
-                    blk: T.let[T.int32] = block_tables[seq, (j0 + jk) // BS]
-                    for v in T.vectorized(8):
-                        buf[jk * LK + dk + v] = T.Cast(dtype, cache[blk, kv, kh, (j0 + jk) % BS, dk + v])
+                    cast_load(buf, jk * LK + dk, cache, block_tables[seq, (j0 + jk) // BS], kv, kh, (j0 + jk) % BS, dk)
                 else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a vector constant
                     for v in T.unroll(8):
                         buf[jk * LK + dk + v] = ZERO
@@ -910,6 +926,7 @@ def make_prefill_attention_mma(
     cdtype = cache_dtype or dtype
     ab = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
     tile_keys = _tile_keys_macro(QT, window, KT)  # key steps start at a multiple of KT
+    cast_load = _cast_load_macro(dtype, cdtype)
     ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
 
     def key_of(i, c, e):
@@ -927,17 +944,15 @@ def make_prefill_attention_mma(
         dk: T.let[T.int32] = T.Cast("int32", tx) % (D // 8) * 8
         for e in T.unroll(EK):
             jc: T.let[T.int32] = T.min(j0 + jk + e, end - 1)
-            for v in T.vectorized(8):
-                k_s[(jk + e) * LK + dk + v] = T.Cast(dtype, cache[block_tables[
-                    seq, (T.min(j0 + jk, end - 1) if BS % EK == 0 else jc) // BS], 0, kh, jc % BS, dk + v])
+            cast_load(k_s, (jk + e) * LK + dk, cache, block_tables[
+                seq, (T.min(j0 + jk, end - 1) if BS % EK == 0 else jc) // BS], 0, kh, jc % BS, dk)
         if tx < D:  # V: keys a8 .. a8+8 x columns b8 .. b8+8
             a8: T.let[T.int32] = T.Cast("int32", tx) % 8 * 8
             b8: T.let[T.int32] = T.Cast("int32", tx) // 8 * 8
             for r in T.unroll(8):
                 jv: T.let[T.int32] = T.min(j0 + a8 + r, end - 1)
-                for v in T.vectorized(8):
-                    vl[r * 8 + v] = T.Cast(dtype, cache[block_tables[
-                        seq, (T.min(j0 + a8, end - 1) if BS % 8 == 0 else jv) // BS], 1, kh, jv % BS, b8 + v])
+                cast_load(vl, r * 8, cache, block_tables[
+                    seq, (T.min(j0 + a8, end - 1) if BS % 8 == 0 else jv) // BS], 1, kh, jv % BS, b8)
             for r in T.unroll(8):  # (a gather in a vector store is invalid CUDA from TVM: one by one)
                 for v in T.unroll(8):
                     kl[v] = vl[v * 8 + r]

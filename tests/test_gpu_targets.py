@@ -24,24 +24,27 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target,quant,pdl,norms,mma,flash", [
-    ("qwen3", "cuda-sm90", "auto", False, False, "", True),
-    ("llama-wide", "cuda-sm80", "q4", False, False, "decode", False),
-    ("qwen2", "cuda-sm86", "auto", False, True, "", False), ("qwen3-moe", "cuda-sm90", "q4", True, False, "", False),
-    ("mixtral", "cuda-sm89", "q4", False, False, "", False)])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, flash, tiny_model_dir,
+@pytest.mark.parametrize("family,target,quant,pdl,norms,mma,flash,kv", [
+    ("qwen3", "cuda-sm90", "auto", False, False, "", True, "float16"),
+    ("llama-wide", "cuda-sm80", "q4", False, False, "decode", False, "float16"),
+    ("qwen2", "cuda-sm86", "auto", False, True, "", False, "float32"),
+    ("qwen3-moe", "cuda-sm90", "q4", True, False, "", False, "float16"),
+    ("mixtral", "cuda-sm89", "q4", False, False, "", False, "float16")])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, flash, kv, tiny_model_dir,
                                                 tmp_path):
     """... and, with FERRUM_PDL=1 (the MoE model: dense, INT4 and grouped GEMVs), every kernel is a
     programmatic dependent launch that nvcc compiled; with FERRUM_GEMV_NORMS=1 (Qwen2: q|k|v with a bias)
     the GEMVs that begin and finish a deferred norm are compiled and verified too; with
     FERRUM_MMA_LINEAR=decode (Llama on sm_80, the oldest arch with the mma; widths INT4's 128-column steps
     divide) the many-token linears on tensor-core mma's, INT4 and the dense lm_head; with
-    FERRUM_FLASH_ATTENTION=1 (Qwen3, head_dim 32) forward's one-pass mma attention. Every model file
+    FERRUM_FLASH_ATTENTION=1 (Qwen3, head_dim 32) forward's one-pass mma attention; with a float32 KV cache
+    (Qwen2) the wmma attention staging it 16 bytes a load (8 float32 a load failed the verifier until
+    2026-11-27). Every model file
     compiles for a CUDA arch here (Mixtral with --quant q4: its down experts stay dense, 48 columns being
     no whole group; Mistral, llama.py's with a sliding window, was sm_89's before Mixtral took its place
     for CI time: the window's GPU kernels run in tests/test_gpu_kernels.py)."""
     out = tmp_path / "art"
-    res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "-o", out,
+    res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "--kv-dtype", kv, "-o", out,
                  env={"FERRUM_PDL": "1" if pdl else "", "FERRUM_GEMV_NORMS": "1" if norms else "",
                       "FERRUM_MMA_LINEAR": mma, "FERRUM_FLASH_ATTENTION": "1" if flash else ""})
     assert res.returncode == 0, res.stderr[-3000:]
@@ -52,6 +55,7 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norm
     assert b"__global__" not in lib and b"extern \"C\"" not in lib  # compiled, not embedded source
     manifest = yaml.safe_load((out / "ferrum.yaml").read_text())
     assert manifest["target"]["cuda_code"]["cubin"] == [arch] and manifest["dtype"] == "float16"
+    assert manifest["kv_cache"]["dtype"] == kv
     shown = ferrum("inspect", out).stdout
     assert "cubin: " + arch in shown
     verified = manifest["target"]["gpu_code_verified"]  # every kernel within the arch's thread/shared limits
