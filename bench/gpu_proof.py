@@ -79,11 +79,12 @@ DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's
 # (FERRUM_MMA_LINEAR=decode) decode's too (2-16 tokens, instead of the GEMVs' passes of 4).
 # "-fa" (FERRUM_FLASH_ATTENTION=1): forward's attention (prefill) in one pass on mma.sync instead of the
 # two-pass wmma kernel (bench/gpu_kernels.py times both alone first).
-EXPERIMENT_FLAGS = {"-fa": ("FERRUM_FLASH_ATTENTION", "1"), "-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_PDL", "late"),
+EXPERIMENT_FLAGS = {"-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_PDL", "late"),
                     "-pdl-first": ("FERRUM_PDL", "first"), "-pdl-deep": ("FERRUM_PDL", "deep"),
                     "-pdl": ("FERRUM_PDL", "1"),
                     "-dp4ak": ("FERRUM_GEMV_DP4A", "kernel"), "-dp4a": ("FERRUM_GEMV_DP4A", "1"),
-                    "-mmad": ("FERRUM_MMA_LINEAR", "decode"), "-mma": ("FERRUM_MMA_LINEAR", "1")}  # longest first
+                    "-mmad": ("FERRUM_MMA_LINEAR", "decode"), "-mma": ("FERRUM_MMA_LINEAR", "1"),
+                    "-fa": ("FERRUM_FLASH_ATTENTION", "1")}  # a suffix before any it is part of
 EXPERIMENTS = tuple(f"{base}{suffix}" for base in ("qwen3-4b", "qwen3-4b-gptq")
                     for suffix in ("-pdl", "-pdl-late", "-norms")) + ("qwen3-4b-gptq-dp4a", "qwen3-4b-gptq-dp4ak",
                                                                      "qwen3-4b-mma", "qwen3-4b-mmad",
