@@ -659,7 +659,8 @@ def make_prefill_attention_tc(
     Grid: (query tiles, KV heads x head groups), 4 warps. A tile is ``HG`` query heads of one KV head
     (``tc_heads_per_tile``) over ``64 / HG`` consecutive tokens of one sequence; warp ``w`` owns 16 rows:
     head ``w % HG`` of 16 tokens, so every K and V tile staged in shared memory serves all 64 rows
-    (GQA-aware). Tiles are numbered sequence by sequence as in ``make_attention_gpu``.
+    (GQA-aware). Tiles are numbered sequence by sequence as in ``make_attention_gpu`` and launched last
+    first (``_tiled_attention_func``).
 
     wmma fragments are opaque, so the running output cannot be rescaled per row as the online softmax
     wants. Instead two passes over the keys: the first computes each row's max and softmax denominator
