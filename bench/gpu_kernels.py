@@ -196,6 +196,7 @@ def prepare(dest: Path) -> None:
     h, kvh, d, bs = (ATTENTION[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
     build("prefill-tc", pa.make_prefill_attention_tc(h, kvh, d, bs, "float16"), "attention")
     build("prefill-fa", pa.make_prefill_attention_mma(h, kvh, d, bs, "float16"), "attention")
+    build("prefill-fa32", pa.make_prefill_attention_mma(h, kvh, d, bs, "float16", keys=32), "attention")
     build("attention-merge", pa.make_attention_merge_gpu(ATTENTION["heads"], ATTENTION["head_dim"], "float16"),
           "merge")
     build("add-rms-norm", norm.make_add_rms_norm_gpu(SHAPES["qkv"][0], "float16", "float16", 1e-6), "norm")
@@ -397,7 +398,8 @@ def mma_time(src: Path, dev, rng, bw: float) -> list[dict]:
 def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
     """Device time of one layer's prefill attention (Qwen3-4B's heads, float16; ``PREFILL``'s fresh prompts,
     each token attending causally to its own prompt) for the two-pass wmma kernel ``forward`` runs
-    (``prefill-tc``), FERRUM_FLASH_ATTENTION's one-pass ``mma.sync`` kernel (``prefill-fa``) and torch's
+    (``prefill-tc``), FERRUM_FLASH_ATTENTION's one-pass ``mma.sync`` kernel (``prefill-fa``; ``-fa32``: its
+    steps of 32 keys instead of 64, 176 registers instead of 255) and torch's
     causal ``scaled_dot_product_attention`` (``torch-sdpa``, the KV heads repeated for it beforehand) on the
     same queries, keys and values; TFLOP/s of the causal products (4 x heads x head size x the keys each
     query attends); each output against torch's (``max_rel_diff``: over its largest)."""
@@ -410,7 +412,7 @@ def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
     rows: list[dict] = []
     try:
         kernels = {name: tvm.runtime.load_module(str(src / f"{name}.so"))["attention"]
-                   for name in ("prefill-tc", "prefill-fa")}
+                   for name in ("prefill-tc", "prefill-fa", "prefill-fa32")}
     except Exception as exc:  # noqa: BLE001 - keep what ran before
         print(f"prefill attention: FAILED to load {exc!r}", flush=True)
         return [{"error": repr(exc)}]
@@ -435,7 +437,7 @@ def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
             print(f"prefill attention {seqs}x{plen}: FAILED {exc!r}", flush=True)
             continue
         flops = 4 * h * d * seqs * plen * (plen + 1) / 2
-        for name in ("torch-sdpa", "prefill-tc", "prefill-fa"):
+        for name in ("torch-sdpa", "prefill-tc", "prefill-fa", "prefill-fa32"):
             try:
                 if name == "torch-sdpa":
                     def call(tq=tq, tk=tk, tv=tv):

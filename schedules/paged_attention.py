@@ -836,24 +836,24 @@ def make_prefill_attention_tc(
     return _tiled_attention_func(H, KVH, D, BS, dtype, cdtype, QT, KVH * NG, NT, tile_keys, body)
 
 
-# Single-pass prefill attention on mma.sync (CUDA sm_80+): 4 warps, 64 query rows, 64 keys per step
+# Single-pass prefill attention on mma.sync (CUDA sm_80+): 4 warps, 64 query rows, 64 keys per step (or 32)
 FA_WARPS = 4
 FA_KEYS = 64
 FA_SHARED_BYTES = 48 * 1024
 
 
-def _fa_strides(head_dim: int) -> tuple[int, int]:
+def _fa_strides(head_dim: int, keys: int = FA_KEYS) -> tuple[int, int]:
     """Row strides (elements) of ``make_prefill_attention_mma``'s staged K tile ``[key][d]`` and transposed V
     tile ``[d][key]``: 16-byte aligned and 64 bytes more than a multiple of 128, so the two rows a quarter
     warp's 16-byte fragment loads touch (64 bytes each) cover the 32 banks once."""
-    return head_dim + (32 - head_dim) % 64, FA_KEYS + (32 - FA_KEYS) % 64
+    return head_dim + (32 - head_dim) % 64, keys + (32 - keys) % 64
 
 
-def fa_shared_bytes(head_dim: int) -> int:
+def fa_shared_bytes(head_dim: int, keys: int = FA_KEYS) -> int:
     """Shared memory of ``make_prefill_attention_mma``'s block: the staged K and V^T tiles (16-bit) and the
     tile's bookkeeping."""
-    lk, lv = _fa_strides(head_dim)
-    return 2 * (FA_KEYS * lk + head_dim * lv) + 6 * 4
+    lk, lv = _fa_strides(head_dim, keys)
+    return 2 * (keys * lk + head_dim * lv) + 6 * 4
 
 
 def fa_attention_fits(head_dim: int, dtype: str) -> bool:
@@ -873,6 +873,7 @@ def make_prefill_attention_mma(
     sliding_window: int = 0,
     scale: float | None = None,
     cache_dtype: str = "",
+    keys: int = FA_KEYS,
 ):
     """PrimFunc ``attention_fa(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
     out[T,H,D])``, as ``make_prefill_attention_tc`` computes, in one pass over the keys with the scores,
@@ -904,7 +905,8 @@ def make_prefill_attention_mma(
     pipeline: the other resident block's warps cover the wait). ``dtype`` float16 or bfloat16
     (``fa_attention_fits``). For Qwen3-4B's heads on sm_90 ptxas gives 255 registers, no spills, 44 KiB of
     shared memory: 2 blocks per SM; the loop issues about 630 instructions per step and warp, 128 of them
-    mma's (docs/bench/2026-11-27f-flash-attention.md).
+    mma's (docs/bench/2026-11-27f-flash-attention.md). ``keys`` 32 instead of 64 per step halves the
+    scores' registers and the staged tiles (bench/gpu_kernels.py times both; the lowering builds 64).
     """
     from tvm import tirx
     from tvm.script import tirx as T
@@ -912,15 +914,17 @@ def make_prefill_attention_mma(
     G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
     if not fa_attention_fits(head_dim, dtype):
         raise ValueError(f"head_dim {head_dim} ({dtype}) does not fit the mma attention tile")
+    if keys not in (32, 64):
+        raise ValueError(f"the mma attention steps over 32 or 64 keys, not {keys}")
     H, KVH, D, BS = num_heads, kv_heads, head_dim, block_size
     HG = tc_heads_per_tile(num_heads, kv_heads)
     NG = G // HG  # head groups per KV head
-    W, KT = FA_WARPS, FA_KEYS
+    W, KT = FA_WARPS, keys
     NT = 32 * W
     QT = 16 * (W // HG)  # tokens per tile
     DS, NS, NO = D // 32, KT // 8, D // 8  # 32-column steps of d, score fragments, output fragments
     EK = KT * D // 8 // NT  # keys a thread stages into the K tile
-    LK, LV = _fa_strides(D)
+    LK, LV = _fa_strides(D, KT)
     NEG = -3.0e38  # an absent key's score
     FLOOR = -1.0e30  # a row's running max before any key: the weight of an absent key, 2^(NEG scale - FLOOR), is 0
     scale2 = sm_scale * 1.4426950408889634  # scores in base 2: exp(x s) = 2^(x s log2 e)
@@ -947,9 +951,9 @@ def make_prefill_attention_mma(
             jc: T.let[T.int32] = T.min(j0 + jk + e, end - 1)
             cast_load(k_s, (jk + e) * LK + dk, cache, block_tables[
                 seq, (T.min(j0 + jk, end - 1) if BS % EK == 0 else jc) // BS], 0, kh, jc % BS, dk)
-        if tx < D:  # V: keys a8 .. a8+8 x columns b8 .. b8+8
-            a8: T.let[T.int32] = T.Cast("int32", tx) % 8 * 8
-            b8: T.let[T.int32] = T.Cast("int32", tx) // 8 * 8
+        if tx < KT * D // 64:  # V: keys a8 .. a8+8 x columns b8 .. b8+8
+            a8: T.let[T.int32] = T.Cast("int32", tx) % (KT // 8) * 8
+            b8: T.let[T.int32] = T.Cast("int32", tx) // (KT // 8) * 8
             for r in T.unroll(8):
                 jv: T.let[T.int32] = T.min(j0 + a8 + r, end - 1)
                 cast_load(vl, r * 8, cache, block_tables[

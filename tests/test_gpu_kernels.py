@@ -200,15 +200,16 @@ def test_tensor_core_attention_tile_limits():
         pa.make_prefill_attention_tc(8, 2, 256, 16, "float16")
 
 
-@pytest.mark.parametrize("ctx,qlen,heads,head_dim,block_size,window,dtype,cache_dtype", [
+@pytest.mark.parametrize("ctx,qlen,heads,head_dim,block_size,window,dtype,cache_dtype,keys", [
     # 4 heads of a KV head per tile, 16 tokens: 2 + 3 tiles; a float32 cache (loaded 16 bytes at a time)
-    ([0, 5], [20, 40], (4, 1), 32, 16, 0, "float16", "float32"),
-    ([0, 40, 3], [70, 1, 9], (8, 2), 64, 4, 0, "bfloat16", ""),  # blocks of 4: a block-table read per V row
-    ([10, 100], [33, 4], (9, 3), 32, 1, 0, "float16", ""),  # group 3: one head per tile, 64 tokens; blocks of 1
+    ([0, 5], [20, 40], (4, 1), 32, 16, 0, "float16", "float32", 64),
+    ([0, 40, 3], [70, 1, 9], (8, 2), 64, 4, 0, "bfloat16", "", 64),  # blocks of 4: a block-table read per V row
+    # group 3: one head per tile, 64 tokens; blocks of 1; steps of 32 keys
+    ([10, 100], [33, 4], (9, 3), 32, 1, 0, "float16", "", 32),
     # sliding window, keys from a multiple of 64: a step wholly before the first token but partly before the
-    ([150], [90], (2, 2), 64, 16, 70, "bfloat16", ""),  # last one's window (keys 64-127 of tile 1)
+    ([150], [90], (2, 2), 64, 16, 70, "bfloat16", "", 64),  # last one's window (keys 64-127 of tile 1)
 ])
-def test_mma_attention_matches_reference(ctx, qlen, heads, head_dim, block_size, window, dtype, cache_dtype):
+def test_mma_attention_matches_reference(ctx, qlen, heads, head_dim, block_size, window, dtype, cache_dtype, keys):
     """``make_prefill_attention_mma`` (FERRUM_FLASH_ATTENTION): one pass over the keys with ``mma.sync``
     (emulated with the PTX fragment layouts: tests/gpu_emu.py) and the online softmax in registers, warp
     shuffles between a row's 4 lanes. 16-bit inputs (half computed as float here, bfloat16 exactly); the
@@ -223,9 +224,9 @@ def test_mma_attention_matches_reference(ctx, qlen, heads, head_dim, block_size,
     q, cache = q.astype(np_dtype), cache.astype(np_dtype).astype(cache_dtype or np_dtype)
     ref = pa.attention_ref(q.astype(np.float32), cache.astype(np.float32), positions, query_start, tables,
                            sliding_window=window)
-    attend = _kernel(("fa", *heads, head_dim, block_size, window, dtype, cache_dtype),
+    attend = _kernel(("fa", *heads, head_dim, block_size, window, dtype, cache_dtype, keys),
                      lambda: pa.make_prefill_attention_mma(*heads, head_dim, block_size, dtype, sliding_window=window,
-                                                           cache_dtype=cache_dtype))
+                                                           cache_dtype=cache_dtype, keys=keys))
     out = np.full(q.shape, np.nan, np_dtype)
     gpu_emu.run(attend, q, cache, positions, query_start, tables, out)
     np.testing.assert_allclose(out.astype(np.float32), ref, atol=2e-3 if dtype == "float16" else 2e-2, rtol=0)
@@ -237,9 +238,11 @@ def test_mma_attention_tile_limits():
     assert pa.fa_attention_fits(128, "float16") and pa.fa_shared_bytes(128) <= 48 * 1024
     assert pa.fa_attention_fits(64, "bfloat16") and pa.fa_attention_fits(32, "float16")
     assert not any(pa.fa_attention_fits(d, "float16") for d in (16, 96, 80, 256))
-    assert not pa.fa_attention_fits(64, "float32")
+    assert not pa.fa_attention_fits(64, "float32") and pa.fa_shared_bytes(128, 32) < pa.fa_shared_bytes(128) // 2
     with pytest.raises(ValueError, match="does not fit"):
         pa.make_prefill_attention_mma(8, 2, 96, 16, "float16")
+    with pytest.raises(ValueError, match="32 or 64 keys"):
+        pa.make_prefill_attention_mma(8, 2, 64, 16, "float16", keys=16)
 
 
 def test_split_key_tile_follows_the_rows():
