@@ -24,7 +24,9 @@ around it (column splits, row fragments a warp, tokens a pass, steps loaded at a
 ``F.linear`` (cuBLAS) on the same weights and activations, each checked against a float32 product. Second,
 one layer's prefill attention (Qwen3-4B's heads; 1 x 2048, 4 x 512 and 16 x 128 prompt tokens): the
 two-pass wmma kernel ``forward`` runs today, the one-pass ``mma.sync`` one (``FERRUM_FLASH_ATTENTION``) and
-torch's ``scaled_dot_product_attention`` on the same tensors, each checked against torch's output.
+torch's ``scaled_dot_product_attention`` on the same tensors, each checked against torch's output. Third,
+the prefill linears (float16, 512 and 2048 tokens) on ``mma_linear.make_mma_gemm_gpu`` beside torch's
+``F.linear`` (cuBLAS), each checked against it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ ATTENTION = {"heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16}
 ATTENTION_SHARED = (40 * 1024, 24 * 1024, 12 * 1024)
 MMA_TOKENS = (16, 32, 64)  # decode steps of many sequences: decode's largest, decode_wide's
 PREFILL = ((1, 2048), (4, 512), (16, 128))  # (sequences, prompt tokens each) of a prefill step's attention
+GEMM_TOKENS = (512, 2048)  # prefill steps for the mma.sync GEMM against cuBLAS
 
 
 def mma_variants(k: int, n: int, fmt=None) -> list[tuple[tuple[int, int], int, int]]:
@@ -197,6 +200,8 @@ def prepare(dest: Path) -> None:
     build("prefill-tc", pa.make_prefill_attention_tc(h, kvh, d, bs, "float16"), "attention")
     build("prefill-fa", pa.make_prefill_attention_mma(h, kvh, d, bs, "float16"), "attention")
     build("prefill-fa32", pa.make_prefill_attention_mma(h, kvh, d, bs, "float16", keys=32), "attention")
+    for shape, (k, n, _gated) in SHAPES.items():  # the prefill linears on mma.sync (make_mma_gemm_gpu)
+        build(f"gemm-{shape}", ml.make_mma_gemm_gpu(k, n, "float16", "float16"), "gemm")
     build("attention-merge", pa.make_attention_merge_gpu(ATTENTION["heads"], ATTENTION["head_dim"], "float16"),
           "merge")
     build("add-rms-norm", norm.make_add_rms_norm_gpu(SHAPES["qkv"][0], "float16", "float16", 1e-6), "norm")
@@ -229,6 +234,7 @@ def run(src: Path, out: Path) -> None:
     rng = np.random.default_rng(0)
     report: dict = {"copy_GBps": bw / 1e9, "mma": mma_time(src, dev, rng, bw)}
     report["prefill_attention"] = prefill_attention_time(src, dev, rng)
+    report["gemm"] = gemm_time(src, dev, rng)
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     copies: list[list] = []
     loaded, nbytes = None, 0
@@ -395,6 +401,17 @@ def mma_time(src: Path, dev, rng, bw: float) -> list[dict]:
     return rows
 
 
+def _time_against(call, got: np.ndarray, ref: np.ndarray, flops: float, row: dict, label: str) -> dict:
+    """``row`` with the device time of ``call`` (20 calls, torch's profiler), its TFLOP/s for ``flops`` and
+    ``got``'s largest difference from ``ref`` relative to ``ref``'s largest; printed after ``label``."""
+    from bench.gpu_profile import profile_steps
+
+    us = profile_steps(call, 20)["kernel_ms_per_step"] * 1e3
+    diff = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
+    print(f"{label} {us:9.1f} us {flops / us / 1e6:6.1f} TFLOP/s diff {diff:.1e}", flush=True)
+    return {**row, "us": us, "TFLOPs": flops / us / 1e6, "max_rel_diff": diff}
+
+
 def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
     """Device time of one layer's prefill attention (Qwen3-4B's heads, float16; ``PREFILL``'s fresh prompts,
     each token attending causally to its own prompt) for the two-pass wmma kernel ``forward`` runs
@@ -405,8 +422,6 @@ def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
     query attends); each output against torch's (``max_rel_diff``: over its largest)."""
     import torch
     import tvm
-
-    from bench.gpu_profile import profile_steps
 
     h, kvh, d, bs = (ATTENTION[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
     rows: list[dict] = []
@@ -450,15 +465,57 @@ def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
 
                     call()
                     got = y.numpy().astype(np.float32)
-                us = profile_steps(call, 20)["kernel_ms_per_step"] * 1e3
-                diff = float(np.abs(got - ref_np).max() / max(np.abs(ref_np).max(), 1e-6))
-                rows.append({"kernel": name, "seqs": seqs, "tokens": plen, "us": us, "TFLOPs": flops / us / 1e6,
-                             "max_rel_diff": diff})
-                print(f"prefill attention {seqs:2d}x{plen:4d} {name:10s} {us:9.1f} us {flops / us / 1e6:6.1f} TFLOP/s "
-                      f"diff {diff:.1e}", flush=True)
+                rows.append(_time_against(call, got, ref_np, flops, {"kernel": name, "seqs": seqs, "tokens": plen},
+                                          f"prefill attention {seqs:2d}x{plen:4d} {name:12s}"))
             except Exception as exc:  # noqa: BLE001 - one kernel failing must not cost the others
                 rows.append({"kernel": name, "seqs": seqs, "tokens": plen, "error": repr(exc)})
                 print(f"prefill attention {seqs}x{plen} {name}: FAILED {exc!r}", flush=True)
+    return rows
+
+
+def gemm_time(src: Path, dev, rng) -> list[dict]:
+    """Device time of each Qwen3-4B linear at ``GEMM_TOKENS`` prefill tokens, float16, on
+    ``make_mma_gemm_gpu`` and on torch's ``F.linear`` (cuBLAS), same weights and activations; TFLOP/s, and
+    the GEMM's output against cuBLAS's (``max_rel_diff``: over its largest). dlight's matmuls, which
+    ``forward`` runs today, did 204-245 TFLOP/s at 2048 tokens on an H200 (docs/bench/2026-11-26b-gpu-h200.md)."""
+    import torch
+    import tvm
+
+    rows: list[dict] = []
+    for shape, (k, n, _gated) in SHAPES.items():
+        try:
+            gemm = tvm.runtime.load_module(str(src / f"gemm-{shape}.so"))["gemm"]
+            wh = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+            w, tw = tvm.runtime.tensor(wh, dev), torch.from_numpy(wh).cuda()
+        except Exception as exc:  # noqa: BLE001 - keep what ran
+            rows.append({"shape": shape, "error": repr(exc)})
+            print(f"gemm {shape}: FAILED {exc!r}", flush=True)
+            continue
+        for ntok in GEMM_TOKENS:
+            xh = rng.standard_normal((ntok, k)).astype(np.float16)
+            x, tx = tvm.runtime.tensor(xh, dev), torch.from_numpy(xh).cuda()
+            y = tvm.runtime.empty((ntok, n), "float16", dev)
+            ref = torch.nn.functional.linear(tx, tw).float().cpu().numpy()
+            flops = 2 * ntok * k * n
+            for name in ("torch-linear", "mma-gemm"):
+                try:
+                    if name == "torch-linear":
+                        def call(tx=tx, tw=tw):
+                            torch.nn.functional.linear(tx, tw)
+
+                        got = ref
+                    else:
+                        def call(gemm=gemm, x=x, w=w, y=y):
+                            gemm(x, w, y)
+
+                        call()
+                        got = y.numpy().astype(np.float32)
+                    rows.append(_time_against(call, got, ref, flops, {"kernel": name, "shape": shape, "in": k,
+                                                                      "out": n, "tokens": ntok},
+                                              f"gemm {shape:8s} T={ntok:4d} {name:12s}"))
+                except Exception as exc:  # noqa: BLE001 - one kernel failing must not cost the others
+                    rows.append({"kernel": name, "shape": shape, "tokens": ntok, "error": repr(exc)})
+                    print(f"gemm {shape} T={ntok} {name}: FAILED {exc!r}", flush=True)
     return rows
 
 

@@ -38,6 +38,10 @@ mix). ``mma_linear_layout`` picks ``(row_frags, k_splits)`` from the shape.
 
 ``K`` a multiple of the step, ``N`` of 16 (``mma_linear_fits``). Runs on sm_80 and newer. The CPU
 emulator of the tests (tests/gpu_emu.py) runs the mma with the PTX ISA's fragment layouts.
+
+``make_mma_gemm_gpu`` is the same family for prefill (hundreds to thousands of tokens): a tiled GEMM with
+the tokens as the A operand, double-buffered shared-memory tiles and the same 16-byte operand loads; an
+experiment that bench/gpu_kernels.py times against cuBLAS, not yet in the lowering.
 """
 
 from __future__ import annotations
@@ -288,6 +292,144 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
     x_h, w, s, m, b, o_h = mma_linear.params
     keep = [x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else []) + [o_h]
     return tvm.tirx.PrimFunc(keep, mma_linear.body, mma_linear.ret_type, mma_linear.attrs)
+
+
+# Prefill: a tiled GEMM on the same mma's and 16-byte operand loads, 128 tokens x 128 outputs a block
+GEMM_BM, GEMM_BN, GEMM_BK = 128, 128, 32  # tokens, outputs, columns of a step
+GEMM_WARPS = 8  # 2 (tokens) x 4 (outputs): a warp's 64 x 32 outputs, 4 x 4 accumulator fragments
+
+
+def mma_gemm_fits(in_features: int, out_features: int, dtype: str) -> bool:
+    """Whether ``make_mma_gemm_gpu`` builds: float16 or bfloat16, ``K`` a multiple of 32, ``N`` of 128."""
+    return dtype in ("float16", "bfloat16") and in_features % GEMM_BK == 0 and out_features % GEMM_BN == 0
+
+
+def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype: str,
+                      bias_dtype: str | None = None):
+    """PrimFunc ``mma_gemm(x[T, K], w[N, K], [bias[N],] out[T, N])``: ``x @ w^T (+ bias)`` for many tokens
+    (prefill) on ``mma.sync.m16n8k16``, float32 accumulators; dense float16/bfloat16 weights.
+
+    A block computes 128 tokens x 128 outputs (``GEMM_BM`` x ``GEMM_BN``) with 8 warps, each 64 tokens x 32
+    outputs: 4 token fragments (the mma's A operand, 16 rows) x 4 output fragments (its B operand, 8
+    columns). Per step of 32 columns of ``K`` the block stages both tiles in shared memory, double
+    buffered: each thread loads its 16-byte chunks of the next step from global memory before the mma's
+    of this one and stores them into the other buffer after them, one barrier a step. Operands load as in
+    ``make_mma_linear_gpu``: both ``x`` and ``w`` are K-contiguous, so a lane's 4 logical columns of an
+    mma are 4 consecutive physical ones and one 16-byte shared load of a row feeds the step's two mma's.
+    Rows of 32 elements (64 bytes) put the two rows a quarter warp's loads touch on all 32 banks once.
+    Tokens past ``T`` load zeros and are never stored. ``mma_gemm_fits`` shapes; sm_80 and newer."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    K, N = in_features, out_features
+    assert mma_gemm_fits(K, N, dtype), (K, N, dtype)
+    BM, BN, BK = GEMM_BM, GEMM_BN, GEMM_BK
+    NT = 32 * GEMM_WARPS
+    KS = K // BK
+    XC, WC = BM * BK // 8 // NT, BN * BK // 8 // NT  # 16-byte chunks of each tile a thread stages
+    ab = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
+    has_bias = bias_dtype is not None
+
+    @T.macro
+    def load(x, w, xr, wr, ntok, bm, bn, k0, tx):
+        """Thread ``tx``'s chunks of the step at column ``k0`` into registers (zeros past the last token)."""
+        for e in T.unroll(XC):
+            r: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
+            cc: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
+            if bm * BM + r < ntok:
+                for v in T.vectorized(8):
+                    xr[e * 8 + v] = x[bm * BM + r, k0 + cc + v]
+            else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a vector constant
+                for v in T.unroll(8):
+                    xr[e * 8 + v] = ZERO
+        for e in T.unroll(WC):
+            r2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
+            c2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
+            for v in T.vectorized(8):
+                wr[e * 8 + v] = w[bn * BN + r2, k0 + c2 + v]
+
+    @T.macro
+    def store(xs, ws, xr, wr, buf, tx):
+        """The staged chunks into shared buffer ``buf``."""
+        for e in T.unroll(XC):
+            for v in T.vectorized(8):
+                xs[buf * BM * BK + (e * NT + T.Cast("int32", tx)) * 8 + v] = xr[e * 8 + v]
+        for e in T.unroll(WC):
+            for v in T.vectorized(8):
+                ws[buf * BN * BK + (e * NT + T.Cast("int32", tx)) * 8 + v] = wr[e * 8 + v]
+
+    bdt = bias_dtype or "float32"
+
+    @T.prim_func(private=True)
+    def mma_gemm(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), bdt),  # type: ignore[valid-type]
+                 o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok = T.int64()
+        x = T.match_buffer(x_h, (ntok, K), dtype)
+        out = T.match_buffer(o_h, (ntok, N), out_dtype)
+        # blockIdx.x the tokens: neighbouring blocks share a weight tile (the weights are the big operand)
+        for bm in T.thread_binding((ntok + BM - 1) // BM, thread="blockIdx.x"):
+            for bn in T.thread_binding(N // BN, thread="blockIdx.y"):
+                for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                    xs = T.alloc_buffer((2 * BM * BK,), dtype, scope="shared")  # [buffer][token][32 columns]
+                    ws = T.alloc_buffer((2 * BN * BK,), dtype, scope="shared")  # [buffer][output][32 columns]
+                    xr = T.alloc_buffer((XC * 8,), dtype, scope="local")  # the next step's chunks
+                    wr = T.alloc_buffer((WC * 8,), dtype, scope="local")
+                    xl = T.alloc_buffer((4 * 2 * 8,), dtype, scope="local")  # (token frag, row g / g+8, 8 cols)
+                    wl = T.alloc_buffer((4 * 8,), dtype, scope="local")  # (output frag, 8 columns)
+                    # each mma's operands in arrays of their own, passed at offset 0 (TVM counts an operand's
+                    # offset in its array's C type, which for a vector-loaded array is 16 bytes wide)
+                    af = T.alloc_buffer((8,), dtype, scope="local")
+                    bf = T.alloc_buffer((4,), dtype, scope="local")
+                    acc = T.alloc_buffer((4 * 4 * 4,), "float32", scope="local")  # (token frag, output frag, 4)
+                    warp: T.let[T.int32] = T.Cast("int32", tx) // 32
+                    g: T.let[T.int32] = T.Cast("int32", tx) % 32 // 4
+                    c: T.let[T.int32] = T.Cast("int32", tx) % 4
+                    m0: T.let[T.int32] = warp // 4 * 64  # the warp's first token and output in the block
+                    n0: T.let[T.int32] = warp % 4 * 32
+                    for i in T.unroll(64):
+                        acc[i] = T.float32(0)
+                    load(x, w, xr, wr, ntok, bm, bn, 0, tx)
+                    store(xs, ws, xr, wr, 0, tx)
+                    T.tvm_storage_sync("shared")
+                    for ks in T.serial(KS):
+                        if ks + 1 < KS:  # the next step's loads in flight during this step's mma's
+                            load(x, w, xr, wr, ntok, bm, bn, (ks + 1) * BK, tx)
+                        for mf in T.unroll(4):
+                            for h in T.unroll(2):
+                                for v in T.vectorized(8):
+                                    xl[(mf * 2 + h) * 8 + v] = xs[ks % 2 * BM * BK + (m0 + mf * 16 + h * 8 + g) * BK
+                                                                  + c * 8 + v]
+                        for nf in T.unroll(4):
+                            for v in T.vectorized(8):
+                                wl[nf * 8 + v] = ws[ks % 2 * BN * BK + (n0 + nf * 8 + g) * BK + c * 8 + v]
+                        for u in T.unroll(2):  # the lane's columns 0-3, then 4-7, of its 8
+                            for mf in T.unroll(4):
+                                for i in T.unroll(8):  # A: rows g (i // 2 even) and g + 8
+                                    af[i] = xl[(mf * 2 + i // 2 % 2) * 8 + u * 4 + i // 4 * 2 + i % 2]
+                                for nf in T.unroll(4):
+                                    for i in T.unroll(4):
+                                        bf[i] = wl[nf * 8 + u * 4 + i]
+                                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", af.data, 0,
+                                                                bf.data, 0, acc.data, (mf * 4 + nf) * 4, False,
+                                                                dtype="float32"))
+                        if ks + 1 < KS:  # the other buffer: last read a step ago, before that barrier
+                            store(xs, ws, xr, wr, (ks + 1) % 2, tx)
+                        T.tvm_storage_sync("shared")
+                    for mf in T.unroll(4):
+                        for h in T.unroll(2):
+                            if bm * BM + m0 + mf * 16 + h * 8 + g < ntok:
+                                for nf in T.unroll(4):
+                                    for e in T.unroll(2):
+                                        out[bm * BM + m0 + mf * 16 + h * 8 + g, bn * BN + n0 + nf * 8 + c * 2 + e] = (
+                                            T.Cast(out_dtype, acc[(mf * 4 + nf) * 4 + h * 2 + e] + (
+                                                T.Cast("float32", b[bn * BN + n0 + nf * 8 + c * 2 + e]) if has_bias
+                                                else T.float32(0))))
+
+    x_h, w, b, o_h = mma_gemm.params
+    keep = [x_h, w] + ([b] if has_bias else []) + [o_h]
+    return tirx.PrimFunc(keep, mma_gemm.body, mma_gemm.ret_type, mma_gemm.attrs)
 
 
 def mma_linear_ref(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:

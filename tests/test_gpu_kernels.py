@@ -600,6 +600,28 @@ def test_mma_linear_matches_reference(seed, dtype, fmt, steps, frags, ntok, bias
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(dense).max())
 
 
+@pytest.mark.parametrize("ntok,k,n,dtype,bias", [(37, 64, 128, "float16", True), (130, 96, 256, "bfloat16", False)])
+def test_mma_gemm_matches_reference(ntok, k, n, dtype, bias):
+    """``make_mma_gemm_gpu`` (prefill linears on mma.sync, an experiment timed by bench/gpu_kernels.py):
+    a partial token tile (37), two token tiles of which the second is partial (130), 2 and 3 steps of
+    ``K`` through the double buffer, two output tiles, with and without a bias; emulated mma's with the
+    PTX fragment layouts against float32 sums of the exact products, within the output's rounding to 16
+    bits. NaN-filled outputs: every element written."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(ntok)
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    x, w = rng.standard_normal((ntok, k)).astype(np_dtype), rng.standard_normal((n, k)).astype(np_dtype)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    gemm = _kernel(("mma_gemm", k, n, dtype, bias),
+                   lambda: ml.make_mma_gemm_gpu(k, n, dtype, dtype, "float32" if bias else None))
+    out = np.full((ntok, n), np.nan, np_dtype)
+    gpu_emu.run(gemm, x, w, *([b] if bias else []), out)
+    ref = ml.mma_linear_ref(x, w, b)
+    ulp = 2.0 ** -(10 if dtype == "float16" else 7)  # the output's rounding, relative
+    np.testing.assert_allclose(out.astype(np.float32), ref, atol=ulp * np.abs(ref).max(), rtol=0)
+
+
 def test_mma_linear_layout_fills_the_gpu_within_shared_memory():
     """Qwen3-4B's linears: 2 row fragments a warp where the grid still has ``MMA_MIN_WARPS`` warps, the
     column split that reaches it (INT4 down: 76 steps over 16 warps, unevenly), the warps' partial sums

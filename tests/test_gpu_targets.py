@@ -333,13 +333,13 @@ def test_cuda_artifact_runs_on_gpu(pdl, tiny_model_dir, compiled, tmp_path, monk
 
 @needs_nvcc
 def test_mma_operands_point_at_their_elements():
-    """The CUDA source of ``make_mma_linear_gpu`` (float16 dense and INT4, Qwen3-4B's q|k|v shape) and of
-    ``make_prefill_attention_mma`` (Qwen3-4B's heads): TVM passes an mma operand as ``(unsigned *)(array +
-    offset)`` with the offset in elements of the array's C type, and types a local array it vectorizes as
-    ``uint4`` (16 bytes an element): an offset into such an array read activations 8 times too far on (found
-    in the mma linear's SASS: mma's on never-loaded registers; the emulator, whose OpenCL is typed
-    otherwise, cannot see it). Every operand is an array of the operand's own element type at a nonzero
-    offset, or any array at offset 0."""
+    """The CUDA source of ``make_mma_linear_gpu`` (float16 dense and INT4, Qwen3-4B's q|k|v shape), of
+    ``make_mma_gemm_gpu`` (the same shape) and of ``make_prefill_attention_mma`` (Qwen3-4B's heads): TVM
+    passes an mma operand as ``(unsigned *)(array + offset)`` with the offset in elements of the array's C
+    type, and types a local array it vectorizes as ``uint4`` (16 bytes an element): an offset into such an
+    array read activations 8 times too far on (found in the mma linear's SASS: mma's on never-loaded
+    registers; the emulator, whose OpenCL is typed otherwise, cannot see it). Every operand is an array of
+    the operand's own element type at a nonzero offset, or any array at offset 0."""
     import tvm
 
     from ferrum.schedules import mma_linear as ml
@@ -349,8 +349,9 @@ def test_mma_operands_point_at_their_elements():
 
     prepare_cuda_build()
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host="llvm")
-    for fmt in (None, QuantFormat(4, 128, True), "attention"):
+    for fmt in (None, QuantFormat(4, 128, True), "attention", "gemm"):
         func = pa.make_prefill_attention_mma(32, 8, 128, 16, "float16") if fmt == "attention" else \
+            ml.make_mma_gemm_gpu(2560, 6144, "float16", "float16") if fmt == "gemm" else \
             ml.make_mma_linear_gpu(2560, 6144, "float16", "float16", fmt=fmt)
         with target:
             lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
