@@ -403,12 +403,22 @@ def mma_time(src: Path, dev, rng, bw: float) -> list[dict]:
     return rows
 
 
-def _time_against(call, got: np.ndarray, ref: np.ndarray, flops: float, row: dict, label: str) -> dict:
+def _time_against(call, out, ref: np.ndarray, flops: float, row: dict, label: str) -> dict:
     """``row`` with the device time of ``call`` (20 calls, torch's profiler), its TFLOP/s for ``flops`` and
-    ``got``'s largest difference from ``ref`` relative to ``ref``'s largest; printed after ``label``."""
+    the largest difference from ``ref`` (relative to ``ref``'s largest) of ``out``, the tensor one ``call``
+    writes (None: ``call`` is the peer that computed ``ref``); printed after ``label``. A failure becomes
+    the row's ``error``: one kernel failing must not cost the others."""
     from bench.gpu_profile import profile_steps
 
-    us = profile_steps(call, 20)["kernel_ms_per_step"] * 1e3
+    try:
+        got = ref
+        if out is not None:
+            call()
+            got = out.numpy().astype(np.float32)
+        us = profile_steps(call, 20)["kernel_ms_per_step"] * 1e3
+    except Exception as exc:  # noqa: BLE001 - reported in the row and the log
+        print(f"{label}: FAILED {exc!r}", flush=True)
+        return {**row, "error": repr(exc)}
     diff = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
     print(f"{label} {us:9.1f} us {flops / us / 1e6:6.1f} TFLOP/s diff {diff:.1e}", flush=True)
     return {**row, "us": us, "TFLOPs": flops / us / 1e6, "max_rel_diff": diff}
@@ -455,23 +465,15 @@ def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
             continue
         flops = 4 * h * d * seqs * plen * (plen + 1) / 2
         for name in ("torch-sdpa", "prefill-tc", "prefill-fa", "prefill-fa32"):
-            try:
-                if name == "torch-sdpa":
-                    def call(tq=tq, tk=tk, tv=tv):
-                        torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-
-                    got = ref_np
-                else:
-                    def call(fn=kernels[name], args=args, y=y):
-                        fn(*args, y)
-
-                    call()
-                    got = y.numpy().astype(np.float32)
-                rows.append(_time_against(call, got, ref_np, flops, {"kernel": name, "seqs": seqs, "tokens": plen},
-                                          f"prefill attention {seqs:2d}x{plen:4d} {name:12s}"))
-            except Exception as exc:  # noqa: BLE001 - one kernel failing must not cost the others
-                rows.append({"kernel": name, "seqs": seqs, "tokens": plen, "error": repr(exc)})
-                print(f"prefill attention {seqs}x{plen} {name}: FAILED {exc!r}", flush=True)
+            if name == "torch-sdpa":
+                def call(tq=tq, tk=tk, tv=tv):
+                    torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+            else:
+                def call(fn=kernels[name], args=args, y=y):
+                    fn(*args, y)
+            rows.append(_time_against(call, None if name == "torch-sdpa" else y, ref_np, flops,
+                                      {"kernel": name, "seqs": seqs, "tokens": plen},
+                                      f"prefill attention {seqs:2d}x{plen:4d} {name:12s}"))
     return rows
 
 
@@ -500,24 +502,15 @@ def gemm_time(src: Path, dev, rng) -> list[dict]:
             ref = torch.nn.functional.linear(tx, tw).float().cpu().numpy()
             flops = 2 * ntok * k * n
             for name in ("torch-linear", "mma-gemm"):
-                try:
-                    if name == "torch-linear":
-                        def call(tx=tx, tw=tw):
-                            torch.nn.functional.linear(tx, tw)
-
-                        got = ref
-                    else:
-                        def call(gemm=gemm, x=x, w=w, y=y):
-                            gemm(x, w, y)
-
-                        call()
-                        got = y.numpy().astype(np.float32)
-                    rows.append(_time_against(call, got, ref, flops, {"kernel": name, "shape": shape, "in": k,
-                                                                      "out": n, "tokens": ntok},
-                                              f"gemm {shape:8s} T={ntok:4d} {name:12s}"))
-                except Exception as exc:  # noqa: BLE001 - one kernel failing must not cost the others
-                    rows.append({"kernel": name, "shape": shape, "tokens": ntok, "error": repr(exc)})
-                    print(f"gemm {shape} T={ntok} {name}: FAILED {exc!r}", flush=True)
+                if name == "torch-linear":
+                    def call(tx=tx, tw=tw):
+                        torch.nn.functional.linear(tx, tw)
+                else:
+                    def call(gemm=gemm, x=x, w=w, y=y):
+                        gemm(x, w, y)
+                rows.append(_time_against(call, None if name == "torch-linear" else y, ref, flops,
+                                          {"kernel": name, "shape": shape, "in": k, "out": n, "tokens": ntok},
+                                          f"gemm {shape:8s} T={ntok:4d} {name:12s}"))
     return rows
 
 

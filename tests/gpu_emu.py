@@ -177,6 +177,8 @@ def _wmma_call(call):
 # the whole tiles, a barrier. So every thread of the block must reach every mma the same number of times
 # (on the GPU only the warp's must): kernels built for this keep mma out of thread-dependent branches.
 MMA_THREADS = 1024  # threads of a block the scratch is sized for
+_LOCAL_TID = ("int tid = get_local_id(0) + get_local_size(0) * (get_local_id(1) + get_local_size(1) * "
+              "get_local_id(2));\n")  # a work item's index in its work group
 _MMA_SCRATCH = "ferrum_mma_x"
 
 
@@ -195,7 +197,7 @@ def _mma_call(call):
     # accumulator element i of lane l is (row l / 4 + 8 * (i / 2), column 2 * (l % 4) + i % 2)
     _wmma_helpers[helper] = (
         f"void {helper}_x(float* c, int co, {at}* a, int ao, {at}* b, int bo, __local float* x) {{\n"
-        f"  int tid = get_local_id(0) + get_local_size(0) * (get_local_id(1) + get_local_size(1) * get_local_id(2));\n"
+        f"  {_LOCAL_TID}"
         f"  int lane = tid % 32;\n  __local float* w = x + (tid - lane) * 12;\n"
         f"  for (int i = 0; i < 8; ++i) w[lane * 12 + i] = {_widen(at, 'a[ao + i]')};\n"
         f"  for (int i = 0; i < 4; ++i) w[lane * 12 + 8 + i] = {_widen(at, 'b[bo + i]')};\n"
@@ -223,7 +225,7 @@ def _shuffle_xor_call(call):
     helper = "ferrum_shfl_xor_f32"
     _wmma_helpers[helper] = (
         f"float {helper}_x(float v, int m, __local float* x) {{\n"
-        f"  int tid = get_local_id(0) + get_local_size(0) * (get_local_id(1) + get_local_size(1) * get_local_id(2));\n"
+        f"  {_LOCAL_TID}"
         f"  x[tid] = v;\n  barrier(CLK_LOCAL_MEM_FENCE);\n  float r = x[tid ^ m];\n"
         f"  barrier(CLK_LOCAL_MEM_FENCE);\n  return r;\n}}\n"
         f"#define {helper}(v, m) {helper}_x(v, m, {_MMA_SCRATCH})\n")
