@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import mma_operand_type, zero_const
 from .quant_linear import _MAGIC_H2, QuantFormat, half_pair, opaque_magic
 
 MMA_WARPS_MAX = 16  # warps of a block at most (512 threads)
@@ -126,10 +127,9 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
     U = max(1, min(unroll or mma_unroll(KS), STEPS))
     GROUPS = -(-STEPS // U)  # of U steps, the last one's past STEPS absent too
     NT = 32 * KS
-    # bfloat16 zero as its bits: TVM's OpenCL bfloat16 code turns a cast or constant into invalid C
-    ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
+    ZERO = zero_const(dtype)
     WZERO = tirx.const(0, "uint32") if quant else ZERO
-    ab = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    ab = mma_operand_type(dtype)
     has_bias = bias_dtype is not None
     sym = fmt is not None and fmt.sym
     G = fmt.group_size if fmt is not None else K
@@ -327,8 +327,8 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
     NT = 32 * GEMM_WARPS
     KS = K // BK
     XC, WC = BM * BK // 8 // NT, BN * BK // 8 // NT  # 16-byte chunks of each tile a thread stages
-    ab = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
-    ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
+    ab = mma_operand_type(dtype)
+    ZERO = zero_const(dtype)
     has_bias = bias_dtype is not None
 
     @T.macro

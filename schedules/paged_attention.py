@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from . import dtype_bytes
+from . import dtype_bytes, mma_operand_type, zero_const
 from .fast_math import exp_f32
 
 KERNEL_KINDS = ("cpu", "gpu")
@@ -672,7 +672,6 @@ def make_prefill_attention_tc(
     ``dtype`` float32 builds exist for the CPU emulator only (tests/gpu_emu.py); the GPU has no float32
     wmma. ``head_dim`` must satisfy ``tc_attention_fits``.
     """
-    from tvm import tirx
     from tvm.script import tirx as T
 
     G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
@@ -690,8 +689,7 @@ def make_prefill_attention_tc(
     cdtype = cache_dtype or dtype
     tile_keys = _tile_keys_macro(QT, window)
     cast_load = _cast_load_macro(dtype, cdtype)
-    # bfloat16 zero as its bits: TVM's OpenCL bfloat16 code turns a cast or constant into invalid C
-    ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
+    ZERO = zero_const(dtype)
 
     @T.macro
     def scores(q_f, k_f, s_f, k_s, s_s, w):
@@ -908,7 +906,6 @@ def make_prefill_attention_mma(
     mma's (docs/bench/2026-11-27f-flash-attention.md). ``keys`` 32 instead of 64 per step halves the
     scores' registers and the staged tiles (bench/gpu_kernels.py times both; the lowering builds 64).
     """
-    from tvm import tirx
     from tvm.script import tirx as T
 
     G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
@@ -929,10 +926,10 @@ def make_prefill_attention_mma(
     FLOOR = -1.0e30  # a row's running max before any key: the weight of an absent key, 2^(NEG scale - FLOOR), is 0
     scale2 = sm_scale * 1.4426950408889634  # scores in base 2: exp(x s) = 2^(x s log2 e)
     cdtype = cache_dtype or dtype
-    ab = {"float16": "fp16", "bfloat16": "bf16"}[dtype]
+    ab = mma_operand_type(dtype)
     tile_keys = _tile_keys_macro(QT, window, KT)  # key steps start at a multiple of KT
     cast_load = _cast_load_macro(dtype, cdtype)
-    ZERO = tirx.reinterpret(dtype, tirx.const(0, "uint16")) if dtype == "bfloat16" else tirx.const(0, dtype)
+    ZERO = zero_const(dtype)
 
     def key_of(i, c, e):
         """Key (within the step) of column ``2c + e`` of score fragment ``i`` (see the docstring)."""
