@@ -748,17 +748,15 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
                         lambda: attn_sched.make_kv_append(kv_heads, head_dim, block_size, dtype, kernel_kind, cdtype))
         cache = bb.emit(relax.call_tir_inplace(append, [cache, k, v, slot_mapping], 0, cache.ty))
     window, scale = op.attrs["sliding_window"], op.attrs["scale"]
-    if kernel_kind == "gpu" and tensor_cores and flash and attn_sched.fa_attention_fits(head_dim, dtype):
-        attend = kernel(("attention_fa", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
-                        lambda: attn_sched.make_prefill_attention_mma(heads, kv_heads, head_dim, block_size, dtype,
-                                                                      sliding_window=window, scale=scale,
-                                                                      cache_dtype=cdtype))
-        return relax.call_tir(attend, [q, cache, positions, query_start, block_tables], q.ty)
-    if kernel_kind == "gpu" and tensor_cores and attn_sched.tc_attention_fits(head_dim, dtype):
-        attend = kernel(("attention_tc", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
-                        lambda: attn_sched.make_prefill_attention_tc(heads, kv_heads, head_dim, block_size, dtype,
-                                                                     sliding_window=window, scale=scale,
-                                                                     cache_dtype=cdtype))
+    tc = kernel_kind == "gpu" and tensor_cores  # the tensor-core attentions: the flash one, else the wmma one
+    name, make = (("attention_fa", attn_sched.make_prefill_attention_mma)
+                  if tc and flash and attn_sched.fa_attention_fits(head_dim, dtype) else
+                  ("attention_tc", attn_sched.make_prefill_attention_tc)
+                  if tc and attn_sched.tc_attention_fits(head_dim, dtype) else ("", None))
+    if make is not None:
+        attend = kernel((name, heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale),
+                        lambda: make(heads, kv_heads, head_dim, block_size, dtype, sliding_window=window, scale=scale,
+                                     cache_dtype=cdtype))
         return relax.call_tir(attend, [q, cache, positions, query_start, block_tables], q.ty)
     if kernel_kind == "gpu":  # split-KV partials, then their merge
         ntok, max_blocks = q.ty.shape[0], block_tables.ty.shape[1]
