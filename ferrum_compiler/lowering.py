@@ -57,7 +57,7 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
           skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: str = "",
-          mma_linear: str = "", flash_attention: bool = False):
+          mma_linear: str = "", flash_attention: bool = False, mma_gemm: bool = False):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -82,7 +82,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     ``mma_linear.make_mma_linear_gpu`` (tensor-core mma's streaming each weight once per pass of 16 or 32
     tokens) instead of dlight's matmuls or the GEMVs' passes of 4. ``flash_attention`` (CUDA;
     FERRUM_FLASH_ATTENTION): ``forward``'s attention on ``make_prefill_attention_mma`` (one pass, online
-    softmax in registers) where the head fits it, instead of ``make_prefill_attention_tc``."""
+    softmax in registers) where the head fits it, instead of ``make_prefill_attention_tc``. ``mma_gemm``
+    (CUDA; FERRUM_MMA_GEMM): ``forward``'s dense linears of a tensor-core dtype, but the lm_head, on
+    ``mma_linear.make_mma_gemm_gpu`` where the shape fits it (``_gemm_fits``), instead of dlight's matmuls
+    or, for bfloat16, ``make_tiled_gemm_gpu``."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -189,7 +192,9 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         x_dtype = graph.value(op.inputs[0]).dtype
                         # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
                         mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
-                        if mma_op:
+                        if entry == ENTRY and mma_gemm and _gemm_fits(graph, op, tensor_core_dtypes):
+                            r = _mma_gemm(relax, kernel, graph, op, a, out)
+                        elif mma_op:
                             # passes of 16 tokens in decode's steps (at most 16) and INT4, of 32 dense in wider
                             r = _mma_linear(relax, kernel, graph, op, a, out, 2 if gemv or k == "qlinear" else 4)
                         elif skinny:
@@ -477,6 +482,27 @@ def _mma_fits(graph: Graph, op) -> bool:
     w = graph.value(op.inputs[1])
     n, k = w.shape
     return w.dtype == x.dtype and mma_sched.mma_linear_fits(k, n, x.dtype)
+
+
+def _gemm_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
+    """Whether linear ``op`` can run on ``mma_linear.make_mma_gemm_gpu`` in ``forward``: a dense weight of
+    its activations' dtype (a tensor-core one), ``mma_gemm_fits``' shape, and not the lm_head (the graph's
+    output: a step's few logits rows, which a 128-token tile would mostly waste)."""
+    if op.kind != "linear" or op.output in graph.outputs:
+        return False
+    x, w = graph.value(op.inputs[0]), graph.value(op.inputs[1])
+    n, k = w.shape
+    return x.dtype in tensor_core_dtypes and w.dtype == x.dtype and mma_sched.mma_gemm_fits(k, n, x.dtype)
+
+
+def _mma_gemm(relax, kernel, graph, op, a, out):
+    """A dense linear on ``mma_linear.make_mma_gemm_gpu``: its arguments are the op's."""
+    x_dtype = graph.value(op.inputs[0]).dtype
+    b_dtype = graph.value(op.inputs[2]).dtype if op.attrs["bias"] else None
+    n, k = graph.value(op.inputs[1]).shape
+    gv = kernel(("mma_gemm", k, n, x_dtype, out.dtype, b_dtype),
+                lambda: mma_sched.make_mma_gemm_gpu(k, n, x_dtype, out.dtype, b_dtype))
+    return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 
 def _mma_linear(relax, kernel, graph, op, a, out, n_frags: int):

@@ -165,7 +165,9 @@ def _inspect(args: argparse.Namespace) -> int:
                                           d["compile_options"].get("gemv_norms")), (pdl_name, pdl),
                                          (dp4a_name, dp4a), (mma_name, mma),
                                          ("forward's attention in one pass on mma.sync (FERRUM_FLASH_ATTENTION)",
-                                          d["compile_options"].get("flash_attention"))) if on]
+                                          d["compile_options"].get("flash_attention")),
+                                         ("forward's dense linears on the mma.sync GEMM (FERRUM_MMA_GEMM)",
+                                          d["compile_options"].get("mma_gemm"))) if on]
     if experiments:
         lines.append(f"experiments {'; '.join(experiments)}")
     print("\n".join(lines))

@@ -128,14 +128,15 @@ def _mlp_quantized_model(dtype: str, formats: dict, seed: int):
 
 @pytest.mark.parametrize("dtype,flash", [("float16", True), ("bfloat16", False)])
 def test_16_bit_cuda_build_matches_interpreter(dtype, flash):
-    """The float16 / bfloat16 CUDA build itself, as `[FERRUM_FLASH_ATTENTION=1] ferrum compile --target
-    cuda-sm80 [--dtype bfloat16]` lowers it, run emulated (tests/gpu_emu.py: half stored as float, bfloat16
-    as its bits, tensor cores emulated), with the MLP quantized (gate|up asymmetric INT4, down symmetric
-    INT8, groups of 32). ``forward``: dlight's tensor-core matmul schedules, dequantizing ones for the MLP
-    (float16), or our tiled tensor-core GEMM (bfloat16, which dlight has no tensor-core schedule for), and
-    our tensor-core attention (``flash``: the one-pass mma.sync one; else the wmma one, which also runs in
-    tests/test_gpu_kernels.py). Against the IR interpreter in float32 on the same (dequantized) weights;
-    every kernel rounds its outputs to the model's dtype, hence the tolerance."""
+    """The float16 / bfloat16 CUDA build itself, as `[FERRUM_FLASH_ATTENTION=1 FERRUM_MMA_GEMM=1] ferrum
+    compile --target cuda-sm80 [--dtype bfloat16]` lowers it, run emulated (tests/gpu_emu.py: half stored as
+    float, bfloat16 as its bits, tensor cores emulated), with the MLP quantized (gate|up asymmetric INT4,
+    down symmetric INT8, groups of 32). ``forward``: dlight's tensor-core matmul schedules, dequantizing
+    ones for the MLP (float16), or our tiled tensor-core GEMM (bfloat16, which dlight has no tensor-core
+    schedule for), and our tensor-core attention (``flash``: the one-pass mma.sync one, and q|k|v and o on
+    the mma.sync GEMM; else the wmma one, which also runs in tests/test_gpu_kernels.py). Against the IR
+    interpreter in float32 on the same (dequantized) weights; every kernel rounds its outputs to the
+    model's dtype, hence the tolerance."""
     import ml_dtypes
     import tvm
 
@@ -144,18 +145,21 @@ def test_16_bit_cuda_build_matches_interpreter(dtype, flash):
     formats = {"model.layers.0.mlp.gate_proj+up_proj.weight": QuantFormat(4, 32, False),
                "model.layers.0.mlp.down_proj.weight": QuantFormat(8, 32, True)}
     model, single, params, dense, rng = _mlp_quantized_model(dtype, formats, 2)
-    mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16"), flash_attention=flash),
-                             "sm_80")
+    mod = gpu_emu.gpu_module(lower(model, "gpu", tensor_core_dtypes=("float16", "bfloat16"), flash_attention=flash,
+                                   mma_gemm=flash), "sm_80")
     tensor_core = [gv.name_hint for gv, f in mod.functions.items()
                    if isinstance(f, tvm.tirx.PrimFunc) and ("T.tvm_mma_sync" in f.script() or "mma(" in f.script())]
     # q/k/v, o, gate|up and down; the float16 lm_head (50 rows) is too narrow for dlight's tensor cores.
     # decode_wide's linears are dlight's too (the tensor-core GEMM for few tokens is off by default)
     linears = [n for n in tensor_core if "attention" not in n]
     assert not any(n.startswith("skinny") for n in tensor_core)
-    assert len(linears) == (4 if dtype == "float16" else 5)
+    assert len(linears) == (4 if dtype == "float16" else 5) + (2 if flash else 0)
     attention = [n.split("_")[1] for n in tensor_core if "attention" in n]
     assert attention == ["fa" if flash else "tc"], tensor_core
     assert all(n.startswith("tiled_gemm") for n in linears) == (dtype == "bfloat16")
+    # q|k|v and o (dense) in forward; decode_wide keeps dlight's
+    gemms = re.findall(r"R\.call_tir\((mma_gemm\w*)", mod["forward"].script())
+    assert len(gemms) == (2 if flash else 0) and "mma_gemm" not in mod["decode_wide"].script()
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     inputs = batch(rng)
     shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]
