@@ -40,7 +40,7 @@ mix). ``mma_linear_layout`` picks ``(row_frags, k_splits)`` from the shape.
 emulator of the tests (tests/gpu_emu.py) runs the mma with the PTX ISA's fragment layouts.
 
 ``make_mma_gemm_gpu`` is the same family for prefill (hundreds to thousands of tokens): a tiled GEMM with
-the tokens as the A operand, double-buffered shared-memory tiles and the same 16-byte operand loads; an
+the tokens as the A operand, double-buffered shared-memory tiles and its operands loaded by ``ldmatrix``; an
 experiment that bench/gpu_kernels.py times against cuBLAS, and ``forward``'s dense linears with
 FERRUM_MMA_GEMM=1 (``lowering.lower(mma_gemm=True)``).
 """
@@ -295,7 +295,7 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
     return tvm.tirx.PrimFunc(keep, mma_linear.body, mma_linear.ret_type, mma_linear.attrs)
 
 
-# Prefill: a tiled GEMM on the same mma's and 16-byte operand loads, 128 tokens x 128 outputs a block
+# Prefill: a tiled GEMM on the same mma's, operands by ldmatrix, 128 tokens x 128 outputs a block
 GEMM_BM, GEMM_BN, GEMM_BK = 128, 128, 32  # tokens, outputs, columns of a step
 GEMM_WARPS = 8  # 2 (tokens) x 4 (outputs): a warp's 64 x 32 outputs, 4 x 4 accumulator fragments
 
@@ -314,17 +314,22 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
     outputs: 4 token fragments (the mma's A operand, 16 rows) x 4 output fragments (its B operand, 8
     columns). Per step of 32 columns of ``K`` the block stages both tiles in shared memory, double
     buffered: each thread loads its 16-byte chunks of the next step from global memory before the mma's
-    of this one and stores them into the other buffer after them, one barrier a step. Operands load as in
-    ``make_mma_linear_gpu``: both ``x`` and ``w`` are K-contiguous, so a lane's 4 logical columns of an
-    mma are 4 consecutive physical ones and one 16-byte shared load of a row feeds the step's two mma's.
-    Rows of 32 elements (64 bytes) put the two rows a quarter warp's loads touch on all 32 banks once.
-    Tokens past ``T`` load zeros and are never stored. ``mma_gemm_fits`` shapes; sm_80 and newer."""
+    of this one and stores them into the other buffer after them, one barrier a step. The operands come
+    out of shared memory by ``ldmatrix.x4``, which hands each lane its elements of four 8 x 8 matrices in
+    the mma's fragment layout: one per token fragment and 16 columns (A), one per pair of output
+    fragments and 16 columns (B; ``x`` and ``w`` are both K-contiguous, as the row-major A and the
+    "col" B of the mma want them). So the registers an mma reads are the ones a load wrote: no moves
+    between them (the first form, 16-byte shared loads and the mma's fragments gathered from them, issued
+    3 register moves per mma in SASS). Staged rows are 32 elements and 8 of padding (80 bytes): the 8 rows
+    of each 8 x 8 matrix lie on distinct banks. Tokens past ``T`` load zeros and are never stored.
+    ``mma_gemm_fits`` shapes; sm_80 and newer."""
     from tvm import tirx
     from tvm.script import tirx as T
 
     K, N = in_features, out_features
     assert mma_gemm_fits(K, N, dtype), (K, N, dtype)
     BM, BN, BK = GEMM_BM, GEMM_BN, GEMM_BK
+    BP = BK + 8  # a staged row with its padding
     NT = 32 * GEMM_WARPS
     KS = K // BK
     XC, WC = BM * BK // 8 // NT, BN * BK // 8 // NT  # 16-byte chunks of each tile a thread stages
@@ -354,11 +359,15 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
     def store(xs, ws, xr, wr, buf, tx):
         """The staged chunks into shared buffer ``buf``."""
         for e in T.unroll(XC):
+            r: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
+            cc: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
             for v in T.vectorized(8):
-                xs[buf * BM * BK + (e * NT + T.Cast("int32", tx)) * 8 + v] = xr[e * 8 + v]
+                xs[buf * BM * BP + r * BP + cc + v] = xr[e * 8 + v]
         for e in T.unroll(WC):
+            r2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
+            c2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
             for v in T.vectorized(8):
-                ws[buf * BN * BK + (e * NT + T.Cast("int32", tx)) * 8 + v] = wr[e * 8 + v]
+                ws[buf * BN * BP + r2 * BP + c2 + v] = wr[e * 8 + v]
 
     bdt = bias_dtype or "float32"
 
@@ -373,20 +382,20 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
         for bm in T.thread_binding((ntok + BM - 1) // BM, thread="blockIdx.x"):
             for bn in T.thread_binding(N // BN, thread="blockIdx.y"):
                 for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                    xs = T.alloc_buffer((2 * BM * BK,), dtype, scope="shared")  # [buffer][token][32 columns]
-                    ws = T.alloc_buffer((2 * BN * BK,), dtype, scope="shared")  # [buffer][output][32 columns]
+                    xs = T.alloc_buffer((2 * BM * BP,), dtype, scope="shared")  # [buffer][token][32 + 8]
+                    ws = T.alloc_buffer((2 * BN * BP,), dtype, scope="shared")  # [buffer][output][32 + 8]
                     xr = T.alloc_buffer((XC * 8,), dtype, scope="local")  # the next step's chunks
                     wr = T.alloc_buffer((WC * 8,), dtype, scope="local")
-                    xl = T.alloc_buffer((4 * 2 * 8,), dtype, scope="local")  # (token frag, row g / g+8, 8 cols)
-                    wl = T.alloc_buffer((4 * 8,), dtype, scope="local")  # (output frag, 8 columns)
-                    # each mma's operands in arrays of their own, passed at offset 0 (TVM counts an operand's
-                    # offset in its array's C type, which for a vector-loaded array is 16 bytes wide)
-                    af = T.alloc_buffer((8,), dtype, scope="local")
-                    bf = T.alloc_buffer((4,), dtype, scope="local")
+                    # the step's operands as ldmatrix leaves them: A (token frag, 16-column half, 8 values),
+                    # B (pair of output frags, half, 8 values: the pair's first frag's 4, then the second's);
+                    # never vector-accessed, so the mma's offsets count elements
+                    af = T.alloc_buffer((4 * 2 * 8,), dtype, scope="local")
+                    bf = T.alloc_buffer((2 * 2 * 8,), dtype, scope="local")
                     acc = T.alloc_buffer((4 * 4 * 4,), "float32", scope="local")  # (token frag, output frag, 4)
                     warp: T.let[T.int32] = T.Cast("int32", tx) // 32
-                    g: T.let[T.int32] = T.Cast("int32", tx) % 32 // 4
-                    c: T.let[T.int32] = T.Cast("int32", tx) % 4
+                    lane: T.let[T.int32] = T.Cast("int32", tx) % 32
+                    g: T.let[T.int32] = lane // 4
+                    c: T.let[T.int32] = lane % 4
                     m0: T.let[T.int32] = warp // 4 * 64  # the warp's first token and output in the block
                     n0: T.let[T.int32] = warp % 4 * 32
                     for i in T.unroll(64):
@@ -397,24 +406,27 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
                     for ks in T.serial(KS):
                         if ks + 1 < KS:  # the next step's loads in flight during this step's mma's
                             load(x, w, xr, wr, ntok, bm, bn, (ks + 1) * BK, tx)
-                        for mf in T.unroll(4):
-                            for h in T.unroll(2):
-                                for v in T.vectorized(8):
-                                    xl[(mf * 2 + h) * 8 + v] = xs[ks % 2 * BM * BK + (m0 + mf * 16 + h * 8 + g) * BK
-                                                                  + c * 8 + v]
-                        for nf in T.unroll(4):
-                            for v in T.vectorized(8):
-                                wl[nf * 8 + v] = ws[ks % 2 * BN * BK + (n0 + nf * 8 + g) * BK + c * 8 + v]
-                        for u in T.unroll(2):  # the lane's columns 0-3, then 4-7, of its 8
+                        for kk in T.unroll(2):
+                            # A: lanes 0-15 name rows 0-15 at column 0 of the half, lanes 16-31 at column 8
                             for mf in T.unroll(4):
-                                for i in T.unroll(8):  # A: rows g (i // 2 even) and g + 8
-                                    af[i] = xl[(mf * 2 + i // 2 % 2) * 8 + u * 4 + i // 4 * 2 + i % 2]
+                                T.evaluate(T.ptx_legacy.ldmatrix(
+                                    False, 4, ".b16", af.data, (mf * 2 + kk) * 8, T.address_of(xs[
+                                        ks % 2 * BM * BP + (m0 + mf * 16 + lane % 16) * BP + kk * 16
+                                        + lane // 16 * 8]), 0, dtype=dtype))
+                            # B: lanes 8j..8j+7 name matrix j's rows: outputs 0-7 (j 0, 1) or 8-15 (j 2, 3) of
+                            # the pair, at column 0 (j even) or 8 of the half
+                            for p in T.unroll(2):
+                                T.evaluate(T.ptx_legacy.ldmatrix(
+                                    False, 4, ".b16", bf.data, (p * 2 + kk) * 8, T.address_of(ws[
+                                        ks % 2 * BN * BP + (n0 + p * 16 + lane // 16 * 8 + lane % 8) * BP
+                                        + kk * 16 + lane // 8 % 2 * 8]), 0, dtype=dtype))
+                        for kk in T.unroll(2):
+                            for mf in T.unroll(4):
                                 for nf in T.unroll(4):
-                                    for i in T.unroll(4):
-                                        bf[i] = wl[nf * 8 + u * 4 + i]
-                                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", af.data, 0,
-                                                                bf.data, 0, acc.data, (mf * 4 + nf) * 4, False,
-                                                                dtype="float32"))
+                                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", ab, ab, "fp32", af.data,
+                                                                (mf * 2 + kk) * 8, bf.data,
+                                                                (nf // 2 * 2 + kk) * 8 + nf % 2 * 4, acc.data,
+                                                                (mf * 4 + nf) * 4, False, dtype="float32"))
                         if ks + 1 < KS:  # the other buffer: last read a step ago, before that barrier
                             store(xs, ws, xr, wr, (ks + 1) % 2, tx)
                         T.tvm_storage_sync("shared")

@@ -14,7 +14,8 @@ whole tile redundantly, and a store writes the same values from all of them; the
 computes together, as long as every thread of the warp makes the call with the same arguments (wmma's
 own rule). Only the 16x16x16 shape is emulated; products are summed in the accumulator's type. The
 register-operand ``mma.sync.m16n8k16`` (``T.ptx_legacy.mma``, whose fragments are spread over the warp's
-lanes as the PTX ISA lays them out) is emulated through ``__local`` memory and two barriers (``_mma_call``).
+lanes as the PTX ISA lays them out) is emulated through ``__local`` memory and two barriers (``_mma_call``),
+and so is ``ldmatrix.x4`` (``T.ptx_legacy.ldmatrix``: ``_ldmatrix_call``).
 
 PoCL has no ``half`` arithmetic. Most tests build the float32 variant of a kernel (the dtype is a factory
 argument; index math, tiling and synchronisation are the same; wmma fragments of float32 exist only
@@ -213,6 +214,42 @@ def _mma_call(call):
     return tirx.call_extern("void", helper, c, co, a, ao, b, bo)
 
 
+def _ldmatrix_call(call):
+    """The emulation of ``ptx_legacy.ldmatrix`` (``.x4``, not transposed, 16-bit elements): each lane
+    names one row of 8 elements in shared memory (lanes 8j to 8j+7 the rows of matrix j) and receives
+    elements ``2c, 2c+1`` of row ``g`` of each matrix j (``g = lane / 4``, ``c = lane % 4``) in its slots
+    ``2j, 2j+1``. Through the ``__local`` scratch of ``_mma_call`` (as float values: exact) and two
+    barriers, so, as for mma, every thread of the block must reach it. The source is ``&buf[i]`` (passed
+    on as the array and ``i``) or an array and an offset; in bfloat16 kernels the OpenCL build keeps
+    shared arrays as float values and local ones as the 16 bits (uint16), hence the conversions."""
+    from tvm import tirx
+
+    trans, num, _type, local, local_off, smem, smem_off = call.args
+    if getattr(smem, "op", None) is not None and smem.op.name == "tirx.address_of":
+        load = smem.args[0]  # (typed float32 by the bfloat16 legalization: its address would count 4 bytes)
+        smem, smem_off, st = load.source.data, load.indices[0] + smem_off, str(load.source.dtype)
+    else:
+        st = str(_buffer(smem).dtype)
+    dt = str(_buffer(local).dtype)
+    if bool(trans) or int(num) != 4 or {st, dt} - {"float16", "uint16", "float32"}:
+        raise NotImplementedError(f"ldmatrix trans={trans} x{num} from {st} to {dt}")
+    sc, dc = _CL_TYPES[st], _CL_TYPES[dt]
+    into = "(ushort)(as_uint(v) >> 16)" if dc == "ushort" and sc != "ushort" else f"({dc})v"  # bfloat16 bits
+    helper = f"ferrum_ldmatrix_x4_{sc}_{dc}"
+    _wmma_helpers[helper] = (
+        f"void {helper}_x({dc}* d, int doff, __local {sc}* s, int soff, __local float* x) {{\n"
+        f"  {_LOCAL_TID}"
+        f"  int lane = tid % 32;\n  __local float* w = x + (tid - lane) * 12;\n"
+        f"  for (int i = 0; i < 8; ++i) w[lane * 12 + i] = {_widen(sc, 's[soff + i]')};\n"
+        f"  barrier(CLK_LOCAL_MEM_FENCE);\n  {dc} r[8];\n"
+        f"  for (int j = 0; j < 4; ++j)\n    for (int e = 0; e < 2; ++e) {{\n"
+        f"      float v = w[(j * 8 + lane / 4) * 12 + 2 * (lane % 4) + e];\n      r[2 * j + e] = {into};\n    }}\n"
+        f"  barrier(CLK_LOCAL_MEM_FENCE);\n"
+        f"  for (int i = 0; i < 8; ++i) d[doff + i] = r[i];\n}}\n"
+        f"#define {helper}(d, doff, s, soff) {helper}_x(d, doff, s, soff, {_MMA_SCRATCH})\n")
+    return tirx.call_extern("void", helper, local, local_off, smem, smem_off)
+
+
 def _shuffle_xor_call(call):
     """The emulation of ``tvm_warp_shuffle_xor(mask, value, lane_mask, width, warp_size)`` (a full warp,
     a float32 value): through the ``__local`` scratch of ``_mma_call`` and two barriers, so, as for mma,
@@ -251,6 +288,7 @@ def _emulate_wmma() -> None:
         register_intrin_lowering(f"tirx.{op}", "opencl", f=_wmma_call, level=99)
     register_intrin_lowering("tirx.ptx.griddepcontrol", "opencl", f=_no_grid_dependency, level=99)
     register_intrin_lowering("tirx.ptx_legacy.mma", "opencl", f=_mma_call, level=99)
+    register_intrin_lowering("tirx.ptx_legacy.ldmatrix", "opencl", f=_ldmatrix_call, level=99)
     register_intrin_lowering("tirx.tvm_warp_shuffle_xor", "opencl", f=_shuffle_xor_call, level=99)
 
 

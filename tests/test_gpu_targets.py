@@ -345,7 +345,10 @@ def test_mma_operands_point_at_their_elements():
     type, and types a local array it vectorizes as ``uint4`` (16 bytes an element): an offset into such an
     array read activations 8 times too far on (found in the mma linear's SASS: mma's on never-loaded
     registers; the emulator, whose OpenCL is typed otherwise, cannot see it). Every operand is an array of
-    the operand's own element type at a nonzero offset, or any array at offset 0."""
+    the operand's own element type at a nonzero offset, or any array at offset 0. The GEMM's ``ldmatrix``
+    loads likewise: each destination so, and each source ``&array[i]`` (an element address, right for any
+    C type: TVM types the staged tiles, all of whose own reads and writes are 16-byte vectors, as
+    ``uint4``, so ``array + i`` pointed 8 times too far, again where the emulator could not see it)."""
     import tvm
 
     from ferrum.schedules import mma_linear as ml
@@ -368,3 +371,8 @@ def test_mma_operands_point_at_their_elements():
         for cast, name, offset in operands:
             want = "float" if cast == "float" else "half"
             assert offset == "0" or types[name] == want, (fmt, cast, name, offset, types[name])
+        loads = re.findall(r'"=r"\(\(\(unsigned \*\)\((\w+) \+ (\d+)\)\)', code)  # ldmatrix destinations
+        assert all(offset == "0" or types[name] == "half" for name, offset in loads), (fmt, loads)
+        sources = re.findall(r"__cvta_generic_to_shared\((.{0,12})", code)
+        assert all(src.startswith("(&(") for src in sources), (fmt, sources)
+        assert (len(loads), len(sources)) == ((4 * 12, 12) if fmt == "gemm" else (0, 0)), (fmt, len(loads))
