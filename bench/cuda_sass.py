@@ -6,6 +6,9 @@
     python bench/cuda_sass.py ARTIFACT --sass NAME   # the SASS of the kernels whose name contains NAME
     python bench/cuda_sass.py LIB.so ...   --loops   # per kernel, its largest loop (a GEMV's main loop):
                                                      # instructions, 16-byte loads and dp4a (IDP) in it
+    python bench/cuda_sass.py ARTIFACT --waits       # per kernel: global loads, and how often the code
+                                                     # reads a load's register before the next load goes
+                                                     # out (``load_waits``)
 
 A programmatic launch may start while the kernel before it still runs, so what it reads before its wait
 must be something no kernel writes (weights, the step's inputs): a GEMV built with ``pdl`` loads one
@@ -74,6 +77,34 @@ def largest_loop(instructions: list[str]) -> list[str]:
     return best
 
 
+def load_waits(instructions: list[str]) -> tuple[int, int]:
+    """``(global loads, waits)``: in address order, a wait is an instruction reading a register of a global
+    load still unread while loads are outstanding, i.e. the code stops for data before it issues what
+    comes next. A heuristic (branches and loops are read as straight code; a wait at a loop's end is
+    counted once), for finding loads issued one round trip after another: a kernel staging a tile as
+    load, store, load, store... waits once per load. On 2026-11-27 it found the decode and prefill
+    attentions' key tiles staged so (24 and 27 waits; 10 and 11 after)."""
+    loads = waits = 0
+    pending: list[set[int]] = []  # registers of the loads not yet read
+    for ins in instructions:
+        body = re.sub(r"^/\*[0-9a-f]+\*/\s*", "", ins)
+        body = re.sub(r"^@!?U?P[T0-9]+\s+", "", body)
+        op, _, operands = body.partition(" ")
+        if op.startswith("LDG"):
+            loads += 1
+            m = re.match(r"\s*R(\d+)", operands)
+            if m:
+                width = 4 if ".128" in op else 2 if ".64" in op else 1
+                pending.append(set(range(int(m.group(1)), int(m.group(1)) + width)))
+            continue
+        # the registers read: every operand of a store, the sources (after the first comma) of the rest
+        sources = operands if op.startswith(("STS", "STG", "ST.")) else operands.partition(",")[2]
+        if any(regs & {int(r) for r in re.findall(r"\bR(\d+)\b", sources)} for regs in pending):
+            waits += 1
+            pending = []
+    return loads, waits
+
+
 def usage(text: str) -> dict[str, dict[str, int]]:
     """``{kernel: {"REG": n, "STACK": n, ...}}`` from ``cuobjdump -res-usage``."""
     out = {}
@@ -87,12 +118,13 @@ def main() -> None:
     ap.add_argument("artifact", type=Path, nargs="+", help="artifact directories or compiled libraries (.so)")
     ap.add_argument("--sass", metavar="NAME", help="print the SASS of the kernels whose name contains NAME")
     ap.add_argument("--loops", action="store_true", help="each kernel's largest loop: instructions and loads")
+    ap.add_argument("--waits", action="store_true", help="each kernel's global loads and waits on them (load_waits)")
     args = ap.parse_args()
     for path in args.artifact:
-        report(path if path.suffix == ".so" else path / "model.so", args.sass, args.loops)
+        report(path if path.suffix == ".so" else path / "model.so", args.sass, args.loops, args.waits)
 
 
-def report(library: Path, sass_of: str | None, loops: bool) -> None:
+def report(library: Path, sass_of: str | None, loops: bool, waits: bool = False) -> None:
     from ferrum_runtime.fatbin import fatbins
 
     tool = cuobjdump()
@@ -121,6 +153,12 @@ def report(library: Path, sass_of: str | None, loops: bool) -> None:
             loads = sum("LDG.E.128" in x for x in body)
             print(f"{library.name}: {name}: largest loop {len(body)} instructions, {loads} 16-byte loads, "
                   f"{sum('IDP' in x for x in body)} dp4a")
+        return
+    if waits:
+        print("| kernel | global loads | waits on a load before the next |\n|---|---|---|")
+        for name, ins in sorted(sass.items()):
+            n, w = load_waits(ins)
+            print(f"| {name} | {n} | {w} |")
         return
     print("| kernel | instructions | registers | stack B | wait at | memory ops before the wait |")
     print("|---|---|---|---|---|---|")

@@ -418,15 +418,19 @@ def make_attention_gpu(
     find_tile = _find_tile_macro(QT)
 
     @T.macro
-    def stage_key(cache, kv, k_s, v_s, blk, kh, j, jk, dk):
-        """Key position ``j`` (block ``blk``), columns ``dk...`` into shared row ``jk``: one 16-byte load of K
-        and one of V."""
+    def load_key(cache, kv, e, blk, kh, j, dk):
+        """Key position ``j`` (block ``blk``), columns ``dk...``: one 16-byte load of K and one of V into the
+        thread's slot ``e`` (``store_key`` puts them in shared memory once all the tile's loads are out)."""
         for c in T.unroll(2):
             for i in T.vectorized(VEC):
-                kv[c, i] = cache[blk, c, kh, j % BS, dk + i]
+                kv[e, c, i] = cache[blk, c, kh, j % BS, dk + i]
+
+    @T.macro
+    def store_key(kv, k_s, v_s, e, jk, dk):
+        """Slot ``e``'s K and V into shared row ``jk``, columns ``dk...``."""
         for i in T.unroll(VEC):
-            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, kv[0, i])
-            v_s[jk, dk + i] = T.Cast(SD, kv[1, i])
+            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, kv[e, 0, i])
+            v_s[jk, dk + i] = T.Cast(SD, kv[e, 1, i])
 
     @T.prim_func(private=True)
     def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
@@ -457,7 +461,9 @@ def make_attention_gpu(
                         red_s = T.alloc_buffer((R * LR,), "float32", scope="shared")  # lanes' weight sums
                         sw = T.alloc_buffer((1,), "float32", scope="local")
                         dots = T.alloc_buffer((DP,), "float32", scope="local")
-                        kv = T.alloc_buffer((2, VEC), cdtype, scope="local")  # one load of K and of V
+                        # a key tile's loads of K and V, all issued before the first is stored: a store
+                        # between them made each load wait for the one before (EK round trips a tile in SASS)
+                        kv = T.alloc_buffer((EK, 2, VEC), cdtype, scope="local")
                         # the LR threads of row r (tx // LR) each keep its running max and the first its
                         # sum; a branch never writes shared memory it then reads (TVM would want a barrier
                         # inside the branch)
@@ -467,7 +473,7 @@ def make_attention_gpu(
                         info = T.alloc_buffer((6,), "int32", scope="shared")
                         acc = T.alloc_buffer((ER,), "float32", scope="local")
                         scan = T.alloc_buffer((4,), "int32", scope="local")  # tiles before b, found, ...
-                        bt0 = T.alloc_buffer((EK,), "int32", scope="local")  # the first key tile's blocks
+                        bt0 = T.alloc_buffer((EK,), "int32", scope="local")  # the key tile's blocks
                         if tx == 0:
                             find_tile(query_start, nbatch, tile, scan, info)
                             if early:
@@ -505,8 +511,12 @@ def make_attention_gpu(
                                 if (e * NT + tx) * VEC < KC * D:
                                     jp: T.let[T.int32] = (e * NT + tx) * VEC // D
                                     if jp < nkeys and key0 + jp < fresh:
-                                        stage_key(cache, kv, k_s, v_s, bt0[e], kh, key0 + jp, jp,
-                                                  (e * NT + tx) * VEC % D)
+                                        load_key(cache, kv, e, bt0[e], kh, key0 + jp, (e * NT + tx) * VEC % D)
+                            for e in T.unroll(EK):
+                                if (e * NT + tx) * VEC < KC * D:
+                                    js0: T.let[T.int32] = (e * NT + tx) * VEC // D
+                                    if js0 < nkeys and key0 + js0 < fresh:
+                                        store_key(kv, k_s, v_s, e, js0, (e * NT + tx) * VEC % D)
                             T.ptx.griddepcontrol.wait()
                             if late_trigger:
                                 T.ptx.griddepcontrol.launch_dependents()
@@ -525,22 +535,30 @@ def make_attention_gpu(
                         for kt in T.serial((nkeys + KC - 1) // KC):
                             j0: T.let[T.int32] = key0 + kt * KC
                             T.tvm_storage_sync("shared")  # the previous tile's readers are done
-                            for e in T.unroll(EK):  # 16-byte loads; keys past the split's end are zeros
+                            # 16-byte loads; keys past the split's end are zeros. The tile's block-table
+                            # entries first (the first tile's were read with the queries), then every load,
+                            # then the stores: one round trip each, whatever the tile's size
+                            for e in T.unroll(EK):
+                                if kt > 0 and (e * NT + tx) * VEC < KC * D:
+                                    if j0 + (e * NT + tx) * VEC // D < key0 + nkeys:
+                                        bt0[e] = block_tables[seq, (j0 + (e * NT + tx) * VEC // D) // BS]
+                            for e in T.unroll(EK):
                                 if (e * NT + tx) * VEC < KC * D:
                                     jk: T.let[T.int32] = (e * NT + tx) * VEC // D
+                                    # (early: the first tile's older rows were staged before the wait)
+                                    if j0 + jk < key0 + nkeys and (not early or kt > 0 or j0 + jk >= fresh):
+                                        load_key(cache, kv, e, bt0[e], kh, j0 + jk, (e * NT + tx) * VEC % D)
+                            for e in T.unroll(EK):
+                                if (e * NT + tx) * VEC < KC * D:
+                                    jk2: T.let[T.int32] = (e * NT + tx) * VEC // D
                                     dk: T.let[T.int32] = (e * NT + tx) * VEC % D
-                                    if j0 + jk < key0 + nkeys:
-                                        blk: T.let[T.int32] = T.if_then_else(
-                                            kt == 0, bt0[e], block_tables[seq, (j0 + jk) // BS])
-                                        if early:  # the first tile's older rows were staged before the wait
-                                            if kt > 0 or j0 + jk >= fresh:
-                                                stage_key(cache, kv, k_s, v_s, blk, kh, j0 + jk, jk, dk)
-                                        else:
-                                            stage_key(cache, kv, k_s, v_s, blk, kh, j0 + jk, jk, dk)
+                                    if j0 + jk2 < key0 + nkeys:
+                                        if not early or kt > 0 or j0 + jk2 >= fresh:
+                                            store_key(kv, k_s, v_s, e, jk2, dk)
                                     else:
                                         for i in T.unroll(VEC):
-                                            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, T.float32(0))
-                                            v_s[jk, dk + i] = T.Cast(SD, T.float32(0))
+                                            k_s[jk2 * (D + PK) + dk + i] = T.Cast(SD, T.float32(0))
+                                            v_s[jk2, dk + i] = T.Cast(SD, T.float32(0))
                             T.tvm_storage_sync("shared")
                             for e in T.unroll(EQ):
                                 if e * NT + tx < R * KC:
@@ -688,8 +706,9 @@ def make_prefill_attention_tc(
     NEG = -3.0e38
     cdtype = cache_dtype or dtype
     tile_keys = _tile_keys_macro(QT, window)
-    cast_load = _cast_load_macro(dtype, cdtype)
     ZERO = zero_const(dtype)
+    EC = (KT * D // 8 + NT - 1) // NT  # 16-byte chunks of a K (V) tile per thread
+    CV = min(8, 16 // dtype_bytes(cdtype))  # cache elements per load
 
     @T.macro
     def scores(q_f, k_f, s_f, k_s, s_s, w):
@@ -705,19 +724,49 @@ def make_prefill_attention_tc(
             T.tvm_store_matrix_sync(s_f.data, 16, 16, 16, jf, s_s.access_ptr("w", offset=w * 16 * LS + jf * 16),
                                     LS, "row_major")
 
-    @T.macro
-    def stage(cache, block_tables, buf, kv, seq, kh, j0, end, tx):
-        """Keys (kv 0) or values (1) ``j0 .. j0+KT`` of sequence ``seq`` into ``buf``; zeros past ``end``
-        (a weight 0 times garbage could be NaN)."""
-        for e in T.serial((KT * D // 8 + NT - 1) // NT):  # 8 consecutive elements (16 bytes) per thread
-            if e * NT + tx < KT * D // 8:
-                jk: T.let[T.int32] = (e * NT + tx) // (D // 8)
-                dk: T.let[T.int32] = (e * NT + tx) % (D // 8) * 8
-                if j0 + jk < end:
-                    cast_load(buf, jk * LK + dk, cache, block_tables[seq, (j0 + jk) // BS], kv, kh, (j0 + jk) % BS, dk)
-                else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a vector constant
-                    for v in T.unroll(8):
-                        buf[jk * LK + dk + v] = ZERO
+    def stager(kinds: int):
+        """Macro ``(cache, block_tables, k_s, v_s, blk, raw, seq, kh, j0, end, tx)``: keys (and, with
+        ``kinds`` 2, values) ``j0 .. j0+KT`` of sequence ``seq`` into ``k_s`` (``v_s``); zeros past ``end``
+        (a weight 0 times garbage could be NaN). A thread's chunks (8 consecutive elements, 16 bytes) in
+        three rounds: their block-table entries (``blk``), all their loads (into ``raw``), the stores. One
+        chunk after another, each store waited for its load and each load for its block-table entry: a
+        round trip per chunk, 4 to 16 of them a step in SASS."""
+        @T.macro
+        def stage(cache, block_tables, k_s, v_s, blk, raw, seq, kh, j0, end, tx):
+            for e in T.unroll(EC):
+                if e * NT + tx < KT * D // 8:
+                    if j0 + (e * NT + tx) // (D // 8) < end:
+                        blk[e] = block_tables[seq, (j0 + (e * NT + tx) // (D // 8)) // BS]
+            for e in T.unroll(EC):
+                if e * NT + tx < KT * D // 8:
+                    jk: T.let[T.int32] = (e * NT + tx) // (D // 8)
+                    if j0 + jk < end:
+                        for c in T.unroll(kinds):
+                            for v0 in T.unroll(8 // CV):  # loads of at most 16 bytes (a float32 cache: 2)
+                                for v in T.vectorized(CV):
+                                    raw[e, c, v0 * CV + v] = cache[blk[e], c, kh, (j0 + jk) % BS,
+                                                                   (e * NT + tx) % (D // 8) * 8 + v0 * CV + v]
+            for e in T.unroll(EC):
+                if e * NT + tx < KT * D // 8:
+                    jk2: T.let[T.int32] = (e * NT + tx) // (D // 8)
+                    dk: T.let[T.int32] = (e * NT + tx) % (D // 8) * 8
+                    if j0 + jk2 < end:
+                        for v0 in T.unroll(8 // CV):
+                            for v in T.vectorized(CV):
+                                k_s[jk2 * LK + dk + v0 * CV + v] = T.Cast(dtype, raw[e, 0, v0 * CV + v])
+                        if kinds == 2:
+                            for v0 in T.unroll(8 // CV):
+                                for v in T.vectorized(CV):
+                                    v_s[jk2 * LK + dk + v0 * CV + v] = T.Cast(dtype, raw[e, 1, v0 * CV + v])
+                    else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a vector constant
+                        for v in T.unroll(8):
+                            k_s[jk2 * LK + dk + v] = ZERO
+                            if kinds == 2:
+                                v_s[jk2 * LK + dk + v] = ZERO
+
+        return stage
+
+    stage_k, stage_kv = stager(1), stager(2)
 
     @T.macro
     def body(q, cache, positions, block_tables, out, info, hy, tx):
@@ -737,6 +786,8 @@ def make_prefill_attention_tc(
         part = T.alloc_buffer((NT,), "float32", scope="shared")
         ml = T.alloc_buffer((4,), "float32", scope="local")  # row max, sum, old max, this half's
         row = T.alloc_buffer((2,), "int32", scope="local")  # row's token in the tile, position
+        blk = T.alloc_buffer((EC,), "int32", scope="local")  # a step's chunks' blocks and loads (stage)
+        raw = T.alloc_buffer((EC, 2, 8), cdtype, scope="local")
         kh: T.let[T.int32] = T.Cast("int32", hy) // NG
         h0: T.let[T.int32] = kh * G + T.Cast("int32", hy) % NG * HG  # the tile's first head
         w: T.let[T.int32] = T.Cast("int32", tx) // 32
@@ -768,7 +819,7 @@ def make_prefill_attention_tc(
                                    q_s.access_ptr("r", offset=w * 16 * D + kk * 16), D, "row_major")
         for kt in T.serial((nkeys + KT - 1) // KT):  # pass 1: row max and denominator
             T.tvm_storage_sync("shared")
-            stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+            stage_k(cache, block_tables, k_s, v_s, blk, raw, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
             T.tvm_storage_sync("shared")
             scores(q_f, k_f, s_f, k_s, s_s, w)
             T.tvm_storage_sync("shared")
@@ -796,8 +847,7 @@ def make_prefill_attention_tc(
             T.tvm_fill_fragment(o_f.data, 16, 16, 16, df, T.float32(0))
         for kt in T.serial((nkeys + KT - 1) // KT):  # pass 2: final weights, P V
             T.tvm_storage_sync("shared")
-            stage(cache, block_tables, k_s, 0, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
-            stage(cache, block_tables, v_s, 1, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
+            stage_kv(cache, block_tables, k_s, v_s, blk, raw, seq, kh, key0 + kt * KT, key0 + nkeys, tx)
             T.tvm_storage_sync("shared")
             scores(q_f, k_f, s_f, k_s, s_s, w)
             T.tvm_storage_sync("shared")

@@ -21,7 +21,10 @@ def _head_macro(D: int, dtype: str, eps: float | None):
     local register, RMS-normalised with ``kw`` if ``use_k`` else ``qw`` when ``norm`` (in float32, rounded
     to ``dtype`` as the unfused norm stores it) and rotated with ``table`` row ``t`` when ``rotate``. Its
     shared scratch is its own. ``norm`` and ``rotate`` may differ between blocks: the block sum runs
-    unconditionally (its barriers cannot sit in a condition); with ``eps`` None there is no norm at all."""
+    unconditionally (its barriers cannot sit in a condition); with ``eps`` None there is no norm at all,
+    with ``rotate`` False no table. The norm weight and the table's cos and sin are loaded with the
+    element, before the sum (the weight kept in shared memory until the norm: nvcc sinks a load whose only
+    use is after barriers down to it): read after its barriers, each was a round trip more (3 in all)."""
     from tvm.script import tirx as T
 
     NT, half = threads_for(D), D // 2
@@ -32,22 +35,28 @@ def _head_macro(D: int, dtype: str, eps: float | None):
         part = T.alloc_buffer((NT, 1), "float32", scope="shared")
         xs = T.alloc_buffer((D,), "float32", scope="shared")
         sq = T.alloc_buffer((1,), "float32", scope="local")
+        pre = T.alloc_buffer((3,), "float32", scope="local")  # cos, sin (slots 1, 2)
         v[0] = T.float32(0)
         if tx < D:
             v[0] = T.Cast("float32", src[t, col + tx])
+            if eps is not None:  # parked in shared memory: nvcc sinks a load only used after barriers to its use
+                xs[tx] = T.Cast("float32", T.if_then_else(use_k, kw[tx], qw[tx]))
+            if rotate is not False:
+                pre[1] = table[t, 0, tx % half]
+                pre[2] = table[t, 1, tx % half]
         if eps is not None:
             sq[0] = v[0] * v[0]
             sums(part, sq, tx)
             if tx < D and norm:
                 v[0] = T.Cast("float32", T.Cast(dtype, v[0] * T.rsqrt(sq[0] / T.float32(D) + T.float32(eps or 0.0))
-                                                * T.Cast("float32", T.if_then_else(use_k, kw[tx], qw[tx]))))
+                                                * xs[tx]))
         if tx < D:
             xs[tx] = v[0]
         T.tvm_storage_sync("shared")
         if tx < D and rotate:
             rot: T.let[T.float32] = T.if_then_else(tx < half, T.float32(0) - xs[T.min(tx + half, D - 1)],
                                                    xs[T.max(tx - half, 0)])
-            v[0] = v[0] * table[t, 0, tx % half] + rot * table[t, 1, tx % half]
+            v[0] = v[0] * pre[1] + rot * pre[2]
 
     return head
 
@@ -126,8 +135,8 @@ def make_qkv_append_gpu(width: int, firsts: tuple[int, int, int], heads: int, kv
                     hh: T.let[T.int64] = th % A  # queries, then keys, then values
                     col: T.let[T.int64] = T.if_then_else(hh < H, (qf + hh) * D, T.if_then_else(
                         hh < H + KV, (kf + hh - H) * D, (vf + hh - H - KV) * D))
+                    slot: T.let[T.int32] = slot_mapping[t]  # loaded with the head, not after it
                     head(src, t, col, qw, kw, hh >= H, hh < H + KV, hh < H + KV, table, v, tx)
-                    slot: T.let[T.int32] = slot_mapping[t]
                     if tx < D:
                         if hh < H:
                             q[t, hh, tx] = T.Cast(dtype, v[0])

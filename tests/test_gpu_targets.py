@@ -376,3 +376,44 @@ def test_mma_operands_point_at_their_elements():
         sources = re.findall(r"__cvta_generic_to_shared\((.{0,12})", code)
         assert all(src.startswith("(&(") for src in sources), (fmt, sources)
         assert (len(loads), len(sources)) == ((4 * 12, 12) if fmt == "gemm" else (0, 0)), (fmt, len(loads))
+
+
+@needs_nvcc
+def test_key_tiles_issue_all_their_loads_before_a_store():
+    """The CUDA source of the decode attention (``make_attention_gpu``, one token a tile) and the wmma
+    prefill attention (``make_prefill_attention_tc``, both passes), Qwen3-4B's heads: in each loop over key
+    tiles every global load of the cache comes before the first store into the shared K/V tile. Staged
+    as load, store, load, store... each load waited for the one before (its store needs its data): 8 to 16
+    round trips a key tile in their SASS (``bench/cuda_sass.py --waits``), where one does. And
+    ``make_qkv_append_gpu`` loads everything it reads (the element, norm weight, cos, sin, slot) before its
+    first barrier: read after the norm's sum, each was a round trip more."""
+    import tvm
+
+    from ferrum.schedules import paged_attention as pa
+    from ferrum.schedules.rope import make_qkv_append_gpu
+    from ferrum_compiler.gpu_build import prepare_cuda_build
+
+    prepare_cuda_build()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_80"}, host="llvm")
+    funcs = {"split": pa.make_attention_gpu(32, 8, 128, 16, "float16", tile_tokens=1),
+             "tc": pa.make_prefill_attention_tc(32, 8, 128, 16, "float16"),
+             "qkv_append": make_qkv_append_gpu(6144, (0, 32, 40), 32, 8, 128, 16, "float16", "float16", 1e-6,
+                                               "float16")}
+    for name, func in funcs.items():
+        with target:
+            lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        code = lib.imports[0].inspect_source()
+        if name == "qkv_append":
+            body = code[code.index("main_kernel(") :]
+            first_sync = body.index("__syncthreads()")
+            assert len(re.findall(r"_ptr\[", body[:first_sync])) >= 5 and not re.search(
+                r"(src|table|kw|qw|slot_mapping)_ptr\[", body[first_sync:]), name
+            continue
+        loops = re.split(r"for \(int kt(?:_\d+)? = 0;", code)[1:]
+        assert len(loops) == (1 if name == "split" else 2), name
+        for loop in loops:
+            lines = [ln.split(" = ", 1) for ln in loop.splitlines() if " = " in ln]
+            loads = [i for i, (lhs, rhs) in enumerate(lines) if "cache_ptr" in rhs]
+            # (a store into any shared array: TVM gives the K tile the queries' array once they are loaded)
+            stores = [i for i, (lhs, _) in enumerate(lines) if re.search(r"\b[a-z]_s_ptr", lhs)]
+            assert len(loads) >= 4 and stores and max(loads) < min(stores), (name, loads, stores[:3])
