@@ -79,7 +79,7 @@ DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's
 # (FERRUM_MMA_LINEAR=decode) decode's too (2-16 tokens, instead of the GEMVs' passes of 4).
 # "-fa" (FERRUM_FLASH_ATTENTION=1): forward's attention (prefill) in one pass on mma.sync instead of the
 # two-pass wmma kernel (bench/gpu_kernels.py times both alone first); "-gemm" (FERRUM_MMA_GEMM=1): forward's
-# dense linears on the mma.sync GEMM instead of dlight's matmuls (the sweep's gemm-* rows time it alone).
+# dense and INT4 linears on the mma.sync GEMM instead of dlight's matmuls (the sweep's gemm-* rows time it).
 EXPERIMENT_FLAGS = {"-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_PDL", "late"),
                     "-pdl-first": ("FERRUM_PDL", "first"), "-pdl-deep": ("FERRUM_PDL", "deep"),
                     "-pdl": ("FERRUM_PDL", "1"),
@@ -92,7 +92,7 @@ EXPERIMENTS = tuple(f"{base}{suffix}" for base in ("qwen3-4b", "qwen3-4b-gptq")
                                                                      "qwen3-4b-mma", "qwen3-4b-mmad",
                                                                      "qwen3-4b-gptq-mma", "qwen3-4b-gptq-mmad",
                                                                      "qwen3-4b-fa", "qwen3-4b-gptq-fa",
-                                                                     "qwen3-4b-fa-gemm")
+                                                                     "qwen3-4b-fa-gemm", "qwen3-4b-gptq-fa-gemm")
 PARITY_MAX_ABS, PARITY_MAX_KL = 0.1, 1e-3  # passed: 2-4e-2 and 1e-5 (float16/bfloat16 against float32)
 
 

@@ -83,9 +83,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     tokens) instead of dlight's matmuls or the GEMVs' passes of 4. ``flash_attention`` (CUDA;
     FERRUM_FLASH_ATTENTION): ``forward``'s attention on ``make_prefill_attention_mma`` (one pass, online
     softmax in registers) where the head fits it, instead of ``make_prefill_attention_tc``. ``mma_gemm``
-    (CUDA; FERRUM_MMA_GEMM): ``forward``'s dense linears of a tensor-core dtype, but the lm_head, on
-    ``mma_linear.make_mma_gemm_gpu`` where the shape fits it (``_gemm_fits``), instead of dlight's matmuls
-    or, for bfloat16, ``make_tiled_gemm_gpu``."""
+    (CUDA; FERRUM_MMA_GEMM): ``forward``'s dense linears of a tensor-core dtype and INT4 ones (float16
+    activations), but the lm_head, on ``mma_linear.make_mma_gemm_gpu`` where the shape fits it
+    (``_gemm_fits``), instead of dlight's matmuls (dequantizing ones for INT4) or, for bfloat16,
+    ``make_tiled_gemm_gpu``."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -485,36 +486,48 @@ def _mma_fits(graph: Graph, op) -> bool:
 
 
 def _gemm_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
-    """Whether linear ``op`` can run on ``mma_linear.make_mma_gemm_gpu`` in ``forward``: a dense weight of
-    its activations' dtype (a tensor-core one), ``mma_gemm_fits``' shape, and not the lm_head (the graph's
-    output: a step's few logits rows, which a 128-token tile would mostly waste)."""
-    if op.kind != "linear" or op.output in graph.outputs:
+    """Whether (q)linear ``op`` can run on ``mma_linear.make_mma_gemm_gpu`` in ``forward``: activations of
+    a tensor-core dtype, a dense weight of that dtype or INT4 in the row layout (float16 activations),
+    ``mma_gemm_fits``' shape, and not the lm_head (the graph's output: a step's few logits rows, which a
+    128-token tile would mostly waste)."""
+    if op.kind not in ("linear", "qlinear") or op.output in graph.outputs:
         return False
-    x, w = graph.value(op.inputs[0]), graph.value(op.inputs[1])
+    x = graph.value(op.inputs[0])
+    if x.dtype not in tensor_core_dtypes:
+        return False
+    if op.kind == "qlinear":
+        at = op.attrs
+        return at.get("layout", "rows") == "rows" and mma_sched.mma_gemm_fits(
+            at["in_features"], at["out_features"], x.dtype, _mma_format(op))
+    w = graph.value(op.inputs[1])
     n, k = w.shape
-    return x.dtype in tensor_core_dtypes and w.dtype == x.dtype and mma_sched.mma_gemm_fits(k, n, x.dtype)
+    return w.dtype == x.dtype and mma_sched.mma_gemm_fits(k, n, x.dtype)
+
+
+def _mma_operands(graph: Graph, op) -> tuple:
+    """``(K, N, fmt, activation dtype, bias dtype or None, scale dtype)`` of a (q)linear, for the mma
+    kernels (``fmt`` None for a dense weight)."""
+    x_dtype = graph.value(op.inputs[0]).dtype
+    b_dtype = graph.value(op.inputs[-1]).dtype if op.attrs["bias"] else None
+    fmt = _mma_format(op)
+    if fmt is not None:
+        return op.attrs["in_features"], op.attrs["out_features"], fmt, x_dtype, b_dtype, graph.value(op.inputs[2]).dtype
+    n, k = graph.value(op.inputs[1]).shape
+    return k, n, None, x_dtype, b_dtype, "float16"
 
 
 def _mma_gemm(relax, kernel, graph, op, a, out):
-    """A dense linear on ``mma_linear.make_mma_gemm_gpu``: its arguments are the op's."""
-    x_dtype = graph.value(op.inputs[0]).dtype
-    b_dtype = graph.value(op.inputs[2]).dtype if op.attrs["bias"] else None
-    n, k = graph.value(op.inputs[1]).shape
-    gv = kernel(("mma_gemm", k, n, x_dtype, out.dtype, b_dtype),
-                lambda: mma_sched.make_mma_gemm_gpu(k, n, x_dtype, out.dtype, b_dtype))
+    """A (q)linear on ``mma_linear.make_mma_gemm_gpu``: its arguments are the op's."""
+    k, n, fmt, x_dtype, b_dtype, s_dtype = _mma_operands(graph, op)
+    gv = kernel(("mma_gemm", k, n, repr(fmt), x_dtype, out.dtype, b_dtype, s_dtype),
+                lambda: mma_sched.make_mma_gemm_gpu(k, n, x_dtype, out.dtype, b_dtype, fmt=fmt, scale_dtype=s_dtype))
     return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
 
 
 def _mma_linear(relax, kernel, graph, op, a, out, n_frags: int):
     """A (q)linear on ``mma_linear.make_mma_linear_gpu``, ``n_frags`` 8-token fragments a pass: its arguments
     are the op's."""
-    x_dtype = graph.value(op.inputs[0]).dtype
-    b_dtype = graph.value(op.inputs[-1]).dtype if op.attrs["bias"] else None
-    fmt = _mma_format(op)
-    if fmt is not None:
-        k, n, s_dtype = op.attrs["in_features"], op.attrs["out_features"], graph.value(op.inputs[2]).dtype
-    else:
-        (n, k), s_dtype = graph.value(op.inputs[1]).shape, "float16"
+    k, n, fmt, x_dtype, b_dtype, s_dtype = _mma_operands(graph, op)
     gv = kernel(("mma_linear", k, n, repr(fmt), x_dtype, out.dtype, b_dtype, s_dtype, n_frags),
                 lambda: mma_sched.make_mma_linear_gpu(k, n, x_dtype, out.dtype, b_dtype, n_frags=n_frags, fmt=fmt,
                                                       scale_dtype=s_dtype))

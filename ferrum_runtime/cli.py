@@ -166,7 +166,7 @@ def _inspect(args: argparse.Namespace) -> int:
                                          (dp4a_name, dp4a), (mma_name, mma),
                                          ("forward's attention in one pass on mma.sync (FERRUM_FLASH_ATTENTION)",
                                           d["compile_options"].get("flash_attention")),
-                                         ("forward's dense linears on the mma.sync GEMM (FERRUM_MMA_GEMM)",
+                                         ("forward's linears on the mma.sync GEMM (FERRUM_MMA_GEMM)",
                                           d["compile_options"].get("mma_gemm"))) if on]
     if experiments:
         lines.append(f"experiments {'; '.join(experiments)}")

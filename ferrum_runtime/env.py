@@ -107,11 +107,12 @@ def flash_attention() -> bool:
 
 def mma_gemm() -> bool:
     """FERRUM_MMA_GEMM=1 at ``ferrum compile`` (CUDA targets; an experiment, off until a GPU says it pays):
-    ``forward``'s dense float16/bfloat16 linears (not the lm_head) on ``mma_linear.make_mma_gemm_gpu``
-    (128 x 128 tiles on ``mma.sync``, double-buffered shared memory) where the shape fits it (``N`` a
-    multiple of 128, ``K`` of 32), instead of dlight's matmuls, which took 64 of Qwen3-4B's 107 ms at a
-    2048-token prefill on an H200 at 150-245 TFLOP/s (docs/bench/2026-11-26b-gpu-h200.md), or, for
-    bfloat16, the wmma tiled GEMM. Recorded in the manifest's ``compile_options`` (``mma_gemm``)."""
+    ``forward``'s dense float16/bfloat16 and INT4 (float16 activations) linears (not the lm_head) on
+    ``mma_linear.make_mma_gemm_gpu`` (128 x 128 tiles on ``mma.sync``, double-buffered shared memory,
+    INT4 decoded when staged) where the shape fits it (``N`` a multiple of 128, ``K`` of 32, INT4 groups of
+    a multiple of 32), instead of dlight's matmuls (dequantizing ones for INT4), which took 64 of Qwen3-4B's
+    107 ms at a 2048-token prefill on an H200 at 150-245 TFLOP/s (docs/bench/2026-11-26b-gpu-h200.md), or,
+    for bfloat16, the wmma tiled GEMM. Recorded in the manifest's ``compile_options`` (``mma_gemm``)."""
     return _flag("FERRUM_MMA_GEMM")
 
 

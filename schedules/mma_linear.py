@@ -68,6 +68,25 @@ def mma_linear_fits(in_features: int, out_features: int, dtype: str, fmt: QuantF
     return dtype in ("float16", "bfloat16") and in_features % 32 == 0 and out_features % 16 == 0
 
 
+def swap_middle_bytes(word):
+    """Bytes (0, 1, 2, 3) -> (0, 2, 1, 3) of a uint32 TIR value: a nibble pair of bytes 0 and 2 is then
+    columns ``c, c+1`` of an INT4 word (``int4_pair``). One byte permute (PRMT; written with masks and
+    shifts, ptxas folded the swap into every pair's mask: about 5 integer operations a pair instead of 1,
+    in the SASS of 2026-11-27)."""
+    from tvm import tirx
+
+    return tirx.call_pure_extern("uint32", "__byte_perm", word, tirx.const(0, "uint32"), tirx.const(0x3120, "uint32"))
+
+
+def int4_pair(word, run, odd, magic, fmt: QuantFormat, scale2, min2):
+    """float16x2 of a byte-swapped INT4 word's bytes ``odd``, ``odd + 2`` (columns ``4 wd + 16 run + 2 odd``
+    and the next of word ``wd``), low (``run`` 0) or high nibbles: ``q - zero point`` (``half_pair``),
+    then times the group's scale (``scale2``, a float16 pair), plus its min (``min2``) when asymmetric: in
+    float16, as the mma's operands are anyway (the GEMV keeps the float32 min)."""
+    q = half_pair(word, run, odd, magic, float(fmt.zero_point if fmt.sym else 0))
+    return q * scale2 if fmt.sym else q * scale2 + min2
+
+
 def mma_step(fmt: QuantFormat | None) -> int:
     """Columns of one step of a warp: 32 (a lane's 8 float16 columns of each row), 128 INT4 (its 32)."""
     return 32 if fmt is None else 128
@@ -137,7 +156,6 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
     ACC = RF * NF * 4  # a lane's accumulators
     OUTS = 16 * RF * PT  # a block's outputs per pass
     WL = 4 if quant else 8  # a row's 16 bytes: 4 words, 8 float16 values
-    ZP = float(fmt.zero_point if sym else 0) if fmt is not None else 0.0
 
     def a_dense(wl, u, rf, j, i):
         """Value ``i`` of mma ``j``'s A operand: (row g, 2 columns), (row g+8, 2), (row g, next 2), (row g+8,
@@ -148,20 +166,6 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
         """Where mma ``j``'s B operand (4 consecutive columns of the lane's token) starts in ``xl``: INT4 mma
         ``j`` reads word ``j // 2``'s low (even ``j``) or high nibbles: columns ``4 (j // 2) + 16 (j % 2)``."""
         return (u * NF + f) * CW + (j * 4 if not quant else j // 2 * 4 + j % 2 * 16)
-
-    def swap_middle_bytes(word):
-        """Bytes (0, 1, 2, 3) -> (0, 2, 1, 3): a nibble pair of bytes 0 and 2 is then columns ``c, c+1``. One
-        byte permute (PRMT; written with masks and shifts, ptxas folded the swap into every pair's mask:
-        about 5 integer operations a pair instead of 1, in the SASS of 2026-11-27)."""
-        return tirx.call_pure_extern("uint32", "__byte_perm", word, tirx.const(0, "uint32"),
-                                     tirx.const(0x3120, "uint32"))
-
-    def a_pair(word, run, odd, magic, scale2, min2):
-        """float16x2 of a byte-swapped word's bytes ``odd``, ``odd + 2`` (columns ``4 wd + 16 run + 2 odd``
-        and the next), low (``run`` 0) or high nibbles: ``q - zero point`` (``half_pair``), then times the
-        group's scale (plus its min)."""
-        q = half_pair(word, run, odd, magic, ZP)
-        return q * scale2 if sym else q * scale2 + min2
 
     @T.macro
     def body(x, w, wq, scales, mins, bias, out, ntok):
@@ -238,9 +242,9 @@ def make_mma_linear_gpu(in_features: int, out_features: int, dtype: str, out_dty
                                     if quant:  # mma j: word j // 2 of rows g and g+8, low or high nibbles
                                         for h in T.unroll(2):
                                             for odd in T.unroll(2):
-                                                af[T.Ramp(odd * 4 + h * 2, 1, 2)] = a_pair(
+                                                af[T.Ramp(odd * 4 + h * 2, 1, 2)] = int4_pair(
                                                     swap_middle_bytes(wl[((u * RF + rf) * 2 + h) * WL + j // 2]),
-                                                    j % 2, odd, magic, sc2[T.Ramp((rf * 2 + h) * 2, 1, 2)],
+                                                    j % 2, odd, magic, fmt, sc2[T.Ramp((rf * 2 + h) * 2, 1, 2)],
                                                     mn2[T.Ramp((rf * 2 + h) * 2, 1, 2)])
                                     else:
                                         for i in T.unroll(8):
@@ -300,15 +304,20 @@ GEMM_BM, GEMM_BN, GEMM_BK = 128, 128, 32  # tokens, outputs, columns of a step
 GEMM_WARPS = 8  # 2 (tokens) x 4 (outputs): a warp's 64 x 32 outputs, 4 x 4 accumulator fragments
 
 
-def mma_gemm_fits(in_features: int, out_features: int, dtype: str) -> bool:
-    """Whether ``make_mma_gemm_gpu`` builds: float16 or bfloat16, ``K`` a multiple of 32, ``N`` of 128."""
+def mma_gemm_fits(in_features: int, out_features: int, dtype: str, fmt: QuantFormat | None = None) -> bool:
+    """Whether ``make_mma_gemm_gpu`` builds: float16 or bfloat16, ``K`` a multiple of 32, ``N`` of 128; INT4
+    weights (groups of a multiple of 32, so a step of 32 columns is in one group) with float16 activations."""
+    if fmt is not None and not (dtype == "float16" and fmt.bits == 4 and fmt.group_size % GEMM_BK == 0
+                                and fmt.check(in_features) is None):
+        return False
     return dtype in ("float16", "bfloat16") and in_features % GEMM_BK == 0 and out_features % GEMM_BN == 0
 
 
 def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype: str,
-                      bias_dtype: str | None = None):
-    """PrimFunc ``mma_gemm(x[T, K], w[N, K], [bias[N],] out[T, N])``: ``x @ w^T (+ bias)`` for many tokens
-    (prefill) on ``mma.sync.m16n8k16``, float32 accumulators; dense float16/bfloat16 weights.
+                      bias_dtype: str | None = None, fmt: QuantFormat | None = None, scale_dtype: str = "float16"):
+    """PrimFunc ``mma_gemm(x[T, K], w | (qweight, scales, [mins]), [bias[N],] out[T, N])``: ``x @ w^T (+
+    bias)`` for many tokens (prefill) on ``mma.sync.m16n8k16``, float32 accumulators; dense
+    float16/bfloat16 weights, or INT4 ones (``quant_linear``'s row layout) under float16 activations.
 
     A block computes 128 tokens x 128 outputs (``GEMM_BM`` x ``GEMM_BN``) with 8 warps, each 64 tokens x 32
     outputs: 4 token fragments (the mma's A operand, 16 rows) x 4 output fragments (its B operand, 8
@@ -322,12 +331,19 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
     between them (the first form, 16-byte shared loads and the mma's fragments gathered from them, issued
     3 register moves per mma in SASS). Staged rows are 32 elements and 8 of padding (80 bytes): the 8 rows
     of each 8 x 8 matrix lie on distinct banks. Tokens past ``T`` load zeros and are never stored.
-    ``mma_gemm_fits`` shapes; sm_80 and newer."""
+    INT4: a row's step is 16 bytes (32 nibbles), a thread loads half of it (2 words) and its group's scale
+    (and min), and turns them into 16 float16 weights when it stores them (after this step's mma's):
+    ``int4_pair``'s exact nibble decode times the scale, rounded to float16 once, as a dense float16
+    weight of that value would be (an asymmetric min added in float16). The weight tile's global bytes a
+    step are a quarter of float16's. ``mma_gemm_fits`` shapes; sm_80 and newer."""
     from tvm import tirx
     from tvm.script import tirx as T
 
     K, N = in_features, out_features
-    assert mma_gemm_fits(K, N, dtype), (K, N, dtype)
+    assert mma_gemm_fits(K, N, dtype, fmt), (K, N, dtype, fmt)
+    quant = fmt is not None
+    sym = fmt is not None and fmt.sym
+    G = fmt.group_size if fmt is not None else K
     BM, BN, BK = GEMM_BM, GEMM_BN, GEMM_BK
     BP = BK + 8  # a staged row with its padding
     NT = 32 * GEMM_WARPS
@@ -338,8 +354,9 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
     has_bias = bias_dtype is not None
 
     @T.macro
-    def load(x, w, xr, wr, ntok, bm, bn, k0, tx):
-        """Thread ``tx``'s chunks of the step at column ``k0`` into registers (zeros past the last token)."""
+    def load(x, w, wq, scales, mins, xr, wr, qr, sr, ntok, bm, bn, k0, tx):
+        """Thread ``tx``'s chunks of the step at column ``k0`` into registers (zeros past the last token);
+        INT4: its 2 words of row ``tx // 2`` and their group's scale (and min)."""
         for e in T.unroll(XC):
             r: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
             cc: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
@@ -349,35 +366,62 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
             else:  # element by element: TVM's OpenCL bfloat16 pass cannot store a vector constant
                 for v in T.unroll(8):
                     xr[e * 8 + v] = ZERO
-        for e in T.unroll(WC):
-            r2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
-            c2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
-            for v in T.vectorized(8):
-                wr[e * 8 + v] = w[bn * BN + r2, k0 + c2 + v]
+        if quant:
+            for v in T.vectorized(2):
+                qr[v] = wq[bn * BN + T.Cast("int32", tx) // 2, k0 // 8 + T.Cast("int32", tx) % 2 * 2 + v]
+            for v in T.unroll(2):
+                sr[v] = T.Cast("float16", scales[bn * BN + T.Cast("int32", tx) // 2, k0 // G])
+                if not sym:
+                    sr[2 + v] = T.Cast("float16", mins[bn * BN + T.Cast("int32", tx) // 2, k0 // G])
+        else:
+            for e in T.unroll(WC):
+                r2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
+                c2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
+                for v in T.vectorized(8):
+                    wr[e * 8 + v] = w[bn * BN + r2, k0 + c2 + v]
 
     @T.macro
-    def store(xs, ws, xr, wr, buf, tx):
-        """The staged chunks into shared buffer ``buf``."""
+    def store(xs, ws, xr, wr, qr, sr, wd, magic, buf, tx):
+        """The staged chunks into shared buffer ``buf``; INT4: thread ``tx``'s 2 words (``tx % 2`` the
+        first half of the row's 4 or the second) decoded into ``wd`` (16 float16: columns ``8 h`` .. ``8 h
+        + 8`` of the low nibbles, then of the high ones: word ``2 h + v`` holds ``4 (2 h + v) + 16 run +
+        b``), stored as two 16-byte rows' pieces."""
         for e in T.unroll(XC):
             r: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
             cc: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
             for v in T.vectorized(8):
                 xs[buf * BM * BP + r * BP + cc + v] = xr[e * 8 + v]
-        for e in T.unroll(WC):
-            r2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
-            c2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
-            for v in T.vectorized(8):
-                ws[buf * BN * BP + r2 * BP + c2 + v] = wr[e * 8 + v]
+        if quant:
+            for v in T.unroll(2):
+                for run in T.unroll(2):
+                    for odd in T.unroll(2):
+                        wd[T.Ramp(run * 8 + v * 4 + odd * 2, 1, 2)] = int4_pair(
+                            swap_middle_bytes(qr[v]), run, odd, magic, fmt, sr[T.Ramp(0, 1, 2)], sr[T.Ramp(2, 1, 2)])
+            for run in T.unroll(2):
+                for v in T.vectorized(8):
+                    ws[buf * BN * BP + T.Cast("int32", tx) // 2 * BP + run * 16 + T.Cast("int32", tx) % 2 * 8
+                       + v] = wd[run * 8 + v]
+        else:
+            for e in T.unroll(WC):
+                r2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) // (BK // 8)
+                c2: T.let[T.int32] = (e * NT + T.Cast("int32", tx)) % (BK // 8) * 8
+                for v in T.vectorized(8):
+                    ws[buf * BN * BP + r2 * BP + c2 + v] = wr[e * 8 + v]
 
     bdt = bias_dtype or "float32"
+    KG = K // G
+    wshape, wdt = ((N, K // 2), "uint8") if quant else ((N, K), dtype)
 
+    # one signature with every tensor; those this variant does not read are dropped below
     @T.prim_func(private=True)
-    def mma_gemm(x_h: T.handle, w: T.Buffer((N, K), dtype), b: T.Buffer((N,), bdt),  # type: ignore[valid-type]
-                 o_h: T.handle):
+    def mma_gemm(x_h: T.handle, w: T.Buffer(wshape, wdt),  # type: ignore[valid-type]
+                 s: T.Buffer((N, KG), scale_dtype), m: T.Buffer((N, KG), "float32"),  # type: ignore[valid-type]
+                 b: T.Buffer((N,), bdt), o_h: T.handle):  # type: ignore[valid-type]
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         ntok = T.int64()
         x = T.match_buffer(x_h, (ntok, K), dtype)
         out = T.match_buffer(o_h, (ntok, N), out_dtype)
+        wq = T.decl_buffer((N, K // 8), "uint32", data=w.data)  # INT4: a row's 16-byte steps as words
         # blockIdx.x the tokens: neighbouring blocks share a weight tile (the weights are the big operand)
         for bm in T.thread_binding((ntok + BM - 1) // BM, thread="blockIdx.x"):
             for bn in T.thread_binding(N // BN, thread="blockIdx.y"):
@@ -386,6 +430,9 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
                     ws = T.alloc_buffer((2 * BN * BP,), dtype, scope="shared")  # [buffer][output][32 + 8]
                     xr = T.alloc_buffer((XC * 8,), dtype, scope="local")  # the next step's chunks
                     wr = T.alloc_buffer((WC * 8,), dtype, scope="local")
+                    qr = T.alloc_buffer((2,), "uint32", scope="local")  # INT4: the next step's 2 words
+                    sr = T.alloc_buffer((4,), "float16", scope="local")  # ... their scale, min (as pairs)
+                    wd = T.alloc_buffer((16,), "float16", scope="local")  # ... decoded
                     # the step's operands as ldmatrix leaves them: A (token frag, 16-column half, 8 values),
                     # B (pair of output frags, half, 8 values: the pair's first frag's 4, then the second's);
                     # never vector-accessed, so the mma's offsets count elements
@@ -398,14 +445,15 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
                     c: T.let[T.int32] = lane % 4
                     m0: T.let[T.int32] = warp // 4 * 64  # the warp's first token and output in the block
                     n0: T.let[T.int32] = warp % 4 * 32
+                    magic: T.let[T.uint32] = opaque_magic(T.Cast("int32", ntok), _MAGIC_H2)
                     for i in T.unroll(64):
                         acc[i] = T.float32(0)
-                    load(x, w, xr, wr, ntok, bm, bn, 0, tx)
-                    store(xs, ws, xr, wr, 0, tx)
+                    load(x, w, wq, s, m, xr, wr, qr, sr, ntok, bm, bn, 0, tx)
+                    store(xs, ws, xr, wr, qr, sr, wd, magic, 0, tx)
                     T.tvm_storage_sync("shared")
                     for ks in T.serial(KS):
                         if ks + 1 < KS:  # the next step's loads in flight during this step's mma's
-                            load(x, w, xr, wr, ntok, bm, bn, (ks + 1) * BK, tx)
+                            load(x, w, wq, s, m, xr, wr, qr, sr, ntok, bm, bn, (ks + 1) * BK, tx)
                         for kk in T.unroll(2):
                             # A: lanes 0-15 name rows 0-15 at column 0 of the half, lanes 16-31 at column 8
                             for mf in T.unroll(4):
@@ -428,7 +476,7 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
                                                                 (nf // 2 * 2 + kk) * 8 + nf % 2 * 4, acc.data,
                                                                 (mf * 4 + nf) * 4, False, dtype="float32"))
                         if ks + 1 < KS:  # the other buffer: last read a step ago, before that barrier
-                            store(xs, ws, xr, wr, (ks + 1) % 2, tx)
+                            store(xs, ws, xr, wr, qr, sr, wd, magic, (ks + 1) % 2, tx)
                         T.tvm_storage_sync("shared")
                     for mf in T.unroll(4):
                         for h in T.unroll(2):
@@ -440,8 +488,8 @@ def make_mma_gemm_gpu(in_features: int, out_features: int, dtype: str, out_dtype
                                                 T.Cast("float32", b[bn * BN + n0 + nf * 8 + c * 2 + e]) if has_bias
                                                 else T.float32(0))))
 
-    x_h, w, b, o_h = mma_gemm.params
-    keep = [x_h, w] + ([b] if has_bias else []) + [o_h]
+    x_h, w, s, m, b, o_h = mma_gemm.params
+    keep = [x_h, w] + ([s] if quant else []) + ([m] if quant and not sym else []) + ([b] if has_bias else []) + [o_h]
     return tirx.PrimFunc(keep, mma_gemm.body, mma_gemm.ret_type, mma_gemm.attrs)
 
 

@@ -550,6 +550,16 @@ MMA_FORMATS = st.sampled_from([None, None, ql.QuantFormat(4, 32, True), ql.Quant
                                ql.QuantFormat(4, 128, True)])
 
 
+def _int4_weights(rng, n: int, k: int, fmt) -> tuple[list, np.ndarray]:
+    """Random INT4 weights ``[n, k]`` in ``fmt`` as the mma kernels take them (packed, float16 scales,
+    float32 mins when asymmetric) and their dequantized float32 values."""
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    scales = (rng.random((n, k // fmt.group_size)) * 0.1 + 0.01).astype(np.float16)
+    mins = None if fmt.sym else (rng.standard_normal((n, k // fmt.group_size)) * 0.1).astype(np.float32)
+    tensors = [ql.pack_int4(q), scales] + ([] if fmt.sym else [mins])
+    return tensors, ql.dequantize_ref(fmt, tensors[0], scales.astype(np.float32), mins)
+
+
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31), dtype=st.sampled_from(["float16", "bfloat16"]), fmt=MMA_FORMATS,
        steps=st.integers(1, 9), frags=st.integers(1, 6), ntok=st.integers(1, 75), bias=st.booleans(),
@@ -582,13 +592,7 @@ def test_mma_linear_matches_reference(seed, dtype, fmt, steps, frags, ntok, bias
     out_dtype = "float32" if dtype == "float16" else dtype
     rng = np.random.default_rng(seed)
     x, w, b = (rng.standard_normal(shape).astype(np_dtype) for shape in ((ntok, k), (n, k), (n,)))
-    tensors, dense = [w], w
-    if fmt is not None:
-        q = rng.integers(0, 16, (n, k)).astype(np.uint8)
-        scales = (rng.random((n, k // fmt.group_size)) * 0.1 + 0.01).astype(np.float16)
-        mins = None if fmt.sym else (rng.standard_normal((n, k // fmt.group_size)) * 0.1).astype(np.float32)
-        tensors = [ql.pack_int4(q), scales] + ([] if fmt.sym else [mins])
-        dense = ql.dequantize_ref(fmt, tensors[0], scales.astype(np.float32), mins)
+    tensors, dense = ([w], w) if fmt is None else _int4_weights(rng, n, k, fmt)
     func = _kernel(("mma", k, n, dtype, repr(fmt), bias, rf, ks, n_frags, unroll), lambda: ml.make_mma_linear_gpu(
         k, n, dtype, out_dtype, dtype if bias else None, layout=(rf, ks), n_frags=n_frags, unroll=unroll, fmt=fmt))
     out = np.full((ntok, n), np.nan, np.float32).astype(np_dtype if dtype == "bfloat16" else np.float32)
@@ -600,23 +604,30 @@ def test_mma_linear_matches_reference(seed, dtype, fmt, steps, frags, ntok, bias
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k) * np.abs(dense).max())
 
 
-@pytest.mark.parametrize("ntok,k,n,dtype,bias", [(37, 64, 128, "float16", True), (130, 96, 256, "bfloat16", False)])
-def test_mma_gemm_matches_reference(ntok, k, n, dtype, bias):
-    """``make_mma_gemm_gpu`` (prefill linears on mma.sync, an experiment timed by bench/gpu_kernels.py):
-    a partial token tile (37), two token tiles of which the second is partial (130), 2 and 3 steps of
-    ``K`` through the double buffer, two output tiles, with and without a bias; emulated mma's with the
-    PTX fragment layouts against float32 sums of the exact products, within the output's rounding to 16
-    bits. NaN-filled outputs: every element written."""
+@pytest.mark.parametrize("ntok,k,n,dtype,bias,fmt", [
+    (37, 64, 128, "float16", True, None), (130, 96, 256, "bfloat16", False, None),
+    (37, 128, 128, "float16", True, ql.QuantFormat(4, 32, False)),  # a new group every step, with mins
+    (130, 256, 256, "float16", False, ql.QuantFormat(4, 128, True))])  # 4 steps a group
+def test_mma_gemm_matches_reference(ntok, k, n, dtype, bias, fmt):
+    """``make_mma_gemm_gpu`` (prefill linears on mma.sync: FERRUM_MMA_GEMM): a partial token tile (37), two
+    token tiles of which the second is partial (130), 2-8 steps of ``K`` through the double buffer, one or
+    two output tiles, with and without a bias; dense weights or INT4 (decoded when staged, times the
+    group's scale, plus its min when asymmetric); operands by ldmatrix, emulated with the mma's in the
+    PTX fragment layouts, against float32 sums of the exact products (of the dequantized weights), within
+    the output's rounding to 16 bits. NaN-filled outputs: every element written."""
     import ml_dtypes
 
     rng = np.random.default_rng(ntok)
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     x, w = rng.standard_normal((ntok, k)).astype(np_dtype), rng.standard_normal((n, k)).astype(np_dtype)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
-    gemm = _kernel(("mma_gemm", k, n, dtype, bias),
-                   lambda: ml.make_mma_gemm_gpu(k, n, dtype, dtype, "float32" if bias else None))
+    tensors = [w]
+    if fmt is not None:
+        tensors, w = _int4_weights(rng, n, k, fmt)
+    gemm = _kernel(("mma_gemm", k, n, dtype, bias, repr(fmt)),
+                   lambda: ml.make_mma_gemm_gpu(k, n, dtype, dtype, "float32" if bias else None, fmt=fmt))
     out = np.full((ntok, n), np.nan, np_dtype)
-    gpu_emu.run(gemm, x, w, *([b] if bias else []), out)
+    gpu_emu.run(gemm, x, *tensors, *([b] if bias else []), out)
     ref = ml.mma_linear_ref(x, w, b)
     ulp = 2.0 ** -(10 if dtype == "float16" else 7)  # the output's rounding, relative
     np.testing.assert_allclose(out.astype(np.float32), ref, atol=ulp * np.abs(ref).max(), rtol=0)

@@ -133,8 +133,9 @@ def test_16_bit_cuda_build_matches_interpreter(dtype, flash):
     float, bfloat16 as its bits, tensor cores emulated), with the MLP quantized (gate|up asymmetric INT4,
     down symmetric INT8, groups of 32). ``forward``: dlight's tensor-core matmul schedules, dequantizing
     ones for the MLP (float16), or our tiled tensor-core GEMM (bfloat16, which dlight has no tensor-core
-    schedule for), and our tensor-core attention (``flash``: the one-pass mma.sync one, and q|k|v and o on
-    the mma.sync GEMM; else the wmma one, which also runs in tests/test_gpu_kernels.py). Against the IR
+    schedule for), and our tensor-core attention (``flash``: the one-pass mma.sync one, and q|k|v, o and
+    the INT4 gate|up on the mma.sync GEMM; else the wmma one, which also runs in tests/test_gpu_kernels.py).
+    Against the IR
     interpreter in float32 on the same (dequantized) weights; every kernel rounds its outputs to the
     model's dtype, hence the tolerance."""
     import ml_dtypes
@@ -153,13 +154,14 @@ def test_16_bit_cuda_build_matches_interpreter(dtype, flash):
     # decode_wide's linears are dlight's too (the tensor-core GEMM for few tokens is off by default)
     linears = [n for n in tensor_core if "attention" not in n]
     assert not any(n.startswith("skinny") for n in tensor_core)
-    assert len(linears) == (4 if dtype == "float16" else 5) + (2 if flash else 0)
+    assert len(linears) == (4 if dtype == "float16" else 5) + (3 if flash else 0)
     attention = [n.split("_")[1] for n in tensor_core if "attention" in n]
     assert attention == ["fa" if flash else "tc"], tensor_core
     assert all(n.startswith("tiled_gemm") for n in linears) == (dtype == "bfloat16")
-    # q|k|v and o (dense) in forward; decode_wide keeps dlight's
+    # q|k|v, o (dense) and gate|up (INT4) in forward, down (INT8) not; decode_wide keeps dlight's
     gemms = re.findall(r"R\.call_tir\((mma_gemm\w*)", mod["forward"].script())
-    assert len(gemms) == (2 if flash else 0) and "mma_gemm" not in mod["decode_wide"].script()
+    assert len(gemms) == (3 if flash else 0) and "mma_gemm" not in mod["decode_wide"].script()
+    assert sum("QuantFormat" in g for g in gemms) == (1 if flash else 0)
     np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
     inputs = batch(rng)
     shape = [12 if d == "NB" else d for d in model.inputs["kv_cache.0"].shape]

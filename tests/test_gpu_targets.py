@@ -24,22 +24,22 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target,quant,pdl,norms,mma,flash,kv", [
-    ("qwen3-wide", "cuda-sm90", "auto", False, False, "", True, "float16"),
-    ("llama-wide", "cuda-sm80", "q4", False, False, "decode", False, "float16"),
-    ("qwen2", "cuda-sm86", "auto", False, True, "", False, "float32"),
-    ("qwen3-moe", "cuda-sm90", "q4", True, False, "", False, "float16"),
-    ("mixtral", "cuda-sm89", "q4", False, False, "", False, "float16")])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, flash, kv, tiny_model_dir,
-                                                tmp_path):
+@pytest.mark.parametrize("family,target,quant,pdl,norms,mma,flash,gemm,kv", [
+    ("qwen3-wide", "cuda-sm90", "auto", False, False, "", True, True, "float16"),
+    ("llama-wide", "cuda-sm80", "q4", False, False, "decode", False, True, "float16"),
+    ("qwen2", "cuda-sm86", "auto", False, True, "", False, False, "float32"),
+    ("qwen3-moe", "cuda-sm90", "q4", True, False, "", False, False, "float16"),
+    ("mixtral", "cuda-sm89", "q4", False, False, "", False, False, "float16")])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, flash, gemm, kv,
+                                                tiny_model_dir, tmp_path):
     """... and, with FERRUM_PDL=1 (the MoE model: dense, INT4 and grouped GEMVs), every kernel is a
     programmatic dependent launch that nvcc compiled; with FERRUM_GEMV_NORMS=1 (Qwen2: q|k|v with a bias)
     the GEMVs that begin and finish a deferred norm are compiled and verified too; with
     FERRUM_MMA_LINEAR=decode (Llama on sm_80, the oldest arch with the mma; widths INT4's 128-column steps
-    divide) the many-token linears on tensor-core mma's, INT4 and the dense lm_head; with
-    FERRUM_FLASH_ATTENTION=1 and FERRUM_MMA_GEMM=1 (Qwen3, head_dim 32, widths 128 and 256 that the GEMM's
-    128-output tiles divide) forward's one-pass mma attention and its dense linears on the mma GEMM; with a
-    float32 KV cache
+    divide) the many-token linears on tensor-core mma's, INT4 and the dense lm_head, and with FERRUM_MMA_GEMM=1
+    forward's INT4 linears on the mma GEMM; with FERRUM_FLASH_ATTENTION=1 and FERRUM_MMA_GEMM=1 (Qwen3,
+    head_dim 32, widths 128 and 256 that the GEMM's 128-output tiles divide) forward's one-pass mma
+    attention and its dense linears on the mma GEMM; with a float32 KV cache
     (Qwen2) the wmma attention staging it 16 bytes a load (8 float32 a load failed the verifier until
     2026-11-27). Every model file
     compiles for a CUDA arch here (Mixtral with --quant q4: its down experts stay dense, 48 columns being
@@ -49,7 +49,7 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norm
     res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "--kv-dtype", kv, "-o", out,
                  env={"FERRUM_PDL": "1" if pdl else "", "FERRUM_GEMV_NORMS": "1" if norms else "",
                       "FERRUM_MMA_LINEAR": mma, "FERRUM_FLASH_ATTENTION": "1" if flash else "",
-                      "FERRUM_MMA_GEMM": "1" if flash else ""})
+                      "FERRUM_MMA_GEMM": "1" if gemm else ""})
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
     code = embedded_cuda_code(out / "model.so")
@@ -78,9 +78,10 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norm
     assert (b"attention_tc" in lib, b"attention_fa" in lib) == (not flash, flash)
     assert bool(manifest["compile_options"].get("flash_attention")) == flash
     assert ("forward's attention in one pass on mma.sync (FERRUM_FLASH_ATTENTION)" in shown) == flash
-    # ... and its dense linears (q|k|v, o, gate|up, down; not the lm_head) on the mma GEMM
-    assert bool(manifest["compile_options"].get("mma_gemm")) == flash and (b"mma_gemm" in lib) == flash
-    assert ("forward's dense linears on the mma.sync GEMM (FERRUM_MMA_GEMM)" in shown) == flash
+    # ... and its linears (q|k|v, o, gate|up, down; not the lm_head) on the mma GEMM: dense, or INT4
+    assert bool(manifest["compile_options"].get("mma_gemm")) == gemm and (b"mma_gemm" in lib) == gemm
+    assert ("forward's linears on the mma.sync GEMM (FERRUM_MMA_GEMM)" in shown) == gemm
+    assert bool(re.search(rb"mma_gemm_\d+_\d+_QuantFormat", lib)) == (gemm and quant == "q4")
     # ... and forward with the split-KV attention for wide steps of one decode token per sequence
     assert entries["decode_wide"] == {**entries["forward"], "decode_only": True}
     assert entries["decode_wide_graph"] == {**entries["decode_wide"], "max_tokens": 64,
