@@ -1822,7 +1822,10 @@ def make_tiled_gemm_gpu(in_features: int, out_features: int, fmt: QuantFormat | 
                         b = T.alloc_buffer((4,), "float32", scope="local")
                     acc = T.alloc_buffer((16,), "float32", scope="local")
                     xv = T.alloc_buffer((PER,), "float32", scope="local")
+                    xu = T.alloc_buffer((PER,), "float32", scope="local")  # gated: the up half
                     wv = T.alloc_buffer((PER,), "float32", scope="local")
+                    wb = T.alloc_buffer((PER,), "uint8", scope="local")  # INT4: the weights' bytes
+                    sv = T.alloc_buffer((2,), "float32", scope="local")  # quantized: their group's scale, min
                     # what this thread stages: slot/row tx // 4, columns (tx % 4) * 8 .. + 8
                     sr: T.let[T.int32] = T.Cast("int32", tx) // 4
                     sc: T.let[T.int32] = T.Cast("int32", tx) % 4 * PER
@@ -1854,11 +1857,25 @@ def make_tiled_gemm_gpu(in_features: int, out_features: int, fmt: QuantFormat | 
                         for c in T.serial(2):
                             T.tvm_fill_fragment(fc.data, 16, 16, 16, c, T.float32(0))
                     for kb in T.serial(T.if_then_else(rows > 0, (K + TK - 1) // TK, 0)):
+                        # every load of the step first, then the arithmetic and the stores: loaded and
+                        # stored element by element, each load waited for the one before (23 of the
+                        # grouped INT4 GEMM's 47 loads in SASS, bench/cuda_sass.py --waits)
                         for i in T.unroll(PER):
                             xv[i] = T.if_then_else(sr < rows and kb * TK + sc + i < K, T.Cast(
                                 "float32", x[tok, T.min(kb * TK + sc + i, K - 1)]), T.float32(0))
                             if gated:
-                                xv[i] = silu_mul(xv[i], x[tok, K + T.min(kb * TK + sc + i, K - 1)], x_dtype)
+                                xu[i] = T.Cast("float32", x[tok, K + T.min(kb * TK + sc + i, K - 1)])
+                            if int4:
+                                wb[i] = w[wn, kb * 16 + sc % 16 + i]
+                            else:
+                                wv[i] = T.Cast("float32", w[wn, T.min(kb * TK + sc + i, K - 1)])
+                        if quant:  # the thread's 8 columns share a group (groups are multiples of 16)
+                            sv[0] = T.Cast("float32", scales[wn, (kb * TK + sc) // G])
+                            if not sym:
+                                sv[1] = mins[wn, (kb * TK + sc) // G]
+                        for i in T.unroll(PER):
+                            if gated:
+                                xv[i] = silu_mul(xv[i], xu[i], x_dtype)
                             if tc:
                                 xs[sr * TKP + sc + i] = T.Cast(mma_dtype, xv[i])
                             else:
@@ -1867,14 +1884,11 @@ def make_tiled_gemm_gpu(in_features: int, out_features: int, fmt: QuantFormat | 
                             col: T.let[T.int32] = kb * TK + sc + i
                             if int4:  # columns 0-15 of the 32-column block are low nibbles, 16-31 high
                                 wv[i] = T.Cast("float32", T.if_then_else(
-                                    sc < 16, T.bitwise_and(w[wn, kb * 16 + sc % 16 + i], T.uint8(15)),
-                                    T.shift_right(w[wn, kb * 16 + sc % 16 + i], T.uint8(4))))
-                            else:
-                                wv[i] = T.Cast("float32", w[wn, T.min(col, K - 1)])
+                                    sc < 16, T.bitwise_and(wb[i], T.uint8(15)), T.shift_right(wb[i], T.uint8(4))))
                             if quant and sym:
-                                wv[i] = (wv[i] - T.float32(zp)) * T.Cast("float32", scales[wn, col // G])
+                                wv[i] = (wv[i] - T.float32(zp)) * sv[0]
                             elif quant:
-                                wv[i] = wv[i] * T.Cast("float32", scales[wn, col // G]) + mins[wn, col // G]
+                                wv[i] = wv[i] * sv[0] + sv[1]
                             elif K % TK != 0:
                                 wv[i] = T.if_then_else(col < K, wv[i], T.float32(0))
                             if tc:
