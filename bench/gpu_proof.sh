@@ -15,8 +15,8 @@
 #   bench/gpu_proof.sh prepare --models qwen3-4b,qwen3-4b-norms-pdl,...
 #     the same for the named models only (any experiment suffixes of gpu_proof.py's EXPERIMENT_FLAGS,
 #     combined: -norms-pdl is FERRUM_GEMV_NORMS=1 and FERRUM_PDL=1; -mma / -mmad FERRUM_MMA_LINEAR=1 /
-#     decode; -fa FERRUM_FLASH_ATTENTION=1; -gemm FERRUM_MMA_GEMM=1), for an A/B whose artifacts would not all fit the 64 MiB with
-#     every default model beside them.
+#     decode; -fa FERRUM_FLASH_ATTENTION=1; -gemm FERRUM_MMA_GEMM=1), for an A/B whose artifacts would
+#     not all fit the 64 MiB with every default model beside them.
 # Then one device call, from the repository root, carrying .gpu:
 #   run(command="bash bench/gpu_proof.sh run", carry=[".gpu"], timeout_s=600)
 #     installs the runtime-only TVM, writes random-weight checkpoints with transformers, packs them with

@@ -41,7 +41,7 @@ emulator of the tests (tests/gpu_emu.py) runs the mma with the PTX ISA's fragmen
 
 ``make_mma_gemm_gpu`` is the same family for prefill (hundreds to thousands of tokens): a tiled GEMM with
 the tokens as the A operand, double-buffered shared-memory tiles and its operands loaded by ``ldmatrix``; an
-experiment that bench/gpu_kernels.py times against cuBLAS, and ``forward``'s dense linears with
+experiment that bench/gpu_kernels.py times against cuBLAS, and ``forward``'s dense and INT4 linears with
 FERRUM_MMA_GEMM=1 (``lowering.lower(mma_gemm=True)``).
 """
 

@@ -729,8 +729,8 @@ def make_prefill_attention_tc(
         ``kinds`` 2, values) ``j0 .. j0+KT`` of sequence ``seq`` into ``k_s`` (``v_s``); zeros past ``end``
         (a weight 0 times garbage could be NaN). A thread's chunks (8 consecutive elements, 16 bytes) in
         three rounds: their block-table entries (``blk``), all their loads (into ``raw``), the stores. One
-        chunk after another, each store waited for its load and each load for its block-table entry: a
-        round trip per chunk, 4 to 16 of them a step in SASS."""
+        chunk after another, each store waited for its load and each load for its block-table entry: 8
+        dependent round trips a step in pass 1 and 16 in pass 2 in SASS (2026-11-27)."""
         @T.macro
         def stage(cache, block_tables, k_s, v_s, blk, raw, seq, kh, j0, end, tx):
             for e in T.unroll(EC):
