@@ -25,8 +25,8 @@ around it (column splits, row fragments a warp, tokens a pass, steps loaded at a
 one layer's prefill attention (Qwen3-4B's heads; 1 x 2048, 4 x 512 and 16 x 128 prompt tokens): the
 two-pass wmma kernel ``forward`` runs today, the one-pass ``mma.sync`` one (``FERRUM_FLASH_ATTENTION``) and
 torch's ``scaled_dot_product_attention`` on the same tensors, each checked against torch's output. Third,
-the prefill linears (float16, 512 and 2048 tokens) on ``mma_linear.make_mma_gemm_gpu`` beside torch's
-``F.linear`` (cuBLAS), each checked against it.
+the prefill linears (512 and 2048 tokens) on ``mma_linear.make_mma_gemm_gpu``, float16 and INT4 weights,
+beside torch's ``F.linear`` (cuBLAS) on the same (dequantized) float16 weights, each checked against it.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ ATTENTION_SHARED = (40 * 1024, 24 * 1024, 12 * 1024)
 MMA_TOKENS = (16, 32, 64)  # decode steps of many sequences: decode's largest, decode_wide's
 PREFILL = ((1, 2048), (4, 512), (16, 128))  # (sequences, prompt tokens each) of a prefill step's attention
 GEMM_TOKENS = (512, 2048)  # prefill steps for the mma.sync GEMM against cuBLAS
+GEMM_INT4 = (4, 128, True)  # the INT4 GEMM's format: GPTQ's symmetric groups of 128
 
 
 def mma_variants(k: int, n: int, fmt=None) -> list[tuple[tuple[int, int], int, int]]:
@@ -202,6 +203,8 @@ def prepare(dest: Path) -> None:
     build("prefill-fa32", pa.make_prefill_attention_mma(h, kvh, d, bs, "float16", keys=32), "attention")
     for shape, (k, n, _gated) in SHAPES.items():  # the prefill linears on mma.sync (make_mma_gemm_gpu)
         build(f"gemm-{shape}", ml.make_mma_gemm_gpu(k, n, "float16", "float16"), "gemm")
+        build(f"gemm4-{shape}", ml.make_mma_gemm_gpu(k, n, "float16", "float16", fmt=ql.QuantFormat(*GEMM_INT4)),
+              "gemm")
     build("attention-merge", pa.make_attention_merge_gpu(ATTENTION["heads"], ATTENTION["head_dim"], "float16"),
           "merge")
     build("add-rms-norm", norm.make_add_rms_norm_gpu(SHAPES["qkv"][0], "float16", "float16", 1e-6), "norm")
@@ -478,39 +481,52 @@ def prefill_attention_time(src: Path, dev, rng) -> list[dict]:
 
 
 def gemm_time(src: Path, dev, rng) -> list[dict]:
-    """Device time of each Qwen3-4B linear at ``GEMM_TOKENS`` prefill tokens, float16, on
-    ``make_mma_gemm_gpu`` and on torch's ``F.linear`` (cuBLAS), same weights and activations; TFLOP/s, and
-    the GEMM's output against cuBLAS's (``max_rel_diff``: over its largest). dlight's matmuls, which
-    ``forward`` runs today, did 204-245 TFLOP/s at 2048 tokens on an H200 (docs/bench/2026-11-26b-gpu-h200.md)."""
+    """Device time of each Qwen3-4B linear at ``GEMM_TOKENS`` prefill tokens on ``make_mma_gemm_gpu``, float16
+    weights (``mma-gemm``) and INT4 ones (``mma-gemm-int4``, ``GEMM_INT4``: what FERRUM_MMA_GEMM gives the
+    GPTQ model), and on torch's ``F.linear`` (cuBLAS) over the same float16 weights (for INT4: dequantized),
+    same activations; TFLOP/s, and each GEMM's output against cuBLAS's (``max_rel_diff``: over its largest).
+    dlight's matmuls, which ``forward`` runs today, did 204-245 TFLOP/s at 2048 tokens on an H200 (float16,
+    docs/bench/2026-11-26b-gpu-h200.md)."""
     import torch
     import tvm
 
+    from ferrum.schedules.quant_linear import QuantFormat, dequantize_ref
+
+    fmt = QuantFormat(*GEMM_INT4)
     rows: list[dict] = []
     for shape, (k, n, _gated) in SHAPES.items():
-        try:
-            gemm = tvm.runtime.load_module(str(src / f"gemm-{shape}.so"))["gemm"]
-            wh = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
-            w, tw = tvm.runtime.tensor(wh, dev), torch.from_numpy(wh).cuda()
-        except Exception as exc:  # noqa: BLE001 - keep what ran
-            rows.append({"shape": shape, "error": repr(exc)})
-            print(f"gemm {shape}: FAILED {exc!r}", flush=True)
-            continue
-        for ntok in GEMM_TOKENS:
-            xh = rng.standard_normal((ntok, k)).astype(np.float16)
-            x, tx = tvm.runtime.tensor(xh, dev), torch.from_numpy(xh).cuda()
-            y = tvm.runtime.empty((ntok, n), "float16", dev)
-            ref = torch.nn.functional.linear(tx, tw).float().cpu().numpy()
-            flops = 2 * ntok * k * n
-            for name in ("torch-linear", "mma-gemm"):
-                if name == "torch-linear":
-                    def call(tx=tx, tw=tw):
-                        torch.nn.functional.linear(tx, tw)
+        for kind in ("float16", "int4"):
+            try:
+                gemm = tvm.runtime.load_module(str(src / f"gemm{'4' if kind == 'int4' else ''}-{shape}.so"))["gemm"]
+                if kind == "float16":
+                    wh = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
+                    weights = [tvm.runtime.tensor(wh, dev)]
                 else:
-                    def call(gemm=gemm, x=x, w=w, y=y):
-                        gemm(x, w, y)
-                rows.append(_time_against(call, None if name == "torch-linear" else y, ref, flops,
-                                          {"kernel": name, "shape": shape, "in": k, "out": n, "tokens": ntok},
-                                          f"gemm {shape:8s} T={ntok:4d} {name:12s}"))
+                    packed, scales = _weights(GEMM_INT4, k, n, rng)
+                    wh = dequantize_ref(fmt, packed, scales.astype(np.float32), None).astype(np.float16)
+                    weights = [tvm.runtime.tensor(packed, dev), tvm.runtime.tensor(scales, dev)]
+                tw = torch.from_numpy(wh).cuda()
+            except Exception as exc:  # noqa: BLE001 - keep what ran
+                rows.append({"shape": shape, "weights": kind, "error": repr(exc)})
+                print(f"gemm {shape} {kind}: FAILED {exc!r}", flush=True)
+                continue
+            for ntok in GEMM_TOKENS:
+                xh = rng.standard_normal((ntok, k)).astype(np.float16)
+                x, tx = tvm.runtime.tensor(xh, dev), torch.from_numpy(xh).cuda()
+                y = tvm.runtime.empty((ntok, n), "float16", dev)
+                ref = torch.nn.functional.linear(tx, tw).float().cpu().numpy()
+                flops = 2 * ntok * k * n
+                ours = "mma-gemm" if kind == "float16" else "mma-gemm-int4"
+                for name in ("torch-linear", ours):
+                    if name == "torch-linear":
+                        def call(tx=tx, tw=tw):
+                            torch.nn.functional.linear(tx, tw)
+                    else:
+                        def call(gemm=gemm, x=x, weights=weights, y=y):
+                            gemm(x, *weights, y)
+                    rows.append(_time_against(call, None if name == "torch-linear" else y, ref, flops,
+                                              {"kernel": name, "weights": kind, "shape": shape, "in": k, "out": n,
+                                               "tokens": ntok}, f"gemm {shape:8s} T={ntok:4d} {name:13s}"))
     return rows
 
 
