@@ -220,6 +220,17 @@ def _weights(fmt, k: int, n: int, rng) -> list[np.ndarray]:
             (rng.random((n, k // fmt[1]), np.float32) * 0.01).astype(np.float16)]
 
 
+def _weights_and_twin(fmt, k: int, n: int, rng) -> tuple[list[np.ndarray], np.ndarray]:
+    """``_weights`` and their dense float16 twin (the dequantized weights for INT4), which torch's
+    ``F.linear`` multiplies by as the peer."""
+    from ferrum.schedules.quant_linear import QuantFormat, dequantize_ref
+
+    host = _weights(fmt, k, n, rng)
+    if fmt is None:
+        return host, host[0]
+    return host, dequantize_ref(QuantFormat(*fmt), host[0], host[1].astype(np.float32), None).astype(np.float16)
+
+
 def run(src: Path, out: Path) -> None:
     """Device time of each variant (torch's profiler, so launch overhead is not counted), with the weights
     rotated over copies of 256 MiB in all so that no call finds them in the 50 MiB L2."""
@@ -347,16 +358,11 @@ def mma_time(src: Path, dev, rng, bw: float) -> list[dict]:
     entries = json.loads(path.read_text()) if path.is_file() else []
     rows: list[dict] = []
     loaded: dict = {}  # variant -> its kernel, loaded once for the 3 token counts
-    from ferrum.schedules import quant_linear as ql
-
     for fname, shape in dict.fromkeys((e.get("format", "fp16"), e["shape"]) for e in entries):
         group = [e for e in entries if (e.get("format", "fp16"), e["shape"]) == (fname, shape)]
         k, n, f = group[0]["in"], group[0]["out"], FORMATS[fname]
         try:
-            host = _weights(f, k, n, rng)
-            fmt = None if f is None else ql.QuantFormat(*f)
-            w = host[0] if fmt is None else ql.dequantize_ref(fmt, host[0], host[1].astype(np.float32), None).astype(
-                np.float16)  # the dense twin torch multiplies by
+            host, w = _weights_and_twin(f, k, n, rng)
             nbytes = sum(t.nbytes for t in host)
             count = max(1, -(-(256 << 20) // nbytes))
             copies = [[tvm.runtime.tensor(t, dev) for t in host] for _ in range(count)]
@@ -490,21 +496,13 @@ def gemm_time(src: Path, dev, rng) -> list[dict]:
     import torch
     import tvm
 
-    from ferrum.schedules.quant_linear import QuantFormat, dequantize_ref
-
-    fmt = QuantFormat(*GEMM_INT4)
     rows: list[dict] = []
     for shape, (k, n, _gated) in SHAPES.items():
         for kind in ("float16", "int4"):
             try:
                 gemm = tvm.runtime.load_module(str(src / f"gemm{'4' if kind == 'int4' else ''}-{shape}.so"))["gemm"]
-                if kind == "float16":
-                    wh = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float16)
-                    weights = [tvm.runtime.tensor(wh, dev)]
-                else:
-                    packed, scales = _weights(GEMM_INT4, k, n, rng)
-                    wh = dequantize_ref(fmt, packed, scales.astype(np.float32), None).astype(np.float16)
-                    weights = [tvm.runtime.tensor(packed, dev), tvm.runtime.tensor(scales, dev)]
+                host, wh = _weights_and_twin(GEMM_INT4 if kind == "int4" else None, k, n, rng)
+                weights = [tvm.runtime.tensor(t, dev) for t in host]
                 tw = torch.from_numpy(wh).cuda()
             except Exception as exc:  # noqa: BLE001 - keep what ran
                 rows.append({"shape": shape, "weights": kind, "error": repr(exc)})
