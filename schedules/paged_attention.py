@@ -614,11 +614,15 @@ def make_attention_gpu(
                                     ml[1] = ml[1] + red_s[rw * LR + i]
                             for e in T.unroll(ER):
                                 if e * NT + tx < R * D:
-                                    ra: T.let[T.int32] = (e * NT + tx) // D
-                                    da: T.let[T.int32] = (e * NT + tx) % D
-                                    acc[e] = acc[e] * alpha[ra]
-                                    for jv in T.serial(KC):
-                                        acc[e] = acc[e] + w_s[ra * (KC + 1) + jv] * v_s[jv, da]
+                                    acc[e] = acc[e] * alpha[(e * NT + tx) // D]
+                            # keys outer: a key's V element is read once for the thread's ER outputs (one
+                            # column of ER rows when D divides the block), and their ER sums interleave
+                            # (keys inner, each output was its own chain over the keys, re-reading V)
+                            for jv in T.serial(KC):
+                                for e in T.unroll(ER):
+                                    if e * NT + tx < R * D:
+                                        acc[e] = acc[e] + w_s[(e * NT + tx) // D * (KC + 1) + jv] * T.Cast(
+                                            "float32", v_s[jv, (e * NT + tx) % D])
                         T.tvm_storage_sync("shared")
                         for e in T.unroll(ER):
                             if e * NT + tx < R * D:
