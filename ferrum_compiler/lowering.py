@@ -472,17 +472,18 @@ def _mma_format(op):
     return _quant_format(op.attrs) if op.kind == "qlinear" else None
 
 
-def _mma_fits(graph: Graph, op) -> bool:
-    """Whether (q)linear ``op`` can run on ``make_mma_linear_gpu``: a dense weight of its activations' dtype
-    (float16 or bfloat16) or INT4 in the row layout (float16 activations), ``mma_linear_fits``' shape."""
+def _mma_fits(graph: Graph, op, fits=mma_sched.mma_linear_fits) -> bool:
+    """Whether (q)linear ``op`` can run on ``make_mma_linear_gpu`` (``fits``: ``mma_gemm_fits`` for
+    ``make_mma_gemm_gpu``): a dense weight of its activations' dtype (float16 or bfloat16) or INT4 in the
+    row layout (float16 activations), of a shape ``fits`` takes."""
     x = graph.value(op.inputs[0])
     if op.kind == "qlinear":
         at = op.attrs
-        return at.get("layout", "rows") == "rows" and mma_sched.mma_linear_fits(
+        return at.get("layout", "rows") == "rows" and fits(
             at["in_features"], at["out_features"], x.dtype, _mma_format(op))
     w = graph.value(op.inputs[1])
     n, k = w.shape
-    return w.dtype == x.dtype and mma_sched.mma_linear_fits(k, n, x.dtype)
+    return w.dtype == x.dtype and fits(k, n, x.dtype)
 
 
 def _gemm_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
@@ -492,16 +493,7 @@ def _gemm_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
     128-token tile would mostly waste)."""
     if op.kind not in ("linear", "qlinear") or op.output in graph.outputs:
         return False
-    x = graph.value(op.inputs[0])
-    if x.dtype not in tensor_core_dtypes:
-        return False
-    if op.kind == "qlinear":
-        at = op.attrs
-        return at.get("layout", "rows") == "rows" and mma_sched.mma_gemm_fits(
-            at["in_features"], at["out_features"], x.dtype, _mma_format(op))
-    w = graph.value(op.inputs[1])
-    n, k = w.shape
-    return w.dtype == x.dtype and mma_sched.mma_gemm_fits(k, n, x.dtype)
+    return graph.value(op.inputs[0]).dtype in tensor_core_dtypes and _mma_fits(graph, op, mma_sched.mma_gemm_fits)
 
 
 def _mma_operands(graph: Graph, op) -> tuple:
