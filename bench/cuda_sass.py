@@ -52,7 +52,7 @@ def kernels_sass(sass: str) -> dict[str, list[str]]:
     for part in re.split(r"\n\s*Function : ", sass)[1:]:
         name, body = part.split("\n", 1)
         out[name.strip()] = [re.sub(r"\s*/\*\s*0x[0-9a-f]+\s*\*/\s*$", "", ln).strip()
-                             for ln in body.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+                             for ln in body.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)]
     return out
 
 

@@ -16,7 +16,9 @@ them in L2), next to a torch copy of the same process, and
 writes gpu-kernels.json and a table (µs, GB/s of weight bytes read, % of the copy bandwidth). The best
 variant of each shape is what ``gemv_layout`` should pick; the table says where it does not. Then the
 token pickers alone: the argmax and the sampler (greedy, temperature, top-p, top-k, top-k + top-p, min_p)
-over 1 and 16 rows of Qwen3's 151936 logits, flat and peaked. Then one layer's decode attention (split
+over 1 and 16 rows of Qwen3's 151936 logits, flat and peaked, each beside the same picker as of
+``PICKERS_BASE`` (the revision before 16-byte row loads and multisection searches; built from git here)
+with the same inputs, and whether the two picked the same ids. Then one layer's decode attention (split
 kernel and merge) at 1 and 16 sequences of 384 and 2048 keys, for 64-, 32- and 16-key tiles and split
 counts from 1 to 64. First of all, the many-token linears on tensor-core mma's (``FERRUM_MMA_LINEAR``,
 ``mma_linear.make_mma_linear_gpu``) at 16, 32 and 64 tokens, float16, in the picked layout and the ones
@@ -52,6 +54,9 @@ VOCAB = 151936  # Qwen3's, for the token pickers
 SAMPLING = {"greedy": (0.0, 0, 1.0, 0.0), "T0.7 p0.9": (0.7, 0, 0.9, 0.0), "T0.7 k40 p0.9": (0.7, 40, 0.9, 0.0),
             "T0.7 k40": (0.7, 40, 1.0, 0.0), "T1 min_p0.05": (1.0, 0, 1.0, 0.05), "T1": (1.0, 0, 1.0, 0.0)}
 
+
+# the token pickers' baseline: schedules/{sampling,block_reduce}.py at this revision, built beside today's
+PICKERS_BASE = "e83894c"
 
 # Qwen3-4B's attention, for the decode attention's split sweep; shared bytes that give 64-, 32- and 16-key tiles
 ATTENTION = {"heads": 32, "kv_heads": 8, "head_dim": 128, "block_size": 16}
@@ -210,7 +215,26 @@ def prepare(dest: Path) -> None:
     build("add-rms-norm", norm.make_add_rms_norm_gpu(SHAPES["qkv"][0], "float16", "float16", 1e-6), "norm")
     build("argmax", sampling.make_argmax(VOCAB, "gpu"), "argmax")
     build("sample", sampling.make_sample_gpu(VOCAB), "sample")
+    base = _sampling_at(PICKERS_BASE, dest / "pickers-base")
+    build("argmax-base", base.make_argmax(VOCAB, "gpu"), "argmax")
+    build("sample-base", base.make_sample_gpu(VOCAB), "sample")
     (dest / "kernels.json").write_text(json.dumps(entries, indent=1))
+
+
+def _sampling_at(rev: str, where: Path):
+    """``schedules/sampling.py`` as of git revision ``rev``, imported (with the ``block_reduce.py`` of
+    that revision beside it) from a package written under ``where``."""
+    import importlib
+    import subprocess
+
+    pkg = where / "pickers_base"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    for name in ("sampling.py", "block_reduce.py"):
+        (pkg / name).write_text(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:schedules/{name}"],
+                                               check=True, capture_output=True, text=True).stdout)
+    sys.path.insert(0, str(where))
+    return importlib.import_module("pickers_base.sampling")
 
 
 def _weights(fmt, k: int, n: int, rng) -> list[np.ndarray]:
@@ -570,17 +594,23 @@ def pickers_time(src: Path, dev, rng) -> list[dict]:
         logits = tvm.runtime.tensor(x, dev)
         ids = tvm.runtime.empty((rows,), "int32", dev)
         try:
-            argmax = tvm.runtime.load_module(str(src / "argmax.so"))["argmax"]
-            us = profile_steps(lambda: argmax(logits, ids), 20)["kernel_ms_per_step"] * 1e3
-            out.append({"kernel": "argmax", "rows": rows, "logits": shape, "us": us})
-            print(f"argmax  rows={rows:2d} {shape:6s}  {us:8.1f} us", flush=True)
-            sample = tvm.runtime.load_module(str(src / "sample.so"))["sample"]
+            for tag in ("", "-base"):  # today's pickers, then PICKERS_BASE's on the same inputs
+                argmax = tvm.runtime.load_module(str(src / f"argmax{tag}.so"))["argmax"]
+                us = profile_steps(lambda: argmax(logits, ids), 20)["kernel_ms_per_step"] * 1e3
+                out.append({"kernel": f"argmax{tag}", "rows": rows, "logits": shape, "us": us,
+                            "ids": ids.numpy().tolist()})
+                print(f"argmax{tag:5s} rows={rows:2d} {shape:6s}  {us:8.1f} us", flush=True)
+            sample, sample_base = (tvm.runtime.load_module(str(src / f"sample{tag}.so"))["sample"]
+                                   for tag in ("", "-base"))
             for name, params in SAMPLING.items():
                 p = tvm.runtime.tensor(np.tile(np.array(params, np.float32), (rows, 1)), dev)
                 u = tvm.runtime.tensor(rng.random(rows).astype(np.float32), dev)
-                us = profile_steps(lambda p=p, u=u: sample(logits, p, u, ids), 20)["kernel_ms_per_step"] * 1e3
-                out.append({"kernel": "sample", "sampling": name, "rows": rows, "logits": shape, "us": us})
-                print(f"sample  rows={rows:2d} {shape:6s}  {name:14s} {us:8.1f} us", flush=True)
+                for tag, f in (("", sample), ("-base", sample_base)):
+                    us = profile_steps(lambda p=p, u=u, f=f: f(logits, p, u, ids), 20)["kernel_ms_per_step"] * 1e3
+                    out.append({"kernel": f"sample{tag}", "sampling": name, "rows": rows, "logits": shape,
+                                "us": us, "ids": ids.numpy().tolist()})
+                    same = "" if not tag else ("  same ids" if out[-1]["ids"] == out[-2]["ids"] else "  OTHER ids")
+                    print(f"sample{tag:5s} rows={rows:2d} {shape:6s}  {name:14s} {us:8.1f} us{same}", flush=True)
         except Exception as exc:  # keep what ran
             out.append({"rows": rows, "logits": shape, "error": repr(exc)})
             print(f"pickers rows={rows} {shape}: FAILED {exc!r}", flush=True)

@@ -96,30 +96,40 @@ def block_sum_columns(threads: int, width: int, groups: int = 1):
 def block_argmax(threads: int):
     """Macro ``(vals, ids, best, idx, tx)``: ``vals``/``ids`` shared ``[threads]`` float32/int32 buffers,
     ``best[0]``/``idx[0]`` this thread's maximum and its id (an id past every real one for a thread with
-    nothing). Afterwards every thread holds the block's maximum and, among equal ones, the lowest id."""
+    nothing). Afterwards every thread holds the block's maximum and, among equal ones, the lowest id.
+    Transposed as ``block_sum``: 32 threads each keep the best of every 32nd entry, then every thread the
+    best of those 32: 4 barriers (a tree over 1024 threads took 22)."""
     from tvm.script import tirx as T
 
-    steps = threads.bit_length() - 1
+    L = min(32, threads)  # the threads of the first round
+    R = threads // L  # entries each of them compares
+    assert threads == L * R and threads & (threads - 1) == 0, threads
 
     @T.macro
     def reduce(vals, ids, best, idx, tx):
         vals[tx] = best[0]
         ids[tx] = idx[0]
         T.tvm_storage_sync("shared")
-        for step in T.unroll(steps):
-            if tx < T.shift_right(threads, step + 1):
-                other: T.let[T.float32] = vals[tx + T.shift_right(threads, step + 1)]
-                other_id: T.let[T.int32] = ids[tx + T.shift_right(threads, step + 1)]
+        if tx < L:
+            for i in T.unroll(1, R):  # (shared values bound first: never read in a condition)
+                other: T.let[T.float32] = vals[i * L + tx]
+                other_id: T.let[T.int32] = ids[i * L + tx]
                 if other > best[0] or (other == best[0] and other_id < idx[0]):
                     best[0] = other
                     idx[0] = other_id
-            T.tvm_storage_sync("shared")
-            if tx < T.shift_right(threads, step + 1):
-                vals[tx] = best[0]
-                ids[tx] = idx[0]
-            T.tvm_storage_sync("shared")
+        T.tvm_storage_sync("shared")
+        if tx < L:
+            vals[tx] = best[0]
+            ids[tx] = idx[0]
+        T.tvm_storage_sync("shared")
         best[0] = vals[0]
         idx[0] = ids[0]
-        T.tvm_storage_sync("shared")
+        for i in T.unroll(1, L):
+            top: T.let[T.float32] = vals[i]
+            top_id: T.let[T.int32] = ids[i]
+            if top > best[0] or (top == best[0] and top_id < idx[0]):
+                best[0] = top
+                idx[0] = top_id
+        T.tvm_storage_sync("shared")  # vals and ids may be written again after this
 
     return reduce

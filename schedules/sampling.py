@@ -18,13 +18,20 @@ ARGMAX_UNROLL = 4
 NEG_INF = float("-inf")
 
 
+def row_lanes(vocab: int) -> int:
+    """Logits a GPU thread loads at once from a row of ``vocab``: 4 (16 bytes; rows start 16-byte aligned)
+    when ``vocab`` is a multiple of 4, else 1."""
+    return 4 if vocab % 4 == 0 else 1
+
+
 def make_argmax(vocab: int, kind: str):
     """PrimFunc ``argmax(logits[L, V] float32, out[L] int32)``.
 
-    GPU: a block of 1024 threads per row; thread ``i`` scans columns ``i, i+1024, ...`` keeping its first
-    maximum, loading ``ARGMAX_UNROLL`` of them before comparing (independent loads in flight: one load at a
-    time left a 151936-column row at memory latency x 594, 0.22 ms on an H200), then a shared-memory tree
-    keeps the larger value (the lower id on a tie). CPU: rows in parallel, one scan each.
+    GPU: a block of 1024 threads per row; thread ``i`` scans the 16-byte runs of columns ``i, i+1024, ...``
+    (``row_lanes``: 4 columns a load where the vocabulary allows) keeping its first maximum, loading
+    ``ARGMAX_UNROLL`` runs before comparing (independent loads in flight: one 4-byte load at a time left a
+    151936-column row at memory latency x 594, 0.22 ms on an H200; 4 of them 10.4 us), then
+    ``block_argmax`` keeps the larger value (the lower id on a tie). CPU: rows in parallel, one scan each.
     """
     from tvm.script import tirx as T
 
@@ -62,7 +69,7 @@ def make_argmax(vocab: int, kind: str):
 
         return argmax_cpu
 
-    NT, U = ARGMAX_THREADS, ARGMAX_UNROLL
+    NT, U, VL = ARGMAX_THREADS, ARGMAX_UNROLL, row_lanes(V)
     row_argmax = block_argmax(NT)
 
     @T.prim_func(private=True)
@@ -77,18 +84,20 @@ def make_argmax(vocab: int, kind: str):
                 ids = T.alloc_buffer((NT,), "int32", scope="shared")
                 best = T.alloc_buffer((1,), "float32", scope="local")
                 idx = T.alloc_buffer((1,), "int32", scope="local")
-                seen = T.alloc_buffer((U,), "float32", scope="local")
+                seen = T.alloc_buffer((U, VL), "float32", scope="local")
                 best[0] = T.float32(NEG_INF)
                 idx[0] = V  # no column yet: loses every tie, so a thread past the vocabulary never wins
-                for c in T.serial((V + NT * U - 1) // (NT * U)):
+                for c in T.serial((V + NT * U * VL - 1) // (NT * U * VL)):
                     for u in T.unroll(U):  # the loads first, then the comparisons, in column order
-                        if (c * U + u) * NT + tx < V:
-                            seen[u] = logits[r, (c * U + u) * NT + tx]
+                        if ((c * U + u) * NT + tx) * VL < V:
+                            for v in T.vectorized(VL):
+                                seen[u, v] = logits[r, ((c * U + u) * NT + tx) * VL + v]
                     for u in T.unroll(U):
-                        if (c * U + u) * NT + tx < V:
-                            if seen[u] > best[0] or idx[0] == V:
-                                best[0] = seen[u]
-                                idx[0] = T.Cast("int32", (c * U + u) * NT + tx)
+                        if ((c * U + u) * NT + tx) * VL < V:
+                            for v in T.unroll(VL):
+                                if seen[u, v] > best[0] or idx[0] == V:
+                                    best[0] = seen[u, v]
+                                    idx[0] = T.Cast("int32", ((c * U + u) * NT + tx) * VL + v)
                 row_argmax(vals, ids, best, idx, tx)
                 if tx == 0:
                     out[r] = idx[0]
@@ -103,6 +112,7 @@ def argmax_ref(logits: np.ndarray) -> np.ndarray:
 
 SAMPLE_THREADS = 1024
 SAMPLE_UNROLL = 4
+SAMPLE_WARP = 32
 
 
 def sample_candidates(shared_bytes: int) -> int:
@@ -114,30 +124,44 @@ def sample_candidates(shared_bytes: int) -> int:
 SAMPLE_CANDIDATES = sample_candidates(40 * 1024)  # 3584: 28 KiB of them, 40 KiB in all
 
 
+def multisection_rounds(span: int, probes: int) -> int:
+    """Rounds of ``probes`` evenly spaced probes that narrow an integer range of ``span`` values to one:
+    each leaves ``ceil(span / (probes + 1))``."""
+    rounds = 0
+    while span > 1:
+        span, rounds = -(-span // (probes + 1)), rounds + 1
+    return rounds
+
+
 def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
     """PrimFunc ``sample(logits[L,V] f32, params[L,4] f32, uniform[L] f32, out[L] int32)``: one token per
     row. ``params[r]`` = (temperature, top_k, top_p, min_p) as the host sampler takes them (temperature
     below 1e-5: greedy; top_k 0 or >= V: off; top_p 1: off; min_p 0: off); ``uniform[r]`` in [0, 1) is the
     row's draw from its sequence's generator.
 
-    A block of 1024 threads per row. Strided passes (thread ``i`` reads ids ``i, i + 1024, ...``: a warp
-    reads 128 consecutive bytes) with 4 loads in flight find the maximum and its lowest id (the greedy
-    answer). Then a floor under every key the filters can keep, known before any search:
-    - top-k (k <= 1024): the k-th largest of the threads' own maxima (k distinct logits reach it), by a
-      binary search over those 1024 values;
+    A block of 1024 threads per row. A strided pass (thread ``i`` reads the 16-byte runs ``i, i + 1024,
+    ...`` of 4 logits, ``row_lanes``; a warp reads 512 consecutive bytes) with 4 runs in flight finds the
+    maximum and its lowest id (the greedy answer). Then a floor under every key the filters can keep,
+    known before any search over the row:
+    - top-k (k <= 1024): the k-th largest of the threads' own maxima (k distinct logits reach it);
     - else top-p: ``max + T (ln((1 - top_p) / V) - 1)``. Tokens below it each have probability under
       ``(1 - top_p) / V`` of the maximum's, so all of them hold less than ``1 - top_p`` of the mass and the
       top-p cut is above them;
     - else min_p: ``max + T (ln(min_p) - 0.01)``.
     The logits at or above the floor (their order-preserving 32-bit keys) are copied with their ids, in
-    id order, into shared memory when at most ``candidates`` are (a count over contiguous ranges, a
-    prefix over threads, a second pass that writes); the searches and the draw then read those instead
-    of the row. Without a floor, or with too many candidates, they read the row as before.
-    - top-k: the k-th largest logit, by a binary search over keys (``count(key >= K) >= k``) between the
-      floor and the maximum;
-    - top-p: the smallest key ``K`` with ``mass(kept, key > K) < top_p * mass(kept)``, by the same search
-      (the exponential only for ids above the probe); the kept mass of a top-p-only row is summed over the
-      whole row during the count;
+    id order, into shared memory when at most ``candidates`` are (a count over contiguous ranges of 16-byte
+    runs, a prefix over threads, a second pass that writes); the searches and the draw then read those
+    instead of the row. Without a floor, or with too many candidates, they read the row.
+    - top-k: the k-th largest logit, the largest key ``K`` with ``count(key >= K) >= k``, between the floor
+      and the maximum;
+    - top-p: the smallest key ``K`` with ``mass(kept, key > K) < top_p * mass(kept)`` (the exponential
+      only for ids above the probe); the kept mass of a top-p-only row is summed over the whole row
+      during the count.
+    Over values in shared memory (the threads' maxima, the candidates) a search is a multisection: each
+    of the 32 warps counts (or sums the mass) for its own probe, its lanes striding over the values, and
+    32 evenly spaced probes narrow the range 33-fold a round: 7 rounds of 2 barriers cover 32-bit keys
+    (``multisection_rounds``), where a bisection took 32 block-wide sums of 4 barriers each. Over the row
+    a search stays a bisection of block-wide passes (a warp per probe would read the row 32 times).
     - the draw, in id order: thread ``i`` owns a contiguous range of the source, sums its kept
       probabilities ``exp((x - max) / T)`` (min_p drops those below ``min_p``), a prefix sum over threads
       (sums of runs of 32 threads, then within the run) finds the thread holding ``uniform * total``, and
@@ -149,12 +173,15 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
     from tvm import tirx
     from tvm.script import tirx as T
 
-    V, NT, U, CAP = vocab, SAMPLE_THREADS, SAMPLE_UNROLL, candidates
+    V, NT, U, CAP, W = vocab, SAMPLE_THREADS, SAMPLE_UNROLL, candidates, SAMPLE_WARP
     assert CAP >= NT, "the threads' maxima are searched in the candidates' buffer"
-    C = -(-V // NT)  # contiguous ids per thread, for the count and the copy
-    W = 32  # the prefix over threads: W runs of W threads
-    assert W * W == NT
-    S = -(-V // (NT * U))  # strided steps of U loads over the row
+    assert W * W == NT  # the prefix over threads: W runs of W threads; the searches: W probes of W lanes
+    VL = row_lanes(V)  # logits a load
+    C = -(-V // (NT * VL)) * VL  # contiguous ids per thread (whole runs), for the count, copy and draw
+    CS = -(-C // (VL * U))  # steps of U runs over them
+    S = -(-V // (NT * U * VL))  # strided steps of U runs over the row
+    P = NT // W  # a multisection's probes: one per warp
+    ROUNDS = multisection_rounds(2 ** 32, P)  # keys are 32-bit
     block_sum, row_argmax = block_reduce.block_sum(NT, 1), block_argmax(NT)
 
     def key_of(x):
@@ -163,41 +190,180 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
         return tirx.Cast("int64", tirx.if_then_else(x < tirx.const(0, "float32"), tirx.bitwise_not(bits),
                                                     tirx.bitwise_or(bits, tirx.const(0x80000000, "uint32"))))
 
-    def prob(x, top, temp):
+    def prob(x, top, inv_temp):
         """The unnormalised probability of logit ``x``: 1 for the row's maximum ``top``."""
-        return tirx.exp((x - top) / temp)
+        return tirx.exp((x - top) * inv_temp)
 
     @T.macro
-    def load(seen, src, from_cand, n, r, c, tx):
-        """``seen[u]`` = element ``(c * U + u) * NT + tx`` of the source (the candidates ``src`` when
-        ``from_cand``, a Python bool, else row ``r`` of ``src``) for the elements among its ``n``."""
+    def load_strided(seen, logits, r, c, tx):
+        """``seen[u, :]`` = run ``(c * U + u) * NT + tx`` of row ``r``, for the runs in the row."""
         for u in T.unroll(U):
-            if (c * U + u) * NT + tx < n:
-                if from_cand:
-                    seen[u] = src[(c * U + u) * NT + tx]
-                else:
-                    seen[u] = src[r, (c * U + u) * NT + tx]
+            if ((c * U + u) * NT + tx) * VL < V:
+                for v in T.vectorized(VL):
+                    seen[u, v] = logits[r, ((c * U + u) * NT + tx) * VL + v]
 
     @T.macro
-    def count_pass(mine, seen, src, from_cand, n, r, tx, at_least):
-        """``mine[0]`` += how many of this thread's strided elements of the source have a key >= ``at_least``."""
-        for c in T.serial((n + NT * U - 1) // (NT * U)):
-            load(seen, src, from_cand, n, r, c, tx)
+    def load_range(seen, logits, r, c, tx):
+        """``seen[u, :]`` = run ``c * U + u`` of thread ``tx``'s contiguous range of row ``r``, for the runs in
+        the range and the row."""
+        for u in T.unroll(U):
+            if (c * U + u) * VL < C and tx * C + (c * U + u) * VL < V:
+                for v in T.vectorized(VL):
+                    seen[u, v] = logits[r, tx * C + (c * U + u) * VL + v]
+
+    @T.macro
+    def count_row(mine, seen, logits, r, tx, at_least):
+        """``mine[0]`` += how many of this thread's strided logits have a key >= ``at_least``."""
+        for c in T.serial(S):
+            load_strided(seen, logits, r, c, tx)
             for u in T.unroll(U):
-                if (c * U + u) * NT + tx < n:
-                    if key_of(seen[u]) >= at_least:
+                if ((c * U + u) * NT + tx) * VL < V:
+                    for v in T.unroll(VL):
+                        if key_of(seen[u, v]) >= at_least:
+                            mine[0] = mine[0] + T.float32(1)
+
+    @T.macro
+    def mass_row(mine, seen, logits, r, tx, above, at_least, top, inv_temp):
+        """``mine[0]`` += the probabilities of this thread's strided logits with a key > ``above`` and >=
+        ``at_least``."""
+        for c in T.serial(S):
+            load_strided(seen, logits, r, c, tx)
+            for u in T.unroll(U):
+                if ((c * U + u) * NT + tx) * VL < V:
+                    for v in T.unroll(VL):
+                        if key_of(seen[u, v]) > above and key_of(seen[u, v]) >= at_least:
+                            mine[0] = mine[0] + prob(seen[u, v], top, inv_temp)
+
+    @T.macro
+    def narrow(part, sb, mine, nxt, tx, bounds, ms, up, goal):
+        """The end of a multisection round over ``[bounds[0], bounds[1]]`` (step ``ms[0]``), once each thread
+        holds in ``mine[0]`` its part of its warp's probe's count or mass: the warps' totals, and the range
+        narrowed to the two probes the answer lies between (``sb``: a shared copy of the range, kept up to
+        date). ``up`` (a Python bool): the largest key whose count reaches ``goal`` (``k``; true at
+        ``bounds[0]``), probes at ``bounds[0] + (w + 1) * step``; else the smallest key whose mass is below
+        ``goal`` (true at ``bounds[1]``), probes one lower. The 32 totals are summed by 32 threads, each
+        also summing the next probe's, so the thread whose probe is the last on its side of the answer
+        (counts and sums over nested sets in one order are monotone in the probe) writes the new range:
+        no thread scans all 32. ``part``: ``[NT, 1]``, lane ``l`` of warp ``w`` at row ``l * W + (w ^ l)``
+        (a warp's writers and a column's readers on distinct banks)."""
+        part[tx % W * W + T.bitwise_xor(tx // W, tx % W), 0] = mine[0]
+        T.tvm_storage_sync("shared")
+        if tx < P:
+            mine[0] = T.float32(0)
+            nxt[0] = T.float32(0)
+            for i in T.unroll(W):
+                mine[0] = mine[0] + part[i * W + T.bitwise_xor(tx, i), 0]
+                nxt[0] = nxt[0] + part[i * W + T.bitwise_xor(T.min(tx + 1, P - 1), i), 0]
+            ms[1] = bounds[0] + T.Cast("int64", tx + 1) * ms[0] - T.int64(0 if up else 1)  # this thread's probe
+            ms[2] = ms[1] + ms[0]  # the next one
+            live: T.let[T.bool] = bounds[0] < bounds[1] and ms[1] <= bounds[1]
+            live_next: T.let[T.bool] = tx + 1 < P and bounds[0] < bounds[1] and ms[2] <= bounds[1]
+            if up:
+                here: T.let[T.bool] = live and T.Cast("int64", mine[0]) >= goal
+                there: T.let[T.bool] = live_next and T.Cast("int64", nxt[0]) >= goal
+                if here and not there:  # the last probe that reaches k
+                    sb[0] = ms[1]
+                    sb[1] = T.if_then_else(live_next, ms[2] - 1, bounds[1])
+                if tx == 0 and live and not here:  # none does
+                    sb[1] = ms[1] - 1
+            else:
+                below: T.let[T.bool] = live and mine[0] < goal
+                below_next: T.let[T.bool] = live_next and nxt[0] < goal
+                if live and not below and (below_next or not live_next):  # the last probe not below
+                    sb[0] = ms[1] + 1
+                    sb[1] = T.if_then_else(below_next, ms[2], bounds[1])
+                if tx == 0 and below:  # every probe is
+                    sb[1] = ms[1]
+        T.tvm_storage_sync("shared")
+        bounds[0] = sb[0]
+        bounds[1] = sb[1]
+
+    @T.macro
+    def count_up(part, sb, src, n, tx, k, bounds, ms, one, mine, nxt):
+        """One multisection round of the largest key ``K`` in ``[bounds[0], bounds[1]]`` with ``count(key
+        >= K) >= k`` over ``src[:n]`` (shared; true at ``bounds[0]``): warp ``w`` counts at ``bounds[0] + (w +
+        1) * step``, ``step = ceil(span / (P + 1))``."""
+        ms[0] = (bounds[1] - bounds[0] + P + 1) // (P + 1)
+        probe: T.let[T.int64] = bounds[0] + T.Cast("int64", tx // W + 1) * ms[0]
+        mine[0] = T.float32(0)
+        if bounds[0] < bounds[1] and probe <= bounds[1]:
+            for i in T.serial((n + W - 1) // W):
+                if i * W + tx % W < n:
+                    one[0] = src[i * W + tx % W]
+                    if key_of(one[0]) >= probe:
                         mine[0] = mine[0] + T.float32(1)
+        narrow(part, sb, mine, nxt, tx, bounds, ms, True, k)
 
     @T.macro
-    def mass_pass(mine, seen, src, from_cand, n, r, tx, above, at_least, top, temp):
-        """``mine[0]`` += the probabilities of this thread's strided elements of the source with a key >
-        ``above`` and >= ``at_least``."""
-        for c in T.serial((n + NT * U - 1) // (NT * U)):
-            load(seen, src, from_cand, n, r, c, tx)
+    def mass_down(part, sb, src, n, tx, at_least, top, inv_temp, limit, bounds, ms, one, mine, nxt):
+        """One multisection round of the smallest key ``K`` in ``[bounds[0], bounds[1]]`` with ``mass(key >
+        K, key >= at_least) < limit`` over ``src[:n]`` (shared; true at ``bounds[1]``): warp ``w`` sums at
+        ``bounds[0] + (w + 1) * step - 1``."""
+        ms[0] = (bounds[1] - bounds[0] + P + 1) // (P + 1)
+        probe: T.let[T.int64] = bounds[0] + T.Cast("int64", tx // W + 1) * ms[0] - 1
+        mine[0] = T.float32(0)
+        if bounds[0] < bounds[1] and probe <= bounds[1]:
+            for i in T.serial((n + W - 1) // W):
+                if i * W + tx % W < n:
+                    one[0] = src[i * W + tx % W]
+                    if key_of(one[0]) > probe and key_of(one[0]) >= at_least:
+                        mine[0] = mine[0] + prob(one[0], top, inv_temp)
+        narrow(part, sb, mine, nxt, tx, bounds, ms, False, limit)
+
+    @T.macro
+    def search_from(sb, bounds, tx):
+        """``sb`` = the range a multisection starts from (every thread holds it in ``bounds``)."""
+        if tx == 0:
+            sb[0] = bounds[0]
+            sb[1] = bounds[1]
+        T.tvm_storage_sync("shared")
+
+    @T.macro
+    def take(picking, acc, x, tok, kept_key, top, inv_temp, min_p, target, pick, idx):
+        """Token ``tok`` (logit ``x``) if the filters keep it: ``acc[0]`` += its probability and, when
+        ``picking`` (a Python bool), it is the pick once ``acc[0]`` passes ``target`` (``idx[0]``: the last
+        kept one, for rounding)."""
+        if key_of(x) >= kept_key:
+            if prob(x, top, inv_temp) >= min_p:  # (one exponential: the compiler shares it)
+                acc[0] = acc[0] + prob(x, top, inv_temp)
+                if picking:
+                    if pick[0] < 0 and acc[0] > target:
+                        pick[0] = tok
+                    idx[0] = tok
+
+    @T.macro
+    def kept_cands(picking, acc, one, cand_val, cand_id, n, cn, tx, kept_key, top, inv_temp, min_p, target, pick, idx):
+        """``take`` over this thread's contiguous range of the candidates (``cn`` of the ``n``)."""
+        for c in T.serial(cn):
+            if tx * cn + c < n:
+                one[0] = cand_val[tx * cn + c]
+                take(picking, acc, one[0], cand_id[tx * cn + c], kept_key, top, inv_temp, min_p, target, pick, idx)
+
+    @T.macro
+    def range_pass(mode, seen, logits, r, tx, key_floor, acc, mass, cand_val, cand_id, at, mass_too, top, inv_temp,
+                   min_p, target, pick, idx):
+        """Over this thread's contiguous range of row ``r`` (``U`` 16-byte runs in flight), by ``mode`` (a
+        Python str): ``count``: ``acc[0]`` += the logits with a key >= ``key_floor`` (and, with
+        ``mass_too``, ``mass[0]`` += every logit's probability); ``copy``: those logits and their ids into
+        the candidates from ``at[0]`` on; ``kept`` / ``pick``: ``take`` (``key_floor``: the kept keys)."""
+        for c in T.serial(CS):
+            load_range(seen, logits, r, c, tx)
             for u in T.unroll(U):
-                if (c * U + u) * NT + tx < n:
-                    if key_of(seen[u]) > above and key_of(seen[u]) >= at_least:
-                        mine[0] = mine[0] + prob(seen[u], top, temp)
+                if (c * U + u) * VL < C and tx * C + (c * U + u) * VL < V:
+                    for v in T.unroll(VL):
+                        if mode == "count":
+                            if key_of(seen[u, v]) >= key_floor:
+                                acc[0] = acc[0] + T.float32(1)
+                            if mass_too:
+                                mass[0] = mass[0] + prob(seen[u, v], top, inv_temp)
+                        elif mode == "copy":
+                            if key_of(seen[u, v]) >= key_floor:
+                                cand_val[at[0]] = seen[u, v]
+                                cand_id[at[0]] = T.Cast("int32", tx * C + (c * U + u) * VL + v)
+                                at[0] = at[0] + 1
+                        else:
+                            take(mode == "pick", acc, seen[u, v], T.Cast("int32", tx * C + (c * U + u) * VL + v),
+                                 key_floor, top, inv_temp, min_p, target, pick, idx)
 
     @T.macro
     def prefix(part, part1, mine, cum, total, tx):
@@ -237,17 +403,22 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 part_id = T.alloc_buffer((NT,), "int32", scope="shared")
                 cand_val = T.alloc_buffer((CAP,), "float32", scope="shared")
                 cand_id = T.alloc_buffer((CAP,), "int32", scope="shared")
-                seen = T.alloc_buffer((U,), "float32", scope="local")
+                sb = T.alloc_buffer((2,), "int64", scope="shared")  # a multisection's range
+                seen = T.alloc_buffer((U, VL), "float32", scope="local")
+                one = T.alloc_buffer((1,), "float32", scope="local")  # a value read from shared memory
+                nxt = T.alloc_buffer((1,), "float32", scope="local")  # a multisection's next probe's total
                 mine = T.alloc_buffer((1,), "float32", scope="local")
                 full = T.alloc_buffer((1,), "float32", scope="local")  # a top-p-only row's kept mass
                 best = T.alloc_buffer((3,), "float32", scope="local")  # max, the kept mass, own max
                 total = T.alloc_buffer((1,), "float32", scope="local")  # prefix's sum over all threads
                 idx = T.alloc_buffer((1,), "int32", scope="local")
                 bounds = T.alloc_buffer((5,), "int64", scope="local")  # search lo, hi; top-k cut; kept; floor
+                ms = T.alloc_buffer((3,), "int64", scope="local")  # a multisection's step, new lo and hi
                 cum = T.alloc_buffer((1,), "float32", scope="local")
                 pick = T.alloc_buffer((1,), "int32", scope="local")
                 at = T.alloc_buffer((1,), "int32", scope="local")
                 temp: T.let[T.float32] = params[r, 0]
+                inv_temp: T.let[T.float32] = T.float32(1) / temp  # (for greedy rows, unused)
                 top_k: T.let[T.int64] = T.Cast("int64", params[r, 1])
                 top_p: T.let[T.float32] = params[r, 2]
                 min_p: T.let[T.float32] = params[r, 3]
@@ -255,12 +426,13 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 best[0] = T.float32(NEG_INF)
                 idx[0] = V
                 for c in T.serial(S):
-                    load(seen, logits, False, V, r, c, tx)
+                    load_strided(seen, logits, r, c, tx)
                     for u in T.unroll(U):
-                        if (c * U + u) * NT + tx < V:
-                            if seen[u] > best[0] or idx[0] == V:
-                                best[0] = seen[u]
-                                idx[0] = T.Cast("int32", (c * U + u) * NT + tx)
+                        if ((c * U + u) * NT + tx) * VL < V:
+                            for v in T.unroll(VL):
+                                if seen[u, v] > best[0] or idx[0] == V:
+                                    best[0] = seen[u, v]
+                                    idx[0] = T.Cast("int32", ((c * U + u) * NT + tx) * VL + v)
                 best[2] = best[0]
                 row_argmax(part1, part_id, best, idx, tx)
                 greedy: T.let[T.bool] = temp < T.float32(1.0e-5)
@@ -271,17 +443,11 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 # min_p's from the maximum; 0 (none) for greedy rows and rows without a filter
                 floor_k: T.let[T.bool] = searching_k and top_k <= NT
                 cand_val[tx] = best[2]
-                T.tvm_storage_sync("shared")
                 bounds[0] = T.int64(0)
                 bounds[1] = top_key
-                for _it in T.serial(T.if_then_else(floor_k, 32, 0)):  # the same for every thread
-                    mid_f: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
-                    mine[0] = T.if_then_else(key_of(cand_val[tx]) >= mid_f, T.float32(1), T.float32(0))
-                    block_sum(part, mine, tx)
-                    if T.Cast("int64", mine[0]) >= top_k:
-                        bounds[0] = mid_f
-                    else:
-                        bounds[1] = mid_f - 1
+                search_from(sb, bounds, tx)  # (its barrier also orders the maxima before their reads)
+                for _it in T.serial(T.if_then_else(floor_k, ROUNDS, 0)):  # the same for every thread
+                    count_up(part, sb, cand_val, NT, tx, top_k, bounds, ms, one, mine, nxt)
                 bounds[4] = T.int64(0)
                 if floor_k:
                     bounds[4] = bounds[0]
@@ -295,36 +461,28 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 mine[0] = T.float32(0)
                 full[0] = T.float32(0)
                 if compacting:
-                    for c in T.serial(C):
-                        if tx * C + c < V:
-                            if key_of(logits[r, tx * C + c]) >= bounds[4]:
-                                mine[0] = mine[0] + T.float32(1)
-                            if searching_p and not searching_k:
-                                full[0] = full[0] + prob(logits[r, tx * C + c], best[0], temp)
+                    range_pass("count", seen, logits, r, tx, bounds[4], mine, full, cand_val, cand_id, at,
+                               searching_p and not searching_k, best[0], inv_temp, min_p, T.float32(0), pick, idx)
                 prefix(part, part1, mine, cum, total, tx)
                 n_cand: T.let[T.int32] = T.Cast("int32", total[0])
                 use_cand: T.let[T.bool] = compacting and n_cand <= CAP
                 if use_cand:
                     at[0] = T.Cast("int32", cum[0])
-                    for c in T.serial(C):
-                        if tx * C + c < V:
-                            if key_of(logits[r, tx * C + c]) >= bounds[4]:
-                                cand_val[at[0]] = logits[r, tx * C + c]
-                                cand_id[at[0]] = T.Cast("int32", tx * C + c)
-                                at[0] = at[0] + 1
+                    range_pass("copy", seen, logits, r, tx, bounds[4], mine, full, cand_val, cand_id, at, False,
+                               best[0], inv_temp, min_p, T.float32(0), pick, idx)
                 block_sum(part, full, tx)  # its barriers also order the copy before the reads
                 n: T.let[T.int32] = T.if_then_else(use_cand, n_cand, V)
-                cn: T.let[T.int32] = (n + NT - 1) // NT  # contiguous elements per thread
+                cn: T.let[T.int32] = (n + NT - 1) // NT  # contiguous candidates per thread
                 # 4. top-k: the largest key K with count(key >= K) >= k, from the floor up
                 bounds[0] = bounds[4]
                 bounds[1] = top_key
-                for _it in T.serial(T.if_then_else(searching_k, 32, 0)):
+                search_from(sb, bounds, tx)
+                for _it in T.serial(T.if_then_else(searching_k and use_cand, ROUNDS, 0)):
+                    count_up(part, sb, cand_val, n, tx, top_k, bounds, ms, one, mine, nxt)
+                for _it in T.serial(T.if_then_else(searching_k and not use_cand, 32, 0)):
                     mid: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
                     mine[0] = T.float32(0)
-                    if use_cand:  # the same for every thread; one loop per source keeps 4 loads in flight
-                        count_pass(mine, seen, cand_val, True, n, r, tx, mid)
-                    else:
-                        count_pass(mine, seen, logits, False, V, r, tx, mid)
+                    count_row(mine, seen, logits, r, tx, mid)
                     block_sum(part, mine, tx)
                     if T.Cast("int64", mine[0]) >= top_k:
                         bounds[0] = mid
@@ -336,20 +494,25 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 # (over the source, which holds every kept token, unless the floor is top-p's own)
                 if searching_p and (searching_k or not compacting):
                     if use_cand:
-                        mass_pass(mine, seen, cand_val, True, n, r, tx, T.int64(-1), bounds[2], best[0], temp)
+                        for i in T.serial(cn):
+                            if i * NT + tx < n:
+                                one[0] = cand_val[i * NT + tx]
+                                if key_of(one[0]) >= bounds[2]:
+                                    mine[0] = mine[0] + prob(one[0], best[0], inv_temp)
                     else:
-                        mass_pass(mine, seen, logits, False, V, r, tx, T.int64(-1), bounds[2], best[0], temp)
+                        mass_row(mine, seen, logits, r, tx, T.int64(-1), bounds[2], best[0], inv_temp)
                 block_sum(part, mine, tx)
                 best[1] = T.if_then_else(compacting and not searching_k, full[0], mine[0])
                 bounds[0] = T.max(bounds[4], bounds[2])
                 bounds[1] = top_key
-                for _it in T.serial(T.if_then_else(searching_p, 32, 0)):
+                search_from(sb, bounds, tx)
+                for _it in T.serial(T.if_then_else(searching_p and use_cand, ROUNDS, 0)):
+                    mass_down(part, sb, cand_val, n, tx, bounds[2], best[0], inv_temp, top_p * best[1], bounds, ms,
+                              one, mine, nxt)
+                for _it in T.serial(T.if_then_else(searching_p and not use_cand, 32, 0)):
                     mid_p: T.let[T.int64] = (bounds[0] + bounds[1]) // 2
                     mine[0] = T.float32(0)
-                    if use_cand:
-                        mass_pass(mine, seen, cand_val, True, n, r, tx, mid_p, bounds[2], best[0], temp)
-                    else:
-                        mass_pass(mine, seen, logits, False, V, r, tx, mid_p, bounds[2], best[0], temp)
+                    mass_row(mine, seen, logits, r, tx, mid_p, bounds[2], best[0], inv_temp)
                     block_sum(part, mine, tx)
                     if mine[0] < top_p * best[1]:
                         bounds[1] = mid_p
@@ -360,33 +523,24 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 # 6. kept mass per thread's contiguous range of the source, its prefix, and the draw
                 mine[0] = T.float32(0)
                 if not greedy:
-                    for c in T.serial(cn):
-                        if tx * cn + c < n:
-                            x: T.let[T.float32] = T.if_then_else(use_cand, cand_val[tx * cn + c],
-                                                                 logits[r, tx * cn + c])
-                            if key_of(x) >= bounds[3]:
-                                pr: T.let[T.float32] = prob(x, best[0], temp)
-                                if pr >= min_p:
-                                    mine[0] = mine[0] + pr
+                    if use_cand:
+                        kept_cands(False, mine, one, cand_val, cand_id, n, cn, tx, bounds[3], best[0], inv_temp, min_p,
+                                   T.float32(0), pick, idx)
+                    else:
+                        range_pass("kept", seen, logits, r, tx, bounds[3], mine, full, cand_val, cand_id, at, False,
+                                   best[0], inv_temp, min_p, T.float32(0), pick, idx)
                 prefix(part, part1, mine, cum, total, tx)  # total: the kept mass; cum: before this thread
                 target: T.let[T.float32] = uniform[r] * total[0]
                 # the thread whose range holds the target picks; ties at a range edge go to the later
                 # thread (the first id whose cumulative mass exceeds the target)
                 if not greedy and cum[0] <= target and (cum[0] + mine[0] > target or tx == NT - 1):
                     pick[0] = -1
-                    for c in T.serial(cn):
-                        if tx * cn + c < n:
-                            xw: T.let[T.float32] = T.if_then_else(use_cand, cand_val[tx * cn + c],
-                                                                  logits[r, tx * cn + c])
-                            if key_of(xw) >= bounds[3]:
-                                pw: T.let[T.float32] = prob(xw, best[0], temp)
-                                if pw >= min_p:
-                                    cum[0] = cum[0] + pw
-                                    got: T.let[T.int32] = T.if_then_else(use_cand, cand_id[tx * cn + c],
-                                                                         T.Cast("int32", tx * cn + c))
-                                    if pick[0] < 0 and cum[0] > target:
-                                        pick[0] = got
-                                    idx[0] = got  # the last kept id, for rounding
+                    if use_cand:
+                        kept_cands(True, cum, one, cand_val, cand_id, n, cn, tx, bounds[3], best[0], inv_temp, min_p,
+                                   target, pick, idx)
+                    else:
+                        range_pass("pick", seen, logits, r, tx, bounds[3], cum, full, cand_val, cand_id, at, False,
+                                   best[0], inv_temp, min_p, target, pick, idx)
                     if pick[0] >= 0:
                         idx[0] = pick[0]
                     out[r] = idx[0]

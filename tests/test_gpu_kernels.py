@@ -691,15 +691,15 @@ def test_add_rms_norm_matches_reference(hidden, ntok):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31), vocab=st.sampled_from([1000, 5003]))
+@given(seed=st.integers(0, 2**31), vocab=st.sampled_from([1000, 5003, 5004]))
 def test_device_sampler_picks_the_reference_token(seed, vocab):
     """Greedy rows, plain temperature, top-k (1, small, >= V), top-p, min_p and their mixes, one draw each:
     the kernel picks the token of the float64 reference, unless the draw falls within float32 rounding
     of a boundary between two tokens' cumulative probabilities. A vocabulary smaller than the block, and
-    one of several strided steps with a ragged last one. Half the rows are peaked (40 tokens 5-15 above
-    the rest, as a trained model's are); with room for 1024 candidates, the 1000-token rows always search
-    the candidates in shared memory and the 5003-token ones do where few pass the floor, the row
-    otherwise."""
+    two of several strided steps with a ragged last one, read 4 logits a load (5004) or 1 (5003). Half the
+    rows are peaked (40 tokens 5-15 above the rest, as a trained model's are); with room for 1024
+    candidates, the 1000-token rows always search the candidates in shared memory (multisection) and the
+    larger ones do where few pass the floor, the row otherwise (bisection)."""
     rng = np.random.default_rng(seed)
     rows = 12
     logits = (rng.standard_normal((rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
@@ -726,7 +726,7 @@ def test_device_sampler_floor_keeps_the_nucleus():
     tied maxima, then top-p), min_p 0.5% above a peak token's probability, top-k 40 + top-p at T=2; and
     top-p 0.999, whose floor lets the whole row through (more than 1024 candidates: the row is searched).
     12 draws across [0, 1) each pick the reference's token, but for a draw at a boundary."""
-    vocab = 5003
+    vocab = 5004
     rng = np.random.default_rng(7)
     base = (rng.standard_normal(vocab) * 0.5).astype(np.float32)
     hot = rng.choice(vocab, 32, replace=False)
