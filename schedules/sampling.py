@@ -117,11 +117,11 @@ SAMPLE_WARP = 32
 
 def sample_candidates(shared_bytes: int) -> int:
     """How many (logit, id) candidates ``make_sample_gpu`` can copy into ``shared_bytes`` of shared memory
-    beside its three ``SAMPLE_THREADS``-word reduction buffers."""
-    return (shared_bytes - 12 * SAMPLE_THREADS) // 8
+    beside its reduction buffers (4 words a thread of its ``SAMPLE_THREADS``)."""
+    return (shared_bytes - 16 * SAMPLE_THREADS) // 8
 
 
-SAMPLE_CANDIDATES = sample_candidates(40 * 1024)  # 3584: 28 KiB of them, 40 KiB in all
+SAMPLE_CANDIDATES = sample_candidates(40 * 1024)  # 3072: 24 KiB of them, 40 KiB in all
 
 
 def multisection_rounds(span: int, probes: int) -> int:
@@ -161,7 +161,11 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
     of the 32 warps counts (or sums the mass) for its own probe, its lanes striding over the values, and
     32 evenly spaced probes narrow the range 33-fold a round: 7 rounds of 2 barriers cover 32-bit keys
     (``multisection_rounds``), where a bisection took 32 block-wide sums of 4 barriers each. Over the row
-    a search stays a bisection of block-wide passes (a warp per probe would read the row 32 times).
+    (a warp per probe would read it 32 times) the top-k search is a bisection of block-wide passes; the
+    top-p one bisects only until the keys between its ends fit in shared memory (each pass also counts
+    the keys above its probe), copies those there and ends with a multisection less the mass above them:
+    a flat row of 151936 N(0, 1) logits at T 0.7, top-p 0.9 takes 10 passes then about 1900 candidates,
+    where the bisection took 32 passes.
     - the draw, in id order: thread ``i`` owns a contiguous range of the source, sums its kept
       probabilities ``exp((x - max) / T)`` (min_p drops those below ``min_p``), a prefix sum over threads
       (sums of runs of 32 threads, then within the run) finds the thread holding ``uniform * total``, and
@@ -182,7 +186,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
     S = -(-V // (NT * U * VL))  # strided steps of U runs over the row
     P = NT // W  # a multisection's probes: one per warp
     ROUNDS = multisection_rounds(2 ** 32, P)  # keys are 32-bit
-    block_sum, row_argmax = block_reduce.block_sum(NT, 1), block_argmax(NT)
+    KEY_MAX = 2 ** 32 - 1
+    block_sum, block_sum2, row_argmax = block_reduce.block_sum(NT, 1), block_reduce.block_sum(NT, 2), block_argmax(NT)
 
     def key_of(x):
         """float32 -> its bits as an unsigned key in the same order (negatives flipped), as int64."""
@@ -223,16 +228,19 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                             mine[0] = mine[0] + T.float32(1)
 
     @T.macro
-    def mass_row(mine, seen, logits, r, tx, above, at_least, top, inv_temp):
-        """``mine[0]`` += the probabilities of this thread's strided logits with a key > ``above`` and >=
-        ``at_least``."""
+    def mass_row(two, seen, logits, r, tx, above, at_least, count_from, top, inv_temp):
+        """Over this thread's strided logits with a key >= ``at_least``: ``two[0]`` += the probabilities of
+        those with a key > ``above``, ``two[1]`` += how many have a key >= ``count_from``."""
         for c in T.serial(S):
             load_strided(seen, logits, r, c, tx)
             for u in T.unroll(U):
                 if ((c * U + u) * NT + tx) * VL < V:
                     for v in T.unroll(VL):
-                        if key_of(seen[u, v]) > above and key_of(seen[u, v]) >= at_least:
-                            mine[0] = mine[0] + prob(seen[u, v], top, inv_temp)
+                        if key_of(seen[u, v]) >= at_least:
+                            if key_of(seen[u, v]) > above:
+                                two[0] = two[0] + prob(seen[u, v], top, inv_temp)
+                            if key_of(seen[u, v]) >= count_from:
+                                two[1] = two[1] + T.float32(1)
 
     @T.macro
     def narrow(part, sb, mine, nxt, tx, bounds, ms, up, goal):
@@ -340,10 +348,10 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 take(picking, acc, one[0], cand_id[tx * cn + c], kept_key, top, inv_temp, min_p, target, pick, idx)
 
     @T.macro
-    def range_pass(mode, seen, logits, r, tx, key_floor, acc, mass, cand_val, cand_id, at, mass_too, top, inv_temp,
-                   min_p, target, pick, idx):
+    def range_pass(mode, seen, logits, r, tx, key_floor, key_ceil, acc, mass, cand_val, cand_id, at, mass_too, top,
+                   inv_temp, min_p, target, pick, idx):
         """Over this thread's contiguous range of row ``r`` (``U`` 16-byte runs in flight), by ``mode`` (a
-        Python str): ``count``: ``acc[0]`` += the logits with a key >= ``key_floor`` (and, with
+        Python str): ``count``: ``acc[0]`` += the logits with a key in ``[key_floor, key_ceil]`` (and, with
         ``mass_too``, ``mass[0]`` += every logit's probability); ``copy``: those logits and their ids into
         the candidates from ``at[0]`` on; ``kept`` / ``pick``: ``take`` (``key_floor``: the kept keys)."""
         for c in T.serial(CS):
@@ -352,12 +360,12 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 if (c * U + u) * VL < C and tx * C + (c * U + u) * VL < V:
                     for v in T.unroll(VL):
                         if mode == "count":
-                            if key_of(seen[u, v]) >= key_floor:
+                            if key_of(seen[u, v]) >= key_floor and key_of(seen[u, v]) <= key_ceil:
                                 acc[0] = acc[0] + T.float32(1)
                             if mass_too:
                                 mass[0] = mass[0] + prob(seen[u, v], top, inv_temp)
                         elif mode == "copy":
-                            if key_of(seen[u, v]) >= key_floor:
+                            if key_of(seen[u, v]) >= key_floor and key_of(seen[u, v]) <= key_ceil:
                                 cand_val[at[0]] = seen[u, v]
                                 cand_id[at[0]] = T.Cast("int32", tx * C + (c * U + u) * VL + v)
                                 at[0] = at[0] + 1
@@ -398,7 +406,7 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
         out = T.match_buffer(o_h, (nrow,), "int32")
         for r in T.thread_binding(nrow, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
-                part = T.alloc_buffer((NT, 1), "float32", scope="shared")
+                part = T.alloc_buffer((NT, 2), "float32", scope="shared")
                 part1 = T.alloc_buffer((NT,), "float32", scope="shared")
                 part_id = T.alloc_buffer((NT,), "int32", scope="shared")
                 cand_val = T.alloc_buffer((CAP,), "float32", scope="shared")
@@ -408,6 +416,9 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 one = T.alloc_buffer((1,), "float32", scope="local")  # a value read from shared memory
                 nxt = T.alloc_buffer((1,), "float32", scope="local")  # a multisection's next probe's total
                 mine = T.alloc_buffer((1,), "float32", scope="local")
+                two = T.alloc_buffer((2,), "float32", scope="local")  # a row step's mass and count
+                # a bisection over the row: its eligible keys >= bounds[0] and > bounds[1], the mass > bounds[1]
+                span = T.alloc_buffer((3,), "float32", scope="local")
                 full = T.alloc_buffer((1,), "float32", scope="local")  # a top-p-only row's kept mass
                 best = T.alloc_buffer((3,), "float32", scope="local")  # max, the kept mass, own max
                 total = T.alloc_buffer((1,), "float32", scope="local")  # prefix's sum over all threads
@@ -461,14 +472,16 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 mine[0] = T.float32(0)
                 full[0] = T.float32(0)
                 if compacting:
-                    range_pass("count", seen, logits, r, tx, bounds[4], mine, full, cand_val, cand_id, at,
+                    range_pass("count", seen, logits, r, tx, bounds[4], T.int64(KEY_MAX),
+                               mine, full, cand_val, cand_id, at,
                                searching_p and not searching_k, best[0], inv_temp, min_p, T.float32(0), pick, idx)
                 prefix(part, part1, mine, cum, total, tx)
                 n_cand: T.let[T.int32] = T.Cast("int32", total[0])
                 use_cand: T.let[T.bool] = compacting and n_cand <= CAP
                 if use_cand:
                     at[0] = T.Cast("int32", cum[0])
-                    range_pass("copy", seen, logits, r, tx, bounds[4], mine, full, cand_val, cand_id, at, False,
+                    range_pass("copy", seen, logits, r, tx, bounds[4], T.int64(KEY_MAX),
+                               mine, full, cand_val, cand_id, at, False,
                                best[0], inv_temp, min_p, T.float32(0), pick, idx)
                 block_sum(part, full, tx)  # its barriers also order the copy before the reads
                 n: T.let[T.int32] = T.if_then_else(use_cand, n_cand, V)
@@ -490,34 +503,61 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                         bounds[1] = mid - 1
                 bounds[2] = T.if_then_else(searching_k, bounds[0], T.int64(0))
                 # 5. top-p: the smallest key K with mass(kept, key > K) < top_p * mass(kept)
-                mine[0] = T.float32(0)
-                # (over the source, which holds every kept token, unless the floor is top-p's own)
+                two[0] = T.float32(0)
+                two[1] = T.float32(0)
+                # (over the source, which holds every kept token, unless the floor is top-p's own; over the
+                # row, also how many kept tokens the search starts with)
                 if searching_p and (searching_k or not compacting):
                     if use_cand:
                         for i in T.serial(cn):
                             if i * NT + tx < n:
                                 one[0] = cand_val[i * NT + tx]
                                 if key_of(one[0]) >= bounds[2]:
-                                    mine[0] = mine[0] + prob(one[0], best[0], inv_temp)
+                                    two[0] = two[0] + prob(one[0], best[0], inv_temp)
                     else:
-                        mass_row(mine, seen, logits, r, tx, T.int64(-1), bounds[2], best[0], inv_temp)
-                block_sum(part, mine, tx)
-                best[1] = T.if_then_else(compacting and not searching_k, full[0], mine[0])
+                        mass_row(two, seen, logits, r, tx, T.int64(-1), bounds[2], T.max(bounds[4], bounds[2]),
+                                 best[0], inv_temp)
+                block_sum2(part, two, tx)
+                best[1] = T.if_then_else(compacting and not searching_k, full[0], two[0])
                 bounds[0] = T.max(bounds[4], bounds[2])
                 bounds[1] = top_key
                 search_from(sb, bounds, tx)
                 for _it in T.serial(T.if_then_else(searching_p and use_cand, ROUNDS, 0)):
                     mass_down(part, sb, cand_val, n, tx, bounds[2], best[0], inv_temp, top_p * best[1], bounds, ms,
                               one, mine, nxt)
-                for _it in T.serial(T.if_then_else(searching_p and not use_cand, 32, 0)):
+                # over the row: a bisection, each step a pass, until the keys between its ends fit in shared
+                # memory; then those are copied there and a multisection ends the search
+                span[0] = T.if_then_else(compacting and not searching_k, T.Cast("float32", n_cand), two[1])
+                span[1] = T.float32(0)
+                span[2] = T.float32(0)
+                while (searching_p and not use_cand and bounds[0] < bounds[1]
+                       and span[0] - span[1] > T.float32(CAP)):  # (the same for every thread)
                     mid_p: T.let[T.int64] = (bounds[0] + bounds[1]) // 2
-                    mine[0] = T.float32(0)
-                    mass_row(mine, seen, logits, r, tx, mid_p, bounds[2], best[0], inv_temp)
-                    block_sum(part, mine, tx)
-                    if mine[0] < top_p * best[1]:
+                    two[0] = T.float32(0)
+                    two[1] = T.float32(0)
+                    mass_row(two, seen, logits, r, tx, mid_p, bounds[2], mid_p + 1, best[0], inv_temp)
+                    block_sum2(part, two, tx)
+                    if two[0] < top_p * best[1]:
                         bounds[1] = mid_p
+                        span[1] = two[1]
+                        span[2] = two[0]
                     else:
                         bounds[0] = mid_p + 1
+                        span[0] = two[1]
+                narrowed: T.let[T.bool] = searching_p and not use_cand and bounds[0] < bounds[1]
+                mine[0] = T.float32(0)
+                if narrowed:
+                    range_pass("count", seen, logits, r, tx, bounds[0], bounds[1], mine, full, cand_val, cand_id, at,
+                               False, best[0], inv_temp, min_p, T.float32(0), pick, idx)
+                prefix(part, part1, mine, cum, total, tx)
+                if narrowed:
+                    at[0] = T.Cast("int32", cum[0])
+                    range_pass("copy", seen, logits, r, tx, bounds[0], bounds[1], mine, full, cand_val, cand_id, at,
+                               False, best[0], inv_temp, min_p, T.float32(0), pick, idx)
+                search_from(sb, bounds, tx)  # (its barrier also orders the copy before the reads)
+                for _it in T.serial(T.if_then_else(narrowed, ROUNDS, 0)):
+                    mass_down(part, sb, cand_val, T.Cast("int32", total[0]), tx, bounds[2], best[0], inv_temp,
+                              top_p * best[1] - span[2], bounds, ms, one, mine, nxt)
                 # the kept keys: from the top-k cut, and from the top-p cut when there is one
                 bounds[3] = T.max(bounds[2], T.if_then_else(searching_p, bounds[0], T.int64(0)))
                 # 6. kept mass per thread's contiguous range of the source, its prefix, and the draw
@@ -527,7 +567,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                         kept_cands(False, mine, one, cand_val, cand_id, n, cn, tx, bounds[3], best[0], inv_temp, min_p,
                                    T.float32(0), pick, idx)
                     else:
-                        range_pass("kept", seen, logits, r, tx, bounds[3], mine, full, cand_val, cand_id, at, False,
+                        range_pass("kept", seen, logits, r, tx, bounds[3], T.int64(KEY_MAX),
+                                   mine, full, cand_val, cand_id, at, False,
                                    best[0], inv_temp, min_p, T.float32(0), pick, idx)
                 prefix(part, part1, mine, cum, total, tx)  # total: the kept mass; cum: before this thread
                 target: T.let[T.float32] = uniform[r] * total[0]
@@ -539,7 +580,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                         kept_cands(True, cum, one, cand_val, cand_id, n, cn, tx, bounds[3], best[0], inv_temp, min_p,
                                    target, pick, idx)
                     else:
-                        range_pass("pick", seen, logits, r, tx, bounds[3], cum, full, cand_val, cand_id, at, False,
+                        range_pass("pick", seen, logits, r, tx, bounds[3], T.int64(KEY_MAX),
+                                   cum, full, cand_val, cand_id, at, False,
                                    best[0], inv_temp, min_p, target, pick, idx)
                     if pick[0] >= 0:
                         idx[0] = pick[0]
