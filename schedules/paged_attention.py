@@ -320,7 +320,7 @@ def split_key_tile(rows: int, head_dim: int, stage_dtype: str, shared_bytes: int
     step, a whole split; a 32-row prefill tile 16."""
     e = dtype_bytes(stage_dtype)
     for kc in (64, 32, 16):
-        need = rows * head_dim * 4 + kc * (2 * head_dim * e + 4) + 2 * rows * (kc + 1) * 4 + 8 * rows * kc
+        need = rows * head_dim * 4 + kc * (2 * head_dim * e + 8) + 2 * rows * (kc + 1) * 4 + 8 * rows * kc
         if need <= shared_bytes:
             return kc
     return 16
@@ -379,8 +379,10 @@ def make_attention_gpu(
     no thread works for rows that are not there). Split ``s`` covers key positions ``[s*C, (s+1)*C)``,
     ``C = ceil(M*block_size / S)`` rounded up to the key tile (``split_key_tile``: 64 keys for a decode
     tile, a whole split, so one round of loads). Per key tile:
-    K and V are staged in shared memory in ``dtype`` (16-byte loads, coalesced; keys past the split are
-    zeros), each thread scores (row, key) pairs from shared memory (4 interleaved partial sums), the
+    K and V are staged in shared memory in ``dtype`` (16-byte loads, coalesced, and vector stores: 8-byte
+    K rows, padded by 8 bytes, and 16-byte V rows; keys past the split are zeros), each thread scores
+    its (row, key) pairs from shared memory, all of one key (the key's K elements read once for them; at
+    least 4 partial sums between them), the
     threads of each row (``128 / rows``, at most a tile's keys) update its online softmax together, and
     each thread rescales and accumulates its fixed ``rows*D/128`` output elements held in registers.
     Writes the running max and sum (``part_ml``) and the unnormalised output of every row and split; an
@@ -408,12 +410,17 @@ def make_attention_gpu(
     early = bool(pdl)  # the early reads and the wait after them
     late_trigger = pdl == "late"  # the next kernel let launch after that wait (FERRUM_PDL=late)
     SD = "float32" if dtype == "float32" else dtype  # K and V as staged in shared memory
-    PK = 4 // dtype_bytes(SD)  # a K row's padding: one 4-byte bank
+    # a K row's padding: 8 bytes, so rows stay 8-byte aligned (8-byte stores, and loads in the scores' loop)
+    # and the threads scoring neighbouring keys read different banks
+    PK = 8 // dtype_bytes(SD)
     KC = split_key_tile(R, D, SD, shared_bytes)
     VEC = math.gcd(min(16 // dtype_bytes(cdtype), max_lanes), D)  # cache elements per (16-byte) load
+    KU = math.gcd(PK, VEC)  # K elements a shared store (8 bytes; the V row takes all VEC at once)
     LR = min(KC, 1 << (NT // R).bit_length() - 1)  # threads per row in the softmax
     ER, EK, EQ = -(-R * D // NT), -(-KC * D // (NT * VEC)), -(-R * KC // NT)  # per-thread elements of each tile
-    DP = math.gcd(D, 4)
+    DP = math.gcd(D, 4)  # K elements a step of the scores' loop
+    DQ = max(1, DP // EQ)  # partial sums per (row, key) pair in it
+    assert NT % KC == 0, (NT, KC)  # a thread's pairs share their key
     NEG = -3.0e38
     find_tile = _find_tile_macro(QT)
 
@@ -427,9 +434,12 @@ def make_attention_gpu(
 
     @T.macro
     def store_key(kv, k_s, v_s, e, jk, dk):
-        """Slot ``e``'s K and V into shared row ``jk``, columns ``dk...``."""
-        for i in T.unroll(VEC):
-            k_s[jk * (D + PK) + dk + i] = T.Cast(SD, kv[e, 0, i])
+        """Slot ``e``'s K and V into shared row ``jk``, columns ``dk...``: vector stores (element by element,
+        a 16-byte chunk was 16 stores)."""
+        for i0 in T.unroll(VEC // KU):
+            for i in T.vectorized(KU):
+                k_s[jk * (D + PK) + dk + i0 * KU + i] = T.Cast(SD, kv[e, 0, i0 * KU + i])
+        for i in T.vectorized(VEC):
             v_s[jk, dk + i] = T.Cast(SD, kv[e, 1, i])
 
     @T.prim_func(private=True)
@@ -449,9 +459,9 @@ def make_attention_gpu(
                 for sp in T.thread_binding(ns, thread="blockIdx.z"):
                     for tx in T.thread_binding(NT, thread="threadIdx.x"):
                         q_s = T.alloc_buffer((R, D), "float32", scope="shared")
-                        # rows padded by one word: the threads scoring neighbouring keys (and the threads
-                        # scanning neighbouring rows' scores) read different banks
-                        # (flat: TVM would compact a 2-D buffer's never-read padding column away)
+                        # K rows padded by 8 bytes (PK), the scores' rows by one word: the threads scoring
+                        # neighbouring keys (and the threads scanning neighbouring rows' scores) read
+                        # different banks (flat: TVM would compact a 2-D buffer's never-read padding away)
                         k_s = T.alloc_buffer((KC * (D + PK),), SD, scope="shared")
                         v_s = T.alloc_buffer((KC, D), SD, scope="shared")
                         p_s = T.alloc_buffer((R * (KC + 1),), "float32", scope="shared")  # scores
@@ -460,7 +470,7 @@ def make_attention_gpu(
                         red_m = T.alloc_buffer((R * LR,), "float32", scope="shared")  # lanes' maxima
                         red_s = T.alloc_buffer((R * LR,), "float32", scope="shared")  # lanes' weight sums
                         sw = T.alloc_buffer((1,), "float32", scope="local")
-                        dots = T.alloc_buffer((DP,), "float32", scope="local")
+                        dots = T.alloc_buffer((EQ * DQ,), "float32", scope="local")
                         # a key tile's loads of K and V, all issued before the first is stored: a store
                         # between them made each load wait for the one before (EK round trips a tile in SASS)
                         kv = T.alloc_buffer((EK, 2, VEC), cdtype, scope="local")
@@ -556,28 +566,34 @@ def make_attention_gpu(
                                         if not early or kt > 0 or j0 + jk2 >= fresh:
                                             store_key(kv, k_s, v_s, e, jk2, dk)
                                     else:
-                                        for i in T.unroll(VEC):
-                                            k_s[jk2 * (D + PK) + dk + i] = T.Cast(SD, T.float32(0))
+                                        for i0 in T.unroll(VEC // KU):
+                                            for i in T.vectorized(KU):
+                                                k_s[jk2 * (D + PK) + dk + i0 * KU + i] = T.Cast(SD, T.float32(0))
+                                        for i in T.vectorized(VEC):
                                             v_s[jk2, dk + i] = T.Cast(SD, T.float32(0))
                             T.tvm_storage_sync("shared")
+                            # the thread's EQ (row, key) pairs share key tx % KC (KC divides NT): each element
+                            # of that key's K row is read once for all of them; each row's dot product in DQ
+                            # interleaved partial sums (EQ x DQ chains)
+                            js: T.let[T.int32] = tx % KC
+                            for e in T.unroll(EQ * DQ):
+                                dots[e] = T.float32(0)
+                            for d0 in T.serial(D // DP):
+                                for i in T.unroll(DP):
+                                    for e in T.unroll(EQ):  # (a pair past the tile reads the last row)
+                                        dots[e * DQ + i % DQ] = dots[e * DQ + i % DQ] + q_s[
+                                            T.min((e * NT + tx) // KC, R - 1), d0 * DP + i] * T.Cast(
+                                            "float32", k_s[js * (D + PK) + d0 * DP + i])
                             for e in T.unroll(EQ):
                                 if e * NT + tx < R * KC:
                                     rs: T.let[T.int32] = (e * NT + tx) // KC
-                                    js: T.let[T.int32] = (e * NT + tx) % KC
                                     j: T.let[T.int32] = j0 + js
                                     pos: T.let[T.int32] = positions[tok0 + T.min(rs // G, count - 1)]
                                     if (rs // G < count and j <= pos and j >= pos - window + 1
                                             and j >= key0 and j < key0 + nkeys):
-                                        # the dot product in DP interleaved partial sums (shorter chains)
-                                        for i in T.unroll(DP):
-                                            dots[i] = T.float32(0)
-                                        for d0 in T.serial(D // DP):
-                                            for i in T.unroll(DP):
-                                                dots[i] = dots[i] + q_s[rs, d0 * DP + i] * T.Cast(
-                                                    "float32", k_s[js * (D + PK) + d0 * DP + i])
                                         ml[2] = T.float32(0)
-                                        for i in T.unroll(DP):
-                                            ml[2] = ml[2] + dots[i]
+                                        for i in T.unroll(DQ):
+                                            ml[2] = ml[2] + dots[e * DQ + i]
                                         p_s[rs * (KC + 1) + js] = ml[2]
                                     else:
                                         p_s[rs * (KC + 1) + js] = T.float32(NEG)
