@@ -577,9 +577,10 @@ def norm_time(src: Path, dev, rng) -> list[dict]:
 
 def pickers_time(src: Path, dev, rng) -> list[dict]:
     """Device time of the argmax and of the sampler over Qwen3-sized logits rows, 1 and 16 rows: flat ones
-    (random-weight models' kind, where a top-p nucleus holds much of the vocabulary and the sampler reads
-    the whole row in each search step) and peaked ones (a trained model's kind: few candidates, searched in
-    shared memory)."""
+    (random-weight models' kind, where a top-p nucleus holds much of the vocabulary and the search starts
+    over the whole row) and peaked ones (a trained model's kind: few candidates, searched in shared memory),
+    each beside the pickers of ``PICKERS_BASE`` on the same inputs (the same ids unless a draw falls within
+    float32 rounding of a boundary)."""
     import tvm
 
     from bench.gpu_profile import profile_steps
