@@ -320,7 +320,8 @@ def split_key_tile(rows: int, head_dim: int, stage_dtype: str, shared_bytes: int
     step, a whole split; a 32-row prefill tile 16."""
     e = dtype_bytes(stage_dtype)
     for kc in (64, 32, 16):
-        need = rows * head_dim * 4 + kc * (2 * head_dim * e + 8) + 2 * rows * (kc + 1) * 4 + 8 * rows * kc
+        need = (rows * head_dim * 4 + kc * (2 * head_dim * e + 8) + rows * (kc + 1) * 4 + kc * -(-rows // 4) * 16
+                + 8 * rows * kc)
         if need <= shared_bytes:
             return kc
     return 16
@@ -419,6 +420,7 @@ def make_attention_gpu(
     LR = min(KC, 1 << (NT // R).bit_length() - 1)  # threads per row in the softmax
     ER, EK, EQ = -(-R * D // NT), -(-KC * D // (NT * VEC)), -(-R * KC // NT)  # per-thread elements of each tile
     DP = math.gcd(D, 4)  # K elements a step of the scores' loop
+    RW = -(-R // 4) * 4  # a key's row of softmax weights, padded to 16 bytes
     DQ = max(1, DP // EQ)  # partial sums per (row, key) pair in it
     assert NT % KC == 0, (NT, KC)  # a thread's pairs share their key
     NEG = -3.0e38
@@ -465,7 +467,9 @@ def make_attention_gpu(
                         k_s = T.alloc_buffer((KC * (D + PK),), SD, scope="shared")
                         v_s = T.alloc_buffer((KC, D), SD, scope="shared")
                         p_s = T.alloc_buffer((R * (KC + 1),), "float32", scope="shared")  # scores
-                        w_s = T.alloc_buffer((R * (KC + 1),), "float32", scope="shared")  # their softmax weights
+                        # their softmax weights, key-major: a key's rows side by side (RW), which P V reads
+                        # 16 bytes at a time
+                        w_s = T.alloc_buffer((KC * RW,), "float32", scope="shared")
                         alpha = T.alloc_buffer((R,), "float32", scope="shared")  # each row's rescale
                         red_m = T.alloc_buffer((R * LR,), "float32", scope="shared")  # lanes' maxima
                         red_s = T.alloc_buffer((R * LR,), "float32", scope="shared")  # lanes' weight sums
@@ -620,7 +624,7 @@ def make_attention_gpu(
                                     w: T.let[T.float32] = T.if_then_else(
                                         p_s[rw * (KC + 1) + jj * LR + ln] > T.float32(-1.0e38),
                                         T.exp(p_s[rw * (KC + 1) + jj * LR + ln] - ml[0]), T.float32(0))
-                                    w_s[rw * (KC + 1) + jj * LR + ln] = w
+                                    w_s[(jj * LR + ln) * RW + rw] = w
                                     sw[0] = sw[0] + w
                                 red_s[tx] = sw[0]
                             T.tvm_storage_sync("shared")
@@ -637,7 +641,7 @@ def make_attention_gpu(
                             for jv in T.serial(KC):
                                 for e in T.unroll(ER):
                                     if e * NT + tx < R * D:
-                                        acc[e] = acc[e] + w_s[(e * NT + tx) // D * (KC + 1) + jv] * T.Cast(
+                                        acc[e] = acc[e] + w_s[jv * RW + (e * NT + tx) // D] * T.Cast(
                                             "float32", v_s[jv, (e * NT + tx) % D])
                         T.tvm_storage_sync("shared")
                         for e in T.unroll(ER):
