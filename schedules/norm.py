@@ -18,7 +18,9 @@ GPU_THREADS = 256
 def make_add_rms_norm_gpu(hidden: int, dtype: str, weight_dtype: str, eps: float):
     """PrimFunc ``add_rms_norm(x[T,D], r[T,D], w[D], h[T,D], y[T,D])``: ``h = x + r`` and
     ``y = h / sqrt(mean(h^2) + eps) * w``. A block per token; each thread keeps its columns' sums in
-    float32 and a shared-memory tree adds the squares."""
+    float32 and ``block_sum`` adds the squares. The weight is read with ``x`` and ``r``, before the sum,
+    and parked in shared memory: read where it is used, after the sum's barriers, nvcc issued its loads
+    there, a second round trip to memory in every call (SASS, 2026-11-27)."""
     from tvm.script import tirx as T
 
     D, NT = hidden, threads_for(hidden, GPU_THREADS)
@@ -37,20 +39,27 @@ def make_add_rms_norm_gpu(hidden: int, dtype: str, weight_dtype: str, eps: float
         for t in T.thread_binding(ntok, thread="blockIdx.x"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 part = T.alloc_buffer((NT, 1), "float32", scope="shared")
+                ws = T.alloc_buffer((E * NT,), weight_dtype, scope="shared")  # this thread's weights, early
+                xr = T.alloc_buffer((3, E), "float32", scope="local")  # its x, r and weights as loaded
                 vals = T.alloc_buffer((E,), "float32", scope="local")  # this thread's h, as stored
                 sq = T.alloc_buffer((1,), "float32", scope="local")
                 sq[0] = T.float32(0)
+                for e in T.unroll(E):  # every load first: one round trip
+                    if e * NT + tx < D:
+                        xr[0, e] = T.Cast("float32", x[t, e * NT + tx])
+                        xr[1, e] = T.Cast("float32", r[t, e * NT + tx])
+                        xr[2, e] = T.Cast("float32", w[e * NT + tx])
                 for e in T.unroll(E):
                     if e * NT + tx < D:
-                        vals[e] = T.Cast("float32", T.Cast(dtype, T.Cast("float32", x[t, e * NT + tx])
-                                                           + T.Cast("float32", r[t, e * NT + tx])))
+                        vals[e] = T.Cast("float32", T.Cast(dtype, xr[0, e] + xr[1, e]))
                         h[t, e * NT + tx] = T.Cast(dtype, vals[e])
                         sq[0] = sq[0] + vals[e] * vals[e]
+                        ws[e * NT + tx] = T.Cast(weight_dtype, xr[2, e])
                 row_sum(part, sq, tx)
                 rstd: T.let[T.float32] = T.rsqrt(sq[0] / T.float32(D) + T.float32(eps))
                 for e in T.unroll(E):
                     if e * NT + tx < D:
-                        y[t, e * NT + tx] = T.Cast(dtype, vals[e] * rstd * T.Cast("float32", w[e * NT + tx]))
+                        y[t, e * NT + tx] = T.Cast(dtype, vals[e] * rstd * T.Cast("float32", ws[e * NT + tx]))
 
     return add_rms_norm
 
