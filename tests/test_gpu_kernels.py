@@ -699,7 +699,8 @@ def test_device_sampler_picks_the_reference_token(seed, vocab):
     two of several strided steps with a ragged last one, read 4 logits a load (5004) or 1 (5003). Half the
     rows are peaked (40 tokens 5-15 above the rest, as a trained model's are); with room for 1024
     candidates, the 1000-token rows always search the candidates in shared memory (multisection) and the
-    larger ones do where few pass the floor, the row otherwise (bisection)."""
+    larger ones do where few pass the floor, the row otherwise (a bisection; top-p's ends among the keys
+    left between its ends, copied to shared memory)."""
     rng = np.random.default_rng(seed)
     rows = 12
     logits = (rng.standard_normal((rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
