@@ -444,6 +444,21 @@ def make_attention_gpu(
         for i in T.vectorized(VEC):
             v_s[jk, dk + i] = T.Cast(SD, kv[e, 1, i])
 
+    @T.macro
+    def tile_keys(info, positions, pos_first, pos_last, seq_first, mb, ns, sp):
+        """``info[3:6]`` of a tile whose first and last tokens sit at positions ``pos_first`` and ``pos_last``:
+        the keys it needs, from the first token's window start to the last token's position, clipped to
+        split ``sp``'s range (first key, count), and with ``pdl`` the position of the sequence's first token
+        of this step (token ``seq_first``)."""
+        chunk: T.let[T.int32] = ((T.Cast("int32", mb) * BS + T.Cast("int32", ns) - 1)
+                                 // T.Cast("int32", ns) + KC - 1) // KC * KC
+        lo: T.let[T.int32] = T.max(T.max(pos_first - window + 1, 0), T.Cast("int32", sp) * chunk)
+        hi: T.let[T.int32] = T.min(pos_last + 1, (T.Cast("int32", sp) + 1) * chunk)
+        info[3] = lo // KC * KC
+        info[4] = T.max(hi - lo // KC * KC, 0)
+        if early:
+            info[5] = positions[seq_first]
+
     @T.prim_func(private=True)
     def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
                         pa_h: T.handle, pm_h: T.handle):
@@ -488,23 +503,36 @@ def make_attention_gpu(
                         acc = T.alloc_buffer((ER,), "float32", scope="local")
                         scan = T.alloc_buffer((4,), "int32", scope="local")  # tiles before b, found, ...
                         bt0 = T.alloc_buffer((EK,), "int32", scope="local")  # the key tile's blocks
-                        if tx == 0:
-                            find_tile(query_start, nbatch, tile, scan, info)
-                            if early:
-                                info[5] = 0
-                            if scan[1] == 1:
-                                # keys this tile needs: from the first token's window start to the last
-                                # token's position, clipped to this split's range
-                                chunk: T.let[T.int32] = ((T.Cast("int32", mb) * BS + T.Cast("int32", ns) - 1)
-                                                         // T.Cast("int32", ns) + KC - 1) // KC * KC
-                                lo: T.let[T.int32] = T.max(T.max(positions[scan[2]] - window + 1, 0),
-                                                           T.Cast("int32", sp) * chunk)
-                                hi: T.let[T.int32] = T.min(positions[scan[2] + scan[3] - 1] + 1,
-                                                           (T.Cast("int32", sp) + 1) * chunk)
-                                info[3] = lo // KC * KC
-                                info[4] = T.max(hi - lo // KC * KC, 0)
-                                if early:  # the sequence's first token: query_start[seq]
-                                    info[5] = positions[scan[2] - (T.Cast("int32", tile) - scan[0]) * QT]
+                        if QT == 1:
+                            # a decode tile is one token: tile t is token t. Thread i checks whether it is
+                            # sequence i's and, if so, fills info; its loads and the token's position go out
+                            # together, before any test (one round trip, where one thread walking the
+                            # sequences took one every few of them); thread 0 zeroes a tile past them
+                            t1: T.let[T.int32] = T.Cast("int32", tile)
+                            pos_t: T.let[T.int32] = positions[T.min(t1, T.Cast("int32", ntok) - 1)]
+                            end: T.let[T.int32] = query_start[nbatch]
+                            for i in T.serial((nbatch + NT - 1) // NT):
+                                if i * NT + tx < nbatch:
+                                    b: T.let[T.int32] = T.Cast("int32", i * NT + tx)
+                                    qs0: T.let[T.int32] = query_start[b]
+                                    qs1: T.let[T.int32] = query_start[b + 1]
+                                    if qs0 <= t1 and t1 < qs1:
+                                        info[0] = b
+                                        info[1] = t1
+                                        info[2] = 1
+                                        tile_keys(info, positions, pos_t, pos_t, qs0, mb, ns, sp)
+                            if tx == 0:
+                                if t1 >= end:
+                                    for i in T.serial(6):
+                                        info[i] = 0
+                        else:
+                            if tx == 0:
+                                find_tile(query_start, nbatch, tile, scan, info)
+                                if early:
+                                    info[5] = 0
+                                if scan[1] == 1:
+                                    tile_keys(info, positions, positions[scan[2]], positions[scan[2] + scan[3] - 1],
+                                              scan[2] - (T.Cast("int32", tile) - scan[0]) * QT, mb, ns, sp)
                         T.tvm_storage_sync("shared")
                         # no early exit: TVM plans barriers outside conditions only, so an absent tile
                         # (count 0) runs zero key tiles and writes nothing
