@@ -217,20 +217,10 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                     seen[u, v] = logits[r, tx * C + (c * U + u) * VL + v]
 
     @T.macro
-    def count_row(mine, seen, logits, r, tx, at_least):
-        """``mine[0]`` += how many of this thread's strided logits have a key >= ``at_least``."""
-        for c in T.serial(S):
-            load_strided(seen, logits, r, c, tx)
-            for u in T.unroll(U):
-                if ((c * U + u) * NT + tx) * VL < V:
-                    for v in T.unroll(VL):
-                        if key_of(seen[u, v]) >= at_least:
-                            mine[0] = mine[0] + T.float32(1)
-
-    @T.macro
     def mass_row(two, seen, logits, r, tx, above, at_least, count_from, top, inv_temp):
         """Over this thread's strided logits with a key >= ``at_least``: ``two[0]`` += the probabilities of
-        those with a key > ``above``, ``two[1]`` += how many have a key >= ``count_from``."""
+        those with a key > ``above``, ``two[1]`` += how many have a key >= ``count_from`` (a count alone:
+        ``above`` past every key, and no exponential is taken)."""
         for c in T.serial(S):
             load_strided(seen, logits, r, c, tx)
             for u in T.unroll(U):
@@ -494,10 +484,11 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                     count_up(part, sb, cand_val, n, tx, top_k, bounds, ms, one, mine, nxt)
                 for _it in T.serial(T.if_then_else(searching_k and not use_cand, 32, 0)):
                     mid: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
-                    mine[0] = T.float32(0)
-                    count_row(mine, seen, logits, r, tx, mid)
-                    block_sum(part, mine, tx)
-                    if T.Cast("int64", mine[0]) >= top_k:
+                    two[0] = T.float32(0)
+                    two[1] = T.float32(0)
+                    mass_row(two, seen, logits, r, tx, T.int64(KEY_MAX), mid, mid, best[0], inv_temp)
+                    block_sum2(part, two, tx)
+                    if T.Cast("int64", two[1]) >= top_k:
                         bounds[0] = mid
                     else:
                         bounds[1] = mid - 1
