@@ -127,7 +127,7 @@ def variant_name(fname: str, shape: str, layout, opts: dict) -> str:
                     + (["nx"] if opts.get("norm_next") else [])
                     + ([f"r{opts['rows_per_thread']}"] if "rows_per_thread" in opts else [])
                     + (["plain"] if opts.get("gated") is False else []) + (["dp4a"] if opts.get("dp4a") else [])
-                    + (["dp4aq"] if opts.get("dp4aq") else []))
+                    + (["dp4aq"] if opts.get("dp4aq") else []) + (["silu"] if opts.get("gate_out") else []))
 
 
 def prepare(dest: Path) -> None:
@@ -166,8 +166,10 @@ def prepare(dest: Path) -> None:
                 todo += [(todo[0][0], {"half_math": True}), (todo[0][0], {"half_math": True, "tokens": 1}),
                          (todo[0][0], {"dp4a": True, "tokens": 1}), (todo[0][0], {"dp4a": True}),  # and dp4a's,
                          (todo[0][0], {"dp4aq": True, "tokens": 1}), (todo[0][0], {"dp4aq": True})]  # in-lane too
-            if gated:  # the down GEMV reading SiLU·mul's output instead of computing it per block (at 4
-                todo.append((todo[0][0], {"gated": False}))  # tokens, 4x the exps of one, in every block)
+            if gated:  # the down GEMV reading SiLU·mul's output instead of computing it per block (what the
+                todo += [(todo[0][0], {"gated": False, "tokens": 1}), (todo[0][0], {"gated": False})]  # lowering
+            if shape == "gate_up":  # builds since 2026-11-27k, beside the gate|up GEMV writing that output)
+                todo += [(todo[0][0], {"gate_out": True, "tokens": 1}), (todo[0][0], {"gate_out": True})]
             for i, (layout, opts) in enumerate(todo):
                 name = variant_name(fname, shape, layout, opts)
                 opts = {"gated": gated, **opts}
@@ -299,7 +301,7 @@ def run(src: Path, out: Path) -> None:
                     inputs[key] = tvm.runtime.tensor(xh.astype(np.float16), dev)
                     inputs[key + ("float32",)] = tvm.runtime.tensor(xh.astype(np.float16).astype(np.float32), dev)
                 x = inputs[key + ("float32",)] if e.get("norm_eps") else inputs[key]
-                y = tvm.runtime.empty((ntok, n), "float16", dev)
+                y = tvm.runtime.empty((ntok, n // 2 if e.get("gate_out") else n), "float16", dev)
                 f = gemv
                 if e.get("dp4a"):  # its activations quantized first, as a model would: both kernels timed
                     bufs = [tvm.runtime.empty((ntok, k // 4), "int32", dev),
@@ -330,6 +332,8 @@ def run(src: Path, out: Path) -> None:
                 if e["picked"]:
                     picked_out[key] = got
                 ref = picked_out.get(key)
+                if e.get("gate_out") and ref is not None:  # SiLU·mul of the picked layout's gate|up output
+                    ref = ref[:, :n // 2] / (1 + np.exp(-ref[:, :n // 2])) * ref[:, n // 2:]
                 diff = None if ref is None else float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
                 turn = [0]
 
@@ -357,7 +361,8 @@ def run(src: Path, out: Path) -> None:
     (out / "gpu-kernels.json").write_text(json.dumps(report, indent=1))
     best: dict[tuple, dict] = {}
     for r in rows:
-        if "error" in r or r["name"].endswith("-plain"):  # plain: less work (no SiLU·mul), not a candidate
+        if "error" in r or r.get("gated") is False and r["shape"] == "down" or r.get("gate_out"):  # another
+            # split of the work (plain: no SiLU·mul; silu: SiLU·mul's output written), not a layout candidate
             continue
         key = (r["format"], r["shape"], r["tokens"])
         if key not in best or r["us"] < best[key]["us"]:

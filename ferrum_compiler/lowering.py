@@ -154,11 +154,16 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         # GEMV that added it in its epilogue
         norms: dict[str, tuple] = {}
         fused_adds: dict[str, object] = {}
+        # values a gate|up GEMV with gate_out made unnecessary (its slices and SiLU·mul) -> its output
+        gate_outs: dict[str, object] = {}
 
         attrs = _graph_attrs(graph_tokens[entry], graph_max_blocks) if entry in graph_tokens else None
         with bb.function(entry, fn_args, attrs=attrs):
             with bb.dataflow():
                 for op in graph.ops:
+                    if op.output in gate_outs:
+                        env[op.output] = gate_outs[op.output]
+                        continue
                     out = graph.values[op.output]
                     a = [env[i] for i in op.inputs]
                     k = op.kind
@@ -182,7 +187,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         skinny = skinny_gemm and wide_entry and _skinny_fits(graph, op, tensor_core_dtypes)
                         mma_op = entry in mma_entries and _mma_fits(graph, op)
                         gated = _gated_source(graph, producer, op.inputs[0]) if (gemv or skinny) and not mma_op \
-                            else None
+                            and op.inputs[0] not in gate_outs else None
                         if gated is not None:  # the GEMV applies SiLU·mul to the gate|up projection it reads
                             a = [env[gated]] + a[1:]
                         norm = norms.get(op.inputs[0]) if gated is None else None
@@ -190,6 +195,11 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                             a = [norm[0]] + a[1:]
                         res_add = _residual_add(graph, consumers, op, env) if gemv and gemv_norms else None
                         nxt = _deferred_norm(graph, consumers, res_add[0]) if res_add else None
+                        # a gate|up GEMV writes SiLU·mul's output itself (make_gemv_gpu's gate_out)
+                        gate = _silu_of(graph, producer, consumers, op) if gemv and not (
+                            mma_op or skinny or res_add or _dp4a_takes(graph, op, gemv, gemv_dp4a, norm)) else None
+                        if gate is not None:
+                            out = graph.values[gate.output]
                         x_dtype = graph.value(op.inputs[0]).dtype
                         # our tiled tensor-core GEMM where dlight's matmul schedule has none (bfloat16)
                         mma = x_dtype if x_dtype in tensor_core_dtypes and x_dtype not in DLIGHT_TC_DTYPES else ""
@@ -206,10 +216,14 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                     if nxt else None}
                             if k == "linear":
                                 r = _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
-                                            gated is not None, mma, **fuse, pdl=pdl)
+                                            gated is not None, mma, **fuse, pdl=pdl, gate_out=gate is not None)
                             else:
                                 r = _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv,
-                                             max_lanes, gated is not None, mma, **fuse, pdl=pdl, dp4a=gemv_dp4a)
+                                             max_lanes, gated is not None, mma, **fuse, pdl=pdl, dp4a=gemv_dp4a,
+                                             gate_out=gate is not None)
+                            if gate is not None:  # the slices and SiLU·mul are this GEMV's output
+                                r = bb.emit(r)
+                                gate_outs.update({v: r for v in (*gate.inputs, gate.output)})
                             if nxt:  # (h, h * the next norm's weight, partial sums of h^2)
                                 both = bb.emit(r)
                                 r = relax.TupleGetItem(both, 0)
@@ -448,6 +462,28 @@ def _gated_source(graph: Graph, producer: dict, name: str) -> str | None:
     return g.inputs[0]
 
 
+def _silu_of(graph: Graph, producer: dict, consumers: dict, op):
+    """The ``silu_mul`` op when linear ``op`` is a gate|up projection read only by it, through its two
+    slices (``_gated_source``) and nothing else: then the GEMV can write SiLU·mul's output itself."""
+    readers = consumers.get(op.output, [])
+    if len(readers) != 2 or any(r.kind != "slice" or len(consumers.get(r.output, [])) != 1 for r in readers):
+        return None
+    silu = consumers[readers[0].output][0]
+    if consumers[readers[1].output][0] is not silu or _gated_source(graph, producer, silu.output) != op.output:
+        return None
+    return silu
+
+
+def _dp4a_takes(graph: Graph, op, gemv: int, dp4a: str, norm=None, residual=None, norm_next=None) -> bool:
+    """Whether qlinear ``op`` runs on FERRUM_GEMV_DP4A's integer-dot GEMV (``dp4a`` its mode): a decode
+    entry's symmetric INT4 linear without bias or a folded norm or residual."""
+    if op.kind != "qlinear" or not (gemv and dp4a):
+        return False
+    fmt = _quant_format(op.attrs)
+    return (fmt.bits == 4 and fmt.sym and fmt.group_size % quant_sched.DP4A_BLOCK == 0 and not op.attrs["bias"]
+            and norm is None and residual is None and norm_next is None)
+
+
 def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
     """Whether linear ``op`` can run on ``make_skinny_gemm_gpu``: activations of a tensor-core dtype, a
     dense weight of the same dtype or a quantized one in the row layout, both dimensions multiples of 16."""
@@ -545,9 +581,10 @@ def _skinny(relax, kernel, graph, op, a, out, gated: bool):
 
 def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, gated: bool = False,
             mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = "",
-            norm_next: tuple | None = None):
-    """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens), the CPU kernel, our tiled GEMM
-    on tensor cores (``mma_dtype``) or a float32-accumulated matmul that dlight schedules."""
+            norm_next: tuple | None = None, gate_out: bool = False):
+    """A dense linear: our GEMV (``gemv`` > 0: in passes of that many tokens; ``gate_out``: a gate|up
+    projection writing SiLU·mul's output, ``out``), the CPU kernel, our tiled GEMM on tensor cores
+    (``mma_dtype``) or a float32-accumulated matmul that dlight schedules."""
     w = graph.value(op.inputs[1])
     n, k = w.shape
     has_bias = op.attrs["bias"]
@@ -556,13 +593,15 @@ def _linear(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_la
         x_dtype = "float32" if norm else graph.value(op.inputs[0]).dtype  # a deferred norm's xn
         b_dtype = graph.value(op.inputs[2]).dtype if has_bias else None
         fused = _gemv_fusion(norm, residual, pdl, norm_next)
-        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv, *_named(fused)),
+        gv = kernel(("gemv", k, n, w.dtype, x_dtype, out.dtype, b_dtype, gated, gemv, *_named(fused), gate_out),
                     lambda: quant_sched.make_gemv_gpu(k, n, None, w.dtype, x_dtype, out.dtype, b_dtype,
-                                                      max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
+                                                      max_lanes=max_lanes, gated=gated, tokens=gemv,
+                                                      gate_out=gate_out, **fused))
         # the partial sums it writes: one per block of its grid (laid out as a norm reader's when it is one)
         parts = quant_sched.gemv_row_blocks(k, n, None, w.dtype, gemv if norm else 0) if norm_next else 0
         return relax.call_tir(gv, _gemv_args(a, norm, residual, norm_next),
-                              _gemv_outputs(relax, a[0].ty.shape[0], n, out.dtype, norm_next, parts))
+                              _gemv_outputs(relax, a[0].ty.shape[0], n // 2 if gate_out else n, out.dtype,
+                                            norm_next, parts))
     if kernel_kind == "cpu":
         gv = kernel(("linear", k, n, w.dtype, out.dtype, has_bias),
                     lambda: linear_sched.make_linear_cpu(k, n, w.dtype, out.dtype, has_bias))
@@ -590,7 +629,7 @@ def _tiled_gemm(relax, kernel, graph, op, a, out, fmt, w_dtype: str, mma_dtype: 
 
 def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
              gated: bool = False, mma_dtype: str = "", norm: tuple | None = None, residual=None, pdl: str = "",
-             dp4a: str = "", norm_next: tuple | None = None):
+             dp4a: str = "", norm_next: tuple | None = None, gate_out: bool = False):
     at = op.attrs
     fmt = _quant_format(at)
     k, n = at["in_features"], at["out_features"]
@@ -606,8 +645,8 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
                     lambda: quant_sched.make_qlinear_r16_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype, int_dot_isa,
                                                              bits))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
-    if gemv and dp4a and fmt.bits == 4 and fmt.sym and fmt.group_size % quant_sched.DP4A_BLOCK == 0 and \
-            bias_dtype is None and norm is None and residual is None and norm_next is None:  # FERRUM_GEMV_DP4A
+    if _dp4a_takes(graph, op, gemv, dp4a, norm, residual, norm_next):  # FERRUM_GEMV_DP4A
+        assert not gate_out, "gate_out: not on dp4a"
         s_dtype = graph.value(op.inputs[2]).dtype
         rows = a[0].ty.shape[0]
         if dp4a == "lanes":
@@ -628,12 +667,14 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         s_dtype = graph.value(op.inputs[2]).dtype
         fused = _gemv_fusion(norm, residual, pdl, norm_next)
         gv = kernel(("qgemv", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype, s_dtype, gated,
-                     gemv, *_named(fused)),
+                     gemv, *_named(fused), gate_out),
                     lambda: quant_sched.make_gemv_gpu(k, n, fmt, "", x_dtype, out.dtype, bias_dtype, s_dtype,
-                                                      max_lanes=max_lanes, gated=gated, tokens=gemv, **fused))
+                                                      max_lanes=max_lanes, gated=gated, tokens=gemv,
+                                                      gate_out=gate_out, **fused))
         parts = quant_sched.gemv_row_blocks(k, n, fmt, "", gemv if norm else 0) if norm_next else 0
         return relax.call_tir(gv, _gemv_args(a, norm, residual, norm_next),
-                              _gemv_outputs(relax, a[0].ty.shape[0], n, out.dtype, norm_next, parts))
+                              _gemv_outputs(relax, a[0].ty.shape[0], n // 2 if gate_out else n, out.dtype,
+                                            norm_next, parts))
     if kernel_kind == "cpu":
         gv = kernel(("qlinear", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype),
                     lambda: quant_sched.make_qlinear_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype))

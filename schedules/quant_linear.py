@@ -955,7 +955,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                   layout: tuple[int, int, int] | None = None, half_math: bool = False,
                   prefetch: bool | None = None, tokens: int = GEMV_TOKENS, norm_eps: float | None = None,
                   norm_parts: int = 0, norm_next: str | None = None, residual: bool = False,
-                  rows_per_thread: int = GEMV_ROWS, pdl: str = ""):
+                  rows_per_thread: int = GEMV_ROWS, pdl: str = "", gate_out: bool = False):
     """PrimFunc ``gemv(x[T,K], w | (qweight, scales, [mins]), [bias[N],] out[T,N])`` for decode batches.
 
     A weight row is read in 16-byte chunks (32 INT4 values, 16 INT8, 8 float16). A team of ``k_lanes``
@@ -985,6 +985,14 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     With ``gated`` the activations are SiLU-gated first, read from the gate|up projection: ``x[T, 2K]``
     and the GEMV's input is ``silu(x[:, :K]) * x[:, K:]`` (float32, rounded to ``x_dtype`` as the separate
     SiLU·mul kernel stores it), so that kernel and its round trip through memory go.
+
+    With ``gate_out`` it is the gate|up projection whose output is SiLU·mul's, ``out[T, N / 2] = silu(x W_g^T)
+    * x W_u^T`` (``W`` = ``[W_g; W_u]``, each half rounded to ``out_dtype`` first, as stored, then
+    ``silu_mul``): the same numbers the down GEMV's ``gated`` reads made from the whole projection, but SiLU
+    taken once per output rather than by every team of the down GEMV that reads it (there, one exponential
+    per activation each step: ~40% of an INT4 down step's instructions in SASS), and half the bytes written
+    and read. A block's first half of rows are gate rows, its second half the matching up rows, so both
+    halves of an output meet in the block's reduction.
 
     A deferred RMSNorm (``lower(gemv_norms=True)``, an experiment): with ``norm_next`` (the next norm's
     weight dtype) the GEMV also writes, from each output ``h`` as stored, ``xn = h * norm_w`` (float32
@@ -1024,6 +1032,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     most 8 x 2047 stays within float16's 65504 whatever the activation.
     """
     import tvm
+    from tvm import tirx
     from tvm.script import tirx as T
 
     K, N, RB, TT = in_features, out_features, rows_per_thread, tokens
@@ -1035,6 +1044,10 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     KT, RT, U = layout or gemv_norm_layout(NC, N, TT if normed else 0, RB)
     assert KT >= TT * RB and KT & (KT - 1) == 0 and U >= 1, (KT, RT, U)
     NT, BR = KT * RT, RT * RB  # threads and rows of a block
+    # gate_out: I outputs, H gate rows and H up rows a block
+    I, H = N // 2, BR // 2
+    NO = I if gate_out else N  # output columns
+    assert not gate_out or (N % 2 == 0 and BR % 2 == 0), (N, BR)
     STEPS = -(-NC // KT)  # chunks per lane
     SG = -(-STEPS // U)  # step groups of U chunks per lane
     warps = -(-N // RB) * KT // 32
@@ -1071,6 +1084,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     assert not ((normed or residual or producer) and grouped) and not (normed and gated), \
         "norm/residual: plain GEMVs only"
     assert not normed or norm_parts >= 1, "a deferred norm needs its partial sums of squares"
+    assert not (gate_out and (grouped or residual or producer or gated)), "gate_out: a plain gate|up projection"
     SV = 4 if norm_parts % 4 == 0 and max_lanes >= 4 else 1  # partial sums per (16-byte) load
     PO = -(-N // BR)  # producer: the partial sums of squares it writes per token, one per block
     early_wait = bool(pdl) and not grouped  # the wait after the first weight loads (``pdl``)
@@ -1089,6 +1103,21 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
 
     def out_row(order, offsets, ex, i):
         return order[offsets[ex] + i] if grouped else i
+
+    # weight row of block-row ``v`` (``row0 + r``): itself, or with ``gate_out`` gate row ``v // BR * H + v % BR``
+    # for the block's first H and the matching up row (I further) for the rest; and whether it exists
+    def wrow(row0, r):
+        v = row0 + r
+        if not gate_out:
+            return v
+        return v // BR * H + v % BR + tirx.if_then_else(v % BR >= H, I - H, 0)
+
+    def wok(row0, r):
+        v = row0 + r
+        return v // BR * H + v % H < I if gate_out else v < N
+
+    def wout(row0, r):  # row0 + r's sum is an output this thread stores (gate_out: a gate row's)
+        return tirx.all(wok(row0, r), (row0 + r) % BR < H) if gate_out else wok(row0, r)
 
     def x_loader(n: int):
         """Macro ``(xs, up, x, xr, col, t, at)``: ``xs[t, at:at+n]`` = float32 of ``x[xr, col:col+n]``
@@ -1122,7 +1151,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
 
     @T.macro
     def body(x, ssi, w, wq, scales, mins, bias, offsets, order, res, nwn, out, xno, sso, ntok):
-        for blk in T.thread_binding((N + BR - 1) // BR, thread="blockIdx.x"):
+        for blk in T.thread_binding(-(-I // H) if gate_out else -(-N // BR), thread="blockIdx.x"):
           for ex in T.thread_binding(max(experts, 1), thread="blockIdx.y"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 red = T.alloc_buffer((NT * (JW + 1),), "float32", scope="shared")
@@ -1152,16 +1181,16 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                             for u in T.unroll(U):
                                 if (gl * U + u) * KT + tx % KT < NC:
                                     for r in T.unroll(RB):
-                                        if row0 + r < N:
+                                        if wok(row0, r):
                                             if quant:
                                                 for i in T.vectorized(4):
-                                                    raw[h, u, r, i] = wq[ex * N + row0 + r,
+                                                    raw[h, u, r, i] = wq[ex * N + wrow(row0, r),
                                                                       ((gl * U + u) * KT + tx % KT) * 4 + i]
                                             else:
                                                 for i0 in T.unroll(C // WV):
                                                     for i1 in T.vectorized(WV):
                                                         rawd[h, u, r, i0 * WV + i1] = w[
-                                                            ex * N + row0 + r,
+                                                            ex * N + wrow(row0, r),
                                                             ((gl * U + u) * KT + tx % KT) * C + i0 * WV + i1]
                             if early_wait:  # every thread, once: the first pass's first use of a group
                                 if p == 0 and gl == LAG:
@@ -1184,14 +1213,14 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                         for i in T.unroll(VW):
                                                             sx[t] = sx[t] + xs[t, i]
                                             for r in T.unroll(RB):
-                                                if row0 + r < N and half_math:
+                                                if wok(row0, r) and half_math:
                                                     for run in T.unroll(2):
                                                         for odd in T.unroll(2):
                                                             hw[T.Ramp((run * 2 + odd) * 2, 1, 2)] = half_pair(
                                                                 raw[(h + PF - LAG) % PF, u, r, wd], run, odd, magic)
                                                     hscale: T.let[T.float32] = T.Cast(
-                                                        "float32", scales[ex * N + row0 + r, ch * C // G]) * T.float32(
-                                                        1 / H_SHIFT)
+                                                        "float32", scales[ex * N + wrow(row0, r), ch * C // G]
+                                                    ) * T.float32(1 / H_SHIFT)
                                                     for t in T.unroll(TT):
                                                         if p * TT + t < count:
                                                             pair = (hw[T.Ramp(0, 1, 2)] * xs[t, T.Ramp(0, 1, 2)]
@@ -1201,13 +1230,13 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                             acc[t * RB + r] = acc[t * RB + r] + (
                                                                 T.Cast("float32", T.Shuffle([pair], [0]))
                                                                 + T.Cast("float32", T.Shuffle([pair], [1]))) * hscale
-                                                if row0 + r < N and not half_math:
+                                                if wok(row0, r) and not half_math:
                                                     for run in T.unroll(RUNS):
                                                         for b in T.unroll(4):
                                                             wv[run * 4 + b] = decode(
                                                                 raw[(h + PF - LAG) % PF, u, r, wd], run, b, magic)
                                                     scale: T.let[T.float32] = T.Cast(
-                                                        "float32", scales[ex * N + row0 + r, ch * C // G])
+                                                        "float32", scales[ex * N + wrow(row0, r), ch * C // G])
                                                     for t in T.unroll(TT):
                                                         if p * TT + t < count:
                                                             dot[0] = T.float32(0)
@@ -1218,7 +1247,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                             else:
                                                                 acc[t * RB + r] = (
                                                                     acc[t * RB + r] + dot[0] * scale + sx[t] *
-                                                                    mins[ex * N + row0 + r, ch * C // G])
+                                                                    mins[ex * N + wrow(row0, r), ch * C // G])
                                     else:
                                         for t in T.unroll(TT):
                                             if p * TT + t < count:
@@ -1226,7 +1255,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                     "int32", x_row(order, offsets, ex, p * TT + t))
                                                 load_chunk(xs, up, x, xr, ch * C, t, 0)
                                         for r in T.unroll(RB):
-                                            if row0 + r < N:
+                                            if wok(row0, r):
                                                 for i in T.unroll(C):
                                                     wv[i] = T.Cast("float32", rawd[(h + PF - LAG) % PF, u, r, i])
                                                 for t in T.unroll(TT):
@@ -1248,9 +1277,9 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                         if tx % KT < J:
                             sq[tx // KT * J + tx % KT] = T.float32(0)
                     if tx % KT < J:
-                        if p * TT + tx % KT // RB < count and row0 + tx % KT % RB < N:
+                        if p * TT + tx % KT // RB < count and wout(row0, tx % KT % RB):
                             orow: T.let[T.int32] = T.Cast("int32", out_row(order, offsets, ex, p * TT + tx % KT // RB))
-                            ocol: T.let[T.int32] = row0 + tx % KT % RB
+                            ocol: T.let[T.int32] = wrow(row0, tx % KT % RB)  # gate_out: the gate row
                             team: T.let[T.int32] = tx // KT * KT * (JW + 1)  # the team's sums in red
                             rstd: T.let[T.float32] = T.rsqrt(red[team + J + tx % KT // RB] / T.float32(K)
                                                              + T.float32(norm_eps or 0)) if normed else T.float32(1)
@@ -1258,7 +1287,14 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                 out_dtype, red[team + tx % KT] * rstd
                                 + (T.Cast("float32", bias[ocol]) if has_bias else T.float32(0))
                                 + (T.Cast("float32", res[orow, ocol]) if residual else T.float32(0))))
-                            out[orow, ocol] = T.Cast(out_dtype, hv)
+                            if gate_out:  # its up row's sum, H rows further in the block, as stored
+                                lr2: T.let[T.int32] = (row0 + tx % KT % RB) % BR + H
+                                hu: T.let[T.float32] = T.Cast("float32", T.Cast(
+                                    out_dtype, red[lr2 // RB * KT * (JW + 1) + tx % KT // RB * RB + lr2 % RB] * rstd
+                                    + (T.Cast("float32", bias[ocol + I]) if has_bias else T.float32(0))))
+                                out[orow, ocol] = T.Cast(out_dtype, silu_mul(hv, hu, out_dtype))
+                            else:
+                                out[orow, ocol] = T.Cast(out_dtype, hv)
                             if producer:  # the next norm's input less its 1 / rms, and the square
                                 xno[orow, ocol] = hv * T.Cast("float32", nwn[ocol])
                                 sq[tx // KT * J + tx % KT] = hv * hv
@@ -1296,7 +1332,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
         ssb = T.match_buffer(ss_h, (nx, PI), "float32")
         ordb = T.match_buffer(ord_h, (nrow,), "int32")
         rb = T.match_buffer(r_h, (nrow, N), out_dtype)
-        ob = T.match_buffer(o_h, (nrow, N), out_dtype)
+        ob = T.match_buffer(o_h, (nrow, NO), out_dtype)
         xob = T.match_buffer(xo_h, (nrow, N), "float32")
         sob = T.match_buffer(so_h, (nrow, PO), "float32")
         wq = T.decl_buffer((NW, WORDS), "uint32", data=w.data)  # a quantized row's 16-byte chunks as words

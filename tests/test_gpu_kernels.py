@@ -372,6 +372,34 @@ def test_gemv_eight_rows_per_thread(fmt, gated, tokens):
     np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k), rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt,half,ntok,tokens,layout,rows,normed", [
+    (None, 37, 5, 4, None, 4, False),  # a partial last block of the gate half, two passes of 4 tokens
+    (ql.QuantFormat(4, 32, True), 24, 3, 1, (16, 8, 2), 4, False),  # halves in separate teams
+    (ql.QuantFormat(4, 64, False), 5, 2, 1, (128, 1, 1), 4, True),  # one team: a thread's rows 0-1 gate, 2-3 up
+    (ql.QuantFormat(8, 16, False), 19, 6, 4, (32, 2, 1), 2, False),  # 2 rows a thread, mins
+    (ql.QuantFormat(4, 128, True), 40, 1, 1, None, 4, True)])
+def test_gemv_gate_out_matches_reference(fmt, half, ntok, tokens, layout, rows, normed):
+    """``gate_out``: the gate|up GEMV writes ``silu(gate) * up`` (``[T, N/2]``) instead of the projection,
+    each block's first half of rows gate rows and its second half the matching up rows: output widths that
+    leave a block's gate half partial, the halves in separate teams or in one thread's rows, a bias on both
+    halves (the up half's read ``N/2`` further), a deferred norm's ``rsqrt`` applied to both."""
+    rng = np.random.default_rng(half)
+    n = 2 * half
+    k = 3 * (fmt.group_size if fmt else 8) + (0 if fmt else 3)
+    x, tensors, b, y = _linear_case(rng, k, n, ntok, fmt, True, False)
+    ss = rng.uniform(0.1, 10, (ntok, 3)).astype(np.float32)
+    if normed:  # the deferred norm's partial sums of squares: y's dot products scaled by rsqrt(sum / K + eps)
+        y = (y - b) / np.sqrt(ss.sum(axis=1, keepdims=True, dtype=np.float64) / k + 1e-5) + b
+    ref = y[:, :half] / (1 + np.exp(-y[:, :half])) * y[:, half:]
+    out = np.full((ntok, half), np.nan, np.float32)
+    func = _kernel(("gemv-gate", k, n, fmt, ntok, tokens, layout, rows, normed), lambda: ql.make_gemv_gpu(
+        k, n, fmt, "float32", "float32", "float32", "float32", scale_dtype="float32", layout=layout,
+        tokens=tokens, rows_per_thread=rows, gate_out=True, norm_eps=1e-5 if normed else None,
+        norm_parts=3 if normed else 0))
+    gpu_emu.run(func, x, *([ss] if normed else []), *tensors, b, out)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.sqrt(k) * max(1, np.abs(ref).max() / 10), rtol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", [None, ql.QuantFormat(4, 128, True)])
 def test_gemv_float16_build(fmt):
     """The float16 build (activations held as float16 for dense weights, float16 scales), emulated with

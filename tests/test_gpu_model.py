@@ -57,6 +57,9 @@ def _decoder(variant: str):
         # every norm but the first (of the embeddings) and the last (of the logits rows): begun by the o or
         # down GEMV before it, finished by the q|k|v or gate|up GEMV after it
         assert sum("norm_next" in c for c in gemvs) == sum("norm_parts" in c for c in gemvs) == (3 if norms else 0)
+        # each layer's gate|up GEMV writes SiLU·mul's output (gate_out: its key's last field), which the down
+        # GEMV reads as it is: no SiLU·mul kernel, and no gated GEMV
+        assert [c.endswith("_True") for c in gemvs].count(True) == 2 and "silu_mul" not in mod[entry].script()
     if tc:  # decode_wide's linears: the tensor-core GEMM for few tokens, SiLU·mul read by the down one
         wide = mod["decode_wide"].script()
         assert "skinny" in wide and "matmul" not in wide and "silu_mul" not in wide
