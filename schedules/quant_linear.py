@@ -1155,6 +1155,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
           for ex in T.thread_binding(max(experts, 1), thread="blockIdx.y"):
             for tx in T.thread_binding(NT, thread="threadIdx.x"):
                 red = T.alloc_buffer((NT * (JW + 1),), "float32", scope="shared")
+                bsh = T.alloc_buffer((BR if has_bias else 1,), "float32", scope="shared")  # the block's biases
+                bl = T.alloc_buffer((1,), "float32", scope="local")  # ... this thread's, loaded early
                 acc = T.alloc_buffer((JW,), "float32", scope="local")
                 xs = T.alloc_buffer((TT, VW if quant else C), XS, scope="local")  # tokens' activations
                 up = T.alloc_buffer((2 * C,), x_dtype, scope="local")  # loaded x (gated: gate, up)
@@ -1192,6 +1194,10 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                         rawd[h, u, r, i0 * WV + i1] = w[
                                                             ex * N + wrow(row0, r),
                                                             ((gl * U + u) * KT + tx % KT) * C + i0 * WV + i1]
+                            if has_bias:  # with the first weights, not after the reduction's barriers
+                                if p == 0 and gl == LAG and tx % KT < RB:
+                                    if wok(row0, tx % KT):
+                                        bl[0] = T.Cast("float32", bias[wrow(row0, tx % KT)])
                             if early_wait:  # every thread, once: the first pass's first use of a group
                                 if p == 0 and gl == LAG:
                                     T.ptx.griddepcontrol.wait()
@@ -1272,6 +1278,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             part[v] = ssi[p * TT + t, (i * KT + tx % KT) * SV + v]
                                         for v in T.unroll(SV):
                                             acc[J + t] = acc[J + t] + part[v]
+                    if has_bias and tx % KT < RB:  # for the epilogue, past the reduction's barriers
+                        bsh[tx // KT * RB + tx % KT] = bl[0]
                     sums(red, acc, tx)
                     if producer:  # rows past N (and tokens past the count) add nothing
                         if tx % KT < J:
@@ -1285,13 +1293,13 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                              + T.float32(norm_eps or 0)) if normed else T.float32(1)
                             hv: T.let[T.float32] = T.Cast("float32", T.Cast(  # the output as stored
                                 out_dtype, red[team + tx % KT] * rstd
-                                + (T.Cast("float32", bias[ocol]) if has_bias else T.float32(0))
+                                + (bsh[(row0 + tx % KT % RB) % BR] if has_bias else T.float32(0))
                                 + (T.Cast("float32", res[orow, ocol]) if residual else T.float32(0))))
                             if gate_out:  # its up row's sum, H rows further in the block, as stored
                                 lr2: T.let[T.int32] = (row0 + tx % KT % RB) % BR + H
                                 hu: T.let[T.float32] = T.Cast("float32", T.Cast(
                                     out_dtype, red[lr2 // RB * KT * (JW + 1) + tx % KT // RB * RB + lr2 % RB] * rstd
-                                    + (T.Cast("float32", bias[ocol + I]) if has_bias else T.float32(0))))
+                                    + (bsh[lr2] if has_bias else T.float32(0))))
                                 out[orow, ocol] = T.Cast(out_dtype, silu_mul(hv, hu, out_dtype))
                             else:
                                 out[orow, ocol] = T.Cast(out_dtype, hv)
