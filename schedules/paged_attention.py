@@ -392,7 +392,11 @@ def make_attention_gpu(
     memory the key tile is sized for (``split_key_tile``).
 
     The first key tile's block-table entries are read with the queries, before that tile's loop step
-    (one dependent round trip fewer: a decode split is one tile). With ``pdl`` (CUDA sm_90, a programmatic
+    (one dependent round trip fewer: a decode split is one tile). In the decode entry points (one token a
+    tile) they are read earlier still, with the tile lookup's loads, on the guess that token ``t`` is
+    sequence ``t``'s (a decode step's) and the split's first key its range's start: a decode split then
+    waits on two round trips before its keys arrive, not three (SASS), and re-reads them where the guess
+    fails (a sequence with several tokens in the step, a window starting past the split's first tile). With ``pdl`` (CUDA sm_90, a programmatic
     dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits for the one before it only after
     staging the first key tile's keys and values at positions before the sequence's first token of this
     step: the tile lookup, positions and block tables are the step's inputs, copied in before any kernel
@@ -425,6 +429,11 @@ def make_attention_gpu(
     assert NT % KC == 0, (NT, KC)  # a thread's pairs share their key
     NEG = -3.0e38
     find_tile = _find_tile_macro(QT)
+    NG = -(-KC // BS) + 1  # blocks a tile of KC keys from any position spans, at most
+
+    def split_keys(mb, ns):
+        """Keys of one split: the block table's keys over ``ns`` splits, rounded up to the key tile."""
+        return ((T.Cast("int32", mb) * BS + T.Cast("int32", ns) - 1) // T.Cast("int32", ns) + KC - 1) // KC * KC
 
     @T.macro
     def load_key(cache, kv, e, blk, kh, j, dk):
@@ -450,14 +459,27 @@ def make_attention_gpu(
         the keys it needs, from the first token's window start to the last token's position, clipped to
         split ``sp``'s range (first key, count), and with ``pdl`` the position of the sequence's first token
         of this step (token ``seq_first``)."""
-        chunk: T.let[T.int32] = ((T.Cast("int32", mb) * BS + T.Cast("int32", ns) - 1)
-                                 // T.Cast("int32", ns) + KC - 1) // KC * KC
+        chunk: T.let[T.int32] = split_keys(mb, ns)
         lo: T.let[T.int32] = T.max(T.max(pos_first - window + 1, 0), T.Cast("int32", sp) * chunk)
         hi: T.let[T.int32] = T.min(pos_last + 1, (T.Cast("int32", sp) + 1) * chunk)
         info[3] = lo // KC * KC
         info[4] = T.max(hi - lo // KC * KC, 0)
         if early:
             info[5] = positions[seq_first]
+
+    @T.macro
+    def claim(info, positions, t1, b, nseq, qs0, qs1, pos_t, mb, ns, sp, guess):
+        """A one-token tile ``t1``: if sequence ``b`` (tokens ``qs0 .. qs1``) holds it, its bookkeeping, and
+        whether the block-table entries read on a guess (sequence ``guess``, the split's first key) are its.
+        One test (not one on ``b`` enclosing one on its tokens: nvcc moved their loads into that branch)."""
+        if b < nseq and qs0 <= t1 and t1 < qs1:
+            info[0] = b
+            info[1] = t1
+            info[2] = 1
+            tile_keys(info, positions, pos_t, pos_t, qs0, mb, ns, sp)
+            # (the first key tile is the split's own unless the window starts past it)
+            info[6] = T.Cast("int32", b == guess
+                             and pos_t - window + 1 < T.Cast("int32", sp) * split_keys(mb, ns) + KC)
 
     @T.prim_func(private=True)
     def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
@@ -499,7 +521,9 @@ def make_attention_gpu(
                         ml = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, scratch
                         # sequence, first token, tokens (0: no such tile), first key, keys, and with pdl the
                         # position of the sequence's first token of this step (the rows written this step)
-                        info = T.alloc_buffer((6,), "int32", scope="shared")
+                        # ... and 1 where the block-table entries read on a guess (btg) are the tile's
+                        info = T.alloc_buffer((7,), "int32", scope="shared")
+                        btg = T.alloc_buffer((NG,), "int32", scope="shared")
                         acc = T.alloc_buffer((ER,), "float32", scope="local")
                         scan = T.alloc_buffer((4,), "int32", scope="local")  # tiles before b, found, ...
                         bt0 = T.alloc_buffer((EK,), "int32", scope="local")  # the key tile's blocks
@@ -508,26 +532,38 @@ def make_attention_gpu(
                             # sequence i's and, if so, fills info; its loads and the token's position go out
                             # together, before any test (one round trip, where one thread walking the
                             # sequences took one every few of them); thread 0 zeroes a tile past them
+                            # The first NT sequences' bounds are loaded outside any loop (clamped, so
+                            # always in range): inside one, ptxas computed from the position before the
+                            # loop and so waited for it before issuing them (two round trips in SASS)
                             t1: T.let[T.int32] = T.Cast("int32", tile)
-                            pos_t: T.let[T.int32] = positions[T.min(t1, T.Cast("int32", ntok) - 1)]
+                            nseq: T.let[T.int32] = T.Cast("int32", nbatch)
+                            # In a decode step token t is sequence t's, and a split's first key is its
+                            # range's start (no window): the first key tile's block-table entries are read
+                            # on that guess with the lookup's loads, parked in shared memory (one round trip
+                            # fewer before the keys when it holds; the tile reads them again when not)
+                            guess: T.let[T.int32] = T.max(T.min(t1, nseq - 1), 0)
+                            g0: T.let[T.int32] = T.Cast("int32", sp) * split_keys(mb, ns) // BS
+                            bg: T.let[T.int32] = block_tables[guess, T.min(g0 + T.min(tx, NG - 1),
+                                                                           T.Cast("int32", mb) - 1)]
+                            qa: T.let[T.int32] = query_start[T.min(tx, nseq)]
+                            qb: T.let[T.int32] = query_start[T.min(tx + 1, nseq)]
                             end: T.let[T.int32] = query_start[nbatch]
-                            for i in T.serial((nbatch + NT - 1) // NT):
-                                if i * NT + tx < nbatch:
-                                    b: T.let[T.int32] = T.Cast("int32", i * NT + tx)
-                                    qs0: T.let[T.int32] = query_start[b]
-                                    qs1: T.let[T.int32] = query_start[b + 1]
-                                    if qs0 <= t1 and t1 < qs1:
-                                        info[0] = b
-                                        info[1] = t1
-                                        info[2] = 1
-                                        tile_keys(info, positions, pos_t, pos_t, qs0, mb, ns, sp)
+                            pos_t: T.let[T.int32] = positions[T.min(t1, T.Cast("int32", ntok) - 1)]
+                            claim(info, positions, t1, tx, nseq, qa, qb, pos_t, mb, ns, sp, guess)
+                            btg[T.min(tx, NG - 1)] = bg  # (no branch: threads past NG - 1 store its value again)
+                            for i in T.serial(1, (nseq + NT - 1) // NT):  # more sequences than threads
+                                if i * NT + tx < nseq:
+                                    b: T.let[T.int32] = i * NT + tx
+                                    claim(info, positions, t1, b, nseq, query_start[b], query_start[b + 1], pos_t, mb,
+                                          ns, sp, guess)
                             if tx == 0:
                                 if t1 >= end:
-                                    for i in T.serial(6):
+                                    for i in T.serial(7):
                                         info[i] = 0
                         else:
                             if tx == 0:
                                 find_tile(query_start, nbatch, tile, scan, info)
+                                info[6] = 0
                                 if early:
                                     info[5] = 0
                                 if scan[1] == 1:
@@ -542,11 +578,15 @@ def make_attention_gpu(
                         key0: T.let[T.int32] = info[3]
                         nkeys: T.let[T.int32] = info[4]
                         fresh: T.let[T.int32] = info[5] if early else 0  # keys from here on: written this step
+                        guessed: T.let[T.int32] = info[6]
                         for e in T.unroll(EK):
                             bt0[e] = 0
                             if (e * NT + tx) * VEC < KC * D:
                                 if (e * NT + tx) * VEC // D < nkeys:
-                                    bt0[e] = block_tables[seq, (key0 + (e * NT + tx) * VEC // D) // BS]
+                                    if guessed == 1:
+                                        bt0[e] = btg[(key0 + (e * NT + tx) * VEC // D) // BS - key0 // BS]
+                                    else:
+                                        bt0[e] = block_tables[seq, (key0 + (e * NT + tx) * VEC // D) // BS]
                         if early:  # everything above read the step's inputs only; the first key tile's rows
                             # written before this step are staged, then the wait
                             for e in T.unroll(EK):

@@ -83,18 +83,21 @@ def test_split_attention_matches_reference(seed, batch, heads, head_dim, block_s
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("ctx,qlen,splits,tile_tokens,pdl", [
-    ([600, 10, 33], [1, 1, 1], None, 0, ""),  # decode over long contexts: several splits, GQA group 4
-    ([100, 513], [2, 1], 5, 0, ""),  # more splits than some sequences have keys: empty splits merge to nothing
-    ([0, 40], [70, 1], None, 0, ""),  # a prefill spanning several query tiles beside a decode
-    ([600, 10, 33], [1, 1, 1], None, 1, ""),  # the decode entry points' kernel: one token per tile
-    ([100, 5], [3, 4], 3, 1, ""),  # ... also given a few tokens of one sequence (it takes up to 8)
-    ([600, 10, 33], [1, 1, 1], None, 1, "early"),  # ... waiting for the previous kernel (a no-op here) late
-    ([0, 40], [70, 1], None, 0, "late"),  # ... and letting the next one launch after that wait
+@pytest.mark.parametrize("ctx,qlen,splits,tile_tokens,pdl,window", [
+    ([600, 10, 33], [1, 1, 1], None, 0, "", 0),  # decode over long contexts: several splits, GQA group 4
+    ([100, 513], [2, 1], 5, 0, "", 0),  # more splits than some sequences have keys: empty splits merge to nothing
+    ([0, 40], [70, 1], None, 0, "", 0),  # a prefill spanning several query tiles beside a decode
+    # the decode entry points' kernel, one token per tile: token t is sequence t's, and the block-table
+    # entries it reads on that guess are the ones it uses
+    ([600, 10, 33], [1, 1, 1], None, 1, "", 0),
+    ([100, 5], [3, 4], 3, 1, "", 0),  # ... also given a few tokens of one sequence: the guess fails, re-read
+    ([600, 10, 33], [1, 1, 1], 2, 1, "", 100),  # ... a window starting past a split's first tile: re-read
+    ([600, 10, 33], [1, 1, 1], None, 1, "early", 0),  # ... waiting for the previous kernel (a no-op here) late
+    ([0, 40], [70, 1], None, 0, "late", 0),  # ... and letting the next one launch after that wait
 ])
-def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens, pdl):
+def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens, pdl, window):
     out, ref, part_ml = run_attention(np.random.default_rng(1), ctx, qlen, 32, 8, 64, 16, splits=splits,
-                                      tile_tokens=tile_tokens, pdl=pdl)
+                                      tile_tokens=tile_tokens, pdl=pdl, window=window)
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
     if splits == 5:  # sequence 0 (102 keys) leaves splits 1..4 of its tokens empty: max -3e38, sum 0
         assert (part_ml[:2, :, 1:, 0] < -1e38).all() and (part_ml[:2, :, 1:, 1] == 0).all()
