@@ -708,16 +708,16 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
                                                     relax.TensorType([ntok * k], "int32")]))
     weights, ids = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
 
-    def grouped(inp, fmt, tensors, kk, nn, x_div, gated=False):
+    def grouped(inp, fmt, tensors, kk, nn, x_div, gated=False, gate_out=False):
         # each stack's own (one may stay dense where the other is quantized: a width its groups do not divide)
         w_dtype = str(tensors[0].ty.dtype)
         s_dtype = str(tensors[1].ty.dtype) if fmt is not None else "float16"
-        out_ty = relax.TensorType([ntok * k, nn], "float32")
+        out_ty = relax.TensorType([ntok * k, nn // 2 if gate_out else nn], "float32")
         if gemv:
-            gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated),
+            gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated, gate_out),
                         lambda: quant_sched.make_gemv_gpu(kk, nn, fmt, str(w_dtype), str(inp.ty.dtype), "float32", None,
                                                           s_dtype, max_lanes=max_lanes, experts=E, x_div=x_div,
-                                                          gated=gated))
+                                                          gated=gated, gate_out=gate_out))
             return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order], out_ty))
         if kernel_kind != "cpu":
             gv = kernel(("grouped_gemm", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated, mma_dtype),
@@ -734,8 +734,12 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
     sorted_ = bb.emit(relax.call_tir(dispatch, [ids], outs))
     offsets, order = bb.emit(relax.TupleGetItem(sorted_, 0)), bb.emit(relax.TupleGetItem(sorted_, len(outs) - 1))
     tiles = bb.emit(relax.TupleGetItem(sorted_, 1)) if kernel_kind == "gpu" else None
+    if gemv:  # the gate|up GEMV writes SiLU·mul's output [S, I] (make_gemv_gpu's gate_out), read as it is
+        act = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k, gate_out=True)
+        return bb.emit_te(moe_sched.combine_te(k, out.dtype), weights,
+                          grouped(act, stacks[1][0], stacks[1][1], inter, d, 1), primfunc_name_hint="moe_combine")
     h = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k)  # [S, 2I]
-    if kernel_kind == "gpu":  # the down GEMV/GEMM applies SiLU·mul to the gate|up rows it reads
+    if kernel_kind == "gpu":  # the down GEMM applies SiLU·mul to the gate|up rows it reads
         y = grouped(h, stacks[1][0], stacks[1][1], inter, d, 1, gated=True)  # [S, D]
     else:
         gate = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[inter]))

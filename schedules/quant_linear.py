@@ -992,7 +992,8 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     taken once per output rather than by every team of the down GEMV that reads it (there, one exponential
     per activation each step: ~40% of an INT4 down step's instructions in SASS), and half the bytes written
     and read. A block's first half of rows are gate rows, its second half the matching up rows, so both
-    halves of an output meet in the block's reduction.
+    halves of an output meet in the block's reduction. With ``experts`` each expert's rows are its own
+    ``[W_g; W_u]`` (``N`` of them), and ``out`` is ``[S, N / 2]``.
 
     A deferred RMSNorm (``lower(gemv_norms=True)``, an experiment): with ``norm_next`` (the next norm's
     weight dtype) the GEMV also writes, from each output ``h`` as stored, ``xn = h * norm_w`` (float32
@@ -1084,7 +1085,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
     assert not ((normed or residual or producer) and grouped) and not (normed and gated), \
         "norm/residual: plain GEMVs only"
     assert not normed or norm_parts >= 1, "a deferred norm needs its partial sums of squares"
-    assert not (gate_out and (grouped or residual or producer or gated)), "gate_out: a plain gate|up projection"
+    assert not (gate_out and (residual or producer or gated)), "gate_out: a gate|up projection (or experts')"
     SV = 4 if norm_parts % 4 == 0 and max_lanes >= 4 else 1  # partial sums per (16-byte) load
     PO = -(-N // BR)  # producer: the partial sums of squares it writes per token, one per block
     early_wait = bool(pdl) and not grouped  # the wait after the first weight loads (``pdl``)

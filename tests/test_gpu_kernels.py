@@ -825,10 +825,12 @@ EXPERT_FORMATS = [None, ql.QuantFormat(4, 32, True), ql.QuantFormat(8, 32, False
 
 
 @pytest.mark.parametrize("fmt", EXPERT_FORMATS)
-@pytest.mark.parametrize("ntok,x_div", [(3, 2), (5, 1), (1, 2)])
-def test_grouped_gemv_after_gpu_dispatch(fmt, ntok, x_div):
+@pytest.mark.parametrize("ntok,x_div,gate_out", [(3, 2, False), (5, 1, False), (1, 2, False), (3, 2, True),
+                                                 (1, 2, True)])
+def test_grouped_gemv_after_gpu_dispatch(fmt, ntok, x_div, gate_out):
     """The GPU counting sort of the slots by expert, then the grouped GEMV: each slot gets its own expert's
-    rows applied to its token (x_div 2: gate_up over tokens; 1: down over slots)."""
+    rows applied to its token (x_div 2: gate_up over tokens; 1: down over slots); ``gate_out``: the gate|up
+    GEMV writing SiLU·mul of each expert's two halves."""
     num_experts, k, n, top_k = 8, 128, 20, 2
     rng = np.random.default_rng(ntok)
     slots = ntok * top_k
@@ -836,11 +838,14 @@ def test_grouped_gemv_after_gpu_dispatch(fmt, ntok, x_div):
     offsets, _, order = _dispatch(ids, num_experts)
     x = rng.standard_normal((ntok if x_div == top_k else slots, k)).astype(np.float32)
     tensors, dense = _experts(rng, fmt, num_experts, n, k)
-    out = np.full((slots, n), np.nan, np.float32)
-    func = _kernel(("grouped", fmt, x_div), lambda: ql.make_gemv_gpu(
-        k, n, fmt, "float32", "float32", "float32", None, scale_dtype="float32", experts=num_experts, x_div=x_div))
+    out = np.full((slots, n // 2 if gate_out else n), np.nan, np.float32)
+    func = _kernel(("grouped", fmt, x_div, gate_out), lambda: ql.make_gemv_gpu(
+        k, n, fmt, "float32", "float32", "float32", None, scale_dtype="float32", experts=num_experts, x_div=x_div,
+        gate_out=gate_out))
     gpu_emu.run(func, x, *tensors, offsets, order, out)
     ref = np.stack([x[s // x_div].astype(np.float64) @ dense[ids[s] * n:(ids[s] + 1) * n].T for s in range(slots)])
+    if gate_out:
+        ref = ref[:, :n // 2] / (1 + np.exp(-ref[:, :n // 2])) * ref[:, n // 2:]
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 

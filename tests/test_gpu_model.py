@@ -281,6 +281,10 @@ def test_gpu_moe_matches_interpreter(entry, tc):
     mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else (), skinny_gemm=tc))
     gemms = [f.script() for gv, f in mod.functions.items() if gv.name_hint.startswith("grouped_gemm")]
     assert len(gemms) == 2 and all(("T.tvm_mma_sync" in g) == tc for g in gemms)
+    # decode's experts: the gate|up GEMV writes SiLU·mul's output (gate_out, its key's last field), the down
+    # one reads it as it is
+    gemvs = [gv.name_hint for gv in mod.get_global_vars() if gv.name_hint.startswith("grouped_gemv")]
+    assert sorted(n.endswith("_True") for n in gemvs) == [False, True] and not any("True_False" in n for n in gemvs)
     out = gpu_emu.run_relax(mod, entry, *[inputs[n] for n in graph.inputs], *[params[n] for n in graph.params])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
