@@ -80,19 +80,23 @@ DTYPES = {"qwen3-0.6b-bf16": "bfloat16"}  # compile dtype where not the target's
 # "-fa" (FERRUM_FLASH_ATTENTION=1): forward's attention (prefill) in one pass on mma.sync instead of the
 # two-pass wmma kernel (bench/gpu_kernels.py times both alone first); "-gemm" (FERRUM_MMA_GEMM=1): forward's
 # dense and INT4 linears on the mma.sync GEMM instead of dlight's matmuls (the sweep's gemm-* rows time it).
+# "-merged" (FERRUM_MERGED_ATTENTION=1): decode's split attention merges its own splits (the last split block
+# of a token and KV head, counted with atomicAdd), no merge kernel; parity says whether the ordering holds.
 EXPERIMENT_FLAGS = {"-norms": ("FERRUM_GEMV_NORMS", "1"), "-pdl-late": ("FERRUM_PDL", "late"),
                     "-pdl-first": ("FERRUM_PDL", "first"), "-pdl-deep": ("FERRUM_PDL", "deep"),
                     "-pdl": ("FERRUM_PDL", "1"),
                     "-dp4ak": ("FERRUM_GEMV_DP4A", "kernel"), "-dp4a": ("FERRUM_GEMV_DP4A", "1"),
                     "-mmad": ("FERRUM_MMA_LINEAR", "decode"), "-mma": ("FERRUM_MMA_LINEAR", "1"),
                     "-fa": ("FERRUM_FLASH_ATTENTION", "1"),
-                    "-gemm": ("FERRUM_MMA_GEMM", "1")}  # a suffix before any it is part of
+                    "-gemm": ("FERRUM_MMA_GEMM", "1"),
+                    "-merged": ("FERRUM_MERGED_ATTENTION", "1")}  # a suffix before any it is part of
 EXPERIMENTS = tuple(f"{base}{suffix}" for base in ("qwen3-4b", "qwen3-4b-gptq")
                     for suffix in ("-pdl", "-pdl-late", "-norms")) + ("qwen3-4b-gptq-dp4a", "qwen3-4b-gptq-dp4ak",
                                                                      "qwen3-4b-mma", "qwen3-4b-mmad",
                                                                      "qwen3-4b-gptq-mma", "qwen3-4b-gptq-mmad",
                                                                      "qwen3-4b-fa", "qwen3-4b-gptq-fa",
-                                                                     "qwen3-4b-fa-gemm", "qwen3-4b-gptq-fa-gemm")
+                                                                     "qwen3-4b-fa-gemm", "qwen3-4b-gptq-fa-gemm",
+                                                                     "qwen3-4b-merged", "qwen3-4b-gptq-merged")
 PARITY_MAX_ABS, PARITY_MAX_KL = 0.1, 1e-3  # passed: 2-4e-2 and 1e-5 (float16/bfloat16 against float32)
 
 

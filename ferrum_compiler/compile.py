@@ -81,7 +81,8 @@ def compile_model(source: str, output: str | Path, options: CompileOptions = Com
     experiments: dict = {flag: value for flag, value in (
         ("gemv_norms", env.gemv_norms() and spec.kernel_kind == "gpu"), ("pdl", pdl),
         ("gemv_dp4a", dp4a if cuda else ""), ("mma_linear", mma if cuda else ""),
-        ("flash_attention", env.flash_attention() and cuda), ("mma_gemm", env.mma_gemm() and cuda)) if value}
+        ("flash_attention", env.flash_attention() and cuda), ("mma_gemm", env.mma_gemm() and cuda),
+        ("merged_attention", env.merged_attention() and cuda)) if value}
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -281,9 +282,10 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
     """Compile and export the library; returns, for GPU targets, the GPU code verifier's report and, for
     CUDA, ptxas's usage of every kernel (``gpu_build.ptxas_usage``; else None for either).
     ``experiments``: ``{"gemv_norms": True}``, ``{"pdl": mode}``, ``{"gemv_dp4a": mode}``, ``{"mma_linear":
-    mode}``, ``{"flash_attention": True}``, ``{"mma_gemm": True}`` (FERRUM_GEMV_NORMS, FERRUM_PDL's
-    ``env.PDL_MODES``, FERRUM_GEMV_DP4A's ``env.DP4A_MODES``, FERRUM_MMA_LINEAR's ``env.MMA_LINEAR_MODES``,
-    FERRUM_FLASH_ATTENTION, FERRUM_MMA_GEMM)."""
+    mode}``, ``{"flash_attention": True}``, ``{"mma_gemm": True}``, ``{"merged_attention": True}``
+    (FERRUM_GEMV_NORMS, FERRUM_PDL's ``env.PDL_MODES``, FERRUM_GEMV_DP4A's ``env.DP4A_MODES``,
+    FERRUM_MMA_LINEAR's ``env.MMA_LINEAR_MODES``, FERRUM_FLASH_ATTENTION, FERRUM_MMA_GEMM,
+    FERRUM_MERGED_ATTENTION)."""
     import tvm
 
     from .gpu_build import (GpuCodeVerifier, kernel_usage, prepare_cuda_build, preload_tensor_intrinsics,
@@ -302,7 +304,8 @@ def _build_library(graph, spec: TargetSpec, path: Path, debug: Path | None, max_
                          pdl=early, gemv_dp4a=str(flags.get("gemv_dp4a") or "") if cuda else "",
                          mma_linear=str(flags.get("mma_linear") or "") if cuda else "",
                          flash_attention=bool(flags.get("flash_attention")) and cuda,
-                         mma_gemm=bool(flags.get("mma_gemm")) and cuda)
+                         mma_gemm=bool(flags.get("mma_gemm")) and cuda,
+                         merged_attention=bool(flags.get("merged_attention")) and cuda)
     if debug is not None:
         (debug / "relax.py").write_text(mod.script())
     target = tvm.target.Target(spec.tvm_target)

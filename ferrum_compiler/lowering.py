@@ -57,7 +57,8 @@ DECODE_ONE_GRAPH_ENTRY = "decode_one_graph"
 def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_lanes: int = 16,
           graph_max_blocks: int = 0, tensor_core_dtypes: tuple[str, ...] = (), shared_bytes: int = 40 * 1024,
           skinny_gemm: bool = False, gemv_norms: bool = False, pdl: str = "", gemv_dp4a: str = "",
-          mma_linear: str = "", flash_attention: bool = False, mma_gemm: bool = False):
+          mma_linear: str = "", flash_attention: bool = False, mma_gemm: bool = False,
+          merged_attention: bool = False):
     """Build the Relax module for ``graph``; ``kernel_kind`` picks the CPU or GPU kernel variants,
     ``int_dot_isa`` the integer dot-product instructions of the CPU INT4 kernel ("r16" weights),
     ``max_lanes`` the widest vector a GPU kernel may load (Metal: 4) and ``shared_bytes`` the shared
@@ -86,7 +87,10 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
     (CUDA; FERRUM_MMA_GEMM): ``forward``'s dense linears of a tensor-core dtype and INT4 ones (float16
     activations), but the lm_head, on ``mma_linear.make_mma_gemm_gpu`` where the shape fits it
     (``_gemm_fits``), instead of dlight's matmuls (dequantizing ones for INT4) or, for bfloat16,
-    ``make_tiled_gemm_gpu``."""
+    ``make_tiled_gemm_gpu``. ``merged_attention`` (CUDA): the decode entries' split attention merges its
+    splits itself (``make_attention_gpu(merged=True)``: the last split block of a token and KV head, counted
+    on a zeroed ``[T, KV heads]`` int32 tensor made once per step and passed from layer to layer in place),
+    so no merge kernel runs."""
     import tvm
     from tvm import relax, tirx
     from tvm import te
@@ -156,6 +160,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
         fused_adds: dict[str, object] = {}
         # values a gate|up GEMV with gate_out made unnecessary (its slices and SiLU·mul) -> its output
         gate_outs: dict[str, object] = {}
+        counters: list = []  # merged_attention: the step's split counters, as the last attention left them
 
         attrs = _graph_attrs(graph_tokens[entry], graph_max_blocks) if entry in graph_tokens else None
         with bb.function(entry, fn_args, attrs=attrs):
@@ -275,7 +280,8 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                                              appended=qkv is not None,
                                              tensor_cores=tc_attention and out.dtype in tensor_core_dtypes,
                                              decode=entry != ENTRY, max_lanes=max_lanes, shared_bytes=shared_bytes,
-                                             pdl=pdl, flash=flash_attention)
+                                             pdl=pdl, flash=flash_attention,
+                                             counters=counters if merged_attention and entry != ENTRY else None)
                     elif k == "silu_mul":
                         r = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), a[0], a[1], primfunc_name_hint="silu_mul")
                     elif k == "add" and op.output in fused_adds:
@@ -808,12 +814,14 @@ def uses_tc_attention(graph: Graph, tensor_core_dtypes: tuple[str, ...]) -> bool
 
 def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended: bool = False,
                      tensor_cores: bool = False, decode: bool = False, max_lanes: int = 16,
-                     shared_bytes: int = 40 * 1024, pdl: str = "", flash: bool = False):
+                     shared_bytes: int = 40 * 1024, pdl: str = "", flash: bool = False, counters: list | None = None):
     """The KV append (unless ``appended``: ``_qkv_append`` wrote the cache) and the attention: on GPUs
     the tensor-core kernel when ``tensor_cores`` and the head fits it (``flash``: the one-pass mma.sync
     kernel where the head fits that), else split-KV partials and their merge, with one query token per tile
     in the ``decode`` entry points (their tokens are mostly one per sequence); ``pdl`` (a FERRUM_PDL mode):
-    the split kernel waits for the kernel before it after reading the step's inputs."""
+    the split kernel waits for the kernel before it after reading the step's inputs. ``counters`` (a list,
+    decode entries with ``merged_attention``): the split kernel merges itself, counting its blocks on the
+    step's zeroed counters (made at the first attention, ``counters[0]`` after each)."""
     q, k, v, cache, positions, query_start, block_tables, slot_mapping = a
     cv = graph.value(op.inputs[3])
     _, _, kv_heads, block_size, head_dim = cv.shape
@@ -838,15 +846,24 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
         ntok, max_blocks = q.ty.shape[0], block_tables.ty.shape[1]
         splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)
         tile = 1 if decode else 0  # 0: the kernel's default
+        merged = counters is not None and decode
         split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale,
-                        tile, max_lanes, shared_bytes, *(["pdl", pdl] if pdl else [])),
+                        tile, max_lanes, shared_bytes, *(["pdl", pdl] if pdl else []), *(["merged"] if merged else [])),
                        lambda: attn_sched.make_attention_gpu(heads, kv_heads, head_dim, block_size, dtype,
                                                              sliding_window=window, scale=scale, cache_dtype=cdtype,
                                                              tile_tokens=tile, max_lanes=max_lanes,
-                                                             shared_bytes=shared_bytes, pdl=pdl))
-        parts = bb.emit(relax.call_tir(split, [q, cache, positions, query_start, block_tables],
-                                       [relax.TensorType([ntok, heads, splits, head_dim], "float32"),
-                                        relax.TensorType([ntok, heads, splits, 2], "float32")]))
+                                                             shared_bytes=shared_bytes, pdl=pdl, merged=merged))
+        parts_ty = [relax.TensorType([ntok, heads, splits, head_dim], "float32"),
+                    relax.TensorType([ntok, heads, splits, 2], "float32")]
+        if merged:  # one kernel: the counters in place, the partials (scratch) and the output
+            assert counters is not None
+            if not counters:
+                counters.append(bb.emit(relax.op.zeros(relax.ShapeExpr([ntok, kv_heads]), "int32")))
+            done = bb.emit(relax.call_tir_inplace(split, [q, cache, positions, query_start, block_tables, counters[0]],
+                                                  [5, -1, -1, -1], [counters[0].ty, *parts_ty, q.ty]))
+            counters[0] = bb.emit(relax.TupleGetItem(done, 0))
+            return relax.TupleGetItem(done, 3)
+        parts = bb.emit(relax.call_tir(split, [q, cache, positions, query_start, block_tables], parts_ty))
         merge = kernel(("attention_merge", heads, head_dim, dtype),
                        lambda: attn_sched.make_attention_merge_gpu(heads, head_dim, dtype))
         return relax.call_tir(merge, [bb.emit(relax.TupleGetItem(parts, 0)), bb.emit(relax.TupleGetItem(parts, 1))],

@@ -167,7 +167,9 @@ def _inspect(args: argparse.Namespace) -> int:
                                          ("forward's attention in one pass on mma.sync (FERRUM_FLASH_ATTENTION)",
                                           d["compile_options"].get("flash_attention")),
                                          ("forward's linears on the mma.sync GEMM (FERRUM_MMA_GEMM)",
-                                          d["compile_options"].get("mma_gemm"))) if on]
+                                          d["compile_options"].get("mma_gemm")),
+                                         ("decode's split attention merging itself (FERRUM_MERGED_ATTENTION)",
+                                          d["compile_options"].get("merged_attention"))) if on]
     if experiments:
         lines.append(f"experiments {'; '.join(experiments)}")
     print("\n".join(lines))

@@ -116,6 +116,18 @@ def mma_gemm() -> bool:
     return _flag("FERRUM_MMA_GEMM")
 
 
+def merged_attention() -> bool:
+    """FERRUM_MERGED_ATTENTION=1 at ``ferrum compile`` (CUDA targets; an experiment, off until a GPU says it
+    is right and pays): the decode entries' split attention merges its own splits, the last split block of
+    each token and KV head to count itself on a zeroed counter (``make_attention_gpu(merged=True)``), so
+    the merge kernel, one launch per decoder layer (1.9 us each and a gap on an H200 at 384 keys,
+    docs/bench/2026-11-26d-gpu-h200.md), goes. Off by default because its correctness rests on
+    ``__threadfence`` and ``atomicAdd`` ordering across blocks, which the tests' emulator, running blocks one
+    after another, cannot show wrong. Recorded in the manifest's ``compile_options``
+    (``merged_attention``)."""
+    return _flag("FERRUM_MERGED_ATTENTION")
+
+
 PDL_MODES = ("early", "late", "first", "deep")
 
 

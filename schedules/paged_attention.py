@@ -369,9 +369,17 @@ def make_attention_gpu(
     max_lanes: int = 16,
     shared_bytes: int = 40 * 1024,
     pdl: str = "",
+    merged: bool = False,
 ):
     """PrimFunc ``attention_split(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
     part_acc[T,H,S,D] f32, part_ml[T,H,S,2] f32)``: unnormalised partial attention per KV split.
+
+    With ``merged`` (CUDA, one token a tile) it is ``attention_merged(q, cache, positions, query_start,
+    block_tables, counters[T, KVH] int32, part_acc, part_ml, out[T,H,D])``, ``counters`` zeros in and out
+    (in place): each split block, once its partials are written, fences them and counts itself on
+    ``counters[token, kv head]`` (``atomicAdd``); the one that counts last merges the tile's splits into
+    ``out`` as ``make_attention_merge_gpu`` does (``_merge_macro``) and sets the counter back to 0 for the
+    next layer's kernel. The merge kernel, its launch and the gap before it go (one per decoder layer).
 
     Grid: (query tiles, KV heads, splits S), 128 threads. A tile is up to ``gpu_tile_tokens`` consecutive
     query tokens of one sequence with all ``group`` query heads of one KV head (tiles are numbered
@@ -405,6 +413,7 @@ def make_attention_gpu(
     mode: ``early`` lets the next kernel launch first thing (the launch pass adds that), ``late`` right
     after this kernel's wait.
     """
+    import tvm
     from tvm.script import tirx as T
 
     G, sm_scale, window = _attention_params(num_heads, kv_heads, head_dim, sliding_window, scale)
@@ -427,6 +436,8 @@ def make_attention_gpu(
     RW = -(-R // 4) * 4  # a key's row of softmax weights, padded to 16 bytes
     DQ = max(1, DP // EQ)  # partial sums per (row, key) pair in it
     assert NT % KC == 0, (NT, KC)  # a thread's pairs share their key
+    assert not merged or QT == 1, "merged: one token a tile (its counter is the token's)"
+    merge = _merge_macro()
     NEG = -3.0e38
     find_tile = _find_tile_macro(QT)
     NG = -(-KC // BS) + 1  # blocks a tile of KC keys from any position spans, at most
@@ -481,23 +492,16 @@ def make_attention_gpu(
             info[6] = T.Cast("int32", b == guess
                              and pos_t - window + 1 < T.Cast("int32", sp) * split_keys(mb, ns) + KC)
 
-    @T.prim_func(private=True)
-    def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
-                        pa_h: T.handle, pm_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        ntok, nb, nbatch, mb, ns = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        q = T.match_buffer(q_h, (ntok, H, D), dtype)
-        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), cdtype)
-        positions = T.match_buffer(p_h, (ntok,), "int32")
-        query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
-        block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
-        part_acc = T.match_buffer(pa_h, (ntok, H, ns, D), "float32")
-        part_ml = T.match_buffer(pm_h, (ntok, H, ns, 2), "float32")
+    @T.macro
+    def body(q, cache, positions, query_start, block_tables, counters, part_acc, part_ml, out, ntok, nbatch, mb, ns):
         for tile in T.thread_binding((ntok + QT - 1) // QT + nbatch, thread="blockIdx.x"):
             for kh in T.thread_binding(KVH, thread="blockIdx.y"):
                 for sp in T.thread_binding(ns, thread="blockIdx.z"):
                     for tx in T.thread_binding(NT, thread="threadIdx.x"):
                         q_s = T.alloc_buffer((R, D), "float32", scope="shared")
+                        flag = T.alloc_buffer((1,), "int32", scope="shared")  # merged: splits done before
+                        st = T.alloc_buffer((4,), "float32", scope="local")  # ... and the merge's sums
+                        grp = T.alloc_buffer((3, MERGE_GROUP), "float32", scope="local")
                         # K rows padded by 8 bytes (PK), the scores' rows by one word: the threads scoring
                         # neighbouring keys (and the threads scanning neighbouring rows' scores) read
                         # different banks (flat: TVM would compact a 2-D buffer's never-read padding away)
@@ -721,8 +725,51 @@ def make_attention_gpu(
                             if tx // LR // G < count:
                                 part_ml[tok0 + tx // LR // G, kh * G + tx // LR % G, sp, 0] = ml[0]
                                 part_ml[tok0 + tx // LR // G, kh * G + tx // LR % G, sp, 1] = ml[1]
+                        if merged:  # the tile's last split to finish merges them all (threadFenceReduction)
+                            T.evaluate(T.call_extern("void", "__threadfence"))  # this thread's partials out
+                            T.tvm_storage_sync("shared")
+                            if tx == 0:
+                                flag[0] = -1
+                                if count > 0:
+                                    flag[0] = T.call_extern("int32", "atomicAdd", T.address_of(counters[tok0, kh]),
+                                                            1)
+                            T.tvm_storage_sync("shared")
+                            arrived: T.let[T.int32] = flag[0]
+                            if arrived == T.Cast("int32", ns) - 1:
+                                T.evaluate(T.call_extern("void", "__threadfence"))
+                                for e in T.unroll(ER):
+                                    if e * NT + tx < R * D:
+                                        rm: T.let[T.int32] = (e * NT + tx) // D
+                                        if rm // G < count:
+                                            merge(part_acc, part_ml, tok0 + rm // G, kh * G + rm % G, (e * NT + tx) % D,
+                                                  ns, st, grp)
+                                            out[tok0 + rm // G, kh * G + rm % G, (e * NT + tx) % D] = T.Cast(
+                                                dtype, st[2] / st[1])
+                                if tx == 0:  # for the next layer's kernel
+                                    counters[tok0, kh] = 0
 
-    return attention_split
+    # one signature for both forms; without ``merged`` the counters and the output are dropped below
+    @T.prim_func(private=True)
+    def attention_split(q_h: T.handle, c_h: T.handle, p_h: T.handle, qs_h: T.handle, bt_h: T.handle,
+                        n_h: T.handle, pa_h: T.handle, pm_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        ntok, nb, nbatch, mb, ns = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (ntok, H, D), dtype)
+        cache = T.match_buffer(c_h, (nb, 2, KVH, BS, D), cdtype)
+        positions = T.match_buffer(p_h, (ntok,), "int32")
+        query_start = T.match_buffer(qs_h, (nbatch + 1,), "int32")
+        block_tables = T.match_buffer(bt_h, (nbatch, mb), "int32")
+        counters = T.match_buffer(n_h, (ntok, KVH), "int32")
+        part_acc = T.match_buffer(pa_h, (ntok, H, ns, D), "float32")
+        part_ml = T.match_buffer(pm_h, (ntok, H, ns, 2), "float32")
+        out = T.match_buffer(o_h, (ntok, H, D), dtype)
+        body(q, cache, positions, query_start, block_tables, counters, part_acc, part_ml, out, ntok, nbatch, mb, ns)
+
+    if merged:
+        return attention_split
+    q_h, c_h, p_h, qs_h, bt_h, _, pa_h, pm_h, _ = attention_split.params
+    return tvm.tirx.PrimFunc([q_h, c_h, p_h, qs_h, bt_h, pa_h, pm_h], attention_split.body, attention_split.ret_type,
+                             attention_split.attrs)
 
 
 # Tensor-core prefill attention (CUDA): 4 warps, 64 query rows per block, 32 keys per step
@@ -1229,19 +1276,58 @@ def make_prefill_attention_mma(
 MERGE_GROUP = 8  # splits whose partials make_attention_merge_gpu loads at once
 
 
+def _merge_macro():
+    """Macro ``(part_acc, part_ml, tok, h, d, ns, st, grp)``: output element ``d`` of head ``h`` of token
+    ``tok`` from its ``ns`` splits' partials, ``st[2] / st[1]`` (``st``: local float32[4], ``grp``: local
+    float32[3, MERGE_GROUP]). One pass over the splits, ``MERGE_GROUP`` at a time: a group's maxima, sums
+    and partial outputs are all loaded (predicated, no remainder loop) before any is used, and the running
+    sums are rescaled to the group's new maximum once (an online softmax over the splits)."""
+    from tvm.script import tirx as T
+
+    SG = MERGE_GROUP
+
+    @T.macro
+    def merge(part_acc, part_ml, tok, h, d, ns, st, grp):
+        st[0] = T.float32(-3.0e38)
+        st[1] = T.float32(0)
+        st[2] = T.float32(0)
+        for g in T.serial((ns + SG - 1) // SG):
+            # the partial outputs and sums first, the maxima last: the compiler issues them in this order and
+            # the first use waits on a maximum (an absent split weighs nothing: max -3e38, sums 0)
+            for u in T.unroll(SG):
+                grp[2, u] = T.float32(0)
+                if g * SG + u < ns:
+                    grp[2, u] = part_acc[tok, h, g * SG + u, d]
+            for k in T.unroll(2):
+                for u in T.unroll(SG):
+                    grp[1 - k, u] = T.Select(k == 0, T.float32(0), T.float32(-3.0e38))
+                    if g * SG + u < ns:
+                        grp[1 - k, u] = part_ml[tok, h, g * SG + u, 1 - k]
+            st[3] = st[0]  # the old maximum
+            for u in T.unroll(SG):
+                st[0] = T.max(st[0], grp[0, u])
+            st[1] = st[1] * T.exp(st[3] - st[0])
+            st[2] = st[2] * T.exp(st[3] - st[0])
+            for u in T.unroll(SG):
+                st[1] = st[1] + T.exp(grp[0, u] - st[0]) * grp[1, u]
+                st[2] = st[2] + T.exp(grp[0, u] - st[0]) * grp[2, u]
+
+    return merge
+
+
 def make_attention_merge_gpu(num_heads: int, head_dim: int, dtype: str):
     """PrimFunc ``attention_merge(part_acc[T,H,S,D], part_ml[T,H,S,2], out[T,H,D])``: one block per
     (token, head), a thread per output element: ``sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s``.
 
-    One pass over the splits, ``MERGE_GROUP`` at a time: a group's maxima, sums and partial outputs are
-    all loaded (predicated, no remainder loop) before any is used, and the running sums are rescaled to
-    the group's new maximum once (an online softmax over the splits). A decode step's 6 splits are one
-    round trip to memory; two loops (the maximum, then the sums), each unrolled by 4 with a remainder loop
-    of one load at a time, took 6 (SASS, 2026-11-27)."""
+    One pass over the splits (``_merge_macro``): a decode step's 6 splits are one round trip to memory;
+    two loops (the maximum, then the sums), each unrolled by 4 with a remainder loop of one load at a time,
+    took 6 (SASS, 2026-11-27). CUDA decode builds merge in the split kernel instead
+    (``make_attention_gpu(merged=True)``)."""
     from tvm.script import tirx as T
 
     H, D, SG = num_heads, head_dim, MERGE_GROUP
     NT = min(D, GPU_THREADS)
+    merge = _merge_macro()
 
     @T.prim_func(private=True)
     def attention_merge(pa_h: T.handle, pm_h: T.handle, o_h: T.handle):
@@ -1256,30 +1342,7 @@ def make_attention_merge_gpu(num_heads: int, head_dim: int, dtype: str):
                 grp = T.alloc_buffer((3, SG), "float32", scope="local")  # a group's maxima, sums, outputs
                 for d0 in T.serial((D + NT - 1) // NT):
                     if d0 * NT + tx < D:
-                        st[0] = T.float32(-3.0e38)
-                        st[1] = T.float32(0)
-                        st[2] = T.float32(0)
-                        for g in T.serial((ns + SG - 1) // SG):
-                            # the partial outputs and sums first, the maxima last: the compiler issues them
-                            # in this order and the first use waits on a maximum (an absent split weighs
-                            # nothing: max -3e38, sums 0)
-                            for u in T.unroll(SG):
-                                grp[2, u] = T.float32(0)
-                                if g * SG + u < ns:
-                                    grp[2, u] = part_acc[th // H, th % H, g * SG + u, d0 * NT + tx]
-                            for k in T.unroll(2):
-                                for u in T.unroll(SG):
-                                    grp[1 - k, u] = T.Select(k == 0, T.float32(0), T.float32(-3.0e38))
-                                    if g * SG + u < ns:
-                                        grp[1 - k, u] = part_ml[th // H, th % H, g * SG + u, 1 - k]
-                            st[3] = st[0]  # the old maximum
-                            for u in T.unroll(SG):
-                                st[0] = T.max(st[0], grp[0, u])
-                            st[1] = st[1] * T.exp(st[3] - st[0])
-                            st[2] = st[2] * T.exp(st[3] - st[0])
-                            for u in T.unroll(SG):
-                                st[1] = st[1] + T.exp(grp[0, u] - st[0]) * grp[1, u]
-                                st[2] = st[2] + T.exp(grp[0, u] - st[0]) * grp[2, u]
+                        merge(part_acc, part_ml, th // H, th % H, d0 * NT + tx, ns, st, grp)
                         out[th // H, th % H, d0 * NT + tx] = T.Cast(dtype, st[2] / st[1])
 
     return attention_merge

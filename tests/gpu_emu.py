@@ -71,6 +71,9 @@ _DP4A = ("int ferrum_dp4a(int a, int b, int c) {\n  char4 x = as_char4(a), y = a
 _BYTE_PERM = ("uint ferrum_byte_perm(uint x, uint y, uint s) {\n  ulong v = ((ulong)y << 32) | x;\n  uint r = 0;\n"
               "  for (int i = 0; i < 4; ++i) r |= (uint)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);\n"
               "  return r;\n}\n")
+# CUDA's ``__threadfence()``: this thread's global writes are seen by every other block before its later
+# ones (the split attention's merge by the last block counts on it)
+_THREADFENCE = "void ferrum_threadfence() {\n  mem_fence(CLK_GLOBAL_MEM_FENCE);\n}\n"
 # a float16 pair made from a 32-bit word's bits (INT4 nibbles OR-ed into 1024's: make_mma_linear_gpu):
 # TVM writes ``(*(half2 *)(&(v)))``, which with half stored as float would read 8 bytes; each half's bits
 # become the float of the same value instead (normal and zero halves: the decodes make no others)
@@ -334,9 +337,10 @@ def build(func):
                         source)
     if "(*(half2 *)(&(" in source:  # a float16 pair from its bits: with half stored as float, a pun reads 8
         source = _HALF2_BITS + _HALF2_PUN.sub(lambda m: f"ferrum_half2_bits({m.group(1)})", source)  # bytes
-    for name, helper in (("__dp4a", _DP4A), ("__byte_perm", _BYTE_PERM)):  # CUDA intrinsics, defined here
-        if f"{name}(" in source:  # (OpenCL reserves names that begin with two underscores)
+    for name, helper in (("__dp4a", _DP4A), ("__byte_perm", _BYTE_PERM), ("__threadfence", _THREADFENCE)):
+        if f"{name}(" in source:  # CUDA intrinsics, defined here (OpenCL reserves names beginning with __)
             source = helper + source.replace(f"{name}(", f"ferrum_{name[2:]}(")
+    source = source.replace("atomicAdd(", "atomic_add(")  # 32-bit integers in global memory: OpenCL 1.1's
     split = snapshot["mod"]
     host = next(f for gv, f in split.functions.items() if "calling_conv" not in (f.attrs or {}))
     launches = []

@@ -50,19 +50,27 @@ def _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_si
 
 
 def run_attention(rng, ctx_lens, q_lens, heads, kv_heads, head_dim, block_size, window=0, splits=None,
-                  tile_tokens=0, pdl=""):
-    """A ragged batch through the split kernel and the merge; returns (out, reference, partial max/sum)."""
+                  tile_tokens=0, pdl="", merged=False):
+    """A ragged batch through the split kernel and the merge (``merged``: the split kernel's last block
+    per token and KV head merges; its counters must be back to zero); returns (out, reference, partial
+    max/sum)."""
     q, cache, positions, query_start, tables, ref = _ragged_attention(rng, ctx_lens, q_lens, heads, kv_heads,
                                                                       head_dim, block_size, window)
     ntok, per_seq = q.shape[0], tables.shape[1]
     ns = splits or pa.gpu_num_splits_of(ntok, per_seq, block_size)
     part_acc = np.full((ntok, heads, ns, head_dim), np.nan, np.float32)  # every element must be written
     part_ml = np.full((ntok, heads, ns, 2), np.nan, np.float32)
-    split = _kernel(("split", heads, kv_heads, head_dim, block_size, window, tile_tokens, pdl),
+    out = np.full_like(q, np.nan)
+    split = _kernel(("split", heads, kv_heads, head_dim, block_size, window, tile_tokens, pdl, merged),
                     lambda: pa.make_attention_gpu(heads, kv_heads, head_dim, block_size, "float32",
-                                                  sliding_window=window, tile_tokens=tile_tokens, pdl=pdl))
+                                                  sliding_window=window, tile_tokens=tile_tokens, pdl=pdl,
+                                                  merged=merged))
+    if merged:
+        counters = np.zeros((ntok, kv_heads), np.int32)
+        gpu_emu.run(split, q, cache, positions, query_start, tables, counters, part_acc, part_ml, out)
+        assert not counters.any()  # reset by each merging block, for the next layer
+        return out, ref, part_ml
     gpu_emu.run(split, q, cache, positions, query_start, tables, part_acc, part_ml)
-    out = np.zeros_like(q)
     merge = _kernel(("merge", heads, head_dim), lambda: pa.make_attention_merge_gpu(heads, head_dim, "float32"))
     gpu_emu.run(merge, part_acc, part_ml, out)
     return out, ref, part_ml
@@ -101,6 +109,19 @@ def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens, pdl, window):
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
     if splits == 5:  # sequence 0 (102 keys) leaves splits 1..4 of its tokens empty: max -3e38, sum 0
         assert (part_ml[:2, :, 1:, 0] < -1e38).all() and (part_ml[:2, :, 1:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("ctx,qlen,splits,pdl,window", [
+    ([600, 10, 33], [1, 1, 1], None, "", 0),  # 16 splits over 600 keys, most of them empty for two sequences
+    ([100, 5], [3, 4], 3, "", 0),  # several tokens of a sequence: one counter (token, KV head) each
+    ([600, 10, 33], [1, 1, 1], 2, "early", 100),  # a window, the wait for the kernel before
+    ([40], [1], 1, "", 0)])  # one split: its block is the last
+def test_decode_splits_merged_in_the_kernel(ctx, qlen, splits, pdl, window):
+    """``make_attention_gpu(merged=True)`` (CUDA decode builds): each (token, KV head)'s last split block
+    to count itself merges every split into ``out`` and sets its counter back to zero."""
+    out, ref, _ = run_attention(np.random.default_rng(2), ctx, qlen, 32, 8, 64, 16, splits=splits, tile_tokens=1,
+                                pdl=pdl, window=window, merged=True)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-4)
 
 
 def test_decode_attention_float16_build():

@@ -35,13 +35,14 @@ def _decoder(variant: str):
 
     cfg = CFG if variant.startswith("qwen3") else dataclasses.replace(CFG, arch="llama", qk_norm=False,
                                                                         attention_bias=False)
-    tc, norms = variant.endswith("-tc"), variant.endswith("-norms")
+    tc, norms, merged = variant.endswith("-tc"), variant.endswith("-norms"), variant.endswith("-merged")
     cfg = dataclasses.replace(cfg, head_dim=16) if tc else cfg
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float32", 4))
     # -tc: decode_wide's linears on the tensor-core GEMM for few tokens (off by default: slower on an H200)
     # -norms: the decode entries' norms deferred into their GEMVs, residual adds folded in (an experiment)
+    # -merged: the decode entries' split attention merges itself (FERRUM_MERGED_ATTENTION, an experiment)
     mod = gpu_emu.gpu_module(lower(graph, "gpu", tensor_core_dtypes=("float32",) if tc else (), skinny_gemm=tc,
-                                   gemv_norms=norms))
+                                   gemv_norms=norms, merged_attention=merged))
     names = [gv.name_hint for gv in mod.get_global_vars()]
     # q, k and v: slice, reshape, [norm,] RoPE and the KV append in one kernel per layer
     assert [n.startswith("qkv_append") for n in names].count(True) == 1
@@ -50,7 +51,7 @@ def _decoder(variant: str):
     for entry in ["decode", "decode_one"] + (["decode_wide"] if tc else []):
         assert "attention_split" in mod[entry].script() and "attention_tc" not in mod[entry].script()
     for entry in ["decode", "decode_one"]:  # -norms: no norm or add kernel left in the decode entries
-        calls = re.findall(r"R\.call_tir\((\w+)", mod[entry].script())
+        calls = re.findall(r"R\.call_tir(?:_inplace)?\((\w+)", mod[entry].script())
         assert any(c.startswith("add_rms_norm") for c in calls) != norms and "R.add(" not in mod[entry].script()
         gemvs = [c for c in calls if c.startswith("gemv")]
         assert sum("residual_True" in c for c in gemvs) == (4 if norms else 0)  # o, down
@@ -60,6 +61,9 @@ def _decoder(variant: str):
         # each layer's gate|up GEMV writes SiLU·mul's output (gate_out: its key's last field), which the down
         # GEMV reads as it is: no SiLU·mul kernel, and no gated GEMV
         assert [c.endswith("_True") for c in gemvs].count(True) == 2 and "silu_mul" not in mod[entry].script()
+        # -merged: one attention kernel a layer, counting on the step's zeroed counters (one zeros kernel)
+        assert sum(c.startswith("attention_merge") for c in calls) == (0 if merged else 2)
+        assert sum(c.startswith("attention_split") and c.endswith("_merged") for c in calls) == (2 if merged else 0)
     if tc:  # decode_wide's linears: the tensor-core GEMM for few tokens, SiLU·mul read by the down one
         wide = mod["decode_wide"].script()
         assert "skinny" in wide and "matmul" not in wide and "silu_mul" not in wide
@@ -69,7 +73,8 @@ def _decoder(variant: str):
 # qwen3-tc's forward (tensor-core attention, tiled GEMM) runs in test_16_bit_cuda_build_matches_interpreter
 @pytest.mark.parametrize("variant,entry", [("qwen3", "forward"), ("qwen3", "decode"), ("qwen3", "decode_one"),
                                            ("llama", "forward"), ("llama", "decode"), ("qwen3-tc", "decode_wide"),
-                                           ("qwen3-norms", "decode"), ("llama-norms", "decode_one")])
+                                           ("qwen3-norms", "decode"), ("llama-norms", "decode_one"),
+                                           ("qwen3-merged", "decode"), ("llama-merged", "decode_one")])
 def test_gpu_decoder_matches_interpreter(variant, entry):
     """Two sequences of 5 and 3 tokens, then one decode step each; logits and both layers' KV caches.
     (``decode_one``, whose GEMVs take one token per pass, is for steps of one token; any count is right.)"""
@@ -416,28 +421,56 @@ def test_gpu_prefill_linears_use_tensor_cores(quant, dtype):
         assert "dequant_reindex_shared" in script and not any("dequant" in n for n in kernels)
 
 
-def test_decode_graph_is_captured_whole():
-    """``decode_graph`` through the CUDA pipeline's memory planning and ``RewriteCUDAGraph``: every kernel
-    of the step but the last (the lm_head GEMV, which writes the returned tensor) runs inside one captured
-    CUDA graph, keyed by the step's shapes; likewise ``decode_wide_graph`` (whose last kernel is the
-    lm_head's matmul, dlight's like the other linears); ``forward``, ``decode`` and ``decode_wide`` capture nothing."""
+def _cuda_planned(num_layers: int = 2, **options):
+    """A small float16 Qwen3 through the CUDA pipeline's passes up to memory planning and CUDA-graph
+    rewriting (``lower``'s ``options``; graphs for up to 64 block-table columns)."""
     import dataclasses
-    import re
 
     import tvm
     from tvm.relax.backend.cuda import pipeline
 
     from ferrum.models.registry import family
 
-    cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=128, head_dim=16)
+    cfg = dataclasses.replace(CFG, hidden_size=64, intermediate_size=128, head_dim=16, num_layers=num_layers)
     graph = fuse_parallel_linears(family(cfg.arch).build(cfg, "float16", 16))
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with target, tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
         passes = (pipeline.library_dispatch_passes(target) + pipeline.legalize_passes(target)
                   + pipeline.dataflow_lower_passes(target)
                   + [tvm.relax.transform.StaticPlanBlockMemory(), tvm.relax.transform.RewriteCUDAGraph()])
-        mod = tvm.transform.Sequential(passes)(lower(graph, "gpu", graph_max_blocks=64,
-                                                     tensor_core_dtypes=("float16", "bfloat16")))
+        return tvm.transform.Sequential(passes)(lower(graph, "gpu", graph_max_blocks=64,
+                                                      tensor_core_dtypes=("float16", "bfloat16"), **options))
+
+
+def test_merged_attention_counters_live_across_the_layers():
+    """FERRUM_MERGED_ATTENTION's counters through the CUDA pipeline's memory planning: the decode entries
+    (graphed too) zero one int32 tensor per step, and every layer's split kernel counts on it in place: its
+    storage backs that tensor alone, so nothing planned between two layers overwrites a count. No merge
+    kernel is left."""
+    import re
+
+    mod = _cuda_planned(4, merged_attention=True)
+    for name in ("decode", "decode_one", "decode_graph_cuda_graph_capture", "decode_one_graph_cuda_graph_capture"):
+        script = mod[name].script()
+        counters = re.findall(r"(\w+): R\.Tensor\(\(T_1, 2\), dtype=\"int32\"\) = "
+                              r"R\.memory\.alloc_tensor\((\w+),", script)
+        assert len(counters) == 1, name
+        tensor, storage = counters[0]
+        assert script.count(f"alloc_tensor({storage},") == 1 and script.count(f"zeros({tensor})") == 1, name
+        calls = re.findall(r"(attention_\w+)\(", script)
+        assert len(calls) == 4 and all(c.endswith("_merged") for c in calls), (name, calls)
+
+
+def test_decode_graph_is_captured_whole():
+    """``decode_graph`` through the CUDA pipeline's memory planning and ``RewriteCUDAGraph``: every kernel
+    of the step but the last (the lm_head GEMV, which writes the returned tensor) runs inside one captured
+    CUDA graph, keyed by the step's shapes; likewise ``decode_wide_graph`` (whose last kernel is the
+    lm_head's matmul, dlight's like the other linears); ``forward``, ``decode`` and ``decode_wide`` capture nothing."""
+    import re
+
+    import tvm
+
+    mod = _cuda_planned()
     kernels = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
     def calls(name):

@@ -24,13 +24,13 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/
 
 
 @needs_nvcc
-@pytest.mark.parametrize("family,target,quant,pdl,norms,mma,flash,gemm,kv", [
-    ("qwen3-wide", "cuda-sm90", "auto", False, False, "", True, True, "float16"),
-    ("llama-wide", "cuda-sm80", "q4", False, False, "decode", False, True, "float16"),
-    ("qwen2", "cuda-sm86", "auto", False, True, "", False, False, "float32"),
-    ("qwen3-moe", "cuda-sm90", "q4", True, False, "", False, False, "float16"),
-    ("mixtral", "cuda-sm89", "q4", False, False, "", False, False, "float16")])
-def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, flash, gemm, kv,
+@pytest.mark.parametrize("family,target,quant,pdl,norms,mma,flash,gemm,kv,merged", [
+    ("qwen3-wide", "cuda-sm90", "auto", False, False, "", True, True, "float16", False),
+    ("llama-wide", "cuda-sm80", "q4", False, False, "decode", False, True, "float16", False),
+    ("qwen2", "cuda-sm86", "auto", False, True, "", False, False, "float32", False),
+    ("qwen3-moe", "cuda-sm90", "q4", True, False, "", False, False, "float16", True),
+    ("mixtral", "cuda-sm89", "q4", False, False, "", False, False, "float16", True)])
+def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norms, mma, flash, gemm, kv, merged,
                                                 tiny_model_dir, tmp_path):
     """... and, with FERRUM_PDL=1 (the MoE model: dense, INT4 and grouped GEMVs), every kernel is a
     programmatic dependent launch that nvcc compiled; with FERRUM_GEMV_NORMS=1 (Qwen2: q|k|v with a bias)
@@ -44,12 +44,14 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norm
     2026-11-27). Every model file
     compiles for a CUDA arch here (Mixtral with --quant q4: its down experts stay dense, 48 columns being
     no whole group; Mistral, llama.py's with a sliding window, was sm_89's before Mixtral took its place
-    for CI time: the window's GPU kernels run in tests/test_gpu_kernels.py)."""
+    for CI time: the window's GPU kernels run in tests/test_gpu_kernels.py). With FERRUM_MERGED_ATTENTION=1
+    (the MoE model, with PDL too, and Mixtral) the decode entries' split attention merges itself (its
+    ``atomicAdd`` and ``__threadfence`` compiled by nvcc) and no merge kernel is left."""
     out = tmp_path / "art"
     res = ferrum("compile", tiny_model_dir(family), "--target", target, "--quant", quant, "--kv-dtype", kv, "-o", out,
                  env={"FERRUM_PDL": "1" if pdl else "", "FERRUM_GEMV_NORMS": "1" if norms else "",
                       "FERRUM_MMA_LINEAR": mma, "FERRUM_FLASH_ATTENTION": "1" if flash else "",
-                      "FERRUM_MMA_GEMM": "1" if gemm else ""})
+                      "FERRUM_MMA_GEMM": "1" if gemm else "", "FERRUM_MERGED_ATTENTION": "1" if merged else ""})
     assert res.returncode == 0, res.stderr[-3000:]
     arch = "sm_" + target.removeprefix("cuda-sm")
     code = embedded_cuda_code(out / "model.so")
@@ -73,7 +75,12 @@ def test_cuda_artifact_holds_cubin_for_its_arch(family, target, quant, pdl, norm
     assert entries["decode"]["max_tokens"] == 16 and entries["decode"]["args"] == entries["forward"]["args"]
     assert entries["decode_one"] == {**entries["forward"], "max_tokens": 1}  # GEMVs in passes of one token
     assert entries["decode_one_graph"] == {**entries["decode_one"], "max_blocks": entries["decode_graph"]["max_blocks"]}
-    assert b"gemv" in lib and b"attention_split" in lib and b"attention_merge" in lib and b"add_rms_norm" in lib
+    assert b"gemv" in lib and b"attention_split" in lib and b"add_rms_norm" in lib
+    # FERRUM_MERGED_ATTENTION: the split kernels merge themselves (forward's attention is the tensor-core one)
+    assert (b"_merged" in lib, b"attention_merge" in lib) == (merged, not merged)
+    assert bool(manifest["compile_options"].get("merged_attention")) == merged
+    assert ("decode's split attention merging itself (FERRUM_MERGED_ATTENTION)" in ferrum("inspect", out).stdout
+            ) == merged
     # forward's attention on tensor cores (head_dim 16 and 32 fit the wmma tile, 32 the flash one)
     assert (b"attention_tc" in lib, b"attention_fa" in lib) == (not flash, flash)
     assert bool(manifest["compile_options"].get("flash_attention")) == flash
