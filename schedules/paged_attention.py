@@ -374,7 +374,7 @@ def make_attention_gpu(
     """PrimFunc ``attention_split(q[T,H,D], cache, positions[T], query_start[B+1], block_tables[B,M],
     part_acc[T,H,S,D] f32, part_ml[T,H,S,2] f32)``: unnormalised partial attention per KV split.
 
-    With ``merged`` (CUDA, one token a tile) it is ``attention_merged(q, cache, positions, query_start,
+    With ``merged`` (CUDA, one token a tile) its arguments are ``(q, cache, positions, query_start,
     block_tables, counters[T, KVH] int32, part_acc, part_ml, out[T,H,D])``, ``counters`` zeros in and out
     (in place): each split block, once its partials are written, fences them and counts itself on
     ``counters[token, kv head]`` (``atomicAdd``); the one that counts last merges the tile's splits into
@@ -399,19 +399,19 @@ def make_attention_gpu(
     ``max_lanes`` caps the vector width of loads (Metal: up to 4 elements), ``shared_bytes`` the shared
     memory the key tile is sized for (``split_key_tile``).
 
-    The first key tile's block-table entries are read with the queries, before that tile's loop step
-    (one dependent round trip fewer: a decode split is one tile). In the decode entry points (one token a
-    tile) they are read earlier still, with the tile lookup's loads, on the guess that token ``t`` is
-    sequence ``t``'s (a decode step's) and the split's first key its range's start: a decode split's keys
-    then go out after two dependent round trips, where they went after four (SASS), and the entries are
-    re-read where the guess fails (a sequence with several tokens in the step, a window starting past the
-    split's first tile). With ``pdl`` (CUDA sm_90, a programmatic dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits for the one before it only after
-    staging the first key tile's keys and values at positions before the sequence's first token of this
-    step: the tile lookup, positions and block tables are the step's inputs, copied in before any kernel
-    ran, and those cache rows were written by earlier steps (the kernel before this one, ``qkv_append``,
-    writes this step's rows, which are staged after the wait, as are the queries). ``pdl`` is FERRUM_PDL's
-    mode: ``early`` lets the next kernel launch first thing (the launch pass adds that), ``late`` right
-    after this kernel's wait.
+    The first key tile's block-table entries are read with the queries, before that tile's loop step (one
+    dependent round trip fewer: a decode split is one tile). In the decode entry points (one token a tile) they
+    are read earlier still, with the tile lookup's loads, on the guess that token ``t`` is sequence ``t``'s (a
+    decode step's) and the split's first key its range's start: a decode split's keys then go out after two
+    dependent round trips, where they went after four (SASS), and the entries are re-read where the guess fails
+    (a sequence with several tokens in the step, a window starting past the split's first tile). With ``pdl``
+    (CUDA sm_90, a programmatic dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits for the one
+    before it only after staging the first key tile's keys and values at positions before the sequence's first
+    token of this step: the tile lookup, positions and block tables are the step's inputs, copied in before any
+    kernel ran, and those cache rows were written by earlier steps (the kernel before this one, ``qkv_append``,
+    writes this step's rows, which are staged after the wait, as are the queries). ``pdl`` is FERRUM_PDL's mode:
+    ``early`` lets the next kernel launch first thing (the launch pass adds that), ``late`` right after this
+    kernel's wait.
     """
     import tvm
     from tvm.script import tirx as T
@@ -1321,8 +1321,8 @@ def make_attention_merge_gpu(num_heads: int, head_dim: int, dtype: str):
 
     One pass over the splits (``_merge_macro``): a decode step's 6 splits are one round trip to memory;
     two loops (the maximum, then the sums), each unrolled by 4 with a remainder loop of one load at a time,
-    took 6 (SASS, 2026-11-27). CUDA decode builds merge in the split kernel instead
-    (``make_attention_gpu(merged=True)``)."""
+    took 6 (SASS, 2026-11-27). With FERRUM_MERGED_ATTENTION (an experiment) CUDA decode builds merge in the
+    split kernel instead (``make_attention_gpu(merged=True)``)."""
     from tvm.script import tirx as T
 
     H, D, SG = num_heads, head_dim, MERGE_GROUP
