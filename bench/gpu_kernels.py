@@ -214,6 +214,8 @@ def prepare(dest: Path) -> None:
               "gemm")
     build("attention-merge", pa.make_attention_merge_gpu(ATTENTION["heads"], ATTENTION["head_dim"], "float16"),
           "merge")
+    build("attention-merged", pa.make_attention_gpu(h, kvh, d, bs, "float16", tile_tokens=1, merged=True),
+          "attention")  # FERRUM_MERGED_ATTENTION's split kernel, merging itself (the 64-key tile)
     build("add-rms-norm", norm.make_add_rms_norm_gpu(SHAPES["qkv"][0], "float16", "float16", 1e-6), "norm")
     build("argmax", sampling.make_argmax(VOCAB, "gpu"), "argmax")
     build("sample", sampling.make_sample_gpu(VOCAB), "sample")
@@ -626,7 +628,9 @@ def pickers_time(src: Path, dev, rng) -> list[dict]:
 def attention_time(src: Path, dev, rng) -> list[dict]:
     """Device time of a decode step's attention for one layer (the split kernel and the merge) at 1 and 16
     sequences of 384 and 2048 keys, for each key tile and split count; ``*`` marks the split count that
-    ``paged_attention.gpu_num_splits`` picks (with the block table as wide as the context)."""
+    ``paged_attention.gpu_num_splits`` picks (with the block table as wide as the context). For the 64-key
+    tile, FERRUM_MERGED_ATTENTION's kernel too (``merged_time``): its time, its output against the merge
+    kernel's, its counters back at zero."""
     import tvm
 
     from bench.gpu_profile import profile_steps
@@ -636,6 +640,7 @@ def attention_time(src: Path, dev, rng) -> list[dict]:
     out = []
     try:
         merge = tvm.runtime.load_module(str(src / "attention-merge.so"))["merge"]
+        merged = tvm.runtime.load_module(str(src / "attention-merged.so"))["attention"]
         tiles = sorted({pa.split_key_tile(pa_rows(), d, "float16", sb) for sb in ATTENTION_SHARED}, reverse=True)
         kernels = {str(kc): (kc, tvm.runtime.load_module(str(src / f"attention-{kc}.so"))["attention"]) for kc in tiles}
     except Exception as exc:  # noqa: BLE001 - keep what ran before
@@ -668,10 +673,40 @@ def attention_time(src: Path, dev, rng) -> list[dict]:
                                     "picked": name == str(tiles[0]) and ns == picked})
                         print(f"attention keys={ctx:5d} seqs={seqs:2d} tile={name:>2s} splits={ns:2d} "
                               f"{'*' if out[-1]['picked'] else ' '} {us:7.2f} us", flush=True)
+                        if name == str(tiles[0]):  # FERRUM_MERGED_ATTENTION's kernel on the same inputs
+                            out[-1].update(merged_time(merged, step, (q, cache, positions, starts, tables),
+                                                       acc, ml, y, seqs, kvh, dev))
+                            print(f"attention keys={ctx:5d} seqs={seqs:2d} merged   splits={ns:2d}   "
+                                  f"{out[-1]['merged_us']:7.2f} us  diff {out[-1]['merged_diff']:.1e}  counters "
+                                  f"{'zero' if out[-1]['counters_zero'] else 'NOT ZERO'}", flush=True)
                     except Exception as exc:  # noqa: BLE001 - keep what ran
                         out.append({"keys": ctx, "seqs": seqs, "key_tile": name, "splits": ns, "error": repr(exc)})
                         print(f"attention keys={ctx} seqs={seqs} tile={name} splits={ns}: FAILED {exc!r}", flush=True)
     return out
+
+
+def merged_time(merged, step, inputs, acc, ml, y, seqs: int, kvh: int, dev) -> dict:
+    """The merged split kernel (``make_attention_gpu(merged=True)``) against ``step`` (split + merge) on the
+    same inputs: its time, its output's largest difference from the merge kernel's (after 50 timed calls:
+    a count that went wrong once would leave a stale or missing merge), and whether its counters are back
+    to zero."""
+    import tvm
+
+    from bench.gpu_profile import profile_steps
+
+    counters = tvm.runtime.tensor(np.zeros((seqs, kvh), np.int32), dev)
+    y2 = tvm.runtime.empty(y.shape, "float16", dev)
+
+    def call():
+        merged(*inputs, counters, acc, ml, y2)
+
+    us = profile_steps(call, 50)["kernel_ms_per_step"] * 1e3
+    y2.copyfrom(np.full(y.shape, np.nan, np.float16))  # the last call must write every output
+    call()
+    step()
+    ref, got = y.numpy().astype(np.float32), y2.numpy().astype(np.float32)
+    return {"merged_us": us, "merged_diff": float(np.nan_to_num(np.abs(got - ref), nan=np.inf).max()),
+            "counters_zero": not counters.numpy().any()}
 
 
 def main() -> None:
