@@ -402,16 +402,16 @@ def make_attention_gpu(
     The first key tile's block-table entries are read with the queries, before that tile's loop step (one
     dependent round trip fewer: a decode split is one tile). In the decode entry points (one token a tile) they
     are read earlier still, with the tile lookup's loads, on the guess that token ``t`` is sequence ``t``'s (a
-    decode step's) and the split's first key its range's start: a decode split's keys then go out after two
-    dependent round trips, where they went after four (SASS), and the entries are re-read where the guess fails
-    (a sequence with several tokens in the step, a window starting past the split's first tile). With ``pdl``
-    (CUDA sm_90, a programmatic dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits for the one
-    before it only after staging the first key tile's keys and values at positions before the sequence's first
-    token of this step: the tile lookup, positions and block tables are the step's inputs, copied in before any
-    kernel ran, and those cache rows were written by earlier steps (the kernel before this one, ``qkv_append``,
-    writes this step's rows, which are staged after the wait, as are the queries). ``pdl`` is FERRUM_PDL's mode:
-    ``early`` lets the next kernel launch first thing (the launch pass adds that), ``late`` right after this
-    kernel's wait.
+    decode step's) and the split's first key its range's start: a decode split block then waits on one dependent
+    round trip before issuing its key loads, where it waited on three (SASS), and the entries are re-read where
+    the guess fails (a sequence with several tokens in the step, a window starting past the split's first tile).
+    With ``pdl`` (CUDA sm_90, a programmatic dependent launch: ``ferrum_compiler.gpu_build``) the kernel waits
+    for the one before it only after staging the first key tile's keys and values at positions before the
+    sequence's first token of this step: the tile lookup, positions and block tables are the step's inputs,
+    copied in before any kernel ran, and those cache rows were written by earlier steps (the kernel before this
+    one, ``qkv_append``, writes this step's rows, which are staged after the wait, as are the queries). ``pdl``
+    is FERRUM_PDL's mode: ``early`` lets the next kernel launch first thing (the launch pass adds that),
+    ``late`` right after this kernel's wait.
     """
     import tvm
     from tvm.script import tirx as T
