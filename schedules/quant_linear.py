@@ -1158,6 +1158,11 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                 red = T.alloc_buffer((NT * (JW + 1),), "float32", scope="shared")
                 bsh = T.alloc_buffer((BR if has_bias else 1,), "float32", scope="shared")  # the block's biases
                 bl = T.alloc_buffer((1,), "float32", scope="local")  # ... this thread's, loaded early
+                # likewise the outputs' residuals (per pass) and the next norm's weights
+                rsh = T.alloc_buffer((RT * J if residual else 1,), "float32", scope="shared")
+                rl = T.alloc_buffer((1,), "float32", scope="local")
+                nsh = T.alloc_buffer((BR if producer else 1,), "float32", scope="shared")
+                nl = T.alloc_buffer((1,), "float32", scope="local")
                 acc = T.alloc_buffer((JW,), "float32", scope="local")
                 xs = T.alloc_buffer((TT, VW if quant else C), XS, scope="local")  # tokens' activations
                 up = T.alloc_buffer((2 * C,), x_dtype, scope="local")  # loaded x (gated: gate, up)
@@ -1195,15 +1200,22 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                                         rawd[h, u, r, i0 * WV + i1] = w[
                                                             ex * N + wrow(row0, r),
                                                             ((gl * U + u) * KT + tx % KT) * C + i0 * WV + i1]
-                            if has_bias:  # with the first weights, not after the reduction's barriers
+                            if has_bias or producer:  # with the first weights, not after the reduction's barriers
                                 if p == 0 and gl == LAG and tx % KT < RB:
                                     if wok(row0, tx % KT):
-                                        bl[0] = T.Cast("float32", bias[wrow(row0, tx % KT)])
+                                        if has_bias:
+                                            bl[0] = T.Cast("float32", bias[wrow(row0, tx % KT)])
+                                        if producer:
+                                            nl[0] = T.Cast("float32", nwn[wrow(row0, tx % KT)])
                             if early_wait:  # every thread, once: the first pass's first use of a group
                                 if p == 0 and gl == LAG:
                                     T.ptx.griddepcontrol.wait()
                                     if late_trigger:
                                         T.ptx.griddepcontrol.launch_dependents()
+                            if residual:  # this pass's residuals (an activation: after any wait), likewise
+                                if gl == LAG and tx % KT < J:
+                                    if p * TT + tx % KT // RB < count and wok(row0, tx % KT % RB):
+                                        rl[0] = T.Cast("float32", res[p * TT + tx % KT // RB, row0 + tx % KT % RB])
                             for u in T.unroll(U):
                                 if gu >= 0 and (gu * U + u) * KT + tx % KT < NC:
                                     ch: T.let[T.int32] = (gu * U + u) * KT + tx % KT
@@ -1279,8 +1291,13 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                                             part[v] = ssi[p * TT + t, (i * KT + tx % KT) * SV + v]
                                         for v in T.unroll(SV):
                                             acc[J + t] = acc[J + t] + part[v]
-                    if has_bias and tx % KT < RB:  # for the epilogue, past the reduction's barriers
-                        bsh[tx // KT * RB + tx % KT] = bl[0]
+                    if tx % KT < RB:  # for the epilogue, past the reduction's barriers
+                        if has_bias:
+                            bsh[tx // KT * RB + tx % KT] = bl[0]
+                        if producer:
+                            nsh[tx // KT * RB + tx % KT] = nl[0]
+                    if residual and tx % KT < J:
+                        rsh[tx // KT * J + tx % KT] = rl[0]
                     sums(red, acc, tx)
                     if producer:  # rows past N (and tokens past the count) add nothing
                         if tx % KT < J:
@@ -1295,7 +1312,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                             hv: T.let[T.float32] = T.Cast("float32", T.Cast(  # the output as stored
                                 out_dtype, red[team + tx % KT] * rstd
                                 + (bsh[(row0 + tx % KT % RB) % BR] if has_bias else T.float32(0))
-                                + (T.Cast("float32", res[orow, ocol]) if residual else T.float32(0))))
+                                + (rsh[tx // KT * J + tx % KT] if residual else T.float32(0))))
                             if gate_out:  # its up row's sum, H rows further in the block, as stored
                                 lr2: T.let[T.int32] = (row0 + tx % KT % RB) % BR + H
                                 hu: T.let[T.float32] = T.Cast("float32", T.Cast(
@@ -1305,7 +1322,7 @@ def make_gemv_gpu(in_features: int, out_features: int, fmt: QuantFormat | None, 
                             else:
                                 out[orow, ocol] = T.Cast(out_dtype, hv)
                             if producer:  # the next norm's input less its 1 / rms, and the square
-                                xno[orow, ocol] = hv * T.Cast("float32", nwn[ocol])
+                                xno[orow, ocol] = hv * nsh[(row0 + tx % KT % RB) % BR]
                                 sq[tx // KT * J + tx % KT] = hv * hv
                     if producer:  # the block's partial sum of squares per token
                         T.tvm_storage_sync("shared")
