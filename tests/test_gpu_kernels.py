@@ -112,7 +112,7 @@ def test_decode_and_prefill_splits(ctx, qlen, splits, tile_tokens, pdl, window):
 
 
 @pytest.mark.parametrize("ctx,qlen,splits,pdl,window", [
-    ([600, 10, 33], [1, 1, 1], None, "", 0),  # 16 splits over 600 keys, most of them empty for two sequences
+    ([600, 10, 33], [1, 1, 1], None, "", 0),  # 10 splits of 64 keys, most of them empty for two sequences
     ([100, 5], [3, 4], 3, "", 0),  # several tokens of a sequence: one counter (token, KV head) each
     ([600, 10, 33], [1, 1, 1], 2, "early", 100),  # a window, the wait for the kernel before
     ([40], [1], 1, "", 0)])  # one split: its block is the last
