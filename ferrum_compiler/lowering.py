@@ -202,7 +202,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         nxt = _deferred_norm(graph, consumers, res_add[0]) if res_add else None
                         # a gate|up GEMV writes SiLU·mul's output itself (make_gemv_gpu's gate_out)
                         gate = _silu_of(graph, producer, consumers, op) if gemv and not (
-                            mma_op or skinny or res_add or _dp4a_takes(graph, op, gemv, gemv_dp4a, norm)) else None
+                            mma_op or skinny or res_add or _dp4a_takes(op, gemv, gemv_dp4a, norm)) else None
                         if gate is not None:
                             out = graph.values[gate.output]
                         x_dtype = graph.value(op.inputs[0]).dtype
@@ -480,7 +480,7 @@ def _silu_of(graph: Graph, producer: dict, consumers: dict, op):
     return silu
 
 
-def _dp4a_takes(graph: Graph, op, gemv: int, dp4a: str, norm=None, residual=None, norm_next=None) -> bool:
+def _dp4a_takes(op, gemv: int, dp4a: str, norm=None, residual=None, norm_next=None) -> bool:
     """Whether qlinear ``op`` runs on FERRUM_GEMV_DP4A's integer-dot GEMV (``dp4a`` its mode): a decode
     entry's symmetric INT4 linear without bias or a folded norm or residual."""
     if op.kind != "qlinear" or not (gemv and dp4a):
@@ -651,7 +651,7 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
                     lambda: quant_sched.make_qlinear_r16_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype, int_dot_isa,
                                                              bits))
         return relax.call_tir(gv, a, relax.TensorType([a[0].ty.shape[0], n], out.dtype))
-    if _dp4a_takes(graph, op, gemv, dp4a, norm, residual, norm_next):  # FERRUM_GEMV_DP4A
+    if _dp4a_takes(op, gemv, dp4a, norm, residual, norm_next):  # FERRUM_GEMV_DP4A
         assert not gate_out, "gate_out: not on dp4a"
         s_dtype = graph.value(op.inputs[2]).dtype
         rows = a[0].ty.shape[0]
@@ -846,7 +846,7 @@ def _paged_attention(bb, relax, kernel, kernel_kind, graph, op, a, out, appended
         ntok, max_blocks = q.ty.shape[0], block_tables.ty.shape[1]
         splits = attn_sched.gpu_num_splits(ntok, max_blocks, block_size)
         tile = 1 if decode else 0  # 0: the kernel's default
-        merged = counters is not None and decode
+        merged = counters is not None  # (decode entries only)
         split = kernel(("attention_split", heads, kv_heads, head_dim, block_size, dtype, cdtype, window, scale,
                         tile, max_lanes, shared_bytes, *(["pdl", pdl] if pdl else []), *(["merged"] if merged else [])),
                        lambda: attn_sched.make_attention_gpu(heads, kv_heads, head_dim, block_size, dtype,

@@ -479,9 +479,10 @@ def make_attention_gpu(
             info[5] = positions[seq_first]
 
     @T.macro
-    def claim(info, positions, t1, b, nseq, qs0, qs1, pos_t, mb, ns, sp, guess):
+    def claim(info, positions, t1, b, nseq, qs0, qs1, pos_t, mb, ns, sp, guess, k0):
         """A one-token tile ``t1``: if sequence ``b`` (tokens ``qs0 .. qs1``) holds it, its bookkeeping, and
-        whether the block-table entries read on a guess (sequence ``guess``, the split's first key) are its.
+        whether the block-table entries read on a guess (sequence ``guess``, the split's first key ``k0``)
+        are its.
         One test (not one on ``b`` enclosing one on its tokens: nvcc moved their loads into that branch)."""
         if b < nseq and qs0 <= t1 and t1 < qs1:
             info[0] = b
@@ -489,8 +490,7 @@ def make_attention_gpu(
             info[2] = 1
             tile_keys(info, positions, pos_t, pos_t, qs0, mb, ns, sp)
             # (the first key tile is the split's own unless the window starts past it)
-            info[6] = T.Cast("int32", b == guess
-                             and pos_t - window + 1 < T.Cast("int32", sp) * split_keys(mb, ns) + KC)
+            info[6] = T.Cast("int32", b == guess and pos_t - window + 1 < k0 + KC)
 
     @T.macro
     def body(q, cache, positions, query_start, block_tables, counters, part_acc, part_ml, out, ntok, nbatch, mb, ns):
@@ -546,20 +546,21 @@ def make_attention_gpu(
                             # on that guess with the lookup's loads, parked in shared memory (one round trip
                             # fewer before the keys when it holds; the tile reads them again when not)
                             guess: T.let[T.int32] = T.max(T.min(t1, nseq - 1), 0)
-                            g0: T.let[T.int32] = T.Cast("int32", sp) * split_keys(mb, ns) // BS
+                            k0: T.let[T.int32] = T.Cast("int32", sp) * split_keys(mb, ns)
+                            g0: T.let[T.int32] = k0 // BS
                             bg: T.let[T.int32] = block_tables[guess, T.min(g0 + T.min(tx, NG - 1),
                                                                            T.Cast("int32", mb) - 1)]
                             qa: T.let[T.int32] = query_start[T.min(tx, nseq)]
                             qb: T.let[T.int32] = query_start[T.min(tx + 1, nseq)]
                             end: T.let[T.int32] = query_start[nbatch]
                             pos_t: T.let[T.int32] = positions[T.min(t1, T.Cast("int32", ntok) - 1)]
-                            claim(info, positions, t1, tx, nseq, qa, qb, pos_t, mb, ns, sp, guess)
+                            claim(info, positions, t1, tx, nseq, qa, qb, pos_t, mb, ns, sp, guess, k0)
                             btg[T.min(tx, NG - 1)] = bg  # (no branch: threads past NG - 1 store its value again)
                             for i in T.serial(1, (nseq + NT - 1) // NT):  # more sequences than threads
                                 if i * NT + tx < nseq:
                                     b: T.let[T.int32] = i * NT + tx
                                     claim(info, positions, t1, b, nseq, query_start[b], query_start[b + 1], pos_t, mb,
-                                          ns, sp, guess)
+                                          ns, sp, guess, k0)
                             if tx == 0:
                                 if t1 >= end:
                                     for i in T.serial(7):

@@ -277,36 +277,25 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
         bounds[1] = sb[1]
 
     @T.macro
-    def count_up(part, sb, src, n, tx, k, bounds, ms, one, mine, nxt):
-        """One multisection round of the largest key ``K`` in ``[bounds[0], bounds[1]]`` with ``count(key
-        >= K) >= k`` over ``src[:n]`` (shared; true at ``bounds[0]``): warp ``w`` counts at ``bounds[0] + (w +
-        1) * step``, ``step = ceil(span / (P + 1))``."""
+    def multisect(up, part, sb, src, n, tx, goal, at_least, top, inv_temp, bounds, ms, one, mine, nxt):
+        """One multisection round over ``src[:n]`` (shared) in ``[bounds[0], bounds[1]]``, ``step = ceil(span /
+        (P + 1))``. ``up`` (a Python bool): the largest key ``K`` with ``count(key >= K) >= goal`` (``k``; true
+        at ``bounds[0]``), warp ``w`` counting at ``bounds[0] + (w + 1) * step``; else the smallest key ``K``
+        with ``mass(key > K, key >= at_least) < goal`` (true at ``bounds[1]``), warp ``w`` summing at that
+        probe less one (``at_least``, ``top`` and ``inv_temp`` are the mass's only)."""
         ms[0] = (bounds[1] - bounds[0] + P + 1) // (P + 1)
-        probe: T.let[T.int64] = bounds[0] + T.Cast("int64", tx // W + 1) * ms[0]
+        probe: T.let[T.int64] = bounds[0] + T.Cast("int64", tx // W + 1) * ms[0] - T.int64(0 if up else 1)
         mine[0] = T.float32(0)
         if bounds[0] < bounds[1] and probe <= bounds[1]:
             for i in T.serial((n + W - 1) // W):
                 if i * W + tx % W < n:
                     one[0] = src[i * W + tx % W]
-                    if key_of(one[0]) >= probe:
-                        mine[0] = mine[0] + T.float32(1)
-        narrow(part, sb, mine, nxt, tx, bounds, ms, True, k)
-
-    @T.macro
-    def mass_down(part, sb, src, n, tx, at_least, top, inv_temp, limit, bounds, ms, one, mine, nxt):
-        """One multisection round of the smallest key ``K`` in ``[bounds[0], bounds[1]]`` with ``mass(key >
-        K, key >= at_least) < limit`` over ``src[:n]`` (shared; true at ``bounds[1]``): warp ``w`` sums at
-        ``bounds[0] + (w + 1) * step - 1``."""
-        ms[0] = (bounds[1] - bounds[0] + P + 1) // (P + 1)
-        probe: T.let[T.int64] = bounds[0] + T.Cast("int64", tx // W + 1) * ms[0] - 1
-        mine[0] = T.float32(0)
-        if bounds[0] < bounds[1] and probe <= bounds[1]:
-            for i in T.serial((n + W - 1) // W):
-                if i * W + tx % W < n:
-                    one[0] = src[i * W + tx % W]
-                    if key_of(one[0]) > probe and key_of(one[0]) >= at_least:
+                    if up:
+                        if key_of(one[0]) >= probe:
+                            mine[0] = mine[0] + T.float32(1)
+                    elif key_of(one[0]) > probe and key_of(one[0]) >= at_least:
                         mine[0] = mine[0] + prob(one[0], top, inv_temp)
-        narrow(part, sb, mine, nxt, tx, bounds, ms, False, limit)
+        narrow(part, sb, mine, nxt, tx, bounds, ms, up, goal)
 
     @T.macro
     def search_from(sb, bounds, tx):
@@ -448,7 +437,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 bounds[1] = top_key
                 search_from(sb, bounds, tx)  # (its barrier also orders the maxima before their reads)
                 for _it in T.serial(T.if_then_else(floor_k, ROUNDS, 0)):  # the same for every thread
-                    count_up(part, sb, cand_val, NT, tx, top_k, bounds, ms, one, mine, nxt)
+                    multisect(True, part, sb, cand_val, NT, tx, top_k, T.int64(0), best[0], inv_temp, bounds, ms,
+                              one, mine, nxt)
                 bounds[4] = T.int64(0)
                 if floor_k:
                     bounds[4] = bounds[0]
@@ -481,7 +471,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 bounds[1] = top_key
                 search_from(sb, bounds, tx)
                 for _it in T.serial(T.if_then_else(searching_k and use_cand, ROUNDS, 0)):
-                    count_up(part, sb, cand_val, n, tx, top_k, bounds, ms, one, mine, nxt)
+                    multisect(True, part, sb, cand_val, n, tx, top_k, T.int64(0), best[0], inv_temp, bounds, ms,
+                              one, mine, nxt)
                 for _it in T.serial(T.if_then_else(searching_k and not use_cand, 32, 0)):
                     mid: T.let[T.int64] = (bounds[0] + bounds[1] + 1) // 2
                     two[0] = T.float32(0)
@@ -514,8 +505,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                 bounds[1] = top_key
                 search_from(sb, bounds, tx)
                 for _it in T.serial(T.if_then_else(searching_p and use_cand, ROUNDS, 0)):
-                    mass_down(part, sb, cand_val, n, tx, bounds[2], best[0], inv_temp, top_p * best[1], bounds, ms,
-                              one, mine, nxt)
+                    multisect(False, part, sb, cand_val, n, tx, top_p * best[1], bounds[2], best[0], inv_temp, bounds,
+                              ms, one, mine, nxt)
                 # over the row: a bisection, each step a pass, until the keys between its ends fit in shared
                 # memory; then those are copied there and a multisection ends the search
                 span[0] = T.if_then_else(compacting and not searching_k, T.Cast("float32", n_cand), two[1])
@@ -547,8 +538,8 @@ def make_sample_gpu(vocab: int, candidates: int = SAMPLE_CANDIDATES):
                                False, best[0], inv_temp, min_p, T.float32(0), pick, idx)
                 search_from(sb, bounds, tx)  # (its barrier also orders the copy before the reads)
                 for _it in T.serial(T.if_then_else(narrowed, ROUNDS, 0)):
-                    mass_down(part, sb, cand_val, T.Cast("int32", total[0]), tx, bounds[2], best[0], inv_temp,
-                              top_p * best[1] - span[2], bounds, ms, one, mine, nxt)
+                    multisect(False, part, sb, cand_val, T.Cast("int32", total[0]), tx, top_p * best[1] - span[2],
+                              bounds[2], best[0], inv_temp, bounds, ms, one, mine, nxt)
                 # the kept keys: from the top-k cut, and from the top-p cut when there is one
                 bounds[3] = T.max(bounds[2], T.if_then_else(searching_p, bounds[0], T.int64(0)))
                 # 6. kept mass per thread's contiguous range of the source, its prefix, and the draw
