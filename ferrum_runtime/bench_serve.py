@@ -94,9 +94,10 @@ async def _words_per_token(client, base: str, model: str) -> float:
     return tokens / 200 if tokens else 1.0
 
 
-async def _one(client, base: str, model: str, prompt: str, output_len: int, concurrency: int, api_key: str | None) -> Record:
+async def _one(client, base: str, model: str, prompt: str, output_len: int, concurrency: int, api_key: str | None,
+               sampling: dict) -> Record:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": output_len}
+            "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": output_len, **sampling}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     rec = Record(concurrency, ok=False)
     t0 = time.perf_counter()
@@ -157,8 +158,13 @@ def summarize(records: list[Record], wall: float, concurrency: int) -> dict:
 
 async def run_bench_serve(base: str, *, concurrency: list[int], input_len: int, output_len: int,
                           num_prompts: int | None = None, model: str | None = None, api_key: str | None = None,
-                          seed: int = 0, progress=lambda msg: None, records_path: str | None = None) -> dict:
+                          seed: int = 0, progress=lambda msg: None, records_path: str | None = None,
+                          sampling: dict | None = None) -> dict:
+    """``sampling``: request fields sent with every request (``temperature``, ``top_p``, ``top_k``); greedy
+    (temperature 0) when absent."""
     import httpx
+
+    sampling = sampling or {}
 
     base = base.rstrip("/")
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=10.0)) as client:
@@ -183,7 +189,7 @@ async def run_bench_serve(base: str, *, concurrency: list[int], input_len: int, 
 
                 async def task(p: str, sem: asyncio.Semaphore, c: int, n: int, done: list[int]) -> Record:
                     async with sem:
-                        rec = await _one(client, base, model, p, output_len, c, api_key)
+                        rec = await _one(client, base, model, p, output_len, c, api_key, sampling)
                     done[0] += 1
                     progress(f"concurrency {c}: {done[0]}/{n} requests" + (f" (error: {rec.error})" if rec.error else ""))
                     return rec
@@ -199,12 +205,14 @@ async def run_bench_serve(base: str, *, concurrency: list[int], input_len: int, 
         finally:
             if sink:
                 sink.close()
-    return {"url": base, "model": model, "input_len": input_len, "output_len": output_len, "results": results}
+    return {"url": base, "model": model, "input_len": input_len, "output_len": output_len,
+            "sampling": {"temperature": 0.0, **sampling}, "results": results}
 
 
 def format_table(result: dict) -> str:
     lines = [f"bench-serve {result['url']} ({result['model']}): input ~{result['input_len']} tokens, "
-             f"output {result['output_len']} tokens", "",
+             f"output {result['output_len']} tokens, "
+             + ", ".join(f"{k} {v}" for k, v in result.get("sampling", {"temperature": 0.0}).items()), "",
              "| conc | reqs | errors | out tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | ITL p50/p99 ms | E2E p50/p99 ms |",
              "|---|---|---|---|---|---|---|---|"]
     def pct(r: dict, k: str, qs=(50, 90, 99)) -> str:
@@ -215,6 +223,24 @@ def format_table(result: dict) -> str:
                      f"{pct(r, 'ttft_ms')} | {pct(r, 'tpot_ms')} | {pct(r, 'itl_ms', (50, 99))} | "
                      f"{pct(r, 'e2e_ms', (50, 99))} |")
     return "\n".join(lines)
+
+
+def _sampling(args) -> dict:
+    """The sampling fields the flags ask for; one-line errors for values no server takes."""
+    out: dict[str, float | int] = {}
+    if args.temperature is not None:
+        if not args.temperature >= 0:
+            raise SystemExit("ferrum: error: --temperature takes a value >= 0 (0 = greedy)")
+        out["temperature"] = args.temperature
+    if args.top_p is not None:
+        if not 0 < args.top_p <= 1:
+            raise SystemExit("ferrum: error: --top-p takes a value in (0, 1]")
+        out["top_p"] = args.top_p
+    if args.top_k is not None:
+        if args.top_k < 1:
+            raise SystemExit("ferrum: error: --top-k takes a positive integer")
+        out["top_k"] = args.top_k
+    return out
 
 
 def main(args) -> int:
@@ -229,7 +255,7 @@ def main(args) -> int:
     result = asyncio.run(run_bench_serve(args.url, concurrency=conc, input_len=args.input_len,
                                          output_len=args.output_len, num_prompts=args.num_prompts, model=args.model,
                                          api_key=args.api_key, seed=args.seed, progress=show,
-                                         records_path=args.records))
+                                         records_path=args.records, sampling=_sampling(args)))
     if not args.json:
         print(file=sys.stderr)
     print(json.dumps(result, indent=1) if args.json else format_table(result))

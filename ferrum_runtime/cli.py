@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--api-key")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--records", help="write one JSON line per request to this file")
+    bs.add_argument("--temperature", type=float, help="sent with every request (default 0: greedy)")
+    bs.add_argument("--top-p", type=float, help="sent with every request (default: not sent)")
+    bs.add_argument("--top-k", type=int, help="sent with every request (default: not sent; vLLM's and "
+                    "llama.cpp's extension)")
     bs.add_argument("--json", action="store_true", help="print the summary as JSON")
     return p
 

@@ -40,6 +40,13 @@ def test_bench_serve_json_and_records(chat_artifact, tmp_path):
             assert r["e2e_ms"]["p50"] >= r["ttft_ms"]["p50"]
         lines = [json.loads(line) for line in records.read_text().splitlines()]
         assert len(lines) == 6 and all(line["ok"] and line["output_tokens"] == 6 for line in lines)
+        sampled = ferrum("bench-serve", base, "--concurrency", "2", "--input-len", "16", "--output-len", "4",
+                         "--num-prompts", "2", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20", "--json")
+        out = json.loads(sampled.stdout)  # the server takes all three fields (it refuses unknown ones with 400)
+        assert out["sampling"] == {"temperature": 0.7, "top_p": 0.9, "top_k": 20}
+        assert out["results"][0]["errors"] == 0 and out["results"][0]["output_tokens"] == 2 * 4
+        wrong = ferrum("bench-serve", base, "--top-p", "1.5")
+        assert wrong.returncode == 1 and wrong.stderr.strip() == "ferrum: error: --top-p takes a value in (0, 1]"
         bad = ferrum("bench-serve", base.replace(base.rsplit(":", 1)[1], "9"), "--concurrency", "1",
                      "--num-prompts", "2", "--model", "tiny", "--json")  # nothing listens: errors, no crash
         assert bad.returncode == 0 and json.loads(bad.stdout)["results"][0]["errors"] == 2

@@ -158,12 +158,14 @@ def test_combined_filters_match_reference_distribution(temperature, top_k, top_p
 
 @pytest.mark.parametrize("shape,temperature,top_k,top_p", [
     ("peaked", 0.7, 0, 0.9), ("flat", 1.0, 0, 0.99), ("flat", 1.0, 3000, 0.999), ("ties", 1.0, 0, 0.5),
-    ("peaked", 0.8, 40, 0.95), ("flat", 0.5, 0, 1.0)])
+    ("peaked", 0.8, 40, 0.95), ("flat", 0.5, 0, 1.0), ("strided", 1.0, 4000, 0.999)])
 def test_filters_over_a_real_vocabulary_keep_the_full_sorts_tokens(shape, temperature, top_k, top_p):
     """At a real vocabulary (49152) top-k/top-p sort only the likeliest candidates, growing them while the
     nucleus runs past (flat logits at top_p 0.99 need most of the vocabulary); ties at the candidates' edge
-    go to the lowest id as in a full stable sort. Same kept tokens and probabilities as the reference."""
-    from ferrum_runtime.sampler import _filtered_probs
+    go to the lowest id as in a full stable sort. The candidates' threshold is estimated from every 16th
+    logit: "strided" puts 3072 tied top logits exactly there, so the estimate for the top 4000 falls short
+    and the candidates must grow. Same kept tokens and probabilities as the reference."""
+    from ferrum_runtime.sampler import _kept
 
     rng = np.random.default_rng(7)
     row = rng.standard_normal(49152).astype(np.float32)
@@ -171,9 +173,14 @@ def test_filters_over_a_real_vocabulary_keep_the_full_sorts_tokens(shape, temper
         row[rng.choice(49152, 30, replace=False)] += 9
     if shape == "ties":  # 3000 tokens share the top logit: the nucleus is the 1500 lowest ids among them
         row[rng.choice(49152, 3000, replace=False)] = 5.0
+    if shape == "strided":
+        row[::16] = 5.0
     ref = _reference_probs(row, temperature, top_k, top_p, 0.0)
     z = row.astype(np.float64)[None] / temperature
-    got = _filtered_probs(z, np.array([top_k]), np.array([top_p]), np.array([0.0]))[0]
+    ids, p = _kept(z[0], top_k or 49152, top_p, 0.0)
+    got = p if ids is None else np.zeros(49152)
+    if ids is not None:
+        got[ids] = p
     assert np.array_equal(got > 0, ref > 0)
     np.testing.assert_allclose(got / got.sum(), ref, rtol=1e-9, atol=1e-15)
 
