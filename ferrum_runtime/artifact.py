@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from .env import tvm_without_torch
 from .errors import FerrumError
 
 ABI_VERSION = 1
@@ -93,6 +94,7 @@ def check_compatible(m: Manifest, verify_hashes: bool = True) -> None:
         raise ArtifactError(f"artifact {m.path} has ABI version {d['abi_version']}, this runtime reads {ABI_VERSION}; {fix}")
     tvm_now = package_version("apache-tvm")
     if tvm_now == "unknown":  # a runtime-only TVM copied onto PYTHONPATH (pack-tvm-runtime.sh) has no metadata
+        tvm_without_torch()
         import tvm
 
         tvm_now = tvm.__version__

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import FerrumError
 from .artifact import LIBRARY, ArtifactError, Manifest, check_compatible, read_manifest
 from . import env
-from .env import configure_threads
+from .env import configure_threads, tvm_without_torch
 from .safetensors_io import SafetensorsFile, np_dtype
 
 log = logging.getLogger("ferrum")
@@ -95,6 +95,7 @@ class BatchError(FerrumError):
 class CompiledModel:
     def __init__(self, manifest: Manifest, device: str, num_blocks: int | None, kv_cache_bytes: int | None = None):
         configure_threads()
+        tvm_without_torch()
         import tvm
         from tvm.runtime import vm as rvm
 
