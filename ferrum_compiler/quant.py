@@ -146,17 +146,28 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # symmetric groups of 16, and Q2_K's and Q3_K's 2- and 3-bit values in 8 bits too (asymmetric and symmetric
 # groups of 16: our 4-bit kernels take groups of 32 only). (llama.cpp stores a matrix whose rows are not
 # whole super-blocks as Q5_0, Q5_1 or Q8_0.) IQ4_NL and IQ4_XS index a 16-entry table of 8-bit values
-# (``IQ4_VALUES``): those values become the integers, in 8-bit symmetric groups of 32.
+# (``IQ4_VALUES``): those values become the integers, in 8-bit symmetric groups of 32. The lattice types
+# (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) index grids of 4 or 8 small integers, signed by
+# sign bits (IQ1: shifted by +-1/8); the signed grid values (IQ1: 8 g +- 1) become the integers, in 8-bit
+# symmetric groups of their sub-block scales (16 or 32 weights): ``_iq_lattice``.
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),
                 "Q2_K": QuantFormat(8, 16, False), "Q3_K": QuantFormat(8, 16, True),
-                "IQ4_NL": QuantFormat(8, 32, True), "IQ4_XS": QuantFormat(8, 32, True)}
+                "IQ4_NL": QuantFormat(8, 32, True), "IQ4_XS": QuantFormat(8, 32, True),
+                "IQ1_S": QuantFormat(8, 32, True), "IQ1_M": QuantFormat(8, 16, True),
+                "IQ2_XXS": QuantFormat(8, 32, True), "IQ2_XS": QuantFormat(8, 16, True),
+                "IQ2_S": QuantFormat(8, 16, True), "IQ3_XXS": QuantFormat(8, 32, True),
+                "IQ3_S": QuantFormat(8, 32, True)}
 _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
                 "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
                 "Q2_K": (256, 84), "Q3_K": (256, 110),
-                "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}  # (weights, bytes) per block
-_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")  # sub-block scales: integer x float16 d
+                "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
+                "IQ1_S": (256, 50), "IQ1_M": (256, 56), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74),
+                "IQ2_S": (256, 82), "IQ3_XXS": (256, 98), "IQ3_S": (256, 110)}  # (weights, bytes) per block
+_IQ_LATTICE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
+# sub-block scales: integer x float16 d
+_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS") + _IQ_LATTICE
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 
@@ -167,8 +178,8 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
     super-block scale times a 4-bit (Q2_K), 6-bit (Q3_K, Q4_K, Q5_K, IQ4_XS) or 8-bit (Q6_K) integer; our
     kernels read float16 scales, so the product is rounded to float16 (relative error at most 2**-11), which
     moves a weight by at most 2**-11 times its integer (3, 4, 15, 31, 32 or 127) quantization steps: 0.1-6%
-    of one step (IQ4_XS's steps are uneven; a weight moves by at most 2**-11 of itself). Mins are kept
-    exactly (float32)."""
+    of one step (IQ4_XS's and the lattice types' steps are uneven; a weight moves by at most 2**-11 of
+    itself). Mins are kept exactly (float32)."""
     n, k = shape
     per, size = _GGUF_BLOCKS[type_name]
     blocks = np.asarray(data, dtype=np.uint8).reshape(n, k // per, size)
@@ -229,6 +240,8 @@ def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     lead = blocks.shape[:-1]
     if type_name in ("Q2_K", "Q3_K"):
         return _low_bit_k_quant(type_name, blocks)
+    if type_name in _IQ_LATTICE:
+        return _iq_lattice(type_name, blocks)
     if type_name == "IQ4_XS":
         # d, a 16-bit word of scales' high bit pairs (bits 2i, 2i + 1: scale i's bits 4-5), 4 bytes of their
         # low nibbles (scale i: byte i // 2, low nibble for even i), then 8 sub-blocks of 32 weights as
@@ -291,6 +304,91 @@ def _low_bit_k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np
     high = (packed[..., None, 8:12] >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
     sc = (low | (high.reshape(*lead, 16) << 4)).astype(np.float64) - 32
     return q, sc * _f16_at(blocks, 108)[..., None], None
+
+
+def _lattice_grid(type_name: str) -> np.ndarray:
+    """``int8 [entries, 4 or 8]``: a lattice type's grid, from the ``gguf`` package's tables (llama.cpp's)."""
+    import gguf.quants
+
+    cls = getattr(gguf.quants, "IQ1_S" if type_name == "IQ1_M" else type_name)
+    cls.init_grid()
+    return cls.grid.reshape(cls.grid_shape).astype(np.int8)  # small integers, held as float32 there
+
+
+def _signs(packed: np.ndarray) -> np.ndarray:
+    """``int8 [..., 8n]`` of ``uint8 [..., n]``: -1 where bit ``j`` of byte ``i`` is set (value ``8i + j``), else 1."""
+    return 1 - 2 * np.unpackbits(packed, axis=-1, bitorder="little").astype(np.int8)
+
+
+# a 7-bit sign index -> 8 sign bits: the eighth makes the count of negatives even
+_KSIGNS = np.array([i | (bin(i).count("1") & 1) << 7 for i in range(128)], dtype=np.uint8)
+
+
+def _words(blocks: np.ndarray, start: int, stop: int, dtype: str) -> np.ndarray:
+    """Bytes ``start:stop`` of each block as little-endian ``dtype`` words."""
+    return np.ascontiguousarray(blocks[..., start:stop]).view(dtype)
+
+
+def _iq_lattice(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """``_k_quant`` of the lattice types' super-blocks (256 weights): grid entries of 8 (IQ1, IQ2) or 4 (IQ3)
+    values, each value signed by its own sign bit (IQ2_S, IQ3_S) or by one of 128 even-parity patterns per 8
+    values (IQ2_XXS, IQ2_XS, IQ3_XXS); IQ1's values are ``g +- 1/8`` for the integer ``8 g +- 1``. A scale is
+    ``d (2 s + 1)`` over 8 (IQ1, IQ2), 4 (IQ3_XXS) or 1 (IQ3_S), ``s`` a 3- or 4-bit integer."""
+    lead = blocks.shape[:-1]
+    grid = _lattice_grid(type_name)
+
+    def values(idx: np.ndarray) -> np.ndarray:  # grid entries -> [..., 256]
+        return grid[idx].reshape(*lead, 256).astype(np.int16)
+
+    def patterns(aux: np.ndarray) -> np.ndarray:  # words of 4 x 7-bit sign indices -> [..., 256] signs
+        return _signs(_KSIGNS[(aux[..., None] >> np.array([0, 7, 14, 21], dtype=np.uint32)) & 127]).reshape(*lead, 256)
+
+    if type_name == "IQ1_M":  # its float16 d is the top nibbles of the four scale words, lowest first
+        sc = _words(blocks, 48, 56, "<u2")
+        bits = (sc[..., 0] >> 12) | ((sc[..., 1] >> 8) & 0xF0) | ((sc[..., 2] >> 4) & 0xF00) | (sc[..., 3] & 0xF000)
+        d = bits.astype(np.uint16).view(np.float16).astype(np.float64)
+    else:
+        d = _f16_at(blocks, 0)
+    if type_name == "IQ2_XXS":  # per 32 weights: 4 grid index bytes, a word of 4 sign indices and s
+        sub = blocks[..., 2:].reshape(*lead, 8, 8)
+        aux = _words(sub, 4, 8, "<u4")[..., 0]
+        q = values(sub[..., 0:4]) * patterns(aux)
+        s, div = aux >> 28, 8
+    elif type_name == "IQ2_XS":  # 32 words: a 9-bit grid index, a 7-bit sign index; 8 bytes of s nibbles
+        words = _words(blocks, 2, 66, "<u2")
+        q = values(words & 511) * _signs(_KSIGNS[words >> 9]).reshape(*lead, 256)
+        s, div = _nibbles(blocks[..., 66:74]), 8
+    elif type_name == "IQ2_S":  # 32 low index bytes, 32 bytes of sign bits, 8 bytes of high index bit pairs
+        high = (blocks[..., 66:74, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+        q = values(blocks[..., 2:34].astype(np.int32) | high.reshape(*lead, 32).astype(np.int32) << 8)
+        q = q * _signs(blocks[..., 34:66])
+        s, div = _nibbles(blocks[..., 74:82]), 8
+    elif type_name == "IQ3_XXS":  # 64 grid index bytes; per 32 weights a word of 4 sign indices and s
+        aux = _words(blocks, 66, 98, "<u4")
+        q = values(blocks[..., 2:66]) * patterns(aux)
+        s, div = aux >> 28, 4
+    elif type_name == "IQ3_S":  # 64 low index bytes, 8 bytes of ninth bits, 32 bytes of sign bits, s nibbles
+        ninth = np.unpackbits(blocks[..., 66:74], axis=-1, bitorder="little").astype(np.int32)
+        q = values(blocks[..., 2:66].astype(np.int32) | ninth << 8) * _signs(blocks[..., 74:106])
+        s, div = _nibbles(blocks[..., 106:110]), 1
+    elif type_name == "IQ1_S":  # 32 low index bytes; per 32 weights a word: 4 x 3 high index bits, s, delta
+        qh = _words(blocks, 34, 50, "<u2")
+        high = (qh[..., None] >> np.array([0, 3, 6, 9], dtype=np.uint16)) & 7
+        q = 8 * values(blocks[..., 2:34].astype(np.int32) | high.reshape(*lead, 32).astype(np.int32) << 8)
+        q = q + np.repeat(np.where(qh & 0x8000, -1, 1), 32, axis=-1)
+        s, div = (qh >> 12) & 7, 8
+    else:  # IQ1_M: 32 low index bytes, 16 bytes of (3 high index bits, delta) nibbles, 3-bit s per 16 weights
+        nib = _nibbles(blocks[..., 32:48])
+        q = 8 * values(blocks[..., 0:32].astype(np.int32) | (nib & 7).astype(np.int32) << 8)
+        q = q + np.repeat(np.where(nib & 8, -1, 1), 8, axis=-1)
+        s, div = (sc[..., None] >> np.array([0, 3, 6, 9], dtype=np.uint16)) & 7, 8
+    scales = d[..., None] * (2 * s.reshape(*lead, -1).astype(np.float64) + 1) / div
+    return q, scales, None
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """``[..., 2n]`` nibbles of ``[..., n]`` bytes, each byte's low nibble first."""
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
 
 
 # ---------------------------------------------------------------- GPTQ

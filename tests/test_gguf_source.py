@@ -28,6 +28,11 @@ EXPERTS, EXPERTS_USED, EXPERT_FFN = 4, 2, 32  # qwen3moe: every layer sparse
 K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.1.ffn_down.weight": "Q5_K",
          "blk.0.attn_output.weight": "Q2_K", "blk.1.attn_output.weight": "Q3_K",
          "blk.1.ffn_gate.weight": "IQ4_XS", "blk.1.ffn_up.weight": "IQ4_NL"}
+# an IQ file's (llama.cpp's IQ2_XXS and lower mixes): IQ2_XXS but for every other lattice type once, the
+# ones of groups of 16 (IQ1_M, IQ2_XS, IQ2_S) each beside one of groups of 32
+IQ_MIX = {"default": "IQ2_XXS", "blk.0.attn_v.weight": "IQ2_XS", "blk.1.attn_v.weight": "IQ2_S",
+          "blk.0.ffn_down.weight": "IQ3_XXS", "blk.1.ffn_down.weight": "IQ3_S",
+          "blk.0.attn_output.weight": "IQ1_S", "blk.1.attn_output.weight": "IQ1_M"}
 
 
 def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -37,9 +42,10 @@ def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gpt2",
                weights: dict[str, np.ndarray] | None = None) -> None:
-    """``qtype_name``: one GGUF type for every matrix, ``K_MIX`` (Q4_K, with K_MIX's exceptions), or
-    ``K_MIX_F32``: the same file (same seed) with each K-quant matrix written as float32, at the values
-    ferrum's packed form of it holds (``from_gguf(...).dequantize()``: float16 sub-block scales)."""
+    """``qtype_name``: one GGUF type for every matrix, ``K_MIX`` (Q4_K, with K_MIX's exceptions), ``IQ_MIX``,
+    or ``K_MIX_F32`` / ``IQ_MIX_F32``: the same file (same seed) with each quantized matrix written as
+    float32, at the values ferrum's packed form of it holds (``from_gguf(...).dequantize()``: float16
+    sub-block scales)."""
     import gguf
 
     from ferrum_compiler.quant import from_gguf
@@ -47,7 +53,8 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
     from .kquants import random_kquant
 
     rng = np.random.default_rng(seed)
-    mix = qtype_name in ("K_MIX", "K_MIX_F32")
+    mix = qtype_name in ("K_MIX", "K_MIX_F32", "IQ_MIX", "IQ_MIX_F32")
+    kinds = IQ_MIX if qtype_name.startswith("IQ_MIX") else {"default": "Q4_K", **K_MIX}
     qtype = getattr(gguf.GGMLQuantizationType, "Q4_K" if mix else qtype_name)
     hidden, ffn = (256, 512) if mix else (HIDDEN, FFN)
     writer = gguf.GGUFWriter(str(path), {"llama-moe": "llama", "qwen2-moe": "qwen2"}.get(arch, arch))
@@ -78,9 +85,9 @@ def write_gguf(path, arch: str, qtype_name: str, seed: int, tokenizer: str = "gp
 
     def tensor(name, shape, scale=0.3, quantize=True, offset=0.0):
         if quantize and mix:  # random K-quant blocks, in the file's row order like any GGUF's
-            kind = K_MIX.get(name, "Q4_K")
+            kind = kinds.get(name, kinds["default"])
             blocks = random_kquant(rng, kind, *shape, scale / 2)  # as much gain per layer as at hidden 64
-            if qtype_name == "K_MIX_F32":
+            if qtype_name.endswith("_F32"):
                 writer.add_tensor(name, from_gguf(kind, blocks, shape).dequantize())
             else:
                 writer.add_tensor(name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
@@ -206,6 +213,39 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
     ours = RaggedDriver(model, 1, 32, np.random.default_rng(1)).step([prompt], all_rows=True)
     for where, tol in ((tmp_path / "twin", 1e-3), (tmp_path, 1e-2)):
         hf = AutoModelForCausalLM.from_pretrained(str(where), gguf_file="kmix.gguf", dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = hf(torch.tensor([prompt])).logits[0].numpy()
+        assert np.abs(ours - ref).max() <= tol * max(1.0, float(np.abs(ref).max())), where
+
+
+def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
+    """An IQ2_XXS-like file with every lattice type (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
+    compiles with every matrix kept packed, as 8-bit integers in the groups of the type's sub-block scales,
+    and runs as transformers runs the weights the artifact holds (a float32 twin of the file), then within
+    the scales' float16 rounding of the file itself."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "iqmix.gguf"
+    write_gguf(path, "llama", "IQ_MIX", seed=6)
+    (tmp_path / "twin").mkdir()
+    write_gguf(tmp_path / "twin" / "iqmix.gguf", "llama", "IQ_MIX_F32", seed=6)
+    art = compiled(path, "cpu", kv_dtype="float32")
+    manifest = yaml.safe_load((art / "ferrum.yaml").read_text())
+    assert manifest["quantization"]["dense_weights"] == []
+    formats = {w: (f["bits"], f["group_size"], f["sym"]) for w, f in manifest["quantization"]["weights"].items()}
+    assert formats["lm_head.weight"] == (8, 32, True) and formats["model.embed_tokens.weight"] == (8, 32, True)
+    for i, (g_v, g_o) in enumerate(((16, 32), (16, 16))):  # IQ2_XS / IQ1_S, IQ2_S / IQ1_M
+        assert formats[f"model.layers.{i}.self_attn.q_proj+k_proj.weight"] == (8, 32, True)
+        assert formats[f"model.layers.{i}.self_attn.v_proj.weight"] == (8, g_v, True)
+        assert formats[f"model.layers.{i}.self_attn.o_proj.weight"] == (8, g_o, True)
+        assert formats[f"model.layers.{i}.mlp.down_proj.weight"] == (8, 32, True)  # IQ3_XXS, IQ3_S
+    model = CompiledModel.load(art, num_blocks=8)
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, len(VOCAB), 19)]
+    ours = RaggedDriver(model, 1, 32, np.random.default_rng(2)).step([prompt], all_rows=True)
+    for where, tol in ((tmp_path / "twin", 1e-3), (tmp_path, 1e-2)):
+        hf = AutoModelForCausalLM.from_pretrained(str(where), gguf_file="iqmix.gguf", dtype=torch.float32).eval()
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0].numpy()
         assert np.abs(ours - ref).max() <= tol * max(1.0, float(np.abs(ref).max())), where

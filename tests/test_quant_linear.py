@@ -179,12 +179,20 @@ def test_gguf_blocks_dequantize_like_gguf(type_name):
                                                 ("Q2_K", QuantFormat(8, 16, False), 3),
                                                 ("Q3_K", QuantFormat(8, 16, True), 4),
                                                 ("IQ4_XS", QuantFormat(8, 32, True), 127),
-                                                ("IQ4_NL", QuantFormat(8, 32, True), 127)])
+                                                ("IQ4_NL", QuantFormat(8, 32, True), 127),
+                                                ("IQ1_S", QuantFormat(8, 32, True), 9),
+                                                ("IQ1_M", QuantFormat(8, 16, True), 9),
+                                                ("IQ2_XXS", QuantFormat(8, 32, True), 43),
+                                                ("IQ2_XS", QuantFormat(8, 16, True), 43),
+                                                ("IQ2_S", QuantFormat(8, 16, True), 43),
+                                                ("IQ3_XXS", QuantFormat(8, 32, True), 62),
+                                                ("IQ3_S", QuantFormat(8, 32, True), 15)])
 def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
-    """K-quant super-blocks (random bytes: any are valid) become our group-affine form with the same
-    integers; a sub-block scale (float16 d times a 4/6/8-bit integer) is rounded to float16 for our kernels,
-    so each weight may move by at most 2**-11 of its scale times its integer (``most``: the largest), while
-    a wrong bit or nibble order would move weights by whole steps. Packing changes nothing further."""
+    """K-quant and IQ super-blocks (random bytes: any are valid) become our group-affine form with the same
+    integers (the lattice types': their signed grid values, IQ1's 8 g +- 1); a sub-block scale (float16 d
+    times a small integer) is rounded to float16 for our kernels, so each weight may move by at most 2**-11
+    of its scale times its integer (``most``: the largest), while a wrong bit, nibble, grid index or sign
+    would move weights by whole steps. Packing changes nothing further."""
     import gguf
 
     from .kquants import random_kquant
