@@ -71,6 +71,34 @@ def test_tampered_file_is_refused(artifact_copy):
         CompiledModel.load(artifact_copy)
 
 
+def test_verified_files_are_recorded_and_a_change_is_still_caught(artifact_copy, tmp_path, monkeypatch):
+    """Files whose sha256 matched are recorded with their stat (the next load does not hash them again); a
+    shard tampered afterwards, its size kept and its modification time set back, is refused all the same:
+    the write moved its change time."""
+    import json
+    import os
+
+    from ferrum_runtime.artifact import VerifiedFiles, check_compatible, read_manifest
+
+    monkeypatch.setenv("FERRUM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(VerifiedFiles, "RACY_S", 0.0)  # the copy's files were written just now
+    m = read_manifest(artifact_copy)
+    check_compatible(m)
+    recorded = json.loads((tmp_path / "cache" / VerifiedFiles.PATH).read_text())
+    assert {str((artifact_copy / rel).resolve()): d for rel, d in m.data["files"].items()} == \
+        {path: key[0] for path, key in recorded.items()}
+    check_compatible(m)
+    shard = next((artifact_copy / "weights").glob("*.safetensors"))
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(ArtifactError, match="sha256"):
+        check_compatible(m)
+
+
 def test_missing_file_is_refused(artifact_copy):
     (artifact_copy / "model.so").unlink()
     with pytest.raises(ArtifactError, match="missing model.so"):
