@@ -149,7 +149,8 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # (``IQ4_VALUES``): those values become the integers, in 8-bit symmetric groups of 32. The lattice types
 # (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) index grids of 4 or 8 small integers, signed by
 # sign bits (IQ1: shifted by +-1/8); the signed grid values (IQ1: 8 g +- 1) become the integers, in 8-bit
-# symmetric groups of their sub-block scales (16 or 32 weights): ``_iq_lattice``.
+# symmetric groups of their sub-block scales (16 or 32 weights): ``_iq_lattice``. IQ3_S's, the odd +-1..15,
+# are affine in 4 bits: 4-bit asymmetric groups of 32.
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),
@@ -158,7 +159,7 @@ GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, Fal
                 "IQ1_S": QuantFormat(8, 32, True), "IQ1_M": QuantFormat(8, 16, True),
                 "IQ2_XXS": QuantFormat(8, 32, True), "IQ2_XS": QuantFormat(8, 16, True),
                 "IQ2_S": QuantFormat(8, 16, True), "IQ3_XXS": QuantFormat(8, 32, True),
-                "IQ3_S": QuantFormat(8, 32, True)}
+                "IQ3_S": QuantFormat(4, 32, False)}
 _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
                 "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
                 "Q2_K": (256, 84), "Q3_K": (256, 110),
@@ -240,6 +241,9 @@ def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
     lead = blocks.shape[:-1]
     if type_name in ("Q2_K", "Q3_K"):
         return _low_bit_k_quant(type_name, blocks)
+    if type_name == "IQ3_S":  # its values, +-1..15 odd, are 2 q - 15 (q in 0..15): 4-bit, scale 2S, min -15 S
+        v, sc, _ = _iq_lattice(type_name, blocks)
+        return (v + 15) // 2, 2 * sc, (-15 * sc).astype(np.float32)  # exact: 11 x 5 significant bits
     if type_name in _IQ_LATTICE:
         return _iq_lattice(type_name, blocks)
     if type_name == "IQ4_XS":
