@@ -150,7 +150,8 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) index grids of 4 or 8 small integers, signed by
 # sign bits (IQ1: shifted by +-1/8); the signed grid values (IQ1: 8 g +- 1) become the integers, in 8-bit
 # symmetric groups of their sub-block scales (16 or 32 weights): ``_iq_lattice``. IQ3_S's, the odd +-1..15,
-# are affine in 4 bits: 4-bit asymmetric groups of 32.
+# are affine in 4 bits: 4-bit asymmetric groups of 32. So are the ternary types' (TQ1_0: base-3 digits,
+# five a byte; TQ2_0: 2-bit fields), d x (q - 1) with one d per 256 weights: ``_ternary``.
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),
@@ -159,16 +160,18 @@ GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, Fal
                 "IQ1_S": QuantFormat(8, 32, True), "IQ1_M": QuantFormat(8, 16, True),
                 "IQ2_XXS": QuantFormat(8, 32, True), "IQ2_XS": QuantFormat(8, 16, True),
                 "IQ2_S": QuantFormat(8, 16, True), "IQ3_XXS": QuantFormat(8, 32, True),
-                "IQ3_S": QuantFormat(4, 32, False)}
+                "IQ3_S": QuantFormat(4, 32, False), "TQ1_0": QuantFormat(4, 32, False),
+                "TQ2_0": QuantFormat(4, 32, False)}
 _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
                 "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
                 "Q2_K": (256, 84), "Q3_K": (256, 110),
                 "IQ4_NL": (32, 18), "IQ4_XS": (256, 136),
                 "IQ1_S": (256, 50), "IQ1_M": (256, 56), "IQ2_XXS": (256, 66), "IQ2_XS": (256, 74),
-                "IQ2_S": (256, 82), "IQ3_XXS": (256, 98), "IQ3_S": (256, 110)}  # (weights, bytes) per block
+                "IQ2_S": (256, 82), "IQ3_XXS": (256, 98), "IQ3_S": (256, 110),
+                "TQ1_0": (256, 54), "TQ2_0": (256, 66)}  # (weights, bytes) per block
 _IQ_LATTICE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 # sub-block scales: integer x float16 d
-_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS") + _IQ_LATTICE
+_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0") + _IQ_LATTICE
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 
@@ -246,6 +249,8 @@ def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
         return (v + 15) // 2, 2 * sc, (-15 * sc).astype(np.float32)  # exact: 11 x 5 significant bits
     if type_name in _IQ_LATTICE:
         return _iq_lattice(type_name, blocks)
+    if type_name in ("TQ1_0", "TQ2_0"):
+        return _ternary(type_name, blocks)
     if type_name == "IQ4_XS":
         # d, a 16-bit word of scales' high bit pairs (bits 2i, 2i + 1: scale i's bits 4-5), 4 bytes of their
         # low nibbles (scale i: byte i // 2, low nibble for even i), then 8 sub-blocks of 32 weights as
@@ -388,6 +393,24 @@ def _iq_lattice(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndar
         s, div = (sc[..., None] >> np.array([0, 3, 6, 9], dtype=np.uint16)) & 7, 8
     scales = d[..., None] * (2 * s.reshape(*lead, -1).astype(np.float64) + 1) / div
     return q, scales, None
+
+
+def _ternary(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_k_quant`` of TQ1_0/TQ2_0 super-blocks: weight ``d (q - 1)``, one float16 ``d`` (the last 2 bytes)
+    per 256 weights, as 4-bit groups of 32 with scale ``d`` and min ``-d`` (both exact). TQ2_0: 64 bytes of
+    2-bit fields in ``_crumbs``' order (q 0..3). TQ1_0: 48 bytes of five base-3 digits, then 4 of four:
+    digit ``k`` of byte ``b`` is the top of ``3 (b 3^k mod 256)`` over 256 (llama.cpp's fixed-point
+    packing); digit-major within each run of bytes (32, 16, then 4)."""
+    lead = blocks.shape[:-1]
+    d = _f16_at(blocks, blocks.shape[-1] - 2)
+    if type_name == "TQ2_0":
+        q = _crumbs(blocks[..., 0:64])
+    else:
+        runs = [(blocks[..., 0:32], 5), (blocks[..., 32:48], 5), (blocks[..., 48:52], 4)]
+        q = np.concatenate([(((b[..., None, :] * (3 ** np.arange(n, dtype=np.uint8))[:, None]).astype(np.uint8)
+                              .astype(np.uint16) * 3) >> 8).reshape(*lead, -1) for b, n in runs], axis=-1)
+    scales = np.repeat(d[..., None], 8, axis=-1)
+    return q.astype(np.int16), scales, (-scales).astype(np.float32)
 
 
 def _nibbles(packed: np.ndarray) -> np.ndarray:

@@ -29,10 +29,12 @@ K_MIX = {"output.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.1.ffn_down
          "blk.0.attn_output.weight": "Q2_K", "blk.1.attn_output.weight": "Q3_K",
          "blk.1.ffn_gate.weight": "IQ4_XS", "blk.1.ffn_up.weight": "IQ4_NL"}
 # an IQ file's (llama.cpp's IQ2_XXS and lower mixes): IQ2_XXS but for every other lattice type once, the
-# ones of groups of 16 (IQ1_M, IQ2_XS, IQ2_S) each beside one of groups of 32
+# ones of groups of 16 (IQ1_M, IQ2_XS, IQ2_S) each beside one of groups of 32, and the ternary TQ1_0 and
+# TQ2_0 for layer 0's gate and up projections (4-bit groups of 32 both: fused)
 IQ_MIX = {"default": "IQ2_XXS", "blk.0.attn_v.weight": "IQ2_XS", "blk.1.attn_v.weight": "IQ2_S",
           "blk.0.ffn_down.weight": "IQ3_XXS", "blk.1.ffn_down.weight": "IQ3_S",
-          "blk.0.attn_output.weight": "IQ1_S", "blk.1.attn_output.weight": "IQ1_M"}
+          "blk.0.attn_output.weight": "IQ1_S", "blk.1.attn_output.weight": "IQ1_M",
+          "blk.0.ffn_gate.weight": "TQ1_0", "blk.0.ffn_up.weight": "TQ2_0"}
 
 
 def _permute_rows(w: np.ndarray, heads: int) -> np.ndarray:
@@ -220,7 +222,8 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
 
 def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     """An IQ2_XXS-like file with every lattice type (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
-    compiles with every matrix kept packed, as 8-bit integers in the groups of the type's sub-block scales,
+    and the ternary ones (TQ1_0, TQ2_0) compiles with every matrix kept packed, as 8-bit integers in the
+    groups of the type's sub-block scales (4-bit for IQ3_S and the ternary types),
     and runs as transformers runs the weights the artifact holds (a float32 twin of the file), then within
     the scales' float16 rounding of the file itself."""
     import torch
@@ -241,6 +244,7 @@ def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
         assert formats[f"model.layers.{i}.self_attn.v_proj.weight"] == (8, g_v, True)
         assert formats[f"model.layers.{i}.self_attn.o_proj.weight"] == (8, g_o, True)
         assert formats[f"model.layers.{i}.mlp.down_proj.weight"] == ((8, 32, True), (4, 32, False))[i]  # IQ3_XXS, IQ3_S
+    assert formats["model.layers.0.mlp.gate_proj+up_proj.weight"] == (4, 32, False)  # TQ1_0 beside TQ2_0
     model = CompiledModel.load(art, num_blocks=8)
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, len(VOCAB), 19)]
     ours = RaggedDriver(model, 1, 32, np.random.default_rng(2)).step([prompt], all_rows=True)

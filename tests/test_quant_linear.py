@@ -186,7 +186,9 @@ def test_gguf_blocks_dequantize_like_gguf(type_name):
                                                 ("IQ2_XS", QuantFormat(8, 16, True), 43),
                                                 ("IQ2_S", QuantFormat(8, 16, True), 43),
                                                 ("IQ3_XXS", QuantFormat(8, 32, True), 62),
-                                                ("IQ3_S", QuantFormat(4, 32, False), 15)])
+                                                ("IQ3_S", QuantFormat(4, 32, False), 15),
+                                                ("TQ1_0", QuantFormat(4, 32, False), 2),
+                                                ("TQ2_0", QuantFormat(4, 32, False), 3)])
 def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
     """K-quant and IQ super-blocks (random bytes: any are valid) become our group-affine form with the same
     integers (the lattice types': their signed grid values, IQ1's 8 g +- 1, IQ3_S's as 4-bit 2 q - 15); a

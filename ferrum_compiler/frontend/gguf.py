@@ -2,10 +2,10 @@
 
 Config comes from the ``{arch}.*`` metadata, the tokenizer and chat template from ``tokenizer.*``.
 Tensors are renamed to Hugging Face names. Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants Q2_K, Q3_K, Q4_K,
-Q5_K and Q6_K, and the IQ types IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL and IQ4_XS are
-yielded as ``QuantTensor``s that keep their integers (packed for ferrum's INT4/INT8 kernels, or dequantized
-with ``--quant none``; ``quant.from_gguf`` says how each maps); the other types ``gguf`` can read (F32, F16,
-BF16, TQ1_0, TQ2_0, ...) are dequantized to float32.
+Q5_K and Q6_K, the IQ types IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_NL and IQ4_XS, and
+the ternary TQ1_0 and TQ2_0 are yielded as ``QuantTensor``s that keep their integers (packed for ferrum's
+INT4/INT8 kernels, or dequantized with ``--quant none``; ``quant.from_gguf`` says how each maps); the other
+types ``gguf`` can read (F32, F16, BF16, MXFP4, ...) are dequantized to float32.
 llama.cpp's converter permutes the rows of Llama's q/k projections for its interleaved RoPE; we undo that so the weights
 match the rotate-half convention of our ``rope`` op, as the ``transformers`` GGUF loader does. A MoE file
 (``qwen3moe``, or ``llama`` with experts: Mixtral) stacks each layer's experts in one 3-D tensor per
@@ -224,7 +224,8 @@ def open_gguf(path: Path, name: str | None = None) -> Checkpoint:
             return gguf.quants.dequantize(t.data if data is None else data, t.tensor_type)
         except NotImplementedError:
             raise SourceError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized; "
-                              "use a Q2_K..Q6_K, IQ1..IQ4, Q8_0, Q5_0/Q5_1, Q4_0/Q4_1, F16 or F32 file") from None
+                              "use a Q2_K..Q6_K, IQ1..IQ4, TQ1_0/TQ2_0, Q8_0, Q5_0/Q5_1, Q4_0/Q4_1, F16 or F32 "
+                              "file") from None
 
     def write_tokenizer(dest: Path) -> list[str]:
         from .gguf_tokenizer import build_tokenizer
