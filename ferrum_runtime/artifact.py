@@ -143,9 +143,11 @@ class VerifiedFiles:
     KEEP = 4096  # entries, the newest
 
     def __init__(self) -> None:
-        self.file = cache_dir() / self.PATH
         try:
+            self.file: Path | None = cache_dir() / self.PATH
             entries = json.loads(self.file.read_text())
+        except RuntimeError:  # no home directory to put a cache in: every file is hashed, nothing recorded
+            self.file, entries = None, {}
         except (OSError, ValueError):
             entries = {}
         self.entries: dict[str, list] = entries if isinstance(entries, dict) else {}
@@ -172,7 +174,7 @@ class VerifiedFiles:
     def save(self) -> None:
         """Write the entries back (atomically; nothing lost but this run's entries if the directory is
         read-only or another process writes at the same moment)."""
-        if not self.changed:
+        if not self.changed or self.file is None:
             return
         keep = dict(list(self.entries.items())[-self.KEEP:])
         try:
