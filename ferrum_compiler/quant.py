@@ -224,7 +224,7 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
 
 def _f16_at(blocks: np.ndarray, at: int) -> np.ndarray:
     """The float16 at byte ``at`` of each block, as float64 (exact)."""
-    return blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float64)
+    return _words(blocks, at, at + 2, "<f2")[..., 0].astype(np.float64)
 
 
 def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,10 +255,8 @@ def _k_quant(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
         # d, a 16-bit word of scales' high bit pairs (bits 2i, 2i + 1: scale i's bits 4-5), 4 bytes of their
         # low nibbles (scale i: byte i // 2, low nibble for even i), then 8 sub-blocks of 32 weights as
         # IQ4_NL's nibbles; a scale is its 6 bits less 32
-        hi = blocks[..., 2].astype(np.uint16) | (blocks[..., 3].astype(np.uint16) << 8)
-        high = (hi[..., None] >> (2 * np.arange(8, dtype=np.uint16))) & 3
-        low = np.stack([blocks[..., 4:8] & 15, blocks[..., 4:8] >> 4], axis=-1).reshape(*lead, 8)
-        sc = (low | (high << 4)).astype(np.float64) - 32
+        high = (_words(blocks, 2, 4, "<u2") >> (2 * np.arange(8, dtype=np.uint16))) & 3
+        sc = (_nibbles(blocks[..., 4:8]) | (high << 4)).astype(np.float64) - 32
         q = IQ4_VALUES[unpack_int4(blocks[..., 8:].reshape(-1, 128)).reshape(*lead, 256)]
         return q, sc * _f16_at(blocks, 0)[..., None], None
     if type_name == "Q6_K":

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .aliases import alias_names
-from .env import DEBUG, tvm_without_torch
+from .env import DEBUG
 from .errors import FerrumError
 
 
@@ -300,8 +300,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("TVM_USE_RUNTIME_LIB", None)
     else:  # serve and run with TVM's runtime library only
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-    if args.command in ("compile", "serve", "bench", "run"):
-        tvm_without_torch()
     try:
         if args.command == "compile":
             from ferrum_compiler.cli import run_compile
