@@ -211,21 +211,27 @@ def _quantizable_linears(graph) -> list[str]:
 
 def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, act_bits: int = 16) -> dict[str, dict]:
     """With integer dot products on the CPU, INT4 linear weights take the "r16" row-interleaved layout of
-    ``make_qlinear_r16_cpu`` (activations rounded to ``act_bits``), and so do INT8 weights where the kernel
-    takes them (``r16_supports``: symmetric or with mins, groups of 16k), embedding tables included: the gather
-    reads that layout too, so a tied lm_head (SmolLM2's Q8_0 table) gets the integer-dot kernel. INT4
-    embedding tables and MoE expert stacks keep the row layout their gathers read."""
-    if int_dot_isa is None:
-        return declared
+    ``make_qlinear_r16_cpu`` (activations rounded to ``act_bits``), and so do INT8 weights and 4-bit codes of
+    a value table where the kernel takes them (``r16_supports``), embedding tables included for 8 bits: the
+    gather reads that layout too, so a tied lm_head (SmolLM2's Q8_0 table) gets the integer-dot kernel. INT4
+    embedding tables and MoE expert stacks keep the row layout their gathers read. Value tables are the r16
+    kernel's alone: every other weight that has one, on any target, takes its values in 8 bits instead."""
     tables = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
     experts = {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
 
-    def r16(w: str, q: dict) -> bool:
-        if w in experts or not r16_supports(QuantFormat(q["bits"], q["group_size"], q["sym"]), act_bits, int_dot_isa):
+    def r16(w: str, fmt: QuantFormat) -> bool:
+        if int_dot_isa is None or w in experts or not r16_supports(fmt, act_bits, int_dot_isa):
             return False
-        return q["bits"] == 8 or w not in tables
+        return fmt.bits == 8 or w not in tables
 
-    return {w: ({**q, "layout": "r16", "act_bits": act_bits} if r16(w, q) else q) for w, q in declared.items()}
+    def layout(w: str, q: dict) -> dict:
+        fmt = QuantFormat.from_dict(q)
+        if fmt.table and not r16(w, fmt):
+            fmt = fmt.widened()
+            q = {**{k: v for k, v in q.items() if k != "table"}, **fmt.to_dict()}
+        return {**q, "layout": "r16", "act_bits": act_bits} if r16(w, fmt) else q
+
+    return {w: layout(w, q) for w, q in declared.items()}
 
 
 def graph_max_blocks(spec: TargetSpec, cfg, options: CompileOptions) -> int:

@@ -505,8 +505,11 @@ def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
 
 
 def _quant_format(attrs: dict):
-    """The QuantFormat of a quantized op's (or MoE stack's) attributes: bits, group size, symmetry."""
-    return quant_sched.QuantFormat(attrs["bits"], attrs["group_size"], attrs["sym"])
+    """The QuantFormat of a quantized op's (or MoE stack's) attributes: bits, group size, symmetry, value
+    table (the r16 kernel's only: ``compile.kernel_layouts`` widens the others' tables to 8 bits)."""
+    fmt = quant_sched.QuantFormat.from_dict(attrs)
+    assert not fmt.table or attrs.get("layout") == "r16", "value tables: the r16 kernel only"
+    return fmt
 
 
 def _mma_format(op):
@@ -646,7 +649,7 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
         if kernel_kind != "cpu" or int_dot_isa is None:
             raise ValueError("r16 weights need the CPU kernel with integer dot products")
         bits = at.get("act_bits", 16)
-        gv = kernel(("qlinear_r16", k, n, fmt.bits, fmt.group_size, fmt.sym, x_dtype, out.dtype, bias_dtype,
+        gv = kernel(("qlinear_r16", k, n, fmt.bits, fmt.group_size, fmt.sym, fmt.tag, x_dtype, out.dtype, bias_dtype,
                      int_dot_isa, bits),
                     lambda: quant_sched.make_qlinear_r16_cpu(k, n, fmt, x_dtype, out.dtype, bias_dtype, int_dot_isa,
                                                              bits))

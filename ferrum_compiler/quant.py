@@ -34,8 +34,7 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        return cls(QuantFormat(int(d["bits"]), int(d["group_size"]), bool(d["sym"])), bool(d.get("act_order")),
-                   str(d.get("layout", "rows")))
+        return cls(QuantFormat.from_dict(d), bool(d.get("act_order")), str(d.get("layout", "rows")))
 
 
 @dataclass
@@ -55,7 +54,7 @@ class QuantTensor:
         s = np.repeat(self.scales, self.fmt.group_size, axis=1)
         q = self.q.astype(np.float32)
         if self.fmt.sym:
-            w = s * (q - self.fmt.zero_point)
+            w = s * self.fmt.levels(self.q).astype(np.float32)
         else:
             assert self.mins is not None, "asymmetric weights carry mins"
             w = s * q + np.repeat(self.mins, self.fmt.group_size, axis=1)
@@ -66,9 +65,16 @@ class QuantTensor:
         return w
 
     def as_format(self, fmt: QuantFormat, name: str) -> "QuantTensor":
-        """The same weights in ``fmt``; only symmetric → asymmetric (``mins = -zp * scales``) converts."""
+        """The same weights in ``fmt``; only symmetric → asymmetric (``mins = -zp * scales``) and value-table
+        codes → their values in 8 bits (``fmt.widened()``; a negative scale's sign moves into its values)
+        convert."""
         if fmt == self.fmt:
             return self
+        if self.fmt.table and fmt == self.fmt.widened():
+            g = fmt.group_size
+            v = np.asarray(self.fmt.table, np.int16)[self.q]
+            v = np.where(np.repeat(self.scales < 0, g, axis=1), -v, v).astype(np.int8)
+            return QuantTensor(fmt, v, np.abs(self.scales), None, self.perm)
         if (fmt.bits, fmt.group_size) == (self.fmt.bits, self.fmt.group_size) and self.fmt.sym and not fmt.sym:
             return QuantTensor(fmt, self.q, self.scales, -self.fmt.zero_point * self.scales, self.perm)
         raise SourceError(f"{name}: the checkpoint stores {self.fmt.bits}-bit group {self.fmt.group_size} "
@@ -151,15 +157,15 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # sign bits (IQ1: shifted by +-1/8); the signed grid values (IQ1: 8 g +- 1) become the integers, in 8-bit
 # symmetric groups of their sub-block scales (16 or 32 weights): ``_iq_lattice``. IQ3_S's, the odd +-1..15,
 # are affine in 4 bits: 4-bit asymmetric groups of 32. So are the ternary types' (TQ1_0: base-3 digits,
-# five a byte; TQ2_0: 2-bit fields), d x (q - 1) with one d per 256 weights: ``_ternary``.
+# five a byte; TQ2_0: 2-bit fields), d x (q - 1) with one d per 256 weights: ``_ternary``. Where the values of
+# a type in groups of 32 number 16 or fewer (IQ4_NL, IQ4_XS, IQ3_XXS, IQ2_XXS, IQ1_S), the integers are
+# instead 4-bit codes of the type's value table (``VALUE_TABLES``), which the CPU's integer-dot kernel looks
+# up; other targets' kernels get the values in 8 bits (``QuantTensor.as_format``, ``compile.kernel_layouts``).
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),
                 "Q2_K": QuantFormat(8, 16, False), "Q3_K": QuantFormat(8, 16, True),
-                "IQ4_NL": QuantFormat(8, 32, True), "IQ4_XS": QuantFormat(8, 32, True),
-                "IQ1_S": QuantFormat(8, 32, True), "IQ1_M": QuantFormat(8, 16, True),
-                "IQ2_XXS": QuantFormat(8, 32, True), "IQ2_XS": QuantFormat(8, 16, True),
-                "IQ2_S": QuantFormat(8, 16, True), "IQ3_XXS": QuantFormat(8, 32, True),
+                "IQ1_M": QuantFormat(8, 16, True), "IQ2_XS": QuantFormat(8, 16, True), "IQ2_S": QuantFormat(8, 16, True),
                 "IQ3_S": QuantFormat(4, 32, False), "TQ1_0": QuantFormat(4, 32, False),
                 "TQ2_0": QuantFormat(4, 32, False)}
 _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
@@ -173,6 +179,23 @@ _IQ_LATTICE = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S
 # sub-block scales: integer x float16 d
 _K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "TQ1_0", "TQ2_0") + _IQ_LATTICE
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+# the 16 values (ascending; zeros past the last) that a type's 4-bit codes stand for: IQ4's table, the signed
+# grid magnitudes of IQ3_XXS (8) and IQ2_XXS (3), IQ1_S's 8 g +- 1 (g in -1, 0, 1)
+VALUE_TABLES = {"IQ4_NL": tuple(int(v) for v in IQ4_VALUES), "IQ4_XS": tuple(int(v) for v in IQ4_VALUES),
+                "IQ3_XXS": (-62, -52, -44, -36, -28, -20, -12, -4, 4, 12, 20, 28, 36, 44, 52, 62),
+                "IQ2_XXS": (-43, -25, -8, 8, 25, 43) + (0,) * 10, "IQ1_S": (-9, -7, -1, 1, 7, 9) + (0,) * 10}
+GGUF_FORMATS.update({t: QuantFormat(4, 32, True, table) for t, table in VALUE_TABLES.items()})
+
+
+def _codes(table: tuple[int, ...], values: np.ndarray) -> np.ndarray:
+    """uint8 codes (the first index in ``table``) of integer ``values``, each of which is in the table."""
+    index = np.full(256, 255, np.uint8)
+    index[np.asarray(table[::-1], np.int16) + 128] = np.arange(len(table) - 1, -1, -1, dtype=np.uint8)
+    codes = index[np.asarray(values, np.int16) + 128]
+    assert (codes < 16).all(), "a value outside the type's table"
+    return codes
 
 
 def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> QuantTensor:
@@ -190,7 +213,9 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
     fmt = GGUF_FORMATS[type_name]
     if type_name in _K_QUANTS:
         q, scales, mins = _k_quant(type_name, blocks)
-        if mins is None:  # Q3_K, Q6_K, IQ4_XS: a negative scale is folded into its group's values, whose
+        if fmt.table:  # codes; a scale keeps its sign (IQ4_XS's may be negative)
+            q = _codes(fmt.table, q)
+        elif mins is None:  # Q3_K, Q6_K, IQ4_XS: a negative scale is folded into its group's values, whose
             # negations fit int8 (within [-32, 32] or IQ4_VALUES' [-127, 113])
             q = np.where(np.repeat(scales < 0, fmt.group_size, axis=-1), -q.astype(np.int16), q)
             scales = np.abs(scales)
@@ -202,7 +227,7 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
                            None if mins is None else mins.reshape(n, -1))
     d = _f16_at(blocks, 0).astype(np.float32)
     if type_name == "IQ4_NL":  # d, then 16 bytes of table indices in Q4_0's nibble order
-        return QuantTensor(fmt, IQ4_VALUES[unpack_int4(blocks[..., 2:].reshape(n, k // 2))], d, None)
+        return QuantTensor(fmt, unpack_int4(blocks[..., 2:].reshape(n, k // 2)), d, None)
     if type_name == "Q8_0":
         q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
         return QuantTensor(fmt, q, d, None)

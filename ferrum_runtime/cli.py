@@ -286,6 +286,7 @@ def _quant_summary(q: dict) -> str:
     kinds: dict[str, int] = {}
     for spec in weights.values():
         key = (f"{spec['bits']}-bit g{spec['group_size']} {'sym' if spec['sym'] else 'asym'}"
+               + (" value-table" if spec.get("table") else "")
                + (" act-order" if spec.get("act_order") else "") + (f" {spec['layout']}" if spec.get("layout") else "")
                + (f" int{spec['act_bits']}-activations" if spec.get("act_bits") else ""))
         kinds[key] = kinds.get(key, 0) + 1

@@ -48,10 +48,35 @@ class QuantFormat:
     bits: int  # 4 | 8
     group_size: int
     sym: bool
+    # 4-bit codes that index 16 signed 8-bit values (GGUF's IQ types: ``W = scale * table[q]``; symmetric, the
+    # r16 kernel only); () for plain integers
+    table: tuple[int, ...] = ()
 
     @property
     def zero_point(self) -> int:
-        return 8 if self.bits == 4 else 0
+        return 8 if self.bits == 4 and not self.table else 0
+
+    @property
+    def tag(self) -> str:
+        """A short name for the table (kernel names): '' or ``t`` and 8 hex digits of its crc32."""
+        import zlib
+
+        return f"t{zlib.crc32(np.asarray(self.table, np.int8).tobytes()):08x}" if self.table else ""
+
+    def levels(self, q: np.ndarray) -> np.ndarray:
+        """The integers that stored values ``q`` (nibbles or int8) stand for, as float64: ``table[q]``,
+        ``q - zp`` (symmetric) or ``q`` (asymmetric)."""
+        if self.table:
+            return np.asarray(self.table, np.float64)[q]
+        return q.astype(np.float64) - (self.zero_point if self.sym else 0)
+
+    def widened(self) -> "QuantFormat":
+        """A table's values as 8-bit integers, for the kernels that take no table."""
+        return QuantFormat(8, self.group_size, True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantFormat":
+        return cls(int(d["bits"]), int(d["group_size"]), bool(d["sym"]), tuple(int(v) for v in d.get("table", ())))
 
     def packed_shapes(self, n: int, k: int, layout: str = "rows") -> dict[str, tuple[tuple[int, int], str]]:
         """``{tensor: (shape, dtype)}`` of the kernel-layout tensors for a ``[n, k]`` weight."""
@@ -72,13 +97,17 @@ class QuantFormat:
         """Why a weight with ``k`` input columns cannot use this format (None when it can)."""
         if self.bits not in (4, 8):
             return f"{self.bits}-bit weights are not supported (4 or 8)"
+        if self.table and (self.bits != 4 or not self.sym or len(self.table) != 16
+                           or not all(-127 <= v <= 127 for v in self.table)):
+            return "a value table holds 16 values in -127..127 for symmetric 4-bit codes"
         unit = 32 if self.bits == 4 else 16
         if self.group_size % unit or k % self.group_size:
             return f"group size {self.group_size} must be a multiple of {unit} dividing in_features {k}"
         return None
 
     def to_dict(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        d = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        return {**d, "table": list(self.table)} if self.table else d
 
 
 # ---------------------------------------------------------------- numpy references and packing
@@ -149,7 +178,7 @@ def act_qmax(fmt: QuantFormat, bits: int) -> int:
     16-bit activations. Their weight bytes are the unsigned operand of the byte dot product, so both bytes
     of an activation must be signed: ``high = (q + 128) >> 8`` and ``low = q - 256 * high``, with ``high``
     at most 127 for ``|q| <= 32639``."""
-    return 2 ** (bits - 1) - 1 - (128 if fmt.bits == 8 and bits == 16 else 0)
+    return 2 ** (bits - 1) - 1 - (128 if (fmt.bits == 8 or fmt.table) and bits == 16 else 0)
 
 
 def quantize_activations_ref(x: np.ndarray, group_size: int, bits: int = 16,
@@ -181,7 +210,7 @@ def dequantize_ref(fmt: QuantFormat, qweight: np.ndarray, scales: np.ndarray, mi
     q = unpack_int4(qweight) if fmt.bits == 4 else qweight
     s = np.repeat(scales.astype(np.float64), fmt.group_size, axis=1)
     if fmt.sym:
-        return s * (q.astype(np.float64) - fmt.zero_point)
+        return s * fmt.levels(q)
     assert mins is not None, "asymmetric formats need mins"
     return s * q + np.repeat(mins.astype(np.float64), fmt.group_size, axis=1)
 
@@ -345,11 +374,15 @@ INT_DOT_ISAS = ("avx512_vnni", "avx2")
 
 def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
     """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16): int4, and int8 (symmetric
-    or with mins, any group of 16k columns), with 16-bit activations in groups of at most 256 columns (a
-    group's integer sums stay within int32). ``isa`` is either of ``INT_DOT_ISAS``."""
+    or with mins, any group of 16k columns) and 4-bit codes of a value table (groups of 32k), with 16-bit
+    activations in groups of at most 256 columns (a group's integer sums stay within int32). ``isa`` is
+    either of ``INT_DOT_ISAS``."""
     if act_bits not in ACT_BITS or isa not in INT_DOT_ISAS:
         return False
-    return fmt.bits == 4 or (fmt.bits == 8 and fmt.group_size % 16 == 0 and (act_bits == 8 or fmt.group_size <= 256))
+    if fmt.bits == 4 and not fmt.table:
+        return True
+    unit = 32 if fmt.table else 16
+    return fmt.bits in (4, 8) and fmt.group_size % unit == 0 and (act_bits == 8 or fmt.group_size <= 256)
 
 
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
@@ -391,6 +424,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     K, N, G = in_features, out_features, fmt.group_size
     assert fmt.check(K) is None, fmt.check(K)
     eight = fmt.bits == 8  # one weight per byte, stored as q + 128
+    lut = bool(fmt.table)  # 4-bit codes, each 16 bytes of them looked up in the value table (pshufb)
     # a block is S activation words (4 columns each), split between two accumulator chains of S / 2; int4:
     # one 32-column block of nibbles (its low nibbles 16 columns, its high ones the next 16)
     S = min(8, G // 4) if eight else 8
@@ -398,8 +432,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
-    madd = eight and not vnni  # AVX2 int8: 16-bit products (vpmaddwd), the activations whole
+    madd = (eight or lut) and not vnni  # AVX2 int8 and tables: 16-bit products (vpmaddwd), the activations whole
     wide = act_bits == 16 and not madd  # two activation bytes per value
+    offset = (eight or lut) and not madd  # the weights are the unsigned operand as value + 128
     qmax = float(act_qmax(fmt, act_bits))
     store = _block_store(N, R16, has_bias, out_dtype)
     tile_matmul = _tile_matmul(K, R16, _TOKEN_BLOCK, store)  # AVX2 prefill (tile_rows)
@@ -418,6 +453,15 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
 
     def word(buf, t, i):
         return T.broadcast(buf[t, i], R16)
+
+    def looked_up(codes, n):
+        """uint8 x ``n`` (16 or 64): the table's values (plus 128 for the unsigned operand, ``offset``) of
+        the 4-bit ``codes``, one ``pshufb`` per 128 bits."""
+        table = [T.uint8((v + (128 if offset else 0)) % 256) for v in fmt.table] * (n // 16)
+        intrin = "llvm.x86.avx512.pshuf.b.512" if n == 64 else "llvm.x86.ssse3.pshuf.b.128"
+        return T.reinterpret(f"uint8x{n}", T.call_llvm_pure_intrin(
+            f"int8x{n}", intrin, T.reinterpret(f"int8x{n}", T.Shuffle(table, list(range(n)))),
+            T.reinterpret(f"int8x{n}", codes)))
 
     def dot4(acc, a_u8, b_s8):
         """int32x16 ``acc`` + per lane the 4-way dot of unsigned bytes ``a_u8`` and signed bytes ``b_s8``."""
@@ -442,7 +486,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         total = lanes(hl, tt) + lanes(hh, tt)
         if wide:
             total = T.shift_left(total, T.broadcast(8, R16)) + lanes(ll, tt) + lanes(lh, tt)
-        return total - T.broadcast(sq_g * 128, R16) if eight else total
+        return total - T.broadcast(sq_g * 128, R16) if offset else total
 
     def accumulate(acc_v, isum, s, m, task, g, dx_g, sx_g):
         """float32x16 ``acc_v`` (the 16 rows' outputs for one token) plus group ``g``'s integer row sums
@@ -450,12 +494,19 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         for int4, the zero point's or min's term, in float32."""
         scale = scales16(s, task, g) * T.broadcast(dx_g, R16)
         total = acc_v + T.Cast("float32x16", isum) * scale
-        return total if eight and sym else total + zero_term(s, m, task, g, sx_g)
+        return total if (eight or lut) and sym else total + zero_term(s, m, task, g, sx_g)
 
-    def madd16(acc8, w, task, chunk, r, xword):
+    def madd16(acc8, w, task, chunk, r, xword, high=None):
         """int32x8 ``acc8`` plus ``vpmaddwd`` of rows ``4r .. 4r + 3`` of weight chunk ``chunk`` (widened to
-        signed 16 bits: ``q + 128 - 128``) and the 4 columns' 16-bit activations ``xword`` (a uint64)."""
-        q = T.Cast("int16x16", w[task, T.ramp(chunk * 64 + r * 16, 1, 16)]) - T.broadcast(T.int16(128), 16)
+        signed 16 bits: ``q + 128 - 128``; tables: the values of the chunk's low or ``high`` nibbles) and the
+        4 columns' 16-bit activations ``xword`` (a uint64)."""
+        raw = w[task, T.ramp(chunk * 64 + r * 16, 1, 16)]
+        if lut:
+            codes = T.shift_right(raw, T.broadcast(T.uint8(4), 16)) if high else T.bitwise_and(
+                raw, T.broadcast(T.uint8(15), 16))
+            q = T.Cast("int16x16", T.reinterpret("int8x16", looked_up(codes, 16)))
+        else:
+            q = T.Cast("int16x16", raw) - T.broadcast(T.int16(128), 16)
         xs = T.reinterpret("int16x16", T.broadcast(xword, 4))
         return acc8 + T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", q, xs)
 
@@ -479,7 +530,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         word = T.uint32(0)
         for j in range(4):
             q = T.Cast("int32", T.round(xf(x, i, g * G + w4 * 4 + j) * inv))
-            if eight and wide:
+            if offset and wide:
                 hi = T.shift_right(q + 128, 8)
                 byte = T.bitwise_and(hi if high else q - T.shift_left(hi, 8), 255)
             else:
@@ -519,7 +570,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             for l in T.serial(15):
                 st[2] = st[2] + part[l + 1]
             sx[i, g] = st[2] * dx[i, g]  # the zero/min term sees the same rounded activations
-            if eight:
+            if offset:
                 sq[i, g] = T.Cast("int32", st[2])  # exact: below 2^24
             for w4 in T.vectorized(G // 4):
                 if madd:
@@ -558,7 +609,13 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                             for tt in T.unroll(TB):
                                 t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
                                 wl: T.let[T.int32] = (g * BPG + bb) * S + c  # activation word (int4: low nibbles)
-                                if madd:  # both chunks, each a quarter (4 rows x 4 columns) at a time
+                                if madd and lut:  # a chunk's low and high nibbles, a quarter at a time
+                                    ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
+                                    for r in T.unroll(4):
+                                        hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(madd16(
+                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl], False),
+                                            w, task, ch, r, xh[t, wl + 4], True)
+                                elif madd:  # both chunks, each a quarter (4 rows x 4 columns) at a time
                                     for hw in T.unroll(2):
                                         for r in T.unroll(4):
                                             hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
@@ -574,6 +631,18 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                             word(xl, t, wl))
                                         lh[T.ramp(tt * R16, 1, R16)] = dot4(
                                             lanes(lh, tt), weight_bytes(w, task, wl + S // 2), word(xl, t, wl + S // 2))
+                                elif lut:  # the values of the low and high nibbles (+ 128) against signed bytes
+                                    ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
+                                    hl[T.ramp(tt * R16, 1, R16)] = dot4(
+                                        lanes(hl, tt), looked_up(nibbles(w, task, ch, False), 64), word(xh, t, wl))
+                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                        lanes(hh, tt), looked_up(nibbles(w, task, ch, True), 64), word(xh, t, wl + 4))
+                                    if wide:
+                                        ll[T.ramp(tt * R16, 1, R16)] = dot4(
+                                            lanes(ll, tt), looked_up(nibbles(w, task, ch, False), 64), word(xl, t, wl))
+                                        lh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                            lanes(lh, tt), looked_up(nibbles(w, task, ch, True), 64),
+                                            word(xl, t, wl + 4))
                                 else:
                                     ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
@@ -596,6 +665,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         """float32x16: column ``col`` of the 16 rows, from its integers ``raw`` (uint8x16; int8 stored
         ``q + 128``), dequantized."""
         g = col // G
+        if lut:  # signed values (madd: no offset)
+            return T.Cast("float32x16", T.reinterpret("int8x16", looked_up(raw, R16))) * scales16(s, task, g)
         v = (T.Cast("float32x16", raw) - T.broadcast(T.float32(128.0 if eight else zp if sym else 0.0), R16)
              ) * scales16(s, task, g)
         return v if sym else v + m[task, T.ramp(g * R16, 1, R16)]

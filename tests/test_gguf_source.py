@@ -197,7 +197,7 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
     manifest = yaml.safe_load((art / "ferrum.yaml").read_text())
     assert manifest["quantization"]["dense_weights"] == [] and manifest["quantization"]["method"] == "gguf"
     assert manifest["source"]["name"] == str(path)  # not the last tensor's name (a loop variable shadowed it)
-    formats = {w: (f["bits"], f["group_size"], f["sym"]) for w, f in manifest["quantization"]["weights"].items()}
+    formats = _formats(manifest)
     assert formats["lm_head.weight"] == (8, 16, True) and formats["model.embed_tokens.weight"] == (4, 32, False)
     assert formats["model.layers.0.self_attn.q_proj+k_proj.weight"] == (4, 32, False)
     assert formats["model.layers.0.self_attn.v_proj.weight"] == (8, 16, True)
@@ -206,7 +206,8 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
     assert formats["model.layers.0.mlp.down_proj.weight"] == (4, 32, False)
     assert formats["model.layers.0.self_attn.o_proj.weight"] == (8, 16, False)  # Q2_K
     assert formats["model.layers.1.self_attn.o_proj.weight"] == (8, 16, True)  # Q3_K
-    assert formats["model.layers.1.mlp.gate_proj+up_proj.weight"] == (8, 32, True)  # IQ4_XS beside IQ4_NL
+    # IQ4_XS beside IQ4_NL: codes of their one table, on the r16 kernel (both targets have one)
+    assert formats["model.layers.1.mlp.gate_proj+up_proj.weight"] == (4, 32, True, "table")
     if {"avx2", "avx512_vnni"} & set(host_cpu_flags()):  # every matrix but the INT4 table: the r16 layout
         layouts = {w: f.get("layout") for w, f in manifest["quantization"]["weights"].items()}
         assert {w for w, lay in layouts.items() if lay != "r16"} == {"model.embed_tokens.weight"}, layouts
@@ -220,12 +221,19 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
         assert np.abs(ours - ref).max() <= tol * max(1.0, float(np.abs(ref).max())), where
 
 
+def _formats(manifest: dict) -> dict[str, tuple]:
+    """``{weight: (bits, group size, sym[, "table"])}`` of an artifact's quantized weights."""
+    return {w: (f["bits"], f["group_size"], f["sym"]) + (("table",) if f.get("table") else ())
+            for w, f in manifest["quantization"]["weights"].items()}
+
+
 def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     """An IQ2_XXS-like file with every lattice type (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
-    and the ternary ones (TQ1_0, TQ2_0) compiles with every matrix kept packed, as 8-bit integers in the
-    groups of the type's sub-block scales (4-bit for IQ3_S and the ternary types),
-    and runs as transformers runs the weights the artifact holds (a float32 twin of the file), then within
-    the scales' float16 rounding of the file itself."""
+    and the ternary ones (TQ1_0, TQ2_0) compiles with every matrix kept packed: the types of groups of 32
+    as 4-bit codes of their value tables where the integer-dot kernel runs (8-bit values in the embedding
+    table and elsewhere), those of groups of 16 as 8-bit integers, IQ3_S and the ternary types as 4-bit
+    groups; and runs as transformers runs the weights the artifact holds (a float32 twin of the file), then
+    within the scales' float16 rounding of the file itself."""
     import torch
     import yaml
     from transformers import AutoModelForCausalLM
@@ -237,13 +245,17 @@ def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     art = compiled(path, "cpu", kv_dtype="float32")
     manifest = yaml.safe_load((art / "ferrum.yaml").read_text())
     assert manifest["quantization"]["dense_weights"] == []
-    formats = {w: (f["bits"], f["group_size"], f["sym"]) for w, f in manifest["quantization"]["weights"].items()}
-    assert formats["lm_head.weight"] == (8, 32, True) and formats["model.embed_tokens.weight"] == (8, 32, True)
-    for i, (g_v, g_o) in enumerate(((16, 32), (16, 16))):  # IQ2_XS / IQ1_S, IQ2_S / IQ1_M
-        assert formats[f"model.layers.{i}.self_attn.q_proj+k_proj.weight"] == (8, 32, True)
-        assert formats[f"model.layers.{i}.self_attn.v_proj.weight"] == (8, g_v, True)
-        assert formats[f"model.layers.{i}.self_attn.o_proj.weight"] == (8, g_o, True)
-        assert formats[f"model.layers.{i}.mlp.down_proj.weight"] == ((8, 32, True), (4, 32, False))[i]  # IQ3_XXS, IQ3_S
+    formats = _formats(manifest)
+    from ferrum_runtime.artifact import host_cpu_flags
+
+    r16 = bool({"avx2", "avx512_vnni"} & set(host_cpu_flags()))
+    coded = (4, 32, True, "table") if r16 else (8, 32, True)
+    assert formats["lm_head.weight"] == coded and formats["model.embed_tokens.weight"] == (8, 32, True)
+    for i, (v, o) in enumerate((((8, 16, True), coded), ((8, 16, True), (8, 16, True)))):  # IQ2_XS/IQ1_S, IQ2_S/IQ1_M
+        assert formats[f"model.layers.{i}.self_attn.q_proj+k_proj.weight"] == coded
+        assert formats[f"model.layers.{i}.self_attn.v_proj.weight"] == v
+        assert formats[f"model.layers.{i}.self_attn.o_proj.weight"] == o
+        assert formats[f"model.layers.{i}.mlp.down_proj.weight"] == (coded, (4, 32, False))[i]  # IQ3_XXS, IQ3_S
     assert formats["model.layers.0.mlp.gate_proj+up_proj.weight"] == (4, 32, False)  # TQ1_0 beside TQ2_0
     model = CompiledModel.load(art, num_blocks=8)
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, len(VOCAB), 19)]

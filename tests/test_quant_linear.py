@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from ferrum.schedules.quant_linear import (QuantFormat, activation_error_bound, deinterleave_r16, dequantize_ref,
@@ -13,12 +13,14 @@ from ferrum.schedules.quant_linear import (QuantFormat, activation_error_bound, 
                                            interleave_r16, make_qlinear_cpu, make_qlinear_r16_cpu, pack_int4,
                                            qlinear_ref, quantize_activations_ref, unpack_int4)
 from ferrum_runtime.artifact import host_cpu_flags
-from ferrum_compiler.quant import GPTQConfig, from_gguf, from_gptq, quantize_rtn
+from ferrum_compiler.quant import VALUE_TABLES, GPTQConfig, _lattice_grid, from_gguf, from_gptq, quantize_rtn
 
 from .gptq import gptq_pack
 
 FORMATS = [QuantFormat(4, 32, True), QuantFormat(4, 32, False), QuantFormat(4, 64, False), QuantFormat(4, 128, True),
            QuantFormat(8, 16, True), QuantFormat(8, 32, True), QuantFormat(8, 32, False), QuantFormat(8, 64, False)]
+# 4-bit codes of a value table (GGUF's IQ types): the r16 kernel's alone
+TABLE_FORMATS = [QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]), QuantFormat(4, 64, True, VALUE_TABLES["IQ2_XXS"])]
 
 
 def _random_packed(rng, fmt: QuantFormat, n: int, k: int):
@@ -27,6 +29,8 @@ def _random_packed(rng, fmt: QuantFormat, n: int, k: int):
     else:
         qw = rng.integers(-128, 128, (n, k)).astype(np.int8)
     s = (rng.random((n, k // fmt.group_size)) * 0.1 + 1e-3).astype(np.float16)
+    if fmt.table:  # IQ4_XS's scales may be negative
+        s = s * rng.choice(np.array([-1, 1], np.float16), s.shape)
     m = None if fmt.sym else rng.standard_normal((n, k // fmt.group_size)).astype(np.float32)
     return qw, s, m
 
@@ -59,13 +63,15 @@ R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2"
 @pytest.mark.kernel
 @pytest.mark.parametrize("isa,mcpu,flag", R16_ISAS, ids=[i[0] for i in R16_ISAS])
 @settings(max_examples=30, deadline=None)
-@given(fmt=st.sampled_from(FORMATS), groups=st.integers(1, 3), n=st.integers(1, 40),
+@given(fmt=st.sampled_from(FORMATS + TABLE_FORMATS), groups=st.integers(1, 3), n=st.integers(1, 40),
        t=st.sampled_from([1, 2, 3, 4, 6, 9]), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
        act_bits=st.sampled_from([8, 16]), seed=st.integers(0, 10_000))
+@example(fmt=TABLE_FORMATS[0], groups=3, n=37, t=6, bias=True, scale=1.0, act_bits=16, seed=1)
+@example(fmt=TABLE_FORMATS[1], groups=2, n=17, t=1, bias=False, scale=300.0, act_bits=8, seed=2)
 def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, act_bits, seed):
-    """The integer-dot kernel (both ISAs, every format; int8 on AVX2 through 16-bit products) vs the exact
-    float64 product: within the proven bound of rounding activations to 8 or 16 bits per group (the kernel
-    computes W x^ exactly), plus float32 rounding. Decode (t < 4) and prefill
+    """The integer-dot kernel (both ISAs, every format, value tables too; int8 and tables on AVX2 through
+    16-bit products) vs the exact float64 product: within the proven bound of rounding activations to 8 or
+    16 bits per group (the kernel computes W x^ exactly), plus float32 rounding. Decode (t < 4) and prefill
     (t >= 4, 4-token blocks with a ragged tail), rows that leave a partial 16-row block, bias, a zero
     activation group, and activations of very different magnitudes."""
     import tvm
@@ -95,7 +101,8 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("fmt", [QuantFormat(8, 32, False), QuantFormat(8, 16, True), QuantFormat(4, 32, True),
-                                 QuantFormat(4, 64, False)], ids=["q5_1", "q6_k", "q4_0", "int4-g64"])
+                                 QuantFormat(4, 64, False), TABLE_FORMATS[0]], ids=["q5_1", "q6_k", "q4_0", "int4-g64",
+                                                                                    "iq4_xs"])
 def test_avx2_prefill_takes_float_tiles(fmt):
     """From _AVX2_TILE_MIN_TOKENS tokens on, AVX2 weights are dequantized from the r16 layout into float
     tiles (no rounded activations): float32 accuracy, bias, a ragged last token block and row block."""
@@ -178,23 +185,25 @@ def test_gguf_blocks_dequantize_like_gguf(type_name):
                                                 ("Q6_K", QuantFormat(8, 16, True), 32),
                                                 ("Q2_K", QuantFormat(8, 16, False), 3),
                                                 ("Q3_K", QuantFormat(8, 16, True), 4),
-                                                ("IQ4_XS", QuantFormat(8, 32, True), 127),
-                                                ("IQ4_NL", QuantFormat(8, 32, True), 127),
-                                                ("IQ1_S", QuantFormat(8, 32, True), 9),
+                                                ("IQ4_XS", QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]), 127),
+                                                ("IQ4_NL", QuantFormat(4, 32, True, VALUE_TABLES["IQ4_NL"]), 127),
+                                                ("IQ1_S", QuantFormat(4, 32, True, VALUE_TABLES["IQ1_S"]), 9),
                                                 ("IQ1_M", QuantFormat(8, 16, True), 9),
-                                                ("IQ2_XXS", QuantFormat(8, 32, True), 43),
+                                                ("IQ2_XXS", QuantFormat(4, 32, True, VALUE_TABLES["IQ2_XXS"]), 43),
                                                 ("IQ2_XS", QuantFormat(8, 16, True), 43),
                                                 ("IQ2_S", QuantFormat(8, 16, True), 43),
-                                                ("IQ3_XXS", QuantFormat(8, 32, True), 62),
+                                                ("IQ3_XXS", QuantFormat(4, 32, True, VALUE_TABLES["IQ3_XXS"]), 62),
                                                 ("IQ3_S", QuantFormat(4, 32, False), 15),
                                                 ("TQ1_0", QuantFormat(4, 32, False), 2),
                                                 ("TQ2_0", QuantFormat(4, 32, False), 3)])
 def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
     """K-quant and IQ super-blocks (random bytes: any are valid) become our group-affine form with the same
-    integers (the lattice types': their signed grid values, IQ1's 8 g +- 1, IQ3_S's as 4-bit 2 q - 15); a
-    sub-block scale (float16 d times a small integer) is rounded to float16 for our kernels, so each weight
-    may move by at most 2**-11 of its scale times its integer (``most``: the largest), while a wrong bit,
-    nibble, grid index or sign would move weights by whole steps. Packing changes nothing further."""
+    integers (the lattice types': their signed grid values, IQ1's 8 g +- 1, IQ3_S's as 4-bit 2 q - 15; in groups
+    of 32 as 4-bit codes of those values' table); a sub-block scale (float16 d times a small integer) is
+    rounded to float16 for our kernels, so each weight may move by at most 2**-11 of its scale times its
+    integer (``most``: the largest), while a wrong bit, nibble, grid index or sign would move weights by whole
+    steps. Packing changes nothing further, nor does widening a table's codes to 8-bit values (a negative
+    scale's sign moved into them) for the kernels without tables."""
     import gguf
 
     from .kquants import random_kquant
@@ -203,16 +212,38 @@ def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
     n, k = 6, 512
     data = random_kquant(rng, type_name, n, k, 0.3)
     qt = from_gguf(type_name, data, (n, k))
-    assert qt.fmt == fmt and int(np.abs(qt.q.astype(np.int32)).max()) <= most
+    ints = fmt.levels(qt.q)
+    assert qt.fmt == fmt and np.abs(ints).max() <= most
     expect = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[type_name]).reshape(n, k).astype(np.float64)
     got = qt.dequantize().astype(np.float64)
-    step = np.repeat(qt.scales.astype(np.float64), fmt.group_size, axis=1)
-    q = np.abs(qt.q.astype(np.float64) - fmt.zero_point * fmt.sym)
+    step = np.repeat(np.abs(qt.scales.astype(np.float64)), fmt.group_size, axis=1)
+    q = np.abs(ints)
     assert np.all(np.abs(got - expect) <= q * step * 2.0 ** -11 + 1e-6 * np.abs(expect) + 1e-12)
     assert np.abs(expect).std() > 0.1  # weights around the scale asked for, not zeros
     packed = qt.pack()
     np.testing.assert_array_equal(dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")),
                                   qt.dequantize().astype(np.float64))
+    if fmt.table:
+        wide = qt.as_format(fmt.widened(), "w")
+        assert wide.q.dtype == np.int8 and (wide.scales >= 0).all()
+        np.testing.assert_array_equal(wide.dequantize(), qt.dequantize())
+
+
+@pytest.mark.unit
+def test_value_tables_hold_each_types_values():
+    """A table is its type's signed values, ascending, then zeros: IQ4's 16, the signed grid magnitudes of
+    IQ3_XXS and IQ2_XXS (llama.cpp's grids, from the gguf package), IQ1_S's 8 g +- 1."""
+    from ferrum_compiler.quant import IQ4_VALUES
+
+    for name, table in VALUE_TABLES.items():
+        if name.startswith("IQ4"):
+            values = set(IQ4_VALUES.tolist())
+        else:
+            grid = set(np.unique(_lattice_grid(name)).astype(int).tolist())
+            values = ({8 * g + d for g in grid for d in (-1, 1)} if name == "IQ1_S"
+                      else {v * sign for v in grid for sign in (-1, 1)})
+        assert table == tuple(sorted(values)) + (0,) * (16 - len(values)), name
+        assert QuantFormat(4, 32, True, table).check(32) is None
 
 
 @pytest.mark.unit

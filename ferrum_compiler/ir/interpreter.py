@@ -79,14 +79,14 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
         elif k == "take_cols":
             r = a[0][:, a[1]]
         elif k == "qlinear":
-            fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
+            fmt = QuantFormat.from_dict(op.attrs)
             packed = {"qweight": a[1], "scales": a[2], **({} if fmt.sym else {"mins": a[3]})}
             if op.attrs.get("layout", "rows") == "r16":
                 packed = deinterleave_r16(packed, op.attrs["out_features"], fmt.bits)
             bias = a[-1] if op.attrs["bias"] else None
             r = qlinear_ref(a[0], fmt, packed["qweight"], packed["scales"], packed.get("mins"), bias, out_dtype="float64")
         elif k == "qembedding":
-            fmt = QuantFormat(op.attrs["bits"], op.attrs["group_size"], op.attrs["sym"])
+            fmt = QuantFormat.from_dict(op.attrs)
             tables = a[:-1]
             if op.attrs.get("layout", "rows") == "r16":  # int8: every row of the padded blocks
                 roles = ["qweight", "scales"] + ([] if fmt.sym else ["mins"])
@@ -100,7 +100,7 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
                 if q is None:
                     stacks.append(rest.pop(0))
                     continue
-                fmt = QuantFormat(q["bits"], q["group_size"], q["sym"])
+                fmt = QuantFormat.from_dict(q)
                 n = 2 if fmt.sym else 3
                 t, rest = rest[:n], rest[n:]
                 stacks.append(dequantize_ref(fmt, t[0], t[1], None if fmt.sym else t[2]))

@@ -25,7 +25,7 @@ def quantize_linears(graph: Graph) -> Graph:
             params[name] = value
             continue
         spec = g.quant[name]
-        fmt = QuantFormat(spec["bits"], spec["group_size"], spec["sym"])
+        fmt = QuantFormat.from_dict(spec)
         n, k = static(value.shape[0]), static(value.shape[1])
         why = fmt.check(k)
         if why:
@@ -47,7 +47,7 @@ def quantize_linears(graph: Graph) -> Graph:
             ops.append(op)
             continue
         spec, packed = g.quant[w], g.packing[w]
-        fmt_attrs = {"bits": spec["bits"], "group_size": spec["group_size"], "sym": spec["sym"]}
+        fmt_attrs = QuantFormat.from_dict(spec).to_dict()
         layout = spec.get("layout", "rows")
         tensors = [packed["qweight"], packed["scales"]] + ([packed["mins"]] if "mins" in packed else [])
         if op.kind == "embedding":
