@@ -506,9 +506,9 @@ def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
 
 def _quant_format(attrs: dict):
     """The QuantFormat of a quantized op's (or MoE stack's) attributes: bits, group size, symmetry, value
-    table (the r16 kernel's only: ``compile.kernel_layouts`` widens the others' tables to 8 bits)."""
+    table (``r16_only`` formats: ``compile.kernel_layouts`` widens them to 8 bits for the other kernels)."""
     fmt = quant_sched.QuantFormat.from_dict(attrs)
-    assert not fmt.table or attrs.get("layout") == "r16", "value tables: the r16 kernel only"
+    assert not fmt.r16_only or attrs.get("layout") == "r16", f"{fmt}: the r16 kernel only"
     return fmt
 
 

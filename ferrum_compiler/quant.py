@@ -65,15 +65,16 @@ class QuantTensor:
         return w
 
     def as_format(self, fmt: QuantFormat, name: str) -> "QuantTensor":
-        """The same weights in ``fmt``; only symmetric → asymmetric (``mins = -zp * scales``) and value-table
-        codes → their values in 8 bits (``fmt.widened()``; a negative scale's sign moves into its values)
-        convert."""
+        """The same weights in ``fmt``; only symmetric → asymmetric (``mins = -zp * scales``) and 4-bit →
+        the same integers (a table's values) in 8 bits (``fmt.widened()``; a negative scale's sign moves into
+        its values) convert."""
         if fmt == self.fmt:
             return self
-        if self.fmt.table and fmt == self.fmt.widened():
-            g = fmt.group_size
-            v = np.asarray(self.fmt.table, np.int16)[self.q]
-            v = np.where(np.repeat(self.scales < 0, g, axis=1), -v, v).astype(np.int8)
+        if self.fmt.bits == 4 and fmt == self.fmt.widened():
+            if not fmt.sym:
+                return QuantTensor(fmt, self.q.astype(np.int8), self.scales, self.mins, self.perm)
+            v = self.fmt.levels(self.q).astype(np.int16)
+            v = np.where(np.repeat(self.scales < 0, fmt.group_size, axis=1), -v, v).astype(np.int8)
             return QuantTensor(fmt, v, np.abs(self.scales), None, self.perm)
         if (fmt.bits, fmt.group_size) == (self.fmt.bits, self.fmt.group_size) and self.fmt.sym and not fmt.sym:
             return QuantTensor(fmt, self.q, self.scales, -self.fmt.zero_point * self.scales, self.perm)
@@ -149,23 +150,22 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # GGUF type -> the kernel format its blocks become. 5-bit values are held in 8 bits (Q5_0 less its 16).
 # K-quants (super-blocks of 256 weights with 4-, 6- or 8-bit sub-block scales) keep their integers: Q4_K as
 # 4-bit asymmetric groups of 32, Q5_K as 8-bit asymmetric groups of 32, Q6_K's 6-bit values as 8-bit
-# symmetric groups of 16, and Q2_K's and Q3_K's 2- and 3-bit values in 8 bits too (asymmetric and symmetric
-# groups of 16: our 4-bit kernels take groups of 32 only). (llama.cpp stores a matrix whose rows are not
+# symmetric groups of 16, and Q2_K's and Q3_K's 2- and 3-bit values as 4-bit groups of 16 (asymmetric;
+# symmetric, a negative scale's sign folded into the values). (llama.cpp stores a matrix whose rows are not
 # whole super-blocks as Q5_0, Q5_1 or Q8_0.) IQ4_NL and IQ4_XS index a 16-entry table of 8-bit values
-# (``IQ4_VALUES``): those values become the integers, in 8-bit symmetric groups of 32. The lattice types
-# (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) index grids of 4 or 8 small integers, signed by
-# sign bits (IQ1: shifted by +-1/8); the signed grid values (IQ1: 8 g +- 1) become the integers, in 8-bit
-# symmetric groups of their sub-block scales (16 or 32 weights): ``_iq_lattice``. IQ3_S's, the odd +-1..15,
-# are affine in 4 bits: 4-bit asymmetric groups of 32. So are the ternary types' (TQ1_0: base-3 digits,
-# five a byte; TQ2_0: 2-bit fields), d x (q - 1) with one d per 256 weights: ``_ternary``. Where the values of
-# a type in groups of 32 number 16 or fewer (IQ4_NL, IQ4_XS, IQ3_XXS, IQ2_XXS, IQ1_S), the integers are
-# instead 4-bit codes of the type's value table (``VALUE_TABLES``), which the CPU's integer-dot kernel looks
-# up; other targets' kernels get the values in 8 bits (``QuantTensor.as_format``, ``compile.kernel_layouts``).
+# (``IQ4_VALUES``). The lattice types (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) index grids of 4
+# or 8 small integers, signed by sign bits (IQ1: shifted by +-1/8): the signed grid values (IQ1: 8 g +- 1),
+# in groups of their sub-block scales (16 or 32 weights), ``_iq_lattice``. Where a type's values number 16
+# or fewer (IQ4, IQ3_XXS, IQ2, IQ1), the integers are 4-bit codes of the type's value table
+# (``VALUE_TABLES``), which the CPU's integer-dot kernel looks up. IQ3_S's values, the odd +-1..15, are
+# affine in 4 bits: 4-bit asymmetric groups of 32. So are the ternary types' (TQ1_0: base-3 digits, five a
+# byte; TQ2_0: 2-bit fields), d x (q - 1) with one d per 256 weights: ``_ternary``. Only the CPU's r16
+# kernel reads tables and 4-bit groups of 16 (``QuantFormat.r16_only``); the other kernels get the same
+# integers (a table's values) in 8 bits (``QuantTensor.as_format``, ``compile.kernel_layouts``).
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),
-                "Q2_K": QuantFormat(8, 16, False), "Q3_K": QuantFormat(8, 16, True),
-                "IQ1_M": QuantFormat(8, 16, True), "IQ2_XS": QuantFormat(8, 16, True), "IQ2_S": QuantFormat(8, 16, True),
+                "Q2_K": QuantFormat(4, 16, False), "Q3_K": QuantFormat(4, 16, True),
                 "IQ3_S": QuantFormat(4, 32, False), "TQ1_0": QuantFormat(4, 32, False),
                 "TQ2_0": QuantFormat(4, 32, False)}
 _GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24),
@@ -182,11 +182,15 @@ IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 
 
 
 # the 16 values (ascending; zeros past the last) that a type's 4-bit codes stand for: IQ4's table, the signed
-# grid magnitudes of IQ3_XXS (8) and IQ2_XXS (3), IQ1_S's 8 g +- 1 (g in -1, 0, 1)
+# grid magnitudes of IQ3_XXS (8) and the IQ2 types (3), IQ1's 8 g +- 1 (g in -1, 0, 1)
+_IQ2_VALUES = (-43, -25, -8, 8, 25, 43) + (0,) * 10
+_IQ1_VALUES = (-9, -7, -1, 1, 7, 9) + (0,) * 10
 VALUE_TABLES = {"IQ4_NL": tuple(int(v) for v in IQ4_VALUES), "IQ4_XS": tuple(int(v) for v in IQ4_VALUES),
                 "IQ3_XXS": (-62, -52, -44, -36, -28, -20, -12, -4, 4, 12, 20, 28, 36, 44, 52, 62),
-                "IQ2_XXS": (-43, -25, -8, 8, 25, 43) + (0,) * 10, "IQ1_S": (-9, -7, -1, 1, 7, 9) + (0,) * 10}
-GGUF_FORMATS.update({t: QuantFormat(4, 32, True, table) for t, table in VALUE_TABLES.items()})
+                "IQ2_XXS": _IQ2_VALUES, "IQ2_XS": _IQ2_VALUES, "IQ2_S": _IQ2_VALUES,
+                "IQ1_S": _IQ1_VALUES, "IQ1_M": _IQ1_VALUES}
+GGUF_FORMATS.update({t: QuantFormat(4, 16 if t in ("IQ2_XS", "IQ2_S", "IQ1_M") else 32, True, table)
+                     for t, table in VALUE_TABLES.items()})
 
 
 def _codes(table: tuple[int, ...], values: np.ndarray) -> np.ndarray:
@@ -215,10 +219,12 @@ def from_gguf(type_name: str, data: np.ndarray, shape: tuple[int, int]) -> Quant
         q, scales, mins = _k_quant(type_name, blocks)
         if fmt.table:  # codes; a scale keeps its sign (IQ4_XS's may be negative)
             q = _codes(fmt.table, q)
-        elif mins is None:  # Q3_K, Q6_K, IQ4_XS: a negative scale is folded into its group's values, whose
-            # negations fit int8 (within [-32, 32] or IQ4_VALUES' [-127, 113])
+        elif mins is None:  # Q3_K, Q6_K: a negative scale is folded into its group's values, whose negations
+            # fit (within [-4, 4]: 4 bits with the zero point 8, or [-32, 32])
             q = np.where(np.repeat(scales < 0, fmt.group_size, axis=-1), -q.astype(np.int16), q)
             scales = np.abs(scales)
+            if fmt.bits == 4:
+                q = q + fmt.zero_point
         scales16 = scales.astype(np.float16)
         if not np.isfinite(scales16).all():
             raise SourceError(f"{type_name} sub-block scales beyond float16's range; compile with --quant none")

@@ -6,6 +6,8 @@ Q8_0. A weight ``W[N, K]`` is stored per output row in groups of ``G`` input col
 
     W[n, k] = scales[n, k // G] * (q[n, k] - zp)        symmetric: zp = 8 (int4) or 0 (int8)
     W[n, k] = scales[n, k // G] * q[n, k] + mins[n, k // G]      asymmetric
+    W[n, k] = scales[n, k // G] * table[q[n, k]]        4-bit codes of a 16-value table (GGUF's IQ types;
+                                                       the r16 CPU kernel only)
 
 Kernel layout (what the artifact stores):
 - int4: ``qweight`` uint8 ``[N, K/2]``; in every block of 32 columns byte ``j`` holds ``q[j]`` in its low
@@ -70,9 +72,15 @@ class QuantFormat:
             return np.asarray(self.table, np.float64)[q]
         return q.astype(np.float64) - (self.zero_point if self.sym else 0)
 
+    @property
+    def r16_only(self) -> bool:
+        """Only the r16 CPU kernel reads this format: 4-bit codes of a table, 4-bit groups of 16."""
+        return bool(self.table) or (self.bits == 4 and self.group_size % 32 != 0)
+
     def widened(self) -> "QuantFormat":
-        """A table's values as 8-bit integers, for the kernels that take no table."""
-        return QuantFormat(8, self.group_size, True)
+        """The same integers (a table's values) in 8 bits, for the kernels that cannot read ``r16_only``
+        formats."""
+        return QuantFormat(8, self.group_size, self.sym)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantFormat":
@@ -100,6 +108,8 @@ class QuantFormat:
         if self.table and (self.bits != 4 or not self.sym or len(self.table) != 16
                            or not all(-127 <= v <= 127 for v in self.table)):
             return "a value table holds 16 values in -127..127 for symmetric 4-bit codes"
+        if self.bits == 4 and self.group_size == 16:  # the r16 kernel's pairs of groups (r16_only)
+            return None if k % 32 == 0 else f"4-bit groups of 16 need in_features {k} to be a multiple of 32"
         unit = 32 if self.bits == 4 else 16
         if self.group_size % unit or k % self.group_size:
             return f"group size {self.group_size} must be a multiple of {unit} dividing in_features {k}"
@@ -373,16 +383,17 @@ INT_DOT_ISAS = ("avx512_vnni", "avx2")
 
 
 def r16_supports(fmt: QuantFormat, act_bits: int, isa: str) -> bool:
-    """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16): int4, and int8 (symmetric
-    or with mins, any group of 16k columns) and 4-bit codes of a value table (groups of 32k), with 16-bit
-    activations in groups of at most 256 columns (a group's integer sums stay within int32). ``isa`` is
-    either of ``INT_DOT_ISAS``."""
-    if act_bits not in ACT_BITS or isa not in INT_DOT_ISAS:
+    """Formats the r16 kernel takes with ``act_bits``-bit activations (8 or 16): int4 (groups of 16 or 32k),
+    and int8 (symmetric or with mins, any group of 16k columns) and 4-bit codes of a value table (groups of
+    16 or 32k), with 16-bit activations in groups of at most 256 columns (a group's integer sums stay within
+    int32). ``isa`` is either of ``INT_DOT_ISAS``."""
+    if act_bits not in ACT_BITS or isa not in INT_DOT_ISAS or fmt.bits not in (4, 8):
+        return False
+    if fmt.bits == 4 and fmt.group_size % 32 and fmt.group_size != 16:
         return False
     if fmt.bits == 4 and not fmt.table:
         return True
-    unit = 32 if fmt.table else 16
-    return fmt.bits in (4, 8) and fmt.group_size % unit == 0 and (act_bits == 8 or fmt.group_size <= 256)
+    return fmt.group_size % 16 == 0 and (act_bits == 8 or fmt.group_size <= 256)
 
 
 _R16_DECODE_TOKENS = 1  # tokens per register block below _TILE_MIN_TOKENS tokens (weights re-read from L1)
@@ -428,7 +439,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     # a block is S activation words (4 columns each), split between two accumulator chains of S / 2; int4:
     # one 32-column block of nibbles (its low nibbles 16 columns, its high ones the next 16)
     S = min(8, G // 4) if eight else 8
-    KG, NB, BPG, W4 = K // G, -(-N // R16), G // 4 // S, K // 4
+    # 4-bit groups of 16: each 32-column block holds two groups, its low nibbles' and its high nibbles'
+    pair = fmt.bits == 4 and G == 16
+    KG, NB, BPG, W4 = K // G, -(-N // R16), 1 if pair else G // 4 // S, K // 4
     sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
     qshape = fmt.packed_shapes(N, K, "r16")
     vnni = isa == "avx512_vnni"
@@ -477,15 +490,20 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                   T.broadcast(T.int16(1), 16)))
         return acc + T.vectorcombine("int32x16", halves[0], halves[1])
 
-    def group_sum(hl, hh, ll, lh, tt, sq_g):
+    def group_sum(hl, hh, ll, lh, tt, sq_g, half=""):
         """int32x16: one group's integer row sums (exact): ``256 * high + low`` (16-bit activations) or the
         one byte's sum; for int8 weights less their ``+ 128``'s term ``128 sum(x^)``, taken in integers so
-        that only the final sum is rounded to float32. AVX2 int8: the 16 rows' pairs of lanes added."""
+        that only the final sum is rounded to float32. AVX2 int8: the 16 rows' pairs of lanes added. ``half``
+        ("low" or "high"; ``pair``): the sums of the low or the high nibbles only, a group of 16."""
         if madd:
-            return hl[T.ramp(tt * 2 * R16, 2, R16)] + hl[T.ramp(tt * 2 * R16 + 1, 2, R16)]
-        total = lanes(hl, tt) + lanes(hh, tt)
+            h = hh if half == "high" else hl
+            return h[T.ramp(tt * 2 * R16, 2, R16)] + h[T.ramp(tt * 2 * R16 + 1, 2, R16)]
+        if half:
+            total, low = (lanes(hl, tt), lanes(ll, tt)) if half == "low" else (lanes(hh, tt), lanes(lh, tt))
+        else:
+            total, low = lanes(hl, tt) + lanes(hh, tt), lanes(ll, tt) + lanes(lh, tt)
         if wide:
-            total = T.shift_left(total, T.broadcast(8, R16)) + lanes(ll, tt) + lanes(lh, tt)
+            total = T.shift_left(total, T.broadcast(8, R16)) + low
         return total - T.broadcast(sq_g * 128, R16) if offset else total
 
     def accumulate(acc_v, isum, s, m, task, g, dx_g, sx_g):
@@ -587,17 +605,20 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             # two accumulators per byte half and nibble half: four independent dot-product chains (AVX2 int8:
             # hl holds each token's 16 rows x 2 lanes, four independent chains of 8 lanes)
             hl = T.alloc_buffer((TB * R16 * (2 if madd else 1),), "int32")
-            hh = T.alloc_buffer((1 if madd else TB * R16,), "int32")  # (a buffer a path never uses: one word)
+            # (a buffer a path never uses: one word; AVX2 pairs of groups of 16: the high nibbles' lanes)
+            hh = T.alloc_buffer((TB * R16 * 2 if pair else 1 if madd else TB * R16,), "int32")
             ll = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
             lh = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
             acc = T.alloc_buffer((TB, R16), "float32")
             for i0 in T.serial((ntok + TB - 1) // TB):
                 for tt in T.unroll(TB):
                     acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
-                for g in T.serial(KG):
+                for g in T.serial(KG // 2 if pair else KG):  # groups, or pairs of groups of 16
                     for tt in T.unroll(TB):
                         if madd:
                             hl[T.ramp(tt * 2 * R16, 1, 2 * R16)] = T.broadcast(T.int32(0), 2 * R16)
+                            if pair:
+                                hh[T.ramp(tt * 2 * R16, 1, 2 * R16)] = T.broadcast(T.int32(0), 2 * R16)
                         else:
                             hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
                             hh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
@@ -612,9 +633,16 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                 if madd and lut:  # a chunk's low and high nibbles, a quarter at a time
                                     ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
                                     for r in T.unroll(4):
-                                        hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(madd16(
-                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl], False),
-                                            w, task, ch, r, xh[t, wl + 4], True)
+                                        if pair:  # the low nibbles' group and the high nibbles' apart
+                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
+                                                hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl])
+                                            hh[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
+                                                hh[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl + 4],
+                                                True)
+                                        else:
+                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(madd16(
+                                                hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl],
+                                                False), w, task, ch, r, xh[t, wl + 4], True)
                                 elif madd:  # both chunks, each a quarter (4 rows x 4 columns) at a time
                                     for hw in T.unroll(2):
                                         for r in T.unroll(4):
@@ -656,9 +684,16 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                             nibbles(w, task, ch, True))
                     for tt in T.unroll(TB):
                         t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
-                        acc[tt, T.ramp(0, 1, R16)] = accumulate(acc[tt, T.ramp(0, 1, R16)],
-                                                                group_sum(hl, hh, ll, lh, tt, sq[t, g]), s, m, task, g,
-                                                                dx[t, g], sx[t, g])
+                        if pair:  # groups 2g (low nibbles) and 2g + 1 (high)
+                            acc[tt, T.ramp(0, 1, R16)] = accumulate(accumulate(
+                                acc[tt, T.ramp(0, 1, R16)], group_sum(hl, hh, ll, lh, tt, sq[t, 2 * g], "low"), s, m,
+                                task, 2 * g, dx[t, 2 * g], sx[t, 2 * g]),
+                                group_sum(hl, hh, ll, lh, tt, sq[t, 2 * g + 1], "high"), s, m, task, 2 * g + 1,
+                                dx[t, 2 * g + 1], sx[t, 2 * g + 1])
+                        else:
+                            acc[tt, T.ramp(0, 1, R16)] = accumulate(acc[tt, T.ramp(0, 1, R16)],
+                                                                    group_sum(hl, hh, ll, lh, tt, sq[t, g]), s, m, task,
+                                                                    g, dx[t, g], sx[t, g])
                 store(acc, b, out, i0, task, ntok, TB)
 
     def tile_column(w, s, m, task, col, raw):

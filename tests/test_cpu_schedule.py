@@ -42,16 +42,18 @@ def test_every_legalized_cpu_function_runs_in_parallel(name, tiny_model_dir):
 
 
 @pytest.mark.parametrize("isa", [None, "avx2", "avx512_vnni"])
-def test_value_tables_reach_the_integer_dot_kernel_only(isa, tiny_model_dir):
-    """4-bit codes of a value table (GGUF's IQ types) stay codes only on linears that take the r16 layout;
-    embedding tables, MoE experts and every weight of a target without integer dot products (GPUs) get the
-    table's values in 8 bits, which their kernels read."""
+@pytest.mark.parametrize("table", [True, False], ids=["iq4_xs", "q2_k"])
+def test_r16_only_formats_reach_the_integer_dot_kernel_only(isa, table, tiny_model_dir):
+    """4-bit codes of a value table (GGUF's IQ types) and 4-bit groups of 16 (Q2_K, Q3_K) stay so only on
+    linears that take the r16 layout; embedding tables, MoE experts and every weight of a target without
+    integer dot products (GPUs) get the same integers (a table's values) in 8 bits, which their kernels
+    read."""
     from ferrum.schedules.quant_linear import QuantFormat
     from ferrum_compiler.quant import VALUE_TABLES
 
     ckpt = open_source(str(tiny_model_dir("qwen3-moe")), weights=False)
     graph = family(ckpt.config.arch).build(ckpt.config, "float32", 16)
-    coded = QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"])
+    coded = QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]) if table else QuantFormat(4, 16, False)
     declared = {w: coded.to_dict() for w in graph.params if len(graph.params[w].shape) == 2}
     experts = {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
     declared.update({w: coded.to_dict() for w in experts})
@@ -59,8 +61,8 @@ def test_value_tables_reach_the_integer_dot_kernel_only(isa, tiny_model_dir):
     laid = kernel_layouts(graph, declared, isa)
     for w, q in laid.items():
         if isa and w not in experts and w not in embedding:
-            assert q["table"] == list(coded.table) and q["layout"] == "r16", w
+            assert QuantFormat.from_dict(q) == coded and q["layout"] == "r16", w
         else:
-            assert "table" not in q and QuantFormat.from_dict(q) == coded.widened(), w
+            assert QuantFormat.from_dict(q) == coded.widened(), w
             assert q.get("layout") == ("r16" if isa and w in embedding else None), w
-    assert experts and embedding and any("table" in q for q in laid.values()) == bool(isa)
+    assert experts and embedding and any(QuantFormat.from_dict(q) == coded for q in laid.values()) == bool(isa)

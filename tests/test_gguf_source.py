@@ -204,11 +204,12 @@ def test_k_quant_gguf_stays_packed_and_matches_transformers(tmp_path, compiled, 
     assert formats["model.layers.1.self_attn.q_proj+k_proj+v_proj.weight"] == (4, 32, False)
     assert formats["model.layers.1.mlp.down_proj.weight"] == (8, 32, False)
     assert formats["model.layers.0.mlp.down_proj.weight"] == (4, 32, False)
-    assert formats["model.layers.0.self_attn.o_proj.weight"] == (8, 16, False)  # Q2_K
-    assert formats["model.layers.1.self_attn.o_proj.weight"] == (8, 16, True)  # Q3_K
-    # IQ4_XS beside IQ4_NL: codes of their one table, on the r16 kernel (both targets have one)
-    assert formats["model.layers.1.mlp.gate_proj+up_proj.weight"] == (4, 32, True, "table")
-    if {"avx2", "avx512_vnni"} & set(host_cpu_flags()):  # every matrix but the INT4 table: the r16 layout
+    r16 = bool({"avx2", "avx512_vnni"} & set(host_cpu_flags()))  # 4-bit groups of 16, value tables: r16 only
+    assert formats["model.layers.0.self_attn.o_proj.weight"] == (4 if r16 else 8, 16, False)  # Q2_K
+    assert formats["model.layers.1.self_attn.o_proj.weight"] == (4 if r16 else 8, 16, True)  # Q3_K
+    # IQ4_XS beside IQ4_NL: codes of their one table
+    assert formats["model.layers.1.mlp.gate_proj+up_proj.weight"] == ((4, 32, True, "table") if r16 else (8, 32, True))
+    if r16:  # every matrix but the INT4 table: the r16 layout
         layouts = {w: f.get("layout") for w, f in manifest["quantization"]["weights"].items()}
         assert {w for w, lay in layouts.items() if lay != "r16"} == {"model.embed_tokens.weight"}, layouts
     model = CompiledModel.load(art, num_blocks=8)
@@ -229,10 +230,9 @@ def _formats(manifest: dict) -> dict[str, tuple]:
 
 def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     """An IQ2_XXS-like file with every lattice type (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
-    and the ternary ones (TQ1_0, TQ2_0) compiles with every matrix kept packed: the types of groups of 32
-    as 4-bit codes of their value tables where the integer-dot kernel runs (8-bit values in the embedding
-    table and elsewhere), those of groups of 16 as 8-bit integers, IQ3_S and the ternary types as 4-bit
-    groups; and runs as transformers runs the weights the artifact holds (a float32 twin of the file), then
+    and the ternary ones (TQ1_0, TQ2_0) compiles with every matrix kept packed: all but IQ3_S as 4-bit codes
+    of their value tables in groups of 32 or 16 where the integer-dot kernel runs (their values in 8 bits
+    in the embedding table and elsewhere), IQ3_S and the ternary types as 4-bit groups; and runs as transformers runs the weights the artifact holds (a float32 twin of the file), then
     within the scales' float16 rounding of the file itself."""
     import torch
     import yaml
@@ -249,9 +249,9 @@ def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     from ferrum_runtime.artifact import host_cpu_flags
 
     r16 = bool({"avx2", "avx512_vnni"} & set(host_cpu_flags()))
-    coded = (4, 32, True, "table") if r16 else (8, 32, True)
+    coded, coded16 = ((4, 32, True, "table"), (4, 16, True, "table")) if r16 else ((8, 32, True), (8, 16, True))
     assert formats["lm_head.weight"] == coded and formats["model.embed_tokens.weight"] == (8, 32, True)
-    for i, (v, o) in enumerate((((8, 16, True), coded), ((8, 16, True), (8, 16, True)))):  # IQ2_XS/IQ1_S, IQ2_S/IQ1_M
+    for i, (v, o) in enumerate(((coded16, coded), (coded16, coded16))):  # IQ2_XS / IQ1_S, IQ2_S / IQ1_M
         assert formats[f"model.layers.{i}.self_attn.q_proj+k_proj.weight"] == coded
         assert formats[f"model.layers.{i}.self_attn.v_proj.weight"] == v
         assert formats[f"model.layers.{i}.self_attn.o_proj.weight"] == o

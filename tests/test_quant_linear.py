@@ -19,8 +19,9 @@ from .gptq import gptq_pack
 
 FORMATS = [QuantFormat(4, 32, True), QuantFormat(4, 32, False), QuantFormat(4, 64, False), QuantFormat(4, 128, True),
            QuantFormat(8, 16, True), QuantFormat(8, 32, True), QuantFormat(8, 32, False), QuantFormat(8, 64, False)]
-# 4-bit codes of a value table (GGUF's IQ types): the r16 kernel's alone
-TABLE_FORMATS = [QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]), QuantFormat(4, 64, True, VALUE_TABLES["IQ2_XXS"])]
+# 4-bit codes of a value table (GGUF's IQ types) and 4-bit groups of 16 (Q2_K, Q3_K): the r16 kernel's alone
+R16_ONLY = [QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]), QuantFormat(4, 64, True, VALUE_TABLES["IQ2_XXS"]),
+            QuantFormat(4, 16, True, VALUE_TABLES["IQ2_XS"]), QuantFormat(4, 16, True), QuantFormat(4, 16, False)]
 
 
 def _random_packed(rng, fmt: QuantFormat, n: int, k: int):
@@ -63,14 +64,16 @@ R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2"
 @pytest.mark.kernel
 @pytest.mark.parametrize("isa,mcpu,flag", R16_ISAS, ids=[i[0] for i in R16_ISAS])
 @settings(max_examples=30, deadline=None)
-@given(fmt=st.sampled_from(FORMATS + TABLE_FORMATS), groups=st.integers(1, 3), n=st.integers(1, 40),
+@given(fmt=st.sampled_from(FORMATS + R16_ONLY), groups=st.integers(1, 4), n=st.integers(1, 40),
        t=st.sampled_from([1, 2, 3, 4, 6, 9]), bias=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 300.0]),
        act_bits=st.sampled_from([8, 16]), seed=st.integers(0, 10_000))
-@example(fmt=TABLE_FORMATS[0], groups=3, n=37, t=6, bias=True, scale=1.0, act_bits=16, seed=1)
-@example(fmt=TABLE_FORMATS[1], groups=2, n=17, t=1, bias=False, scale=300.0, act_bits=8, seed=2)
+@example(fmt=R16_ONLY[0], groups=3, n=37, t=6, bias=True, scale=1.0, act_bits=16, seed=1)
+@example(fmt=R16_ONLY[1], groups=2, n=17, t=1, bias=False, scale=300.0, act_bits=8, seed=2)
+@example(fmt=R16_ONLY[2], groups=4, n=20, t=9, bias=False, scale=1.0, act_bits=16, seed=3)
+@example(fmt=R16_ONLY[4], groups=2, n=33, t=1, bias=True, scale=1e-3, act_bits=8, seed=4)
 def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, act_bits, seed):
-    """The integer-dot kernel (both ISAs, every format, value tables too; int8 and tables on AVX2 through
-    16-bit products) vs the exact float64 product: within the proven bound of rounding activations to 8 or
+    """The integer-dot kernel (both ISAs, every format, value tables and 4-bit groups of 16 too; int8 and
+    tables on AVX2 through 16-bit products) vs the exact float64 product: within the proven bound of rounding activations to 8 or
     16 bits per group (the kernel computes W x^ exactly), plus float32 rounding. Decode (t < 4) and prefill
     (t >= 4, 4-token blocks with a ragged tail), rows that leave a partial 16-row block, bias, a zero
     activation group, and activations of very different magnitudes."""
@@ -80,6 +83,7 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
         pytest.skip(f"this CPU has no {flag}")
     assume(r16_supports(fmt, act_bits, isa))
     k = fmt.group_size * groups
+    assume(fmt.check(k) is None)  # 4-bit groups of 16: whole 32-column blocks
     rng = np.random.default_rng(seed)
     qw, s, m = _random_packed(rng, fmt, n, k)
     packed = interleave_r16({"qweight": qw, "scales": s, **({"mins": m} if m is not None else {})})
@@ -101,8 +105,8 @@ def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, sca
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("fmt", [QuantFormat(8, 32, False), QuantFormat(8, 16, True), QuantFormat(4, 32, True),
-                                 QuantFormat(4, 64, False), TABLE_FORMATS[0]], ids=["q5_1", "q6_k", "q4_0", "int4-g64",
-                                                                                    "iq4_xs"])
+                                 QuantFormat(4, 64, False), R16_ONLY[0], R16_ONLY[2], R16_ONLY[4]],
+                         ids=["q5_1", "q6_k", "q4_0", "int4-g64", "iq4_xs", "iq2_xs", "q2_k"])
 def test_avx2_prefill_takes_float_tiles(fmt):
     """From _AVX2_TILE_MIN_TOKENS tokens on, AVX2 weights are dequantized from the r16 layout into float
     tiles (no rounded activations): float32 accuracy, bias, a ragged last token block and row block."""
@@ -183,15 +187,15 @@ def test_gguf_blocks_dequantize_like_gguf(type_name):
 @pytest.mark.parametrize("type_name,fmt,most", [("Q4_K", QuantFormat(4, 32, False), 15),
                                                 ("Q5_K", QuantFormat(8, 32, False), 31),
                                                 ("Q6_K", QuantFormat(8, 16, True), 32),
-                                                ("Q2_K", QuantFormat(8, 16, False), 3),
-                                                ("Q3_K", QuantFormat(8, 16, True), 4),
+                                                ("Q2_K", QuantFormat(4, 16, False), 3),
+                                                ("Q3_K", QuantFormat(4, 16, True), 4),
                                                 ("IQ4_XS", QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]), 127),
                                                 ("IQ4_NL", QuantFormat(4, 32, True, VALUE_TABLES["IQ4_NL"]), 127),
                                                 ("IQ1_S", QuantFormat(4, 32, True, VALUE_TABLES["IQ1_S"]), 9),
-                                                ("IQ1_M", QuantFormat(8, 16, True), 9),
+                                                ("IQ1_M", QuantFormat(4, 16, True, VALUE_TABLES["IQ1_M"]), 9),
                                                 ("IQ2_XXS", QuantFormat(4, 32, True, VALUE_TABLES["IQ2_XXS"]), 43),
-                                                ("IQ2_XS", QuantFormat(8, 16, True), 43),
-                                                ("IQ2_S", QuantFormat(8, 16, True), 43),
+                                                ("IQ2_XS", QuantFormat(4, 16, True, VALUE_TABLES["IQ2_XS"]), 43),
+                                                ("IQ2_S", QuantFormat(4, 16, True, VALUE_TABLES["IQ2_S"]), 43),
                                                 ("IQ3_XXS", QuantFormat(4, 32, True, VALUE_TABLES["IQ3_XXS"]), 62),
                                                 ("IQ3_S", QuantFormat(4, 32, False), 15),
                                                 ("TQ1_0", QuantFormat(4, 32, False), 2),
@@ -223,16 +227,16 @@ def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
     packed = qt.pack()
     np.testing.assert_array_equal(dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")),
                                   qt.dequantize().astype(np.float64))
-    if fmt.table:
+    if fmt.r16_only:
         wide = qt.as_format(fmt.widened(), "w")
-        assert wide.q.dtype == np.int8 and (wide.scales >= 0).all()
+        assert wide.q.dtype == np.int8 and (wide.scales >= 0).all() and wide.fmt == QuantFormat(8, fmt.group_size, fmt.sym)
         np.testing.assert_array_equal(wide.dequantize(), qt.dequantize())
 
 
 @pytest.mark.unit
 def test_value_tables_hold_each_types_values():
     """A table is its type's signed values, ascending, then zeros: IQ4's 16, the signed grid magnitudes of
-    IQ3_XXS and IQ2_XXS (llama.cpp's grids, from the gguf package), IQ1_S's 8 g +- 1."""
+    IQ3_XXS and the IQ2 types (llama.cpp's grids, from the gguf package), IQ1's 8 g +- 1."""
     from ferrum_compiler.quant import IQ4_VALUES
 
     for name, table in VALUE_TABLES.items():
@@ -240,10 +244,10 @@ def test_value_tables_hold_each_types_values():
             values = set(IQ4_VALUES.tolist())
         else:
             grid = set(np.unique(_lattice_grid(name)).astype(int).tolist())
-            values = ({8 * g + d for g in grid for d in (-1, 1)} if name == "IQ1_S"
+            values = ({8 * g + d for g in grid for d in (-1, 1)} if name.startswith("IQ1")
                       else {v * sign for v in grid for sign in (-1, 1)})
         assert table == tuple(sorted(values)) + (0,) * (16 - len(values)), name
-        assert QuantFormat(4, 32, True, table).check(32) is None
+        assert QuantFormat(4, 16, True, table).check(32) is None
 
 
 @pytest.mark.unit
