@@ -11,10 +11,10 @@ instead, e.g. ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -D
 -DGGML_AVX512_VNNI=ON``.)
 
 Then `python bench/compare_cpu.py` (options: --rounds N, --threads N, --ferrum ARTIFACT, --ferrum-act8
-ARTIFACT, --gguf FILE, --engines a,b,..., --baseline ARTIFACT). Every engine reads the same GGUF (ferrum
-compiles it with its quantized tensors kept packed, once with its default 16-bit activations in the
-integer-dot kernel and once with --act-bits 8, llama.cpp's Q8 activation numerics; transformers
-dequantizes it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the
+ARTIFACT, --gguf FILE, --engines a,b,..., --baseline ARTIFACT, --llama-no-repack). Every engine reads the
+same GGUF (ferrum compiles it with its quantized tensors kept packed, once with its default 16-bit
+activations in the integer-dot kernel and once with --act-bits 8, llama.cpp's Q8 activation numerics;
+transformers dequantizes it at load, run in bf16 and fp32), gets the same random prompt token ids, and runs with the
 same thread count. Two extra engines: ``ferrum-dense``, the file compiled with ``--quant none`` (every
 matrix dequantized), and ``ferrum-baseline``, the artifact ``--baseline`` names (e.g. the same file
 compiled by an older ferrum). A K-quant file of SmolLM2 comes from llama.cpp's quantizer through
@@ -97,8 +97,17 @@ def measure_ferrum(artifact: str) -> dict:
 
 
 def measure_llama_cpp(path: str, threads: int) -> dict:
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
+    if os.environ.get("FERRUM_BENCH_LLAMA_REPACK") == "0":  # --llama-no-repack: llama.cpp's weights as loaded
+        defaults = lib.llama_model_default_params
+
+        def no_repack():
+            params = defaults()
+            params.use_extra_bufts = False  # the extra buffer types are its CPU weight repacking
+            return params
+        lib.llama_model_default_params = no_repack
     llm = Llama(model_path=path, n_ctx=1024, n_batch=PP, n_ubatch=PP, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
     llm.eval(tokens(16, 9))
@@ -164,6 +173,9 @@ def main() -> None:
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"comma-separated, in order (default {','.join(ENGINES)}; also ferrum-dense, "
                     "ferrum-baseline)")
+    ap.add_argument("--llama-no-repack", action="store_true",
+                    help="llama.cpp without its CPU weight repacking (llama-bench --repack 0), which crashes on "
+                         "some files (0.3.36: Q3_K_M and IQ4_XS files on AVX-512)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--artifact", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -183,7 +195,8 @@ def main() -> None:
         import llama_cpp  # noqa: F401
     except ImportError:
         raise SystemExit("llama-cpp-python is not installed; see this script's docstring for the command") from None
-    env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "TVM_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads),
+           **({"FERRUM_BENCH_LLAMA_REPACK": "0"} if args.llama_no_repack else {})}
     with tempfile.TemporaryDirectory() as tmp:
         given = {"ferrum": args.ferrum, "ferrum-act8": args.ferrum_act8, "ferrum-baseline": args.baseline}
         artifacts = {e: given.get(e) or f"{tmp}/{e}" for e in engines if e.startswith("ferrum")}

@@ -12,7 +12,7 @@ Q8_0. A weight ``W[N, K]`` is stored per output row in groups of ``G`` input col
 Kernel layout (what the artifact stores):
 - int4: ``qweight`` uint8 ``[N, K/2]``; in every block of 32 columns byte ``j`` holds ``q[j]`` in its low
   nibble and ``q[j + 16]`` in its high nibble (GGUF's Q4 layout, so GGUF blocks repack by dropping
-  their scales). ``K`` and ``G`` are multiples of 32.
+  their scales). ``K`` and ``G`` are multiples of 32 (``G`` 16 too for the r16 kernel: ``r16_only``).
 - int8: ``qweight`` int8 ``[N, K]`` (signed). ``G`` is a multiple of 16.
 - ``scales`` float16 ``[N, K/G]``; ``mins`` float32 ``[N, K/G]`` when asymmetric (a GPTQ ``-scale * zero``
   is exact in float32, not in float16).
@@ -184,10 +184,10 @@ ACT_BITS = (8, 16)  # the r16 kernel's activation precisions
 
 
 def act_qmax(fmt: QuantFormat, bits: int) -> int:
-    """The largest activation integer of the r16 kernel: ``2^(bits-1) - 1``, less 128 for 8-bit weights with
-    16-bit activations. Their weight bytes are the unsigned operand of the byte dot product, so both bytes
-    of an activation must be signed: ``high = (q + 128) >> 8`` and ``low = q - 256 * high``, with ``high``
-    at most 127 for ``|q| <= 32639``."""
+    """The largest activation integer of the r16 kernel: ``2^(bits-1) - 1``, less 128 for 8-bit weights (and
+    a table's values) with 16-bit activations. Their weight bytes are the unsigned operand of the byte dot
+    product (value + 128), so both bytes of an activation must be signed: ``high = (q + 128) >> 8`` and
+    ``low = q - 256 * high``, with ``high`` at most 127 for ``|q| <= 32639``."""
     return 2 ** (bits - 1) - 1 - (128 if (fmt.bits == 8 or fmt.table) and bits == 16 else 0)
 
 

@@ -232,8 +232,9 @@ def test_iq_gguf_stays_packed_and_matches_transformers(tmp_path, compiled):
     """An IQ2_XXS-like file with every lattice type (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
     and the ternary ones (TQ1_0, TQ2_0) compiles with every matrix kept packed: all but IQ3_S as 4-bit codes
     of their value tables in groups of 32 or 16 where the integer-dot kernel runs (their values in 8 bits
-    in the embedding table and elsewhere), IQ3_S and the ternary types as 4-bit groups; and runs as transformers runs the weights the artifact holds (a float32 twin of the file), then
-    within the scales' float16 rounding of the file itself."""
+    in the embedding table and elsewhere), IQ3_S and the ternary types as 4-bit groups; and runs as
+    transformers runs the weights the artifact holds (a float32 twin of the file), then within the scales'
+    float16 rounding of the file itself."""
     import torch
     import yaml
     from transformers import AutoModelForCausalLM

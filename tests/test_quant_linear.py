@@ -73,8 +73,9 @@ R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2"
 @example(fmt=R16_ONLY[4], groups=2, n=33, t=1, bias=True, scale=1e-3, act_bits=8, seed=4)
 def test_qlinear_r16_matches_numpy(isa, mcpu, flag, fmt, groups, n, t, bias, scale, act_bits, seed):
     """The integer-dot kernel (both ISAs, every format, value tables and 4-bit groups of 16 too; int8 and
-    tables on AVX2 through 16-bit products) vs the exact float64 product: within the proven bound of rounding activations to 8 or
-    16 bits per group (the kernel computes W x^ exactly), plus float32 rounding. Decode (t < 4) and prefill
+    tables on AVX2 through 16-bit products) vs the exact float64 product: within the proven bound of
+    rounding activations to 8 or 16 bits per group (the kernel computes W x^ exactly), plus float32
+    rounding. Decode (t < 4) and prefill
     (t >= 4, 4-token blocks with a ragged tail), rows that leave a partial 16-row block, bias, a zero
     activation group, and activations of very different magnitudes."""
     import tvm
@@ -229,7 +230,8 @@ def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
                                   qt.dequantize().astype(np.float64))
     if fmt.r16_only:
         wide = qt.as_format(fmt.widened(), "w")
-        assert wide.q.dtype == np.int8 and (wide.scales >= 0).all() and wide.fmt == QuantFormat(8, fmt.group_size, fmt.sym)
+        assert wide.fmt == QuantFormat(8, fmt.group_size, fmt.sym)
+        assert wide.q.dtype == np.int8 and (wide.scales >= 0).all()
         np.testing.assert_array_equal(wide.dequantize(), qt.dequantize())
 
 
