@@ -24,6 +24,20 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def moe_config(path: Path) -> dict:
+    """What transformers' GGUF loader must be told of a qwen3moe file: the experts' width (it does not read
+    ``expert_feed_forward_length``) and ``norm_topk_prob`` (no key for it; llama.cpp's qwen3moe graph
+    renormalises the top-k router weights, and so does ours), as tests/test_gguf_source.py tells it."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    key = f"{arch}.expert_feed_forward_length"
+    if arch != "qwen3moe" or key not in fields:
+        return {}
+    return {"moe_intermediate_size": int(fields[key].parts[-1][0]), "norm_topk_prob": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("gguf", type=Path)
@@ -38,8 +52,8 @@ def main() -> None:
     from ferrum_runtime.model import CompiledModel
     from tests.ragged import RaggedDriver
 
-    hf = AutoModelForCausalLM.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name,
-                                              dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(args.gguf.parent), gguf_file=args.gguf.name, dtype=torch.float32,
+                                              **moe_config(args.gguf)).eval()
     model = CompiledModel.load(args.artifact, num_blocks=8 + 2 * -(-args.tokens // 16))
     rng = np.random.default_rng(args.seed)
     vocab = int(hf.config.vocab_size)

@@ -215,8 +215,9 @@ def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, ac
     a value table where the kernel takes them (``r16_supports``), embedding tables included for 8 bits: the
     gather reads that layout too, so a tied lm_head (SmolLM2's Q8_0 table) gets the integer-dot kernel. INT4
     embedding tables and MoE expert stacks keep the row layout their gathers read. Value tables and 4-bit
-    groups of 16 (``r16_only``) are the r16 kernel's alone: every other weight in such a format, on any
-    target, takes the same integers (a table's values) in 8 bits instead."""
+    groups of 16 (``int_dot_only``) are read there only, by the r16 kernel and by the MoE experts' loader:
+    embedding tables, and every weight of other targets, in such a format take the same integers (a table's
+    values) in 8 bits instead."""
     tables = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
     experts = {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
 
@@ -227,7 +228,7 @@ def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, ac
 
     def layout(w: str, q: dict) -> dict:
         fmt = QuantFormat.from_dict(q)
-        if fmt.r16_only and not r16(w, fmt):
+        if fmt.int_dot_only and not r16(w, fmt) and not (int_dot_isa and w in experts):
             fmt = fmt.widened()
             q = {**{k: v for k, v in q.items() if k != "table"}, **fmt.to_dict()}
         return {**q, "layout": "r16", "act_bits": act_bits} if r16(w, fmt) else q

@@ -506,10 +506,8 @@ def _skinny_fits(graph: Graph, op, tensor_core_dtypes: tuple[str, ...]) -> bool:
 
 def _quant_format(attrs: dict):
     """The QuantFormat of a quantized op's (or MoE stack's) attributes: bits, group size, symmetry, value
-    table (``r16_only`` formats: ``compile.kernel_layouts`` widens them to 8 bits for the other kernels)."""
-    fmt = quant_sched.QuantFormat.from_dict(attrs)
-    assert not fmt.r16_only or attrs.get("layout") == "r16", f"{fmt}: the r16 kernel only"
-    return fmt
+    table (``int_dot_only`` formats: ``compile.kernel_layouts`` widens them to 8 bits for the other kernels)."""
+    return quant_sched.QuantFormat.from_dict(attrs)
 
 
 def _mma_format(op):
@@ -641,6 +639,7 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
              dp4a: str = "", norm_next: tuple | None = None, gate_out: bool = False):
     at = op.attrs
     fmt = _quant_format(at)
+    assert not fmt.int_dot_only or at.get("layout") == "r16", f"{fmt}: the r16 kernel only"
     k, n = at["in_features"], at["out_features"]
     x_dtype = "float32" if norm else graph.value(op.inputs[0]).dtype  # a deferred norm's xn
     bias_dtype = graph.value(op.inputs[-1]).dtype if at["bias"] else None
@@ -721,6 +720,7 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
         # each stack's own (one may stay dense where the other is quantized: a width its groups do not divide)
         w_dtype = str(tensors[0].ty.dtype)
         s_dtype = str(tensors[1].ty.dtype) if fmt is not None else "float16"
+        assert kernel_kind == "cpu" or fmt is None or not fmt.int_dot_only, f"{fmt}: x86 CPU targets only"
         out_ty = relax.TensorType([ntok * k, nn // 2 if gate_out else nn], "float32")
         if gemv:
             gv = kernel(("grouped_gemv", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated, gate_out),

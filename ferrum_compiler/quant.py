@@ -159,9 +159,10 @@ def rtn_spec(mode: str, k: int) -> QuantSpec | None:
 # or fewer (IQ4, IQ3_XXS, IQ2, IQ1), the integers are 4-bit codes of the type's value table
 # (``VALUE_TABLES``), which the CPU's integer-dot kernel looks up. IQ3_S's values, the odd +-1..15, are
 # affine in 4 bits: 4-bit asymmetric groups of 32. So are the ternary types' (TQ1_0: base-3 digits, five a
-# byte; TQ2_0: 2-bit fields), d x (q - 1) with one d per 256 weights: ``_ternary``. Only the CPU's r16
-# kernel reads tables and 4-bit groups of 16 (``QuantFormat.r16_only``); the other kernels get the same
-# integers (a table's values) in 8 bits (``QuantTensor.as_format``, ``compile.kernel_layouts``).
+# byte; TQ2_0: 2-bit fields), d x (q - 1) with one d per 256 weights: ``_ternary``. Only CPU targets with
+# integer dot products read tables and 4-bit groups of 16 (``QuantFormat.int_dot_only``); the other targets
+# and the embedding gathers get the same integers (a table's values) in 8 bits (``QuantTensor.as_format``,
+# ``compile.kernel_layouts``).
 GGUF_FORMATS = {"Q4_0": QuantFormat(4, 32, True), "Q4_1": QuantFormat(4, 32, False), "Q8_0": QuantFormat(8, 32, True),
                 "Q5_0": QuantFormat(8, 32, True), "Q5_1": QuantFormat(8, 32, False),
                 "Q4_K": QuantFormat(4, 32, False), "Q5_K": QuantFormat(8, 32, False), "Q6_K": QuantFormat(8, 16, True),

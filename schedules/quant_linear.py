@@ -12,7 +12,7 @@ Q8_0. A weight ``W[N, K]`` is stored per output row in groups of ``G`` input col
 Kernel layout (what the artifact stores):
 - int4: ``qweight`` uint8 ``[N, K/2]``; in every block of 32 columns byte ``j`` holds ``q[j]`` in its low
   nibble and ``q[j + 16]`` in its high nibble (GGUF's Q4 layout, so GGUF blocks repack by dropping
-  their scales). ``K`` and ``G`` are multiples of 32 (``G`` 16 too for the r16 kernel: ``r16_only``).
+  their scales). ``K`` and ``G`` are multiples of 32 (``G`` 16 too on x86 CPUs: ``int_dot_only``).
 - int8: ``qweight`` int8 ``[N, K]`` (signed). ``G`` is a multiple of 16.
 - ``scales`` float16 ``[N, K/G]``; ``mins`` float32 ``[N, K/G]`` when asymmetric (a GPTQ ``-scale * zero``
   is exact in float32, not in float16).
@@ -73,12 +73,13 @@ class QuantFormat:
         return q.astype(np.float64) - (self.zero_point if self.sym else 0)
 
     @property
-    def r16_only(self) -> bool:
-        """Only the r16 CPU kernel reads this format: 4-bit codes of a table, 4-bit groups of 16."""
+    def int_dot_only(self) -> bool:
+        """Only CPU targets with integer dot products (AVX2, AVX-512 VNNI) read this format, in the r16
+        kernel and the MoE experts' ``row_loader``: 4-bit codes of a table (``pshufb``), 4-bit groups of 16."""
         return bool(self.table) or (self.bits == 4 and self.group_size % 32 != 0)
 
     def widened(self) -> "QuantFormat":
-        """The same integers (a table's values) in 8 bits, for the kernels that cannot read ``r16_only``
+        """The same integers (a table's values) in 8 bits, for the kernels that cannot read ``int_dot_only``
         formats."""
         return QuantFormat(8, self.group_size, self.sym)
 
@@ -108,7 +109,7 @@ class QuantFormat:
         if self.table and (self.bits != 4 or not self.sym or len(self.table) != 16
                            or not all(-127 <= v <= 127 for v in self.table)):
             return "a value table holds 16 values in -127..127 for symmetric 4-bit codes"
-        if self.bits == 4 and self.group_size == 16:  # the r16 kernel's pairs of groups (r16_only)
+        if self.bits == 4 and self.group_size == 16:  # two groups a 32-column block (int_dot_only)
             return None if k % 32 == 0 else f"4-bit groups of 16 need in_features {k} to be a multiple of 32"
         unit = 32 if self.bits == 4 else 16
         if self.group_size % unit or k % self.group_size:
@@ -181,6 +182,19 @@ def deinterleave_r16(packed: dict[str, np.ndarray], n: int, bits: int = 4) -> di
 
 
 ACT_BITS = (8, 16)  # the r16 kernel's activation precisions
+
+
+def looked_up(fmt: QuantFormat, codes, n: int, plus: int = 0):
+    """TIR uint8 x ``n`` (16 or 64): ``fmt.table``'s values (plus ``plus``, mod 256) of the 4-bit ``codes``
+    (uint8 x ``n``), one ``pshufb`` per 128 bits (x86: SSSE3, AVX-512 BW for 64). The table is a constant
+    vector in the code."""
+    from tvm.script import tirx as T
+
+    table = [T.uint8((v + plus) % 256) for v in fmt.table] * (n // 16)
+    intrin = "llvm.x86.avx512.pshuf.b.512" if n == 64 else "llvm.x86.ssse3.pshuf.b.128"
+    return T.reinterpret(f"uint8x{n}", T.call_llvm_pure_intrin(
+        f"int8x{n}", intrin, T.reinterpret(f"int8x{n}", T.Shuffle(table, list(range(n)))),
+        T.reinterpret(f"int8x{n}", codes)))
 
 
 def act_qmax(fmt: QuantFormat, bits: int) -> int:
@@ -467,14 +481,9 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     def word(buf, t, i):
         return T.broadcast(buf[t, i], R16)
 
-    def looked_up(codes, n):
-        """uint8 x ``n`` (16 or 64): the table's values (plus 128 for the unsigned operand, ``offset``) of
-        the 4-bit ``codes``, one ``pshufb`` per 128 bits."""
-        table = [T.uint8((v + (128 if offset else 0)) % 256) for v in fmt.table] * (n // 16)
-        intrin = "llvm.x86.avx512.pshuf.b.512" if n == 64 else "llvm.x86.ssse3.pshuf.b.128"
-        return T.reinterpret(f"uint8x{n}", T.call_llvm_pure_intrin(
-            f"int8x{n}", intrin, T.reinterpret(f"int8x{n}", T.Shuffle(table, list(range(n)))),
-            T.reinterpret(f"int8x{n}", codes)))
+    def values(codes, n):
+        """uint8 x ``n``: the table's values of the 4-bit ``codes`` (plus 128 for the unsigned operand)."""
+        return looked_up(fmt, codes, n, 128 if offset else 0)
 
     def dot4(acc, a_u8, b_s8):
         """int32x16 ``acc`` + per lane the 4-way dot of unsigned bytes ``a_u8`` and signed bytes ``b_s8``."""
@@ -522,7 +531,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         if lut:
             codes = T.shift_right(raw, T.broadcast(T.uint8(4), 16)) if high else T.bitwise_and(
                 raw, T.broadcast(T.uint8(15), 16))
-            q = T.Cast("int16x16", T.reinterpret("int8x16", looked_up(codes, 16)))
+            q = T.Cast("int16x16", T.reinterpret("int8x16", values(codes, 16)))
         else:
             q = T.Cast("int16x16", raw) - T.broadcast(T.int16(128), 16)
         xs = T.reinterpret("int16x16", T.broadcast(xword, 4))
@@ -662,14 +671,14 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                 elif lut:  # the values of the low and high nibbles (+ 128) against signed bytes
                                     ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
                                     hl[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(hl, tt), looked_up(nibbles(w, task, ch, False), 64), word(xh, t, wl))
+                                        lanes(hl, tt), values(nibbles(w, task, ch, False), 64), word(xh, t, wl))
                                     hh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(hh, tt), looked_up(nibbles(w, task, ch, True), 64), word(xh, t, wl + 4))
+                                        lanes(hh, tt), values(nibbles(w, task, ch, True), 64), word(xh, t, wl + 4))
                                     if wide:
                                         ll[T.ramp(tt * R16, 1, R16)] = dot4(
-                                            lanes(ll, tt), looked_up(nibbles(w, task, ch, False), 64), word(xl, t, wl))
+                                            lanes(ll, tt), values(nibbles(w, task, ch, False), 64), word(xl, t, wl))
                                         lh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                            lanes(lh, tt), looked_up(nibbles(w, task, ch, True), 64),
+                                            lanes(lh, tt), values(nibbles(w, task, ch, True), 64),
                                             word(xl, t, wl + 4))
                                 else:
                                     ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
@@ -701,7 +710,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         ``q + 128``), dequantized."""
         g = col // G
         if lut:  # signed values (madd: no offset)
-            return T.Cast("float32x16", T.reinterpret("int8x16", looked_up(raw, R16))) * scales16(s, task, g)
+            return T.Cast("float32x16", T.reinterpret("int8x16", values(raw, R16))) * scales16(s, task, g)
         v = (T.Cast("float32x16", raw) - T.broadcast(T.float32(128.0 if eight else zp if sym else 0.0), R16)
              ) * scales16(s, task, g)
         return v if sym else v + m[task, T.ramp(g * R16, 1, R16)]
@@ -828,7 +837,8 @@ def _tile_matmul(K: int, R: int, TB: int, store):
 
 def row_loader(fmt: QuantFormat | None, K: int):
     """A TIR macro ``load(tile, w, scales, mins, r, n)``: ``tile[r, :K] = float32 W[n, :]``, dequantized
-    (``fmt``) or cast from a dense ``w[N, K]`` (``fmt`` None). Shared by the MoE expert kernels."""
+    (``fmt``; ``int_dot_only`` formats on x86 only) or cast from a dense ``w[N, K]`` (``fmt`` None). Shared by
+    the MoE expert kernels."""
     from tvm.script import tirx as T
 
     L = _LANES
@@ -841,6 +851,28 @@ def row_loader(fmt: QuantFormat | None, K: int):
 
     G, KG, int4, sym, zp = fmt.group_size, K // fmt.group_size, fmt.bits == 4, fmt.sym, float(fmt.zero_point)
     chunks = G // 32 if int4 else G // L
+
+    def ints(codes):
+        """float32x16 of 16 4-bit codes: their table's values, or the integers themselves."""
+        return T.Cast("float32x16", T.reinterpret("int8x16", looked_up(fmt, codes, 16)) if fmt.table else codes)
+
+    @T.macro
+    def load_blocks(tile, w, scales, mins, r, n):  # int_dot_only formats: 32-column blocks, then the groups
+        for j in T.serial(K // 32):
+            tile[r, T.ramp(j * 32, 1, 16)] = ints(T.bitwise_and(w[n, T.ramp(j * 16, 1, 16)],
+                                                                T.broadcast(T.uint8(15), 16)))
+            tile[r, T.ramp(j * 32 + 16, 1, 16)] = ints(T.shift_right(w[n, T.ramp(j * 16, 1, 16)],
+                                                                     T.broadcast(T.uint8(4), 16)))
+        for g in T.serial(KG):
+            if sym:
+                for kk in T.vectorized(G):
+                    tile[r, g * G + kk] = (tile[r, g * G + kk] - T.float32(zp)) * T.Cast("float32", scales[n, g])
+            else:
+                for kk in T.vectorized(G):
+                    tile[r, g * G + kk] = tile[r, g * G + kk] * T.Cast("float32", scales[n, g]) + mins[n, g]
+
+    if fmt.int_dot_only:
+        return load_blocks
 
     @T.macro
     def load_quant(tile, w, scales, mins, r, n):

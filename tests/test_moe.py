@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ferrum.schedules.moe import (dispatch_ref, make_grouped_linear_cpu, make_moe_dispatch, make_moe_topk, moe_ref,
                                   topk_ref)
 from ferrum.schedules.quant_linear import QuantFormat
-from ferrum_compiler.quant import quantize_rtn
+from ferrum_compiler.quant import VALUE_TABLES, quantize_rtn
 
 pytestmark = pytest.mark.kernel
 
 
-def _build(func):
+def _build(func, mcpu: str | None = None):
     import tvm
 
-    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target={"kind": "llvm"})
+    target = {"kind": "llvm", **({"mcpu": mcpu} if mcpu else {})}
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
 
 
 def _route(logits, experts, k, norm):
@@ -47,12 +48,26 @@ def test_topk_and_dispatch_match_numpy(experts, k, t, norm, seed):
     assert np.array_equal(off, ro) and np.array_equal(order, rorder)
 
 
+# GGUF's IQ4_XS and IQ2_XS (4-bit codes of a table, groups of 32 and 16), Q3_K and Q2_K (4-bit groups of 16):
+# x86 CPU targets with integer dot products keep their MoE experts so
+INT_DOT_ONLY = [QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]), QuantFormat(4, 16, True, VALUE_TABLES["IQ2_XS"]),
+                QuantFormat(4, 16, True), QuantFormat(4, 16, False)]
+
+
 @settings(max_examples=15, deadline=None)
-@given(fmt=st.sampled_from([None, QuantFormat(4, 32, False), QuantFormat(8, 32, True)]), n=st.integers(1, 40),
-       t=st.integers(1, 6), k=st.integers(1, 3), seed=st.integers(0, 999))
+@given(fmt=st.sampled_from([None, QuantFormat(4, 32, False), QuantFormat(8, 32, True)] + INT_DOT_ONLY),
+       n=st.integers(1, 40), t=st.integers(1, 6), k=st.integers(1, 3), seed=st.integers(0, 999))
+@example(fmt=INT_DOT_ONLY[0], n=17, t=3, k=2, seed=1)
+@example(fmt=INT_DOT_ONLY[1], n=5, t=2, k=3, seed=2)
+@example(fmt=INT_DOT_ONLY[2], n=16, t=1, k=1, seed=3)
+@example(fmt=INT_DOT_ONLY[3], n=33, t=4, k=2, seed=4)
 def test_grouped_linear_matches_numpy(fmt, n, t, k, seed):
-    """Each slot multiplies its token's row by its expert's weights; unchosen experts stay unread."""
+    """Each slot multiplies its token's row by its expert's weights; unchosen experts stay unread. Value
+    tables (looked up with ``pshufb``) and 4-bit groups of 16 on x86 with AVX2."""
     import tvm
+
+    from ferrum.schedules.quant_linear import dequantize_ref, pack_int4
+    from ferrum_runtime.artifact import host_cpu_flags
 
     experts, kdim = 6, 64
     rng = np.random.default_rng(seed)
@@ -62,12 +77,23 @@ def test_grouped_linear_matches_numpy(fmt, n, t, k, seed):
     _, ids, off, order = _route(logits, experts, k, False)
     if fmt is None:
         tensors, dense = [w], w
+    elif fmt.int_dot_only:
+        if "avx2" not in host_cpu_flags():
+            pytest.skip("this CPU has no AVX2")
+        groups = (experts * n, kdim // fmt.group_size)
+        packed = {"qweight": pack_int4(rng.integers(0, 16, (experts * n, kdim))),
+                  "scales": (rng.standard_normal(groups) * 0.1).astype(np.float16)}
+        if not fmt.sym:
+            packed["mins"] = rng.standard_normal(groups).astype(np.float32)
+        tensors = list(packed.values())
+        dense = dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")).astype(np.float32)
     else:
         qt = quantize_rtn(w, fmt)
         packed = qt.pack()
         tensors, dense = [packed[r] for r in ("qweight", "scales", "mins") if r in packed], qt.dequantize()
     out = tvm.runtime.tensor(np.zeros((t * k, n), np.float32))
-    lib = _build(make_grouped_linear_cpu(experts, kdim, n, k, fmt, "float32", "float32"))
+    lib = _build(make_grouped_linear_cpu(experts, kdim, n, k, fmt, "float32", "float32"),
+                 "haswell" if fmt is not None and fmt.int_dot_only else None)
     lib(tvm.runtime.tensor(x), *[tvm.runtime.tensor(a) for a in tensors], tvm.runtime.tensor(off),
         tvm.runtime.tensor(order), out)
     ref = np.stack([dense.reshape(experts, n, kdim)[ids[s]] @ x[s // k] for s in range(t * k)])

@@ -228,7 +228,7 @@ def test_k_quant_blocks_keep_their_integers(type_name, fmt, most):
     packed = qt.pack()
     np.testing.assert_array_equal(dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")),
                                   qt.dequantize().astype(np.float64))
-    if fmt.r16_only:
+    if fmt.int_dot_only:
         wide = qt.as_format(fmt.widened(), "w")
         assert wide.fmt == QuantFormat(8, fmt.group_size, fmt.sym)
         assert wide.q.dtype == np.int8 and (wide.scales >= 0).all()

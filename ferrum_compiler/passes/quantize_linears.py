@@ -83,5 +83,5 @@ def _quantize_moe(g: Graph, op: Op) -> Op:
         if "perm" in packed or g.quant[w].get("layout", "rows") != "rows":
             raise IRError(f"{w}: MoE experts need the row layout, without act-order (desc_act) columns")
         inputs += [packed[r] for r in ("qweight", "scales", "mins") if r in packed]
-        attrs[key] = {k: g.quant[w][k] for k in ("bits", "group_size", "sym")}
+        attrs[key] = QuantFormat.from_dict(g.quant[w]).to_dict()
     return Op("moe", tuple(inputs), op.output, attrs)
