@@ -852,6 +852,15 @@ def row_loader(fmt: QuantFormat | None, K: int):
     G, KG, int4, sym, zp = fmt.group_size, K // fmt.group_size, fmt.bits == 4, fmt.sym, float(fmt.zero_point)
     chunks = G // 32 if int4 else G // L
 
+    @T.macro
+    def scale_group(tile, scales, mins, r, n, g):  # group g of tile row r: its integers -> weights
+        if sym:
+            for kk in T.vectorized(G):
+                tile[r, g * G + kk] = (tile[r, g * G + kk] - T.float32(zp)) * T.Cast("float32", scales[n, g])
+        else:
+            for kk in T.vectorized(G):
+                tile[r, g * G + kk] = tile[r, g * G + kk] * T.Cast("float32", scales[n, g]) + mins[n, g]
+
     def ints(codes):
         """float32x16 of 16 4-bit codes: their table's values, or the integers themselves."""
         return T.Cast("float32x16", T.reinterpret("int8x16", looked_up(fmt, codes, 16)) if fmt.table else codes)
@@ -864,12 +873,7 @@ def row_loader(fmt: QuantFormat | None, K: int):
             tile[r, T.ramp(j * 32 + 16, 1, 16)] = ints(T.shift_right(w[n, T.ramp(j * 16, 1, 16)],
                                                                      T.broadcast(T.uint8(4), 16)))
         for g in T.serial(KG):
-            if sym:
-                for kk in T.vectorized(G):
-                    tile[r, g * G + kk] = (tile[r, g * G + kk] - T.float32(zp)) * T.Cast("float32", scales[n, g])
-            else:
-                for kk in T.vectorized(G):
-                    tile[r, g * G + kk] = tile[r, g * G + kk] * T.Cast("float32", scales[n, g]) + mins[n, g]
+            scale_group(tile, scales, mins, r, n, g)
 
     if fmt.int_dot_only:
         return load_blocks
@@ -887,12 +891,7 @@ def row_loader(fmt: QuantFormat | None, K: int):
                 else:
                     for ll in T.vectorized(L):
                         tile[r, g * G + c * L + ll] = T.Cast("float32", w[n, g * G + c * L + ll])
-            if sym:
-                for kk in T.vectorized(G):
-                    tile[r, g * G + kk] = (tile[r, g * G + kk] - T.float32(zp)) * T.Cast("float32", scales[n, g])
-            else:
-                for kk in T.vectorized(G):
-                    tile[r, g * G + kk] = tile[r, g * G + kk] * T.Cast("float32", scales[n, g]) + mins[n, g]
+            scale_group(tile, scales, mins, r, n, g)
 
     return load_quant
 
