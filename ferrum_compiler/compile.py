@@ -219,11 +219,15 @@ def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, ac
     embedding tables, and every weight of other targets, in such a format take the same integers (a table's
     values) in 8 bits instead."""
     tables = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
-    experts = {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
+    # MoE expert stacks -> rows per expert: r16 when every 16-row block is one expert's
+    experts = {w: graph.params[w].shape[0] // op.attrs["num_experts"] for op in graph.ops if op.kind == "moe"
+               for w in op.inputs[2:4]}
 
     def r16(w: str, fmt: QuantFormat) -> bool:
-        if int_dot_isa is None or w in experts or not r16_supports(fmt, act_bits, int_dot_isa):
+        if int_dot_isa is None or not r16_supports(fmt, act_bits, int_dot_isa):
             return False
+        if w in experts:
+            return experts[w] % 16 == 0
         return fmt.bits == 8 or w not in tables
 
     def layout(w: str, q: dict) -> dict:

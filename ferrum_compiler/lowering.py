@@ -243,7 +243,7 @@ def lower(graph: Graph, kernel_kind: str, int_dot_isa: str | None = None, max_la
                         make = quant_sched.qembedding_r16_te if op.attrs.get("layout") == "r16" else quant_sched.qembedding_te
                         r = bb.emit_te(make(fmt, out.dtype), *a, primfunc_name_hint="qembedding")
                     elif k == "moe":
-                        r = _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv, max_lanes,
+                        r = _moe(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv, max_lanes,
                                  mma_dtype=out.dtype if out.dtype in tensor_core_dtypes else "")
                     elif k == "take_cols":
                         r = relax.op.take(a[0], a[1], axis=1, mode="clip")
@@ -692,7 +692,8 @@ def _qlinear(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gem
     return bb.emit_te(quant_sched.qlinear_te(fmt, out.dtype, at["bias"]), *a, primfunc_name_hint="qlinear")
 
 
-def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes: int, mma_dtype: str = ""):
+def _moe(bb, relax, kernel, kernel_kind, int_dot_isa, graph, op, a, out, gemv: int, max_lanes: int,
+         mma_dtype: str = ""):
     """route → dispatch by expert → grouped gate_up → SiLU·up → grouped down → weighted combine. On GPUs the
     decode entry point runs the experts as grouped GEMVs, the general one as tiled grouped GEMMs (on tensor
     cores in ``mma_dtype`` when set); either way only chosen experts' weights are read."""
@@ -707,7 +708,7 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
         q = at[key]
         fmt = None if q is None else _quant_format(q)
         n = 1 if fmt is None else 2 if fmt.sym else 3
-        stacks.append((fmt, rest[:n]))
+        stacks.append((fmt, rest[:n], q))
         rest = rest[n:]
     ntok = x.ty.shape[0]
     topk = kernel(("moe_topk", E, k, at["norm_topk_prob"], kernel_kind),
@@ -716,7 +717,7 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
                                                     relax.TensorType([ntok * k], "int32")]))
     weights, ids = bb.emit(relax.TupleGetItem(routed, 0)), bb.emit(relax.TupleGetItem(routed, 1))
 
-    def grouped(inp, fmt, tensors, kk, nn, x_div, gated=False, gate_out=False):
+    def grouped(inp, fmt, tensors, q, kk, nn, x_div, gated=False, gate_out=False):
         # each stack's own (one may stay dense where the other is quantized: a width its groups do not divide)
         w_dtype = str(tensors[0].ty.dtype)
         s_dtype = str(tensors[1].ty.dtype) if fmt is not None else "float16"
@@ -727,6 +728,12 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
                         lambda: quant_sched.make_gemv_gpu(kk, nn, fmt, str(w_dtype), str(inp.ty.dtype), "float32", None,
                                                           s_dtype, max_lanes=max_lanes, experts=E, x_div=x_div,
                                                           gated=gated, gate_out=gate_out))
+            return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order], out_ty))
+        if q is not None and q.get("layout") == "r16":  # CPU integer dot products (compile.kernel_layouts)
+            gv = kernel(("grouped_r16", E, kk, nn, x_div, fmt.bits, fmt.group_size, fmt.sym, fmt.tag, inp.ty.dtype,
+                         int_dot_isa, q["act_bits"]),
+                        lambda: quant_sched.make_qlinear_r16_cpu(kk, nn, fmt, str(inp.ty.dtype), "float32", None,
+                                                                 int_dot_isa, q["act_bits"], experts=E, x_div=x_div))
             return bb.emit(relax.call_tir(gv, [inp, *tensors, offsets, order], out_ty))
         if kernel_kind != "cpu":
             gv = kernel(("grouped_gemm", E, kk, nn, x_div, repr(fmt), inp.ty.dtype, w_dtype, s_dtype, gated, mma_dtype),
@@ -744,17 +751,17 @@ def _moe(bb, relax, kernel, kernel_kind, graph, op, a, out, gemv: int, max_lanes
     offsets, order = bb.emit(relax.TupleGetItem(sorted_, 0)), bb.emit(relax.TupleGetItem(sorted_, len(outs) - 1))
     tiles = bb.emit(relax.TupleGetItem(sorted_, 1)) if kernel_kind == "gpu" else None
     if gemv:  # the gate|up GEMV writes SiLU·mul's output [S, I] (make_gemv_gpu's gate_out), read as it is
-        act = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k, gate_out=True)
+        act = grouped(x, *stacks[0], d, 2 * inter, k, gate_out=True)
         return bb.emit_te(moe_sched.combine_te(k, out.dtype), weights,
-                          grouped(act, stacks[1][0], stacks[1][1], inter, d, 1), primfunc_name_hint="moe_combine")
-    h = grouped(x, stacks[0][0], stacks[0][1], d, 2 * inter, k)  # [S, 2I]
+                          grouped(act, *stacks[1], inter, d, 1), primfunc_name_hint="moe_combine")
+    h = grouped(x, *stacks[0], d, 2 * inter, k)  # [S, 2I]
     if kernel_kind == "gpu":  # the down GEMM applies SiLU·mul to the gate|up rows it reads
-        y = grouped(h, stacks[1][0], stacks[1][1], inter, d, 1, gated=True)  # [S, D]
+        y = grouped(h, *stacks[1], inter, d, 1, gated=True)  # [S, D]
     else:
         gate = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[inter]))
         up = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[inter], end=[2 * inter]))
         act = bb.emit_te(_silu_mul_te(te, tirx, kernel_kind), gate, up, primfunc_name_hint="silu_mul")
-        y = grouped(act, stacks[1][0], stacks[1][1], inter, d, 1)  # [S, D]
+        y = grouped(act, *stacks[1], inter, d, 1)  # [S, D]
     return bb.emit_te(moe_sched.combine_te(k, out.dtype), weights, y, primfunc_name_hint="moe_combine")
 
 

@@ -416,9 +416,15 @@ _AVX2_TILE_MIN_TOKENS = 128  # AVX2 from this many tokens on: dequantized float 
 
 
 def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, x_dtype: str, out_dtype: str,
-                         bias_dtype: str | None, isa: str, act_bits: int = 16):
+                         bias_dtype: str | None, isa: str, act_bits: int = 16, experts: int = 0, x_div: int = 1):
     """PrimFunc ``qlinear(x[T,K], qweight, scales, [mins,] [bias[N],] out[T,N])`` for int4 weights (and the
     int8 ones ``r16_supports`` admits) in the "r16" layout (``interleave_r16``), with integer dot products.
+
+    With ``experts``: the MoE experts' grouped linear ``(x[T,K], qweight, scales, [mins,] offsets[E+1],
+    order[S], out[S,N])`` over a stack of ``experts`` weights of ``N`` rows each (a multiple of 16: every
+    16-row block is one expert's), in the same layout: slot ``order[offsets[e] + p]`` multiplies expert
+    ``e`` by token ``slot // x_div`` (``moe.make_moe_dispatch``), a task per expert and row block, an expert
+    nobody chose never read.
 
     Each token's activations are rounded per weight group to ``act_bits`` bits (``x ≈ dx * q``, ``dx =
     max|x| / (2^(act_bits-1) - 1)``: a relative error of 1.5e-5 (16 bits) or 3.9e-3 (8 bits, what
@@ -448,6 +454,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     assert isa in INT_DOT_ISAS and act_bits in ACT_BITS and r16_supports(fmt, act_bits, isa), (fmt, isa, act_bits)
     K, N, G = in_features, out_features, fmt.group_size
     assert fmt.check(K) is None, fmt.check(K)
+    assert not experts or (N % R16 == 0 and bias_dtype is None), "experts: whole 16-row blocks, no bias"
+    grouped = experts > 0
     eight = fmt.bits == 8  # one weight per byte, stored as q + 128
     lut = bool(fmt.table)  # 4-bit codes, each 16 bytes of them looked up in the value table (pshufb)
     # a block is S activation words (4 columns each), split between two accumulator chains of S / 2; int4:
@@ -457,7 +465,7 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     pair = fmt.bits == 4 and G == 16
     KG, NB, BPG, W4 = K // G, -(-N // R16), 1 if pair else G // 4 // S, K // 4
     sym, zp, has_bias = fmt.sym, float(fmt.zero_point), bias_dtype is not None
-    qshape = fmt.packed_shapes(N, K, "r16")
+    qshape = fmt.packed_shapes(max(experts, 1) * N, K, "r16")
     vnni = isa == "avx512_vnni"
     madd = (eight or lut) and not vnni  # AVX2 int8 and tables: 16-bit products (vpmaddwd), the activations whole
     wide = act_bits == 16 and not madd  # two activation bytes per value
@@ -608,102 +616,132 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                 else:
                     xh[i, g * (G // 4) + w4] = packed_bytes(x, i, g, w4, st[1], False)
 
+    def token(p, e, cnt, off, order):
+        """The activation row of the task's ``p``-th token (past the end: the last one again)."""
+        if experts:
+            return T.Cast("int64", order[off[e] + T.Cast("int32", T.min(p, cnt - 1))] // x_div)
+        return T.min(p, cnt - 1)
+
+    @T.macro
+    def expert_store(acc, out, i0, task, e, cnt, off, order, TB):
+        for tt in T.serial(TB):
+            if i0 * TB + tt < cnt:
+                out[T.Cast("int64", order[off[e] + T.Cast("int32", i0 * TB + tt)]), T.ramp(task % NB * R16, 1, R16)] = (
+                    T.Cast(f"{out_dtype}x{R16}", acc[tt, T.ramp(0, 1, R16)]))
+
+    @T.macro
+    def task_rows(task, e, cnt, w, s, m, b, out, xh, xl, dx, sx, sq, off, order, TB):
+        # two accumulators per byte half and nibble half: four independent dot-product chains (AVX2 int8:
+        # hl holds each token's 16 rows x 2 lanes, four independent chains of 8 lanes)
+        hl = T.alloc_buffer((TB * R16 * (2 if madd else 1),), "int32")
+        # (a buffer a path never uses: one word; AVX2 pairs of groups of 16: the high nibbles' lanes)
+        hh = T.alloc_buffer((TB * R16 * 2 if pair else 1 if madd else TB * R16,), "int32")
+        ll = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
+        lh = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
+        acc = T.alloc_buffer((TB, R16), "float32")
+        for i0 in T.serial((cnt + TB - 1) // TB):
+            for tt in T.unroll(TB):
+                acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
+            for g in T.serial(KG // 2 if pair else KG):  # groups, or pairs of groups of 16
+                for tt in T.unroll(TB):
+                    if madd:
+                        hl[T.ramp(tt * 2 * R16, 1, 2 * R16)] = T.broadcast(T.int32(0), 2 * R16)
+                        if pair:
+                            hh[T.ramp(tt * 2 * R16, 1, 2 * R16)] = T.broadcast(T.int32(0), 2 * R16)
+                    else:
+                        hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                        hh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                    if wide:
+                        ll[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                        lh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
+                for bb in T.serial(BPG):
+                    for c in T.unroll(S // 2):
+                        for tt in T.unroll(TB):
+                            t: T.let[T.int64] = token(i0 * TB + tt, e, cnt, off, order)
+                            wl: T.let[T.int32] = (g * BPG + bb) * S + c  # activation word (int4: low nibbles)
+                            if madd and lut:  # a chunk's low and high nibbles, a quarter at a time
+                                ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
+                                for r in T.unroll(4):
+                                    if pair:  # the low nibbles' group and the high nibbles' apart
+                                        hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
+                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl])
+                                        hh[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
+                                            hh[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl + 4],
+                                            True)
+                                    else:
+                                        hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(madd16(
+                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl],
+                                            False), w, task, ch, r, xh[t, wl + 4], True)
+                            elif madd:  # both chunks, each a quarter (4 rows x 4 columns) at a time
+                                for hw in T.unroll(2):
+                                    for r in T.unroll(4):
+                                        hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
+                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, wl + hw * (S // 2), r,
+                                            xh[t, wl + hw * (S // 2)])
+                            elif eight:  # chunks c and c + S / 2 of the block's S: 4 columns each
+                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), weight_bytes(w, task, wl),
+                                                                    word(xh, t, wl))
+                                hh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                    lanes(hh, tt), weight_bytes(w, task, wl + S // 2), word(xh, t, wl + S // 2))
+                                if wide:  # the signed low bytes
+                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), weight_bytes(w, task, wl),
+                                                                        word(xl, t, wl))
+                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                        lanes(lh, tt), weight_bytes(w, task, wl + S // 2), word(xl, t, wl + S // 2))
+                            elif lut:  # the values of the low and high nibbles (+ 128) against signed bytes
+                                ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
+                                hl[T.ramp(tt * R16, 1, R16)] = dot4(
+                                    lanes(hl, tt), values(nibbles(w, task, ch, False), 64), word(xh, t, wl))
+                                hh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                    lanes(hh, tt), values(nibbles(w, task, ch, True), 64), word(xh, t, wl + 4))
+                                if wide:
+                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(
+                                        lanes(ll, tt), values(nibbles(w, task, ch, False), 64), word(xl, t, wl))
+                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                        lanes(lh, tt), values(nibbles(w, task, ch, True), 64),
+                                        word(xl, t, wl + 4))
+                            else:
+                                ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
+                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
+                                                                    word(xh, t, wl))
+                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
+                                                                    word(xh, t, wl + 4))
+                                if wide:  # the unsigned low bytes against the nibbles
+                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
+                                                                        nibbles(w, task, ch, False))
+                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
+                                                                        nibbles(w, task, ch, True))
+                for tt in T.unroll(TB):
+                    t: T.let[T.int64] = token(i0 * TB + tt, e, cnt, off, order)
+                    if pair:  # groups 2g (low nibbles) and 2g + 1 (high)
+                        acc[tt, T.ramp(0, 1, R16)] = accumulate(accumulate(
+                            acc[tt, T.ramp(0, 1, R16)], group_sum(hl, hh, ll, lh, tt, sq[t, 2 * g], "low"), s, m,
+                            task, 2 * g, dx[t, 2 * g], sx[t, 2 * g]),
+                            group_sum(hl, hh, ll, lh, tt, sq[t, 2 * g + 1], "high"), s, m, task, 2 * g + 1,
+                            dx[t, 2 * g + 1], sx[t, 2 * g + 1])
+                    else:
+                        acc[tt, T.ramp(0, 1, R16)] = accumulate(acc[tt, T.ramp(0, 1, R16)],
+                                                                group_sum(hl, hh, ll, lh, tt, sq[t, g]), s, m, task,
+                                                                g, dx[t, g], sx[t, g])
+            if grouped:
+                expert_store(acc, out, i0, task, e, cnt, off, order, TB)
+            else:
+                store(acc, b, out, i0, task, cnt, TB)
+
     @T.macro
     def rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, TB):
         for task in T.parallel(NB):
-            # two accumulators per byte half and nibble half: four independent dot-product chains (AVX2 int8:
-            # hl holds each token's 16 rows x 2 lanes, four independent chains of 8 lanes)
-            hl = T.alloc_buffer((TB * R16 * (2 if madd else 1),), "int32")
-            # (a buffer a path never uses: one word; AVX2 pairs of groups of 16: the high nibbles' lanes)
-            hh = T.alloc_buffer((TB * R16 * 2 if pair else 1 if madd else TB * R16,), "int32")
-            ll = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
-            lh = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
-            acc = T.alloc_buffer((TB, R16), "float32")
-            for i0 in T.serial((ntok + TB - 1) // TB):
-                for tt in T.unroll(TB):
-                    acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
-                for g in T.serial(KG // 2 if pair else KG):  # groups, or pairs of groups of 16
-                    for tt in T.unroll(TB):
-                        if madd:
-                            hl[T.ramp(tt * 2 * R16, 1, 2 * R16)] = T.broadcast(T.int32(0), 2 * R16)
-                            if pair:
-                                hh[T.ramp(tt * 2 * R16, 1, 2 * R16)] = T.broadcast(T.int32(0), 2 * R16)
-                        else:
-                            hl[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
-                            hh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
-                        if wide:
-                            ll[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
-                            lh[T.ramp(tt * R16, 1, R16)] = T.broadcast(T.int32(0), R16)
-                    for bb in T.serial(BPG):
-                        for c in T.unroll(S // 2):
-                            for tt in T.unroll(TB):
-                                t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)  # past the end: redo the last token
-                                wl: T.let[T.int32] = (g * BPG + bb) * S + c  # activation word (int4: low nibbles)
-                                if madd and lut:  # a chunk's low and high nibbles, a quarter at a time
-                                    ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
-                                    for r in T.unroll(4):
-                                        if pair:  # the low nibbles' group and the high nibbles' apart
-                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
-                                                hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl])
-                                            hh[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
-                                                hh[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl + 4],
-                                                True)
-                                        else:
-                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(madd16(
-                                                hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, ch, r, xh[t, wl],
-                                                False), w, task, ch, r, xh[t, wl + 4], True)
-                                elif madd:  # both chunks, each a quarter (4 rows x 4 columns) at a time
-                                    for hw in T.unroll(2):
-                                        for r in T.unroll(4):
-                                            hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
-                                                hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, wl + hw * (S // 2), r,
-                                                xh[t, wl + hw * (S // 2)])
-                                elif eight:  # chunks c and c + S / 2 of the block's S: 4 columns each
-                                    hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), weight_bytes(w, task, wl),
-                                                                        word(xh, t, wl))
-                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(hh, tt), weight_bytes(w, task, wl + S // 2), word(xh, t, wl + S // 2))
-                                    if wide:  # the signed low bytes
-                                        ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), weight_bytes(w, task, wl),
-                                                                            word(xl, t, wl))
-                                        lh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                            lanes(lh, tt), weight_bytes(w, task, wl + S // 2), word(xl, t, wl + S // 2))
-                                elif lut:  # the values of the low and high nibbles (+ 128) against signed bytes
-                                    ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
-                                    hl[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(hl, tt), values(nibbles(w, task, ch, False), 64), word(xh, t, wl))
-                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(hh, tt), values(nibbles(w, task, ch, True), 64), word(xh, t, wl + 4))
-                                    if wide:
-                                        ll[T.ramp(tt * R16, 1, R16)] = dot4(
-                                            lanes(ll, tt), values(nibbles(w, task, ch, False), 64), word(xl, t, wl))
-                                        lh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                            lanes(lh, tt), values(nibbles(w, task, ch, True), 64),
-                                            word(xl, t, wl + 4))
-                                else:
-                                    ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
-                                    hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),
-                                                                        word(xh, t, wl))
-                                    hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), nibbles(w, task, ch, True),
-                                                                        word(xh, t, wl + 4))
-                                    if wide:  # the unsigned low bytes against the nibbles
-                                        ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), word(xl, t, wl),
-                                                                            nibbles(w, task, ch, False))
-                                        lh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(lh, tt), word(xl, t, wl + 4),
-                                                                            nibbles(w, task, ch, True))
-                    for tt in T.unroll(TB):
-                        t: T.let[T.int64] = T.min(i0 * TB + tt, ntok - 1)
-                        if pair:  # groups 2g (low nibbles) and 2g + 1 (high)
-                            acc[tt, T.ramp(0, 1, R16)] = accumulate(accumulate(
-                                acc[tt, T.ramp(0, 1, R16)], group_sum(hl, hh, ll, lh, tt, sq[t, 2 * g], "low"), s, m,
-                                task, 2 * g, dx[t, 2 * g], sx[t, 2 * g]),
-                                group_sum(hl, hh, ll, lh, tt, sq[t, 2 * g + 1], "high"), s, m, task, 2 * g + 1,
-                                dx[t, 2 * g + 1], sx[t, 2 * g + 1])
-                        else:
-                            acc[tt, T.ramp(0, 1, R16)] = accumulate(acc[tt, T.ramp(0, 1, R16)],
-                                                                    group_sum(hl, hh, ll, lh, tt, sq[t, g]), s, m, task,
-                                                                    g, dx[t, g], sx[t, g])
-                store(acc, b, out, i0, task, ntok, TB)
+            task_rows(task, 0, ntok, w, s, m, b, out, xh, xl, dx, sx, sq, None, None, TB)
+
+    @T.macro
+    def expert_rows(w, s, m, out, xh, xl, dx, sx, sq, off, order):
+        for task in T.parallel(experts * NB):
+            e: T.let[T.int32] = task // NB
+            cnt: T.let[T.int64] = T.Cast("int64", off[e + 1] - off[e])
+            if cnt < _TILE_MIN_TOKENS:
+                task_rows(task, e, cnt, w, s, m, None, out, xh, xl, dx, sx, sq, off, order, _R16_DECODE_TOKENS)
+            else:
+                task_rows(task, e, cnt, w, s, m, None, out, xh, xl, dx, sx, sq, off, order, _R16_PREFILL_TOKENS)
 
     def tile_column(w, s, m, task, col, raw):
         """float32x16: column ``col`` of the 16 rows, from its integers ``raw`` (uint8x16; int8 stored
@@ -738,6 +776,21 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             tile_matmul(x, tile_t, acc, b, out, task, ntok)
 
     @T.macro
+    def expert_body(x, w, s, m, out, ntok, off, order):
+        xh = T.alloc_buffer((ntok, W4), "uint64" if madd else "uint32")
+        xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
+        dx = T.alloc_buffer((ntok, KG), "float32")
+        sx = T.alloc_buffer((ntok, KG), "float32")
+        sq = T.alloc_buffer((ntok, KG), "int32")
+        if ntok < _TILE_MIN_TOKENS:
+            for i in T.serial(ntok):
+                prep_token(x, xh, xl, dx, sx, sq, i)
+        else:
+            for i in T.parallel(ntok):
+                prep_token(x, xh, xl, dx, sx, sq, i)
+        expert_rows(w, s, m, out, xh, xl, dx, sx, sq, off, order)
+
+    @T.macro
     def body(x, w, s, m, b, out, ntok):
         xh = T.alloc_buffer((ntok, W4), "uint64" if madd else "uint32")
         xl = T.alloc_buffer((ntok, W4 if wide else 1), "uint32")
@@ -756,6 +809,26 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
             rows(w, s, m, b, out, xh, xl, dx, sx, sq, ntok, _R16_PREFILL_TOKENS)
 
     WS, SS = qshape["qweight"][0], qshape["scales"][0]
+    E = experts
+    if experts and sym:
+        @T.prim_func(private=True)
+        def grouped_r16_s(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),  # type: ignore[valid-type]
+                          off: T.Buffer((E + 1,), "int32"), ord_h: T.handle, o_h: T.handle):  # type: ignore[valid-type]
+            T.func_attr({"tirx.noalias": True})
+            ntok, nslot = T.int64(), T.int64()
+            expert_body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, None,
+                        T.match_buffer(o_h, (nslot, N), out_dtype), ntok, off, T.match_buffer(ord_h, (nslot,), "int32"))
+        return grouped_r16_s
+    if experts:
+        @T.prim_func(private=True)
+        def grouped_r16_a(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"),  # type: ignore[valid-type]
+                          m: T.Buffer(SS, "float32"), off: T.Buffer((E + 1,), "int32"), ord_h: T.handle,  # type: ignore[valid-type]
+                          o_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            ntok, nslot = T.int64(), T.int64()
+            expert_body(T.match_buffer(x_h, (ntok, K), x_dtype), w, s, m,
+                        T.match_buffer(o_h, (nslot, N), out_dtype), ntok, off, T.match_buffer(ord_h, (nslot,), "int32"))
+        return grouped_r16_a
     if sym and not has_bias:
         @T.prim_func(private=True)
         def qlinear_r16_s(x_h: T.handle, w: T.Buffer(WS, "uint8"), s: T.Buffer(SS, "float16"), o_h: T.handle):  # type: ignore[valid-type]

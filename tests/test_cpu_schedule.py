@@ -45,9 +45,9 @@ def test_every_legalized_cpu_function_runs_in_parallel(name, tiny_model_dir):
 @pytest.mark.parametrize("table", [True, False], ids=["iq4_xs", "q2_k"])
 def test_int_dot_only_formats_reach_the_integer_dot_kernel_only(isa, table, tiny_model_dir):
     """4-bit codes of a value table (GGUF's IQ types) and 4-bit groups of 16 (Q2_K, Q3_K) stay so only where
-    the CPU has integer dot products: on linears (the r16 layout) and MoE experts (the row layout their
-    loader reads); embedding tables and every weight of a target without them (GPUs) get the same integers
-    (a table's values) in 8 bits, which their kernels read."""
+    the CPU has integer dot products: on linears and MoE expert stacks (the r16 layout, whose 16-row blocks
+    are each one expert's here); embedding tables and every weight of a target without them (GPUs) get the
+    same integers (a table's values) in 8 bits, which their kernels read."""
     from ferrum.schedules.quant_linear import QuantFormat
     from ferrum_compiler.quant import VALUE_TABLES
 
@@ -56,12 +56,13 @@ def test_int_dot_only_formats_reach_the_integer_dot_kernel_only(isa, table, tiny
     coded = QuantFormat(4, 32, True, VALUE_TABLES["IQ4_XS"]) if table else QuantFormat(4, 16, False)
     declared = {w: coded.to_dict() for w in graph.params if len(graph.params[w].shape) == 2}
     experts = {w for op in graph.ops if op.kind == "moe" for w in op.inputs[2:4]}
+    assert all(graph.params[w].shape[0] // ckpt.config.num_experts % 16 == 0 for w in experts)
     declared.update({w: coded.to_dict() for w in experts})
     embedding = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
     laid = kernel_layouts(graph, declared, isa)
     for w, q in laid.items():
         if isa and w not in embedding:
-            assert QuantFormat.from_dict(q) == coded and q.get("layout") == (None if w in experts else "r16"), w
+            assert QuantFormat.from_dict(q) == coded and q["layout"] == "r16", w
         else:
             assert QuantFormat.from_dict(q) == coded.widened(), w
             assert q.get("layout") == ("r16" if isa and w in embedding else None), w

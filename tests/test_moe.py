@@ -120,3 +120,52 @@ def test_moe_ref_matches_a_direct_loop():
             u = gu[e * 2 * inter + inter:(e + 1) * 2 * inter] @ x[i]
             expect += p[e] / p[top].sum() * (dn[e * d:(e + 1) * d] @ (g / (1 + np.exp(-g)) * u))
         np.testing.assert_allclose(out[i], expect, rtol=1e-10)
+
+
+# (ISA, LLVM CPU that enables it, host flag that runs it), as test_quant_linear's
+R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2")]
+
+
+@pytest.mark.parametrize("isa,mcpu,flag", R16_ISAS, ids=[i[0] for i in R16_ISAS])
+@settings(max_examples=12, deadline=None)
+@given(fmt=st.sampled_from([QuantFormat(4, 32, False), QuantFormat(8, 32, True), QuantFormat(8, 16, False)]
+                           + INT_DOT_ONLY),
+       t=st.sampled_from([1, 2, 5, 9]), k=st.integers(1, 4), act_bits=st.sampled_from([8, 16]),
+       seed=st.integers(0, 999))
+@example(fmt=INT_DOT_ONLY[0], t=9, k=4, act_bits=16, seed=1)  # experts with 4+ slots: 4-token blocks
+@example(fmt=INT_DOT_ONLY[3], t=1, k=2, act_bits=8, seed=2)
+def test_grouped_r16_matches_numpy(isa, mcpu, flag, fmt, t, k, act_bits, seed):
+    """The experts on the r16 integer-dot kernel (``make_qlinear_r16_cpu`` with ``experts``): each slot's
+    token times its expert's rows, within the proven bound of rounding activations (test_quant_linear's),
+    for every format the kernel takes; experts with fewer than 4 slots and with more, unchosen ones."""
+    import tvm
+
+    from ferrum.schedules.quant_linear import (activation_error_bound, dequantize_ref, interleave_r16,
+                                               make_qlinear_r16_cpu, pack_int4)
+    from ferrum_runtime.artifact import host_cpu_flags
+
+    if flag not in host_cpu_flags():
+        pytest.skip(f"this CPU has no {flag}")
+    experts, n, kdim = 6, 32, 64
+    k = min(k, experts)
+    rng = np.random.default_rng(seed)
+    groups = (experts * n, kdim // fmt.group_size)
+    codes = rng.integers(0, 16, (experts * n, kdim)) if fmt.bits == 4 else rng.integers(-128, 128, (experts * n, kdim))
+    packed = {"qweight": pack_int4(codes) if fmt.bits == 4 else codes.astype(np.int8),
+              "scales": (rng.standard_normal(groups) * 0.1).astype(np.float16)}
+    if not fmt.sym:
+        packed["mins"] = rng.standard_normal(groups).astype(np.float32)
+    r16 = interleave_r16(packed)
+    x = rng.standard_normal((t, kdim)).astype(np.float32)
+    _, ids, off, order = _route(rng.standard_normal((t, experts)).astype(np.float32), experts, k, False)
+    out = tvm.runtime.tensor(np.zeros((t * k, n), np.float32))
+    lib = _build(make_qlinear_r16_cpu(kdim, n, fmt, "float32", "float32", None, isa, act_bits, experts=experts,
+                                      x_div=k), mcpu)
+    lib(tvm.runtime.tensor(x), *[tvm.runtime.tensor(r16[r]) for r in ("qweight", "scales", "mins") if r in r16],
+        tvm.runtime.tensor(off), tvm.runtime.tensor(order), out)
+    w = dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")).reshape(experts, n, kdim)
+    for s in range(t * k):
+        xs = x[s // k][None]
+        ref = xs.astype(np.float64) @ w[ids[s]].T
+        bound = activation_error_bound(xs, fmt, w[ids[s]], act_bits) + 1e-5 * (np.abs(xs) @ np.abs(w[ids[s]]).T) + 1e-6
+        assert np.all(np.abs(out.numpy()[s] - ref[0]) <= bound[0]), s

@@ -103,6 +103,10 @@ def run_graph(graph: Graph, inputs: dict[str, np.ndarray], params: dict[str, np.
                 fmt = QuantFormat.from_dict(q)
                 n = 2 if fmt.sym else 3
                 t, rest = rest[:n], rest[n:]
+                if q.get("layout") == "r16":  # the stack's rows: whole 16-row blocks
+                    roles = ["qweight", "scales"] + ([] if fmt.sym else ["mins"])
+                    back = deinterleave_r16(dict(zip(roles, t)), t[0].shape[0] * 16, fmt.bits)
+                    t = [back[role] for role in roles]
                 stacks.append(dequantize_ref(fmt, t[0], t[1], None if fmt.sym else t[2]))
             r = moe_ref(a[0], a[1], stacks[0], stacks[1], op.attrs["top_k"], op.attrs["norm_topk_prob"])
         else:

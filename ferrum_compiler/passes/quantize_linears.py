@@ -80,8 +80,10 @@ def _quantize_moe(g: Graph, op: Op) -> Op:
             inputs.append(w)
             continue
         packed = g.packing[w]
-        if "perm" in packed or g.quant[w].get("layout", "rows") != "rows":
-            raise IRError(f"{w}: MoE experts need the row layout, without act-order (desc_act) columns")
+        if "perm" in packed:
+            raise IRError(f"{w}: MoE experts cannot take act-order (desc_act) columns")
         inputs += [packed[r] for r in ("qweight", "scales", "mins") if r in packed]
-        attrs[key] = QuantFormat.from_dict(g.quant[w]).to_dict()
+        spec = g.quant[w]
+        layout = {"layout": "r16", "act_bits": spec.get("act_bits", 16)} if spec.get("layout") == "r16" else {}
+        attrs[key] = {**QuantFormat.from_dict(spec).to_dict(), **layout}
     return Op("moe", tuple(inputs), op.output, attrs)
