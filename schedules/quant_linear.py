@@ -735,13 +735,16 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
 
     @T.macro
     def expert_rows(w, s, m, out, xh, xl, dx, sx, sq, off, order):
+        # experts interleaved over the range (the threads take contiguous chunks of it): every thread gets a
+        # share of each chosen expert's blocks, however few experts are chosen
         for task in T.parallel(experts * NB):
-            e: T.let[T.int32] = task // NB
+            e: T.let[T.int32] = task % experts
+            blk: T.let[T.int32] = e * NB + task // experts  # the weight block
             cnt: T.let[T.int64] = T.Cast("int64", off[e + 1] - off[e])
             if cnt < _TILE_MIN_TOKENS:
-                task_rows(task, e, cnt, w, s, m, None, out, xh, xl, dx, sx, sq, off, order, _R16_DECODE_TOKENS)
+                task_rows(blk, e, cnt, w, s, m, None, out, xh, xl, dx, sx, sq, off, order, _R16_DECODE_TOKENS)
             else:
-                task_rows(task, e, cnt, w, s, m, None, out, xh, xl, dx, sx, sq, off, order, _R16_PREFILL_TOKENS)
+                task_rows(blk, e, cnt, w, s, m, None, out, xh, xl, dx, sx, sq, off, order, _R16_PREFILL_TOKENS)
 
     def tile_column(w, s, m, task, col, raw):
         """float32x16: column ``col`` of the 16 rows, from its integers ``raw`` (uint8x16; int8 stored
