@@ -639,6 +639,13 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         ll = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
         lh = T.alloc_buffer((TB * R16 if wide else 1,), "int32")
         acc = T.alloc_buffer((TB, R16), "float32")
+        # VNNI tables with several token blocks: the block's values looked up once, 64 bytes per activation
+        # word (as 8-bit weights are laid out), instead of once per token block
+        ex = T.alloc_buffer((W4 * 64 if lut and offset and TB > 1 else 1,), "uint8")
+        if lut and offset and TB > 1:
+            for ch in T.serial(K // 8):
+                ex[T.ramp((ch // 4 * 8 + ch % 4) * 64, 1, 64)] = values(nibbles(w, task, ch, False), 64)
+                ex[T.ramp((ch // 4 * 8 + ch % 4 + 4) * 64, 1, 64)] = values(nibbles(w, task, ch, True), 64)
         for i0 in T.serial((cnt + TB - 1) // TB):
             for tt in T.unroll(TB):
                 acc[tt, T.ramp(0, 1, R16)] = T.broadcast(T.float32(0), R16)
@@ -688,6 +695,16 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                                                         word(xl, t, wl))
                                     lh[T.ramp(tt * R16, 1, R16)] = dot4(
                                         lanes(lh, tt), weight_bytes(w, task, wl + S // 2), word(xl, t, wl + S // 2))
+                            elif lut and TB > 1:  # the looked-up values (+ 128) against signed bytes
+                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), ex[T.ramp(wl * 64, 1, 64)],
+                                                                    word(xh, t, wl))
+                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), ex[T.ramp((wl + 4) * 64, 1, 64)],
+                                                                    word(xh, t, wl + 4))
+                                if wide:
+                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), ex[T.ramp(wl * 64, 1, 64)],
+                                                                        word(xl, t, wl))
+                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(
+                                        lanes(lh, tt), ex[T.ramp((wl + 4) * 64, 1, 64)], word(xl, t, wl + 4))
                             elif lut:  # the values of the low and high nibbles (+ 128) against signed bytes
                                 ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
                                 hl[T.ramp(tt * R16, 1, R16)] = dot4(
