@@ -214,10 +214,11 @@ def kernel_layouts(graph, declared: dict[str, dict], int_dot_isa: str | None, ac
     ``make_qlinear_r16_cpu`` (activations rounded to ``act_bits``), and so do INT8 weights and 4-bit codes of
     a value table where the kernel takes them (``r16_supports``), embedding tables included for 8 bits: the
     gather reads that layout too, so a tied lm_head (SmolLM2's Q8_0 table) gets the integer-dot kernel. INT4
-    embedding tables and MoE expert stacks keep the row layout their gathers read. Value tables and 4-bit
-    groups of 16 (``int_dot_only``) are read there only, by the r16 kernel and by the MoE experts' loader:
-    embedding tables, and every weight of other targets, in such a format take the same integers (a table's
-    values) in 8 bits instead."""
+    embedding tables keep the row layout their gather reads. MoE expert stacks take r16 where each expert's
+    rows are whole 16-row blocks (the kernel's grouped form), else the row layout of the float expert kernel.
+    Value tables and 4-bit groups of 16 (``int_dot_only``) are read on such CPUs only, by the r16 kernel and
+    by the float expert kernel's loader: embedding tables, and every weight of other targets, in such a
+    format take the same integers (a table's values) in 8 bits instead."""
     tables = {op.inputs[0] for op in graph.ops if op.kind == "embedding"}
     # MoE expert stacks -> rows per expert: r16 when every 16-row block is one expert's
     experts = {w: graph.params[w].shape[0] // op.attrs["num_experts"] for op in graph.ops if op.kind == "moe"
