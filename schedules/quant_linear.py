@@ -482,6 +482,21 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
     def weight_bytes(w, task, chunk):
         return w[task, T.ramp(chunk * 64, 1, 64)]
 
+    def expanded(TB):
+        """Whether a task looks its tables' codes up once into a scratch (VNNI, several token blocks)."""
+        return lut and offset and TB > 1
+
+    def operand(w, ex, task, wl, high, TB):
+        """The 64 unsigned bytes (16 rows x 4 columns, each value + 128) that multiply activation word ``wl``
+        (``high``: word ``wl + S / 2``): 8-bit weights as stored; a table's values from the task's scratch
+        (``expanded``) or looked up from the chunk's low or high nibbles (word ``wl`` of a 32-column block
+        is its chunk ``wl % 8``: the lookup is ``values`` of ``nibbles``)."""
+        if eight:
+            return weight_bytes(w, task, wl + S // 2 if high else wl)
+        if expanded(TB):
+            return ex[T.ramp((wl + 4 if high else wl) * 64, 1, 64)]
+        return values(nibbles(w, task, wl // 8 * 4 + wl % 8, high), 64)
+
     def nibbles(w, task, chunk, high):
         v = weight_bytes(w, task, chunk)
         return T.shift_right(v, T.broadcast(T.uint8(4), 64)) if high else T.bitwise_and(v, T.broadcast(T.uint8(15), 64))
@@ -641,8 +656,8 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
         acc = T.alloc_buffer((TB, R16), "float32")
         # VNNI tables with several token blocks: the block's values looked up once, 64 bytes per activation
         # word (as 8-bit weights are laid out), instead of once per token block
-        ex = T.alloc_buffer((W4 * 64 if lut and offset and TB > 1 else 1,), "uint8")
-        if lut and offset and TB > 1:
+        ex = T.alloc_buffer((W4 * 64 if expanded(TB) else 1,), "uint8")
+        if expanded(TB):
             for ch in T.serial(K // 8):
                 ex[T.ramp((ch // 4 * 8 + ch % 4) * 64, 1, 64)] = values(nibbles(w, task, ch, False), 64)
                 ex[T.ramp((ch // 4 * 8 + ch % 4 + 4) * 64, 1, 64)] = values(nibbles(w, task, ch, True), 64)
@@ -685,38 +700,16 @@ def make_qlinear_r16_cpu(in_features: int, out_features: int, fmt: QuantFormat, 
                                         hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)] = madd16(
                                             hl[T.ramp(tt * 2 * R16 + r * 8, 1, 8)], w, task, wl + hw * (S // 2), r,
                                             xh[t, wl + hw * (S // 2)])
-                            elif eight:  # chunks c and c + S / 2 of the block's S: 4 columns each
-                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), weight_bytes(w, task, wl),
+                            elif offset:  # unsigned weight bytes against signed activation bytes
+                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), operand(w, ex, task, wl, False, TB),
                                                                     word(xh, t, wl))
-                                hh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                    lanes(hh, tt), weight_bytes(w, task, wl + S // 2), word(xh, t, wl + S // 2))
+                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), operand(w, ex, task, wl, True, TB),
+                                                                    word(xh, t, wl + S // 2))
                                 if wide:  # the signed low bytes
-                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), weight_bytes(w, task, wl),
-                                                                        word(xl, t, wl))
-                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(lh, tt), weight_bytes(w, task, wl + S // 2), word(xl, t, wl + S // 2))
-                            elif lut and TB > 1:  # the looked-up values (+ 128) against signed bytes
-                                hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), ex[T.ramp(wl * 64, 1, 64)],
-                                                                    word(xh, t, wl))
-                                hh[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hh, tt), ex[T.ramp((wl + 4) * 64, 1, 64)],
-                                                                    word(xh, t, wl + 4))
-                                if wide:
-                                    ll[T.ramp(tt * R16, 1, R16)] = dot4(lanes(ll, tt), ex[T.ramp(wl * 64, 1, 64)],
-                                                                        word(xl, t, wl))
-                                    lh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(lh, tt), ex[T.ramp((wl + 4) * 64, 1, 64)], word(xl, t, wl + 4))
-                            elif lut:  # the values of the low and high nibbles (+ 128) against signed bytes
-                                ch: T.let[T.int32] = (g * BPG + bb) * 4 + c
-                                hl[T.ramp(tt * R16, 1, R16)] = dot4(
-                                    lanes(hl, tt), values(nibbles(w, task, ch, False), 64), word(xh, t, wl))
-                                hh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                    lanes(hh, tt), values(nibbles(w, task, ch, True), 64), word(xh, t, wl + 4))
-                                if wide:
                                     ll[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(ll, tt), values(nibbles(w, task, ch, False), 64), word(xl, t, wl))
+                                        lanes(ll, tt), operand(w, ex, task, wl, False, TB), word(xl, t, wl))
                                     lh[T.ramp(tt * R16, 1, R16)] = dot4(
-                                        lanes(lh, tt), values(nibbles(w, task, ch, True), 64),
-                                        word(xl, t, wl + 4))
+                                        lanes(lh, tt), operand(w, ex, task, wl, True, TB), word(xl, t, wl + S // 2))
                             else:
                                 ch: T.let[T.int32] = (g * BPG + bb) * 4 + c  # 64-byte weight chunk
                                 hl[T.ramp(tt * R16, 1, R16)] = dot4(lanes(hl, tt), nibbles(w, task, ch, False),

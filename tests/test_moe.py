@@ -14,6 +14,8 @@ from ferrum.schedules.moe import (dispatch_ref, make_grouped_linear_cpu, make_mo
 from ferrum.schedules.quant_linear import QuantFormat
 from ferrum_compiler.quant import VALUE_TABLES, quantize_rtn
 
+from .test_quant_linear import R16_ISAS, _random_packed
+
 pytestmark = pytest.mark.kernel
 
 
@@ -66,7 +68,7 @@ def test_grouped_linear_matches_numpy(fmt, n, t, k, seed):
     tables (looked up with ``pshufb``) and 4-bit groups of 16 on x86 with AVX2."""
     import tvm
 
-    from ferrum.schedules.quant_linear import dequantize_ref, pack_int4
+    from ferrum.schedules.quant_linear import dequantize_ref
     from ferrum_runtime.artifact import host_cpu_flags
 
     experts, kdim = 6, 64
@@ -80,13 +82,9 @@ def test_grouped_linear_matches_numpy(fmt, n, t, k, seed):
     elif fmt.int_dot_only:
         if "avx2" not in host_cpu_flags():
             pytest.skip("this CPU has no AVX2")
-        groups = (experts * n, kdim // fmt.group_size)
-        packed = {"qweight": pack_int4(rng.integers(0, 16, (experts * n, kdim))),
-                  "scales": (rng.standard_normal(groups) * 0.1).astype(np.float16)}
-        if not fmt.sym:
-            packed["mins"] = rng.standard_normal(groups).astype(np.float32)
-        tensors = list(packed.values())
-        dense = dequantize_ref(fmt, packed["qweight"], packed["scales"], packed.get("mins")).astype(np.float32)
+        qw, sc, mn = _random_packed(rng, fmt, experts * n, kdim)
+        tensors = [qw, sc] + ([] if mn is None else [mn])
+        dense = dequantize_ref(fmt, qw, sc, mn).astype(np.float32)
     else:
         qt = quantize_rtn(w, fmt)
         packed = qt.pack()
@@ -122,9 +120,6 @@ def test_moe_ref_matches_a_direct_loop():
         np.testing.assert_allclose(out[i], expect, rtol=1e-10)
 
 
-# (ISA, LLVM CPU that enables it, host flag that runs it), as test_quant_linear's
-R16_ISAS = [("avx512_vnni", "znver4", "avx512_vnni"), ("avx2", "haswell", "avx2")]
-
 
 @pytest.mark.parametrize("isa,mcpu,flag", R16_ISAS, ids=[i[0] for i in R16_ISAS])
 @settings(max_examples=12, deadline=None)
@@ -141,7 +136,7 @@ def test_grouped_r16_matches_numpy(isa, mcpu, flag, fmt, t, k, act_bits, seed):
     import tvm
 
     from ferrum.schedules.quant_linear import (activation_error_bound, dequantize_ref, interleave_r16,
-                                               make_qlinear_r16_cpu, pack_int4)
+                                               make_qlinear_r16_cpu)
     from ferrum_runtime.artifact import host_cpu_flags
 
     if flag not in host_cpu_flags():
@@ -149,12 +144,8 @@ def test_grouped_r16_matches_numpy(isa, mcpu, flag, fmt, t, k, act_bits, seed):
     experts, n, kdim = 6, 32, 64
     k = min(k, experts)
     rng = np.random.default_rng(seed)
-    groups = (experts * n, kdim // fmt.group_size)
-    codes = rng.integers(0, 16, (experts * n, kdim)) if fmt.bits == 4 else rng.integers(-128, 128, (experts * n, kdim))
-    packed = {"qweight": pack_int4(codes) if fmt.bits == 4 else codes.astype(np.int8),
-              "scales": (rng.standard_normal(groups) * 0.1).astype(np.float16)}
-    if not fmt.sym:
-        packed["mins"] = rng.standard_normal(groups).astype(np.float32)
+    qw, sc, mn = _random_packed(rng, fmt, experts * n, kdim)
+    packed = {"qweight": qw, "scales": sc, **({} if mn is None else {"mins": mn})}
     r16 = interleave_r16(packed)
     x = rng.standard_normal((t, kdim)).astype(np.float32)
     _, ids, off, order = _route(rng.standard_normal((t, experts)).astype(np.float32), experts, k, False)
