@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting", type=int, default=256,
                    help="requests queued beyond --max-num-seqs before 429 + Retry-After (default: 256)")
     s.add_argument("--cors", action="store_true", help="send Access-Control-Allow-Origin: * (default: off)")
+    s.add_argument("--speculative-tokens", type=int, default=0, metavar="N", help=SPECULATIVE_HELP)
+    s.add_argument("--disable-thinking", action="store_true", help=THINKING_HELP + "; a request's "
+                   "chat_template_kwargs.enable_thinking overrides it")
 
     i = sub.add_parser("inspect", help="print an artifact's manifest and IR summary")
     i.add_argument("artifact")
@@ -80,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
+    r.add_argument("--speculative-tokens", type=int, default=0, metavar="N", help=SPECULATIVE_HELP)
+    r.add_argument("--disable-thinking", action="store_true", help=THINKING_HELP)
 
     def ints(text: str) -> list[int]:
         try:
@@ -200,6 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import ServeConfig, Server
 
     args.artifact = str(_artifact_path(args.artifact))
+    speculative = speculative_config(args.speculative_tokens)
     check_compatible(read_manifest(args.artifact))  # refuse a bad artifact before the port opens
     check_listen(args.host, args.port)  # and a port it cannot have, before the model loads
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -213,12 +219,32 @@ def _serve(args: argparse.Namespace) -> int:
     kv_bytes = None if args.kv_cache_memory is None else args.kv_cache_memory << 20
     engine = EngineConfig(kv_cache_bytes=kv_bytes, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=not args.no_prefix_caching, verify_hashes=False)
+                          enable_prefix_caching=not args.no_prefix_caching, verify_hashes=False,
+                          speculative=speculative)
     config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
-                         max_waiting=args.max_waiting, cors=args.cors, engine=engine)
+                         max_waiting=args.max_waiting, cors=args.cors, disable_thinking=args.disable_thinking,
+                         engine=engine)
     print(f"ferrum: serving {args.artifact} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     Server(args.artifact, config).run()
     return 0
+
+
+SPECULATIVE_HELP = ("speculative decoding: draft up to N tokens a step from earlier text of the prompt and "
+                    "answer that ends the same way (prompt lookup), verified in the same step: the same output, "
+                    "faster where answers repeat their context (code edits, quoting, extraction); 0: off (default)")
+MAX_SPECULATIVE_TOKENS = 16
+THINKING_HELP = ("answer without a reasoning block: enable_thinking=False for chat templates that read it "
+                 "(Qwen3); default: the template's own default")
+
+
+def speculative_config(n: int):
+    """``--speculative-tokens N`` as the engine's SpeculativeConfig (None: off)."""
+    from .speculative import SpeculativeConfig
+
+    if not 0 <= n <= MAX_SPECULATIVE_TOKENS:
+        raise FerrumError(f"--speculative-tokens {n}: pass 1-{MAX_SPECULATIVE_TOKENS} drafts a step (3-5 suit most "
+                          "text), or 0 to turn speculative decoding off")
+    return SpeculativeConfig(n) if n else None
 
 
 def check_listen(host: str, port: int) -> None:

@@ -3,8 +3,8 @@
 ``Engine.from_artifact(path)`` then ``async for delta in engine.generate(prompt, params)``, many
 requests at once. A background task wakes a worker thread that runs engine steps back to back while
 there is work; each step is the ordered list of actions in ``Engine.STEP`` (admit/abort → collect the
-step launched last time → schedule → launch the model → emit), so a new batching mode is a new action,
-not an edit to a loop. Launching returns as soon as the step is queued on the device and its tokens are
+step launched last time → propose drafts → schedule → launch the model → emit), so a new batching mode
+is a new action, not an edit to a loop. Launching returns as soon as the step is queued on the device and its tokens are
 collected at the start of the next engine step; on a GPU the text work of a step's tokens (detokenizing,
 stop strings, deltas) runs after the next launch, while the device computes (``OVERLAP_STEP``), on a CPU
 before it (``SERIAL_STEP``). The event loop (and a server on it) stays responsive and is not a hop
@@ -34,6 +34,7 @@ from .kv_cache import BlockManager
 from .model import CompiledModel, RaggedBatch, StepOutput
 from .sampler import SampleResult, SamplingParams, SequenceSampler, prompt_logprobs, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from .speculative import History, SpeculativeConfig, propose
 from .structured import Constraint, ConstraintError, StructuredOutput
 
 
@@ -66,6 +67,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str | None = None  # None: the device the artifact was compiled for
     verify_hashes: bool = True
+    speculative: SpeculativeConfig | None = None  # None: no drafts (speculative decoding off)
 
 
 @dataclass
@@ -107,6 +109,7 @@ class _Choice:
     # "on": every token is constrained
     gate: str = "on"
     ended: bool = False  # its last delta is queued (``finished`` comes first: at once, that one may wait for _emit)
+    history: History = field(default_factory=History)  # its tokens as an array, for the draft proposer
 
 
 @dataclass(eq=False)
@@ -140,6 +143,7 @@ class _Launched:
     rows: list[_Row]
     picked: list[int]  # rows whose token the device picked
     output: StepOutput
+    rewinds: dict = field(default_factory=dict)  # _Choice -> its generator's state before the step's draws
 
 
 class Engine:
@@ -147,8 +151,8 @@ class Engine:
     # before the previous step's tokens become text and deltas, so that work runs while the device
     # computes. On a CPU launching runs the step: the text work goes first, so that deltas do not wait
     # for the next step.
-    OVERLAP_STEP = ("_take_inbox", "_collect", "_schedule", "_launch", "_emit")
-    SERIAL_STEP = ("_take_inbox", "_collect", "_emit", "_schedule", "_launch")
+    OVERLAP_STEP = ("_take_inbox", "_collect", "_propose", "_schedule", "_launch", "_emit")
+    SERIAL_STEP = ("_take_inbox", "_collect", "_emit", "_propose", "_schedule", "_launch")
 
     def __init__(self, model: CompiledModel, tokenizer: TokenizerFiles | None, config: EngineConfig = EngineConfig()):
         self.model = model
@@ -173,7 +177,8 @@ class Engine:
         # this step's deltas (or a failed step's error) by event loop, delivered when the step ends
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta | StepFailed]]] = {}
         self._wakeup: asyncio.Event | None = None
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "computed_tokens": 0, "steps": 0, "aborted": 0,
+                         "drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}  # speculative decoding
         # wall seconds per step action, and within them the compiled model's: launching a step (on a CPU,
         # running it) in _launch, waiting for its results in _collect, and both (ferrum bench)
         self.seconds: dict[str, float] = dict.fromkeys((*self.OVERLAP_STEP, "model_launch", "model_wait", "model_call"),
@@ -371,10 +376,11 @@ class Engine:
 
     def _collect(self, state: dict) -> None:
         """The step launched last time: its tokens (picked on the device, or sampled here from its logits)
-        become the sequences' next tokens and the scheduler commits its KV rows. A token that ends its
-        choice by id (EOS, a stop token, max_tokens) retires it now, so the next step leaves it out; the
-        text of every token waits for ``_emit``. Rows of choices that ended meanwhile (an abort, a stop
-        string found by the last ``_emit``) are dropped."""
+        become the sequences' next tokens (a draft's row adds a token while the drafts before it were
+        kept) and the scheduler commits its KV rows. A token that ends its choice by id (EOS, a stop
+        token, max_tokens) retires it now, so the next step leaves it out; the text of every token waits
+        for ``_emit``. Rows of choices that ended meanwhile (an abort, a stop string found by the last
+        ``_emit``) are dropped."""
         state["emit"] = []
         launched, self._launched = self._launched, None
         if launched is None:
@@ -383,12 +389,31 @@ class Engine:
         ids, logits = launched.output.result()
         self._model_seconds("model_wait", t0)
         picked = {r: int(ids[r]) for r in launched.picked} if ids is not None else {}
-        sampled, scored = self._sample(launched.rows, picked, logits)
-        self.scheduler.commit(launched.chunks)
+        taken, scored = self._take(launched.rows, picked, logits)
+        self.scheduler.commit(launched.chunks)  # after the tokens are appended: it keeps the drafts they match
+        for ch, (rng_state, draws) in launched.rewinds.items():  # the device drew a uniform for every row
+            used = sum(1 for t in taken if t[1] is ch)
+            if used < draws:  # rows after a rejected draft: their draws are taken again by the next steps
+                ch.sampler.rng.bit_generator.state = rng_state
+                ch.sampler.rng.random(used)
         for req, ch in scored:  # max_tokens == 0: prompt scoring only
             self._finish(req, ch, "length")
-        for req, ch, res in sampled:
-            state["emit"].append((req, ch, res, self._accept(req, ch, res)))
+        for req, ch, res, end in taken:
+            if end is not None:
+                self._retire(ch)
+        state["emit"] = taken
+
+    def _propose(self, state: dict) -> None:
+        """Draft tokens for the decoding sequences (speculative decoding, when configured)."""
+        spec = self.config.speculative
+        if spec is None:
+            return
+        for seq in self.scheduler.running:
+            seq.draft_ids = []
+            req, ch = self._by_seq[seq]
+            if seq.num_computed != seq.num_tokens - 1 or not seq.output_ids or ch.matcher is not None:
+                continue  # not decoding yet, or constrained: its grammar would have to follow each draft
+            seq.draft_ids = propose(ch.history.of(seq), spec, req.params.max_tokens - len(seq.output_ids) - 1)
 
     def _schedule(self, state: dict) -> None:
         state["chunks"] = self.scheduler.schedule()
@@ -416,7 +441,8 @@ class Engine:
             req, ch = self._by_seq[seq]
             base = len(ids)
             end = c.start + c.length
-            ids.extend(seq.tokens_between(c.start, end))
+            ids.extend(seq.tokens_between(c.start, end - len(c.drafts)))
+            ids.extend(c.drafts)
             pos.extend(range(c.start, end))
             blocks = seq.blocks
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(c.start, end))
@@ -425,9 +451,12 @@ class Engine:
             if seq.needs_all_rows and c.start < len(seq.prompt_ids):
                 rows.extend(range(base, len(ids)))
                 row_owner.extend((c, "prompt", req, ch) for _ in range(c.length))
-            elif c.samples:
-                rows.append(len(ids) - 1)
-                row_owner.append((c, "sample", req, ch))
+            elif c.samples:  # the last token's row, then each draft's
+                rows.extend(range(len(ids) - 1 - len(c.drafts), len(ids)))
+                row_owner.extend((c, "sample", req, ch) for _ in range(len(c.drafts) + 1))
+            if c.drafts:
+                self.counters["drafts"] += 1
+                self.counters["draft_tokens"] += len(c.drafts)
         if not rows:  # every chunk is a partial prefill: the call only fills the cache
             rows = [0]
         width = max(len(t) for t in tables)
@@ -442,14 +471,15 @@ class Engine:
         # request's tokens do not depend on what it is batched with.
         picked = [r for r, (_, kind, req, ch) in enumerate(row_owner)
                   if kind == "sample" and self._picked_on_device(req, ch)]
+        rewinds: dict = {}
+        sampling = self._device_sampling(row_owner, picked, rewinds) if picked else None
         t0 = time.perf_counter()
         if picked:
-            output = self.model.launch(batch, True, self._device_sampling(row_owner, picked),
-                                       len(picked) < len(row_owner), check=False)
+            output = self.model.launch(batch, True, sampling, len(picked) < len(row_owner), check=False)
         else:
             output = self.model.launch(batch, False, check=False)
         self._model_seconds("model_launch", t0)
-        self._launched = _Launched(chunks, row_owner, picked, output)
+        self._launched = _Launched(chunks, row_owner, picked, output, rewinds)
         self.counters["computed_tokens"] += len(ids)
         self.counters["steps"] += 1
 
@@ -460,8 +490,15 @@ class Engine:
 
     def _emit(self, state: dict) -> None:
         """The collected tokens' text and deltas, handed to the event loops at once."""
-        for req, ch, res, end in state.get("emit", ()):
-            self._emit_token(req, ch, res, end)
+        taken = state.get("emit", ())
+        later: dict[_Choice, int] = {}  # per choice, its tokens after this one in the step (kept drafts)
+        after = []
+        for _, ch, _, _ in reversed(taken):
+            after.append(later.get(ch, 0))
+            later[ch] = after[-1] + 1
+        for (req, ch, res, end), n in zip(taken, reversed(after)):
+            if not ch.ended:  # else a stop string ended it at an earlier token of this step
+                self._emit_token(req, ch, res, end, n)
         self._deliver()
 
     def _picked_on_device(self, req: _Request, ch: _Choice) -> bool:
@@ -470,9 +507,11 @@ class Engine:
             return False
         return self.model.has_device_argmax if params.greedy else self.model.has_device_sampler
 
-    def _device_sampling(self, row_owner: list[_Row], picked: list[int]):
+    def _device_sampling(self, row_owner: list[_Row], picked: list[int], rewinds: dict):
         """None when every picked row is greedy (the argmax does); else ``(params [L, 4], uniform [L])`` for
-        the device sampler, one draw from each sampled sequence's generator as the host sampler takes."""
+        the device sampler, one draw from each sampled sequence's generator as the host sampler takes. A
+        choice with drafts draws for each of its rows; ``rewinds`` keeps its generator's state before them
+        (``_collect`` gives back the draws of the rows after a rejected draft)."""
         if all(row_owner[r][2].params.greedy for r in picked):
             return None
         params = np.zeros((len(row_owner), 4), np.float32)  # other rows: greedy, their result unused
@@ -483,27 +522,30 @@ class Engine:
             p = req.params
             if not p.greedy:
                 params[r] = (p.temperature, p.top_k, p.top_p, p.min_p)
+                if ch not in rewinds and row_owner[r][0].drafts:
+                    rewinds[ch] = [ch.sampler.rng.bit_generator.state, 0]
+                if ch in rewinds:
+                    rewinds[ch][1] += 1
                 uniform[r] = ch.sampler.rng.random()
         return params, uniform
 
-    def _sample(self, row_owner: list[_Row], picked: dict[int, int], logits: np.ndarray | None):
-        """The step's next tokens ``[(request, choice, result)]``, picked on the device or sampled from the
-        logits, and the prompt-scoring choices (max_tokens 0) whose prompt is done; prompt logprobs are
-        added to their requests."""
-        to_sample: list[tuple[int, _Request, _Choice]] = []
+    def _take(self, row_owner: list[_Row], picked: dict[int, int], logits: np.ndarray | None):
+        """The step's tokens ``[(request, choice, result, end)]`` in order, appended to their choices (see
+        ``_accept``), picked on the device or sampled from the logits, and the prompt-scoring choices
+        (max_tokens 0) whose prompt is done; prompt logprobs are added to their requests. A choice with
+        drafts takes its rows in turn: row j + 1 only if row j's token is draft j, and sampled only then,
+        so a choice draws (and its penalties count) exactly the tokens it outputs."""
+        chains: dict[_Choice, tuple[ScheduledChunk, _Request, list[int]]] = {}  # its rows: next token, drafts'
         prompt_rows: dict[ScheduledChunk, list[int]] = {}
-        sampled: list[tuple[_Request, _Choice, SampleResult]] = []
         for r, (c, kind, req, ch) in enumerate(row_owner):
             if ch.finished:
                 continue  # ended while the step ran: its row is dropped
-            if r in picked:  # chosen on the device
-                sampled.append((req, ch, SampleResult(picked[r], float("nan"), [])))
-            elif kind == "prompt":
+            if kind == "prompt":
                 prompt_rows.setdefault(c, []).append(r)
                 if c.samples and len(prompt_rows[c]) == c.length:
-                    to_sample.append((r, req, ch))
+                    chains[ch] = (c, req, [r])
             else:
-                to_sample.append((r, req, ch))
+                chains.setdefault(ch, (c, req, []))[2].append(r)
         for c, rs in prompt_rows.items():  # prompt logprobs of the tokens after each computed row
             req = row_owner[rs[0]][2]
             if len(req.prompt_logprobs) != (c.start + 1 if c.start else 0):
@@ -512,14 +554,29 @@ class Engine:
             assert logits is not None
             got = prompt_logprobs(logits[rs], span, req.params.prompt_logprobs or 0)
             req.prompt_logprobs.extend(got if c.start == 0 else got[1:])
-        wanted = [(r, req, ch) for r, req, ch in to_sample if req.params.max_tokens > 0]
-        if wanted:
-            assert logits is not None
-            rows = logits[[r for r, _, _ in wanted]]
-            self._mask(rows, [(req, ch) for _, req, ch in wanted])
-            results = sample(rows, [ch.sampler for _, _, ch in wanted])
-            sampled.extend((req, ch, res) for (_, req, ch), res in zip(wanted, results))
-        return sampled, [(req, ch) for _, req, ch in to_sample if req.params.max_tokens == 0]
+        scored = [(req, ch) for ch, (_, req, _) in chains.items() if req.params.max_tokens == 0]
+        live = [ch for ch, (_, req, _) in chains.items() if req.params.max_tokens > 0]
+        taken: list[tuple[_Request, _Choice, SampleResult, str | None]] = []
+        j = 0
+        while live:
+            wanted = [(chains[ch][2][j], chains[ch][1], ch) for ch in live if chains[ch][2][j] not in picked]
+            results: dict[_Choice, SampleResult] = {}
+            if wanted:
+                assert logits is not None
+                rows = logits[[r for r, _, _ in wanted]]
+                self._mask(rows, [(req, ch) for _, req, ch in wanted])
+                results = dict(zip((ch for _, _, ch in wanted), sample(rows, [ch.sampler for _, _, ch in wanted])))
+            kept = []
+            for ch in live:
+                c, req, rs = chains[ch]
+                res = results[ch] if ch in results else SampleResult(picked[rs[j]], float("nan"), [])
+                end = self._accept(req, ch, res)
+                taken.append((req, ch, res, end))
+                if end is None and j < len(c.drafts) and res.token_id == c.drafts[j]:
+                    kept.append(ch)
+                    self.counters["accepted_tokens"] += 1
+            live, j = kept, j + 1
+        return taken, scored
 
     def _mask(self, rows: np.ndarray, owners: list[tuple[_Request, _Choice]]) -> None:
         """Constrained rows keep only the tokens their grammar allows next (plus an opening think tag)."""
@@ -531,7 +588,7 @@ class Engine:
     # ------------------------------------------------------------------ helpers
     def _accept(self, req: _Request, ch: _Choice, res: SampleResult) -> str | None:
         """Append a sampled token to its choice; "stop" (EOS or a stop token id: not output) or "length"
-        (max_tokens reached) retires the choice at once, else None."""
+        (max_tokens reached) when it ends the choice (``_collect`` retires it), else None."""
         params = req.params
         tok = res.token_id
         if ch.matcher is not None:
@@ -544,13 +601,12 @@ class Engine:
             end = "stop"
         elif len(ch.seq.output_ids) >= params.max_tokens:
             end = "length"
-        if end is not None:
-            self._retire(ch)
         return end
 
-    def _emit_token(self, req: _Request, ch: _Choice, res: SampleResult, end: str | None) -> None:
+    def _emit_token(self, req: _Request, ch: _Choice, res: SampleResult, end: str | None, later: int = 0) -> None:
         """A collected token's delta: its text, held back while it may start a stop string; a stop string it
-        completes ends the choice (its row in the step now running is dropped)."""
+        completes ends the choice (its row in the step now running is dropped, and the ``later`` tokens
+        this step added after it are taken back)."""
         tok = res.token_id
         logprobs = [res] if req.params.logprobs is not None else None
         if end == "stop":  # the stop token itself is not output
@@ -560,6 +616,9 @@ class Engine:
         if hit:
             if not ch.finished:
                 self._retire(ch)
+            if later:
+                del ch.seq.output_ids[-later:]
+                self.counters["generation_tokens"] -= later
             self._end(req, ch, "stop", safe, [tok], logprobs)
         elif end == "length":
             self._end(req, ch, "length", safe + self._drain(ch), [tok], logprobs)

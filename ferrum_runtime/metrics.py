@@ -31,7 +31,12 @@ class _EngineCollector:
             yield g
         for name, doc, value in (("prefix_cache_queries", "Prefix cache lookups.", s["prefix_queries"]),
                                  ("prefix_cache_hits", "Prefix cache lookups that reused blocks.", s["prefix_hits"]),
-                                 ("num_preemptions", "Sequences preempted for lack of KV blocks.", s["preemptions"])):
+                                 ("num_preemptions", "Sequences preempted for lack of KV blocks.", s["preemptions"]),
+                                 ("spec_decode_num_drafts", "Decode steps of a sequence that carried drafts.",
+                                  s["drafts"]),
+                                 ("spec_decode_num_draft_tokens", "Draft tokens verified.", s["draft_tokens"]),
+                                 ("spec_decode_num_accepted_tokens", "Draft tokens that became output.",
+                                  s["accepted_tokens"])):
             c = CounterMetricFamily(f"ferrum:{name}", doc, labels=["model_name"])
             c.add_metric([model], value)
             yield c

@@ -11,6 +11,7 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .engine import Engine, EngineConfig
 from .sampler import SamplingParams
@@ -28,6 +29,7 @@ async def _answer(engine: Engine, prompt_ids: list[int], params: SamplingParams,
     t0 = time.perf_counter()
     first = None
     n_out = 0
+    drafted, kept = engine.counters["draft_tokens"], engine.counters["accepted_tokens"]
     async for delta in engine.generate(prompt_ids, params):
         if first is None:
             first = time.perf_counter()
@@ -44,14 +46,25 @@ async def _answer(engine: Engine, prompt_ids: list[int], params: SamplingParams,
     prefill = (first or end) - t0
     decode = end - (first or end)
     print(f"[prompt {len(prompt_ids)} tok, {len(prompt_ids) / max(prefill, 1e-9):.1f} tok/s; generated {n_out} tok, "
-          f"{max(n_out - 1, 0) / max(decode, 1e-9):.1f} tok/s]", file=sys.stderr)
+          f"{max(n_out - 1, 0) / max(decode, 1e-9):.1f} tok/s" + _drafts(engine, drafted, kept) + "]", file=sys.stderr)
     return "".join(content)
+
+
+def _drafts(engine: Engine, drafted: int, kept: int) -> str:
+    """``; drafts kept K of D`` since the counters read ``drafted`` and ``kept`` (speculative decoding)."""
+    if engine.config.speculative is None:
+        return ""
+    return (f"; drafts kept {engine.counters['accepted_tokens'] - kept} of "
+            f"{engine.counters['draft_tokens'] - drafted}")
 
 
 def run_cli(args) -> int:
     artifact = Path(args.artifact)
     t0 = time.perf_counter()
-    engine = Engine.from_artifact(artifact, EngineConfig(max_num_seqs=4))
+    from .cli import speculative_config
+
+    spec = speculative_config(args.speculative_tokens)
+    engine = Engine.from_artifact(artifact, EngineConfig(max_num_seqs=4, speculative=spec))
     print(f"loaded {artifact} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     tok = engine.tokenizer
     if tok is None:
@@ -61,7 +74,8 @@ def run_cli(args) -> int:
     loop = asyncio.new_event_loop()
 
     def answer(messages: list[dict]) -> str:
-        text = messages[-1]["content"] if args.raw or not tok.chat_template else tok.render_chat(messages)
+        thinking: dict[str, Any] = {"enable_thinking": False} if args.disable_thinking else {}
+        text = messages[-1]["content"] if args.raw or not tok.chat_template else tok.render_chat(messages, **thinking)
         ids = tok.encode(text)
         engine.check(ids, params)
         task = loop.create_task(_answer(engine, ids, params, reasoning))

@@ -7,6 +7,10 @@ behind it, so nobody starves), reusing cached prefix blocks, while the budget, t
 limit and the free blocks allow. When a running sequence needs a block and none is free, the newest
 running sequence is preempted: its blocks are freed and it goes back to the queue to be recomputed
 later (its tokens so far become its prompt), which yields the same output.
+
+A decoding sequence may carry draft tokens (speculative decoding, ``speculative.py``): they ride along
+with its next token when the budget and the free blocks allow (never at the price of a preemption),
+and after the step only the drafts that became output count as computed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_preemptions: int = 0
     arrival: int = -1  # set when the scheduler first sees it; FCFS order
+    draft_ids: list[int] = field(default_factory=list)  # proposed for the next step (speculative decoding)
 
     @property
     def tokens(self) -> list[int]:
@@ -65,12 +70,14 @@ class Sequence:
 class ScheduledChunk:
     seq: Sequence
     start: int  # first position computed in this step
-    length: int  # tokens computed in this step
+    length: int  # tokens computed in this step, drafts included
+    drafts: tuple[int, ...] = ()  # draft tokens after the sequence's last one: its last len(drafts) positions
 
     @property
     def samples(self) -> bool:
-        """Whether this chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.start + self.length == self.seq.num_tokens
+        """Whether this chunk reaches the sequence's last token, so its logits give the next token (and
+        each draft's row the token after it)."""
+        return self.start + self.length - len(self.drafts) == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
@@ -130,16 +137,28 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, seq.num_computed, n))
             budget -= n
+        # drafts last: with the budget admissions left, and blocks nobody else needed this step
+        for i, c in enumerate(chunks):
+            drafts = self._drafts(c, budget)
+            if drafts:
+                chunks[i] = ScheduledChunk(c.seq, c.start, c.length + len(drafts), drafts)
+                budget -= len(drafts)
         return chunks
 
     def commit(self, chunks: list[ScheduledChunk]) -> None:
-        """After the forward call: the chunks' K/V are in the cache; full blocks become reusable."""
+        """After the forward call, once its tokens are appended: the chunks' K/V are in the cache, a
+        draft's only if it and the drafts before it became output; full blocks become reusable."""
         bs = self.blocks.block_size
         for c in chunks:
             seq = c.seq
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            seq.num_computed = c.start + c.length
+            real = c.start + c.length - len(c.drafts)  # the first draft's position
+            kept = 0
+            while kept < len(c.drafts) and real + kept < seq.num_tokens and \
+                    seq.tokens_between(real + kept, real + kept + 1)[0] == c.drafts[kept]:
+                kept += 1
+            seq.num_computed = real + kept
             while (len(seq.block_hashes) + 1) * bs <= seq.num_computed:
                 j = len(seq.block_hashes)
                 h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None,
@@ -159,6 +178,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._drop_blocks(seq)
+        seq.draft_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue(seq)
@@ -171,6 +191,17 @@ class Scheduler:
     def _drop_blocks(self, seq: Sequence) -> None:
         self.blocks.release_all(seq.blocks)
         seq.blocks, seq.block_hashes, seq.num_computed = [], [], 0
+
+    def _drafts(self, c: ScheduledChunk, budget: int) -> tuple[int, ...]:
+        """The drafts that may ride with chunk ``c`` if it is a decode (its sequence's last token): as many
+        as ``budget`` and the free blocks allow."""
+        seq = c.seq
+        if not seq.draft_ids or seq.status is not SeqStatus.RUNNING or c.length != 1 or not c.samples:
+            return ()
+        d = min(len(seq.draft_ids), budget)
+        while d and not self._reserve(seq, seq.num_tokens + d):
+            d -= 1
+        return tuple(seq.draft_ids[:d])
 
     def _reserve(self, seq: Sequence, upto: int) -> bool:
         """Give ``seq`` blocks for positions ``< upto``; False (and nothing taken) if too few are free."""

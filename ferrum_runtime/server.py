@@ -42,6 +42,7 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     max_waiting: int = 256  # requests queued beyond max_num_seqs; more get 429
     cors: bool = False
+    disable_thinking: bool = False  # enable_thinking=False for templates that read it, unless a request sets it
     engine: EngineConfig = EngineConfig()
 
 
@@ -127,7 +128,7 @@ class Server:
                 chat = proto.parse_chat_request({"model": self.model_name, **body}, vocab_size=engine.model.vocab_size,
                                                 max_model_len=engine.capacity)
                 text = tok.render_chat(chat.messages, add_generation_prompt=chat.add_generation_prompt,
-                                       **chat.chat_template_kwargs)
+                                       **self._template_kwargs(chat.chat_template_kwargs))
             elif isinstance(body.get("prompt"), str):
                 text = body["prompt"]
             else:
@@ -178,6 +179,10 @@ class Server:
         self.app.run(host=self.config.host, port=self.config.port, single_process=True, access_log=False, motd=False)
 
     # ------------------------------------------------------------------ helpers
+    def _template_kwargs(self, asked: dict) -> dict:
+        """A request's template variables over the server's defaults (``--disable-thinking``)."""
+        return {"enable_thinking": False, **asked} if self.config.disable_thinking else asked
+
     def _ready(self) -> Engine:
         if self.engine is None:
             raise APIError(503, "the model is still loading" if not self.load_error else self.load_error,
@@ -248,7 +253,7 @@ class Server:
             if calling and req.tools:
                 messages = [{"role": "system", "content": tools_system_prompt(req.tools)}] + messages
         text = tok.render_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=req.tools,
-                               **req.chat_template_kwargs)
+                               **self._template_kwargs(req.chat_template_kwargs))
         ids = tok.encode(text)
         params = req.params_for(len(ids))
         engine.check(ids, params)

@@ -122,6 +122,19 @@ def smollm2_artifact(compiled):
     return compiled("smollm2")
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir, compiled):
+    """A tiny random Qwen3 compiled for the CPU (the engine tests' model)."""
+    return compiled(tiny_model_dir("qwen3"))
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    """Prompts of 1-60 random token ids for ``tiny``."""
+    rng = np.random.default_rng(11)
+    return [[int(t) for t in rng.integers(0, 256, n)] for n in (3, 40, 17, 9, 60, 25, 1, 33)]
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)

@@ -70,17 +70,6 @@ def run(engine, *jobs):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir, compiled):
-    return compiled(tiny_model_dir("qwen3"))
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    rng = np.random.default_rng(11)
-    return [[int(t) for t in rng.integers(0, 256, n)] for n in (3, 40, 17, 9, 60, 25, 1, 33)]
-
-
-@pytest.fixture(scope="module")
 def alone(tiny, prompts):
     return [run(make_engine(tiny), (p, GREEDY))[0][0]["ids"] for p in prompts]
 

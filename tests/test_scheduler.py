@@ -4,6 +4,8 @@ The fake model keeps a fake paged KV cache that stores token ids: each step writ
 tokens into the slots their block tables give, and "predicts" the next token from what it reads back
 through the block table. Outputs are therefore right only if block tables, prefix reuse, preemption
 and chunking are right; the reference is the same function applied to the plain token history.
+Draft tokens (speculative decoding) are written and predicted from like any other: a rejected draft
+the scheduler counted as computed would be read back by a later step and change its output.
 """
 
 from __future__ import annotations
@@ -43,20 +45,27 @@ class FakeRunner:
         for c in chunks:
             seq = c.seq
             assert len(seq.blocks) * self.bs >= c.start + c.length
-            for p in range(c.start, c.start + c.length):
-                self.cache[seq.blocks[p // self.bs], p % self.bs] = seq.tokens[p]
+            real = c.start + c.length - len(c.drafts)  # drafts ride only with a decode: one real token
+            assert not c.drafts or (real - c.start == 1 and real == seq.num_tokens)
+            for p, t in zip(range(c.start, c.start + c.length), seq.tokens_between(c.start, real) + list(c.drafts)):
+                self.cache[seq.blocks[p // self.bs], p % self.bs] = t
             self.tokens_computed += c.length
-            if c.samples:
-                last = c.start + c.length - 1
-                seen = [int(self.cache[seq.blocks[p // self.bs], p % self.bs]) for p in range(last + 1)]
-                sampled.append((seq, next_token(seen)))
-        sched.commit(chunks)
+            if c.samples:  # a row for the last token, then one per draft
+                seen = [int(self.cache[seq.blocks[p // self.bs], p % self.bs]) for p in range(c.start + c.length)]
+                sampled.append((c, [next_token(seen[:p + 1]) for p in range(real - 1, c.start + c.length)]))
         finished = []
-        for seq, tok in sampled:
-            seq.output_ids.append(tok)
-            if len(seq.output_ids) >= max_tokens[seq.seq_id]:
-                sched.finish(seq)
-                finished.append(seq)
+        for c, tokens in sampled:  # as the engine: row j + 1 counts while row j's token is draft j
+            seq = c.seq
+            for j, tok in enumerate(tokens):
+                seq.output_ids.append(tok)
+                if len(seq.output_ids) >= max_tokens[seq.seq_id]:
+                    finished.append(seq)
+                    break
+                if j == len(c.drafts) or tok != c.drafts[j]:
+                    break
+        sched.commit(chunks)  # after the tokens are appended, as the engine does
+        for seq in finished:
+            sched.finish(seq)
         return finished
 
 
@@ -134,6 +143,67 @@ def test_cancel_frees_blocks_at_once():
     blocks.check_invariants()
 
 
+def test_drafts_that_match_save_steps_and_keep_outputs():
+    """Right drafts: the same outputs in fewer steps; the tokens a step computes include its drafts."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    limits = {"r0": 13, "r1": 9}
+
+    def run(k):
+        blocks = BlockManager(16, 4)
+        sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16), blocks)
+        runner = FakeRunner(blocks)
+        seqs = [Sequence(f"r{i}", list(p)) for i, p in enumerate(prompts)]
+        for s in seqs:
+            sched.add(s)
+        steps = 0
+        while sched.has_work:
+            for s in sched.running:
+                if s.output_ids and s.num_computed == s.num_tokens - 1:
+                    room = limits[s.seq_id] - len(s.output_ids) - 1
+                    s.draft_ids = reference(s.prompt_ids, limits[s.seq_id])[len(s.output_ids):][:min(k, room)]
+            runner.step(sched, limits)
+            blocks.check_invariants()
+            steps += 1
+        assert blocks.num_free == 16
+        return [s.output_ids for s in seqs], steps
+
+    plain, plain_steps = run(0)
+    assert plain == [reference(p, limits[f"r{i}"]) for i, p in enumerate(prompts)]
+    drafted, steps = run(3)
+    assert drafted == plain
+    assert steps == 1 + -(-(13 - 1) // 4)  # the prefill, then 4 tokens a step (3 drafts + 1)
+    assert plain_steps == 13
+
+
+def test_drafts_never_cost_a_preemption():
+    """Drafts take the budget admissions leave and blocks nobody else needs; a full cache drops them."""
+    blocks = BlockManager(2, 4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8), blocks)
+    a, b = Sequence("a", [1, 2, 3]), Sequence("b", [4, 5, 6])
+    sched.add(a)
+    sched.add(b)
+    sched.schedule()
+    a.output_ids.append(7)
+    b.output_ids.append(8)
+    sched.commit([])
+    a.num_computed = b.num_computed = 3  # both decode position 3, the last of their one block
+    a.draft_ids = [9, 9, 9]
+    chunks = sched.schedule()
+    assert [(c.seq.seq_id, c.length, c.drafts) for c in chunks] == [("a", 1, ()), ("b", 1, ())]
+    assert sched.num_preemptions == 0 and blocks.num_free == 0
+    blocks2 = BlockManager(4, 4)
+    sched2 = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=3), blocks2)
+    c = Sequence("c", [1, 2, 3])
+    sched2.add(c)
+    sched2.commit(sched2.schedule())  # its prompt
+    c.output_ids.append(5)  # decode next
+    c.draft_ids = [6, 7, 8, 9]
+    late = Sequence("late", [1])
+    sched2.add(late)
+    chunks = sched2.schedule()  # budget 3: c's token, late's prompt, then one draft
+    assert [(x.seq.seq_id, x.length, x.drafts) for x in chunks] == [("c", 2, (6,)), ("late", 1, ())]
+
+
 @given(st.integers(0, 6), st.integers(0, 6), st.data())
 def test_tokens_between_is_the_slice_of_tokens(n_prompt, n_out, data):
     seq = Sequence("r", list(range(100, 100 + n_prompt)), output_ids=list(range(200, 200 + n_out)))
@@ -171,6 +241,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         for seq in self.runner.step(self.sched, self.limits):
             self.live.remove(seq)
             self.done.append(seq)
+
+    @precondition(lambda self: self.sched.running)
+    @rule(data=st.data())
+    def propose(self, data):
+        """Drafts for the decoding sequences: their true continuation, some tokens changed."""
+        for seq in self.sched.running:
+            if seq.num_computed != seq.num_tokens - 1 or not seq.output_ids:
+                continue
+            room = self.limits[seq.seq_id] - len(seq.output_ids) - 1
+            truth = reference(seq.prompt_ids, self.limits[seq.seq_id])[len(seq.output_ids):][:max(room, 0)]
+            wrong = data.draw(st.lists(st.booleans(), min_size=len(truth), max_size=len(truth)))
+            seq.draft_ids = [(t + 1) % VOCAB if w else t for t, w in zip(truth, wrong)]
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())

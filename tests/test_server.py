@@ -240,6 +240,7 @@ def test_metrics_names(server):
     for name in ("ferrum:num_requests_running", "ferrum:num_requests_waiting", "ferrum:kv_cache_usage_perc",
                  "ferrum:prompt_tokens_total", "ferrum:generation_tokens_total", "ferrum:prefix_cache_queries_total",
                  "ferrum:prefix_cache_hits_total", "ferrum:num_preemptions_total",
+                 "ferrum:spec_decode_num_draft_tokens_total", "ferrum:spec_decode_num_accepted_tokens_total",
                  "ferrum:time_to_first_token_seconds_bucket", "ferrum:inter_token_latency_seconds_bucket",
                  "ferrum:e2e_request_latency_seconds_bucket", "ferrum:request_queue_time_seconds_bucket"):
         assert name in text, name

@@ -251,6 +251,32 @@ def test_enable_thinking_false_answers_directly(think_client):
     assert msg.content.strip() == "Paris" and "reasoning_content" not in (msg.model_extra or {})
 
 
+@pytest.fixture(scope="module")
+def no_think_client(thinker):
+    import openai
+
+    with running_server(thinker, "--disable-thinking", "--speculative-tokens", "3") as base:
+        yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+
+
+def test_disable_thinking_is_the_servers_default_and_a_request_overrides_it(no_think_client, think_client):
+    """``--disable-thinking``: enable_thinking=False unless the request sets it (that server also drafts
+    tokens: the same answers, streamed or not)."""
+    _base, client = no_think_client
+    r = client.chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0)
+    assert r.choices[0].message.content.strip() == "Paris"
+    assert "reasoning_content" not in (r.choices[0].message.model_extra or {})
+    on = {"chat_template_kwargs": {"enable_thinking": True}}
+    r = client.chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0, extra_body=on)
+    plain = think_client[1].chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0)
+    assert r.choices[0].message.model_extra["reasoning_content"] == "Let"
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert r.usage.completion_tokens == plain.usage.completion_tokens
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=Q, max_tokens=20, temperature=0, stream=True) if c.choices)
+    assert streamed.strip() == "Paris"
+
+
 def test_constraint_applies_after_the_thinking_block(think_client):
     """json_object: the reasoning is free ('Let' is not JSON), the answer after </think> is constrained
     ('\\n\\n' is masked, so the chain's second choice '{' and then '}' follow)."""
