@@ -86,6 +86,9 @@ TASKS = {
 }
 
 
+CONCURRENCY = (4, 16)  # ferrum also serves these many requests at once (llama-cpp-python runs one at a time)
+
+
 def gguf_path(given: str | None) -> str:
     if given:
         return given
@@ -122,9 +125,24 @@ def measure_ferrum(artifact: str, k: int, max_tokens: int) -> dict:
         c = {key: engine.counters[key] - c0[key] for key in ("steps", "draft_tokens", "accepted_tokens")}
         return {"ids": out, "tokens": len(out), "decode_s": end - (first or end), **c}
 
+    async def concurrent(n: int) -> dict:
+        """n requests at once, the tasks in turn, 128 tokens each: output tok/s over the whole batch."""
+        texts = list(TASKS.values())
+        prompts = [tok.encode(tok.render_chat([{"role": "user", "content": texts[i % len(texts)]}]))
+                   for i in range(n)]
+        fixed = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+
+        async def count(ids: list[int]) -> int:
+            return sum([len(d.token_ids) async for d in engine.generate(ids, fixed)])
+
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*(count(p) for p in prompts))
+        return {"tokens": sum(done), "seconds": time.perf_counter() - t0}
+
     async def all_tasks() -> dict:
         await one("Hello")  # warm-up
-        return {name: await one(text) for name, text in TASKS.items()}
+        res = {name: await one(text) for name, text in TASKS.items()}
+        return {**res, **{f"concurrency-{n}": await concurrent(n) for n in CONCURRENCY}}
 
     res = asyncio.run(all_tasks())
     asyncio.run(engine.close())
@@ -170,7 +188,7 @@ def child(args) -> None:
         res = measure_ferrum(args.artifact, args.k, args.max_tokens)
     else:
         res = measure_llama_cpp(gguf_path(args.gguf), args.k, args.max_tokens, args.threads)
-    print("RESULT " + json.dumps(res))
+    print("RESULT " + json.dumps(res))  # ferrum's: the tasks, then concurrency-N
 
 
 # ------------------------------------------------------------------------------------------- the comparison
@@ -217,7 +235,9 @@ def main() -> None:
                 raw.setdefault(f"{engine} k={k}", []).append(json.loads(line[7:]))
                 got = raw[f"{engine} k={k}"][-1]
                 print(f"round {r + 1}/{args.rounds} {engine} k={k}: " +
-                      ", ".join(f"{t} {tok_s(v):.0f}" for t, v in got.items()), file=sys.stderr, flush=True)
+                      ", ".join([f"{t} {tok_s(got[t]):.0f}" for t in TASKS] + [
+                          f"{t} {v['tokens'] / v['seconds']:.0f}" for t, v in got.items() if t not in TASKS]),
+                      file=sys.stderr, flush=True)
     write(args, ks, engines, raw)
 
 
@@ -264,6 +284,17 @@ def write(args, ks: list[int], engines: list[str], raw: dict) -> None:
                 cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     tokens = {t: raw["ferrum k=0"][0][t]["tokens"] for t in TASKS} if "ferrum k=0" in raw else {}
+    conc = [f"concurrency-{n}" for n in CONCURRENCY]
+    if any(c in runs[0] for runs in raw.values() for c in conc):
+        lines += ["", "ferrum serving several requests at once (the tasks in turn, 128 tokens each, EOS ignored): "
+                  "output tok/s of the whole batch (x ratio to k=0). Drafts are proposed only to sequences whose "
+                  "kept share pays at the batch's size (`speculative.worth_drafting`).", "",
+                  "| requests | " + " | ".join(f"ferrum k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for c in conc:
+            got = {k: statistics.median(run[c]["tokens"] / run[c]["seconds"] for run in raw[f"ferrum k={k}"])
+                   for k in ks if f"ferrum k={k}" in raw}
+            lines.append(f"| {c.split('-')[1]} | " + " | ".join(
+                f"{got[k]:.1f}" + (f" (x{got[k] / got[0]:.2f})" if k and 0 in got else "") for k in got) + " |")
     lines += ["", f"ferrum's output tokens per task: {json.dumps(tokens)}; with drafts the same tokens as without: "
               f"{'yes, every task and round' if same else 'NO'}."]
     (OUT / "raw").mkdir(parents=True, exist_ok=True)

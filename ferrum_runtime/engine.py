@@ -34,7 +34,7 @@ from .kv_cache import BlockManager
 from .model import CompiledModel, RaggedBatch, StepOutput
 from .sampler import SampleResult, SamplingParams, SequenceSampler, prompt_logprobs, sample
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
-from .speculative import History, SpeculativeConfig, propose
+from .speculative import FIXED_COST, KEEP, PRIOR, History, SpeculativeConfig, propose, worth_drafting
 from .structured import Constraint, ConstraintError, StructuredOutput
 
 
@@ -110,6 +110,7 @@ class _Choice:
     gate: str = "on"
     ended: bool = False  # its last delta is queued (``finished`` comes first: at once, that one may wait for _emit)
     history: History = field(default_factory=History)  # its tokens as an array, for the draft proposer
+    kept: float = PRIOR  # estimated share of its drafts that become output
 
 
 @dataclass(eq=False)
@@ -408,11 +409,18 @@ class Engine:
         spec = self.config.speculative
         if spec is None:
             return
+        decoding = [seq for seq in self.scheduler.running if seq.num_computed == seq.num_tokens - 1]
+        device = self.model.manifest.target["device"]
+        fixed = spec.fixed_cost if spec.fixed_cost is not None else FIXED_COST["cpu" if device == "cpu" else "gpu"]
         for seq in self.scheduler.running:
             seq.draft_ids = []
+        for seq in decoding:
             req, ch = self._by_seq[seq]
-            if seq.num_computed != seq.num_tokens - 1 or not seq.output_ids or ch.matcher is not None:
-                continue  # not decoding yet, or constrained: its grammar would have to follow each draft
+            if not seq.output_ids:
+                continue  # its prompt's last token (after a prefix hit or a chunked prefill): no drafts yet
+            if not worth_drafting(ch.kept, len(decoding), fixed):
+                ch.kept += 0.1 * (PRIOR - ch.kept)  # drifts back, so it is tried again some steps later
+                continue
             seq.draft_ids = propose(ch.history.of(seq), spec, req.params.max_tokens - len(seq.output_ids) - 1)
 
     def _schedule(self, state: dict) -> None:
@@ -575,6 +583,8 @@ class Engine:
                 if end is None and j < len(c.drafts) and res.token_id == c.drafts[j]:
                     kept.append(ch)
                     self.counters["accepted_tokens"] += 1
+                elif c.drafts:  # the chain ends: j of its drafts kept
+                    ch.kept = KEEP * ch.kept + (1 - KEEP) * j / len(c.drafts)
             live, j = kept, j + 1
         return taken, scored
 

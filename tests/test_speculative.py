@@ -4,6 +4,9 @@ counts; fewer steps where the answer repeats its prompt)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -12,7 +15,8 @@ from hypothesis import strategies as st
 from ferrum.schedules import sampling as sm
 from ferrum_runtime.cli import main as cli_main
 from ferrum_runtime.sampler import SamplingParams
-from ferrum_runtime.speculative import SpeculativeConfig, propose
+from ferrum_runtime.speculative import SpeculativeConfig, propose, worth_drafting
+from ferrum_runtime.structured import Constraint
 
 from .test_engine import ORDERS, make_engine, run
 
@@ -60,9 +64,22 @@ def chat_ids(engine, text: str) -> list[int]:
     return tok.encode(tok.render_chat([{"role": "user", "content": text}]))
 
 
-def generate(artifact, prompt, params, k=0, step=None, **cfg):
-    engine = make_engine(artifact, num_blocks=128, step=step,
-                         speculative=SpeculativeConfig(k) if k else None, **cfg)
+def drafting(k: int) -> SpeculativeConfig | None:
+    """k drafts a step whatever the batch and the share kept (the mechanism under test, not the policy)."""
+    return SpeculativeConfig(k, fixed_cost=1e9) if k else None
+
+
+def generate(artifact, prompt, params, k=0, step=None, constraint=None, **cfg):
+    engine = make_engine(artifact, num_blocks=128, step=step, speculative=drafting(k), **cfg)
+    if constraint is not None:
+        async def constrained():
+            out = {"ids": [], "text": ""}
+            async for d in engine.generate(prompt, params, constraint=constraint):
+                out["ids"] += d.token_ids
+                out["text"] += d.text
+            await engine.close()
+            return [out]
+        return asyncio.run(constrained()), engine.counters
     out = run(engine, (prompt, params))[0]
     assert engine.blocks.num_free == engine.blocks.num_blocks
     engine.blocks.check_invariants()
@@ -146,11 +163,42 @@ def test_a_batch_with_drafts_equals_each_alone(tiny, prompts):
     """Sequences with and without drafts in one step (a constrained budget trims drafts)."""
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     alone = [generate(tiny, p, params)[0][0]["ids"] for p in prompts]
-    engine = make_engine(tiny, num_blocks=128, speculative=SpeculativeConfig(6), max_num_batched_tokens=24)
+    engine = make_engine(tiny, num_blocks=128, speculative=drafting(6), max_num_batched_tokens=24)
     outs = run(engine, *[(p, params) for p in prompts])
     assert [o[0]["ids"] for o in outs] == alone
     assert engine.counters["accepted_tokens"] > 0
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_drafts_stop_where_they_cannot_pay(tiny, prompts):
+    """The policy: a draft kept at rate p pays in a step of T sequences when p > T / (T + fixed_cost). A
+    fixed cost of 0 (as if the weights cost nothing to read) never drafts; of 4 (a CPU's), drafts a lone
+    sequence that keeps a fifth of them, not 16 that keep three quarters."""
+    assert worth_drafting(0.25, 1, 4.0) and not worth_drafting(0.15, 1, 4.0)
+    assert worth_drafting(0.85, 16, 4.0) and not worth_drafting(0.75, 16, 4.0)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    engine = make_engine(tiny, num_blocks=128, speculative=SpeculativeConfig(4, fixed_cost=0.0))
+    run(engine, *[(p, params) for p in prompts])
+    assert engine.counters["draft_tokens"] == 0
+
+
+def test_structured_output_takes_drafts(smollm2_artifact):
+    """A JSON schema's answer repeats its keys: drafts that the grammar allows are kept, each row masked
+    after the tokens before it; the same tokens as without drafts."""
+    schema = {"type": "object", "properties": {"people": {"type": "array", "minItems": 4, "maxItems": 4, "items": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                         "city": {"type": "string", "maxLength": 12}},
+        "required": ["name", "city"], "additionalProperties": False}}},
+        "required": ["people"], "additionalProperties": False}
+    engine = make_engine(smollm2_artifact)
+    ids = chat_ids(engine, "Give four people with their city, as JSON.")
+    constraint = Constraint("json_schema", json.dumps(schema), "response_format")
+    params = SamplingParams(max_tokens=150, temperature=0)
+    plain, _ = generate(smollm2_artifact, ids, params, constraint=constraint)
+    fast, c = generate(smollm2_artifact, ids, params, k=4, constraint=constraint)
+    assert fast[0]["ids"] == plain[0]["ids"]
+    assert len(json.loads(fast[0]["text"])["people"]) == 4
+    assert c["accepted_tokens"] >= 10, c
 
 
 class _Picked:
@@ -169,7 +217,7 @@ def test_draws_of_rows_after_a_rejected_draft_are_given_back(tiny, prompts, step
     params = SamplingParams(max_tokens=40, temperature=0.05, top_k=3, seed=9, ignore_eos=True)
 
     def sampled_on_the_device(k):
-        engine = make_engine(tiny, num_blocks=128, step=step, speculative=SpeculativeConfig(k) if k else None)
+        engine = make_engine(tiny, num_blocks=128, step=step, speculative=drafting(k))
         draws = []
 
         def sample(logits, params, uniform):

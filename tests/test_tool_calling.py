@@ -275,6 +275,13 @@ def test_disable_thinking_is_the_servers_default_and_a_request_overrides_it(no_t
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="tiny", messages=Q, max_tokens=20, temperature=0, stream=True) if c.choices)
     assert streamed.strip() == "Paris"
+    fmt = {"type": "json_object"}  # the reasoning free, the answer after </think> constrained, drafted or not
+    r = client.chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0, extra_body=on,
+                                       response_format=fmt)
+    plain = think_client[1].chat.completions.create(model="tiny", messages=Q, max_tokens=20, temperature=0,
+                                                    response_format=fmt)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert r.choices[0].message.model_extra["reasoning_content"] == "Let"
 
 
 def test_constraint_applies_after_the_thinking_block(think_client):
