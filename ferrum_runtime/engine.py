@@ -4,13 +4,13 @@
 requests at once. A background task wakes a worker thread that runs engine steps back to back while
 there is work; each step is the ordered list of actions in ``Engine.STEP`` (admit/abort → collect the
 step launched last time → propose drafts → schedule → launch the model → emit), so a new batching mode
-is a new action, not an edit to a loop. Launching returns as soon as the step is queued on the device and its tokens are
-collected at the start of the next engine step; on a GPU the text work of a step's tokens (detokenizing,
-stop strings, deltas) runs after the next launch, while the device computes (``OVERLAP_STEP``), on a CPU
-before it (``SERIAL_STEP``). The event loop (and a server on it) stays responsive and is not a hop
-between steps; requests and cancellations reach the step through a locked inbox and take effect at the
-start of the next step, and a step's deltas reach their requests' queues in one callback per event loop
-(``_deliver``).
+is a new action, not an edit to a loop. Launching returns as soon as the step is queued on the device
+and its tokens are collected at the start of the next engine step; on a GPU the text work of a step's
+tokens (detokenizing, stop strings, deltas) runs after the next launch, while the device computes
+(``OVERLAP_STEP``), on a CPU before it (``SERIAL_STEP``). The event loop (and a server on it) stays
+responsive and is not a hop between steps; requests and cancellations reach the step through a locked
+inbox and take effect at the start of the next step, and a step's deltas reach their requests' queues in
+one callback per event loop (``_deliver``).
 """
 
 from __future__ import annotations

@@ -61,9 +61,10 @@ def _drafts(engine: Engine, drafted: int, kept: int) -> str:
 def run_cli(args) -> int:
     artifact = Path(args.artifact)
     t0 = time.perf_counter()
+    from .artifact import read_manifest
     from .cli import speculative_config
 
-    spec = speculative_config(args.speculative_tokens)
+    spec = speculative_config(args.speculative_tokens, read_manifest(artifact).target["device"])
     engine = Engine.from_artifact(artifact, EngineConfig(max_num_seqs=4, speculative=spec))
     print(f"loaded {artifact} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     tok = engine.tokenizer
