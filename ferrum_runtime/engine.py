@@ -20,6 +20,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,9 @@ class Engine:
         self.config = config
         device = model.manifest.target["device"]  # the one it runs on (CompiledModel.load refuses others)
         self.STEP = self.SERIAL_STEP if device == "cpu" else self.OVERLAP_STEP
+        # a / b of speculative.worth_drafting: the configured one, or this device's
+        given = config.speculative.fixed_cost if config.speculative else None
+        self._draft_cost = given if given is not None else FIXED_COST["cpu" if device == "cpu" else "gpu"]
         self.blocks = BlockManager(model.num_blocks, model.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens or batch_budget(device)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, budget), self.blocks)
@@ -410,15 +414,13 @@ class Engine:
         if spec is None:
             return
         decoding = [seq for seq in self.scheduler.running if seq.num_computed == seq.num_tokens - 1]
-        device = self.model.manifest.target["device"]
-        fixed = spec.fixed_cost if spec.fixed_cost is not None else FIXED_COST["cpu" if device == "cpu" else "gpu"]
         for seq in self.scheduler.running:
             seq.draft_ids = []
         for seq in decoding:
             req, ch = self._by_seq[seq]
             if not seq.output_ids:
                 continue  # its prompt's last token (after a prefix hit or a chunked prefill): no drafts yet
-            if not worth_drafting(ch.kept, len(decoding), fixed):
+            if not worth_drafting(ch.kept, len(decoding), self._draft_cost):
                 ch.kept += 0.1 * (PRIOR - ch.kept)  # drifts back, so it is tried again some steps later
                 continue
             seq.draft_ids = propose(ch.history.of(seq), spec, req.params.max_tokens - len(seq.output_ids) - 1)
@@ -499,14 +501,11 @@ class Engine:
     def _emit(self, state: dict) -> None:
         """The collected tokens' text and deltas, handed to the event loops at once."""
         taken = state.get("emit", ())
-        later: dict[_Choice, int] = {}  # per choice, its tokens after this one in the step (kept drafts)
-        after = []
-        for _, ch, _, _ in reversed(taken):
-            after.append(later.get(ch, 0))
-            later[ch] = after[-1] + 1
-        for (req, ch, res, end), n in zip(taken, reversed(after)):
+        left = Counter(ch for _, ch, _, _ in taken)  # per choice, its tokens of this step not emitted yet
+        for req, ch, res, end in taken:
+            left[ch] -= 1
             if not ch.ended:  # else a stop string ended it at an earlier token of this step
-                self._emit_token(req, ch, res, end, n)
+                self._emit_token(req, ch, res, end, left[ch])
         self._deliver()
 
     def _picked_on_device(self, req: _Request, ch: _Choice) -> bool:
@@ -574,18 +573,18 @@ class Engine:
                 rows = logits[[r for r, _, _ in wanted]]
                 self._mask(rows, [(req, ch) for _, req, ch in wanted])
                 results = dict(zip((ch for _, _, ch in wanted), sample(rows, [ch.sampler for _, _, ch in wanted])))
-            kept = []
+            going = []  # choices whose row j took draft j: row j + 1 counts
             for ch in live:
                 c, req, rs = chains[ch]
                 res = results[ch] if ch in results else SampleResult(picked[rs[j]], float("nan"), [])
                 end = self._accept(req, ch, res)
                 taken.append((req, ch, res, end))
                 if end is None and j < len(c.drafts) and res.token_id == c.drafts[j]:
-                    kept.append(ch)
+                    going.append(ch)
                     self.counters["accepted_tokens"] += 1
                 elif c.drafts:  # the chain ends: j of its drafts kept
                     ch.kept = KEEP * ch.kept + (1 - KEEP) * j / len(c.drafts)
-            live, j = kept, j + 1
+            live, j = going, j + 1
         return taken, scored
 
     def _mask(self, rows: np.ndarray, owners: list[tuple[_Request, _Choice]]) -> None:

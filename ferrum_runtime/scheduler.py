@@ -198,9 +198,10 @@ class Scheduler:
         seq = c.seq
         if not seq.draft_ids or seq.status is not SeqStatus.RUNNING or c.length != 1 or not c.samples:
             return ()
-        d = min(len(seq.draft_ids), budget)
-        while d and not self._reserve(seq, seq.num_tokens + d):
-            d -= 1
+        room = (len(seq.blocks) + self.blocks.num_free) * self.blocks.block_size - seq.num_tokens
+        d = max(min(len(seq.draft_ids), budget, room), 0)
+        reserved = self._reserve(seq, seq.num_tokens + d)
+        assert reserved, (room, d)
         return tuple(seq.draft_ids[:d])
 
     def _reserve(self, seq: Sequence, upto: int) -> bool:

@@ -34,9 +34,9 @@ def make_engine(artifact, num_blocks=64, step=None, **cfg) -> Engine:
 ORDERS = pytest.mark.parametrize("step", ["overlap", "serial"])
 
 
-async def collect(engine: Engine, prompt, params: SamplingParams, request_id=None):
+async def collect(engine: Engine, prompt, params: SamplingParams, request_id=None, constraint=None):
     outs: dict[int, dict] = {}
-    async for d in engine.generate(prompt, params, request_id=request_id):
+    async for d in engine.generate(prompt, params, request_id=request_id, constraint=constraint):
         o = outs.setdefault(d.index, {"ids": [], "text": "", "finish": None, "prompt_logprobs": None, "logprobs": []})
         o["ids"] += d.token_ids
         o["text"] += d.text

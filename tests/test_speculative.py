@@ -4,7 +4,6 @@ counts; fewer steps where the answer repeats its prompt)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
@@ -71,16 +70,7 @@ def drafting(k: int) -> SpeculativeConfig | None:
 
 def generate(artifact, prompt, params, k=0, step=None, constraint=None, **cfg):
     engine = make_engine(artifact, num_blocks=128, step=step, speculative=drafting(k), **cfg)
-    if constraint is not None:
-        async def constrained():
-            out = {"ids": [], "text": ""}
-            async for d in engine.generate(prompt, params, constraint=constraint):
-                out["ids"] += d.token_ids
-                out["text"] += d.text
-            await engine.close()
-            return [out]
-        return asyncio.run(constrained()), engine.counters
-    out = run(engine, (prompt, params))[0]
+    out = run(engine, (prompt, params, None, constraint))[0]
     assert engine.blocks.num_free == engine.blocks.num_blocks
     engine.blocks.check_invariants()
     return out, engine.counters
